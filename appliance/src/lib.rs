@@ -1,0 +1,1 @@
+//! The baylink appliance.

@@ -1,0 +1,1 @@
+//! baylink HSM access.

@@ -1,0 +1,1 @@
+//! baylink's network layer.
