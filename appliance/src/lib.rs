@@ -1,1 +1,26 @@
-//! The baylink appliance.
+//! The baylink appliance: both roles of the regulated Shenzhen–Hong Kong imaging link.
+//!
+//! The edge checks each upload against the compliance policy ([`policy`]), seals it into its
+//! spool ([`seal`]) and sends it ([`edge`], [`link::send`]); the gateway receives, verifies and
+//! commits it ([`link::receive`]), signs a receipt, and delivers it downstream ([`deliver`]).
+//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment.
+//!
+//! What this crate deliberately does not do: speak QUIC or touch io_uring itself (that is
+//! `baylink-net`), or hold keys (signing happens only in the HSM, through `baylink-hsm`).
+
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod commands;
+pub mod config;
+pub mod deliver;
+pub mod devenv;
+pub mod edge;
+pub mod link;
+pub mod ops;
+pub mod pki;
+pub mod policy;
+pub mod seal;
+pub mod serve;
+pub mod signing;
+pub mod transfer_dir;

@@ -1,1 +1,12 @@
 //! baylink's network layer.
+//!
+//! - [`proto`]: the transfer protocol as a sans-IO state machine (manifest, frames, chunk
+//!   bookkeeping, resume, receipts, RFC 6962 Merkle trees). No I/O, no async, no clocks.
+//! - [`transport`]: QUIC set-up: rustls mutual TLS 1.3 (X25519MLKEM768 preferred), quinn
+//!   endpoints, UDP socket buffers and flow-control windows from the bandwidth-delay product.
+//! - [`spool`]: file I/O on a dedicated io_uring thread with a bounded pool of recycled
+//!   buffers (all tokio-uring use stays there).
+
+pub mod proto;
+pub mod spool;
+pub mod transport;

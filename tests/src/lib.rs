@@ -1,1 +1,314 @@
-//! Test support.
+//! Support for baylink's integration tests: a private dev-env deployment per test, the real
+//! `baylink` binary as edge and gateway, readiness through the systemd notify protocol.
+//!
+//! Every test gets its own temporary directory (PKI, SoftHSM store, spools) and its own five
+//! ports, so tests run in parallel. Processes are killed when their guard drops.
+
+use std::io::Read;
+use std::net::{TcpListener, UdpSocket};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The `baylink` binary of the build that runs these tests.
+pub fn baylink_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test-binary> -> target/<profile>/baylink
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let bin = dir.join("baylink");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p baylink, same profile as the tests)",
+        bin.display()
+    );
+    bin
+}
+
+/// Finds a base port N with N..N+4 free on 127.0.0.1 for both TCP and UDP.
+pub fn free_base_port() -> u16 {
+    let seed = std::process::id() as u64
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+    let mut x = seed | 1;
+    for _ in 0..200 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let base = 20_000 + (x % 30_000) as u16;
+        let free = (0..5).all(|i| {
+            TcpListener::bind(("127.0.0.1", base + i)).is_ok()
+                && UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
+        });
+        if free {
+            return base;
+        }
+    }
+    panic!("no free port range found");
+}
+
+/// A dev-env deployment in a temporary directory.
+#[derive(Debug)]
+pub struct Deployment {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// The base port.
+    pub base_port: u16,
+}
+
+impl Deployment {
+    /// Runs `baylink dev-env` into a fresh temporary directory.
+    pub fn new() -> anyhow::Result<Deployment> {
+        let dir = tempfile::Builder::new().prefix("baylink-test-").tempdir()?;
+        let base_port = free_base_port();
+        let out = Command::new(baylink_bin())
+            .arg("dev-env")
+            .arg(dir.path())
+            .arg("--base-port")
+            .arg(base_port.to_string())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "dev-env failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Deployment { dir, base_port })
+    }
+
+    /// Path inside the deployment.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// `edge.toml`.
+    pub fn edge_config(&self) -> PathBuf {
+        self.path("edge.toml")
+    }
+
+    /// `gateway.toml`.
+    pub fn gateway_config(&self) -> PathBuf {
+        self.path("gateway.toml")
+    }
+
+    /// Appends TOML keys to a section of a config (`section` like `transport`).
+    pub fn set(&self, config: &str, section: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let path = self.path(config);
+        let text = std::fs::read_to_string(&path)?;
+        let header = format!("[{section}]\n");
+        let line = format!("{key} = {value}\n");
+        let new = if let Some(pos) = text.find(&header) {
+            let at = pos + header.len();
+            format!("{}{}{}", &text[..at], line, &text[at..])
+        } else {
+            format!("{text}\n{header}{line}")
+        };
+        std::fs::write(&path, new)?;
+        Ok(())
+    }
+
+    /// Starts `baylink serve` for a config and waits until it reports READY=1.
+    pub fn serve(&self, config: &Path) -> anyhow::Result<Service> {
+        Service::start(
+            Command::new(baylink_bin())
+                .arg("serve")
+                .arg("--config")
+                .arg(config),
+            self.dir.path(),
+        )
+    }
+
+    /// Runs `baylink send` with extra arguments; returns its output.
+    pub fn send(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let out = Command::new(baylink_bin())
+            .arg("send")
+            .arg("--config")
+            .arg(self.edge_config())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        Ok(out)
+    }
+
+    /// The delivered copy of `name` in transfer `id`.
+    pub fn delivered(&self, id: &str, name: &str) -> PathBuf {
+        self.path("delivered").join(id).join(name)
+    }
+}
+
+/// A running `baylink serve`; killed on drop.
+#[derive(Debug)]
+pub struct Service {
+    child: Option<Child>,
+    stderr_path: PathBuf,
+}
+
+impl Service {
+    /// Spawns `cmd` with a private NOTIFY_SOCKET and waits for READY=1 (60 s at most).
+    pub fn start(cmd: &mut Command, scratch: &Path) -> anyhow::Result<Service> {
+        let sock_path = scratch.join(format!("notify-{}.sock", unique()));
+        let sock = UnixDatagram::bind(&sock_path)?;
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let stderr_path = scratch.join(format!("service-{}.log", unique()));
+        let stderr = std::fs::File::create(&stderr_path)?;
+        let child = cmd
+            .env("NOTIFY_SOCKET", &sock_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()?;
+        let mut svc = Service {
+            child: Some(child),
+            stderr_path,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 4096];
+        loop {
+            match sock.recv(&mut buf) {
+                Ok(n)
+                    if String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .any(|l| l == "READY=1") =>
+                {
+                    return Ok(svc);
+                }
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut => {}
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(status) = svc.child.as_mut().expect("child").try_wait()? {
+                bail!("service exited with {status} before ready:\n{}", svc.log());
+            }
+            if Instant::now() > deadline {
+                bail!("service not ready after 60 s:\n{}", svc.log());
+            }
+        }
+    }
+
+    /// What the service wrote on stderr so far.
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr_path) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Sends SIGTERM and waits (30 s at most) for the exit status.
+    pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        signal(child.id(), "TERM")?;
+        wait_bounded(&mut child, Duration::from_secs(30))
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    anyhow::ensure!(st.success(), "kill -{sig} {pid} failed");
+    Ok(())
+}
+
+fn wait_bounded(child: &mut Child, limit: Duration) -> anyhow::Result<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("process did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes a file of `len` pseudo-random bytes (seeded, so reproducible) and returns its path.
+pub fn payload(dir: &Path, name: &str, len: u64, seed: u64) -> anyhow::Result<PathBuf> {
+    use std::io::Write;
+    let path = dir.join(name);
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path)?);
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut left = len;
+    let mut block = vec![0u8; 1 << 20];
+    while left > 0 {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(path)
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let out = Command::new("sha256sum").arg(path).output()?;
+    anyhow::ensure!(out.status.success(), "sha256sum {} failed", path.display());
+    Ok(String::from_utf8(out.stdout)?
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// The last stdout line of `send`, parsed.
+pub fn summary(out: &Output) -> anyhow::Result<serde_json::Value> {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().with_context(|| {
+        format!(
+            "send printed nothing; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    Ok(serde_json::from_str(line)?)
+}

@@ -1,1 +1,147 @@
-fn main() {}
+//! Project automation for baylink, run as `cargo xtask <command>` (an alias in
+//! `.cargo/config.toml`).
+//!
+//! - `cargo xtask ci`: installs the Debian packages the tests need, makes sure cargo-nextest is
+//!   there, then runs fmt, clippy, doc and the test suite, each step timed. `.ci/run` calls it.
+//! - `cargo xtask demo`: builds `baylink`, sets up a loopback deployment with `baylink dev-env`,
+//!   starts the gateway, sends a generated payload with `baylink send`, checks that the delivered
+//!   copy is byte-identical and prints the throughput.
+//!
+//! Deliberately small: std processes, std unix sockets and nix signals, no async runtime, so CI
+//! compiles it in seconds before the real work starts.
+
+#![forbid(unsafe_code)]
+
+mod ci;
+mod cmd;
+mod demo;
+mod notify;
+mod packages;
+mod payload;
+mod size;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// baylink project automation.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything CI runs: packages, fmt, clippy, doc, tests (nextest, release).
+    Ci(CiArgs),
+    /// Send a payload through a loopback edge → gateway deployment and verify the delivered copy.
+    Demo(DemoArgs),
+}
+
+/// Options of `cargo xtask ci`.
+#[derive(Debug, clap::Args)]
+struct CiArgs {
+    /// Do not install anything (Debian packages, cargo-nextest); only warn about what is missing.
+    #[arg(long)]
+    skip_install: bool,
+    /// Skip the documentation build (faster local runs).
+    #[arg(long)]
+    quick: bool,
+}
+
+/// Options of `cargo xtask demo`.
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// Payload size in bytes; suffixes K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024) and
+    /// kB/MB/GB/TB (powers of 1000), e.g. 512MiB, 1GiB, 10GB.
+    #[arg(long, default_value = "1073741824", value_parser = size::parse_size)]
+    size: u64,
+    /// Keep the demo directory afterwards (it is always kept when something failed).
+    #[arg(long)]
+    keep: bool,
+    /// Use this baylink binary instead of building one with `cargo build --release`.
+    #[arg(long, value_name = "PATH")]
+    baylink: Option<PathBuf>,
+    /// Do not install softhsm2 if it is missing; fail instead.
+    #[arg(long)]
+    skip_install: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Ci(args) => ci::run(&ci::Options {
+            skip_install: args.skip_install,
+            quick: args.quick,
+        }),
+        Command::Demo(args) => demo::run(&demo::Options {
+            size: args.size,
+            keep: args.keep,
+            baylink: args.baylink,
+            skip_install: args.skip_install,
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ci_flags_parse() {
+        let cli = Cli::try_parse_from(["xtask", "ci", "--skip-install", "--quick"]).unwrap();
+        match cli.command {
+            Command::Ci(a) => assert!(a.skip_install && a.quick),
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "ci"]).unwrap();
+        match cli.command {
+            Command::Ci(a) => assert!(!a.skip_install && !a.quick),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn demo_size_has_a_default_and_takes_suffixes() {
+        let cli = Cli::try_parse_from(["xtask", "demo"]).unwrap();
+        match cli.command {
+            Command::Demo(a) => {
+                assert_eq!(a.size, 1 << 30);
+                assert!(!a.keep);
+                assert!(a.baylink.is_none());
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["xtask", "demo", "--size", "512MiB", "--keep"]).unwrap();
+        match cli.command {
+            Command::Demo(a) => {
+                assert_eq!(a.size, 512 << 20);
+                assert!(a.keep);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn demo_rejects_a_bad_size_naming_it() {
+        let err = Cli::try_parse_from(["xtask", "demo", "--size", "12 parsecs"]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("12 parsecs"), "{text}");
+    }
+}

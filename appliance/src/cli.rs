@@ -1,0 +1,130 @@
+//! The command line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// baylink: regulated transfer of medical imaging across the Shenzhen–Hong Kong link.
+///
+/// One binary runs either appliance role. The edge (Shenzhen side) checks each upload
+/// against the compliance policy, seals it (SHA-256 per chunk, Merkle root, HSM signature)
+/// and sends it over QUIC with post-quantum hybrid TLS 1.3; the gateway (Hong Kong side)
+/// verifies, commits, signs a receipt in its HSM and delivers downstream.
+#[derive(Debug, Parser)]
+#[command(name = "baylink", version, max_term_width = 100)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a complete two-appliance deployment on 127.0.0.1 in DIR (for tests and demos).
+    ///
+    /// Writes PKI (CA, appliance, hospital and rogue certificates), a SoftHSM store with one
+    /// token per appliance holding its signing key, PINs, pinned public keys, edge.toml,
+    /// gateway.toml, a consent registry and the state directories. DIR must be empty or
+    /// missing. Ports: edge HTTPS N, edge metrics N+1, gateway QUIC N+2, gateway metrics N+3,
+    /// edge DICOM N+4.
+    DevEnv {
+        /// Directory to create the deployment in.
+        dir: PathBuf,
+        /// First of the five ports.
+        #[arg(long, default_value_t = crate::devenv::DEFAULT_BASE_PORT)]
+        base_port: u16,
+        /// PKCS#11 module to create the tokens with.
+        #[arg(long, default_value = crate::devenv::SOFTHSM_MODULE)]
+        module: PathBuf,
+    },
+    /// Run the role named in the config until SIGTERM (systemd Type=notify).
+    ///
+    /// `GET /healthz` on metrics.listen answers 200 once every listener is up and the HSM key
+    /// was found; `GET /metrics` is Prometheus text. SIGTERM drains and exits 0.
+    Serve(ConfigArg),
+    /// Send files as one transfer from the edge to the gateway and wait for the signed receipt.
+    ///
+    /// Runs the compliance checkpoint, seals the files into the edge spool, sends them and
+    /// verifies the gateway's receipt. Prints `transfer <id>` on stderr at start and one JSON
+    /// line on stdout at the end. A lost link is retried for transport.retry_for; refusals are
+    /// final. Exit codes: 0 receipted, 1 error, 2 refused by policy, 3 refused by the gateway
+    /// or bad receipt, 4 HSM failure, 5 link lost for longer than transport.retry_for.
+    Send(SendArgs),
+    /// HSM key management.
+    #[command(subcommand)]
+    Hsm(HsmCommand),
+}
+
+/// `--config FILE`
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// The appliance config (TOML).
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+}
+
+/// Arguments of `send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The edge config (TOML).
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// Patient the data belongs to (must have a consent record).
+    #[arg(long, default_value = "P-0001")]
+    pub patient: String,
+    /// Data category.
+    #[arg(long, default_value = "diagnostic-image")]
+    pub category: String,
+    /// Purpose of the transfer.
+    #[arg(long, default_value = "care")]
+    pub purpose: String,
+    /// Destination system.
+    #[arg(long, default_value = "hk-ehealth")]
+    pub destination: String,
+    /// Consent record to rely on (default: any that covers the declaration).
+    #[arg(long)]
+    pub consent_ref: Option<String>,
+    /// Finish transfer ID from the edge spool instead of sending new files.
+    #[arg(long, value_name = "ID", conflicts_with = "files")]
+    pub resume: Option<String>,
+    /// Never draw a progress bar (it is drawn only on a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Write chunk figures (count, latency percentiles in µs) as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub stats: Option<PathBuf>,
+    /// Files to send (one transfer).
+    #[arg(required_unless_present = "resume")]
+    pub files: Vec<PathBuf>,
+}
+
+/// `hsm` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum HsmCommand {
+    /// Print the PEM public key of the configured HSM key.
+    Pubkey(ConfigArg),
+    /// Create a P-256 key pair on the token (refuses an existing label).
+    Keygen {
+        /// The appliance config (TOML).
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+        /// Label of the new key pair.
+        #[arg(long)]
+        label: String,
+    },
+    /// Show the module, token, mechanisms, and whether the configured key is present.
+    Info(ConfigArg),
+}

@@ -1,0 +1,183 @@
+//! Runs the subcommands: loads the config, prepares the process, starts the runtime.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use baylink_hsm::Token;
+
+use crate::cli::{Cli, Command, HsmCommand, LogFormat, SendArgs};
+use crate::config::{Config, Role};
+use crate::edge::{Edge, SendRequest};
+use crate::link::send::SendStats;
+use crate::policy::Declaration;
+use crate::signing::hsm_config;
+
+/// Installs the `tracing` subscriber on stderr (`RUST_LOG` filters; default `info`).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs one command and maps the outcome to an exit code; errors are printed as one line.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::DevEnv {
+            dir,
+            base_port,
+            module,
+        } => {
+            export_softhsm_conf(&crate::devenv::softhsm_conf_path(&absolute(&dir)));
+            crate::devenv::create(&dir, base_port, &module).map(|()| {
+                println!("dev-env ready in {}", dir.display());
+                0
+            })
+        }
+        Command::Serve(c) => with_config(&c.config, |cfg| {
+            runtime()?.block_on(crate::serve::serve(cfg))?;
+            Ok(0)
+        }),
+        Command::Send(args) => return send(args),
+        Command::Hsm(cmd) => hsm(cmd),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn absolute(p: &Path) -> std::path::PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("baylink-net")
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+}
+
+/// Loads the config, exports `SOFTHSM2_CONF` if it names one, and runs `f`.
+fn with_config(path: &Path, f: impl FnOnce(Config) -> anyhow::Result<u8>) -> anyhow::Result<u8> {
+    let cfg = Config::load(path)?;
+    if let Some(conf) = &cfg.hsm.softhsm_conf {
+        export_softhsm_conf(conf);
+    }
+    f(cfg)
+}
+
+/// Points SoftHSM at the configured store. Must run before any thread exists.
+#[allow(unsafe_code)]
+fn export_softhsm_conf(path: &Path) {
+    // SAFETY: called from `run` before the tokio runtime or any other thread is started, so
+    // no other thread can be reading the environment concurrently.
+    unsafe { std::env::set_var("SOFTHSM2_CONF", path) };
+}
+
+fn send(args: SendArgs) -> ExitCode {
+    let outcome = (|| -> Result<crate::edge::SendSummary, crate::edge::SendFailure> {
+        let cfg = Config::load(&args.config).map_err(anyhow::Error::from)?;
+        if cfg.role != Role::Edge {
+            return Err(anyhow::anyhow!(
+                "{} is a {} config; send needs an edge config",
+                args.config.display(),
+                cfg.role
+            )
+            .into());
+        }
+        if let Some(conf) = &cfg.hsm.softhsm_conf {
+            export_softhsm_conf(conf);
+        }
+        let request = match &args.resume {
+            Some(id) => SendRequest::Resume(
+                id.parse()
+                    .map_err(|_| anyhow::anyhow!("--resume {id}: not a transfer id"))?,
+            ),
+            None => SendRequest::New {
+                files: args.files.clone(),
+                declaration: Declaration {
+                    patient_id: args.patient.clone(),
+                    category: args.category.clone(),
+                    purpose: args.purpose.clone(),
+                    destination: args.destination.clone(),
+                    consent_ref: args.consent_ref.clone(),
+                },
+            },
+        };
+        let show = !args.no_progress && std::io::stderr().is_terminal();
+        let stats = Arc::new(SendStats::default());
+        let summary = runtime()?.block_on(async {
+            let edge = Edge::start(Arc::new(cfg)).await?;
+            edge.send(request, show, &stats).await
+        })?;
+        if let Some(path) = &args.stats {
+            write_stats(path, &stats)?;
+        }
+        Ok(summary)
+    })();
+    match outcome {
+        Ok(summary) => {
+            println!(
+                "{}",
+                serde_json::to_string(&summary).expect("summary serialises")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+fn write_stats(path: &Path, stats: &SendStats) -> anyhow::Result<()> {
+    let h = stats
+        .chunk_latency_us
+        .lock()
+        .map_err(|_| anyhow::anyhow!("stats lock poisoned"))?;
+    let json = serde_json::json!({
+        "chunks": h.len(),
+        "wire_bytes": stats.wire_bytes(),
+        "chunk_latency_us": {
+            "p50": h.value_at_quantile(0.50),
+            "p99": h.value_at_quantile(0.99),
+            "max": h.max(),
+        },
+    });
+    std::fs::write(path, format!("{json}\n"))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn hsm(cmd: HsmCommand) -> anyhow::Result<u8> {
+    let path = match &cmd {
+        HsmCommand::Pubkey(c) | HsmCommand::Info(c) => c.config.clone(),
+        HsmCommand::Keygen { config, .. } => config.clone(),
+    };
+    with_config(&path, |cfg| {
+        let token = Token::open(&hsm_config(&cfg)?)?;
+        match cmd {
+            HsmCommand::Pubkey(_) => print!("{}", token.signer()?.public_key().to_pem()),
+            HsmCommand::Keygen { label, .. } => {
+                let public = token.generate_key(&label)?;
+                print!("{}", public.to_pem());
+            }
+            HsmCommand::Info(_) => print!("{}", token.info()),
+        }
+        Ok(0)
+    })
+}

@@ -1,0 +1,594 @@
+//! The appliance configuration: one TOML file, parsed once into types.
+//!
+//! Relative paths are resolved against the directory of the config file. Durations are
+//! humantime strings (`"10m"`, `"30s"`), sizes are integers in bytes. Keys named in the
+//! interface contract keep their names and meaning; everything else is documented in
+//! `systemd/baylink.example.toml`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baylink_net::transport::{Congestion, LinkTuning};
+use serde::Deserialize;
+
+/// Which side of the link this appliance serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Shenzhen side: takes uploads from hospitals, seals and sends them.
+    Edge,
+    /// Hong Kong side: receives, verifies, commits and delivers.
+    Gateway,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Edge => "edge",
+            Role::Gateway => "gateway",
+        })
+    }
+}
+
+/// A configuration that could not be loaded; the message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or a key has the wrong type.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// What the TOML parser said (names the key and the line).
+        message: String,
+    },
+    /// A key is present but its value is not acceptable.
+    #[error("config {path}: {key}: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// The dotted key.
+        key: &'static str,
+        /// Why it was refused.
+        message: String,
+    },
+    /// A key this role needs is missing.
+    #[error("config {path}: missing `{key}` (required for role {role})")]
+    Missing {
+        /// The config file.
+        path: PathBuf,
+        /// The dotted key.
+        key: &'static str,
+        /// The role that needs it.
+        role: Role,
+    },
+}
+
+/// The whole configuration, typed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Path of the file this was loaded from.
+    pub path: PathBuf,
+    /// Edge or gateway.
+    pub role: Role,
+    /// Name of this appliance (used in manifests, receipts and logs).
+    pub id: String,
+    /// HSM access.
+    pub hsm: HsmSection,
+    /// The other appliance's pinned signing key (PEM file).
+    pub peer_signing_key: PathBuf,
+    /// TLS identity and trust.
+    pub tls: TlsSection,
+    /// QUIC transport.
+    pub transport: TransportSection,
+    /// Link tuning (window sizes, congestion control, socket buffers).
+    pub link: LinkTuning,
+    /// Hospital-facing listeners (edge).
+    pub ingest: IngestSection,
+    /// Health and Prometheus endpoint.
+    pub metrics_listen: SocketAddr,
+    /// Spool directory.
+    pub spool_dir: PathBuf,
+    /// Audit log directory.
+    pub audit_dir: PathBuf,
+    /// Compliance policy.
+    pub policy: PolicySection,
+    /// Downstream delivery (gateway).
+    pub delivery: Option<DeliverySection>,
+    /// How long a graceful shutdown waits for in-flight transfers.
+    pub drain_timeout: Duration,
+}
+
+/// `[hsm]`
+#[derive(Debug, Clone)]
+pub struct HsmSection {
+    /// PKCS#11 module (shared library).
+    pub module: PathBuf,
+    /// SoftHSM 2 config to export as `SOFTHSM2_CONF`, if any.
+    pub softhsm_conf: Option<PathBuf>,
+    /// Token label.
+    pub token_label: String,
+    /// Key label of the signing key pair.
+    pub key_label: String,
+    /// File (or systemd credential) holding the user PIN.
+    pub pin_file: PathBuf,
+    /// Number of PKCS#11 sessions in the signing pool.
+    pub sessions: usize,
+}
+
+/// `[tls]`
+#[derive(Debug, Clone)]
+pub struct TlsSection {
+    /// The deployment CA, trusted for peers and hospital clients.
+    pub ca: PathBuf,
+    /// This appliance's certificate chain.
+    pub cert: PathBuf,
+    /// This appliance's private key.
+    pub key: PathBuf,
+}
+
+/// `[transport]`
+#[derive(Debug, Clone)]
+pub struct TransportSection {
+    /// Gateway: UDP address to listen on.
+    pub listen: Option<SocketAddr>,
+    /// Edge: the gateway's UDP address.
+    pub connect: Option<SocketAddr>,
+    /// Edge: TLS server name of the gateway.
+    pub server_name: String,
+    /// How long a lost link is retried before `send` gives up.
+    pub retry_for: Duration,
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+    /// Chunks in flight per transfer.
+    pub max_in_flight: usize,
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone)]
+pub struct IngestSection {
+    /// HTTPS hospital API.
+    pub listen: Option<SocketAddr>,
+    /// DICOM C-STORE SCP.
+    pub dicom_listen: Option<SocketAddr>,
+    /// Upper bound on one transfer's payload.
+    pub max_upload_bytes: u64,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone)]
+pub struct PolicySection {
+    /// Consent registry (TOML).
+    pub consents: Option<PathBuf>,
+    /// Categories or purposes always refused.
+    pub negative_list: Vec<String>,
+}
+
+/// `[delivery]`
+#[derive(Debug, Clone)]
+pub enum DeliverySection {
+    /// Files under `path/<transfer_id>/`.
+    Dir {
+        /// Root of the delivered tree.
+        path: PathBuf,
+    },
+    /// STOW-RS to a DICOMweb base URL.
+    DicomWeb {
+        /// Base URL, e.g. `http://127.0.0.1:8042/dicom-web`.
+        url: String,
+    },
+}
+
+// ---- raw TOML shape -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    role: Role,
+    id: Option<String>,
+    hsm: RawHsm,
+    peer: RawPeer,
+    tls: RawTls,
+    #[serde(default)]
+    transport: RawTransport,
+    #[serde(default)]
+    link: RawLink,
+    #[serde(default)]
+    ingest: RawIngest,
+    metrics: RawMetrics,
+    spool: RawDir,
+    audit: RawDir,
+    #[serde(default)]
+    policy: RawPolicy,
+    delivery: Option<RawDelivery>,
+    #[serde(default)]
+    drain: RawDrain,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHsm {
+    module: PathBuf,
+    softhsm_conf: Option<PathBuf>,
+    token_label: String,
+    key_label: String,
+    pin_file: PathBuf,
+    sessions: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    signing_key: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTransport {
+    listen: Option<String>,
+    connect: Option<String>,
+    server_name: Option<String>,
+    retry_for: Option<String>,
+    chunk_size: Option<u32>,
+    max_in_flight: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLink {
+    rate_mbit: Option<u64>,
+    rtt_ms: Option<u64>,
+    congestion: Option<String>,
+    socket_buffer_bytes: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    listen: Option<String>,
+    dicom_listen: Option<String>,
+    max_upload_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDir {
+    dir: PathBuf,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    consents: Option<PathBuf>,
+    #[serde(default)]
+    negative_list: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDelivery {
+    kind: String,
+    path: Option<PathBuf>,
+    url: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDrain {
+    timeout: Option<String>,
+}
+
+/// Default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
+/// Smallest chunk size accepted in a config (the protocol allows smaller, for tests).
+pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Default upper bound on one upload: 64 GiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses config text as if it had been read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = if base.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base
+        };
+        let resolve = |p: &Path| -> PathBuf {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        let addr = |key: &'static str,
+                    s: &Option<String>|
+         -> Result<Option<SocketAddr>, ConfigError> {
+            s.as_deref()
+                .map(|s| {
+                    s.parse::<SocketAddr>()
+                        .map_err(|e| invalid(key, format!("`{s}` is not an address:port ({e})")))
+                })
+                .transpose()
+        };
+        let duration = |key: &'static str, s: &Option<String>, default: Duration| {
+            s.as_deref()
+                .map(|s| {
+                    humantime::parse_duration(s)
+                        .map_err(|e| invalid(key, format!("`{s}` is not a duration ({e})")))
+                })
+                .transpose()
+                .map(|d| d.unwrap_or(default))
+        };
+
+        let role = raw.role;
+        let missing = |key: &'static str| ConfigError::Missing {
+            path: path.to_owned(),
+            key,
+            role,
+        };
+
+        let sessions = raw.hsm.sessions.unwrap_or(4);
+        if sessions == 0 || sessions > 64 {
+            return Err(invalid(
+                "hsm.sessions",
+                format!("{sessions} is not in 1..=64"),
+            ));
+        }
+        if raw.hsm.token_label.is_empty() {
+            return Err(invalid("hsm.token_label", "must not be empty".into()));
+        }
+        if raw.hsm.key_label.is_empty() {
+            return Err(invalid("hsm.key_label", "must not be empty".into()));
+        }
+
+        let transport = TransportSection {
+            listen: addr("transport.listen", &raw.transport.listen)?,
+            connect: addr("transport.connect", &raw.transport.connect)?,
+            server_name: raw
+                .transport
+                .server_name
+                .clone()
+                .unwrap_or_else(|| "localhost".to_owned()),
+            retry_for: duration(
+                "transport.retry_for",
+                &raw.transport.retry_for,
+                Duration::from_secs(600),
+            )?,
+            chunk_size: raw.transport.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+            max_in_flight: raw.transport.max_in_flight.unwrap_or(8),
+        };
+        let limits = baylink_net::proto::Limits::default();
+        if transport.chunk_size < MIN_CHUNK_SIZE || transport.chunk_size > limits.max_chunk_size {
+            return Err(invalid(
+                "transport.chunk_size",
+                format!(
+                    "{} is not in {MIN_CHUNK_SIZE}..={}",
+                    transport.chunk_size, limits.max_chunk_size
+                ),
+            ));
+        }
+        if transport.max_in_flight == 0 || transport.max_in_flight > 256 {
+            return Err(invalid(
+                "transport.max_in_flight",
+                format!("{} is not in 1..=256", transport.max_in_flight),
+            ));
+        }
+        match role {
+            Role::Edge if transport.connect.is_none() => return Err(missing("transport.connect")),
+            Role::Gateway if transport.listen.is_none() => return Err(missing("transport.listen")),
+            _ => {}
+        }
+
+        let defaults = LinkTuning::default();
+        let congestion = match raw.link.congestion.as_deref() {
+            None | Some("cubic") => Congestion::Cubic,
+            Some("bbr") => Congestion::Bbr,
+            Some(other) => {
+                return Err(invalid(
+                    "link.congestion",
+                    format!("`{other}` is not one of cubic, bbr"),
+                ));
+            }
+        };
+        let link = LinkTuning {
+            rate_mbit: raw.link.rate_mbit.unwrap_or(defaults.rate_mbit),
+            rtt_ms: raw.link.rtt_ms.unwrap_or(defaults.rtt_ms),
+            congestion,
+            socket_buffer_bytes: raw
+                .link
+                .socket_buffer_bytes
+                .unwrap_or(defaults.socket_buffer_bytes),
+        };
+        if link.rate_mbit == 0 {
+            return Err(invalid("link.rate_mbit", "must be > 0".into()));
+        }
+
+        let ingest = IngestSection {
+            listen: addr("ingest.listen", &raw.ingest.listen)?,
+            dicom_listen: addr("ingest.dicom_listen", &raw.ingest.dicom_listen)?,
+            max_upload_bytes: raw
+                .ingest
+                .max_upload_bytes
+                .unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
+        };
+
+        let metrics_listen = raw
+            .metrics
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("metrics.listen", format!("`{}`: {e}", raw.metrics.listen)))?;
+
+        let delivery = match raw.delivery {
+            None => None,
+            Some(d) => Some(match d.kind.as_str() {
+                "dir" => DeliverySection::Dir {
+                    path: resolve(&d.path.ok_or_else(|| missing("delivery.path"))?),
+                },
+                "dicomweb" => DeliverySection::DicomWeb {
+                    url: d.url.ok_or_else(|| missing("delivery.url"))?,
+                },
+                other => {
+                    return Err(invalid(
+                        "delivery.kind",
+                        format!("`{other}` is not one of dir, dicomweb"),
+                    ));
+                }
+            }),
+        };
+        if role == Role::Gateway && delivery.is_none() {
+            return Err(missing("delivery.kind"));
+        }
+
+        let id = raw.id.unwrap_or_else(|| role.to_string());
+        if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control()) {
+            return Err(invalid("id", "must be 1..=64 printable characters".into()));
+        }
+
+        Ok(Config {
+            path: path.to_owned(),
+            role,
+            id,
+            hsm: HsmSection {
+                module: raw.hsm.module,
+                softhsm_conf: raw.hsm.softhsm_conf.as_deref().map(resolve),
+                token_label: raw.hsm.token_label,
+                key_label: raw.hsm.key_label,
+                pin_file: resolve(&raw.hsm.pin_file),
+                sessions,
+            },
+            peer_signing_key: resolve(&raw.peer.signing_key),
+            tls: TlsSection {
+                ca: resolve(&raw.tls.ca),
+                cert: resolve(&raw.tls.cert),
+                key: resolve(&raw.tls.key),
+            },
+            transport,
+            link,
+            ingest,
+            metrics_listen,
+            spool_dir: resolve(&raw.spool.dir),
+            audit_dir: resolve(&raw.audit.dir),
+            policy: PolicySection {
+                consents: raw.policy.consents.as_deref().map(resolve),
+                negative_list: raw.policy.negative_list,
+            },
+            delivery,
+            drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GATEWAY: &str = r#"
+role = "gateway"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+softhsm_conf = "softhsm/softhsm2.conf"
+token_label = "baylink-gateway"
+key_label = "baylink-signing"
+pin_file = "secrets/gateway.pin"
+[peer]
+signing_key = "keys/edge.pub.pem"
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/gateway.pem"
+key = "pki/gateway.key"
+[transport]
+listen = "127.0.0.1:47402"
+[metrics]
+listen = "127.0.0.1:47403"
+[spool]
+dir = "spool/gateway"
+[audit]
+dir = "audit/gateway"
+[delivery]
+kind = "dir"
+path = "delivered"
+"#;
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        let c = Config::parse(Path::new("/etc/baylink/gateway.toml"), GATEWAY).unwrap();
+        assert_eq!(c.role, Role::Gateway);
+        assert_eq!(c.spool_dir, Path::new("/etc/baylink/spool/gateway"));
+        assert_eq!(c.hsm.module, Path::new("/usr/lib/softhsm/libsofthsm2.so"));
+        assert_eq!(
+            c.hsm.softhsm_conf.as_deref(),
+            Some(Path::new("/etc/baylink/softhsm/softhsm2.conf"))
+        );
+        assert_eq!(c.transport.retry_for, Duration::from_secs(600));
+        assert_eq!(c.transport.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert!(matches!(c.delivery, Some(DeliverySection::Dir { .. })));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = GATEWAY.replace("kind = \"dir\"", "kind = \"ftp\"");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("delivery.kind"), "{e}");
+
+        let bad = GATEWAY.replace("listen = \"127.0.0.1:47402\"", "listen = \"nowhere\"");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("transport.listen"), "{e}");
+
+        let bad = GATEWAY.replace("[transport]\nlisten = \"127.0.0.1:47402\"\n", "");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("missing `transport.listen`"), "{e}");
+
+        let bad = format!("{GATEWAY}\n[link]\ncongestion = \"reno\"\n");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("link.congestion"), "{e}");
+
+        let bad = GATEWAY.replace("[spool]", "[spool]\nsize = 3");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("size"), "{e}");
+    }
+}

@@ -1,0 +1,180 @@
+//! Delivery of committed transfers to the downstream store, idempotent by transfer id.
+//!
+//! The gateway delivers only what it has committed. A transfer's files appear at the
+//! destination all at once and complete: they are gathered in the spool (hard links, so no
+//! byte is copied when spool and destination share a file system) and the gathered directory
+//! is renamed into place, which is atomic.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use baylink_net::proto::{Limits, Manifest, TransferId};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::transfer_dir::{TransferDir, sync_dir, write_atomic};
+
+/// A downstream store.
+pub trait Deliver: Send + Sync + std::fmt::Debug {
+    /// Delivers the committed transfer in `dir`; must be idempotent by transfer id.
+    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<PathBuf>;
+}
+
+/// Delivery into a directory: files under `root/<transfer_id>/`.
+#[derive(Debug, Clone)]
+pub struct DirDelivery {
+    root: PathBuf,
+}
+
+impl DirDelivery {
+    /// Delivers under `root`.
+    pub fn new(root: PathBuf) -> DirDelivery {
+        DirDelivery { root }
+    }
+}
+
+impl Deliver for DirDelivery {
+    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<PathBuf> {
+        let id = manifest.transfer_id.to_string();
+        let target = self.root.join(&id);
+        if target.exists() {
+            return Ok(target);
+        }
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create {}", self.root.display()))?;
+        let outbox = dir.root().join("outbox");
+        if outbox.exists() {
+            std::fs::remove_dir_all(&outbox)?;
+        }
+        std::fs::create_dir(&outbox)?;
+        for f in &manifest.files {
+            let src = dir.data_file(&f.name);
+            let dst = outbox.join(&f.name);
+            if std::fs::hard_link(&src, &dst).is_err() {
+                copy_durable(&src, &dst)?;
+            }
+        }
+        sync_dir(&outbox)?;
+        match std::fs::rename(&outbox, &target) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+                // Another file system: gather next to the target under a hidden name first.
+                let staging = self.root.join(format!(".{id}.partial"));
+                if staging.exists() {
+                    std::fs::remove_dir_all(&staging)?;
+                }
+                std::fs::create_dir(&staging)?;
+                for f in &manifest.files {
+                    copy_durable(&dir.data_file(&f.name), &staging.join(&f.name))?;
+                }
+                sync_dir(&staging)?;
+                std::fs::rename(&staging, &target)?;
+                std::fs::remove_dir_all(&outbox)?;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot move into {}", target.display()));
+            }
+        }
+        sync_dir(&self.root)?;
+        Ok(target)
+    }
+}
+
+fn copy_durable(src: &Path, dst: &Path) -> anyhow::Result<()> {
+    std::fs::copy(src, dst)
+        .with_context(|| format!("cannot copy {} to {}", src.display(), dst.display()))?;
+    std::fs::File::open(dst)?.sync_all()?;
+    Ok(())
+}
+
+/// Committed transfers in a gateway spool that are not delivered yet (start-up recovery).
+pub fn undelivered(spool_dir: &Path) -> Vec<TransferId> {
+    let Ok(entries) = std::fs::read_dir(spool_dir) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<TransferId>().ok())
+        .filter(|id| {
+            let d = TransferDir::new(spool_dir, id);
+            d.has_receipt() && !d.delivered().exists()
+        })
+        .collect()
+}
+
+/// Committed transfers waiting for delivery; shared by the receive path and the worker.
+#[derive(Debug, Clone)]
+pub struct DeliveryQueue {
+    tx: mpsc::UnboundedSender<TransferId>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl DeliveryQueue {
+    /// A queue and the receiving end for [`run_worker`].
+    pub fn new() -> (DeliveryQueue, mpsc::UnboundedReceiver<TransferId>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            DeliveryQueue {
+                tx,
+                pending: Arc::new(AtomicUsize::new(0)),
+            },
+            rx,
+        )
+    }
+
+    /// Queues a committed transfer.
+    pub fn push(&self, id: TransferId) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(id).is_err() {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Transfers queued or being delivered.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
+    }
+}
+
+/// Delivers committed transfers as they arrive on `queue`, retrying failures with backoff.
+pub async fn run_worker(
+    spool_dir: PathBuf,
+    target: Arc<dyn Deliver>,
+    queue: DeliveryQueue,
+    mut rx: mpsc::UnboundedReceiver<TransferId>,
+) {
+    while let Some(id) = rx.recv().await {
+        let dir = TransferDir::new(&spool_dir, &id);
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let (d, t) = (dir.clone(), target.clone());
+            let res = tokio::task::spawn_blocking(move || deliver_one(&d, t.as_ref())).await;
+            match res {
+                Ok(Ok(path)) => {
+                    info!(transfer = %id, path = %path.display(), "delivered");
+                    metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "ok").increment(1);
+                    queue.pending.fetch_sub(1, Ordering::SeqCst);
+                    break;
+                }
+                Ok(Err(e)) => {
+                    warn!(transfer = %id, error = %format!("{e:#}"), retry_in = ?backoff, "delivery failed");
+                    metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "retry").increment(1);
+                }
+                Err(e) => warn!(transfer = %id, error = %e, "delivery task failed"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(60));
+        }
+    }
+}
+
+fn deliver_one(dir: &TransferDir, target: &dyn Deliver) -> anyhow::Result<PathBuf> {
+    let bytes = std::fs::read(dir.manifest_bin())?;
+    let manifest = Manifest::from_bytes(&bytes, &Limits::default())?;
+    let path = target.deliver(dir, &manifest)?;
+    write_atomic(&dir.delivered(), path.to_string_lossy().as_bytes())?;
+    Ok(path)
+}

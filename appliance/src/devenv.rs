@@ -1,0 +1,382 @@
+//! `baylink dev-env DIR`: a complete two-appliance deployment on 127.0.0.1.
+//!
+//! Everything the contract lists is created here: PKI (with a rogue CA), SoftHSM tokens with
+//! the signing keys (created through `baylink-hsm`, the same code path the appliance uses),
+//! PINs, pinned public keys, both configs, the consent registry and the state directories.
+//! The directory must be empty or missing; nothing is overwritten.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, bail};
+use baylink_hsm::{HsmConfig, Token, provision};
+use secrecy::SecretString;
+
+use crate::pki::{Authority, LeafKind};
+
+/// Where SoftHSM's module lives on Debian.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+/// Default first port.
+pub const DEFAULT_BASE_PORT: u16 = 47400;
+/// Label of the signing key on both tokens.
+pub const KEY_LABEL: &str = "baylink-signing";
+
+/// Ports of a dev-env deployment, derived from its base port.
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    /// Edge hospital HTTPS API.
+    pub edge_ingest: u16,
+    /// Edge health and metrics.
+    pub edge_metrics: u16,
+    /// Gateway QUIC (UDP).
+    pub gateway_quic: u16,
+    /// Gateway health and metrics.
+    pub gateway_metrics: u16,
+    /// Edge DICOM C-STORE.
+    pub edge_dicom: u16,
+}
+
+impl Ports {
+    /// The contract's layout: N, N+1, N+2, N+3, N+4.
+    pub fn from_base(base: u16) -> anyhow::Result<Ports> {
+        if base == 0 || base > u16::MAX - 4 {
+            bail!("--base-port {base} leaves no room for the five ports N..N+4");
+        }
+        Ok(Ports {
+            edge_ingest: base,
+            edge_metrics: base + 1,
+            gateway_quic: base + 2,
+            gateway_metrics: base + 3,
+            edge_dicom: base + 4,
+        })
+    }
+}
+
+/// The sample patients that get consent records.
+pub const SAMPLE_PATIENTS: [&str; 5] = ["P-0001", "P-0002", "P-0003", "P-0004", "P-0005"];
+
+/// Creates the deployment in `dir`.
+///
+/// The process must already have `SOFTHSM2_CONF` pointing at `dir/softhsm/softhsm2.conf`
+/// (see [`softhsm_conf_path`]); the binary's `main` arranges that before any thread starts.
+pub fn create(dir: &Path, base_port: u16, module: &Path) -> anyhow::Result<()> {
+    let ports = Ports::from_base(base_port)?;
+    prepare_empty_dir(dir)?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", dir.display()))?;
+
+    for sub in [
+        "pki",
+        "softhsm/tokens",
+        "secrets",
+        "keys",
+        "policy",
+        "spool/edge",
+        "spool/gateway",
+        "audit/edge",
+        "audit/gateway",
+        "delivered",
+    ] {
+        fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+    }
+    fs::set_permissions(dir.join("secrets"), fs::Permissions::from_mode(0o700))?;
+    fs::set_permissions(
+        dir.join("softhsm/tokens"),
+        fs::Permissions::from_mode(0o700),
+    )?;
+
+    write_pki(&dir)?;
+
+    let conf = softhsm_conf_path(&dir);
+    let tokendir = dir.join("softhsm/tokens");
+    write_file(
+        &conf,
+        format!(
+            "# SoftHSM 2 store of this dev-env deployment.\n\
+             directories.tokendir = {}\n\
+             objectstore.backend = file\n\
+             log.level = ERROR\n\
+             slots.removable = false\n",
+            tokendir.display()
+        )
+        .as_bytes(),
+        0o644,
+    )?;
+
+    for side in ["edge", "gateway"] {
+        let user_pin = random_pin()?;
+        let so_pin = random_pin()?;
+        let token_label = format!("baylink-{side}");
+        provision::init_token(module, &token_label, &so_pin, &user_pin)
+            .with_context(|| format!("cannot initialise SoftHSM token {token_label}"))?;
+        let token = Token::open(&HsmConfig {
+            module: module.to_owned(),
+            token_label: token_label.clone(),
+            key_label: KEY_LABEL.to_owned(),
+            pin: user_pin.clone(),
+            sessions: 1,
+        })
+        .with_context(|| format!("cannot open token {token_label}"))?;
+        let public = token
+            .generate_key(KEY_LABEL)
+            .with_context(|| format!("cannot create key {KEY_LABEL} on {token_label}"))?;
+        write_file(
+            &dir.join(format!("keys/{side}.pub.pem")),
+            public.to_pem().as_bytes(),
+            0o644,
+        )?;
+        write_secret(&dir.join(format!("secrets/{side}.pin")), &user_pin)?;
+        write_secret(&dir.join(format!("secrets/{side}.so-pin")), &so_pin)?;
+    }
+
+    write_file(
+        &dir.join("policy/consents.toml"),
+        consents_toml().as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &dir.join("edge.toml"),
+        edge_toml(&ports, module).as_bytes(),
+        0o644,
+    )?;
+    write_file(
+        &dir.join("gateway.toml"),
+        gateway_toml(&ports, module).as_bytes(),
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// Where the SoftHSM config of a dev-env in `dir` lives.
+pub fn softhsm_conf_path(dir: &Path) -> PathBuf {
+    dir.join("softhsm/softhsm2.conf")
+}
+
+fn prepare_empty_dir(dir: &Path) -> anyhow::Result<()> {
+    match fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                bail!(
+                    "{} is not empty; dev-env only writes into an empty or missing directory",
+                    dir.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", dir.display())),
+    }
+}
+
+fn write_pki(dir: &Path) -> anyhow::Result<()> {
+    let ca = Authority::new("baylink dev-env CA").context("cannot create the CA")?;
+    write_file(&dir.join("pki/ca.pem"), ca.cert_pem().as_bytes(), 0o644)?;
+    for (name, kind) in [
+        ("edge", LeafKind::Appliance),
+        ("gateway", LeafKind::Appliance),
+        ("hospital-a", LeafKind::Client),
+        ("hospital-b", LeafKind::Client),
+    ] {
+        let leaf = ca
+            .issue(name, kind)
+            .with_context(|| format!("cannot issue the {name} certificate"))?;
+        write_file(
+            &dir.join(format!("pki/{name}.pem")),
+            leaf.cert_pem.as_bytes(),
+            0o644,
+        )?;
+        write_file(
+            &dir.join(format!("pki/{name}.key")),
+            leaf.key_pem.as_bytes(),
+            0o600,
+        )?;
+    }
+    let rogue_ca = Authority::new("rogue CA").context("cannot create the rogue CA")?;
+    // The rogue client claims to be a known hospital: only the CA check can stop it.
+    let rogue = rogue_ca
+        .issue("hospital-a", LeafKind::Client)
+        .context("cannot issue the rogue certificate")?;
+    write_file(&dir.join("pki/rogue.pem"), rogue.cert_pem.as_bytes(), 0o644)?;
+    write_file(&dir.join("pki/rogue.key"), rogue.key_pem.as_bytes(), 0o600)?;
+    Ok(())
+}
+
+fn random_pin() -> anyhow::Result<SecretString> {
+    let mut bytes = [0u8; 12];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    Ok(SecretString::from(hex::encode(bytes)))
+}
+
+fn write_secret(path: &Path, pin: &SecretString) -> anyhow::Result<()> {
+    use secrecy::ExposeSecret;
+    write_file(path, pin.expose_secret().as_bytes(), 0o600)
+}
+
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn consents_toml() -> String {
+    let now = SystemTime::now();
+    let from = rfc3339(now - Duration::from_secs(86_400));
+    let until = rfc3339(now + Duration::from_secs(2 * 365 * 86_400));
+    let mut out = String::from(
+        "# Consent registry of the dev-env deployment: one [[consent]] per authorisation\n\
+         # a patient gave. See the README (\"Policy\") for the format.\n",
+    );
+    for patient in SAMPLE_PATIENTS {
+        let evidence = hex::encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            format!("signed consent form of {patient}").as_bytes(),
+        ));
+        let _ = write!(
+            out,
+            "\n[[consent]]\n\
+             patient_id = \"{patient}\"\n\
+             reference = \"CONSENT-{patient}\"\n\
+             categories = [\"*\"]\n\
+             purposes = [\"care\", \"research\", \"referral\"]\n\
+             destinations = [\"hk-ehealth\"]\n\
+             valid_from = \"{from}\"\n\
+             valid_until = \"{until}\"\n\
+             evidence_sha256 = \"{evidence}\"\n"
+        );
+    }
+    out
+}
+
+fn hsm_section(side: &str, module: &Path) -> String {
+    format!(
+        "[hsm]\n\
+         module = \"{}\"\n\
+         softhsm_conf = \"softhsm/softhsm2.conf\"\n\
+         token_label = \"baylink-{side}\"\n\
+         key_label = \"{KEY_LABEL}\"\n\
+         pin_file = \"secrets/{side}.pin\"\n",
+        module.display()
+    )
+}
+
+fn edge_toml(p: &Ports, module: &Path) -> String {
+    format!(
+        "# baylink edge appliance (Shenzhen side) of a dev-env deployment.\n\
+         role = \"edge\"\n\
+         id = \"edge\"\n\n\
+         {hsm}\n\
+         [peer]\n\
+         signing_key = \"keys/gateway.pub.pem\"\n\n\
+         [tls]\n\
+         ca = \"pki/ca.pem\"\n\
+         cert = \"pki/edge.pem\"\n\
+         key = \"pki/edge.key\"\n\n\
+         [transport]\n\
+         connect = \"127.0.0.1:{quic}\"\n\
+         server_name = \"localhost\"\n\
+         retry_for = \"10m\"\n\n\
+         [link]\n\
+         rate_mbit = 1000\n\
+         rtt_ms = 10\n\
+         congestion = \"cubic\"\n\n\
+         [ingest]\n\
+         listen = \"127.0.0.1:{ingest}\"\n\
+         dicom_listen = \"127.0.0.1:{dicom}\"\n\
+         max_upload_bytes = 68719476736\n\n\
+         [metrics]\n\
+         listen = \"127.0.0.1:{metrics}\"\n\n\
+         [spool]\n\
+         dir = \"spool/edge\"\n\n\
+         [audit]\n\
+         dir = \"audit/edge\"\n\n\
+         [policy]\n\
+         consents = \"policy/consents.toml\"\n\
+         negative_list = [\"genetic-data\"]\n",
+        hsm = hsm_section("edge", module),
+        quic = p.gateway_quic,
+        ingest = p.edge_ingest,
+        dicom = p.edge_dicom,
+        metrics = p.edge_metrics,
+    )
+}
+
+fn gateway_toml(p: &Ports, module: &Path) -> String {
+    format!(
+        "# baylink gateway appliance (Hong Kong side) of a dev-env deployment.\n\
+         role = \"gateway\"\n\
+         id = \"gateway\"\n\n\
+         {hsm}\n\
+         [peer]\n\
+         signing_key = \"keys/edge.pub.pem\"\n\n\
+         [tls]\n\
+         ca = \"pki/ca.pem\"\n\
+         cert = \"pki/gateway.pem\"\n\
+         key = \"pki/gateway.key\"\n\n\
+         [transport]\n\
+         listen = \"127.0.0.1:{quic}\"\n\n\
+         [link]\n\
+         rate_mbit = 1000\n\
+         rtt_ms = 10\n\
+         congestion = \"cubic\"\n\n\
+         [metrics]\n\
+         listen = \"127.0.0.1:{metrics}\"\n\n\
+         [spool]\n\
+         dir = \"spool/gateway\"\n\n\
+         [audit]\n\
+         dir = \"audit/gateway\"\n\n\
+         [delivery]\n\
+         kind = \"dir\"\n\
+         path = \"delivered\"\n",
+        hsm = hsm_section("gateway", module),
+        quic = p.gateway_quic,
+        metrics = p.gateway_metrics,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Role};
+
+    #[test]
+    fn generated_configs_parse() {
+        let p = Ports::from_base(DEFAULT_BASE_PORT).unwrap();
+        let module = Path::new(SOFTHSM_MODULE);
+        let edge = Config::parse(Path::new("/x/edge.toml"), &edge_toml(&p, module)).unwrap();
+        assert_eq!(edge.role, Role::Edge);
+        assert_eq!(
+            edge.transport.connect.unwrap().port(),
+            DEFAULT_BASE_PORT + 2
+        );
+        let gw = Config::parse(Path::new("/x/gateway.toml"), &gateway_toml(&p, module)).unwrap();
+        assert_eq!(gw.role, Role::Gateway);
+        assert_eq!(gw.metrics_listen.port(), DEFAULT_BASE_PORT + 3);
+    }
+
+    #[test]
+    fn refuses_a_non_empty_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("x"), b"x").unwrap();
+        let e = create(dir.path(), DEFAULT_BASE_PORT, Path::new(SOFTHSM_MODULE)).unwrap_err();
+        assert!(e.to_string().contains("not empty"), "{e}");
+        assert!(Ports::from_base(65534).is_err());
+    }
+}

@@ -1,0 +1,459 @@
+//! The edge role: check, seal, send, verify the receipt.
+//!
+//! `baylink send` and the edge service share this path. A transfer is locked (an advisory
+//! `flock` on its spool directory's `lock` file) by whichever process is sending it, so a
+//! `send` and a running edge service never send the same transfer twice at once.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use baylink_net::proto::{Receipt, SenderConfig, TransferId};
+use baylink_net::spool::{Spool, SpoolConfig};
+use baylink_net::transport::{self, TlsIdentity};
+use indicatif::{ProgressBar, ProgressStyle};
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStats};
+use crate::policy::{Decision, Declaration, Policy};
+use crate::seal::{self, SealProgress};
+use crate::signing::{Keys, RECEIPT_CONTEXT};
+use crate::transfer_dir::{TransferDir, write_atomic};
+
+/// What `send` reports on success: the contract's JSON line.
+#[derive(Debug, Serialize)]
+pub struct SendSummary {
+    /// The transfer id.
+    pub transfer_id: String,
+    /// Number of files.
+    pub files: usize,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Chunk payload bytes this invocation sent.
+    pub wire_bytes: u64,
+    /// Wall time of this invocation.
+    pub seconds: f64,
+    /// Merkle root over the chunk digests, hex.
+    pub merkle_root: String,
+    /// Always `verified`: an unverifiable receipt is an error, not a summary.
+    pub receipt: &'static str,
+    /// Seconds spent sealing (copying into the spool and hashing); included in `seconds`.
+    pub seal_seconds: f64,
+    /// Seconds from the first connection attempt to the verified receipt.
+    pub transmit_seconds: f64,
+}
+
+/// Why `send` stopped without a verified receipt. Each displays as the one line printed on
+/// stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum SendFailure {
+    /// The compliance checkpoint refused the declaration.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The HSM could not be used (fail closed).
+    #[error("hsm: {0}")]
+    Hsm(String),
+    /// The gateway refused the transfer.
+    #[error("gateway refused: {0}")]
+    GatewayRefused(String),
+    /// The gateway's receipt does not verify against the pinned key.
+    #[error("receipt does not verify: {0}")]
+    BadReceipt(String),
+    /// The link stayed down for longer than `transport.retry_for`.
+    #[error("link: gave up after {after}: {last}")]
+    LinkGaveUp {
+        /// How long it retried.
+        after: String,
+        /// The last error.
+        last: String,
+    },
+    /// Anything else (bad input files, spool, configuration).
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl SendFailure {
+    /// Process exit code for this failure (documented in the README).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            SendFailure::Refused(_) => 2,
+            SendFailure::GatewayRefused(_) | SendFailure::BadReceipt(_) => 3,
+            SendFailure::Hsm(_) => 4,
+            SendFailure::LinkGaveUp { .. } => 5,
+            SendFailure::Other(_) => 1,
+        }
+    }
+}
+
+/// What to send.
+#[derive(Debug, Clone)]
+pub enum SendRequest {
+    /// A new transfer of these files under this declaration.
+    New {
+        /// Files to send.
+        files: Vec<PathBuf>,
+        /// The compliance declaration.
+        declaration: Declaration,
+    },
+    /// Finish a sealed transfer from the spool.
+    Resume(TransferId),
+}
+
+/// The edge's long-lived parts: HSM keys, spool thread, QUIC endpoint.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    cfg: Arc<Config>,
+    keys: Keys,
+    spool: Spool,
+    endpoint: quinn::Endpoint,
+    policy: Arc<Policy>,
+}
+
+fn hsm_failure(e: anyhow::Error) -> SendFailure {
+    if e.chain()
+        .any(|c| c.downcast_ref::<baylink_hsm::HsmError>().is_some())
+    {
+        SendFailure::Hsm(format!("{e:#}"))
+    } else {
+        SendFailure::Other(e)
+    }
+}
+
+impl Edge {
+    /// Opens the HSM (fail closed), starts the spool thread and binds the QUIC endpoint.
+    pub async fn start(cfg: Arc<Config>) -> Result<Edge, SendFailure> {
+        let policy = Arc::new(Policy::load(&cfg.policy).map_err(anyhow::Error::from)?);
+        let c = cfg.clone();
+        let keys = tokio::task::spawn_blocking(move || Keys::open(&c))
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(hsm_failure)?;
+        let spool = Spool::start(SpoolConfig::default()).map_err(anyhow::Error::from)?;
+        let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)
+            .map_err(anyhow::Error::from)?;
+        let ca = transport::load_ca(&cfg.tls.ca).map_err(anyhow::Error::from)?;
+        let connect = cfg
+            .transport
+            .connect
+            .context("transport.connect is not set")?;
+        let bind: SocketAddr = if connect.is_ipv6() {
+            "[::]:0".parse().expect("literal")
+        } else {
+            "0.0.0.0:0".parse().expect("literal")
+        };
+        let endpoint = transport::client_endpoint(bind, &ca, &identity, &cfg.link)
+            .map_err(anyhow::Error::from)?;
+        Ok(Edge {
+            cfg,
+            keys,
+            spool,
+            endpoint,
+            policy,
+        })
+    }
+
+    /// The spool thread (for callers that seal or read on their own).
+    pub fn spool(&self) -> &Spool {
+        &self.spool
+    }
+
+    /// Runs one `send` to completion: check, seal (new transfers), send with retries, verify
+    /// the receipt.
+    pub async fn send(
+        &self,
+        request: SendRequest,
+        show_progress: bool,
+        stats: &Arc<SendStats>,
+    ) -> Result<SendSummary, SendFailure> {
+        let started = Instant::now();
+        let (id, declaration) = match &request {
+            SendRequest::New { declaration, .. } => (TransferId::new_v7(), declaration.clone()),
+            SendRequest::Resume(id) => {
+                let dir = TransferDir::new(&self.cfg.spool_dir, id);
+                (*id, seal::load_declaration(&dir)?)
+            }
+        };
+        // The checkpoint runs again on resume: a consent withdrawn since sealing stops the send.
+        if let Decision::Refuse(r) = self.policy.check(&declaration, SystemTime::now()) {
+            metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
+            return Err(SendFailure::Refused(r.reason));
+        }
+        eprintln!("transfer {id}");
+        let dir = TransferDir::new(&self.cfg.spool_dir, &id);
+        let bar = progress_bar(show_progress);
+
+        let out = match &request {
+            SendRequest::New { files, declaration } => {
+                std::fs::create_dir_all(dir.root())
+                    .with_context(|| format!("cannot create {}", dir.root().display()))?;
+                let _lock = lock_transfer(&dir)?;
+                let total: u64 = files
+                    .iter()
+                    .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+                    .sum();
+                bar.set_length(total);
+                bar.set_message("sealing");
+                let job = seal::SealJob {
+                    id,
+                    sender: &self.cfg.id,
+                    declaration,
+                    files,
+                    chunk_size: self.cfg.transport.chunk_size,
+                };
+                let sealed = seal::seal_files(
+                    &self.spool,
+                    &dir,
+                    &job,
+                    &self.keys,
+                    &BarProgress(bar.clone()),
+                )
+                .await
+                .map_err(hsm_failure)?;
+                (sealed, _lock)
+            }
+            SendRequest::Resume(_) => {
+                let lock = lock_transfer(&dir)?;
+                (seal::load_sealed(&self.spool, &dir).await?, lock)
+            }
+        };
+        let (out, _lock) = out;
+        let seal_seconds = started.elapsed().as_secs_f64();
+
+        let transmit_started = Instant::now();
+        let (receipt, wire_bytes) = if dir.has_receipt() {
+            // Already confirmed by an earlier run: verify what is stored and report.
+            let receipt =
+                std::fs::read(dir.receipt_bin()).context("cannot read the stored receipt")?;
+            let sig = std::fs::read(dir.receipt_sig()).context("cannot read the stored receipt")?;
+            (
+                Delivered {
+                    receipt: receipt.into(),
+                    signature: sig.into(),
+                },
+                0,
+            )
+        } else {
+            bar.set_length(out.manifest.total_bytes());
+            bar.set_position(0);
+            bar.set_message("sending");
+            let d = self.transmit(&out, &bar, stats).await?;
+            (d, stats.wire_bytes())
+        };
+        self.verify_receipt(&out, &receipt)?;
+        if !dir.has_receipt() {
+            let (dir2, r, s) = (
+                dir.clone(),
+                receipt.receipt.clone(),
+                receipt.signature.clone(),
+            );
+            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                write_atomic(&dir2.receipt_bin(), &r)?;
+                write_atomic(&dir2.receipt_sig(), &s)
+            })
+            .await
+            .map_err(anyhow::Error::from)?
+            .context("cannot store the receipt")?;
+        }
+        bar.finish_and_clear();
+        metrics::counter!("baylink_transfers_total", "stage" => "receipted", "outcome" => "ok")
+            .increment(1);
+        info!(transfer = %id, bytes = out.manifest.total_bytes(), wire_bytes, "receipt verified");
+        Ok(SendSummary {
+            transfer_id: id.to_string(),
+            files: out.manifest.files.len(),
+            bytes: out.manifest.total_bytes(),
+            wire_bytes,
+            seconds: started.elapsed().as_secs_f64(),
+            merkle_root: hex::encode(out.manifest.merkle_root),
+            receipt: "verified",
+            seal_seconds,
+            transmit_seconds: transmit_started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Connects and sends until the receipt arrives, retrying a lost link with backoff for
+    /// `transport.retry_for`.
+    async fn transmit(
+        &self,
+        out: &Outgoing,
+        bar: &ProgressBar,
+        stats: &Arc<SendStats>,
+    ) -> Result<Delivered, SendFailure> {
+        let connect = self
+            .cfg
+            .transport
+            .connect
+            .context("transport.connect is not set")?;
+        let retry_for = self.cfg.transport.retry_for;
+        let mut backoff = Duration::from_millis(200);
+        let mut lost_since: Option<Instant> = None;
+        let progress = BarProgress(bar.clone());
+        loop {
+            let attempt = async {
+                let conn = self
+                    .endpoint
+                    .connect(connect, &self.cfg.transport.server_name)
+                    .map_err(|e| SendError::Link(crate::link::LinkError::Lost(e.to_string())))?
+                    .await
+                    .map_err(|e| SendError::Link(e.into()))?;
+                bar.set_position(0);
+                let res = send::run(
+                    &conn,
+                    &self.spool,
+                    out,
+                    SenderConfig {
+                        max_in_flight: self.cfg.transport.max_in_flight,
+                        ..SenderConfig::default()
+                    },
+                    &self.cfg.id,
+                    &progress,
+                    stats,
+                )
+                .await;
+                match &res {
+                    Ok(_) => conn.close(crate::link::CLOSE_OK.into(), b"done"),
+                    Err(_) => conn.close(crate::link::CLOSE_PROTOCOL.into(), b"send failed"),
+                }
+                res
+            };
+            match attempt.await {
+                Ok(d) => {
+                    metrics::counter!("baylink_bytes_total", "direction" => "sent")
+                        .increment(stats.wire_bytes());
+                    return Ok(d);
+                }
+                Err(SendError::Refused(text)) => {
+                    return Err(SendFailure::GatewayRefused(gateway_text(&text)));
+                }
+                Err(SendError::Spool(text)) => {
+                    return Err(SendFailure::Other(anyhow::anyhow!(text)));
+                }
+                Err(SendError::Link(e)) => {
+                    let since = *lost_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= retry_for {
+                        return Err(SendFailure::LinkGaveUp {
+                            after: humantime::format_duration(retry_for).to_string(),
+                            last: e.to_string(),
+                        });
+                    }
+                    warn!(error = %e, retry_in = ?backoff, "link lost; will resume");
+                    bar.set_message(format!("link lost, retrying: {e}"));
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    fn verify_receipt(&self, out: &Outgoing, d: &Delivered) -> Result<(), SendFailure> {
+        let bad = |why: &str| SendFailure::BadReceipt(why.to_owned());
+        if !self
+            .keys
+            .verify_peer(RECEIPT_CONTEXT, &d.receipt, &d.signature)
+        {
+            return Err(bad(
+                "signature does not verify against the pinned gateway key",
+            ));
+        }
+        let r = Receipt::from_bytes(&d.receipt).map_err(|e| bad(&e.to_string()))?;
+        if r.transfer_id != out.manifest.transfer_id {
+            return Err(bad("it names another transfer"));
+        }
+        if r.merkle_root != out.manifest.merkle_root {
+            return Err(bad("its Merkle root differs from the manifest's"));
+        }
+        if r.manifest_digest != out.manifest.digest() {
+            return Err(bad("it confirms a different manifest"));
+        }
+        Ok(())
+    }
+
+    /// Sealed transfers in the spool that have no receipt yet.
+    pub fn pending(&self) -> Vec<TransferId> {
+        let Ok(entries) = std::fs::read_dir(&self.cfg.spool_dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<TransferId> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.parse::<TransferId>().ok())
+            .filter(|id| {
+                let d = TransferDir::new(&self.cfg.spool_dir, id);
+                d.manifest_bin().exists() && !d.has_receipt()
+            })
+            .collect();
+        out.sort_by_key(|id| id.to_string());
+        out
+    }
+}
+
+/// The gateway's own words, without the protocol wrapping.
+fn gateway_text(text: &str) -> String {
+    text.to_owned()
+}
+
+/// Takes the transfer's lock, or says who holds it.
+fn lock_transfer(dir: &TransferDir) -> anyhow::Result<Flock<File>> {
+    let path = dir.root().join("lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "transfer {} is being sent by another process ({e})",
+            dir.root().display()
+        )
+    })
+}
+
+fn progress_bar(show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg:10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+struct BarProgress(ProgressBar);
+
+impl Progress for BarProgress {
+    fn confirmed(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+    fn already_there(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+impl SealProgress for BarProgress {
+    fn copied(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+/// Counts bytes for callers that want numbers rather than a bar.
+#[derive(Debug, Default)]
+pub struct Counter(pub AtomicU64);
+
+impl Progress for Counter {
+    fn confirmed(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn already_there(&self, _bytes: u64) {}
+}

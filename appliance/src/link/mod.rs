@@ -1,0 +1,132 @@
+//! The transfer protocol over QUIC: drives `baylink_net::proto`'s state machines with real
+//! streams and the io_uring spool.
+//!
+//! One bidirectional control stream per transfer carries frames; every chunk travels on its
+//! own unidirectional stream (header, then exactly the chunk's bytes). The state machines
+//! decide; this module only moves bytes and reports events back to them.
+
+pub mod receive;
+pub mod send;
+
+use baylink_net::proto::{Frame, FrameDecoder, Limits, ProtoError};
+use bytes::BytesMut;
+use tokio::sync::mpsc;
+
+/// QUIC application error code: normal close.
+pub const CLOSE_OK: u32 = 0;
+/// QUIC application error code: a data stream was not wanted (duplicate or stale).
+pub const STOP_UNWANTED: u32 = 1;
+/// QUIC application error code: a protocol violation.
+pub const CLOSE_PROTOCOL: u32 = 2;
+/// QUIC application error code: the appliance is shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 3;
+
+/// Something went wrong on the link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The connection or a stream failed: the link is lost, retrying may help.
+    #[error("link lost: {0}")]
+    Lost(String),
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtoError),
+}
+
+impl From<quinn::ConnectionError> for LinkError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        LinkError::Lost(e.to_string())
+    }
+}
+impl From<quinn::WriteError> for LinkError {
+    fn from(e: quinn::WriteError) -> Self {
+        LinkError::Lost(e.to_string())
+    }
+}
+impl From<quinn::ReadError> for LinkError {
+    fn from(e: quinn::ReadError) -> Self {
+        LinkError::Lost(e.to_string())
+    }
+}
+impl From<quinn::ReadExactError> for LinkError {
+    fn from(e: quinn::ReadExactError) -> Self {
+        LinkError::Lost(e.to_string())
+    }
+}
+impl From<quinn::ClosedStream> for LinkError {
+    fn from(e: quinn::ClosedStream) -> Self {
+        LinkError::Lost(e.to_string())
+    }
+}
+
+/// Writes frames on a control stream.
+#[derive(Debug)]
+pub struct FrameWriter {
+    stream: quinn::SendStream,
+    buf: BytesMut,
+}
+
+impl FrameWriter {
+    /// Wraps the send half of a control stream.
+    pub fn new(stream: quinn::SendStream) -> Self {
+        FrameWriter {
+            stream,
+            buf: BytesMut::with_capacity(4096),
+        }
+    }
+
+    /// Encodes and writes one frame.
+    pub async fn send(&mut self, frame: &Frame) -> Result<(), LinkError> {
+        self.buf.clear();
+        baylink_net::proto::encode(frame, &mut self.buf);
+        self.stream.write_all(&self.buf).await?;
+        Ok(())
+    }
+
+    /// Finishes the stream (no more frames).
+    pub fn finish(&mut self) {
+        let _ = self.stream.finish();
+    }
+}
+
+/// Reads frames from the receive half of a control stream on its own task, so a driver can
+/// `select!` on frames and local events without cancelling a read half-way.
+pub fn spawn_frame_reader(
+    mut stream: quinn::RecvStream,
+    limits: Limits,
+) -> mpsc::Receiver<Result<Frame, LinkError>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut decoder = FrameDecoder::new(limits);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            loop {
+                match decoder.next_frame() {
+                    Ok(Some(frame)) => {
+                        if tx.send(Ok(frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(LinkError::Protocol(e))).await;
+                        return;
+                    }
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(Some(n)) => decoder.push(&buf[..n]),
+                Ok(None) => {
+                    let _ = tx
+                        .send(Err(LinkError::Lost("control stream closed by peer".into())))
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            }
+        }
+    });
+    rx
+}

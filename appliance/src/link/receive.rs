@@ -1,0 +1,699 @@
+//! Gateway side: accept offers, receive and verify chunks into the spool, commit, sign the
+//! receipt.
+//!
+//! Invariants kept here:
+//! - a chunk counts as good only when the SHA-256 of exactly the bytes written equals the
+//!   manifest's digest for it;
+//! - the `state` file lists only chunks that are good *and* fsynced;
+//! - `.part` files become their final names only when every chunk is good and durable; the
+//!   receipt signature file is written last and is the commit point;
+//! - nothing reaches the delivery path before the commit (delivery runs afterwards).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use baylink_net::proto::{
+    ChunkHeader, ChunkSet, ErrorCode, Frame, Limits, Manifest, ProtoError, Receipt, Receiver,
+    ReceiverAction, ReceiverConfig, TransferId,
+};
+use baylink_net::spool::{Spool, SpoolFile};
+use bytes::Bytes;
+use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::{CLOSE_PROTOCOL, FrameWriter, LinkError, STOP_UNWANTED, spawn_frame_reader};
+use crate::deliver::DeliveryQueue;
+use crate::signing::{Keys, MANIFEST_CONTEXT, RECEIPT_CONTEXT};
+use crate::transfer_dir::{TransferDir, write_atomic};
+
+/// Verified bytes after which the receiver makes its progress durable (fsync + state file).
+const CHECKPOINT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// Everything the gateway's receive path shares.
+#[derive(Debug)]
+pub struct Gateway {
+    /// This appliance's id (named in receipts).
+    pub id: String,
+    /// Spool root.
+    pub spool_dir: std::path::PathBuf,
+    /// The io_uring file thread.
+    pub spool: Spool,
+    /// HSM signer and the edge's pinned key.
+    pub keys: Keys,
+    /// Protocol limits.
+    pub limits: Limits,
+    /// Receiver tuning.
+    pub receiver_cfg: ReceiverConfig,
+    /// Committed transfers go here for delivery.
+    pub committed: DeliveryQueue,
+    /// Set when draining: new offers are refused.
+    pub draining: AtomicBool,
+    active: Mutex<HashMap<TransferId, Arc<Active>>>,
+}
+
+impl Gateway {
+    /// Creates the shared receive state.
+    pub fn new(
+        id: String,
+        spool_dir: std::path::PathBuf,
+        spool: Spool,
+        keys: Keys,
+        receiver_cfg: ReceiverConfig,
+        committed: DeliveryQueue,
+    ) -> Gateway {
+        Gateway {
+            id,
+            spool_dir,
+            spool,
+            keys,
+            limits: Limits::default(),
+            receiver_cfg,
+            committed,
+            draining: AtomicBool::new(false),
+            active: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Number of transfers being received right now.
+    pub fn active_transfers(&self) -> usize {
+        self.active.lock().expect("registry lock poisoned").len()
+    }
+}
+
+/// A transfer being received.
+#[derive(Debug)]
+struct Active {
+    manifest: Arc<Manifest>,
+    dir: TransferDir,
+    receiver: Mutex<Receiver>,
+    wake: Notify,
+    files: Vec<Option<Arc<SpoolFile>>>,
+    progress: AsyncMutex<Durable>,
+    unsynced: Mutex<(Vec<u32>, u64)>,
+    conn: quinn::Connection,
+    cancel: watch::Sender<bool>,
+    done: watch::Sender<bool>,
+}
+
+#[derive(Debug)]
+struct Durable {
+    set: ChunkSet,
+}
+
+impl Active {
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+}
+
+/// Serves one QUIC connection from an edge until it closes.
+pub async fn serve_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
+    let peer = baylink_net::transport::peer_common_name(&conn).unwrap_or_default();
+    let span = info_span!("connection", peer = %peer, remote = %conn.remote_address());
+    async move {
+        info!("edge connected");
+        loop {
+            tokio::select! {
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let gw = gw.clone();
+                        let conn = conn.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move { control_stream(gw, conn, peer, send, recv).await });
+                    }
+                    Err(e) => { info!(reason = %e, "connection ended"); break; }
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(recv) => {
+                        let gw = gw.clone();
+                        tokio::spawn(async move { data_stream(gw, recv).await });
+                    }
+                    Err(e) => { info!(reason = %e, "connection ended"); break; }
+                },
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Drives one transfer's control stream.
+async fn control_stream(
+    gw: Arc<Gateway>,
+    conn: quinn::Connection,
+    peer: String,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut writer = FrameWriter::new(send);
+    let mut frames = spawn_frame_reader(recv, gw.limits);
+    let mut receiver = Some(Receiver::new(gw.limits, gw.receiver_cfg));
+    let mut active: Option<Arc<Active>> = None;
+    let mut cancel_rx: Option<watch::Receiver<bool>> = None;
+
+    let outcome: Result<(), LinkError> = async {
+        loop {
+            // Drain actions, from the local receiver before the offer, from the shared one after.
+            loop {
+                let action = match (&mut receiver, &active) {
+                    (Some(r), _) => r.poll_action(),
+                    (None, Some(a)) => a.receiver.lock().expect("receiver lock poisoned").poll_action(),
+                    (None, None) => None,
+                };
+                let Some(action) = action else { break };
+                match action {
+                    ReceiverAction::SendFrame(frame) => writer.send(&frame).await?,
+                    ReceiverAction::VerifyOffer { manifest, manifest_bytes, signature } => {
+                        let mut r = receiver.take().expect("an offer comes before activation");
+                        match accept_offer(&gw, &conn, &peer, manifest, &manifest_bytes, &signature).await {
+                            Ok((a, have)) => {
+                                r.offer_accepted(have);
+                                *a.receiver.lock().expect("receiver lock poisoned") = r;
+                                cancel_rx = Some(a.cancel.subscribe());
+                                active = Some(a);
+                            }
+                            Err((code, text)) => {
+                                warn!(%text, "offer refused");
+                                metrics::counter!("baylink_transfers_total", "stage" => "offer", "outcome" => "refused").increment(1);
+                                r.offer_refused(code, text);
+                                receiver = Some(r);
+                            }
+                        }
+                    }
+                    ReceiverAction::Commit => {
+                        let a = active.clone().expect("commit only after an accepted offer");
+                        match commit(&gw, &a).await {
+                            Ok((receipt, sig)) => a.receiver.lock().expect("receiver lock poisoned").committed(receipt, sig),
+                            Err(e) => {
+                                warn!(error = %e, "commit failed");
+                                writer.send(&Frame::Error { code: ErrorCode::Internal, text: format!("commit failed: {e}") }).await?;
+                                return Ok(());
+                            }
+                        }
+                    }
+                    ReceiverAction::Failed(e) => {
+                        warn!(error = %e, "transfer failed");
+                        metrics::counter!("baylink_transfers_total", "stage" => "receive", "outcome" => "failed").increment(1);
+                        if let Some(a) = &active {
+                            discard(a).await;
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+
+            let wake = async {
+                match &active {
+                    Some(a) => a.wake.notified().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let cancelled = async {
+                match &mut cancel_rx {
+                    Some(rx) => { let _ = rx.wait_for(|c| *c).await; }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                frame = frames.recv() => {
+                    let committed = active.as_ref().is_some_and(|a| {
+                        a.receiver.lock().expect("receiver lock poisoned").is_committed()
+                    });
+                    let frame = match frame {
+                        Some(Ok(f)) => f,
+                        // The edge closes its side once it holds the receipt.
+                        Some(Err(LinkError::Lost(_))) | None if committed => return Ok(()),
+                        Some(Err(e)) => return Err(e),
+                        None => return Err(LinkError::Lost("control stream ended".into())),
+                    };
+                    let res = match (&mut receiver, &active) {
+                        (Some(r), _) => r.handle_frame(frame),
+                        (None, Some(a)) => a.receiver.lock().expect("receiver lock poisoned").handle_frame(frame),
+                        (None, None) => Ok(()),
+                    };
+                    if let Err(e) = res {
+                        // The state machine queued an error frame where one is due; send it.
+                        debug!(error = %e, "frame refused");
+                    }
+                }
+                () = wake => {}
+                () = cancelled => {
+                    info!("taken over by a newer connection for the same transfer");
+                    return Ok(());
+                }
+            }
+        }
+    }
+    .await;
+
+    if let Err(e) = &outcome {
+        match e {
+            LinkError::Protocol(p) => {
+                let _ = writer
+                    .send(&Frame::Error {
+                        code: p.code(),
+                        text: p.to_string(),
+                    })
+                    .await;
+                conn.close(CLOSE_PROTOCOL.into(), b"protocol error");
+            }
+            LinkError::Lost(_) => {}
+        }
+        info!(error = %e, "control stream ended");
+    }
+    writer.finish();
+    if let Some(a) = active {
+        // Make what was verified durable, so a resumed transfer does not resend it.
+        if !a.dir.has_receipt()
+            && let Err(e) = checkpoint(&gw, &a).await
+        {
+            warn!(error = %e, "cannot checkpoint the transfer");
+        }
+        release(&gw, &a);
+    }
+}
+
+/// Checks an offer and prepares the spool; returns the durable have-set.
+async fn accept_offer(
+    gw: &Arc<Gateway>,
+    conn: &quinn::Connection,
+    peer: &str,
+    manifest: Arc<Manifest>,
+    manifest_bytes: &[u8],
+    signature: &[u8],
+) -> Result<(Arc<Active>, ChunkSet), (ErrorCode, String)> {
+    let id = manifest.transfer_id;
+    if gw.draining.load(Ordering::Relaxed) {
+        return Err((
+            ErrorCode::Internal,
+            "gateway is shutting down; retry later".into(),
+        ));
+    }
+    if !gw
+        .keys
+        .verify_peer(MANIFEST_CONTEXT, manifest_bytes, signature)
+    {
+        return Err((
+            ErrorCode::BadSignature,
+            "manifest signature does not verify".into(),
+        ));
+    }
+    if manifest.sender != peer {
+        return Err((
+            ErrorCode::Refused,
+            format!(
+                "manifest sender {} does not match the TLS identity {peer}",
+                manifest.sender
+            ),
+        ));
+    }
+
+    // A newer connection takes a transfer over from an older one (a sender that died and
+    // came back before the old connection timed out).
+    let previous = gw
+        .active
+        .lock()
+        .expect("registry lock poisoned")
+        .get(&id)
+        .cloned();
+    if let Some(old) = previous {
+        let _ = old.cancel.send(true);
+        if old.conn.stable_id() != conn.stable_id() {
+            old.conn
+                .close(super::CLOSE_SHUTDOWN.into(), b"transfer taken over");
+        }
+        let mut done = old.done.subscribe();
+        let _ = done.wait_for(|d| *d).await;
+    }
+
+    let dir = TransferDir::new(&gw.spool_dir, &id);
+    let internal =
+        |what: &str, e: &dyn std::fmt::Display| (ErrorCode::Internal, format!("{what}: {e}"));
+    let prepared = {
+        let dir = dir.clone();
+        let manifest = manifest.clone();
+        let bytes = manifest_bytes.to_vec();
+        let sig = signature.to_vec();
+        tokio::task::spawn_blocking(move || prepare_dir(&dir, &manifest, &bytes, &sig))
+            .await
+            .map_err(|e| internal("spool", &e))?
+    };
+    let have = prepared?;
+
+    // Open a `.part` for every file not yet renamed to its final name (all of them, unless
+    // a commit was interrupted half-way); empty files get their (empty) `.part` here too.
+    let mut files = Vec::with_capacity(manifest.files.len());
+    for f in &manifest.files {
+        if dir.has_receipt() || dir.data_file(&f.name).exists() {
+            files.push(None);
+            continue;
+        }
+        let file = gw
+            .spool
+            .open_rw(dir.part_file(&f.name))
+            .await
+            .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+        files.push(Some(Arc::new(file)));
+    }
+    let (cancel, _) = watch::channel(false);
+    let (done, _) = watch::channel(false);
+    let active = Arc::new(Active {
+        manifest: manifest.clone(),
+        dir,
+        receiver: Mutex::new(Receiver::new(gw.limits, gw.receiver_cfg)),
+        wake: Notify::new(),
+        files,
+        progress: AsyncMutex::new(Durable { set: have.clone() }),
+        unsynced: Mutex::new((Vec::new(), 0)),
+        conn: conn.clone(),
+        cancel,
+        done,
+    });
+    gw.active
+        .lock()
+        .expect("registry lock poisoned")
+        .insert(id, active.clone());
+    info!(transfer = %id, files = manifest.files.len(), bytes = manifest.total_bytes(),
+          have = have.count(), chunks = manifest.chunk_count(), "offer accepted");
+    metrics::counter!("baylink_transfers_total", "stage" => "offer", "outcome" => "accepted")
+        .increment(1);
+    Ok((active, have))
+}
+
+fn code_for_spool(e: &baylink_net::spool::SpoolError) -> ErrorCode {
+    if e.is_no_space() {
+        ErrorCode::NoSpace
+    } else {
+        ErrorCode::Internal
+    }
+}
+
+/// Creates or re-opens `spool/<id>/`; a different manifest under the same id is refused.
+fn prepare_dir(
+    dir: &TransferDir,
+    manifest: &Manifest,
+    bytes: &[u8],
+    sig: &[u8],
+) -> Result<ChunkSet, (ErrorCode, String)> {
+    let io = |what: &str, e: std::io::Error| {
+        let code = if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+            ErrorCode::NoSpace
+        } else {
+            ErrorCode::Internal
+        };
+        (code, format!("{what} {}: {e}", dir.root().display()))
+    };
+    match std::fs::read(dir.manifest_bin()) {
+        Ok(existing) if existing == bytes => {}
+        Ok(_) => {
+            return Err((
+                ErrorCode::Refused,
+                format!(
+                    "transfer id {} is already used by a different manifest",
+                    manifest.transfer_id
+                ),
+            ));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            dir.create().map_err(|e| io("cannot create", e))?;
+            write_atomic(&dir.manifest_sig(), sig).map_err(|e| io("cannot write", e))?;
+            let json = serde_json::to_vec_pretty(manifest).expect("a manifest serialises");
+            write_atomic(&dir.manifest_json(), &json).map_err(|e| io("cannot write", e))?;
+            // manifest.bin last: its presence means the directory is complete.
+            write_atomic(&dir.manifest_bin(), bytes).map_err(|e| io("cannot write", e))?;
+        }
+        Err(e) => return Err(io("cannot read", e)),
+    }
+    if dir.has_receipt() {
+        let mut full = ChunkSet::new(manifest.chunk_count());
+        for i in 0..manifest.chunk_count() {
+            full.insert(i);
+        }
+        return Ok(full);
+    }
+    dir.load_state(manifest.chunk_count()).or_else(|e| {
+        // A state file we cannot trust is discarded: the chunks are simply received again.
+        warn!(error = %e, "discarding the transfer state");
+        Ok(ChunkSet::new(manifest.chunk_count()))
+    })
+}
+
+/// Receives one chunk stream.
+async fn data_stream(gw: Arc<Gateway>, mut recv: quinn::RecvStream) {
+    if let Err(e) = receive_chunk(&gw, &mut recv).await {
+        debug!(error = %e, "chunk stream ended early");
+        let _ = recv.stop(STOP_UNWANTED.into());
+    }
+}
+
+async fn receive_chunk(gw: &Arc<Gateway>, recv: &mut quinn::RecvStream) -> Result<(), LinkError> {
+    let mut raw = [0u8; ChunkHeader::LEN];
+    recv.read_exact(&mut raw).await?;
+    let header = ChunkHeader::decode(&raw)?;
+    let Some(active) = gw
+        .active
+        .lock()
+        .expect("registry lock poisoned")
+        .get(&header.transfer_id)
+        .cloned()
+    else {
+        return Err(LinkError::Lost(format!(
+            "no active transfer {}",
+            header.transfer_id
+        )));
+    };
+    let loc = {
+        let res = active
+            .receiver
+            .lock()
+            .expect("receiver lock poisoned")
+            .chunk_header(&header);
+        match res {
+            Ok(loc) => loc,
+            Err(e) => {
+                active.wake.notify_one();
+                return Err(e.into());
+            }
+        }
+    };
+    let Some(file) = active.files.get(loc.file).and_then(Option::as_ref) else {
+        return Err(LinkError::Lost(format!(
+            "file {} of transfer {} is already final",
+            loc.file, header.transfer_id
+        )));
+    };
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut writes = tokio::task::JoinSet::new();
+    let mut offset = loc.offset;
+    let mut remaining = loc.len as usize;
+    let mut buf = gw.spool.buffer().await;
+    while remaining > 0 {
+        let room = buf.remaining().min(remaining);
+        let Some(chunk) = recv.read_chunk(room, true).await? else {
+            return Err(LinkError::Lost(format!(
+                "chunk {} stream ended short",
+                header.index
+            )));
+        };
+        hasher.update(&chunk.bytes);
+        let copied = buf.fill_from(&chunk.bytes);
+        debug_assert_eq!(
+            copied,
+            chunk.bytes.len(),
+            "read no more than the buffer's room"
+        );
+        remaining -= chunk.bytes.len();
+        if buf.is_full() || remaining == 0 {
+            if active.cancelled() {
+                return Err(LinkError::Lost("transfer taken over".into()));
+            }
+            let next = if remaining > 0 {
+                gw.spool.buffer().await
+            } else {
+                // The last piece: no further buffer is needed, so take none from the pool.
+                let full = buf;
+                let at = offset;
+                let spool = gw.spool.clone();
+                let file = file.clone();
+                writes.spawn(async move { spool.write_at(&file, at, full).await.map(drop) });
+                break;
+            };
+            let full = std::mem::replace(&mut buf, next);
+            let at = offset;
+            offset += full.len() as u64;
+            let spool = gw.spool.clone();
+            let file = file.clone();
+            writes.spawn(async move { spool.write_at(&file, at, full).await.map(drop) });
+        }
+    }
+    // Nothing may follow the chunk's bytes on its stream.
+    if recv.read_chunk(1, true).await?.is_some() {
+        return Err(ProtoError::TrailingBytes {
+            what: "chunk stream",
+            count: 1,
+        }
+        .into());
+    }
+    while let Some(res) = writes.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "spool write failed");
+                return Err(LinkError::Lost(format!("spool write failed: {e}")));
+            }
+            Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}"))),
+        }
+    }
+    let digest: [u8; 32] = hasher
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes");
+    let good = active.manifest.chunk_digests.get(header.index as usize) == Some(&digest);
+    active
+        .receiver
+        .lock()
+        .expect("receiver lock poisoned")
+        .chunk_received(header.index, digest);
+    active.wake.notify_one();
+    metrics::counter!("baylink_bytes_total", "direction" => "received")
+        .increment(u64::from(loc.len));
+    if good {
+        let due = {
+            let mut u = active.unsynced.lock().expect("unsynced lock poisoned");
+            u.0.push(header.index);
+            u.1 += u64::from(loc.len);
+            u.1 >= CHECKPOINT_BYTES
+        };
+        if due {
+            let gw = gw.clone();
+            let active = active.clone();
+            tokio::spawn(async move {
+                if let Err(e) = checkpoint(&gw, &active).await {
+                    warn!(error = %e, "checkpoint failed");
+                }
+            });
+        }
+    } else {
+        metrics::counter!("baylink_chunk_retransmits_total").increment(1);
+    }
+    Ok(())
+}
+
+/// fsyncs the files and records the verified chunks as durable.
+async fn checkpoint(gw: &Gateway, a: &Active) -> anyhow::Result<()> {
+    let mut durable = a.progress.lock().await;
+    let (pending, _) = std::mem::take(&mut *a.unsynced.lock().expect("unsynced lock poisoned"));
+    if pending.is_empty() {
+        return Ok(());
+    }
+    for f in a.files.iter().flatten() {
+        gw.spool.sync(f).await?;
+    }
+    for i in pending {
+        durable.set.insert(i);
+    }
+    let dir = a.dir.clone();
+    let set = durable.set.clone();
+    tokio::task::spawn_blocking(move || dir.store_state(&set)).await??;
+    Ok(())
+}
+
+/// Makes the transfer whole and final, then signs the receipt.
+async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
+    if a.dir.has_receipt() {
+        let receipt = tokio::fs::read(a.dir.receipt_bin()).await?;
+        let sig = tokio::fs::read(a.dir.receipt_sig()).await?;
+        return Ok((receipt.into(), sig.into()));
+    }
+    checkpoint(gw, a).await?;
+    {
+        let durable = a.progress.lock().await;
+        anyhow::ensure!(
+            durable.set.is_full(),
+            "commit requested with {} of {} chunks durable",
+            durable.set.count(),
+            a.manifest.chunk_count()
+        );
+    }
+    for f in &a.manifest.files {
+        let part = a.dir.part_file(&f.name);
+        let fin = a.dir.data_file(&f.name);
+        if tokio::fs::try_exists(&part).await? {
+            let len = tokio::fs::metadata(&part).await?.len();
+            anyhow::ensure!(
+                len >= f.size,
+                "{} is shorter than the manifest says",
+                part.display()
+            );
+            if len > f.size {
+                let part2 = part.clone();
+                let size = f.size;
+                tokio::task::spawn_blocking(move || {
+                    let file = std::fs::OpenOptions::new().write(true).open(&part2)?;
+                    file.set_len(size)?;
+                    file.sync_all()
+                })
+                .await??;
+            }
+            gw.spool.commit_rename(&part, &fin).await?;
+        } else {
+            anyhow::ensure!(
+                tokio::fs::try_exists(&fin).await?,
+                "{} is missing",
+                fin.display()
+            );
+        }
+    }
+    let committed_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let receipt = Receipt {
+        transfer_id: a.manifest.transfer_id,
+        merkle_root: a.manifest.merkle_root,
+        manifest_digest: a.manifest.digest(),
+        receiver: gw.id.clone(),
+        committed_unix_ms,
+    }
+    .to_bytes();
+    let sig = gw.keys.sign(RECEIPT_CONTEXT, &receipt).await?;
+    let dir = a.dir.clone();
+    let (r2, s2) = (receipt.clone(), sig.clone());
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        write_atomic(&dir.receipt_bin(), &r2)?;
+        // The receipt signature is the commit point.
+        write_atomic(&dir.receipt_sig(), &s2)
+    })
+    .await??;
+    info!(transfer = %a.manifest.transfer_id, bytes = a.manifest.total_bytes(), "committed");
+    metrics::counter!("baylink_transfers_total", "stage" => "committed", "outcome" => "ok")
+        .increment(1);
+    gw.committed.push(a.manifest.transfer_id);
+    Ok((receipt.into(), sig.into()))
+}
+
+/// Removes a failed transfer's spool directory: nothing of it is ever delivered.
+async fn discard(a: &Active) {
+    if a.dir.has_receipt() {
+        return;
+    }
+    let _ = a.cancel.send(true);
+    if let Err(e) = tokio::fs::remove_dir_all(a.dir.root()).await {
+        warn!(error = %e, "cannot remove the failed transfer's spool directory");
+    }
+}
+
+fn release(gw: &Gateway, a: &Arc<Active>) {
+    let mut map = gw.active.lock().expect("registry lock poisoned");
+    if map
+        .get(&a.manifest.transfer_id)
+        .is_some_and(|cur| Arc::ptr_eq(cur, a))
+    {
+        map.remove(&a.manifest.transfer_id);
+    }
+    drop(map);
+    let _ = a.done.send(true);
+}

@@ -1,0 +1,250 @@
+//! Edge side: offer a sealed transfer, send the chunks the gateway lacks, take the receipt.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+
+use baylink_net::proto::{
+    ChunkHeader, Frame, Limits, Manifest, ProtoError, Sender, SenderAction, SenderConfig,
+};
+use baylink_net::spool::{Spool, SpoolFile};
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::{FrameWriter, LinkError, spawn_frame_reader};
+
+/// A sealed transfer ready to send: manifest, signature and the spool files to read.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// The manifest.
+    pub manifest: Arc<Manifest>,
+    /// Its canonical bytes (what was signed).
+    pub manifest_bytes: Bytes,
+    /// The edge HSM's signature over them.
+    pub signature: Bytes,
+    /// One open spool file per manifest file, in manifest order.
+    pub files: Arc<Vec<Arc<SpoolFile>>>,
+}
+
+/// How one attempt ended well.
+#[derive(Debug)]
+pub struct Delivered {
+    /// The gateway's receipt, canonical bytes.
+    pub receipt: Bytes,
+    /// The gateway HSM's signature over it.
+    pub signature: Bytes,
+}
+
+/// How one attempt ended badly.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The link went away; the transfer can resume on a new connection.
+    #[error("{0}")]
+    Link(#[from] LinkError),
+    /// The gateway refused the transfer: final.
+    #[error("gateway refused: {0}")]
+    Refused(String),
+    /// A spool chunk could not be read (disk fault or truncation): final.
+    #[error("spool: {0}")]
+    Spool(String),
+}
+
+/// Figures of a send across all its attempts.
+#[derive(Debug)]
+pub struct SendStats {
+    /// Chunk payload bytes written to the link.
+    pub wire_bytes: AtomicU64,
+    /// Chunk latency in microseconds: chunk stream opened → gateway's `ChunkOk`.
+    pub chunk_latency_us: Mutex<Histogram<u64>>,
+}
+
+impl Default for SendStats {
+    fn default() -> Self {
+        SendStats {
+            wire_bytes: AtomicU64::new(0),
+            chunk_latency_us: Mutex::new(
+                Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid"),
+            ),
+        }
+    }
+}
+
+impl SendStats {
+    /// Chunk payload bytes sent so far.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Progress of a send, observed by the caller (progress bar, metrics).
+pub trait Progress: Send + Sync {
+    /// The gateway confirmed `bytes` more payload bytes as verified.
+    fn confirmed(&self, bytes: u64);
+    /// The gateway's have-list says `bytes` were already there.
+    fn already_there(&self, bytes: u64);
+}
+
+enum ChunkEvent {
+    Written(u32),
+    Failed(u32, SendError),
+}
+
+/// Runs one attempt of sending `out` on `conn`.
+pub async fn run(
+    conn: &quinn::Connection,
+    spool: &Spool,
+    out: &Outgoing,
+    cfg: SenderConfig,
+    our_id: &str,
+    progress: &dyn Progress,
+    stats: &Arc<SendStats>,
+) -> Result<Delivered, SendError> {
+    let (send, recv) = conn.open_bi().await.map_err(LinkError::from)?;
+    let mut writer = FrameWriter::new(send);
+    let mut frames = spawn_frame_reader(recv, Limits::default());
+    writer
+        .send(&Frame::Hello {
+            version: baylink_net::proto::PROTOCOL_VERSION,
+            appliance_id: our_id.to_owned(),
+        })
+        .await?;
+
+    let sender = Arc::new(Mutex::new(Sender::new(
+        out.manifest.clone(),
+        out.manifest_bytes.clone(),
+        out.signature.clone(),
+        cfg,
+    )));
+    let (events_tx, mut events) = mpsc::unbounded_channel::<ChunkEvent>();
+    let chunk_len = |index: u32| out.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
+    let mut have_seen = false;
+    let mut started: HashMap<u32, Instant> = HashMap::new();
+
+    loop {
+        // Act on everything the state machine wants done now.
+        loop {
+            let action = sender.lock().expect("sender lock poisoned").poll_action();
+            let Some(action) = action else { break };
+            match action {
+                SenderAction::SendFrame(frame) => writer.send(&frame).await?,
+                SenderAction::SendChunk { index } => {
+                    let conn = conn.clone();
+                    let spool = spool.clone();
+                    let out = out.clone();
+                    let tx = events_tx.clone();
+                    let stats = stats.clone();
+                    started.insert(index, Instant::now());
+                    tokio::spawn(async move {
+                        let ev =
+                            match send_chunk(&conn, &spool, &out, index, &stats.wire_bytes).await {
+                                Ok(()) => ChunkEvent::Written(index),
+                                Err(e) => ChunkEvent::Failed(index, e),
+                            };
+                        let _ = tx.send(ev);
+                    });
+                }
+                SenderAction::Done { receipt, signature } => {
+                    writer.finish();
+                    return Ok(Delivered { receipt, signature });
+                }
+                SenderAction::Failed(e) => return Err(refusal(e)),
+            }
+        }
+
+        tokio::select! {
+            frame = frames.recv() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => return Err(LinkError::Lost("control stream reader ended".into()).into()),
+                };
+                match &frame {
+                    Frame::ChunkOk { index } => {
+                        progress.confirmed(chunk_len(*index));
+                        if let Some(t) = started.remove(index) {
+                            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                            let _ = stats.chunk_latency_us.lock().expect("stats lock poisoned").record(us);
+                        }
+                    }
+                    Frame::Have { have, .. } if !have_seen => {
+                        have_seen = true;
+                        if let Ok(set) = baylink_net::proto::ChunkSet::from_bytes(out.manifest.chunk_count(), have) {
+                            let bytes: u64 = (0..out.manifest.chunk_count()).filter(|i| set.contains(*i)).map(chunk_len).sum();
+                            progress.already_there(bytes);
+                        }
+                    }
+                    Frame::Error { code, text } => {
+                        debug!(?code, %text, "gateway sent an error frame");
+                    }
+                    _ => {}
+                }
+                sender.lock().expect("sender lock poisoned").handle_frame(frame).map_err(refusal)?;
+            }
+            ev = events.recv() => {
+                match ev.expect("we hold a sender half") {
+                    ChunkEvent::Written(i) => sender.lock().expect("sender lock poisoned").chunk_written(i),
+                    ChunkEvent::Failed(i, SendError::Link(e)) => {
+                        warn!(chunk = i, error = %e, "chunk stream failed");
+                        return Err(SendError::Link(e));
+                    }
+                    ChunkEvent::Failed(_, e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+/// A failure reported by the state machine: an error frame from the gateway is a refusal.
+fn refusal(e: ProtoError) -> SendError {
+    SendError::Refused(e.to_string())
+}
+
+async fn send_chunk(
+    conn: &quinn::Connection,
+    spool: &Spool,
+    out: &Outgoing,
+    index: u32,
+    wire_bytes: &AtomicU64,
+) -> Result<(), SendError> {
+    let loc = out
+        .manifest
+        .chunk(index)
+        .ok_or_else(|| SendError::Spool(format!("chunk {index} is not in the manifest")))?;
+    let header = ChunkHeader {
+        transfer_id: out.manifest.transfer_id,
+        index,
+        len: loc.len,
+    };
+    let file = &out.files[loc.file];
+    let mut stream = conn.open_uni().await.map_err(LinkError::from)?;
+    stream
+        .write_all(&header.encode())
+        .await
+        .map_err(LinkError::from)?;
+    let mut offset = loc.offset;
+    let end = loc.offset + u64::from(loc.len);
+    while offset < end {
+        let buf = spool.buffer().await;
+        let want = usize::try_from((end - offset).min(buf.capacity() as u64))
+            .expect("bounded by the buffer size");
+        let buf = spool
+            .read_at(file, offset, buf, want)
+            .await
+            .map_err(|e| SendError::Spool(format!("cannot read chunk {index}: {e}")))?;
+        if buf.len() != want {
+            return Err(SendError::Spool(format!(
+                "{} is shorter than its manifest says (chunk {index})",
+                file.path().display()
+            )));
+        }
+        stream.write_all(&buf).await.map_err(LinkError::from)?;
+        wire_bytes.fetch_add(want as u64, Ordering::Relaxed);
+        offset += want as u64;
+    }
+    stream.finish().map_err(LinkError::from)?;
+    Ok(())
+}

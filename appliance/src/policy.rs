@@ -1,0 +1,404 @@
+//! The compliance checkpoint: is this declaration allowed to cross?
+//!
+//! Loaded once from the config into types. Every decision is either allow (naming the consent
+//! record that allows it) or refuse, naming the rule that refused, so the hospital, the
+//! operator and the audit log all see the same reason.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use baylink_net::proto::Digest;
+use serde::{Deserialize, Serialize};
+
+use crate::config::PolicySection;
+
+/// What an upload states about itself (the compliance declaration).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Declaration {
+    /// The patient the data belongs to.
+    pub patient_id: String,
+    /// Data category, e.g. `diagnostic-image`.
+    pub category: String,
+    /// Purpose of the transfer, e.g. `care`.
+    pub purpose: String,
+    /// Destination system, e.g. `hk-ehealth`.
+    pub destination: String,
+    /// The consent record the sender relies on, if it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_ref: Option<String>,
+}
+
+impl Declaration {
+    /// SHA-256 over the canonical JSON of the declaration (fields in declaration order).
+    pub fn digest(&self) -> Digest {
+        let json = serde_json::to_vec(self).expect("a declaration always serialises");
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &json);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        out
+    }
+}
+
+/// One consent record: a patient's authorisation.
+#[derive(Debug, Clone)]
+pub struct Consent {
+    /// Patient identifier.
+    pub patient_id: String,
+    /// Identifier of the consent record.
+    pub reference: String,
+    /// Allowed categories; `*` allows all.
+    pub categories: Vec<String>,
+    /// Allowed purposes; `*` allows all.
+    pub purposes: Vec<String>,
+    /// Allowed destinations; `*` allows all.
+    pub destinations: Vec<String>,
+    /// Start of validity.
+    pub valid_from: SystemTime,
+    /// End of validity.
+    pub valid_until: SystemTime,
+    /// SHA-256 of the consent evidence (the signed form), hex.
+    pub evidence_sha256: String,
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the named consent record.
+    Allow {
+        /// The consent record's reference.
+        consent_ref: String,
+    },
+    /// Refused.
+    Refuse(Refusal),
+}
+
+/// Why a declaration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct Refusal {
+    /// Machine-readable rule name, e.g. `consent-missing`.
+    pub rule: &'static str,
+    /// One line for people, e.g. `no consent for patient P-0099`.
+    pub reason: String,
+}
+
+/// A policy that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The consent registry could not be read.
+    #[error("cannot read consent registry {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The consent registry is not valid.
+    #[error("consent registry {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the record.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    #[serde(default)]
+    consent: Vec<RawConsent>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsent {
+    patient_id: String,
+    reference: String,
+    categories: Vec<String>,
+    purposes: Vec<String>,
+    destinations: Vec<String>,
+    valid_from: String,
+    valid_until: String,
+    evidence_sha256: String,
+}
+
+/// The loaded policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    consents: HashMap<String, Vec<Consent>>,
+    negative_list: HashSet<String>,
+}
+
+impl Policy {
+    /// Loads the policy named by the config.
+    pub fn load(section: &PolicySection) -> Result<Policy, PolicyError> {
+        let mut policy = Policy {
+            consents: HashMap::new(),
+            negative_list: section.negative_list.iter().cloned().collect(),
+        };
+        if let Some(path) = &section.consents {
+            let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            for c in parse_registry(path, &text)? {
+                policy
+                    .consents
+                    .entry(c.patient_id.clone())
+                    .or_default()
+                    .push(c);
+            }
+        }
+        Ok(policy)
+    }
+
+    /// Checks a declaration at time `now`.
+    pub fn check(&self, d: &Declaration, now: SystemTime) -> Decision {
+        let refuse = |rule, reason: String| Decision::Refuse(Refusal { rule, reason });
+        for (what, value) in [("category", &d.category), ("purpose", &d.purpose)] {
+            if self.negative_list.contains(value) {
+                return refuse(
+                    "negative-list",
+                    format!("{what} {value} is on the negative list"),
+                );
+            }
+        }
+        let Some(records) = self.consents.get(&d.patient_id) else {
+            return refuse(
+                "consent-missing",
+                format!("no consent for patient {}", d.patient_id),
+            );
+        };
+        // Report the most specific reason among the patient's records.
+        let mut last = None;
+        for c in records {
+            if let Some(r) = &d.consent_ref
+                && r != &c.reference
+            {
+                last.get_or_insert((
+                    "consent-ref",
+                    format!("no consent record {r} for patient {}", d.patient_id),
+                ));
+                continue;
+            }
+            let outcome = if now < c.valid_from {
+                Some((
+                    "consent-not-yet-valid",
+                    format!("consent {} is not yet valid", c.reference),
+                ))
+            } else if now > c.valid_until {
+                Some((
+                    "consent-expired",
+                    format!("consent {} has expired", c.reference),
+                ))
+            } else if !allows(&c.categories, &d.category) {
+                Some((
+                    "consent-category",
+                    format!(
+                        "consent {} does not cover category {}",
+                        c.reference, d.category
+                    ),
+                ))
+            } else if !allows(&c.purposes, &d.purpose) {
+                Some((
+                    "consent-purpose",
+                    format!(
+                        "consent {} does not cover purpose {}",
+                        c.reference, d.purpose
+                    ),
+                ))
+            } else if !allows(&c.destinations, &d.destination) {
+                Some((
+                    "consent-destination",
+                    format!(
+                        "consent {} does not cover destination {}",
+                        c.reference, d.destination
+                    ),
+                ))
+            } else {
+                None
+            };
+            match outcome {
+                None => {
+                    return Decision::Allow {
+                        consent_ref: c.reference.clone(),
+                    };
+                }
+                Some(o) => last = Some(o),
+            }
+        }
+        let (rule, reason) = last.expect("a patient in the map has at least one record");
+        refuse(rule, reason)
+    }
+}
+
+fn allows(list: &[String], value: &str) -> bool {
+    list.iter().any(|v| v == "*" || v == value)
+}
+
+fn parse_registry(path: &Path, text: &str) -> Result<Vec<Consent>, PolicyError> {
+    let err = |message: String| PolicyError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    let raw: RawRegistry = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+    raw.consent
+        .into_iter()
+        .map(|c| {
+            let time = |field: &str, s: &str| {
+                humantime::parse_rfc3339_weak(s)
+                    .map_err(|e| err(format!("consent {}: {field} `{s}`: {e}", c.reference)))
+            };
+            let valid_from = time("valid_from", &c.valid_from)?;
+            let valid_until = time("valid_until", &c.valid_until)?;
+            if valid_until < valid_from {
+                return Err(err(format!(
+                    "consent {}: valid_until is before valid_from",
+                    c.reference
+                )));
+            }
+            if c.evidence_sha256.len() != 64
+                || !c.evidence_sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(err(format!(
+                    "consent {}: evidence_sha256 is not 64 hex digits",
+                    c.reference
+                )));
+            }
+            if c.patient_id.is_empty() || c.reference.is_empty() {
+                return Err(err(
+                    "a consent record has an empty patient_id or reference".into()
+                ));
+            }
+            Ok(Consent {
+                patient_id: c.patient_id,
+                reference: c.reference,
+                categories: c.categories,
+                purposes: c.purposes,
+                destinations: c.destinations,
+                valid_from,
+                valid_until,
+                evidence_sha256: c.evidence_sha256,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const REGISTRY: &str = r#"
+[[consent]]
+patient_id = "P-0001"
+reference = "C-1"
+categories = ["diagnostic-image", "laboratory-report"]
+purposes = ["care"]
+destinations = ["hk-ehealth"]
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2026-12-31T00:00:00Z"
+evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+"#;
+
+    fn policy() -> Policy {
+        let mut p = Policy {
+            negative_list: ["genetic-data".to_owned()].into(),
+            ..Policy::default()
+        };
+        for c in parse_registry(Path::new("c.toml"), REGISTRY).unwrap() {
+            p.consents.entry(c.patient_id.clone()).or_default().push(c);
+        }
+        p
+    }
+
+    fn decl() -> Declaration {
+        Declaration {
+            patient_id: "P-0001".into(),
+            category: "diagnostic-image".into(),
+            purpose: "care".into(),
+            destination: "hk-ehealth".into(),
+            consent_ref: None,
+        }
+    }
+
+    fn at(s: &str) -> SystemTime {
+        humantime::parse_rfc3339(s).unwrap()
+    }
+
+    fn rule(d: Decision) -> &'static str {
+        match d {
+            Decision::Allow { .. } => "allow",
+            Decision::Refuse(r) => r.rule,
+        }
+    }
+
+    #[test]
+    fn each_rule_refuses_by_name() {
+        let p = policy();
+        let mid = at("2026-06-01T00:00:00Z");
+        assert_eq!(rule(p.check(&decl(), mid)), "allow");
+        assert_eq!(
+            rule(p.check(&decl(), at("2025-06-01T00:00:00Z"))),
+            "consent-not-yet-valid"
+        );
+        assert_eq!(
+            rule(p.check(&decl(), mid + Duration::from_secs(365 * 86400))),
+            "consent-expired"
+        );
+        let d = Declaration {
+            patient_id: "P-0099".into(),
+            ..decl()
+        };
+        match p.check(&d, mid) {
+            Decision::Refuse(r) => assert_eq!(r.reason, "no consent for patient P-0099"),
+            other => panic!("{other:?}"),
+        }
+        let d = Declaration {
+            category: "genetic-data".into(),
+            ..decl()
+        };
+        assert_eq!(rule(p.check(&d, mid)), "negative-list");
+        let d = Declaration {
+            category: "clinical-note".into(),
+            ..decl()
+        };
+        assert_eq!(rule(p.check(&d, mid)), "consent-category");
+        let d = Declaration {
+            purpose: "research".into(),
+            ..decl()
+        };
+        assert_eq!(rule(p.check(&d, mid)), "consent-purpose");
+        let d = Declaration {
+            destination: "elsewhere".into(),
+            ..decl()
+        };
+        assert_eq!(rule(p.check(&d, mid)), "consent-destination");
+        let d = Declaration {
+            consent_ref: Some("C-9".into()),
+            ..decl()
+        };
+        assert_eq!(rule(p.check(&d, mid)), "consent-ref");
+    }
+
+    #[test]
+    fn digest_is_stable_and_field_sensitive() {
+        assert_eq!(decl().digest(), decl().digest());
+        let d = Declaration {
+            purpose: "research".into(),
+            ..decl()
+        };
+        assert_ne!(decl().digest(), d.digest());
+    }
+
+    #[test]
+    fn bad_registry_names_the_record() {
+        let bad = REGISTRY.replace("2026-12-31T00:00:00Z", "tomorrow");
+        let e = parse_registry(Path::new("c.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("consent C-1: valid_until"), "{e}");
+    }
+}

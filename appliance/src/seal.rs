@@ -1,0 +1,225 @@
+//! Edge sealing: payload into the spool (hashed on the way), manifest, HSM signature.
+//!
+//! A transfer is *sealed* once `manifest.bin` exists in its spool directory: the payload is
+//! durable under `data/`, the manifest lists every chunk digest and the Merkle root, and
+//! `manifest.sig` holds the edge HSM's signature. A sealed transfer can always be (re)sent from
+//! the spool alone, which is what `send --resume` and the edge's start-up recovery do.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use baylink_net::proto::{
+    ChunkHasher, Limits, Manifest, ManifestBuilder, TransferId, validate_file_name,
+};
+use baylink_net::spool::Spool;
+use bytes::Bytes;
+
+use crate::link::send::Outgoing;
+use crate::policy::Declaration;
+use crate::signing::{Keys, MANIFEST_CONTEXT};
+use crate::transfer_dir::{TransferDir, write_atomic};
+
+/// Observes sealing progress (bytes copied into the spool).
+pub trait SealProgress: Send + Sync {
+    /// `bytes` more payload bytes are in the spool.
+    fn copied(&self, bytes: u64);
+}
+
+/// What to seal.
+#[derive(Debug)]
+pub struct SealJob<'a> {
+    /// The new transfer's id.
+    pub id: TransferId,
+    /// This appliance's id (the manifest's sender).
+    pub sender: &'a str,
+    /// The checked declaration.
+    pub declaration: &'a Declaration,
+    /// The source files.
+    pub files: &'a [PathBuf],
+    /// Chunk size in bytes.
+    pub chunk_size: u32,
+}
+
+/// Copies the job's files into the spool, hashing every byte once, then signs the manifest
+/// in the HSM.
+pub async fn seal_files(
+    spool: &Spool,
+    dir: &TransferDir,
+    job: &SealJob<'_>,
+    keys: &Keys,
+    progress: &dyn SealProgress,
+) -> anyhow::Result<Outgoing> {
+    let SealJob {
+        id,
+        sender,
+        declaration,
+        files,
+        chunk_size,
+    } = *job;
+    if files.is_empty() {
+        bail!("nothing to send: give at least one file");
+    }
+    let mut names = std::collections::HashSet::new();
+    let mut planned = Vec::new();
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} has no usable file name", path.display()))?;
+        validate_file_name(name).with_context(|| format!("file name {name:?}"))?;
+        if !names.insert(name.to_owned()) {
+            bail!("two files are named {name:?}; names must be unique within a transfer");
+        }
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if !meta.is_file() {
+            bail!("{} is not a regular file", path.display());
+        }
+        planned.push((path.clone(), name.to_owned()));
+    }
+
+    dir.create()
+        .with_context(|| format!("cannot create {}", dir.root().display()))?;
+    let declaration_json = serde_json::to_vec_pretty(declaration)?;
+    write_atomic(&dir.declaration(), &declaration_json)?;
+
+    let mut builder = ManifestBuilder::new(id, sender.to_owned(), declaration.digest(), chunk_size);
+    for (src, name) in &planned {
+        let (size, digests) = copy_hashed(spool, src, &dir.data_file(name), chunk_size, progress)
+            .await
+            .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
+        builder.add_file(name.clone(), size, digests)?;
+    }
+    let created_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let manifest = builder.finish(created_unix_ms)?;
+    let bytes = manifest.to_bytes();
+    let signature = keys
+        .sign(MANIFEST_CONTEXT, &bytes)
+        .await
+        .context("cannot sign the manifest")?;
+
+    write_atomic(&dir.manifest_sig(), &signature)?;
+    write_atomic(&dir.manifest_json(), &serde_json::to_vec_pretty(&manifest)?)?;
+    // manifest.bin last: its presence marks the transfer as sealed.
+    write_atomic(&dir.manifest_bin(), &bytes)?;
+    metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "ok")
+        .increment(1);
+    open_outgoing(
+        spool,
+        dir,
+        Arc::new(manifest),
+        bytes.into(),
+        signature.into(),
+    )
+    .await
+}
+
+/// Loads a sealed transfer from the spool (for `--resume` and recovery).
+pub async fn load_sealed(spool: &Spool, dir: &TransferDir) -> anyhow::Result<Outgoing> {
+    let bytes = std::fs::read(dir.manifest_bin()).with_context(|| {
+        format!(
+            "{} is not a sealed transfer (no manifest.bin)",
+            dir.root().display()
+        )
+    })?;
+    let signature = std::fs::read(dir.manifest_sig())
+        .with_context(|| format!("cannot read {}", dir.manifest_sig().display()))?;
+    let manifest = Manifest::from_bytes(&bytes, &Limits::default())
+        .with_context(|| format!("{} is not a valid manifest", dir.manifest_bin().display()))?;
+    open_outgoing(
+        spool,
+        dir,
+        Arc::new(manifest),
+        bytes.into(),
+        signature.into(),
+    )
+    .await
+}
+
+/// Loads the declaration stored with a sealed transfer.
+pub fn load_declaration(dir: &TransferDir) -> anyhow::Result<Declaration> {
+    let text = std::fs::read(dir.declaration())
+        .with_context(|| format!("cannot read {}", dir.declaration().display()))?;
+    serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a declaration", dir.declaration().display()))
+}
+
+async fn open_outgoing(
+    spool: &Spool,
+    dir: &TransferDir,
+    manifest: Arc<Manifest>,
+    manifest_bytes: Bytes,
+    signature: Bytes,
+) -> anyhow::Result<Outgoing> {
+    let mut files = Vec::with_capacity(manifest.files.len());
+    for f in &manifest.files {
+        let path = dir.data_file(&f.name);
+        let len = std::fs::metadata(&path)
+            .with_context(|| format!("sealed payload {} is missing", path.display()))?
+            .len();
+        if len != f.size {
+            bail!(
+                "sealed payload {} has {len} bytes, its manifest says {}",
+                path.display(),
+                f.size
+            );
+        }
+        files.push(Arc::new(spool.open(&path).await?));
+    }
+    Ok(Outgoing {
+        manifest,
+        manifest_bytes,
+        signature,
+        files: Arc::new(files),
+    })
+}
+
+/// Copies `src` to `dst` through the io_uring spool, hashing chunk by chunk; fsyncs `dst`.
+async fn copy_hashed(
+    spool: &Spool,
+    src: &Path,
+    dst: &Path,
+    chunk_size: u32,
+    progress: &dyn SealProgress,
+) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
+    let input = spool.open(src).await?;
+    let output = Arc::new(spool.create(dst).await?);
+    let mut hasher = ChunkHasher::new(chunk_size);
+    let mut writes = tokio::task::JoinSet::new();
+    let mut offset = 0u64;
+    loop {
+        let buf = spool.buffer().await;
+        let want = buf.capacity();
+        let buf = spool.read_at(&input, offset, buf, want).await?;
+        let n = buf.len();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf);
+        let at = offset;
+        offset += n as u64;
+        let (spool2, out2) = (spool.clone(), output.clone());
+        writes.spawn(async move { spool2.write_at(&out2, at, buf).await.map(drop) });
+        while writes.len() > 8 {
+            writes.join_next().await.expect("set is not empty")??;
+        }
+        progress.copied(n as u64);
+        if n < want {
+            break;
+        }
+    }
+    while let Some(res) = writes.join_next().await {
+        res??;
+    }
+    spool.sync(&output).await?;
+    if let Ok(output) = Arc::try_unwrap(output) {
+        spool.close(output).await?;
+    }
+    spool.close(input).await?;
+    Ok((offset, hasher.finish()))
+}

@@ -1,0 +1,158 @@
+//! `baylink serve`: run the role named in the config until SIGTERM.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use baylink_net::proto::ReceiverConfig;
+use baylink_net::spool::{Spool, SpoolConfig};
+use baylink_net::transport::{self, TlsIdentity};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, DeliverySection, Role};
+use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
+use crate::edge::{Edge, SendRequest};
+use crate::link::receive::{Gateway, serve_connection};
+use crate::ops::{self, Health};
+use crate::signing::Keys;
+
+/// Runs the configured role until SIGTERM/SIGINT, then drains and returns.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let metrics = ops::install_metrics()?;
+    let health = Arc::new(Health::default());
+    let metrics_server = ops::bind_metrics(cfg.metrics_listen, metrics, health.clone()).await?;
+    tokio::spawn(metrics_server);
+    match cfg.role {
+        Role::Gateway => serve_gateway(cfg, health).await,
+        Role::Edge => serve_edge(cfg, health).await,
+    }
+}
+
+async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
+    let c = cfg.clone();
+    let keys = tokio::task::spawn_blocking(move || Keys::open(&c))
+        .await?
+        .context("hsm")?;
+    let spool = Spool::start(SpoolConfig::default())?;
+    std::fs::create_dir_all(&cfg.spool_dir)
+        .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
+
+    let target: Arc<dyn Deliver> = match cfg.delivery.clone().context("delivery is not set")? {
+        DeliverySection::Dir { path } => Arc::new(DirDelivery::new(path)),
+        DeliverySection::DicomWeb { url } => {
+            anyhow::bail!(
+                "delivery.kind = \"dicomweb\" ({url}) is not available in this version; use \"dir\""
+            )
+        }
+    };
+    let (queue, queue_rx) = DeliveryQueue::new();
+    for id in deliver::undelivered(&cfg.spool_dir) {
+        info!(transfer = %id, "delivering a transfer committed before the restart");
+        queue.push(id);
+    }
+    tokio::spawn(deliver::run_worker(
+        cfg.spool_dir.clone(),
+        target,
+        queue.clone(),
+        queue_rx,
+    ));
+
+    let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)?;
+    let ca = transport::load_ca(&cfg.tls.ca)?;
+    let listen = cfg
+        .transport
+        .listen
+        .context("transport.listen is not set")?;
+    let endpoint = transport::server_endpoint(listen, &ca, &identity, &cfg.link)
+        .with_context(|| format!("cannot listen on {listen} (transport.listen)"))?;
+    let gw = Arc::new(Gateway::new(
+        cfg.id.clone(),
+        cfg.spool_dir.clone(),
+        spool,
+        keys,
+        ReceiverConfig::default(),
+        queue.clone(),
+    ));
+
+    health.set_ready();
+    ops::notify_ready();
+    info!(%listen, role = "gateway", "serving");
+
+    let accept = {
+        let endpoint = endpoint.clone();
+        let gw = gw.clone();
+        async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let gw = gw.clone();
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(conn) => serve_connection(gw, conn).await,
+                        Err(e) => info!(error = %e, "handshake failed"),
+                    }
+                });
+            }
+        }
+    };
+    let signal = tokio::select! {
+        s = ops::shutdown_signal() => s?,
+        () = accept => anyhow::bail!("the QUIC endpoint stopped"),
+    };
+
+    info!(signal, "draining");
+    ops::notify_stopping();
+    health.set_not_ready();
+    gw.draining.store(true, Ordering::SeqCst);
+    endpoint.set_server_config(None);
+    let deadline = Instant::now() + cfg.drain_timeout;
+    while (gw.active_transfers() > 0 || queue.pending() > 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if gw.active_transfers() > 0 || queue.pending() > 0 {
+        warn!(
+            active = gw.active_transfers(),
+            undelivered = queue.pending(),
+            "drain timeout: open transfers stay in the spool and resume when the edge reconnects; \
+             undelivered ones are delivered at the next start"
+        );
+    }
+    endpoint.close(crate::link::CLOSE_SHUTDOWN.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let edge = Edge::start(cfg.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(&cfg.spool_dir)
+        .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
+    health.set_ready();
+    ops::notify_ready();
+    info!(role = "edge", "serving");
+
+    // Finish what was sealed but not confirmed before the last stop.
+    let resumer = {
+        let edge = edge.clone();
+        async move {
+            for id in edge.pending() {
+                info!(transfer = %id, "resuming a sealed transfer");
+                match edge
+                    .send(SendRequest::Resume(id), false, &Default::default())
+                    .await
+                {
+                    Ok(s) => info!(transfer = %id, wire_bytes = s.wire_bytes, "transfer receipted"),
+                    Err(e) => error!(transfer = %id, error = %e, "transfer not finished"),
+                }
+            }
+        }
+    };
+    tokio::spawn(resumer);
+    let signal = ops::shutdown_signal().await?;
+    info!(signal, "stopping");
+    ops::notify_stopping();
+    health.set_not_ready();
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! What the appliance signs and verifies, and with which keys.
+//!
+//! Every signed object is prefixed with a context string before signing, so a signature over
+//! a manifest can never be replayed as a receipt (or as an audit checkpoint) and vice versa.
+//! Signing happens only in the HSM: there is no software key and no way to skip verification.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Context;
+use baylink_hsm::{HsmConfig, PublicKey, Signer, Token};
+
+use crate::config::Config;
+
+/// Context of a manifest signature (edge HSM).
+pub const MANIFEST_CONTEXT: &[u8] = b"baylink/1 manifest\n";
+/// Context of a receipt signature (gateway HSM).
+pub const RECEIPT_CONTEXT: &[u8] = b"baylink/1 receipt\n";
+
+/// This appliance's HSM signer and the pinned key of its peer.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// Our HSM-held signing key.
+    pub signer: Signer,
+    /// The other appliance's public key (pinned in config).
+    pub peer: PublicKey,
+    /// The token (kept open for the lifetime of the keys).
+    pub token: Token,
+}
+
+/// The HSM settings of a config, with the PIN read from its file.
+pub fn hsm_config(cfg: &Config) -> anyhow::Result<HsmConfig> {
+    let pin = baylink_hsm::read_pin(&cfg.hsm.pin_file)?;
+    Ok(HsmConfig {
+        module: cfg.hsm.module.clone(),
+        token_label: cfg.hsm.token_label.clone(),
+        key_label: cfg.hsm.key_label.clone(),
+        pin,
+        sessions: cfg.hsm.sessions,
+    })
+}
+
+/// Reads a PEM public key from a file.
+pub fn load_public_key(path: &Path) -> anyhow::Result<PublicKey> {
+    let pem = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read peer key {}", path.display()))?;
+    PublicKey::from_pem(&pem).with_context(|| format!("peer key {}", path.display()))
+}
+
+impl Keys {
+    /// Opens the HSM and loads the peer key; fails closed on any problem.
+    pub fn open(cfg: &Config) -> anyhow::Result<Keys> {
+        let peer = load_public_key(&cfg.peer_signing_key)?;
+        let token = Token::open(&hsm_config(cfg)?)?;
+        let signer = token.signer()?;
+        Ok(Keys {
+            signer,
+            peer,
+            token,
+        })
+    }
+
+    /// Signs `body` under `context` in the HSM (on a blocking thread).
+    pub async fn sign(&self, context: &[u8], body: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let msg = [context, body].concat();
+        let started = Instant::now();
+        let sig = self.signer.sign_async(msg).await?;
+        metrics::histogram!("baylink_hsm_sign_seconds").record(started.elapsed().as_secs_f64());
+        Ok(sig.0.to_vec())
+    }
+
+    /// Verifies the peer's signature over `body` under `context`.
+    pub fn verify_peer(&self, context: &[u8], body: &[u8], signature: &[u8]) -> bool {
+        let msg = [context, body].concat();
+        self.peer.verify(&msg, signature).is_ok()
+    }
+}

@@ -1,0 +1,222 @@
+//! The on-disk record of one transfer in an appliance's spool: `spool/<id>/`.
+//!
+//! ```text
+//! spool/<id>/declaration.json   edge: what the sender declared
+//! spool/<id>/manifest.bin       canonical manifest bytes (what the edge's HSM signed)
+//! spool/<id>/manifest.sig       the edge's signature over it
+//! spool/<id>/manifest.json      the same manifest for people
+//! spool/<id>/data/<name>        edge: sealed payload; gateway: committed payload
+//! spool/<id>/data/<name>.part   gateway: payload being received
+//! spool/<id>/state              gateway: chunks that are verified and durable (versioned)
+//! spool/<id>/receipt.bin|.sig   gateway: the commit; edge: the verified receipt
+//! spool/<id>/delivered          gateway: delivery finished
+//! ```
+//!
+//! Small records are written atomically (temporary file, fsync, rename, directory fsync), so a
+//! crash leaves either the old record or the new one.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use baylink_net::proto::{ChunkSet, TransferId};
+
+/// Paths of one transfer's records.
+#[derive(Debug, Clone)]
+pub struct TransferDir {
+    root: PathBuf,
+}
+
+/// A state file that cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Could not read it.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The state file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// Read it, but it is not a valid state file for this transfer.
+    #[error("state file {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+const STATE_MAGIC: &[u8; 8] = b"BLSTATE\0";
+const STATE_VERSION: u16 = 1;
+
+impl TransferDir {
+    /// The directory of transfer `id` under `spool`.
+    pub fn new(spool: &Path, id: &TransferId) -> TransferDir {
+        TransferDir {
+            root: spool.join(id.to_string()),
+        }
+    }
+
+    /// `spool/<id>`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `declaration.json`.
+    pub fn declaration(&self) -> PathBuf {
+        self.root.join("declaration.json")
+    }
+    /// `manifest.bin`.
+    pub fn manifest_bin(&self) -> PathBuf {
+        self.root.join("manifest.bin")
+    }
+    /// `manifest.sig`.
+    pub fn manifest_sig(&self) -> PathBuf {
+        self.root.join("manifest.sig")
+    }
+    /// `manifest.json`.
+    pub fn manifest_json(&self) -> PathBuf {
+        self.root.join("manifest.json")
+    }
+    /// `data/`.
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    /// `data/<name>`. The name must have passed `validate_file_name`.
+    pub fn data_file(&self, name: &str) -> PathBuf {
+        self.data_dir().join(name)
+    }
+    /// `data/<name>.part`.
+    pub fn part_file(&self, name: &str) -> PathBuf {
+        self.data_dir().join(format!("{name}.part"))
+    }
+    /// `state`.
+    pub fn state(&self) -> PathBuf {
+        self.root.join("state")
+    }
+    /// `receipt.bin`.
+    pub fn receipt_bin(&self) -> PathBuf {
+        self.root.join("receipt.bin")
+    }
+    /// `receipt.sig`.
+    pub fn receipt_sig(&self) -> PathBuf {
+        self.root.join("receipt.sig")
+    }
+    /// `delivered`.
+    pub fn delivered(&self) -> PathBuf {
+        self.root.join("delivered")
+    }
+
+    /// Creates `spool/<id>/data/`, durably.
+    pub fn create(&self) -> io::Result<()> {
+        fs::create_dir_all(self.data_dir())?;
+        sync_dir(&self.root)?;
+        if let Some(parent) = self.root.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+
+    /// Whether the receipt (the commit on the gateway, the confirmation on the edge) exists.
+    pub fn has_receipt(&self) -> bool {
+        self.receipt_sig().exists() && self.receipt_bin().exists()
+    }
+
+    /// Loads the durable chunk set; a missing file means nothing is durable yet.
+    pub fn load_state(&self, chunk_count: u32) -> Result<ChunkSet, StateError> {
+        let path = self.state();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ChunkSet::new(chunk_count)),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        let corrupt = |reason| StateError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        if bytes.len() < 8 + 2 + 4 + 32 {
+            return Err(corrupt("too short"));
+        }
+        let (body, digest) = bytes.split_at(bytes.len() - 32);
+        if aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, body).as_ref() != digest {
+            return Err(corrupt("checksum does not match"));
+        }
+        if &body[..8] != STATE_MAGIC {
+            return Err(corrupt("not a baylink state file"));
+        }
+        let version = u16::from_be_bytes([body[8], body[9]]);
+        if version != STATE_VERSION {
+            return Err(corrupt("unknown version"));
+        }
+        let count = u32::from_be_bytes([body[10], body[11], body[12], body[13]]);
+        if count != chunk_count {
+            return Err(corrupt("chunk count differs from the manifest"));
+        }
+        ChunkSet::from_bytes(chunk_count, &body[14..]).map_err(|_| corrupt("bad chunk bitmap"))
+    }
+
+    /// Stores the durable chunk set atomically.
+    pub fn store_state(&self, set: &ChunkSet) -> io::Result<()> {
+        let bitmap = set.to_bytes();
+        let mut out = Vec::with_capacity(14 + bitmap.len() + 32);
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&STATE_VERSION.to_be_bytes());
+        out.extend_from_slice(&set.len().to_be_bytes());
+        out.extend_from_slice(&bitmap);
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &out);
+        out.extend_from_slice(digest.as_ref());
+        write_atomic(&self.state(), &out)
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old content or the new, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// fsyncs a directory, making renames and creations in it durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_roundtrip_and_corruption_is_named() {
+        let spool = tempfile::tempdir().unwrap();
+        let id = TransferId::new_v7();
+        let dir = TransferDir::new(spool.path(), &id);
+        dir.create().unwrap();
+        assert_eq!(dir.load_state(10).unwrap().count(), 0);
+        let mut set = ChunkSet::new(10);
+        set.insert(3);
+        set.insert(9);
+        dir.store_state(&set).unwrap();
+        let back = dir.load_state(10).unwrap();
+        assert!(back.contains(3) && back.contains(9) && !back.contains(4));
+
+        let e = dir.load_state(11).unwrap_err();
+        assert!(e.to_string().contains("chunk count"), "{e}");
+
+        let mut bytes = fs::read(dir.state()).unwrap();
+        bytes[15] ^= 1;
+        fs::write(dir.state(), &bytes).unwrap();
+        let e = dir.load_state(10).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+    }
+}

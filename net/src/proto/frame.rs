@@ -1,0 +1,663 @@
+//! Control-stream frames and data-stream chunk headers.
+//!
+//! # Frame encoding (big-endian)
+//!
+//! ```text
+//! u8 type | u32 payload length | payload
+//!
+//! 0x01 Hello     u16 version | u16 len, appliance id
+//! 0x02 Offer     u32 len, manifest | u16 len, signature
+//! 0x03 Have      16 transfer id | u32 len, chunk bitmap
+//! 0x04 ChunkOk   u32 index
+//! 0x05 ChunkBad  u32 index | u16 len, reason
+//! 0x06 Receipt   u32 len, receipt | u16 len, signature
+//! 0x07 Error     u16 code | u16 len, text
+//! ```
+//!
+//! Texts are UTF-8 of at most [`Limits::max_text_len`] bytes. A payload must
+//! be consumed exactly. An unknown type, an over-long length, or a malformed
+//! payload fails the decoder for good: the control stream has lost framing
+//! and the transfer stops.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::wire::{Reader, put_bytes16, put_bytes32, put_str16};
+use super::{ChunkSet, ErrorCode, Limits, ProtoError, TransferId};
+
+/// Bytes before a frame's payload: the type byte and the `u32` length.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+const HELLO: u8 = 0x01;
+const OFFER: u8 = 0x02;
+const HAVE: u8 = 0x03;
+const CHUNK_OK: u8 = 0x04;
+const CHUNK_BAD: u8 = 0x05;
+const RECEIPT: u8 = 0x06;
+const ERROR: u8 = 0x07;
+
+/// One control-stream message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Opens a connection: the protocol version and who is speaking.
+    Hello {
+        /// [`super::PROTOCOL_VERSION`] of the speaker.
+        version: u16,
+        /// The speaker's appliance id (informational; identity comes from
+        /// the mTLS certificate).
+        appliance_id: String,
+    },
+    /// Sender → receiver: the canonical manifest and the edge's signature.
+    Offer {
+        /// [`super::Manifest::to_bytes`].
+        manifest: Bytes,
+        /// The edge HSM's signature over `manifest`.
+        signature: Bytes,
+    },
+    /// Receiver → sender: the chunks the receiver already holds durably.
+    Have {
+        /// The transfer.
+        transfer_id: TransferId,
+        /// [`ChunkSet::to_bytes`] over the manifest's chunks.
+        have: Bytes,
+    },
+    /// Receiver → sender: chunk `index` arrived and matches its digest.
+    ChunkOk {
+        /// The chunk.
+        index: u32,
+    },
+    /// Receiver → sender: chunk `index` did not match; send it again.
+    ChunkBad {
+        /// The chunk.
+        index: u32,
+        /// Why, for logs.
+        reason: String,
+    },
+    /// Receiver → sender: the signed receipt; the transfer is committed.
+    Receipt {
+        /// [`super::Receipt::to_bytes`].
+        receipt: Bytes,
+        /// The gateway HSM's signature over `receipt`.
+        signature: Bytes,
+    },
+    /// Either way: the transfer stops.
+    Error {
+        /// Why, as a stable code.
+        code: ErrorCode,
+        /// Details for logs.
+        text: String,
+    },
+}
+
+impl Frame {
+    /// The frame type's name, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::Offer { .. } => "Offer",
+            Frame::Have { .. } => "Have",
+            Frame::ChunkOk { .. } => "ChunkOk",
+            Frame::ChunkBad { .. } => "ChunkBad",
+            Frame::Receipt { .. } => "Receipt",
+            Frame::Error { .. } => "Error",
+        }
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => HELLO,
+            Frame::Offer { .. } => OFFER,
+            Frame::Have { .. } => HAVE,
+            Frame::ChunkOk { .. } => CHUNK_OK,
+            Frame::ChunkBad { .. } => CHUNK_BAD,
+            Frame::Receipt { .. } => RECEIPT,
+            Frame::Error { .. } => ERROR,
+        }
+    }
+
+    /// A `Have` frame for `have`.
+    pub fn have(transfer_id: TransferId, have: &ChunkSet) -> Frame {
+        Frame::Have {
+            transfer_id,
+            have: have.to_bytes().into(),
+        }
+    }
+
+    /// The frame encoded on its own.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut buf = BytesMut::new();
+        encode(self, &mut buf);
+        buf.freeze()
+    }
+}
+
+/// Appends `frame` to `buf`. Never fails: a text longer than `u16::MAX`
+/// bytes is cut at a character boundary (the state machines keep theirs
+/// under [`super::MAX_SENT_TEXT_LEN`]), as is a signature; a manifest or
+/// receipt over 4 GiB is cut too (the peer will refuse it).
+pub fn encode(frame: &Frame, buf: &mut BytesMut) {
+    let start = buf.len();
+    buf.put_u8(frame.type_byte());
+    buf.put_u32(0);
+    match frame {
+        Frame::Hello {
+            version,
+            appliance_id,
+        } => {
+            buf.put_u16(*version);
+            put_str16(buf, appliance_id);
+        }
+        Frame::Offer {
+            manifest,
+            signature,
+        } => {
+            put_bytes32(buf, manifest);
+            put_bytes16(buf, signature);
+        }
+        Frame::Have { transfer_id, have } => {
+            buf.put_slice(&transfer_id.0);
+            put_bytes32(buf, have);
+        }
+        Frame::ChunkOk { index } => buf.put_u32(*index),
+        Frame::ChunkBad { index, reason } => {
+            buf.put_u32(*index);
+            put_str16(buf, reason);
+        }
+        Frame::Receipt { receipt, signature } => {
+            put_bytes32(buf, receipt);
+            put_bytes16(buf, signature);
+        }
+        Frame::Error { code, text } => {
+            buf.put_u16(code.to_u16());
+            put_str16(buf, text);
+        }
+    }
+    let len = u32::try_from(buf.len() - start - FRAME_HEADER_LEN).unwrap_or(u32::MAX);
+    buf[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+}
+
+/// Decodes frames from a control stream fed in pieces of any size.
+///
+/// ```
+/// use baylink_net::proto::{encode, Frame, FrameDecoder, Limits};
+/// let mut wire = bytes::BytesMut::new();
+/// encode(&Frame::ChunkOk { index: 7 }, &mut wire);
+/// let mut decoder = FrameDecoder::new(Limits::default());
+/// decoder.push(&wire[..3]);
+/// assert_eq!(decoder.next_frame().unwrap(), None);
+/// decoder.push(&wire[3..]);
+/// assert_eq!(decoder.next_frame().unwrap(), Some(Frame::ChunkOk { index: 7 }));
+/// ```
+#[derive(Debug)]
+pub struct FrameDecoder {
+    limits: Limits,
+    buf: BytesMut,
+    failed: Option<ProtoError>,
+}
+
+impl FrameDecoder {
+    /// A decoder enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            buf: BytesMut::new(),
+            failed: None,
+        }
+    }
+
+    /// Appends bytes read from the stream. Call [`FrameDecoder::next_frame`]
+    /// until it returns `Ok(None)` after each push: the decoder only holds
+    /// what it has been given, and a frame's announced length is checked
+    /// before any of its payload is waited for. Ignored once failed.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.failed.is_none() {
+            self.buf.extend_from_slice(data);
+        }
+    }
+
+    /// Bytes held that are not yet a whole frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next whole frame, `Ok(None)` if more bytes are needed, or the
+    /// error that broke the stream (returned again on every later call).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtoError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.decode_next().inspect_err(|e| {
+            self.failed = Some(e.clone());
+            self.buf = BytesMut::new();
+        })
+    }
+
+    fn decode_next(&mut self) -> Result<Option<Frame>, ProtoError> {
+        let Some(header) = self.buf.get(..FRAME_HEADER_LEN) else {
+            return Ok(None);
+        };
+        let kind = header[0];
+        if !(HELLO..=ERROR).contains(&kind) {
+            return Err(ProtoError::UnknownFrame(kind));
+        }
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+        if len > self.limits.max_frame_len {
+            return Err(ProtoError::FrameTooLong {
+                len,
+                max: self.limits.max_frame_len,
+            });
+        }
+        let total = FRAME_HEADER_LEN + len as usize;
+        if self.buf.len() < total {
+            return Ok(None);
+        }
+        let frame = self.buf.split_to(total).freeze();
+        decode_payload(kind, frame.slice(FRAME_HEADER_LEN..), &self.limits).map(Some)
+    }
+}
+
+fn decode_payload(kind: u8, payload: Bytes, limits: &Limits) -> Result<Frame, ProtoError> {
+    let mut r = Reader::new(&payload, "frame payload");
+    let text = limits.max_text_len;
+    let frame = match kind {
+        HELLO => Frame::Hello {
+            version: r.u16()?,
+            appliance_id: r.str16(text, "appliance id")?.to_owned(),
+        },
+        OFFER => {
+            let manifest = payload.slice_ref(r.bytes32(limits.max_frame_len, "manifest")?);
+            let signature = payload.slice_ref(r.bytes16()?);
+            Frame::Offer {
+                manifest,
+                signature,
+            }
+        }
+        HAVE => {
+            let transfer_id = TransferId(r.array()?);
+            let max = ChunkSet::encoded_len(limits.max_chunks);
+            let max = u32::try_from(max).unwrap_or(u32::MAX);
+            let have = payload.slice_ref(r.bytes32(max, "chunk bitmap")?);
+            Frame::Have { transfer_id, have }
+        }
+        CHUNK_OK => Frame::ChunkOk { index: r.u32()? },
+        CHUNK_BAD => Frame::ChunkBad {
+            index: r.u32()?,
+            reason: r.str16(text, "ChunkBad reason")?.to_owned(),
+        },
+        RECEIPT => {
+            let receipt = payload.slice_ref(r.bytes32(limits.max_frame_len, "receipt")?);
+            let signature = payload.slice_ref(r.bytes16()?);
+            Frame::Receipt { receipt, signature }
+        }
+        ERROR => {
+            let raw = r.u16()?;
+            let code = ErrorCode::from_u16(raw).ok_or(ProtoError::UnknownErrorCode(raw))?;
+            Frame::Error {
+                code,
+                text: r.str16(text, "Error text")?.to_owned(),
+            }
+        }
+        other => return Err(ProtoError::UnknownFrame(other)),
+    };
+    r.finish()?;
+    Ok(frame)
+}
+
+/// The fixed-size header opening each data stream; exactly `len` payload
+/// bytes follow it.
+///
+/// ```text
+/// u8 0xC1 (chunk stream, version 1) | 16 transfer id | u32 index | u32 len
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkHeader {
+    /// The transfer.
+    pub transfer_id: TransferId,
+    /// The global chunk index.
+    pub index: u32,
+    /// Payload bytes following the header.
+    pub len: u32,
+}
+
+impl ChunkHeader {
+    /// Encoded size.
+    pub const LEN: usize = 1 + 16 + 4 + 4;
+    /// The leading type/version byte: a data stream, version 1.
+    pub const TAG: u8 = 0xC1;
+
+    /// The encoding.
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[0] = Self::TAG;
+        out[1..17].copy_from_slice(&self.transfer_id.0);
+        out[17..21].copy_from_slice(&self.index.to_be_bytes());
+        out[21..25].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    /// Decodes a header; refuses any other type/version byte. Index and
+    /// length are checked against the manifest by
+    /// [`super::Receiver::chunk_header`].
+    pub fn decode(bytes: &[u8; Self::LEN]) -> Result<ChunkHeader, ProtoError> {
+        let mut r = Reader::new(bytes, "chunk header");
+        let tag = r.u8()?;
+        if tag != Self::TAG {
+            return Err(ProtoError::UnsupportedVersion {
+                what: "chunk stream",
+                version: tag.into(),
+                supported: Self::TAG.into(),
+            });
+        }
+        Ok(ChunkHeader {
+            transfer_id: TransferId(r.array()?),
+            index: r.u32()?,
+            len: r.u32()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn arb_text() -> impl Strategy<Value = String> {
+        proptest::string::string_regex(".{0,40}").unwrap()
+    }
+
+    fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+    }
+
+    pub(crate) fn arb_frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (any::<u16>(), arb_text()).prop_map(|(version, appliance_id)| Frame::Hello {
+                version,
+                appliance_id
+            }),
+            (arb_bytes(300), arb_bytes(80)).prop_map(|(manifest, signature)| Frame::Offer {
+                manifest,
+                signature
+            }),
+            (any::<[u8; 16]>(), arb_bytes(40)).prop_map(|(id, have)| Frame::Have {
+                transfer_id: TransferId(id),
+                have
+            }),
+            any::<u32>().prop_map(|index| Frame::ChunkOk { index }),
+            (any::<u32>(), arb_text())
+                .prop_map(|(index, reason)| Frame::ChunkBad { index, reason }),
+            (arb_bytes(200), arb_bytes(80))
+                .prop_map(|(receipt, signature)| Frame::Receipt { receipt, signature }),
+            (
+                proptest::sample::select(ErrorCode::ALL.to_vec()),
+                arb_text()
+            )
+                .prop_map(|(code, text)| Frame::Error { code, text }),
+        ]
+    }
+
+    fn decode_all(dec: &mut FrameDecoder) -> Result<Vec<Frame>, ProtoError> {
+        let mut out = Vec::new();
+        while let Some(f) = dec.next_frame()? {
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn every_frame_type_roundtrips() {
+        let frames = vec![
+            Frame::Hello {
+                version: 1,
+                appliance_id: "edge-1".into(),
+            },
+            Frame::Offer {
+                manifest: Bytes::from_static(b"m"),
+                signature: Bytes::from_static(&[7; 64]),
+            },
+            Frame::Have {
+                transfer_id: TransferId([3; 16]),
+                have: Bytes::from_static(&[0xff, 1]),
+            },
+            Frame::ChunkOk { index: u32::MAX },
+            Frame::ChunkBad {
+                index: 0,
+                reason: "digest mismatch".into(),
+            },
+            Frame::Receipt {
+                receipt: Bytes::from_static(b"r"),
+                signature: Bytes::new(),
+            },
+            Frame::Error {
+                code: ErrorCode::NoSpace,
+                text: String::new(),
+            },
+        ];
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            encode(f, &mut wire);
+        }
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&wire);
+        assert_eq!(decode_all(&mut dec).unwrap(), frames);
+        assert_eq!(dec.buffered(), 0);
+        assert_eq!(
+            Frame::ChunkOk { index: 1 }.to_bytes().as_ref(),
+            &[4, 0, 0, 0, 4, 0, 0, 0, 1]
+        );
+    }
+
+    #[test]
+    fn over_long_frame_is_refused_from_its_header_alone() {
+        let limits = Limits {
+            max_frame_len: 1000,
+            ..Limits::default()
+        };
+        let mut dec = FrameDecoder::new(limits);
+        dec.push(&[OFFER, 0, 0, 0x03, 0xe9]); // 1001 bytes announced, none sent
+        assert_eq!(
+            dec.next_frame(),
+            Err(ProtoError::FrameTooLong {
+                len: 1001,
+                max: 1000
+            })
+        );
+        // Sticky, and nothing more is buffered.
+        dec.push(&[0; 4096]);
+        assert_eq!(dec.buffered(), 0);
+        assert!(dec.next_frame().is_err());
+
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&[OFFER, 0xff, 0xff, 0xff, 0xff]);
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::FrameTooLong { len: u32::MAX, .. })
+        ));
+    }
+
+    #[test]
+    fn a_frame_at_the_limit_is_accepted() {
+        let limits = Limits {
+            max_frame_len: 4 + 100 + 2,
+            ..Limits::default()
+        };
+        let f = Frame::Offer {
+            manifest: Bytes::from(vec![1; 100]),
+            signature: Bytes::new(),
+        };
+        let mut dec = FrameDecoder::new(limits);
+        dec.push(&f.to_bytes());
+        assert_eq!(dec.next_frame().unwrap(), Some(f));
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (vec![0x00, 0, 0, 0, 0], "unknown type 0"),
+            (vec![0x08, 0, 0, 0, 0], "unknown type 8"),
+            (vec![CHUNK_OK, 0, 0, 0, 3, 0, 0, 1], "short ChunkOk"),
+            (vec![CHUNK_OK, 0, 0, 0, 5, 0, 0, 0, 1, 9], "trailing byte"),
+            (
+                vec![ERROR, 0, 0, 0, 4, 0xff, 0xff, 0, 0],
+                "unknown error code",
+            ),
+            (vec![HELLO, 0, 0, 0, 5, 0, 1, 0, 1, 0xff], "bad UTF-8"),
+            (
+                vec![HELLO, 0, 0, 0, 4, 0, 1, 0, 9],
+                "string past the payload",
+            ),
+        ];
+        for (bytes, what) in cases {
+            let mut dec = FrameDecoder::new(Limits::default());
+            dec.push(&bytes);
+            assert!(dec.next_frame().is_err(), "{what}");
+        }
+        // A text over the receiver's limit.
+        let limits = Limits {
+            max_text_len: 3,
+            ..Limits::default()
+        };
+        let mut dec = FrameDecoder::new(limits);
+        dec.push(
+            &Frame::ChunkBad {
+                index: 1,
+                reason: "four".into(),
+            }
+            .to_bytes(),
+        );
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::TooLong { len: 4, max: 3, .. })
+        ));
+        // A chunk bitmap larger than any transfer can need.
+        let limits = Limits {
+            max_chunks: 16,
+            ..Limits::default()
+        };
+        let mut dec = FrameDecoder::new(limits);
+        dec.push(
+            &Frame::Have {
+                transfer_id: TransferId([0; 16]),
+                have: Bytes::from(vec![0; 3]),
+            }
+            .to_bytes(),
+        );
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::TooLong {
+                what: "chunk bitmap",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn texts_are_cut_on_encode_not_panicked_on() {
+        let f = Frame::Error {
+            code: ErrorCode::Internal,
+            text: "é".repeat(40_000),
+        };
+        let wire = f.to_bytes();
+        let limits = Limits {
+            max_text_len: u16::MAX,
+            ..Limits::default()
+        };
+        let mut dec = FrameDecoder::new(limits);
+        dec.push(&wire);
+        match dec.next_frame().unwrap() {
+            Some(Frame::Error { text, .. }) => assert_eq!(text.len(), 65_534),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn chunk_header_roundtrip_and_tag() {
+        let h = ChunkHeader {
+            transfer_id: TransferId([5; 16]),
+            index: 70_000,
+            len: 4 << 20,
+        };
+        let b = h.encode();
+        assert_eq!(b.len(), ChunkHeader::LEN);
+        assert_eq!(ChunkHeader::decode(&b).unwrap(), h);
+        let mut bad = b;
+        bad[0] = 0xC2;
+        assert!(matches!(
+            ChunkHeader::decode(&bad),
+            Err(ProtoError::UnsupportedVersion { version: 0xC2, .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_roundtrip(frames in proptest::collection::vec(arb_frame(), 0..8)) {
+            let mut wire = BytesMut::new();
+            for f in &frames {
+                encode(f, &mut wire);
+            }
+            let mut dec = FrameDecoder::new(Limits::default());
+            dec.push(&wire);
+            prop_assert_eq!(decode_all(&mut dec).unwrap(), frames);
+        }
+
+        #[test]
+        fn prop_any_split_gives_the_same_frames(
+            frames in proptest::collection::vec(arb_frame(), 1..8),
+            cuts in proptest::collection::vec(any::<usize>(), 0..20),
+        ) {
+            let mut wire = BytesMut::new();
+            for f in &frames {
+                encode(f, &mut wire);
+            }
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c % (wire.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let mut dec = FrameDecoder::new(Limits::default());
+            let mut got = Vec::new();
+            for w in cuts.windows(2) {
+                dec.push(&wire[w[0]..w[1]]);
+                got.extend(decode_all(&mut dec).unwrap());
+            }
+            prop_assert_eq!(got, frames);
+            prop_assert_eq!(dec.buffered(), 0);
+        }
+
+        #[test]
+        fn prop_arbitrary_bytes_never_panic(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+            cuts in proptest::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let limits = Limits { max_frame_len: 256, max_chunks: 64, max_text_len: 32, ..Limits::default() };
+            let mut dec = FrameDecoder::new(limits);
+            let mut rest = &bytes[..];
+            for c in cuts {
+                let c = if rest.is_empty() { 0 } else { c % (rest.len() + 1) };
+                dec.push(&rest[..c]);
+                rest = &rest[c..];
+                while let Ok(Some(_)) = dec.next_frame() {}
+                prop_assert!(dec.buffered() <= FRAME_HEADER_LEN + 256);
+            }
+            dec.push(rest);
+            while let Ok(Some(_)) = dec.next_frame() {}
+        }
+
+        #[test]
+        fn prop_length_over_the_limit_is_refused_before_buffering(kind in 1u8..=7, max in 0u32..1_000_000, over in 1u32..1000) {
+            let limits = Limits { max_frame_len: max, ..Limits::default() };
+            let mut dec = FrameDecoder::new(limits);
+            let len = max.saturating_add(over);
+            let mut header = vec![kind];
+            header.extend_from_slice(&len.to_be_bytes());
+            dec.push(&header);
+            prop_assert_eq!(dec.next_frame(), Err(ProtoError::FrameTooLong { len, max }));
+            prop_assert_eq!(dec.buffered(), 0);
+        }
+
+        #[test]
+        fn prop_chunk_header_decode_never_panics(bytes in any::<[u8; 25]>()) {
+            if let Ok(h) = ChunkHeader::decode(&bytes) {
+                prop_assert_eq!(h.encode(), bytes);
+            }
+        }
+    }
+}

@@ -1,0 +1,935 @@
+//! QUIC transport set-up: rustls (TLS 1.3 only, mutual TLS, X25519MLKEM768 preferred) and
+//! quinn endpoints with tuned UDP sockets and flow-control windows.
+//!
+//! Everything here is configuration: the transfer protocol itself lives in `net::proto`.
+//! Both ends authenticate each other against one configured CA and nothing else (no system
+//! roots). The server requires a client certificate; a client whose certificate does not
+//! chain to the CA never gets a working connection (with TLS 1.3 the refusal reaches the
+//! client after `connect`, at its first stream operation).
+//!
+//! The endpoint builders must be called from inside a tokio runtime (quinn registers the
+//! UDP socket with it).
+
+use std::any::Any;
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, VarInt};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// ALPN protocol identifier of baylink's wire protocol, version 1.
+pub const ALPN: &[u8] = b"baylink/1";
+
+/// Floor of the per-stream receive window: 16 MiB (best measured on loopback).
+pub const MIN_STREAM_WINDOW: u64 = 16 * 1024 * 1024;
+/// Floor of the connection receive window: 64 MiB (best measured on loopback).
+pub const MIN_CONNECTION_WINDOW: u64 = 64 * 1024 * 1024;
+/// Ceiling of every window: what one connection may make its peer buffer. Guards against a
+/// mistyped rate or RTT turning into gigabytes of memory.
+pub const MAX_WINDOW: u64 = 1024 * 1024 * 1024;
+/// Concurrent unidirectional streams a peer may open: one per chunk in flight. The sender's
+/// `max_in_flight` must not exceed this.
+pub const MAX_CHUNK_STREAMS: u32 = 64;
+/// Concurrent bidirectional streams a peer may open (the control stream, plus slack).
+pub const MAX_CONTROL_STREAMS: u32 = 4;
+/// Keep-alive interval: well inside [`IDLE_TIMEOUT`], so a quiet link stays open.
+pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
+/// Idle timeout: a peer silent this long is gone (the transfer then resumes from the spool).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The kernel's default UDP socket buffer here (`net.core.rmem_default`), for comparison.
+pub const KERNEL_DEFAULT_SOCKET_BUFFER: usize = 212_992;
+
+/// Congestion controller used by quinn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), quinn's default.
+    #[default]
+    Cubic,
+    /// BBR (quinn's implementation is an experimental BBRv1).
+    Bbr,
+}
+
+/// What the link is expected to be; windows and buffers follow from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkTuning {
+    /// Link rate in Mbit/s.
+    pub rate_mbit: u64,
+    /// Round-trip time in milliseconds.
+    pub rtt_ms: u64,
+    /// Congestion controller.
+    pub congestion: Congestion,
+    /// Requested `SO_RCVBUF`/`SO_SNDBUF` in bytes (the kernel may grant less: see
+    /// `net.core.rmem_max`/`wmem_max`).
+    pub socket_buffer_bytes: usize,
+}
+
+impl Default for LinkTuning {
+    fn default() -> Self {
+        LinkTuning {
+            rate_mbit: 1000,
+            rtt_ms: 10,
+            congestion: Congestion::Cubic,
+            socket_buffer_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+impl LinkTuning {
+    /// Bandwidth-delay product in bytes: `rate_mbit` × `rtt_ms` (saturating).
+    pub fn bandwidth_delay_product(&self) -> u64 {
+        // Mbit/s × ms = 1e6/8 B/s × 1e-3 s = 125 bytes.
+        self.rate_mbit
+            .saturating_mul(self.rtt_ms)
+            .saturating_mul(125)
+    }
+
+    /// Per-stream receive window: one BDP, at least [`MIN_STREAM_WINDOW`], at most
+    /// [`MAX_WINDOW`].
+    pub fn stream_window(&self) -> u64 {
+        self.bandwidth_delay_product()
+            .clamp(MIN_STREAM_WINDOW, MAX_WINDOW)
+    }
+
+    /// Connection receive window (and send window): two BDPs, so loss recovery and a slow
+    /// reader do not stall the link, at least [`MIN_CONNECTION_WINDOW`], at most
+    /// [`MAX_WINDOW`]. Never smaller than the stream window.
+    pub fn connection_window(&self) -> u64 {
+        self.bandwidth_delay_product()
+            .saturating_mul(2)
+            .clamp(MIN_CONNECTION_WINDOW, MAX_WINDOW)
+            .max(self.stream_window())
+    }
+}
+
+/// A certificate chain (leaf first) and its private key.
+pub struct TlsIdentity {
+    /// Certificate chain, leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// Private key of the leaf certificate.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("cert_chain", &self.cert_chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Clone for TlsIdentity {
+    fn clone(&self) -> Self {
+        TlsIdentity {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl TlsIdentity {
+    /// Loads a PEM certificate chain (leaf first) and a PEM private key (PKCS#8, PKCS#1 or
+    /// SEC1).
+    pub fn from_pem_files(cert: &Path, key: &Path) -> Result<TlsIdentity, TransportError> {
+        let cert_chain = read_certificates(cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TransportError::Pem {
+            path: key.to_path_buf(),
+            source,
+        })?;
+        Ok(TlsIdentity { cert_chain, key })
+    }
+}
+
+/// Loads the CA certificate(s) both ends trust from a PEM file.
+pub fn load_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    read_certificates(path)
+}
+
+fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let pem_error = |source| TransportError::Pem {
+        path: path.to_path_buf(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem_error)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_error)?;
+    if certs.is_empty() {
+        return Err(TransportError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Errors while setting up TLS or QUIC.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// A PEM file could not be read or parsed.
+    #[error("cannot read PEM file {}", .path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A PEM file holds no certificate.
+    #[error("no certificate in {}", .path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The CA list is empty.
+    #[error("no CA certificate configured")]
+    NoCa,
+    /// A CA certificate was refused by the trust store.
+    #[error("CA certificate refused")]
+    BadCa(#[source] rustls::Error),
+    /// rustls refused the configuration (e.g. the key does not match the certificate).
+    #[error("TLS configuration refused")]
+    Tls(#[from] rustls::Error),
+    /// The client-certificate verifier could not be built.
+    #[error("cannot build the client certificate verifier")]
+    ClientVerifier(#[from] VerifierBuilderError),
+    /// The TLS configuration lacks the cipher suite QUIC needs for its initial packets.
+    #[error("TLS configuration unusable for QUIC")]
+    QuicTls(#[from] NoInitialCipherSuite),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind UDP socket {addr}")]
+    Bind {
+        /// Requested address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A socket option could not be set or read.
+    #[error("cannot set socket option {option}")]
+    SocketOption {
+        /// Option name (`SO_RCVBUF`, ...).
+        option: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// quinn could not create the endpoint (e.g. called outside a tokio runtime).
+    #[error("cannot create QUIC endpoint on {addr}")]
+    Endpoint {
+        /// Local address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    // aws-lc-rs with the `prefer-post-quantum` feature: X25519MLKEM768 first in kx_groups.
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn root_store(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TransportError> {
+    if ca.is_empty() {
+        return Err(TransportError::NoCa);
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in ca {
+        roots.add(cert.clone()).map_err(TransportError::BadCa)?;
+    }
+    Ok(Arc::new(roots))
+}
+
+/// rustls server configuration: TLS 1.3 only, client certificate required and verified
+/// against `ca`, ALPN [`ALPN`], X25519MLKEM768 preferred.
+pub fn server_tls_config(
+    ca: &[CertificateDer<'static>],
+    identity: &TlsIdentity,
+) -> Result<rustls::ServerConfig, TransportError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(root_store(ca)?, provider.clone()).build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// rustls client configuration: TLS 1.3 only, the server verified against `ca` only (no
+/// system roots), our certificate presented, ALPN [`ALPN`], X25519MLKEM768 preferred.
+pub fn client_tls_config(
+    ca: &[CertificateDer<'static>],
+    identity: &TlsIdentity,
+) -> Result<rustls::ClientConfig, TransportError> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(root_store(ca)?)
+        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// quinn transport parameters for `tuning`: windows from the BDP, [`MAX_CHUNK_STREAMS`] uni
+/// streams, keep-alive and idle timeout, congestion controller; GSO and MTU discovery on.
+pub fn transport_config(tuning: &LinkTuning) -> quinn::TransportConfig {
+    let stream_window = tuning.stream_window();
+    let connection_window = tuning.connection_window();
+    let mut config = quinn::TransportConfig::default();
+    config
+        .stream_receive_window(varint(stream_window))
+        .receive_window(varint(connection_window))
+        .send_window(connection_window)
+        .max_concurrent_uni_streams(MAX_CHUNK_STREAMS.into())
+        .max_concurrent_bidi_streams(MAX_CONTROL_STREAMS.into())
+        .keep_alive_interval(Some(KEEP_ALIVE_INTERVAL))
+        .max_idle_timeout(Some(
+            IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s fits a QUIC idle timeout"),
+        ))
+        .mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()))
+        .enable_segmentation_offload(true);
+    match tuning.congestion {
+        Congestion::Cubic => config
+            .congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+        Congestion::Bbr => {
+            config.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+    };
+    config
+}
+
+fn varint(value: u64) -> VarInt {
+    // Windows are clamped to MAX_WINDOW (1 GiB), far below VarInt::MAX (2^62 - 1).
+    VarInt::from_u64(value).unwrap_or(VarInt::MAX)
+}
+
+/// quinn server configuration (TLS from [`server_tls_config`], transport from
+/// [`transport_config`]).
+pub fn server_config(
+    ca: &[CertificateDer<'static>],
+    identity: &TlsIdentity,
+    tuning: &LinkTuning,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let crypto = QuicServerConfig::try_from(server_tls_config(ca, identity)?)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(tuning)));
+    Ok(config)
+}
+
+/// quinn client configuration (TLS from [`client_tls_config`], transport from
+/// [`transport_config`]).
+pub fn client_config(
+    ca: &[CertificateDer<'static>],
+    identity: &TlsIdentity,
+    tuning: &LinkTuning,
+) -> Result<quinn::ClientConfig, TransportError> {
+    let crypto = QuicClientConfig::try_from(client_tls_config(ca, identity)?)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config(tuning)));
+    Ok(config)
+}
+
+/// Socket buffer sizes: what was asked and what the kernel reports. Linux caps the request
+/// at `net.core.rmem_max`/`wmem_max`, then doubles it (room for its own bookkeeping) and
+/// reports the doubled value: a request granted in full reads back as twice the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketBuffers {
+    /// Requested size for both buffers.
+    pub requested: usize,
+    /// `SO_RCVBUF` read back.
+    pub recv: usize,
+    /// `SO_SNDBUF` read back.
+    pub send: usize,
+}
+
+impl SocketBuffers {
+    /// True when the kernel accepted less than requested for either buffer (read-back
+    /// below twice the request).
+    pub fn capped(&self) -> bool {
+        let full = self.requested.saturating_mul(2);
+        self.recv < full || self.send < full
+    }
+}
+
+/// Binds a non-blocking UDP socket on `addr` with `SO_RCVBUF`/`SO_SNDBUF` set to
+/// `buffer_bytes`, reads back what the kernel granted and logs it (a warning when the
+/// kernel capped it: see [`SocketBuffers`]).
+pub fn bind_udp_socket(
+    addr: SocketAddr,
+    buffer_bytes: usize,
+) -> Result<(UdpSocket, SocketBuffers), TransportError> {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+
+    let socket = UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let option_error = |option: &'static str| {
+        move |errno: nix::errno::Errno| TransportError::SocketOption {
+            option,
+            source: io::Error::from(errno),
+        }
+    };
+    setsockopt(&socket, sockopt::RcvBuf, &buffer_bytes).map_err(option_error("SO_RCVBUF"))?;
+    setsockopt(&socket, sockopt::SndBuf, &buffer_bytes).map_err(option_error("SO_SNDBUF"))?;
+    let recv = getsockopt(&socket, sockopt::RcvBuf).map_err(option_error("SO_RCVBUF"))?;
+    let send = getsockopt(&socket, sockopt::SndBuf).map_err(option_error("SO_SNDBUF"))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|source| TransportError::SocketOption {
+            option: "O_NONBLOCK",
+            source,
+        })?;
+    let local = socket.local_addr().unwrap_or(addr);
+    let buffers = SocketBuffers {
+        requested: buffer_bytes,
+        recv,
+        send,
+    };
+    if buffers.capped() {
+        tracing::warn!(
+            %local,
+            requested = buffer_bytes,
+            recv_accepted = recv / 2,
+            send_accepted = send / 2,
+            "UDP socket buffers capped by the kernel: raise net.core.rmem_max and \
+             net.core.wmem_max to at least the requested size"
+        );
+    } else {
+        tracing::info!(%local, requested = buffer_bytes, recv, send, "UDP socket buffers");
+    }
+    Ok((socket, buffers))
+}
+
+fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    tuning: &LinkTuning,
+) -> Result<quinn::Endpoint, TransportError> {
+    let (socket, _) = bind_udp_socket(addr, tuning.socket_buffer_bytes)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Endpoint { addr, source })
+}
+
+/// A QUIC endpoint accepting baylink connections on `listen` (mutual TLS against `ca`).
+/// Call inside a tokio runtime.
+pub fn server_endpoint(
+    listen: SocketAddr,
+    ca: &[CertificateDer<'static>],
+    identity: &TlsIdentity,
+    tuning: &LinkTuning,
+) -> Result<quinn::Endpoint, TransportError> {
+    let config = server_config(ca, identity, tuning)?;
+    let endpoint = endpoint(listen, Some(config), tuning)?;
+    tracing::info!(
+        local = ?endpoint.local_addr().ok(),
+        stream_window = tuning.stream_window(),
+        connection_window = tuning.connection_window(),
+        congestion = ?tuning.congestion,
+        "QUIC server endpoint"
+    );
+    Ok(endpoint)
+}
+
+/// A QUIC endpoint for connecting out (from `bind`, usually `0.0.0.0:0`), with the default
+/// client configuration set: use `endpoint.connect(addr, server_name)`.
+/// Call inside a tokio runtime.
+pub fn client_endpoint(
+    bind: SocketAddr,
+    ca: &[CertificateDer<'static>],
+    identity: &TlsIdentity,
+    tuning: &LinkTuning,
+) -> Result<quinn::Endpoint, TransportError> {
+    let config = client_config(ca, identity, tuning)?;
+    let mut endpoint = endpoint(bind, None, tuning)?;
+    endpoint.set_default_client_config(config);
+    tracing::info!(
+        local = ?endpoint.local_addr().ok(),
+        stream_window = tuning.stream_window(),
+        connection_window = tuning.connection_window(),
+        congestion = ?tuning.congestion,
+        "QUIC client endpoint"
+    );
+    Ok(endpoint)
+}
+
+/// Common name (CN) of the peer's leaf certificate, if the peer presented one with a
+/// UTF-8 CN. On the server this names the client appliance.
+pub fn peer_common_name(connection: &quinn::Connection) -> Option<String> {
+    let identity: Box<dyn Any> = connection.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    common_name(chain.first()?)
+}
+
+/// Common name (CN) of a DER certificate's subject.
+pub fn common_name(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    use rustls::NamedGroup;
+    use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
+    use std::time::Instant;
+    use tokio::time::timeout;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    struct TestCa {
+        cert: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        fn new(name: &str) -> TestCa {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let cert = params.self_signed(&key).unwrap();
+            TestCa {
+                cert: cert.der().clone(),
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        fn ca(&self) -> Vec<CertificateDer<'static>> {
+            vec![self.cert.clone()]
+        }
+
+        fn leaf(&self, cn: &str, server: bool) -> TlsIdentity {
+            let key = KeyPair::generate().unwrap();
+            let names = if server {
+                vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+            } else {
+                Vec::new()
+            };
+            let mut params = CertificateParams::new(names).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![if server {
+                ExtendedKeyUsagePurpose::ServerAuth
+            } else {
+                ExtendedKeyUsagePurpose::ClientAuth
+            }];
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            TlsIdentity {
+                cert_chain: vec![cert.der().clone()],
+                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            }
+        }
+    }
+
+    struct Pki {
+        ca: TestCa,
+        rogue: TestCa,
+        server: TlsIdentity,
+        client: TlsIdentity,
+    }
+
+    fn pki() -> Pki {
+        let ca = TestCa::new("baylink test CA");
+        let rogue = TestCa::new("rogue CA");
+        let server = ca.leaf("gateway.test", true);
+        let client = ca.leaf("edge-qianhai-01", false);
+        Pki {
+            ca,
+            rogue,
+            server,
+            client,
+        }
+    }
+
+    fn localhost() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    fn server(pki: &Pki) -> quinn::Endpoint {
+        server_endpoint(
+            localhost(),
+            &pki.ca.ca(),
+            &pki.server,
+            &LinkTuning::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn windows_follow_the_bandwidth_delay_product() {
+        let lan = LinkTuning::default();
+        assert_eq!(lan.bandwidth_delay_product(), 1_250_000);
+        assert_eq!(lan.stream_window(), MIN_STREAM_WINDOW);
+        assert_eq!(lan.connection_window(), MIN_CONNECTION_WINDOW);
+
+        let long = LinkTuning {
+            rate_mbit: 2000,
+            rtt_ms: 200,
+            ..LinkTuning::default()
+        };
+        assert_eq!(long.stream_window(), 50_000_000);
+        assert_eq!(long.connection_window(), 100_000_000);
+
+        let typo = LinkTuning {
+            rate_mbit: u64::MAX,
+            rtt_ms: u64::MAX,
+            ..LinkTuning::default()
+        };
+        assert_eq!(typo.stream_window(), MAX_WINDOW);
+        assert_eq!(typo.connection_window(), MAX_WINDOW);
+    }
+
+    /// Moves every pending TLS record from `from` to `to`; returns the bytes moved.
+    fn pump(from: &mut rustls::Connection, to: &mut rustls::Connection) -> usize {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets().unwrap();
+        }
+        wire.len()
+    }
+
+    #[test]
+    fn in_memory_handshake_is_tls13_with_x25519mlkem768() {
+        let pki = pki();
+        let server_config = server_tls_config(&pki.ca.ca(), &pki.server).unwrap();
+        let client_config = client_tls_config(&pki.ca.ca(), &pki.client).unwrap();
+        let mut server: rustls::Connection = rustls::ServerConnection::new(Arc::new(server_config))
+            .unwrap()
+            .into();
+        let mut client: rustls::Connection = rustls::ClientConnection::new(
+            Arc::new(client_config),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap()
+        .into();
+
+        for _ in 0..10 {
+            if !client.is_handshaking() && !server.is_handshaking() {
+                break;
+            }
+            pump(&mut client, &mut server);
+            pump(&mut server, &mut client);
+        }
+        assert!(!client.is_handshaking() && !server.is_handshaking());
+        for side in [&client, &server] {
+            assert_eq!(
+                side.negotiated_key_exchange_group().unwrap().name(),
+                NamedGroup::X25519MLKEM768
+            );
+            assert_eq!(
+                side.protocol_version(),
+                Some(rustls::ProtocolVersion::TLSv1_3)
+            );
+            assert_eq!(side.alpn_protocol(), Some(ALPN));
+        }
+        let client_chain = server.peer_certificates().unwrap();
+        assert_eq!(
+            common_name(&client_chain[0]).as_deref(),
+            Some("edge-qianhai-01")
+        );
+    }
+
+    #[test]
+    fn refuses_an_empty_ca_list() {
+        let pki = pki();
+        assert!(matches!(
+            server_tls_config(&[], &pki.server),
+            Err(TransportError::NoCa)
+        ));
+        assert!(matches!(
+            client_tls_config(&[], &pki.client),
+            Err(TransportError::NoCa)
+        ));
+    }
+
+    #[test]
+    fn loads_identity_and_ca_from_pem_files() {
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "edge-pem");
+        let cert = params.signed_by(&key, &issuer).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let ca_path = dir.path().join("ca.pem");
+        let cert_path = dir.path().join("client.pem");
+        let key_path = dir.path().join("client.key");
+        std::fs::write(&ca_path, ca_cert.pem()).unwrap();
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+
+        assert_eq!(load_ca(&ca_path).unwrap(), vec![ca_cert.der().clone()]);
+        let identity = TlsIdentity::from_pem_files(&cert_path, &key_path).unwrap();
+        assert_eq!(identity.cert_chain, vec![cert.der().clone()]);
+        assert_eq!(identity.key.secret_der(), key.serialize_der());
+        assert_eq!(
+            common_name(&identity.cert_chain[0]).as_deref(),
+            Some("edge-pem")
+        );
+        assert!(format!("{identity:?}").contains("redacted"));
+
+        let missing = dir.path().join("missing.pem");
+        let err = load_ca(&missing).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+        let err = load_ca(&key_path).unwrap_err();
+        assert!(matches!(err, TransportError::NoCertificate { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_connection_echoes_and_names_the_client() {
+        let pki = pki();
+        let server = server(&pki);
+        let server_addr = server.local_addr().unwrap();
+        let client = client_endpoint(
+            localhost(),
+            &pki.ca.ca(),
+            &pki.client,
+            &LinkTuning::default(),
+        )
+        .unwrap();
+
+        let accept = tokio::spawn(async move {
+            let connection = server.accept().await.unwrap().await.unwrap();
+            let cn = peer_common_name(&connection);
+            let (mut send, mut recv) = connection.accept_bi().await.unwrap();
+            let data = recv.read_to_end(1 << 20).await.unwrap();
+            send.write_all(&data).await.unwrap();
+            send.finish().unwrap();
+            // Keep the connection until the client has read the echo and closed.
+            connection.closed().await;
+            cn
+        });
+
+        let result = timeout(LIMIT, async {
+            let connection = client
+                .connect(server_addr, "localhost")
+                .unwrap()
+                .await
+                .unwrap();
+            assert_eq!(
+                peer_common_name(&connection).as_deref(),
+                Some("gateway.test")
+            );
+            let (mut send, mut recv) = connection.open_bi().await.unwrap();
+            let message = b"baylink echo over mutual TLS".repeat(1000);
+            send.write_all(&message).await.unwrap();
+            send.finish().unwrap();
+            let echo = recv.read_to_end(1 << 20).await.unwrap();
+            assert_eq!(echo, message);
+            connection.close(0u32.into(), b"done");
+            accept.await.unwrap()
+        })
+        .await
+        .expect("echo within the time limit");
+        assert_eq!(result.as_deref(), Some("edge-qianhai-01"));
+        client.wait_idle().await;
+    }
+
+    #[tokio::test]
+    async fn client_certificate_from_a_rogue_ca_gets_no_stream() {
+        let pki = pki();
+        let server = server(&pki);
+        let server_addr = server.local_addr().unwrap();
+        // The rogue client trusts the real CA (so it accepts the server) but its own
+        // certificate comes from the rogue CA.
+        let rogue_identity = pki.rogue.leaf("edge-impostor", false);
+        let client = client_endpoint(
+            localhost(),
+            &pki.ca.ca(),
+            &rogue_identity,
+            &LinkTuning::default(),
+        )
+        .unwrap();
+
+        let accept = tokio::spawn(async move {
+            let incoming = server.accept().await.unwrap();
+            match incoming.await {
+                // The handshake must fail on the server.
+                Err(e) => Err(e.to_string()),
+                Ok(connection) => Ok(connection.accept_bi().await.is_ok()),
+            }
+        });
+
+        let client_outcome = timeout(LIMIT, async {
+            let connection = match client.connect(server_addr, "localhost").unwrap().await {
+                Ok(connection) => connection,
+                Err(e) => return e.to_string(),
+            };
+            // With TLS 1.3 the client finishes its side first: the refusal shows here.
+            let (mut send, mut recv) = match connection.open_bi().await {
+                Ok(streams) => streams,
+                Err(e) => return e.to_string(),
+            };
+            if let Err(e) = send.write_all(b"hello").await {
+                return e.to_string();
+            }
+            let _ = send.finish();
+            match recv.read_to_end(1024).await {
+                Err(e) => e.to_string(),
+                Ok(data) => panic!("rogue client read {} bytes", data.len()),
+            }
+        })
+        .await
+        .expect("the rogue client fails within the time limit");
+        assert!(!client_outcome.is_empty());
+
+        let server_outcome = timeout(LIMIT, accept).await.unwrap().unwrap();
+        assert!(
+            matches!(server_outcome, Err(_) | Ok(false)),
+            "server accepted a stream from a rogue client: {server_outcome:?}"
+        );
+        if let Err(reason) = &server_outcome {
+            assert!(reason.to_lowercase().contains("certificate"), "{reason}");
+        }
+    }
+
+    #[tokio::test]
+    async fn client_that_does_not_trust_the_server_ca_fails() {
+        let pki = pki();
+        let server = server(&pki);
+        let server_addr = server.local_addr().unwrap();
+        // A valid client certificate, but the client trusts only the rogue CA.
+        let client = client_endpoint(
+            localhost(),
+            &pki.rogue.ca(),
+            &pki.client,
+            &LinkTuning::default(),
+        )
+        .unwrap();
+        let accept = tokio::spawn(async move {
+            let incoming = server.accept().await.unwrap();
+            incoming.await.is_ok()
+        });
+        let outcome = timeout(LIMIT, client.connect(server_addr, "localhost").unwrap())
+            .await
+            .expect("handshake ends within the time limit");
+        let err = outcome.expect_err("client must refuse the server");
+        assert!(
+            err.to_string().to_lowercase().contains("certificate"),
+            "{err}"
+        );
+        let server_connected = timeout(LIMIT, accept).await.unwrap().unwrap();
+        assert!(!server_connected);
+    }
+
+    #[test]
+    fn socket_buffers_are_raised_and_read_back() {
+        let (_socket, buffers) = bind_udp_socket(localhost(), 8 * 1024 * 1024).unwrap();
+        assert_eq!(buffers.requested, 8 * 1024 * 1024);
+        assert!(
+            buffers.recv > KERNEL_DEFAULT_SOCKET_BUFFER,
+            "SO_RCVBUF granted {}",
+            buffers.recv
+        );
+        assert!(
+            buffers.send > KERNEL_DEFAULT_SOCKET_BUFFER,
+            "SO_SNDBUF granted {}",
+            buffers.send
+        );
+        // Here rmem_max is 4 MiB: 8 MiB is capped to 4 MiB and reads back as 8 MiB.
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        if rmem_max > 0 {
+            assert_eq!(buffers.recv, 2 * rmem_max.min(buffers.requested));
+            assert_eq!(buffers.capped(), rmem_max < buffers.requested);
+            let (_small, small) = bind_udp_socket(localhost(), rmem_max / 2).unwrap();
+            assert_eq!(small.recv, rmem_max);
+        }
+    }
+
+    /// Memory-to-memory throughput over loopback on one uni stream; prints Gbit/s.
+    /// `cargo test -p baylink-net --release transport::tests::loopback_throughput -- --ignored --nocapture`
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "measurement, not a check"]
+    async fn loopback_throughput() {
+        const TOTAL: usize = 4 << 30;
+        const BLOCK: usize = 1 << 20;
+        let pki = pki();
+        let server = server(&pki);
+        let server_addr = server.local_addr().unwrap();
+        let client = client_endpoint(
+            localhost(),
+            &pki.ca.ca(),
+            &pki.client,
+            &LinkTuning::default(),
+        )
+        .unwrap();
+        let receiver = tokio::spawn(async move {
+            let connection = server.accept().await.unwrap().await.unwrap();
+            let mut recv = connection.accept_uni().await.unwrap();
+            let mut total = 0usize;
+            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.unwrap() {
+                total += chunk.bytes.len();
+            }
+            connection.closed().await;
+            total
+        });
+        let connection = client
+            .connect(server_addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let block = bytes::Bytes::from(vec![0x5a; BLOCK]);
+        let start = Instant::now();
+        let mut send = connection.open_uni().await.unwrap();
+        for _ in 0..TOTAL / BLOCK {
+            send.write_chunk(block.clone()).await.unwrap();
+        }
+        send.finish().unwrap();
+        send.stopped().await.unwrap();
+        let elapsed = start.elapsed();
+        connection.close(0u32.into(), b"done");
+        assert_eq!(receiver.await.unwrap(), TOTAL);
+        let gbit = TOTAL as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
+        let stats = connection.stats();
+        println!(
+            "loopback: {} MiB in {:.2} s = {gbit:.2} Gbit/s (rtt {:?}, mtu {}, cwnd {}, \
+             {} datagrams sent, {} lost, {} congestion events)",
+            TOTAL >> 20,
+            elapsed.as_secs_f64(),
+            stats.path.rtt,
+            stats.path.current_mtu,
+            stats.path.cwnd,
+            stats.udp_tx.datagrams,
+            stats.path.lost_packets,
+            stats.path.congestion_events,
+        );
+    }
+}
