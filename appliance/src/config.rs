@@ -106,6 +106,8 @@ pub struct Config {
     pub delivery: Option<DeliverySection>,
     /// How long a graceful shutdown waits for in-flight transfers.
     pub drain_timeout: Duration,
+    /// Limits on what a peer may offer (`[limits]`).
+    pub limits: baylink_net::proto::Limits,
 }
 
 /// `[hsm]`
@@ -212,6 +214,15 @@ struct Raw {
     delivery: Option<RawDelivery>,
     #[serde(default)]
     drain: RawDrain,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_files: Option<u32>,
+    max_chunks: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -402,7 +413,25 @@ impl Config {
             chunk_size: raw.transport.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             max_in_flight: raw.transport.max_in_flight.unwrap_or(8),
         };
-        let limits = baylink_net::proto::Limits::default();
+        let mut limits = baylink_net::proto::Limits::default();
+        if let Some(n) = raw.limits.max_files {
+            if n == 0 || n > limits.max_files {
+                return Err(invalid(
+                    "limits.max_files",
+                    format!("{n} is not in 1..={}", limits.max_files),
+                ));
+            }
+            limits.max_files = n;
+        }
+        if let Some(n) = raw.limits.max_chunks {
+            if n == 0 || n > limits.max_chunks {
+                return Err(invalid(
+                    "limits.max_chunks",
+                    format!("{n} is not in 1..={}", limits.max_chunks),
+                ));
+            }
+            limits.max_chunks = n;
+        }
         if transport.chunk_size < MIN_CHUNK_SIZE || transport.chunk_size > limits.max_chunk_size {
             return Err(invalid(
                 "transport.chunk_size",
@@ -519,6 +548,7 @@ impl Config {
             },
             delivery,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,
+            limits,
         })
     }
 }

@@ -317,6 +317,11 @@ impl Edge {
                     stats,
                 )
                 .await;
+                if let Err(SendError::Link(_)) = &res
+                    && let Some(text) = conn.close_reason().as_ref().and_then(tls_refusal)
+                {
+                    return Err(SendError::Refused(text));
+                }
                 match &res {
                     Ok(_) => conn.close(crate::link::CLOSE_OK.into(), b"done"),
                     Err(_) => conn.close(crate::link::CLOSE_PROTOCOL.into(), b"send failed"),
@@ -391,6 +396,19 @@ impl Edge {
         out.sort_by_key(|id| id.to_string());
         out
     }
+}
+
+/// A connection the gateway closed with a TLS alert (QUIC crypto error 0x100–0x1ff) was
+/// refused, not lost: retrying with the same certificate cannot help.
+fn tls_refusal(reason: &quinn::ConnectionError) -> Option<String> {
+    let (code, text) = match reason {
+        quinn::ConnectionError::ConnectionClosed(c) => (u64::from(c.error_code), c.to_string()),
+        quinn::ConnectionError::TransportError(e) => (u64::from(e.code), e.to_string()),
+        _ => return None,
+    };
+    (0x100..=0x1ff)
+        .contains(&code)
+        .then(|| format!("TLS handshake refused: {text}"))
 }
 
 /// The gateway's own words, without the protocol wrapping.

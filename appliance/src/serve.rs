@@ -71,6 +71,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         cfg.spool_dir.clone(),
         spool,
         keys,
+        cfg.limits,
         ReceiverConfig::default(),
         queue.clone(),
     ));

@@ -13,6 +13,9 @@
 //!   answers so after a logout, as private objects vanish): log in again if needed, and
 //!   callers look the key up again.
 //!
+//! A PIN the token refused is never offered again (real tokens lock the PIN after a few
+//! wrong tries): later operations fail at once, naming the refusal.
+//!
 //! Each recovery bumps [`Pool::epoch`], so cached object handles are looked up afresh.
 //! Discarded sessions are forgotten, never closed: after a reset their handle numbers may
 //! already belong to new sessions.
@@ -20,7 +23,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-use cryptoki::error::RvError;
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CryptokiError, RvError};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use secrecy::SecretString;
@@ -75,6 +79,9 @@ pub(crate) struct Pool {
     state: Mutex<State>,
     returned: Condvar,
     epoch: AtomicU64,
+    /// Set when the token refused the PIN: never try it again (each try can count towards
+    /// locking the PIN). Reopening the token is the way out, after the PIN is fixed.
+    pin_refused: Mutex<Option<(Function, RvError)>>,
 }
 
 /// A session lent to one operation; goes back to the pool (or away) on drop.
@@ -146,6 +153,7 @@ impl Pool {
             }),
             returned: Condvar::new(),
             epoch: AtomicU64::new(0),
+            pin_refused: Mutex::new(None),
         };
         {
             let mut state = pool.lock();
@@ -270,14 +278,42 @@ impl Pool {
     }
 
     /// `C_Login` as user; already logged in (by another session or `Token`) is success.
+    /// After the token has refused the PIN once, fails without asking it again.
     fn login(&self, session: &Session) -> Result<(), HsmError> {
+        let mut refused = self
+            .pin_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((function, rv)) = *refused {
+            return Err(HsmError::Pkcs11 {
+                action: format!(
+                    "not logging in to token \"{}\" again: it refused the PIN before",
+                    self.token_label
+                ),
+                function,
+                rv,
+            });
+        }
         match session.login(UserType::User, Some(&self.pin)) {
             Ok(()) => Ok(()),
-            Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
-            Err(e) => Err(HsmError::call(
-                format!("logging in to token \"{}\" as user", self.token_label),
-                e,
-            )),
+            Err(CryptokiError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(e) => {
+                if let CryptokiError::Pkcs11(
+                    rv @ (RvError::PinIncorrect
+                    | RvError::PinLocked
+                    | RvError::PinExpired
+                    | RvError::PinInvalid
+                    | RvError::PinLenRange),
+                    function,
+                ) = e
+                {
+                    *refused = Some((function, rv));
+                }
+                Err(HsmError::call(
+                    format!("logging in to token \"{}\" as user", self.token_label),
+                    e,
+                ))
+            }
         }
     }
 

@@ -162,6 +162,7 @@ mod tests {
     use std::thread;
 
     use cryptoki::object::{Attribute, ObjectClass};
+    use secrecy::SecretString;
     use serial_test::serial;
 
     use super::*;
@@ -385,6 +386,25 @@ mod tests {
             .verify(b"after logout", sig.as_ref())
             .unwrap();
         assert!(token.pool().epoch() > epoch, "a recovery ran");
+    }
+
+    #[test]
+    #[serial]
+    fn a_refused_pin_is_not_retried() {
+        let hsm = SoftHsm::new().unwrap();
+        let signer = signer_with_new_key(&hsm, "k");
+        let token = signer.token().clone();
+        // Someone changes the user PIN and the login is lost: our PIN is now wrong.
+        let rw = token.pool().rw_session().unwrap();
+        rw.set_pin(&testing::user_pin(), &SecretString::from("changed-pin"))
+            .unwrap();
+        rw.logout().unwrap();
+        let first = signer.sign(b"m").unwrap_err().to_string();
+        assert!(first.contains("C_Login: CKR_PIN_INCORRECT"), "{first}");
+        let second = signer.sign(b"m").unwrap_err().to_string();
+        assert!(second.contains("refused the PIN before"), "{second}");
+        // Still names the token's answer, without asking the token again.
+        assert!(second.contains("C_Login: CKR_PIN_INCORRECT"), "{second}");
     }
 
     #[test]

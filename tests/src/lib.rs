@@ -98,18 +98,38 @@ impl Deployment {
         self.path("gateway.toml")
     }
 
-    /// Appends TOML keys to a section of a config (`section` like `transport`).
+    /// Sets `key = value` (TOML) in `[section]` of a config, replacing the key if present.
     pub fn set(&self, config: &str, section: &str, key: &str, value: &str) -> anyhow::Result<()> {
         let path = self.path(config);
         let text = std::fs::read_to_string(&path)?;
-        let header = format!("[{section}]\n");
-        let line = format!("{key} = {value}\n");
-        let new = if let Some(pos) = text.find(&header) {
-            let at = pos + header.len();
-            format!("{}{}{}", &text[..at], line, &text[at..])
-        } else {
-            format!("{text}\n{header}{line}")
-        };
+        let header = format!("[{section}]");
+        let line = format!("{key} = {value}");
+        let mut out = Vec::new();
+        let (mut in_section, mut done) = (false, false);
+        for l in text.lines() {
+            if l.starts_with('[') {
+                if in_section && !done {
+                    out.push(line.clone());
+                    done = true;
+                }
+                in_section = l.trim() == header;
+            }
+            if in_section && l.split('=').next().map(str::trim) == Some(key) {
+                if !done {
+                    out.push(line.clone());
+                    done = true;
+                }
+                continue;
+            }
+            out.push(l.to_owned());
+        }
+        if !done {
+            if !in_section {
+                out.push(header);
+            }
+            out.push(line);
+        }
+        let new = out.join("\n") + "\n";
         std::fs::write(&path, new)?;
         Ok(())
     }

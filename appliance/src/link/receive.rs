@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{CLOSE_PROTOCOL, FrameWriter, LinkError, STOP_UNWANTED, spawn_frame_reader};
+use super::{FrameWriter, LinkError, STOP_UNWANTED, spawn_frame_reader};
 use crate::deliver::DeliveryQueue;
 use crate::signing::{Keys, MANIFEST_CONTEXT, RECEIPT_CONTEXT};
 use crate::transfer_dir::{TransferDir, write_atomic};
@@ -60,6 +60,7 @@ impl Gateway {
         spool_dir: std::path::PathBuf,
         spool: Spool,
         keys: Keys,
+        limits: Limits,
         receiver_cfg: ReceiverConfig,
         committed: DeliveryQueue,
     ) -> Gateway {
@@ -68,7 +69,7 @@ impl Gateway {
             spool_dir,
             spool,
             keys,
-            limits: Limits::default(),
+            limits,
             receiver_cfg,
             committed,
             draining: AtomicBool::new(false),
@@ -251,13 +252,16 @@ async fn control_stream(
     if let Err(e) = &outcome {
         match e {
             LinkError::Protocol(p) => {
+                // Tell the peer why, on this control stream only: other transfers on the same
+                // connection are not affected. (Closing the connection here would discard the
+                // error frame before it is sent.)
+                warn!(error = %p, "protocol error from the edge");
                 let _ = writer
                     .send(&Frame::Error {
                         code: p.code(),
                         text: p.to_string(),
                     })
                     .await;
-                conn.close(CLOSE_PROTOCOL.into(), b"protocol error");
             }
             LinkError::Lost(_) => {}
         }
@@ -478,6 +482,59 @@ async fn receive_chunk(gw: &Arc<Gateway>, recv: &mut quinn::RecvStream) -> Resul
             }
         }
     };
+    let digest = match gather_chunk(gw, &active, &loc, &header, recv).await {
+        Ok(d) => d,
+        Err(e) => {
+            // The receiver must learn that this chunk is no longer arriving, or it would
+            // refuse the resend as busy.
+            active
+                .receiver
+                .lock()
+                .expect("receiver lock poisoned")
+                .chunk_aborted(header.index);
+            active.wake.notify_one();
+            return Err(e);
+        }
+    };
+    let good = active.manifest.chunk_digests.get(header.index as usize) == Some(&digest);
+    active
+        .receiver
+        .lock()
+        .expect("receiver lock poisoned")
+        .chunk_received(header.index, digest);
+    active.wake.notify_one();
+    metrics::counter!("baylink_bytes_total", "direction" => "received")
+        .increment(u64::from(loc.len));
+    if good {
+        let due = {
+            let mut u = active.unsynced.lock().expect("unsynced lock poisoned");
+            u.0.push(header.index);
+            u.1 += u64::from(loc.len);
+            u.1 >= CHECKPOINT_BYTES
+        };
+        if due {
+            let gw = gw.clone();
+            let active = active.clone();
+            tokio::spawn(async move {
+                if let Err(e) = checkpoint(&gw, &active).await {
+                    warn!(error = %e, "checkpoint failed");
+                }
+            });
+        }
+    } else {
+        metrics::counter!("baylink_chunk_retransmits_total").increment(1);
+    }
+    Ok(())
+}
+
+/// Reads the chunk's bytes from its stream into the spool file, hashing them on the way.
+async fn gather_chunk(
+    gw: &Arc<Gateway>,
+    active: &Arc<Active>,
+    loc: &baylink_net::proto::ChunkLocation,
+    header: &ChunkHeader,
+    recv: &mut quinn::RecvStream,
+) -> Result<[u8; 32], LinkError> {
     let Some(file) = active.files.get(loc.file).and_then(Option::as_ref) else {
         return Err(LinkError::Lost(format!(
             "file {} of transfer {} is already final",
@@ -546,40 +603,11 @@ async fn receive_chunk(gw: &Arc<Gateway>, recv: &mut quinn::RecvStream) -> Resul
             Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}"))),
         }
     }
-    let digest: [u8; 32] = hasher
+    Ok(hasher
         .finish()
         .as_ref()
         .try_into()
-        .expect("SHA-256 is 32 bytes");
-    let good = active.manifest.chunk_digests.get(header.index as usize) == Some(&digest);
-    active
-        .receiver
-        .lock()
-        .expect("receiver lock poisoned")
-        .chunk_received(header.index, digest);
-    active.wake.notify_one();
-    metrics::counter!("baylink_bytes_total", "direction" => "received")
-        .increment(u64::from(loc.len));
-    if good {
-        let due = {
-            let mut u = active.unsynced.lock().expect("unsynced lock poisoned");
-            u.0.push(header.index);
-            u.1 += u64::from(loc.len);
-            u.1 >= CHECKPOINT_BYTES
-        };
-        if due {
-            let gw = gw.clone();
-            let active = active.clone();
-            tokio::spawn(async move {
-                if let Err(e) = checkpoint(&gw, &active).await {
-                    warn!(error = %e, "checkpoint failed");
-                }
-            });
-        }
-    } else {
-        metrics::counter!("baylink_chunk_retransmits_total").increment(1);
-    }
-    Ok(())
+        .expect("SHA-256 is 32 bytes"))
 }
 
 /// fsyncs the files and records the verified chunks as durable.

@@ -90,6 +90,8 @@ pub trait Progress: Send + Sync {
 
 enum ChunkEvent {
     Written(u32),
+    /// The gateway stopped the chunk's stream (a duplicate, or one it is already receiving).
+    Stopped(u32),
     Failed(u32, SendError),
 }
 
@@ -142,7 +144,8 @@ pub async fn run(
                         let ev =
                             match send_chunk(&conn, &spool, &out, index, &stats.wire_bytes).await {
                                 Ok(()) => ChunkEvent::Written(index),
-                                Err(e) => ChunkEvent::Failed(index, e),
+                                Err(ChunkError::Stopped) => ChunkEvent::Stopped(index),
+                                Err(ChunkError::Failed(e)) => ChunkEvent::Failed(index, e),
                             };
                         let _ = tx.send(ev);
                     });
@@ -187,6 +190,7 @@ pub async fn run(
             ev = events.recv() => {
                 match ev.expect("we hold a sender half") {
                     ChunkEvent::Written(i) => sender.lock().expect("sender lock poisoned").chunk_written(i),
+                    ChunkEvent::Stopped(i) => sender.lock().expect("sender lock poisoned").chunk_stream_failed(i),
                     ChunkEvent::Failed(i, SendError::Link(e)) => {
                         warn!(chunk = i, error = %e, "chunk stream failed");
                         return Err(SendError::Link(e));
@@ -203,13 +207,33 @@ fn refusal(e: ProtoError) -> SendError {
     SendError::Refused(e.to_string())
 }
 
+enum ChunkError {
+    Stopped,
+    Failed(SendError),
+}
+
+impl From<SendError> for ChunkError {
+    fn from(e: SendError) -> Self {
+        ChunkError::Failed(e)
+    }
+}
+
+impl From<quinn::WriteError> for ChunkError {
+    fn from(e: quinn::WriteError) -> Self {
+        match e {
+            quinn::WriteError::Stopped(_) => ChunkError::Stopped,
+            other => ChunkError::Failed(SendError::Link(other.into())),
+        }
+    }
+}
+
 async fn send_chunk(
     conn: &quinn::Connection,
     spool: &Spool,
     out: &Outgoing,
     index: u32,
     wire_bytes: &AtomicU64,
-) -> Result<(), SendError> {
+) -> Result<(), ChunkError> {
     let loc = out
         .manifest
         .chunk(index)
@@ -220,11 +244,11 @@ async fn send_chunk(
         len: loc.len,
     };
     let file = &out.files[loc.file];
-    let mut stream = conn.open_uni().await.map_err(LinkError::from)?;
-    stream
-        .write_all(&header.encode())
+    let mut stream = conn
+        .open_uni()
         .await
-        .map_err(LinkError::from)?;
+        .map_err(|e| SendError::Link(e.into()))?;
+    stream.write_all(&header.encode()).await?;
     let mut offset = loc.offset;
     let end = loc.offset + u64::from(loc.len);
     while offset < end {
@@ -239,12 +263,15 @@ async fn send_chunk(
             return Err(SendError::Spool(format!(
                 "{} is shorter than its manifest says (chunk {index})",
                 file.path().display()
-            )));
+            ))
+            .into());
         }
-        stream.write_all(&buf).await.map_err(LinkError::from)?;
+        stream.write_all(&buf).await?;
         wire_bytes.fetch_add(want as u64, Ordering::Relaxed);
         offset += want as u64;
     }
-    stream.finish().map_err(LinkError::from)?;
+    stream
+        .finish()
+        .map_err(|e| SendError::Link(LinkError::from(e)))?;
     Ok(())
 }

@@ -6,4 +6,6 @@
 // Tests fail loudly on anything unexpected; unwrap is the clearest way to say so here.
 #![allow(clippy::unwrap_used)]
 
+mod peer;
+mod refusal;
 mod transfer;
