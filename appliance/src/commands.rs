@@ -153,6 +153,7 @@ fn write_stats(path: &Path, stats: &SendStats) -> anyhow::Result<()> {
     let json = serde_json::json!({
         "chunks": h.len(),
         "wire_bytes": stats.wire_bytes(),
+        "hsm_wait_us": stats.hsm_wait_us.load(std::sync::atomic::Ordering::Relaxed),
         "chunk_latency_us": {
             "p50": h.value_at_quantile(0.50),
             "p99": h.value_at_quantile(0.99),

@@ -262,6 +262,9 @@ impl Edge {
             .context("cannot store the receipt")?;
         }
         bar.finish_and_clear();
+        stats
+            .hsm_wait_us
+            .store(self.keys.waited_us(), Ordering::Relaxed);
         metrics::counter!("baylink_transfers_total", "stage" => "receipted", "outcome" => "ok")
             .increment(1);
         info!(transfer = %id, bytes = out.manifest.total_bytes(), wire_bytes, "receipt verified");

@@ -5,6 +5,8 @@
 //! Signing happens only in the HSM: there is no software key and no way to skip verification.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -26,6 +28,7 @@ pub struct Keys {
     pub peer: PublicKey,
     /// The token (kept open for the lifetime of the keys).
     pub token: Token,
+    waited_us: Arc<AtomicU64>,
 }
 
 /// The HSM settings of a config, with the PIN read from its file.
@@ -57,6 +60,7 @@ impl Keys {
             signer,
             peer,
             token,
+            waited_us: Arc::default(),
         })
     }
 
@@ -65,8 +69,18 @@ impl Keys {
         let msg = [context, body].concat();
         let started = Instant::now();
         let sig = self.signer.sign_async(msg).await?;
-        metrics::histogram!("baylink_hsm_sign_seconds").record(started.elapsed().as_secs_f64());
+        let waited = started.elapsed();
+        metrics::histogram!("baylink_hsm_sign_seconds").record(waited.as_secs_f64());
+        self.waited_us.fetch_add(
+            u64::try_from(waited.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         Ok(sig.0.to_vec())
+    }
+
+    /// Total time spent waiting for HSM signatures through these keys, in microseconds.
+    pub fn waited_us(&self) -> u64 {
+        self.waited_us.load(Ordering::Relaxed)
     }
 
     /// Verifies the peer's signature over `body` under `context`.

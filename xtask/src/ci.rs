@@ -199,6 +199,13 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
             &doc_env,
         )?;
     }
+    // The integration tests run the real `baylink` binary: build every binary of the
+    // workspace in the test profile first (the test build below reuses it).
+    steps.cargo(
+        "build",
+        &["build", "--workspace", "--bins", "--release", "--locked"],
+        &env,
+    )?;
     steps.cargo(
         "test",
         &[

@@ -60,12 +60,15 @@ pub struct SendStats {
     pub wire_bytes: AtomicU64,
     /// Chunk latency in microseconds: chunk stream opened → gateway's `ChunkOk`.
     pub chunk_latency_us: Mutex<Histogram<u64>>,
+    /// Time this side waited for its HSM, in microseconds.
+    pub hsm_wait_us: AtomicU64,
 }
 
 impl Default for SendStats {
     fn default() -> Self {
         SendStats {
             wire_bytes: AtomicU64::new(0),
+            hsm_wait_us: AtomicU64::new(0),
             chunk_latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid"),
             ),

@@ -303,3 +303,36 @@ fn chunks_that_never_match_their_digest_fail_the_transfer() {
         "the failed transfer's spool directory was removed"
     );
 }
+
+#[test]
+fn a_signature_over_another_manifest_is_refused() {
+    let d = Deployment::new().unwrap();
+    // The edge's HSM signs one manifest; the peer then offers a different one (one file's
+    // bytes changed, so its chunk digest and Merkle root differ) under that signature.
+    let (signed, signed_bytes) = manifest_bytes(&[("scan.dcm", &[1u8; 5000])]);
+    let signature = sign_as_edge(&d, &signed_bytes);
+    let mut b = ManifestBuilder::new(signed.transfer_id, "edge", [7; 32], 4096);
+    let mut h = ChunkHasher::new(4096);
+    h.update(&[2u8; 5000]);
+    b.add_file("scan.dcm".to_owned(), 5000, h.finish()).unwrap();
+    let tampered = b.finish(1).unwrap().to_bytes();
+    assert_ne!(tampered, signed_bytes);
+    let gw = gateway(&d);
+    runtime().block_on(async {
+        let mut p = Peer::connect(&d).await;
+        p.hello().await;
+        p.frame(&Frame::Offer {
+            manifest: tampered.into(),
+            signature: signature.into(),
+        })
+        .await;
+        let (code, text) = p.error().await;
+        assert_eq!(code, ErrorCode::BadSignature, "{text}");
+        assert!(
+            text.contains("manifest signature does not verify"),
+            "{text}"
+        );
+    });
+    assert!(gw.terminate().unwrap().success());
+    assert_nothing_delivered(&d);
+}
