@@ -29,7 +29,7 @@ use crate::signing::{Keys, MANIFEST_CONTEXT, RECEIPT_CONTEXT};
 use crate::transfer_dir::{TransferDir, write_atomic};
 
 /// Verified bytes after which the receiver makes its progress durable (fsync + state file).
-const CHECKPOINT_BYTES: u64 = 256 * 1024 * 1024;
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Everything the gateway's receive path shares.
 #[derive(Debug)]

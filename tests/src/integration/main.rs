@@ -9,4 +9,5 @@
 mod hsm_cli;
 mod peer;
 mod refusal;
+mod resume;
 mod transfer;

@@ -1,0 +1,114 @@
+//! Faults in the middle of a transfer: the gateway or the sender is killed with SIGKILL; the
+//! transfer completes from the spool, byte-identical, without sending everything again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baylink_tests::{Deployment, baylink_bin, payload, sha256_file, summary};
+
+const SIZE: u64 = 512 << 20;
+
+/// Waits (bounded) until some transfer in the gateway spool has durable chunks on record.
+fn wait_for_gateway_progress(d: &Deployment) -> PathBuf {
+    let spool = d.path("spool/gateway");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(state) = std::fs::read_dir(&spool)
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("state"))
+            .find(|p| p.exists())
+        {
+            return state;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no durable progress within 120 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn only_transfer(spool: &Path) -> String {
+    let mut ids: Vec<String> = std::fs::read_dir(spool)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    ids.remove(0)
+}
+
+fn assert_delivered(d: &Deployment, id: &str, src: &Path) {
+    let got = d.delivered(id, src.file_name().unwrap().to_str().unwrap());
+    assert!(got.exists(), "{} was not delivered", got.display());
+    assert_eq!(sha256_file(src).unwrap(), sha256_file(&got).unwrap());
+}
+
+#[test]
+fn heavy_gateway_killed_mid_transfer_then_restarted_completes() {
+    let d = Deployment::new().unwrap();
+    let src = payload(d.dir.path(), "series.bin", SIZE, 11).unwrap();
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    let sender = Command::new(baylink_bin())
+        .args(["send", "--no-progress", "--config"])
+        .arg(d.edge_config())
+        .arg(&src)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_gateway_progress(&d);
+    gw.kill().unwrap();
+    // The sender keeps retrying; a new gateway on the same spool picks the transfer up.
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    let s = summary(&out).unwrap();
+    let wire = s["wire_bytes"].as_u64().unwrap();
+    assert!(wire < 2 * SIZE, "resent too much: {wire} of {SIZE}");
+    assert!(gw.terminate().unwrap().success());
+    assert_delivered(&d, s["transfer_id"].as_str().unwrap(), &src);
+}
+
+#[test]
+fn heavy_sender_killed_then_resume_finishes_from_the_spool() {
+    let d = Deployment::new().unwrap();
+    let src = payload(d.dir.path(), "series.bin", SIZE, 12).unwrap();
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    let mut sender = Command::new(baylink_bin())
+        .args(["send", "--no-progress", "--config"])
+        .arg(d.edge_config())
+        .arg(&src)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_gateway_progress(&d);
+    sender.kill().unwrap();
+    sender.wait().unwrap();
+    let id = only_transfer(&d.path("spool/edge"));
+
+    let out = d.send(&["--resume", &id]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    let s = summary(&out).unwrap();
+    assert_eq!(s["transfer_id"], id.as_str());
+    assert_eq!(s["bytes"], SIZE);
+    let wire = s["wire_bytes"].as_u64().unwrap();
+    assert!(wire < SIZE, "resume sent everything again: {wire}");
+    assert!(gw.terminate().unwrap().success());
+    assert_delivered(&d, &id, &src);
+}
