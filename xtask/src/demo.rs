@@ -28,7 +28,7 @@ pub struct Options {
     /// Payload size in bytes.
     pub size: u64,
     /// Keep the demo directory even on success.
-    pub keep: bool,
+    pub clean: bool,
     /// A prebuilt baylink binary (skips the build).
     pub baylink: Option<PathBuf>,
     /// Do not install softhsm2.
@@ -42,7 +42,7 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the gateway may take to drain and exit after SIGTERM (its `drain.timeout` is 30 s).
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Runs the demo; the directory stays when anything fails (and with `--keep`).
+/// Runs the demo; the directory stays unless `--clean` was given and everything passed.
 pub fn run(opts: &Options) -> Result<()> {
     packages::ensure(&[packages::SOFTHSM2], !opts.skip_install)?;
     let bin = match &opts.baylink {
@@ -54,11 +54,15 @@ pub fn run(opts: &Options) -> Result<()> {
     println!("demo: directory {}", dir.display());
     let result = run_in(&bin, &dir, opts.size);
     match &result {
-        Ok(()) if !opts.keep => match std::fs::remove_dir_all(&dir) {
+        Ok(()) if opts.clean => match std::fs::remove_dir_all(&dir) {
             Ok(()) => println!("demo: removed {}", dir.display()),
             Err(e) => println!("demo: could not remove {}: {e}", dir.display()),
         },
-        Ok(()) => println!("demo: kept {}", dir.display()),
+        Ok(()) => println!(
+            "demo: kept {} (remove it with: rm -rf {})",
+            dir.display(),
+            dir.display()
+        ),
         Err(_) => eprintln!(
             "demo: failed; directory kept for inspection: {}",
             dir.display()

@@ -59,9 +59,10 @@ struct DemoArgs {
     /// kB/MB/GB/TB (powers of 1000), e.g. 512MiB, 1GiB, 10GB.
     #[arg(long, default_value = "1073741824", value_parser = size::parse_size)]
     size: u64,
-    /// Keep the demo directory afterwards (it is always kept when something failed).
+    /// Remove the demo directory afterwards (by default it stays, so the delivered copy can
+    /// be inspected; it always stays when something failed).
     #[arg(long)]
-    keep: bool,
+    clean: bool,
     /// Use this baylink binary instead of building one with `cargo build --release`.
     #[arg(long, value_name = "PATH")]
     baylink: Option<PathBuf>,
@@ -79,7 +80,7 @@ fn main() -> ExitCode {
         }),
         Command::Demo(args) => demo::run(&demo::Options {
             size: args.size,
-            keep: args.keep,
+            clean: args.clean,
             baylink: args.baylink,
             skip_install: args.skip_install,
         }),
@@ -123,16 +124,16 @@ mod tests {
         match cli.command {
             Command::Demo(a) => {
                 assert_eq!(a.size, 1 << 30);
-                assert!(!a.keep);
+                assert!(!a.clean);
                 assert!(a.baylink.is_none());
             }
             other => panic!("parsed as {other:?}"),
         }
-        let cli = Cli::try_parse_from(["xtask", "demo", "--size", "512MiB", "--keep"]).unwrap();
+        let cli = Cli::try_parse_from(["xtask", "demo", "--size", "512MiB", "--clean"]).unwrap();
         match cli.command {
             Command::Demo(a) => {
                 assert_eq!(a.size, 512 << 20);
-                assert!(a.keep);
+                assert!(a.clean);
             }
             other => panic!("parsed as {other:?}"),
         }
