@@ -1,1 +1,102 @@
-fn main() {}
+//! `baylink-bench`: end-to-end benchmark harness for baylink.
+//!
+//! `baylink-bench e2e` measures baylink (disk → disk, with policy, sealing, HSM signatures,
+//! receipt verification and fsync) against raw quinn with the same transport set-up (memory →
+//! memory, the ceiling) on one loopback deployment, and writes the figures as JSON and as a
+//! table. The hidden subcommands `quinn-sink` and `quinn-source` are the two processes of the
+//! quinn contestant; the bench runs itself as them.
+//!
+//! Not in this version: link impairment (network namespaces and a userspace forwarder) and
+//! the scp baselines that need it.
+
+#![forbid(unsafe_code)]
+
+mod baylink_run;
+mod e2e;
+mod env_config;
+mod payload;
+mod proc;
+mod quinn_pair;
+mod report;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+const FIGURES: &str = "\
+Figures (per contestant; the JSON also lists every run):
+  Gbit/s         payload bits / seconds of the link phase, median of the runs (min, max:
+                 slowest and fastest run).
+                 quinn:   connect -> last chunk acknowledged, memory -> memory.
+                 baylink: `transmit_seconds` of `baylink send`, connect -> verified receipt,
+                          which includes the gateway's fsync, commit and HSM-signed receipt.
+  Gbit/s incl. seal
+                 baylink only (JSON `gbit_per_s_including_seal`): payload bits / `seconds`,
+                 the whole send, including sealing (copy into the edge spool + hashing).
+  CPU s/GiB      CPU seconds (user + system) per GiB of payload, per side, median of runs.
+                 quinn:   each child's own getrusage(RUSAGE_SELF) at exit (whole process,
+                          TLS handshake included).
+                 baylink: sender = getrusage(RUSAGE_CHILDREN) delta around the `send` child
+                          (so sealing, hashing and HSM signing count); receiver = the gateway's
+                          utime + stime from /proc/<pid>/stat, before the send and after the
+                          delivered files appeared.
+  chunk p50/p99  chunk latency in ms: stream open -> chunk acknowledged, at the sender,
+                 recorded in an hdrhistogram per run; the figure is the median over runs of
+                 each run's percentile.
+  ratio_vs_quinn (JSON) median baylink Gbit/s / median quinn Gbit/s of the same invocation.
+  ratio_vs_scp*  (JSON) null in this version: scp needs the impairment namespaces.
+
+Runs alternate (quinn, baylink, quinn, ...) so drift of the machine hits both alike. Every
+baylink run's delivered files are compared with the source by SHA-256. Each run is time-boxed
+(--time-limit): quinn reports the rate it reached by then, a baylink run is killed and marked
+timed_out. Exit status: 0 all runs gave figures or timed out, 1 a run failed, 2 the requested
+link cannot be emulated in this version.";
+
+/// End-to-end benchmark harness for baylink.
+#[derive(Debug, Parser)]
+#[command(name = "baylink-bench", version, after_help = FIGURES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Compare baylink with raw quinn (the ceiling) on one loopback deployment.
+    #[command(after_help = FIGURES)]
+    E2e(e2e::E2eArgs),
+    /// (internal) The receiving process of the quinn contestant.
+    #[command(hide = true)]
+    QuinnSink(quinn_pair::SinkArgs),
+    /// (internal) The sending process of the quinn contestant.
+    #[command(hide = true)]
+    QuinnSource(quinn_pair::SourceArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::E2e(args) => run_e2e(args),
+        Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
+        Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("baylink-bench: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// The orchestrator itself is mostly idle: one thread is enough and keeps it off the cores
+/// the contestants use.
+fn run_e2e(args: e2e::E2eArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::select! {
+            result = e2e::run(args) => result,
+            // Dropping the run kills every child (kill_on_drop) and removes the work dir.
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        }
+    })
+}
