@@ -299,6 +299,7 @@ impl Edge {
         let mut lost_since: Option<Instant> = None;
         let progress = BarProgress(bar.clone());
         loop {
+            let sent_before = stats.wire_bytes();
             let attempt = async {
                 let conn = self
                     .endpoint
@@ -344,6 +345,11 @@ impl Edge {
                     return Err(SendFailure::Other(anyhow::anyhow!(text)));
                 }
                 Err(SendError::Link(e)) => {
+                    if stats.wire_bytes() > sent_before {
+                        // That connection made progress: the retry window starts afresh.
+                        lost_since = None;
+                        backoff = Duration::from_millis(200);
+                    }
                     let since = *lost_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= retry_for {
                         return Err(SendFailure::LinkGaveUp {

@@ -291,7 +291,7 @@ async fn accept_offer(
     let id = manifest.transfer_id;
     if gw.draining.load(Ordering::Relaxed) {
         return Err((
-            ErrorCode::Internal,
+            ErrorCode::ShuttingDown,
             "gateway is shutting down; retry later".into(),
         ));
     }
