@@ -169,6 +169,19 @@ struct BufferPool {
     allocated: AtomicUsize,
 }
 
+/// Alignment of pool buffers, and of `O_DIRECT` offsets and lengths.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// A buffer of at least `size` bytes whose start is [`DIRECT_ALIGN`]-aligned, as `O_DIRECT`
+/// needs: one allocation with room for the alignment, the unaligned head split off (the
+/// two halves share the allocation; the head is dropped at once).
+fn aligned_bytes(size: usize) -> BytesMut {
+    let mut raw = BytesMut::with_capacity(size + DIRECT_ALIGN);
+    let pad = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+    raw.resize(pad, 0);
+    raw.split_off(pad)
+}
+
 impl BufferPool {
     fn new(buffers: usize, buffer_size: usize) -> BufferPool {
         BufferPool {
@@ -187,7 +200,7 @@ impl BufferPool {
             .pop();
         let bytes = pooled.unwrap_or_else(|| {
             self.allocated.fetch_add(1, Ordering::Relaxed);
-            BytesMut::with_capacity(self.buffer_size)
+            aligned_bytes(self.buffer_size)
         });
         SpoolBuf {
             bytes,
@@ -340,12 +353,18 @@ pub struct SpoolFile {
     path: Arc<Path>,
     closer: mpsc::UnboundedSender<u64>,
     closed: bool,
+    direct: bool,
 }
 
 impl SpoolFile {
     /// The path the file was opened with.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether writes bypass the page cache (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.direct
     }
 }
 
@@ -375,6 +394,9 @@ enum OpenMode {
     Read,
     /// Read and write, create, no truncation.
     ReadWrite,
+    /// Like `ReadWrite`, with `O_DIRECT` (no page-cache copy); falls back to `ReadWrite`
+    /// where the file system refuses `O_DIRECT`.
+    ReadWriteDirect,
 }
 
 impl OpenMode {
@@ -382,7 +404,7 @@ impl OpenMode {
         match self {
             OpenMode::Create => SpoolOp::Create,
             OpenMode::Read => SpoolOp::Open,
-            OpenMode::ReadWrite => SpoolOp::OpenRw,
+            OpenMode::ReadWrite | OpenMode::ReadWriteDirect => SpoolOp::OpenRw,
         }
     }
 }
@@ -588,6 +610,7 @@ impl Spool {
             path,
             closer: self.shared.closer.clone(),
             closed: false,
+            direct: matches!(mode, OpenMode::ReadWriteDirect),
         })
     }
 
@@ -607,14 +630,63 @@ impl Spool {
         self.open_with(path.as_ref(), OpenMode::ReadWrite).await
     }
 
+    /// Like [`Spool::open_rw`], but writes go straight to the device (`O_DIRECT`): no copy
+    /// into the page cache, and a cheap final fsync. Writes must then start at offsets that
+    /// are multiples of [`DIRECT_ALIGN`]; a write whose length is not a multiple is padded
+    /// with zeros, so the file can end up longer than the data: truncate it to its real
+    /// size before use. Where the file system refuses `O_DIRECT` (e.g. tmpfs) the file is
+    /// opened as [`Spool::open_rw`] would, and [`SpoolFile::is_direct`] says so.
+    pub async fn open_rw_direct(&self, path: impl AsRef<Path>) -> SpoolResult<SpoolFile> {
+        match self
+            .open_with(path.as_ref(), OpenMode::ReadWriteDirect)
+            .await
+        {
+            Err(e) if e.source.raw_os_error() == Some(nix::libc::EINVAL) => {
+                self.open_with(path.as_ref(), OpenMode::ReadWrite).await
+            }
+            other => other,
+        }
+    }
+
     /// Writes all of `buf` at `offset` (short writes are continued) and gives the buffer
     /// back, unchanged, for reuse. On error the buffer returns to the pool.
     pub async fn write_at(
         &self,
         file: &SpoolFile,
         offset: u64,
-        buf: SpoolBuf,
+        mut buf: SpoolBuf,
     ) -> SpoolResult<SpoolBuf> {
+        if file.direct {
+            if offset % DIRECT_ALIGN as u64 != 0 {
+                return Err(SpoolError::new(
+                    SpoolOp::Write,
+                    file.path.to_path_buf(),
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "O_DIRECT write at offset {offset}, not a multiple of {DIRECT_ALIGN}"
+                        ),
+                    ),
+                ));
+            }
+            let padded = buf.len().next_multiple_of(DIRECT_ALIGN);
+            if padded > buf.capacity() {
+                return Err(SpoolError::new(
+                    SpoolOp::Write,
+                    file.path.to_path_buf(),
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "O_DIRECT needs a buffer size that is a multiple of {DIRECT_ALIGN}"
+                        ),
+                    ),
+                ));
+            }
+            if padded != buf.len() {
+                let zeros = [0u8; DIRECT_ALIGN];
+                buf.fill_from(&zeros[..padded - buf.len()]);
+            }
+        }
         self.call(SpoolOp::Write, &file.path, |reply| Request::Write {
             id: file.id,
             path: Arc::clone(&file.path),
@@ -862,11 +934,17 @@ async fn handle(table: Rc<FileTable>, request: Request) {
 }
 
 async fn open(path: &Path, mode: OpenMode) -> io::Result<tokio_uring::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut options = tokio_uring::fs::OpenOptions::new();
     match mode {
         OpenMode::Create => options.read(true).write(true).create(true).truncate(true),
         OpenMode::Read => options.read(true),
         OpenMode::ReadWrite => options.read(true).write(true).create(true),
+        OpenMode::ReadWriteDirect => options
+            .read(true)
+            .write(true)
+            .create(true)
+            .custom_flags(nix::libc::O_DIRECT),
     };
     options.open(path).await
 }
@@ -1089,6 +1167,47 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn direct_writes_land_and_pad_the_tail() {
+        let spool = spool(4, 64 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("direct.part");
+        let file = spool.open_rw_direct(&path).await.unwrap();
+        // Two full buffers and a short tail, written out of order.
+        let mut expect = Vec::new();
+        for (i, len) in [(0u8, 64 * 1024), (1, 64 * 1024), (2, 1000)] {
+            expect.extend(std::iter::repeat_n(i + 1, len));
+        }
+        for (i, len) in [(2u8, 1000usize), (0, 64 * 1024), (1, 64 * 1024)] {
+            let mut buf = spool.buffer().await;
+            assert_eq!(
+                buf.as_ptr() as usize % DIRECT_ALIGN,
+                0,
+                "pool buffers are aligned"
+            );
+            buf.extend_from_slice(&vec![i + 1; len]).unwrap();
+            spool
+                .write_at(&file, u64::from(i) * 64 * 1024, buf)
+                .await
+                .unwrap();
+        }
+        spool.sync(&file).await.unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        if file.is_direct() {
+            // The tail was padded to the alignment with zeros.
+            assert_eq!(on_disk.len(), 2 * 64 * 1024 + DIRECT_ALIGN);
+        }
+        assert_eq!(&on_disk[..expect.len()], &expect[..]);
+        assert!(on_disk[expect.len()..].iter().all(|b| *b == 0));
+        // An unaligned offset is refused, naming the file.
+        let mut buf = spool.buffer().await;
+        buf.extend_from_slice(b"x").unwrap();
+        if file.is_direct() {
+            let e = spool.write_at(&file, 3, buf).await.unwrap_err();
+            assert!(e.source.to_string().contains("not a multiple"), "{e:?}");
+        }
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use baylink_net::proto::{
     ChunkHeader, ChunkSet, ErrorCode, Frame, Limits, Manifest, ProtoError, Receipt, Receiver,
     ReceiverAction, ReceiverConfig, TransferId,
 };
-use baylink_net::spool::{Spool, SpoolFile};
+use baylink_net::spool::{DIRECT_ALIGN, Spool, SpoolFile};
 use bytes::Bytes;
 use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -354,11 +354,17 @@ async fn accept_offer(
             files.push(None);
             continue;
         }
-        let file = gw
-            .spool
-            .open_rw(dir.part_file(&f.name))
-            .await
-            .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+        // O_DIRECT where the chunk layout keeps every write aligned: no page-cache copy,
+        // and the fsync at commit has little left to do. Padded tails are cut at commit.
+        let part = dir.part_file(&f.name);
+        let opened = if manifest.chunk_size as usize % DIRECT_ALIGN == 0
+            && gw.spool.buffer_size() % DIRECT_ALIGN == 0
+        {
+            gw.spool.open_rw_direct(part).await
+        } else {
+            gw.spool.open_rw(part).await
+        };
+        let file = opened.map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
         files.push(Some(Arc::new(file)));
     }
     let (cancel, _) = watch::channel(false);
