@@ -657,7 +657,7 @@ impl Spool {
         mut buf: SpoolBuf,
     ) -> SpoolResult<SpoolBuf> {
         if file.direct {
-            if offset % DIRECT_ALIGN as u64 != 0 {
+            if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
                 return Err(SpoolError::new(
                     SpoolOp::Write,
                     file.path.to_path_buf(),

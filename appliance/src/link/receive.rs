@@ -357,8 +357,8 @@ async fn accept_offer(
         // O_DIRECT where the chunk layout keeps every write aligned: no page-cache copy,
         // and the fsync at commit has little left to do. Padded tails are cut at commit.
         let part = dir.part_file(&f.name);
-        let opened = if manifest.chunk_size as usize % DIRECT_ALIGN == 0
-            && gw.spool.buffer_size() % DIRECT_ALIGN == 0
+        let opened = if (manifest.chunk_size as usize).is_multiple_of(DIRECT_ALIGN)
+            && gw.spool.buffer_size().is_multiple_of(DIRECT_ALIGN)
         {
             gw.spool.open_rw_direct(part).await
         } else {
