@@ -649,7 +649,9 @@ impl Spool {
     }
 
     /// Writes all of `buf` at `offset` (short writes are continued) and gives the buffer
-    /// back, unchanged, for reuse. On error the buffer returns to the pool.
+    /// back for reuse: unchanged, except that for a file opened with
+    /// [`Spool::open_rw_direct`] a length that is not a multiple of [`DIRECT_ALIGN`] was
+    /// padded with zeros first. On error the buffer returns to the pool.
     pub async fn write_at(
         &self,
         file: &SpoolFile,
@@ -657,30 +659,23 @@ impl Spool {
         mut buf: SpoolBuf,
     ) -> SpoolResult<SpoolBuf> {
         if file.direct {
-            if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
-                return Err(SpoolError::new(
+            let refuse = |why: String| {
+                SpoolError::new(
                     SpoolOp::Write,
                     file.path.to_path_buf(),
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!(
-                            "O_DIRECT write at offset {offset}, not a multiple of {DIRECT_ALIGN}"
-                        ),
-                    ),
-                ));
+                    io::Error::new(io::ErrorKind::InvalidInput, why),
+                )
+            };
+            if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
+                return Err(refuse(format!(
+                    "O_DIRECT write at offset {offset}, not a multiple of {DIRECT_ALIGN}"
+                )));
             }
             let padded = buf.len().next_multiple_of(DIRECT_ALIGN);
             if padded > buf.capacity() {
-                return Err(SpoolError::new(
-                    SpoolOp::Write,
-                    file.path.to_path_buf(),
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!(
-                            "O_DIRECT needs a buffer size that is a multiple of {DIRECT_ALIGN}"
-                        ),
-                    ),
-                ));
+                return Err(refuse(format!(
+                    "O_DIRECT needs a buffer size that is a multiple of {DIRECT_ALIGN}"
+                )));
             }
             if padded != buf.len() {
                 let zeros = [0u8; DIRECT_ALIGN];
