@@ -15,7 +15,7 @@ use baylink_net::proto::{Limits, Manifest, TransferId};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::transfer_dir::{TransferDir, sync_dir, write_atomic};
+use crate::transfer_dir::{self, TransferDir, sync_dir, write_atomic};
 
 /// A downstream store.
 pub trait Deliver: Send + Sync + std::fmt::Debug {
@@ -92,17 +92,7 @@ fn copy_durable(src: &Path, dst: &Path) -> anyhow::Result<()> {
 
 /// Committed transfers in a gateway spool that are not delivered yet (start-up recovery).
 pub fn undelivered(spool_dir: &Path) -> Vec<TransferId> {
-    let Ok(entries) = std::fs::read_dir(spool_dir) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
-        .filter_map(|e| e.file_name().to_str()?.parse::<TransferId>().ok())
-        .filter(|id| {
-            let d = TransferDir::new(spool_dir, id);
-            d.has_receipt() && !d.delivered().exists()
-        })
-        .collect()
+    transfer_dir::list(spool_dir, |d| d.has_receipt() && !d.delivered().exists())
 }
 
 /// Committed transfers waiting for delivery; shared by the receive path and the worker.

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -25,7 +25,7 @@ use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStat
 use crate::policy::{Decision, Declaration, Policy};
 use crate::seal::{self, SealProgress};
 use crate::signing::{Keys, RECEIPT_CONTEXT};
-use crate::transfer_dir::{TransferDir, write_atomic};
+use crate::transfer_dir::{self, TransferDir, write_atomic};
 
 /// What `send` reports on success: the contract's JSON line.
 #[derive(Debug, Serialize)]
@@ -339,7 +339,7 @@ impl Edge {
                     return Ok(d);
                 }
                 Err(SendError::Refused(text)) => {
-                    return Err(SendFailure::GatewayRefused(gateway_text(&text)));
+                    return Err(SendFailure::GatewayRefused(text));
                 }
                 Err(SendError::Spool(text)) => {
                     return Err(SendFailure::Other(anyhow::anyhow!(text)));
@@ -391,19 +391,9 @@ impl Edge {
 
     /// Sealed transfers in the spool that have no receipt yet.
     pub fn pending(&self) -> Vec<TransferId> {
-        let Ok(entries) = std::fs::read_dir(&self.cfg.spool_dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<TransferId> = entries
-            .filter_map(Result::ok)
-            .filter_map(|e| e.file_name().to_str()?.parse::<TransferId>().ok())
-            .filter(|id| {
-                let d = TransferDir::new(&self.cfg.spool_dir, id);
-                d.manifest_bin().exists() && !d.has_receipt()
-            })
-            .collect();
-        out.sort_by_key(|id| id.to_string());
-        out
+        transfer_dir::list(&self.cfg.spool_dir, |d| {
+            d.manifest_bin().exists() && !d.has_receipt()
+        })
     }
 }
 
@@ -418,11 +408,6 @@ fn tls_refusal(reason: &quinn::ConnectionError) -> Option<String> {
     (0x100..=0x1ff)
         .contains(&code)
         .then(|| format!("TLS handshake refused: {text}"))
-}
-
-/// The gateway's own words, without the protocol wrapping.
-fn gateway_text(text: &str) -> String {
-    text.to_owned()
 }
 
 /// Takes the transfer's lock, or says who holds it.
@@ -472,15 +457,4 @@ impl SealProgress for BarProgress {
     fn copied(&self, bytes: u64) {
         self.0.inc(bytes);
     }
-}
-
-/// Counts bytes for callers that want numbers rather than a bar.
-#[derive(Debug, Default)]
-pub struct Counter(pub AtomicU64);
-
-impl Progress for Counter {
-    fn confirmed(&self, bytes: u64) {
-        self.0.fetch_add(bytes, Ordering::Relaxed);
-    }
-    fn already_there(&self, _bytes: u64) {}
 }

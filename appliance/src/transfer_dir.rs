@@ -171,6 +171,22 @@ impl TransferDir {
     }
 }
 
+/// The transfers in a spool whose directory passes `keep`, oldest first (transfer ids are
+/// UUIDv7, so their text sorts by creation time). Entries that are not transfer ids are
+/// ignored; an unreadable spool lists nothing.
+pub fn list(spool: &Path, keep: impl Fn(&TransferDir) -> bool) -> Vec<TransferId> {
+    let Ok(entries) = fs::read_dir(spool) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<TransferId> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<TransferId>().ok())
+        .filter(|id| keep(&TransferDir::new(spool, id)))
+        .collect();
+    ids.sort_by_key(|id| id.to_string());
+    ids
+}
+
 /// Writes `bytes` to `path` so that a crash leaves the old content or the new, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));

@@ -437,11 +437,7 @@ fn prepare_dir(
         Err(e) => return Err(io("cannot read", e)),
     }
     if dir.has_receipt() {
-        let mut full = ChunkSet::new(manifest.chunk_count());
-        for i in 0..manifest.chunk_count() {
-            full.insert(i);
-        }
-        return Ok(full);
+        return Ok(ChunkSet::full(manifest.chunk_count()));
     }
     dir.load_state(manifest.chunk_count()).or_else(|e| {
         // A state file we cannot trust is discarded: the chunks are simply received again.
