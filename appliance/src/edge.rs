@@ -342,7 +342,7 @@ impl Edge {
                     return Err(SendFailure::GatewayRefused(text));
                 }
                 Err(SendError::Spool(text)) => {
-                    return Err(SendFailure::Other(anyhow::anyhow!(text)));
+                    return Err(SendFailure::Other(anyhow::anyhow!("edge spool: {text}")));
                 }
                 Err(SendError::Link(e)) => {
                     if stats.wire_bytes() > sent_before {

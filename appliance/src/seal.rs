@@ -115,6 +115,7 @@ pub async fn seal_files(
         Arc::new(manifest),
         bytes.into(),
         signature.into(),
+        false,
     )
     .await
 }
@@ -137,6 +138,7 @@ pub async fn load_sealed(spool: &Spool, dir: &TransferDir) -> anyhow::Result<Out
         Arc::new(manifest),
         bytes.into(),
         signature.into(),
+        true,
     )
     .await
 }
@@ -155,6 +157,7 @@ async fn open_outgoing(
     manifest: Arc<Manifest>,
     manifest_bytes: Bytes,
     signature: Bytes,
+    check_at_rest: bool,
 ) -> anyhow::Result<Outgoing> {
     let mut files = Vec::with_capacity(manifest.files.len());
     for f in &manifest.files {
@@ -176,6 +179,7 @@ async fn open_outgoing(
         manifest_bytes,
         signature,
         files: Arc::new(files),
+        check_at_rest,
     })
 }
 

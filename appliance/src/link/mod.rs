@@ -8,7 +8,8 @@
 pub mod receive;
 pub mod send;
 
-use baylink_net::proto::{Frame, FrameDecoder, Limits, ProtoError};
+use baylink_net::proto::{ChunkLocation, Digest, Frame, FrameDecoder, Limits, ProtoError};
+use baylink_net::spool::{Spool, SpoolError, SpoolFile};
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 
@@ -129,4 +130,55 @@ pub fn spawn_frame_reader(
         }
     });
     rx
+}
+
+/// Reads one chunk back from a spool file and hashes it: the check against corruption at
+/// rest (a disk that no longer returns what was written). With `uncached`, the file's cached
+/// pages are dropped first so the bytes come from the device, not from the page cache that
+/// served the read that failed.
+pub async fn digest_at_rest(
+    spool: &Spool,
+    file: &SpoolFile,
+    loc: &ChunkLocation,
+    uncached: bool,
+) -> Result<Digest, SpoolError> {
+    if uncached {
+        drop_cached_pages(file.path(), loc);
+    }
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let end = loc.offset + u64::from(loc.len);
+    let mut offset = loc.offset;
+    while offset < end {
+        let buf = spool.buffer().await;
+        let want = usize::try_from((end - offset).min(buf.capacity() as u64))
+            .expect("bounded by the buffer size");
+        let buf = spool.read_at(file, offset, buf, want).await?;
+        if buf.is_empty() {
+            break; // short file: the digest cannot match, which is the answer
+        }
+        hasher.update(&buf);
+        offset += buf.len() as u64;
+    }
+    Ok(hasher
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes"))
+}
+
+/// Best effort: asks the kernel to forget the cached pages of a chunk (written-back pages
+/// only; dirty ones stay, which is right: they are what was written).
+fn drop_cached_pages(path: &std::path::Path, loc: &ChunkLocation) {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    if let Ok(f) = std::fs::File::open(path) {
+        let Ok(off) = i64::try_from(loc.offset) else {
+            return;
+        };
+        let _ = posix_fadvise(
+            &f,
+            off,
+            i64::from(loc.len),
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+    }
 }

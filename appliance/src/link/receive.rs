@@ -9,7 +9,7 @@
 //!   receipt signature file is written last and is the commit point;
 //! - nothing reaches the delivery path before the commit (delivery runs afterwards).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -51,6 +51,8 @@ pub struct Gateway {
     /// Set when draining: new offers are refused.
     pub draining: AtomicBool,
     active: Mutex<HashMap<TransferId, Arc<Active>>>,
+    /// Transfers whose durable chunks were read back and checked since this process started.
+    checked_at_rest: Mutex<HashSet<TransferId>>,
 }
 
 impl Gateway {
@@ -74,6 +76,7 @@ impl Gateway {
             committed,
             draining: AtomicBool::new(false),
             active: Mutex::new(HashMap::new()),
+            checked_at_rest: Mutex::new(HashSet::new()),
         }
     }
 
@@ -96,6 +99,9 @@ struct Active {
     conn: quinn::Connection,
     cancel: watch::Sender<bool>,
     done: watch::Sender<bool>,
+    /// Set by a chunk whose write found the spool full: the control stream pauses the
+    /// transfer (the edge retries with backoff and resumes once space is back).
+    no_space: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -205,6 +211,20 @@ async fn control_stream(
                 }
             }
 
+            if let Some(a) = &active
+                && a.no_space.swap(false, Ordering::SeqCst)
+            {
+                warn!(transfer = %a.manifest.transfer_id,
+                      "spool is full: transfer paused; the edge retries and it resumes once space is freed");
+                metrics::counter!("baylink_transfers_total", "stage" => "receive", "outcome" => "paused_no_space").increment(1);
+                writer
+                    .send(&Frame::Error {
+                        code: ErrorCode::NoSpace,
+                        text: "gateway spool is full: transfer paused, retry later".into(),
+                    })
+                    .await?;
+                return Ok(());
+            }
             let wake = async {
                 match &active {
                     Some(a) => a.wake.notified().await,
@@ -344,7 +364,20 @@ async fn accept_offer(
             .await
             .map_err(|e| internal("spool", &e))?
     };
-    let have = prepared?;
+    let mut have = prepared?;
+    let checked = |gw: &Gateway| {
+        gw.checked_at_rest
+            .lock()
+            .expect("registry lock poisoned")
+            .contains(&id)
+    };
+    if !checked(gw) && have.count() > 0 && !dir.has_receipt() {
+        check_at_rest(gw, &dir, &manifest, &mut have).await?;
+    }
+    gw.checked_at_rest
+        .lock()
+        .expect("registry lock poisoned")
+        .insert(id);
 
     // Open a `.part` for every file not yet renamed to its final name (all of them, unless
     // a commit was interrupted half-way); empty files get their (empty) `.part` here too.
@@ -380,6 +413,7 @@ async fn accept_offer(
         conn: conn.clone(),
         cancel,
         done,
+        no_space: AtomicBool::new(false),
     });
     gw.active
         .lock()
@@ -390,6 +424,63 @@ async fn accept_offer(
     metrics::counter!("baylink_transfers_total", "stage" => "offer", "outcome" => "accepted")
         .increment(1);
     Ok((active, have))
+}
+
+/// Reads back every chunk the state file lists as durable (written before this process
+/// started, so never hashed by it) and forgets those that no longer match their digest: they
+/// are fetched again instead of being committed.
+async fn check_at_rest(
+    gw: &Gateway,
+    dir: &TransferDir,
+    manifest: &Manifest,
+    have: &mut ChunkSet,
+) -> Result<(), (ErrorCode, String)> {
+    let mut opened: HashMap<usize, SpoolFile> = HashMap::new();
+    let mut bad = Vec::new();
+    for index in have.iter().collect::<Vec<_>>() {
+        let Some(loc) = manifest.chunk(index) else {
+            continue;
+        };
+        let part = dir.part_file(&manifest.files[loc.file].name);
+        let file = match opened.entry(loc.file) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                if !part.exists() {
+                    // Renamed to its final name by an interrupted commit: complete and checked.
+                    continue;
+                }
+                let file = gw
+                    .spool
+                    .open(&part)
+                    .await
+                    .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+                e.insert(file)
+            }
+        };
+        let digest = super::digest_at_rest(&gw.spool, file, &loc, false)
+            .await
+            .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+        if manifest.chunk_digests.get(index as usize) != Some(&digest) {
+            warn!(transfer = %manifest.transfer_id, chunk = index, file = %part.display(),
+                  "chunk no longer matches its digest at rest (disk fault?): fetching it again");
+            metrics::counter!("baylink_chunks_corrupt_at_rest_total").increment(1);
+            bad.push(index);
+        }
+    }
+    for (_, file) in opened {
+        let _ = gw.spool.close(file).await;
+    }
+    if !bad.is_empty() {
+        for index in bad {
+            have.remove(index);
+        }
+        let (dir, set) = (dir.clone(), have.clone());
+        tokio::task::spawn_blocking(move || dir.store_state(&set))
+            .await
+            .map_err(|e| (ErrorCode::Internal, format!("spool: {e}")))?
+            .map_err(|e| (ErrorCode::Internal, format!("cannot store the state: {e}")))?;
+    }
+    Ok(())
 }
 
 fn code_for_spool(e: &baylink_net::spool::SpoolError) -> ErrorCode {
@@ -599,7 +690,12 @@ async fn gather_chunk(
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                warn!(error = %e, "spool write failed");
+                if e.is_no_space() {
+                    active.no_space.store(true, Ordering::SeqCst);
+                    metrics::counter!("baylink_spool_full_total").increment(1);
+                } else {
+                    warn!(error = %e, "spool write failed");
+                }
                 return Err(LinkError::Lost(format!("spool write failed: {e}")));
             }
             Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}"))),
@@ -702,6 +798,10 @@ async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
     metrics::counter!("baylink_transfers_total", "stage" => "committed", "outcome" => "ok")
         .increment(1);
     gw.committed.push(a.manifest.transfer_id);
+    gw.checked_at_rest
+        .lock()
+        .expect("registry lock poisoned")
+        .remove(&a.manifest.transfer_id);
     Ok((receipt.into(), sig.into()))
 }
 

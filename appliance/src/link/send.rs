@@ -1,6 +1,6 @@
 //! Edge side: offer a sealed transfer, send the chunks the gateway lacks, take the receipt.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -28,6 +28,12 @@ pub struct Outgoing {
     pub signature: Bytes,
     /// One open spool file per manifest file, in manifest order.
     pub files: Arc<Vec<Arc<SpoolFile>>>,
+    /// Read every chunk back and check its digest before sending it. Set for transfers
+    /// sealed by an earlier process (resume, start-up recovery): their bytes have rested on
+    /// disk. A transfer sealed by this process was hashed on its way into the spool moments
+    /// ago; its chunks are checked only when one is sent a second time (the gateway found it
+    /// bad, or its stream failed).
+    pub check_at_rest: bool,
 }
 
 /// How one attempt ended well.
@@ -128,6 +134,7 @@ pub async fn run(
     let chunk_len = |index: u32| out.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
     let mut have_seen = false;
     let mut started: HashMap<u32, Instant> = HashMap::new();
+    let mut sent_before: HashSet<u32> = HashSet::new();
 
     loop {
         // Act on everything the state machine wants done now.
@@ -143,9 +150,12 @@ pub async fn run(
                     let tx = events_tx.clone();
                     let stats = stats.clone();
                     started.insert(index, Instant::now());
+                    let check = out.check_at_rest || !sent_before.insert(index);
                     tokio::spawn(async move {
                         let ev =
-                            match send_chunk(&conn, &spool, &out, index, &stats.wire_bytes).await {
+                            match send_chunk(&conn, &spool, &out, index, check, &stats.wire_bytes)
+                                .await
+                            {
                                 Ok(()) => ChunkEvent::Written(index),
                                 Err(ChunkError::Stopped) => ChunkEvent::Stopped(index),
                                 Err(ChunkError::Failed(e)) => ChunkEvent::Failed(index, e),
@@ -247,6 +257,7 @@ async fn send_chunk(
     spool: &Spool,
     out: &Outgoing,
     index: u32,
+    check_at_rest: bool,
     wire_bytes: &AtomicU64,
 ) -> Result<(), ChunkError> {
     let loc = out
@@ -259,6 +270,9 @@ async fn send_chunk(
         len: loc.len,
     };
     let file = &out.files[loc.file];
+    if check_at_rest {
+        check_chunk_at_rest(spool, out, file, index, &loc).await?;
+    }
     let mut stream = conn
         .open_uni()
         .await
@@ -281,7 +295,9 @@ async fn send_chunk(
             ))
             .into());
         }
-        stream.write_all(&buf).await?;
+        // The pool buffer itself goes into quinn's send buffer (no copy); it returns to the
+        // pool when quinn drops it, once the gateway has acknowledged those bytes.
+        stream.write_chunk(Bytes::from_owner(buf)).await?;
         wire_bytes.fetch_add(want as u64, Ordering::Relaxed);
         offset += want as u64;
     }
@@ -289,4 +305,40 @@ async fn send_chunk(
         .finish()
         .map_err(|e| SendError::Link(LinkError::from(e)))?;
     Ok(())
+}
+
+/// Reads a chunk back from the spool and compares it with its manifest digest before it is
+/// sent. A mismatch is read once more from the device (cached pages dropped); if it still does
+/// not match, the spool copy is corrupt and the transfer cannot be finished from it: a final
+/// error naming the chunk, never corrupt bytes on the link.
+async fn check_chunk_at_rest(
+    spool: &Spool,
+    out: &Outgoing,
+    file: &SpoolFile,
+    index: u32,
+    loc: &baylink_net::proto::ChunkLocation,
+) -> Result<(), SendError> {
+    let want = out.manifest.chunk_digests.get(index as usize);
+    for uncached in [false, true] {
+        let got = super::digest_at_rest(spool, file, loc, uncached)
+            .await
+            .map_err(|e| SendError::Spool(format!("cannot read chunk {index}: {e}")))?;
+        if want == Some(&got) {
+            return Ok(());
+        }
+        warn!(
+            chunk = index,
+            file = %file.path().display(),
+            uncached,
+            "spool chunk does not match its digest"
+        );
+    }
+    metrics::counter!("baylink_chunks_corrupt_at_rest_total").increment(1);
+    Err(SendError::Spool(format!(
+        "chunk {index} ({} bytes at offset {} of {}) no longer matches its digest: the edge \
+         spool copy is corrupt (disk fault?); upload the files again",
+        loc.len,
+        loc.offset,
+        file.path().display()
+    )))
 }

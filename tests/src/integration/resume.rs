@@ -10,7 +10,7 @@ use baylink_tests::{Deployment, baylink_bin, payload, sha256_file, summary};
 const SIZE: u64 = 512 << 20;
 
 /// Waits (bounded) until some transfer in the gateway spool has durable chunks on record.
-fn wait_for_gateway_progress(d: &Deployment) -> PathBuf {
+pub(crate) fn wait_for_gateway_progress(d: &Deployment) -> PathBuf {
     let spool = d.path("spool/gateway");
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -32,7 +32,7 @@ fn wait_for_gateway_progress(d: &Deployment) -> PathBuf {
     }
 }
 
-fn only_transfer(spool: &Path) -> String {
+pub(crate) fn only_transfer(spool: &Path) -> String {
     let mut ids: Vec<String> = std::fs::read_dir(spool)
         .unwrap()
         .filter_map(Result::ok)
@@ -42,7 +42,7 @@ fn only_transfer(spool: &Path) -> String {
     ids.remove(0)
 }
 
-fn assert_delivered(d: &Deployment, id: &str, src: &Path) {
+pub(crate) fn assert_delivered(d: &Deployment, id: &str, src: &Path) {
     let got = d.delivered(id, src.file_name().unwrap().to_str().unwrap());
     assert!(got.exists(), "{} was not delivered", got.display());
     assert_eq!(sha256_file(src).unwrap(), sha256_file(&got).unwrap());
