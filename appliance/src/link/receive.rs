@@ -19,7 +19,7 @@ use baylink_net::proto::{
     ReceiverAction, ReceiverConfig, TransferId,
 };
 use baylink_net::spool::{DIRECT_ALIGN, Spool, SpoolFile};
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -638,44 +638,49 @@ async fn gather_chunk(
     let mut writes = tokio::task::JoinSet::new();
     let mut offset = loc.offset;
     let mut remaining = loc.len as usize;
-    let mut buf = gw.spool.buffer().await;
+    let mut buf = Some(gw.spool.buffer().await);
+    // quinn hands out about one packet per piece; taking a batch per call keeps the
+    // connection lock and the task wake-ups per packet down. Each full pool buffer is hashed
+    // in one pass, then written.
+    let mut pieces: [Bytes; 32] = Default::default();
     while remaining > 0 {
-        let room = buf.remaining().min(remaining);
-        let Some(chunk) = recv.read_chunk(room, true).await? else {
+        let Some(n) = recv.read_chunks(&mut pieces).await? else {
             return Err(LinkError::Lost(format!(
                 "chunk {} stream ended short",
                 header.index
             )));
         };
-        hasher.update(&chunk.bytes);
-        let copied = buf.fill_from(&chunk.bytes);
-        debug_assert_eq!(
-            copied,
-            chunk.bytes.len(),
-            "read no more than the buffer's room"
-        );
-        remaining -= chunk.bytes.len();
-        if buf.is_full() || remaining == 0 {
-            if active.cancelled() {
-                return Err(LinkError::Lost("transfer taken over".into()));
+        for piece in &mut pieces[..n] {
+            let mut data = std::mem::take(piece);
+            if data.len() > remaining {
+                return Err(ProtoError::TrailingBytes {
+                    what: "chunk stream",
+                    count: data.len() - remaining,
+                }
+                .into());
             }
-            let next = if remaining > 0 {
-                gw.spool.buffer().await
-            } else {
-                // The last piece: no further buffer is needed, so take none from the pool.
-                let full = buf;
+            while !data.is_empty() {
+                let b = buf.as_mut().expect("a buffer is held while bytes remain");
+                let taken = b.fill_from(&data);
+                data.advance(taken);
+                remaining -= taken;
+                if !b.is_full() && remaining > 0 {
+                    continue;
+                }
+                if active.cancelled() {
+                    return Err(LinkError::Lost("transfer taken over".into()));
+                }
+                let full = buf.take().expect("held");
+                hasher.update(&full);
                 let at = offset;
+                offset += full.len() as u64;
                 let spool = gw.spool.clone();
                 let file = file.clone();
                 writes.spawn(async move { spool.write_at(&file, at, full).await.map(drop) });
-                break;
-            };
-            let full = std::mem::replace(&mut buf, next);
-            let at = offset;
-            offset += full.len() as u64;
-            let spool = gw.spool.clone();
-            let file = file.clone();
-            writes.spawn(async move { spool.write_at(&file, at, full).await.map(drop) });
+                if remaining > 0 {
+                    buf = Some(gw.spool.buffer().await);
+                }
+            }
         }
     }
     // Nothing may follow the chunk's bytes on its stream.
