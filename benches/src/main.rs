@@ -14,6 +14,7 @@
 mod baylink_run;
 mod e2e;
 mod env_config;
+mod impair;
 mod payload;
 mod proc;
 mod quinn_pair;
@@ -65,6 +66,10 @@ enum Command {
     /// Compare baylink with raw quinn (the ceiling) on one loopback deployment.
     #[command(after_help = FIGURES)]
     E2e(e2e::E2eArgs),
+    /// Emulate a network link between two network namespaces (delay, jitter, loss,
+    /// reordering, duplication, rate) with a userspace forwarder.
+    #[command(after_help = impair::IMPAIR_HELP)]
+    Impair(impair::ImpairArgs),
     /// (internal) The receiving process of the quinn contestant.
     #[command(hide = true)]
     QuinnSink(quinn_pair::SinkArgs),
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::E2e(args) => run_e2e(args),
+        Command::Impair(args) => impair::main(&args),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
     };
