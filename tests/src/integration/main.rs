@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod hsm_cli;
+mod link;
 mod peer;
 mod refusal;
 mod resume;
