@@ -6,8 +6,10 @@
 //! table. The hidden subcommands `quinn-sink` and `quinn-source` are the two processes of the
 //! quinn contestant; the bench runs itself as them.
 //!
-//! Not in this version: link impairment (network namespaces and a userspace forwarder) and
-//! the scp baselines that need it.
+//! `--rtt-ms`, `--loss` and `--rate-mbit` put every contestant on an emulated link: the
+//! `impair` subcommand (a userspace forwarder between two network namespaces, see
+//! [`impair`]) runs as a child, receivers in namespace B, senders in namespace A. The scp
+//! baselines (`scp_cubic`, `scp_bbr`) copy the same payload to an sshd the bench starts.
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +21,7 @@ mod payload;
 mod proc;
 mod quinn_pair;
 mod report;
+mod scp;
 
 use std::process::ExitCode;
 
@@ -45,13 +48,22 @@ Figures (per contestant; the JSON also lists every run):
                  recorded in an hdrhistogram per run; the figure is the median over runs of
                  each run's percentile.
   ratio_vs_quinn (JSON) median baylink Gbit/s / median quinn Gbit/s of the same invocation.
-  ratio_vs_scp*  (JSON) null in this version: scp needs the impairment namespaces.
+  ratio_vs_scp*  (JSON) median baylink Gbit/s / median scp Gbit/s (cubic, bbr, and the
+                 faster of the two for ratio_vs_scp).
+  scp_cubic, scp_bbr
+                 scp of the same files to an sshd started by the bench (own host key, checked
+                 against a known_hosts file; own authorized key), TCP congestion control set
+                 in the namespaces scp and sshd run in. Gbit/s: bytes at the destination /
+                 seconds (at the time box if it overran). CPU: sender = scp + ssh
+                 (RUSAGE_CHILDREN), receiver = sshd's reaped children (cutime + cstime).
+  link.forwarder (JSON) the impairment forwarder's settings and per-direction counters
+                 (forwarded, dropped_loss, dropped_queue, ...), totals over all contestants.
 
 Runs alternate (quinn, baylink, quinn, ...) so drift of the machine hits both alike. Every
 baylink run's delivered files are compared with the source by SHA-256. Each run is time-boxed
 (--time-limit): quinn reports the rate it reached by then, a baylink run is killed and marked
 timed_out. Exit status: 0 all runs gave figures or timed out, 1 a run failed, 2 the requested
-link cannot be emulated in this version.";
+link cannot be emulated here (needs root, /dev/net/tun and iproute2).";
 
 /// End-to-end benchmark harness for baylink.
 #[derive(Debug, Parser)]

@@ -512,3 +512,8 @@ impl Drop for Link {
         }
     }
 }
+
+/// True when OpenSSH's server is installed (the scp baseline of `baylink-bench`).
+pub fn sshd_installed() -> bool {
+    Path::new("/usr/sbin/sshd").exists()
+}

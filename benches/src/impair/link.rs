@@ -124,6 +124,19 @@ impl EmulatedLink {
     }
 }
 
+/// A tokio command for `program`, inside network namespace `ns` when given (`ip netns exec`,
+/// which execs: the child's pid is the program's own, so signals and /proc figures reach it).
+pub fn command_in(ns: Option<&str>, program: &Path) -> tokio::process::Command {
+    match ns {
+        Some(ns) => {
+            let mut cmd = tokio::process::Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => tokio::process::Command::new(program),
+    }
+}
+
 impl Drop for EmulatedLink {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -11,8 +11,6 @@
 //! cannot do it (not root, no /dev/net/tun, no `ip`).
 
 pub mod forward;
-// The e2e harness's handle on a forwarder child; wired into `e2e` next.
-#[allow(dead_code)]
 pub mod link;
 pub mod netns;
 pub mod shaper;

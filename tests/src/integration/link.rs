@@ -335,3 +335,72 @@ fn heavy_rtt_50ms_loss_1pct() {
     );
     assert!(gw.terminate().unwrap().success());
 }
+
+#[test]
+fn heavy_bench_e2e_over_an_impaired_link() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(baylink_tests::bench_bin())
+        .args([
+            "e2e",
+            "--size",
+            "16MiB",
+            "--runs",
+            "1",
+            "--time-limit",
+            "60",
+        ])
+        .args(["--rtt-ms", "20", "--rate-mbit", "100"])
+        .arg("--baylink")
+        .arg(baylink_bin())
+        .arg("--json")
+        .arg(&json)
+        .arg("--work-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    let fwd = &r["link"]["forwarder"];
+    assert_eq!(fwd["settings"]["rate_mbit"], 100.0);
+    assert!(fwd["a_to_b"]["forwarded_bytes"].as_u64().unwrap() > 2 * (16 << 20));
+    assert!(
+        !a_namespace_remains(fwd),
+        "the forwarder left a namespace behind"
+    );
+    let c = &r["contestants"];
+    for name in ["quinn", "baylink"] {
+        let rate = c[name]["gbit_per_s"].as_f64().unwrap();
+        // Over a 100 Mbit/s link: a rate above it would mean the link was bypassed.
+        assert!(rate > 0.0 && rate <= 0.1, "{name}: {rate} Gbit/s");
+    }
+    assert!(c["baylink"]["ratio_vs_quinn"].as_f64().is_some());
+    if baylink_tests::sshd_installed() {
+        let scp = &c["scp_bbr"];
+        assert_eq!(scp["runs"][0]["tcp_congestion"], "bbr", "{scp}");
+        assert_eq!(scp["runs"][0]["delivered_identical"], true, "{scp}");
+        let rate = scp["gbit_per_s"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate <= 0.1, "scp bbr: {rate} Gbit/s");
+        assert!(c["baylink"]["ratio_vs_scp_bbr"].as_f64().is_some());
+        assert!(c["baylink"]["ratio_vs_scp"].as_f64().is_some());
+    } else {
+        println!("scp part skipped: openssh-server is not installed");
+    }
+}
+
+/// True when a namespace of the forwarder's report still exists.
+fn a_namespace_remains(fwd: &serde_json::Value) -> bool {
+    ["ns_a", "ns_b"]
+        .iter()
+        .any(|k| baylink_tests::netns_exists(fwd[k].as_str().unwrap()))
+}
