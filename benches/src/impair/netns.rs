@@ -92,8 +92,8 @@ fn owner_alive(pid: u32) -> bool {
         .is_ok_and(|comm| comm.trim() == "baylink-bench")
 }
 
-/// Removes namespaces and devices left by forwarders that died without cleaning up. Returns
-/// the names removed.
+/// Removes namespaces and devices left by forwarders that died without cleaning up (a
+/// failure to remove one is reported on stderr, not fatal). Returns the names removed.
 pub fn remove_stale() -> anyhow::Result<Vec<String>> {
     let mut removed = Vec::new();
     for line in ip(&["netns", "list"])?.lines() {
@@ -101,8 +101,11 @@ pub fn remove_stale() -> anyhow::Result<Vec<String>> {
             continue;
         };
         if pid_of(name).is_some_and(|pid| !owner_alive(pid)) {
-            ip(&["netns", "del", name])?;
-            removed.push(name.to_owned());
+            // Another forwarder starting at the same time may have removed it first.
+            match ip(&["netns", "del", name]) {
+                Ok(_) => removed.push(name.to_owned()),
+                Err(e) => eprintln!("impair: stale {name}: {e:#}"),
+            }
         }
     }
     // A device still in the root namespace (crash between creating and moving it).
@@ -115,8 +118,10 @@ pub fn remove_stale() -> anyhow::Result<Vec<String>> {
             continue;
         };
         if pid_of(name).is_some_and(|pid| !owner_alive(pid)) {
-            ip(&["link", "del", name])?;
-            removed.push(name.to_owned());
+            match ip(&["link", "del", name]) {
+                Ok(_) => removed.push(name.to_owned()),
+                Err(e) => eprintln!("impair: stale {name}: {e:#}"),
+            }
         }
     }
     Ok(removed)

@@ -404,3 +404,29 @@ fn a_namespace_remains(fwd: &serde_json::Value) -> bool {
         .iter()
         .any(|k| baylink_tests::netns_exists(fwd[k].as_str().unwrap()))
 }
+
+#[test]
+fn impair_crashed_forwarder_namespaces_are_removed_by_the_next_one() {
+    if skip() {
+        return;
+    }
+    let crashed = Link::start(&[]).unwrap();
+    let (ns_a, ns_b) = (crashed.ns_a.clone(), crashed.ns_b.clone());
+    // SIGKILL: no clean-up runs; the namespaces stay behind (the TUN devices die with their
+    // file descriptors).
+    let st = Command::new("kill")
+        .args(["-KILL", &crashed.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // Dropping the guard reaps the killed child (its SIGINT finds no process).
+    drop(crashed);
+    assert!(baylink_tests::netns_exists(&ns_a) && baylink_tests::netns_exists(&ns_b));
+
+    let next = Link::start(&[]).unwrap();
+    assert!(
+        !baylink_tests::netns_exists(&ns_a) && !baylink_tests::netns_exists(&ns_b),
+        "stale namespaces {ns_a}/{ns_b} were not removed"
+    );
+    next.stop().unwrap();
+}
