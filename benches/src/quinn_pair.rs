@@ -459,10 +459,13 @@ pub async fn run_sink(
     })
 }
 
+/// The source went away: it closed the connection, or (on a lossy emulated link, where its
+/// single CONNECTION_CLOSE can be lost) the connection idled out after it stopped. Whether
+/// the run counts is decided from the source's own report (time limit or not).
 fn closed_by_peer(connection: &quinn::Connection) -> bool {
     matches!(
         connection.close_reason(),
-        Some(quinn::ConnectionError::ApplicationClosed(_))
+        Some(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::TimedOut)
     )
 }
 
