@@ -127,12 +127,13 @@ impl Gateway {
         baylink: &Path,
         deployment: &Deployment,
         work: &Path,
+        ns: Option<&str>,
     ) -> anyhow::Result<Gateway> {
         let notify = NotifySocket::bind(&work.join("notify.sock"))?;
         let log = work.join("gateway.log");
         let log_file = std::fs::File::create(&log)
             .with_context(|| format!("cannot create {}", log.display()))?;
-        let mut child = Command::new(baylink)
+        let mut child = crate::impair::link::command_in(ns, baylink)
             .arg("serve")
             .arg("--config")
             .arg(&deployment.gateway.path)
@@ -257,6 +258,8 @@ pub struct SendSettings {
     pub time_limit: Duration,
     /// Where logs and stats files go.
     pub work: PathBuf,
+    /// Network namespace to run `send` in (the sending side of an emulated link), if any.
+    pub sender_ns: Option<String>,
 }
 
 /// Runs one `baylink send`, checks the delivered copy, and removes the transfer again.
@@ -274,21 +277,22 @@ pub async fn run_once(
 
     let gateway_cpu_before = gateway.cpu_seconds()?;
     let children_cpu_before = proc::children_cpu_seconds()?;
-    let mut child = Command::new(&settings.baylink)
-        .arg("send")
-        .arg("--config")
-        .arg(&settings.deployment.edge.path)
-        .arg("--no-progress")
-        .arg("--stats")
-        .arg(&stats_path)
-        .args(settings.payload.iter().map(|f| &f.path))
-        .env_remove("NOTIFY_SOCKET")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log_file)
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start baylink send")?;
+    let mut child =
+        crate::impair::link::command_in(settings.sender_ns.as_deref(), &settings.baylink)
+            .arg("send")
+            .arg("--config")
+            .arg(&settings.deployment.edge.path)
+            .arg("--no-progress")
+            .arg("--stats")
+            .arg(&stats_path)
+            .args(settings.payload.iter().map(|f| &f.path))
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start baylink send")?;
     let mut stdout = child.stdout.take().context("baylink send has no stdout")?;
     let reader = tokio::spawn(async move {
         let mut out = Vec::new();

@@ -6,18 +6,22 @@
 //! table. The hidden subcommands `quinn-sink` and `quinn-source` are the two processes of the
 //! quinn contestant; the bench runs itself as them.
 //!
-//! Not in this version: link impairment (network namespaces and a userspace forwarder) and
-//! the scp baselines that need it.
+//! `--rtt-ms`, `--loss` and `--rate-mbit` put every contestant on an emulated link: the
+//! `impair` subcommand (a userspace forwarder between two network namespaces, see
+//! [`impair`]) runs as a child, receivers in namespace B, senders in namespace A. The scp
+//! baselines (`scp_cubic`, `scp_bbr`) copy the same payload to an sshd the bench starts.
 
 #![forbid(unsafe_code)]
 
 mod baylink_run;
 mod e2e;
 mod env_config;
+mod impair;
 mod payload;
 mod proc;
 mod quinn_pair;
 mod report;
+mod scp;
 
 use std::process::ExitCode;
 
@@ -44,13 +48,22 @@ Figures (per contestant; the JSON also lists every run):
                  recorded in an hdrhistogram per run; the figure is the median over runs of
                  each run's percentile.
   ratio_vs_quinn (JSON) median baylink Gbit/s / median quinn Gbit/s of the same invocation.
-  ratio_vs_scp*  (JSON) null in this version: scp needs the impairment namespaces.
+  ratio_vs_scp*  (JSON) median baylink Gbit/s / median scp Gbit/s (cubic, bbr, and the
+                 faster of the two for ratio_vs_scp).
+  scp_cubic, scp_bbr
+                 scp of the same files to an sshd started by the bench (own host key, checked
+                 against a known_hosts file; own authorized key), TCP congestion control set
+                 in the namespaces scp and sshd run in. Gbit/s: bytes at the destination /
+                 seconds (at the time box if it overran). CPU: sender = scp + ssh
+                 (RUSAGE_CHILDREN), receiver = sshd's reaped children (cutime + cstime).
+  link.forwarder (JSON) the impairment forwarder's settings and per-direction counters
+                 (forwarded, dropped_loss, dropped_queue, ...), totals over all contestants.
 
 Runs alternate (quinn, baylink, quinn, ...) so drift of the machine hits both alike. Every
 baylink run's delivered files are compared with the source by SHA-256. Each run is time-boxed
 (--time-limit): quinn reports the rate it reached by then, a baylink run is killed and marked
 timed_out. Exit status: 0 all runs gave figures or timed out, 1 a run failed, 2 the requested
-link cannot be emulated in this version.";
+link cannot be emulated here (needs root, /dev/net/tun and iproute2).";
 
 /// End-to-end benchmark harness for baylink.
 #[derive(Debug, Parser)]
@@ -65,6 +78,10 @@ enum Command {
     /// Compare baylink with raw quinn (the ceiling) on one loopback deployment.
     #[command(after_help = FIGURES)]
     E2e(e2e::E2eArgs),
+    /// Emulate a network link between two network namespaces (delay, jitter, loss,
+    /// reordering, duplication, rate) with a userspace forwarder.
+    #[command(after_help = impair::IMPAIR_HELP)]
+    Impair(impair::ImpairArgs),
     /// (internal) The receiving process of the quinn contestant.
     #[command(hide = true)]
     QuinnSink(quinn_pair::SinkArgs),
@@ -77,6 +94,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::E2e(args) => run_e2e(args),
+        Command::Impair(args) => impair::main(&args),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
     };

@@ -60,6 +60,31 @@ fn stat_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
     Ok(field(14)? + field(15)?)
 }
 
+/// CPU seconds of the terminated and waited-for children of a running process (cutime +
+/// cstime of `/proc/<pid>/stat`): what a forking server such as sshd spent in the
+/// connections it has reaped.
+pub fn process_children_cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let after_name = stat.rfind(')').context("no `)` after the command name")?;
+    let fields: Vec<&str> = stat[after_name + 1..].split_whitespace().collect();
+    let mut ticks = 0u64;
+    // cutime is field 16, cstime field 17 (fields after the name start at 3).
+    for n in [16usize, 17] {
+        let text = fields
+            .get(n - 3)
+            .with_context(|| format!("no field {n} in {path}"))?;
+        ticks += text
+            .parse::<u64>()
+            .with_context(|| format!("field {n} `{text}` of {path} is not a number"))?;
+    }
+    let per_second = sysconf(SysconfVar::CLK_TCK)
+        .context("sysconf(CLK_TCK)")?
+        .filter(|&t| t > 0)
+        .context("sysconf(CLK_TCK) has no value")?;
+    Ok(ticks as f64 / per_second as f64)
+}
+
 /// Sends `signal` to process `pid`.
 pub fn signal(pid: u32, signal: Signal) -> anyhow::Result<()> {
     let raw = i32::try_from(pid).context("pid out of range")?;

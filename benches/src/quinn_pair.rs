@@ -31,7 +31,6 @@ use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -460,10 +459,13 @@ pub async fn run_sink(
     })
 }
 
+/// The source went away: it closed the connection, or (on a lossy emulated link, where its
+/// single CONNECTION_CLOSE can be lost) the connection idled out after it stopped. Whether
+/// the run counts is decided from the source's own report (time limit or not).
 fn closed_by_peer(connection: &quinn::Connection) -> bool {
     matches!(
         connection.close_reason(),
-        Some(quinn::ConnectionError::ApplicationClosed(_))
+        Some(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::TimedOut)
     )
 }
 
@@ -775,6 +777,12 @@ pub struct PairSettings {
     pub time_limit: Duration,
     /// Where the children's stderr goes.
     pub log_dir: PathBuf,
+    /// Network namespace of the sink (the receiving side of an emulated link), if any.
+    pub sink_ns: Option<String>,
+    /// Network namespace of the source (the sending side), if any.
+    pub source_ns: Option<String>,
+    /// Address the sink listens on (127.0.0.1, or side B's address of an emulated link).
+    pub sink_ip: std::net::IpAddr,
 }
 
 /// Both children's reports for one run.
@@ -794,11 +802,14 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 /// Runs one sink/source pair as child processes and collects their reports.
 pub async fn run_pair(settings: &PairSettings, run: u32) -> anyhow::Result<PairOutcome> {
     let sink_log = format!("quinn-sink-{run}.log");
-    let mut sink = Command::new(&settings.exe)
+    let mut sink = crate::impair::link::command_in(settings.sink_ns.as_deref(), &settings.exe)
         .arg("quinn-sink")
         .args(settings.sink_tls.to_args())
         .args(TuningArgs::to_args(&settings.sink_tuning))
-        .args(["--listen", "127.0.0.1:0"])
+        .args([
+            "--listen",
+            &SocketAddr::new(settings.sink_ip, 0).to_string(),
+        ])
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -821,7 +832,7 @@ pub async fn run_pair(settings: &PairSettings, run: u32) -> anyhow::Result<PairO
         .with_context(|| format!("quinn-sink said `{ready_line}`"))?;
 
     let source_log = format!("quinn-source-{run}.log");
-    let source = Command::new(&settings.exe)
+    let source = crate::impair::link::command_in(settings.source_ns.as_deref(), &settings.exe)
         .arg("quinn-source")
         .args(settings.source_tls.to_args())
         .args(TuningArgs::to_args(&settings.source_tuning))

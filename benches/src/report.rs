@@ -116,6 +116,9 @@ pub struct RunRecord {
     /// baylink: delivered files byte-identical to the source (SHA-256).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivered_identical: Option<bool>,
+    /// scp: the TCP congestion controller of the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_congestion: Option<String>,
     /// quinn: the path as quinn saw it at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathReport>,
@@ -148,11 +151,11 @@ pub struct BaylinkExtras {
     pub gbit_per_s_including_seal: Option<f64>,
     /// Median baylink Gbit/s / median quinn Gbit/s of this invocation.
     pub ratio_vs_quinn: Option<f64>,
-    /// Against scp over TCP cubic (not measured in this version).
+    /// Median baylink Gbit/s / median scp-over-cubic Gbit/s.
     pub ratio_vs_scp_cubic: Option<f64>,
-    /// Against scp over TCP bbr (not measured in this version).
+    /// Median baylink Gbit/s / median scp-over-bbr Gbit/s.
     pub ratio_vs_scp_bbr: Option<f64>,
-    /// Against the faster scp (not measured in this version).
+    /// Against the faster of the two scp runs.
     pub ratio_vs_scp: Option<f64>,
 }
 
@@ -219,23 +222,39 @@ impl ContestantSummary {
         }
     }
 
-    /// Adds baylink's extra fields; `quinn` is the same invocation's quinn median.
-    pub fn with_baylink_extras(mut self, quinn: Option<f64>) -> ContestantSummary {
-        let ratio_vs_quinn = match (self.gbit_per_s, quinn) {
-            (Some(b), Some(q)) if q > 0.0 => Some(b / q),
+    /// Adds baylink's extra fields from the same invocation's medians of the other
+    /// contestants.
+    pub fn with_baylink_extras(mut self, others: &OtherMedians) -> ContestantSummary {
+        let ratio = |other: Option<f64>| match (self.gbit_per_s, other) {
+            (Some(b), Some(o)) if o > 0.0 => Some(b / o),
             _ => None,
+        };
+        let faster_scp = match (others.scp_cubic, others.scp_bbr) {
+            (Some(c), Some(b)) => Some(c.max(b)),
+            (c, b) => c.or(b),
         };
         self.baylink = Some(BaylinkExtras {
             gbit_per_s_including_seal: median(
                 self.runs.iter().map(|r| r.gbit_per_s_including_seal),
             ),
-            ratio_vs_quinn,
-            ratio_vs_scp_cubic: None,
-            ratio_vs_scp_bbr: None,
-            ratio_vs_scp: None,
+            ratio_vs_quinn: ratio(others.quinn),
+            ratio_vs_scp_cubic: ratio(others.scp_cubic),
+            ratio_vs_scp_bbr: ratio(others.scp_bbr),
+            ratio_vs_scp: ratio(faster_scp),
         });
         self
     }
+}
+
+/// Median Gbit/s of the other contestants, for baylink's ratios.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OtherMedians {
+    /// quinn.
+    pub quinn: Option<f64>,
+    /// scp over cubic.
+    pub scp_cubic: Option<f64>,
+    /// scp over bbr.
+    pub scp_bbr: Option<f64>,
 }
 
 /// A contestant's entry in the JSON.
@@ -284,6 +303,10 @@ pub struct Link {
     pub rate_mbit: f64,
     /// What was actually in the path.
     pub impairment: String,
+    /// The impairment forwarder's settings and counters (totals over every contestant),
+    /// when one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forwarder: Option<crate::impair::Stats>,
 }
 
 /// Settings of the deployment both contestants used.
@@ -437,7 +460,11 @@ mod tests {
         let mut ok = run(1, Some(3.5), 1.0);
         ok.gbit_per_s_including_seal = Some(2.0);
         let baylink = ContestantSummary::from_runs(vec![ok, RunRecord::timed_out(2), failed])
-            .with_baylink_extras(quinn.gbit_per_s);
+            .with_baylink_extras(&OtherMedians {
+                quinn: quinn.gbit_per_s,
+                scp_cubic: Some(7.0),
+                scp_bbr: None,
+            });
         assert_eq!(baylink.runs_gbit_per_s, vec![Some(3.5), None, None]);
         assert_eq!((baylink.timed_out_runs, baylink.failed_runs), (1, 1));
         let extras = baylink.baylink.as_ref().unwrap();
@@ -446,7 +473,12 @@ mod tests {
 
         let json = serde_json::to_value(&baylink).unwrap();
         assert_eq!(json["ratio_vs_quinn"], 0.5);
-        assert!(json["ratio_vs_scp"].is_null());
+        assert_eq!(json["ratio_vs_scp_cubic"], 0.5);
+        assert_eq!(
+            json["ratio_vs_scp"], 0.5,
+            "the faster scp is the only one measured"
+        );
+        assert!(json["ratio_vs_scp_bbr"].is_null());
         assert!(json.as_object().unwrap().contains_key("ratio_vs_scp_bbr"));
         assert_eq!(json["runs"][2]["error"], "boom");
         assert!(json["chunk_latency_ms"].get("max").is_none());
@@ -461,6 +493,7 @@ mod tests {
                 loss_pct: 0.0,
                 rate_mbit: 0.0,
                 impairment: "none (loopback)".to_owned(),
+                forwarder: None,
             },
             transport: None,
             contestants: Contestants {

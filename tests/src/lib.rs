@@ -332,3 +332,188 @@ pub fn summary(out: &Output) -> anyhow::Result<serde_json::Value> {
     })?;
     Ok(serde_json::from_str(line)?)
 }
+
+/// The `baylink-bench` binary of the build that runs these tests (it holds the impairment
+/// forwarder, `baylink-bench impair`).
+pub fn bench_bin() -> PathBuf {
+    let bin = baylink_bin().with_file_name("baylink-bench");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p baylink-bench, same profile as the tests)",
+        bin.display()
+    );
+    bin
+}
+
+/// Why this machine cannot emulate a link (not root, no /dev/net/tun, no `ip`), if it cannot.
+/// Tests print `skipped: <reason>` and return when this is `Some`.
+pub fn link_unsupported() -> Option<String> {
+    let uid = Command::new("id").arg("-u").output().ok()?;
+    if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+        return Some("not root (network namespaces need root)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("no /dev/net/tun".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(out) if out.status.success() => None,
+        _ => Some("iproute2's `ip` is not installed".into()),
+    }
+}
+
+/// True when the network namespace `name` exists.
+pub fn netns_exists(name: &str) -> bool {
+    Path::new("/run/netns").join(name).exists()
+}
+
+/// An emulated link: `baylink-bench impair` as a child, two network namespaces joined by its
+/// forwarder. Dropping it sends SIGINT to the forwarder's own pid (so it removes its
+/// namespaces) and waits.
+#[derive(Debug)]
+pub struct Link {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Namespace of side A (senders run here).
+    pub ns_a: String,
+    /// Address of side A.
+    pub addr_a: String,
+    /// Namespace of side B (receivers run here).
+    pub ns_b: String,
+    /// Address of side B.
+    pub addr_b: String,
+}
+
+impl Link {
+    /// Starts a forwarder with these `baylink-bench impair` flags and waits for its ready line
+    /// (30 s at most).
+    pub fn start(flags: &[&str]) -> anyhow::Result<Link> {
+        let mut child = Command::new(bench_bin())
+            .arg("impair")
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting baylink-bench impair")?;
+        let stdout = child.stdout.take().context("forwarder stdout")?;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut link = Link {
+            child: Some(child),
+            lines,
+            ns_a: String::new(),
+            addr_a: String::new(),
+            ns_b: String::new(),
+            addr_b: String::new(),
+        };
+        let ready = link.expect_line(|l| l.starts_with("ready "), Duration::from_secs(30))?;
+        let f: Vec<&str> = ready.split_whitespace().collect();
+        let ["ready", ns_a, addr_a, ns_b, addr_b] = f[..] else {
+            bail!("unexpected ready line: {ready}");
+        };
+        (link.ns_a, link.addr_a) = (ns_a.to_owned(), addr_a.to_owned());
+        (link.ns_b, link.addr_b) = (ns_b.to_owned(), addr_b.to_owned());
+        Ok(link)
+    }
+
+    /// Waits (bounded) for a stdout line of the forwarder matching `want`.
+    fn expect_line(
+        &mut self,
+        want: impl Fn(&str) -> bool,
+        limit: Duration,
+    ) -> anyhow::Result<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if want(&line) => return Ok(line),
+                Ok(_) => {}
+                Err(e) => {
+                    let status = self
+                        .child
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    bail!("forwarder: no expected line within {limit:?} ({e}; exit {status:?})");
+                }
+            }
+        }
+    }
+
+    /// The forwarder's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// A command that runs `program` inside namespace A (`ip netns exec`, which execs, so the
+    /// child's pid is the program's).
+    pub fn in_a(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        netns_command(&self.ns_a, program)
+    }
+
+    /// A command that runs `program` inside namespace B.
+    pub fn in_b(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        netns_command(&self.ns_b, program)
+    }
+
+    /// Cuts the link (SIGUSR1) and waits until the forwarder confirms.
+    pub fn cut(&mut self) -> anyhow::Result<()> {
+        signal(self.pid(), "USR1")?;
+        self.expect_line(|l| l == "cut", Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    /// Restores the link (SIGUSR2) and waits until the forwarder confirms.
+    pub fn restore(&mut self) -> anyhow::Result<()> {
+        signal(self.pid(), "USR2")?;
+        self.expect_line(|l| l == "restored", Duration::from_secs(10))?;
+        Ok(())
+    }
+
+    /// Stops the forwarder (SIGINT), checks it exited 0 and removed both namespaces, and
+    /// returns its final JSON line (settings and per-direction counters).
+    pub fn stop(mut self) -> anyhow::Result<serde_json::Value> {
+        let mut child = self.child.take().context("already stopped")?;
+        signal(child.id(), "INT")?;
+        let status = wait_bounded(&mut child, Duration::from_secs(30))?;
+        anyhow::ensure!(status.success(), "forwarder exited with {status}");
+        let last = self
+            .lines
+            .iter()
+            .filter(|l| l.starts_with('{'))
+            .last()
+            .context("forwarder printed no counters")?;
+        for ns in [&self.ns_a, &self.ns_b] {
+            anyhow::ensure!(!netns_exists(ns), "namespace {ns} still exists after stop");
+        }
+        Ok(serde_json::from_str(&last)?)
+    }
+}
+
+fn netns_command(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns]).arg(program);
+    cmd
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = signal(child.id(), "INT");
+            let _ = wait_bounded(&mut child, Duration::from_secs(30));
+        }
+    }
+}
+
+/// True when OpenSSH's server is installed (the scp baseline of `baylink-bench`).
+pub fn sshd_installed() -> bool {
+    Path::new("/usr/sbin/sshd").exists()
+}

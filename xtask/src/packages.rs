@@ -45,6 +45,16 @@ pub const TEST_PACKAGES: &[Package] = &[
         // Raw TCP/UDP throughput through the impairment forwarder, to calibrate the link.
         why: "iperf3 to calibrate the impaired link",
     },
+    Package {
+        name: "iproute2",
+        // `ip netns`/`ip link`: the impairment forwarder's namespaces and TUN devices.
+        why: "ip (netns, link) for the emulated links of baylink-bench impair",
+    },
+    Package {
+        name: "iputils-ping",
+        // ping: the delay accuracy check of the impairment forwarder.
+        why: "ping to check the emulated link's round-trip time",
+    },
     // Still to come when the delivery tests land: orthanc, orthanc-dicomweb.
 ];
 

@@ -8,6 +8,7 @@
 
 mod faults;
 mod hsm_cli;
+mod link;
 mod peer;
 mod refusal;
 mod resume;
