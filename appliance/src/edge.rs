@@ -20,6 +20,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::audit::{self, Event, Kind};
 use crate::config::Config;
 use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStats};
 use crate::policy::{Decision, Declaration, Policy};
@@ -114,6 +115,7 @@ pub struct Edge {
     spool: Spool,
     endpoint: quinn::Endpoint,
     policy: Arc<Policy>,
+    audit: audit::Log,
 }
 
 fn hsm_failure(e: anyhow::Error) -> SendFailure {
@@ -135,6 +137,12 @@ impl Edge {
             .await
             .map_err(anyhow::Error::from)?
             .map_err(hsm_failure)?;
+        // audit: the log is opened (and a torn tail repaired) before anything is sent.
+        let (settings, signer) = (audit::LogSettings::from_config(&cfg), keys.signer.clone());
+        let audit = tokio::task::spawn_blocking(move || audit::Log::open(&settings, signer))
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(anyhow::Error::from)?;
         let spool = Spool::start(SpoolConfig::default()).map_err(anyhow::Error::from)?;
         let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)
             .map_err(anyhow::Error::from)?;
@@ -156,7 +164,13 @@ impl Edge {
             spool,
             endpoint,
             policy,
+            audit,
         })
+    }
+
+    /// The edge's audit log.
+    pub fn audit(&self) -> &audit::Log {
+        &self.audit
     }
 
     /// The spool thread (for callers that seal or read on their own).
@@ -181,11 +195,57 @@ impl Edge {
             }
         };
         // The checkpoint runs again on resume: a consent withdrawn since sealing stops the send.
-        if let Decision::Refuse(r) = self.policy.check(&declaration, SystemTime::now()) {
-            metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
-            return Err(SendFailure::Refused(r.reason));
+        let consent_ref = match self.policy.check(&declaration, SystemTime::now()) {
+            Decision::Refuse(r) => {
+                metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
+                // audit: the refusal is recorded before it is reported.
+                self.audit
+                    .append(Event {
+                        rule: Some(r.rule.to_owned()),
+                        ..Event::declared(Kind::Refused, Some(id.to_string()), &declaration)
+                    })
+                    .await
+                    .map_err(|e| SendFailure::Other(e.into()))?;
+                return Err(SendFailure::Refused(r.reason));
+            }
+            Decision::Allow { consent_ref } => consent_ref,
+        };
+        // audit: `declared` is durable before the transfer id is announced.
+        let mut declared = Event::declared(Kind::Declared, Some(id.to_string()), &declaration);
+        declared.consent_ref = Some(consent_ref);
+        if matches!(request, SendRequest::New { .. }) {
+            self.audit
+                .append(declared.clone())
+                .await
+                .map_err(|e| SendFailure::Other(e.into()))?;
         }
         eprintln!("transfer {id}");
+        let result = self
+            .send_declared(id, request, show_progress, stats, started, &declared)
+            .await;
+        if let Err(e) = &result {
+            // audit: a failure after `declared` is recorded (best effort: the error is
+            // reported either way).
+            let failed = Event {
+                detail: Some(e.to_string()),
+                ..declared.clone_as(Kind::Failed)
+            };
+            if let Err(ae) = self.audit.append(failed).await {
+                warn!(transfer = %id, error = %ae, "cannot record the failure in the audit log");
+            }
+        }
+        result
+    }
+
+    async fn send_declared(
+        &self,
+        id: TransferId,
+        request: SendRequest,
+        show_progress: bool,
+        stats: &Arc<SendStats>,
+        started: Instant,
+        declared: &Event,
+    ) -> Result<SendSummary, SendFailure> {
         let dir = TransferDir::new(&self.cfg.spool_dir, &id);
         let bar = progress_bar(show_progress);
 
@@ -225,6 +285,17 @@ impl Edge {
         };
         let (out, _lock) = out;
         let seal_seconds = started.elapsed().as_secs_f64();
+        if matches!(request, SendRequest::New { .. }) {
+            // audit: `sealed` (the HSM-signed manifest's digests) before anything is sent.
+            self.audit
+                .append(Event {
+                    merkle_root: Some(out.manifest.merkle_root),
+                    manifest_digest: Some(out.manifest.digest()),
+                    ..declared.clone_as(Kind::Sealed)
+                })
+                .await
+                .map_err(|e| SendFailure::Other(e.into()))?;
+        }
 
         let transmit_started = Instant::now();
         let (receipt, wire_bytes) = if dir.has_receipt() {
@@ -244,6 +315,15 @@ impl Edge {
             bar.set_position(0);
             bar.set_message("sending");
             let d = self.transmit(&out, &bar, stats).await?;
+            // audit: every chunk is at the gateway and its receipt came back.
+            self.audit
+                .append(Event {
+                    merkle_root: Some(out.manifest.merkle_root),
+                    manifest_digest: Some(out.manifest.digest()),
+                    ..declared.clone_as(Kind::Sent)
+                })
+                .await
+                .map_err(|e| SendFailure::Other(e.into()))?;
             (d, stats.wire_bytes())
         };
         self.verify_receipt(&out, &receipt)?;
@@ -261,6 +341,15 @@ impl Edge {
             .map_err(anyhow::Error::from)?
             .context("cannot store the receipt")?;
         }
+        // audit: `receipted` is durable before success is reported.
+        self.audit
+            .append(Event {
+                merkle_root: Some(out.manifest.merkle_root),
+                manifest_digest: Some(out.manifest.digest()),
+                ..declared.clone_as(Kind::Receipted)
+            })
+            .await
+            .map_err(|e| SendFailure::Other(e.into()))?;
         bar.finish_and_clear();
         stats
             .hsm_wait_us

@@ -50,11 +50,14 @@ pub struct Gateway {
     pub committed: DeliveryQueue,
     /// Set when draining: new offers are refused.
     pub draining: AtomicBool,
+    /// The gateway's audit log (`committed` is recorded before the receipt exists).
+    pub audit: crate::audit::Log,
     active: Mutex<HashMap<TransferId, Arc<Active>>>,
 }
 
 impl Gateway {
     /// Creates the shared receive state.
+    #[allow(clippy::too_many_arguments)] // one per shared part; all required
     pub fn new(
         id: String,
         spool_dir: std::path::PathBuf,
@@ -63,6 +66,7 @@ impl Gateway {
         limits: Limits,
         receiver_cfg: ReceiverConfig,
         committed: DeliveryQueue,
+        audit: crate::audit::Log,
     ) -> Gateway {
         Gateway {
             id,
@@ -73,6 +77,7 @@ impl Gateway {
             receiver_cfg,
             committed,
             draining: AtomicBool::new(false),
+            audit,
             active: Mutex::new(HashMap::new()),
         }
     }
@@ -690,6 +695,18 @@ async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
     }
     .to_bytes();
     let sig = gw.keys.sign(RECEIPT_CONTEXT, &receipt).await?;
+    // audit: `committed` is durable before the commit point (the receipt signature file)
+    // and before the receipt is sent; if it cannot be recorded, nothing is committed.
+    gw.audit
+        .append(crate::audit::Event {
+            transfer: Some(a.manifest.transfer_id.to_string()),
+            peer: Some(a.manifest.sender.clone()),
+            declaration_digest: Some(a.manifest.declaration_digest),
+            merkle_root: Some(a.manifest.merkle_root),
+            manifest_digest: Some(a.manifest.digest()),
+            ..crate::audit::Event::new(crate::audit::Kind::Committed)
+        })
+        .await?;
     let dir = a.dir.clone();
     let (r2, s2) = (receipt.clone(), sig.clone());
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
