@@ -639,6 +639,9 @@ path = "delivered"
         assert_eq!(c.transport.retry_for, Duration::from_secs(600));
         assert_eq!(c.transport.chunk_size, DEFAULT_CHUNK_SIZE);
         assert!(matches!(c.delivery, Some(DeliverySection::Dir { .. })));
+        assert_eq!(c.audit.checkpoint_every, 64);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(300));
+        assert_eq!(c.audit.patient_key, None);
     }
 
     #[test]
@@ -658,6 +661,14 @@ path = "delivered"
         let bad = format!("{GATEWAY}\n[link]\ncongestion = \"reno\"\n");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("link.congestion"), "{e}");
+
+        let bad = GATEWAY.replace("[audit]", "[audit]\ncheckpoint_every = 0");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("audit.checkpoint_every"), "{e}");
+
+        let bad = GATEWAY.replace("[audit]", "[audit]\ncheckpoint_interval = \"soon\"");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("audit.checkpoint_interval"), "{e}");
 
         let bad = GATEWAY.replace("[spool]", "[spool]\nsize = 3");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

@@ -463,3 +463,39 @@ fn torn_tail_is_repaired_on_open() {
         4,
     );
 }
+
+#[test]
+fn a_failed_send_is_recorded_as_failed() {
+    let d = Deployment::new().unwrap();
+    // The edge presents a certificate from another CA: the gateway refuses the handshake.
+    d.set("edge.toml", "tls", "cert", "\"pki/rogue.pem\"")
+        .unwrap();
+    d.set("edge.toml", "tls", "key", "\"pki/rogue.key\"")
+        .unwrap();
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let src = d.path("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = payload(&src, "a.dcm", 1000, 3).unwrap();
+    let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    drop(gateway);
+    assert_eq!(
+        kinds(&d.path("audit/edge/records.log")),
+        ["declared", "sealed", "failed"]
+    );
+    let last = lines(&d.path("audit/edge/records.log")).pop().unwrap();
+    assert!(
+        last.contains("gateway refused: TLS handshake refused"),
+        "{last}"
+    );
+    let edge = d.edge_config();
+    assert_audit_ok(
+        &ok_last_line(&baylink(&[
+            "audit",
+            "verify",
+            "--config",
+            edge.to_str().unwrap(),
+        ])),
+        3,
+    );
+}
