@@ -129,6 +129,11 @@ fn send(args: SendArgs) -> ExitCode {
             if let Err(e) = edge.audit().checkpoint().await {
                 tracing::warn!(error = %e, "cannot sign the audit checkpoint at exit");
             }
+            // audit: and, when the link just worked, have the gateway witness it (best effort,
+            // bounded: a refusal must not wait for a link that is down; retried next time).
+            if result.is_ok() {
+                edge.witness_bounded().await;
+            }
             result
         })?;
         if let Some(path) = &args.stats {

@@ -28,6 +28,9 @@ use crate::seal::{self, SealProgress};
 use crate::signing::{Keys, RECEIPT_CONTEXT};
 use crate::transfer_dir::{self, TransferDir, write_atomic};
 
+/// How long the edge waits for the gateway to witness an audit checkpoint.
+pub const WITNESS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What `send` reports on success: the contract's JSON line.
 #[derive(Debug, Serialize)]
 pub struct SendSummary {
@@ -476,6 +479,71 @@ impl Edge {
             return Err(bad("it confirms a different manifest"));
         }
         Ok(())
+    }
+
+    /// audit: [`Edge::witness`] within [`WITNESS_TIMEOUT`]; failures are logged (the next
+    /// request proves consistency from the last cosigned checkpoint, so nothing is lost).
+    pub async fn witness_bounded(&self) {
+        match tokio::time::timeout(WITNESS_TIMEOUT, self.witness()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "audit checkpoint not witnessed"),
+            Err(_) => warn!("audit checkpoint not witnessed: the gateway did not answer in time"),
+        }
+    }
+
+    /// audit: asks the gateway to witness the latest audit checkpoint (if it is not
+    /// cosigned yet) and stores the cosignature. Returns the tree size cosigned.
+    pub async fn witness(&self) -> anyhow::Result<Option<u64>> {
+        let log = self.audit.clone();
+        let Some((checkpoint, old_size, proof)) =
+            tokio::task::spawn_blocking(move || audit::witness::request(&log)).await??
+        else {
+            return Ok(None);
+        };
+        let connect = self
+            .cfg
+            .transport
+            .connect
+            .context("transport.connect is not set")?;
+        let conn = self
+            .endpoint
+            .connect(connect, &self.cfg.transport.server_name)?
+            .await
+            .context("witness: cannot connect to the gateway")?;
+        let (send, recv) = conn.open_bi().await?;
+        let mut writer = crate::link::FrameWriter::new(send);
+        let mut frames =
+            crate::link::spawn_frame_reader(recv, baylink_net::proto::Limits::default());
+        writer
+            .send(&baylink_net::proto::Frame::Witness {
+                version: baylink_net::proto::WITNESS_VERSION,
+                checkpoint: checkpoint.clone(),
+                old_size,
+                proof,
+            })
+            .await?;
+        let reply = frames.recv().await;
+        writer.finish();
+        conn.close(crate::link::CLOSE_OK.into(), b"witnessed");
+        let signature = match reply {
+            Some(Ok(baylink_net::proto::Frame::Cosigned { signature, .. })) => signature,
+            Some(Ok(baylink_net::proto::Frame::Error { code, text })) => {
+                anyhow::bail!("the gateway refused to witness: {code}: {text}")
+            }
+            Some(Ok(other)) => anyhow::bail!("witness: unexpected {} frame", other.kind()),
+            Some(Err(e)) => return Err(anyhow::anyhow!("witness: {e}")),
+            None => anyhow::bail!("witness: the gateway closed the stream"),
+        };
+        let (log, peer) = (self.audit.clone(), self.keys.peer.clone());
+        let cp = checkpoint.clone();
+        tokio::task::spawn_blocking(move || audit::witness::store(&log, &cp, &signature, &peer))
+            .await??;
+        let size = audit::note::split_note(&checkpoint)
+            .and_then(|(body, _)| audit::note::Checkpoint::parse_body(body))
+            .map(|c| c.size)
+            .ok();
+        info!(size, "audit checkpoint cosigned by the gateway");
+        Ok(size)
     }
 
     /// Sealed transfers in the spool that have no receipt yet.

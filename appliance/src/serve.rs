@@ -165,16 +165,32 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         }
     };
     tokio::spawn(resumer);
-    let audit_ticker = tokio::spawn(audit_checkpoints(
-        edge.audit().clone(),
-        cfg.audit.checkpoint_interval,
-    ));
+    let audit_ticker = tokio::spawn({
+        let edge = edge.clone();
+        let interval = cfg.audit.checkpoint_interval;
+        async move {
+            let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match edge.audit().checkpoint().await {
+                    Ok(_) => edge.witness_bounded().await,
+                    Err(e) => {
+                        error!(error = %e, "periodic audit checkpoint failed");
+                        metrics::counter!("baylink_audit_checkpoint_failures_total").increment(1);
+                    }
+                }
+            }
+        }
+    });
     let signal = ops::shutdown_signal().await?;
     info!(signal, "stopping");
     ops::notify_stopping();
     health.set_not_ready();
     audit_ticker.abort();
     final_checkpoint(edge.audit()).await;
+    edge.witness_bounded().await;
     Ok(())
 }
 

@@ -22,6 +22,7 @@
 pub mod note;
 pub mod record;
 mod verify;
+pub mod witness;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};

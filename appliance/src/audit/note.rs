@@ -222,7 +222,7 @@ pub fn open(
 }
 
 /// DER `ECDSA-Sig-Value ::= SEQUENCE { r INTEGER, s INTEGER }` from raw `r || s`.
-fn raw_to_der(raw: &[u8; 64]) -> Vec<u8> {
+pub(super) fn raw_to_der(raw: &[u8; 64]) -> Vec<u8> {
     fn integer(out: &mut Vec<u8>, v: &[u8]) {
         let first = v.iter().position(|&b| b != 0).unwrap_or(v.len() - 1);
         let v = &v[first..];

@@ -393,3 +393,96 @@ fn proofs_verify_offline_and_edits_are_refused() {
         Err(AuditError::NotFound(_))
     ));
 }
+
+#[test]
+#[serial_test::serial]
+fn witness_cosigns_extensions_and_refuses_forks() {
+    use super::witness::{self, Witness, WitnessRefusal};
+    let f = Fixture::new();
+    let edge = f.open(100);
+    // The gateway: its own key and log directory on the same token.
+    f._token.generate_key("gw").unwrap();
+    let gw_signer = {
+        let hsm_cfg = f._hsm.config("gw");
+        Token::open(&hsm_cfg).unwrap().signer().unwrap()
+    };
+    let gw_dir = tempfile::tempdir().unwrap();
+    let gw_log = Log::open(
+        &LogSettings {
+            dir: gw_dir.path().to_owned(),
+            appliance_id: "gateway".into(),
+            checkpoint_every: 100,
+            patient_key: None,
+        },
+        gw_signer.clone(),
+    )
+    .unwrap();
+    let w = Witness::new(gw_log, "gateway", f.key());
+
+    for i in 0..3 {
+        edge.append_blocking(event(i)).unwrap();
+    }
+    edge.checkpoint_blocking().unwrap();
+    let (cp3, old, proof) = witness::request(&edge).unwrap().unwrap();
+    assert_eq!(old, 0);
+    let line = w.cosign(&cp3, old, &proof).unwrap();
+    assert!(
+        line.starts_with("\u{2014} baylink.witness/gateway "),
+        "{line}"
+    );
+    witness::store(&edge, &cp3, &line, gw_signer.public_key()).unwrap();
+    assert!(
+        witness::request(&edge).unwrap().is_none(),
+        "already cosigned"
+    );
+    // The cosignature does not verify under the edge key, nor over another checkpoint.
+    assert!(witness::verify_cosignature(&cp3, &line, &f.key()).is_err());
+    let mut bad = line.clone();
+    let at = bad.len() - 3;
+    let c = if &bad[at..=at] == "A" { "B" } else { "A" };
+    bad.replace_range(at..=at, c);
+    assert!(witness::store(&edge, &cp3, &bad, gw_signer.public_key()).is_err());
+
+    // An extension: consistent, cosigned.
+    for i in 3..7 {
+        edge.append_blocking(event(i)).unwrap();
+    }
+    edge.checkpoint_blocking().unwrap();
+    let (cp7, old, proof) = witness::request(&edge).unwrap().unwrap();
+    assert_eq!(old, 3);
+    let line7 = w.cosign(&cp7, old, &proof).unwrap();
+    witness::verify_cosignature(&cp7, &line7, gw_signer.public_key()).unwrap();
+
+    // A fork of size 9 signed by the edge key, whose first 7 leaves differ: refused.
+    let forked: Vec<Digest> = (0..9).map(|i| leaf_hash(&[i as u8, 0xee])).collect();
+    let body = note::Checkpoint {
+        origin: edge.origin().to_owned(),
+        size: 9,
+        root: root_from_leaf_hashes(&forked),
+        time_ms: None,
+    }
+    .body();
+    let sig = f.signer.sign(body.as_bytes()).unwrap();
+    let fork = note::signed_note(&body, edge.origin(), &f.key(), &sig.0);
+    let fork_proof =
+        baylink_net::proto::merkle::consistency_proof_from_leaf_hashes(7, &forked).unwrap();
+    let e = w.cosign(&fork, 7, &fork_proof).unwrap_err();
+    assert!(matches!(e, WitnessRefusal::Inconsistent(_)), "{e}");
+    // A proof from another size than the cosigned one: refused.
+    let e = w.cosign(&fork, 3, &fork_proof).unwrap_err();
+    assert!(matches!(e, WitnessRefusal::Inconsistent(_)), "{e}");
+    // Not signed by the pinned edge key: refused.
+    let e = w
+        .cosign(&fork.replace("\n9\n", "\n10\n"), 7, &fork_proof)
+        .unwrap_err();
+    assert!(matches!(e, WitnessRefusal::BadCheckpoint(_)), "{e}");
+    // The witness still accepts the honest log's next checkpoint.
+    edge.append_blocking(event(7)).unwrap();
+    edge.checkpoint_blocking().unwrap();
+    witness::store(&edge, &cp7, &line7, gw_signer.public_key()).unwrap();
+    let (cp8, old, proof) = witness::request(&edge).unwrap().unwrap();
+    assert_eq!(old, 7);
+    w.cosign(&cp8, old, &proof).unwrap();
+    drop(w);
+    drop(gw_signer);
+}

@@ -234,6 +234,24 @@ async fn control_stream(
                         Some(Err(e)) => return Err(e),
                         None => return Err(LinkError::Lost("control stream ended".into())),
                     };
+                    // audit: a control stream that opens with `Witness` asks this gateway to
+                    // witness the edge's audit log; it carries nothing else.
+                    if let Frame::Witness { checkpoint, old_size, proof, .. } = frame {
+                        if active.is_some() {
+                            return Err(LinkError::Protocol(ProtoError::UnexpectedFrame { frame: "Witness", state: "receiving a transfer" }));
+                        }
+                        let witness = crate::audit::witness::Witness::new(gw.audit.clone(), &gw.id, gw.keys.peer.clone());
+                        let reply = match tokio::task::spawn_blocking(move || witness.cosign(&checkpoint, old_size, &proof)).await {
+                            Ok(Ok(signature)) => Frame::Cosigned { version: baylink_net::proto::WITNESS_VERSION, signature },
+                            Ok(Err(refusal)) => {
+                                warn!(error = %refusal, "audit witness refused");
+                                Frame::Error { code: refusal.code(), text: refusal.to_string() }
+                            }
+                            Err(e) => Frame::Error { code: ErrorCode::Internal, text: format!("witness failed: {e}") },
+                        };
+                        writer.send(&reply).await?;
+                        return Ok(());
+                    }
                     let res = match (&mut receiver, &active) {
                         (Some(r), _) => r.handle_frame(frame),
                         (None, Some(a)) => a.receiver.lock().expect("receiver lock poisoned").handle_frame(frame),

@@ -179,7 +179,11 @@ fn clean_transfer_is_recorded_and_verifies_on_both_sides() {
     // The patient id appears in no audit file of either appliance (only its keyed hash).
     for side in ["audit/edge", "audit/gateway"] {
         for e in std::fs::read_dir(d.path(side)).unwrap() {
-            let bytes = std::fs::read(e.unwrap().path()).unwrap();
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                continue; // the gateway's witness state holds edge checkpoints only
+            }
+            let bytes = std::fs::read(path).unwrap();
             assert!(
                 !bytes.windows(6).any(|w| w == b"P-0001"),
                 "the patient id is in {side}"
@@ -498,4 +502,66 @@ fn a_failed_send_is_recorded_as_failed() {
         ])),
         3,
     );
+}
+
+fn gateway_metrics(d: &Deployment) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.base_port + 3)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn gateway_witness_refuses_a_forked_edge_log() {
+    let d = Deployment::new().unwrap();
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let src = d.path("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = payload(&src, "a.dcm", 5000, 5).unwrap();
+    let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // A copy of the edge log as cosigned so far, continued differently below.
+    copy_dir(&d.path("audit/edge"), &d.path("audit/fork"));
+    std::fs::copy(d.edge_config(), d.path("edge-fork.toml")).unwrap();
+    d.set("edge-fork.toml", "audit", "dir", "\"audit/fork\"")
+        .unwrap();
+
+    let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("not witnessed"),
+        "the honest extension is cosigned: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(lines(&d.path("audit/edge/cosignatures.log")).len(), 2);
+
+    let out = baylink(&[
+        "send",
+        "--config",
+        d.path("edge-fork.toml").to_str().unwrap(),
+        "--no-progress",
+        f.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("not witnessed") && err.contains("inconsistent checkpoint refused"),
+        "{err}"
+    );
+    assert_eq!(
+        lines(&d.path("audit/fork/cosignatures.log")).len(),
+        1,
+        "no cosignature stored for the fork"
+    );
+    let metrics = gateway_metrics(&d);
+    assert!(
+        metrics.contains("baylink_audit_witness_refusals_total 1"),
+        "{metrics}"
+    );
+    drop(gateway);
 }
