@@ -115,6 +115,10 @@ pub struct AuditVerifyArgs {
     /// PEM public key of the appliance that wrote the log (e.g. keys/edge.pub.pem).
     #[arg(long)]
     pub public_key: Option<PathBuf>,
+    /// Also check the witness cosignatures stored with an edge log, against this PEM key
+    /// of the witnessing gateway (e.g. keys/gateway.pub.pem).
+    #[arg(long, value_name = "PEM")]
+    pub witness_key: Option<PathBuf>,
 }
 
 /// `--config FILE`

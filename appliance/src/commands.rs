@@ -201,6 +201,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
             config,
             dir,
             public_key,
+            witness_key,
         }) => {
             let (dir, key) = match (config, dir) {
                 (_, Some(dir)) => {
@@ -224,6 +225,14 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
                 "checkpoints: {} verified, the latest signs {} of {} records",
                 s.checkpoints, s.signed_size, s.records
             );
+            if let Some(pem) = &witness_key {
+                let wk = crate::signing::load_public_key(pem)?;
+                let c = audit::witness::verify_cosignatures(&dir, &key, &wk)?;
+                println!(
+                    "cosignatures: {} verified, the latest cosigns {} records",
+                    c.count, c.cosigned_size
+                );
+            }
             if s.signed_size < s.records {
                 println!(
                     "note: {} records after the latest checkpoint are not signed yet",

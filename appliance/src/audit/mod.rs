@@ -90,6 +90,19 @@ pub enum AuditError {
         /// What is wrong.
         reason: String,
     },
+    /// A stored witness cosignature is torn, does not verify, or cosigns another history.
+    #[error(
+        "cosignature {index} at byte {offset} of {}: {reason}",
+        witness::COSIGNATURES_FILE
+    )]
+    BadCosignature {
+        /// 1-based position in the cosignatures file.
+        index: usize,
+        /// Byte offset of its line.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
     /// The HSM could not sign a checkpoint.
     #[error("audit checkpoint: {0}")]
     Hsm(#[from] HsmError),

@@ -90,7 +90,7 @@ pub(super) fn checkpoint_note(line: &[u8]) -> Result<String, String> {
 
 /// Every complete line of a file with its offset; a torn last line is reported as an error
 /// by `torn(offset)` (verification is read-only and repairs nothing).
-fn lines(
+pub(super) fn lines(
     path: &Path,
     mut each: impl FnMut(u64, &[u8]) -> Result<(), AuditError>,
     torn: impl FnOnce(u64, String) -> AuditError,
@@ -126,7 +126,7 @@ fn lines(
 }
 
 /// Reads and checks every record; returns the records (canonical bytes) and leaf hashes.
-fn read_records(dir: &Path) -> Result<Vec<(Vec<u8>, Digest)>, AuditError> {
+pub(super) fn read_records(dir: &Path) -> Result<Vec<(Vec<u8>, Digest)>, AuditError> {
     let mut out: Vec<(Vec<u8>, Digest)> = Vec::new();
     let seq_at = std::cell::Cell::new(0u64);
     lines(

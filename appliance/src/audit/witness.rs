@@ -295,3 +295,77 @@ pub fn store(
         write_atomic(&witnessed, checkpoint.as_bytes()).map_err(io("cannot write", &witnessed))
     })
 }
+
+/// What the stored cosignatures show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CosignatureSummary {
+    /// Number of cosignatures, each verified.
+    pub count: usize,
+    /// Largest tree size cosigned (0 without any).
+    pub cosigned_size: u64,
+}
+
+/// Auditor side: checks every cosignature the edge stored in `dir`: the checkpoint is signed
+/// by `edge_key`, the cosignature by `witness_key`, and the cosigned root is the tree of the
+/// log's records at that size (a log rewritten after it was witnessed fails here).
+pub fn verify_cosignatures(
+    dir: &std::path::Path,
+    edge_key: &PublicKey,
+    witness_key: &PublicKey,
+) -> Result<CosignatureSummary, AuditError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Line {
+        checkpoint: String,
+        cosignature: String,
+    }
+    let leaves: Vec<Digest> = super::verify::read_records(dir)?
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    let mut summary = CosignatureSummary {
+        count: 0,
+        cosigned_size: 0,
+    };
+    let count = std::cell::Cell::new(0usize);
+    super::verify::lines(
+        &dir.join(COSIGNATURES_FILE),
+        |offset, line| {
+            count.set(count.get() + 1);
+            let bad = |reason: String| AuditError::BadCosignature {
+                index: count.get(),
+                offset,
+                reason,
+            };
+            let l: Line = serde_json::from_slice(line)
+                .map_err(|e| bad(format!("not a cosignature line: {e}")))?;
+            let cp = note::open(&l.checkpoint, edge_key, None).map_err(bad)?;
+            verify_cosignature(&l.checkpoint, &l.cosignature, witness_key).map_err(bad)?;
+            let n = usize::try_from(cp.size)
+                .ok()
+                .filter(|&n| n <= leaves.len())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "cosigns {} records but the log holds {}",
+                        cp.size,
+                        leaves.len()
+                    ))
+                })?;
+            if super::root_from_leaf_hashes(&leaves[..n]) != cp.root {
+                return Err(bad(format!(
+                    "the witness cosigned another history of records 0..{}",
+                    cp.size
+                )));
+            }
+            summary.count += 1;
+            summary.cosigned_size = summary.cosigned_size.max(cp.size);
+            Ok(())
+        },
+        |offset, reason| AuditError::BadCosignature {
+            index: count.get() + 1,
+            offset,
+            reason,
+        },
+    )?;
+    Ok(summary)
+}

@@ -162,6 +162,31 @@ fn clean_transfer_is_recorded_and_verifies_on_both_sides() {
         pem.to_str().unwrap(),
     ]));
     assert_audit_ok(&line, 4);
+    // With the gateway's key as witness key, the stored cosignature is checked too.
+    let witness = d.path("keys/gateway.pub.pem");
+    let out = baylink(&[
+        "audit",
+        "verify",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--public-key",
+        pem.to_str().unwrap(),
+        "--witness-key",
+        witness.to_str().unwrap(),
+    ]);
+    assert_audit_ok(&ok_last_line(&out), 4);
+    assert!(text(&out.stdout).contains("cosignatures: 1 verified, the latest cosigns 4 records"));
+    let out = baylink(&[
+        "audit",
+        "verify",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--public-key",
+        pem.to_str().unwrap(),
+        "--witness-key",
+        pem.to_str().unwrap(),
+    ]);
+    fails_naming(&out, "cosignature 1 at byte 0");
     // The gateway's key does not verify the edge's log.
     let wrong = d.path("keys/gateway.pub.pem");
     fails_naming(
