@@ -43,7 +43,8 @@ use crate::transfer_dir::write_atomic;
 
 pub use record::{Event, Kind, Record};
 pub use verify::{
-    Proof, ProofSummary, ProvenRecord, Summary, prove, read_proof, verify, verify_proof,
+    MAX_PROOF_BYTES, MAX_PROOF_RECORDS, PROOF_VERSION, Proof, ProofSummary, ProvenRecord, Summary,
+    prove, read_proof, verify, verify_proof,
 };
 
 /// The records file in `audit.dir`.
@@ -485,6 +486,15 @@ fn read_tail(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(io("cannot open", path)(e)),
     };
+    let len = file.metadata().map_err(io("cannot stat", path))?.len();
+    if len < from {
+        // Only a torn, unacknowledged tail is ever cut; acknowledged lines never go away.
+        return Err(AuditError::Io {
+            what: "acknowledged lines were removed from",
+            path: path.to_owned(),
+            source: std::io::Error::other(format!("{len} bytes left of {from} already read")),
+        });
+    }
     let mut r = BufReader::new(file);
     r.seek(SeekFrom::Start(from))
         .map_err(io("cannot seek", path))?;

@@ -486,3 +486,75 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     drop(w);
     drop(gw_signer);
 }
+
+#[test]
+#[serial_test::serial]
+fn a_log_truncated_while_open_is_refused() {
+    let f = Fixture::new();
+    let log = f.open(100);
+    for i in 0..3 {
+        log.append_blocking(event(i)).unwrap();
+    }
+    let l = lines_of(&f.path(RECORDS_FILE));
+    write_lines(&f.path(RECORDS_FILE), &l[..1]);
+    let e = log.append_blocking(event(3)).unwrap_err();
+    assert!(
+        e.to_string().contains("acknowledged lines were removed"),
+        "{e}"
+    );
+    assert_eq!(
+        lines_of(&f.path(RECORDS_FILE)).len(),
+        1,
+        "nothing appended on top"
+    );
+}
+
+#[test]
+fn parsers_never_panic_on_arbitrary_input() {
+    // The P-256 generator point: a valid key for driving the verifiers.
+    let g = hex::decode(
+        "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296\
+         4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5",
+    )
+    .unwrap();
+    let key = PublicKey::from_sec1(&g).unwrap();
+    // Deterministic mutations (xorshift) of well-formed inputs.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (line, _) = Record::from_canonical(br#"{"v":1,"seq":0,"time_ms":1,"kind":"sent","appliance":"e","transfer":null,"hospital":null,"peer":null,"patient":null,"category":null,"purpose":null,"destination":null,"consent":null,"declaration_digest":null,"merkle_root":null,"manifest_digest":null,"rule":null,"detail":null}"#)
+        .unwrap()
+        .line();
+    let seeds = [
+        String::from_utf8(line).unwrap(),
+        "baylink.audit/edge\n3\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\ntime 5\n\n\u{2014} baylink.audit/edge AAAAAAAAAAAA\n".to_owned(),
+        r#"{"version":1,"transfer":"t","checkpoint":"x","records":[{"index":0,"record":"{}","inclusion":["00"]}]}"#.to_owned(),
+    ];
+    for seed in &seeds {
+        for _ in 0..2000 {
+            let mut b = seed.as_bytes().to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() as usize) % b.len().max(1);
+                match next() % 3 {
+                    0 if i < b.len() => b[i] = next() as u8,
+                    1 if i < b.len() => {
+                        b.remove(i);
+                    }
+                    _ => b.insert(i.min(b.len()), next() as u8),
+                }
+            }
+            let _ = record::parse_line(&b);
+            let text = String::from_utf8_lossy(&b);
+            let _ = note::open(&text, &key, None);
+            let _ = note::Checkpoint::parse_body(&text);
+            let _ = witness::verify_cosignature(&text, &text, &key);
+            if let Ok(p) = serde_json::from_slice::<Proof>(&b) {
+                let _ = verify_proof(&p, &key);
+            }
+        }
+    }
+}
