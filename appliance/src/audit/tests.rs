@@ -425,7 +425,7 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     edge.checkpoint_blocking().unwrap();
     let (cp3, old, proof) = witness::request(&edge).unwrap().unwrap();
     assert_eq!(old, 0);
-    let line = w.cosign(&cp3, old, &proof).unwrap();
+    let line = w.cosign("edge", &cp3, old, &proof).unwrap();
     assert!(
         line.starts_with("\u{2014} baylink.witness/gateway "),
         "{line}"
@@ -450,7 +450,7 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     edge.checkpoint_blocking().unwrap();
     let (cp7, old, proof) = witness::request(&edge).unwrap().unwrap();
     assert_eq!(old, 3);
-    let line7 = w.cosign(&cp7, old, &proof).unwrap();
+    let line7 = w.cosign("edge", &cp7, old, &proof).unwrap();
     witness::verify_cosignature(&cp7, &line7, gw_signer.public_key()).unwrap();
 
     // A fork of size 9 signed by the edge key, whose first 7 leaves differ: refused.
@@ -466,15 +466,18 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     let fork = note::signed_note(&body, edge.origin(), &f.key(), &sig.0);
     let fork_proof =
         baylink_net::proto::merkle::consistency_proof_from_leaf_hashes(7, &forked).unwrap();
-    let e = w.cosign(&fork, 7, &fork_proof).unwrap_err();
+    let e = w.cosign("edge", &fork, 7, &fork_proof).unwrap_err();
     assert!(matches!(e, WitnessRefusal::Inconsistent(_)), "{e}");
     // A proof from another size than the cosigned one: refused.
-    let e = w.cosign(&fork, 3, &fork_proof).unwrap_err();
+    let e = w.cosign("edge", &fork, 3, &fork_proof).unwrap_err();
     assert!(matches!(e, WitnessRefusal::Inconsistent(_)), "{e}");
     // Not signed by the pinned edge key: refused.
     let e = w
-        .cosign(&fork.replace("\n9\n", "\n10\n"), 7, &fork_proof)
+        .cosign("edge", &fork.replace("\n9\n", "\n10\n"), 7, &fork_proof)
         .unwrap_err();
+    assert!(matches!(e, WitnessRefusal::BadCheckpoint(_)), "{e}");
+    // The honest checkpoint presented by another authenticated edge name: refused.
+    let e = w.cosign("edge-b", &cp7, 7, &[]).unwrap_err();
     assert!(matches!(e, WitnessRefusal::BadCheckpoint(_)), "{e}");
     // The witness still accepts the honest log's next checkpoint.
     edge.append_blocking(event(7)).unwrap();
@@ -482,7 +485,7 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     witness::store(&edge, &cp7, &line7, gw_signer.public_key()).unwrap();
     let (cp8, old, proof) = witness::request(&edge).unwrap().unwrap();
     assert_eq!(old, 7);
-    w.cosign(&cp8, old, &proof).unwrap();
+    w.cosign("edge", &cp8, old, &proof).unwrap();
     drop(w);
     drop(gw_signer);
 }

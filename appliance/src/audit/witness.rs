@@ -146,17 +146,19 @@ impl Witness {
         }
     }
 
-    /// Verifies `checkpoint` (edge signature, consistency with the last cosigned one by
-    /// `proof` from `old_size`), cosigns it, remembers it; returns the cosignature line.
-    /// Blocking (HSM and files).
+    /// Verifies `checkpoint` (edge signature, origin naming `edge_id` — the authenticated
+    /// peer, so an edge cannot open a second, separately witnessed log under another name —
+    /// and consistency with the last cosigned one by `proof` from `old_size`), cosigns it,
+    /// remembers it; returns the cosignature line. Blocking (HSM and files).
     pub fn cosign(
         &self,
+        edge_id: &str,
         checkpoint: &str,
         old_size: u64,
         proof: &[Digest],
     ) -> Result<String, WitnessRefusal> {
-        let cp =
-            note::open(checkpoint, &self.edge_key, None).map_err(WitnessRefusal::BadCheckpoint)?;
+        let cp = note::open(checkpoint, &self.edge_key, Some(&note::origin(edge_id)))
+            .map_err(WitnessRefusal::BadCheckpoint)?;
         let internal = |e: AuditError| WitnessRefusal::Internal(e.to_string());
         let result = self.log.locked(|inner, _| {
             let dir = inner.dir.join(WITNESS_DIR);

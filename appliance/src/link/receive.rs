@@ -241,7 +241,7 @@ async fn control_stream(
                             return Err(LinkError::Protocol(ProtoError::UnexpectedFrame { frame: "Witness", state: "receiving a transfer" }));
                         }
                         let witness = crate::audit::witness::Witness::new(gw.audit.clone(), &gw.id, gw.keys.peer.clone());
-                        let reply = match tokio::task::spawn_blocking(move || witness.cosign(&checkpoint, old_size, &proof)).await {
+                        let reply = match tokio::task::spawn_blocking(move || witness.cosign(&peer, &checkpoint, old_size, &proof)).await {
                             Ok(Ok(signature)) => Frame::Cosigned { version: baylink_net::proto::WITNESS_VERSION, signature },
                             Ok(Err(refusal)) => {
                                 warn!(error = %refusal, "audit witness refused");
