@@ -66,6 +66,59 @@ pub enum Command {
     /// HSM key management.
     #[command(subcommand)]
     Hsm(HsmCommand),
+    /// The tamper-evident audit log: verify it, prove a transfer's records, sign a checkpoint.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check every record and every signed checkpoint of an appliance's audit log.
+    ///
+    /// Exit 0 with the last line `audit ok: <N> records, root <hex>`; otherwise non-zero,
+    /// naming the first bad record (seq and byte offset) or checkpoint. The public key is
+    /// `--public-key` if given (an auditor needs nothing else, with `--dir`), else the
+    /// configured HSM key's.
+    Verify(AuditVerifyArgs),
+    /// Print (JSON on stdout) the inclusion proof of a transfer's records against the latest
+    /// signed checkpoint.
+    Prove {
+        /// The appliance config (TOML).
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+        /// The transfer id.
+        #[arg(long)]
+        transfer: String,
+    },
+    /// Check a proof file offline, with only the appliance's PEM public key.
+    VerifyProof {
+        /// PEM public key of the appliance that wrote the log.
+        #[arg(long)]
+        public_key: PathBuf,
+        /// The proof (output of `audit prove`).
+        proof: PathBuf,
+    },
+    /// Sign a checkpoint of the log now with the HSM (if records were added since the last).
+    Checkpoint(ConfigArg),
+}
+
+/// Arguments of `audit verify`.
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// The appliance config (TOML): audit.dir and, without --public-key, the HSM key.
+    #[arg(long, short = 'c', required_unless_present = "dir")]
+    pub config: Option<PathBuf>,
+    /// The audit directory, for an auditor without the config (needs --public-key).
+    #[arg(long, conflicts_with = "config", requires = "public_key")]
+    pub dir: Option<PathBuf>,
+    /// PEM public key of the appliance that wrote the log (e.g. keys/edge.pub.pem).
+    #[arg(long)]
+    pub public_key: Option<PathBuf>,
+    /// Also check the witness cosignatures stored with an edge log, against this PEM key
+    /// of the witnessing gateway (e.g. keys/gateway.pub.pem).
+    #[arg(long, value_name = "PEM")]
+    pub witness_key: Option<PathBuf>,
 }
 
 /// `--config FILE`

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use baylink_hsm::Token;
 
-use crate::cli::{Cli, Command, HsmCommand, LogFormat, SendArgs};
+use crate::cli::{AuditCommand, AuditVerifyArgs, Cli, Command, HsmCommand, LogFormat, SendArgs};
 use crate::config::{Config, Role};
 use crate::edge::{Edge, SendRequest};
 use crate::link::send::SendStats;
@@ -49,6 +49,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }),
         Command::Send(args) => return send(args),
         Command::Hsm(cmd) => hsm(cmd),
+        Command::Audit(cmd) => audit(cmd),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -123,7 +124,17 @@ fn send(args: SendArgs) -> ExitCode {
         let stats = Arc::new(SendStats::default());
         let summary = runtime()?.block_on(async {
             let edge = Edge::start(Arc::new(cfg)).await?;
-            edge.send(request, show, &stats).await
+            let result = edge.send(request, show, &stats).await;
+            // audit: sign a checkpoint at exit, so the transfer can be proven at once.
+            if let Err(e) = edge.audit().checkpoint().await {
+                tracing::warn!(error = %e, "cannot sign the audit checkpoint at exit");
+            }
+            // audit: and, when the link just worked, have the gateway witness it (best effort,
+            // bounded: a refusal must not wait for a link that is down; retried next time).
+            if result.is_ok() {
+                edge.witness_bounded().await;
+            }
+            result
         })?;
         if let Some(path) = &args.stats {
             write_stats(path, &stats)?;
@@ -181,4 +192,102 @@ fn hsm(cmd: HsmCommand) -> anyhow::Result<u8> {
         }
         Ok(0)
     })
+}
+
+fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
+    use crate::audit;
+    match cmd {
+        AuditCommand::Verify(AuditVerifyArgs {
+            config,
+            dir,
+            public_key,
+            witness_key,
+        }) => {
+            let (dir, key) = match (config, dir) {
+                (_, Some(dir)) => {
+                    let pem = public_key.context("--dir needs --public-key")?;
+                    (dir, crate::signing::load_public_key(&pem)?)
+                }
+                (Some(config), None) => with_config_value(&config, |cfg| {
+                    let key = match &public_key {
+                        Some(pem) => crate::signing::load_public_key(pem)?,
+                        None => Token::open(&hsm_config(&cfg)?)?
+                            .signer()?
+                            .public_key()
+                            .clone(),
+                    };
+                    Ok((cfg.audit_dir.clone(), key))
+                })?,
+                (None, None) => anyhow::bail!("give --config FILE or --dir DIR --public-key PEM"),
+            };
+            let s = audit::verify(&dir, &key)?;
+            println!(
+                "checkpoints: {} verified, the latest signs {} of {} records",
+                s.checkpoints, s.signed_size, s.records
+            );
+            if let Some(pem) = &witness_key {
+                let wk = crate::signing::load_public_key(pem)?;
+                let c = audit::witness::verify_cosignatures(&dir, &key, &wk)?;
+                println!(
+                    "cosignatures: {} verified, the latest cosigns {} records",
+                    c.count, c.cosigned_size
+                );
+            }
+            if s.signed_size < s.records {
+                println!(
+                    "note: {} records after the latest checkpoint are not signed yet",
+                    s.records - s.signed_size
+                );
+            }
+            println!(
+                "audit ok: {} records, root {}",
+                s.records,
+                hex::encode(s.root)
+            );
+            Ok(0)
+        }
+        AuditCommand::Prove { config, transfer } => {
+            let cfg = Config::load(&config)?;
+            let proof = audit::prove(&cfg.audit_dir, &transfer)?;
+            println!("{}", serde_json::to_string_pretty(&proof)?);
+            Ok(0)
+        }
+        AuditCommand::VerifyProof { public_key, proof } => {
+            let key = crate::signing::load_public_key(&public_key)?;
+            let p = audit::read_proof(&proof)?;
+            let ok = audit::verify_proof(&p, &key)?;
+            let kinds: Vec<String> = ok.records.iter().map(|r| r.kind.to_string()).collect();
+            println!(
+                "proof ok: transfer {}, {} records ({}) included in {} checkpoint of {} records, root {}",
+                ok.transfer,
+                ok.records.len(),
+                kinds.join(", "),
+                ok.checkpoint.origin,
+                ok.checkpoint.size,
+                hex::encode(ok.checkpoint.root)
+            );
+            Ok(0)
+        }
+        AuditCommand::Checkpoint(c) => with_config(&c.config, |cfg| {
+            let token = Token::open(&hsm_config(&cfg)?)?;
+            let log = audit::Log::open(&audit::LogSettings::from_config(&cfg), token.signer()?)?;
+            match log.checkpoint_blocking()? {
+                Some(n) => println!("checkpoint signed: {n} records"),
+                None => println!("checkpoint: nothing new to sign"),
+            }
+            Ok(0)
+        }),
+    }
+}
+
+/// Like [`with_config`], for a closure that returns a value.
+fn with_config_value<T>(
+    path: &Path,
+    f: impl FnOnce(Config) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let cfg = Config::load(path)?;
+    if let Some(conf) = &cfg.hsm.softhsm_conf {
+        export_softhsm_conf(conf);
+    }
+    f(cfg)
 }

@@ -100,6 +100,8 @@ pub struct Config {
     pub spool_dir: PathBuf,
     /// Audit log directory.
     pub audit_dir: PathBuf,
+    /// Audit log settings other than the directory (`[audit]`).
+    pub audit: AuditSection,
     /// Compliance policy.
     pub policy: PolicySection,
     /// Downstream delivery (gateway).
@@ -125,6 +127,19 @@ pub struct HsmSection {
     pub pin_file: PathBuf,
     /// Number of PKCS#11 sessions in the signing pool.
     pub sessions: usize,
+}
+
+/// `[audit]` settings besides `audit.dir` (audit log).
+#[derive(Debug, Clone)]
+pub struct AuditSection {
+    /// Sign a checkpoint every this many records (`audit.checkpoint_every`, default 64).
+    pub checkpoint_every: u64,
+    /// `serve` signs a checkpoint this often when the log grew (`audit.checkpoint_interval`,
+    /// default 5 minutes).
+    pub checkpoint_interval: Duration,
+    /// Secret key for the keyed patient hash (`audit.patient_key`, default
+    /// `<audit.dir>/patient.key`, created with 32 random bytes on first use).
+    pub patient_key: Option<PathBuf>,
 }
 
 /// `[tls]`
@@ -208,7 +223,7 @@ struct Raw {
     ingest: RawIngest,
     metrics: RawMetrics,
     spool: RawDir,
-    audit: RawDir,
+    audit: RawAudit,
     #[serde(default)]
     policy: RawPolicy,
     delivery: Option<RawDelivery>,
@@ -288,6 +303,15 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawDir {
     dir: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    dir: PathBuf,
+    checkpoint_every: Option<u64>,
+    checkpoint_interval: Option<String>,
+    patient_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -542,6 +566,24 @@ impl Config {
             metrics_listen,
             spool_dir: resolve(&raw.spool.dir),
             audit_dir: resolve(&raw.audit.dir),
+            audit: AuditSection {
+                checkpoint_every: match raw.audit.checkpoint_every {
+                    None => 64,
+                    Some(0) => {
+                        return Err(invalid(
+                            "audit.checkpoint_every",
+                            "must be at least 1".into(),
+                        ));
+                    }
+                    Some(n) => n,
+                },
+                checkpoint_interval: duration(
+                    "audit.checkpoint_interval",
+                    &raw.audit.checkpoint_interval,
+                    Duration::from_secs(300),
+                )?,
+                patient_key: raw.audit.patient_key.as_deref().map(resolve),
+            },
             policy: PolicySection {
                 consents: raw.policy.consents.as_deref().map(resolve),
                 negative_list: raw.policy.negative_list,
@@ -597,6 +639,9 @@ path = "delivered"
         assert_eq!(c.transport.retry_for, Duration::from_secs(600));
         assert_eq!(c.transport.chunk_size, DEFAULT_CHUNK_SIZE);
         assert!(matches!(c.delivery, Some(DeliverySection::Dir { .. })));
+        assert_eq!(c.audit.checkpoint_every, 64);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(300));
+        assert_eq!(c.audit.patient_key, None);
     }
 
     #[test]
@@ -616,6 +661,14 @@ path = "delivered"
         let bad = format!("{GATEWAY}\n[link]\ncongestion = \"reno\"\n");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("link.congestion"), "{e}");
+
+        let bad = GATEWAY.replace("[audit]", "[audit]\ncheckpoint_every = 0");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("audit.checkpoint_every"), "{e}");
+
+        let bad = GATEWAY.replace("[audit]", "[audit]\ncheckpoint_interval = \"soon\"");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("audit.checkpoint_interval"), "{e}");
 
         let bad = GATEWAY.replace("[spool]", "[spool]\nsize = 3");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

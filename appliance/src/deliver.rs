@@ -135,13 +135,14 @@ pub async fn run_worker(
     target: Arc<dyn Deliver>,
     queue: DeliveryQueue,
     mut rx: mpsc::UnboundedReceiver<TransferId>,
+    audit: crate::audit::Log,
 ) {
     while let Some(id) = rx.recv().await {
         let dir = TransferDir::new(&spool_dir, &id);
         let mut backoff = Duration::from_millis(500);
         loop {
-            let (d, t) = (dir.clone(), target.clone());
-            let res = tokio::task::spawn_blocking(move || deliver_one(&d, t.as_ref())).await;
+            let (d, t, a) = (dir.clone(), target.clone(), audit.clone());
+            let res = tokio::task::spawn_blocking(move || deliver_one(&d, t.as_ref(), &a)).await;
             match res {
                 Ok(Ok(path)) => {
                     info!(transfer = %id, path = %path.display(), "delivered");
@@ -161,10 +162,24 @@ pub async fn run_worker(
     }
 }
 
-fn deliver_one(dir: &TransferDir, target: &dyn Deliver) -> anyhow::Result<PathBuf> {
+fn deliver_one(
+    dir: &TransferDir,
+    target: &dyn Deliver,
+    audit: &crate::audit::Log,
+) -> anyhow::Result<PathBuf> {
     let bytes = std::fs::read(dir.manifest_bin())?;
     let manifest = Manifest::from_bytes(&bytes, &Limits::default())?;
     let path = target.deliver(dir, &manifest)?;
+    // audit: `delivered` is durable before the transfer is marked delivered; if it cannot be
+    // recorded the delivery is retried (delivery is idempotent by transfer id).
+    audit.append_blocking(crate::audit::Event {
+        transfer: Some(manifest.transfer_id.to_string()),
+        peer: Some(manifest.sender.clone()),
+        declaration_digest: Some(manifest.declaration_digest),
+        merkle_root: Some(manifest.merkle_root),
+        manifest_digest: Some(manifest.digest()),
+        ..crate::audit::Event::new(crate::audit::Kind::Delivered)
+    })?;
     write_atomic(&dir.delivered(), path.to_string_lossy().as_bytes())?;
     Ok(path)
 }

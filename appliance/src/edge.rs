@@ -20,12 +20,16 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::audit::{self, Event, Kind};
 use crate::config::Config;
 use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStats};
 use crate::policy::{Decision, Declaration, Policy};
 use crate::seal::{self, SealProgress};
 use crate::signing::{Keys, RECEIPT_CONTEXT};
 use crate::transfer_dir::{self, TransferDir, write_atomic};
+
+/// How long the edge waits for the gateway to witness an audit checkpoint.
+pub const WITNESS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What `send` reports on success: the contract's JSON line.
 #[derive(Debug, Serialize)]
@@ -114,6 +118,7 @@ pub struct Edge {
     spool: Spool,
     endpoint: quinn::Endpoint,
     policy: Arc<Policy>,
+    audit: audit::Log,
 }
 
 fn hsm_failure(e: anyhow::Error) -> SendFailure {
@@ -135,6 +140,12 @@ impl Edge {
             .await
             .map_err(anyhow::Error::from)?
             .map_err(hsm_failure)?;
+        // audit: the log is opened (and a torn tail repaired) before anything is sent.
+        let (settings, signer) = (audit::LogSettings::from_config(&cfg), keys.signer.clone());
+        let audit = tokio::task::spawn_blocking(move || audit::Log::open(&settings, signer))
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(anyhow::Error::from)?;
         let spool = Spool::start(SpoolConfig::default()).map_err(anyhow::Error::from)?;
         let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)
             .map_err(anyhow::Error::from)?;
@@ -156,7 +167,13 @@ impl Edge {
             spool,
             endpoint,
             policy,
+            audit,
         })
+    }
+
+    /// The edge's audit log.
+    pub fn audit(&self) -> &audit::Log {
+        &self.audit
     }
 
     /// The spool thread (for callers that seal or read on their own).
@@ -181,11 +198,57 @@ impl Edge {
             }
         };
         // The checkpoint runs again on resume: a consent withdrawn since sealing stops the send.
-        if let Decision::Refuse(r) = self.policy.check(&declaration, SystemTime::now()) {
-            metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
-            return Err(SendFailure::Refused(r.reason));
+        let consent_ref = match self.policy.check(&declaration, SystemTime::now()) {
+            Decision::Refuse(r) => {
+                metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
+                // audit: the refusal is recorded before it is reported.
+                self.audit
+                    .append(Event {
+                        rule: Some(r.rule.to_owned()),
+                        ..Event::declared(Kind::Refused, Some(id.to_string()), &declaration)
+                    })
+                    .await
+                    .map_err(|e| SendFailure::Other(e.into()))?;
+                return Err(SendFailure::Refused(r.reason));
+            }
+            Decision::Allow { consent_ref } => consent_ref,
+        };
+        // audit: `declared` is durable before the transfer id is announced.
+        let mut declared = Event::declared(Kind::Declared, Some(id.to_string()), &declaration);
+        declared.consent_ref = Some(consent_ref);
+        if matches!(request, SendRequest::New { .. }) {
+            self.audit
+                .append(declared.clone())
+                .await
+                .map_err(|e| SendFailure::Other(e.into()))?;
         }
         eprintln!("transfer {id}");
+        let result = self
+            .send_declared(id, request, show_progress, stats, started, &declared)
+            .await;
+        if let Err(e) = &result {
+            // audit: a failure after `declared` is recorded (best effort: the error is
+            // reported either way).
+            let failed = Event {
+                detail: Some(e.to_string()),
+                ..declared.clone_as(Kind::Failed)
+            };
+            if let Err(ae) = self.audit.append(failed).await {
+                warn!(transfer = %id, error = %ae, "cannot record the failure in the audit log");
+            }
+        }
+        result
+    }
+
+    async fn send_declared(
+        &self,
+        id: TransferId,
+        request: SendRequest,
+        show_progress: bool,
+        stats: &Arc<SendStats>,
+        started: Instant,
+        declared: &Event,
+    ) -> Result<SendSummary, SendFailure> {
         let dir = TransferDir::new(&self.cfg.spool_dir, &id);
         let bar = progress_bar(show_progress);
 
@@ -225,6 +288,17 @@ impl Edge {
         };
         let (out, _lock) = out;
         let seal_seconds = started.elapsed().as_secs_f64();
+        if matches!(request, SendRequest::New { .. }) {
+            // audit: `sealed` (the HSM-signed manifest's digests) before anything is sent.
+            self.audit
+                .append(Event {
+                    merkle_root: Some(out.manifest.merkle_root),
+                    manifest_digest: Some(out.manifest.digest()),
+                    ..declared.clone_as(Kind::Sealed)
+                })
+                .await
+                .map_err(|e| SendFailure::Other(e.into()))?;
+        }
 
         let transmit_started = Instant::now();
         let (receipt, wire_bytes) = if dir.has_receipt() {
@@ -244,6 +318,15 @@ impl Edge {
             bar.set_position(0);
             bar.set_message("sending");
             let d = self.transmit(&out, &bar, stats).await?;
+            // audit: every chunk is at the gateway and its receipt came back.
+            self.audit
+                .append(Event {
+                    merkle_root: Some(out.manifest.merkle_root),
+                    manifest_digest: Some(out.manifest.digest()),
+                    ..declared.clone_as(Kind::Sent)
+                })
+                .await
+                .map_err(|e| SendFailure::Other(e.into()))?;
             (d, stats.wire_bytes())
         };
         self.verify_receipt(&out, &receipt)?;
@@ -261,6 +344,15 @@ impl Edge {
             .map_err(anyhow::Error::from)?
             .context("cannot store the receipt")?;
         }
+        // audit: `receipted` is durable before success is reported.
+        self.audit
+            .append(Event {
+                merkle_root: Some(out.manifest.merkle_root),
+                manifest_digest: Some(out.manifest.digest()),
+                ..declared.clone_as(Kind::Receipted)
+            })
+            .await
+            .map_err(|e| SendFailure::Other(e.into()))?;
         bar.finish_and_clear();
         stats
             .hsm_wait_us
@@ -387,6 +479,71 @@ impl Edge {
             return Err(bad("it confirms a different manifest"));
         }
         Ok(())
+    }
+
+    /// audit: [`Edge::witness`] within [`WITNESS_TIMEOUT`]; failures are logged (the next
+    /// request proves consistency from the last cosigned checkpoint, so nothing is lost).
+    pub async fn witness_bounded(&self) {
+        match tokio::time::timeout(WITNESS_TIMEOUT, self.witness()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "audit checkpoint not witnessed"),
+            Err(_) => warn!("audit checkpoint not witnessed: the gateway did not answer in time"),
+        }
+    }
+
+    /// audit: asks the gateway to witness the latest audit checkpoint (if it is not
+    /// cosigned yet) and stores the cosignature. Returns the tree size cosigned.
+    pub async fn witness(&self) -> anyhow::Result<Option<u64>> {
+        let log = self.audit.clone();
+        let Some((checkpoint, old_size, proof)) =
+            tokio::task::spawn_blocking(move || audit::witness::request(&log)).await??
+        else {
+            return Ok(None);
+        };
+        let connect = self
+            .cfg
+            .transport
+            .connect
+            .context("transport.connect is not set")?;
+        let conn = self
+            .endpoint
+            .connect(connect, &self.cfg.transport.server_name)?
+            .await
+            .context("witness: cannot connect to the gateway")?;
+        let (send, recv) = conn.open_bi().await?;
+        let mut writer = crate::link::FrameWriter::new(send);
+        let mut frames =
+            crate::link::spawn_frame_reader(recv, baylink_net::proto::Limits::default());
+        writer
+            .send(&baylink_net::proto::Frame::Witness {
+                version: baylink_net::proto::WITNESS_VERSION,
+                checkpoint: checkpoint.clone(),
+                old_size,
+                proof,
+            })
+            .await?;
+        let reply = frames.recv().await;
+        writer.finish();
+        conn.close(crate::link::CLOSE_OK.into(), b"witnessed");
+        let signature = match reply {
+            Some(Ok(baylink_net::proto::Frame::Cosigned { signature, .. })) => signature,
+            Some(Ok(baylink_net::proto::Frame::Error { code, text })) => {
+                anyhow::bail!("the gateway refused to witness: {code}: {text}")
+            }
+            Some(Ok(other)) => anyhow::bail!("witness: unexpected {} frame", other.kind()),
+            Some(Err(e)) => return Err(anyhow::anyhow!("witness: {e}")),
+            None => anyhow::bail!("witness: the gateway closed the stream"),
+        };
+        let (log, peer) = (self.audit.clone(), self.keys.peer.clone());
+        let cp = checkpoint.clone();
+        tokio::task::spawn_blocking(move || audit::witness::store(&log, &cp, &signature, &peer))
+            .await??;
+        let size = audit::note::split_note(&checkpoint)
+            .and_then(|(body, _)| audit::note::Checkpoint::parse_body(body))
+            .map(|c| c.size)
+            .ok();
+        info!(size, "audit checkpoint cosigned by the gateway");
+        Ok(size)
     }
 
     /// Sealed transfers in the spool that have no receipt yet.

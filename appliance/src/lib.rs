@@ -3,13 +3,15 @@
 //! The edge checks each upload against the compliance policy ([`policy`]), seals it into its
 //! spool ([`seal`]) and sends it ([`edge`], [`link::send`]); the gateway receives, verifies and
 //! commits it ([`link::receive`]), signs a receipt, and delivers it downstream ([`deliver`]).
-//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment.
+//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment. Every step is
+//! first recorded in the appliance's tamper-evident [`audit`] log.
 //!
 //! What this crate deliberately does not do: speak QUIC or touch io_uring itself (that is
 //! `baylink-net`), or hold keys (signing happens only in the HSM, through `baylink-hsm`).
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config;

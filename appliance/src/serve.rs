@@ -10,6 +10,7 @@ use baylink_net::spool::{Spool, SpoolConfig};
 use baylink_net::transport::{self, TlsIdentity};
 use tracing::{error, info, warn};
 
+use crate::audit;
 use crate::config::{Config, DeliverySection, Role};
 use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
 use crate::edge::{Edge, SendRequest};
@@ -37,6 +38,15 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     let spool = Spool::start(SpoolConfig::default())?;
     std::fs::create_dir_all(&cfg.spool_dir)
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
+    // audit: open the log (repairing a torn tail) before accepting anything.
+    let audit = {
+        let (settings, signer) = (audit::LogSettings::from_config(&cfg), keys.signer.clone());
+        tokio::task::spawn_blocking(move || audit::Log::open(&settings, signer)).await??
+    };
+    let audit_ticker = tokio::spawn(audit_checkpoints(
+        audit.clone(),
+        cfg.audit.checkpoint_interval,
+    ));
 
     let target: Arc<dyn Deliver> = match cfg.delivery.clone().context("delivery is not set")? {
         DeliverySection::Dir { path } => Arc::new(DirDelivery::new(path)),
@@ -56,6 +66,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         target,
         queue.clone(),
         queue_rx,
+        audit.clone(),
     ));
 
     let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)?;
@@ -74,6 +85,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         cfg.limits,
         ReceiverConfig::default(),
         queue.clone(),
+        audit.clone(),
     ));
 
     health.set_ready();
@@ -119,6 +131,8 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     }
     endpoint.close(crate::link::CLOSE_SHUTDOWN.into(), b"shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    audit_ticker.abort();
+    final_checkpoint(&audit).await;
     info!("stopped");
     Ok(())
 }
@@ -151,9 +165,56 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         }
     };
     tokio::spawn(resumer);
+    let audit_ticker = tokio::spawn({
+        let edge = edge.clone();
+        let interval = cfg.audit.checkpoint_interval;
+        async move {
+            let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match edge.audit().checkpoint().await {
+                    Ok(_) => edge.witness_bounded().await,
+                    Err(e) => {
+                        error!(error = %e, "periodic audit checkpoint failed");
+                        metrics::counter!("baylink_audit_checkpoint_failures_total").increment(1);
+                    }
+                }
+            }
+        }
+    });
     let signal = ops::shutdown_signal().await?;
     info!(signal, "stopping");
     ops::notify_stopping();
     health.set_not_ready();
+    audit_ticker.abort();
+    final_checkpoint(edge.audit()).await;
+    edge.witness_bounded().await;
     Ok(())
+}
+
+// audit: periodic and shutdown checkpoints of the audit log.
+
+/// Signs an audit checkpoint every `interval` when the log grew.
+async fn audit_checkpoints(log: audit::Log, interval: Duration) {
+    let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = log.checkpoint().await {
+            error!(error = %e, "periodic audit checkpoint failed");
+            metrics::counter!("baylink_audit_checkpoint_failures_total").increment(1);
+        }
+    }
+}
+
+/// Signs the shutdown checkpoint (errors are logged: the records themselves are durable).
+async fn final_checkpoint(log: &audit::Log) {
+    match log.checkpoint().await {
+        Ok(Some(size)) => info!(size, "audit checkpoint signed at shutdown"),
+        Ok(None) => {}
+        Err(e) => error!(error = %e, "cannot sign the audit checkpoint at shutdown"),
+    }
 }

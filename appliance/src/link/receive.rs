@@ -50,6 +50,8 @@ pub struct Gateway {
     pub committed: DeliveryQueue,
     /// Set when draining: new offers are refused.
     pub draining: AtomicBool,
+    /// The gateway's audit log (`committed` is recorded before the receipt exists).
+    pub audit: crate::audit::Log,
     active: Mutex<HashMap<TransferId, Arc<Active>>>,
     /// Transfers whose durable chunks were read back and checked since this process started.
     checked_at_rest: Mutex<HashSet<TransferId>>,
@@ -57,6 +59,7 @@ pub struct Gateway {
 
 impl Gateway {
     /// Creates the shared receive state.
+    #[allow(clippy::too_many_arguments)] // one per shared part; all required
     pub fn new(
         id: String,
         spool_dir: std::path::PathBuf,
@@ -65,6 +68,7 @@ impl Gateway {
         limits: Limits,
         receiver_cfg: ReceiverConfig,
         committed: DeliveryQueue,
+        audit: crate::audit::Log,
     ) -> Gateway {
         Gateway {
             id,
@@ -75,6 +79,7 @@ impl Gateway {
             receiver_cfg,
             committed,
             draining: AtomicBool::new(false),
+            audit,
             active: Mutex::new(HashMap::new()),
             checked_at_rest: Mutex::new(HashSet::new()),
         }
@@ -249,6 +254,24 @@ async fn control_stream(
                         Some(Err(e)) => return Err(e),
                         None => return Err(LinkError::Lost("control stream ended".into())),
                     };
+                    // audit: a control stream that opens with `Witness` asks this gateway to
+                    // witness the edge's audit log; it carries nothing else.
+                    if let Frame::Witness { checkpoint, old_size, proof, .. } = frame {
+                        if active.is_some() {
+                            return Err(LinkError::Protocol(ProtoError::UnexpectedFrame { frame: "Witness", state: "receiving a transfer" }));
+                        }
+                        let witness = crate::audit::witness::Witness::new(gw.audit.clone(), &gw.id, gw.keys.peer.clone());
+                        let reply = match tokio::task::spawn_blocking(move || witness.cosign(&peer, &checkpoint, old_size, &proof)).await {
+                            Ok(Ok(signature)) => Frame::Cosigned { version: baylink_net::proto::WITNESS_VERSION, signature },
+                            Ok(Err(refusal)) => {
+                                warn!(error = %refusal, "audit witness refused");
+                                Frame::Error { code: refusal.code(), text: refusal.to_string() }
+                            }
+                            Err(e) => Frame::Error { code: ErrorCode::Internal, text: format!("witness failed: {e}") },
+                        };
+                        writer.send(&reply).await?;
+                        return Ok(());
+                    }
                     let res = match (&mut receiver, &active) {
                         (Some(r), _) => r.handle_frame(frame),
                         (None, Some(a)) => a.receiver.lock().expect("receiver lock poisoned").handle_frame(frame),
@@ -791,6 +814,18 @@ async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
     }
     .to_bytes();
     let sig = gw.keys.sign(RECEIPT_CONTEXT, &receipt).await?;
+    // audit: `committed` is durable before the commit point (the receipt signature file)
+    // and before the receipt is sent; if it cannot be recorded, nothing is committed.
+    gw.audit
+        .append(crate::audit::Event {
+            transfer: Some(a.manifest.transfer_id.to_string()),
+            peer: Some(a.manifest.sender.clone()),
+            declaration_digest: Some(a.manifest.declaration_digest),
+            merkle_root: Some(a.manifest.merkle_root),
+            manifest_digest: Some(a.manifest.digest()),
+            ..crate::audit::Event::new(crate::audit::Kind::Committed)
+        })
+        .await?;
     let dir = a.dir.clone();
     let (r2, s2) = (receipt.clone(), sig.clone());
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {

@@ -12,7 +12,14 @@
 //! 0x05 ChunkBad  u32 index | u16 len, reason
 //! 0x06 Receipt   u32 len, receipt | u16 len, signature
 //! 0x07 Error     u16 code | u16 len, text
+//! 0x08 Witness   u8 version | u16 len, signed checkpoint | u64 old size
+//!                | u16 count, count × 32 consistency proof
+//! 0x09 Cosigned  u8 version | u16 len, cosignature line
 //! ```
+//!
+//! `Witness` opens a control stream of its own (no `Hello`/`Offer`): the edge asks the
+//! gateway to witness its audit log's latest checkpoint; the gateway answers `Cosigned` or
+//! `Error`.
 //!
 //! Texts are UTF-8 of at most [`Limits::max_text_len`] bytes. A payload must
 //! be consumed exactly. An unknown type, an over-long length, or a malformed
@@ -34,6 +41,15 @@ const CHUNK_OK: u8 = 0x04;
 const CHUNK_BAD: u8 = 0x05;
 const RECEIPT: u8 = 0x06;
 const ERROR: u8 = 0x07;
+const WITNESS: u8 = 0x08;
+const COSIGNED: u8 = 0x09;
+
+/// Version of the `Witness`/`Cosigned` payloads this build speaks.
+pub const WITNESS_VERSION: u8 = 1;
+/// Largest signed checkpoint note a `Witness` frame may carry.
+pub const MAX_WITNESS_NOTE_LEN: u16 = 8192;
+/// Most hashes in a `Witness` consistency proof (a tree of 2^64 leaves needs fewer than 128).
+pub const MAX_CONSISTENCY_HASHES: u16 = 128;
 
 /// One control-stream message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +95,25 @@ pub enum Frame {
         /// The gateway HSM's signature over `receipt`.
         signature: Bytes,
     },
+    /// Edge → gateway: witness this audit checkpoint (a C2SP signed note), consistent with
+    /// the one the gateway cosigned last (`old_size`, 0 for the first) by `proof`.
+    Witness {
+        /// [`WITNESS_VERSION`].
+        version: u8,
+        /// The edge's signed checkpoint note.
+        checkpoint: String,
+        /// Tree size of the checkpoint the gateway cosigned last.
+        old_size: u64,
+        /// RFC 6962 consistency proof from `old_size` to the checkpoint's size.
+        proof: Vec<[u8; 32]>,
+    },
+    /// Gateway → edge: the witness's cosignature line for the checkpoint.
+    Cosigned {
+        /// [`WITNESS_VERSION`].
+        version: u8,
+        /// One signed-note signature line (without its newline).
+        signature: String,
+    },
     /// Either way: the transfer stops.
     Error {
         /// Why, as a stable code.
@@ -99,6 +134,8 @@ impl Frame {
             Frame::ChunkBad { .. } => "ChunkBad",
             Frame::Receipt { .. } => "Receipt",
             Frame::Error { .. } => "Error",
+            Frame::Witness { .. } => "Witness",
+            Frame::Cosigned { .. } => "Cosigned",
         }
     }
 
@@ -111,6 +148,8 @@ impl Frame {
             Frame::ChunkBad { .. } => CHUNK_BAD,
             Frame::Receipt { .. } => RECEIPT,
             Frame::Error { .. } => ERROR,
+            Frame::Witness { .. } => WITNESS,
+            Frame::Cosigned { .. } => COSIGNED,
         }
     }
 
@@ -169,6 +208,25 @@ pub fn encode(frame: &Frame, buf: &mut BytesMut) {
         Frame::Error { code, text } => {
             buf.put_u16(code.to_u16());
             put_str16(buf, text);
+        }
+        Frame::Witness {
+            version,
+            checkpoint,
+            old_size,
+            proof,
+        } => {
+            buf.put_u8(*version);
+            put_str16(buf, checkpoint);
+            buf.put_u64(*old_size);
+            let n = proof.len().min(usize::from(u16::MAX));
+            buf.put_u16(n as u16);
+            for h in &proof[..n] {
+                buf.put_slice(h);
+            }
+        }
+        Frame::Cosigned { version, signature } => {
+            buf.put_u8(*version);
+            put_str16(buf, signature);
         }
     }
     let len = u32::try_from(buf.len() - start - FRAME_HEADER_LEN).unwrap_or(u32::MAX);
@@ -236,7 +294,7 @@ impl FrameDecoder {
             return Ok(None);
         };
         let kind = header[0];
-        if !(HELLO..=ERROR).contains(&kind) {
+        if !(HELLO..=COSIGNED).contains(&kind) {
             return Err(ProtoError::UnknownFrame(kind));
         }
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
@@ -296,10 +354,48 @@ fn decode_payload(kind: u8, payload: Bytes, limits: &Limits) -> Result<Frame, Pr
                 text: r.str16(text, "Error text")?.to_owned(),
             }
         }
+        WITNESS => {
+            let version = witness_version(r.u8()?)?;
+            let checkpoint = r
+                .str16(MAX_WITNESS_NOTE_LEN, "witnessed checkpoint")?
+                .to_owned();
+            let old_size = r.u64()?;
+            let n = r.u16()?;
+            if n > MAX_CONSISTENCY_HASHES {
+                return Err(ProtoError::TooLong {
+                    what: "consistency proof",
+                    len: u64::from(n),
+                    max: u64::from(MAX_CONSISTENCY_HASHES),
+                });
+            }
+            let proof = (0..n).map(|_| r.array()).collect::<Result<_, _>>()?;
+            Frame::Witness {
+                version,
+                checkpoint,
+                old_size,
+                proof,
+            }
+        }
+        COSIGNED => Frame::Cosigned {
+            version: witness_version(r.u8()?)?,
+            signature: r.str16(text, "cosignature")?.to_owned(),
+        },
         other => return Err(ProtoError::UnknownFrame(other)),
     };
     r.finish()?;
     Ok(frame)
+}
+
+fn witness_version(v: u8) -> Result<u8, ProtoError> {
+    if v == WITNESS_VERSION {
+        Ok(v)
+    } else {
+        Err(ProtoError::UnsupportedVersion {
+            what: "witness frame",
+            version: u16::from(v),
+            supported: u16::from(WITNESS_VERSION),
+        })
+    }
 }
 
 /// The fixed-size header opening each data stream; exactly `len` payload
@@ -392,6 +488,21 @@ mod tests {
                 arb_text()
             )
                 .prop_map(|(code, text)| Frame::Error { code, text }),
+            (
+                arb_text(),
+                any::<u64>(),
+                proptest::collection::vec(any::<[u8; 32]>(), 0..8)
+            )
+                .prop_map(|(checkpoint, old_size, proof)| Frame::Witness {
+                    version: WITNESS_VERSION,
+                    checkpoint,
+                    old_size,
+                    proof
+                }),
+            arb_text().prop_map(|signature| Frame::Cosigned {
+                version: WITNESS_VERSION,
+                signature
+            }),
         ]
     }
 
@@ -431,6 +542,16 @@ mod tests {
                 code: ErrorCode::NoSpace,
                 text: String::new(),
             },
+            Frame::Witness {
+                version: WITNESS_VERSION,
+                checkpoint: "baylink.audit/edge\n4\nAAAA\n\n\u{2014} k AAAA\n".into(),
+                old_size: 2,
+                proof: vec![[1; 32], [2; 32]],
+            },
+            Frame::Cosigned {
+                version: WITNESS_VERSION,
+                signature: "\u{2014} baylink.witness/gateway AAAA".into(),
+            },
         ];
         let mut wire = BytesMut::new();
         for f in &frames {
@@ -444,6 +565,44 @@ mod tests {
             Frame::ChunkOk { index: 1 }.to_bytes().as_ref(),
             &[4, 0, 0, 0, 4, 0, 0, 0, 1]
         );
+    }
+
+    #[test]
+    fn witness_frames_are_versioned_and_limited() {
+        let mut f = Frame::Witness {
+            version: WITNESS_VERSION,
+            checkpoint: "c".into(),
+            old_size: 0,
+            proof: vec![[0; 32]; usize::from(MAX_CONSISTENCY_HASHES) + 1],
+        };
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&f.to_bytes());
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::TooLong {
+                what: "consistency proof",
+                ..
+            })
+        ));
+        if let Frame::Witness { version, proof, .. } = &mut f {
+            *version = 2;
+            proof.clear();
+        }
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&f.to_bytes());
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::UnsupportedVersion { version: 2, .. })
+        ));
+        let long = Frame::Witness {
+            version: WITNESS_VERSION,
+            checkpoint: "x".repeat(usize::from(MAX_WITNESS_NOTE_LEN) + 1),
+            old_size: 0,
+            proof: vec![],
+        };
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&long.to_bytes());
+        assert!(dec.next_frame().is_err());
     }
 
     #[test]

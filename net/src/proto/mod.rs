@@ -69,7 +69,10 @@ use std::str::FromStr;
 
 pub use chunkset::{ChunkSet, Indices};
 pub use error::{ErrorCode, ProtoError};
-pub use frame::{ChunkHeader, FRAME_HEADER_LEN, Frame, FrameDecoder, encode};
+pub use frame::{
+    ChunkHeader, FRAME_HEADER_LEN, Frame, FrameDecoder, MAX_CONSISTENCY_HASHES,
+    MAX_WITNESS_NOTE_LEN, WITNESS_VERSION, encode,
+};
 pub use manifest::{
     ChunkHasher, ChunkLocation, FileEntry, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest,
     ManifestBuilder,

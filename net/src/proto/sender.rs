@@ -276,6 +276,8 @@ impl Sender {
                 return self.fail(ProtoError::Peer { code, text }, false);
             }
             Frame::Offer { .. } => return self.unexpected("Offer"),
+            Frame::Witness { .. } => return self.unexpected("Witness"),
+            Frame::Cosigned { .. } => return self.unexpected("Cosigned"),
         }
         self.pump();
         Ok(())

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod faults;
+mod audit;
 mod hsm_cli;
 mod link;
 mod peer;
