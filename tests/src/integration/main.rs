@@ -6,8 +6,8 @@
 // Tests fail loudly on anything unexpected; unwrap is the clearest way to say so here.
 #![allow(clippy::unwrap_used)]
 
-mod faults;
 mod audit;
+mod faults;
 mod hsm_cli;
 mod link;
 mod peer;
