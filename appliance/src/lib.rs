@@ -3,7 +3,8 @@
 //! The edge checks each upload against the compliance policy ([`policy`]), seals it into its
 //! spool ([`seal`]) and sends it ([`edge`], [`link::send`]); the gateway receives, verifies and
 //! commits it ([`link::receive`]), signs a receipt, and delivers it downstream ([`deliver`]).
-//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment.
+//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment. [`dicom`] is
+//! the edge's DICOM C-STORE door.
 //!
 //! What this crate deliberately does not do: speak QUIC or touch io_uring itself (that is
 //! `baylink-net`), or hold keys (signing happens only in the HSM, through `baylink-hsm`).
@@ -15,6 +16,7 @@ pub mod commands;
 pub mod config;
 pub mod deliver;
 pub mod devenv;
+pub mod dicom;
 pub mod edge;
 pub mod link;
 pub mod ops;

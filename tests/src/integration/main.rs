@@ -6,6 +6,7 @@
 // Tests fail loudly on anything unexpected; unwrap is the clearest way to say so here.
 #![allow(clippy::unwrap_used)]
 
+mod dicom;
 mod hsm_cli;
 mod peer;
 mod refusal;
