@@ -742,6 +742,16 @@ path = "delivered"
     }
 
     #[test]
+    fn example_config_parses_with_its_dicom_peers() {
+        let text = include_str!("../../systemd/baylink.example.toml");
+        let c = Config::parse(Path::new("/etc/baylink/edge.toml"), text).unwrap();
+        assert_eq!(c.ingest.dicom.ae_title, "BAYLINK");
+        assert_eq!(c.ingest.dicom.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.ingest.dicom.peers.len(), 1);
+        assert_eq!(c.ingest.dicom.peers[0].hospital, "hospital-a");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let bad = GATEWAY.replace("kind = \"dir\"", "kind = \"ftp\"");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

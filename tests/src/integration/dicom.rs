@@ -341,3 +341,211 @@ fn refused_and_malformed_instances_get_failure_statuses_and_the_rest_proceeds() 
     let out = run(&mut scu("echoscu", &d, "STORESCU", "BAYLINK"));
     assert!(out.status.success(), "{}", text(&out));
 }
+
+/// A minimal SCU speaking the upper layer protocol directly, to send what dcmtk will not:
+/// a data set that is not DICOM, an A-ABORT, a connection dropped mid-instance.
+struct RawScu {
+    s: std::net::TcpStream,
+}
+
+const CT_IMAGE: &str = "1.2.840.10008.5.1.4.1.1.2";
+const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
+
+fn item(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![kind, 0];
+    v.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn ae(title: &str) -> [u8; 16] {
+    let mut a = [b' '; 16];
+    a[..title.len()].copy_from_slice(title.as_bytes());
+    a
+}
+
+/// An implicit VR little endian element of group 0000.
+fn cmd_element(out: &mut Vec<u8>, element: u16, value: &[u8]) {
+    let mut v = value.to_vec();
+    if v.len() % 2 == 1 {
+        v.push(0);
+    }
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&element.to_le_bytes());
+    out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    out.extend_from_slice(&v);
+}
+
+impl RawScu {
+    /// Associates as `calling` with one presentation context (id 1): CT image, explicit LE.
+    fn associate(d: &Deployment, calling: &str) -> RawScu {
+        let s = std::net::TcpStream::connect(("127.0.0.1", d.base_port + 4)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut body = Vec::new();
+        body.extend_from_slice(&1u16.to_be_bytes());
+        body.extend_from_slice(&[0, 0]);
+        body.extend_from_slice(&ae("BAYLINK"));
+        body.extend_from_slice(&ae(calling));
+        body.extend_from_slice(&[0; 32]);
+        body.extend(item(0x10, b"1.2.840.10008.3.1.1.1"));
+        let mut pc = vec![1, 0, 0, 0];
+        pc.extend(item(0x30, CT_IMAGE.as_bytes()));
+        pc.extend(item(0x40, EXPLICIT_LE.as_bytes()));
+        body.extend(item(0x20, &pc));
+        let mut user = item(0x51, &16384u32.to_be_bytes());
+        user.extend(item(0x52, b"1.2.826.0.1.3680043.10.543.9999"));
+        body.extend(item(0x50, &user));
+        let mut scu = RawScu { s };
+        scu.send_pdu(0x01, &body);
+        let (kind, ac) = scu.read_pdu();
+        assert_eq!(kind, 0x02, "association accepted");
+        // Presentation context result item: reason byte 0 = acceptance.
+        let pos = ac.iter().position(|&b| b == 0x21).expect("context result");
+        assert_eq!(ac[pos + 6], 0, "presentation context accepted");
+        scu
+    }
+
+    fn send_pdu(&mut self, kind: u8, body: &[u8]) {
+        let mut p = vec![kind, 0];
+        p.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        p.extend_from_slice(body);
+        self.s.write_all(&p).unwrap();
+    }
+
+    fn read_pdu(&mut self) -> (u8, Vec<u8>) {
+        let mut h = [0u8; 6];
+        self.s.read_exact(&mut h).unwrap();
+        let len = u32::from_be_bytes(h[2..6].try_into().unwrap()) as usize;
+        assert!(len < 1 << 20);
+        let mut b = vec![0; len];
+        self.s.read_exact(&mut b).unwrap();
+        (h[0], b)
+    }
+
+    /// One PDV in one P-DATA-TF PDU.
+    fn pdv(&mut self, command: bool, last: bool, data: &[u8]) {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(data.len() as u32 + 2).to_be_bytes());
+        body.push(1);
+        body.push(u8::from(command) | (u8::from(last) << 1));
+        body.extend_from_slice(data);
+        self.send_pdu(0x04, &body);
+    }
+
+    fn store_command(&mut self, message_id: u16, sop_instance: &str) {
+        let mut c = Vec::new();
+        cmd_element(&mut c, 0x0002, CT_IMAGE.as_bytes());
+        cmd_element(&mut c, 0x0100, &1u16.to_le_bytes());
+        cmd_element(&mut c, 0x0110, &message_id.to_le_bytes());
+        cmd_element(&mut c, 0x0700, &0u16.to_le_bytes());
+        cmd_element(&mut c, 0x0800, &0u16.to_le_bytes());
+        cmd_element(&mut c, 0x1000, sop_instance.as_bytes());
+        let mut full = Vec::new();
+        cmd_element(&mut full, 0x0000, &(c.len() as u32).to_le_bytes());
+        full.extend(c);
+        self.pdv(true, true, &full);
+    }
+
+    /// C-STORE of `data_set` (split in two fragments); returns the response status.
+    fn store(&mut self, message_id: u16, sop_instance: &str, data_set: &[u8]) -> u16 {
+        self.store_command(message_id, sop_instance);
+        let half = data_set.len() / 2;
+        self.pdv(false, false, &data_set[..half]);
+        self.pdv(false, true, &data_set[half..]);
+        let (kind, body) = self.read_pdu();
+        assert_eq!(kind, 0x04, "P-DATA response");
+        // PDV header (4 length + 1 id + 1 control), then the command set: find (0000,0900).
+        let cmd = &body[6..];
+        let mut pos = 0;
+        while pos + 8 <= cmd.len() {
+            let element = u16::from_le_bytes([cmd[pos + 2], cmd[pos + 3]]);
+            let len = u32::from_le_bytes(cmd[pos + 4..pos + 8].try_into().unwrap()) as usize;
+            if element == 0x0900 {
+                return u16::from_le_bytes([cmd[pos + 8], cmd[pos + 9]]);
+            }
+            pos += 8 + len;
+        }
+        panic!("no status in the response");
+    }
+
+    fn release(mut self) {
+        self.send_pdu(0x05, &[0; 4]);
+        let (kind, _) = self.read_pdu();
+        assert_eq!(kind, 0x06, "A-RELEASE-RP");
+    }
+
+    fn abort(mut self) {
+        self.send_pdu(0x07, &[0; 4]);
+    }
+}
+
+fn count_dir(p: &Path) -> usize {
+    std::fs::read_dir(p).map(|r| r.count()).unwrap_or(0)
+}
+
+#[test]
+fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
+    let d = Deployment::new().unwrap();
+    let (_gateway, edge) = start(&d);
+    let src = d.path("instances");
+    let files: Vec<_> = (1..=4).map(|n| instance(&src, n, Some("P-0001"))).collect();
+    let ds: Vec<_> = files.iter().map(|f| data_set(f)).collect();
+    let garbage = vec![0xffu8; 300];
+
+    // Aborted association: two good instances were accepted, then A-ABORT: nothing is sent.
+    let mut a = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(a.store(1, &sop_uid(1), &ds[0]), 0x0000);
+    assert_eq!(a.store(2, &sop_uid(2), &ds[1]), 0x0000);
+    a.abort();
+
+    // Dropped connection in the middle of an instance: nothing is sent.
+    let mut b = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(b.store(1, &sop_uid(3), &ds[2]), 0x0000);
+    b.store_command(2, &sop_uid(4));
+    b.pdv(false, false, &ds[3][..100]);
+    drop(b);
+
+    // A data set that is not DICOM gets 0xC000; the instances around it proceed.
+    let mut c = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(c.store(1, &sop_uid(4), &ds[3]), 0x0000);
+    assert_eq!(
+        c.store(2, "1.2.826.0.1.3680043.10.543.77", &garbage),
+        0xC000
+    );
+    // A data set whose SOP Instance UID differs from the command's: 0xA900.
+    assert_eq!(c.store(3, "1.2.826.0.1.3680043.10.543.78", &ds[0]), 0xA900);
+    // A SOP Instance UID that would escape the transfer directory: 0xC000.
+    assert_eq!(c.store(4, "../../etc/passwd", &ds[1]), 0xC000);
+    assert_eq!(c.store(5, &sop_uid(3), &ds[2]), 0x0000);
+    c.release();
+
+    let t = wait_for_delivery(
+        &d,
+        &[format!("{}.dcm", sop_uid(3)), format!("{}.dcm", sop_uid(4))],
+        &edge,
+    );
+    assert_eq!(data_set(&t.join(format!("{}.dcm", sop_uid(4)))), ds[3]);
+    assert_eq!(
+        delivered_transfers(&d).len(),
+        1,
+        "aborted associations sent nothing"
+    );
+    let log = edge.log();
+    assert_eq!(
+        log.matches("association aborted: its instances are discarded")
+            .count(),
+        2,
+        "{log}"
+    );
+    // Scratch and staging are empty once the transfer is sent.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count_dir(&d.path("spool/edge/.staging")) + count_dir(&d.path("spool/edge/.incoming")) > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "staging or scratch not cleaned up"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(edge_healthy(&d));
+}
