@@ -315,31 +315,33 @@ impl<S: AssociationSink> Inner<S> {
         };
         let end = state.run(&mut assoc).await;
         let (accepted, refused) = (state.accepted, state.refused);
-        match (end, state.transfer.take()) {
-            (End::Released, Some(t)) => {
-                if let Err(e) = self.sink.finish(t).await {
-                    warn!(error = %e, "the released association's instances could not be handed on");
-                }
-                let _ = assoc.send(&Pdu::ReleaseRP).await;
-                info!(accepted, refused, "association released");
-            }
-            (End::Released, None) => {
-                let _ = assoc.send(&Pdu::ReleaseRP).await;
-                info!(
-                    accepted,
-                    refused, "association released; nothing accepted, nothing sent"
-                );
-            }
+        // Hand on or discard first, then free the scratch space and the slot, and only then
+        // answer the peer: once it sees the association end, all of it is settled.
+        let outcome = match (end, state.transfer.take()) {
+            (End::Released, Some(t)) => match self.sink.finish(t).await {
+                Ok(()) => Ok("association released"),
+                Err(e) => Err(format!("its instances could not be handed on: {e}")),
+            },
+            (End::Released, None) => Ok("association released; nothing accepted, nothing sent"),
             (End::Aborted(why), t) => {
                 if let Some(t) = t {
                     self.sink.discard(t).await;
                 }
+                Err(why)
+            }
+        };
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        drop(permit);
+        match outcome {
+            Ok(what) => {
+                let _ = assoc.send(&Pdu::ReleaseRP).await;
+                info!(accepted, refused, "{what}");
+            }
+            Err(why) => {
                 warn!(reason = %why, accepted, refused, "association aborted: its instances are discarded, nothing is sent");
                 let _ = assoc.abort().await;
             }
         }
-        let _ = tokio::fs::remove_dir_all(&scratch).await;
-        drop(permit);
     }
 }
 
@@ -537,8 +539,9 @@ impl<S: AssociationSink> Association<'_, S> {
         if pv.presentation_context_id != i.context_id {
             return Err("data on another presentation context than its command".into());
         }
+        // Counted even for an instance already refused, whose bytes are only read and dropped.
+        self.bytes += pv.data.len() as u64;
         if i.failure.is_none() {
-            self.bytes += pv.data.len() as u64;
             if self.bytes > self.inner.cfg.max_association_bytes {
                 i.failure = Some((
                     status::OUT_OF_RESOURCES,

@@ -549,3 +549,127 @@ fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
     }
     assert!(edge_healthy(&d));
 }
+
+/// `dcmdump` of the data set only (what follows the meta group), for comparing parsed data
+/// sets independently of their byte encoding.
+fn dumped_data_set(path: &Path) -> String {
+    let all = dump(path);
+    let start = all
+        .find("# Dicom-Data-Set")
+        .unwrap_or_else(|| panic!("no data set in {}:\n{all}", path.display()));
+    all[start..].to_owned()
+}
+
+/// Reads `(0002,0010) UI =Name` from a dcmdump listing.
+fn transfer_syntax(path: &Path) -> String {
+    dump(path)
+        .lines()
+        .find(|l| l.starts_with("(0002,0010)"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn compressed_deflated_and_implicit_transfer_syntaxes_pass_through_unchanged() {
+    let d = Deployment::new().unwrap();
+    let (_gateway, edge) = start(&d);
+    let src = d.path("instances");
+    let conv = d.path("converted");
+    std::fs::create_dir_all(&conv).unwrap();
+    let mut files = Vec::new();
+    for (n, tool, opts) in [
+        (1, "dcmconv", &["+td"][..]),
+        (2, "dcmconv", &["+ti"][..]),
+        (3, "dcmcrle", &[][..]),
+        (4, "dcmcjpeg", &[][..]),
+    ] {
+        let plain = instance(&src, n, Some("P-0001"));
+        let out_file = conv.join(format!("i{n}.dcm"));
+        let out = run(Command::new(tool).args(opts).arg(&plain).arg(&out_file));
+        assert!(out.status.success(), "{tool}: {}", text(&out));
+        files.push(out_file);
+    }
+    let expected: Vec<_> = files.iter().map(|f| transfer_syntax(f)).collect();
+    assert_eq!(
+        expected,
+        [
+            "=DeflatedLittleEndianExplicit",
+            "=LittleEndianImplicit",
+            "=RLELossless",
+            "=JPEGLossless:Non-hierarchical-1stOrderPrediction"
+        ]
+    );
+
+    // One association per file, each proposing that file's transfer syntax (storescu would
+    // otherwise re-encode to an uncompressed one): one transfer each.
+    for (n, (file, option)) in (1..=4).zip(files.iter().zip(["-xd", "-xi", "-xr", "-xs"])) {
+        let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
+            .args(["-v", option])
+            .arg(file));
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        assert!(t.contains("Received Store Response (Success)"), "{t}");
+        let got = wait_for_delivery(&d, &[format!("{}.dcm", sop_uid(n))], &edge)
+            .join(format!("{}.dcm", sop_uid(n)));
+        // The relay never re-encodes: same transfer syntax, same parsed data set (pixel data
+        // included), and the same bytes.
+        assert_eq!(
+            transfer_syntax(&got),
+            expected[n as usize - 1],
+            "instance {n}"
+        );
+        assert_eq!(dumped_data_set(&got), dumped_data_set(file), "instance {n}");
+        if n != 1 {
+            // storescu re-deflates; the others are sent as stored.
+            assert_eq!(data_set(&got), data_set(file), "instance {n} bytes");
+        }
+    }
+    assert_eq!(delivered_transfers(&d).len(), 4);
+}
+
+#[test]
+fn association_limit_and_idle_timeout_hold() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "ingest", "dicom_max_associations", "1")
+        .unwrap();
+    d.set("edge.toml", "ingest", "dicom_idle_timeout", "\"1s\"")
+        .unwrap();
+    let (_gateway, edge) = start(&d);
+    let f = instance(&d.path("instances"), 1, Some("P-0001"));
+
+    // One association holds the only slot: the next is rejected, and says why in the log.
+    let mut held = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(held.store(1, &sop_uid(1), &data_set(&f)), 0x0000);
+    let out = run(&mut scu("echoscu", &d, "STORESCU", "BAYLINK"));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("Association Rejected"),
+        "{}",
+        text(&out)
+    );
+    assert!(edge.log().contains("ingest.dicom_max_associations reached"));
+
+    // The held association goes silent: the idle time-out aborts it and discards its instance.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !edge
+        .log()
+        .contains("association aborted: its instances are discarded")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "idle association not aborted:\n{}",
+            edge.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The peer sees the connection end (an A-ABORT, then EOF).
+    let mut rest = Vec::new();
+    let _ = held.s.read_to_end(&mut rest);
+
+    // The slot is free again; nothing was sent.
+    let out = run(&mut scu("echoscu", &d, "STORESCU", "BAYLINK"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(delivered_transfers(&d).is_empty());
+    assert_eq!(count_dir(&d.path("spool/edge/.staging")), 0);
+}
