@@ -226,4 +226,26 @@ mod tests {
         huge[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(parse_command(&huge).is_err());
     }
+
+    proptest::proptest! {
+        /// Any bytes: a command or an error, never a panic.
+        #[test]
+        fn arbitrary_command_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = parse_command(&bytes);
+        }
+
+        /// A valid request with one byte changed still decodes or fails cleanly, and a decoded
+        /// one always yields a response whose group length is right.
+        #[test]
+        fn mutated_requests_never_panic(pos in 0usize..64, byte in proptest::num::u8::ANY) {
+            let mut rq = store_rq();
+            let p = pos % rq.len();
+            rq[p] = byte;
+            if let Ok(cmd) = parse_command(&rq) {
+                let rsp = response(&cmd, status::SUCCESS, None);
+                let len = u32::from_le_bytes([rsp[8], rsp[9], rsp[10], rsp[11]]) as usize;
+                proptest::prop_assert_eq!(len, rsp.len() - 12);
+            }
+        }
+    }
 }

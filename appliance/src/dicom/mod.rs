@@ -2,6 +2,8 @@
 //!
 //! - [`part10`]: read what the relay needs from a Part-10 instance (meta group, SOP UIDs,
 //!   PatientID) and build the Part-10 header for a data set received over the network.
+//! - [`lengths`]: a header-only walk that refuses declared lengths beyond the bytes present,
+//!   run before dicom-rs (which allocates declared lengths up front).
 //! - [`dimse`]: C-ECHO / C-STORE command sets and the failure statuses the SCP answers with.
 //! - [`scp`]: the association server (tokio, `dicom-ul`), streaming instances to disk.
 //! - [`sink`]: where an association's accepted instances go ([`sink::AssociationSink`]), and
@@ -11,6 +13,7 @@
 //! transfer syntax through unchanged), or keep a whole instance in memory.
 
 pub mod dimse;
+pub mod lengths;
 pub mod part10;
 pub mod scp;
 pub mod sink;

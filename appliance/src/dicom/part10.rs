@@ -3,8 +3,10 @@
 //! Reading uses dicom-rs (`dicom-object`) and stops right after the Patient module's
 //! PatientID: the SOP Class and Instance UIDs (group 0008) and the PatientID (0010,0020) come
 //! before it in tag order, so pixel data, which the relay never decodes, is never read.
-//! Reading is also bounded in bytes ([`HEAD_LIMIT`]), so an instance with a huge element ahead
-//! of the PatientID is refused instead of loaded into memory.
+//! Reading is also bounded in bytes ([`HEAD_LIMIT`]), and every declared length in that head is
+//! checked against the bytes present before dicom-rs (which allocates declared lengths up
+//! front) parses it ([`super::lengths`]), so an instance claiming a huge element ahead of the
+//! PatientID is refused instead of costing memory.
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -79,6 +81,12 @@ pub enum Part10Error {
         #[source]
         source: std::io::Error,
     },
+    /// The file could not be read.
+    #[error("cannot read the instance: {0}")]
+    Read(#[source] std::io::Error),
+    /// An element declares more bytes than the instance holds (checked before parsing).
+    #[error("not a well-formed DICOM instance: {0}")]
+    Lengths(String),
     /// dicom-rs could not parse the meta group or the start of the data set.
     #[error("not a readable DICOM Part-10 instance: {0}")]
     Parse(#[source] Box<dicom_object::ReadError>),
@@ -143,11 +151,21 @@ pub fn read_instance(path: &Path) -> Result<InstanceInfo, Part10Error> {
 
 /// As [`read_instance`], from any reader positioned at the start of the 128-byte preamble.
 pub fn read_instance_from(reader: impl Read) -> Result<InstanceInfo, Part10Error> {
+    // Everything needed sorts before (0010,0021): stop there.
+    const STOP: (u16, u16) = (0x0010, 0x0021);
+    let mut head = Vec::new();
+    reader
+        .take(HEAD_LIMIT + 1)
+        .read_to_end(&mut head)
+        .map_err(Part10Error::Read)?;
+    let cut = head.len() as u64 > HEAD_LIMIT;
+    head.truncate(HEAD_LIMIT as usize);
+    // dicom-rs allocates declared lengths before reading: check them first.
+    super::lengths::check_head(&head, cut, STOP).map_err(Part10Error::Lengths)?;
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Always)
-        // Everything needed sorts before (0010,0021): stop there.
-        .read_until(Tag(0x0010, 0x0021))
-        .from_reader(reader.take(HEAD_LIMIT))
+        .read_until(Tag(STOP.0, STOP.1))
+        .from_reader(&head[..])
         .map_err(|e| Part10Error::Parse(Box::new(e)))?;
     let meta = obj.meta();
     let string = |tag: Tag, what: &'static str| -> Result<String, Part10Error> {
@@ -316,7 +334,15 @@ mod tests {
     #[test]
     fn malformed_and_mismatched_instances_are_typed_errors() {
         let e = read_instance_from(&b"not dicom at all"[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Parse(_)), "{e}");
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        let mut junk = vec![0u8; 128];
+        junk.extend_from_slice(b"DICM");
+        junk.extend_from_slice(&[0xff; 300]);
+        let e = read_instance_from(&junk[..]).unwrap_err();
+        assert!(
+            matches!(e, Part10Error::Parse(_) | Part10Error::Lengths(_)),
+            "{e}"
+        );
 
         let e = read_instance_from(&instance(CT, "1.2.3.5", "P-0001")[..]).unwrap_err();
         assert!(
@@ -349,8 +375,77 @@ mod tests {
     }
 
     #[test]
+    fn huge_declared_lengths_are_refused_before_parsing() {
+        // A private OB element before the PatientID claiming 3.5 GiB.
+        let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
+        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(ele(0x0008, 0x0018, b"UI", b"1.2.3.4"));
+        f.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+        f.extend_from_slice(&0xE000_0000u32.to_le_bytes());
+        f.extend_from_slice(&[0u8; 64]);
+        let started = std::time::Instant::now();
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("(0009,1010) declares 3758096384 bytes"),
+            "{e}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+
+        // The same inside a sequence item (a defined-length SQ holding an undefined item).
+        let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
+        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(ele(0x0008, 0x0018, b"UI", b"1.2.3.4"));
+        f.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0]);
+        f.extend_from_slice(&u32::MAX.to_le_bytes());
+        f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+        f.extend_from_slice(&u32::MAX.to_le_bytes());
+        f.extend_from_slice(&[0x08, 0x00, 0x50, 0x11, b'U', b'T', 0, 0]);
+        f.extend_from_slice(&0x7000_0000u32.to_le_bytes());
+        f.extend_from_slice(&[b'x'; 32]);
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+
+        // Deflated: checked on the inflated head.
+        let mut f = file_header(CT, "1.2.3.4", "1.2.840.10008.1.2.1.99", "").unwrap();
+        let mut ds = ele(0x0008, 0x0016, b"UI", CT.as_bytes());
+        ds.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+        ds.extend_from_slice(&0xE000_0000u32.to_le_bytes());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut enc, &ds).unwrap();
+        f.extend(enc.finish().unwrap());
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+    }
+
+    #[test]
     fn header_refuses_bad_uids() {
         assert!(file_header(CT, "../../etc/passwd", EXPLICIT_LE, "X").is_err());
         assert!(file_header(CT, "1.2", "1.2.840.10008.1.2.1.", "X").is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// A valid instance with bytes changed or cut: an [`InstanceInfo`] or a typed error,
+        /// never a panic, and a returned PatientID always obeys the rules.
+        #[test]
+        fn mutated_instances_never_panic(
+            edits in proptest::collection::vec((0usize..400, proptest::num::u8::ANY), 1..8),
+            cut in 0usize..400,
+        ) {
+            let mut f = instance(CT, "1.2.3.4", "P-0001");
+            for (pos, byte) in edits {
+                let p = 128 + pos % (f.len() - 128);
+                f[p] = byte;
+            }
+            let keep = f.len() - cut.min(f.len() - 132);
+            if let Ok(info) = read_instance_from(&f[..keep]) {
+                proptest::prop_assert!(!info.patient_id.is_empty());
+                proptest::prop_assert!(validate_uid(&info.sop_instance_uid).is_ok());
+            }
+        }
     }
 }

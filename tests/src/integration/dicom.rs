@@ -514,6 +514,28 @@ fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
     );
     // A data set whose SOP Instance UID differs from the command's: 0xA900.
     assert_eq!(c.store(3, "1.2.826.0.1.3680043.10.543.78", &ds[0]), 0xA900);
+    // A data set claiming a 3.5 GiB element ahead of the PatientID: 0xC000, checked before
+    // anything is allocated for it.
+    let mut huge = Vec::new();
+    for (element, uid) in [
+        (0x0016u16, CT_IMAGE),
+        (0x0018, "1.2.826.0.1.3680043.10.543.79"),
+    ] {
+        let mut v = uid.as_bytes().to_vec();
+        if v.len() % 2 == 1 {
+            v.push(0);
+        }
+        huge.extend_from_slice(&0x0008u16.to_le_bytes());
+        huge.extend_from_slice(&element.to_le_bytes());
+        huge.extend_from_slice(b"UI");
+        huge.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        huge.extend_from_slice(&v);
+    }
+    huge.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+    huge.extend_from_slice(&0xE000_0000u32.to_le_bytes());
+    huge.extend_from_slice(&[0; 64]);
+    assert_eq!(c.store(6, "1.2.826.0.1.3680043.10.543.79", &huge), 0xC000);
+    assert!(edge.log().contains("(0009,1010) declares 3758096384 bytes"));
     // A SOP Instance UID that would escape the transfer directory: 0xC000.
     assert_eq!(c.store(4, "../../etc/passwd", &ds[1]), 0xC000);
     assert_eq!(c.store(5, &sop_uid(3), &ds[2]), 0x0000);
