@@ -179,7 +179,42 @@ pub struct IngestSection {
     pub dicom_listen: Option<SocketAddr>,
     /// Upper bound on one transfer's payload.
     pub max_upload_bytes: u64,
+    /// DICOM C-STORE SCP settings (`ingest.dicom_*`).
+    pub dicom: DicomSection,
 }
+
+/// The DICOM Storage SCP's settings: keys `ingest.dicom_*` and `[[ingest.dicom_peers]]`.
+#[derive(Debug, Clone)]
+pub struct DicomSection {
+    /// The SCP's own AE title; associations calling another title are rejected.
+    pub ae_title: String,
+    /// Known storage SCUs: calling AE title + peer address, mapped to a hospital.
+    pub peers: Vec<DicomPeer>,
+    /// Largest P-DATA PDU the SCP accepts (bytes), announced at association.
+    pub max_pdu_bytes: u32,
+    /// Associations served at once; further ones are rejected.
+    pub max_associations: usize,
+    /// An association that sends nothing for this long is aborted (and discarded).
+    pub idle_timeout: Duration,
+}
+
+/// One `[[ingest.dicom_peers]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DicomPeer {
+    /// Calling AE title the SCU presents.
+    pub ae_title: String,
+    /// IP address the association must come from.
+    pub address: std::net::IpAddr,
+    /// Hospital this SCU belongs to.
+    pub hospital: String,
+}
+
+/// Default AE title of the Storage SCP.
+pub const DEFAULT_DICOM_AE_TITLE: &str = "BAYLINK";
+/// Default largest P-DATA PDU the SCP accepts: 64 KiB.
+pub const DEFAULT_DICOM_MAX_PDU_BYTES: u32 = 64 * 1024;
+/// Default number of DICOM associations served at once.
+pub const DEFAULT_DICOM_MAX_ASSOCIATIONS: usize = 16;
 
 /// `[policy]`
 #[derive(Debug, Clone)]
@@ -291,6 +326,20 @@ struct RawIngest {
     listen: Option<String>,
     dicom_listen: Option<String>,
     max_upload_bytes: Option<u64>,
+    dicom_ae_title: Option<String>,
+    #[serde(default)]
+    dicom_peers: Vec<RawDicomPeer>,
+    dicom_max_pdu_bytes: Option<u32>,
+    dicom_max_associations: Option<usize>,
+    dicom_idle_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDicomPeer {
+    ae_title: String,
+    address: String,
+    hospital: String,
 }
 
 #[derive(Deserialize)]
@@ -508,7 +557,93 @@ impl Config {
                 .ingest
                 .max_upload_bytes
                 .unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
+            dicom: DicomSection {
+                ae_title: raw
+                    .ingest
+                    .dicom_ae_title
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_DICOM_AE_TITLE.to_owned()),
+                peers: Vec::new(),
+                max_pdu_bytes: raw
+                    .ingest
+                    .dicom_max_pdu_bytes
+                    .unwrap_or(DEFAULT_DICOM_MAX_PDU_BYTES),
+                max_associations: raw
+                    .ingest
+                    .dicom_max_associations
+                    .unwrap_or(DEFAULT_DICOM_MAX_ASSOCIATIONS),
+                idle_timeout: duration(
+                    "ingest.dicom_idle_timeout",
+                    &raw.ingest.dicom_idle_timeout,
+                    Duration::from_secs(60),
+                )?,
+            },
         };
+        let mut ingest = ingest;
+        if !valid_ae_title(&ingest.dicom.ae_title) {
+            return Err(invalid(
+                "ingest.dicom_ae_title",
+                format!(
+                    "`{}` is not an AE title (1..=16 printable ASCII characters, no backslash)",
+                    ingest.dicom.ae_title
+                ),
+            ));
+        }
+        if !(4096..=1024 * 1024).contains(&ingest.dicom.max_pdu_bytes) {
+            return Err(invalid(
+                "ingest.dicom_max_pdu_bytes",
+                format!("{} is not in 4096..=1048576", ingest.dicom.max_pdu_bytes),
+            ));
+        }
+        if !(1..=1024).contains(&ingest.dicom.max_associations) {
+            return Err(invalid(
+                "ingest.dicom_max_associations",
+                format!("{} is not in 1..=1024", ingest.dicom.max_associations),
+            ));
+        }
+        if ingest.dicom.idle_timeout.is_zero() {
+            return Err(invalid("ingest.dicom_idle_timeout", "must be > 0".into()));
+        }
+        for p in &raw.ingest.dicom_peers {
+            if !valid_ae_title(&p.ae_title) {
+                return Err(invalid(
+                    "ingest.dicom_peers.ae_title",
+                    format!("`{}` is not an AE title", p.ae_title),
+                ));
+            }
+            let address = p.address.parse::<std::net::IpAddr>().map_err(|e| {
+                invalid(
+                    "ingest.dicom_peers.address",
+                    format!("`{}` is not an IP address ({e})", p.address),
+                )
+            })?;
+            if p.hospital.is_empty()
+                || p.hospital.len() > 64
+                || p.hospital.chars().any(char::is_control)
+            {
+                return Err(invalid(
+                    "ingest.dicom_peers.hospital",
+                    "must be 1..=64 printable characters".into(),
+                ));
+            }
+            let peer = DicomPeer {
+                ae_title: p.ae_title.clone(),
+                address,
+                hospital: p.hospital.clone(),
+            };
+            if ingest
+                .dicom
+                .peers
+                .iter()
+                .any(|q| q.ae_title == peer.ae_title && q.address == peer.address)
+            {
+                return Err(invalid(
+                    "ingest.dicom_peers",
+                    format!("{} from {} is listed twice", peer.ae_title, peer.address),
+                ));
+            }
+            ingest.dicom.peers.push(peer);
+        }
 
         let metrics_listen = raw
             .metrics
@@ -595,6 +730,13 @@ impl Config {
     }
 }
 
+/// An AE title as PS3.5 allows it: 1..=16 characters of the default repertoire, no
+/// backslash, not all spaces (leading and trailing spaces are not significant).
+pub fn valid_ae_title(s: &str) -> bool {
+    let t = s.trim();
+    !t.is_empty() && s.len() <= 16 && s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,6 +787,16 @@ path = "delivered"
     }
 
     #[test]
+    fn example_config_parses_with_its_dicom_peers() {
+        let text = include_str!("../../systemd/baylink.example.toml");
+        let c = Config::parse(Path::new("/etc/baylink/edge.toml"), text).unwrap();
+        assert_eq!(c.ingest.dicom.ae_title, "BAYLINK");
+        assert_eq!(c.ingest.dicom.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.ingest.dicom.peers.len(), 1);
+        assert_eq!(c.ingest.dicom.peers[0].hospital, "hospital-a");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let bad = GATEWAY.replace("kind = \"dir\"", "kind = \"ftp\"");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
@@ -669,6 +821,17 @@ path = "delivered"
         let bad = GATEWAY.replace("[audit]", "[audit]\ncheckpoint_interval = \"soon\"");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("audit.checkpoint_interval"), "{e}");
+
+        let bad = format!(
+            "{GATEWAY}\n[ingest]\ndicom_listen = \"127.0.0.1:104\"\n\
+             [[ingest.dicom_peers]]\nae_title = \"STORESCU\"\naddress = \"localhost\"\nhospital = \"h\"\n"
+        );
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("ingest.dicom_peers.address"), "{e}");
+
+        let bad = format!("{GATEWAY}\n[ingest]\ndicom_ae_title = \"FAR-TOO-LONG-AE-TITLE\"\n");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("ingest.dicom_ae_title"), "{e}");
 
         let bad = GATEWAY.replace("[spool]", "[spool]\nsize = 3");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

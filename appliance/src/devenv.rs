@@ -300,7 +300,17 @@ fn edge_toml(p: &Ports, module: &Path) -> String {
          [ingest]\n\
          listen = \"127.0.0.1:{ingest}\"\n\
          dicom_listen = \"127.0.0.1:{dicom}\"\n\
-         max_upload_bytes = 68719476736\n\n\
+         max_upload_bytes = 68719476736\n\
+         dicom_ae_title = \"BAYLINK\"\n\n\
+         # Storage SCUs allowed to send: calling AE title + source address -> hospital.\n\
+         [[ingest.dicom_peers]]\n\
+         ae_title = \"STORESCU\"\n\
+         address = \"127.0.0.1\"\n\
+         hospital = \"hospital-a\"\n\n\
+         [[ingest.dicom_peers]]\n\
+         ae_title = \"HOSPITAL-A\"\n\
+         address = \"127.0.0.1\"\n\
+         hospital = \"hospital-a\"\n\n\
          [metrics]\n\
          listen = \"127.0.0.1:{metrics}\"\n\n\
          [spool]\n\
@@ -365,6 +375,30 @@ mod tests {
         assert_eq!(
             edge.transport.connect.unwrap().port(),
             DEFAULT_BASE_PORT + 2
+        );
+        assert_eq!(
+            edge.ingest.dicom_listen.unwrap().port(),
+            DEFAULT_BASE_PORT + 4
+        );
+        let peers: Vec<_> = edge
+            .ingest
+            .dicom
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    p.ae_title.as_str(),
+                    p.address.to_string(),
+                    p.hospital.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("STORESCU", "127.0.0.1".to_owned(), "hospital-a"),
+                ("HOSPITAL-A", "127.0.0.1".to_owned(), "hospital-a"),
+            ]
         );
         let gw = Config::parse(Path::new("/x/gateway.toml"), &gateway_toml(&p, module)).unwrap();
         assert_eq!(gw.role, Role::Gateway);

@@ -3,8 +3,9 @@
 //! The edge checks each upload against the compliance policy ([`policy`]), seals it into its
 //! spool ([`seal`]) and sends it ([`edge`], [`link::send`]); the gateway receives, verifies and
 //! commits it ([`link::receive`]), signs a receipt, and delivers it downstream ([`deliver`]).
-//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment. Every step is
-//! first recorded in the appliance's tamper-evident [`audit`] log.
+//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment. [`dicom`] is
+//! the edge's DICOM C-STORE door. Every step is first recorded in the appliance's
+//! tamper-evident [`audit`] log.
 //!
 //! What this crate deliberately does not do: speak QUIC or touch io_uring itself (that is
 //! `baylink-net`), or hold keys (signing happens only in the HSM, through `baylink-hsm`).
@@ -17,6 +18,7 @@ pub mod commands;
 pub mod config;
 pub mod deliver;
 pub mod devenv;
+pub mod dicom;
 pub mod edge;
 pub mod link;
 pub mod ops;

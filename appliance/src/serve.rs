@@ -13,9 +13,12 @@ use tracing::{error, info, warn};
 use crate::audit;
 use crate::config::{Config, DeliverySection, Role};
 use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
+use crate::dicom::scp::{self, ScpConfig, StorageScp};
+use crate::dicom::sink::SpoolSendSink;
 use crate::edge::{Edge, SendRequest};
 use crate::link::receive::{Gateway, serve_connection};
 use crate::ops::{self, Health};
+use crate::policy::Policy;
 use crate::signing::Keys;
 
 /// Runs the configured role until SIGTERM/SIGINT, then drains and returns.
@@ -137,6 +140,41 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Binds the DICOM C-STORE SCP (before readiness is reported) with today's sink: staging in
+/// the spool, then `Edge::send` at A-RELEASE.
+async fn start_dicom_scp(
+    cfg: &Config,
+    edge: &Edge,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<StorageScp<SpoolSendSink>> {
+    let left = SpoolSendSink::clear_leftovers(&cfg.spool_dir);
+    if left > 0 {
+        warn!(
+            associations = left,
+            "removed DICOM staging directories of an earlier run (associations released but not \
+             sealed before the stop are lost; their senders must resend)"
+        );
+    }
+    let policy = Arc::new(Policy::load(&cfg.policy)?);
+    let d = &cfg.ingest.dicom;
+    let scp_cfg = ScpConfig {
+        listen,
+        ae_title: d.ae_title.clone(),
+        peers: d.peers.clone(),
+        max_pdu_bytes: d.max_pdu_bytes,
+        max_associations: d.max_associations,
+        idle_timeout: d.idle_timeout,
+        scratch_dir: scp::scratch_dir(&cfg.spool_dir),
+        max_instances: cfg.limits.max_files as usize,
+        max_association_bytes: cfg.ingest.max_upload_bytes,
+        category: "diagnostic-image".into(),
+        purpose: "care".into(),
+        destination: "hk-ehealth".into(),
+    };
+    let sink = SpoolSendSink::new(edge.clone(), &cfg.spool_dir);
+    Ok(StorageScp::bind(scp_cfg, policy, sink).await?)
+}
+
 async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let edge = Edge::start(cfg.clone())
@@ -144,6 +182,10 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::create_dir_all(&cfg.spool_dir)
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
+    if let Some(listen) = cfg.ingest.dicom_listen {
+        let scp = start_dicom_scp(&cfg, &edge, listen).await?;
+        tokio::spawn(scp.serve());
+    }
     health.set_ready();
     ops::notify_ready();
     info!(role = "edge", "serving");

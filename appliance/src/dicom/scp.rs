@@ -1,0 +1,688 @@
+//! The Storage SCP: DICOM associations over TCP (dicom-ul, tokio), C-ECHO and C-STORE.
+//!
+//! One task per association. Each instance's P-DATA is written to a scratch file as it arrives
+//! (one PDU at a time: memory per association is bounded by the PDU length), behind a Part-10
+//! header the SCP builds from the C-STORE command. When the last fragment is in, the file is
+//! checked (dicom-rs reads the meta group and the data set up to the PatientID), the consent
+//! checkpoint runs, and the instance is handed to the [`AssociationSink`] or refused with a
+//! failure status. A-RELEASE commits the association's instances as one transfer; A-ABORT, a
+//! dropped connection or the idle time-out discard them.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dicom_ul::association::Association as _;
+use dicom_ul::association::server::AccessControl;
+use dicom_ul::association::{AsyncServerAssociation, ServerAssociationOptions};
+use dicom_ul::pdu::{
+    AssociationRJServiceUserReason, PDataValue, PDataValueType, Pdu,
+    PresentationContextResultReason, UserIdentity,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::dimse::{self, Command, status};
+use super::part10::{self, Part10Error};
+use super::sink::{AssociationSink, Origin};
+use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
+use crate::config::DicomPeer;
+use crate::policy::{Decision, Declaration, Policy};
+
+/// What the SCP needs to know, typed.
+#[derive(Debug, Clone)]
+pub struct ScpConfig {
+    /// TCP address to listen on.
+    pub listen: SocketAddr,
+    /// The SCP's AE title; other called AE titles are rejected.
+    pub ae_title: String,
+    /// Known SCUs (calling AE title + address -> hospital); others are rejected.
+    pub peers: Vec<DicomPeer>,
+    /// Largest PDU accepted (announced at association; larger PDUs abort it).
+    pub max_pdu_bytes: u32,
+    /// Associations served at once.
+    pub max_associations: usize,
+    /// An association silent for this long is aborted and discarded.
+    pub idle_timeout: Duration,
+    /// Where instances are written while they arrive (one sub-directory per association).
+    pub scratch_dir: PathBuf,
+    /// Most instances accepted in one association.
+    pub max_instances: usize,
+    /// Most bytes (instance files, headers included) accepted in one association.
+    pub max_association_bytes: u64,
+    /// Declaration fields other than the patient, for the consent checkpoint.
+    pub category: String,
+    /// Purpose of the transfer.
+    pub purpose: String,
+    /// Destination system.
+    pub destination: String,
+}
+
+/// The SCP could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ScpError {
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr} (ingest.dicom_listen): {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The scratch directory could not be prepared.
+    #[error("cannot prepare {path}: {source}")]
+    Scratch {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound Storage SCP, ready to [`serve`](Self::serve).
+#[derive(Debug)]
+pub struct StorageScp<S> {
+    inner: Arc<Inner<S>>,
+    listener: TcpListener,
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    cfg: ScpConfig,
+    policy: Arc<Policy>,
+    sink: S,
+    slots: Arc<Semaphore>,
+}
+
+impl<S: AssociationSink> StorageScp<S> {
+    /// Binds the listener and clears the scratch directory (whatever is there belongs to
+    /// associations of an earlier run, which were never released).
+    pub async fn bind(
+        cfg: ScpConfig,
+        policy: Arc<Policy>,
+        sink: S,
+    ) -> Result<StorageScp<S>, ScpError> {
+        let scratch = cfg.scratch_dir.clone();
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        tokio::fs::create_dir_all(&scratch)
+            .await
+            .map_err(|source| ScpError::Scratch {
+                path: scratch.clone(),
+                source,
+            })?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ScpError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let slots = Arc::new(Semaphore::new(cfg.max_associations));
+        Ok(StorageScp {
+            inner: Arc::new(Inner {
+                cfg,
+                policy,
+                sink,
+                slots,
+            }),
+            listener,
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts associations until the task is dropped.
+    pub async fn serve(self) {
+        info!(listen = %self.inner.cfg.listen, ae_title = %self.inner.cfg.ae_title, "DICOM C-STORE SCP listening");
+        loop {
+            match self.listener.accept().await {
+                Ok((socket, peer)) => {
+                    let inner = self.inner.clone();
+                    let id = uuid::Uuid::now_v7();
+                    let span = info_span!("association", id = %id, peer = %peer);
+                    tokio::spawn(
+                        async move { inner.serve_connection(id, socket, peer).await }
+                            .instrument(span),
+                    );
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!(error = %e, "DICOM accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Association access control: the called AE title must be ours, the calling AE title and
+/// the peer address must be a configured peer, and a slot must be free.
+struct PeerAccess {
+    peer_ip: IpAddr,
+    peers: Vec<DicomPeer>,
+    has_slot: bool,
+}
+
+impl PeerAccess {
+    fn hospital(peers: &[DicomPeer], calling: &str, ip: IpAddr) -> Option<String> {
+        let calling = calling.trim();
+        peers
+            .iter()
+            .find(|p| p.ae_title.trim() == calling && p.address == canonical(ip))
+            .map(|p| p.hospital.clone())
+    }
+}
+
+/// IPv4-mapped IPv6 addresses compare as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl AccessControl for PeerAccess {
+    fn check_access(
+        &self,
+        this_ae_title: &str,
+        calling_ae_title: &str,
+        called_ae_title: &str,
+        _user_identity: Option<&UserIdentity>,
+    ) -> Result<(), AssociationRJServiceUserReason> {
+        let ip = canonical(self.peer_ip);
+        if called_ae_title.trim() != this_ae_title.trim() {
+            warn!(calling_ae = calling_ae_title, called_ae = called_ae_title, %ip, "association rejected: called AE title is not ours");
+            return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
+        }
+        if Self::hospital(&self.peers, calling_ae_title, ip).is_none() {
+            warn!(calling_ae = calling_ae_title, %ip, "association rejected: unknown calling AE title / address (not in ingest.dicom_peers)");
+            return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
+        }
+        if !self.has_slot {
+            warn!(calling_ae = calling_ae_title, %ip, "association rejected: ingest.dicom_max_associations reached");
+            return Err(AssociationRJServiceUserReason::NoReasonGiven);
+        }
+        Ok(())
+    }
+}
+
+/// Why an association ended without a release.
+#[derive(Debug)]
+enum End {
+    Released,
+    Aborted(String),
+}
+
+/// An instance being received.
+struct Incoming {
+    cmd: Command,
+    context_id: u8,
+    name: String,
+    path: PathBuf,
+    file: Option<tokio::fs::File>,
+    failure: Option<(u16, String)>,
+}
+
+/// State of one association.
+struct Association<'a, S: AssociationSink> {
+    inner: &'a Inner<S>,
+    id: uuid::Uuid,
+    hospital: String,
+    scratch: PathBuf,
+    patient: Option<String>,
+    transfer: Option<S::Transfer>,
+    names: HashSet<String>,
+    bytes: u64,
+    serial: u64,
+    accepted: usize,
+    refused: usize,
+}
+
+impl<S: AssociationSink> Inner<S> {
+    fn options(
+        &self,
+        peer_ip: IpAddr,
+        has_slot: bool,
+    ) -> ServerAssociationOptions<
+        'static,
+        PeerAccess,
+        dicom_ul::association::server::DefaultNegotiation,
+    > {
+        let mut options = ServerAssociationOptions::new()
+            .ae_access_control(PeerAccess {
+                peer_ip,
+                peers: self.cfg.peers.clone(),
+                has_slot,
+            })
+            .ae_title(self.cfg.ae_title.clone())
+            .max_pdu_length(self.cfg.max_pdu_bytes)
+            .strict(true)
+            .read_timeout(self.cfg.idle_timeout)
+            .write_timeout(self.cfg.idle_timeout)
+            .with_abstract_syntax(VERIFICATION);
+        for (uid, _) in STORAGE_SOP_CLASSES {
+            options = options.with_abstract_syntax(*uid);
+        }
+        for (uid, _) in TRANSFER_SYNTAXES {
+            options = options.with_transfer_syntax(*uid);
+        }
+        options
+    }
+
+    async fn serve_connection(&self, id: uuid::Uuid, socket: TcpStream, peer: SocketAddr) {
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        let options = self.options(peer.ip(), permit.is_some());
+        let mut assoc = match options.establish_async(socket).await {
+            Ok(a) => a,
+            Err(e) => {
+                info!(error = %e, "association not established");
+                return;
+            }
+        };
+        let calling = assoc.peer_ae_title().trim().to_owned();
+        let Some(hospital) = PeerAccess::hospital(&self.cfg.peers, &calling, peer.ip()) else {
+            // Access control already refused this; never reached.
+            let _ = assoc.abort().await;
+            return;
+        };
+        info!(calling_ae = %calling, %hospital, "association accepted");
+        let scratch = self.cfg.scratch_dir.join(id.to_string());
+        if let Err(e) = tokio::fs::create_dir_all(&scratch).await {
+            warn!(path = %scratch.display(), error = %e, "cannot create the scratch directory; aborting");
+            let _ = assoc.abort().await;
+            return;
+        }
+        let mut state = Association {
+            inner: self,
+            id,
+            hospital,
+            scratch: scratch.clone(),
+            patient: None,
+            transfer: None,
+            names: HashSet::new(),
+            bytes: 0,
+            serial: 0,
+            accepted: 0,
+            refused: 0,
+        };
+        let end = state.run(&mut assoc).await;
+        let (accepted, refused) = (state.accepted, state.refused);
+        // Hand on or discard first, then free the scratch space and the slot, and only then
+        // answer the peer: once it sees the association end, all of it is settled.
+        let outcome = match (end, state.transfer.take()) {
+            (End::Released, Some(t)) => match self.sink.finish(t).await {
+                Ok(()) => Ok("association released"),
+                Err(e) => Err(format!("its instances could not be handed on: {e}")),
+            },
+            (End::Released, None) => Ok("association released; nothing accepted, nothing sent"),
+            (End::Aborted(why), t) => {
+                if let Some(t) = t {
+                    self.sink.discard(t).await;
+                }
+                Err(why)
+            }
+        };
+        let _ = tokio::fs::remove_dir_all(&scratch).await;
+        drop(permit);
+        match outcome {
+            Ok(what) => {
+                let _ = assoc.send(&Pdu::ReleaseRP).await;
+                info!(accepted, refused, "{what}");
+            }
+            Err(why) => {
+                warn!(reason = %why, accepted, refused, "association aborted: its instances are discarded, nothing is sent");
+                let _ = assoc.abort().await;
+            }
+        }
+    }
+}
+
+impl<S: AssociationSink> Association<'_, S> {
+    async fn run(&mut self, assoc: &mut AsyncServerAssociation<TcpStream>) -> End {
+        let contexts: Vec<_> = assoc
+            .presentation_contexts()
+            .iter()
+            .filter(|pc| pc.reason == PresentationContextResultReason::Acceptance)
+            .cloned()
+            .collect();
+        let mut command: Vec<u8> = Vec::new();
+        let mut incoming: Option<Incoming> = None;
+        loop {
+            let pdu = match assoc.receive().await {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(i) = incoming.take() {
+                        let _ = tokio::fs::remove_file(&i.path).await;
+                    }
+                    return End::Aborted(format!("receive: {e}"));
+                }
+            };
+            match pdu {
+                Pdu::PData { data } => {
+                    for pv in data {
+                        let result = match pv.value_type {
+                            PDataValueType::Command => {
+                                self.on_command(assoc, &contexts, &mut command, &mut incoming, pv)
+                                    .await
+                            }
+                            PDataValueType::Data => self.on_data(assoc, &mut incoming, pv).await,
+                        };
+                        if let Err(why) = result {
+                            if let Some(i) = incoming.take() {
+                                let _ = tokio::fs::remove_file(&i.path).await;
+                            }
+                            return End::Aborted(why);
+                        }
+                    }
+                }
+                Pdu::ReleaseRQ => {
+                    if let Some(i) = incoming.take() {
+                        let _ = tokio::fs::remove_file(&i.path).await;
+                        return End::Aborted("A-RELEASE in the middle of an instance".into());
+                    }
+                    return End::Released;
+                }
+                Pdu::AbortRQ { source } => {
+                    if let Some(i) = incoming.take() {
+                        let _ = tokio::fs::remove_file(&i.path).await;
+                    }
+                    return End::Aborted(format!("A-ABORT by the peer ({source:?})"));
+                }
+                other => {
+                    return End::Aborted(format!("unexpected PDU {}", pdu_name(&other)));
+                }
+            }
+        }
+    }
+
+    async fn on_command(
+        &mut self,
+        assoc: &mut AsyncServerAssociation<TcpStream>,
+        contexts: &[dicom_ul::pdu::PresentationContextNegotiated],
+        buf: &mut Vec<u8>,
+        incoming: &mut Option<Incoming>,
+        pv: PDataValue,
+    ) -> Result<(), String> {
+        if incoming.is_some() {
+            return Err("a command arrived before the previous data set was complete".into());
+        }
+        if buf.len() + pv.data.len() > dimse::MAX_COMMAND_BYTES {
+            return Err(format!(
+                "command set over {} bytes",
+                dimse::MAX_COMMAND_BYTES
+            ));
+        }
+        buf.extend_from_slice(&pv.data);
+        if !pv.is_last {
+            return Ok(());
+        }
+        let bytes = std::mem::take(buf);
+        let cmd = dimse::parse_command(&bytes).map_err(|e| e.to_string())?;
+        let Some(pc) = contexts
+            .iter()
+            .find(|pc| pc.id == pv.presentation_context_id)
+        else {
+            return Err(format!(
+                "presentation context {} was not accepted",
+                pv.presentation_context_id
+            ));
+        };
+        match cmd.field {
+            dimse::C_ECHO_RQ => send_response(assoc, pc.id, &cmd, status::SUCCESS, None).await,
+            dimse::C_STORE_RQ => {
+                let failure = self.admit(&cmd, pc);
+                if !cmd.has_data_set {
+                    let (code, why) = failure.unwrap_or((
+                        status::CANNOT_UNDERSTAND,
+                        "C-STORE without a data set".into(),
+                    ));
+                    self.refused += 1;
+                    return send_response(assoc, pc.id, &cmd, code, Some(&why)).await;
+                }
+                self.serial += 1;
+                let path = self.scratch.join(format!("{}.part", self.serial));
+                let mut i = Incoming {
+                    name: format!("{}.dcm", cmd.affected_sop_instance_uid),
+                    cmd,
+                    context_id: pc.id,
+                    path,
+                    file: None,
+                    failure,
+                };
+                if i.failure.is_none() {
+                    match self.open_instance(&i, &pc.transfer_syntax, &i.cmd).await {
+                        Ok(f) => i.file = Some(f),
+                        Err(e) => i.failure = Some((status::OUT_OF_RESOURCES, e)),
+                    }
+                }
+                *incoming = Some(i);
+                Ok(())
+            }
+            other => Err(format!("unsupported DIMSE command 0x{other:04X}")),
+        }
+    }
+
+    /// Checks a C-STORE request before its data set arrives; `Some` is the failure status.
+    fn admit(
+        &mut self,
+        cmd: &Command,
+        pc: &dicom_ul::pdu::PresentationContextNegotiated,
+    ) -> Option<(u16, String)> {
+        if cmd.affected_sop_class_uid != pc.abstract_syntax {
+            return Some((
+                status::DATA_SET_MISMATCH,
+                "SOP class differs from the presentation context".into(),
+            ));
+        }
+        if let Err(e) = part10::validate_uid(&cmd.affected_sop_instance_uid) {
+            return Some((status::CANNOT_UNDERSTAND, format!("SOP Instance UID: {e}")));
+        }
+        let name = format!("{}.dcm", cmd.affected_sop_instance_uid);
+        if let Err(e) = baylink_net::proto::validate_file_name(&name) {
+            return Some((status::CANNOT_UNDERSTAND, format!("file name: {e}")));
+        }
+        if self.names.contains(&name) {
+            return Some((
+                status::DUPLICATE_SOP_INSTANCE,
+                "SOP instance already sent in this association".into(),
+            ));
+        }
+        if self.accepted >= self.inner.cfg.max_instances {
+            return Some((
+                status::OUT_OF_RESOURCES,
+                "too many instances in one association".into(),
+            ));
+        }
+        None
+    }
+
+    async fn open_instance(
+        &mut self,
+        i: &Incoming,
+        transfer_syntax: &str,
+        cmd: &Command,
+    ) -> Result<tokio::fs::File, String> {
+        let header = part10::file_header(
+            &cmd.affected_sop_class_uid,
+            &cmd.affected_sop_instance_uid,
+            transfer_syntax,
+            "",
+        )
+        .map_err(|e| e.to_string())?;
+        self.bytes += header.len() as u64;
+        let mut f = tokio::fs::File::create(&i.path)
+            .await
+            .map_err(|e| format!("scratch file: {e}"))?;
+        f.write_all(&header)
+            .await
+            .map_err(|e| format!("scratch file: {e}"))?;
+        Ok(f)
+    }
+
+    async fn on_data(
+        &mut self,
+        assoc: &mut AsyncServerAssociation<TcpStream>,
+        incoming: &mut Option<Incoming>,
+        pv: PDataValue,
+    ) -> Result<(), String> {
+        let Some(i) = incoming.as_mut() else {
+            return Err("data without a C-STORE command".into());
+        };
+        if pv.presentation_context_id != i.context_id {
+            return Err("data on another presentation context than its command".into());
+        }
+        // Counted even for an instance already refused, whose bytes are only read and dropped.
+        self.bytes += pv.data.len() as u64;
+        if i.failure.is_none() {
+            if self.bytes > self.inner.cfg.max_association_bytes {
+                i.failure = Some((
+                    status::OUT_OF_RESOURCES,
+                    "association over ingest.max_upload_bytes".into(),
+                ));
+            } else if let Some(f) = i.file.as_mut()
+                && let Err(e) = f.write_all(&pv.data).await
+            {
+                i.failure = Some((status::OUT_OF_RESOURCES, format!("scratch file: {e}")));
+            }
+            if i.failure.is_some() {
+                i.file = None;
+                let _ = tokio::fs::remove_file(&i.path).await;
+            }
+        }
+        if !pv.is_last {
+            return Ok(());
+        }
+        let Some(mut i) = incoming.take() else {
+            return Err("instance state lost".into());
+        };
+        let outcome = match i.failure.take() {
+            Some(f) => Err(f),
+            None => self.complete(&mut i).await,
+        };
+        match outcome {
+            Ok(()) => {
+                self.accepted += 1;
+                metrics::counter!("baylink_dicom_instances_total", "outcome" => "accepted")
+                    .increment(1);
+                info!(sop_instance = %i.cmd.affected_sop_instance_uid, "instance accepted");
+                send_response(assoc, i.context_id, &i.cmd, status::SUCCESS, None).await
+            }
+            Err((code, why)) => {
+                self.refused += 1;
+                metrics::counter!("baylink_dicom_instances_total", "outcome" => "refused")
+                    .increment(1);
+                warn!(sop_instance = %i.cmd.affected_sop_instance_uid, status = format!("0x{code:04X}"), reason = %why, "instance refused");
+                let _ = tokio::fs::remove_file(&i.path).await;
+                send_response(assoc, i.context_id, &i.cmd, code, Some(&why)).await
+            }
+        }
+    }
+
+    /// Checks a complete instance and hands it to the sink.
+    async fn complete(&mut self, i: &mut Incoming) -> Result<(), (u16, String)> {
+        let oor = |e: String| (status::OUT_OF_RESOURCES, e);
+        if let Some(mut f) = i.file.take() {
+            f.flush()
+                .await
+                .map_err(|e| oor(format!("scratch file: {e}")))?;
+        }
+        let path = i.path.clone();
+        let info = tokio::task::spawn_blocking(move || part10::read_instance(&path))
+            .await
+            .map_err(|e| oor(e.to_string()))?
+            .map_err(|e| match e {
+                Part10Error::Mismatch { .. } => (status::DATA_SET_MISMATCH, e.to_string()),
+                Part10Error::Open { .. } => oor(e.to_string()),
+                _ => (status::CANNOT_UNDERSTAND, e.to_string()),
+            })?;
+        if let Some(p) = &self.patient
+            && p != &info.patient_id
+        {
+            return Err((
+                status::NOT_AUTHORIZED,
+                format!("patient {} differs from the association's", info.patient_id),
+            ));
+        }
+        let cfg = &self.inner.cfg;
+        let declaration = Declaration {
+            patient_id: info.patient_id.clone(),
+            category: cfg.category.clone(),
+            purpose: cfg.purpose.clone(),
+            destination: cfg.destination.clone(),
+            consent_ref: None,
+        };
+        if let Decision::Refuse(r) = self.inner.policy.check(&declaration, SystemTime::now()) {
+            return Err((status::NOT_AUTHORIZED, r.reason));
+        }
+        if self.transfer.is_none() {
+            let origin = Origin {
+                association: self.id,
+                hospital: self.hospital.clone(),
+                declaration,
+            };
+            let t = self
+                .inner
+                .sink
+                .begin(origin)
+                .await
+                .map_err(|e| oor(e.to_string()))?;
+            self.transfer = Some(t);
+            self.patient = Some(info.patient_id.clone());
+        }
+        let t = self.transfer.as_mut().expect("set just above");
+        self.inner
+            .sink
+            .add_instance(t, &i.name, &i.path)
+            .await
+            .map_err(|e| oor(e.to_string()))?;
+        self.names.insert(i.name.clone());
+        Ok(())
+    }
+}
+
+async fn send_response(
+    assoc: &mut AsyncServerAssociation<TcpStream>,
+    context_id: u8,
+    cmd: &Command,
+    code: u16,
+    comment: Option<&str>,
+) -> Result<(), String> {
+    let pdu = Pdu::PData {
+        data: vec![PDataValue {
+            presentation_context_id: context_id,
+            value_type: PDataValueType::Command,
+            is_last: true,
+            data: dimse::response(cmd, code, comment),
+        }],
+    };
+    assoc
+        .send(&pdu)
+        .await
+        .map_err(|e| format!("cannot send the response: {e}"))
+}
+
+fn pdu_name(p: &Pdu) -> &'static str {
+    match p {
+        Pdu::AssociationRQ(_) => "A-ASSOCIATE-RQ",
+        Pdu::AssociationAC(_) => "A-ASSOCIATE-AC",
+        Pdu::AssociationRJ(_) => "A-ASSOCIATE-RJ",
+        Pdu::PData { .. } => "P-DATA-TF",
+        Pdu::ReleaseRQ => "A-RELEASE-RQ",
+        Pdu::ReleaseRP => "A-RELEASE-RP",
+        Pdu::AbortRQ { .. } => "A-ABORT",
+        Pdu::Unknown { .. } => "unknown",
+    }
+}
+
+/// The scratch directory of a spool: `spool.dir/.incoming`.
+pub fn scratch_dir(spool_dir: &Path) -> PathBuf {
+    spool_dir.join(".incoming")
+}
