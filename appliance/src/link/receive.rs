@@ -366,7 +366,7 @@ async fn accept_offer(
         .get(&id)
         .cloned();
     if let Some(old) = previous {
-        let _ = old.cancel.send(true);
+        old.cancel.send_replace(true);
         if old.conn.stable_id() != conn.stable_id() {
             old.conn
                 .close(super::CLOSE_SHUTDOWN.into(), b"transfer taken over");
@@ -850,7 +850,7 @@ async fn discard(a: &Active) {
     if a.dir.has_receipt() {
         return;
     }
-    let _ = a.cancel.send(true);
+    a.cancel.send_replace(true);
     if let Err(e) = tokio::fs::remove_dir_all(a.dir.root()).await {
         warn!(error = %e, "cannot remove the failed transfer's spool directory");
     }
@@ -865,5 +865,7 @@ fn release(gw: &Gateway, a: &Arc<Active>) {
         map.remove(&a.manifest.transfer_id);
     }
     drop(map);
-    let _ = a.done.send(true);
+    // `send_replace`, not `send`: the value must stick even when nobody is subscribed yet
+    // (a taking-over offer may subscribe just after this), or that offer would wait forever.
+    a.done.send_replace(true);
 }

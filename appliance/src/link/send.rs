@@ -281,7 +281,13 @@ async fn send_chunk(
     let mut offset = loc.offset;
     let end = loc.offset + u64::from(loc.len);
     while offset < end {
-        let buf = spool.buffer().await;
+        // quinn keeps the buffers it was handed until the gateway acknowledges them, so on a
+        // dead link it may hold many. Waiting for one must not keep the dead connection (and
+        // with it those buffers) alive: give up when it closes.
+        let buf = tokio::select! {
+            buf = spool.buffer() => buf,
+            e = conn.closed() => return Err(SendError::Link(e.into()).into()),
+        };
         let want = usize::try_from((end - offset).min(buf.capacity() as u64))
             .expect("bounded by the buffer size");
         let buf = spool
