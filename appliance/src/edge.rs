@@ -146,14 +146,7 @@ impl Edge {
             .await
             .map_err(anyhow::Error::from)?
             .map_err(anyhow::Error::from)?;
-        // quinn holds the pool buffers of every chunk in flight until the gateway acknowledges
-        // them: size the pool so that twice that still leaves room to read the next chunks.
-        let mut spool_cfg = SpoolConfig::default();
-        let per_chunk = (cfg.transport.chunk_size as usize).div_ceil(spool_cfg.buffer_size);
-        spool_cfg.buffers = spool_cfg
-            .buffers
-            .max(2 * cfg.transport.max_in_flight * per_chunk);
-        let spool = Spool::start(spool_cfg).map_err(anyhow::Error::from)?;
+        let spool = Spool::start(SpoolConfig::default()).map_err(anyhow::Error::from)?;
         let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)
             .map_err(anyhow::Error::from)?;
         let ca = transport::load_ca(&cfg.tls.ca).map_err(anyhow::Error::from)?;

@@ -36,7 +36,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_uring::buf::BoundedBuf;
@@ -296,6 +296,17 @@ impl SpoolBuf {
         let n = data.len().min(self.remaining());
         self.bytes.extend_from_slice(&data[..n]);
         n
+    }
+
+    /// Hands the bytes out of the pool for good, as a `Bytes` for a consumer that keeps them
+    /// for an unknown time (quinn's send buffers hold them until the peer acknowledges). The
+    /// pool slot is freed at once and a new buffer allocated on the next demand, so such a
+    /// consumer can never starve the pool (a sender whose buffers all sat unacknowledged in
+    /// the transport could otherwise wait for itself).
+    pub fn into_detached_bytes(mut self) -> Bytes {
+        // Dropping `self` with its bytes taken gives the slot back without a buffer (the
+        // same path as a buffer lost to a cancelled io_uring operation).
+        self.take_bytes().freeze()
     }
 
     fn take_bytes(&mut self) -> BytesMut {
@@ -1090,6 +1101,28 @@ mod tests {
         .unwrap();
         assert!(spool.allocated_buffers() <= BUFFERS);
         assert_eq!(spool.free_buffers(), BUFFERS);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detached_bytes_free_their_pool_slot_at_once() {
+        let spool = spool(2, 4096);
+        let mut a = spool.buffer().await;
+        a.extend_from_slice(b"kept by someone else").unwrap();
+        let b = spool.buffer().await;
+        assert_eq!(spool.free_buffers(), 0);
+        let bytes = a.into_detached_bytes();
+        assert_eq!(&bytes[..], b"kept by someone else");
+        assert_eq!(
+            spool.free_buffers(),
+            1,
+            "the slot came back while the bytes live on"
+        );
+        let c = spool.buffer().await;
+        assert_eq!(c.capacity(), 4096);
+        drop((b, c));
+        assert_eq!(spool.free_buffers(), 2);
+        assert!(spool.allocated_buffers() <= 2);
+        drop(bytes);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -281,9 +281,7 @@ async fn send_chunk(
     let mut offset = loc.offset;
     let end = loc.offset + u64::from(loc.len);
     while offset < end {
-        // quinn keeps the buffers it was handed until the gateway acknowledges them, so on a
-        // dead link it may hold many. Waiting for one must not keep the dead connection (and
-        // with it those buffers) alive: give up when it closes.
+        // Waiting for a buffer must not keep a dead connection alive: give up when it closes.
         let buf = tokio::select! {
             buf = spool.buffer() => buf,
             e = conn.closed() => return Err(SendError::Link(e.into()).into()),
@@ -301,9 +299,10 @@ async fn send_chunk(
             ))
             .into());
         }
-        // The pool buffer itself goes into quinn's send buffer (no copy); it returns to the
-        // pool when quinn drops it, once the gateway has acknowledged those bytes.
-        stream.write_chunk(Bytes::from_owner(buf)).await?;
+        // The buffer itself goes into quinn's send buffer (no copy). It leaves the pool for
+        // good (quinn frees it once the gateway acknowledged it): buffers held by quinn
+        // must never be what the next read waits for.
+        stream.write_chunk(buf.into_detached_bytes()).await?;
         wire_bytes.fetch_add(want as u64, Ordering::Relaxed);
         offset += want as u64;
     }
