@@ -164,6 +164,12 @@ pub struct IngestSection {
     pub dicom_listen: Option<SocketAddr>,
     /// Upper bound on one transfer's payload.
     pub max_upload_bytes: u64,
+    /// HTTPS: time allowed for the TLS handshake and for each request's header.
+    pub header_timeout: Duration,
+    /// HTTPS: longest wait for the next bytes of a request body.
+    pub idle_timeout: Duration,
+    /// HTTPS: connections served at once (more wait in the kernel's accept queue).
+    pub max_connections: usize,
 }
 
 /// `[policy]`
@@ -276,6 +282,9 @@ struct RawIngest {
     listen: Option<String>,
     dicom_listen: Option<String>,
     max_upload_bytes: Option<u64>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -484,7 +493,30 @@ impl Config {
                 .ingest
                 .max_upload_bytes
                 .unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
+            header_timeout: duration(
+                "ingest.header_timeout",
+                &raw.ingest.header_timeout,
+                Duration::from_secs(10),
+            )?,
+            idle_timeout: duration(
+                "ingest.idle_timeout",
+                &raw.ingest.idle_timeout,
+                Duration::from_secs(60),
+            )?,
+            max_connections: raw.ingest.max_connections.unwrap_or(64),
         };
+        if ingest.max_connections == 0 || ingest.max_connections > 4096 {
+            return Err(invalid(
+                "ingest.max_connections",
+                format!("{} is not in 1..=4096", ingest.max_connections),
+            ));
+        }
+        if ingest.header_timeout.is_zero() || ingest.idle_timeout.is_zero() {
+            return Err(invalid(
+                "ingest.header_timeout",
+                "header_timeout and idle_timeout must be positive".into(),
+            ));
+        }
 
         let metrics_listen = raw
             .metrics

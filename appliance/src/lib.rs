@@ -16,6 +16,7 @@ pub mod config;
 pub mod deliver;
 pub mod devenv;
 pub mod edge;
+pub mod ingest;
 pub mod link;
 pub mod ops;
 pub mod pki;

@@ -13,9 +13,11 @@ use tracing::{error, info, warn};
 use crate::config::{Config, DeliverySection, Role};
 use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
 use crate::edge::{Edge, SendRequest};
+use crate::ingest::{self, IngestStore};
 use crate::link::receive::{Gateway, serve_connection};
 use crate::ops::{self, Health};
 use crate::signing::Keys;
+use crate::transfer_dir::TransferDir;
 
 /// Runs the configured role until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -130,6 +132,12 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::create_dir_all(&cfg.spool_dir)
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
+    let store = IngestStore::open(edge.clone()).map_err(|e| anyhow::anyhow!("ingest: {e}"))?;
+    if cfg.ingest.listen.is_some() {
+        let (bound, server) = ingest::http::bind(&cfg, store.clone()).await?;
+        tokio::spawn(server);
+        info!(listen = %bound, "hospital API listening");
+    }
     health.set_ready();
     ops::notify_ready();
     info!(role = "edge", "serving");
@@ -139,6 +147,14 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         let edge = edge.clone();
         async move {
             for id in edge.pending() {
+                if ingest::store::is_ingest_transfer(&TransferDir::new(
+                    &edge.config().spool_dir,
+                    &id,
+                )) {
+                    info!(transfer = %id, "resuming a sealed hospital upload");
+                    store.resume(id);
+                    continue;
+                }
                 info!(transfer = %id, "resuming a sealed transfer");
                 match edge
                     .send(SendRequest::Resume(id), false, &Default::default())

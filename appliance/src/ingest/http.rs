@@ -1,0 +1,367 @@
+//! The hospital API over HTTPS: axum routes served by hyper over rustls, client certificate
+//! required.
+//!
+//! Each TCP connection gets a TLS handshake (bounded by `ingest.header_timeout`), then HTTP/1.1
+//! with hyper's header read timeout (the same bound: a client that sends half a header and
+//! stalls is disconnected). The hospital is the subject CN of the verified client
+//! certificate. At most `ingest.max_connections` connections are served at once; further
+//! ones wait in the listen queue. Request bodies stream: each frame goes to the spool before
+//! the next is read, so memory stays bounded whatever the size or number of uploads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json};
+use baylink_net::proto::TransferId;
+use baylink_net::transport::{TlsIdentity, common_name, load_ca};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rustls::server::WebPkiClientVerifier;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use super::store::{IngestError, IngestStore};
+use crate::config::Config;
+use crate::policy::Declaration;
+
+/// Largest declaration body accepted.
+const MAX_DECLARATION_BYTES: usize = 64 * 1024;
+
+/// The authenticated hospital of a connection (its client certificate's CN).
+#[derive(Debug, Clone)]
+pub struct Hospital(pub Arc<str>);
+
+#[derive(Debug, Clone)]
+struct AppState {
+    store: IngestStore,
+    idle_timeout: Duration,
+}
+
+/// An error answer: a status and a JSON body `{"error": ..., ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: json!({ "error": message.into() }),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> ApiError {
+        let status = match &e {
+            IngestError::Refused(r) => {
+                return ApiError {
+                    status: StatusCode::FORBIDDEN,
+                    body: json!({ "error": r.reason, "rule": r.rule }),
+                };
+            }
+            IngestError::NotFound => StatusCode::NOT_FOUND,
+            IngestError::Conflict(_) => StatusCode::CONFLICT,
+            IngestError::BadName(_) | IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            IngestError::Internal(msg) => {
+                warn!(error = %msg, "internal error answering a hospital");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// The rustls configuration of the hospital listener: the client certificate is required
+/// and verified against `tls.ca`; TLS 1.3 and 1.2; aws-lc-rs with X25519MLKEM768 preferred;
+/// ALPN `http/1.1`.
+pub fn tls_config(cfg: &Config) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_ca(&cfg.tls.ca)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("CA certificate in {} refused", cfg.tls.ca.display()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .context("cannot build the client certificate verifier")?;
+    let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain, identity.key)
+        .context("tls.cert/tls.key refused")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The routes of the hospital API (the caller adds the [`Hospital`] extension).
+pub fn router(store: IngestStore, idle_timeout: Duration) -> Router {
+    Router::new()
+        .route("/v1/transfers", post(declare))
+        .route("/v1/transfers/{id}", get(status))
+        .route("/v1/transfers/{id}/files/{name}", put(upload))
+        .route("/v1/transfers/{id}/commit", post(commit))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_DECLARATION_BYTES))
+        .with_state(AppState {
+            store,
+            idle_timeout,
+        })
+}
+
+/// Binds `ingest.listen`; the returned future serves the hospital API until dropped.
+pub async fn bind(
+    cfg: &Config,
+    store: IngestStore,
+) -> anyhow::Result<(SocketAddr, impl Future<Output = ()> + use<>)> {
+    let listen = cfg.ingest.listen.context("ingest.listen is not set")?;
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(cfg)?));
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (ingest.listen)"))?;
+    let local = listener.local_addr()?;
+    let header_timeout = cfg.ingest.header_timeout;
+    let app = router(store, cfg.ingest.idle_timeout);
+    let slots = Arc::new(Semaphore::new(cfg.ingest.max_connections));
+    let serve = async move {
+        loop {
+            let permit = match slots.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (tls, app) = (tls.clone(), app.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                serve_connection(tcp, peer, tls, app, header_timeout).await;
+            });
+        }
+    };
+    Ok((local, serve))
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
+    app: Router,
+    header_timeout: Duration,
+) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(header_timeout, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "hospital TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "hospital TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(cn) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(common_name)
+    else {
+        info!(%peer, "client certificate has no usable common name");
+        return;
+    };
+    debug!(%peer, hospital = %cn, "hospital connected");
+    let svc = TowerToHyperService::new(app.layer(Extension(Hospital(Arc::from(cn)))));
+    let res = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+    if let Err(e) = res {
+        debug!(%peer, error = %e, "hospital connection ended");
+    }
+}
+
+fn transfer_id(s: &str) -> Result<TransferId, ApiError> {
+    s.parse::<TransferId>()
+        .map_err(|_| ApiError::from(IngestError::NotFound))
+}
+
+/// Parses a declaration, naming the first bad field.
+pub fn parse_declaration(body: &[u8]) -> Result<Declaration, ApiError> {
+    let bad = |field: &str, why: &str| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        body: json!({ "error": format!("{field}: {why}"), "field": field }),
+    };
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        body: json!({ "error": format!("body is not JSON: {e}"), "field": "" }),
+    })?;
+    let Value::Object(map) = value else {
+        return Err(bad("", "the declaration must be a JSON object"));
+    };
+    const FIELDS: [&str; 5] = [
+        "patient_id",
+        "category",
+        "purpose",
+        "destination",
+        "consent_ref",
+    ];
+    if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(bad(unknown, "unknown field"));
+    }
+    let text = |field: &'static str, required: bool| -> Result<Option<String>, ApiError> {
+        match map.get(field) {
+            None | Some(Value::Null) if required => Err(bad(field, "missing")),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Err(bad(field, "empty")),
+            Some(Value::String(s)) if s.len() > 256 => Err(bad(field, "longer than 256 bytes")),
+            Some(Value::String(s)) if s.chars().any(char::is_control) => {
+                Err(bad(field, "contains control characters"))
+            }
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(field, "must be a string")),
+        }
+    };
+    let required = |field: &'static str| -> Result<String, ApiError> {
+        Ok(text(field, true)?.unwrap_or_default())
+    };
+    Ok(Declaration {
+        patient_id: required("patient_id")?,
+        category: required("category")?,
+        purpose: required("purpose")?,
+        destination: required("destination")?,
+        consent_ref: text("consent_ref", false)?,
+    })
+}
+
+async fn declare(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let decl = parse_declaration(&body)?;
+    let id = app.store.declare(&hospital, decl).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/v1/transfers/{id}"))],
+        Json(json!({ "id": id.to_string() })),
+    )
+        .into_response())
+}
+
+async fn status(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    let st = app.store.status(&hospital, &id).await?;
+    Ok(Json(st).into_response())
+}
+
+async fn commit(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    app.store.commit(&hospital, &id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id.to_string(), "state": "sealed" })),
+    )
+        .into_response())
+}
+
+/// The declared body length, if any; a malformed header is refused.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad Content-Length"))
+        })
+        .transpose()
+}
+
+async fn upload(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    let declared = content_length(&headers)?;
+    if let Some(len) = declared
+        && len > app.store.max_upload_bytes()
+    {
+        return Err(IngestError::TooLarge {
+            limit: app.store.max_upload_bytes(),
+        }
+        .into());
+    }
+    let mut upload = app.store.begin_file(&hospital, &id, &name).await?;
+    if let Some(len) = declared {
+        upload.check_len(len)?;
+    }
+    let mut stream = body.into_data_stream();
+    loop {
+        match tokio::time::timeout(app.idle_timeout, stream.next()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "no body bytes within ingest.idle_timeout; the partial file was discarded",
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                info!(transfer = %id, file = %name, error = %e, "upload body broke off");
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("the request body broke off: {e}"),
+                ));
+            }
+            Ok(Some(Ok(data))) => upload.write(data).await?,
+        }
+    }
+    let size = upload.finish().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "name": name, "bytes": size })),
+    )
+        .into_response())
+}
