@@ -123,9 +123,14 @@ pub fn router(store: IngestStore, idle_timeout: Duration) -> Router {
     Router::new()
         .route("/v1/transfers", post(declare))
         .route("/v1/transfers/{id}", get(status))
-        .route("/v1/transfers/{id}/files/{name}", put(upload))
+        .route("/v1/transfers/{id}/files/{*name}", put(upload))
         .route("/v1/transfers/{id}/commit", post(commit))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no such route: {}", uri.path()),
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_DECLARATION_BYTES))
         .with_state(AppState {
             store,
@@ -317,6 +322,10 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
+/// Bytes of an unread request body read and thrown away before an early error answer, so
+/// the client (still sending) sees the answer instead of a connection reset.
+const DRAIN_BYTES: u64 = 1024 * 1024;
+
 async fn upload(
     State(app): State<AppState>,
     Extension(Hospital(hospital)): Extension<Hospital>,
@@ -324,44 +333,83 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let id = transfer_id(&id)?;
-    let declared = content_length(&headers)?;
+    let mut stream = body.into_data_stream();
+    match receive(&app, &hospital, &id, &name, &headers, &mut stream).await {
+        Ok(size) => Ok((
+            StatusCode::CREATED,
+            Json(json!({ "name": name, "bytes": size })),
+        )
+            .into_response()),
+        Err((e, drain)) => {
+            if drain {
+                drain_body(&mut stream, app.idle_timeout).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Reads and discards up to [`DRAIN_BYTES`] of what the client still sends.
+pub(super) async fn drain_body(stream: &mut axum::body::BodyDataStream, idle: Duration) {
+    let mut left = DRAIN_BYTES;
+    while let Ok(Some(Ok(data))) = tokio::time::timeout(idle, stream.next()).await {
+        left = left.saturating_sub(data.len() as u64);
+        if left == 0 {
+            break;
+        }
+    }
+}
+
+/// The upload proper; an error says whether the body may still be arriving (drain it).
+async fn receive(
+    app: &AppState,
+    hospital: &str,
+    id: &str,
+    name: &str,
+    headers: &HeaderMap,
+    stream: &mut axum::body::BodyDataStream,
+) -> Result<u64, (ApiError, bool)> {
+    let early = |e: ApiError| (e, true);
+    let id = transfer_id(id).map_err(early)?;
+    let declared = content_length(headers).map_err(|e| (e, false))?;
     if let Some(len) = declared
         && len > app.store.max_upload_bytes()
     {
-        return Err(IngestError::TooLarge {
-            limit: app.store.max_upload_bytes(),
-        }
-        .into());
+        let limit = app.store.max_upload_bytes();
+        return Err(early(IngestError::TooLarge { limit }.into()));
     }
-    let mut upload = app.store.begin_file(&hospital, &id, &name).await?;
+    let mut upload = app
+        .store
+        .begin_file(hospital, &id, name)
+        .await
+        .map_err(|e| early(e.into()))?;
     if let Some(len) = declared {
-        upload.check_len(len)?;
+        upload.check_len(len).map_err(|e| early(e.into()))?;
     }
-    let mut stream = body.into_data_stream();
     loop {
         match tokio::time::timeout(app.idle_timeout, stream.next()).await {
             Err(_) => {
-                return Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "no body bytes within ingest.idle_timeout; the partial file was discarded",
+                return Err((
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "no body bytes within ingest.idle_timeout; the partial file was discarded",
+                    ),
+                    false,
                 ));
             }
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 info!(transfer = %id, file = %name, error = %e, "upload body broke off");
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("the request body broke off: {e}"),
+                return Err((
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request body broke off: {e}"),
+                    ),
+                    false,
                 ));
             }
-            Ok(Some(Ok(data))) => upload.write(data).await?,
+            Ok(Some(Ok(data))) => upload.write(data).await.map_err(|e| early(e.into()))?,
         }
     }
-    let size = upload.finish().await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "name": name, "bytes": size })),
-    )
-        .into_response())
+    upload.finish().await.map_err(|e| (e.into(), false))
 }

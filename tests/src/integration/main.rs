@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod hsm_cli;
+mod ingest;
 mod peer;
 mod refusal;
 mod resume;
