@@ -44,9 +44,9 @@ const MAX_DECLARATION_BYTES: usize = 64 * 1024;
 pub struct Hospital(pub Arc<str>);
 
 #[derive(Debug, Clone)]
-struct AppState {
-    store: IngestStore,
-    idle_timeout: Duration,
+pub(super) struct AppState {
+    pub(super) store: IngestStore,
+    pub(super) idle_timeout: Duration,
 }
 
 /// An error answer: a status and a JSON body `{"error": ..., ...}`.
@@ -57,7 +57,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
             body: json!({ "error": message.into() }),
@@ -125,6 +125,7 @@ pub fn router(store: IngestStore, idle_timeout: Duration) -> Router {
         .route("/v1/transfers/{id}", get(status))
         .route("/v1/transfers/{id}/files/{*name}", put(upload))
         .route("/v1/transfers/{id}/commit", post(commit))
+        .route("/dicom-web/studies", post(super::stow::stow))
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::new(
                 StatusCode::NOT_FOUND,
