@@ -516,3 +516,248 @@ fn slow_clients_are_disconnected_by_the_header_and_idle_timeouts() {
     }
     api.healthy();
 }
+
+/// Writes a DICOM Part 10 instance with dcmtk's dump2dcm; `pixels` bytes of pixel data are
+/// appended (explicit VR only) so the instance spans many body frames.
+fn dicom(
+    dir: &Path,
+    name: &str,
+    patient: &str,
+    uid: &str,
+    implicit: bool,
+    pixels: usize,
+) -> PathBuf {
+    let dump = dir.join(format!("{name}.dump"));
+    std::fs::write(
+        &dump,
+        format!(
+            "(0008,0016) UI =SecondaryCaptureImageStorage\n\
+             (0008,0018) UI [{uid}]\n\
+             (0008,0060) CS [OT]\n\
+             (0008,1032) SQ (Sequence with undefined length #=1)\n\
+             \x20 (fffe,e000) na (Item with undefined length #=1)\n\
+             \x20   (0008,0100) SH [CODE]\n\
+             \x20 (fffe,e00d) na (ItemDelimitationItem)\n\
+             (fffe,e0dd) na (SequenceDelimitationItem)\n\
+             (0010,0010) PN [Doe^Jane]\n\
+             (0010,0020) LO [{patient}]\n\
+             (0020,000d) UI [1.2.826.0.1.3680043.2.1125.77]\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join(name);
+    let syntax = if implicit {
+        ["+ti", "-e"]
+    } else {
+        ["+te", "+e"]
+    };
+    let st = Command::new("dump2dcm")
+        .args(syntax)
+        .arg(&dump)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(st.success(), "dump2dcm");
+    if pixels > 0 {
+        assert!(!implicit);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&out).unwrap();
+        f.write_all(&[0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0])
+            .unwrap();
+        f.write_all(&(pixels as u32).to_le_bytes()).unwrap();
+        let data: Vec<u8> = (0..pixels).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all(&data).unwrap();
+    }
+    out
+}
+
+/// A multipart/related body of these files (boundary `BAYLINK-TEST-b0undary`).
+fn multipart(dir: &Path, files: &[&Path]) -> PathBuf {
+    let mut body = Vec::new();
+    for f in files {
+        body.extend_from_slice(
+            b"--BAYLINK-TEST-b0undary\r\nContent-Type: application/dicom\r\n\r\n",
+        );
+        body.extend_from_slice(&std::fs::read(f).unwrap());
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--BAYLINK-TEST-b0undary--\r\n");
+    let path = dir.join(format!("stow-{}.body", unique()));
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+const STOW_TYPE: &str =
+    "Content-Type: multipart/related; type=\"application/dicom\"; boundary=BAYLINK-TEST-b0undary";
+
+fn stow(api: &Api<'_>, body: &Path) -> (Answer, String) {
+    let headers = api.d.path(&format!("stow-{}.headers", unique()));
+    let data = format!("@{}", body.display());
+    let url = api.url("/dicom-web/studies");
+    let a = api.curl(
+        Some("hospital-a"),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            STOW_TYPE,
+            "--data-binary",
+            &data,
+            "-D",
+            headers.to_str().unwrap(),
+            &url,
+        ],
+    );
+    let h = std::fs::read_to_string(&headers).unwrap_or_default();
+    (a, h)
+}
+
+fn sequence_uids(v: &Value, tag: &str) -> Vec<(String, Option<u64>)> {
+    v[tag]["Value"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| {
+                    (
+                        i["00081155"]["Value"][0].as_str().unwrap_or("").to_owned(),
+                        i["00081197"]["Value"][0].as_u64(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn stow_rs_stores_good_instances_and_lists_failed_ones() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge = edge(&d);
+    let api = Api { d: &d };
+    let dir = d.path("dicom");
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dicom(
+        &dir,
+        "a.dcm",
+        "P-0001",
+        "1.2.826.0.1.3680043.2.1125.1.1",
+        false,
+        3 << 20,
+    );
+    let b = dicom(
+        &dir,
+        "b.dcm",
+        "P-0001",
+        "1.2.826.0.1.3680043.2.1125.1.2",
+        true,
+        0,
+    );
+    let other = dicom(
+        &dir,
+        "c.dcm",
+        "P-0002",
+        "1.2.826.0.1.3680043.2.1125.1.3",
+        false,
+        0,
+    );
+    let junk = payload(&dir, "junk.dcm", 5000, 11).unwrap();
+    let body = multipart(&dir, &[&a, &junk, &b, &other]);
+
+    let (r, headers) = stow(&api, &body);
+    assert_eq!(r.status, 202, "{r:?}");
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("content-type: application/dicom+json"),
+        "{headers}"
+    );
+    let id = headers
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-baylink-transfer:")
+                .map(|v| v.trim().to_owned())
+        })
+        .expect("X-Baylink-Transfer header");
+    let v = r.json();
+    let stored = sequence_uids(&v, "00081199");
+    assert_eq!(
+        stored.iter().map(|s| s.0.as_str()).collect::<Vec<_>>(),
+        [
+            "1.2.826.0.1.3680043.2.1125.1.1",
+            "1.2.826.0.1.3680043.2.1125.1.2"
+        ]
+    );
+    let failed = sequence_uids(&v, "00081198");
+    assert_eq!(
+        failed,
+        [
+            (String::new(), Some(0xC000)),
+            ("1.2.826.0.1.3680043.2.1125.1.3".to_owned(), Some(0x0110)),
+        ]
+    );
+
+    api.wait_state(&id, "committed");
+    let start = Instant::now();
+    for (uid, f) in [
+        ("1.2.826.0.1.3680043.2.1125.1.1", &a),
+        ("1.2.826.0.1.3680043.2.1125.1.2", &b),
+    ] {
+        let got = d.delivered(&id, &format!("{uid}.dcm"));
+        while !got.exists() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} not delivered",
+                got.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(sha256_file(f).unwrap(), sha256_file(&got).unwrap(), "{uid}");
+    }
+    let delivered = files_under(&d.path("delivered").join(&id));
+    assert_eq!(delivered.len(), 2, "only the good instances: {delivered:?}");
+    api.healthy();
+}
+
+#[test]
+fn stow_rs_for_a_patient_without_consent_stores_nothing() {
+    let d = Deployment::new().unwrap();
+    let _edge = edge(&d);
+    let api = Api { d: &d };
+    let dir = d.path("dicom");
+    std::fs::create_dir_all(&dir).unwrap();
+    let x = dicom(
+        &dir,
+        "x.dcm",
+        "P-0099",
+        "1.2.826.0.1.3680043.2.1125.9.1",
+        false,
+        0,
+    );
+    let body = multipart(&dir, &[&x]);
+    let (r, headers) = stow(&api, &body);
+    assert_eq!(r.status, 409, "{r:?}");
+    assert!(!headers.to_ascii_lowercase().contains("x-baylink-transfer"));
+    assert_eq!(
+        sequence_uids(&r.json(), "00081198"),
+        [("1.2.826.0.1.3680043.2.1125.9.1".to_owned(), Some(0x0110))]
+    );
+    assert!(transfers(&d).is_empty(), "nothing declared");
+    // Not multipart at all.
+    let url = api.url("/dicom-web/studies");
+    let a = api.curl(
+        Some("hospital-a"),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/dicom",
+            "--data-binary",
+            "x",
+            &url,
+        ],
+    );
+    assert_eq!(a.status, 415, "{a:?}");
+    api.healthy();
+}
