@@ -14,6 +14,7 @@
 mod baylink_run;
 mod e2e;
 mod env_config;
+mod ingest;
 mod payload;
 mod proc;
 mod quinn_pair;
@@ -65,6 +66,9 @@ enum Command {
     /// Compare baylink with raw quinn (the ceiling) on one loopback deployment.
     #[command(after_help = FIGURES)]
     E2e(e2e::E2eArgs),
+    /// Upload files over the hospital HTTPS API with concurrent clients; throughput, latency,
+    /// edge memory, and the ratio against `baylink send` of one large file.
+    Ingest(ingest::IngestArgs),
     /// (internal) The receiving process of the quinn contestant.
     #[command(hide = true)]
     QuinnSink(quinn_pair::SinkArgs),
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::E2e(args) => run_e2e(args),
+        Command::Ingest(args) => run_ingest(args),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
     };
@@ -96,6 +101,18 @@ fn run_e2e(args: e2e::E2eArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             result = e2e::run(args) => result,
             // Dropping the run kills every child (kill_on_drop) and removes the work dir.
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        }
+    })
+}
+
+fn run_ingest(args: ingest::IngestArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::select! {
+            result = ingest::run(args) => result.map(|()| ExitCode::SUCCESS),
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
         }
     })
