@@ -414,3 +414,77 @@ async fn receive(
     }
     upload.finish().await.map_err(|e| (e.into(), false))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn field(body: &str) -> String {
+        let e = parse_declaration(body.as_bytes()).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        e.body["field"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn declarations_name_the_bad_field() {
+        let ok = parse_declaration(
+            br#"{"patient_id":"P-1","category":"c","purpose":"p","destination":"d","consent_ref":null}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.patient_id, "P-1");
+        assert_eq!(ok.consent_ref, None);
+        assert_eq!(field("[]"), "");
+        assert_eq!(field("{"), "");
+        assert_eq!(
+            field(r#"{"category":"c","purpose":"p","destination":"d"}"#),
+            "patient_id"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"","category":"c","purpose":"p","destination":"d"}"#),
+            "patient_id"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"x","category":["c"],"purpose":"p","destination":"d"}"#),
+            "category"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"x","category":"c","purpose":"p\u0007","destination":"d"}"#),
+            "purpose"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"x","category":"c","purpose":"p","destination":"d","x":1}"#),
+            "x"
+        );
+        assert_eq!(
+            field(
+                r#"{"patient_id":"x","category":"c","purpose":"p","destination":"d","consent_ref":5}"#
+            ),
+            "consent_ref"
+        );
+    }
+
+    #[test]
+    fn file_names() {
+        use crate::ingest::store::check_file_name;
+        assert!(check_file_name("scan-1.dcm").is_ok());
+        assert!(check_file_name(&"a".repeat(255)).is_ok());
+        for bad in [
+            "", ".", "..", ".hidden", "a/b", "a\\b", "a\0b", "a\u{1}b", "a\u{7f}b",
+        ] {
+            assert!(check_file_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_file_name(&"a".repeat(256)).is_err());
+    }
+
+    #[test]
+    fn content_length_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h).unwrap(), None);
+        h.insert(header::CONTENT_LENGTH, "12".parse().unwrap());
+        assert_eq!(content_length(&h).unwrap(), Some(12));
+        h.insert(header::CONTENT_LENGTH, "-1".parse().unwrap());
+        assert!(content_length(&h).is_err());
+    }
+}
