@@ -540,6 +540,9 @@ impl IngestStore {
             let text = std::fs::read(&path).map_err(internal("status.json"))?;
             let mut st: TransferStatus = serde_json::from_slice(&text)
                 .map_err(|e| IngestError::Internal(format!("status.json: {e}")))?;
+            if st.state == state {
+                return Ok(());
+            }
             st.state = state;
             st.stages.push(Stage {
                 stage: state,

@@ -761,3 +761,77 @@ fn stow_rs_for_a_patient_without_consent_stores_nothing() {
     assert_eq!(a.status, 415, "{a:?}");
     api.healthy();
 }
+
+#[test]
+fn an_open_transfer_survives_an_edge_restart() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge1 = edge(&d);
+    let api = Api { d: &d };
+    let src = d.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let a = payload(&src, "a.dcm", 700 * 1024, 21).unwrap();
+    let b = payload(&src, "b.dcm", 300 * 1024, 22).unwrap();
+    let id = api.open();
+    assert_eq!(api.put("hospital-a", &id, "a.dcm", &a, &[]).status, 201);
+    edge1.kill().unwrap();
+
+    let _edge2 = edge(&d);
+    let s = api.status("hospital-a", &id).json();
+    assert_eq!(s["state"], "receiving", "{s}");
+    assert_eq!(s["files"], 1, "{s}");
+    assert_eq!(
+        api.put("hospital-a", &id, "a.dcm", &a, &[]).status,
+        409,
+        "already there"
+    );
+    assert_eq!(api.put("hospital-a", &id, "b.dcm", &b, &[]).status, 201);
+    assert_eq!(api.commit("hospital-a", &id).status, 202);
+    api.wait_state(&id, "committed");
+    let start = Instant::now();
+    for (name, f) in [("a.dcm", &a), ("b.dcm", &b)] {
+        let got = d.delivered(&id, name);
+        while !got.exists() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} not delivered",
+                got.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            sha256_file(f).unwrap(),
+            sha256_file(&got).unwrap(),
+            "{name}"
+        );
+    }
+    api.healthy();
+}
+
+#[test]
+fn a_committed_upload_is_sent_after_an_edge_restart() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    let edge1 = edge(&d);
+    let api = Api { d: &d };
+    let a = payload(d.dir.path(), "a.dcm", 500 * 1024, 31).unwrap();
+    let id = api.open();
+    assert_eq!(api.put("hospital-a", &id, "a.dcm", &a, &[]).status, 201);
+    assert_eq!(api.commit("hospital-a", &id).status, 202);
+    // No gateway yet: the edge keeps retrying.
+    api.wait_state(&id, "sending");
+    edge1.kill().unwrap();
+
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge2 = edge(&d);
+    let s = api.wait_state(&id, "committed");
+    assert!(s["receipt"]["signature"].as_str().is_some(), "{s}");
+    let got = d.delivered(&id, "a.dcm");
+    let start = Instant::now();
+    while !got.exists() {
+        assert!(start.elapsed() < DEADLINE, "not delivered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(sha256_file(&a).unwrap(), sha256_file(&got).unwrap());
+}
