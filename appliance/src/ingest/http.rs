@@ -98,17 +98,26 @@ impl From<IngestError> for ApiError {
 /// and verified against `tls.ca`; TLS 1.3 and 1.2; aws-lc-rs with X25519MLKEM768 preferred;
 /// ALPN `http/1.1`.
 pub fn tls_config(cfg: &Config) -> anyhow::Result<rustls::ServerConfig> {
+    tls_config_from(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+}
+
+/// [`tls_config`] from the PEM files themselves.
+pub fn tls_config_from(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for cert in load_ca(&cfg.tls.ca)? {
+    for c in load_ca(ca)? {
         roots
-            .add(cert)
-            .with_context(|| format!("CA certificate in {} refused", cfg.tls.ca.display()))?;
+            .add(c)
+            .with_context(|| format!("CA certificate in {} refused", ca.display()))?;
     }
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .context("cannot build the client certificate verifier")?;
-    let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)?;
+    let identity = TlsIdentity::from_pem_files(cert, key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
@@ -476,6 +485,99 @@ mod tests {
             assert!(check_file_name(bad).is_err(), "{bad:?}");
         }
         assert!(check_file_name(&"a".repeat(256)).is_err());
+    }
+
+    fn pump(
+        from: &mut rustls::Connection,
+        to: &mut rustls::Connection,
+    ) -> Result<(), rustls::Error> {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    /// An in-memory handshake against the hospital listener's configuration; the server's
+    /// view of the client's CN, or the error that ended it.
+    fn handshake(
+        with_client_cert: bool,
+    ) -> Result<(rustls::Connection, rustls::Connection), rustls::Error> {
+        use crate::pki::{Authority, LeafKind};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let server = ca.issue("edge", LeafKind::Appliance).unwrap();
+        let client = ca.issue("hospital-a", LeafKind::Client).unwrap();
+        let w = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca_path = w("ca.pem", ca.cert_pem());
+        let cert = w("edge.pem", &server.cert_pem);
+        let key = w("edge.key", &server.key_pem);
+        let config = tls_config_from(&ca_path, &cert, &key).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_ca(&ca_path).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let client_config = if with_client_cert {
+            let id = TlsIdentity::from_pem_files(
+                &w("h.pem", &client.cert_pem),
+                &w("h.key", &client.key_pem),
+            )
+            .unwrap();
+            builder
+                .with_client_auth_cert(id.cert_chain, id.key)
+                .unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut s: rustls::Connection = rustls::ServerConnection::new(Arc::new(config))
+            .unwrap()
+            .into();
+        let mut c: rustls::Connection = rustls::ClientConnection::new(
+            Arc::new(client_config),
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap()
+        .into();
+        for _ in 0..10 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            pump(&mut c, &mut s)?;
+            pump(&mut s, &mut c)?;
+        }
+        Ok((c, s))
+    }
+
+    #[test]
+    fn hospital_tls_prefers_x25519mlkem768_and_requires_a_client_certificate() {
+        let (c, s) = handshake(true).unwrap();
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        assert_eq!(
+            s.negotiated_key_exchange_group().unwrap().name(),
+            rustls::NamedGroup::X25519MLKEM768
+        );
+        let chain = s.peer_certificates().unwrap();
+        assert_eq!(common_name(&chain[0]).as_deref(), Some("hospital-a"));
+        let err = handshake(false).unwrap_err();
+        assert!(
+            matches!(err, rustls::Error::NoCertificatesPresented),
+            "{err:?}"
+        );
     }
 
     #[test]
