@@ -400,7 +400,7 @@ impl IngestStore {
             pending: None,
             offset: 0,
             counted: 0,
-            hasher: ChunkHasher::new(self.inner.chunk_size),
+            hasher: Some(ChunkHasher::new(self.inner.chunk_size)),
             done: false,
         };
         let spool = self.inner.edge.spool();
@@ -680,10 +680,12 @@ pub struct FileUpload {
     part: PathBuf,
     file: Option<Arc<SpoolFile>>,
     buf: Option<SpoolBuf>,
-    pending: Option<JoinHandle<Result<SpoolBuf, SpoolError>>>,
+    /// The write in flight; it hashes its buffer first and gives the hasher back.
+    pending: Option<JoinHandle<(Result<SpoolBuf, SpoolError>, ChunkHasher)>>,
     offset: u64,
     counted: u64,
-    hasher: ChunkHasher,
+    /// With the upload, or travelling with the write in flight.
+    hasher: Option<ChunkHasher>,
     done: bool,
 }
 
@@ -712,7 +714,6 @@ impl FileUpload {
         if before.saturating_add(len) > limit {
             return Err(IngestError::TooLarge { limit });
         }
-        self.hasher.update(&data);
         let mut rest = &data[..];
         while !rest.is_empty() {
             if self.buf.is_none() {
@@ -743,9 +744,13 @@ impl FileUpload {
         let spool = self.spool().clone();
         let at = self.offset;
         self.offset += buf.len() as u64;
-        self.pending = Some(tokio::spawn(
-            async move { spool.write_at(&file, at, buf).await },
-        ));
+        let mut hasher = self.hasher.take().expect("returned by the previous write");
+        // Hashing runs beside the connection's task (which decrypts the next bytes), in
+        // order: one write, and so one hasher, in flight at a time.
+        self.pending = Some(tokio::spawn(async move {
+            hasher.update(&buf);
+            (spool.write_at(&file, at, buf).await, hasher)
+        }));
         if let Some(mut b) = reuse {
             b.clear();
             self.buf = Some(b);
@@ -756,9 +761,13 @@ impl FileUpload {
     async fn wait_pending(&mut self) -> Result<Option<SpoolBuf>, IngestError> {
         match self.pending.take() {
             None => Ok(None),
-            Some(h) => Ok(Some(h.await.map_err(|e| {
-                IngestError::Internal(format!("spool write task: {e}"))
-            })??)),
+            Some(h) => {
+                let (res, hasher) = h
+                    .await
+                    .map_err(|e| IngestError::Internal(format!("spool write task: {e}")))?;
+                self.hasher = Some(hasher);
+                Ok(Some(res?))
+            }
         }
     }
 
@@ -775,7 +784,11 @@ impl FileUpload {
             spool.close(file).await?;
         }
         let size = self.offset;
-        let digests = std::mem::replace(&mut self.hasher, ChunkHasher::new(1)).finish();
+        let digests = self
+            .hasher
+            .take()
+            .expect("back from the last write")
+            .finish();
         spool
             .commit_rename(&self.part, self.dir.data_file(&self.name))
             .await?;
