@@ -114,6 +114,17 @@ fn run_ingest(args: ingest::IngestArgs) -> anyhow::Result<ExitCode> {
         tokio::select! {
             result = ingest::run(args) => result.map(|()| ExitCode::SUCCESS),
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = terminated() => anyhow::bail!("terminated"),
         }
     })
+}
+
+/// Resolves on SIGTERM (so `timeout` ends the run with its children killed on drop).
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }

@@ -162,6 +162,9 @@ struct Inner {
     open: Mutex<HashMap<TransferId, Arc<OpenTransfer>>>,
     status_lock: tokio::sync::Mutex<()>,
     next_part: AtomicU64,
+    /// One background send at a time, in commit order: concurrent sends would each hold
+    /// spool buffers while waiting for more (and share one link anyway).
+    sending: Arc<tokio::sync::Semaphore>,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
@@ -251,6 +254,7 @@ impl IngestStore {
                 open: Mutex::new(HashMap::new()),
                 status_lock: tokio::sync::Mutex::new(()),
                 next_part: AtomicU64::new(0),
+                sending: Arc::new(tokio::sync::Semaphore::new(1)),
             }),
         };
         std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
@@ -506,7 +510,11 @@ impl IngestStore {
     /// sealed before a restart), recording the outcome in its status.
     pub fn resume(&self, id: TransferId) {
         let store = self.clone();
+        let sending = self.inner.sending.clone();
         tokio::spawn(async move {
+            let Ok(_turn) = sending.acquire_owned().await else {
+                return;
+            };
             store.add_stage(&id, TransferState::Sending, None).await;
             let res = store
                 .inner

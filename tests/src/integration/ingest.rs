@@ -835,3 +835,46 @@ fn a_committed_upload_is_sent_after_an_edge_restart() {
     }
     assert_eq!(sha256_file(&a).unwrap(), sha256_file(&got).unwrap());
 }
+
+#[test]
+fn many_concurrent_uploads_and_commits_all_arrive() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge = edge(&d);
+    let api = Api { d: &d };
+    let src = d.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let jobs: Vec<(String, PathBuf)> = (0..12)
+        .map(|i| {
+            let f = payload(&src, &format!("f{i}.dcm"), 1_500_000 + i * 4099, 40 + i).unwrap();
+            (api.open(), f)
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for (id, f) in &jobs {
+            let api = &api;
+            s.spawn(move || {
+                let r = api.put("hospital-a", id, "scan.dcm", f, &[]);
+                assert_eq!(r.status, 201, "{r:?}");
+                let c = api.commit("hospital-a", id);
+                assert_eq!(c.status, 202, "{c:?}");
+            });
+        }
+    });
+    let start = Instant::now();
+    for (id, f) in &jobs {
+        api.wait_state(id, "committed");
+        let got = d.delivered(id, "scan.dcm");
+        while !got.exists() {
+            assert!(
+                start.elapsed() < DEADLINE,
+                "{} not delivered",
+                got.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(sha256_file(f).unwrap(), sha256_file(&got).unwrap());
+    }
+    api.healthy();
+}
