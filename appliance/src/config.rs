@@ -181,6 +181,12 @@ pub struct IngestSection {
     pub max_upload_bytes: u64,
     /// DICOM C-STORE SCP settings (`ingest.dicom_*`).
     pub dicom: DicomSection,
+    /// HTTPS: time allowed for the TLS handshake and for each request's header.
+    pub header_timeout: Duration,
+    /// HTTPS: longest wait for the next bytes of a request body.
+    pub idle_timeout: Duration,
+    /// HTTPS: connections served at once (more wait in the kernel's accept queue).
+    pub max_connections: usize,
 }
 
 /// The DICOM Storage SCP's settings: keys `ingest.dicom_*` and `[[ingest.dicom_peers]]`.
@@ -332,6 +338,9 @@ struct RawIngest {
     dicom_max_pdu_bytes: Option<u32>,
     dicom_max_associations: Option<usize>,
     dicom_idle_timeout: Option<String>,
+    header_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    max_connections: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -557,6 +566,17 @@ impl Config {
                 .ingest
                 .max_upload_bytes
                 .unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
+            header_timeout: duration(
+                "ingest.header_timeout",
+                &raw.ingest.header_timeout,
+                Duration::from_secs(10),
+            )?,
+            idle_timeout: duration(
+                "ingest.idle_timeout",
+                &raw.ingest.idle_timeout,
+                Duration::from_secs(60),
+            )?,
+            max_connections: raw.ingest.max_connections.unwrap_or(64),
             dicom: DicomSection {
                 ae_title: raw
                     .ingest
@@ -643,6 +663,18 @@ impl Config {
                 ));
             }
             ingest.dicom.peers.push(peer);
+        }
+        if ingest.max_connections == 0 || ingest.max_connections > 4096 {
+            return Err(invalid(
+                "ingest.max_connections",
+                format!("{} is not in 1..=4096", ingest.max_connections),
+            ));
+        }
+        if ingest.header_timeout.is_zero() || ingest.idle_timeout.is_zero() {
+            return Err(invalid(
+                "ingest.header_timeout",
+                "header_timeout and idle_timeout must be positive".into(),
+            ));
         }
 
         let metrics_listen = raw

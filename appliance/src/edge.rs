@@ -181,6 +181,21 @@ impl Edge {
         &self.spool
     }
 
+    /// The compliance policy loaded at start (the hospital API checks declarations with it).
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The HSM keys (the hospital API seals with them).
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The configuration the edge runs with.
+    pub fn config(&self) -> &Arc<Config> {
+        &self.cfg
+    }
+
     /// Runs one `send` to completion: check, seal (new transfers), send with retries, verify
     /// the receipt.
     pub async fn send(

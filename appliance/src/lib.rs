@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod devenv;
 pub mod dicom;
 pub mod edge;
+pub mod ingest;
 pub mod link;
 pub mod ops;
 pub mod pki;

@@ -92,23 +92,8 @@ pub async fn seal_files(
             .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
         builder.add_file(name.clone(), size, digests)?;
     }
-    let created_unix_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    let manifest = builder.finish(created_unix_ms)?;
-    let bytes = manifest.to_bytes();
-    let signature = keys
-        .sign(MANIFEST_CONTEXT, &bytes)
-        .await
-        .context("cannot sign the manifest")?;
-
-    write_atomic(&dir.manifest_sig(), &signature)?;
-    write_atomic(&dir.manifest_json(), &serde_json::to_vec_pretty(&manifest)?)?;
-    // manifest.bin last: its presence marks the transfer as sealed.
-    write_atomic(&dir.manifest_bin(), &bytes)?;
-    metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "ok")
-        .increment(1);
+    let manifest = builder.finish(now_unix_ms())?;
+    let (bytes, signature) = sign_and_write_manifest(dir, &manifest, keys).await?;
     open_outgoing(
         spool,
         dir,
@@ -118,6 +103,42 @@ pub async fn seal_files(
         false,
     )
     .await
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The sealing step shared by `send` and the hospital API: signs the manifest in the HSM and
+/// writes `manifest.sig`, `manifest.json` and, last, `manifest.bin` (whose presence marks the
+/// transfer as sealed). Returns the canonical manifest bytes and the signature.
+pub async fn sign_and_write_manifest(
+    dir: &TransferDir,
+    manifest: &Manifest,
+    keys: &Keys,
+) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let bytes = manifest.to_bytes();
+    let signature = keys
+        .sign(MANIFEST_CONTEXT, &bytes)
+        .await
+        .context("cannot sign the manifest")?;
+    let json = serde_json::to_vec_pretty(manifest)?;
+    let (dir, b, sig) = (dir.clone(), bytes.clone(), signature.clone());
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        write_atomic(&dir.manifest_sig(), &sig)?;
+        write_atomic(&dir.manifest_json(), &json)?;
+        // manifest.bin last: its presence marks the transfer as sealed.
+        write_atomic(&dir.manifest_bin(), &b)
+    })
+    .await?
+    .context("cannot write the manifest")?;
+    metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "ok")
+        .increment(1);
+    Ok((bytes, signature))
 }
 
 /// Loads a sealed transfer from the spool (for `--resume` and recovery).

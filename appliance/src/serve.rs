@@ -16,10 +16,12 @@ use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
 use crate::dicom::scp::{self, ScpConfig, StorageScp};
 use crate::dicom::sink::SpoolSendSink;
 use crate::edge::{Edge, SendRequest};
+use crate::ingest::{self, IngestStore};
 use crate::link::receive::{Gateway, serve_connection};
 use crate::ops::{self, Health};
 use crate::policy::Policy;
 use crate::signing::Keys;
+use crate::transfer_dir::TransferDir;
 
 /// Runs the configured role until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -186,6 +188,12 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         let scp = start_dicom_scp(&cfg, &edge, listen).await?;
         tokio::spawn(scp.serve());
     }
+    let store = IngestStore::open(edge.clone()).map_err(|e| anyhow::anyhow!("ingest: {e}"))?;
+    if cfg.ingest.listen.is_some() {
+        let (bound, server) = ingest::http::bind(&cfg, store.clone()).await?;
+        tokio::spawn(server);
+        info!(listen = %bound, "hospital API listening");
+    }
     health.set_ready();
     ops::notify_ready();
     info!(role = "edge", "serving");
@@ -195,6 +203,14 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         let edge = edge.clone();
         async move {
             for id in edge.pending() {
+                if ingest::store::is_ingest_transfer(&TransferDir::new(
+                    &edge.config().spool_dir,
+                    &id,
+                )) {
+                    info!(transfer = %id, "resuming a sealed hospital upload");
+                    store.resume(id);
+                    continue;
+                }
                 info!(transfer = %id, "resuming a sealed transfer");
                 match edge
                     .send(SendRequest::Resume(id), false, &Default::default())

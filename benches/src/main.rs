@@ -17,6 +17,7 @@ mod baylink_run;
 mod e2e;
 mod env_config;
 mod impair;
+mod ingest;
 mod payload;
 mod proc;
 mod quinn_pair;
@@ -82,6 +83,9 @@ enum Command {
     /// reordering, duplication, rate) with a userspace forwarder.
     #[command(after_help = impair::IMPAIR_HELP)]
     Impair(impair::ImpairArgs),
+    /// Upload files over the hospital HTTPS API with concurrent clients; throughput, latency,
+    /// edge memory, and the ratio against `baylink send` of one large file.
+    Ingest(ingest::IngestArgs),
     /// (internal) The receiving process of the quinn contestant.
     #[command(hide = true)]
     QuinnSink(quinn_pair::SinkArgs),
@@ -95,6 +99,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::E2e(args) => run_e2e(args),
         Command::Impair(args) => impair::main(&args),
+        Command::Ingest(args) => run_ingest(args),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
     };
@@ -117,4 +122,27 @@ fn run_e2e(args: e2e::E2eArgs) -> anyhow::Result<ExitCode> {
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
         }
     })
+}
+
+fn run_ingest(args: ingest::IngestArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::select! {
+            result = ingest::run(args) => result.map(|()| ExitCode::SUCCESS),
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = terminated() => anyhow::bail!("terminated"),
+        }
+    })
+}
+
+/// Resolves on SIGTERM (so `timeout` ends the run with its children killed on drop).
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }

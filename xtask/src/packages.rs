@@ -28,7 +28,7 @@ pub const TEST_PACKAGES: &[Package] = &[
     Package {
         name: "dcmtk",
         // storescu/echoscu/dcmodify: a real DICOM client against the edge's C-STORE SCP.
-        why: "storescu, echoscu and dcmodify for the C-STORE tests",
+        why: "storescu, echoscu and dcmodify for the C-STORE tests; dump2dcm for STOW-RS tests",
     },
     Package {
         name: "openssh-server",
@@ -54,6 +54,16 @@ pub const TEST_PACKAGES: &[Package] = &[
         name: "iputils-ping",
         // ping: the delay accuracy check of the impairment forwarder.
         why: "ping to check the emulated link's round-trip time",
+    },
+    Package {
+        name: "curl",
+        // The HTTPS client (client certificates) of the hospital API tests and baylink-bench ingest.
+        why: "curl with client certificates for the hospital API tests and baylink-bench ingest",
+    },
+    Package {
+        name: "openssl",
+        // `openssl s_client`: the slowloris test holds a TLS connection with half a header.
+        why: "openssl s_client for the hospital API's header-timeout test",
     },
     // Still to come when the delivery tests land: orthanc, orthanc-dicomweb.
 ];

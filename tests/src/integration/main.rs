@@ -10,6 +10,7 @@ mod audit;
 mod dicom;
 mod faults;
 mod hsm_cli;
+mod ingest;
 mod link;
 mod peer;
 mod refusal;

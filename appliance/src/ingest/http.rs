@@ -1,0 +1,592 @@
+//! The hospital API over HTTPS: axum routes served by hyper over rustls, client certificate
+//! required.
+//!
+//! Each TCP connection gets a TLS handshake (bounded by `ingest.header_timeout`), then HTTP/1.1
+//! with hyper's header read timeout (the same bound: a client that sends half a header and
+//! stalls is disconnected). The hospital is the subject CN of the verified client
+//! certificate. At most `ingest.max_connections` connections are served at once; further
+//! ones wait in the listen queue. Request bodies stream: each frame goes to the spool before
+//! the next is read, so memory stays bounded whatever the size or number of uploads.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Extension, Json};
+use baylink_net::proto::TransferId;
+use baylink_net::transport::{TlsIdentity, common_name, load_ca};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rustls::server::WebPkiClientVerifier;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use super::store::{IngestError, IngestStore};
+use crate::config::Config;
+use crate::policy::Declaration;
+
+/// Largest declaration body accepted.
+const MAX_DECLARATION_BYTES: usize = 64 * 1024;
+
+/// The authenticated hospital of a connection (its client certificate's CN).
+#[derive(Debug, Clone)]
+pub struct Hospital(pub Arc<str>);
+
+#[derive(Debug, Clone)]
+pub(super) struct AppState {
+    pub(super) store: IngestStore,
+    pub(super) idle_timeout: Duration,
+}
+
+/// An error answer: a status and a JSON body `{"error": ..., ...}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl ApiError {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            body: json!({ "error": message.into() }),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> ApiError {
+        let status = match &e {
+            IngestError::Refused(r) => {
+                return ApiError {
+                    status: StatusCode::FORBIDDEN,
+                    body: json!({ "error": r.reason, "rule": r.rule }),
+                };
+            }
+            IngestError::NotFound => StatusCode::NOT_FOUND,
+            IngestError::Conflict(_) => StatusCode::CONFLICT,
+            IngestError::BadName(_) | IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            IngestError::Internal(msg) => {
+                warn!(error = %msg, "internal error answering a hospital");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// The rustls configuration of the hospital listener: the client certificate is required
+/// and verified against `tls.ca`; TLS 1.3 and 1.2; aws-lc-rs with X25519MLKEM768 preferred;
+/// ALPN `http/1.1`.
+pub fn tls_config(cfg: &Config) -> anyhow::Result<rustls::ServerConfig> {
+    tls_config_from(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+}
+
+/// [`tls_config`] from the PEM files themselves.
+pub fn tls_config_from(
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in load_ca(ca)? {
+        roots
+            .add(c)
+            .with_context(|| format!("CA certificate in {} refused", ca.display()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .context("cannot build the client certificate verifier")?;
+    let identity = TlsIdentity::from_pem_files(cert, key)?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain, identity.key)
+        .context("tls.cert/tls.key refused")?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// The routes of the hospital API (the caller adds the [`Hospital`] extension).
+pub fn router(store: IngestStore, idle_timeout: Duration) -> Router {
+    Router::new()
+        .route("/v1/transfers", post(declare))
+        .route("/v1/transfers/{id}", get(status))
+        .route("/v1/transfers/{id}/files/{*name}", put(upload))
+        .route("/v1/transfers/{id}/commit", post(commit))
+        .route("/dicom-web/studies", post(super::stow::stow))
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no such route: {}", uri.path()),
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_DECLARATION_BYTES))
+        .with_state(AppState {
+            store,
+            idle_timeout,
+        })
+}
+
+/// Binds `ingest.listen`; the returned future serves the hospital API until dropped.
+pub async fn bind(
+    cfg: &Config,
+    store: IngestStore,
+) -> anyhow::Result<(SocketAddr, impl Future<Output = ()> + use<>)> {
+    let listen = cfg.ingest.listen.context("ingest.listen is not set")?;
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(cfg)?));
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (ingest.listen)"))?;
+    let local = listener.local_addr()?;
+    let header_timeout = cfg.ingest.header_timeout;
+    let app = router(store, cfg.ingest.idle_timeout);
+    let slots = Arc::new(Semaphore::new(cfg.ingest.max_connections));
+    let serve = async move {
+        loop {
+            let permit = match slots.clone().acquire_owned().await {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let (tls, app) = (tls.clone(), app.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                serve_connection(tcp, peer, tls, app, header_timeout).await;
+            });
+        }
+    };
+    Ok((local, serve))
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: tokio_rustls::TlsAcceptor,
+    app: Router,
+    header_timeout: Duration,
+) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(header_timeout, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            info!(%peer, error = %e, "hospital TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "hospital TLS handshake timed out");
+            return;
+        }
+    };
+    let Some(cn) = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(common_name)
+    else {
+        info!(%peer, "client certificate has no usable common name");
+        return;
+    };
+    debug!(%peer, hospital = %cn, "hospital connected");
+    let svc = TowerToHyperService::new(app.layer(Extension(Hospital(Arc::from(cn)))));
+    let res = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
+    if let Err(e) = res {
+        debug!(%peer, error = %e, "hospital connection ended");
+    }
+}
+
+fn transfer_id(s: &str) -> Result<TransferId, ApiError> {
+    s.parse::<TransferId>()
+        .map_err(|_| ApiError::from(IngestError::NotFound))
+}
+
+/// Parses a declaration, naming the first bad field.
+pub fn parse_declaration(body: &[u8]) -> Result<Declaration, ApiError> {
+    let bad = |field: &str, why: &str| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        body: json!({ "error": format!("{field}: {why}"), "field": field }),
+    };
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        body: json!({ "error": format!("body is not JSON: {e}"), "field": "" }),
+    })?;
+    let Value::Object(map) = value else {
+        return Err(bad("", "the declaration must be a JSON object"));
+    };
+    const FIELDS: [&str; 5] = [
+        "patient_id",
+        "category",
+        "purpose",
+        "destination",
+        "consent_ref",
+    ];
+    if let Some(unknown) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(bad(unknown, "unknown field"));
+    }
+    let text = |field: &'static str, required: bool| -> Result<Option<String>, ApiError> {
+        match map.get(field) {
+            None | Some(Value::Null) if required => Err(bad(field, "missing")),
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if s.is_empty() => Err(bad(field, "empty")),
+            Some(Value::String(s)) if s.len() > 256 => Err(bad(field, "longer than 256 bytes")),
+            Some(Value::String(s)) if s.chars().any(char::is_control) => {
+                Err(bad(field, "contains control characters"))
+            }
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(bad(field, "must be a string")),
+        }
+    };
+    let required = |field: &'static str| -> Result<String, ApiError> {
+        Ok(text(field, true)?.unwrap_or_default())
+    };
+    Ok(Declaration {
+        patient_id: required("patient_id")?,
+        category: required("category")?,
+        purpose: required("purpose")?,
+        destination: required("destination")?,
+        consent_ref: text("consent_ref", false)?,
+    })
+}
+
+async fn declare(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let decl = parse_declaration(&body)?;
+    let id = app.store.declare(&hospital, decl).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/v1/transfers/{id}"))],
+        Json(json!({ "id": id.to_string() })),
+    )
+        .into_response())
+}
+
+async fn status(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    let st = app.store.status(&hospital, &id).await?;
+    Ok(Json(st).into_response())
+}
+
+async fn commit(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    app.store.commit(&hospital, &id).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id.to_string(), "state": "sealed" })),
+    )
+        .into_response())
+}
+
+/// The declared body length, if any; a malformed header is refused.
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "bad Content-Length"))
+        })
+        .transpose()
+}
+
+/// Bytes of an unread request body read and thrown away before an early error answer, so
+/// the client (still sending) sees the answer instead of a connection reset.
+const DRAIN_BYTES: u64 = 1024 * 1024;
+
+async fn upload(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut stream = body.into_data_stream();
+    match receive(&app, &hospital, &id, &name, &headers, &mut stream).await {
+        Ok(size) => Ok((
+            StatusCode::CREATED,
+            Json(json!({ "name": name, "bytes": size })),
+        )
+            .into_response()),
+        Err((e, drain)) => {
+            if drain {
+                drain_body(&mut stream, app.idle_timeout).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Reads and discards up to [`DRAIN_BYTES`] of what the client still sends.
+pub(super) async fn drain_body(stream: &mut axum::body::BodyDataStream, idle: Duration) {
+    let mut left = DRAIN_BYTES;
+    while let Ok(Some(Ok(data))) = tokio::time::timeout(idle, stream.next()).await {
+        left = left.saturating_sub(data.len() as u64);
+        if left == 0 {
+            break;
+        }
+    }
+}
+
+/// The upload proper; an error says whether the body may still be arriving (drain it).
+async fn receive(
+    app: &AppState,
+    hospital: &str,
+    id: &str,
+    name: &str,
+    headers: &HeaderMap,
+    stream: &mut axum::body::BodyDataStream,
+) -> Result<u64, (ApiError, bool)> {
+    let early = |e: ApiError| (e, true);
+    let id = transfer_id(id).map_err(early)?;
+    let declared = content_length(headers).map_err(|e| (e, false))?;
+    if let Some(len) = declared
+        && len > app.store.max_upload_bytes()
+    {
+        let limit = app.store.max_upload_bytes();
+        return Err(early(IngestError::TooLarge { limit }.into()));
+    }
+    let mut upload = app
+        .store
+        .begin_file(hospital, &id, name)
+        .await
+        .map_err(|e| early(e.into()))?;
+    if let Some(len) = declared {
+        upload.check_len(len).map_err(|e| early(e.into()))?;
+    }
+    loop {
+        match tokio::time::timeout(app.idle_timeout, stream.next()).await {
+            Err(_) => {
+                return Err((
+                    ApiError::new(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "no body bytes within ingest.idle_timeout; the partial file was discarded",
+                    ),
+                    false,
+                ));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                info!(transfer = %id, file = %name, error = %e, "upload body broke off");
+                return Err((
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("the request body broke off: {e}"),
+                    ),
+                    false,
+                ));
+            }
+            Ok(Some(Ok(data))) => upload.write(data).await.map_err(|e| early(e.into()))?,
+        }
+    }
+    upload.finish().await.map_err(|e| (e.into(), false))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn field(body: &str) -> String {
+        let e = parse_declaration(body.as_bytes()).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        e.body["field"].as_str().unwrap().to_owned()
+    }
+
+    #[test]
+    fn declarations_name_the_bad_field() {
+        let ok = parse_declaration(
+            br#"{"patient_id":"P-1","category":"c","purpose":"p","destination":"d","consent_ref":null}"#,
+        )
+        .unwrap();
+        assert_eq!(ok.patient_id, "P-1");
+        assert_eq!(ok.consent_ref, None);
+        assert_eq!(field("[]"), "");
+        assert_eq!(field("{"), "");
+        assert_eq!(
+            field(r#"{"category":"c","purpose":"p","destination":"d"}"#),
+            "patient_id"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"","category":"c","purpose":"p","destination":"d"}"#),
+            "patient_id"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"x","category":["c"],"purpose":"p","destination":"d"}"#),
+            "category"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"x","category":"c","purpose":"p\u0007","destination":"d"}"#),
+            "purpose"
+        );
+        assert_eq!(
+            field(r#"{"patient_id":"x","category":"c","purpose":"p","destination":"d","x":1}"#),
+            "x"
+        );
+        assert_eq!(
+            field(
+                r#"{"patient_id":"x","category":"c","purpose":"p","destination":"d","consent_ref":5}"#
+            ),
+            "consent_ref"
+        );
+    }
+
+    #[test]
+    fn file_names() {
+        use crate::ingest::store::check_file_name;
+        assert!(check_file_name("scan-1.dcm").is_ok());
+        assert!(check_file_name(&"a".repeat(255)).is_ok());
+        for bad in [
+            "", ".", "..", ".hidden", "a/b", "a\\b", "a\0b", "a\u{1}b", "a\u{7f}b",
+        ] {
+            assert!(check_file_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_file_name(&"a".repeat(256)).is_err());
+    }
+
+    fn pump(
+        from: &mut rustls::Connection,
+        to: &mut rustls::Connection,
+    ) -> Result<(), rustls::Error> {
+        let mut wire = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut wire).unwrap();
+        }
+        let mut rest = &wire[..];
+        while !rest.is_empty() {
+            to.read_tls(&mut rest).unwrap();
+            to.process_new_packets()?;
+        }
+        Ok(())
+    }
+
+    /// An in-memory handshake against the hospital listener's configuration; the server's
+    /// view of the client's CN, or the error that ended it.
+    fn handshake(
+        with_client_cert: bool,
+    ) -> Result<(rustls::Connection, rustls::Connection), rustls::Error> {
+        use crate::pki::{Authority, LeafKind};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Authority::new("test CA").unwrap();
+        let server = ca.issue("edge", LeafKind::Appliance).unwrap();
+        let client = ca.issue("hospital-a", LeafKind::Client).unwrap();
+        let w = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca_path = w("ca.pem", ca.cert_pem());
+        let cert = w("edge.pem", &server.cert_pem);
+        let key = w("edge.key", &server.key_pem);
+        let config = tls_config_from(&ca_path, &cert, &key).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in load_ca(&ca_path).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let client_config = if with_client_cert {
+            let id = TlsIdentity::from_pem_files(
+                &w("h.pem", &client.cert_pem),
+                &w("h.key", &client.key_pem),
+            )
+            .unwrap();
+            builder
+                .with_client_auth_cert(id.cert_chain, id.key)
+                .unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut s: rustls::Connection = rustls::ServerConnection::new(Arc::new(config))
+            .unwrap()
+            .into();
+        let mut c: rustls::Connection = rustls::ClientConnection::new(
+            Arc::new(client_config),
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap()
+        .into();
+        for _ in 0..10 {
+            if !c.is_handshaking() && !s.is_handshaking() {
+                break;
+            }
+            pump(&mut c, &mut s)?;
+            pump(&mut s, &mut c)?;
+        }
+        Ok((c, s))
+    }
+
+    #[test]
+    fn hospital_tls_prefers_x25519mlkem768_and_requires_a_client_certificate() {
+        let (c, s) = handshake(true).unwrap();
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        assert_eq!(
+            s.negotiated_key_exchange_group().unwrap().name(),
+            rustls::NamedGroup::X25519MLKEM768
+        );
+        let chain = s.peer_certificates().unwrap();
+        assert_eq!(common_name(&chain[0]).as_deref(), Some("hospital-a"));
+        let err = handshake(false).unwrap_err();
+        assert!(
+            matches!(err, rustls::Error::NoCertificatesPresented),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn content_length_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h).unwrap(), None);
+        h.insert(header::CONTENT_LENGTH, "12".parse().unwrap());
+        assert_eq!(content_length(&h).unwrap(), Some(12));
+        h.insert(header::CONTENT_LENGTH, "-1".parse().unwrap());
+        assert!(content_length(&h).is_err());
+    }
+}

@@ -1,0 +1,860 @@
+//! Transfers opened by hospitals: declare, upload files (cut-through into the spool), commit.
+//!
+//! Layout added to a transfer's spool directory (see [`crate::transfer_dir`]):
+//!
+//! ```text
+//! spool/<id>/owner                the hospital (client certificate CN) that declared it
+//! spool/<id>/status.json          what GET /v1/transfers/{id} answers (stages with times)
+//! spool/<id>/parts/<n>            an upload in progress (a number: any file name fits)
+//! spool/<id>/files/<name>.digests size and chunk digests of a finished file (JSON)
+//! ```
+//!
+//! A finished upload is fsynced, renamed to `data/<name>` (directory fsynced), and only then
+//! is its digest record written atomically: a file without a record is not part of the
+//! transfer. `commit` builds the manifest from the records alone, so the payload is read
+//! exactly once, as it arrives.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use base64::Engine;
+use baylink_net::proto::{
+    ChunkHasher, Digest, MAX_FILE_NAME_LEN, ManifestBuilder, TransferId, validate_file_name,
+};
+use baylink_net::spool::{Spool, SpoolBuf, SpoolError, SpoolFile};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::edge::{Edge, SendFailure, SendRequest};
+use crate::policy::{Decision, Declaration, Refusal};
+use crate::seal;
+use crate::transfer_dir::{self, TransferDir, write_atomic};
+
+/// Why an ingest operation failed. Each variant maps to one HTTP status in [`super::http`].
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The compliance checkpoint refused the declaration.
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    /// No such transfer for this hospital (unknown, or another hospital's).
+    #[error("no such transfer")]
+    NotFound,
+    /// The request conflicts with the transfer's state (committed, upload in progress).
+    #[error("{0}")]
+    Conflict(String),
+    /// A file name that cannot be used.
+    #[error("bad file name: {0}")]
+    BadName(String),
+    /// Something else the client sent is unusable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The transfer would exceed `ingest.max_upload_bytes`.
+    #[error("the transfer would exceed the upload limit of {limit} bytes")]
+    TooLarge {
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The spool's file system is full; the partial file was removed.
+    #[error("the spool is out of space")]
+    NoSpace,
+    /// An internal failure (spool, HSM); the message is for the operator's log too.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<SpoolError> for IngestError {
+    fn from(e: SpoolError) -> Self {
+        if e.is_no_space() {
+            IngestError::NoSpace
+        } else {
+            IngestError::Internal(e.to_string())
+        }
+    }
+}
+
+/// Where a transfer is (the contract's `state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransferState {
+    /// Declared, accepted by the checkpoint, no file yet.
+    Declared,
+    /// At least one file upload has begun.
+    Receiving,
+    /// Committed by the hospital: manifest signed, payload durable in the spool.
+    Sealed,
+    /// Being sent to the gateway.
+    Sending,
+    /// The gateway's receipt arrived and verified.
+    Committed,
+    /// Delivered downstream (reported by the gateway).
+    Delivered,
+    /// Refused (by policy at send time, or by the gateway).
+    Refused,
+    /// Gave up (link down longer than `transport.retry_for`, or an internal failure).
+    Failed,
+}
+
+/// One stage a transfer reached, with its time (RFC 3339, UTC).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stage {
+    /// The state entered.
+    pub stage: TransferState,
+    /// When.
+    pub at: String,
+}
+
+/// The gateway's receipt, as the hospital may keep it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReceiptInfo {
+    /// Merkle root over every chunk digest, hex.
+    pub merkle_root: String,
+    /// The receipt bytes the gateway's HSM signed, base64.
+    pub receipt: String,
+    /// The gateway's signature over them, base64.
+    pub signature: String,
+}
+
+/// What `GET /v1/transfers/{id}` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TransferStatus {
+    /// Transfer id.
+    pub id: String,
+    /// Current state.
+    pub state: TransferState,
+    /// Finished files.
+    pub files: usize,
+    /// Payload bytes of finished files.
+    pub bytes: u64,
+    /// Every stage reached, oldest first.
+    pub stages: Vec<Stage>,
+    /// The verified receipt, once committed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receipt: Option<ReceiptInfo>,
+    /// Why it was refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileRecord {
+    size: u64,
+    chunk_size: u32,
+    digests: Vec<String>,
+}
+
+/// The hospital API's view of the edge spool. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct IngestStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    edge: Edge,
+    spool_dir: PathBuf,
+    chunk_size: u32,
+    max_upload_bytes: u64,
+    open: Mutex<HashMap<TransferId, Arc<OpenTransfer>>>,
+    status_lock: tokio::sync::Mutex<()>,
+    next_part: AtomicU64,
+    /// One background send at a time, in commit order: concurrent sends would each hold
+    /// spool buffers while waiting for more (and share one link anyway).
+    sending: Arc<tokio::sync::Semaphore>,
+}
+
+/// A transfer that accepts files (declared, not yet committed).
+#[derive(Debug)]
+struct OpenTransfer {
+    hospital: String,
+    /// Bytes of finished files plus bytes received by uploads in progress.
+    bytes: AtomicU64,
+    state: Mutex<OpenState>,
+}
+
+#[derive(Debug, Default)]
+struct OpenState {
+    committed: bool,
+    uploading: HashSet<String>,
+    files: BTreeMap<String, u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn internal(what: &str) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
+    move |e| IngestError::Internal(format!("{what}: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, IngestError> + Send + 'static,
+) -> Result<T, IngestError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| IngestError::Internal(format!("blocking task: {e}")))?
+}
+
+fn owner_path(dir: &TransferDir) -> PathBuf {
+    dir.root().join("owner")
+}
+fn status_path(dir: &TransferDir) -> PathBuf {
+    dir.root().join("status.json")
+}
+fn parts_dir(dir: &TransferDir) -> PathBuf {
+    dir.root().join("parts")
+}
+fn files_dir(dir: &TransferDir) -> PathBuf {
+    dir.root().join("files")
+}
+fn record_path(dir: &TransferDir, name: &str) -> PathBuf {
+    // `<name>.digests` can exceed NAME_MAX for a 255-byte name: hex-encode the digest of
+    // the name instead, and keep the name inside the record's directory listing order.
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, name.as_bytes());
+    files_dir(dir).join(format!("{}.digests", hex::encode(d.as_ref())))
+}
+
+/// Checks an upload's file name: the protocol's rules (no `/`, `..`, NUL, control or
+/// invisible characters, no leading dot) and at most 255 bytes.
+pub fn check_file_name(name: &str) -> Result<(), IngestError> {
+    if name.len() > MAX_FILE_NAME_LEN {
+        return Err(IngestError::BadName(format!(
+            "{} bytes long, at most {MAX_FILE_NAME_LEN} allowed",
+            name.len()
+        )));
+    }
+    validate_file_name(name).map_err(|e| IngestError::BadName(e.to_string()))
+}
+
+/// Whether this spool directory holds a transfer opened through the hospital API.
+pub fn is_ingest_transfer(dir: &TransferDir) -> bool {
+    owner_path(dir).exists()
+}
+
+impl IngestStore {
+    /// A store over the edge's spool. Recovers open transfers: declared but uncommitted ones
+    /// stay open (their unfinished uploads are discarded); sealed ones are left to
+    /// [`IngestStore::resume`].
+    pub fn open(edge: Edge) -> Result<IngestStore, IngestError> {
+        let cfg = edge.config().clone();
+        let store = IngestStore {
+            inner: Arc::new(Inner {
+                spool_dir: cfg.spool_dir.clone(),
+                chunk_size: cfg.transport.chunk_size,
+                max_upload_bytes: cfg.ingest.max_upload_bytes,
+                edge,
+                open: Mutex::new(HashMap::new()),
+                status_lock: tokio::sync::Mutex::new(()),
+                next_part: AtomicU64::new(0),
+                sending: Arc::new(tokio::sync::Semaphore::new(1)),
+            }),
+        };
+        std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
+        let ids = transfer_dir::list(&store.inner.spool_dir, |d| {
+            is_ingest_transfer(d) && !d.manifest_bin().exists()
+        });
+        for id in ids {
+            let dir = TransferDir::new(&store.inner.spool_dir, &id);
+            match recover_open(&dir) {
+                Ok(t) => {
+                    lock(&store.inner.open).insert(id, Arc::new(t));
+                }
+                Err(e) => warn!(transfer = %id, error = %e, "open transfer not recovered"),
+            }
+        }
+        Ok(store)
+    }
+
+    fn dir(&self, id: &TransferId) -> TransferDir {
+        TransferDir::new(&self.inner.spool_dir, id)
+    }
+
+    /// Runs the compliance checkpoint and creates the transfer, durably, owned by
+    /// `hospital`.
+    pub async fn declare(
+        &self,
+        hospital: &str,
+        decl: Declaration,
+    ) -> Result<TransferId, IngestError> {
+        if let Decision::Refuse(r) = self.inner.edge.policy().check(&decl, SystemTime::now()) {
+            metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
+            info!(hospital, rule = r.rule, reason = %r.reason, "declaration refused");
+            return Err(IngestError::Refused(r));
+        }
+        let id = TransferId::new_v7();
+        let dir = self.dir(&id);
+        let status = TransferStatus {
+            id: id.to_string(),
+            state: TransferState::Declared,
+            files: 0,
+            bytes: 0,
+            stages: vec![Stage {
+                stage: TransferState::Declared,
+                at: now_rfc3339(),
+            }],
+            receipt: None,
+            error: None,
+        };
+        let owner = hospital.to_owned();
+        let d2 = dir.clone();
+        blocking(move || {
+            d2.create()
+                .map_err(internal("cannot create the transfer"))?;
+            std::fs::create_dir_all(parts_dir(&d2)).map_err(internal("parts/"))?;
+            std::fs::create_dir_all(files_dir(&d2)).map_err(internal("files/"))?;
+            let json = serde_json::to_vec_pretty(&decl)
+                .map_err(|e| IngestError::Internal(e.to_string()))?;
+            write_atomic(&d2.declaration(), &json).map_err(internal("declaration.json"))?;
+            let st = serde_json::to_vec_pretty(&status)
+                .map_err(|e| IngestError::Internal(e.to_string()))?;
+            write_atomic(&status_path(&d2), &st).map_err(internal("status.json"))?;
+            // owner last: it marks the transfer as declared through the hospital API.
+            write_atomic(&owner_path(&d2), owner.as_bytes()).map_err(internal("owner"))
+        })
+        .await?;
+        lock(&self.inner.open).insert(
+            id,
+            Arc::new(OpenTransfer {
+                hospital: hospital.to_owned(),
+                bytes: AtomicU64::new(0),
+                state: Mutex::new(OpenState::default()),
+            }),
+        );
+        metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "ok")
+            .increment(1);
+        info!(transfer = %id, hospital, "transfer declared");
+        Ok(id)
+    }
+
+    /// The open transfer `id` of `hospital`; a committed one is a conflict, an unknown or
+    /// foreign one not found.
+    fn open_transfer(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<Arc<OpenTransfer>, IngestError> {
+        if let Some(t) = lock(&self.inner.open).get(id).cloned() {
+            if t.hospital != hospital {
+                return Err(IngestError::NotFound);
+            }
+            return Ok(t);
+        }
+        if self.owner(id).as_deref() == Some(hospital) {
+            return Err(IngestError::Conflict(
+                "the transfer is committed; open a new one".into(),
+            ));
+        }
+        Err(IngestError::NotFound)
+    }
+
+    fn owner(&self, id: &TransferId) -> Option<String> {
+        std::fs::read_to_string(owner_path(&self.dir(id))).ok()
+    }
+
+    /// Starts the upload of file `name` into transfer `id`.
+    pub async fn begin_file(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        name: &str,
+    ) -> Result<FileUpload, IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        check_file_name(name)?;
+        let first = {
+            let mut st = lock(&transfer.state);
+            if st.committed {
+                return Err(IngestError::Conflict(
+                    "the transfer is committed; open a new one".into(),
+                ));
+            }
+            if st.files.contains_key(name) {
+                return Err(IngestError::Conflict(format!(
+                    "file {name:?} is already uploaded in this transfer"
+                )));
+            }
+            if !st.uploading.insert(name.to_owned()) {
+                return Err(IngestError::Conflict(format!(
+                    "file {name:?} is being uploaded by another request"
+                )));
+            }
+            st.files.is_empty() && st.uploading.len() == 1
+        };
+        let dir = self.dir(id);
+        let part = parts_dir(&dir).join(format!(
+            "{}",
+            self.inner.next_part.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut upload = FileUpload {
+            store: self.clone(),
+            transfer,
+            id: *id,
+            dir,
+            name: name.to_owned(),
+            part: part.clone(),
+            file: None,
+            buf: None,
+            pending: None,
+            offset: 0,
+            counted: 0,
+            hasher: Some(ChunkHasher::new(self.inner.chunk_size)),
+            done: false,
+        };
+        let spool = self.inner.edge.spool();
+        upload.file = Some(Arc::new(spool.create(&part).await?));
+        if first {
+            self.add_stage(id, TransferState::Receiving, None).await;
+        }
+        Ok(upload)
+    }
+
+    /// Seals transfer `id`: manifest from the recorded digests, HSM signature, manifest files
+    /// written (`manifest.bin` last); then sends it in the background.
+    pub async fn commit(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        let files: Vec<(String, u64)> = {
+            let mut st = lock(&transfer.state);
+            if st.committed {
+                return Err(IngestError::Conflict(
+                    "the transfer is already committed".into(),
+                ));
+            }
+            if !st.uploading.is_empty() {
+                return Err(IngestError::Conflict(
+                    "uploads are still in progress in this transfer".into(),
+                ));
+            }
+            if st.files.is_empty() {
+                return Err(IngestError::BadRequest(
+                    "nothing to commit: upload at least one file".into(),
+                ));
+            }
+            st.committed = true;
+            st.files.iter().map(|(n, s)| (n.clone(), *s)).collect()
+        };
+        match self.seal(id, &files).await {
+            Ok(()) => {
+                lock(&self.inner.open).remove(id);
+                self.add_stage(id, TransferState::Sealed, None).await;
+                info!(transfer = %id, files = files.len(), "transfer sealed");
+                self.resume(*id);
+                Ok(())
+            }
+            Err(e) => {
+                lock(&transfer.state).committed = false;
+                warn!(transfer = %id, error = %e, "commit failed");
+                Err(e)
+            }
+        }
+    }
+
+    async fn seal(&self, id: &TransferId, files: &[(String, u64)]) -> Result<(), IngestError> {
+        let dir = self.dir(id);
+        let d2 = dir.clone();
+        let names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+        let chunk_size = self.inner.chunk_size;
+        let (decl, records) = blocking(move || {
+            let decl =
+                seal::load_declaration(&d2).map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+            let mut records = Vec::with_capacity(names.len());
+            for name in names {
+                let text =
+                    std::fs::read(record_path(&d2, &name)).map_err(internal("digest record"))?;
+                let r: FileRecord = serde_json::from_slice(&text)
+                    .map_err(|e| IngestError::Internal(format!("digest record of {name}: {e}")))?;
+                if r.chunk_size != chunk_size {
+                    return Err(IngestError::Internal(format!(
+                        "{name} was hashed with chunk size {} but transport.chunk_size is now \
+                         {chunk_size}; upload it again in a new transfer",
+                        r.chunk_size
+                    )));
+                }
+                records.push((name, r));
+            }
+            Ok((decl, records))
+        })
+        .await?;
+        let cfg = self.inner.edge.config();
+        let mut builder = ManifestBuilder::new(*id, cfg.id.clone(), decl.digest(), chunk_size);
+        for (name, r) in records {
+            let digests = r
+                .digests
+                .iter()
+                .map(|h| {
+                    let mut d: Digest = [0; 32];
+                    hex::decode_to_slice(h, &mut d).map(|()| d)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| IngestError::Internal(format!("digest record of {name}: {e}")))?;
+            builder
+                .add_file(name, r.size, digests)
+                .map_err(|e| IngestError::Internal(e.to_string()))?;
+        }
+        let manifest = builder
+            .finish(seal::now_unix_ms())
+            .map_err(|e| IngestError::Internal(e.to_string()))?;
+        seal::sign_and_write_manifest(&dir, &manifest, self.inner.edge.keys())
+            .await
+            .map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+        Ok(())
+    }
+
+    /// Sends a sealed transfer in the background (after commit, and at start-up for those
+    /// sealed before a restart), recording the outcome in its status.
+    pub fn resume(&self, id: TransferId) {
+        let store = self.clone();
+        let sending = self.inner.sending.clone();
+        tokio::spawn(async move {
+            let Ok(_turn) = sending.acquire_owned().await else {
+                return;
+            };
+            store.add_stage(&id, TransferState::Sending, None).await;
+            let res = store
+                .inner
+                .edge
+                .send(SendRequest::Resume(id), false, &Default::default())
+                .await;
+            match res {
+                Ok(summary) => {
+                    info!(transfer = %id, wire_bytes = summary.wire_bytes, "transfer receipted");
+                    store.add_stage(&id, TransferState::Committed, None).await;
+                }
+                Err(e) => {
+                    warn!(transfer = %id, error = %e, "transfer not sent");
+                    let state = match e {
+                        SendFailure::Refused(_) | SendFailure::GatewayRefused(_) => {
+                            TransferState::Refused
+                        }
+                        _ => TransferState::Failed,
+                    };
+                    store.add_stage(&id, state, Some(e.to_string())).await;
+                }
+            }
+        });
+    }
+
+    async fn add_stage(&self, id: &TransferId, state: TransferState, error: Option<String>) {
+        let _guard = self.inner.status_lock.lock().await;
+        let dir = self.dir(id);
+        let res = blocking(move || {
+            let path = status_path(&dir);
+            let text = std::fs::read(&path).map_err(internal("status.json"))?;
+            let mut st: TransferStatus = serde_json::from_slice(&text)
+                .map_err(|e| IngestError::Internal(format!("status.json: {e}")))?;
+            if st.state == state {
+                return Ok(());
+            }
+            st.state = state;
+            st.stages.push(Stage {
+                stage: state,
+                at: now_rfc3339(),
+            });
+            if error.is_some() {
+                st.error = error;
+            }
+            if state == TransferState::Committed {
+                st.receipt = receipt_info(&dir);
+            }
+            if matches!(state, TransferState::Sealed) {
+                let (files, bytes) = finished_files(&dir);
+                st.files = files;
+                st.bytes = bytes;
+            }
+            let out =
+                serde_json::to_vec_pretty(&st).map_err(|e| IngestError::Internal(e.to_string()))?;
+            write_atomic(&path, &out).map_err(internal("status.json"))
+        })
+        .await;
+        if let Err(e) = res {
+            warn!(transfer = %id, error = %e, "cannot record the transfer's status");
+        }
+    }
+
+    /// The status of transfer `id` as `hospital` may see it.
+    pub async fn status(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<TransferStatus, IngestError> {
+        if self.owner(id).as_deref() != Some(hospital) {
+            return Err(IngestError::NotFound);
+        }
+        let open = lock(&self.inner.open).get(id).cloned();
+        let _guard = self.inner.status_lock.lock().await;
+        let dir = self.dir(id);
+        let mut st = blocking(move || {
+            let text = std::fs::read(status_path(&dir)).map_err(internal("status.json"))?;
+            serde_json::from_slice::<TransferStatus>(&text)
+                .map_err(|e| IngestError::Internal(format!("status.json: {e}")))
+        })
+        .await?;
+        if let Some(t) = open {
+            let s = lock(&t.state);
+            st.files = s.files.len();
+            st.bytes = s.files.values().sum();
+        }
+        Ok(st)
+    }
+
+    /// The configured limit on one transfer's payload.
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.inner.max_upload_bytes
+    }
+}
+
+fn receipt_info(dir: &TransferDir) -> Option<ReceiptInfo> {
+    let receipt = std::fs::read(dir.receipt_bin()).ok()?;
+    let signature = std::fs::read(dir.receipt_sig()).ok()?;
+    let manifest = std::fs::read(dir.manifest_bin()).ok()?;
+    let m = baylink_net::proto::Manifest::from_bytes(&manifest, &Default::default()).ok()?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    Some(ReceiptInfo {
+        merkle_root: hex::encode(m.merkle_root),
+        receipt: b64.encode(receipt),
+        signature: b64.encode(signature),
+    })
+}
+
+fn finished_files(dir: &TransferDir) -> (usize, u64) {
+    let Ok(entries) = std::fs::read_dir(files_dir(dir)) else {
+        return (0, 0);
+    };
+    let mut n = 0;
+    let mut bytes = 0;
+    for e in entries.filter_map(Result::ok) {
+        if let Ok(text) = std::fs::read(e.path())
+            && let Ok(r) = serde_json::from_slice::<FileRecord>(&text)
+        {
+            n += 1;
+            bytes += r.size;
+        }
+    }
+    (n, bytes)
+}
+
+/// Reloads an open transfer after a restart: finished files from their records; unfinished
+/// uploads (parts/) removed.
+fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
+    let hospital = std::fs::read_to_string(owner_path(dir)).map_err(internal("owner"))?;
+    if let Ok(entries) = std::fs::read_dir(parts_dir(dir)) {
+        for e in entries.filter_map(Result::ok) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let mut files = BTreeMap::new();
+    // Records name files by a digest; the data directory has the names.
+    if let Ok(entries) = std::fs::read_dir(dir.data_dir()) {
+        for e in entries.filter_map(Result::ok) {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if let Ok(text) = std::fs::read(record_path(dir, &name))
+                && let Ok(r) = serde_json::from_slice::<FileRecord>(&text)
+            {
+                files.insert(name, r.size);
+            }
+        }
+    }
+    let bytes = files.values().sum();
+    Ok(OpenTransfer {
+        hospital,
+        bytes: AtomicU64::new(bytes),
+        state: Mutex::new(OpenState {
+            committed: false,
+            uploading: HashSet::new(),
+            files,
+        }),
+    })
+}
+
+/// One file being uploaded. Bytes are gathered into whole spool buffers and written through
+/// the io_uring thread (one write in flight while the next buffer fills), hashed as they
+/// pass. Dropping it before [`FileUpload::finish`] discards the partial file; the transfer
+/// stays open for a retry of that file.
+#[derive(Debug)]
+pub struct FileUpload {
+    store: IngestStore,
+    transfer: Arc<OpenTransfer>,
+    id: TransferId,
+    dir: TransferDir,
+    name: String,
+    part: PathBuf,
+    file: Option<Arc<SpoolFile>>,
+    buf: Option<SpoolBuf>,
+    /// The write in flight; it hashes its buffer first and gives the hasher back.
+    pending: Option<JoinHandle<(Result<SpoolBuf, SpoolError>, ChunkHasher)>>,
+    offset: u64,
+    counted: u64,
+    /// With the upload, or travelling with the write in flight.
+    hasher: Option<ChunkHasher>,
+    done: bool,
+}
+
+impl FileUpload {
+    fn spool(&self) -> &Spool {
+        self.store.inner.edge.spool()
+    }
+
+    /// Refuses the upload at once if `len` more bytes would exceed the transfer's limit
+    /// (the HTTP layer calls it with the Content-Length before reading the body).
+    pub fn check_len(&self, len: u64) -> Result<(), IngestError> {
+        let limit = self.store.inner.max_upload_bytes;
+        let have = self.transfer.bytes.load(Ordering::Relaxed);
+        if have.saturating_add(len) > limit {
+            return Err(IngestError::TooLarge { limit });
+        }
+        Ok(())
+    }
+
+    /// Takes the next bytes of the file. Waits when the spool is behind (back-pressure).
+    pub async fn write(&mut self, data: Bytes) -> Result<(), IngestError> {
+        let limit = self.store.inner.max_upload_bytes;
+        let len = data.len() as u64;
+        let before = self.transfer.bytes.fetch_add(len, Ordering::Relaxed);
+        self.counted += len;
+        if before.saturating_add(len) > limit {
+            return Err(IngestError::TooLarge { limit });
+        }
+        let mut rest = &data[..];
+        while !rest.is_empty() {
+            if self.buf.is_none() {
+                self.buf = Some(self.spool().buffer().await);
+            }
+            let buf = self.buf.as_mut().expect("set above");
+            let n = buf.fill_from(rest);
+            rest = &rest[n..];
+            if buf.is_full() {
+                self.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the filled buffer in the background after the previous write finished; the
+    /// previous write's buffer is reused for the next bytes.
+    async fn flush(&mut self) -> Result<(), IngestError> {
+        let Some(buf) = self.buf.take() else {
+            return Ok(());
+        };
+        if buf.is_empty() {
+            self.buf = Some(buf);
+            return Ok(());
+        }
+        let reuse = self.wait_pending().await?;
+        let file = self.file.clone().expect("open until finished");
+        let spool = self.spool().clone();
+        let at = self.offset;
+        self.offset += buf.len() as u64;
+        let mut hasher = self.hasher.take().expect("returned by the previous write");
+        // Hashing runs beside the connection's task (which decrypts the next bytes), in
+        // order: one write, and so one hasher, in flight at a time.
+        self.pending = Some(tokio::spawn(async move {
+            hasher.update(&buf);
+            (spool.write_at(&file, at, buf).await, hasher)
+        }));
+        if let Some(mut b) = reuse {
+            b.clear();
+            self.buf = Some(b);
+        }
+        Ok(())
+    }
+
+    async fn wait_pending(&mut self) -> Result<Option<SpoolBuf>, IngestError> {
+        match self.pending.take() {
+            None => Ok(None),
+            Some(h) => {
+                let (res, hasher) = h
+                    .await
+                    .map_err(|e| IngestError::Internal(format!("spool write task: {e}")))?;
+                self.hasher = Some(hasher);
+                Ok(Some(res?))
+            }
+        }
+    }
+
+    /// Writes what is left, fsyncs, renames into `data/<name>` and records the size and
+    /// chunk digests durably. Returns the file's size.
+    pub async fn finish(mut self) -> Result<u64, IngestError> {
+        self.flush().await?;
+        drop(self.wait_pending().await?);
+        self.buf = None;
+        let file = self.file.take().expect("open until finished");
+        let spool = self.spool().clone();
+        spool.sync(&file).await?;
+        if let Ok(file) = Arc::try_unwrap(file) {
+            spool.close(file).await?;
+        }
+        let size = self.offset;
+        let digests = self
+            .hasher
+            .take()
+            .expect("back from the last write")
+            .finish();
+        spool
+            .commit_rename(&self.part, self.dir.data_file(&self.name))
+            .await?;
+        let record = FileRecord {
+            size,
+            chunk_size: self.store.inner.chunk_size,
+            digests: digests.iter().map(hex::encode).collect(),
+        };
+        let path = record_path(&self.dir, &self.name);
+        blocking(move || {
+            let json =
+                serde_json::to_vec(&record).map_err(|e| IngestError::Internal(e.to_string()))?;
+            write_atomic(&path, &json).map_err(internal("digest record"))
+        })
+        .await?;
+        self.done = true;
+        // The file's bytes stay counted against the transfer's limit.
+        let mut st = lock(&self.transfer.state);
+        st.uploading.remove(&self.name);
+        st.files.insert(self.name.clone(), size);
+        drop(st);
+        info!(transfer = %self.id, file = %self.name, size, "file received");
+        metrics::counter!("baylink_bytes_total", "direction" => "ingested").increment(size);
+        Ok(size)
+    }
+}
+
+impl Drop for FileUpload {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        self.transfer
+            .bytes
+            .fetch_sub(self.counted, Ordering::Relaxed);
+        lock(&self.transfer.state).uploading.remove(&self.name);
+        // The part file has a name of its own: a retry writes elsewhere, so removing this one
+        // later cannot touch it.
+        let pending = self.pending.take();
+        let file = self.file.take();
+        let spool = self.spool().clone();
+        let part = self.part.clone();
+        let (id, name) = (self.id, self.name.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(p) = pending {
+                    let _ = p.await;
+                }
+                if let Some(f) = file.and_then(|f| Arc::try_unwrap(f).ok()) {
+                    let _ = spool.close(f).await;
+                }
+                if let Err(e) = spool.remove_file(&part).await {
+                    warn!(transfer = %id, file = %name, error = %e, "cannot remove a partial upload");
+                }
+                info!(transfer = %id, file = %name, "partial upload discarded");
+            });
+        } else {
+            let _ = std::fs::remove_file(&part);
+        }
+    }
+}
