@@ -60,6 +60,10 @@ pub struct E2eArgs {
     /// Emulated link rate per direction, Mbit/s of IP packets (0: unlimited).
     #[arg(long, default_value_t = 0.0)]
     pub rate_mbit: f64,
+    /// Congestion controller for quinn and baylink (`[link] congestion` of the bench's fresh
+    /// dev-env, both sides; default: what dev-env writes, cubic). Not with --env.
+    #[arg(long, value_parser = ["cubic", "bbr"])]
+    pub congestion: Option<String>,
     /// Time box of each run in seconds; a run that overruns is stopped and marked timed_out.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub time_limit: u64,
@@ -174,6 +178,29 @@ fn link(args: &E2eArgs) -> Link {
     }
 }
 
+fn set_congestion(doc: &mut toml::Table, cc: &str) -> anyhow::Result<()> {
+    doc.entry("link")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .context("[link] is not a table")?
+        .insert("congestion".into(), toml::Value::String(cc.to_owned()));
+    Ok(())
+}
+
+/// Sets `[link] congestion` in both configs of a fresh dev-env.
+fn choose_congestion(dir: &Path, cc: &str) -> anyhow::Result<()> {
+    for file in ["gateway.toml", "edge.toml"] {
+        let path = dir.join(file);
+        let text = std::fs::read_to_string(&path)?;
+        let mut doc: toml::Table = text
+            .parse()
+            .with_context(|| format!("{}", path.display()))?;
+        set_congestion(&mut doc, cc)?;
+        std::fs::write(&path, toml::to_string(&doc)?)?;
+    }
+    Ok(())
+}
+
 /// Points a fresh dev-env at the emulated link: the gateway listens on B's address, the edge
 /// dials it (and still verifies the certificate as `transport.server_name`), and both `[link]`
 /// sections are tuned for the emulated RTT and rate.
@@ -184,6 +211,9 @@ fn place_deployment(dir: &Path, addr_b: std::net::Ipv4Addr, args: &E2eArgs) -> a
         let mut doc: toml::Table = text
             .parse()
             .with_context(|| format!("{}", path.display()))?;
+        if let Some(cc) = &args.congestion {
+            set_congestion(&mut doc, cc)?;
+        }
         let transport = doc
             .entry("transport")
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
@@ -249,6 +279,10 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<ExitCode> {
     ensure!(
         !(args.impaired() && args.env.is_some()),
         "an impaired link needs a fresh dev-env (its configs are pointed at the link): drop --env"
+    );
+    ensure!(
+        !(args.congestion.is_some() && args.env.is_some()),
+        "--congestion edits the bench's fresh dev-env: drop --env (or set [link] congestion there)"
     );
     let settings = args.link_settings()?;
     ensure!(args.size > 0, "--size must be at least one byte");
@@ -407,12 +441,16 @@ async fn bench(
                 base_port + 4
             );
             let created = Deployment::create(baylink, &dir, base_port).await?;
-            match placement.receiver_ip {
-                Some(addr_b) => {
+            match (placement.receiver_ip, &args.congestion) {
+                (Some(addr_b), _) => {
                     place_deployment(&dir, addr_b, args)?;
                     Deployment::load(&dir)?
                 }
-                None => created,
+                (None, Some(cc)) => {
+                    choose_congestion(&dir, cc)?;
+                    Deployment::load(&dir)?
+                }
+                (None, None) => created,
             }
         }
     };
