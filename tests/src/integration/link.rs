@@ -266,13 +266,10 @@ fn heavy_impair_accuracy_ping_iperf3() {
     assert_eq!(stats["a_to_b"]["write_errors"], 0);
 }
 
-// Fails intermittently (4 of 9 runs) on a gateway bug outside this crate: when the edge
-// reconnects while the gateway still holds the old connection, the new connection's offer
-// waits (appliance/src/link/receive.rs, accept_offer: `old.done.wait_for`) for the old
-// control stream's `release`, which never comes after it logged "taken over by a newer
-// connection"; the send then hangs. Run it with `--run-ignored all` once that is fixed.
+// This test found a gateway hang: a taking-over offer subscribed to the old transfer's
+// `done` just after it had been sent with `watch::Sender::send`, which drops the value when
+// nobody listens (now `send_replace`, appliance/src/link/receive.rs).
 #[test]
-#[ignore = "gateway takeover hang after a long link cut (appliance bug, see comment)"]
 fn heavy_link_cut_30s_then_restored() {
     if skip() {
         return;
