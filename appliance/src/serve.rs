@@ -14,7 +14,7 @@ use crate::audit;
 use crate::config::{Config, DeliverySection, Role};
 use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
 use crate::dicom::scp::{self, ScpConfig, StorageScp};
-use crate::dicom::sink::SpoolSendSink;
+use crate::dicom::sink::StoreSink;
 use crate::edge::{Edge, SendRequest};
 use crate::ingest::{self, IngestStore};
 use crate::link::receive::{Gateway, serve_connection};
@@ -146,17 +146,9 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
 /// the spool, then `Edge::send` at A-RELEASE.
 async fn start_dicom_scp(
     cfg: &Config,
-    edge: &Edge,
+    store: &IngestStore,
     listen: std::net::SocketAddr,
-) -> anyhow::Result<StorageScp<SpoolSendSink>> {
-    let left = SpoolSendSink::clear_leftovers(&cfg.spool_dir);
-    if left > 0 {
-        warn!(
-            associations = left,
-            "removed DICOM staging directories of an earlier run (associations released but not \
-             sealed before the stop are lost; their senders must resend)"
-        );
-    }
+) -> anyhow::Result<StorageScp<StoreSink>> {
     let policy = Arc::new(Policy::load(&cfg.policy)?);
     let d = &cfg.ingest.dicom;
     let scp_cfg = ScpConfig {
@@ -173,7 +165,7 @@ async fn start_dicom_scp(
         purpose: "care".into(),
         destination: "hk-ehealth".into(),
     };
-    let sink = SpoolSendSink::new(edge.clone(), &cfg.spool_dir);
+    let sink = StoreSink::new(store.clone());
     Ok(StorageScp::bind(scp_cfg, policy, sink).await?)
 }
 
@@ -184,11 +176,11 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::create_dir_all(&cfg.spool_dir)
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
+    let store = IngestStore::open(edge.clone()).map_err(|e| anyhow::anyhow!("ingest: {e}"))?;
     if let Some(listen) = cfg.ingest.dicom_listen {
-        let scp = start_dicom_scp(&cfg, &edge, listen).await?;
+        let scp = start_dicom_scp(&cfg, &store, listen).await?;
         tokio::spawn(scp.serve());
     }
-    let store = IngestStore::open(edge.clone()).map_err(|e| anyhow::anyhow!("ingest: {e}"))?;
     if cfg.ingest.listen.is_some() {
         let (bound, server) = ingest::http::bind(&cfg, store.clone()).await?;
         tokio::spawn(server);

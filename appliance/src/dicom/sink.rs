@@ -1,17 +1,15 @@
-//! Where the instances of an association go: the [`AssociationSink`] trait and today's
-//! implementation, [`SpoolSendSink`] (a staging directory, then `Edge::send` at release).
+//! Where the instances of an association go: the [`AssociationSink`] trait and the edge's
+//! implementation, [`StoreSink`] (the hospital ingest store, shared with the HTTPS API).
 //!
-//! The trait is deliberately narrow so that a cut-through store (the HTTPS ingest's
-//! `IngestStore`) can replace [`SpoolSendSink`] without the SCP changing: the SCP hands over
-//! complete, checked instance files and says when the association ended well or badly.
+//! The trait is deliberately narrow: the SCP hands over complete, checked instance files and
+//! says when the association ended well or badly; the sink owns everything after that.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::edge::{Edge, SendRequest};
 use crate::policy::Declaration;
 
 /// An association's transfer could not be opened, extended or handed on.
@@ -28,6 +26,23 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    /// The ingest store refused or failed a step.
+    #[error("{what}: {message}")]
+    Store {
+        /// What was being done.
+        what: &'static str,
+        /// The store's reason.
+        message: String,
+    },
+}
+
+impl SinkError {
+    fn store(what: &'static str, e: crate::ingest::IngestError) -> SinkError {
+        SinkError::Store {
+            what,
+            message: e.to_string(),
+        }
+    }
 }
 
 /// Who sent an association's instances and whose they are.
@@ -78,134 +93,6 @@ pub trait AssociationSink: Send + Sync + 'static {
     fn discard(&self, transfer: Self::Transfer) -> impl Future<Output = ()> + Send;
 }
 
-/// Today's sink: instances are moved into `spool.dir/.staging/<association>/`; at release a
-/// background task runs the existing `Edge::send` (seal = copy + hash + HSM-sign, send with
-/// retries, verify the receipt) and then removes the staging directory.
-#[derive(Debug, Clone)]
-pub struct SpoolSendSink {
-    edge: Edge,
-    staging_root: PathBuf,
-}
-
-/// An open transfer of [`SpoolSendSink`].
-#[derive(Debug)]
-pub struct StagedTransfer {
-    origin: Origin,
-    dir: PathBuf,
-    files: Vec<PathBuf>,
-}
-
-/// Name of the staging area under the spool directory (never a transfer id, so spool
-/// listings skip it).
-pub const STAGING_DIR: &str = ".staging";
-
-impl SpoolSendSink {
-    /// A sink staging under `spool_dir/.staging` and sending through `edge`.
-    pub fn new(edge: Edge, spool_dir: &Path) -> SpoolSendSink {
-        SpoolSendSink {
-            edge,
-            staging_root: spool_dir.join(STAGING_DIR),
-        }
-    }
-
-    /// Removes what a previous run left in the staging area (associations that were open or
-    /// whose send had not finished sealing when the process stopped). Returns how many.
-    pub fn clear_leftovers(spool_dir: &Path) -> usize {
-        let root = spool_dir.join(STAGING_DIR);
-        let Ok(entries) = std::fs::read_dir(&root) else {
-            return 0;
-        };
-        let mut n = 0;
-        for e in entries.filter_map(Result::ok) {
-            if std::fs::remove_dir_all(e.path()).is_ok() {
-                n += 1;
-            }
-        }
-        n
-    }
-}
-
-impl AssociationSink for SpoolSendSink {
-    type Transfer = StagedTransfer;
-
-    async fn begin(&self, origin: Origin) -> Result<StagedTransfer, SinkError> {
-        let dir = self.staging_root.join(origin.association.to_string());
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|source| SinkError::Io {
-                what: "cannot create",
-                path: dir.clone(),
-                source,
-            })?;
-        Ok(StagedTransfer {
-            origin,
-            dir,
-            files: Vec::new(),
-        })
-    }
-
-    async fn add_instance(
-        &self,
-        transfer: &mut StagedTransfer,
-        name: &str,
-        file: &Path,
-    ) -> Result<(), SinkError> {
-        let to = transfer.dir.join(name);
-        tokio::fs::rename(file, &to)
-            .await
-            .map_err(|source| SinkError::Io {
-                what: "cannot move an instance into",
-                path: to.clone(),
-                source,
-            })?;
-        transfer.files.push(to);
-        Ok(())
-    }
-
-    async fn finish(&self, transfer: StagedTransfer) -> Result<(), SinkError> {
-        let StagedTransfer { origin, dir, files } = transfer;
-        let edge = self.edge.clone();
-        let count = files.len();
-        info!(
-            association = %origin.association,
-            hospital = %origin.hospital,
-            patient = %origin.declaration.patient_id,
-            instances = count,
-            "association released: sending its instances as one transfer"
-        );
-        tokio::spawn(async move {
-            let request = SendRequest::New {
-                files,
-                declaration: origin.declaration,
-            };
-            match edge.send(request, false, &Default::default()).await {
-                Ok(s) => info!(
-                    association = %origin.association,
-                    transfer = %s.transfer_id,
-                    instances = s.files,
-                    bytes = s.bytes,
-                    "DICOM association delivered: receipt verified"
-                ),
-                Err(e) => error!(
-                    association = %origin.association,
-                    error = %e,
-                    "DICOM association not delivered"
-                ),
-            }
-            if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
-                warn!(path = %dir.display(), error = %e, "cannot remove the staging directory");
-            }
-        });
-        Ok(())
-    }
-
-    async fn discard(&self, transfer: StagedTransfer) {
-        if let Err(e) = tokio::fs::remove_dir_all(&transfer.dir).await {
-            warn!(path = %transfer.dir.display(), error = %e, "cannot remove the staging directory");
-        }
-    }
-}
-
 /// Lets a shared sink be used where a sink is expected.
 impl<S: AssociationSink> AssociationSink for Arc<S> {
     type Transfer = S::Transfer;
@@ -235,5 +122,114 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
 
     fn discard(&self, transfer: Self::Transfer) -> impl Future<Output = ()> + Send {
         (**self).discard(transfer)
+    }
+}
+
+/// The sink the edge service uses: each association becomes one transfer of the hospital
+/// ingest store (the same one the HTTPS API fills). Instances are streamed into the spool
+/// through the io_uring thread and hashed on the way, and the transfer is sealed (manifest
+/// from the recorded digests, HSM signature) **before** the SCP answers A-RELEASE: once the
+/// SCU hears success, the instances are durable in a sealed transfer, which the background
+/// sender (and, after a restart, the start-up recovery) delivers.
+#[derive(Debug, Clone)]
+pub struct StoreSink {
+    store: crate::ingest::IngestStore,
+}
+
+/// An open transfer of [`StoreSink`].
+#[derive(Debug)]
+pub struct StoreTransfer {
+    origin: Origin,
+    id: baylink_net::proto::TransferId,
+}
+
+impl StoreSink {
+    /// A sink that opens its transfers in `store`.
+    pub fn new(store: crate::ingest::IngestStore) -> StoreSink {
+        StoreSink { store }
+    }
+}
+
+impl AssociationSink for StoreSink {
+    type Transfer = StoreTransfer;
+
+    async fn begin(&self, origin: Origin) -> Result<StoreTransfer, SinkError> {
+        let id = self
+            .store
+            .declare(&origin.hospital, origin.declaration.clone())
+            .await
+            .map_err(|e| SinkError::store("cannot open the transfer", e))?;
+        info!(association = %origin.association, transfer = %id, "association opened a transfer");
+        Ok(StoreTransfer { origin, id })
+    }
+
+    async fn add_instance(
+        &self,
+        transfer: &mut StoreTransfer,
+        name: &str,
+        file: &Path,
+    ) -> Result<(), SinkError> {
+        use tokio::io::AsyncReadExt;
+        let hospital = transfer.origin.hospital.as_str();
+        let mut upload = self
+            .store
+            .begin_file(hospital, &transfer.id, name)
+            .await
+            .map_err(|e| SinkError::store("cannot add the instance", e))?;
+        let io = |what, source| SinkError::Io {
+            what,
+            path: file.to_path_buf(),
+            source,
+        };
+        let mut src = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| io("cannot open", e))?;
+        loop {
+            let mut piece = bytes::BytesMut::with_capacity(1 << 20);
+            let n = src
+                .read_buf(&mut piece)
+                .await
+                .map_err(|e| io("cannot read", e))?;
+            if n == 0 {
+                break;
+            }
+            upload
+                .write(piece.freeze())
+                .await
+                .map_err(|e| SinkError::store("cannot store the instance", e))?;
+        }
+        upload
+            .finish()
+            .await
+            .map_err(|e| SinkError::store("cannot store the instance", e))?;
+        if let Err(e) = tokio::fs::remove_file(file).await {
+            warn!(path = %file.display(), error = %e, "cannot remove the received instance");
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, transfer: StoreTransfer) -> Result<(), SinkError> {
+        let StoreTransfer { origin, id } = transfer;
+        self.store
+            .commit(&origin.hospital, &id)
+            .await
+            .map_err(|e| SinkError::store("cannot seal the transfer", e))?;
+        info!(
+            association = %origin.association,
+            transfer = %id,
+            hospital = %origin.hospital,
+            "association released: transfer sealed, sending in the background"
+        );
+        Ok(())
+    }
+
+    async fn discard(&self, transfer: StoreTransfer) {
+        if let Err(e) = self
+            .store
+            .abandon(&transfer.origin.hospital, &transfer.id)
+            .await
+        {
+            warn!(transfer = %transfer.id, error = %e, "cannot abandon the association's transfer");
+        }
     }
 }

@@ -415,6 +415,27 @@ impl IngestStore {
         Ok(upload)
     }
 
+    /// Drops an open (uncommitted) transfer and everything uploaded into it: for a door that
+    /// learns the upload was abandoned (a DICOM association aborted after some instances).
+    /// Uploads still in progress in it fail.
+    pub async fn abandon(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        {
+            let mut st = lock(&transfer.state);
+            if st.committed {
+                return Err(IngestError::Conflict(
+                    "the transfer is committed; it cannot be abandoned".into(),
+                ));
+            }
+            st.committed = true; // no further files
+        }
+        lock(&self.inner.open).remove(id);
+        let root = self.dir(id).root().to_path_buf();
+        blocking(move || std::fs::remove_dir_all(&root).map_err(internal("cannot remove"))).await?;
+        info!(transfer = %id, hospital, "open transfer abandoned");
+        Ok(())
+    }
+
     /// Seals transfer `id`: manifest from the recorded digests, HSM signature, manifest files
     /// written (`manifest.bin` last); then sends it in the background.
     pub async fn commit(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {

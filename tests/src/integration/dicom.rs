@@ -83,6 +83,17 @@ fn start(d: &Deployment) -> (Service, Service) {
 }
 
 /// The transfer directories under `delivered/`.
+/// Transfers in the edge spool (hidden scratch directories aside).
+fn spool_transfers(d: &Deployment) -> usize {
+    std::fs::read_dir(d.path("spool/edge"))
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn delivered_transfers(d: &Deployment) -> Vec<PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(d.path("delivered"))
         .unwrap()
@@ -245,13 +256,9 @@ fn storescu_association_becomes_one_transfer_with_identical_data_sets() {
         );
         assert!(meta.contains("(0010,0020) LO [P-0001]"), "{meta}");
     }
-    // The staging copy is removed once the transfer is sent.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let staging = d.path("spool/edge/.staging");
-    while std::fs::read_dir(&staging).map(|r| r.count()).unwrap_or(0) > 0 {
-        assert!(Instant::now() < deadline, "staging not cleaned up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The received scratch copies are gone (their bytes live in the one sealed transfer).
+    assert_eq!(count_dir(&d.path("spool/edge/.incoming")), 0);
+    assert_eq!(spool_transfers(&d), 1);
 }
 
 #[test]
@@ -559,13 +566,15 @@ fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
         2,
         "{log}"
     );
-    // Scratch and staging are empty once the transfer is sent.
+    // Scratch is empty and the aborted associations left no open transfer behind: the spool
+    // holds only the transfers that were delivered.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while count_dir(&d.path("spool/edge/.staging")) + count_dir(&d.path("spool/edge/.incoming")) > 0
+    while count_dir(&d.path("spool/edge/.incoming")) > 0
+        || spool_transfers(&d) != delivered_transfers(&d).len()
     {
         assert!(
             Instant::now() < deadline,
-            "staging or scratch not cleaned up"
+            "scratch or abandoned transfers not cleaned up"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -693,5 +702,9 @@ fn association_limit_and_idle_timeout_hold() {
     let out = run(&mut scu("echoscu", &d, "STORESCU", "BAYLINK"));
     assert!(out.status.success(), "{}", text(&out));
     assert!(delivered_transfers(&d).is_empty());
-    assert_eq!(count_dir(&d.path("spool/edge/.staging")), 0);
+    assert_eq!(
+        spool_transfers(&d),
+        0,
+        "an aborted association left a transfer"
+    );
 }
