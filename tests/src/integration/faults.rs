@@ -116,7 +116,7 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
 }
 
 /// Why the disk-full test cannot run here, if it cannot.
-fn mount_namespace_unavailable() -> Option<String> {
+pub(crate) fn mount_namespace_unavailable() -> Option<String> {
     if !nix_is_root() {
         return Some("needs root for a private mount namespace and tmpfs".into());
     }

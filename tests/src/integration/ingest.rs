@@ -878,3 +878,53 @@ fn many_concurrent_uploads_and_commits_all_arrive() {
     }
     api.healthy();
 }
+
+/// A full spool answers 507 and keeps nothing of the refused upload; once that space is free
+/// again, uploads are accepted. The edge runs in its own mount namespace with its spool on a
+/// 16 MiB tmpfs (the test reads that spool through `/proc/<pid>/root`).
+#[test]
+fn disk_full_is_507_and_nothing_is_left_behind() {
+    if let Some(why) = crate::faults::mount_namespace_unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let d = Deployment::new().unwrap();
+    let spool = d.path("spool/edge");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=16m baylink-test "$0" && exec "$@""#)
+        .arg(&spool)
+        .arg(baylink_tests::baylink_bin())
+        .args(["serve", "--config"])
+        .arg(d.edge_config());
+    let edge = Service::start(&mut cmd, d.dir.path()).unwrap();
+    let api = Api { d: &d };
+    let id = api.open();
+
+    let big = payload(d.dir.path(), "big", 32 << 20, 6).unwrap();
+    let a = api.put("hospital-a", &id, "big.dcm", &big, &[]);
+    assert_eq!(a.status, 507, "{a:?}");
+    assert!(a.body.contains("space"), "{a:?}");
+
+    // The partial file is removed: look at the spool as the edge sees it.
+    let seen_by_edge = PathBuf::from(format!("/proc/{}/root", edge.pid()))
+        .join(spool.strip_prefix("/").unwrap())
+        .join(&id);
+    let start = Instant::now();
+    while files_under(&seen_by_edge.join("parts")).len()
+        + files_under(&seen_by_edge.join("data")).len()
+        > 0
+    {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "{:?}",
+            files_under(&seen_by_edge)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The transfer stays open and takes what fits.
+    let small = payload(d.dir.path(), "small", 1 << 20, 7).unwrap();
+    let a = api.put("hospital-a", &id, "small.dcm", &small, &[]);
+    assert_eq!(a.status, 201, "{a:?}");
+    api.healthy();
+}
