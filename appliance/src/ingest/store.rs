@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::audit::{Event, Kind};
 use crate::edge::{Edge, SendFailure, SendRequest};
 use crate::policy::{Decision, Declaration, Refusal};
 use crate::seal;
@@ -284,12 +285,22 @@ impl IngestStore {
         hospital: &str,
         decl: Declaration,
     ) -> Result<TransferId, IngestError> {
-        if let Decision::Refuse(r) = self.inner.edge.policy().check(&decl, SystemTime::now()) {
-            metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
-            info!(hospital, rule = r.rule, reason = %r.reason, "declaration refused");
-            return Err(IngestError::Refused(r));
-        }
         let id = TransferId::new_v7();
+        let consent_ref = match self.inner.edge.policy().check(&decl, SystemTime::now()) {
+            Decision::Refuse(r) => {
+                metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
+                info!(hospital, rule = r.rule, reason = %r.reason, "declaration refused");
+                // audit: the refusal is recorded before it is answered.
+                self.audit(Event {
+                    rule: Some(r.rule.to_owned()),
+                    hospital: Some(hospital.to_owned()),
+                    ..Event::declared(Kind::Refused, Some(id.to_string()), &decl)
+                })
+                .await?;
+                return Err(IngestError::Refused(r));
+            }
+            Decision::Allow { consent_ref } => consent_ref,
+        };
         let dir = self.dir(&id);
         let status = TransferStatus {
             id: id.to_string(),
@@ -303,6 +314,13 @@ impl IngestStore {
             receipt: None,
             error: None,
         };
+        // audit: `declared` is durable before the id is given to the hospital.
+        self.audit(Event {
+            hospital: Some(hospital.to_owned()),
+            consent_ref: Some(consent_ref),
+            ..Event::declared(Kind::Declared, Some(id.to_string()), &decl)
+        })
+        .await?;
         let owner = hospital.to_owned();
         let d2 = dir.clone();
         blocking(move || {
@@ -524,7 +542,34 @@ impl IngestStore {
         seal::sign_and_write_manifest(&dir, &manifest, self.inner.edge.keys())
             .await
             .map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+        // audit: `sealed` (the HSM-signed manifest's digests) before anything is sent. If it
+        // cannot be recorded, the seal marker (`manifest.bin`) is removed and the commit
+        // fails: nothing is ever sent that the log does not show as sealed.
+        let hospital = self.owner(id);
+        if let Err(e) = self
+            .audit(Event {
+                hospital,
+                merkle_root: Some(manifest.merkle_root),
+                manifest_digest: Some(manifest.digest()),
+                ..Event::declared(Kind::Sealed, Some(id.to_string()), &decl)
+            })
+            .await
+        {
+            let _ = std::fs::remove_file(dir.manifest_bin());
+            return Err(e);
+        }
         Ok(())
+    }
+
+    /// Appends to the edge's audit log; a failure fails the step it records (fail closed).
+    async fn audit(&self, event: Event) -> Result<(), IngestError> {
+        self.inner
+            .edge
+            .audit()
+            .append(event)
+            .await
+            .map(drop)
+            .map_err(|e| IngestError::Internal(format!("audit log: {e}")))
     }
 
     /// Sends a sealed transfer in the background (after commit, and at start-up for those

@@ -234,6 +234,33 @@ fn upload_arrives_byte_identical_and_status_shows_each_stage() {
         );
     }
     assert!(!d.delivered(&id, "c.dcm").exists());
+
+    // The compliance trail: the edge's audit log holds the transfer's steps, the hospital
+    // named on the ones the hospital API wrote, and a refusal with its rule.
+    let refused = api.declare("hospital-a", &GOOD.replace("P-0001", "P-0099"));
+    assert_eq!(refused.status, 403, "{refused:?}");
+    let records: Vec<Value> = std::fs::read_to_string(d.path("audit/edge/records.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l.split_once(' ').unwrap().1).unwrap())
+        .collect();
+    let ours: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["transfer"] == id.as_str())
+        .collect();
+    let kinds: Vec<&str> = ours.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["declared", "sealed", "sent", "receipted"],
+        "{ours:?}"
+    );
+    for r in &ours[..2] {
+        assert_eq!(r["hospital"], "hospital-a", "{r}");
+    }
+    let last = records.last().unwrap();
+    assert_eq!(last["kind"], "refused", "{last}");
+    assert_eq!(last["rule"], "consent-missing", "{last}");
+    assert_eq!(last["hospital"], "hospital-a", "{last}");
     api.healthy();
 }
 
