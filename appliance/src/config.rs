@@ -229,6 +229,9 @@ pub struct PolicySection {
     pub consents: Option<PathBuf>,
     /// Categories or purposes always refused.
     pub negative_list: Vec<String>,
+    /// Hospitals (client certificate subject CN) allowed to upload; `None`: any client
+    /// certificate from the deployment CA.
+    pub hospitals: Option<Vec<String>>,
 }
 
 /// `[delivery]`
@@ -378,6 +381,7 @@ struct RawPolicy {
     consents: Option<PathBuf>,
     #[serde(default)]
     negative_list: Vec<String>,
+    hospitals: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -754,6 +758,7 @@ impl Config {
             policy: PolicySection {
                 consents: raw.policy.consents.as_deref().map(resolve),
                 negative_list: raw.policy.negative_list,
+                hospitals: raw.policy.hospitals,
             },
             delivery,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,

@@ -319,7 +319,8 @@ fn edge_toml(p: &Ports, module: &Path) -> String {
          dir = \"audit/edge\"\n\n\
          [policy]\n\
          consents = \"policy/consents.toml\"\n\
-         negative_list = [\"genetic-data\"]\n",
+         negative_list = [\"genetic-data\"]\n\
+         hospitals = [\"hospital-a\", \"hospital-b\"]\n",
         hsm = hsm_section("edge", module),
         quic = p.gateway_quic,
         ingest = p.edge_ingest,

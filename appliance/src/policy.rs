@@ -131,6 +131,7 @@ struct RawConsent {
 pub struct Policy {
     consents: HashMap<String, Vec<Consent>>,
     negative_list: HashSet<String>,
+    hospitals: Option<HashSet<String>>,
 }
 
 impl Policy {
@@ -139,6 +140,10 @@ impl Policy {
         let mut policy = Policy {
             consents: HashMap::new(),
             negative_list: section.negative_list.iter().cloned().collect(),
+            hospitals: section
+                .hospitals
+                .as_ref()
+                .map(|h| h.iter().cloned().collect()),
         };
         if let Some(path) = &section.consents {
             let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
@@ -154,6 +159,19 @@ impl Policy {
             }
         }
         Ok(policy)
+    }
+
+    /// Is `hospital` (a client certificate's subject CN, or the hospital a DICOM peer maps
+    /// to) allowed to upload? Every door asks before it accepts a declaration. With
+    /// `policy.hospitals` unset, any client certificate of the deployment CA is a hospital.
+    pub fn check_hospital(&self, hospital: &str) -> Result<(), Refusal> {
+        match &self.hospitals {
+            Some(known) if !known.contains(hospital) => Err(Refusal {
+                rule: "hospital-unknown",
+                reason: format!("{hospital} is not a known hospital (policy.hospitals)"),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// Checks a declaration at time `now`.
@@ -304,6 +322,20 @@ valid_from = "2026-01-01T00:00:00Z"
 valid_until = "2026-12-31T00:00:00Z"
 evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
 "#;
+
+    #[test]
+    fn hospitals_outside_the_list_are_refused_by_rule() {
+        let open = Policy::default();
+        assert!(open.check_hospital("anyone").is_ok());
+        let p = Policy {
+            hospitals: Some(["hospital-a".to_owned()].into()),
+            ..Policy::default()
+        };
+        assert!(p.check_hospital("hospital-a").is_ok());
+        let r = p.check_hospital("gateway").unwrap_err();
+        assert_eq!(r.rule, "hospital-unknown");
+        assert!(r.reason.contains("gateway"), "{}", r.reason);
+    }
 
     fn policy() -> Policy {
         let mut p = Policy {

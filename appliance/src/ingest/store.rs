@@ -286,7 +286,12 @@ impl IngestStore {
         decl: Declaration,
     ) -> Result<TransferId, IngestError> {
         let id = TransferId::new_v7();
-        let consent_ref = match self.inner.edge.policy().check(&decl, SystemTime::now()) {
+        let policy = self.inner.edge.policy();
+        let decision = match policy.check_hospital(hospital) {
+            Err(r) => Decision::Refuse(r),
+            Ok(()) => policy.check(&decl, SystemTime::now()),
+        };
+        let consent_ref = match decision {
             Decision::Refuse(r) => {
                 metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
                 info!(hospital, rule = r.rule, reason = %r.reason, "declaration refused");

@@ -279,9 +279,16 @@ fn tls_refuses_no_certificate_and_rogue_ca() {
     api.healthy();
 }
 
+/// Transfer directories in the edge spool (hidden scratch directories such as the DICOM
+/// door's `.incoming` aside).
 fn transfers(d: &Deployment) -> Vec<PathBuf> {
     std::fs::read_dir(d.path("spool/edge"))
-        .map(|e| e.filter_map(Result::ok).map(|e| e.path()).collect())
+        .map(|e| {
+            e.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -330,6 +337,10 @@ fn bad_declarations_are_refused_naming_the_field_or_rule() {
         assert_eq!(a.status, 403, "{body}: {a:?}");
         assert_eq!(a.json()["rule"], rule, "{a:?}");
     }
+    // A certificate from the right CA that is not a hospital in the policy (the gateway's).
+    let a = api.declare("gateway", GOOD);
+    assert_eq!(a.status, 403, "{a:?}");
+    assert_eq!(a.json()["rule"], "hospital-unknown", "{a:?}");
     assert!(transfers(&d).is_empty(), "nothing declared");
     api.healthy();
 }
