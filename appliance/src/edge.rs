@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::audit::{self, Event, Kind};
 use crate::config::Config;
 use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStats};
-use crate::policy::{Decision, Declaration, Policy};
+use crate::policy::{Decision, Declaration, Policy, SharedPolicy};
 use crate::seal::{self, SealProgress};
 use crate::signing::{Keys, RECEIPT_CONTEXT};
 use crate::transfer_dir::{self, TransferDir, write_atomic};
@@ -117,7 +117,7 @@ pub struct Edge {
     keys: Keys,
     spool: Spool,
     endpoint: quinn::Endpoint,
-    policy: Arc<Policy>,
+    policy: SharedPolicy,
     audit: audit::Log,
 }
 
@@ -134,7 +134,7 @@ fn hsm_failure(e: anyhow::Error) -> SendFailure {
 impl Edge {
     /// Opens the HSM (fail closed), starts the spool thread and binds the QUIC endpoint.
     pub async fn start(cfg: Arc<Config>) -> Result<Edge, SendFailure> {
-        let policy = Arc::new(Policy::load(&cfg.policy).map_err(anyhow::Error::from)?);
+        let policy = SharedPolicy::new(Policy::load(&cfg.policy).map_err(anyhow::Error::from)?);
         let c = cfg.clone();
         let keys = tokio::task::spawn_blocking(move || Keys::open(&c))
             .await
@@ -182,7 +182,12 @@ impl Edge {
     }
 
     /// The compliance policy loaded at start (the hospital API checks declarations with it).
-    pub fn policy(&self) -> &Policy {
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.current()
+    }
+
+    /// The shared policy, for doors that check on their own and for reloads.
+    pub fn shared_policy(&self) -> &SharedPolicy {
         &self.policy
     }
 
@@ -213,7 +218,7 @@ impl Edge {
             }
         };
         // The checkpoint runs again on resume: a consent withdrawn since sealing stops the send.
-        let consent_ref = match self.policy.check(&declaration, SystemTime::now()) {
+        let consent_ref = match self.policy.current().check(&declaration, SystemTime::now()) {
             Decision::Refuse(r) => {
                 metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
                 // audit: the refusal is recorded before it is reported.

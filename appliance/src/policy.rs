@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use baylink_net::proto::Digest;
@@ -134,7 +135,41 @@ pub struct Policy {
     hospitals: Option<HashSet<String>>,
 }
 
+/// The policy in force, shared by every door and replaceable while the appliance runs
+/// (`serve` reloads it on SIGHUP). A check takes the current policy once and uses it whole,
+/// so a reload never mixes two policies in one decision.
+#[derive(Debug, Clone)]
+pub struct SharedPolicy(Arc<RwLock<Arc<Policy>>>);
+
+impl SharedPolicy {
+    /// Shares `policy`.
+    pub fn new(policy: Policy) -> SharedPolicy {
+        SharedPolicy(Arc::new(RwLock::new(Arc::new(policy))))
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> Arc<Policy> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts `policy` in force for every later check.
+    pub fn replace(&self, policy: Policy) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(policy);
+    }
+}
+
 impl Policy {
+    /// Number of patients with at least one consent record.
+    pub fn patients(&self) -> usize {
+        self.consents.len()
+    }
+
     /// Loads the policy named by the config.
     pub fn load(section: &PolicySection) -> Result<Policy, PolicyError> {
         let mut policy = Policy {

@@ -19,7 +19,7 @@ use crate::edge::{Edge, SendRequest};
 use crate::ingest::{self, IngestStore};
 use crate::link::receive::{Gateway, serve_connection};
 use crate::ops::{self, Health};
-use crate::policy::Policy;
+use crate::policy::{Policy, SharedPolicy};
 use crate::signing::Keys;
 use crate::transfer_dir::TransferDir;
 
@@ -93,6 +93,16 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         audit.clone(),
     ));
 
+    // `systemctl reload` sends SIGHUP to either role: the gateway has no policy to reload,
+    // and must not die of the signal's default action.
+    tokio::spawn(async {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            while hup.recv().await.is_some() {
+                info!("SIGHUP: the gateway has no policy to reload");
+            }
+        }
+    });
     health.set_ready();
     ops::notify_ready();
     info!(%listen, role = "gateway", "serving");
@@ -147,9 +157,9 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
 async fn start_dicom_scp(
     cfg: &Config,
     store: &IngestStore,
+    policy: SharedPolicy,
     listen: std::net::SocketAddr,
 ) -> anyhow::Result<StorageScp<StoreSink>> {
-    let policy = Arc::new(Policy::load(&cfg.policy)?);
     let d = &cfg.ingest.dicom;
     let scp_cfg = ScpConfig {
         listen,
@@ -178,7 +188,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
     let store = IngestStore::open(edge.clone()).map_err(|e| anyhow::anyhow!("ingest: {e}"))?;
     if let Some(listen) = cfg.ingest.dicom_listen {
-        let scp = start_dicom_scp(&cfg, &store, listen).await?;
+        let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone(), listen).await?;
         tokio::spawn(scp.serve());
     }
     if cfg.ingest.listen.is_some() {
@@ -186,6 +196,10 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         tokio::spawn(server);
         info!(listen = %bound, "hospital API listening");
     }
+    tokio::spawn(reload_policy_on_sighup(
+        cfg.clone(),
+        edge.shared_policy().clone(),
+    ));
     health.set_ready();
     ops::notify_ready();
     info!(role = "edge", "serving");
@@ -266,5 +280,36 @@ async fn final_checkpoint(log: &audit::Log) {
         Ok(Some(size)) => info!(size, "audit checkpoint signed at shutdown"),
         Ok(None) => {}
         Err(e) => error!(error = %e, "cannot sign the audit checkpoint at shutdown"),
+    }
+}
+
+/// Reloads the policy (consent registry, negative list, hospitals) from the files the config
+/// names on every SIGHUP (`systemctl reload`). A policy that does not load is reported and the
+/// one in force stays: a typo never opens or closes the channel by accident.
+async fn reload_policy_on_sighup(cfg: Arc<Config>, policy: SharedPolicy) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGHUP: the policy cannot be reloaded");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        let section = cfg.policy.clone();
+        match tokio::task::spawn_blocking(move || Policy::load(&section)).await {
+            Ok(Ok(p)) => {
+                let patients = p.patients();
+                policy.replace(p);
+                metrics::counter!("baylink_policy_reloads_total", "outcome" => "ok").increment(1);
+                info!(patients, "policy reloaded");
+            }
+            Ok(Err(e)) => {
+                metrics::counter!("baylink_policy_reloads_total", "outcome" => "failed")
+                    .increment(1);
+                error!(error = %e, "policy not reloaded; the previous one stays in force");
+            }
+            Err(e) => error!(error = %e, "policy reload task failed"),
+        }
     }
 }

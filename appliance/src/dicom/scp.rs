@@ -31,7 +31,7 @@ use super::part10::{self, Part10Error};
 use super::sink::{AssociationSink, Origin};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::config::DicomPeer;
-use crate::policy::{Decision, Declaration, Policy};
+use crate::policy::{Decision, Declaration, SharedPolicy};
 
 /// What the SCP needs to know, typed.
 #[derive(Debug, Clone)]
@@ -95,7 +95,7 @@ pub struct StorageScp<S> {
 #[derive(Debug)]
 struct Inner<S> {
     cfg: ScpConfig,
-    policy: Arc<Policy>,
+    policy: SharedPolicy,
     sink: S,
     slots: Arc<Semaphore>,
 }
@@ -105,7 +105,7 @@ impl<S: AssociationSink> StorageScp<S> {
     /// associations of an earlier run, which were never released).
     pub async fn bind(
         cfg: ScpConfig,
-        policy: Arc<Policy>,
+        policy: SharedPolicy,
         sink: S,
     ) -> Result<StorageScp<S>, ScpError> {
         let scratch = cfg.scratch_dir.clone();
@@ -619,7 +619,12 @@ impl<S: AssociationSink> Association<'_, S> {
             destination: cfg.destination.clone(),
             consent_ref: None,
         };
-        if let Decision::Refuse(r) = self.inner.policy.check(&declaration, SystemTime::now()) {
+        if let Decision::Refuse(r) = self
+            .inner
+            .policy
+            .current()
+            .check(&declaration, SystemTime::now())
+        {
             return Err((status::NOT_AUTHORIZED, r.reason));
         }
         if self.transfer.is_none() {

@@ -966,3 +966,52 @@ fn disk_full_is_507_and_nothing_is_left_behind() {
     assert_eq!(a.status, 201, "{a:?}");
     api.healthy();
 }
+
+/// SIGHUP re-reads the policy: a consent added to the registry takes effect without a
+/// restart, and a registry that does not parse leaves the policy in force.
+#[test]
+fn sighup_reloads_the_policy_and_keeps_it_when_the_new_one_is_broken() {
+    let d = Deployment::new().unwrap();
+    let edge = edge(&d);
+    let api = Api { d: &d };
+    let p99 = GOOD.replace("P-0001", "P-0099");
+    let a = api.declare("hospital-a", &p99);
+    assert_eq!(a.status, 403, "{a:?}");
+
+    let registry = d.path("policy/consents.toml");
+    let original = std::fs::read_to_string(&registry).unwrap();
+    let added = original.clone()
+        + r#"
+[[consent]]
+patient_id = "P-0099"
+reference = "CONSENT-P-0099"
+categories = ["*"]
+purposes = ["care"]
+destinations = ["hk-ehealth"]
+valid_from = "2026-01-01T00:00:00Z"
+valid_until = "2099-01-01T00:00:00Z"
+evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
+"#;
+    std::fs::write(&registry, added).unwrap();
+    let hup = |n: usize, needle: &str| {
+        let st = Command::new("kill")
+            .args(["-HUP", &edge.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let start = Instant::now();
+        while edge.log().matches(needle).count() < n {
+            assert!(start.elapsed() < DEADLINE, "no {needle:?}:\n{}", edge.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    hup(1, "policy reloaded");
+    let a = api.declare("hospital-a", &p99);
+    assert_eq!(a.status, 201, "the added consent is in force: {a:?}");
+
+    std::fs::write(&registry, "[[consent]]\npatient_id = ").unwrap();
+    hup(1, "policy not reloaded");
+    let a = api.declare("hospital-a", &p99);
+    assert_eq!(a.status, 201, "the previous policy stays in force: {a:?}");
+    api.healthy();
+}
