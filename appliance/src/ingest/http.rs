@@ -343,6 +343,12 @@ async fn upload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // A client that sent `Expect: 100-continue` waits for our answer before it sends the
+    // body: reading the body would make hyper send `100 Continue` and invite the very bytes
+    // an early refusal wants to avoid (and then reset the connection under them).
+    let waits_for_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let mut stream = body.into_data_stream();
     match receive(&app, &hospital, &id, &name, &headers, &mut stream).await {
         Ok(size) => Ok((
@@ -351,7 +357,7 @@ async fn upload(
         )
             .into_response()),
         Err((e, drain)) => {
-            if drain {
+            if drain && !waits_for_continue {
                 drain_body(&mut stream, app.idle_timeout).await;
             }
             Err(e)
