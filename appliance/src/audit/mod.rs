@@ -136,6 +136,19 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AuditEr
     move |source| AuditError::Io { what, path, source }
 }
 
+/// Appends `line` to the append-only file `path` (created 0600) and makes it durable
+/// (`fdatasync`) before returning: every audit file grows this way.
+fn append_durably(path: &Path, line: &[u8]) -> Result<(), AuditError> {
+    let mut f = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io("cannot open", path))?;
+    f.write_all(line).map_err(io("cannot write", path))?;
+    f.sync_data().map_err(io("cannot fdatasync", path))
+}
+
 /// How to open a log (the `[audit]` section plus the appliance id).
 #[derive(Debug, Clone)]
 pub struct LogSettings {
@@ -245,15 +258,7 @@ impl Log {
                     limit: record::MAX_LINE,
                 });
             }
-            let path = inner.dir.join(RECORDS_FILE);
-            let mut f = OpenOptions::new()
-                .append(true)
-                .create(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(io("cannot open", &path))?;
-            f.write_all(&line).map_err(io("cannot write", &path))?;
-            f.sync_data().map_err(io("cannot fdatasync", &path))?;
+            append_durably(&inner.dir.join(RECORDS_FILE), &line)?;
             st.leaves.push(leaf);
             st.records_len += line.len() as u64;
             metrics::counter!("baylink_audit_records_total", "kind" => record.kind.to_string())
@@ -454,15 +459,7 @@ impl Inner {
         let mut line = serde_json::to_vec(&serde_json::json!({ "note": text }))
             .expect("a string always serialises");
         line.push(b'\n');
-        let path = self.dir.join(CHECKPOINTS_FILE);
-        let mut f = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io("cannot open", &path))?;
-        f.write_all(&line).map_err(io("cannot write", &path))?;
-        f.sync_data().map_err(io("cannot fdatasync", &path))?;
+        append_durably(&self.dir.join(CHECKPOINTS_FILE), &line)?;
         st.checkpoints_len += line.len() as u64;
         st.checkpoint_size = size;
         let latest = self.dir.join(LATEST_CHECKPOINT_FILE);

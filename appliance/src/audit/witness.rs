@@ -19,8 +19,6 @@
 //! The first checkpoint a gateway sees from an edge is trusted on first use; from then on
 //! every new one must extend it.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::digest::{Context, SHA256};
@@ -32,7 +30,7 @@ use baylink_net::proto::merkle::{consistency_proof_from_leaf_hashes, verify_cons
 use baylink_net::proto::{Digest, ErrorCode};
 
 use super::note::{self, Checkpoint};
-use super::{AuditError, Log, io};
+use super::{AuditError, Log, append_durably, io};
 use crate::transfer_dir::write_atomic;
 
 /// Identifier following the `0xff` signature type in the cosignature key id.
@@ -285,14 +283,7 @@ pub fn store(
         )
         .expect("strings always serialise");
         line.push(b'\n');
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io("cannot open", &path))?;
-        f.write_all(&line).map_err(io("cannot write", &path))?;
-        f.sync_data().map_err(io("cannot fdatasync", &path))?;
+        append_durably(&path, &line)?;
         let witnessed = inner.dir.join(WITNESSED_FILE);
         write_atomic(&witnessed, checkpoint.as_bytes()).map_err(io("cannot write", &witnessed))
     })
