@@ -161,6 +161,97 @@ impl Deployment {
     pub fn delivered(&self, id: &str, name: &str) -> PathBuf {
         self.path("delivered").join(id).join(name)
     }
+
+    /// Starts `baylink send` of `file` in the background. With `keep_output`, stdout and
+    /// stderr are piped (for `wait_with_output`); otherwise discarded (a sender that is
+    /// going to be killed).
+    pub fn spawn_send(&self, file: &Path, keep_output: bool) -> anyhow::Result<Child> {
+        let out = || {
+            if keep_output {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            }
+        };
+        Ok(Command::new(baylink_bin())
+            .args(["send", "--no-progress", "--config"])
+            .arg(self.edge_config())
+            .arg(file)
+            .stdin(Stdio::null())
+            .stdout(out())
+            .stderr(out())
+            .spawn()?)
+    }
+
+    /// Starts `baylink serve --config <config>` in a private mount namespace whose `spool`
+    /// directory (relative to the deployment) is a tmpfs of `size` (e.g. `"24m"`): a disk
+    /// that fills up. The spool is visible to the test as
+    /// `/proc/<pid>/root/<absolute spool path>`. Needs root and `unshare` (see
+    /// [`mount_namespace_unavailable`]).
+    pub fn serve_on_small_disk(
+        &self,
+        config: &Path,
+        spool: &str,
+        size: &str,
+    ) -> anyhow::Result<Service> {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg(format!(
+                r#"mount -t tmpfs -o size={size} baylink-test "$0" && exec "$@""#
+            ))
+            .arg(self.path(spool))
+            .arg(baylink_bin())
+            .args(["serve", "--config"])
+            .arg(config);
+        Service::start(&mut cmd, self.dir.path())
+    }
+
+    /// Waits (bounded) until the gateway has durable chunks of some transfer on record and
+    /// returns that transfer's `state` file; fails early if `sender` ends first.
+    pub fn wait_for_gateway_progress(&self, sender: &mut Child) -> PathBuf {
+        let spool = self.path("spool/gateway");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(state) = std::fs::read_dir(&spool)
+                .ok()
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("state"))
+                .find(|p| p.exists())
+            {
+                return state;
+            }
+            assert!(
+                sender.try_wait().ok().flatten().is_none(),
+                "sender ended before any progress"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "no durable progress within 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Why a test that needs a private mount namespace with a tmpfs cannot run here, if it
+/// cannot (not root, or no `unshare --mount`).
+pub fn mount_namespace_unavailable() -> Option<String> {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if !root {
+        return Some("needs root for a private mount namespace and tmpfs".into());
+    }
+    let ok = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "true"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    (!ok).then(|| "unshare --mount is not available".into())
 }
 
 /// A running `baylink serve`; killed on drop.

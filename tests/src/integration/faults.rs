@@ -4,12 +4,12 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baylink_tests::{Deployment, Service, baylink_bin, payload, summary};
+use baylink_tests::{Deployment, Service, payload, summary};
 
-use crate::resume::{assert_delivered, only_transfer, wait_for_gateway_progress};
+use crate::resume::{assert_delivered, only_transfer};
 
 const SIZE: u64 = 256 << 20;
 
@@ -46,15 +46,8 @@ fn heavy_gateway_chunk_flipped_at_rest_is_fetched_again() {
     let d = Deployment::new().unwrap();
     let src = payload(d.dir.path(), "series.bin", SIZE, 21).unwrap();
     let gw = d.serve(&d.gateway_config()).unwrap();
-    let sender = Command::new(baylink_bin())
-        .args(["send", "--no-progress", "--config"])
-        .arg(d.edge_config())
-        .arg(&src)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let state = wait_for_gateway_progress(&d);
+    let mut sender = d.spawn_send(&src, true).unwrap();
+    let state = d.wait_for_gateway_progress(&mut sender);
     gw.kill().unwrap();
     // Chunk 0 is on record as durable (the first checkpoint covers it): damage it on disk.
     let part = state.parent().unwrap().join("data/series.bin.part");
@@ -83,15 +76,8 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
     let d = Deployment::new().unwrap();
     let src = payload(d.dir.path(), "series.bin", SIZE, 22).unwrap();
     let gw = d.serve(&d.gateway_config()).unwrap();
-    let mut sender = Command::new(baylink_bin())
-        .args(["send", "--no-progress", "--config"])
-        .arg(d.edge_config())
-        .arg(&src)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_gateway_progress(&d);
+    let mut sender = d.spawn_send(&src, false).unwrap();
+    d.wait_for_gateway_progress(&mut sender);
     sender.kill().unwrap();
     sender.wait().unwrap();
     let id = only_transfer(&d.path("spool/edge"));
@@ -115,30 +101,9 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
     assert!(gw.terminate().unwrap().success());
 }
 
-/// Why the disk-full test cannot run here, if it cannot.
-pub(crate) fn mount_namespace_unavailable() -> Option<String> {
-    if !nix_is_root() {
-        return Some("needs root for a private mount namespace and tmpfs".into());
-    }
-    let ok = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "true"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    (!ok).then(|| "unshare --mount is not available".into())
-}
-
-fn nix_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
 #[test]
 fn heavy_gateway_disk_full_pauses_then_resumes() {
-    if let Some(why) = mount_namespace_unavailable() {
+    if let Some(why) = baylink_tests::mount_namespace_unavailable() {
         eprintln!("skipped: {why}");
         return;
     }
@@ -149,23 +114,11 @@ fn heavy_gateway_disk_full_pauses_then_resumes() {
     // The gateway runs in its own mount namespace with its spool on a 24 MiB tmpfs: the
     // 64 MiB transfer cannot fit until the test grows the file system. `delivered/` stays on
     // the real disk, so delivery also crosses file systems.
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(r#"mount -t tmpfs -o size=24m baylink-test "$0" && exec "$@""#)
-        .arg(&spool)
-        .arg(baylink_bin())
-        .args(["serve", "--config"])
-        .arg(d.gateway_config());
-    let gw = Service::start(&mut cmd, d.dir.path()).unwrap();
-
-    let sender = Command::new(baylink_bin())
-        .args(["send", "--no-progress", "--config"])
-        .arg(d.edge_config())
-        .arg(&src)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+    let gw = d
+        .serve_on_small_disk(&d.gateway_config(), "spool/gateway", "24m")
         .unwrap();
+
+    let sender = d.spawn_send(&src, true).unwrap();
     wait_for_log(&gw, "spool is full", Duration::from_secs(120));
     assert!(
         std::fs::read_dir(d.path("delivered"))
@@ -210,15 +163,8 @@ fn heavy_gateway_power_cut_losing_unsynced_writes_recovers() {
     let d = Deployment::new().unwrap();
     let src = payload(d.dir.path(), "series.bin", SIZE, 24).unwrap();
     let gw = d.serve(&d.gateway_config()).unwrap();
-    let sender = Command::new(baylink_bin())
-        .args(["send", "--no-progress", "--config"])
-        .arg(d.edge_config())
-        .arg(&src)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let state = wait_for_gateway_progress(&d);
+    let mut sender = d.spawn_send(&src, true).unwrap();
+    let state = d.wait_for_gateway_progress(&mut sender);
     gw.kill().unwrap();
     let part = state.parent().unwrap().join("data/series.bin.part");
     let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();

@@ -922,20 +922,15 @@ fn many_concurrent_uploads_and_commits_all_arrive() {
 /// 16 MiB tmpfs (the test reads that spool through `/proc/<pid>/root`).
 #[test]
 fn disk_full_is_507_and_nothing_is_left_behind() {
-    if let Some(why) = crate::faults::mount_namespace_unavailable() {
+    if let Some(why) = baylink_tests::mount_namespace_unavailable() {
         eprintln!("skipped: {why}");
         return;
     }
     let d = Deployment::new().unwrap();
     let spool = d.path("spool/edge");
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(r#"mount -t tmpfs -o size=16m baylink-test "$0" && exec "$@""#)
-        .arg(&spool)
-        .arg(baylink_tests::baylink_bin())
-        .args(["serve", "--config"])
-        .arg(d.edge_config());
-    let edge = Service::start(&mut cmd, d.dir.path()).unwrap();
+    let edge = d
+        .serve_on_small_disk(&d.edge_config(), "spool/edge", "16m")
+        .unwrap();
     let api = Api { d: &d };
     let id = api.open();
 

@@ -3,7 +3,7 @@
 //! namespace B, `baylink send` in namespace A. Each test checks the capability first (root,
 //! /dev/net/tun, `ip`) and prints `skipped: <reason>` when it is missing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -54,33 +54,6 @@ fn send_in_a(d: &Deployment, link: &Link, src: &Path) -> Child {
         .stderr(std::fs::File::create(d.path("send.log")).unwrap())
         .spawn()
         .unwrap()
-}
-
-/// Waits (bounded) until the gateway has durable chunks of some transfer on record.
-fn wait_for_gateway_progress(d: &Deployment, sender: &mut Child) -> PathBuf {
-    let spool = d.path("spool/gateway");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(state) = std::fs::read_dir(&spool)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("state"))
-            .find(|p| p.exists())
-        {
-            return state;
-        }
-        assert!(
-            sender.try_wait().unwrap().is_none(),
-            "sender ended before any progress"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "no durable progress within 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Waits (bounded) for the sender; on a timeout it is killed and its log and the gateway's
@@ -283,7 +256,7 @@ fn heavy_link_cut_30s_then_restored() {
     let gw = gateway_in_b(&d, &link);
     let mut sender = send_in_a(&d, &link, &src);
 
-    wait_for_gateway_progress(&d, &mut sender);
+    d.wait_for_gateway_progress(&mut sender);
     link.cut().unwrap();
     assert!(
         sender.try_wait().unwrap().is_none(),

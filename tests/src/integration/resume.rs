@@ -1,36 +1,11 @@
 //! Faults in the middle of a transfer: the gateway or the sender is killed with SIGKILL; the
 //! transfer completes from the spool, byte-identical, without sending everything again.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use baylink_tests::{Deployment, baylink_bin, payload, sha256_file, summary};
+use baylink_tests::{Deployment, payload, sha256_file, summary};
 
 const SIZE: u64 = 512 << 20;
-
-/// Waits (bounded) until some transfer in the gateway spool has durable chunks on record.
-pub(crate) fn wait_for_gateway_progress(d: &Deployment) -> PathBuf {
-    let spool = d.path("spool/gateway");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(state) = std::fs::read_dir(&spool)
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
-            .map(|e| e.path().join("state"))
-            .find(|p| p.exists())
-        {
-            return state;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no durable progress within 120 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 pub(crate) fn only_transfer(spool: &Path) -> String {
     let mut ids: Vec<String> = std::fs::read_dir(spool)
@@ -53,15 +28,8 @@ fn heavy_gateway_killed_mid_transfer_then_restarted_completes() {
     let d = Deployment::new().unwrap();
     let src = payload(d.dir.path(), "series.bin", SIZE, 11).unwrap();
     let gw = d.serve(&d.gateway_config()).unwrap();
-    let sender = Command::new(baylink_bin())
-        .args(["send", "--no-progress", "--config"])
-        .arg(d.edge_config())
-        .arg(&src)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for_gateway_progress(&d);
+    let mut sender = d.spawn_send(&src, true).unwrap();
+    d.wait_for_gateway_progress(&mut sender);
     gw.kill().unwrap();
     // The sender keeps retrying; a new gateway on the same spool picks the transfer up.
     let gw = d.serve(&d.gateway_config()).unwrap();
@@ -84,15 +52,8 @@ fn heavy_sender_killed_then_resume_finishes_from_the_spool() {
     let d = Deployment::new().unwrap();
     let src = payload(d.dir.path(), "series.bin", SIZE, 12).unwrap();
     let gw = d.serve(&d.gateway_config()).unwrap();
-    let mut sender = Command::new(baylink_bin())
-        .args(["send", "--no-progress", "--config"])
-        .arg(d.edge_config())
-        .arg(&src)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_gateway_progress(&d);
+    let mut sender = d.spawn_send(&src, false).unwrap();
+    d.wait_for_gateway_progress(&mut sender);
     sender.kill().unwrap();
     sender.wait().unwrap();
     let id = only_transfer(&d.path("spool/edge"));
