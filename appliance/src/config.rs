@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baylink_net::transport::{Congestion, LinkTuning};
+use baylink_net::transport::{Congestion, LinkTuning, MIN_MTU};
 use serde::Deserialize;
 
 /// Which side of the link this appliance serves.
@@ -327,6 +327,8 @@ struct RawLink {
     rtt_ms: Option<u64>,
     congestion: Option<String>,
     socket_buffer_bytes: Option<usize>,
+    mtu: Option<u16>,
+    max_mtu: Option<u16>,
 }
 
 #[derive(Deserialize, Default)]
@@ -558,9 +560,32 @@ impl Config {
                 .link
                 .socket_buffer_bytes
                 .unwrap_or(defaults.socket_buffer_bytes),
+            mtu: raw.link.mtu,
+            max_mtu: raw
+                .link
+                .max_mtu
+                .unwrap_or(defaults.max_mtu.max(raw.link.mtu.unwrap_or(0))),
         };
         if link.rate_mbit == 0 {
             return Err(invalid("link.rate_mbit", "must be > 0".into()));
+        }
+        for (key, value) in [("link.mtu", link.mtu), ("link.max_mtu", Some(link.max_mtu))] {
+            if let Some(v) = value
+                && v < MIN_MTU
+            {
+                return Err(invalid(
+                    key,
+                    format!("{v} is below {MIN_MTU} (QUIC's 1200-byte packets and headers)"),
+                ));
+            }
+        }
+        if let Some(mtu) = link.mtu
+            && mtu > link.max_mtu
+        {
+            return Err(invalid(
+                "link.mtu",
+                format!("{mtu} is above link.max_mtu {}", link.max_mtu),
+            ));
         }
 
         let ingest = IngestSection {
@@ -850,6 +875,19 @@ path = "delivered"
         let bad = format!("{GATEWAY}\n[link]\ncongestion = \"reno\"\n");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("link.congestion"), "{e}");
+
+        let bad = format!("{GATEWAY}\n[link]\nmtu = 576\n");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("link.mtu"), "{e}");
+
+        let bad = format!("{GATEWAY}\n[link]\nmtu = 9000\nmax_mtu = 1500\n");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("above link.max_mtu"), "{e}");
+
+        let good = format!("{GATEWAY}\n[link]\nmtu = 9000\n");
+        let c = Config::parse(Path::new("g.toml"), &good).unwrap();
+        assert_eq!((c.link.mtu, c.link.max_mtu), (Some(9000), 9000));
+        assert_eq!(c.link.min_udp_payload(), 6550);
 
         let bad = GATEWAY.replace("[audit]", "[audit]\ncheckpoint_every = 0");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

@@ -296,7 +296,9 @@ fn edge_toml(p: &Ports, module: &Path) -> String {
          [link]\n\
          rate_mbit = 1000\n\
          rtt_ms = 10\n\
-         congestion = \"cubic\"\n\n\
+         congestion = \"cubic\"\n\
+         # loopback carries 65536-byte packets; 9000 is what a jumbo-frame link would\n\
+         mtu = 9000\n\n\
          [ingest]\n\
          listen = \"127.0.0.1:{ingest}\"\n\
          dicom_listen = \"127.0.0.1:{dicom}\"\n\
@@ -346,7 +348,9 @@ fn gateway_toml(p: &Ports, module: &Path) -> String {
          [link]\n\
          rate_mbit = 1000\n\
          rtt_ms = 10\n\
-         congestion = \"cubic\"\n\n\
+         congestion = \"cubic\"\n\
+         # loopback carries 65536-byte packets; 9000 is what a jumbo-frame link would\n\
+         mtu = 9000\n\n\
          [metrics]\n\
          listen = \"127.0.0.1:{metrics}\"\n\n\
          [spool]\n\

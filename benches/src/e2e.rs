@@ -247,6 +247,10 @@ fn place_deployment(dir: &Path, addr_b: std::net::Ipv4Addr, args: &E2eArgs) -> a
                 toml::Value::Integer(args.rate_mbit.ceil() as i64),
             );
         }
+        // The emulated link has the TUN devices' MTU, whatever the deployment assumed.
+        let mtu = i64::from(crate::impair::netns::MTU);
+        link.insert("mtu".into(), toml::Value::Integer(mtu));
+        link.insert("max_mtu".into(), toml::Value::Integer(mtu));
         std::fs::write(&path, toml::to_string(&doc)?)?;
     }
     Ok(())

@@ -70,6 +70,8 @@ struct RawLink {
     rtt_ms: Option<u64>,
     congestion: Option<String>,
     socket_buffer_bytes: Option<usize>,
+    mtu: Option<u16>,
+    max_mtu: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -128,6 +130,11 @@ impl ApplianceConfig {
                     .link
                     .socket_buffer_bytes
                     .unwrap_or(defaults.socket_buffer_bytes),
+                mtu: raw.link.mtu,
+                max_mtu: raw
+                    .link
+                    .max_mtu
+                    .unwrap_or(defaults.max_mtu.max(raw.link.mtu.unwrap_or(0))),
             },
             spool_dir: resolve(&raw.spool.dir),
             delivery_dir,

@@ -228,6 +228,12 @@ pub struct TuningArgs {
     /// Requested SO_RCVBUF/SO_SNDBUF.
     #[arg(long, default_value_t = 8 * 1024 * 1024)]
     pub socket_buffer_bytes: usize,
+    /// IP MTU the link is known to carry (`link.mtu`); unset: probe from 1200-byte packets.
+    #[arg(long)]
+    pub mtu: Option<u16>,
+    /// Largest IP MTU probed for (`link.max_mtu`).
+    #[arg(long, default_value_t = baylink_net::transport::DEFAULT_MAX_MTU)]
+    pub max_mtu: u16,
 }
 
 impl TuningArgs {
@@ -241,6 +247,8 @@ impl TuningArgs {
                 CongestionArg::Bbr => Congestion::Bbr,
             },
             socket_buffer_bytes: self.socket_buffer_bytes,
+            mtu: self.mtu,
+            max_mtu: self.max_mtu,
         }
     }
 
@@ -259,8 +267,16 @@ impl TuningArgs {
             congestion.to_owned(),
             "--socket-buffer-bytes".to_owned(),
             tuning.socket_buffer_bytes.to_string(),
+            "--max-mtu".to_owned(),
+            tuning.max_mtu.to_string(),
         ]
         .into_iter()
+        .chain(
+            tuning
+                .mtu
+                .into_iter()
+                .flat_map(|m| ["--mtu".to_owned(), m.to_string()]),
+        )
         .map(Into::into)
         .collect()
     }
@@ -972,6 +988,8 @@ mod tests {
             rtt_ms: 50,
             congestion: Congestion::Bbr,
             socket_buffer_bytes: 1 << 20,
+            mtu: Some(1500),
+            max_mtu: 1500,
         };
         let mut argv = vec![std::ffi::OsString::from("t")];
         argv.extend(TuningArgs::to_args(&tuning));
@@ -1025,6 +1043,8 @@ mod tests {
             link_rtt_ms: 10,
             congestion: CongestionArg::Cubic,
             socket_buffer_bytes: 8 << 20,
+            mtu: Some(9000),
+            max_mtu: 9000,
         }
     }
 

@@ -44,6 +44,23 @@ pub const MAX_CONTROL_STREAMS: u32 = 4;
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Idle timeout: a peer silent this long is gone (the transfer then resumes from the spool).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// IPv6 and UDP headers: a link MTU less this is the UDP payload (QUIC packet) it carries.
+/// Over IPv4 this leaves 20 bytes unused, which is the safe side.
+pub const IP_UDP_OVERHEAD: u16 = 48;
+/// Smallest MTU accepted in [`LinkTuning`]: QUIC's 1200-byte minimum packet plus headers.
+pub const MIN_MTU: u16 = 1200 + IP_UDP_OVERHEAD;
+/// Largest MTU accepted in [`LinkTuning`] (an IP packet's length field).
+pub const MAX_MTU: u16 = u16::MAX;
+/// Largest UDP payload baylink sends or accepts, whatever the link's MTU. quinn 0.11 hands
+/// the kernel up to 10 packets in one GSO send, and Linux refuses a UDP send over 65,507
+/// bytes with `EMSGSIZE`, which quinn-udp drops without a word (it expects that error only
+/// for MTU probes): every batch of larger packets would be lost. 10 × 6550 fits.
+pub const MAX_UDP_PAYLOAD: u16 = 6550;
+/// Default [`LinkTuning::max_mtu`]: a jumbo-frame link. Each QUIC packet costs the same fixed
+/// work (a share of a system call, header protection, an AEAD set-up, acknowledgement), so
+/// larger packets where the path carries them cut CPU per byte. On a 1500-byte path MTU
+/// discovery settles at 1500 after a few lost probes; no data is lost.
+pub const DEFAULT_MAX_MTU: u16 = 9000;
 /// The kernel's default UDP socket buffer here (`net.core.rmem_default`), for comparison.
 pub const KERNEL_DEFAULT_SOCKET_BUFFER: usize = 212_992;
 
@@ -69,6 +86,13 @@ pub struct LinkTuning {
     /// Requested `SO_RCVBUF`/`SO_SNDBUF` in bytes (the kernel may grant less: see
     /// `net.core.rmem_max`/`wmem_max`).
     pub socket_buffer_bytes: usize,
+    /// IP MTU every hop of the link is known to carry, if the operator knows it: packets
+    /// start at this size and loss never makes the connection go below it. `None`: assume
+    /// nothing (QUIC's 1200-byte minimum) and let path MTU discovery find out.
+    pub mtu: Option<u16>,
+    /// Largest IP MTU path MTU discovery probes for (and the largest packet this endpoint
+    /// accepts).
+    pub max_mtu: u16,
 }
 
 impl Default for LinkTuning {
@@ -78,11 +102,32 @@ impl Default for LinkTuning {
             rtt_ms: 10,
             congestion: Congestion::Cubic,
             socket_buffer_bytes: 8 * 1024 * 1024,
+            mtu: None,
+            max_mtu: DEFAULT_MAX_MTU,
         }
     }
 }
 
 impl LinkTuning {
+    /// The UDP payload every packet may have from the start ([`LinkTuning::mtu`] less
+    /// headers, at most [`MAX_UDP_PAYLOAD`]; QUIC's 1200-byte minimum when the MTU is
+    /// unknown).
+    pub fn min_udp_payload(&self) -> u16 {
+        (self
+            .mtu
+            .map_or(MIN_MTU, |m| m.clamp(MIN_MTU, MAX_MTU))
+            .min(self.max_mtu.clamp(MIN_MTU, MAX_MTU))
+            - IP_UDP_OVERHEAD)
+            .min(MAX_UDP_PAYLOAD)
+    }
+
+    /// The largest UDP payload probed for and accepted ([`LinkTuning::max_mtu`] less headers,
+    /// never below [`LinkTuning::min_udp_payload`] nor above [`MAX_UDP_PAYLOAD`]).
+    pub fn max_udp_payload(&self) -> u16 {
+        (self.max_mtu.clamp(MIN_MTU, MAX_MTU) - IP_UDP_OVERHEAD)
+            .clamp(self.min_udp_payload(), MAX_UDP_PAYLOAD)
+    }
+
     /// Bandwidth-delay product in bytes: `rate_mbit` × `rtt_ms` (saturating).
     pub fn bandwidth_delay_product(&self) -> u64 {
         // Mbit/s × ms = 1e6/8 B/s × 1e-3 s = 125 bytes.
@@ -295,7 +340,9 @@ pub fn transport_config(tuning: &LinkTuning) -> quinn::TransportConfig {
         .max_idle_timeout(Some(
             IdleTimeout::try_from(IDLE_TIMEOUT).expect("30 s fits a QUIC idle timeout"),
         ))
-        .mtu_discovery_config(Some(quinn::MtuDiscoveryConfig::default()))
+        .min_mtu(tuning.min_udp_payload())
+        .initial_mtu(tuning.min_udp_payload())
+        .mtu_discovery_config(Some(mtu_discovery(tuning)))
         .enable_segmentation_offload(true);
     match tuning.congestion {
         Congestion::Cubic => config
@@ -305,6 +352,12 @@ pub fn transport_config(tuning: &LinkTuning) -> quinn::TransportConfig {
         }
     };
     config
+}
+
+fn mtu_discovery(tuning: &LinkTuning) -> quinn::MtuDiscoveryConfig {
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(tuning.max_udp_payload());
+    mtu
 }
 
 fn varint(value: u64) -> VarInt {
@@ -413,13 +466,12 @@ fn endpoint(
     tuning: &LinkTuning,
 ) -> Result<quinn::Endpoint, TransportError> {
     let (socket, _) = bind_udp_socket(addr, tuning.socket_buffer_bytes)?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| TransportError::Endpoint { addr, source })
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(tuning.max_udp_payload())
+        .expect("MAX_MTU less headers is within QUIC's bounds");
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| TransportError::Endpoint { addr, source })
 }
 
 /// A QUIC endpoint accepting baylink connections on `listen` (mutual TLS against `ca`).
@@ -601,6 +653,37 @@ mod tests {
         };
         assert_eq!(typo.stream_window(), MAX_WINDOW);
         assert_eq!(typo.connection_window(), MAX_WINDOW);
+    }
+
+    #[test]
+    fn packet_sizes_follow_the_link_mtu() {
+        let unknown = LinkTuning::default();
+        assert_eq!(unknown.min_udp_payload(), 1200);
+        assert_eq!(unknown.max_udp_payload(), MAX_UDP_PAYLOAD);
+        let ethernet = LinkTuning {
+            mtu: Some(1500),
+            max_mtu: 1500,
+            ..LinkTuning::default()
+        };
+        assert_eq!(ethernet.min_udp_payload(), 1452);
+        assert_eq!(ethernet.max_udp_payload(), 1452);
+        // A known MTU is capped by the probing bound (the config refuses such a pair).
+        let odd = LinkTuning {
+            mtu: Some(9000),
+            max_mtu: 1500,
+            ..LinkTuning::default()
+        };
+        assert_eq!(odd.min_udp_payload(), 1452);
+        assert!(odd.max_udp_payload() >= odd.min_udp_payload());
+        let huge = LinkTuning {
+            mtu: Some(u16::MAX),
+            max_mtu: u16::MAX,
+            ..LinkTuning::default()
+        };
+        assert_eq!(huge.min_udp_payload(), MAX_UDP_PAYLOAD);
+        assert_eq!(huge.max_udp_payload(), MAX_UDP_PAYLOAD);
+        // A whole quinn GSO batch of the largest packets is one send the kernel accepts.
+        assert!(10 * usize::from(MAX_UDP_PAYLOAD) <= 65_507);
     }
 
     /// Moves every pending TLS record from `from` to `to`; returns the bytes moved.
@@ -874,6 +957,72 @@ mod tests {
         }
     }
 
+    /// Sends `total` bytes on one stream with `tuning` at both ends; returns the connection's
+    /// path statistics afterwards.
+    async fn path_after_traffic(tuning: LinkTuning, total: usize) -> quinn::PathStats {
+        const BLOCK: usize = 256 << 10;
+        let pki = pki();
+        let server = server_endpoint(localhost(), &pki.ca.ca(), &pki.server, &tuning).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let client = client_endpoint(localhost(), &pki.ca.ca(), &pki.client, &tuning).unwrap();
+        let receiver = tokio::spawn(async move {
+            let connection = server.accept().await.unwrap().await.unwrap();
+            let mut recv = connection.accept_uni().await.unwrap();
+            while recv.read_chunk(usize::MAX, true).await.unwrap().is_some() {}
+        });
+        let connection = client
+            .connect(server_addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
+        let block = bytes::Bytes::from(vec![0xa5; BLOCK]);
+        let mut send = connection.open_uni().await.unwrap();
+        for _ in 0..total / BLOCK {
+            send.write_chunk(block.clone()).await.unwrap();
+        }
+        send.finish().unwrap();
+        send.stopped().await.unwrap();
+        let path = connection.stats().path;
+        connection.close(0u32.into(), b"done");
+        receiver.await.unwrap();
+        path
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_known_mtu_holds_and_unknown_paths_are_probed_up_to_the_bound() {
+        // Loopback carries 65536-byte packets: only the configuration limits them.
+        let known = LinkTuning {
+            mtu: Some(9000),
+            ..LinkTuning::default()
+        };
+        let path = timeout(LIMIT, path_after_traffic(known, 64 << 20))
+            .await
+            .expect("within the time limit");
+        assert_eq!(path.current_mtu, MAX_UDP_PAYLOAD, "{path:?}");
+        assert!(
+            path.sent_packets < (64 << 20) / 4000,
+            "{} packets for 64 MiB: not jumbo-sized",
+            path.sent_packets
+        );
+        assert!(
+            path.lost_packets < path.sent_packets / 100,
+            "{path:?}: large packets are being lost"
+        );
+
+        // Nothing known: discovery probes from 1200 up to the bound (and never above it). A
+        // loss burst may be taken for a black hole and drop back to 1200, so only the probes
+        // and the bound are asserted.
+        let probed = LinkTuning {
+            max_mtu: 1500,
+            ..LinkTuning::default()
+        };
+        let path = timeout(LIMIT, path_after_traffic(probed, 4 << 20))
+            .await
+            .expect("within the time limit");
+        assert!(path.sent_plpmtud_probes > 0, "{path:?}");
+        assert!(path.current_mtu <= 1452, "{path:?}");
+    }
+
     /// Memory-to-memory throughput over loopback on one uni stream; prints Gbit/s.
     /// `cargo test -p baylink-net --release transport::tests::loopback_throughput -- --ignored --nocapture`
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -882,15 +1031,16 @@ mod tests {
         const TOTAL: usize = 4 << 30;
         const BLOCK: usize = 1 << 20;
         let pki = pki();
-        let server = server(&pki);
+        // BAYLINK_MTU=9000 measures with jumbo-sized packets (unset: discovery from 1200).
+        let tuning = LinkTuning {
+            mtu: std::env::var("BAYLINK_MTU")
+                .ok()
+                .and_then(|m| m.parse().ok()),
+            ..LinkTuning::default()
+        };
+        let server = server_endpoint(localhost(), &pki.ca.ca(), &pki.server, &tuning).unwrap();
         let server_addr = server.local_addr().unwrap();
-        let client = client_endpoint(
-            localhost(),
-            &pki.ca.ca(),
-            &pki.client,
-            &LinkTuning::default(),
-        )
-        .unwrap();
+        let client = client_endpoint(localhost(), &pki.ca.ca(), &pki.client, &tuning).unwrap();
         let receiver = tokio::spawn(async move {
             let connection = server.accept().await.unwrap().await.unwrap();
             let mut recv = connection.accept_uni().await.unwrap();
