@@ -464,6 +464,19 @@ impl DicomGate {
         }
     }
 
+    /// Says that the file is a DICOM instance whose PatientID the caller already checked
+    /// with a full parser (the C-STORE SCP reads deflated data sets too, which the prefix
+    /// reader does not): the gate skips its own check. Call before the first bytes.
+    pub fn patient_checked(&mut self) {
+        if matches!(self.stage, Stage::Sniff) && self.held.is_empty() {
+            self.stage = if self.rules.deid.is_some() {
+                Stage::Head
+            } else {
+                Stage::Through
+            };
+        }
+    }
+
     /// Takes the next bytes of the file; returns what may be stored now (possibly nothing).
     pub fn feed(&mut self, data: Bytes) -> Result<Option<Bytes>, DeidError> {
         if matches!(self.stage, Stage::Through) {
