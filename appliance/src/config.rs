@@ -851,6 +851,17 @@ path = "delivered"
         assert_eq!(c.ingest.dicom.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.ingest.dicom.peers.len(), 1);
         assert_eq!(c.ingest.dicom.peers[0].hospital, "hospital-a");
+        assert_eq!(c.ingest.dicom.peers[0].purpose, "care");
+        assert_eq!(c.policy.deidentify_purposes, ["research"]);
+        let research = text
+            .replace("# purpose = \"care\"", "purpose = \"research\"")
+            .replace(
+                "# deidentify_purposes = [\"research\"]",
+                "deidentify_purposes = [\"research\", \"teaching\"]",
+            );
+        let c = Config::parse(Path::new("/etc/baylink/edge.toml"), &research).unwrap();
+        assert_eq!(c.ingest.dicom.peers[0].purpose, "research");
+        assert_eq!(c.policy.deidentify_purposes, ["research", "teaching"]);
     }
 
     #[test]

@@ -66,8 +66,10 @@
 //!
 //! # Not covered
 //! - Identifying text burned into the pixel data (BurnedInAnnotation is not checked).
-//! - Elements after Pixel Data (7FE0,0010) are copied unchanged (the pixel data and
-//!   anything that follows it stream through without being parsed).
+//! - Elements after encapsulated (undefined length) Pixel Data are copied unchanged. After
+//!   native pixel data, or in a file without pixel data, any element after the head (a
+//!   private group 7FE1, trailing padding, digital signatures) is refused with rule
+//!   `deid-unsupported`, since it would pass unparsed.
 //! - Free text in attributes not listed above, and the Annex E options (clean descriptors,
 //!   retain dates, ...).
 //! - Deflated and big endian transfer syntaxes: refused with rule `deid-unsupported`.
@@ -451,6 +453,11 @@ pub struct DicomGate {
     held: BytesMut,
     /// Try to find the head's end again once this many bytes are held.
     next_try: usize,
+    /// Bytes of the original file consumed so far (counted once the head is rewritten).
+    consumed: u64,
+    /// In a de-identified file, where the pixel data ends: nothing may follow it (elements
+    /// after it would pass unparsed).
+    allowed_end: Option<u64>,
 }
 
 impl DicomGate {
@@ -461,6 +468,8 @@ impl DicomGate {
             stage: Stage::Sniff,
             held: BytesMut::new(),
             next_try: 0,
+            consumed: 0,
+            allowed_end: None,
         }
     }
 
@@ -480,6 +489,14 @@ impl DicomGate {
     /// Takes the next bytes of the file; returns what may be stored now (possibly nothing).
     pub fn feed(&mut self, data: Bytes) -> Result<Option<Bytes>, DeidError> {
         if matches!(self.stage, Stage::Through) {
+            self.consumed += data.len() as u64;
+            if let Some(end) = self.allowed_end
+                && self.consumed > end
+            {
+                return Err(unsupported(
+                    "elements follow the pixel data: they cannot be de-identified",
+                ));
+            }
             return Ok(Some(data));
         }
         self.held.extend_from_slice(&data);
@@ -560,8 +577,8 @@ impl DicomGate {
                     if !eof && self.held.len() < self.next_try {
                         return Ok(None);
                     }
-                    let end = match lengths::head_end(&self.held, eof, HEAD_STOP) {
-                        Ok(HeadEnd::At(p)) => p,
+                    let (end, next) = match lengths::head_end(&self.held, eof, HEAD_STOP) {
+                        Ok(HeadEnd::At(p, next)) => (p, next),
                         Ok(HeadEnd::NeedMore) if self.held.len() >= MAX_HEAD_BYTES => {
                             return Err(unsupported(format!(
                                 "the attributes before the pixel data exceed {MAX_HEAD_BYTES} \
@@ -585,6 +602,30 @@ impl DicomGate {
                             "the attributes before the pixel data exceed {MAX_HEAD_BYTES} bytes"
                         )));
                     }
+                    // What may follow the head: the pixel data (group 7FE0) and nothing after
+                    // it, so that no attribute passes unparsed. After encapsulated pixel data
+                    // (undefined length) trailing elements are not detected (see the docs).
+                    self.allowed_end = match next {
+                        None => Some(end as u64),
+                        Some(n) if n.tag.0 != 0x7FE0 => {
+                            return Err(unsupported(format!(
+                                "element ({:04X},{:04X}) after the attributes cannot be \
+                                 de-identified",
+                                n.tag.0, n.tag.1
+                            )));
+                        }
+                        Some(n) => n
+                            .len
+                            .map(|len| end as u64 + n.header as u64 + u64::from(len)),
+                    };
+                    if let Some(allowed) = self.allowed_end
+                        && self.held.len() as u64 > allowed
+                    {
+                        return Err(unsupported(
+                            "elements follow the pixel data: they cannot be de-identified",
+                        ));
+                    }
+                    self.consumed = self.held.len() as u64;
                     let deid = self.rules.deid.as_ref().expect("Head only with deid");
                     let head = deid.rewrite_head(&self.held[..end])?;
                     let rest = self.held.split_off(end);
@@ -875,6 +916,44 @@ mod tests {
         // Big endian: cannot be de-identified safely.
         let be = instance(33, "P-0001", "1.2.840.10008.1.2.2");
         assert_eq!(rule(gate(&be, research)), RULE_DEID_UNSUPPORTED);
+    }
+
+    #[test]
+    fn elements_after_the_head_other_than_pixel_data_are_refused() {
+        const EXPLICIT: &str = "1.2.840.10008.1.2.1";
+        let research = GateRules {
+            patient_id: "P-0001".into(),
+            deid: Some(key().for_transfer(&TransferId::new_v7())),
+        };
+        let with = |tag: (u16, u16), drop_pixels: bool| {
+            let mut obj = parse(&instance(41, "P-0001", EXPLICIT));
+            if drop_pixels {
+                obj.remove_element(Tag(0x7FE0, 0x0010));
+            }
+            obj.put(el(tag.0, tag.1, VR::LO, "HKID A123456"));
+            let mut out = Vec::new();
+            obj.write_all(&mut out).unwrap();
+            out
+        };
+        for (tag, drop_pixels) in [
+            ((0x7FE1, 0x0010), false),
+            ((0x7FE1, 0x0010), true),
+            ((0xFFFC, 0xFFFC), true),
+        ] {
+            match gate(&with(tag, drop_pixels), research.clone()) {
+                Err(DeidError::Refused { refusal, .. }) => {
+                    assert_eq!(refusal.rule, RULE_DEID_UNSUPPORTED, "{tag:04X?}");
+                }
+                other => panic!("{tag:04X?}: {other:?}"),
+            }
+        }
+        // Without pixel data and nothing after: fine, and the whole file is rewritten.
+        let mut obj = parse(&instance(42, "P-0001", EXPLICIT));
+        obj.remove_element(Tag(0x7FE0, 0x0010));
+        let mut sr = Vec::new();
+        obj.write_all(&mut sr).unwrap();
+        let out = gate(&sr, research).unwrap();
+        assert_eq!(text(&parse(&out), 0x0010, 0x0010).as_deref(), Some(""));
     }
 
     #[test]

@@ -128,9 +128,20 @@ pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String
 pub enum HeadEnd {
     /// Offset (from the start of the file) of the first top-level element at or after the
     /// stop tag, or the file's length when a complete file has none.
-    At(usize),
+    At(usize, Option<NextElement>),
     /// The bytes given end inside the head: give more.
     NeedMore,
+}
+
+/// The element header found at the end of the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextElement {
+    /// Its tag (group, element).
+    pub tag: (u16, u16),
+    /// Its value length; `None` when undefined (encapsulated pixel data, a sequence).
+    pub len: Option<u32>,
+    /// Bytes of its header (8 or 12).
+    pub header: usize,
 }
 
 /// Why [`head_end`] cannot find the end of the head.
@@ -230,7 +241,19 @@ pub fn head_end(file: &[u8], complete: bool, stop: (u16, u16)) -> Result<HeadEnd
         cut: !complete,
     };
     match w.elements(pos, file.len(), 0, Some(stop), false) {
-        Ok(p) => Ok(HeadEnd::At(p.min(file.len()))),
+        Ok(p) if p >= file.len() => Ok(HeadEnd::At(file.len(), None)),
+        Ok(p) => {
+            let next = match w.header(p) {
+                Ok(Some(h)) => Some(NextElement {
+                    tag: h.tag,
+                    len: (h.len != UNDEFINED).then_some(h.len),
+                    header: h.size,
+                }),
+                Ok(None) => None,
+                Err(e) => return more(e),
+            };
+            Ok(HeadEnd::At(p, next))
+        }
         Err(e) => more(e),
     }
 }
