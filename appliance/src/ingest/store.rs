@@ -484,15 +484,6 @@ impl IngestStore {
         }
     }
 
-    /// Whether transfer `id` (open) is de-identified.
-    pub fn deidentifies(&self, id: &TransferId) -> bool {
-        lock(&self.inner.open).get(id).is_some_and(|t| {
-            self.inner
-                .deidentify_purposes
-                .contains(&t.declaration.purpose)
-        })
-    }
-
     /// Records durably that a file (or DICOM instance) of open transfer `id` was refused by
     /// `refusal` (an audit `refused` record naming the rule, the file and, hashed, the
     /// instance's patient); the caller then answers the refusal.
