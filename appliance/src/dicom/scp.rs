@@ -28,7 +28,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::dimse::{self, Command, status};
 use super::part10::{self, Part10Error};
-use super::sink::{AssociationSink, Origin};
+use super::sink::{AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::config::DicomPeer;
 use crate::policy::{Decision, Declaration, SharedPolicy};
@@ -324,6 +324,12 @@ impl<S: AssociationSink> Inner<S> {
         // Hand on or discard first, then free the scratch space and the slot, and only then
         // answer the peer: once it sees the association end, all of it is settled.
         let outcome = match (end, state.transfer.take()) {
+            // Opened by a first instance that was then refused (e.g. by the de-identifier):
+            // nothing to commit, so nothing stays open either.
+            (End::Released, Some(t)) if accepted == 0 => {
+                self.sink.discard(t).await;
+                Ok("association released; nothing accepted, nothing sent")
+            }
             (End::Released, Some(t)) => match self.sink.finish(t).await {
                 Ok(()) => Ok("association released"),
                 Err(e) => Err(format!("its instances could not be handed on: {e}")),
@@ -665,7 +671,11 @@ impl<S: AssociationSink> Association<'_, S> {
             .sink
             .add_instance(t, &i.name, &i.path)
             .await
-            .map_err(|e| oor(e.to_string()))?;
+            .map_err(|e| match e {
+                // A rule refused it (and it is audited): not a resource problem.
+                SinkError::Refused(_) => (status::NOT_AUTHORIZED, e.to_string()),
+                _ => oor(e.to_string()),
+            })?;
         self.names.insert(i.name.clone());
         Ok(())
     }

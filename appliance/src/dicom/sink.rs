@@ -26,6 +26,9 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    /// A policy rule refused the instance (e.g. `deid-unsupported`); already audited.
+    #[error("{} (rule {})", .0.reason, .0.rule)]
+    Refused(Refusal),
     /// The ingest store refused or failed a step.
     #[error("{what}: {message}")]
     Store {
@@ -38,6 +41,9 @@ pub enum SinkError {
 
 impl SinkError {
     fn store(what: &'static str, e: crate::ingest::IngestError) -> SinkError {
+        if let crate::ingest::IngestError::Refused(r) = e {
+            return SinkError::Refused(r);
+        }
         SinkError::Store {
             what,
             message: e.to_string(),

@@ -409,4 +409,34 @@ fn cstore_research_peer_is_deidentified_and_another_patient_fails_alone() {
     }
     assert_refused_recorded(&d, &id);
     assert!(edge.log().contains("patient-mismatch"), "{}", edge.log());
+
+    // A deflated instance cannot be de-identified in place: refused (0x0124, rule
+    // deid-unsupported, recorded), nothing of it delivered.
+    let deflated = src.join("deflated.dcm");
+    let plain = instance(&src, 44, "P-0001");
+    let out = run(Command::new("dcmconv")
+        .arg("+td")
+        .arg(&plain)
+        .arg(&deflated));
+    assert!(out.status.success(), "{}", text(&out));
+    let out = run(scu("storescu", &d, "RESEARCH", "BAYLINK")
+        .args(["-v", "-xd"])
+        .arg(&deflated));
+    let t = text(&out);
+    assert!(
+        t.contains("Received Store Response (Unknown Status: 0x124)"),
+        "{t}"
+    );
+    let records = std::fs::read_to_string(d.path("audit/edge/records.log")).unwrap();
+    assert!(records.contains("deid-unsupported"), "{records}");
+    assert_eq!(wait_files(&d.path("delivered"), 1), dirs);
+    // The association opened a transfer for its first instance; with nothing accepted it is
+    // dropped at release, not left open in the spool.
+    let open: Vec<_> = std::fs::read_dir(d.path("spool/edge"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.') && *n != id)
+        .collect();
+    assert!(open.is_empty(), "left in the spool: {open:?}");
 }
