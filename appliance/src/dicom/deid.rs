@@ -536,6 +536,7 @@ impl DicomGate {
                         return Ok(self.release());
                     }
                 }
+                Stage::Patient if !eof && self.held.len() < self.next_try => return Ok(None),
                 Stage::Patient => match part10::parse_prefix(&self.held) {
                     Ok(inst) if inst.patient_id != self.rules.patient_id => {
                         return Err(DeidError::Refused {
@@ -548,7 +549,10 @@ impl DicomGate {
                             patient_id: Some(inst.patient_id),
                         });
                     }
-                    Ok(_) if self.rules.deid.is_some() => self.stage = Stage::Head,
+                    Ok(_) if self.rules.deid.is_some() => {
+                        self.next_try = 0;
+                        self.stage = Stage::Head;
+                    }
                     Ok(_) => return Ok(self.release()),
                     Err(Part10Error::Malformed(why)) => {
                         if self.rules.deid.is_some()
@@ -571,7 +575,11 @@ impl DicomGate {
                             "no PatientID within the first {MAX_PATIENT_PREFIX} bytes"
                         )));
                     }
-                    Err(Part10Error::NeedMore) => return Ok(None),
+                    Err(Part10Error::NeedMore) => {
+                        // Parse again only once the held bytes doubled: linear overall.
+                        self.next_try = self.held.len().saturating_mul(2).min(MAX_PATIENT_PREFIX);
+                        return Ok(None);
+                    }
                 },
                 Stage::Head => {
                     if !eof && self.held.len() < self.next_try {

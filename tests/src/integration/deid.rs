@@ -440,3 +440,20 @@ fn cstore_research_peer_is_deidentified_and_another_patient_fails_alone() {
         .collect();
     assert!(open.is_empty(), "left in the spool: {open:?}");
 }
+
+/// `baylink send` reads local files as they are: a research transfer through it would carry
+/// them undeidentified, so it is refused (exit 2, rule recorded), nothing sealed.
+#[test]
+fn send_refuses_a_purpose_that_must_be_deidentified() {
+    let d = Deployment::new().unwrap();
+    let f = instance(&d.path("instances"), 61, "P-0001");
+    let out = d
+        .send(&["--purpose", "research", f.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("purpose research is de-identified"), "{err}");
+    assert_eq!(std::fs::read_dir(d.path("spool/edge")).unwrap().count(), 0);
+    let records = std::fs::read_to_string(d.path("audit/edge/records.log")).unwrap();
+    assert!(records.contains("deid-unsupported"), "{records}");
+}
