@@ -86,7 +86,7 @@ use baylink_net::proto::TransferId;
 use bytes::{Bytes, BytesMut};
 use dicom_core::header::Header;
 use dicom_core::value::{DataSetSequence, Value};
-use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_core::{DataElement, Length, PrimitiveValue, Tag, VR};
 use dicom_object::file::ReadPreamble;
 use dicom_object::mem::InMemElement;
 use dicom_object::{InMemDicomObject, OpenFileOptions};
@@ -384,7 +384,9 @@ impl Deidentifier {
                     out.push(DataElement::new(
                         tag,
                         VR::SQ,
-                        Value::Sequence(DataSetSequence::new(items, seq.length())),
+                        // The items changed size: the rewritten sequence (and its items) are
+                        // written with undefined lengths and delimiters, always consistent.
+                        Value::Sequence(DataSetSequence::new(items, Length::UNDEFINED)),
                     ));
                 }
                 Value::Primitive(_) if e.vr() == VR::UI && !KEPT_UIDS.contains(&(tag.0, tag.1)) => {
@@ -1003,6 +1005,54 @@ mod tests {
                 proptest::prop_assert_eq!(&out[128..132], b"DICM");
             }
         }
+    }
+
+    /// Explicit VR little endian element bytes (2-byte length VRs).
+    fn raw(group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut v = value.to_vec();
+        if v.len() % 2 == 1 {
+            v.push(if vr == b"UI" { 0 } else { b' ' });
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(vr);
+        out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+        out.extend_from_slice(&v);
+        out
+    }
+
+    /// Sequences and items of defined length (what many modalities write): their lengths
+    /// change with the rewrite, and the output must still parse with the references mapped.
+    #[test]
+    fn defined_length_sequences_are_rewritten_consistently() {
+        let mut item = raw(0x0008, 0x1150, b"UI", CT.as_bytes());
+        item.extend(raw(0x0008, 0x1155, b"UI", sop(70).as_bytes()));
+        item.extend(raw(0x0009, 0x1001, b"LO", b"HKID A123456"));
+        let mut seq = vec![0xFE, 0xFF, 0x00, 0xE0];
+        seq.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        seq.extend(item);
+        let mut f =
+            super::super::part10::file_header(CT, &sop(71), "1.2.840.10008.1.2.1", "X").unwrap();
+        f.extend(raw(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(raw(0x0008, 0x0018, b"UI", sop(71).as_bytes()));
+        f.extend_from_slice(&[0x08, 0x00, 0x40, 0x11, b'S', b'Q', 0, 0]);
+        f.extend_from_slice(&(seq.len() as u32).to_le_bytes());
+        f.extend(seq);
+        f.extend(raw(0x0010, 0x0010, b"PN", b"Wong^Siu Ming"));
+        f.extend(raw(0x0010, 0x0020, b"LO", b"P-0001"));
+        f.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
+        ]);
+        let t = key().for_transfer(&TransferId::new_v7());
+        let out = deid(&f, &t);
+        assert_eq!(&out[out.len() - 4..], &[1, 2, 3, 4]);
+        let o = parse(&out);
+        let item = &o.element(Tag(0x0008, 0x1140)).unwrap().items().unwrap()[0];
+        assert_eq!(text(item, 0x0008, 0x1155), Some(t.new_uid(&sop(70))));
+        assert_eq!(text(item, 0x0009, 0x1001), None);
+        assert_eq!(text(&o, 0x0010, 0x0010).as_deref(), Some(""));
+        assert!(!out.windows(4).any(|w| w == b"HKID"));
     }
 
     #[test]
