@@ -213,6 +213,9 @@ pub struct DicomPeer {
     pub address: std::net::IpAddr,
     /// Hospital this SCU belongs to.
     pub hospital: String,
+    /// Purpose declared for its associations (`purpose`, default `care`; e.g. `research`,
+    /// whose instances are de-identified).
+    pub purpose: String,
 }
 
 /// Default AE title of the Storage SCP.
@@ -232,6 +235,9 @@ pub struct PolicySection {
     /// Hospitals (client certificate subject CN) allowed to upload; `None`: any client
     /// certificate from the deployment CA.
     pub hospitals: Option<Vec<String>>,
+    /// Purposes whose DICOM instances are de-identified before they are hashed and sealed
+    /// (`policy.deidentify_purposes`, default `["research"]`).
+    pub deidentify_purposes: Vec<String>,
 }
 
 /// `[delivery]`
@@ -354,6 +360,7 @@ struct RawDicomPeer {
     ae_title: String,
     address: String,
     hospital: String,
+    purpose: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +391,7 @@ struct RawPolicy {
     #[serde(default)]
     negative_list: Vec<String>,
     hospitals: Option<Vec<String>>,
+    deidentify_purposes: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -675,10 +683,18 @@ impl Config {
                     "must be 1..=64 printable characters".into(),
                 ));
             }
+            let purpose = p.purpose.clone().unwrap_or_else(|| "care".to_owned());
+            if purpose.is_empty() || purpose.len() > 64 || purpose.chars().any(char::is_control) {
+                return Err(invalid(
+                    "ingest.dicom_peers.purpose",
+                    "must be 1..=64 printable characters".into(),
+                ));
+            }
             let peer = DicomPeer {
                 ae_title: p.ae_title.clone(),
                 address,
                 hospital: p.hospital.clone(),
+                purpose,
             };
             if ingest
                 .dicom
@@ -784,6 +800,10 @@ impl Config {
                 consents: raw.policy.consents.as_deref().map(resolve),
                 negative_list: raw.policy.negative_list,
                 hospitals: raw.policy.hospitals,
+                deidentify_purposes: raw
+                    .policy
+                    .deidentify_purposes
+                    .unwrap_or_else(|| vec!["research".to_owned()]),
             },
             delivery,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,
@@ -856,6 +876,17 @@ path = "delivered"
         assert_eq!(c.ingest.dicom.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.ingest.dicom.peers.len(), 1);
         assert_eq!(c.ingest.dicom.peers[0].hospital, "hospital-a");
+        assert_eq!(c.ingest.dicom.peers[0].purpose, "care");
+        assert_eq!(c.policy.deidentify_purposes, ["research"]);
+        let research = text
+            .replace("# purpose = \"care\"", "purpose = \"research\"")
+            .replace(
+                "# deidentify_purposes = [\"research\"]",
+                "deidentify_purposes = [\"research\", \"teaching\"]",
+            );
+        let c = Config::parse(Path::new("/etc/baylink/edge.toml"), &research).unwrap();
+        assert_eq!(c.ingest.dicom.peers[0].purpose, "research");
+        assert_eq!(c.policy.deidentify_purposes, ["research", "teaching"]);
     }
 
     #[test]

@@ -217,6 +217,29 @@ impl Edge {
                 (*id, seal::load_declaration(&dir)?)
             }
         };
+        // `send` reads local files as they are: a purpose that must be de-identified goes
+        // through the hospital doors (which de-identify before sealing), never around them.
+        if matches!(request, SendRequest::New { .. })
+            && self
+                .cfg
+                .policy
+                .deidentify_purposes
+                .contains(&declaration.purpose)
+        {
+            let reason = format!(
+                "purpose {} is de-identified, which only the hospital API, STOW-RS and \
+                 C-STORE do; `baylink send` does not",
+                declaration.purpose
+            );
+            self.audit
+                .append(Event {
+                    rule: Some(crate::dicom::deid::RULE_DEID_UNSUPPORTED.to_owned()),
+                    ..Event::declared(Kind::Refused, Some(id.to_string()), &declaration)
+                })
+                .await
+                .map_err(|e| SendFailure::Other(e.into()))?;
+            return Err(SendFailure::Refused(reason));
+        }
         // The checkpoint runs again on resume: a consent withdrawn since sealing stops the send.
         let consent_ref = match self.policy.current().check(&declaration, SystemTime::now()) {
             Decision::Refuse(r) => {

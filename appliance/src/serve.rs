@@ -172,7 +172,6 @@ async fn start_dicom_scp(
         max_instances: cfg.limits.max_files as usize,
         max_association_bytes: cfg.ingest.max_upload_bytes,
         category: "diagnostic-image".into(),
-        purpose: "care".into(),
         destination: "hk-ehealth".into(),
     };
     let sink = StoreSink::new(store.clone());

@@ -123,6 +123,141 @@ pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String
         .map(|_| ())
 }
 
+/// Where the head of a data set ends (see [`head_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadEnd {
+    /// Offset (from the start of the file) of the first top-level element at or after the
+    /// stop tag, or the file's length when a complete file has none.
+    At(usize, Option<NextElement>),
+    /// The bytes given end inside the head: give more.
+    NeedMore,
+}
+
+/// The element header found at the end of the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NextElement {
+    /// Its tag (group, element).
+    pub tag: (u16, u16),
+    /// Its value length; `None` when undefined (encapsulated pixel data, a sequence).
+    pub len: Option<u32>,
+    /// Bytes of its header (8 or 12).
+    pub header: usize,
+}
+
+/// Why [`head_end`] cannot find the end of the head.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// The data set is encoded in a way a plain walk cannot follow (deflated, big endian).
+    #[error("transfer syntax {0} cannot be rewritten in place")]
+    Unsupported(String),
+    /// The bytes are not a usable Part-10 head; the text names the problem.
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// Finds where the part of a Part-10 file before `stop` ends (`file` starts at the
+/// preamble): the offset of the first top-level data set element whose tag is `>= stop`.
+///
+/// `complete` says that `file` is the whole file; otherwise running out of bytes anywhere in
+/// the head is [`HeadEnd::NeedMore`] (the caller gives more, or calls again with `complete`
+/// to learn what is wrong). Only explicit and implicit VR little endian data sets (including
+/// the encapsulated transfer syntaxes) are walked; deflated and big endian ones are
+/// [`HeadError::Unsupported`].
+pub fn head_end(file: &[u8], complete: bool, stop: (u16, u16)) -> Result<HeadEnd, HeadError> {
+    let more = |e: String| {
+        if complete {
+            Err(HeadError::Malformed(e))
+        } else {
+            Ok(HeadEnd::NeedMore)
+        }
+    };
+    if file.len() < 132 {
+        return more("the file ends inside the preamble".into());
+    }
+    if &file[128..132] != b"DICM" {
+        return Err(HeadError::Malformed(
+            "no DICM prefix after the 128-byte preamble".into(),
+        ));
+    }
+    let meta = Walk {
+        buf: file,
+        enc: Encoding {
+            explicit: true,
+            big_endian: false,
+        },
+        cut: !complete,
+    };
+    let mut pos = 132;
+    let mut ts = None;
+    // Bytes ran out after the Transfer Syntax UID: it can still be judged.
+    let mut short = None;
+    loop {
+        let h = match meta.header(pos) {
+            Ok(Some(h)) => h,
+            Ok(None) if ts.is_some() => break, // a meta group and nothing else
+            Ok(None) => return more("the file ends inside the meta group".into()),
+            Err(e) if ts.is_some() => {
+                short = Some(e);
+                break;
+            }
+            Err(e) => return more(e),
+        };
+        if h.tag.0 != 0x0002 {
+            break;
+        }
+        let end = match meta.value_end(pos, &h) {
+            Ok(e) => e,
+            Err(e) => return more(e),
+        };
+        if h.tag == (0x0002, 0x0010) {
+            let v = &file[pos + h.size..end];
+            ts = Some(super::part10::trim_padding(&String::from_utf8_lossy(v)).to_owned());
+        }
+        pos = end;
+    }
+    let ts =
+        ts.ok_or_else(|| HeadError::Malformed("the meta group has no Transfer Syntax UID".into()))?;
+    let enc = match ts.as_str() {
+        "1.2.840.10008.1.2" => Encoding {
+            explicit: false,
+            big_endian: false,
+        },
+        // Big endian, deflated, and the JPIP deflated syntaxes.
+        "1.2.840.10008.1.2.2"
+        | "1.2.840.10008.1.2.1.99"
+        | "1.2.840.10008.1.2.4.95"
+        | "1.2.840.10008.1.2.4.205" => return Err(HeadError::Unsupported(ts)),
+        _ => Encoding {
+            explicit: true,
+            big_endian: false,
+        },
+    };
+    if let Some(e) = short {
+        return more(e);
+    }
+    let w = Walk {
+        buf: file,
+        enc,
+        cut: !complete,
+    };
+    match w.elements(pos, file.len(), 0, Some(stop), false) {
+        Ok(p) if p >= file.len() => Ok(HeadEnd::At(file.len(), None)),
+        Ok(p) => {
+            let next = match w.header(p) {
+                Ok(Some(h)) => Some(NextElement {
+                    tag: h.tag,
+                    len: (h.len != UNDEFINED).then_some(h.len),
+                    header: h.size,
+                }),
+                Ok(None) => None,
+                Err(e) => return more(e),
+            };
+            Ok(HeadEnd::At(p, next))
+        }
+        Err(e) => more(e),
+    }
+}
+
 impl Walk<'_> {
     fn u16_at(&self, p: usize) -> Option<u16> {
         let b: [u8; 2] = self.buf.get(p..p + 2)?.try_into().ok()?;

@@ -12,6 +12,7 @@
 //! What this module deliberately does not do: decode pixel data (the relay passes every
 //! transfer syntax through unchanged), or keep a whole instance in memory.
 
+pub mod deid;
 pub mod dimse;
 pub mod lengths;
 pub mod part10;

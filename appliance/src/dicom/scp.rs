@@ -28,7 +28,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::dimse::{self, Command, status};
 use super::part10::{self, Part10Error};
-use super::sink::{AssociationSink, Origin};
+use super::sink::{AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::config::DicomPeer;
 use crate::policy::{Decision, Declaration, SharedPolicy};
@@ -56,8 +56,6 @@ pub struct ScpConfig {
     pub max_association_bytes: u64,
     /// Declaration fields other than the patient, for the consent checkpoint.
     pub category: String,
-    /// Purpose of the transfer.
-    pub purpose: String,
     /// Destination system.
     pub destination: String,
 }
@@ -173,11 +171,14 @@ struct PeerAccess {
 
 impl PeerAccess {
     fn hospital(peers: &[DicomPeer], calling: &str, ip: IpAddr) -> Option<String> {
+        Self::peer(peers, calling, ip).map(|p| p.hospital.clone())
+    }
+
+    fn peer<'p>(peers: &'p [DicomPeer], calling: &str, ip: IpAddr) -> Option<&'p DicomPeer> {
         let calling = calling.trim();
         peers
             .iter()
             .find(|p| p.ae_title.trim() == calling && p.address == canonical(ip))
-            .map(|p| p.hospital.clone())
     }
 }
 
@@ -236,6 +237,8 @@ struct Association<'a, S: AssociationSink> {
     inner: &'a Inner<S>,
     id: uuid::Uuid,
     hospital: String,
+    /// The purpose the calling peer declares (`ingest.dicom_peers.purpose`).
+    purpose: String,
     scratch: PathBuf,
     patient: Option<String>,
     transfer: Option<S::Transfer>,
@@ -288,7 +291,9 @@ impl<S: AssociationSink> Inner<S> {
             }
         };
         let calling = assoc.peer_ae_title().trim().to_owned();
-        let Some(hospital) = PeerAccess::hospital(&self.cfg.peers, &calling, peer.ip()) else {
+        let Some((hospital, purpose)) = PeerAccess::peer(&self.cfg.peers, &calling, peer.ip())
+            .map(|p| (p.hospital.clone(), p.purpose.clone()))
+        else {
             // Access control already refused this; never reached.
             let _ = assoc.abort().await;
             return;
@@ -304,6 +309,7 @@ impl<S: AssociationSink> Inner<S> {
             inner: self,
             id,
             hospital,
+            purpose,
             scratch: scratch.clone(),
             patient: None,
             transfer: None,
@@ -318,6 +324,12 @@ impl<S: AssociationSink> Inner<S> {
         // Hand on or discard first, then free the scratch space and the slot, and only then
         // answer the peer: once it sees the association end, all of it is settled.
         let outcome = match (end, state.transfer.take()) {
+            // Opened by a first instance that was then refused (e.g. by the de-identifier):
+            // nothing to commit, so nothing stays open either.
+            (End::Released, Some(t)) if accepted == 0 => {
+                self.sink.discard(t).await;
+                Ok("association released; nothing accepted, nothing sent")
+            }
             (End::Released, Some(t)) => match self.sink.finish(t).await {
                 Ok(()) => Ok("association released"),
                 Err(e) => Err(format!("its instances could not be handed on: {e}")),
@@ -606,16 +618,28 @@ impl<S: AssociationSink> Association<'_, S> {
         if let Some(p) = &self.patient
             && p != &info.patient_id
         {
+            let refusal = crate::policy::Refusal {
+                rule: crate::dicom::deid::RULE_PATIENT_MISMATCH,
+                reason: "the instance's PatientID differs from the association's transfer".into(),
+            };
+            if let Some(t) = &self.transfer {
+                // audit: the refusal is durable before it is answered.
+                self.inner
+                    .sink
+                    .refuse_instance(t, &i.name, &info.patient_id, &refusal)
+                    .await
+                    .map_err(|e| oor(e.to_string()))?;
+            }
             return Err((
                 status::NOT_AUTHORIZED,
-                format!("patient {} differs from the association's", info.patient_id),
+                format!("{} (rule {})", refusal.reason, refusal.rule),
             ));
         }
         let cfg = &self.inner.cfg;
         let declaration = Declaration {
             patient_id: info.patient_id.clone(),
             category: cfg.category.clone(),
-            purpose: cfg.purpose.clone(),
+            purpose: self.purpose.clone(),
             destination: cfg.destination.clone(),
             consent_ref: None,
         };
@@ -647,7 +671,11 @@ impl<S: AssociationSink> Association<'_, S> {
             .sink
             .add_instance(t, &i.name, &i.path)
             .await
-            .map_err(|e| oor(e.to_string()))?;
+            .map_err(|e| match e {
+                // A rule refused it (and it is audited): not a resource problem.
+                SinkError::Refused(_) => (status::NOT_AUTHORIZED, e.to_string()),
+                _ => oor(e.to_string()),
+            })?;
         self.names.insert(i.name.clone());
         Ok(())
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
-use crate::policy::Declaration;
+use crate::policy::{Declaration, Refusal};
 
 /// An association's transfer could not be opened, extended or handed on.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,9 @@ pub enum SinkError {
         #[source]
         source: std::io::Error,
     },
+    /// A policy rule refused the instance (e.g. `deid-unsupported`); already audited.
+    #[error("{} (rule {})", .0.reason, .0.rule)]
+    Refused(Refusal),
     /// The ingest store refused or failed a step.
     #[error("{what}: {message}")]
     Store {
@@ -38,6 +41,9 @@ pub enum SinkError {
 
 impl SinkError {
     fn store(what: &'static str, e: crate::ingest::IngestError) -> SinkError {
+        if let crate::ingest::IngestError::Refused(r) = e {
+            return SinkError::Refused(r);
+        }
         SinkError::Store {
             what,
             message: e.to_string(),
@@ -91,6 +97,16 @@ pub trait AssociationSink: Send + Sync + 'static {
 
     /// Drops the transfer and everything added to it.
     fn discard(&self, transfer: Self::Transfer) -> impl Future<Output = ()> + Send;
+
+    /// Records that instance `name` of `patient_id` was refused by `refusal` (it is not
+    /// added; the SCP answers it with a failure status).
+    fn refuse_instance(
+        &self,
+        transfer: &Self::Transfer,
+        name: &str,
+        patient_id: &str,
+        refusal: &Refusal,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// Lets a shared sink be used where a sink is expected.
@@ -122,6 +138,16 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
 
     fn discard(&self, transfer: Self::Transfer) -> impl Future<Output = ()> + Send {
         (**self).discard(transfer)
+    }
+
+    fn refuse_instance(
+        &self,
+        transfer: &Self::Transfer,
+        name: &str,
+        patient_id: &str,
+        refusal: &Refusal,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).refuse_instance(transfer, name, patient_id, refusal)
     }
 }
 
@@ -171,11 +197,16 @@ impl AssociationSink for StoreSink {
     ) -> Result<(), SinkError> {
         use tokio::io::AsyncReadExt;
         let hospital = transfer.origin.hospital.as_str();
+        // A de-identified instance is named by its new SOP Instance UID, not the original.
+        let name = self.store.instance_file_name(&transfer.id, name);
         let mut upload = self
             .store
-            .begin_file(hospital, &transfer.id, name)
+            .begin_file(hospital, &transfer.id, &name)
             .await
             .map_err(|e| SinkError::store("cannot add the instance", e))?;
+        // The SCP read this instance's PatientID with dicom-rs and matched it to the
+        // association's transfer.
+        upload.patient_checked();
         let io = |what, source| SinkError::Io {
             what,
             path: file.to_path_buf(),
@@ -221,6 +252,25 @@ impl AssociationSink for StoreSink {
             "association released: transfer sealed, sending in the background"
         );
         Ok(())
+    }
+
+    async fn refuse_instance(
+        &self,
+        transfer: &StoreTransfer,
+        name: &str,
+        patient_id: &str,
+        refusal: &Refusal,
+    ) -> Result<(), SinkError> {
+        self.store
+            .refuse_file(
+                &transfer.origin.hospital,
+                &transfer.id,
+                name,
+                Some(patient_id),
+                refusal,
+            )
+            .await
+            .map_err(|e| SinkError::store("cannot record the refusal", e))
     }
 
     async fn discard(&self, transfer: StoreTransfer) {

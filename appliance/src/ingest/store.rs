@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::audit::{Event, Kind};
+use crate::dicom::deid::{DeidError, DeidKey, DicomGate, GateRules};
 use crate::edge::{Edge, SendFailure, SendRequest};
 use crate::policy::{Decision, Declaration, Refusal};
 use crate::seal;
@@ -166,12 +167,18 @@ struct Inner {
     /// One background send at a time, in commit order: concurrent sends would each hold
     /// spool buffers while waiting for more (and share one link anyway).
     sending: Arc<tokio::sync::Semaphore>,
+    /// Key of the de-identification (derived from the audit patient key).
+    deid_key: DeidKey,
+    /// `policy.deidentify_purposes`.
+    deidentify_purposes: HashSet<String>,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
 #[derive(Debug)]
 struct OpenTransfer {
     hospital: String,
+    /// What was declared: the patient every DICOM file must carry, the purpose.
+    declaration: Declaration,
     /// Bytes of finished files plus bytes received by uploads in progress.
     bytes: AtomicU64,
     state: Mutex<OpenState>,
@@ -246,6 +253,9 @@ impl IngestStore {
     /// [`IngestStore::resume`].
     pub fn open(edge: Edge) -> Result<IngestStore, IngestError> {
         let cfg = edge.config().clone();
+        // A PRF output of the audit patient key under a label no patient id can take
+        // (patient ids have no control characters): a secret of its own for de-identification.
+        let deid_secret = edge.audit().patient_ref(crate::dicom::deid::KEY_LABEL);
         let store = IngestStore {
             inner: Arc::new(Inner {
                 spool_dir: cfg.spool_dir.clone(),
@@ -256,6 +266,8 @@ impl IngestStore {
                 status_lock: tokio::sync::Mutex::new(()),
                 next_part: AtomicU64::new(0),
                 sending: Arc::new(tokio::sync::Semaphore::new(1)),
+                deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
+                deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
             }),
         };
         std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
@@ -328,6 +340,7 @@ impl IngestStore {
         .await?;
         let owner = hospital.to_owned();
         let d2 = dir.clone();
+        let declaration = decl.clone();
         blocking(move || {
             d2.create()
                 .map_err(internal("cannot create the transfer"))?;
@@ -347,6 +360,7 @@ impl IngestStore {
             id,
             Arc::new(OpenTransfer {
                 hospital: hospital.to_owned(),
+                declaration,
                 bytes: AtomicU64::new(0),
                 state: Mutex::new(OpenState::default()),
             }),
@@ -415,6 +429,7 @@ impl IngestStore {
             "{}",
             self.inner.next_part.fetch_add(1, Ordering::Relaxed)
         ));
+        let rules = self.gate_rules(id, &transfer.declaration);
         let mut upload = FileUpload {
             store: self.clone(),
             transfer,
@@ -429,6 +444,8 @@ impl IngestStore {
             counted: 0,
             hasher: Some(ChunkHasher::new(self.inner.chunk_size)),
             done: false,
+            gate: DicomGate::new(rules),
+            hospital: hospital.to_owned(),
         };
         let spool = self.inner.edge.spool();
         upload.file = Some(Arc::new(spool.create(&part).await?));
@@ -436,6 +453,61 @@ impl IngestStore {
             self.add_stage(id, TransferState::Receiving, None).await;
         }
         Ok(upload)
+    }
+
+    /// What every file of transfer `id` is checked against: the declared patient, and
+    /// de-identification when the declared purpose is in `policy.deidentify_purposes`.
+    fn gate_rules(&self, id: &TransferId, decl: &Declaration) -> GateRules {
+        GateRules {
+            patient_id: decl.patient_id.clone(),
+            deid: self
+                .inner
+                .deidentify_purposes
+                .contains(&decl.purpose)
+                .then(|| self.inner.deid_key.for_transfer(id)),
+        }
+    }
+
+    /// The stored name of instance file `name` (`<SOP Instance UID>.dcm`) in transfer `id`:
+    /// in a de-identified transfer `<new SOP Instance UID>.dcm` (the UID the instance gets),
+    /// so the original UID does not travel in the manifest either; otherwise `name`.
+    pub fn instance_file_name(&self, id: &TransferId, name: &str) -> String {
+        let Some(t) = lock(&self.inner.open).get(id).cloned() else {
+            return name.to_owned();
+        };
+        match (
+            self.gate_rules(id, &t.declaration).deid,
+            name.strip_suffix(".dcm"),
+        ) {
+            (Some(d), Some(uid)) => format!("{}.dcm", d.new_uid(uid)),
+            _ => name.to_owned(),
+        }
+    }
+
+    /// Records durably that a file (or DICOM instance) of open transfer `id` was refused by
+    /// `refusal` (an audit `refused` record naming the rule, the file and, hashed, the
+    /// instance's patient); the caller then answers the refusal.
+    pub async fn refuse_file(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        name: &str,
+        patient_id: Option<&str>,
+        refusal: &Refusal,
+    ) -> Result<(), IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        metrics::counter!("baylink_files_refused_total", "rule" => refusal.rule).increment(1);
+        info!(transfer = %id, file = name, rule = refusal.rule, reason = %refusal.reason, "file refused");
+        let mut event = Event {
+            rule: Some(refusal.rule.to_owned()),
+            hospital: Some(hospital.to_owned()),
+            detail: Some(format!("file {name}: {}", refusal.reason)),
+            ..Event::declared(Kind::Refused, Some(id.to_string()), &transfer.declaration)
+        };
+        if let Some(p) = patient_id {
+            event.patient_id = Some(p.to_owned());
+        }
+        self.audit(event).await
     }
 
     /// Drops an open (uncommitted) transfer and everything uploaded into it: for a door that
@@ -734,8 +806,11 @@ fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
         }
     }
     let bytes = files.values().sum();
+    let declaration =
+        seal::load_declaration(dir).map_err(|e| IngestError::Internal(format!("{e:#}")))?;
     Ok(OpenTransfer {
         hospital,
+        declaration,
         bytes: AtomicU64::new(bytes),
         state: Mutex::new(OpenState {
             committed: false,
@@ -766,6 +841,9 @@ pub struct FileUpload {
     /// With the upload, or travelling with the write in flight.
     hasher: Option<ChunkHasher>,
     done: bool,
+    /// PatientID check and de-identification of DICOM files.
+    gate: DicomGate,
+    hospital: String,
 }
 
 impl FileUpload {
@@ -784,7 +862,18 @@ impl FileUpload {
         Ok(())
     }
 
+    /// The file is a DICOM instance whose PatientID the caller checked against the
+    /// transfer's with a full parser (the C-STORE door): see [`DicomGate::patient_checked`].
+    pub fn patient_checked(&mut self) {
+        self.gate.patient_checked();
+    }
+
     /// Takes the next bytes of the file. Waits when the spool is behind (back-pressure).
+    ///
+    /// The bytes pass the transfer's [`DicomGate`] first: a DICOM file of another patient
+    /// is refused (rule `patient-mismatch`, recorded in the audit log), and in a
+    /// de-identified transfer what reaches the spool (and the hasher) is the de-identified
+    /// instance.
     pub async fn write(&mut self, data: Bytes) -> Result<(), IngestError> {
         let limit = self.store.inner.max_upload_bytes;
         let len = data.len() as u64;
@@ -793,6 +882,44 @@ impl FileUpload {
         if before.saturating_add(len) > limit {
             return Err(IngestError::TooLarge { limit });
         }
+        let passed = self.gate.feed(data);
+        match self.gated(passed).await? {
+            Some(out) => self.write_through(out).await,
+            None => Ok(()),
+        }
+    }
+
+    /// A gate's answer: refusals recorded in the audit log and turned into errors.
+    async fn gated(
+        &self,
+        passed: Result<Option<Bytes>, DeidError>,
+    ) -> Result<Option<Bytes>, IngestError> {
+        match passed {
+            Ok(out) => Ok(out),
+            Err(DeidError::Malformed(why)) => Err(IngestError::BadRequest(format!(
+                "{}: malformed DICOM instance: {why}",
+                self.name
+            ))),
+            Err(DeidError::Refused {
+                refusal,
+                patient_id,
+            }) => {
+                self.store
+                    .refuse_file(
+                        &self.hospital,
+                        &self.id,
+                        &self.name,
+                        patient_id.as_deref(),
+                        &refusal,
+                    )
+                    .await?;
+                Err(IngestError::Refused(refusal))
+            }
+        }
+    }
+
+    /// Writes bytes that passed the gate.
+    async fn write_through(&mut self, data: Bytes) -> Result<(), IngestError> {
         let mut rest = &data[..];
         while !rest.is_empty() {
             if self.buf.is_none() {
@@ -853,6 +980,10 @@ impl FileUpload {
     /// Writes what is left, fsyncs, renames into `data/<name>` and records the size and
     /// chunk digests durably. Returns the file's size.
     pub async fn finish(mut self) -> Result<u64, IngestError> {
+        let passed = self.gate.finish();
+        if let Some(out) = self.gated(passed).await? {
+            self.write_through(out).await?;
+        }
         self.flush().await?;
         drop(self.wait_pending().await?);
         self.buf = None;

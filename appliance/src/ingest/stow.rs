@@ -39,12 +39,13 @@ pub const OUT_OF_RESOURCES: u16 = 0xA700;
 pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 
 /// The declaration STOW-RS instances travel under (the rule until the compliance issue
-/// lands: the patient has a consent record that allows it).
-pub fn declaration_for(patient_id: &str) -> Declaration {
+/// lands: the patient has a consent record that allows it), for `purpose` (`care` unless the
+/// request names another with `?purpose=`).
+pub fn declaration_for(patient_id: &str, purpose: &str) -> Declaration {
     Declaration {
         patient_id: patient_id.to_owned(),
         category: "diagnostic-image".into(),
-        purpose: "care".into(),
+        purpose: purpose.to_owned(),
         destination: "hk-ehealth".into(),
         consent_ref: None,
     }
@@ -99,13 +100,46 @@ fn response_json(stored: &[Instance], failed: &[Failed]) -> Value {
     Value::Object(top)
 }
 
+/// The purpose a STOW-RS request declares: `?purpose=<name>` (e.g. `research`, whose
+/// instances are de-identified), `care` when absent.
+pub fn purpose_from_query(query: Option<&str>) -> Result<String, ApiError> {
+    let mut purpose = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "purpose" {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query parameter {k:?}; only purpose= is accepted"),
+            ));
+        }
+        let ok = !v.is_empty()
+            && v.len() <= 64
+            && v.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok || purpose.is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "purpose= must be given once, 1 to 64 letters, digits, '-' or '_'",
+            ));
+        }
+        purpose = Some(v.to_owned());
+    }
+    Ok(purpose.unwrap_or_else(|| "care".to_owned()))
+}
+
 /// `POST /dicom-web/studies`.
 pub(super) async fn stow(
     State(app): State<AppState>,
     Extension(Hospital(hospital)): Extension<Hospital>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let purpose = purpose_from_query(uri.query())?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -191,7 +225,7 @@ pub(super) async fn stow(
         if transfer.is_none() && !refused {
             match app
                 .store
-                .declare(&hospital, declaration_for(&inst.patient_id))
+                .declare(&hospital, declaration_for(&inst.patient_id, &purpose))
                 .await
             {
                 Ok(id) => transfer = Some((id, inst.patient_id.clone())),
@@ -208,10 +242,22 @@ pub(super) async fn stow(
         };
         if &inst.patient_id != patient {
             info!(transfer = %id, "STOW-RS part for another patient refused");
+            let refusal = crate::policy::Refusal {
+                rule: crate::dicom::deid::RULE_PATIENT_MISMATCH,
+                reason: "the instance's PatientID differs from the request's transfer".into(),
+            };
+            let name = format!("{}.dcm", inst.sop_instance);
+            // audit: the refusal is durable before it is answered.
+            app.store
+                .refuse_file(&hospital, id, &name, Some(&inst.patient_id), &refusal)
+                .await?;
             failed.push(fail(PROCESSING_FAILURE));
             continue;
         }
-        let name = format!("{}.dcm", inst.sop_instance);
+        // A de-identified instance is stored under its new SOP Instance UID.
+        let name = app
+            .store
+            .instance_file_name(id, &format!("{}.dcm", inst.sop_instance));
         let mut upload = match app.store.begin_file(&hospital, id, &name).await {
             Ok(u) => u,
             Err(IngestError::Conflict(_)) => {

@@ -54,11 +54,11 @@ fn instance(dir: &Path, n: u32, patient: Option<&str>) -> PathBuf {
 }
 
 /// Runs a dcmtk tool with its network time-outs bounded.
-fn run(cmd: &mut Command) -> Output {
+pub(super) fn run(cmd: &mut Command) -> Output {
     cmd.stdin(Stdio::null()).output().expect("dcmtk tool runs")
 }
 
-fn text(out: &Output) -> String {
+pub(super) fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -67,7 +67,7 @@ fn text(out: &Output) -> String {
 }
 
 /// dcmtk SCU arguments shared by every call: AE titles, time-outs, address.
-fn scu(tool: &str, d: &Deployment, calling: &str, called: &str) -> Command {
+pub(super) fn scu(tool: &str, d: &Deployment, calling: &str, called: &str) -> Command {
     let mut c = Command::new(tool);
     c.args([
         "-aet", calling, "-aec", called, "-to", "20", "-ta", "20", "-td", "20",
@@ -145,7 +145,7 @@ fn data_set(path: &Path) -> Vec<u8> {
 }
 
 /// The meta group's Transfer Syntax UID, via dcmdump (an independent parser).
-fn dump(path: &Path) -> String {
+pub(super) fn dump(path: &Path) -> String {
     let out = run(Command::new("dcmdump").arg(path));
     assert!(
         out.status.success(),

@@ -10,34 +10,34 @@ use std::time::{Duration, Instant};
 use baylink_tests::{Deployment, Service, payload, sha256_file};
 use serde_json::Value;
 
-const DEADLINE: Duration = Duration::from_secs(60);
+pub(super) const DEADLINE: Duration = Duration::from_secs(60);
 const GOOD: &str = r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#;
 
 /// A curl answer: HTTP status (0 when no HTTP answer came), body, and curl's own verdict.
 #[derive(Debug)]
-struct Answer {
-    status: u16,
-    body: String,
+pub(super) struct Answer {
+    pub(super) status: u16,
+    pub(super) body: String,
     curl_ok: bool,
 }
 
 impl Answer {
-    fn json(&self) -> Value {
+    pub(super) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
 }
 
-struct Api<'a> {
-    d: &'a Deployment,
+pub(super) struct Api<'a> {
+    pub(super) d: &'a Deployment,
 }
 
 impl Api<'_> {
-    fn url(&self, path: &str) -> String {
+    pub(super) fn url(&self, path: &str) -> String {
         format!("https://127.0.0.1:{}{path}", self.d.base_port)
     }
 
     /// curl as `identity` (`hospital-a`, `hospital-b`, `rogue`, or `None` for no certificate).
-    fn curl(&self, identity: Option<&str>, args: &[&str]) -> Answer {
+    pub(super) fn curl(&self, identity: Option<&str>, args: &[&str]) -> Answer {
         let out_file = self.d.path(&format!("curl-{}.out", unique()));
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--path-as-is", "--max-time", "60", "--cacert"])
@@ -64,7 +64,7 @@ impl Api<'_> {
         }
     }
 
-    fn declare(&self, who: &str, body: &str) -> Answer {
+    pub(super) fn declare(&self, who: &str, body: &str) -> Answer {
         let url = self.url("/v1/transfers");
         self.curl(Some(who), &["-X", "POST", "--data-binary", body, &url])
     }
@@ -75,7 +75,14 @@ impl Api<'_> {
         a.json()["id"].as_str().unwrap().to_owned()
     }
 
-    fn put(&self, who: &str, id: &str, name: &str, file: &Path, extra: &[&str]) -> Answer {
+    pub(super) fn put(
+        &self,
+        who: &str,
+        id: &str,
+        name: &str,
+        file: &Path,
+        extra: &[&str],
+    ) -> Answer {
         let url = self.url(&format!("/v1/transfers/{id}/files/{name}"));
         let data = format!("@{}", file.display());
         let mut args = vec!["-X", "PUT", "--data-binary", &data];
@@ -84,17 +91,17 @@ impl Api<'_> {
         self.curl(Some(who), &args)
     }
 
-    fn commit(&self, who: &str, id: &str) -> Answer {
+    pub(super) fn commit(&self, who: &str, id: &str) -> Answer {
         let url = self.url(&format!("/v1/transfers/{id}/commit"));
         self.curl(Some(who), &["-X", "POST", &url])
     }
 
-    fn status(&self, who: &str, id: &str) -> Answer {
+    pub(super) fn status(&self, who: &str, id: &str) -> Answer {
         let url = self.url(&format!("/v1/transfers/{id}"));
         self.curl(Some(who), &[&url])
     }
 
-    fn healthy(&self) {
+    pub(super) fn healthy(&self) {
         let url = format!("http://127.0.0.1:{}/healthz", self.d.base_port + 1);
         let out = Command::new("curl")
             .args([
@@ -113,7 +120,7 @@ impl Api<'_> {
     }
 
     /// Polls the status until `state` (or a final state), within the deadline.
-    fn wait_state(&self, id: &str, state: &str) -> Value {
+    pub(super) fn wait_state(&self, id: &str, state: &str) -> Value {
         let start = Instant::now();
         loop {
             let s = self.status("hospital-a", id).json();
@@ -156,7 +163,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Payload files in the edge spool (data/ and parts/ of every transfer).
-fn spooled_payload(d: &Deployment) -> Vec<PathBuf> {
+pub(super) fn spooled_payload(d: &Deployment) -> Vec<PathBuf> {
     files_under(&d.path("spool/edge"))
         .into_iter()
         .filter(|p| {
@@ -609,7 +616,7 @@ fn dicom(
 }
 
 /// A multipart/related body of these files (boundary `BAYLINK-TEST-b0undary`).
-fn multipart(dir: &Path, files: &[&Path]) -> PathBuf {
+pub(super) fn multipart(dir: &Path, files: &[&Path]) -> PathBuf {
     let mut body = Vec::new();
     for f in files {
         body.extend_from_slice(
@@ -628,9 +635,14 @@ const STOW_TYPE: &str =
     "Content-Type: multipart/related; type=\"application/dicom\"; boundary=BAYLINK-TEST-b0undary";
 
 fn stow(api: &Api<'_>, body: &Path) -> (Answer, String) {
+    stow_with(api, body, "")
+}
+
+/// STOW-RS of `body` with a query string (`""` or e.g. `?purpose=research`).
+pub(super) fn stow_with(api: &Api<'_>, body: &Path, query: &str) -> (Answer, String) {
     let headers = api.d.path(&format!("stow-{}.headers", unique()));
     let data = format!("@{}", body.display());
-    let url = api.url("/dicom-web/studies");
+    let url = api.url(&format!("/dicom-web/studies{query}"));
     let a = api.curl(
         Some("hospital-a"),
         &[
@@ -649,7 +661,7 @@ fn stow(api: &Api<'_>, body: &Path) -> (Answer, String) {
     (a, h)
 }
 
-fn sequence_uids(v: &Value, tag: &str) -> Vec<(String, Option<u64>)> {
+pub(super) fn sequence_uids(v: &Value, tag: &str) -> Vec<(String, Option<u64>)> {
     v[tag]["Value"]
         .as_array()
         .map(|items| {
