@@ -213,6 +213,8 @@ async fn copy_hashed(
     progress: &dyn SealProgress,
 ) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
     let input = spool.open(src).await?;
+    // Through the page cache, unlike uploads: the send that follows reads these bytes back
+    // at once, from memory rather than from the device.
     let output = Arc::new(spool.create(dst).await?);
     let mut hasher = ChunkHasher::new(chunk_size);
     let mut writes = tokio::task::JoinSet::new();

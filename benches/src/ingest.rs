@@ -46,6 +46,9 @@ pub struct IngestArgs {
     /// Size of the file uploaded and sent with `baylink send` for the ratio (0: skip).
     #[arg(long, default_value_t = 1 << 30)]
     compare_size: u64,
+    /// Comparison runs (HTTPS and `send` alternate which goes first); medians are reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    compare_runs: u32,
     /// Where the JSON report goes.
     #[arg(long)]
     json: PathBuf,
@@ -66,18 +69,40 @@ struct Latency {
 }
 
 #[derive(Debug, Serialize)]
-struct Comparison {
-    bytes: u64,
+struct ComparisonRun {
     /// HTTPS: PUT start to verified receipt (includes the commit's sealing and the send).
     https_seconds: f64,
     /// The PUT alone.
     https_upload_seconds: f64,
     /// `baylink send`'s own `seconds` (copy into the spool with hashing, seal, send, receipt).
     send_seconds: f64,
+    /// Whether the HTTPS upload went first in this run.
+    https_first: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Comparison {
+    bytes: u64,
+    /// Median of the runs' HTTPS seconds.
+    https_seconds: f64,
+    /// Median of the runs' PUT seconds.
+    https_upload_seconds: f64,
+    /// Median of the runs' `send` seconds.
+    send_seconds: f64,
     https_gbit_per_s: f64,
     send_gbit_per_s: f64,
-    /// https_gbit_per_s / send_gbit_per_s (target >= 0.8).
+    /// https_gbit_per_s / send_gbit_per_s, from the medians (target >= 0.8).
     ratio_vs_send: f64,
+    runs: Vec<ComparisonRun>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -327,35 +352,67 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         let big = payload::generate(&dir, args.compare_size, 1, 11)?;
         let f = &big[0];
         eprintln!("comparing one {}-byte file: HTTPS vs baylink send", f.size);
-        let id = client.declare().await?;
-        let t0 = Instant::now();
-        let upload = client.put(&id, &f.path, &f.name).await?;
-        client.commit(&id).await?;
-        client.wait_committed(&id).await?;
-        let https = t0.elapsed().as_secs_f64();
-        let out = Command::new(&baylink)
-            .args(["send", "--no-progress", "--config"])
-            .arg(&deployment.edge.path)
-            .arg(&f.path)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await?;
-        ensure!(
-            out.status.success(),
-            "baylink send: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        let s: SendSummary = last_json_line(&out.stdout)?;
-        let (hg, sg) = (gbit(f.size, https), gbit(f.size, s.seconds));
+        let mut runs = Vec::new();
+        for run in 0..args.compare_runs {
+            let https_first = run % 2 == 0;
+            let mut https = None;
+            let mut send = None;
+            for https_turn in [https_first, !https_first] {
+                if https_turn {
+                    let id = client.declare().await?;
+                    let t0 = Instant::now();
+                    let upload = client.put(&id, &f.path, &f.name).await?;
+                    client.commit(&id).await?;
+                    client.wait_committed(&id).await?;
+                    https = Some((t0.elapsed().as_secs_f64(), upload.as_secs_f64()));
+                } else {
+                    let out = Command::new(&baylink)
+                        .args(["send", "--no-progress", "--config"])
+                        .arg(&deployment.edge.path)
+                        .arg(&f.path)
+                        .stdin(Stdio::null())
+                        .kill_on_drop(true)
+                        .output()
+                        .await?;
+                    ensure!(
+                        out.status.success(),
+                        "baylink send: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                    let s: SendSummary = last_json_line(&out.stdout)?;
+                    send = Some(s.seconds);
+                }
+            }
+            let ((https_seconds, https_upload_seconds), send_seconds) = (
+                https.expect("the HTTPS turn ran"),
+                send.expect("the send turn ran"),
+            );
+            eprintln!(
+                "run {}/{}: HTTPS {https_seconds:.2} s (PUT {https_upload_seconds:.2} s), \
+                 send {send_seconds:.2} s, ratio {:.2}",
+                run + 1,
+                args.compare_runs,
+                send_seconds / https_seconds
+            );
+            runs.push(ComparisonRun {
+                https_seconds,
+                https_upload_seconds,
+                send_seconds,
+                https_first,
+            });
+        }
+        let https = median(runs.iter().map(|r| r.https_seconds).collect());
+        let send = median(runs.iter().map(|r| r.send_seconds).collect());
+        let (hg, sg) = (gbit(f.size, https), gbit(f.size, send));
         Some(Comparison {
             bytes: f.size,
             https_seconds: https,
-            https_upload_seconds: upload.as_secs_f64(),
-            send_seconds: s.seconds,
+            https_upload_seconds: median(runs.iter().map(|r| r.https_upload_seconds).collect()),
+            send_seconds: send,
             https_gbit_per_s: hg,
             send_gbit_per_s: sg,
             ratio_vs_send: if sg > 0.0 { hg / sg } else { 0.0 },
+            runs,
         })
     } else {
         None

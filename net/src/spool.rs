@@ -90,6 +90,8 @@ pub enum SpoolOp {
     SyncDir,
     /// [`Spool::remove_file`].
     Remove,
+    /// [`Spool::sync_to_len`]'s cut of a padded tail.
+    Truncate,
 }
 
 impl fmt::Display for SpoolOp {
@@ -102,6 +104,7 @@ impl fmt::Display for SpoolOp {
             SpoolOp::Write => "write",
             SpoolOp::Read => "read",
             SpoolOp::Sync => "fsync",
+            SpoolOp::Truncate => "truncate",
             SpoolOp::Close => "close",
             SpoolOp::Rename => "rename",
             SpoolOp::SyncDir => "fsync directory",
@@ -408,12 +411,14 @@ enum OpenMode {
     /// Like `ReadWrite`, with `O_DIRECT` (no page-cache copy); falls back to `ReadWrite`
     /// where the file system refuses `O_DIRECT`.
     ReadWriteDirect,
+    /// Like `Create`, with `O_DIRECT`; falls back to `Create`.
+    CreateDirect,
 }
 
 impl OpenMode {
     fn op(self) -> SpoolOp {
         match self {
-            OpenMode::Create => SpoolOp::Create,
+            OpenMode::Create | OpenMode::CreateDirect => SpoolOp::Create,
             OpenMode::Read => SpoolOp::Open,
             OpenMode::ReadWrite | OpenMode::ReadWriteDirect => SpoolOp::OpenRw,
         }
@@ -621,7 +626,7 @@ impl Spool {
             path,
             closer: self.shared.closer.clone(),
             closed: false,
-            direct: matches!(mode, OpenMode::ReadWriteDirect),
+            direct: matches!(mode, OpenMode::ReadWriteDirect | OpenMode::CreateDirect),
         })
     }
 
@@ -639,6 +644,17 @@ impl Spool {
     /// (resuming a partial file).
     pub async fn open_rw(&self, path: impl AsRef<Path>) -> SpoolResult<SpoolFile> {
         self.open_with(path.as_ref(), OpenMode::ReadWrite).await
+    }
+
+    /// Like [`Spool::create`], with writes straight to the device as with
+    /// [`Spool::open_rw_direct`] (same rules for offsets and padded tails, same fallback).
+    pub async fn create_direct(&self, path: impl AsRef<Path>) -> SpoolResult<SpoolFile> {
+        match self.open_with(path.as_ref(), OpenMode::CreateDirect).await {
+            Err(e) if e.source.raw_os_error() == Some(nix::libc::EINVAL) => {
+                self.open_with(path.as_ref(), OpenMode::Create).await
+            }
+            other => other,
+        }
     }
 
     /// Like [`Spool::open_rw`], but writes go straight to the device (`O_DIRECT`): no copy
@@ -742,6 +758,28 @@ impl Spool {
             reply,
         })
         .await
+    }
+
+    /// Makes the file exactly `len` bytes long and durable: cuts the zeros an `O_DIRECT`
+    /// write padded its tail with ([`Spool::write_at`]), then [`Spool::sync`]. `len` must be
+    /// the length of the data written; for a file without `O_DIRECT` this is the sync alone.
+    pub async fn sync_to_len(&self, file: &SpoolFile, len: u64) -> SpoolResult<()> {
+        if file.direct && !len.is_multiple_of(DIRECT_ALIGN as u64) {
+            // io_uring (as tokio-uring 0.5 exposes it) has no ftruncate: a blocking thread
+            // does it through a second descriptor of the same file.
+            let path = file.path.to_path_buf();
+            let cut = path.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&cut)
+                    .and_then(|f| f.set_len(len))
+            })
+            .await
+            .map_err(|e| SpoolError::new(SpoolOp::Truncate, path.clone(), io::Error::other(e)))?
+            .map_err(|e| SpoolError::new(SpoolOp::Truncate, path, e))?;
+        }
+        self.sync(file).await
     }
 
     /// Closes the file and reports the result of `close(2)` (if an operation on it is
@@ -950,6 +988,12 @@ async fn open(path: &Path, mode: OpenMode) -> io::Result<tokio_uring::fs::File> 
             .read(true)
             .write(true)
             .create(true)
+            .custom_flags(nix::libc::O_DIRECT),
+        OpenMode::CreateDirect => options
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
             .custom_flags(nix::libc::O_DIRECT),
     };
     options.open(path).await
@@ -1236,6 +1280,29 @@ mod tests {
             let e = spool.write_at(&file, 3, buf).await.unwrap_err();
             assert!(e.source.to_string().contains("not a multiple"), "{e:?}");
         }
+        // The padding is cut to the data's length, durably.
+        spool.sync_to_len(&file, expect.len() as u64).await.unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), expect);
+    }
+
+    #[tokio::test]
+    async fn create_direct_truncates_and_its_tail_is_cut() {
+        let spool = spool(2, 64 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("upload.part");
+        std::fs::write(&path, vec![9u8; 300 * 1024]).unwrap();
+        timeout(LIMIT, async {
+            let file = spool.create_direct(&path).await.unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "truncated");
+            let mut buf = spool.buffer().await;
+            buf.extend_from_slice(&[5u8; 777]).unwrap();
+            spool.write_at(&file, 0, buf).await.unwrap();
+            spool.sync_to_len(&file, 777).await.unwrap();
+            spool.close(file).await.unwrap();
+        })
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), vec![5u8; 777]);
     }
 
     #[tokio::test]

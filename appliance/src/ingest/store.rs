@@ -24,7 +24,7 @@ use base64::Engine;
 use baylink_net::proto::{
     ChunkHasher, Digest, MAX_FILE_NAME_LEN, ManifestBuilder, TransferId, validate_file_name,
 };
-use baylink_net::spool::{Spool, SpoolBuf, SpoolError, SpoolFile};
+use baylink_net::spool::{DIRECT_ALIGN, Spool, SpoolBuf, SpoolError, SpoolFile};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -448,7 +448,15 @@ impl IngestStore {
             hospital: hospital.to_owned(),
         };
         let spool = self.inner.edge.spool();
-        upload.file = Some(Arc::new(spool.create(&part).await?));
+        // Straight to the device (O_DIRECT) where the buffers keep every write aligned: the
+        // kernel's copy into fresh page-cache pages was 40 % of the edge's CPU during an
+        // upload. Only the last write can be short; finish cuts its padding.
+        let file = if spool.buffer_size().is_multiple_of(DIRECT_ALIGN) {
+            spool.create_direct(&part).await?
+        } else {
+            spool.create(&part).await?
+        };
+        upload.file = Some(Arc::new(file));
         if first {
             self.add_stage(id, TransferState::Receiving, None).await;
         }
@@ -989,11 +997,11 @@ impl FileUpload {
         self.buf = None;
         let file = self.file.take().expect("open until finished");
         let spool = self.spool().clone();
-        spool.sync(&file).await?;
+        let size = self.offset;
+        spool.sync_to_len(&file, size).await?;
         if let Ok(file) = Arc::try_unwrap(file) {
             spool.close(file).await?;
         }
-        let size = self.offset;
         let digests = self
             .hasher
             .take()
