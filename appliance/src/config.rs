@@ -232,6 +232,15 @@ pub struct PolicySection {
     /// Hospitals (client certificate subject CN) allowed to upload; `None`: any client
     /// certificate from the deployment CA.
     pub hospitals: Option<Vec<String>>,
+    /// Allowed data categories (`policy.categories`); `None`: the eHealth sharable domains
+    /// ([`crate::policy::DEFAULT_CATEGORIES`]).
+    pub categories: Option<Vec<String>>,
+    /// Allowed destinations (`policy.destinations`); `None`: `["hk-ehealth"]`.
+    pub destinations: Option<Vec<String>>,
+    /// Largest sealed transfer in bytes (`policy.max_transfer_bytes`); `None`: 64 GiB.
+    pub max_transfer_bytes: Option<u64>,
+    /// Most files in one transfer (`policy.max_files`); `None`: 100 000.
+    pub max_files: Option<u64>,
 }
 
 /// `[delivery]`
@@ -382,6 +391,10 @@ struct RawPolicy {
     #[serde(default)]
     negative_list: Vec<String>,
     hospitals: Option<Vec<String>>,
+    categories: Option<Vec<String>>,
+    destinations: Option<Vec<String>>,
+    max_transfer_bytes: Option<u64>,
+    max_files: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -499,6 +512,14 @@ impl Config {
             chunk_size: raw.transport.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             max_in_flight: raw.transport.max_in_flight.unwrap_or(8),
         };
+        for (key, v) in [
+            ("policy.max_transfer_bytes", raw.policy.max_transfer_bytes),
+            ("policy.max_files", raw.policy.max_files),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(key, "must be at least 1".to_owned()));
+            }
+        }
         let mut limits = baylink_net::proto::Limits::default();
         if let Some(n) = raw.limits.max_files {
             if n == 0 || n > limits.max_files {
@@ -759,6 +780,10 @@ impl Config {
                 consents: raw.policy.consents.as_deref().map(resolve),
                 negative_list: raw.policy.negative_list,
                 hospitals: raw.policy.hospitals,
+                categories: raw.policy.categories,
+                destinations: raw.policy.destinations,
+                max_transfer_bytes: raw.policy.max_transfer_bytes,
+                max_files: raw.policy.max_files,
             },
             delivery,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,

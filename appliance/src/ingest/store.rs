@@ -483,6 +483,10 @@ impl IngestStore {
             st.committed = true;
             st.files.iter().map(|(n, s)| (n.clone(), *s)).collect()
         };
+        if let Err(e) = self.check_size(hospital, id, &files).await {
+            lock(&transfer.state).committed = false;
+            return Err(e);
+        }
         match self.seal(id, &files).await {
             Ok(()) => {
                 lock(&self.inner.open).remove(id);
@@ -497,6 +501,46 @@ impl IngestStore {
                 Err(e)
             }
         }
+    }
+
+    /// The policy's size limits (`policy.max_files`, `policy.max_transfer_bytes`) over the
+    /// files about to be sealed; a refusal is recorded (`refused`, rule `size-limit`) before
+    /// it is answered and leaves the transfer open (the hospital may abandon it).
+    async fn check_size(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        files: &[(String, u64)],
+    ) -> Result<(), IngestError> {
+        let bytes = files
+            .iter()
+            .map(|(_, s)| *s)
+            .fold(0u64, u64::saturating_add);
+        let Err(r) = self
+            .inner
+            .edge
+            .policy()
+            .check_size(files.len() as u64, bytes)
+        else {
+            return Ok(());
+        };
+        metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "refused")
+            .increment(1);
+        info!(hospital, transfer = %id, rule = r.rule, reason = %r.reason, "commit refused");
+        let dir = self.dir(id);
+        let decl = blocking(move || {
+            seal::load_declaration(&dir).map_err(|e| IngestError::Internal(format!("{e:#}")))
+        })
+        .await?;
+        // audit: the refusal is recorded before it is answered.
+        self.audit(Event {
+            rule: Some(r.rule.to_owned()),
+            hospital: Some(hospital.to_owned()),
+            detail: Some(r.reason.clone()),
+            ..Event::declared(Kind::Refused, Some(id.to_string()), &decl)
+        })
+        .await?;
+        Err(IngestError::Refused(r))
     }
 
     async fn seal(&self, id: &TransferId, files: &[(String, u64)]) -> Result<(), IngestError> {
