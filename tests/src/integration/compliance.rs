@@ -1,0 +1,302 @@
+//! The policy rules added for issue 7 (allowed categories, allowed destinations, size limits)
+//! through both doors: the hospital API over HTTPS (curl with client certificates) and
+//! `send`. Each refusal names its rule, seals nothing, delivers nothing, and is recorded as
+//! `refused` with that rule in the edge's audit log, which still verifies.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use baylink_tests::{Deployment, Service, baylink_bin, payload};
+use serde_json::Value;
+
+const GOOD: &str = r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// curl as `who` (a certificate under `pki/`); returns (HTTP status, body).
+fn curl(d: &Deployment, who: &str, args: &[&str]) -> (u16, String) {
+    let out_file = d.path(&format!("curl-{}.out", rand_suffix()));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--cacert"])
+        .arg(d.path("pki/ca.pem"))
+        .arg("--cert")
+        .arg(d.path(&format!("pki/{who}.pem")))
+        .arg("--key")
+        .arg(d.path(&format!("pki/{who}.key")))
+        .arg("-o")
+        .arg(&out_file)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (
+        status,
+        std::fs::read_to_string(&out_file).unwrap_or_default(),
+    )
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn url(d: &Deployment, path: &str) -> String {
+    format!("https://127.0.0.1:{}{path}", d.base_port)
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Both appliances running (so a transfer that got through would be delivered).
+fn running(d: &Deployment) -> (Service, Service) {
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let edge = d.serve(&d.edge_config()).expect("edge starts");
+    (gateway, edge)
+}
+
+/// The edge's audit records as JSON.
+fn records(d: &Deployment) -> Vec<Value> {
+    std::fs::read_to_string(d.path("audit/edge/records.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| json(l.split_once(' ').unwrap().1))
+        .collect()
+}
+
+fn assert_refused_record(d: &Deployment, rule: &str) {
+    let r = records(d);
+    assert!(
+        r.iter()
+            .any(|r| r["kind"] == "refused" && r["rule"] == rule),
+        "no refused record with rule {rule}: {r:?}"
+    );
+    assert!(
+        !r.iter()
+            .any(|r| r["kind"] == "sealed" || r["kind"] == "sent"),
+        "a refused transfer was sealed or sent: {r:?}"
+    );
+}
+
+fn assert_audit_verifies(d: &Deployment) {
+    let out = Command::new(baylink_bin())
+        .args(["audit", "verify", "--dir"])
+        .arg(d.path("audit/edge"))
+        .arg("--public-key")
+        .arg(d.path("keys/edge.pub.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "audit verify: {}", stderr(&out));
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn nothing_sealed_or_delivered(d: &Deployment) {
+    let sealed: Vec<_> = files_under(&d.path("spool/edge"))
+        .into_iter()
+        .filter(|p| p.file_name() == Some("manifest.bin".as_ref()))
+        .collect();
+    assert!(sealed.is_empty(), "sealed: {sealed:?}");
+    let delivered = files_under(&d.path("delivered"));
+    assert!(delivered.is_empty(), "delivered: {delivered:?}");
+}
+
+fn send_refusal(d: &Deployment, args: &[&str], rule: &str) {
+    let f = payload(d.dir.path(), "scan.dcm", 100_000, 1).unwrap();
+    let mut all = vec!["--no-progress"];
+    all.extend_from_slice(args);
+    all.push(f.to_str().unwrap());
+    let out = d.send(&all).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("refused: "), "{err}");
+    assert!(err.contains(&format!("(rule {rule})")), "{err}");
+    nothing_sealed_or_delivered(d);
+    assert_refused_record(d, rule);
+    assert_audit_verifies(d);
+}
+
+fn declare_refusal(d: &Deployment, body: &str, rule: &str) {
+    let (status, body) = curl(
+        d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            body,
+            &url(d, "/v1/transfers"),
+        ],
+    );
+    assert_eq!(status, 403, "{body}");
+    let v = json(&body);
+    assert_eq!(v["rule"], rule, "{v}");
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+}
+
+#[test]
+fn category_not_in_the_policy_is_refused_on_both_doors() {
+    let d = Deployment::new().unwrap();
+    d.set(
+        "edge.toml",
+        "policy",
+        "categories",
+        r#"["laboratory-report"]"#,
+    )
+    .unwrap();
+    // `send` with its default category (diagnostic-image), now not allowed.
+    send_refusal(&d, &[], "category-not-allowed");
+    let (_g, edge) = running(&d);
+    declare_refusal(&d, GOOD, "category-not-allowed");
+    nothing_sealed_or_delivered(&d);
+    drop(edge);
+    let refused = records(&d)
+        .into_iter()
+        .filter(|r| r["kind"] == "refused" && r["rule"] == "category-not-allowed")
+        .count();
+    assert_eq!(refused, 2, "one refused record per door");
+    assert_audit_verifies(&d);
+}
+
+#[test]
+fn destination_not_in_the_policy_is_refused_on_both_doors() {
+    let d = Deployment::new().unwrap();
+    send_refusal(
+        &d,
+        &["--destination", "cloud-bucket"],
+        "destination-not-allowed",
+    );
+    let (_g, _e) = running(&d);
+    declare_refusal(
+        &d,
+        &GOOD.replace("hk-ehealth", "cloud-bucket"),
+        "destination-not-allowed",
+    );
+    nothing_sealed_or_delivered(&d);
+}
+
+#[test]
+fn transfer_over_the_policy_size_limit_is_refused_at_commit_and_by_send() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "policy", "max_transfer_bytes", "50000")
+        .unwrap();
+    // `send` checks before sealing: the 100 000-byte file is over the limit.
+    send_refusal(&d, &[], "size-limit");
+
+    let (_g, _e) = running(&d);
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            GOOD,
+            &url(&d, "/v1/transfers"),
+        ],
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = json(&body)["id"].as_str().unwrap().to_owned();
+    // Each file is under the limit, together they are over it.
+    for (name, seed) in [("a.dcm", 1), ("b.dcm", 2)] {
+        let f = payload(d.dir.path(), name, 30_000, seed).unwrap();
+        let data = format!("@{}", f.display());
+        let (status, body) = curl(
+            &d,
+            "hospital-a",
+            &[
+                "-X",
+                "PUT",
+                "--data-binary",
+                &data,
+                &url(&d, &format!("/v1/transfers/{id}/files/{name}")),
+            ],
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            &url(&d, &format!("/v1/transfers/{id}/commit")),
+        ],
+    );
+    assert_eq!(status, 403, "{body}");
+    let v = json(&body);
+    assert_eq!(v["rule"], "size-limit", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("policy.max_transfer_bytes")),
+        "{v}"
+    );
+    nothing_sealed_or_delivered(&d);
+    let refused: Vec<_> = records(&d)
+        .into_iter()
+        .filter(|r| r["kind"] == "refused" && r["rule"] == "size-limit")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        2,
+        "send and commit each recorded: {refused:?}"
+    );
+    assert!(
+        refused.iter().any(|r| r["transfer"] == id.as_str()),
+        "{refused:?}"
+    );
+    // The transfer stays open, not sealed: the status says so.
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[&url(&d, &format!("/v1/transfers/{id}"))],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["state"], "receiving", "{body}");
+}
+
+#[test]
+fn files_over_the_policy_file_limit_are_refused_by_send() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "policy", "max_files", "1").unwrap();
+    let extra = payload(d.dir.path(), "second.dcm", 10, 7).unwrap();
+    send_refusal(&d, &[extra.to_str().unwrap()], "size-limit");
+}
+
+#[test]
+fn a_zero_policy_limit_is_a_config_error() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "policy", "max_files", "0").unwrap();
+    let out = d.send(&["--no-progress", "/dev/null"]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("policy.max_files"),
+        "{}",
+        stderr(&out)
+    );
+}
