@@ -139,6 +139,44 @@ pub struct TransferStatus {
     /// Why it was refused or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where the receipt and the audit proof can be downloaded, once there is a receipt
+    /// (computed when the status is read, never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloads: Option<Downloads>,
+}
+
+/// Links to a transfer's downloadable evidence (`GET /v1/transfers/{id}` `downloads`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Downloads {
+    /// `/v1/transfers/{id}/receipt`: the gateway's signed receipt.
+    pub receipt: String,
+    /// `/v1/transfers/{id}/proof`: the audit inclusion proof.
+    pub proof: String,
+}
+
+/// The gateway's signed receipt as the edge stores it, with what is needed to verify it
+/// (`GET /v1/transfers/{id}/receipt`, `application/json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiptDownload {
+    /// Always `baylink-receipt/1`.
+    pub format: &'static str,
+    /// Transfer id.
+    pub transfer: String,
+    /// The receipt bytes (`receipt.bin`), base64.
+    pub receipt: String,
+    /// The gateway's HSM signature (`receipt.sig`), base64: ECDSA P-256 / SHA-256 as the
+    /// PKCS#11 token gives it (r ‖ s, 64 bytes, IEEE P1363), over `signed_prefix` followed
+    /// by the receipt bytes.
+    pub signature: String,
+    /// The domain-separation prefix signed before the receipt bytes.
+    pub signed_prefix: String,
+    /// The sealed manifest (`manifest.bin`) the receipt confirms, base64.
+    pub manifest: String,
+    /// The manifest's Merkle root, hex (also inside the receipt).
+    pub merkle_root: String,
+    /// The gateway's public key the edge pinned (`peer.signing_key`), PEM, if readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_public_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -318,6 +356,7 @@ impl IngestStore {
             }],
             receipt: None,
             error: None,
+            downloads: None,
         };
         // audit: `declared` is durable before the id is given to the hospital.
         self.audit(Event {
@@ -715,7 +754,84 @@ impl IngestStore {
             st.files = s.files.len();
             st.bytes = s.files.values().sum();
         }
+        if st.receipt.is_some() || self.dir(id).receipt_sig().exists() {
+            st.downloads = Some(Downloads {
+                receipt: format!("/v1/transfers/{id}/receipt"),
+                proof: format!("/v1/transfers/{id}/proof"),
+            });
+        }
         Ok(st)
+    }
+
+    /// The transfer's state, if `hospital` owns it (else [`IngestError::NotFound`]), and a
+    /// conflict naming the state unless the receipt is stored.
+    async fn receipted(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {
+        let st = self.status(hospital, id).await?;
+        if st.downloads.is_none() {
+            return Err(IngestError::Conflict(format!(
+                "no receipt yet: the transfer is {}",
+                serde_json::to_value(st.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The gateway's signed receipt of transfer `id` for `hospital` (404 for another
+    /// hospital's transfer or an unknown id, 409 before the receipt arrived).
+    pub async fn receipt(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<ReceiptDownload, IngestError> {
+        self.receipted(hospital, id).await?;
+        let dir = self.dir(id);
+        let key_path = self.inner.edge.config().peer_signing_key.clone();
+        let id = id.to_string();
+        blocking(move || {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let receipt = std::fs::read(dir.receipt_bin()).map_err(internal("receipt.bin"))?;
+            let signature = std::fs::read(dir.receipt_sig()).map_err(internal("receipt.sig"))?;
+            let manifest = std::fs::read(dir.manifest_bin()).map_err(internal("manifest.bin"))?;
+            let m = baylink_net::proto::Manifest::from_bytes(&manifest, &Default::default())
+                .map_err(|e| IngestError::Internal(format!("manifest.bin: {e}")))?;
+            Ok(ReceiptDownload {
+                format: "baylink-receipt/1",
+                transfer: id,
+                receipt: b64.encode(receipt),
+                signature: b64.encode(signature),
+                signed_prefix: String::from_utf8_lossy(crate::signing::RECEIPT_CONTEXT)
+                    .into_owned(),
+                manifest: b64.encode(&manifest),
+                merkle_root: hex::encode(m.merkle_root),
+                gateway_public_key: std::fs::read_to_string(&key_path).ok(),
+            })
+        })
+        .await
+    }
+
+    /// The audit inclusion proof of transfer `id`'s records (the JSON of `baylink audit
+    /// prove --transfer ID`), for `hospital`; signs a checkpoint first so the proof covers
+    /// every record written so far.
+    pub async fn proof(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<crate::audit::Proof, IngestError> {
+        self.receipted(hospital, id).await?;
+        let log = self.inner.edge.audit();
+        log.checkpoint()
+            .await
+            .map_err(|e| IngestError::Internal(format!("audit log: {e}")))?;
+        let dir = log.dir().to_owned();
+        let id = id.to_string();
+        blocking(move || {
+            crate::audit::prove(&dir, &id)
+                .map_err(|e| IngestError::Internal(format!("audit proof: {e}")))
+        })
+        .await
     }
 
     /// The configured limit on one transfer's payload.

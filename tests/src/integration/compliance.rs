@@ -300,3 +300,183 @@ fn a_zero_policy_limit_is_a_config_error() {
         stderr(&out)
     );
 }
+
+/// An IEEE P1363 ECDSA P-256 signature (r ‖ s, 64 bytes) as DER, for openssl.
+fn der_signature(fixed: &[u8]) -> Vec<u8> {
+    assert_eq!(fixed.len(), 64, "P-256 r||s");
+    let int = |x: &[u8]| {
+        let mut v: Vec<u8> = x.iter().copied().skip_while(|b| *b == 0).collect();
+        if v.first().is_none_or(|b| *b >= 0x80) {
+            v.insert(0, 0);
+        }
+        let mut out = vec![0x02, v.len() as u8];
+        out.extend(v);
+        out
+    };
+    let body = [int(&fixed[..32]), int(&fixed[32..])].concat();
+    let mut out = vec![0x30, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+fn get(d: &Deployment, who: &str, path: &str) -> (u16, String) {
+    curl(d, who, &[&url(d, path)])
+}
+
+fn verify_proof(d: &Deployment, file: &Path) -> Output {
+    Command::new(baylink_bin())
+        .args(["audit", "verify-proof", "--public-key"])
+        .arg(d.path("keys/edge.pub.pem"))
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_sender_downloads_the_receipt_and_a_proof_that_verifies_offline() {
+    use base64::Engine;
+    let d = Deployment::new().unwrap();
+    let (_g, _e) = running(&d);
+    let post = |body: &str| {
+        let (status, body) = curl(
+            &d,
+            "hospital-a",
+            &[
+                "-X",
+                "POST",
+                "--data-binary",
+                body,
+                &url(&d, "/v1/transfers"),
+            ],
+        );
+        assert_eq!(status, 201, "{body}");
+        json(&body)["id"].as_str().unwrap().to_owned()
+    };
+    // Before any receipt: 409 naming the state; another hospital and unknown ids: 404.
+    let early = post(GOOD);
+    for what in ["receipt", "proof"] {
+        let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{early}/{what}"));
+        assert_eq!(status, 409, "{what}: {body}");
+        assert!(body.contains("declared"), "{what}: {body}");
+    }
+    assert!(
+        json(&get(&d, "hospital-a", &format!("/v1/transfers/{early}")).1)
+            .get("downloads")
+            .is_none()
+    );
+
+    let id = post(GOOD);
+    let f = payload(d.dir.path(), "scan.dcm", 200_000, 3).unwrap();
+    let data = format!("@{}", f.display());
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &data,
+            &url(&d, &format!("/v1/transfers/{id}/files/scan.dcm")),
+        ],
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            &url(&d, &format!("/v1/transfers/{id}/commit")),
+        ],
+    );
+    assert_eq!(status, 202, "{body}");
+    // Poll the status until committed (bounded).
+    let start = std::time::Instant::now();
+    let st = loop {
+        let st = json(&get(&d, "hospital-a", &format!("/v1/transfers/{id}")).1);
+        if st["state"] == "committed" || st["state"] == "delivered" {
+            break st;
+        }
+        assert!(st["state"] != "failed" && st["state"] != "refused", "{st}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        st["downloads"]["receipt"],
+        format!("/v1/transfers/{id}/receipt")
+    );
+    assert_eq!(
+        st["downloads"]["proof"],
+        format!("/v1/transfers/{id}/proof")
+    );
+
+    for who in ["hospital-b"] {
+        for what in ["receipt", "proof"] {
+            let (status, body) = get(&d, who, &format!("/v1/transfers/{id}/{what}"));
+            assert_eq!(status, 404, "{who} {what}: {body}");
+        }
+    }
+    let unknown = "01900000-0000-7000-8000-000000000000";
+    let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{unknown}/proof"));
+    assert_eq!(status, 404, "{body}");
+
+    // The receipt: check the gateway's signature with openssl and its public key.
+    let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{id}/receipt"));
+    assert_eq!(status, 200, "{body}");
+    let r = json(&body);
+    assert_eq!(r["format"], "baylink-receipt/1");
+    assert_eq!(r["transfer"], id.as_str());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut msg = r["signed_prefix"].as_str().unwrap().as_bytes().to_vec();
+    msg.extend(b64.decode(r["receipt"].as_str().unwrap()).unwrap());
+    let sig = der_signature(&b64.decode(r["signature"].as_str().unwrap()).unwrap());
+    let key = r["gateway_public_key"].as_str().unwrap();
+    assert_eq!(
+        key,
+        std::fs::read_to_string(d.path("keys/gateway.pub.pem")).unwrap()
+    );
+    std::fs::write(d.path("receipt.msg"), &msg).unwrap();
+    std::fs::write(d.path("receipt.sig"), &sig).unwrap();
+    std::fs::write(d.path("receipt-key.pem"), key).unwrap();
+    let openssl = |m: &str| {
+        Command::new("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(d.path("receipt-key.pem"))
+            .arg("-signature")
+            .arg(d.path("receipt.sig"))
+            .arg(d.path(m))
+            .output()
+            .unwrap()
+    };
+    let ok = openssl("receipt.msg");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let last = msg.len() - 1;
+    msg[last] ^= 1;
+    std::fs::write(d.path("receipt-bad.msg"), &msg).unwrap();
+    assert!(!openssl("receipt-bad.msg").status.success());
+
+    // The proof: the real `baylink audit verify-proof` accepts it, and not one byte changed.
+    let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{id}/proof"));
+    assert_eq!(status, 200, "{body}");
+    let proof = d.path("proof.json");
+    std::fs::write(&proof, &body).unwrap();
+    let out = verify_proof(&d, &proof);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains(&format!("proof ok: transfer {id}")), "{said}");
+    assert!(said.contains("receipted"), "{said}");
+    // Change one byte: the first hex digit of the first record's first inclusion hash (the
+    // file stays valid JSON, so the proof check itself must catch it).
+    let first = json(&body)["records"][0]["inclusion"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let at = body.find(&first).unwrap();
+    let mut bytes = body.into_bytes();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    let tampered = d.path("proof-tampered.json");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let out = verify_proof(&d, &tampered);
+    assert!(!out.status.success(), "a tampered proof verified");
+}
