@@ -480,3 +480,83 @@ fn the_sender_downloads_the_receipt_and_a_proof_that_verifies_offline() {
     let out = verify_proof(&d, &tampered);
     assert!(!out.status.success(), "a tampered proof verified");
 }
+
+/// The gateway's audit records as JSON.
+fn gateway_records(d: &Deployment) -> Vec<Value> {
+    std::fs::read_to_string(d.path("audit/gateway/records.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| json(l.split_once(' ').unwrap().1))
+        .collect()
+}
+
+/// `send` is refused by the gateway (exit 3 naming `needle`); the gateway's log then holds
+/// one `refused` record with `rule`, and still verifies after a graceful stop.
+fn gateway_refusal(d: &Deployment, files: &[&Path], needle: &str, rule: &str) {
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let mut args = vec!["--no-progress"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    let out = d.send(&args).unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    assert!(gateway.terminate().unwrap().success());
+    let r = gateway_records(d);
+    let refused: Vec<_> = r.iter().filter(|r| r["kind"] == "refused").collect();
+    assert_eq!(refused.len(), 1, "{r:?}");
+    assert_eq!(refused[0]["rule"], rule, "{r:?}");
+    assert_eq!(refused[0]["peer"], "edge", "{r:?}");
+    assert!(
+        refused[0]["detail"]
+            .as_str()
+            .is_some_and(|t| t.contains(needle)),
+        "{r:?}"
+    );
+    assert!(
+        !r.iter().any(|r| r["kind"] == "committed"),
+        "a refused offer was committed: {r:?}"
+    );
+    nothing_sealed_or_delivered_on_the_gateway(d);
+    let out = Command::new(baylink_bin())
+        .args(["audit", "verify", "--dir"])
+        .arg(d.path("audit/gateway"))
+        .arg("--public-key")
+        .arg(d.path("keys/gateway.pub.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "audit verify: {}", stderr(&out));
+}
+
+fn nothing_sealed_or_delivered_on_the_gateway(d: &Deployment) {
+    let delivered = files_under(&d.path("delivered"));
+    assert!(delivered.is_empty(), "delivered: {delivered:?}");
+}
+
+#[test]
+fn a_manifest_signature_the_gateway_refuses_is_audited_on_the_gateway() {
+    let d = Deployment::new().unwrap();
+    // The gateway pins the wrong key for the edge: the edge's real signature fails.
+    d.set(
+        "gateway.toml",
+        "peer",
+        "signing_key",
+        r#""keys/gateway.pub.pem""#,
+    )
+    .unwrap();
+    let f = payload(d.dir.path(), "scan.dcm", 10_000, 1).unwrap();
+    gateway_refusal(
+        &d,
+        &[&f],
+        "manifest signature does not verify",
+        "bad-signature",
+    );
+}
+
+#[test]
+fn an_offer_over_the_gateway_limits_is_audited_on_the_gateway() {
+    let d = Deployment::new().unwrap();
+    d.set("gateway.toml", "limits", "max_files", "1").unwrap();
+    let a = payload(d.dir.path(), "a.dcm", 1000, 1).unwrap();
+    let b = payload(d.dir.path(), "b.dcm", 1000, 2).unwrap();
+    gateway_refusal(&d, &[&a, &b], "files", "too-many-files");
+}
