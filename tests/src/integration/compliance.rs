@@ -560,3 +560,103 @@ fn an_offer_over_the_gateway_limits_is_audited_on_the_gateway() {
     let b = payload(d.dir.path(), "b.dcm", 1000, 2).unwrap();
     gateway_refusal(&d, &[&a, &b], "files", "too-many-files");
 }
+
+fn baylink(args: &[&str]) -> Output {
+    Command::new(baylink_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn audit_prove_carries_the_witness_cosignature_and_verify_proof_checks_it() {
+    let d = Deployment::new().unwrap();
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let f = payload(d.dir.path(), "study.dcm", 50_000, 4).unwrap();
+    let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = baylink_tests::summary(&out).unwrap()["transfer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(gateway.terminate().unwrap().success());
+    // `send` witnessed its exit checkpoint: the edge stored the gateway's cosignature.
+    assert!(d.path("audit/edge/cosignatures.log").exists());
+
+    let out = baylink(&[
+        "audit",
+        "prove",
+        "--config",
+        d.edge_config().to_str().unwrap(),
+        "--transfer",
+        &id,
+    ]);
+    assert!(out.status.success(), "prove: {}", stderr(&out));
+    let proof: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cosigs = proof["cosignatures"].as_array().expect("cosignatures");
+    assert!(!cosigs.is_empty(), "{proof}");
+    assert!(
+        cosigs[0]
+            .as_str()
+            .unwrap()
+            .starts_with("\u{2014} baylink.witness/"),
+        "{proof}"
+    );
+    let file = d.path("proof.json");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let edge_pem = d.path("keys/edge.pub.pem");
+    let gw_pem = d.path("keys/gateway.pub.pem");
+    let verify = |file: &Path, witness: Option<&Path>| {
+        let mut args = vec![
+            "audit",
+            "verify-proof",
+            "--public-key",
+            edge_pem.to_str().unwrap(),
+        ];
+        if let Some(w) = witness {
+            args.extend(["--witness-key", w.to_str().unwrap()]);
+        }
+        args.push(file.to_str().unwrap());
+        baylink(&args)
+    };
+    // The contract's form still works; with the witness key the cosignature is checked.
+    let out = verify(&file, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = verify(&file, Some(&gw_pem));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains(&format!("proof ok: transfer {id}")), "{said}");
+    assert!(said.contains("cosignatures: "), "{said}");
+    // The wrong witness key: refused.
+    let out = verify(&file, Some(&edge_pem));
+    assert!(
+        !out.status.success(),
+        "a cosignature verified under the edge's key"
+    );
+    assert!(stderr(&out).contains("cosignature 1"), "{}", stderr(&out));
+    // A missing cosignature is an error when the witness key is given, not without it.
+    let mut stripped = proof.clone();
+    stripped.as_object_mut().unwrap().remove("cosignatures");
+    let bare = d.path("proof-bare.json");
+    std::fs::write(&bare, serde_json::to_vec(&stripped).unwrap()).unwrap();
+    assert!(verify(&bare, None).status.success());
+    let out = verify(&bare, Some(&gw_pem));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no witness cosignature"),
+        "{}",
+        stderr(&out)
+    );
+    // A cosignature with one byte changed: refused.
+    let mut bad = proof.clone();
+    let line = bad["cosignatures"][0].as_str().unwrap().to_owned();
+    let (head, b64) = line.rsplit_once(' ').unwrap();
+    let mut chars: Vec<char> = b64.chars().collect();
+    let i = chars.len() / 2;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    bad["cosignatures"][0] = Value::String(format!("{head} {}", chars.iter().collect::<String>()));
+    let tampered = d.path("proof-badcosig.json");
+    std::fs::write(&tampered, serde_json::to_vec(&bad).unwrap()).unwrap();
+    assert!(!verify(&tampered, Some(&gw_pem)).status.success());
+}
