@@ -285,8 +285,11 @@ async fn control_stream(
                         // The state machine queued an error frame where one is due; it goes
                         // out at the top of the loop, after the refusal is recorded.
                         debug!(error = %e, "frame refused");
-                        let transfer = active.as_ref().map(|a| a.manifest.transfer_id.to_string());
-                        audit_refusal(&gw, transfer, &peer, e.code(), &e.to_string()).await;
+                        // An error frame from the edge is the edge stopping, not a refusal.
+                        if !matches!(e, ProtoError::Peer { .. }) {
+                            let transfer = active.as_ref().map(|a| a.manifest.transfer_id.to_string());
+                            audit_refusal(&gw, transfer, &peer, e.code(), &e.to_string()).await;
+                        }
                     }
                 }
                 () = wake => {}
