@@ -177,7 +177,17 @@ async fn control_stream(
                 };
                 let Some(action) = action else { break };
                 match action {
-                    ReceiverAction::SendFrame(frame) => writer.send(&frame).await?,
+                    ReceiverAction::SendFrame(frame) => {
+                        // audit: an error frame during a transfer (a chunk that never verified,
+                        // a frame out of place) is a refusal, recorded before it goes out.
+                        // Before the offer is accepted the refusal is recorded where it is
+                        // decided (below), so it is not recorded twice.
+                        if let (Frame::Error { code, text }, Some(a)) = (&frame, &active) {
+                            let transfer = Some(a.manifest.transfer_id.to_string());
+                            audit_refusal(&gw, transfer, &peer, *code, text).await;
+                        }
+                        writer.send(&frame).await?
+                    }
                     ReceiverAction::VerifyOffer { manifest, manifest_bytes, signature } => {
                         let mut r = receiver.take().expect("an offer comes before activation");
                         let offered = manifest.transfer_id.to_string();
@@ -286,9 +296,8 @@ async fn control_stream(
                         // out at the top of the loop, after the refusal is recorded.
                         debug!(error = %e, "frame refused");
                         // An error frame from the edge is the edge stopping, not a refusal.
-                        if !matches!(e, ProtoError::Peer { .. }) {
-                            let transfer = active.as_ref().map(|a| a.manifest.transfer_id.to_string());
-                            audit_refusal(&gw, transfer, &peer, e.code(), &e.to_string()).await;
+                        if active.is_none() && !matches!(e, ProtoError::Peer { .. }) {
+                            audit_refusal(&gw, None, &peer, e.code(), &e.to_string()).await;
                         }
                     }
                 }
