@@ -98,6 +98,10 @@ pub enum AuditCommand {
         public_key: PathBuf,
         /// The proof (output of `audit prove`).
         proof: PathBuf,
+        /// PEM public key of the witness (the gateway): also require and check the
+        /// witness cosignature(s) the proof carries.
+        #[arg(long)]
+        witness_key: Option<PathBuf>,
     },
     /// Sign a checkpoint of the log now with the HSM (if records were added since the last).
     Checkpoint(ConfigArg),

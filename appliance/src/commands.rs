@@ -252,10 +252,21 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
             println!("{}", serde_json::to_string_pretty(&proof)?);
             Ok(0)
         }
-        AuditCommand::VerifyProof { public_key, proof } => {
+        AuditCommand::VerifyProof {
+            public_key,
+            proof,
+            witness_key,
+        } => {
             let key = crate::signing::load_public_key(&public_key)?;
             let p = audit::read_proof(&proof)?;
-            let ok = audit::verify_proof(&p, &key)?;
+            let (ok, cosigned) = match &witness_key {
+                Some(w) => {
+                    let wk = crate::signing::load_public_key(w)?;
+                    let (ok, n) = audit::verify_proof_cosigned(&p, &key, &wk)?;
+                    (ok, Some(n))
+                }
+                None => (audit::verify_proof(&p, &key)?, None),
+            };
             let kinds: Vec<String> = ok.records.iter().map(|r| r.kind.to_string()).collect();
             println!(
                 "proof ok: transfer {}, {} records ({}) included in {} checkpoint of {} records, root {}",
@@ -266,6 +277,9 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
                 ok.checkpoint.size,
                 hex::encode(ok.checkpoint.root)
             );
+            if let Some(n) = cosigned {
+                println!("cosignatures: {n} verified by the witness key");
+            }
             Ok(0)
         }
         AuditCommand::Checkpoint(c) => with_config(&c.config, |cfg| {

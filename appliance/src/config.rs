@@ -238,6 +238,15 @@ pub struct PolicySection {
     /// Purposes whose DICOM instances are de-identified before they are hashed and sealed
     /// (`policy.deidentify_purposes`, default `["research"]`).
     pub deidentify_purposes: Vec<String>,
+    /// Allowed data categories (`policy.categories`); `None`: the eHealth sharable domains
+    /// ([`crate::policy::DEFAULT_CATEGORIES`]).
+    pub categories: Option<Vec<String>>,
+    /// Allowed destinations (`policy.destinations`); `None`: `["hk-ehealth"]`.
+    pub destinations: Option<Vec<String>>,
+    /// Largest sealed transfer in bytes (`policy.max_transfer_bytes`); `None`: 64 GiB.
+    pub max_transfer_bytes: Option<u64>,
+    /// Most files in one transfer (`policy.max_files`); `None`: 100 000.
+    pub max_files: Option<u64>,
 }
 
 /// `[delivery]`
@@ -392,6 +401,10 @@ struct RawPolicy {
     negative_list: Vec<String>,
     hospitals: Option<Vec<String>>,
     deidentify_purposes: Option<Vec<String>>,
+    categories: Option<Vec<String>>,
+    destinations: Option<Vec<String>>,
+    max_transfer_bytes: Option<u64>,
+    max_files: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -509,6 +522,14 @@ impl Config {
             chunk_size: raw.transport.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             max_in_flight: raw.transport.max_in_flight.unwrap_or(8),
         };
+        for (key, v) in [
+            ("policy.max_transfer_bytes", raw.policy.max_transfer_bytes),
+            ("policy.max_files", raw.policy.max_files),
+        ] {
+            if v == Some(0) {
+                return Err(invalid(key, "must be at least 1".to_owned()));
+            }
+        }
         let mut limits = baylink_net::proto::Limits::default();
         if let Some(n) = raw.limits.max_files {
             if n == 0 || n > limits.max_files {
@@ -804,6 +825,10 @@ impl Config {
                     .policy
                     .deidentify_purposes
                     .unwrap_or_else(|| vec!["research".to_owned()]),
+                categories: raw.policy.categories,
+                destinations: raw.policy.destinations,
+                max_transfer_bytes: raw.policy.max_transfer_bytes,
+                max_files: raw.policy.max_files,
             },
             delivery,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,

@@ -241,7 +241,7 @@ impl Edge {
             return Err(SendFailure::Refused(reason));
         }
         // The checkpoint runs again on resume: a consent withdrawn since sealing stops the send.
-        let consent_ref = match self.policy.current().check(&declaration, SystemTime::now()) {
+        let consent_ref = match self.check_policy(&request, &declaration) {
             Decision::Refuse(r) => {
                 metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
                 // audit: the refusal is recorded before it is reported.
@@ -252,7 +252,10 @@ impl Edge {
                     })
                     .await
                     .map_err(|e| SendFailure::Other(e.into()))?;
-                return Err(SendFailure::Refused(r.reason));
+                return Err(SendFailure::Refused(format!(
+                    "{} (rule {})",
+                    r.reason, r.rule
+                )));
             }
             Decision::Allow { consent_ref } => consent_ref,
         };
@@ -281,6 +284,24 @@ impl Edge {
             }
         }
         result
+    }
+
+    /// The compliance checkpoint for `send`: the declaration, then (new transfers, before
+    /// sealing) the policy's size limits over the files named.
+    fn check_policy(&self, request: &SendRequest, declaration: &Declaration) -> Decision {
+        let policy = self.policy.current();
+        let decision = policy.check(declaration, SystemTime::now());
+        if let (Decision::Allow { .. }, SendRequest::New { files, .. }) = (&decision, request) {
+            // A file that cannot be read counts as empty here; sealing names it.
+            let bytes = files
+                .iter()
+                .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
+                .fold(0u64, u64::saturating_add);
+            if let Err(r) = policy.check_size(files.len() as u64, bytes) {
+                return Decision::Refuse(r);
+            }
+        }
+        decision
     }
 
     async fn send_declared(

@@ -127,12 +127,60 @@ struct RawConsent {
     evidence_sha256: String,
 }
 
+/// The data categories allowed when `policy.categories` is unset: the sharable domains of
+/// Hong Kong's eHealth record, as stable kebab-case ids.
+pub const DEFAULT_CATEGORIES: &[&str] = &[
+    "demographics",
+    "allergies-adrs",
+    "diagnoses-procedures-medication",
+    "encounters-appointments",
+    "clinical-notes-summaries",
+    "birth-immunisation",
+    "laboratory-report",
+    "radiology-report",
+    "diagnostic-image",
+    "other-investigation-report",
+    "referral",
+];
+
+/// The destinations allowed when `policy.destinations` is unset.
+pub const DEFAULT_DESTINATIONS: &[&str] = &["hk-ehealth"];
+
+/// Default `policy.max_transfer_bytes`: 64 GiB.
+pub const DEFAULT_MAX_TRANSFER_BYTES: u64 = 64 << 30;
+
+/// Default `policy.max_files`: 100 000 files in one transfer.
+pub const DEFAULT_MAX_FILES: u64 = 100_000;
+
 /// The loaded policy.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     consents: HashMap<String, Vec<Consent>>,
     negative_list: HashSet<String>,
     hospitals: Option<HashSet<String>>,
+    categories: HashSet<String>,
+    destinations: HashSet<String>,
+    max_transfer_bytes: u64,
+    max_files: u64,
+}
+
+impl Default for Policy {
+    /// No consents, nothing negative-listed, any hospital, the default categories,
+    /// destinations and size limits.
+    fn default() -> Policy {
+        Policy {
+            consents: HashMap::new(),
+            negative_list: HashSet::new(),
+            hospitals: None,
+            categories: DEFAULT_CATEGORIES.iter().map(|c| (*c).to_owned()).collect(),
+            destinations: DEFAULT_DESTINATIONS
+                .iter()
+                .map(|d| (*d).to_owned())
+                .collect(),
+            max_transfer_bytes: DEFAULT_MAX_TRANSFER_BYTES,
+            max_files: DEFAULT_MAX_FILES,
+        }
+    }
 }
 
 /// The policy in force, shared by every door and replaceable while the appliance runs
@@ -172,6 +220,7 @@ impl Policy {
 
     /// Loads the policy named by the config.
     pub fn load(section: &PolicySection) -> Result<Policy, PolicyError> {
+        let defaults = Policy::default();
         let mut policy = Policy {
             consents: HashMap::new(),
             negative_list: section.negative_list.iter().cloned().collect(),
@@ -179,6 +228,18 @@ impl Policy {
                 .hospitals
                 .as_ref()
                 .map(|h| h.iter().cloned().collect()),
+            categories: section
+                .categories
+                .as_ref()
+                .map_or(defaults.categories, |c| c.iter().cloned().collect()),
+            destinations: section
+                .destinations
+                .as_ref()
+                .map_or(defaults.destinations, |d| d.iter().cloned().collect()),
+            max_transfer_bytes: section
+                .max_transfer_bytes
+                .unwrap_or(DEFAULT_MAX_TRANSFER_BYTES),
+            max_files: section.max_files.unwrap_or(DEFAULT_MAX_FILES),
         };
         if let Some(path) = &section.consents {
             let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
@@ -209,7 +270,30 @@ impl Policy {
         }
     }
 
-    /// Checks a declaration at time `now`.
+    /// Is a sealed transfer of `files` files and `bytes` bytes in total within the size
+    /// limits (`policy.max_files`, `policy.max_transfer_bytes`)? Checked at commit (HTTPS,
+    /// C-STORE) and by `send` before sealing; refused with rule `size-limit`.
+    pub fn check_size(&self, files: u64, bytes: u64) -> Result<(), Refusal> {
+        if files > self.max_files {
+            return Err(Refusal {
+                rule: "size-limit",
+                reason: format!("{files} files exceed policy.max_files ({})", self.max_files),
+            });
+        }
+        if bytes > self.max_transfer_bytes {
+            return Err(Refusal {
+                rule: "size-limit",
+                reason: format!(
+                    "{bytes} bytes exceed policy.max_transfer_bytes ({})",
+                    self.max_transfer_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a declaration at time `now`. Order: negative list (category, then purpose),
+    /// allowed categories, allowed destinations, then the consent registry.
     pub fn check(&self, d: &Declaration, now: SystemTime) -> Decision {
         let refuse = |rule, reason: String| Decision::Refuse(Refusal { rule, reason });
         for (what, value) in [("category", &d.category), ("purpose", &d.purpose)] {
@@ -219,6 +303,24 @@ impl Policy {
                     format!("{what} {value} is on the negative list"),
                 );
             }
+        }
+        if !self.categories.contains(&d.category) {
+            return refuse(
+                "category-not-allowed",
+                format!(
+                    "category {} is not an allowed data category (policy.categories)",
+                    d.category
+                ),
+            );
+        }
+        if !self.destinations.contains(&d.destination) {
+            return refuse(
+                "destination-not-allowed",
+                format!(
+                    "destination {} is not an allowed destination (policy.destinations)",
+                    d.destination
+                ),
+            );
         }
         let Some(records) = self.consents.get(&d.patient_id) else {
             return refuse(
@@ -431,7 +533,7 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
         };
         assert_eq!(rule(p.check(&d, mid)), "negative-list");
         let d = Declaration {
-            category: "clinical-note".into(),
+            category: "radiology-report".into(),
             ..decl()
         };
         assert_eq!(rule(p.check(&d, mid)), "consent-category");
@@ -444,7 +546,12 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
             destination: "elsewhere".into(),
             ..decl()
         };
-        assert_eq!(rule(p.check(&d, mid)), "consent-destination");
+        assert_eq!(rule(p.check(&d, mid)), "destination-not-allowed");
+        let wider = Policy {
+            destinations: ["hk-ehealth".to_owned(), "elsewhere".to_owned()].into(),
+            ..policy()
+        };
+        assert_eq!(rule(wider.check(&d, mid)), "consent-destination");
         let d = Declaration {
             consent_ref: Some("C-9".into()),
             ..decl()
@@ -467,5 +574,122 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
         let bad = REGISTRY.replace("2026-12-31T00:00:00Z", "tomorrow");
         let e = parse_registry(Path::new("c.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("consent C-1: valid_until"), "{e}");
+    }
+
+    #[test]
+    fn default_categories_are_the_ehealth_domains_and_keep_existing_ids() {
+        let p = Policy::default();
+        assert_eq!(p.categories.len(), 11);
+        for c in DEFAULT_CATEGORIES {
+            assert!(p.categories.contains(*c), "{c}");
+            assert!(
+                c.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'),
+                "{c} is not kebab-case"
+            );
+        }
+        // The contract's default `send --category` and the reports already in use.
+        for c in ["diagnostic-image", "laboratory-report", "radiology-report"] {
+            assert!(p.categories.contains(c), "{c}");
+        }
+        assert!(p.destinations.contains("hk-ehealth"));
+        assert_eq!(p.destinations.len(), 1);
+    }
+
+    #[test]
+    fn category_outside_the_list_is_refused_before_consent() {
+        let p = policy();
+        let mid = at("2026-06-01T00:00:00Z");
+        // Not a category at all: refused by the category rule even though the patient has
+        // no consent for it either.
+        let d = Declaration {
+            category: "clinical-note".into(),
+            ..decl()
+        };
+        match p.check(&d, mid) {
+            Decision::Refuse(r) => {
+                assert_eq!(r.rule, "category-not-allowed");
+                assert!(r.reason.contains("clinical-note"), "{}", r.reason);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A configured list replaces the default one.
+        let narrow = Policy {
+            categories: ["laboratory-report".to_owned()].into(),
+            ..policy()
+        };
+        assert_eq!(rule(narrow.check(&decl(), mid)), "category-not-allowed");
+        // The negative list still comes first.
+        let d = Declaration {
+            category: "genetic-data".into(),
+            ..decl()
+        };
+        assert_eq!(rule(narrow.check(&d, mid)), "negative-list");
+    }
+
+    #[test]
+    fn destination_outside_the_list_is_refused() {
+        let p = policy();
+        let mid = at("2026-06-01T00:00:00Z");
+        let d = Declaration {
+            destination: "cloud-bucket".into(),
+            ..decl()
+        };
+        match p.check(&d, mid) {
+            Decision::Refuse(r) => {
+                assert_eq!(r.rule, "destination-not-allowed");
+                assert!(r.reason.contains("cloud-bucket"), "{}", r.reason);
+            }
+            other => panic!("{other:?}"),
+        }
+        let none = Policy {
+            destinations: HashSet::new(),
+            ..policy()
+        };
+        assert_eq!(rule(none.check(&decl(), mid)), "destination-not-allowed");
+    }
+
+    #[test]
+    fn size_limits_refuse_by_rule_at_the_boundary() {
+        let p = Policy {
+            max_files: 3,
+            max_transfer_bytes: 1000,
+            ..Policy::default()
+        };
+        assert!(p.check_size(3, 1000).is_ok());
+        let r = p.check_size(4, 10).unwrap_err();
+        assert_eq!(r.rule, "size-limit");
+        assert!(r.reason.contains("policy.max_files"), "{}", r.reason);
+        let r = p.check_size(1, 1001).unwrap_err();
+        assert_eq!(r.rule, "size-limit");
+        assert!(
+            r.reason.contains("policy.max_transfer_bytes"),
+            "{}",
+            r.reason
+        );
+        let d = Policy::default();
+        assert!(
+            d.check_size(DEFAULT_MAX_FILES, DEFAULT_MAX_TRANSFER_BYTES)
+                .is_ok()
+        );
+        assert!(d.check_size(DEFAULT_MAX_FILES + 1, 0).is_err());
+    }
+
+    #[test]
+    fn load_reads_the_policy_keys_and_defaults_the_rest() {
+        let section = PolicySection {
+            consents: None,
+            negative_list: vec![],
+            hospitals: None,
+            categories: Some(vec!["referral".into()]),
+            destinations: None,
+            max_transfer_bytes: Some(5),
+            max_files: None,
+            deidentify_purposes: vec!["research".into()],
+        };
+        let p = Policy::load(&section).unwrap();
+        assert_eq!(p.categories, ["referral".to_owned()].into());
+        assert_eq!(p.destinations, Policy::default().destinations);
+        assert_eq!(p.max_transfer_bytes, 5);
+        assert_eq!(p.max_files, DEFAULT_MAX_FILES);
     }
 }

@@ -44,7 +44,7 @@ use crate::transfer_dir::write_atomic;
 pub use record::{Event, Kind, Record};
 pub use verify::{
     MAX_PROOF_BYTES, MAX_PROOF_RECORDS, PROOF_VERSION, Proof, ProofSummary, ProvenRecord, Summary,
-    prove, read_proof, verify, verify_proof,
+    prove, read_proof, verify, verify_proof, verify_proof_cosigned,
 };
 
 /// The records file in `audit.dir`.

@@ -51,6 +51,10 @@ pub struct Proof {
     pub checkpoint: String,
     /// The transfer's records, each with its inclusion proof.
     pub records: Vec<ProvenRecord>,
+    /// The witness cosignature lines (C2SP tlog-cosignature) the edge stored for
+    /// `checkpoint`, if it has any; checked by [`verify_proof_cosigned`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cosignatures: Vec<String>,
 }
 
 /// One record and its inclusion proof.
@@ -275,14 +279,31 @@ pub fn prove(dir: &Path, transfer: &str) -> Result<Proof, AuditError> {
             dir.join(RECORDS_FILE).display()
         )));
     };
-    let (index, offset, text) = notes
+    // Prefer the newest checkpoint that covers the records and that the witness cosigned;
+    // else the newest checkpoint.
+    let stored = stored_cosignatures(dir)?;
+    let covers = |t: &str| {
+        note::split_note(t)
+            .ok()
+            .and_then(|(body, _)| Checkpoint::parse_body(body).ok())
+            .is_some_and(|cp| cp.size > last)
+    };
+    let witnessed = notes
         .iter()
         .enumerate()
-        .next_back()
+        .rev()
+        .find(|(_, (_, t))| covers(t) && stored.iter().any(|(c, _)| c == t));
+    let (index, offset, text) = witnessed
+        .or_else(|| notes.iter().enumerate().next_back())
         .map(|(i, (o, t))| (i + 1, *o, t.clone()))
         .ok_or_else(|| {
             AuditError::NotFound("no signed checkpoint yet (run `baylink audit checkpoint`)".into())
         })?;
+    let cosignatures: Vec<String> = stored
+        .into_iter()
+        .filter(|(c, _)| *c == text)
+        .map(|(_, line)| line)
+        .collect();
     let bad = |reason: String| AuditError::BadCheckpoint {
         index,
         offset,
@@ -327,7 +348,55 @@ pub fn prove(dir: &Path, transfer: &str) -> Result<Proof, AuditError> {
         transfer: transfer.to_owned(),
         checkpoint: text,
         records: out,
+        cosignatures,
     })
+}
+
+/// The (checkpoint, cosignature line) pairs of `cosignatures.log`, if the file exists.
+fn stored_cosignatures(dir: &Path) -> Result<Vec<(String, String)>, AuditError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Line {
+        checkpoint: String,
+        cosignature: String,
+    }
+    let path = dir.join(super::witness::COSIGNATURES_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(super::io("cannot read", &path)(e)),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str::<Line>(l)
+                .map(|l| (l.checkpoint, l.cosignature))
+                .map_err(|e| {
+                    AuditError::BadProof(format!("{}: not a cosignature line: {e}", path.display()))
+                })
+        })
+        .collect()
+}
+
+/// [`verify_proof`], then the witness cosignatures the proof carries, by `witness_key`:
+/// at least one is required and every one must verify over the proof's checkpoint. Returns
+/// the summary and the number of cosignatures verified.
+pub fn verify_proof_cosigned(
+    proof: &Proof,
+    key: &PublicKey,
+    witness_key: &PublicKey,
+) -> Result<(ProofSummary, usize), AuditError> {
+    let summary = verify_proof(proof, key)?;
+    if proof.cosignatures.is_empty() {
+        return Err(AuditError::BadProof(
+            "the proof carries no witness cosignature of its checkpoint".into(),
+        ));
+    }
+    for (i, line) in proof.cosignatures.iter().enumerate() {
+        super::witness::verify_cosignature(&proof.checkpoint, line, witness_key)
+            .map_err(|e| AuditError::BadProof(format!("cosignature {}: {e}", i + 1)))?;
+    }
+    Ok((summary, proof.cosignatures.len()))
 }
 
 /// Checks a proof offline: the checkpoint's signature by `key`, then each record's

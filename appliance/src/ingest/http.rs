@@ -134,6 +134,8 @@ pub fn router(store: IngestStore, idle_timeout: Duration) -> Router {
         .route("/v1/transfers/{id}", get(status))
         .route("/v1/transfers/{id}/files/{*name}", put(upload))
         .route("/v1/transfers/{id}/commit", post(commit))
+        .route("/v1/transfers/{id}/receipt", get(receipt))
+        .route("/v1/transfers/{id}/proof", get(proof))
         .route("/dicom-web/studies", post(super::stow::stow))
         .fallback(|uri: axum::http::Uri| async move {
             ApiError::new(
@@ -303,6 +305,24 @@ async fn status(
     let id = transfer_id(&id)?;
     let st = app.store.status(&hospital, &id).await?;
     Ok(Json(st).into_response())
+}
+
+async fn receipt(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    Ok(Json(app.store.receipt(&hospital, &id).await?).into_response())
+}
+
+async fn proof(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    Ok(Json(app.store.proof(&hospital, &id).await?).into_response())
 }
 
 async fn commit(

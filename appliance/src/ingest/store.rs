@@ -140,6 +140,44 @@ pub struct TransferStatus {
     /// Why it was refused or failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where the receipt and the audit proof can be downloaded, once there is a receipt
+    /// (computed when the status is read, never stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downloads: Option<Downloads>,
+}
+
+/// Links to a transfer's downloadable evidence (`GET /v1/transfers/{id}` `downloads`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Downloads {
+    /// `/v1/transfers/{id}/receipt`: the gateway's signed receipt.
+    pub receipt: String,
+    /// `/v1/transfers/{id}/proof`: the audit inclusion proof.
+    pub proof: String,
+}
+
+/// The gateway's signed receipt as the edge stores it, with what is needed to verify it
+/// (`GET /v1/transfers/{id}/receipt`, `application/json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct ReceiptDownload {
+    /// Always `baylink-receipt/1`.
+    pub format: &'static str,
+    /// Transfer id.
+    pub transfer: String,
+    /// The receipt bytes (`receipt.bin`), base64.
+    pub receipt: String,
+    /// The gateway's HSM signature (`receipt.sig`), base64: ECDSA P-256 / SHA-256 as the
+    /// PKCS#11 token gives it (r ‖ s, 64 bytes, IEEE P1363), over `signed_prefix` followed
+    /// by the receipt bytes.
+    pub signature: String,
+    /// The domain-separation prefix signed before the receipt bytes.
+    pub signed_prefix: String,
+    /// The sealed manifest (`manifest.bin`) the receipt confirms, base64.
+    pub manifest: String,
+    /// The manifest's Merkle root, hex (also inside the receipt).
+    pub merkle_root: String,
+    /// The gateway's public key the edge pinned (`peer.signing_key`), PEM, if readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_public_key: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -330,6 +368,7 @@ impl IngestStore {
             }],
             receipt: None,
             error: None,
+            downloads: None,
         };
         // audit: `declared` is durable before the id is given to the hospital.
         self.audit(Event {
@@ -563,6 +602,10 @@ impl IngestStore {
             st.committed = true;
             st.files.iter().map(|(n, s)| (n.clone(), *s)).collect()
         };
+        if let Err(e) = self.check_size(hospital, id, &files).await {
+            lock(&transfer.state).committed = false;
+            return Err(e);
+        }
         match self.seal(id, &files).await {
             Ok(()) => {
                 lock(&self.inner.open).remove(id);
@@ -577,6 +620,46 @@ impl IngestStore {
                 Err(e)
             }
         }
+    }
+
+    /// The policy's size limits (`policy.max_files`, `policy.max_transfer_bytes`) over the
+    /// files about to be sealed; a refusal is recorded (`refused`, rule `size-limit`) before
+    /// it is answered and leaves the transfer open (the hospital may abandon it).
+    async fn check_size(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        files: &[(String, u64)],
+    ) -> Result<(), IngestError> {
+        let bytes = files
+            .iter()
+            .map(|(_, s)| *s)
+            .fold(0u64, u64::saturating_add);
+        let Err(r) = self
+            .inner
+            .edge
+            .policy()
+            .check_size(files.len() as u64, bytes)
+        else {
+            return Ok(());
+        };
+        metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "refused")
+            .increment(1);
+        info!(hospital, transfer = %id, rule = r.rule, reason = %r.reason, "commit refused");
+        let dir = self.dir(id);
+        let decl = blocking(move || {
+            seal::load_declaration(&dir).map_err(|e| IngestError::Internal(format!("{e:#}")))
+        })
+        .await?;
+        // audit: the refusal is recorded before it is answered.
+        self.audit(Event {
+            rule: Some(r.rule.to_owned()),
+            hospital: Some(hospital.to_owned()),
+            detail: Some(r.reason.clone()),
+            ..Event::declared(Kind::Refused, Some(id.to_string()), &decl)
+        })
+        .await?;
+        Err(IngestError::Refused(r))
     }
 
     async fn seal(&self, id: &TransferId, files: &[(String, u64)]) -> Result<(), IngestError> {
@@ -751,7 +834,84 @@ impl IngestStore {
             st.files = s.files.len();
             st.bytes = s.files.values().sum();
         }
+        if st.receipt.is_some() || self.dir(id).receipt_sig().exists() {
+            st.downloads = Some(Downloads {
+                receipt: format!("/v1/transfers/{id}/receipt"),
+                proof: format!("/v1/transfers/{id}/proof"),
+            });
+        }
         Ok(st)
+    }
+
+    /// The transfer's state, if `hospital` owns it (else [`IngestError::NotFound`]), and a
+    /// conflict naming the state unless the receipt is stored.
+    async fn receipted(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {
+        let st = self.status(hospital, id).await?;
+        if st.downloads.is_none() {
+            return Err(IngestError::Conflict(format!(
+                "no receipt yet: the transfer is {}",
+                serde_json::to_value(st.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The gateway's signed receipt of transfer `id` for `hospital` (404 for another
+    /// hospital's transfer or an unknown id, 409 before the receipt arrived).
+    pub async fn receipt(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<ReceiptDownload, IngestError> {
+        self.receipted(hospital, id).await?;
+        let dir = self.dir(id);
+        let key_path = self.inner.edge.config().peer_signing_key.clone();
+        let id = id.to_string();
+        blocking(move || {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let receipt = std::fs::read(dir.receipt_bin()).map_err(internal("receipt.bin"))?;
+            let signature = std::fs::read(dir.receipt_sig()).map_err(internal("receipt.sig"))?;
+            let manifest = std::fs::read(dir.manifest_bin()).map_err(internal("manifest.bin"))?;
+            let m = baylink_net::proto::Manifest::from_bytes(&manifest, &Default::default())
+                .map_err(|e| IngestError::Internal(format!("manifest.bin: {e}")))?;
+            Ok(ReceiptDownload {
+                format: "baylink-receipt/1",
+                transfer: id,
+                receipt: b64.encode(receipt),
+                signature: b64.encode(signature),
+                signed_prefix: String::from_utf8_lossy(crate::signing::RECEIPT_CONTEXT)
+                    .into_owned(),
+                manifest: b64.encode(&manifest),
+                merkle_root: hex::encode(m.merkle_root),
+                gateway_public_key: std::fs::read_to_string(&key_path).ok(),
+            })
+        })
+        .await
+    }
+
+    /// The audit inclusion proof of transfer `id`'s records (the JSON of `baylink audit
+    /// prove --transfer ID`), for `hospital`; signs a checkpoint first so the proof covers
+    /// every record written so far.
+    pub async fn proof(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<crate::audit::Proof, IngestError> {
+        self.receipted(hospital, id).await?;
+        let log = self.inner.edge.audit();
+        log.checkpoint()
+            .await
+            .map_err(|e| IngestError::Internal(format!("audit log: {e}")))?;
+        let dir = log.dir().to_owned();
+        let id = id.to_string();
+        blocking(move || {
+            crate::audit::prove(&dir, &id)
+                .map_err(|e| IngestError::Internal(format!("audit proof: {e}")))
+        })
+        .await
     }
 
     /// The configured limit on one transfer's payload.

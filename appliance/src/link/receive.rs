@@ -165,6 +165,7 @@ async fn control_stream(
     let mut active: Option<Arc<Active>> = None;
     let mut cancel_rx: Option<watch::Receiver<bool>> = None;
 
+    let peer_name = peer.clone();
     let outcome: Result<(), LinkError> = async {
         loop {
             // Drain actions, from the local receiver before the offer, from the shared one after.
@@ -176,9 +177,20 @@ async fn control_stream(
                 };
                 let Some(action) = action else { break };
                 match action {
-                    ReceiverAction::SendFrame(frame) => writer.send(&frame).await?,
+                    ReceiverAction::SendFrame(frame) => {
+                        // audit: an error frame during a transfer (a chunk that never verified,
+                        // a frame out of place) is a refusal, recorded before it goes out.
+                        // Before the offer is accepted the refusal is recorded where it is
+                        // decided (below), so it is not recorded twice.
+                        if let (Frame::Error { code, text }, Some(a)) = (&frame, &active) {
+                            let transfer = Some(a.manifest.transfer_id.to_string());
+                            audit_refusal(&gw, transfer, &peer, *code, text).await;
+                        }
+                        writer.send(&frame).await?
+                    }
                     ReceiverAction::VerifyOffer { manifest, manifest_bytes, signature } => {
                         let mut r = receiver.take().expect("an offer comes before activation");
+                        let offered = manifest.transfer_id.to_string();
                         match accept_offer(&gw, &conn, &peer, manifest, &manifest_bytes, &signature).await {
                             Ok((a, have)) => {
                                 r.offer_accepted(have);
@@ -189,6 +201,8 @@ async fn control_stream(
                             Err((code, text)) => {
                                 warn!(%text, "offer refused");
                                 metrics::counter!("baylink_transfers_total", "stage" => "offer", "outcome" => "refused").increment(1);
+                                // audit: the refusal is recorded before the error frame is queued.
+                                audit_refusal(&gw, Some(offered), &peer, code, &text).await;
                                 r.offer_refused(code, text);
                                 receiver = Some(r);
                             }
@@ -278,8 +292,13 @@ async fn control_stream(
                         (None, None) => Ok(()),
                     };
                     if let Err(e) = res {
-                        // The state machine queued an error frame where one is due; send it.
+                        // The state machine queued an error frame where one is due; it goes
+                        // out at the top of the loop, after the refusal is recorded.
                         debug!(error = %e, "frame refused");
+                        // An error frame from the edge is the edge stopping, not a refusal.
+                        if active.is_none() && !matches!(e, ProtoError::Peer { .. }) {
+                            audit_refusal(&gw, None, &peer, e.code(), &e.to_string()).await;
+                        }
                     }
                 }
                 () = wake => {}
@@ -299,6 +318,8 @@ async fn control_stream(
                 // connection are not affected. (Closing the connection here would discard the
                 // error frame before it is sent.)
                 warn!(error = %p, "protocol error from the edge");
+                let transfer = active.as_ref().map(|a| a.manifest.transfer_id.to_string());
+                audit_refusal(&gw, transfer, &peer_name, p.code(), &p.to_string()).await;
                 let _ = writer
                     .send(&Frame::Error {
                         code: p.code(),
@@ -319,6 +340,49 @@ async fn control_stream(
             warn!(error = %e, "cannot checkpoint the transfer");
         }
         release(&gw, &a);
+    }
+}
+
+/// The rule name of a refusal on the link: the protocol error code in kebab case (e.g.
+/// `bad-signature`, `too-many-files`, `bad-file-name`).
+pub fn link_rule(code: ErrorCode) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// audit: records a refusal of the edge's offer or frame (`refused`, rule from the error
+/// code, the reason as detail) before the error frame goes out. A gateway that is shutting
+/// down is not refusing anything (the edge retries), so that is not recorded. The refusal
+/// stands even when it cannot be recorded (logged).
+async fn audit_refusal(
+    gw: &Gateway,
+    transfer: Option<String>,
+    peer: &str,
+    code: ErrorCode,
+    text: &str,
+) {
+    if code == ErrorCode::ShuttingDown {
+        return;
+    }
+    let event = crate::audit::Event {
+        transfer,
+        peer: Some(peer.to_owned()),
+        rule: Some(link_rule(code)),
+        detail: Some(text.to_owned()),
+        ..crate::audit::Event::new(crate::audit::Kind::Refused)
+    };
+    if let Err(e) = gw.audit.append(event).await {
+        warn!(error = %e, "cannot record the refusal in the audit log");
     }
 }
 

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod audit;
+mod compliance;
 mod deid;
 mod dicom;
 mod faults;

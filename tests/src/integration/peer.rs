@@ -298,6 +298,14 @@ fn chunks_that_never_match_their_digest_fail_the_transfer() {
     assert!(gw.terminate().unwrap().success());
     assert!(log.contains("transfer failed"), "gateway log:\n{log}");
     assert_nothing_delivered(&d);
+    // audit: the failure was recorded as `refused` with its rule before the error frame.
+    let records = std::fs::read_to_string(d.path("audit/gateway/records.log")).unwrap();
+    assert!(
+        records.lines().any(|l| l.contains(r#""kind":"refused""#)
+            && (l.contains(r#""rule":"too-many-retries""#)
+                || l.contains(r#""rule":"chunk-digest-mismatch""#))),
+        "{records}"
+    );
     assert!(
         !d.path("spool/gateway").join(id.to_string()).exists(),
         "the failed transfer's spool directory was removed"

@@ -1,0 +1,662 @@
+//! The policy rules added for issue 7 (allowed categories, allowed destinations, size limits)
+//! through both doors: the hospital API over HTTPS (curl with client certificates) and
+//! `send`. Each refusal names its rule, seals nothing, delivers nothing, and is recorded as
+//! `refused` with that rule in the edge's audit log, which still verifies.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use baylink_tests::{Deployment, Service, baylink_bin, payload};
+use serde_json::Value;
+
+const GOOD: &str = r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// curl as `who` (a certificate under `pki/`); returns (HTTP status, body).
+fn curl(d: &Deployment, who: &str, args: &[&str]) -> (u16, String) {
+    let out_file = d.path(&format!("curl-{}.out", rand_suffix()));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "60", "--cacert"])
+        .arg(d.path("pki/ca.pem"))
+        .arg("--cert")
+        .arg(d.path(&format!("pki/{who}.pem")))
+        .arg("--key")
+        .arg(d.path(&format!("pki/{who}.key")))
+        .arg("-o")
+        .arg(&out_file)
+        .args(["-w", "%{http_code}"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (
+        status,
+        std::fs::read_to_string(&out_file).unwrap_or_default(),
+    )
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn url(d: &Deployment, path: &str) -> String {
+    format!("https://127.0.0.1:{}{path}", d.base_port)
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Both appliances running (so a transfer that got through would be delivered).
+fn running(d: &Deployment) -> (Service, Service) {
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let edge = d.serve(&d.edge_config()).expect("edge starts");
+    (gateway, edge)
+}
+
+/// The edge's audit records as JSON.
+fn records(d: &Deployment) -> Vec<Value> {
+    std::fs::read_to_string(d.path("audit/edge/records.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| json(l.split_once(' ').unwrap().1))
+        .collect()
+}
+
+fn assert_refused_record(d: &Deployment, rule: &str) {
+    let r = records(d);
+    assert!(
+        r.iter()
+            .any(|r| r["kind"] == "refused" && r["rule"] == rule),
+        "no refused record with rule {rule}: {r:?}"
+    );
+    assert!(
+        !r.iter()
+            .any(|r| r["kind"] == "sealed" || r["kind"] == "sent"),
+        "a refused transfer was sealed or sent: {r:?}"
+    );
+}
+
+fn assert_audit_verifies(d: &Deployment) {
+    let out = Command::new(baylink_bin())
+        .args(["audit", "verify", "--dir"])
+        .arg(d.path("audit/edge"))
+        .arg("--public-key")
+        .arg(d.path("keys/edge.pub.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "audit verify: {}", stderr(&out));
+}
+
+/// Files under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn nothing_sealed_or_delivered(d: &Deployment) {
+    let sealed: Vec<_> = files_under(&d.path("spool/edge"))
+        .into_iter()
+        .filter(|p| p.file_name() == Some("manifest.bin".as_ref()))
+        .collect();
+    assert!(sealed.is_empty(), "sealed: {sealed:?}");
+    let delivered = files_under(&d.path("delivered"));
+    assert!(delivered.is_empty(), "delivered: {delivered:?}");
+}
+
+fn send_refusal(d: &Deployment, args: &[&str], rule: &str) {
+    let f = payload(d.dir.path(), "scan.dcm", 100_000, 1).unwrap();
+    let mut all = vec!["--no-progress"];
+    all.extend_from_slice(args);
+    all.push(f.to_str().unwrap());
+    let out = d.send(&all).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.contains("refused: "), "{err}");
+    assert!(err.contains(&format!("(rule {rule})")), "{err}");
+    nothing_sealed_or_delivered(d);
+    assert_refused_record(d, rule);
+    assert_audit_verifies(d);
+}
+
+fn declare_refusal(d: &Deployment, body: &str, rule: &str) {
+    let (status, body) = curl(
+        d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            body,
+            &url(d, "/v1/transfers"),
+        ],
+    );
+    assert_eq!(status, 403, "{body}");
+    let v = json(&body);
+    assert_eq!(v["rule"], rule, "{v}");
+    assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+}
+
+#[test]
+fn category_not_in_the_policy_is_refused_on_both_doors() {
+    let d = Deployment::new().unwrap();
+    d.set(
+        "edge.toml",
+        "policy",
+        "categories",
+        r#"["laboratory-report"]"#,
+    )
+    .unwrap();
+    // `send` with its default category (diagnostic-image), now not allowed.
+    send_refusal(&d, &[], "category-not-allowed");
+    let (_g, edge) = running(&d);
+    declare_refusal(&d, GOOD, "category-not-allowed");
+    nothing_sealed_or_delivered(&d);
+    drop(edge);
+    let refused = records(&d)
+        .into_iter()
+        .filter(|r| r["kind"] == "refused" && r["rule"] == "category-not-allowed")
+        .count();
+    assert_eq!(refused, 2, "one refused record per door");
+    assert_audit_verifies(&d);
+}
+
+#[test]
+fn destination_not_in_the_policy_is_refused_on_both_doors() {
+    let d = Deployment::new().unwrap();
+    send_refusal(
+        &d,
+        &["--destination", "cloud-bucket"],
+        "destination-not-allowed",
+    );
+    let (_g, _e) = running(&d);
+    declare_refusal(
+        &d,
+        &GOOD.replace("hk-ehealth", "cloud-bucket"),
+        "destination-not-allowed",
+    );
+    nothing_sealed_or_delivered(&d);
+}
+
+#[test]
+fn transfer_over_the_policy_size_limit_is_refused_at_commit_and_by_send() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "policy", "max_transfer_bytes", "50000")
+        .unwrap();
+    // `send` checks before sealing: the 100 000-byte file is over the limit.
+    send_refusal(&d, &[], "size-limit");
+
+    let (_g, _e) = running(&d);
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            "--data-binary",
+            GOOD,
+            &url(&d, "/v1/transfers"),
+        ],
+    );
+    assert_eq!(status, 201, "{body}");
+    let id = json(&body)["id"].as_str().unwrap().to_owned();
+    // Each file is under the limit, together they are over it.
+    for (name, seed) in [("a.dcm", 1), ("b.dcm", 2)] {
+        let f = payload(d.dir.path(), name, 30_000, seed).unwrap();
+        let data = format!("@{}", f.display());
+        let (status, body) = curl(
+            &d,
+            "hospital-a",
+            &[
+                "-X",
+                "PUT",
+                "--data-binary",
+                &data,
+                &url(&d, &format!("/v1/transfers/{id}/files/{name}")),
+            ],
+        );
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            &url(&d, &format!("/v1/transfers/{id}/commit")),
+        ],
+    );
+    assert_eq!(status, 403, "{body}");
+    let v = json(&body);
+    assert_eq!(v["rule"], "size-limit", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("policy.max_transfer_bytes")),
+        "{v}"
+    );
+    nothing_sealed_or_delivered(&d);
+    let refused: Vec<_> = records(&d)
+        .into_iter()
+        .filter(|r| r["kind"] == "refused" && r["rule"] == "size-limit")
+        .collect();
+    assert_eq!(
+        refused.len(),
+        2,
+        "send and commit each recorded: {refused:?}"
+    );
+    assert!(
+        refused.iter().any(|r| r["transfer"] == id.as_str()),
+        "{refused:?}"
+    );
+    // The transfer stays open, not sealed: the status says so.
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[&url(&d, &format!("/v1/transfers/{id}"))],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["state"], "receiving", "{body}");
+}
+
+#[test]
+fn files_over_the_policy_file_limit_are_refused_by_send() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "policy", "max_files", "1").unwrap();
+    let extra = payload(d.dir.path(), "second.dcm", 10, 7).unwrap();
+    send_refusal(&d, &[extra.to_str().unwrap()], "size-limit");
+}
+
+#[test]
+fn a_zero_policy_limit_is_a_config_error() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "policy", "max_files", "0").unwrap();
+    let out = d.send(&["--no-progress", "/dev/null"]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("policy.max_files"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// An IEEE P1363 ECDSA P-256 signature (r ‖ s, 64 bytes) as DER, for openssl.
+fn der_signature(fixed: &[u8]) -> Vec<u8> {
+    assert_eq!(fixed.len(), 64, "P-256 r||s");
+    let int = |x: &[u8]| {
+        let mut v: Vec<u8> = x.iter().copied().skip_while(|b| *b == 0).collect();
+        if v.first().is_none_or(|b| *b >= 0x80) {
+            v.insert(0, 0);
+        }
+        let mut out = vec![0x02, v.len() as u8];
+        out.extend(v);
+        out
+    };
+    let body = [int(&fixed[..32]), int(&fixed[32..])].concat();
+    let mut out = vec![0x30, body.len() as u8];
+    out.extend(body);
+    out
+}
+
+fn get(d: &Deployment, who: &str, path: &str) -> (u16, String) {
+    curl(d, who, &[&url(d, path)])
+}
+
+fn verify_proof(d: &Deployment, file: &Path) -> Output {
+    Command::new(baylink_bin())
+        .args(["audit", "verify-proof", "--public-key"])
+        .arg(d.path("keys/edge.pub.pem"))
+        .arg(file)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_sender_downloads_the_receipt_and_a_proof_that_verifies_offline() {
+    use base64::Engine;
+    let d = Deployment::new().unwrap();
+    let (_g, _e) = running(&d);
+    let post = |body: &str| {
+        let (status, body) = curl(
+            &d,
+            "hospital-a",
+            &[
+                "-X",
+                "POST",
+                "--data-binary",
+                body,
+                &url(&d, "/v1/transfers"),
+            ],
+        );
+        assert_eq!(status, 201, "{body}");
+        json(&body)["id"].as_str().unwrap().to_owned()
+    };
+    // Before any receipt: 409 naming the state; another hospital and unknown ids: 404.
+    let early = post(GOOD);
+    for what in ["receipt", "proof"] {
+        let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{early}/{what}"));
+        assert_eq!(status, 409, "{what}: {body}");
+        assert!(body.contains("declared"), "{what}: {body}");
+    }
+    assert!(
+        json(&get(&d, "hospital-a", &format!("/v1/transfers/{early}")).1)
+            .get("downloads")
+            .is_none()
+    );
+
+    let id = post(GOOD);
+    let f = payload(d.dir.path(), "scan.dcm", 200_000, 3).unwrap();
+    let data = format!("@{}", f.display());
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &data,
+            &url(&d, &format!("/v1/transfers/{id}/files/scan.dcm")),
+        ],
+    );
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = curl(
+        &d,
+        "hospital-a",
+        &[
+            "-X",
+            "POST",
+            &url(&d, &format!("/v1/transfers/{id}/commit")),
+        ],
+    );
+    assert_eq!(status, 202, "{body}");
+    // Poll the status until committed (bounded).
+    let start = std::time::Instant::now();
+    let st = loop {
+        let st = json(&get(&d, "hospital-a", &format!("/v1/transfers/{id}")).1);
+        if st["state"] == "committed" || st["state"] == "delivered" {
+            break st;
+        }
+        assert!(st["state"] != "failed" && st["state"] != "refused", "{st}");
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{st}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert_eq!(
+        st["downloads"]["receipt"],
+        format!("/v1/transfers/{id}/receipt")
+    );
+    assert_eq!(
+        st["downloads"]["proof"],
+        format!("/v1/transfers/{id}/proof")
+    );
+
+    for who in ["hospital-b"] {
+        for what in ["receipt", "proof"] {
+            let (status, body) = get(&d, who, &format!("/v1/transfers/{id}/{what}"));
+            assert_eq!(status, 404, "{who} {what}: {body}");
+        }
+    }
+    let unknown = "01900000-0000-7000-8000-000000000000";
+    let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{unknown}/proof"));
+    assert_eq!(status, 404, "{body}");
+
+    // The receipt: check the gateway's signature with openssl and its public key.
+    let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{id}/receipt"));
+    assert_eq!(status, 200, "{body}");
+    let r = json(&body);
+    assert_eq!(r["format"], "baylink-receipt/1");
+    assert_eq!(r["transfer"], id.as_str());
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut msg = r["signed_prefix"].as_str().unwrap().as_bytes().to_vec();
+    msg.extend(b64.decode(r["receipt"].as_str().unwrap()).unwrap());
+    let sig = der_signature(&b64.decode(r["signature"].as_str().unwrap()).unwrap());
+    let key = r["gateway_public_key"].as_str().unwrap();
+    assert_eq!(
+        key,
+        std::fs::read_to_string(d.path("keys/gateway.pub.pem")).unwrap()
+    );
+    std::fs::write(d.path("receipt.msg"), &msg).unwrap();
+    std::fs::write(d.path("receipt.sig"), &sig).unwrap();
+    std::fs::write(d.path("receipt-key.pem"), key).unwrap();
+    let openssl = |m: &str| {
+        Command::new("openssl")
+            .args(["dgst", "-sha256", "-verify"])
+            .arg(d.path("receipt-key.pem"))
+            .arg("-signature")
+            .arg(d.path("receipt.sig"))
+            .arg(d.path(m))
+            .output()
+            .unwrap()
+    };
+    let ok = openssl("receipt.msg");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let last = msg.len() - 1;
+    msg[last] ^= 1;
+    std::fs::write(d.path("receipt-bad.msg"), &msg).unwrap();
+    assert!(!openssl("receipt-bad.msg").status.success());
+
+    // The proof: the real `baylink audit verify-proof` accepts it, and not one byte changed.
+    let (status, body) = get(&d, "hospital-a", &format!("/v1/transfers/{id}/proof"));
+    assert_eq!(status, 200, "{body}");
+    let proof = d.path("proof.json");
+    std::fs::write(&proof, &body).unwrap();
+    let out = verify_proof(&d, &proof);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains(&format!("proof ok: transfer {id}")), "{said}");
+    assert!(said.contains("receipted"), "{said}");
+    // Change one byte: the first hex digit of the first record's first inclusion hash (the
+    // file stays valid JSON, so the proof check itself must catch it).
+    let first = json(&body)["records"][0]["inclusion"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let at = body.find(&first).unwrap();
+    let mut bytes = body.into_bytes();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    let tampered = d.path("proof-tampered.json");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let out = verify_proof(&d, &tampered);
+    assert!(!out.status.success(), "a tampered proof verified");
+}
+
+/// The gateway's audit records as JSON.
+fn gateway_records(d: &Deployment) -> Vec<Value> {
+    std::fs::read_to_string(d.path("audit/gateway/records.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| json(l.split_once(' ').unwrap().1))
+        .collect()
+}
+
+/// `send` is refused by the gateway (exit 3 naming `needle`); the gateway's log then holds
+/// one `refused` record with `rule`, and still verifies after a graceful stop.
+fn gateway_refusal(d: &Deployment, files: &[&Path], needle: &str, rule: &str) {
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let mut args = vec!["--no-progress"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    let out = d.send(&args).unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains(needle), "{}", stderr(&out));
+    assert!(gateway.terminate().unwrap().success());
+    let r = gateway_records(d);
+    let refused: Vec<_> = r.iter().filter(|r| r["kind"] == "refused").collect();
+    assert_eq!(refused.len(), 1, "{r:?}");
+    assert_eq!(refused[0]["rule"], rule, "{r:?}");
+    assert_eq!(refused[0]["peer"], "edge", "{r:?}");
+    assert!(
+        refused[0]["detail"]
+            .as_str()
+            .is_some_and(|t| t.contains(needle)),
+        "{r:?}"
+    );
+    assert!(
+        !r.iter().any(|r| r["kind"] == "committed"),
+        "a refused offer was committed: {r:?}"
+    );
+    nothing_sealed_or_delivered_on_the_gateway(d);
+    let out = Command::new(baylink_bin())
+        .args(["audit", "verify", "--dir"])
+        .arg(d.path("audit/gateway"))
+        .arg("--public-key")
+        .arg(d.path("keys/gateway.pub.pem"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "audit verify: {}", stderr(&out));
+}
+
+fn nothing_sealed_or_delivered_on_the_gateway(d: &Deployment) {
+    let delivered = files_under(&d.path("delivered"));
+    assert!(delivered.is_empty(), "delivered: {delivered:?}");
+}
+
+#[test]
+fn a_manifest_signature_the_gateway_refuses_is_audited_on_the_gateway() {
+    let d = Deployment::new().unwrap();
+    // The gateway pins the wrong key for the edge: the edge's real signature fails.
+    d.set(
+        "gateway.toml",
+        "peer",
+        "signing_key",
+        r#""keys/gateway.pub.pem""#,
+    )
+    .unwrap();
+    let f = payload(d.dir.path(), "scan.dcm", 10_000, 1).unwrap();
+    gateway_refusal(
+        &d,
+        &[&f],
+        "manifest signature does not verify",
+        "bad-signature",
+    );
+}
+
+#[test]
+fn an_offer_over_the_gateway_limits_is_audited_on_the_gateway() {
+    let d = Deployment::new().unwrap();
+    d.set("gateway.toml", "limits", "max_files", "1").unwrap();
+    let a = payload(d.dir.path(), "a.dcm", 1000, 1).unwrap();
+    let b = payload(d.dir.path(), "b.dcm", 1000, 2).unwrap();
+    gateway_refusal(&d, &[&a, &b], "files", "too-many-files");
+}
+
+fn baylink(args: &[&str]) -> Output {
+    Command::new(baylink_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn audit_prove_carries_the_witness_cosignature_and_verify_proof_checks_it() {
+    let d = Deployment::new().unwrap();
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let f = payload(d.dir.path(), "study.dcm", 50_000, 4).unwrap();
+    let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = baylink_tests::summary(&out).unwrap()["transfer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(gateway.terminate().unwrap().success());
+    // `send` witnessed its exit checkpoint: the edge stored the gateway's cosignature.
+    assert!(d.path("audit/edge/cosignatures.log").exists());
+
+    let out = baylink(&[
+        "audit",
+        "prove",
+        "--config",
+        d.edge_config().to_str().unwrap(),
+        "--transfer",
+        &id,
+    ]);
+    assert!(out.status.success(), "prove: {}", stderr(&out));
+    let proof: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cosigs = proof["cosignatures"].as_array().expect("cosignatures");
+    assert!(!cosigs.is_empty(), "{proof}");
+    assert!(
+        cosigs[0]
+            .as_str()
+            .unwrap()
+            .starts_with("\u{2014} baylink.witness/"),
+        "{proof}"
+    );
+    let file = d.path("proof.json");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let edge_pem = d.path("keys/edge.pub.pem");
+    let gw_pem = d.path("keys/gateway.pub.pem");
+    let verify = |file: &Path, witness: Option<&Path>| {
+        let mut args = vec![
+            "audit",
+            "verify-proof",
+            "--public-key",
+            edge_pem.to_str().unwrap(),
+        ];
+        if let Some(w) = witness {
+            args.extend(["--witness-key", w.to_str().unwrap()]);
+        }
+        args.push(file.to_str().unwrap());
+        baylink(&args)
+    };
+    // The contract's form still works; with the witness key the cosignature is checked.
+    let out = verify(&file, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = verify(&file, Some(&gw_pem));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains(&format!("proof ok: transfer {id}")), "{said}");
+    assert!(said.contains("cosignatures: "), "{said}");
+    // The wrong witness key: refused.
+    let out = verify(&file, Some(&edge_pem));
+    assert!(
+        !out.status.success(),
+        "a cosignature verified under the edge's key"
+    );
+    assert!(stderr(&out).contains("cosignature 1"), "{}", stderr(&out));
+    // A missing cosignature is an error when the witness key is given, not without it.
+    let mut stripped = proof.clone();
+    stripped.as_object_mut().unwrap().remove("cosignatures");
+    let bare = d.path("proof-bare.json");
+    std::fs::write(&bare, serde_json::to_vec(&stripped).unwrap()).unwrap();
+    assert!(verify(&bare, None).status.success());
+    let out = verify(&bare, Some(&gw_pem));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no witness cosignature"),
+        "{}",
+        stderr(&out)
+    );
+    // A cosignature with one byte changed: refused.
+    let mut bad = proof.clone();
+    let line = bad["cosignatures"][0].as_str().unwrap().to_owned();
+    let (head, b64) = line.rsplit_once(' ').unwrap();
+    let mut chars: Vec<char> = b64.chars().collect();
+    let i = chars.len() / 2;
+    chars[i] = if chars[i] == 'A' { 'B' } else { 'A' };
+    bad["cosignatures"][0] = Value::String(format!("{head} {}", chars.iter().collect::<String>()));
+    let tampered = d.path("proof-badcosig.json");
+    std::fs::write(&tampered, serde_json::to_vec(&bad).unwrap()).unwrap();
+    assert!(!verify(&tampered, Some(&gw_pem)).status.success());
+}
