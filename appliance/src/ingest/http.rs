@@ -352,9 +352,13 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
-/// Bytes of an unread request body read and thrown away before an early error answer, so
-/// the client (still sending) sees the answer instead of a connection reset.
-const DRAIN_BYTES: u64 = 1024 * 1024;
+/// Most bytes of an unread request body read and thrown away before an early error answer,
+/// so the client (still sending) sees the answer instead of a connection reset: a 507 after
+/// 16 MiB of a 32 MiB upload must drain 16 MiB. Bounded, like the time below, so a refused
+/// client cannot hold the connection for ever.
+const DRAIN_BYTES: u64 = 256 * 1024 * 1024;
+/// Longest time spent draining (in addition, each read waits at most `ingest.idle_timeout`).
+const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 async fn upload(
     State(app): State<AppState>,
@@ -365,19 +369,31 @@ async fn upload(
 ) -> Result<Response, ApiError> {
     // A client that sent `Expect: 100-continue` waits for our answer before it sends the
     // body: reading the body would make hyper send `100 Continue` and invite the very bytes
-    // an early refusal wants to avoid (and then reset the connection under them).
+    // an early refusal wants to avoid (and then reset the connection under them). Once the
+    // body was read from, `100 Continue` went out and the client is sending: drain then.
     let waits_for_continue = headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let mut stream = body.into_data_stream();
-    match receive(&app, &hospital, &id, &name, &headers, &mut stream).await {
+    let mut body_read = false;
+    match receive(
+        &app,
+        &hospital,
+        &id,
+        &name,
+        &headers,
+        &mut stream,
+        &mut body_read,
+    )
+    .await
+    {
         Ok(size) => Ok((
             StatusCode::CREATED,
             Json(json!({ "name": name, "bytes": size })),
         )
             .into_response()),
         Err((e, drain)) => {
-            if drain && !waits_for_continue {
+            if drain && (body_read || !waits_for_continue) {
                 drain_body(&mut stream, app.idle_timeout).await;
             }
             Err(e)
@@ -385,15 +401,19 @@ async fn upload(
     }
 }
 
-/// Reads and discards up to [`DRAIN_BYTES`] of what the client still sends.
+/// Reads and discards up to [`DRAIN_BYTES`] of what the client still sends, for at most
+/// [`DRAIN_TIME`].
 pub(super) async fn drain_body(stream: &mut axum::body::BodyDataStream, idle: Duration) {
     let mut left = DRAIN_BYTES;
-    while let Ok(Some(Ok(data))) = tokio::time::timeout(idle, stream.next()).await {
-        left = left.saturating_sub(data.len() as u64);
-        if left == 0 {
-            break;
+    let drain = async {
+        while let Ok(Some(Ok(data))) = tokio::time::timeout(idle, stream.next()).await {
+            left = left.saturating_sub(data.len() as u64);
+            if left == 0 {
+                break;
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
 }
 
 /// The upload proper; an error says whether the body may still be arriving (drain it).
@@ -404,6 +424,7 @@ async fn receive(
     name: &str,
     headers: &HeaderMap,
     stream: &mut axum::body::BodyDataStream,
+    body_read: &mut bool,
 ) -> Result<u64, (ApiError, bool)> {
     let early = |e: ApiError| (e, true);
     let id = transfer_id(id).map_err(early)?;
@@ -423,6 +444,7 @@ async fn receive(
         upload.check_len(len).map_err(|e| early(e.into()))?;
     }
     loop {
+        *body_read = true;
         match tokio::time::timeout(app.idle_timeout, stream.next()).await {
             Err(_) => {
                 return Err((
