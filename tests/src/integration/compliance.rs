@@ -3,10 +3,12 @@
 //! `send`. Each refusal names its rule, seals nothing, delivers nothing, and is recorded as
 //! `refused` with that rule in the edge's audit log, which still verifies.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use baylink_tests::{Deployment, Service, baylink_bin, payload};
+
+use super::ingest::{Api, files_under};
 use serde_json::Value;
 
 const GOOD: &str = r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#;
@@ -17,39 +19,24 @@ fn stderr(out: &Output) -> String {
 
 /// curl as `who` (a certificate under `pki/`); returns (HTTP status, body).
 fn curl(d: &Deployment, who: &str, args: &[&str]) -> (u16, String) {
-    let out_file = d.path(&format!("curl-{}.out", rand_suffix()));
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "60", "--cacert"])
-        .arg(d.path("pki/ca.pem"))
-        .arg("--cert")
-        .arg(d.path(&format!("pki/{who}.pem")))
-        .arg("--key")
-        .arg(d.path(&format!("pki/{who}.key")))
-        .arg("-o")
-        .arg(&out_file)
-        .args(["-w", "%{http_code}"])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    (
-        status,
-        std::fs::read_to_string(&out_file).unwrap_or_default(),
-    )
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+    let a = Api { d }.curl(Some(who), args);
+    (a.status, a.body)
 }
 
 fn url(d: &Deployment, path: &str) -> String {
-    format!("https://127.0.0.1:{}{path}", d.base_port)
+    Api { d }.url(path)
+}
+
+/// PUTs `file` as `name` into transfer `id` as hospital-a; returns (HTTP status, body).
+fn put(d: &Deployment, id: &str, name: &str, file: &Path) -> (u16, String) {
+    let a = Api { d }.put("hospital-a", id, name, file, &[]);
+    (a.status, a.body)
+}
+
+/// Commits transfer `id` as hospital-a; returns (HTTP status, body).
+fn commit(d: &Deployment, id: &str) -> (u16, String) {
+    let a = Api { d }.commit("hospital-a", id);
+    (a.status, a.body)
 }
 
 fn json(body: &str) -> Value {
@@ -96,23 +83,6 @@ fn assert_audit_verifies(d: &Deployment) {
         .output()
         .unwrap();
     assert!(out.status.success(), "audit verify: {}", stderr(&out));
-}
-
-/// Files under `dir`, recursively.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
-    };
-    for e in entries.filter_map(Result::ok) {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 fn nothing_sealed_or_delivered(d: &Deployment) {
@@ -224,29 +194,10 @@ fn transfer_over_the_policy_size_limit_is_refused_at_commit_and_by_send() {
     // Each file is under the limit, together they are over it.
     for (name, seed) in [("a.dcm", 1), ("b.dcm", 2)] {
         let f = payload(d.dir.path(), name, 30_000, seed).unwrap();
-        let data = format!("@{}", f.display());
-        let (status, body) = curl(
-            &d,
-            "hospital-a",
-            &[
-                "-X",
-                "PUT",
-                "--data-binary",
-                &data,
-                &url(&d, &format!("/v1/transfers/{id}/files/{name}")),
-            ],
-        );
+        let (status, body) = put(&d, &id, name, &f);
         assert_eq!(status, 201, "{body}");
     }
-    let (status, body) = curl(
-        &d,
-        "hospital-a",
-        &[
-            "-X",
-            "POST",
-            &url(&d, &format!("/v1/transfers/{id}/commit")),
-        ],
-    );
+    let (status, body) = commit(&d, &id);
     assert_eq!(status, 403, "{body}");
     let v = json(&body);
     assert_eq!(v["rule"], "size-limit", "{v}");
@@ -368,28 +319,9 @@ fn the_sender_downloads_the_receipt_and_a_proof_that_verifies_offline() {
 
     let id = post(GOOD);
     let f = payload(d.dir.path(), "scan.dcm", 200_000, 3).unwrap();
-    let data = format!("@{}", f.display());
-    let (status, body) = curl(
-        &d,
-        "hospital-a",
-        &[
-            "-X",
-            "PUT",
-            "--data-binary",
-            &data,
-            &url(&d, &format!("/v1/transfers/{id}/files/scan.dcm")),
-        ],
-    );
+    let (status, body) = put(&d, &id, "scan.dcm", &f);
     assert_eq!(status, 201, "{body}");
-    let (status, body) = curl(
-        &d,
-        "hospital-a",
-        &[
-            "-X",
-            "POST",
-            &url(&d, &format!("/v1/transfers/{id}/commit")),
-        ],
-    );
+    let (status, body) = commit(&d, &id);
     assert_eq!(status, 202, "{body}");
     // Poll the status until committed (bounded).
     let start = std::time::Instant::now();

@@ -147,7 +147,7 @@ fn unique() -> u64 {
 }
 
 /// Files under a directory, recursively (for "nothing reached the spool" checks).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(super) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.filter_map(Result::ok) {
