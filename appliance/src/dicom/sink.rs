@@ -199,6 +199,21 @@ impl AssociationSink for StoreSink {
         let hospital = transfer.origin.hospital.as_str();
         // A de-identified instance is named by its new SOP Instance UID, not the original.
         let name = self.store.instance_file_name(&transfer.id, name);
+        let io = |what, source| SinkError::Io {
+            what,
+            path: file.to_path_buf(),
+            source,
+        };
+        // The policy's size limits are checked per instance, before its success status:
+        // at A-RELEASE it would be too late to refuse what was acknowledged.
+        let len = tokio::fs::metadata(file)
+            .await
+            .map_err(|e| io("cannot stat", e))?
+            .len();
+        self.store
+            .check_room(hospital, &transfer.id, &name, len)
+            .await
+            .map_err(|e| SinkError::store("cannot add the instance", e))?;
         let mut upload = self
             .store
             .begin_file(hospital, &transfer.id, &name)
@@ -207,11 +222,6 @@ impl AssociationSink for StoreSink {
         // The SCP read this instance's PatientID with dicom-rs and matched it to the
         // association's transfer.
         upload.patient_checked();
-        let io = |what, source| SinkError::Io {
-            what,
-            path: file.to_path_buf(),
-            source,
-        };
         let mut src = tokio::fs::File::open(file)
             .await
             .map_err(|e| io("cannot open", e))?;

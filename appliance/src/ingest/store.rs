@@ -557,6 +557,38 @@ impl IngestStore {
         self.audit(event).await
     }
 
+    /// Whether one more file `name` of `len` bytes keeps open transfer `id` within the
+    /// policy's size limits (`policy.max_files`, `policy.max_transfer_bytes`). A refusal is
+    /// recorded (`refused`, rule `size-limit`, naming the file) before it is returned. For
+    /// doors that answer per file before the commit: C-STORE acknowledges every instance, so
+    /// a limit found only at A-RELEASE would drop instances the modality was told are stored.
+    pub async fn check_room(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        name: &str,
+        len: u64,
+    ) -> Result<(), IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        let files = {
+            let st = lock(&transfer.state);
+            (st.files.len() + st.uploading.len()) as u64
+        };
+        let bytes = transfer.bytes.load(Ordering::Relaxed);
+        match self
+            .inner
+            .edge
+            .policy()
+            .check_size(files.saturating_add(1), bytes.saturating_add(len))
+        {
+            Ok(()) => Ok(()),
+            Err(r) => {
+                self.refuse_file(hospital, id, name, None, &r).await?;
+                Err(IngestError::Refused(r))
+            }
+        }
+    }
+
     /// Drops an open (uncommitted) transfer and everything uploaded into it: for a door that
     /// learns the upload was abandoned (a DICOM association aborted after some instances).
     /// Uploads still in progress in it fail.

@@ -262,6 +262,43 @@ fn storescu_association_becomes_one_transfer_with_identical_data_sets() {
 }
 
 #[test]
+fn instances_over_the_policy_file_limit_fail_before_their_success_status() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "policy", "max_files", "2").unwrap();
+    let (_gateway, edge) = start(&d);
+    let src = d.path("instances");
+    let files: Vec<_> = (71..=73)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
+        .args(["-v", "-nh"])
+        .args(&files));
+    let t = text(&out);
+    assert_eq!(
+        t.matches("Received Store Response (Success)").count(),
+        2,
+        "{t}"
+    );
+    // The third would break policy.max_files: refused (0x0124) before it was acknowledged,
+    // never accepted and then dropped at A-RELEASE.
+    assert_eq!(
+        t.matches("Received Store Response (Unknown Status: 0x124)")
+            .count(),
+        1,
+        "{t}"
+    );
+    let names: Vec<_> = (71..=72).map(|n| format!("{}.dcm", sop_uid(n))).collect();
+    wait_for_delivery(&d, &names, &edge);
+    let records = std::fs::read_to_string(d.path("audit/edge/records.log")).unwrap();
+    assert!(
+        records
+            .lines()
+            .any(|l| l.contains("\"refused\"") && l.contains("size-limit")),
+        "{records}"
+    );
+}
+
+#[test]
 fn dcmsend_works_too() {
     let d = Deployment::new().unwrap();
     let (_gateway, edge) = start(&d);
