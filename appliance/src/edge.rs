@@ -106,8 +106,14 @@ pub enum SendRequest {
         /// The compliance declaration.
         declaration: Declaration,
     },
-    /// Finish a sealed transfer from the spool.
+    /// Finish a sealed transfer from the spool. Its chunks are read back and checked against
+    /// the manifest before they go out (the disk may have changed them since they were
+    /// sealed, by another process or before a restart).
     Resume(TransferId),
+    /// Send a transfer this process sealed moments ago from bytes it hashed on their way into
+    /// the spool (a hospital commit): like `Resume`, but chunks are not read back and hashed
+    /// a second time before their first send (a re-sent chunk is still checked).
+    SealedHere(TransferId),
 }
 
 /// The edge's long-lived parts: HSM keys, spool thread, QUIC endpoint.
@@ -212,7 +218,7 @@ impl Edge {
         let started = Instant::now();
         let (id, declaration) = match &request {
             SendRequest::New { declaration, .. } => (TransferId::new_v7(), declaration.clone()),
-            SendRequest::Resume(id) => {
+            SendRequest::Resume(id) | SendRequest::SealedHere(id) => {
                 let dir = TransferDir::new(&self.cfg.spool_dir, id);
                 (*id, seal::load_declaration(&dir)?)
             }
@@ -345,9 +351,13 @@ impl Edge {
                 .map_err(hsm_failure)?;
                 (sealed, _lock)
             }
-            SendRequest::Resume(_) => {
+            SendRequest::Resume(_) | SendRequest::SealedHere(_) => {
                 let lock = lock_transfer(&dir)?;
-                (seal::load_sealed(&self.spool, &dir).await?, lock)
+                let check_at_rest = matches!(request, SendRequest::Resume(_));
+                (
+                    seal::load_sealed(&self.spool, &dir, check_at_rest).await?,
+                    lock,
+                )
             }
         };
         let (out, _lock) = out;

@@ -141,8 +141,14 @@ pub async fn sign_and_write_manifest(
     Ok((bytes, signature))
 }
 
-/// Loads a sealed transfer from the spool (for `--resume` and recovery).
-pub async fn load_sealed(spool: &Spool, dir: &TransferDir) -> anyhow::Result<Outgoing> {
+/// Loads a sealed transfer from the spool (for `--resume`, recovery, and the hospital
+/// doors' commits). With `check_at_rest`, every chunk is read back and checked against the
+/// manifest before its first send; without, only chunks sent a second time are.
+pub async fn load_sealed(
+    spool: &Spool,
+    dir: &TransferDir,
+    check_at_rest: bool,
+) -> anyhow::Result<Outgoing> {
     let bytes = std::fs::read(dir.manifest_bin()).with_context(|| {
         format!(
             "{} is not a sealed transfer (no manifest.bin)",
@@ -159,7 +165,7 @@ pub async fn load_sealed(spool: &Spool, dir: &TransferDir) -> anyhow::Result<Out
         Arc::new(manifest),
         bytes.into(),
         signature.into(),
-        true,
+        check_at_rest,
     )
     .await
 }

@@ -643,7 +643,7 @@ impl IngestStore {
                 lock(&self.inner.open).remove(id);
                 self.add_stage(id, TransferState::Sealed, None).await;
                 info!(transfer = %id, files = files.len(), "transfer sealed");
-                self.resume(*id);
+                self.send_in_background(*id, false);
                 Ok(())
             }
             Err(e) => {
@@ -772,9 +772,22 @@ impl IngestStore {
             .map_err(|e| IngestError::Internal(format!("audit log: {e}")))
     }
 
-    /// Sends a sealed transfer in the background (after commit, and at start-up for those
-    /// sealed before a restart), recording the outcome in its status.
+    /// Sends a transfer sealed before a restart in the background (at start-up), checking
+    /// its chunks at rest first, and records the outcome in its status.
     pub fn resume(&self, id: TransferId) {
+        self.send_in_background(id, true);
+    }
+
+    /// Sends sealed transfer `id` in the background, one transfer at a time, recording the
+    /// outcome in its status. `check_at_rest`: it was sealed before this process started,
+    /// so its chunks are read back and checked first ([`SendRequest::Resume`]); otherwise
+    /// this process hashed them on their way in moments ago ([`SendRequest::SealedHere`]).
+    fn send_in_background(&self, id: TransferId, check_at_rest: bool) {
+        let request = if check_at_rest {
+            SendRequest::Resume(id)
+        } else {
+            SendRequest::SealedHere(id)
+        };
         let store = self.clone();
         let sending = self.inner.sending.clone();
         tokio::spawn(async move {
@@ -785,7 +798,7 @@ impl IngestStore {
             let res = store
                 .inner
                 .edge
-                .send(SendRequest::Resume(id), false, &Default::default())
+                .send(request, false, &Default::default())
                 .await;
             match res {
                 Ok(summary) => {
