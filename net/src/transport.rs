@@ -1004,8 +1004,10 @@ mod tests {
             "{} packets for 64 MiB: not jumbo-sized",
             path.sent_packets
         );
+        // Congestion loss on a busy loopback can reach 10 %; a GSO batch the kernel refuses
+        // (quinn-udp drops it silently) loses nearly every packet: that is what this catches.
         assert!(
-            path.lost_packets < path.sent_packets / 100,
+            path.lost_packets < path.sent_packets / 2,
             "{path:?}: large packets are being lost"
         );
 
