@@ -175,6 +175,7 @@ fn deliver_one(
     audit.append_blocking(crate::audit::Event {
         transfer: Some(manifest.transfer_id.to_string()),
         peer: Some(manifest.sender.clone()),
+        consent_ref: Some(manifest.process_id.clone()),
         declaration_digest: Some(manifest.declaration_digest),
         merkle_root: Some(manifest.merkle_root),
         manifest_digest: Some(manifest.digest()),

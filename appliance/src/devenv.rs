@@ -244,7 +244,7 @@ fn consents_toml() -> String {
         "# Consent registry of the dev-env deployment: one [[consent]] per authorisation\n\
          # a patient gave. See the README (\"Policy\") for the format.\n",
     );
-    for patient in SAMPLE_PATIENTS {
+    for (n, patient) in SAMPLE_PATIENTS.iter().enumerate() {
         let evidence = hex::encode(aws_lc_rs::digest::digest(
             &aws_lc_rs::digest::SHA256,
             format!("signed consent form of {patient}").as_bytes(),
@@ -253,13 +253,14 @@ fn consents_toml() -> String {
             out,
             "\n[[consent]]\n\
              patient_id = \"{patient}\"\n\
-             reference = \"CONSENT-{patient}\"\n\
+             reference = \"CR-2026-{:04}\"\n\
              categories = [\"*\"]\n\
              purposes = [\"care\", \"research\", \"referral\"]\n\
              destinations = [\"hk-ehealth\"]\n\
              valid_from = \"{from}\"\n\
              valid_until = \"{until}\"\n\
-             evidence_sha256 = \"{evidence}\"\n"
+             evidence_sha256 = \"{evidence}\"\n",
+            n + 1
         );
     }
     out

@@ -265,9 +265,22 @@ impl Edge {
             }
             Decision::Allow { consent_ref } => consent_ref,
         };
+        // The declaration sealed is the one allowed: it names the consent that allowed it
+        // (the manifest's process id). A resumed transfer's stored declaration already names
+        // it, and the checkpoint above then allows it under that consent only.
+        let declaration = Declaration {
+            consent_ref: Some(consent_ref),
+            ..declaration
+        };
+        let request = match request {
+            SendRequest::New { files, .. } => SendRequest::New {
+                files,
+                declaration: declaration.clone(),
+            },
+            other => other,
+        };
         // audit: `declared` is durable before the transfer id is announced.
-        let mut declared = Event::declared(Kind::Declared, Some(id.to_string()), &declaration);
-        declared.consent_ref = Some(consent_ref);
+        let declared = Event::declared(Kind::Declared, Some(id.to_string()), &declaration);
         if matches!(request, SendRequest::New { .. }) {
             self.audit
                 .append(declared.clone())
@@ -361,6 +374,14 @@ impl Edge {
             }
         };
         let (out, _lock) = out;
+        if declared.consent_ref.as_deref() != Some(out.manifest.process_id.as_str()) {
+            return Err(SendFailure::Other(anyhow::anyhow!(
+                "the sealed manifest names consent {:?} but the checkpoint allowed {:?}; \
+                 declare the transfer again",
+                out.manifest.process_id,
+                declared.consent_ref
+            )));
+        }
         let seal_seconds = started.elapsed().as_secs_f64();
         if matches!(request, SendRequest::New { .. }) {
             // audit: `sealed` (the HSM-signed manifest's digests) before anything is sent.
@@ -551,6 +572,9 @@ impl Edge {
         }
         if r.manifest_digest != out.manifest.digest() {
             return Err(bad("it confirms a different manifest"));
+        }
+        if r.process_id != out.manifest.process_id {
+            return Err(bad("it names another process id (consent reference)"));
         }
         Ok(())
     }

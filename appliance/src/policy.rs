@@ -429,6 +429,24 @@ fn parse_registry(path: &Path, text: &str) -> Result<Vec<Consent>, PolicyError> 
                     "a consent record has an empty patient_id or reference".into()
                 ));
             }
+            // The reference travels as the manifest's and receipt's process id: across the
+            // border and into the gateway's audit log, which never hold a raw patient id.
+            if c.reference.contains(c.patient_id.as_str()) {
+                return Err(err(format!(
+                    "consent {}: the reference contains the patient id; it crosses the border \
+                     as the transfer's process id, so it must be an opaque identifier",
+                    c.reference.replace(c.patient_id.as_str(), "<patient id>")
+                )));
+            }
+            // The reference travels as the manifest's and receipt's process id.
+            if baylink_net::proto::check_process_id(&c.reference).is_err() {
+                return Err(err(format!(
+                    "consent reference {:?} is not usable as a process id: it must be 1 to {} \
+                     bytes without control characters",
+                    c.reference,
+                    baylink_net::proto::MAX_PROCESS_ID_LEN
+                )));
+            }
             Ok(Consent {
                 patient_id: c.patient_id,
                 reference: c.reference,
@@ -574,6 +592,25 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
         let bad = REGISTRY.replace("2026-12-31T00:00:00Z", "tomorrow");
         let e = parse_registry(Path::new("c.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("consent C-1: valid_until"), "{e}");
+    }
+
+    #[test]
+    fn references_must_be_opaque_process_ids() {
+        let with_patient = REGISTRY.replace("\"C-1\"", "\"CONSENT-P-0001\"");
+        let e = parse_registry(Path::new("c.toml"), &with_patient)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("contains the patient id"), "{e}");
+        assert!(!e.contains("P-0001"), "the error names no patient: {e}");
+
+        let long = REGISTRY.replace("\"C-1\"", &format!("\"{}\"", "C".repeat(129)));
+        let e = parse_registry(Path::new("c.toml"), &long)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not usable as a process id"), "{e}");
+
+        let ok = REGISTRY.replace("\"C-1\"", &format!("\"{}\"", "C".repeat(128)));
+        parse_registry(Path::new("c.toml"), &ok).unwrap();
     }
 
     #[test]

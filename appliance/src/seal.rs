@@ -34,7 +34,7 @@ pub struct SealJob<'a> {
     pub id: TransferId,
     /// This appliance's id (the manifest's sender).
     pub sender: &'a str,
-    /// The checked declaration.
+    /// The declaration as the checkpoint allowed it (naming its consent).
     pub declaration: &'a Declaration,
     /// The source files.
     pub files: &'a [PathBuf],
@@ -85,7 +85,13 @@ pub async fn seal_files(
     let declaration_json = serde_json::to_vec_pretty(declaration)?;
     write_atomic(&dir.declaration(), &declaration_json)?;
 
-    let mut builder = ManifestBuilder::new(id, sender.to_owned(), declaration.digest(), chunk_size);
+    let mut builder = ManifestBuilder::new(
+        id,
+        sender.to_owned(),
+        declaration.digest(),
+        allowed_consent(declaration)?,
+        chunk_size,
+    );
     for (src, name) in &planned {
         let (size, digests) = copy_hashed(spool, src, &dir.data_file(name), chunk_size, progress)
             .await
@@ -103,6 +109,16 @@ pub async fn seal_files(
         false,
     )
     .await
+}
+
+/// The consent reference an allowed declaration names: the manifest's process id. The
+/// compliance checkpoint fills it in before a declaration is stored, so a declaration without
+/// one was never allowed and is not sealed.
+pub fn allowed_consent(declaration: &Declaration) -> anyhow::Result<String> {
+    declaration.consent_ref.clone().context(
+        "the declaration names no consent reference, so the compliance checkpoint never \
+         allowed it; not sealed",
+    )
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).

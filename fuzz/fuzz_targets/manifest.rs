@@ -50,7 +50,7 @@ fn check(bytes: &[u8]) {
 fn from_recipe(recipe: &[u8]) -> Option<(Vec<u8>, &[u8])> {
     let (&cs, mut rest) = recipe.split_first()?;
     let chunk_size = u32::from(cs % 64) + 1;
-    let mut builder = ManifestBuilder::new(TransferId([7; 16]), "edge", [1; 32], chunk_size)
+    let mut builder = ManifestBuilder::new(TransferId([7; 16]), "edge", [1; 32], "C-1", chunk_size)
         .with_limits(limits());
     let mut index = 0u32;
     while let [name_len, size, tail @ ..] = rest {

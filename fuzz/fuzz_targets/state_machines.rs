@@ -24,7 +24,7 @@ const RETRIES: u32 = 2;
 
 fn manifest() -> Manifest {
     let chunk_size = 4;
-    let mut builder = ManifestBuilder::new(TransferId([3; 16]), "edge", [0; 32], chunk_size);
+    let mut builder = ManifestBuilder::new(TransferId([3; 16]), "edge", [0; 32], "C-1", chunk_size);
     let mut next = 0u8;
     for (i, size) in [0u64, 5, 17, 3].into_iter().enumerate() {
         let digests = (0..size.div_ceil(4))
@@ -58,6 +58,7 @@ fuzz_target!(|data: &[u8]| {
         transfer_id: m.transfer_id,
         merkle_root: m.merkle_root,
         manifest_digest: m.digest(),
+        process_id: m.process_id.clone(),
         receiver: "gw".into(),
         committed_unix_ms: 2,
     }

@@ -175,6 +175,9 @@ pub struct ReceiptDownload {
     pub manifest: String,
     /// The manifest's Merkle root, hex (also inside the receipt).
     pub merkle_root: String,
+    /// The process id: the consent reference the transfer was allowed under (also inside
+    /// the manifest and the receipt).
+    pub process_id: String,
     /// The gateway's public key the edge pinned (`peer.signing_key`), PEM, if readable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gateway_public_key: Option<String>,
@@ -356,6 +359,11 @@ impl IngestStore {
             }
             Decision::Allow { consent_ref } => consent_ref,
         };
+        // Stored as allowed: naming the consent, which becomes the manifest's process id.
+        let decl = Declaration {
+            consent_ref: Some(consent_ref),
+            ..decl
+        };
         let dir = self.dir(&id);
         let status = TransferStatus {
             id: id.to_string(),
@@ -373,7 +381,6 @@ impl IngestStore {
         // audit: `declared` is durable before the id is given to the hospital.
         self.audit(Event {
             hospital: Some(hospital.to_owned()),
-            consent_ref: Some(consent_ref),
             ..Event::declared(Kind::Declared, Some(id.to_string()), &decl)
         })
         .await?;
@@ -721,7 +728,10 @@ impl IngestStore {
         })
         .await?;
         let cfg = self.inner.edge.config();
-        let mut builder = ManifestBuilder::new(*id, cfg.id.clone(), decl.digest(), chunk_size);
+        let process_id =
+            seal::allowed_consent(&decl).map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+        let mut builder =
+            ManifestBuilder::new(*id, cfg.id.clone(), decl.digest(), process_id, chunk_size);
         for (name, r) in records {
             let digests = r
                 .digests
@@ -931,6 +941,7 @@ impl IngestStore {
                     .into_owned(),
                 manifest: b64.encode(&manifest),
                 merkle_root: hex::encode(m.merkle_root),
+                process_id: m.process_id,
                 gateway_public_key: std::fs::read_to_string(&key_path).ok(),
             })
         })

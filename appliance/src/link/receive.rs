@@ -183,14 +183,13 @@ async fn control_stream(
                         // Before the offer is accepted the refusal is recorded where it is
                         // decided (below), so it is not recorded twice.
                         if let (Frame::Error { code, text }, Some(a)) = (&frame, &active) {
-                            let transfer = Some(a.manifest.transfer_id.to_string());
-                            audit_refusal(&gw, transfer, &peer, *code, text).await;
+                            audit_refusal(&gw, Some(&a.manifest), &peer, *code, text).await;
                         }
                         writer.send(&frame).await?
                     }
                     ReceiverAction::VerifyOffer { manifest, manifest_bytes, signature } => {
                         let mut r = receiver.take().expect("an offer comes before activation");
-                        let offered = manifest.transfer_id.to_string();
+                        let offered = Arc::clone(&manifest);
                         match accept_offer(&gw, &conn, &peer, manifest, &manifest_bytes, &signature).await {
                             Ok((a, have)) => {
                                 r.offer_accepted(have);
@@ -202,7 +201,7 @@ async fn control_stream(
                                 warn!(%text, "offer refused");
                                 metrics::counter!("baylink_transfers_total", "stage" => "offer", "outcome" => "refused").increment(1);
                                 // audit: the refusal is recorded before the error frame is queued.
-                                audit_refusal(&gw, Some(offered), &peer, code, &text).await;
+                                audit_refusal(&gw, Some(&offered), &peer, code, &text).await;
                                 r.offer_refused(code, text);
                                 receiver = Some(r);
                             }
@@ -318,8 +317,8 @@ async fn control_stream(
                 // connection are not affected. (Closing the connection here would discard the
                 // error frame before it is sent.)
                 warn!(error = %p, "protocol error from the edge");
-                let transfer = active.as_ref().map(|a| a.manifest.transfer_id.to_string());
-                audit_refusal(&gw, transfer, &peer_name, p.code(), &p.to_string()).await;
+                let manifest = active.as_ref().map(|a| &*a.manifest);
+                audit_refusal(&gw, manifest, &peer_name, p.code(), &p.to_string()).await;
                 let _ = writer
                     .send(&Frame::Error {
                         code: p.code(),
@@ -366,7 +365,7 @@ pub fn link_rule(code: ErrorCode) -> String {
 /// stands even when it cannot be recorded (logged).
 async fn audit_refusal(
     gw: &Gateway,
-    transfer: Option<String>,
+    manifest: Option<&Manifest>,
     peer: &str,
     code: ErrorCode,
     text: &str,
@@ -375,7 +374,8 @@ async fn audit_refusal(
         return;
     }
     let event = crate::audit::Event {
-        transfer,
+        transfer: manifest.map(|m| m.transfer_id.to_string()),
+        consent_ref: manifest.map(|m| m.process_id.clone()),
         peer: Some(peer.to_owned()),
         rule: Some(link_rule(code)),
         detail: Some(text.to_owned()),
@@ -873,6 +873,7 @@ async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
         transfer_id: a.manifest.transfer_id,
         merkle_root: a.manifest.merkle_root,
         manifest_digest: a.manifest.digest(),
+        process_id: a.manifest.process_id.clone(),
         receiver: gw.id.clone(),
         committed_unix_ms,
     }
@@ -884,6 +885,7 @@ async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
         .append(crate::audit::Event {
             transfer: Some(a.manifest.transfer_id.to_string()),
             peer: Some(a.manifest.sender.clone()),
+            consent_ref: Some(a.manifest.process_id.clone()),
             declaration_digest: Some(a.manifest.declaration_digest),
             merkle_root: Some(a.manifest.merkle_root),
             manifest_digest: Some(a.manifest.digest()),

@@ -257,6 +257,17 @@ pub enum ProtoError {
         /// The limit.
         max: u16,
     },
+    /// A manifest's process id (the consent reference) is empty, over
+    /// [`super::MAX_PROCESS_ID_LEN`] bytes or holds control characters.
+    #[error(
+        "process id (consent reference) of {len} bytes is refused: it must be 1 to {} bytes \
+         without control characters",
+        super::MAX_PROCESS_ID_LEN
+    )]
+    BadProcessId {
+        /// Its length in bytes.
+        len: usize,
+    },
     /// A chunk bitmap of the wrong length or with bits set past the end.
     #[error(
         "chunk bitmap for {chunks} chunks must be {expected} bytes with zero padding, got {actual} bytes"
@@ -391,7 +402,8 @@ impl ProtoError {
             | ProtoError::ChunkCountMismatch { .. }
             | ProtoError::ChunkTotalMismatch { .. }
             | ProtoError::MerkleRootMismatch
-            | ProtoError::TextTooLong { .. } => ErrorCode::BadManifest,
+            | ProtoError::TextTooLong { .. }
+            | ProtoError::BadProcessId { .. } => ErrorCode::BadManifest,
             ProtoError::BadFileName { .. } => ErrorCode::BadFileName,
             ProtoError::TooManyFiles { .. } => ErrorCode::TooManyFiles,
             ProtoError::TooManyChunks { .. } => ErrorCode::TooManyChunks,

@@ -1,11 +1,12 @@
 //! The manifest: what one transfer consists of, in a canonical binary
 //! encoding that the edge's HSM signs.
 //!
-//! # Encoding (version 1, all integers big-endian)
+//! # Encoding (version 2, all integers big-endian)
 //!
 //! ```text
 //! magic "BLMF" | u16 version | 16 transfer id | u16 len, sender (UTF-8)
-//! | u64 created_unix_ms | 32 declaration digest | u32 chunk_size
+//! | u64 created_unix_ms | 32 declaration digest
+//! | u16 len, process id (UTF-8, 1..=MAX_PROCESS_ID_LEN bytes) | u32 chunk_size
 //! | u32 file count | per file: (u16 len, name (UTF-8), u64 size)
 //! | u32 chunk count | chunk count × 32 digest | 32 merkle root
 //! ```
@@ -15,6 +16,11 @@
 //! Chunks are per file, in file order; a file of size `s` has
 //! `ceil(s / chunk_size)` chunks (none when empty), so per-file chunk counts
 //! are implied by the sizes rather than stored.
+//!
+//! The process id is the reference of the patient's consent record that the
+//! compliance checkpoint allowed the transfer under; it travels into the
+//! receipt and every audit record of the transfer. Version 1 had no process
+//! id and is refused.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -24,15 +30,18 @@ use aws_lc_rs::digest::{Context, SHA256};
 use bytes::BufMut;
 
 use super::wire::{Reader, count_u32, put_str16};
-use super::{Digest, Limits, MAX_FILE_NAME_LEN, ProtoError, TransferId, merkle, sha256};
+use super::{
+    Digest, Limits, MAX_FILE_NAME_LEN, MAX_PROCESS_ID_LEN, ProtoError, TransferId, merkle, sha256,
+};
 
 /// The first four bytes of an encoded manifest.
 pub const MANIFEST_MAGIC: [u8; 4] = *b"BLMF";
 /// The manifest encoding version this build writes and reads.
-pub const MANIFEST_VERSION: u16 = 1;
+pub const MANIFEST_VERSION: u16 = 2;
 
-/// Bytes of an encoded manifest outside the sender, files and digests.
-const FIXED_LEN: u64 = 4 + 2 + 16 + 2 + 8 + 32 + 4 + 4 + 4 + 32;
+/// Bytes of an encoded manifest outside the sender, process id, files and
+/// digests.
+const FIXED_LEN: u64 = 4 + 2 + 16 + 2 + 8 + 32 + 2 + 4 + 4 + 4 + 32;
 /// The smallest possible encoded file entry (a one-byte name).
 const MIN_FILE_ENTRY_LEN: usize = 2 + 1 + 8;
 
@@ -41,6 +50,7 @@ pub(crate) fn max_encoded_len(limits: &Limits) -> u64 {
     let name = u64::from(limits.max_name_len).min(MAX_FILE_NAME_LEN as u64);
     FIXED_LEN
         + u64::from(limits.max_text_len)
+        + u64::from(MAX_PROCESS_ID_LEN)
         + u64::from(limits.max_files) * (2 + name + 8)
         + u64::from(limits.max_chunks) * 32
 }
@@ -84,6 +94,9 @@ pub struct Manifest {
     pub created_unix_ms: u64,
     /// SHA-256 of the hospital's declaration for this transfer.
     pub declaration_digest: Digest,
+    /// The reference of the consent record the transfer was allowed under
+    /// (see [`check_process_id`]).
+    pub process_id: String,
     /// Chunk size in bytes; every chunk but a file's last is this long.
     pub chunk_size: u32,
     /// The files, in order.
@@ -104,6 +117,7 @@ impl fmt::Debug for Manifest {
             .field("transfer_id", &self.transfer_id)
             .field("sender", &self.sender)
             .field("created_unix_ms", &self.created_unix_ms)
+            .field("process_id", &self.process_id)
             .field("chunk_size", &self.chunk_size)
             .field("files", &self.files.len())
             .field("chunks", &self.chunk_digests.len())
@@ -142,6 +156,20 @@ fn check_chunk_size(chunk_size: u32, limits: &Limits) -> Result<(), ProtoError> 
     Ok(())
 }
 
+/// Checks a process id: 1 to [`MAX_PROCESS_ID_LEN`] bytes, no control
+/// characters (it is printed in logs and audit records).
+pub fn check_process_id(process_id: &str) -> Result<(), ProtoError> {
+    if process_id.is_empty()
+        || process_id.len() > usize::from(MAX_PROCESS_ID_LEN)
+        || process_id.chars().any(char::is_control)
+    {
+        return Err(ProtoError::BadProcessId {
+            len: process_id.len(),
+        });
+    }
+    Ok(())
+}
+
 fn check_name(name: &str, limits: &Limits) -> Result<(), ProtoError> {
     let bad = |source| ProtoError::BadFileName {
         name: name.to_owned(),
@@ -158,7 +186,11 @@ impl Manifest {
     pub fn to_bytes(&self) -> Vec<u8> {
         let names: usize = self.files.iter().map(|f| 10 + f.name.len()).sum();
         let mut out = Vec::with_capacity(
-            FIXED_LEN as usize + self.sender.len() + names + 32 * self.chunk_digests.len(),
+            FIXED_LEN as usize
+                + self.sender.len()
+                + self.process_id.len()
+                + names
+                + 32 * self.chunk_digests.len(),
         );
         out.put_slice(&MANIFEST_MAGIC);
         out.put_u16(self.version);
@@ -166,6 +198,7 @@ impl Manifest {
         put_str16(&mut out, &self.sender);
         out.put_u64(self.created_unix_ms);
         out.put_slice(&self.declaration_digest);
+        put_str16(&mut out, &self.process_id);
         out.put_u32(self.chunk_size);
         out.put_u32(count_u32(self.files.len()));
         for f in &self.files {
@@ -201,6 +234,10 @@ impl Manifest {
         let sender = r.str16(limits.max_text_len, "manifest sender")?.to_owned();
         let created_unix_ms = r.u64()?;
         let declaration_digest = r.array()?;
+        let process_id = r
+            .str16(MAX_PROCESS_ID_LEN, "manifest process id")?
+            .to_owned();
+        check_process_id(&process_id)?;
         let chunk_size = r.u32()?;
         check_chunk_size(chunk_size, limits)?;
 
@@ -274,6 +311,7 @@ impl Manifest {
             sender,
             created_unix_ms,
             declaration_digest,
+            process_id,
             chunk_size,
             files,
             chunk_digests,
@@ -352,6 +390,7 @@ impl serde::Serialize for Manifest {
             sender: &'a str,
             created_unix_ms: u64,
             declaration_digest: String,
+            process_id: &'a str,
             chunk_size: u32,
             total_bytes: u64,
             files: &'a [FileEntry],
@@ -365,6 +404,7 @@ impl serde::Serialize for Manifest {
             sender: &self.sender,
             created_unix_ms: self.created_unix_ms,
             declaration_digest: hex::encode(self.declaration_digest),
+            process_id: &self.process_id,
             chunk_size: self.chunk_size,
             total_bytes: self.total_bytes(),
             files: &self.files,
@@ -382,6 +422,7 @@ pub struct ManifestBuilder {
     transfer_id: TransferId,
     sender: String,
     declaration_digest: Digest,
+    process_id: String,
     chunk_size: u32,
     limits: Limits,
     files: Vec<FileEntry>,
@@ -391,17 +432,20 @@ pub struct ManifestBuilder {
 
 impl ManifestBuilder {
     /// Starts a manifest, checked against [`Limits::default`] (see
-    /// [`ManifestBuilder::with_limits`]).
+    /// [`ManifestBuilder::with_limits`]). `process_id` is the consent
+    /// reference the transfer was allowed under.
     pub fn new(
         transfer_id: TransferId,
         sender: impl Into<String>,
         declaration_digest: Digest,
+        process_id: impl Into<String>,
         chunk_size: u32,
     ) -> Self {
         Self {
             transfer_id,
             sender: sender.into(),
             declaration_digest,
+            process_id: process_id.into(),
             chunk_size,
             limits: Limits::default(),
             files: Vec::new(),
@@ -463,7 +507,8 @@ impl ManifestBuilder {
     }
 
     /// Seals the manifest: computes the Merkle root. Refuses a manifest
-    /// without files and a sender over [`Limits::max_text_len`].
+    /// without files, a sender over [`Limits::max_text_len`] and a process id
+    /// that [`check_process_id`] refuses.
     ///
     /// (The interface sketch had `finish` infallible; it returns a `Result`
     /// so that an empty transfer cannot be built.)
@@ -478,6 +523,7 @@ impl ManifestBuilder {
                 max: self.limits.max_text_len,
             });
         }
+        check_process_id(&self.process_id)?;
         let merkle_root = merkle::root(&self.chunk_digests);
         let first_chunk = first_chunks(&self.files, self.chunk_size);
         Ok(Manifest {
@@ -486,6 +532,7 @@ impl ManifestBuilder {
             sender: self.sender,
             created_unix_ms,
             declaration_digest: self.declaration_digest,
+            process_id: self.process_id,
             chunk_size: self.chunk_size,
             files: self.files,
             chunk_digests: self.chunk_digests,
@@ -600,8 +647,13 @@ pub(crate) mod tests {
 
     /// A manifest (and its files' bytes) with the given sizes.
     pub(crate) fn build(sizes: &[u64], chunk_size: u32) -> (Manifest, Vec<Vec<u8>>) {
-        let mut b =
-            ManifestBuilder::new(TransferId::new_v7(), "edge-qianhai-1", [9; 32], chunk_size);
+        let mut b = ManifestBuilder::new(
+            TransferId::new_v7(),
+            "edge-qianhai-1",
+            [9; 32],
+            "C-1",
+            chunk_size,
+        );
         let mut data = Vec::new();
         for (i, &size) in sizes.iter().enumerate() {
             let bytes = content(i as u64 + 1, size);
@@ -635,6 +687,7 @@ pub(crate) mod tests {
             bytes.len() as u64,
             FIXED_LEN
                 + 14
+                + 3
                 + m.files
                     .iter()
                     .map(|f| 10 + f.name.len() as u64)
@@ -682,13 +735,13 @@ pub(crate) mod tests {
 
     #[test]
     fn builder_refuses_no_files() {
-        let b = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], 10);
+        let b = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], "C-1", 10);
         assert_eq!(b.finish(0).unwrap_err(), ProtoError::NoFiles);
     }
 
     #[test]
     fn builder_refuses_bad_input() {
-        let mut b = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], 10);
+        let mut b = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], "C-1", 10);
         assert!(matches!(
             b.add_file("../etc/passwd", 0, vec![]),
             Err(ProtoError::BadFileName { .. })
@@ -709,7 +762,7 @@ pub(crate) mod tests {
         let m = b.finish(5).unwrap();
         assert_eq!(m.files.len(), 1);
 
-        let mut zero = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], 0);
+        let mut zero = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], "C-1", 0);
         assert!(matches!(
             zero.add_file("a", 0, vec![]),
             Err(ProtoError::BadChunkSize { .. })
@@ -721,8 +774,8 @@ pub(crate) mod tests {
             max_text_len: 4,
             ..Limits::default()
         };
-        let mut b =
-            ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], 10).with_limits(limits);
+        let mut b = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], "C-1", 10)
+            .with_limits(limits);
         b.add_file("a", 30, vec![[0; 32]; 3]).unwrap();
         assert!(matches!(
             b.add_file("b", 1, vec![[0; 32]]),
@@ -735,13 +788,44 @@ pub(crate) mod tests {
         ));
         b.finish(0).unwrap();
 
-        let mut b = ManifestBuilder::new(TransferId::new_v7(), "sender too long", [0; 32], 10)
-            .with_limits(limits);
+        let mut b =
+            ManifestBuilder::new(TransferId::new_v7(), "sender too long", [0; 32], "C-1", 10)
+                .with_limits(limits);
         b.add_file("a", 0, vec![]).unwrap();
         assert!(matches!(
             b.finish(0),
             Err(ProtoError::TextTooLong { what: "sender", .. })
         ));
+    }
+
+    #[test]
+    fn every_manifest_names_a_valid_process_id() {
+        let too_long = "p".repeat(usize::from(MAX_PROCESS_ID_LEN) + 1);
+        for bad in ["", "C-1\n", "C-\u{1b}[31m", too_long.as_str()] {
+            let mut b = ManifestBuilder::new(TransferId::new_v7(), "edge", [0; 32], bad, 10);
+            b.add_file("a", 1, vec![[0; 32]]).unwrap();
+            assert_eq!(
+                b.finish(0),
+                Err(ProtoError::BadProcessId { len: bad.len() }),
+                "{bad:?}"
+            );
+        }
+        // The decoder refuses the same, whatever an encoder was made to write.
+        let (m, _) = build(&[5], 4);
+        for bad in ["", "C-1\n", too_long.as_str()] {
+            let mut t = m.clone();
+            t.process_id = bad.to_owned();
+            assert!(
+                matches!(
+                    Manifest::from_bytes(&t.to_bytes(), &Limits::default()),
+                    Err(ProtoError::BadProcessId { .. } | ProtoError::TooLong { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        let back = Manifest::from_bytes(&m.to_bytes(), &Limits::default()).unwrap();
+        assert_eq!(back.process_id, "C-1");
+        assert_eq!(serde_json::to_value(&back).unwrap()["process_id"], "C-1");
     }
 
     #[test]
@@ -889,13 +973,13 @@ pub(crate) mod tests {
         let (m, _) = build(&[5], 4);
         let limits = Limits::default();
         let mut t = m.clone();
-        t.version = 2;
+        t.version = 1;
         assert_eq!(
             Manifest::from_bytes(&t.to_bytes(), &limits),
             Err(ProtoError::UnsupportedVersion {
                 what: "manifest",
-                version: 2,
-                supported: 1
+                version: 1,
+                supported: 2
             })
         );
         let mut b = m.to_bytes();
@@ -928,8 +1012,10 @@ pub(crate) mod tests {
             max_text_len: 7,
             ..Limits::default()
         };
-        let mut b = ManifestBuilder::new(TransferId::new_v7(), "x".repeat(7), [0; 32], 1)
-            .with_limits(limits);
+        let process_id = "p".repeat(usize::from(MAX_PROCESS_ID_LEN));
+        let mut b =
+            ManifestBuilder::new(TransferId::new_v7(), "x".repeat(7), [0; 32], process_id, 1)
+                .with_limits(limits);
         b.add_file(format!("a{}", "n".repeat(11)), 5, vec![[1; 32]; 5])
             .unwrap();
         b.add_file(format!("b{}", "n".repeat(11)), 0, vec![])
@@ -979,9 +1065,10 @@ pub(crate) mod tests {
             any::<u64>(),
             any::<[u8; 32]>(),
             any::<[u8; 16]>(),
+            "[A-Za-z0-9._:/-]{1,128}",
         )
-            .prop_map(|(cs, sizes, sender, created, decl, id)| {
-                let mut b = ManifestBuilder::new(TransferId(id), sender, decl, cs);
+            .prop_map(|(cs, sizes, sender, created, decl, id, process_id)| {
+                let mut b = ManifestBuilder::new(TransferId(id), sender, decl, process_id, cs);
                 for (i, size) in sizes.into_iter().enumerate() {
                     let data = content(i as u64, size);
                     b.add_file(format!("f{i}"), size, digests_of(&data, cs))

@@ -75,7 +75,7 @@ pub use frame::{
 };
 pub use manifest::{
     ChunkHasher, ChunkLocation, FileEntry, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest,
-    ManifestBuilder,
+    ManifestBuilder, check_process_id,
 };
 pub use name::{MAX_FILE_NAME_LEN, NameError, validate_file_name};
 pub use receipt::{RECEIPT_MAGIC, RECEIPT_VERSION, Receipt};
@@ -93,6 +93,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// cut to at most this many bytes, so they fit any sane
 /// [`Limits::max_text_len`] on the peer.
 pub const MAX_SENT_TEXT_LEN: usize = 1024;
+
+/// Longest process id (the consent reference a transfer was allowed under)
+/// a manifest or receipt carries, in bytes.
+pub const MAX_PROCESS_ID_LEN: u16 = 128;
 
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> Digest {

@@ -380,6 +380,11 @@ impl Sender {
                 what: "manifest digest",
             });
         }
+        if r.process_id != self.manifest.process_id {
+            return Err(ProtoError::ReceiptMismatch {
+                what: "process id (consent reference)",
+            });
+        }
         Ok(())
     }
 
@@ -456,6 +461,7 @@ mod tests {
             transfer_id: m.transfer_id,
             merkle_root: m.merkle_root,
             manifest_digest: m.digest(),
+            process_id: m.process_id.clone(),
             receiver: "gw".into(),
             committed_unix_ms: 1,
         }
@@ -629,6 +635,26 @@ mod tests {
             err,
             ProtoError::ReceiptMismatch {
                 what: "Merkle root"
+            }
+        );
+
+        // A receipt for the right manifest that names another consent.
+        let mut s = sender(&[5], 4, SenderConfig::default());
+        let m = s.manifest().clone();
+        drain(&mut s);
+        s.handle_frame(have(&s, &ChunkSet::full(2))).unwrap();
+        let mut r = Receipt::from_bytes(&receipt_for(&m)).unwrap();
+        r.process_id = "C-other".into();
+        let err = s
+            .handle_frame(Frame::Receipt {
+                receipt: r.to_bytes().into(),
+                signature: Bytes::new(),
+            })
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ProtoError::ReceiptMismatch {
+                what: "process id (consent reference)"
             }
         );
 

@@ -400,6 +400,7 @@ impl Sim {
                     transfer_id: self.manifest.transfer_id,
                     merkle_root: merkle::root(&self.manifest.chunk_digests),
                     manifest_digest: sha256(&self.manifest_bytes),
+                    process_id: self.manifest.process_id.clone(),
                     receiver: "gateway".into(),
                     committed_unix_ms: self.clock,
                 };

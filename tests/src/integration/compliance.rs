@@ -50,13 +50,18 @@ fn running(d: &Deployment) -> (Service, Service) {
     (gateway, edge)
 }
 
-/// The edge's audit records as JSON.
-fn records(d: &Deployment) -> Vec<Value> {
-    std::fs::read_to_string(d.path("audit/edge/records.log"))
+/// The audit records of one appliance (`edge` or `gateway`) as JSON.
+fn audit_records(d: &Deployment, side: &str) -> Vec<Value> {
+    std::fs::read_to_string(d.path(&format!("audit/{side}/records.log")))
         .unwrap_or_default()
         .lines()
         .map(|l| json(l.split_once(' ').unwrap().1))
         .collect()
+}
+
+/// The edge's audit records as JSON.
+fn records(d: &Deployment) -> Vec<Value> {
+    audit_records(d, "edge")
 }
 
 fn assert_refused_record(d: &Deployment, rule: &str) {
@@ -359,6 +364,7 @@ fn the_sender_downloads_the_receipt_and_a_proof_that_verifies_offline() {
     let r = json(&body);
     assert_eq!(r["format"], "baylink-receipt/1");
     assert_eq!(r["transfer"], id.as_str());
+    assert_eq!(r["process_id"], "CR-2026-0001", "{r}");
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut msg = r["signed_prefix"].as_str().unwrap().as_bytes().to_vec();
     msg.extend(b64.decode(r["receipt"].as_str().unwrap()).unwrap());
@@ -415,16 +421,12 @@ fn the_sender_downloads_the_receipt_and_a_proof_that_verifies_offline() {
 
 /// The gateway's audit records as JSON.
 fn gateway_records(d: &Deployment) -> Vec<Value> {
-    std::fs::read_to_string(d.path("audit/gateway/records.log"))
-        .unwrap_or_default()
-        .lines()
-        .map(|l| json(l.split_once(' ').unwrap().1))
-        .collect()
+    audit_records(d, "gateway")
 }
 
 /// `send` is refused by the gateway (exit 3 naming `needle`); the gateway's log then holds
-/// one `refused` record with `rule`, and still verifies after a graceful stop.
-fn gateway_refusal(d: &Deployment, files: &[&Path], needle: &str, rule: &str) {
+/// one `refused` record with `rule` (returned), and still verifies after a graceful stop.
+fn gateway_refusal(d: &Deployment, files: &[&Path], needle: &str, rule: &str) -> Value {
     let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
     let mut args = vec!["--no-progress"];
     args.extend(files.iter().map(|f| f.to_str().unwrap()));
@@ -457,6 +459,7 @@ fn gateway_refusal(d: &Deployment, files: &[&Path], needle: &str, rule: &str) {
         .output()
         .unwrap();
     assert!(out.status.success(), "audit verify: {}", stderr(&out));
+    refused[0].clone()
 }
 
 fn nothing_sealed_or_delivered_on_the_gateway(d: &Deployment) {
@@ -476,12 +479,16 @@ fn a_manifest_signature_the_gateway_refuses_is_audited_on_the_gateway() {
     )
     .unwrap();
     let f = payload(d.dir.path(), "scan.dcm", 10_000, 1).unwrap();
-    gateway_refusal(
+    let refused = gateway_refusal(
         &d,
         &[&f],
         "manifest signature does not verify",
         "bad-signature",
     );
+    // The manifest decoded, so the record names its transfer and process id (what the
+    // offer claimed: the signature over them is what failed).
+    assert!(refused["transfer"].is_string(), "{refused}");
+    assert_eq!(refused["consent"], "CR-2026-0001", "{refused}");
 }
 
 #[test]
@@ -490,7 +497,10 @@ fn an_offer_over_the_gateway_limits_is_audited_on_the_gateway() {
     d.set("gateway.toml", "limits", "max_files", "1").unwrap();
     let a = payload(d.dir.path(), "a.dcm", 1000, 1).unwrap();
     let b = payload(d.dir.path(), "b.dcm", 1000, 2).unwrap();
-    gateway_refusal(&d, &[&a, &b], "files", "too-many-files");
+    let refused = gateway_refusal(&d, &[&a, &b], "files", "too-many-files");
+    // A manifest over the limits is never decoded: nothing in it is attributed.
+    assert!(refused["transfer"].is_null(), "{refused}");
+    assert!(refused["consent"].is_null(), "{refused}");
 }
 
 fn baylink(args: &[&str]) -> Output {
@@ -591,4 +601,94 @@ fn audit_prove_carries_the_witness_cosignature_and_verify_proof_checks_it() {
     let tampered = d.path("proof-badcosig.json");
     std::fs::write(&tampered, serde_json::to_vec(&bad).unwrap()).unwrap();
     assert!(!verify(&tampered, Some(&gw_pem)).status.success());
+}
+
+/// Issue #7: the consent reference the checkpoint allowed a transfer under is its process id,
+/// on the edge's records, in the signed manifest, in the signed receipt, and on the gateway's
+/// records, the same on both sides of the border.
+#[test]
+fn the_consent_reference_is_the_process_id_of_every_record_manifest_and_receipt() {
+    let d = Deployment::new().unwrap();
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    // P-0002's consent is CR-2026-0002 (dev-env); `send` does not name it, the checkpoint
+    // finds it.
+    let f = payload(d.dir.path(), "scan.dcm", 300_000, 2).unwrap();
+    let out = d
+        .send(&["--no-progress", "--patient", "P-0002", f.to_str().unwrap()])
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    let id = err
+        .lines()
+        .find_map(|l| l.strip_prefix("transfer "))
+        .unwrap_or_else(|| panic!("no transfer id: {err}"))
+        .trim()
+        .to_owned();
+    const CONSENT: &str = "CR-2026-0002";
+
+    // The manifest and the receipt, both decoded from the signed bytes in the edge's spool.
+    let dir = d.path("spool/edge").join(&id);
+    let limits = baylink_net::proto::Limits::default();
+    let manifest = baylink_net::proto::Manifest::from_bytes(
+        &std::fs::read(dir.join("manifest.bin")).unwrap(),
+        &limits,
+    )
+    .unwrap();
+    assert_eq!(manifest.process_id, CONSENT);
+    let receipt =
+        baylink_net::proto::Receipt::from_bytes(&std::fs::read(dir.join("receipt.bin")).unwrap())
+            .unwrap();
+    assert_eq!(receipt.process_id, CONSENT);
+    let readable = json(&std::fs::read_to_string(dir.join("manifest.json")).unwrap());
+    assert_eq!(readable["process_id"], CONSENT);
+
+    // Every record of the transfer, on both sides, names it. (Delivery runs after the
+    // commit, so the gateway's `delivered` record is waited for, bounded.)
+    let start = std::time::Instant::now();
+    let gateway_side = loop {
+        let r: Vec<Value> = gateway_records(&d)
+            .into_iter()
+            .filter(|r| r["transfer"] == id.as_str())
+            .collect();
+        if r.iter().any(|r| r["kind"] == "delivered") {
+            break r;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "not delivered: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(gateway.terminate().unwrap().success());
+    let edge_side: Vec<Value> = records(&d)
+        .into_iter()
+        .filter(|r| r["transfer"] == id.as_str())
+        .collect();
+    let kinds = |r: &[Value]| -> Vec<String> {
+        r.iter()
+            .map(|r| r["kind"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        kinds(&edge_side),
+        ["declared", "sealed", "sent", "receipted"],
+        "{edge_side:?}"
+    );
+    assert_eq!(
+        kinds(&gateway_side),
+        ["committed", "delivered"],
+        "{gateway_side:?}"
+    );
+    for r in edge_side.iter().chain(&gateway_side) {
+        assert_eq!(r["consent"], CONSENT, "{r}");
+    }
+    // The declaration the manifest binds is the one allowed, naming the consent.
+    let declaration_digest: String = manifest
+        .declaration_digest
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    for r in edge_side.iter().chain(&gateway_side) {
+        assert_eq!(r["declaration_digest"], declaration_digest.as_str(), "{r}");
+    }
 }

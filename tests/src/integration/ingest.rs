@@ -991,7 +991,7 @@ fn sighup_reloads_the_policy_and_keeps_it_when_the_new_one_is_broken() {
         + r#"
 [[consent]]
 patient_id = "P-0099"
-reference = "CONSENT-P-0099"
+reference = "CR-2026-0099"
 categories = ["*"]
 purposes = ["care"]
 destinations = ["hk-ehealth"]

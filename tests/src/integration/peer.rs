@@ -114,7 +114,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// A manifest with the given (size, name) files, chunk size 4096, fake declaration.
 fn manifest_bytes(files: &[(&str, &[u8])]) -> (baylink_net::proto::Manifest, Vec<u8>) {
-    let mut b = ManifestBuilder::new(TransferId::new_v7(), "edge", [7; 32], 4096);
+    let mut b = ManifestBuilder::new(TransferId::new_v7(), "edge", [7; 32], "C-1", 4096);
     for (name, data) in files {
         let mut h = ChunkHasher::new(4096);
         h.update(data);
@@ -319,7 +319,7 @@ fn a_signature_over_another_manifest_is_refused() {
     // bytes changed, so its chunk digest and Merkle root differ) under that signature.
     let (signed, signed_bytes) = manifest_bytes(&[("scan.dcm", &[1u8; 5000])]);
     let signature = sign_as_edge(&d, &signed_bytes);
-    let mut b = ManifestBuilder::new(signed.transfer_id, "edge", [7; 32], 4096);
+    let mut b = ManifestBuilder::new(signed.transfer_id, "edge", [7; 32], "C-1", 4096);
     let mut h = ChunkHasher::new(4096);
     h.update(&[2u8; 5000]);
     b.add_file("scan.dcm".to_owned(), 5000, h.finish()).unwrap();
