@@ -107,6 +107,8 @@ pub async fn seal_files(
         bytes.into(),
         signature.into(),
         false,
+        // Just written through the page cache: read back from memory.
+        false,
     )
     .await
 }
@@ -182,6 +184,7 @@ pub async fn load_sealed(
         bytes.into(),
         signature.into(),
         check_at_rest,
+        true,
     )
     .await
 }
@@ -201,7 +204,19 @@ async fn open_outgoing(
     manifest_bytes: Bytes,
     signature: Bytes,
     check_at_rest: bool,
+    cold: bool,
 ) -> anyhow::Result<Outgoing> {
+    // A payload that is not known to be in the page cache (an upload written with O_DIRECT,
+    // a transfer sealed before a restart) is read with O_DIRECT too: no copy out of the
+    // cache, and no gigabytes of cache filled with bytes sent once. The sender reads at
+    // chunk and buffer boundaries, which must then be aligned.
+    let direct = cold
+        && manifest
+            .chunk_size
+            .is_multiple_of(baylink_net::spool::DIRECT_ALIGN as u32)
+        && spool
+            .buffer_size()
+            .is_multiple_of(baylink_net::spool::DIRECT_ALIGN);
     let mut files = Vec::with_capacity(manifest.files.len());
     for f in &manifest.files {
         let path = dir.data_file(&f.name);
@@ -215,7 +230,12 @@ async fn open_outgoing(
                 f.size
             );
         }
-        files.push(Arc::new(spool.open(&path).await?));
+        let file = if direct {
+            spool.open_direct(&path).await?
+        } else {
+            spool.open(&path).await?
+        };
+        files.push(Arc::new(file));
     }
     Ok(Outgoing {
         manifest,

@@ -406,6 +406,8 @@ enum OpenMode {
     Create,
     /// Read only.
     Read,
+    /// Read only, with `O_DIRECT`; falls back to `Read`.
+    ReadDirect,
     /// Read and write, create, no truncation.
     ReadWrite,
     /// Like `ReadWrite`, with `O_DIRECT` (no page-cache copy); falls back to `ReadWrite`
@@ -419,7 +421,7 @@ impl OpenMode {
     fn op(self) -> SpoolOp {
         match self {
             OpenMode::Create | OpenMode::CreateDirect => SpoolOp::Create,
-            OpenMode::Read => SpoolOp::Open,
+            OpenMode::Read | OpenMode::ReadDirect => SpoolOp::Open,
             OpenMode::ReadWrite | OpenMode::ReadWriteDirect => SpoolOp::OpenRw,
         }
     }
@@ -446,6 +448,8 @@ enum Request {
         offset: u64,
         buf: SpoolBuf,
         len: usize,
+        /// `O_DIRECT`: a short read that ends off the alignment is the end of the file.
+        direct: bool,
         reply: Reply<SpoolBuf>,
     },
     Sync {
@@ -626,7 +630,10 @@ impl Spool {
             path,
             closer: self.shared.closer.clone(),
             closed: false,
-            direct: matches!(mode, OpenMode::ReadWriteDirect | OpenMode::CreateDirect),
+            direct: matches!(
+                mode,
+                OpenMode::ReadWriteDirect | OpenMode::CreateDirect | OpenMode::ReadDirect
+            ),
         })
     }
 
@@ -638,6 +645,21 @@ impl Spool {
     /// Opens an existing file for reading.
     pub async fn open(&self, path: impl AsRef<Path>) -> SpoolResult<SpoolFile> {
         self.open_with(path.as_ref(), OpenMode::Read).await
+    }
+
+    /// Like [`Spool::open`], but reads come straight from the device (`O_DIRECT`): no copy
+    /// out of the page cache and no cache filled with bytes read once (a sealed payload of
+    /// gigabytes on its way out). Reads must then start at offsets that are multiples of
+    /// [`DIRECT_ALIGN`] (their lengths need not be). Where the file system refuses
+    /// `O_DIRECT` (e.g. tmpfs) the file is opened as [`Spool::open`] would, and
+    /// [`SpoolFile::is_direct`] says so.
+    pub async fn open_direct(&self, path: impl AsRef<Path>) -> SpoolResult<SpoolFile> {
+        match self.open_with(path.as_ref(), OpenMode::ReadDirect).await {
+            Err(e) if e.source.raw_os_error() == Some(nix::libc::EINVAL) => {
+                self.open_with(path.as_ref(), OpenMode::Read).await
+            }
+            other => other,
+        }
     }
 
     /// Opens `path` for reading and writing without truncating it, creating it if missing
@@ -721,7 +743,9 @@ impl Spool {
 
     /// Reads `len` bytes at `offset` into `buf` (its previous contents are discarded).
     /// The buffer comes back holding exactly `len` bytes, or fewer if the file ends first
-    /// (none at or past the end). `len` larger than the buffer is an error.
+    /// (none at or past the end). `len` larger than the buffer is an error, and so is, for a
+    /// file opened with [`Spool::open_direct`], an `offset` off [`DIRECT_ALIGN`] (the
+    /// length is rounded up for the device and the extra bytes dropped).
     pub async fn read_at(
         &self,
         file: &SpoolFile,
@@ -729,25 +753,50 @@ impl Spool {
         buf: SpoolBuf,
         len: usize,
     ) -> SpoolResult<SpoolBuf> {
-        if len > buf.capacity() {
-            return Err(SpoolError::new(
+        let refuse = |why: String| {
+            SpoolError::new(
                 SpoolOp::Read,
                 file.path.to_path_buf(),
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("read of {len} bytes into a {}-byte buffer", buf.capacity()),
-                ),
-            ));
+                io::Error::new(io::ErrorKind::InvalidInput, why),
+            )
+        };
+        if len > buf.capacity() {
+            return Err(refuse(format!(
+                "read of {len} bytes into a {}-byte buffer",
+                buf.capacity()
+            )));
         }
-        self.call(SpoolOp::Read, &file.path, |reply| Request::Read {
-            id: file.id,
-            path: Arc::clone(&file.path),
-            offset,
-            buf,
-            len,
-            reply,
-        })
-        .await
+        let device_len = if file.direct {
+            if !offset.is_multiple_of(DIRECT_ALIGN as u64) {
+                return Err(refuse(format!(
+                    "O_DIRECT read at offset {offset}, not a multiple of {DIRECT_ALIGN}"
+                )));
+            }
+            let padded = len.next_multiple_of(DIRECT_ALIGN);
+            if padded > buf.capacity() {
+                return Err(refuse(format!(
+                    "O_DIRECT needs a buffer size that is a multiple of {DIRECT_ALIGN}"
+                )));
+            }
+            padded
+        } else {
+            len
+        };
+        let mut buf = self
+            .call(SpoolOp::Read, &file.path, |reply| Request::Read {
+                id: file.id,
+                path: Arc::clone(&file.path),
+                offset,
+                buf,
+                len: device_len,
+                direct: file.direct,
+                reply,
+            })
+            .await?;
+        if buf.len() > len {
+            buf.truncate(len);
+        }
+        Ok(buf)
     }
 
     /// `fsync(2)`: data and metadata of the file are durable when this returns.
@@ -933,9 +982,10 @@ async fn handle(table: Rc<FileTable>, request: Request) {
             offset,
             buf,
             len,
+            direct,
             reply,
         } => {
-            let result = read(&table, id, offset, buf, len)
+            let result = read(&table, id, offset, buf, len, direct)
                 .await
                 .map_err(|e| SpoolError::new(SpoolOp::Read, path.to_path_buf(), e));
             let _ = reply.send(result);
@@ -983,6 +1033,7 @@ async fn open(path: &Path, mode: OpenMode) -> io::Result<tokio_uring::fs::File> 
     match mode {
         OpenMode::Create => options.read(true).write(true).create(true).truncate(true),
         OpenMode::Read => options.read(true),
+        OpenMode::ReadDirect => options.read(true).custom_flags(nix::libc::O_DIRECT),
         OpenMode::ReadWrite => options.read(true).write(true).create(true),
         OpenMode::ReadWriteDirect => options
             .read(true)
@@ -1012,6 +1063,7 @@ async fn read(
     offset: u64,
     mut buf: SpoolBuf,
     len: usize,
+    direct: bool,
 ) -> io::Result<SpoolBuf> {
     let file = table.get(id)?;
     let end = u64::try_from(len)
@@ -1031,7 +1083,14 @@ async fn read(
         bytes = slice.into_inner();
         match result {
             Ok(0) => break,
-            Ok(n) => filled += n,
+            Ok(n) => {
+                filled += n;
+                // With O_DIRECT only the file's end stops a read off the alignment, and a
+                // read continued from there would be refused.
+                if direct && !filled.is_multiple_of(DIRECT_ALIGN) {
+                    break;
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 buf.restore(bytes);
@@ -1283,6 +1342,40 @@ mod tests {
         // The padding is cut to the data's length, durably.
         spool.sync_to_len(&file, expect.len() as u64).await.unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), expect);
+    }
+
+    #[tokio::test]
+    async fn direct_reads_give_exact_lengths_and_stop_at_the_end() {
+        let spool = spool(2, 64 * 1024);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sealed.dcm");
+        // A size off the alignment, so the last read ends mid-block.
+        let data = pattern(0, 3 * 64 * 1024 + 1234);
+        std::fs::write(&path, &data).unwrap();
+        timeout(LIMIT, async {
+            let file = spool.open_direct(&path).await.unwrap();
+            // Aligned offsets, as the sender reads (chunk and buffer boundaries).
+            let mut got = Vec::new();
+            for at in (0..data.len() as u64).step_by(64 * 1024) {
+                let buf = spool.buffer().await;
+                let buf = spool.read_at(&file, at, buf, 64 * 1024).await.unwrap();
+                got.extend_from_slice(&buf);
+            }
+            assert_eq!(got, data, "exact bytes, nothing past the end");
+            let buf = spool.buffer().await;
+            // An unaligned length is rounded up for the device and cut back.
+            let buf = spool.read_at(&file, 64 * 1024, buf, 100).await.unwrap();
+            assert_eq!(&buf[..], &data[64 * 1024..64 * 1024 + 100]);
+            let buf = spool.read_at(&file, 1 << 30, buf, 64 * 1024).await.unwrap();
+            assert!(buf.is_empty(), "past the end");
+            if file.is_direct() {
+                let e = spool.read_at(&file, 10, buf, 100).await.unwrap_err();
+                assert!(e.source.to_string().contains("not a multiple"), "{e:?}");
+            }
+            spool.close(file).await.unwrap();
+        })
+        .await
+        .unwrap();
     }
 
     #[tokio::test]

@@ -297,13 +297,54 @@ async fn declare(
         .into_response())
 }
 
+/// Longest `?wait=` a status request may hold its answer.
+pub const MAX_STATUS_WAIT: Duration = Duration::from_secs(300);
+
+/// `?wait=SECONDS` of `GET /v1/transfers/{id}` (0 when absent): how long to hold the answer
+/// for the state to change.
+fn wait_from_query(query: Option<&str>) -> Result<Duration, ApiError> {
+    let mut wait = None;
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k != "wait" {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("unknown query parameter {k:?}; only wait= is accepted"),
+            ));
+        }
+        let secs = v
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s <= MAX_STATUS_WAIT.as_secs());
+        match (secs, wait) {
+            (Some(s), None) => wait = Some(Duration::from_secs(s)),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "wait= must be given once, whole seconds from 0 to {}",
+                        MAX_STATUS_WAIT.as_secs()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(wait.unwrap_or_default())
+}
+
 async fn status(
     State(app): State<AppState>,
     Extension(Hospital(hospital)): Extension<Hospital>,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
 ) -> Result<Response, ApiError> {
     let id = transfer_id(&id)?;
-    let st = app.store.status(&hospital, &id).await?;
+    let wait = wait_from_query(uri.query())?;
+    let st = app.store.status_after_change(&hospital, &id, wait).await?;
     Ok(Json(st).into_response())
 }
 

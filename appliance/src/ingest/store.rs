@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use baylink_net::proto::{
@@ -99,6 +99,20 @@ pub enum TransferState {
     Refused,
     /// Gave up (link down longer than `transport.retry_for`, or an internal failure).
     Failed,
+}
+
+impl TransferState {
+    /// No further state follows (a `committed` transfer may still become `delivered`, but its
+    /// receipt is final).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            TransferState::Committed
+                | TransferState::Delivered
+                | TransferState::Refused
+                | TransferState::Failed
+        )
+    }
 }
 
 /// One stage a transfer reached, with its time (RFC 3339, UTC).
@@ -204,6 +218,9 @@ struct Inner {
     max_upload_bytes: u64,
     open: Mutex<HashMap<TransferId, Arc<OpenTransfer>>>,
     status_lock: tokio::sync::Mutex<()>,
+    /// Bumped after every state change of any transfer (status requests with `?wait=`
+    /// wait on it, then read their own transfer's status).
+    changes: tokio::sync::watch::Sender<u64>,
     next_part: AtomicU64,
     /// One background send at a time, in commit order: concurrent sends would each hold
     /// spool buffers while waiting for more (and share one link anyway).
@@ -305,6 +322,7 @@ impl IngestStore {
                 edge,
                 open: Mutex::new(HashMap::new()),
                 status_lock: tokio::sync::Mutex::new(()),
+                changes: tokio::sync::watch::Sender::new(0),
                 next_part: AtomicU64::new(0),
                 sending: Arc::new(tokio::sync::Semaphore::new(1)),
                 deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
@@ -812,7 +830,13 @@ impl IngestStore {
                 .await;
             match res {
                 Ok(summary) => {
-                    info!(transfer = %id, wire_bytes = summary.wire_bytes, "transfer receipted");
+                    info!(
+                        transfer = %id,
+                        wire_bytes = summary.wire_bytes,
+                        transmit_seconds = summary.transmit_seconds,
+                        seconds = summary.seconds,
+                        "transfer receipted"
+                    );
                     store.add_stage(&id, TransferState::Committed, None).await;
                 }
                 Err(e) => {
@@ -863,6 +887,35 @@ impl IngestStore {
         .await;
         if let Err(e) = res {
             warn!(transfer = %id, error = %e, "cannot record the transfer's status");
+        }
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// [`IngestStore::status`], answered once the state differs from what it was when asked,
+    /// the state is final (`committed`, `delivered`, `refused`, `failed`), or `wait` has
+    /// passed, whichever comes first (a long poll: clients need not poll in a loop).
+    pub async fn status_after_change(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        wait: Duration,
+    ) -> Result<TransferStatus, IngestError> {
+        let mut changes = self.inner.changes.subscribe();
+        let first = self.status(hospital, id).await?;
+        if wait.is_zero() || first.state.is_final() {
+            return Ok(first);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {
+                    let st = self.status(hospital, id).await?;
+                    if st.state != first.state {
+                        return Ok(st);
+                    }
+                }
+                Ok(Err(_)) | Err(_) => return self.status(hospital, id).await,
+            }
         }
     }
 

@@ -153,11 +153,11 @@ pub async fn digest_at_rest(
         let want = usize::try_from((end - offset).min(buf.capacity() as u64))
             .expect("bounded by the buffer size");
         let buf = spool.read_at(file, offset, buf, want).await?;
-        if buf.is_empty() {
-            break; // short file: the digest cannot match, which is the answer
-        }
         hasher.update(&buf);
         offset += buf.len() as u64;
+        if buf.len() < want {
+            break; // short file: the digest cannot match, which is the answer
+        }
     }
     Ok(hasher
         .finish()

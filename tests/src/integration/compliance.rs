@@ -328,17 +328,7 @@ fn the_sender_downloads_the_receipt_and_a_proof_that_verifies_offline() {
     assert_eq!(status, 201, "{body}");
     let (status, body) = commit(&d, &id);
     assert_eq!(status, 202, "{body}");
-    // Poll the status until committed (bounded).
-    let start = std::time::Instant::now();
-    let st = loop {
-        let st = json(&get(&d, "hospital-a", &format!("/v1/transfers/{id}")).1);
-        if st["state"] == "committed" || st["state"] == "delivered" {
-            break st;
-        }
-        assert!(st["state"] != "failed" && st["state"] != "refused", "{st}");
-        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{st}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let st = Api { d: &d }.wait_state(&id, "committed");
     assert_eq!(
         st["downloads"]["receipt"],
         format!("/v1/transfers/{id}/receipt")

@@ -119,11 +119,18 @@ impl Api<'_> {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "edge /healthz");
     }
 
-    /// Polls the status until `state` (or a final state), within the deadline.
+    /// `GET /v1/transfers/{id}?wait=SECS`: the status once it changed (or is final), or
+    /// after `secs`.
+    pub(super) fn status_after_change(&self, who: &str, id: &str, secs: u64) -> Answer {
+        let url = self.url(&format!("/v1/transfers/{id}?wait={secs}"));
+        self.curl(Some(who), &[&url])
+    }
+
+    /// Waits (long polls) until the transfer is in `state`, within the deadline.
     pub(super) fn wait_state(&self, id: &str, state: &str) -> Value {
         let start = Instant::now();
         loop {
-            let s = self.status("hospital-a", id).json();
+            let s = self.status_after_change("hospital-a", id, 10).json();
             if s["state"] == state {
                 return s;
             }
@@ -135,7 +142,6 @@ impl Api<'_> {
                 start.elapsed() < DEADLINE,
                 "no {state} within {DEADLINE:?}: {s}"
             );
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
@@ -269,6 +275,73 @@ fn upload_arrives_byte_identical_and_status_shows_each_stage() {
     assert_eq!(last["rule"], "consent-missing", "{last}");
     assert_eq!(last["hospital"], "hospital-a", "{last}");
     api.healthy();
+}
+
+/// `?wait=` holds a status answer until the state changes (no polling loop needed), answers a
+/// final state at once, and refuses bad values naming the parameter.
+#[test]
+fn a_status_request_with_wait_answers_when_the_state_changes() {
+    let d = Deployment::new().unwrap();
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge = edge(&d);
+    let api = Api { d: &d };
+    let f = payload(d.dir.path(), "a.dcm", 100_000, 1).unwrap();
+    let id = api.open();
+    let r = api.put("hospital-a", &id, "a.dcm", &f, &[]);
+    assert_eq!(r.status, 201, "{r:?}");
+
+    // Nothing changes: the answer is held for the whole wait, then the unchanged state.
+    let t0 = Instant::now();
+    let held = api.status_after_change("hospital-a", &id, 2);
+    assert_eq!(held.status, 200, "{held:?}");
+    assert_eq!(held.json()["state"], "receiving");
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+
+    // A commit changes it: a waiting request answers with the new state long before its
+    // wait is over.
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let t0 = Instant::now();
+            (api.status_after_change("hospital-a", &id, 60), t0.elapsed())
+        });
+        let c = api.commit("hospital-a", &id);
+        assert_eq!(c.status, 202, "{c:?}");
+        let (a, took) = waiter.join().unwrap();
+        assert_eq!(a.status, 200, "{a:?}");
+        assert_ne!(a.json()["state"], "receiving", "{a:?}");
+        assert!(
+            took < Duration::from_secs(50),
+            "held {took:?} despite a change"
+        );
+    });
+
+    // A final state answers at once.
+    api.wait_state(&id, "committed");
+    let t0 = Instant::now();
+    let a = api.status_after_change("hospital-a", &id, 60);
+    assert_eq!(a.json()["state"], "committed");
+    assert!(t0.elapsed() < Duration::from_secs(50), "{:?}", t0.elapsed());
+
+    for bad in [
+        "wait=abc",
+        "wait=301",
+        "wait=-1",
+        "wait=1&wait=2",
+        "since=1",
+    ] {
+        let url = api.url(&format!("/v1/transfers/{id}?{bad}"));
+        let a = api.curl(Some("hospital-a"), &[&url]);
+        assert_eq!(a.status, 400, "{bad}: {a:?}");
+        let what = if bad.starts_with("since") {
+            "since"
+        } else {
+            "wait="
+        };
+        assert!(a.body.contains(what), "{bad}: {a:?}");
+    }
+    // Another hospital's transfer stays invisible, waiting or not.
+    let a = api.status_after_change("hospital-b", &id, 1);
+    assert_eq!(a.status, 404, "{a:?}");
 }
 
 #[test]
