@@ -49,6 +49,11 @@ pub struct IngestArgs {
     /// Comparison runs (HTTPS and `send` alternate which goes first); medians are reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
     compare_runs: u32,
+    /// Put the gateway's spool in this directory (e.g. on another device or a tmpfs): the
+    /// two appliances are separate machines in a deployment, and on one disk here the
+    /// gateway's writes compete with the edge's reads of the payload it sends.
+    #[arg(long, value_name = "DIR")]
+    gateway_spool: Option<PathBuf>,
     /// Where the JSON report goes.
     #[arg(long)]
     json: PathBuf,
@@ -115,6 +120,8 @@ struct Report {
     gbit_per_s: f64,
     upload_latency_ms: Latency,
     edge_peak_rss_mib: f64,
+    /// `--gateway-spool`, when the gateway's spool was moved off the edge's disk.
+    gateway_spool: Option<PathBuf>,
     comparison: Option<Comparison>,
 }
 
@@ -217,6 +224,29 @@ impl Client {
     }
 }
 
+/// Points `[spool] dir` of the gateway's config at `dir` (created; must be empty or new).
+fn place_gateway_spool(config: &Path, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    ensure!(
+        std::fs::read_dir(dir)?.next().is_none(),
+        "--gateway-spool {} is not empty",
+        dir.display()
+    );
+    let text = std::fs::read_to_string(config)?;
+    let mut doc: toml::Table = text
+        .parse()
+        .with_context(|| format!("{}", config.display()))?;
+    let spool = doc
+        .entry("spool")
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        .as_table_mut()
+        .context("[spool] is not a table")?;
+    let dir = dir.to_str().context("--gateway-spool is not UTF-8")?;
+    spool.insert("dir".into(), toml::Value::String(dir.to_owned()));
+    std::fs::write(config, toml::to_string(&doc)?)?;
+    Ok(())
+}
+
 fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
@@ -295,7 +325,11 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
     };
     let base_port = probe_base_port()?;
     let env = work.join("env");
-    let deployment = Deployment::create(&baylink, &env, base_port).await?;
+    let mut deployment = Deployment::create(&baylink, &env, base_port).await?;
+    if let Some(dir) = &args.gateway_spool {
+        place_gateway_spool(&env.join("gateway.toml"), dir)?;
+        deployment = Deployment::load(&env)?;
+    }
     let gateway = Gateway::start(&baylink, &deployment, &work, None).await?;
     let (mut edge, edge_pid) = start_edge(&baylink, &deployment.edge.path, &work).await?;
     let client = Arc::new(Client {
@@ -438,6 +472,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
             max: hist.max() as f64 / 1000.0,
         },
         edge_peak_rss_mib: rss,
+        gateway_spool: args.gateway_spool.clone(),
         comparison,
     };
     let json = serde_json::to_string_pretty(&report)?;

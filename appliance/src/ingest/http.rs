@@ -300,40 +300,54 @@ async fn declare(
 /// Longest `?wait=` a status request may hold its answer.
 pub const MAX_STATUS_WAIT: Duration = Duration::from_secs(300);
 
-/// `?wait=SECONDS` of `GET /v1/transfers/{id}` (0 when absent): how long to hold the answer
-/// for the state to change.
-fn wait_from_query(query: Option<&str>) -> Result<Duration, ApiError> {
-    let mut wait = None;
+/// The value of query parameter `name`, the only one a request accepts: `None` when the
+/// query does not give it, 400 for another parameter or `name` given twice.
+pub(super) fn only_param<'q>(
+    query: Option<&'q str>,
+    name: &str,
+) -> Result<Option<&'q str>, ApiError> {
+    let mut value = None;
     for pair in query
         .unwrap_or_default()
         .split('&')
         .filter(|p| !p.is_empty())
     {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k != "wait" {
+        if k != name {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("unknown query parameter {k:?}; only wait= is accepted"),
+                format!("unknown query parameter {k:?}; only {name}= is accepted"),
             ));
         }
-        let secs = v
-            .parse::<u64>()
-            .ok()
-            .filter(|s| *s <= MAX_STATUS_WAIT.as_secs());
-        match (secs, wait) {
-            (Some(s), None) => wait = Some(Duration::from_secs(s)),
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "wait= must be given once, whole seconds from 0 to {}",
-                        MAX_STATUS_WAIT.as_secs()
-                    ),
-                ));
-            }
+        if value.replace(v).is_some() {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("{name}= must be given once"),
+            ));
         }
     }
-    Ok(wait.unwrap_or_default())
+    Ok(value)
+}
+
+/// `?wait=SECONDS` of `GET /v1/transfers/{id}` (0 when absent): how long to hold the answer
+/// for the state to change.
+fn wait_from_query(query: Option<&str>) -> Result<Duration, ApiError> {
+    let Some(v) = only_param(query, "wait")? else {
+        return Ok(Duration::ZERO);
+    };
+    v.parse::<u64>()
+        .ok()
+        .filter(|s| *s <= MAX_STATUS_WAIT.as_secs())
+        .map(Duration::from_secs)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "wait= must be whole seconds from 0 to {}",
+                    MAX_STATUS_WAIT.as_secs()
+                ),
+            )
+        })
 }
 
 async fn status(
@@ -518,6 +532,38 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn query_parameters_are_checked_by_name_and_value() {
+        assert_eq!(wait_from_query(None).unwrap(), Duration::ZERO);
+        assert_eq!(
+            wait_from_query(Some("wait=300")).unwrap(),
+            Duration::from_secs(300)
+        );
+        for bad in [
+            "wait=x",
+            "wait=301",
+            "wait=-1",
+            "wait",
+            "wait=1&wait=1",
+            "since=1",
+        ] {
+            let e = wait_from_query(Some(bad)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+            let said = e.body["error"].as_str().unwrap().to_owned();
+            assert!(said.contains("wait="), "{bad}: {said}");
+        }
+        use super::super::stow::purpose_from_query;
+        assert_eq!(purpose_from_query(None).unwrap(), "care");
+        assert_eq!(
+            purpose_from_query(Some("purpose=research")).unwrap(),
+            "research"
+        );
+        for bad in ["purpose=", "purpose=a/b", "purpose=a&purpose=b", "wait=1"] {
+            let e = purpose_from_query(Some(bad)).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
 
     fn field(body: &str) -> String {
         let e = parse_declaration(body.as_bytes()).unwrap_err();

@@ -27,7 +27,7 @@ use baylink_net::proto::{
 use baylink_net::spool::{DIRECT_ALIGN, Spool, SpoolBuf, SpoolError, SpoolFile};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::audit::{Event, Kind};
@@ -503,7 +503,8 @@ impl IngestStore {
             part: part.clone(),
             file: None,
             buf: None,
-            pending: None,
+            writes: JoinSet::new(),
+            hashed: None,
             offset: 0,
             counted: 0,
             hasher: Some(ChunkHasher::new(self.inner.chunk_size)),
@@ -1097,10 +1098,15 @@ fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
     })
 }
 
-/// One file being uploaded. Bytes are gathered into whole spool buffers and written through
-/// the io_uring thread (one write in flight while the next buffer fills), hashed as they
-/// pass. Dropping it before [`FileUpload::finish`] discards the partial file; the transfer
-/// stays open for a retry of that file.
+/// Spool writes one upload keeps in flight. One was not enough: the connection's task then
+/// waited for each write's device latency before it could hand over the next buffer.
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// One file being uploaded. Bytes are gathered into whole spool buffers, hashed in order
+/// beside the connection's task, and written through the io_uring thread (up to
+/// [`WRITES_IN_FLIGHT`] writes at once while the next buffer fills). Dropping it before
+/// [`FileUpload::finish`] discards the partial file; the transfer stays open for a retry of
+/// that file.
 #[derive(Debug)]
 pub struct FileUpload {
     store: IngestStore,
@@ -1111,11 +1117,14 @@ pub struct FileUpload {
     part: PathBuf,
     file: Option<Arc<SpoolFile>>,
     buf: Option<SpoolBuf>,
-    /// The write in flight; it hashes its buffer first and gives the hasher back.
-    pending: Option<JoinHandle<(Result<SpoolBuf, SpoolError>, ChunkHasher)>>,
+    /// Writes in flight; each hashes its buffer first (see `hashed`), then writes it and
+    /// gives it back.
+    writes: JoinSet<Result<SpoolBuf, SpoolError>>,
+    /// The hasher, travelling with the newest write until that write has hashed its buffer.
+    hashed: Option<tokio::sync::oneshot::Receiver<ChunkHasher>>,
     offset: u64,
     counted: u64,
-    /// With the upload, or travelling with the write in flight.
+    /// With the upload (when not in `hashed`).
     hasher: Option<ChunkHasher>,
     done: bool,
     /// PatientID check and de-identification of DICOM files.
@@ -1200,7 +1209,7 @@ impl FileUpload {
         let mut rest = &data[..];
         while !rest.is_empty() {
             if self.buf.is_none() {
-                self.buf = Some(self.spool().buffer().await);
+                self.buf = Some(self.next_buffer().await?);
             }
             let buf = self.buf.as_mut().expect("set above");
             let n = buf.fill_from(rest);
@@ -1212,8 +1221,50 @@ impl FileUpload {
         Ok(())
     }
 
-    /// Writes the filled buffer in the background after the previous write finished; the
-    /// previous write's buffer is reused for the next bytes.
+    /// A buffer for the next bytes: a fresh one from the pool while there is one and fewer
+    /// than [`WRITES_IN_FLIGHT`] writes are out, else the buffer of the oldest write once it
+    /// is done. (Waiting on the pool while holding finished writes' buffers could wait
+    /// forever when every upload did the same.)
+    async fn next_buffer(&mut self) -> Result<SpoolBuf, IngestError> {
+        if self.writes.len() < WRITES_IN_FLIGHT
+            && let Some(buf) = self.spool().try_buffer()
+        {
+            return Ok(buf);
+        }
+        if self.writes.is_empty() {
+            return Ok(self.spool().buffer().await);
+        }
+        let mut buf = self.join_write().await?;
+        buf.clear();
+        Ok(buf)
+    }
+
+    /// The next write to finish: its buffer, or its error.
+    async fn join_write(&mut self) -> Result<SpoolBuf, IngestError> {
+        let done = self
+            .writes
+            .join_next()
+            .await
+            .ok_or_else(|| IngestError::Internal("no spool write in flight".into()))?;
+        Ok(done.map_err(|e| IngestError::Internal(format!("spool write task: {e}")))??)
+    }
+
+    /// The hasher, once the newest write has hashed its buffer with it.
+    async fn take_hasher(&mut self) -> Result<ChunkHasher, IngestError> {
+        if let Some(h) = self.hasher.take() {
+            return Ok(h);
+        }
+        let rx = self
+            .hashed
+            .take()
+            .ok_or_else(|| IngestError::Internal("the upload's hasher is gone".into()))?;
+        rx.await
+            .map_err(|_| IngestError::Internal("a spool write task ended before hashing".into()))
+    }
+
+    /// Hands the filled buffer to a task that hashes it (after the previous buffer: the
+    /// hasher goes from task to task) and then writes it; the writes of earlier buffers may
+    /// still be in flight.
     async fn flush(&mut self) -> Result<(), IngestError> {
         let Some(buf) = self.buf.take() else {
             return Ok(());
@@ -1222,36 +1273,23 @@ impl FileUpload {
             self.buf = Some(buf);
             return Ok(());
         }
-        let reuse = self.wait_pending().await?;
+        let mut hasher = self.take_hasher().await?;
+        while self.writes.len() >= WRITES_IN_FLIGHT {
+            drop(self.join_write().await?);
+        }
         let file = self.file.clone().expect("open until finished");
         let spool = self.spool().clone();
         let at = self.offset;
         self.offset += buf.len() as u64;
-        let mut hasher = self.hasher.take().expect("returned by the previous write");
-        // Hashing runs beside the connection's task (which decrypts the next bytes), in
-        // order: one write, and so one hasher, in flight at a time.
-        self.pending = Some(tokio::spawn(async move {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.hashed = Some(rx);
+        // Hashing runs beside the connection's task (which decrypts the next bytes).
+        self.writes.spawn(async move {
             hasher.update(&buf);
-            (spool.write_at(&file, at, buf).await, hasher)
-        }));
-        if let Some(mut b) = reuse {
-            b.clear();
-            self.buf = Some(b);
-        }
+            let _ = tx.send(hasher);
+            spool.write_at(&file, at, buf).await
+        });
         Ok(())
-    }
-
-    async fn wait_pending(&mut self) -> Result<Option<SpoolBuf>, IngestError> {
-        match self.pending.take() {
-            None => Ok(None),
-            Some(h) => {
-                let (res, hasher) = h
-                    .await
-                    .map_err(|e| IngestError::Internal(format!("spool write task: {e}")))?;
-                self.hasher = Some(hasher);
-                Ok(Some(res?))
-            }
-        }
     }
 
     /// Writes what is left, fsyncs, renames into `data/<name>` and records the size and
@@ -1262,7 +1300,10 @@ impl FileUpload {
             self.write_through(out).await?;
         }
         self.flush().await?;
-        drop(self.wait_pending().await?);
+        self.hasher = Some(self.take_hasher().await?);
+        while !self.writes.is_empty() {
+            drop(self.join_write().await?);
+        }
         self.buf = None;
         let file = self.file.take().expect("open until finished");
         let spool = self.spool().clone();
@@ -1314,16 +1355,15 @@ impl Drop for FileUpload {
         lock(&self.transfer.state).uploading.remove(&self.name);
         // The part file has a name of its own: a retry writes elsewhere, so removing this one
         // later cannot touch it.
-        let pending = self.pending.take();
+        let mut writes = std::mem::take(&mut self.writes);
         let file = self.file.take();
         let spool = self.spool().clone();
         let part = self.part.clone();
         let (id, name) = (self.id, self.name.clone());
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Some(p) = pending {
-                    let _ = p.await;
-                }
+                // Every write ends before the file is closed and removed.
+                while writes.join_next().await.is_some() {}
                 if let Some(f) = file.and_then(|f| Arc::try_unwrap(f).ok()) {
                     let _ = spool.close(f).await;
                 }

@@ -103,32 +103,20 @@ fn response_json(stored: &[Instance], failed: &[Failed]) -> Value {
 /// The purpose a STOW-RS request declares: `?purpose=<name>` (e.g. `research`, whose
 /// instances are de-identified), `care` when absent.
 pub fn purpose_from_query(query: Option<&str>) -> Result<String, ApiError> {
-    let mut purpose = None;
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k != "purpose" {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("unknown query parameter {k:?}; only purpose= is accepted"),
-            ));
-        }
-        let ok = !v.is_empty()
-            && v.len() <= 64
-            && v.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if !ok || purpose.is_some() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "purpose= must be given once, 1 to 64 letters, digits, '-' or '_'",
-            ));
-        }
-        purpose = Some(v.to_owned());
+    let Some(v) = super::http::only_param(query, "purpose")? else {
+        return Ok("care".to_owned());
+    };
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "purpose= must be 1 to 64 letters, digits, '-' or '_'",
+        ));
     }
-    Ok(purpose.unwrap_or_else(|| "care".to_owned()))
+    Ok(v.to_owned())
 }
 
 /// `POST /dicom-web/studies`.
