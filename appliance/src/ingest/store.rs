@@ -1103,8 +1103,8 @@ fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
 const WRITES_IN_FLIGHT: usize = 4;
 
 /// One file being uploaded. Bytes are gathered into whole spool buffers, hashed in order
-/// beside the connection's task, and written through the io_uring thread (up to
-/// [`WRITES_IN_FLIGHT`] writes at once while the next buffer fills). Dropping it before
+/// beside the connection's task, and written through the io_uring thread (up to four
+/// writes at once while the next buffer fills). Dropping it before
 /// [`FileUpload::finish`] discards the partial file; the transfer stays open for a retry of
 /// that file.
 #[derive(Debug)]
