@@ -162,6 +162,22 @@ impl Deployment {
         self.path("delivered").join(id).join(name)
     }
 
+    /// Waits until the gateway has delivered `name` of transfer `id` (delivery follows the
+    /// receipt), at most `limit`; returns the delivered copy's path.
+    pub fn wait_delivered(&self, id: &str, name: &str, limit: Duration) -> PathBuf {
+        let got = self.delivered(id, name);
+        let start = Instant::now();
+        while !got.exists() {
+            assert!(
+                start.elapsed() < limit,
+                "{} not delivered within {limit:?}",
+                got.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        got
+    }
+
     /// Starts `baylink send` of `file` in the background. With `keep_output`, stdout and
     /// stderr are piped (for `wait_with_output`); otherwise discarded (a sender that is
     /// going to be killed).

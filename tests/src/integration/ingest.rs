@@ -229,17 +229,8 @@ fn upload_arrives_byte_identical_and_status_shows_each_stage() {
     assert_eq!(s["receipt"]["merkle_root"].as_str().unwrap().len(), 64);
 
     // The gateway delivers after signing the receipt: wait for the files to appear.
-    let start = Instant::now();
     for (name, f) in [("a.dcm", &a), ("b.dcm", &b)] {
-        let got = d.delivered(&id, name);
-        while !got.exists() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{} not delivered",
-                got.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let got = d.wait_delivered(&id, name, DEADLINE);
         assert_eq!(
             sha256_file(f).unwrap(),
             sha256_file(&got).unwrap(),
@@ -548,12 +539,7 @@ fn client_disconnect_discards_the_partial_file_and_a_retry_succeeds() {
     assert_eq!(r.status, 201, "retry: {r:?}");
     assert_eq!(api.commit("hospital-a", &id).status, 202);
     api.wait_state(&id, "committed");
-    let got = d.delivered(&id, "scan.dcm");
-    let start = Instant::now();
-    while !got.exists() {
-        assert!(start.elapsed() < DEADLINE, "not delivered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let got = d.wait_delivered(&id, "scan.dcm", DEADLINE);
     assert_eq!(sha256_file(&f).unwrap(), sha256_file(&got).unwrap());
     api.healthy();
 }
@@ -822,20 +808,11 @@ fn stow_rs_stores_good_instances_and_lists_failed_ones() {
     );
 
     api.wait_state(&id, "committed");
-    let start = Instant::now();
     for (uid, f) in [
         ("1.2.826.0.1.3680043.2.1125.1.1", &a),
         ("1.2.826.0.1.3680043.2.1125.1.2", &b),
     ] {
-        let got = d.delivered(&id, &format!("{uid}.dcm"));
-        while !got.exists() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{} not delivered",
-                got.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let got = d.wait_delivered(&id, &format!("{uid}.dcm"), DEADLINE);
         assert_eq!(sha256_file(f).unwrap(), sha256_file(&got).unwrap(), "{uid}");
     }
     let delivered = files_under(&d.path("delivered").join(&id));
@@ -912,17 +889,8 @@ fn an_open_transfer_survives_an_edge_restart() {
     assert_eq!(api.put("hospital-a", &id, "b.dcm", &b, &[]).status, 201);
     assert_eq!(api.commit("hospital-a", &id).status, 202);
     api.wait_state(&id, "committed");
-    let start = Instant::now();
     for (name, f) in [("a.dcm", &a), ("b.dcm", &b)] {
-        let got = d.delivered(&id, name);
-        while !got.exists() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{} not delivered",
-                got.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let got = d.wait_delivered(&id, name, DEADLINE);
         assert_eq!(
             sha256_file(f).unwrap(),
             sha256_file(&got).unwrap(),
@@ -950,12 +918,7 @@ fn a_committed_upload_is_sent_after_an_edge_restart() {
     let _edge2 = edge(&d);
     let s = api.wait_state(&id, "committed");
     assert!(s["receipt"]["signature"].as_str().is_some(), "{s}");
-    let got = d.delivered(&id, "a.dcm");
-    let start = Instant::now();
-    while !got.exists() {
-        assert!(start.elapsed() < DEADLINE, "not delivered");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let got = d.wait_delivered(&id, "a.dcm", DEADLINE);
     assert_eq!(sha256_file(&a).unwrap(), sha256_file(&got).unwrap());
 }
 
@@ -985,18 +948,9 @@ fn many_concurrent_uploads_and_commits_all_arrive() {
             });
         }
     });
-    let start = Instant::now();
     for (id, f) in &jobs {
         api.wait_state(id, "committed");
-        let got = d.delivered(id, "scan.dcm");
-        while !got.exists() {
-            assert!(
-                start.elapsed() < DEADLINE,
-                "{} not delivered",
-                got.display()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let got = d.wait_delivered(id, "scan.dcm", DEADLINE);
         assert_eq!(sha256_file(f).unwrap(), sha256_file(&got).unwrap());
     }
     api.healthy();
