@@ -856,21 +856,28 @@ impl Spool {
     /// the length of the data written; for a file without `O_DIRECT` this is the sync alone.
     pub async fn sync_to_len(&self, file: &SpoolFile, len: u64) -> SpoolResult<()> {
         if file.direct && !len.is_multiple_of(DIRECT_ALIGN as u64) {
-            // io_uring (as tokio-uring 0.5 exposes it) has no ftruncate: a blocking thread
-            // does it through a second descriptor of the same file.
-            let path = file.path.to_path_buf();
-            let cut = path.clone();
-            tokio::task::spawn_blocking(move || {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&cut)
-                    .and_then(|f| f.set_len(len))
-            })
-            .await
-            .map_err(|e| SpoolError::new(SpoolOp::Truncate, path.clone(), io::Error::other(e)))?
-            .map_err(|e| SpoolError::new(SpoolOp::Truncate, path, e))?;
+            self.cut_to_len(&file.path, len).await
+        } else {
+            self.sync(file).await
         }
-        self.sync(file).await
+    }
+
+    /// Truncates the file at `path` to `len` bytes and fsyncs it: data and length are
+    /// durable when this returns (fsync covers the inode, whichever descriptor asks). For a
+    /// file whose writes ended padded (an `O_DIRECT` tail) or that is open elsewhere.
+    pub async fn cut_to_len(&self, path: impl AsRef<Path>, len: u64) -> SpoolResult<()> {
+        // io_uring (as tokio-uring 0.5 exposes it) has no ftruncate: a blocking thread does
+        // it through a descriptor of its own.
+        let path = path.as_ref().to_path_buf();
+        let cut = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let f = std::fs::OpenOptions::new().write(true).open(&cut)?;
+            f.set_len(len)?;
+            f.sync_all()
+        })
+        .await
+        .map_err(|e| SpoolError::new(SpoolOp::Truncate, path.clone(), io::Error::other(e)))?
+        .map_err(|e| SpoolError::new(SpoolOp::Truncate, path, e))
     }
 
     /// Closes the file and reports the result of `close(2)` (if an operation on it is

@@ -847,14 +847,8 @@ async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
                 part.display()
             );
             if len > f.size {
-                let part2 = part.clone();
-                let size = f.size;
-                tokio::task::spawn_blocking(move || {
-                    let file = std::fs::OpenOptions::new().write(true).open(&part2)?;
-                    file.set_len(size)?;
-                    file.sync_all()
-                })
-                .await??;
+                // The zeros of a padded O_DIRECT tail.
+                gw.spool.cut_to_len(&part, f.size).await?;
             }
             gw.spool.commit_rename(&part, &fin).await?;
         } else {
