@@ -134,6 +134,7 @@ fn send(args: SendArgs) -> ExitCode {
             if result.is_ok() {
                 edge.witness_bounded().await;
             }
+            edge.close_link().await;
             result
         })?;
         if let Some(path) = &args.stats {

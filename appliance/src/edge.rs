@@ -31,6 +31,10 @@ use crate::transfer_dir::{self, TransferDir, write_atomic};
 /// How long the edge waits for the gateway to witness an audit checkpoint.
 pub const WITNESS_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long an exiting edge waits for its connections' close frames to go out
+/// ([`Edge::close_link`]).
+pub const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What `send` reports on success: the contract's JSON line.
 #[derive(Debug, Serialize)]
 pub struct SendSummary {
@@ -577,6 +581,21 @@ impl Edge {
             return Err(bad("it names another process id (consent reference)"));
         }
         Ok(())
+    }
+
+    /// Closes the QUIC endpoint and waits (at most [`LINK_CLOSE_TIMEOUT`]) until every
+    /// connection's close frame has gone out. Call before the process exits: a connection
+    /// that vanishes without one stays open on the gateway until its idle timeout, holding
+    /// its transfer, and a draining gateway waits for it.
+    pub async fn close_link(&self) {
+        self.endpoint
+            .close(crate::link::CLOSE_OK.into(), b"edge stopping");
+        if tokio::time::timeout(LINK_CLOSE_TIMEOUT, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            warn!("connections to the gateway did not close in time");
+        }
     }
 
     /// audit: [`Edge::witness`] within [`WITNESS_TIMEOUT`]; failures are logged (the next

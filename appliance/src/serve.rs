@@ -254,6 +254,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     audit_ticker.abort();
     final_checkpoint(edge.audit()).await;
     edge.witness_bounded().await;
+    edge.close_link().await;
     Ok(())
 }
 
