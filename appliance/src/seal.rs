@@ -273,14 +273,28 @@ async fn copy_hashed(
     let output = Arc::new(output);
     let mut hasher = ChunkHasher::new(chunk_size);
     let mut writes = tokio::task::JoinSet::new();
+    // One read ahead: direct reads get no readahead from the kernel, so the next buffer is
+    // read while this one is hashed.
+    let input = Arc::new(input);
+    let read = |at: u64| {
+        let (spool, input) = (spool.clone(), input.clone());
+        tokio::spawn(async move {
+            let buf = spool.buffer().await;
+            let want = buf.capacity();
+            spool.read_at(&input, at, buf, want).await
+        })
+    };
+    let mut next = Some(read(0));
     let mut offset = 0u64;
-    loop {
-        let buf = spool.buffer().await;
-        let want = buf.capacity();
-        let buf = spool.read_at(&input, offset, buf, want).await?;
+    while let Some(reading) = next.take() {
+        let buf = reading.await??;
         let n = buf.len();
         if n == 0 {
             break;
+        }
+        // A short read is the end of the file.
+        if n == buf.capacity() {
+            next = Some(read(offset + n as u64));
         }
         hasher.update(&buf);
         let at = offset;
@@ -291,9 +305,6 @@ async fn copy_hashed(
             writes.join_next().await.expect("set is not empty")??;
         }
         progress.copied(n as u64);
-        if n < want {
-            break;
-        }
     }
     while let Some(res) = writes.join_next().await {
         res??;
@@ -303,6 +314,9 @@ async fn copy_hashed(
     if let Ok(output) = Arc::try_unwrap(output) {
         spool.close(output).await?;
     }
-    spool.close(input).await?;
+    // Every read was awaited, so no task holds the input any more.
+    if let Ok(input) = Arc::try_unwrap(input) {
+        spool.close(input).await?;
+    }
     Ok((offset, hasher.finish()))
 }
