@@ -214,9 +214,7 @@ async fn open_outgoing(
         && manifest
             .chunk_size
             .is_multiple_of(baylink_net::spool::DIRECT_ALIGN as u32)
-        && spool
-            .buffer_size()
-            .is_multiple_of(baylink_net::spool::DIRECT_ALIGN);
+        && spool.buffers_allow_direct();
     let mut files = Vec::with_capacity(manifest.files.len());
     for f in &manifest.files {
         let path = dir.data_file(&f.name);
@@ -259,10 +257,7 @@ async fn copy_hashed(
     // of 1 GiB: buffered writes through io_uring are punted to kernel workers that copy into
     // fresh page-cache pages, 2.8 CPU-seconds of the sender's 5.6; buffered reads of the
     // source cost another 0.4. The send that follows reads the copy back with O_DIRECT too.
-    let direct = spool
-        .buffer_size()
-        .is_multiple_of(baylink_net::spool::DIRECT_ALIGN);
-    let (input, output) = if direct {
+    let (input, output) = if spool.buffers_allow_direct() {
         (
             spool.open_direct(src).await?,
             spool.create_direct(dst).await?,

@@ -629,6 +629,13 @@ impl Spool {
         self.shared.pool.buffer_size
     }
 
+    /// True when pool buffers can carry `O_DIRECT` reads and writes: their size is a
+    /// multiple of [`DIRECT_ALIGN`] (their start always is aligned), so I/O that advances one
+    /// whole buffer at a time stays on aligned offsets.
+    pub fn buffers_allow_direct(&self) -> bool {
+        self.buffer_size().is_multiple_of(DIRECT_ALIGN)
+    }
+
     /// Buffers not handed out right now.
     pub fn free_buffers(&self) -> usize {
         self.shared.pool.permits.available_permits()

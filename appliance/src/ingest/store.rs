@@ -24,7 +24,7 @@ use base64::Engine;
 use baylink_net::proto::{
     ChunkHasher, Digest, MAX_FILE_NAME_LEN, ManifestBuilder, TransferId, validate_file_name,
 };
-use baylink_net::spool::{DIRECT_ALIGN, Spool, SpoolBuf, SpoolError, SpoolFile};
+use baylink_net::spool::{Spool, SpoolBuf, SpoolError, SpoolFile};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
@@ -516,7 +516,7 @@ impl IngestStore {
         // Straight to the device (O_DIRECT) where the buffers keep every write aligned: the
         // kernel's copy into fresh page-cache pages was 40 % of the edge's CPU during an
         // upload. Only the last write can be short; finish cuts its padding.
-        let file = if spool.buffer_size().is_multiple_of(DIRECT_ALIGN) {
+        let file = if spool.buffers_allow_direct() {
             spool.create_direct(&part).await?
         } else {
             spool.create(&part).await?

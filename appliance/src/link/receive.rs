@@ -478,7 +478,7 @@ async fn accept_offer(
         // and the fsync at commit has little left to do. Padded tails are cut at commit.
         let part = dir.part_file(&f.name);
         let opened = if (manifest.chunk_size as usize).is_multiple_of(DIRECT_ALIGN)
-            && gw.spool.buffer_size().is_multiple_of(DIRECT_ALIGN)
+            && gw.spool.buffers_allow_direct()
         {
             gw.spool.open_rw_direct(part).await
         } else {
