@@ -859,8 +859,9 @@ impl Spool {
     }
 
     /// Makes the file exactly `len` bytes long and durable: cuts the zeros an `O_DIRECT`
-    /// write padded its tail with ([`Spool::write_at`]), then [`Spool::sync`]. `len` must be
-    /// the length of the data written; for a file without `O_DIRECT` this is the sync alone.
+    /// write padded its tail with ([`Spool::write_at`]) with [`Spool::cut_to_len`], which
+    /// also fsyncs; otherwise [`Spool::sync`] alone. `len` must be the length of the data
+    /// written.
     pub async fn sync_to_len(&self, file: &SpoolFile, len: u64) -> SpoolResult<()> {
         if file.direct && !len.is_multiple_of(DIRECT_ALIGN as u64) {
             self.cut_to_len(&file.path, len).await
