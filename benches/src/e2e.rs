@@ -30,6 +30,10 @@ const SSHD_PORT: u16 = 2222;
 pub enum Contestant {
     /// Raw quinn, memory → memory.
     Quinn,
+    /// Raw quinn, memory → memory, the receiver checking SHA-256 of every chunk: the ceiling
+    /// for any receiver that verifies every byte on arrival.
+    #[value(name = "quinn-sha256")]
+    QuinnSha256,
     /// baylink, disk → disk.
     Baylink,
     /// scp over TCP cubic.
@@ -273,6 +277,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<ExitCode> {
         transport: None,
         contestants: Contestants {
             quinn: Entry::skipped("not run"),
+            quinn_sha256: Entry::skipped("not run"),
             baylink: Entry::skipped("not run"),
             scp_cubic: Entry::skipped("not run"),
             scp_bbr: Entry::skipped("not run"),
@@ -483,6 +488,7 @@ async fn bench(
         size: args.size,
         chunk_size: edge.chunk_size,
         max_in_flight: edge.max_in_flight,
+        sha256: false,
         time_limit,
         log_dir: work.to_owned(),
         sink_ns: placement.receiver_ns.clone(),
@@ -548,17 +554,33 @@ async fn bench(
     }
     let mut scp_runs: Vec<Vec<RunRecord>> = vec![Vec::new(); scp_ccs.len()];
 
+    let quinn_sha256 = PairSettings {
+        sha256: true,
+        ..quinn.clone()
+    };
     let mut quinn_runs = Vec::new();
+    let mut quinn_sha256_runs = Vec::new();
     let mut baylink_runs = Vec::new();
     for run in 1..=args.runs {
-        if args.runs_contestant(Contestant::Quinn) {
-            eprint!("run {run}/{}: quinn   ... ", args.runs);
-            let record = match quinn_pair::run_pair(&quinn, run).await {
+        for (contestant, settings, runs, label) in [
+            (Contestant::Quinn, &quinn, &mut quinn_runs, "quinn  "),
+            (
+                Contestant::QuinnSha256,
+                &quinn_sha256,
+                &mut quinn_sha256_runs,
+                "quinn_sha256",
+            ),
+        ] {
+            if !args.runs_contestant(contestant) {
+                continue;
+            }
+            eprint!("run {run}/{}: {label} ... ", args.runs);
+            let record = match quinn_pair::run_pair(settings, run).await {
                 Ok(outcome) => quinn_record(run, &outcome),
                 Err(e) => RunRecord::failed(run, &e),
             };
             eprintln!("{}", describe(&record));
-            quinn_runs.push(record);
+            runs.push(record);
         }
         if let (Some(gateway), Some(send)) = (gateway.as_mut(), send.as_ref()) {
             eprint!("run {run}/{}: baylink ... ", args.runs);
@@ -610,6 +632,7 @@ async fn bench(
         .sum();
     let failed = quinn_runs
         .iter()
+        .chain(&quinn_sha256_runs)
         .chain(&baylink_runs)
         .filter(|r| r.error.is_some())
         .count()
@@ -624,6 +647,13 @@ async fn bench(
         median
     };
     others.quinn = quinn_median;
+    if quinn_sha256_runs.is_empty() {
+        report.contestants.quinn_sha256 = Entry::skipped("not selected (--only)");
+    } else {
+        let summary = ContestantSummary::from_runs(quinn_sha256_runs);
+        others.quinn_sha256 = summary.gbit_per_s;
+        report.contestants.quinn_sha256 = Entry::Ran(Box::new(summary));
+    }
     report.contestants.baylink = if baylink_runs.is_empty() {
         Entry::skipped("not selected (--only)")
     } else {

@@ -33,6 +33,9 @@ Figures (per contestant; the JSON also lists every run):
   Gbit/s         payload bits / seconds of the link phase, median of the runs (min, max:
                  slowest and fastest run).
                  quinn:   connect -> last chunk acknowledged, memory -> memory.
+                 quinn_sha256: the same, but each chunk carries its SHA-256 and the sink
+                          hashes every byte and acknowledges only a match: the most any
+                          receiver that verifies each byte on arrival can reach here.
                  baylink: `transmit_seconds` of `baylink send`, connect -> verified receipt,
                           which includes the gateway's fsync, commit and HSM-signed receipt.
   Gbit/s incl. seal
@@ -49,6 +52,9 @@ Figures (per contestant; the JSON also lists every run):
                  recorded in an hdrhistogram per run; the figure is the median over runs of
                  each run's percentile.
   ratio_vs_quinn (JSON) median baylink Gbit/s / median quinn Gbit/s of the same invocation.
+  ratio_vs_quinn_sha256, quinn_sha256_vs_quinn
+                 (JSON) baylink / quinn_sha256, and quinn_sha256 / quinn: how much of the gap
+                 to raw quinn is the cost of verifying every byte, and how much is baylink's.
   ratio_vs_scp*  (JSON) median baylink Gbit/s / median scp Gbit/s (cubic, bbr, and the
                  faster of the two for ratio_vs_scp).
   scp_cubic, scp_bbr
@@ -60,7 +66,7 @@ Figures (per contestant; the JSON also lists every run):
   link.forwarder (JSON) the impairment forwarder's settings and per-direction counters
                  (forwarded, dropped_loss, dropped_queue, ...), totals over all contestants.
 
-Runs alternate (quinn, baylink, quinn, ...) so drift of the machine hits both alike. Every
+Runs alternate (quinn, quinn_sha256, baylink, quinn, ...) so drift of the machine hits both alike. Every
 baylink run's delivered files are compared with the source by SHA-256. Each run is time-boxed
 (--time-limit): quinn reports the rate it reached by then, a baylink run is killed and marked
 timed_out. Exit status: 0 all runs gave figures or timed out, 1 a run failed, 2 the requested

@@ -151,6 +151,12 @@ pub struct BaylinkExtras {
     pub gbit_per_s_including_seal: Option<f64>,
     /// Median baylink Gbit/s / median quinn Gbit/s of this invocation.
     pub ratio_vs_quinn: Option<f64>,
+    /// Median baylink Gbit/s / median quinn_sha256 Gbit/s (raw quinn whose receiver checks
+    /// SHA-256 of every byte).
+    pub ratio_vs_quinn_sha256: Option<f64>,
+    /// Median quinn_sha256 Gbit/s / median quinn Gbit/s: the most a receiver that verifies
+    /// every byte can reach of raw quinn on this machine.
+    pub quinn_sha256_vs_quinn: Option<f64>,
     /// Median baylink Gbit/s / median scp-over-cubic Gbit/s.
     pub ratio_vs_scp_cubic: Option<f64>,
     /// Median baylink Gbit/s / median scp-over-bbr Gbit/s.
@@ -238,6 +244,11 @@ impl ContestantSummary {
                 self.runs.iter().map(|r| r.gbit_per_s_including_seal),
             ),
             ratio_vs_quinn: ratio(others.quinn),
+            ratio_vs_quinn_sha256: ratio(others.quinn_sha256),
+            quinn_sha256_vs_quinn: match (others.quinn_sha256, others.quinn) {
+                (Some(h), Some(q)) if q > 0.0 => Some(h / q),
+                _ => None,
+            },
             ratio_vs_scp_cubic: ratio(others.scp_cubic),
             ratio_vs_scp_bbr: ratio(others.scp_bbr),
             ratio_vs_scp: ratio(faster_scp),
@@ -251,6 +262,8 @@ impl ContestantSummary {
 pub struct OtherMedians {
     /// quinn.
     pub quinn: Option<f64>,
+    /// quinn with SHA-256 checked at the receiver.
+    pub quinn_sha256: Option<f64>,
     /// scp over cubic.
     pub scp_cubic: Option<f64>,
     /// scp over bbr.
@@ -284,6 +297,8 @@ impl Entry {
 pub struct Contestants {
     /// Raw quinn, memory → memory.
     pub quinn: Entry,
+    /// Raw quinn, memory → memory, SHA-256 of every chunk checked by the receiver.
+    pub quinn_sha256: Entry,
     /// baylink, disk → disk.
     pub baylink: Entry,
     /// scp over TCP cubic.
@@ -360,25 +375,26 @@ fn cell(v: Option<f64>, decimals: usize) -> String {
 /// The human table.
 pub fn table(report: &Report) -> String {
     let mut out = format!(
-        "{:<10} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
+        "{:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
         "contestant", "Gbit/s", "min", "max", "CPU snd", "CPU rcv", "chunk p50", "chunk p99"
     );
     out += &format!(
-        "{:<10} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
+        "{:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
         "", "median", "", "", "s/GiB", "s/GiB", "ms", "ms"
     );
     let c = &report.contestants;
     for (name, entry) in [
         ("quinn", &c.quinn),
+        ("quinn_sha256", &c.quinn_sha256),
         ("baylink", &c.baylink),
         ("scp_cubic", &c.scp_cubic),
         ("scp_bbr", &c.scp_bbr),
     ] {
         match entry {
-            Entry::Skipped { skipped } => out += &format!("{name:<10} skipped: {skipped}\n"),
+            Entry::Skipped { skipped } => out += &format!("{name:<12} skipped: {skipped}\n"),
             Entry::Ran(s) => {
                 out += &format!(
-                    "{name:<10} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}",
+                    "{name:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}",
                     cell(s.gbit_per_s, 2),
                     cell(s.gbit_per_s_min, 2),
                     cell(s.gbit_per_s_max, 2),
@@ -401,9 +417,12 @@ pub fn table(report: &Report) -> String {
         && let Some(extras) = &b.baylink
     {
         out += &format!(
-            "baylink incl. sealing: {} Gbit/s; baylink / quinn: {}\n",
+            "baylink incl. sealing: {} Gbit/s; baylink / quinn: {}; baylink / quinn_sha256: {}; \
+             quinn_sha256 / quinn: {}\n",
             cell(extras.gbit_per_s_including_seal, 2),
-            cell(extras.ratio_vs_quinn, 3)
+            cell(extras.ratio_vs_quinn, 3),
+            cell(extras.ratio_vs_quinn_sha256, 3),
+            cell(extras.quinn_sha256_vs_quinn, 3)
         );
     }
     out
@@ -462,6 +481,7 @@ mod tests {
         let baylink = ContestantSummary::from_runs(vec![ok, RunRecord::timed_out(2), failed])
             .with_baylink_extras(&OtherMedians {
                 quinn: quinn.gbit_per_s,
+                quinn_sha256: Some(5.0),
                 scp_cubic: Some(7.0),
                 scp_bbr: None,
             });
@@ -469,6 +489,8 @@ mod tests {
         assert_eq!((baylink.timed_out_runs, baylink.failed_runs), (1, 1));
         let extras = baylink.baylink.as_ref().unwrap();
         assert_eq!(extras.ratio_vs_quinn, Some(0.5));
+        assert_eq!(extras.ratio_vs_quinn_sha256, Some(0.7));
+        assert_eq!(extras.quinn_sha256_vs_quinn, Some(5.0 / 7.0));
         assert_eq!(extras.gbit_per_s_including_seal, Some(2.0));
 
         let json = serde_json::to_value(&baylink).unwrap();
@@ -498,6 +520,7 @@ mod tests {
             transport: None,
             contestants: Contestants {
                 quinn: Entry::Ran(Box::new(quinn)),
+                quinn_sha256: Entry::skipped("not selected (--only)"),
                 baylink: Entry::Ran(Box::new(baylink)),
                 scp_cubic: Entry::skipped("not built"),
                 scp_bbr: Entry::skipped("not built"),
@@ -512,8 +535,13 @@ mod tests {
         let text = table(&report);
         assert!(text.contains("quinn"), "{text}");
         assert!(text.contains("7.00"), "{text}");
-        assert!(text.contains("scp_cubic  skipped: not built"), "{text}");
+        assert!(text.contains("scp_cubic    skipped: not built"), "{text}");
+        assert!(
+            text.contains("quinn_sha256 skipped: not selected (--only)"),
+            "{text}"
+        );
         assert!(text.contains("(1 timed out, 1 failed)"), "{text}");
         assert!(text.contains("baylink / quinn: 0.500"), "{text}");
+        assert!(text.contains("baylink / quinn_sha256: 0.700"), "{text}");
     }
 }

@@ -59,8 +59,9 @@ fn write_deployment(dir: &Path) {
     }
 }
 
-#[test]
-fn quinn_only_run_writes_the_report() {
+/// Runs `e2e --only ONLY` (6 MiB, 2 runs) against a fresh hand-made deployment; returns the
+/// table and the JSON report, and checks the work directory was removed.
+fn run_only(only: &str) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let env = dir.path().join("env");
     write_deployment(&env);
@@ -73,7 +74,7 @@ fn quinn_only_run_writes_the_report() {
             "--runs",
             "2",
             "--only",
-            "quinn",
+            only,
             "--time-limit",
             "60",
         ])
@@ -85,44 +86,14 @@ fn quinn_only_run_writes_the_report() {
         .arg(dir.path())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
         "stdout: {stdout}\nstderr: {stderr}"
     );
-    assert!(stdout.contains("quinn"), "{stdout}");
-    assert!(
-        stdout.contains("baylink    skipped: not selected (--only)"),
-        "{stdout}"
-    );
-
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    assert_eq!(report["size_bytes"], 6 << 20);
-    assert!(
-        report["link"]["impairment"]
-            .as_str()
-            .unwrap()
-            .starts_with("none (loopback")
-    );
-    assert_eq!(report["transport"]["chunk_size"], 1 << 20);
-    assert_eq!(report["transport"]["max_in_flight"], 4);
-    let quinn = &report["contestants"]["quinn"];
-    assert!(quinn["gbit_per_s"].as_f64().unwrap() > 0.0, "{quinn}");
-    assert_eq!(quinn["runs_gbit_per_s"].as_array().unwrap().len(), 2);
-    for run in quinn["runs"].as_array().unwrap() {
-        assert_eq!(run["bytes"], 6 << 20);
-        assert_eq!(run["chunks"], 6);
-        assert_eq!(run["timed_out"], false);
-        assert!(run["cpu_seconds"]["sender"].as_f64().unwrap() > 0.0);
-        assert!(run["cpu_seconds"]["receiver"].as_f64().unwrap() > 0.0);
-    }
-    assert!(quinn["chunk_latency_ms"]["p99"].as_f64().unwrap() > 0.0);
-    assert!(report["contestants"]["baylink"]["skipped"].is_string());
-    assert!(report["contestants"]["scp_bbr"]["skipped"].is_string());
-    assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
-    // The work directory was removed.
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(Result::ok)
@@ -132,7 +103,59 @@ fn quinn_only_run_writes_the_report() {
                 .starts_with("baylink-bench-")
         })
         .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert!(left.is_empty(), "the work directory is left: {left:?}");
+    (stdout, report)
+}
+
+/// Every run of `entry` moved the whole 6 MiB payload and measured both sides.
+fn assert_full_runs(entry: &serde_json::Value) {
+    assert!(entry["gbit_per_s"].as_f64().unwrap() > 0.0, "{entry}");
+    assert_eq!(entry["runs_gbit_per_s"].as_array().unwrap().len(), 2);
+    for run in entry["runs"].as_array().unwrap() {
+        assert!(run["error"].is_null(), "{run}");
+        assert_eq!(run["bytes"], 6 << 20);
+        assert_eq!(run["chunks"], 6);
+        assert_eq!(run["timed_out"], false);
+        assert!(run["cpu_seconds"]["sender"].as_f64().unwrap() > 0.0);
+        assert!(run["cpu_seconds"]["receiver"].as_f64().unwrap() > 0.0);
+    }
+    assert!(entry["chunk_latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn quinn_only_run_writes_the_report() {
+    let (stdout, report) = run_only("quinn");
+    assert!(stdout.contains("quinn"), "{stdout}");
+    assert!(
+        stdout.contains("baylink      skipped: not selected (--only)"),
+        "{stdout}"
+    );
+
+    assert_eq!(report["size_bytes"], 6 << 20);
+    assert!(
+        report["link"]["impairment"]
+            .as_str()
+            .unwrap()
+            .starts_with("none (loopback")
+    );
+    assert_eq!(report["transport"]["chunk_size"], 1 << 20);
+    assert_eq!(report["transport"]["max_in_flight"], 4);
+    assert_full_runs(&report["contestants"]["quinn"]);
+    assert!(report["contestants"]["quinn_sha256"]["skipped"].is_string());
+    assert!(report["contestants"]["baylink"]["skipped"].is_string());
+    assert!(report["contestants"]["scp_bbr"]["skipped"].is_string());
+    assert!(report["machine"]["cpus"].as_u64().unwrap() >= 1);
+}
+
+/// The verification ceiling runs through both child processes with digests on the wire (a
+/// digest the sink could not match would fail the run: `a_chunk_that_does_not_match_its_digest
+/// _fails_the_sink` in the crate's unit tests).
+#[test]
+fn quinn_sha256_only_run_writes_the_report() {
+    let (stdout, report) = run_only("quinn-sha256");
+    assert!(stdout.contains("quinn_sha256 "), "{stdout}");
+    assert_full_runs(&report["contestants"]["quinn_sha256"]);
+    assert!(report["contestants"]["quinn"]["skipped"].is_string());
 }
 
 #[test]
