@@ -261,6 +261,8 @@ pub enum DeliverySection {
     DicomWeb {
         /// Base URL, e.g. `http://127.0.0.1:8042/dicom-web`.
         url: String,
+        /// Most file bytes per STOW-RS request (`delivery.batch_bytes`).
+        batch_bytes: u64,
     },
 }
 
@@ -413,6 +415,7 @@ struct RawDelivery {
     kind: String,
     path: Option<PathBuf>,
     url: Option<String>,
+    batch_bytes: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -755,9 +758,24 @@ impl Config {
                 "dir" => DeliverySection::Dir {
                     path: resolve(&d.path.ok_or_else(|| missing("delivery.path"))?),
                 },
-                "dicomweb" => DeliverySection::DicomWeb {
-                    url: d.url.ok_or_else(|| missing("delivery.url"))?,
-                },
+                "dicomweb" => {
+                    let url = d.url.ok_or_else(|| missing("delivery.url"))?;
+                    crate::deliver::dicomweb::StowUrl::parse(&url)
+                        .map_err(|e| invalid("delivery.url", format!("{e:#}")))?;
+                    let batch_bytes = d
+                        .batch_bytes
+                        .unwrap_or(crate::deliver::dicomweb::DEFAULT_BATCH_BYTES);
+                    if !(1..=crate::deliver::dicomweb::MAX_BATCH_BYTES).contains(&batch_bytes) {
+                        return Err(invalid(
+                            "delivery.batch_bytes",
+                            format!(
+                                "{batch_bytes} is not in 1..={}",
+                                crate::deliver::dicomweb::MAX_BATCH_BYTES
+                            ),
+                        ));
+                    }
+                    DeliverySection::DicomWeb { url, batch_bytes }
+                }
                 other => {
                     return Err(invalid(
                         "delivery.kind",
@@ -912,6 +930,44 @@ path = "delivered"
         let c = Config::parse(Path::new("/etc/baylink/edge.toml"), &research).unwrap();
         assert_eq!(c.ingest.dicom.peers[0].purpose, "research");
         assert_eq!(c.policy.deidentify_purposes, ["research", "teaching"]);
+    }
+
+    #[test]
+    fn dicomweb_delivery_is_checked_when_the_config_is_read() {
+        let dicomweb = |rest: &str| {
+            GATEWAY.replace(
+                "kind = \"dir\"\npath = \"delivered\"",
+                &format!("kind = \"dicomweb\"\n{rest}"),
+            )
+        };
+        let c = Config::parse(
+            Path::new("g.toml"),
+            &dicomweb("url = \"http://127.0.0.1:8042/dicom-web\""),
+        )
+        .unwrap();
+        assert!(matches!(
+            c.delivery,
+            Some(DeliverySection::DicomWeb { batch_bytes, .. })
+                if batch_bytes == crate::deliver::dicomweb::DEFAULT_BATCH_BYTES
+        ));
+        for (rest, want) in [
+            ("", "missing `delivery.url`"),
+            (
+                "url = \"https://store/dicom-web\"",
+                "https delivery is not available",
+            ),
+            (
+                "url = \"http://store\"\nbatch_bytes = 0",
+                "delivery.batch_bytes",
+            ),
+            (
+                "url = \"http://store\"\nbatch_bytes = 4294967296",
+                "delivery.batch_bytes",
+            ),
+        ] {
+            let e = Config::parse(Path::new("g.toml"), &dicomweb(rest)).unwrap_err();
+            assert!(e.to_string().contains(want), "{rest}: {e}");
+        }
     }
 
     #[test]

@@ -55,11 +55,11 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
 
     let target: Arc<dyn Deliver> = match cfg.delivery.clone().context("delivery is not set")? {
         DeliverySection::Dir { path } => Arc::new(DirDelivery::new(path)),
-        DeliverySection::DicomWeb { url } => {
-            anyhow::bail!(
-                "delivery.kind = \"dicomweb\" ({url}) is not available in this version; use \"dir\""
-            )
-        }
+        DeliverySection::DicomWeb { url, batch_bytes } => Arc::new(
+            deliver::dicomweb::DicomWebDelivery::new(&url, tokio::runtime::Handle::current())
+                .context("delivery.url")?
+                .with_batch_bytes(batch_bytes),
+        ),
     };
     let (queue, queue_rx) = DeliveryQueue::new();
     for id in deliver::undelivered(&cfg.spool_dir) {

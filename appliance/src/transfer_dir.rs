@@ -108,6 +108,10 @@ impl TransferDir {
     pub fn delivered(&self) -> PathBuf {
         self.root.join("delivered")
     }
+    /// `undeliverable`: the store refused the transfer; holds the reason.
+    pub fn undeliverable(&self) -> PathBuf {
+        self.root.join("undeliverable")
+    }
 
     /// Creates `spool/<id>/data/`, durably.
     pub fn create(&self) -> io::Result<()> {

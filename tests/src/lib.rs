@@ -624,3 +624,156 @@ impl Drop for Link {
 pub fn sshd_installed() -> bool {
     Path::new("/usr/sbin/sshd").exists()
 }
+
+/// Why Orthanc with its DICOMweb plugin cannot run here, if it cannot.
+pub fn orthanc_unavailable() -> Option<String> {
+    if !Path::new(ORTHANC_DICOMWEB_PLUGIN).exists() {
+        return Some(format!(
+            "{ORTHANC_DICOMWEB_PLUGIN} is missing (apt-get install orthanc orthanc-dicomweb)"
+        ));
+    }
+    let runs = Command::new("Orthanc")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    (!runs).then(|| "Orthanc is not installed (apt-get install orthanc)".to_owned())
+}
+
+/// Debian's path of the DICOMweb plugin.
+pub const ORTHANC_DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
+
+/// An Orthanc of its own (the downstream health-record store): storage in a temporary
+/// directory, HTTP on a free loopback port, DICOMweb at `/dicom-web/`, no DICOM listener.
+/// Killed on drop.
+#[derive(Debug)]
+pub struct Orthanc {
+    child: Option<Child>,
+    /// Its HTTP port on 127.0.0.1.
+    pub port: u16,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Orthanc {
+    /// Starts Orthanc on a free port and waits (30 s at most) until its REST API answers.
+    pub fn start() -> anyhow::Result<Orthanc> {
+        Orthanc::start_on(free_base_port())
+    }
+
+    /// Starts Orthanc with HTTP on `port` and waits (30 s at most) until its REST API
+    /// answers.
+    pub fn start_on(port: u16) -> anyhow::Result<Orthanc> {
+        let dir = tempfile::Builder::new().prefix("orthanc-").tempdir()?;
+        let storage = dir.path().join("db");
+        let config = serde_json::json!({
+            "Name": "baylink-test",
+            "StorageDirectory": storage,
+            "IndexDirectory": storage,
+            "HttpPort": port,
+            "DicomServerEnabled": false,
+            "RemoteAccessAllowed": false,
+            "AuthenticationEnabled": false,
+            "HttpDescribeErrors": true,
+            "Plugins": [ORTHANC_DICOMWEB_PLUGIN],
+            "DicomWeb": { "Enable": true, "Root": "/dicom-web/" },
+        });
+        let config_path = dir.path().join("orthanc.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+        let log_path = dir.path().join("orthanc.log");
+        let child = Command::new("Orthanc")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("cannot start Orthanc")?;
+        let mut orthanc = Orthanc {
+            child: Some(child),
+            port,
+            log_path,
+            _dir: dir,
+        };
+        // Readiness: the REST API answers (Orthanc has no notify socket).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while orthanc.get("/system").is_err() {
+            if let Some(status) = orthanc.child.as_mut().expect("child").try_wait()? {
+                bail!("Orthanc exited with {status}: {}", orthanc.log());
+            }
+            if Instant::now() > deadline {
+                bail!("Orthanc did not answer within 30 s: {}", orthanc.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(orthanc)
+    }
+
+    /// The DICOMweb base URL (`delivery.url`).
+    pub fn dicomweb_url(&self) -> String {
+        format!("http://127.0.0.1:{}/dicom-web", self.port)
+    }
+
+    /// GET `path` of the REST API; the body, or an error for a failed request.
+    pub fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        self.curl(&[&format!("http://127.0.0.1:{}{path}", self.port)])
+    }
+
+    /// POST `body` to `path` of the REST API; the answer's body.
+    pub fn post(&self, path: &str, body: &str) -> anyhow::Result<Vec<u8>> {
+        self.curl(&[
+            "--data-binary",
+            body,
+            &format!("http://127.0.0.1:{}{path}", self.port),
+        ])
+    }
+
+    fn curl(&self, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "20"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(out.stdout)
+    }
+
+    /// The stored file of the instance with SOP Instance UID `uid`, if Orthanc has it.
+    pub fn instance_file(&self, uid: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let found: serde_json::Value = serde_json::from_slice(&self.post("/tools/lookup", uid)?)?;
+        let id = found
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["Type"] == "Instance")
+            .and_then(|f| f["ID"].as_str());
+        match id {
+            None => Ok(None),
+            Some(id) => Ok(Some(self.get(&format!("/instances/{id}/file"))?)),
+        }
+    }
+
+    /// Number of instances stored.
+    pub fn instance_count(&self) -> anyhow::Result<usize> {
+        let list: serde_json::Value = serde_json::from_slice(&self.get("/instances")?)?;
+        Ok(list.as_array().map_or(0, Vec::len))
+    }
+
+    /// What Orthanc wrote on stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Orthanc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

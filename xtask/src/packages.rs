@@ -65,7 +65,16 @@ pub const TEST_PACKAGES: &[Package] = &[
         // `openssl s_client`: the slowloris test holds a TLS connection with half a header.
         why: "openssl s_client for the hospital API's header-timeout test",
     },
-    // Still to come when the delivery tests land: orthanc, orthanc-dicomweb.
+    Package {
+        name: "orthanc",
+        // The downstream health-record store the gateway delivers into (STOW-RS).
+        why: "Orthanc, the health-record store of the DICOMweb delivery tests",
+    },
+    Package {
+        name: "orthanc-dicomweb",
+        // Orthanc's DICOMweb plugin: the STOW-RS endpoint itself.
+        why: "Orthanc's DICOMweb plugin (STOW-RS) for the delivery tests",
+    },
 ];
 
 /// The one package the demo needs: the software HSM that `baylink dev-env` provisions.

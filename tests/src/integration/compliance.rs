@@ -51,7 +51,7 @@ fn running(d: &Deployment) -> (Service, Service) {
 }
 
 /// The audit records of one appliance (`edge` or `gateway`) as JSON.
-fn audit_records(d: &Deployment, side: &str) -> Vec<Value> {
+pub(super) fn audit_records(d: &Deployment, side: &str) -> Vec<Value> {
     std::fs::read_to_string(d.path(&format!("audit/{side}/records.log")))
         .unwrap_or_default()
         .lines()

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use baylink_tests::{Deployment, Service};
 
 /// The SOP Instance UID of test instance `n`.
-fn sop_uid(n: u32) -> String {
+pub(super) fn sop_uid(n: u32) -> String {
     format!("1.2.826.0.1.3680043.10.543.{n}")
 }
 
 /// Writes a small CT instance for `patient` with dump2dcm; `patient = None` leaves PatientID
 /// out (a data set the SCP cannot use).
-fn instance(dir: &Path, n: u32, patient: Option<&str>) -> PathBuf {
+pub(super) fn instance(dir: &Path, n: u32, patient: Option<&str>) -> PathBuf {
     let pixels: Vec<String> = (0..256u32)
         .map(|i| format!("{:04x}", (i * 37 + n) & 0xffff))
         .collect();

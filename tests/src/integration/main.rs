@@ -14,6 +14,7 @@ mod faults;
 mod hsm_cli;
 mod ingest;
 mod link;
+mod orthanc;
 mod peer;
 mod refusal;
 mod resume;

@@ -1,0 +1,580 @@
+//! Delivery by DICOMweb STOW-RS (PS3.18 §10.5) into the health-record store.
+//!
+//! A committed transfer is POSTed to `{url}/studies` as `multipart/related;
+//! type="application/dicom"`, one part per file, in requests of at most `delivery.batch_bytes`
+//! of files (a file larger than that goes alone). Each body streams
+//! from the spool with an exact `Content-Length`; nothing is held in memory but one read
+//! buffer.
+//!
+//! The store's answer decides: HTTP 200 with every instance of the request in
+//! ReferencedSOPSequence (0008,1199) and none in FailedSOPSequence (0008,1198) is a
+//! delivery. A store that refuses instances (202 or 409, any instance in FailedSOPSequence,
+//! or 400 with a STOW-RS answer) or a file that is not DICOM Part 10 makes the transfer
+//! [`Undeliverable`]: sending it again cannot help, so it is set aside and the queue moves
+//! on. Anything else (no connection, a time-out, 5xx, another 4xx such as a wrong URL) is
+//! transient and retried with backoff by the worker: an operator can fix it without the
+//! transfer changing.
+//!
+//! Sending instances the store already holds again is harmless (STOW-RS stores by SOP
+//! Instance UID), so a delivery interrupted by a crash is simply repeated.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::{Request, StatusCode, Uri};
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncReadExt;
+
+use super::{Deliver, Undeliverable};
+use crate::transfer_dir::TransferDir;
+use baylink_net::proto::Manifest;
+
+/// Default most file bytes per STOW-RS request (`delivery.batch_bytes`).
+pub const DEFAULT_BATCH_BYTES: u64 = 1 << 30;
+/// Largest `delivery.batch_bytes`: Orthanc refuses request bodies of 4 GiB and more.
+pub const MAX_BATCH_BYTES: u64 = (4 << 30) - (16 << 20);
+/// Time to open the TCP connection to the store.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request may take this long plus one second per [`SLOWEST_BYTES_PER_SECOND`] of body.
+const BASE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest store throughput tolerated before a request counts as hung.
+const SLOWEST_BYTES_PER_SECOND: u64 = 10 * 1024 * 1024;
+/// Largest store response read (the DICOM JSON of a batch's references).
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+/// Read size while streaming a file into the request.
+const READ_BYTES: usize = 1024 * 1024;
+/// Offset of the `DICM` prefix in a Part 10 file.
+const PREAMBLE: usize = 128;
+
+/// Where STOW-RS requests go: `http://host[:port]/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StowUrl {
+    /// `host[:port]`, also the `Host` header.
+    authority: String,
+    /// The STOW-RS endpoint path: the base path + `/studies`.
+    studies_path: String,
+}
+
+impl StowUrl {
+    /// Parses and checks `delivery.url`, the DICOMweb base (e.g.
+    /// `http://127.0.0.1:8042/dicom-web`).
+    pub fn parse(url: &str) -> anyhow::Result<StowUrl> {
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("`{url}` is not a URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => bail!(
+                "`{url}`: https delivery is not available yet; reach the store over http on \
+                 loopback or a protected segment (or through a local TLS proxy)"
+            ),
+            _ => bail!("`{url}` must start with http://"),
+        }
+        let authority = uri
+            .authority()
+            .with_context(|| format!("`{url}` names no host"))?;
+        if authority.as_str().contains('@') {
+            bail!("`{url}`: credentials in the URL are not supported");
+        }
+        if uri.query().is_some() {
+            bail!("`{url}`: the DICOMweb base URL takes no query");
+        }
+        let base = uri.path().trim_end_matches('/');
+        Ok(StowUrl {
+            authority: authority.as_str().to_owned(),
+            studies_path: format!("{base}/studies"),
+        })
+    }
+
+    fn studies_url(&self) -> String {
+        format!("http://{}{}", self.authority, self.studies_path)
+    }
+}
+
+/// Delivery into a DICOMweb store by STOW-RS.
+#[derive(Debug, Clone)]
+pub struct DicomWebDelivery {
+    url: StowUrl,
+    /// Most body bytes per request.
+    batch_bytes: u64,
+    /// The runtime the blocking delivery worker drives its requests on.
+    runtime: tokio::runtime::Handle,
+}
+
+impl DicomWebDelivery {
+    /// Delivers to the DICOMweb base `url`, driving requests on `runtime`.
+    pub fn new(url: &str, runtime: tokio::runtime::Handle) -> anyhow::Result<DicomWebDelivery> {
+        Ok(DicomWebDelivery {
+            url: StowUrl::parse(url)?,
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            runtime,
+        })
+    }
+
+    /// Sets the most body bytes per request.
+    pub fn with_batch_bytes(mut self, bytes: u64) -> DicomWebDelivery {
+        self.batch_bytes = bytes.max(1);
+        self
+    }
+
+    async fn deliver_async(
+        &self,
+        dir: &TransferDir,
+        manifest: &Manifest,
+    ) -> anyhow::Result<String> {
+        let mut files = Vec::with_capacity(manifest.files.len());
+        for f in &manifest.files {
+            let path = dir.data_file(&f.name);
+            check_part10(&path, &f.name).await?;
+            files.push(Part {
+                path,
+                name: f.name.clone(),
+                len: f.size,
+            });
+        }
+        let mut location = None;
+        for batch in batches(&files, self.batch_bytes) {
+            let stored = self.post(batch).await?;
+            location = location.or(stored);
+        }
+        Ok(location.unwrap_or_else(|| self.url.studies_url()))
+    }
+
+    /// One STOW-RS request; returns the store's RetrieveURL (0008,1190) if it gave one.
+    async fn post(&self, parts: &[Part]) -> anyhow::Result<Option<String>> {
+        let boundary = format!("baylink-{}", uuid::Uuid::now_v7().simple());
+        let body = Multipart::new(parts, boundary.clone());
+        let length = body.len();
+        let request = Request::post(&self.url.studies_path)
+            .header(HOST, &self.url.authority)
+            .header(
+                CONTENT_TYPE,
+                format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+            )
+            .header(ACCEPT, "application/dicom+json")
+            .header(CONTENT_LENGTH, length)
+            .body(StreamBody::new(body.stream()))
+            .context("cannot build the STOW-RS request")?;
+
+        let limit = BASE_TIMEOUT + Duration::from_secs(length / SLOWEST_BYTES_PER_SECOND);
+        let studies = self.url.studies_url();
+        let exchange = async {
+            let tcp = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::TcpStream::connect(&self.url.authority),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("no connection within {CONNECT_TIMEOUT:?}"))?
+            .context("cannot connect")?;
+            tcp.set_nodelay(true)?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+            let driver = tokio::spawn(connection);
+            let response = sender.send_request(request).await?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+                .collect()
+                .await
+                .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+                .to_bytes();
+            driver.abort();
+            Ok::<_, anyhow::Error>((status, body))
+        };
+        let (status, answer) = tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("POST {studies}: no answer within {limit:?}"))?
+            .with_context(|| format!("POST {studies}"))?;
+        judge(status, &answer, parts).with_context(|| format!("POST {studies}"))
+    }
+}
+
+impl Deliver for DicomWebDelivery {
+    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<String> {
+        self.runtime.block_on(self.deliver_async(dir, manifest))
+    }
+}
+
+/// One file of a request.
+#[derive(Debug, Clone)]
+struct Part {
+    path: std::path::PathBuf,
+    name: String,
+    len: u64,
+}
+
+/// Groups `parts` into requests of at most `limit` file bytes, in order; a file larger than
+/// `limit` is a request of its own.
+fn batches(parts: &[Part], limit: u64) -> Vec<&[Part]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, p) in parts.iter().enumerate() {
+        if i > start && bytes + p.len > limit {
+            out.push(&parts[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += p.len;
+    }
+    if start < parts.len() {
+        out.push(&parts[start..]);
+    }
+    out
+}
+
+/// Refuses a file that is not DICOM Part 10 (no `DICM` after the 128-byte preamble).
+async fn check_part10(path: &Path, name: &str) -> anyhow::Result<()> {
+    let mut head = [0u8; PREAMBLE + 4];
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    let mut got = 0;
+    while got < head.len() {
+        let n = file.read(&mut head[got..]).await?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    if got < head.len() || &head[PREAMBLE..] != b"DICM" {
+        return Err(Undeliverable(format!(
+            "{name} is not a DICOM Part 10 file (no DICM prefix); a dicomweb delivery carries \
+             DICOM instances only"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+/// The multipart/related body of one request.
+struct Multipart {
+    parts: Vec<Part>,
+    boundary: String,
+}
+
+impl Multipart {
+    fn new(parts: &[Part], boundary: String) -> Multipart {
+        Multipart {
+            parts: parts.to_vec(),
+            boundary,
+        }
+    }
+
+    fn part_head(&self) -> Bytes {
+        Bytes::from(format!(
+            "--{}\r\nContent-Type: application/dicom\r\n\r\n",
+            self.boundary
+        ))
+    }
+
+    fn tail(&self) -> Bytes {
+        Bytes::from(format!("--{}--\r\n", self.boundary))
+    }
+
+    /// Exact body length.
+    fn len(&self) -> u64 {
+        let head = self.part_head().len() as u64;
+        self.parts.iter().map(|p| head + p.len + 2).sum::<u64>() + self.tail().len() as u64
+    }
+
+    /// The body as a stream of frames, reading each file as it goes. A file that is not the
+    /// length the manifest says ends the stream with an error, which aborts the request.
+    fn stream(
+        self,
+    ) -> impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Send + 'static
+    {
+        struct State {
+            body: Multipart,
+            next: usize,
+            file: Option<(tokio::fs::File, u64, usize)>,
+            done: bool,
+        }
+        let state = State {
+            body: self,
+            next: 0,
+            file: None,
+            done: false,
+        };
+        futures_util::stream::unfold(state, |mut s| async move {
+            if s.done {
+                return None;
+            }
+            let item = step(&mut s.body, &mut s.next, &mut s.file).await;
+            match item {
+                Ok(Some(bytes)) => Some((Ok(Frame::data(bytes)), s)),
+                Ok(None) => None,
+                Err(e) => {
+                    s.done = true;
+                    Some((Err(e), s))
+                }
+            }
+        })
+    }
+}
+
+/// The next piece of the body: a part head, file bytes, a part's closing CRLF, the tail.
+async fn step(
+    body: &mut Multipart,
+    next: &mut usize,
+    file: &mut Option<(tokio::fs::File, u64, usize)>,
+) -> std::io::Result<Option<Bytes>> {
+    if let Some((f, left, index)) = file {
+        let part = &body.parts[*index];
+        if *left == 0 {
+            // The manifest's length is read; anything more would be a file that grew.
+            let mut probe = [0u8; 1];
+            if f.read(&mut probe).await? != 0 {
+                return Err(std::io::Error::other(format!(
+                    "{} is longer than its manifest says",
+                    part.name
+                )));
+            }
+            *file = None;
+            return Ok(Some(Bytes::from_static(b"\r\n")));
+        }
+        let want = usize::try_from((*left).min(READ_BYTES as u64)).unwrap_or(READ_BYTES);
+        let mut buf = vec![0u8; want];
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::Error::other(format!(
+                "{} is shorter than its manifest says",
+                part.name
+            )));
+        }
+        buf.truncate(n);
+        *left -= n as u64;
+        return Ok(Some(Bytes::from(buf)));
+    }
+    if *next < body.parts.len() {
+        let index = *next;
+        *next += 1;
+        let f = tokio::fs::File::open(&body.parts[index].path).await?;
+        *file = Some((f, body.parts[index].len, index));
+        return Ok(Some(body.part_head()));
+    }
+    if *next == body.parts.len() {
+        *next += 1;
+        return Ok(Some(body.tail()));
+    }
+    Ok(None)
+}
+
+/// Reads the store's answer to a request that carried `parts`.
+fn judge(status: StatusCode, answer: &[u8], parts: &[Part]) -> anyhow::Result<Option<String>> {
+    let excerpt = || {
+        let text = String::from_utf8_lossy(&answer[..answer.len().min(300)]);
+        text.chars().filter(|c| !c.is_control()).collect::<String>()
+    };
+    let json: Option<serde_json::Value> = serde_json::from_slice(answer).ok();
+    let failed = json.as_ref().map(failures).unwrap_or_default();
+    // 400 with a STOW-RS answer: the store read the request and refused what was in it
+    // (Orthanc says so for an instance it cannot parse). 400 without one is not about the
+    // instances, and neither is any other 4xx.
+    let stow_answer = json
+        .as_ref()
+        .is_some_and(|j| j.get("00081198").is_some() || j.get("00081199").is_some());
+    let refused = matches!(status, StatusCode::ACCEPTED | StatusCode::CONFLICT)
+        || (status == StatusCode::BAD_REQUEST && stow_answer);
+    if refused || (status == StatusCode::OK && !failed.is_empty()) {
+        let why = if failed.is_empty() {
+            excerpt()
+        } else {
+            failed.join("; ")
+        };
+        return Err(Undeliverable(format!("the store refused instances ({status}): {why}")).into());
+    }
+    if status != StatusCode::OK {
+        bail!("the store answered {status}: {}", excerpt());
+    }
+    let json = json.with_context(|| format!("the store's answer is not JSON: {}", excerpt()))?;
+    let stored = json
+        .get("00081199")
+        .and_then(|s| s.get("Value"))
+        .and_then(serde_json::Value::as_array)
+        .map_or(0, Vec::len);
+    if stored != parts.len() {
+        bail!(
+            "the store confirmed {stored} of {} instances ({})",
+            parts.len(),
+            parts
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(json
+        .get("00081190")
+        .and_then(|u| u.get("Value"))
+        .and_then(|v| v.get(0))
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned))
+}
+
+/// `SOP instance: reason` for every item of FailedSOPSequence (0008,1198).
+fn failures(json: &serde_json::Value) -> Vec<String> {
+    let items = json
+        .get("00081198")
+        .and_then(|s| s.get("Value"))
+        .and_then(serde_json::Value::as_array);
+    items
+        .into_iter()
+        .flatten()
+        .map(|item| {
+            let uid = item
+                .get("00081155")
+                .and_then(|u| u.get("Value"))
+                .and_then(|v| v.get(0))
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("?");
+            let reason = item
+                .get("00081197")
+                .and_then(|r| r.get("Value"))
+                .and_then(|v| v.get(0))
+                .and_then(serde_json::Value::as_u64)
+                .map_or_else(|| "no reason given".to_owned(), |c| format!("{c:#06x}"));
+            format!("{uid}: failure reason {reason}")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(name: &str, len: u64) -> Part {
+        Part {
+            path: name.into(),
+            name: name.to_owned(),
+            len,
+        }
+    }
+
+    #[test]
+    fn urls_are_checked() {
+        let u = StowUrl::parse("http://127.0.0.1:8042/dicom-web/").unwrap();
+        assert_eq!(u.authority, "127.0.0.1:8042");
+        assert_eq!(u.studies_path, "/dicom-web/studies");
+        assert_eq!(u.studies_url(), "http://127.0.0.1:8042/dicom-web/studies");
+        assert_eq!(
+            StowUrl::parse("http://store").unwrap().studies_path,
+            "/studies"
+        );
+        for (bad, why) in [
+            ("https://store/dicom-web", "https delivery is not available"),
+            ("ftp://store/x", "must start with http://"),
+            ("/dicom-web", "must start with http://"),
+            ("http://u:p@store/x", "credentials"),
+            ("http://store/x?y=1", "takes no query"),
+            ("not a url", "is not a URL"),
+        ] {
+            let e = StowUrl::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn batches_stay_under_the_limit_and_keep_order() {
+        let parts = [part("a", 4), part("b", 4), part("c", 9), part("d", 1)];
+        let names = |b: &[Part]| b.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let got: Vec<_> = batches(&parts, 8).into_iter().map(names).collect();
+        assert_eq!(got, [vec!["a", "b"], vec!["c"], vec!["d"]]);
+        assert_eq!(batches(&parts, 100).len(), 1);
+        assert!(batches(&[], 8).is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_body_is_exactly_as_long_as_announced_and_well_formed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut parts = Vec::new();
+        for (name, len) in [("x.dcm", 3 * READ_BYTES as u64 + 5), ("y.dcm", 0)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![b'z'; len as usize]).unwrap();
+            parts.push(Part {
+                path,
+                name: name.to_owned(),
+                len,
+            });
+        }
+        let body = Multipart::new(&parts, "B".to_owned());
+        let announced = body.len();
+        let bytes = StreamBody::new(body.stream())
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(bytes.len() as u64, announced);
+        let head = "--B\r\nContent-Type: application/dicom\r\n\r\n";
+        assert!(bytes.starts_with(head.as_bytes()));
+        assert!(bytes.ends_with(format!("\r\n{head}\r\n--B--\r\n").as_bytes()));
+    }
+
+    #[tokio::test]
+    async fn a_file_that_changed_length_aborts_the_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.dcm");
+        std::fs::write(&path, b"12345").unwrap();
+        for (claimed, why) in [(9, "shorter"), (2, "longer")] {
+            let parts = [Part {
+                path: path.clone(),
+                name: "x.dcm".to_owned(),
+                len: claimed,
+            }];
+            let e = StreamBody::new(Multipart::new(&parts, "B".to_owned()).stream())
+                .collect()
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn answers_are_judged() {
+        let parts = [part("a", 1), part("b", 1)];
+        let ok = br#"{"00081190":{"vr":"UR","Value":["http://s/studies/1.2"]},
+            "00081199":{"vr":"SQ","Value":[{},{}]}}"#;
+        assert_eq!(
+            judge(StatusCode::OK, ok, &parts).unwrap().as_deref(),
+            Some("http://s/studies/1.2")
+        );
+        let short = br#"{"00081199":{"vr":"SQ","Value":[{}]}}"#;
+        let e = judge(StatusCode::OK, short, &parts).unwrap_err();
+        assert!(e.to_string().contains("confirmed 1 of 2"), "{e}");
+        assert!(e.downcast_ref::<Undeliverable>().is_none(), "worth a retry");
+
+        let failed = br#"{"00081198":{"vr":"SQ","Value":[{"00081155":{"vr":"UI","Value":["1.2.3"]},
+            "00081197":{"vr":"US","Value":[272]}}]}}"#;
+        let e = judge(StatusCode::CONFLICT, failed, &parts).unwrap_err();
+        assert!(e.downcast_ref::<Undeliverable>().is_some());
+        assert!(
+            e.to_string().contains("1.2.3: failure reason 0x0110"),
+            "{e}"
+        );
+        let e = judge(StatusCode::ACCEPTED, failed, &parts).unwrap_err();
+        assert!(
+            e.downcast_ref::<Undeliverable>().is_some(),
+            "some refused: {e}"
+        );
+        let e = judge(StatusCode::OK, failed, &parts).unwrap_err();
+        assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
+        // Orthanc's answer to an instance it cannot parse.
+        let unparsable = br#"{"00080005":{"Value":["ISO_IR 100"],"vr":"CS"},
+            "00081198":{"vr":"SQ"},"00081199":{"vr":"SQ"}}"#;
+        let e = judge(StatusCode::BAD_REQUEST, unparsable, &parts).unwrap_err();
+        assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
+        let e = judge(StatusCode::BAD_REQUEST, b"<html>bad</html>", &parts).unwrap_err();
+        assert!(e.downcast_ref::<Undeliverable>().is_none(), "{e}");
+        // A wrong URL or a store in trouble is for the operator to fix: retried.
+        for (status, text) in [
+            (StatusCode::NOT_FOUND, "404"),
+            (StatusCode::SERVICE_UNAVAILABLE, "503"),
+        ] {
+            let e = judge(status, b"busy", &parts).unwrap_err();
+            assert!(e.downcast_ref::<Undeliverable>().is_none(), "{e}");
+            assert!(e.to_string().contains(text), "{e}");
+        }
+    }
+}

@@ -1,0 +1,233 @@
+//! Delivery into the health-record store: the gateway's `delivery.kind = "dicomweb"` against
+//! a real Orthanc with its DICOMweb plugin (STOW-RS), each test with its own Orthanc.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use baylink_tests::{Deployment, Orthanc, Service, orthanc_unavailable, summary};
+
+use super::compliance::audit_records;
+use super::dicom::{instance, sop_uid};
+
+/// A deployment whose gateway delivers into `orthanc`, with `extra` more `[delivery]` keys.
+fn deployment(orthanc: &Orthanc, extra: &[(&str, &str)]) -> Deployment {
+    let d = Deployment::new().unwrap();
+    let gw = "gateway.toml";
+    d.set(gw, "delivery", "kind", "\"dicomweb\"").unwrap();
+    d.set(
+        gw,
+        "delivery",
+        "url",
+        &format!("\"{}\"", orthanc.dicomweb_url()),
+    )
+    .unwrap();
+    for (key, value) in extra {
+        d.set(gw, "delivery", key, value).unwrap();
+    }
+    d
+}
+
+/// Sends `files` as one transfer; returns its id.
+fn send(d: &Deployment, files: &[PathBuf], gateway: &Service) -> String {
+    let mut args = vec!["--no-progress".to_owned()];
+    args.extend(files.iter().map(|f| f.to_str().unwrap().to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = d.send(&args).unwrap();
+    assert!(
+        out.status.success(),
+        "send: {}\ngateway:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    summary(&out).unwrap()["transfer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Waits (60 s at most) until the gateway's log has a line with both `what` and transfer
+/// `id`; returns that line.
+fn wait_for_log(gateway: &Service, id: &str, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(line) = gateway
+            .log()
+            .lines()
+            .find(|l| l.contains(id) && l.contains(what))
+        {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no `{what}` for {id} within 60 s:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The gateway's audit records of `kind` for transfer `id`.
+fn gateway_audit(d: &Deployment, kind: &str, id: &str) -> Vec<serde_json::Value> {
+    audit_records(d, "gateway")
+        .into_iter()
+        .filter(|r| r["kind"] == kind && r["transfer"] == id)
+        .collect()
+}
+
+fn skip() -> bool {
+    if let Some(why) = orthanc_unavailable() {
+        eprintln!("skipped: {why}");
+        return true;
+    }
+    false
+}
+
+fn stored_identical(orthanc: &Orthanc, uid: &str, source: &Path) {
+    let stored = orthanc
+        .instance_file(uid)
+        .unwrap()
+        .unwrap_or_else(|| panic!("Orthanc has no instance {uid}:\n{}", orthanc.log()));
+    assert_eq!(
+        stored,
+        std::fs::read(source).unwrap(),
+        "Orthanc's copy of {uid} differs from {}",
+        source.display()
+    );
+}
+
+#[test]
+fn a_study_lands_in_orthanc_byte_identical_in_batches_and_again_harmlessly() {
+    if skip() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    // Three instances of about 1 KiB each, at most two per request: two STOW-RS requests.
+    let d = deployment(&orthanc, &[("batch_bytes", "2048")]);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (1..=3).map(|n| instance(&src, n, Some("P-0001"))).collect();
+    assert!(std::fs::metadata(&files[0]).unwrap().len() > 1024);
+
+    let id = send(&d, &files, &gateway);
+    let line = wait_for_log(&gateway, &id, "delivered");
+    assert!(
+        line.contains(&format!(
+            "location={}/studies/1.2.826.0.1.3680043.10.543.100",
+            orthanc.dicomweb_url()
+        )),
+        "{line}"
+    );
+    for (n, f) in (1..=3).zip(&files) {
+        stored_identical(&orthanc, &sop_uid(n), f);
+    }
+    assert_eq!(orthanc.instance_count().unwrap(), 3);
+    let marker = d.path(&format!("spool/gateway/{id}/delivered"));
+    assert!(
+        std::fs::read_to_string(&marker)
+            .unwrap()
+            .starts_with(&orthanc.dicomweb_url()),
+        "the delivered marker names the store"
+    );
+    assert_eq!(gateway_audit(&d, "delivered", &id).len(), 1);
+
+    // The same instances again in a new transfer (as after a crash between STOW-RS and the
+    // `delivered` mark): delivered, nothing duplicated.
+    let again = send(&d, &files[..2], &gateway);
+    wait_for_log(&gateway, &again, "delivered");
+    assert_eq!(orthanc.instance_count().unwrap(), 3);
+    for (n, f) in (1..=3).zip(&files) {
+        stored_identical(&orthanc, &sop_uid(n), f);
+    }
+}
+
+#[test]
+fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
+    if skip() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let d = deployment(&orthanc, &[]);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let src = d.path("in");
+    std::fs::create_dir_all(&src).unwrap();
+    // Not DICOM at all: refused by the gateway before any request.
+    let text = src.join("report.txt");
+    std::fs::write(&text, "not an image").unwrap();
+    // A Part 10 prefix and garbage after it: Orthanc answers 400 with a STOW-RS answer.
+    let garbage = src.join("garbage.dcm");
+    let mut bytes = vec![0u8; 128];
+    bytes.extend_from_slice(b"DICM");
+    bytes.extend_from_slice(&[0x5a; 300]);
+    std::fs::write(&garbage, bytes).unwrap();
+
+    let not_dicom = send(&d, std::slice::from_ref(&text), &gateway);
+    let refused = send(&d, std::slice::from_ref(&garbage), &gateway);
+    let good = instance(&src, 9, Some("P-0001"));
+    let after = send(&d, std::slice::from_ref(&good), &gateway);
+
+    let line = wait_for_log(&gateway, &not_dicom, "undeliverable");
+    assert!(
+        line.contains("report.txt is not a DICOM Part 10 file"),
+        "{line}"
+    );
+    let line = wait_for_log(&gateway, &refused, "undeliverable");
+    assert!(line.contains("the store refused instances (400"), "{line}");
+    wait_for_log(&gateway, &after, "delivered");
+    stored_identical(&orthanc, &sop_uid(9), &good);
+    assert_eq!(orthanc.instance_count().unwrap(), 1);
+
+    for id in [&not_dicom, &refused] {
+        let reason =
+            std::fs::read_to_string(d.path(&format!("spool/gateway/{id}/undeliverable"))).unwrap();
+        assert!(reason.contains("undeliverable"), "{reason}");
+        assert!(!d.path(&format!("spool/gateway/{id}/delivered")).exists());
+        let failed = gateway_audit(&d, "failed", id);
+        assert_eq!(failed.len(), 1, "one `failed` record for {id}");
+        assert!(
+            failed[0]["detail"]
+                .as_str()
+                .unwrap()
+                .contains("undeliverable"),
+            "{failed:?}"
+        );
+    }
+
+    // A restart does not try the set-aside transfers again (start-up recovery queues
+    // before the service reports ready).
+    gateway.terminate().unwrap();
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    assert!(
+        !gateway
+            .log()
+            .contains("delivering a transfer committed before the restart"),
+        "{}",
+        gateway.log()
+    );
+}
+
+#[test]
+fn a_store_that_is_down_is_retried_until_it_answers() {
+    if skip() {
+        return;
+    }
+    // Orthanc's port is known before it runs: start it after the transfer is committed.
+    let placeholder = Orthanc::start().unwrap();
+    let url = placeholder.dicomweb_url();
+    let port = placeholder.port;
+    drop(placeholder);
+    let d = Deployment::new().unwrap();
+    d.set("gateway.toml", "delivery", "kind", "\"dicomweb\"")
+        .unwrap();
+    d.set("gateway.toml", "delivery", "url", &format!("\"{url}\""))
+        .unwrap();
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let src = d.path("study");
+    let file = instance(&src, 4, Some("P-0001"));
+    let id = send(&d, std::slice::from_ref(&file), &gateway);
+    let line = wait_for_log(&gateway, &id, "delivery failed");
+    assert!(line.contains("cannot connect"), "{line}");
+
+    let orthanc = Orthanc::start_on(port).unwrap();
+    wait_for_log(&gateway, &id, "delivered");
+    stored_identical(&orthanc, &sop_uid(4), &file);
+}
