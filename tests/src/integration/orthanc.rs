@@ -9,18 +9,13 @@ use baylink_tests::{Deployment, Orthanc, Service, orthanc_unavailable, summary};
 use super::compliance::audit_records;
 use super::dicom::{instance, sop_uid};
 
-/// A deployment whose gateway delivers into `orthanc`, with `extra` more `[delivery]` keys.
-fn deployment(orthanc: &Orthanc, extra: &[(&str, &str)]) -> Deployment {
+/// A deployment whose gateway delivers to the DICOMweb base `url`, with `extra` more
+/// `[delivery]` keys.
+fn deployment(url: &str, extra: &[(&str, &str)]) -> Deployment {
     let d = Deployment::new().unwrap();
     let gw = "gateway.toml";
     d.set(gw, "delivery", "kind", "\"dicomweb\"").unwrap();
-    d.set(
-        gw,
-        "delivery",
-        "url",
-        &format!("\"{}\"", orthanc.dicomweb_url()),
-    )
-    .unwrap();
+    d.set(gw, "delivery", "url", &format!("\"{url}\"")).unwrap();
     for (key, value) in extra {
         d.set(gw, "delivery", key, value).unwrap();
     }
@@ -102,7 +97,7 @@ fn a_study_lands_in_orthanc_byte_identical_in_batches_and_again_harmlessly() {
     }
     let orthanc = Orthanc::start().unwrap();
     // Three instances of about 1 KiB each, at most two per request: two STOW-RS requests.
-    let d = deployment(&orthanc, &[("batch_bytes", "2048")]);
+    let d = deployment(&orthanc.dicomweb_url(), &[("batch_bytes", "2048")]);
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let src = d.path("study");
     let files: Vec<PathBuf> = (1..=3).map(|n| instance(&src, n, Some("P-0001"))).collect();
@@ -146,7 +141,7 @@ fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
         return;
     }
     let orthanc = Orthanc::start().unwrap();
-    let d = deployment(&orthanc, &[]);
+    let d = deployment(&orthanc.dicomweb_url(), &[]);
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let src = d.path("in");
     std::fs::create_dir_all(&src).unwrap();
@@ -215,11 +210,7 @@ fn a_store_that_is_down_is_retried_until_it_answers() {
     let url = placeholder.dicomweb_url();
     let port = placeholder.port;
     drop(placeholder);
-    let d = Deployment::new().unwrap();
-    d.set("gateway.toml", "delivery", "kind", "\"dicomweb\"")
-        .unwrap();
-    d.set("gateway.toml", "delivery", "url", &format!("\"{url}\""))
-        .unwrap();
+    let d = deployment(&url, &[]);
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let src = d.path("study");
     let file = instance(&src, 4, Some("P-0001"));
