@@ -263,7 +263,20 @@ pub enum DeliverySection {
         url: String,
         /// Most file bytes per STOW-RS request (`delivery.batch_bytes`).
         batch_bytes: u64,
+        /// TLS to the store, for an `https://` URL.
+        tls: Option<DeliveryTls>,
     },
+}
+
+/// How the gateway authenticates the store, and itself to it, over https.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryTls {
+    /// CA certificate(s) the store's certificate must chain to (`delivery.ca`); no system
+    /// roots are trusted.
+    pub ca: PathBuf,
+    /// Client certificate and key presented to the store (`delivery.cert`, `delivery.key`),
+    /// when it asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 // ---- raw TOML shape -------------------------------------------------------------------------
@@ -416,6 +429,9 @@ struct RawDelivery {
     path: Option<PathBuf>,
     url: Option<String>,
     batch_bytes: Option<u64>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -760,8 +776,41 @@ impl Config {
                 },
                 "dicomweb" => {
                     let url = d.url.ok_or_else(|| missing("delivery.url"))?;
-                    crate::deliver::dicomweb::StowUrl::parse(&url)
+                    let parsed = crate::deliver::dicomweb::StowUrl::parse(&url)
                         .map_err(|e| invalid("delivery.url", format!("{e:#}")))?;
+                    let identity = match (d.cert, d.key) {
+                        (Some(cert), Some(key)) => Some((resolve(&cert), resolve(&key))),
+                        (None, None) => None,
+                        (Some(_), None) => return Err(missing("delivery.key")),
+                        (None, Some(_)) => return Err(missing("delivery.cert")),
+                    };
+                    let tls = match (parsed.is_https(), d.ca) {
+                        (true, Some(ca)) => Some(DeliveryTls {
+                            ca: resolve(&ca),
+                            identity,
+                        }),
+                        (true, None) => {
+                            return Err(invalid(
+                                "delivery.ca",
+                                format!(
+                                    "`{url}` is https: name the CA that signs the store's \
+                                     certificate (no system roots are trusted)"
+                                ),
+                            ));
+                        }
+                        (false, ca) => {
+                            if ca.is_some() || identity.is_some() {
+                                return Err(invalid(
+                                    "delivery.ca",
+                                    format!(
+                                        "delivery.ca, cert and key apply to https:// URLs; \
+                                         `{url}` is plain http"
+                                    ),
+                                ));
+                            }
+                            None
+                        }
+                    };
                     let batch_bytes = d
                         .batch_bytes
                         .unwrap_or(crate::deliver::dicomweb::DEFAULT_BATCH_BYTES);
@@ -774,7 +823,11 @@ impl Config {
                             ),
                         ));
                     }
-                    DeliverySection::DicomWeb { url, batch_bytes }
+                    DeliverySection::DicomWeb {
+                        url,
+                        batch_bytes,
+                        tls,
+                    }
                 }
                 other => {
                     return Err(invalid(
@@ -950,11 +1003,38 @@ path = "delivered"
             Some(DeliverySection::DicomWeb { batch_bytes, .. })
                 if batch_bytes == crate::deliver::dicomweb::DEFAULT_BATCH_BYTES
         ));
+        let https = Config::parse(
+            Path::new("/etc/baylink/g.toml"),
+            &dicomweb(
+                "url = \"https://store:8443/dicom-web\"\nca = \"store-ca.pem\"\n\
+                 cert = \"me.pem\"\nkey = \"me.key\"",
+            ),
+        )
+        .unwrap();
+        let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = https.delivery else {
+            panic!("https delivery with TLS settings: {:?}", https.delivery);
+        };
+        assert_eq!(tls.ca, Path::new("/etc/baylink/store-ca.pem"));
+        assert_eq!(
+            tls.identity,
+            Some((
+                PathBuf::from("/etc/baylink/me.pem"),
+                PathBuf::from("/etc/baylink/me.key")
+            ))
+        );
         for (rest, want) in [
             ("", "missing `delivery.url`"),
             (
                 "url = \"https://store/dicom-web\"",
-                "https delivery is not available",
+                "no system roots are trusted",
+            ),
+            (
+                "url = \"https://store\"\nca = \"ca.pem\"\ncert = \"me.pem\"",
+                "missing `delivery.key`",
+            ),
+            (
+                "url = \"http://store\"\nca = \"ca.pem\"",
+                "apply to https:// URLs",
             ),
             (
                 "url = \"http://store\"\nbatch_bytes = 0",

@@ -55,10 +55,18 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
 
     let target: Arc<dyn Deliver> = match cfg.delivery.clone().context("delivery is not set")? {
         DeliverySection::Dir { path } => Arc::new(DirDelivery::new(path)),
-        DeliverySection::DicomWeb { url, batch_bytes } => Arc::new(
-            deliver::dicomweb::DicomWebDelivery::new(&url, tokio::runtime::Handle::current())
-                .context("delivery.url")?
-                .with_batch_bytes(batch_bytes),
+        DeliverySection::DicomWeb {
+            url,
+            batch_bytes,
+            tls,
+        } => Arc::new(
+            deliver::dicomweb::DicomWebDelivery::new(
+                &url,
+                tls.as_ref(),
+                tokio::runtime::Handle::current(),
+            )
+            .context("delivery")?
+            .with_batch_bytes(batch_bytes),
         ),
     };
     let (queue, queue_rx) = DeliveryQueue::new();

@@ -777,3 +777,112 @@ impl Drop for Orthanc {
         }
     }
 }
+
+/// Why stunnel (the TLS proxy in front of the store) cannot run here, if it cannot.
+pub fn stunnel_unavailable() -> Option<String> {
+    let runs = Command::new("stunnel")
+        .arg("-version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    (!runs).then(|| "stunnel is not installed (apt-get install stunnel4)".to_owned())
+}
+
+/// An stunnel TLS server on a free loopback port that forwards to a plain TCP port: a store
+/// reached over https, with client certificates required and verified against `ca`.
+/// Killed on drop.
+#[derive(Debug)]
+pub struct TlsProxy {
+    child: Option<Child>,
+    /// The TLS port on 127.0.0.1.
+    pub port: u16,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsProxy {
+    /// Starts stunnel: accepts TLS on a free port with `cert`/`key`, requires a client
+    /// certificate that chains to `ca`, and forwards to 127.0.0.1:`to`. Ready when an https
+    /// request with `client` (certificate, key) through it reaches `ready_path` of the
+    /// service behind it (30 s at most).
+    pub fn start(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        to: u16,
+        client: (&Path, &Path),
+        ready_path: &str,
+    ) -> anyhow::Result<TlsProxy> {
+        let dir = tempfile::Builder::new().prefix("stunnel-").tempdir()?;
+        let port = free_base_port();
+        let config = format!(
+            "foreground = yes\npid =\nsyslog = no\ndebug = notice\n\
+             [store]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{to}\n\
+             cert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+            cert.display(),
+            key.display(),
+            ca.display()
+        );
+        let config_path = dir.path().join("stunnel.conf");
+        std::fs::write(&config_path, config)?;
+        let log_path = dir.path().join("stunnel.log");
+        let child = Command::new("stunnel")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .context("cannot start stunnel")?;
+        let mut proxy = TlsProxy {
+            child: Some(child),
+            port,
+            log_path,
+            _dir: dir,
+        };
+        let url = format!("https://127.0.0.1:{port}{ready_path}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = Command::new("curl")
+                .args(["-sS", "--fail", "--max-time", "5", "--cacert"])
+                .arg(ca)
+                .arg("--cert")
+                .arg(client.0)
+                .arg("--key")
+                .arg(client.1)
+                .arg(&url)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success();
+            if ok {
+                return Ok(proxy);
+            }
+            if let Some(status) = proxy.child.as_mut().expect("child").try_wait()? {
+                bail!("stunnel exited with {status}: {}", proxy.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "stunnel did not pass a request within 30 s: {}",
+                    proxy.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What stunnel logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsProxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -75,6 +75,11 @@ pub const TEST_PACKAGES: &[Package] = &[
         // Orthanc's DICOMweb plugin: the STOW-RS endpoint itself.
         why: "Orthanc's DICOMweb plugin (STOW-RS) for the delivery tests",
     },
+    Package {
+        name: "stunnel4",
+        // A TLS front for Orthanc (whose own HTTPS crashes in Debian's 1.10 build).
+        why: "stunnel, the https front of the store in the https delivery tests",
+    },
 ];
 
 /// The one package the demo needs: the software HSM that `baylink dev-env` provisions.

@@ -15,10 +15,15 @@
 //! transient and retried with backoff by the worker: an operator can fix it without the
 //! transfer changing.
 //!
+//! `https://` stores are verified against `delivery.ca` only (no system roots) and may ask
+//! for the gateway's client certificate (`delivery.cert`, `delivery.key`); TLS 1.3 or 1.2,
+//! aws-lc-rs with X25519MLKEM768 preferred, like every other TLS endpoint of baylink.
+//!
 //! Sending instances the store already holds again is harmless (STOW-RS stores by SOP
 //! Instance UID), so a delivery interrupted by a crash is simply repeated.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -31,8 +36,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 
 use super::{Deliver, Undeliverable};
+use crate::config::DeliveryTls;
 use crate::transfer_dir::TransferDir;
 use baylink_net::proto::Manifest;
+use baylink_net::transport::{TlsIdentity, load_ca};
+use rustls_pki_types::ServerName;
 
 /// Default most file bytes per STOW-RS request (`delivery.batch_bytes`).
 pub const DEFAULT_BATCH_BYTES: u64 = 1 << 30;
@@ -51,11 +59,16 @@ const READ_BYTES: usize = 1024 * 1024;
 /// Offset of the `DICM` prefix in a Part 10 file.
 const PREAMBLE: usize = 128;
 
-/// Where STOW-RS requests go: `http://host[:port]/path`.
+/// Where STOW-RS requests go: `http[s]://host[:port]/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StowUrl {
-    /// `host[:port]`, also the `Host` header.
+    https: bool,
+    /// `host[:port]` as written: the `Host` header.
     authority: String,
+    /// The host without brackets: the TLS server name.
+    host: String,
+    /// `host:port` with the scheme's default port: where to connect.
+    connect: String,
     /// The STOW-RS endpoint path: the base path + `/studies`.
     studies_path: String,
 }
@@ -67,14 +80,11 @@ impl StowUrl {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("`{url}` is not a URL"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => bail!(
-                "`{url}`: https delivery is not available yet; reach the store over http on \
-                 loopback or a protected segment (or through a local TLS proxy)"
-            ),
-            _ => bail!("`{url}` must start with http://"),
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => bail!("`{url}` must start with http:// or https://"),
+        };
         let authority = uri
             .authority()
             .with_context(|| format!("`{url}` names no host"))?;
@@ -85,32 +95,75 @@ impl StowUrl {
             bail!("`{url}`: the DICOMweb base URL takes no query");
         }
         let base = uri.path().trim_end_matches('/');
+        let host = authority.host();
+        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
         Ok(StowUrl {
+            https,
             authority: authority.as_str().to_owned(),
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            connect: format!("{host}:{port}"),
             studies_path: format!("{base}/studies"),
         })
     }
 
+    /// Whether the store is reached over TLS.
+    pub fn is_https(&self) -> bool {
+        self.https
+    }
+
     fn studies_url(&self) -> String {
-        format!("http://{}{}", self.authority, self.studies_path)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://{}{}", self.authority, self.studies_path)
     }
 }
 
 /// Delivery into a DICOMweb store by STOW-RS.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DicomWebDelivery {
     url: StowUrl,
+    /// Set for an `https://` store.
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
     /// Most body bytes per request.
     batch_bytes: u64,
     /// The runtime the blocking delivery worker drives its requests on.
     runtime: tokio::runtime::Handle,
 }
 
+impl std::fmt::Debug for DicomWebDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DicomWebDelivery")
+            .field("url", &self.url.studies_url())
+            .field("tls", &self.tls.is_some())
+            .field("batch_bytes", &self.batch_bytes)
+            .finish()
+    }
+}
+
 impl DicomWebDelivery {
-    /// Delivers to the DICOMweb base `url`, driving requests on `runtime`.
-    pub fn new(url: &str, runtime: tokio::runtime::Handle) -> anyhow::Result<DicomWebDelivery> {
+    /// Delivers to the DICOMweb base `url` (with `tls` for an `https://` one), driving
+    /// requests on `runtime`.
+    pub fn new(
+        url: &str,
+        tls: Option<&DeliveryTls>,
+        runtime: tokio::runtime::Handle,
+    ) -> anyhow::Result<DicomWebDelivery> {
+        let url = StowUrl::parse(url)?;
+        let tls = match (url.https, tls) {
+            (true, Some(tls)) => {
+                let name = ServerName::try_from(url.host.clone())
+                    .with_context(|| format!("`{}` is not a valid TLS server name", url.host))?;
+                Some((tokio_rustls::TlsConnector::from(client_config(tls)?), name))
+            }
+            (true, None) => bail!("an https:// store needs delivery.ca"),
+            (false, Some(_)) => bail!("delivery.ca, cert and key apply to https:// URLs"),
+            (false, None) => None,
+        };
         Ok(DicomWebDelivery {
-            url: StowUrl::parse(url)?,
+            url,
+            tls,
             batch_bytes: DEFAULT_BATCH_BYTES,
             runtime,
         })
@@ -166,24 +219,25 @@ impl DicomWebDelivery {
         let exchange = async {
             let tcp = tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                tokio::net::TcpStream::connect(&self.url.authority),
+                tokio::net::TcpStream::connect(&self.url.connect),
             )
             .await
             .map_err(|_| anyhow::anyhow!("no connection within {CONNECT_TIMEOUT:?}"))?
             .context("cannot connect")?;
             tcp.set_nodelay(true)?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-            let driver = tokio::spawn(connection);
-            let response = sender.send_request(request).await?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
-                .collect()
-                .await
-                .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
-                .to_bytes();
-            driver.abort();
-            Ok::<_, anyhow::Error>((status, body))
+            match &self.tls {
+                None => exchange(TokioIo::new(tcp), request).await,
+                Some((connector, name)) => {
+                    let tls =
+                        tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                            .await
+                            .map_err(|_| {
+                                anyhow::anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}")
+                            })?
+                            .context("TLS handshake with the store")?;
+                    exchange(TokioIo::new(tls), request).await
+                }
+            }
         };
         let (status, answer) = tokio::time::timeout(limit, exchange)
             .await
@@ -197,6 +251,54 @@ impl Deliver for DicomWebDelivery {
     fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<String> {
         self.runtime.block_on(self.deliver_async(dir, manifest))
     }
+}
+
+/// Sends `request` on a fresh HTTP/1.1 connection over `io`; the answer's status and body.
+async fn exchange<T, B>(io: T, request: Request<B>) -> anyhow::Result<(StatusCode, Bytes)>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    let driver = tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
+        .to_bytes();
+    driver.abort();
+    Ok((status, body))
+}
+
+/// The rustls client configuration for the store: `tls.ca` only, TLS 1.3 or 1.2, ALPN
+/// `http/1.1`, the client certificate when configured.
+fn client_config(tls: &DeliveryTls) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_ca(&tls.ca).context("delivery.ca")? {
+        roots
+            .add(cert)
+            .with_context(|| format!("CA certificate in {} refused", tls.ca.display()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+    .with_root_certificates(roots);
+    let mut config = match &tls.identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let id = TlsIdentity::from_pem_files(cert, key).context("delivery.cert/key")?;
+            builder
+                .with_client_auth_cert(id.cert_chain, id.key)
+                .context("delivery.cert/delivery.key refused")?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// One file of a request.
@@ -457,16 +559,23 @@ mod tests {
     fn urls_are_checked() {
         let u = StowUrl::parse("http://127.0.0.1:8042/dicom-web/").unwrap();
         assert_eq!(u.authority, "127.0.0.1:8042");
+        assert_eq!(u.connect, "127.0.0.1:8042");
+        assert!(!u.is_https());
         assert_eq!(u.studies_path, "/dicom-web/studies");
         assert_eq!(u.studies_url(), "http://127.0.0.1:8042/dicom-web/studies");
+        let plain = StowUrl::parse("http://store").unwrap();
+        assert_eq!(plain.studies_path, "/studies");
+        assert_eq!(plain.connect, "store:80");
+        let tls = StowUrl::parse("https://[::1]/dicom-web").unwrap();
+        assert!(tls.is_https());
         assert_eq!(
-            StowUrl::parse("http://store").unwrap().studies_path,
-            "/studies"
+            (tls.host.as_str(), tls.connect.as_str()),
+            ("::1", "[::1]:443")
         );
+        assert_eq!(tls.studies_url(), "https://[::1]/dicom-web/studies");
         for (bad, why) in [
-            ("https://store/dicom-web", "https delivery is not available"),
-            ("ftp://store/x", "must start with http://"),
-            ("/dicom-web", "must start with http://"),
+            ("ftp://store/x", "must start with http:// or https://"),
+            ("/dicom-web", "must start with http:// or https://"),
             ("http://u:p@store/x", "credentials"),
             ("http://store/x?y=1", "takes no query"),
             ("not a url", "is not a URL"),

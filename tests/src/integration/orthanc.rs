@@ -1,10 +1,13 @@
 //! Delivery into the health-record store: the gateway's `delivery.kind = "dicomweb"` against
-//! a real Orthanc with its DICOMweb plugin (STOW-RS), each test with its own Orthanc.
+//! a real Orthanc with its DICOMweb plugin (STOW-RS), each test with its own Orthanc. The
+//! https tests put stunnel in front of it (Debian's Orthanc 1.10 crashes on its own HTTPS).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use baylink_tests::{Deployment, Orthanc, Service, orthanc_unavailable, summary};
+use baylink_tests::{
+    Deployment, Orthanc, Service, TlsProxy, orthanc_unavailable, stunnel_unavailable, summary,
+};
 
 use super::compliance::audit_records;
 use super::dicom::{instance, sop_uid};
@@ -12,7 +15,12 @@ use super::dicom::{instance, sop_uid};
 /// A deployment whose gateway delivers to the DICOMweb base `url`, with `extra` more
 /// `[delivery]` keys.
 fn deployment(url: &str, extra: &[(&str, &str)]) -> Deployment {
-    let d = Deployment::new().unwrap();
+    with_delivery(Deployment::new().unwrap(), url, extra)
+}
+
+/// Points the gateway of `d` at the DICOMweb base `url`, with `extra` more `[delivery]`
+/// keys.
+fn with_delivery(d: Deployment, url: &str, extra: &[(&str, &str)]) -> Deployment {
     let gw = "gateway.toml";
     d.set(gw, "delivery", "kind", "\"dicomweb\"").unwrap();
     d.set(gw, "delivery", "url", &format!("\"{url}\"")).unwrap();
@@ -221,4 +229,96 @@ fn a_store_that_is_down_is_retried_until_it_answers() {
     let orthanc = Orthanc::start_on(port).unwrap();
     wait_for_log(&gateway, &id, "delivered");
     stored_identical(&orthanc, &sop_uid(4), &file);
+}
+
+/// Orthanc behind a TLS proxy that requires client certificates from the deployment CA,
+/// serving the gateway's own certificate (it names 127.0.0.1) as the store's.
+fn tls_store(d: &Deployment, orthanc: &Orthanc) -> TlsProxy {
+    let pki = |f: &str| d.path(&format!("pki/{f}"));
+    TlsProxy::start(
+        &pki("gateway.pem"),
+        &pki("gateway.key"),
+        &pki("ca.pem"),
+        orthanc.port,
+        (&pki("gateway.pem"), &pki("gateway.key")),
+        "/system",
+    )
+    .unwrap()
+}
+
+fn skip_tls() -> bool {
+    if let Some(why) = stunnel_unavailable() {
+        eprintln!("skipped: {why}");
+        return true;
+    }
+    skip()
+}
+
+#[test]
+fn an_https_store_gets_the_study_with_the_gateways_client_certificate() {
+    if skip_tls() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let d = Deployment::new().unwrap();
+    let proxy = tls_store(&d, &orthanc);
+    let url = format!("https://127.0.0.1:{}/dicom-web", proxy.port);
+    let d = with_delivery(
+        d,
+        &url,
+        &[
+            ("ca", "\"pki/ca.pem\""),
+            ("cert", "\"pki/gateway.pem\""),
+            ("key", "\"pki/gateway.key\""),
+        ],
+    );
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (5..=6).map(|n| instance(&src, n, Some("P-0001"))).collect();
+    let id = send(&d, &files, &gateway);
+    let line = wait_for_log(&gateway, &id, "delivered");
+    // The location is the store's own RetrieveURL (Orthanc does not know its proxy).
+    assert!(
+        line.contains("/dicom-web/studies/1.2.826.0.1.3680043.10.543.100"),
+        "{line}"
+    );
+    assert!(
+        proxy.log().contains("accepted connection"),
+        "{}",
+        proxy.log()
+    );
+    for (n, f) in (5..=6).zip(&files) {
+        stored_identical(&orthanc, &sop_uid(n), f);
+    }
+}
+
+#[test]
+fn a_store_whose_certificate_is_not_from_delivery_ca_gets_nothing() {
+    if skip_tls() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let d = Deployment::new().unwrap();
+    let proxy = tls_store(&d, &orthanc);
+    let url = format!("https://127.0.0.1:{}/dicom-web", proxy.port);
+    // The rogue certificate stands in for a CA the store's certificate does not chain to.
+    let d = with_delivery(
+        d,
+        &url,
+        &[
+            ("ca", "\"pki/rogue.pem\""),
+            ("cert", "\"pki/gateway.pem\""),
+            ("key", "\"pki/gateway.key\""),
+        ],
+    );
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let file = instance(&d.path("study"), 7, Some("P-0001"));
+    let id = send(&d, std::slice::from_ref(&file), &gateway);
+    let line = wait_for_log(&gateway, &id, "delivery failed");
+    assert!(line.contains("TLS handshake with the store"), "{line}");
+    assert!(
+        !gateway.log().contains("undeliverable"),
+        "a TLS failure is retried, not set aside"
+    );
+    assert_eq!(orthanc.instance_count().unwrap(), 0);
 }
