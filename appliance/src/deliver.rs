@@ -12,13 +12,14 @@
 //! A failed delivery is retried with backoff, except an [`Undeliverable`] one (the store
 //! refused the instances themselves): that transfer is set aside with an `undeliverable`
 //! file naming the reason and a `failed` audit record, and the queue moves on. Deleting the
-//! file and restarting the gateway tries it again.
+//! file and sending the gateway SIGHUP (`systemctl reload`), or restarting it, tries it
+//! again.
 
 pub mod dicomweb;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -122,11 +123,13 @@ pub fn undelivered(spool_dir: &Path) -> Vec<TransferId> {
     })
 }
 
-/// Committed transfers waiting for delivery; shared by the receive path and the worker.
+/// Committed transfers waiting for delivery; shared by the receive path, the start-up and
+/// SIGHUP rescans, and the worker. A transfer is in the queue at most once.
 #[derive(Debug, Clone)]
 pub struct DeliveryQueue {
     tx: mpsc::UnboundedSender<TransferId>,
-    pending: Arc<AtomicUsize>,
+    /// Queued or being delivered.
+    queued: Arc<Mutex<HashSet<TransferId>>>,
 }
 
 impl DeliveryQueue {
@@ -136,23 +139,45 @@ impl DeliveryQueue {
         (
             DeliveryQueue {
                 tx,
-                pending: Arc::new(AtomicUsize::new(0)),
+                queued: Arc::new(Mutex::new(HashSet::new())),
             },
             rx,
         )
     }
 
-    /// Queues a committed transfer.
-    pub fn push(&self, id: TransferId) {
-        self.pending.fetch_add(1, Ordering::SeqCst);
-        if self.tx.send(id).is_err() {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
+    /// Queues a committed transfer; false if it is already queued or being delivered.
+    pub fn push(&self, id: TransferId) -> bool {
+        let mut queued = self.lock();
+        if !queued.insert(id) {
+            return false;
         }
+        if self.tx.send(id).is_err() {
+            queued.remove(&id);
+            return false;
+        }
+        true
+    }
+
+    /// Queues every committed transfer in `spool_dir` that is neither delivered nor set
+    /// aside, unless already queued; returns how many were added.
+    pub fn rescan(&self, spool_dir: &Path) -> usize {
+        undelivered(spool_dir)
+            .into_iter()
+            .filter(|id| self.push(*id))
+            .count()
     }
 
     /// Transfers queued or being delivered.
     pub fn pending(&self) -> usize {
-        self.pending.load(Ordering::SeqCst)
+        self.lock().len()
+    }
+
+    fn done(&self, id: &TransferId) {
+        self.lock().remove(id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<TransferId>> {
+        self.queued.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -174,7 +199,7 @@ pub async fn run_worker(
                 Ok(Ok(location)) => {
                     info!(transfer = %id, %location, "delivered");
                     metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "ok").increment(1);
-                    queue.pending.fetch_sub(1, Ordering::SeqCst);
+                    queue.done(&id);
                     break;
                 }
                 Ok(Err(e)) if e.downcast_ref::<Undeliverable>().is_some() => {
@@ -186,7 +211,7 @@ pub async fn run_worker(
                         Ok(Ok(())) => {
                             error!(transfer = %id, error = %format!("{e:#}"), "undeliverable: set aside (delete its `undeliverable` file and restart to try again)");
                             metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "undeliverable").increment(1);
-                            queue.pending.fetch_sub(1, Ordering::SeqCst);
+                            queue.done(&id);
                             break;
                         }
                         // Not recorded: keep retrying rather than lose track of it.
@@ -250,4 +275,33 @@ fn deliver_one(
     })?;
     write_atomic(&dir.delivered(), location.as_bytes())?;
     Ok(location)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transfer_is_queued_at_most_once_until_it_is_done() {
+        let (queue, mut rx) = DeliveryQueue::new();
+        let (a, b) = (TransferId::new_v7(), TransferId::new_v7());
+        assert!(queue.push(a));
+        assert!(!queue.push(a), "already queued");
+        assert!(queue.push(b));
+        assert_eq!(queue.pending(), 2);
+        assert_eq!(rx.try_recv().unwrap(), a);
+        assert_eq!(rx.try_recv().unwrap(), b);
+        assert!(rx.try_recv().is_err(), "a was sent once");
+        queue.done(&a);
+        assert_eq!(queue.pending(), 1);
+        assert!(queue.push(a), "queued again once done");
+    }
+
+    #[test]
+    fn a_closed_queue_takes_nothing() {
+        let (queue, rx) = DeliveryQueue::new();
+        drop(rx);
+        assert!(!queue.push(TransferId::new_v7()));
+        assert_eq!(queue.pending(), 0);
+    }
 }

@@ -101,14 +101,24 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         audit.clone(),
     ));
 
-    // `systemctl reload` sends SIGHUP to either role: the gateway has no policy to reload,
-    // and must not die of the signal's default action.
-    tokio::spawn(async {
+    // `systemctl reload` sends SIGHUP to either role. The gateway has no policy to reload;
+    // it looks for committed transfers to deliver again (one set aside as undeliverable
+    // whose `undeliverable` file an operator removed).
+    let rescan = (queue.clone(), cfg.spool_dir.clone());
+    tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            while hup.recv().await.is_some() {
-                info!("SIGHUP: the gateway has no policy to reload");
+        let (queue, spool_dir) = rescan;
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                while hup.recv().await.is_some() {
+                    let (q, dir) = (queue.clone(), spool_dir.clone());
+                    match tokio::task::spawn_blocking(move || q.rescan(&dir)).await {
+                        Ok(requeued) => info!(requeued, "SIGHUP: delivery queue rescanned"),
+                        Err(e) => warn!(error = %e, "SIGHUP: rescan task failed"),
+                    }
+                }
             }
+            Err(e) => error!(error = %e, "cannot listen for SIGHUP"),
         }
     });
     health.set_ready();

@@ -206,6 +206,25 @@ fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
         "{}",
         gateway.log()
     );
+
+    // The operator's way to try one again: remove its `undeliverable` file, then SIGHUP.
+    // Only that transfer is queued (the delivered one is not delivered twice); here it is
+    // still not DICOM, so it is set aside once more, with a second `failed` record.
+    std::fs::remove_file(d.path(&format!("spool/gateway/{not_dicom}/undeliverable"))).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &gateway.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let line = wait_for_log(&gateway, "SIGHUP", "delivery queue rescanned");
+    assert!(line.contains("requeued=1"), "{line}");
+    wait_for_log(&gateway, &not_dicom, "undeliverable");
+    assert_eq!(gateway_audit(&d, "failed", &not_dicom).len(), 2);
+    assert!(
+        !gateway
+            .log()
+            .contains(&format!("delivered transfer={after}"))
+    );
 }
 
 #[test]
