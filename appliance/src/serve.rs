@@ -63,6 +63,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
             deliver::dicomweb::DicomWebDelivery::new(
                 &url,
                 tls.as_ref(),
+                spool.clone(),
                 tokio::runtime::Handle::current(),
             )
             .context("delivery")?
