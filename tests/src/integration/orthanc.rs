@@ -265,6 +265,39 @@ fn tls_store(d: &Deployment, orthanc: &Orthanc) -> TlsProxy {
     .unwrap()
 }
 
+/// Orthanc behind stunnel, and a running gateway that delivers to it over https, trusting
+/// the deployment's `ca` (a path inside it) and presenting its own certificate.
+struct HttpsStore {
+    gateway: Service,
+    d: Deployment,
+    proxy: TlsProxy,
+    orthanc: Orthanc,
+}
+
+fn https_store(ca: &str) -> HttpsStore {
+    let orthanc = Orthanc::start().unwrap();
+    let d = Deployment::new().unwrap();
+    let proxy = tls_store(&d, &orthanc);
+    let url = format!("https://127.0.0.1:{}/dicom-web", proxy.port);
+    let ca = format!("\"{ca}\"");
+    let d = with_delivery(
+        d,
+        &url,
+        &[
+            ("ca", &ca),
+            ("cert", "\"pki/gateway.pem\""),
+            ("key", "\"pki/gateway.key\""),
+        ],
+    );
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    HttpsStore {
+        gateway,
+        d,
+        proxy,
+        orthanc,
+    }
+}
+
 fn skip_tls() -> bool {
     if let Some(why) = stunnel_unavailable() {
         eprintln!("skipped: {why}");
@@ -278,20 +311,12 @@ fn an_https_store_gets_the_study_with_the_gateways_client_certificate() {
     if skip_tls() {
         return;
     }
-    let orthanc = Orthanc::start().unwrap();
-    let d = Deployment::new().unwrap();
-    let proxy = tls_store(&d, &orthanc);
-    let url = format!("https://127.0.0.1:{}/dicom-web", proxy.port);
-    let d = with_delivery(
+    let HttpsStore {
+        gateway,
         d,
-        &url,
-        &[
-            ("ca", "\"pki/ca.pem\""),
-            ("cert", "\"pki/gateway.pem\""),
-            ("key", "\"pki/gateway.key\""),
-        ],
-    );
-    let gateway = d.serve(&d.gateway_config()).unwrap();
+        proxy,
+        orthanc,
+    } = https_store("pki/ca.pem");
     let src = d.path("study");
     let files: Vec<PathBuf> = (5..=6).map(|n| instance(&src, n, Some("P-0001"))).collect();
     let id = send(&d, &files, &gateway);
@@ -316,21 +341,14 @@ fn a_store_whose_certificate_is_not_from_delivery_ca_gets_nothing() {
     if skip_tls() {
         return;
     }
-    let orthanc = Orthanc::start().unwrap();
-    let d = Deployment::new().unwrap();
-    let proxy = tls_store(&d, &orthanc);
-    let url = format!("https://127.0.0.1:{}/dicom-web", proxy.port);
     // The rogue certificate stands in for a CA the store's certificate does not chain to.
-    let d = with_delivery(
+    // (`proxy` bound, so it lives as long as the test.)
+    let HttpsStore {
+        gateway,
         d,
-        &url,
-        &[
-            ("ca", "\"pki/rogue.pem\""),
-            ("cert", "\"pki/gateway.pem\""),
-            ("key", "\"pki/gateway.key\""),
-        ],
-    );
-    let gateway = d.serve(&d.gateway_config()).unwrap();
+        orthanc,
+        proxy: _proxy,
+    } = https_store("pki/rogue.pem");
     let file = instance(&d.path("study"), 7, Some("P-0001"));
     let id = send(&d, std::slice::from_ref(&file), &gateway);
     let line = wait_for_log(&gateway, &id, "delivery failed");
