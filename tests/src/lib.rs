@@ -641,6 +641,91 @@ pub fn orthanc_unavailable() -> Option<String> {
     (!runs).then(|| "Orthanc is not installed (apt-get install orthanc)".to_owned())
 }
 
+/// A helper process of a test (a store, a proxy) with its own temporary directory and its
+/// stderr in a log file there. Killed on drop.
+#[derive(Debug)]
+struct Daemon {
+    name: &'static str,
+    child: Option<Child>,
+    log_path: PathBuf,
+    /// Removed (after the process is killed) on drop.
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// A fresh temporary directory for `name` (configs go there before [`Daemon::spawn`]).
+    fn dir(name: &str) -> anyhow::Result<tempfile::TempDir> {
+        Ok(tempfile::Builder::new()
+            .prefix(&format!("{name}-"))
+            .tempdir()?)
+    }
+
+    /// Spawns `cmd` with stdin and stdout closed and stderr into `dir`/`name`.log.
+    fn spawn(
+        name: &'static str,
+        cmd: &mut Command,
+        dir: tempfile::TempDir,
+    ) -> anyhow::Result<Self> {
+        let log_path = dir.path().join(format!("{name}.log"));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path)?)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Daemon {
+            name,
+            child: Some(child),
+            log_path,
+            _dir: dir,
+        })
+    }
+
+    /// Polls `ready` every 50 ms until it holds (30 s at most); fails early if the process
+    /// exits. The readiness signal of a process that has no notify socket.
+    fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready() {
+            if let Some(status) = self.child.as_mut().expect("child").try_wait()? {
+                bail!("{} exited with {status}: {}", self.name, self.log());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not {what} within 30 s: {}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs curl with `args` (20 s at most); its output, or an error naming what it said.
+fn curl(args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--max-time", "20"])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(out.stdout)
+}
+
 /// Debian's path of the DICOMweb plugin.
 pub const ORTHANC_DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
 
@@ -649,11 +734,9 @@ pub const ORTHANC_DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthanc
 /// Killed on drop.
 #[derive(Debug)]
 pub struct Orthanc {
-    child: Option<Child>,
     /// Its HTTP port on 127.0.0.1.
     pub port: u16,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
+    daemon: Daemon,
 }
 
 impl Orthanc {
@@ -665,7 +748,7 @@ impl Orthanc {
     /// Starts Orthanc with HTTP on `port` and waits (30 s at most) until its REST API
     /// answers.
     pub fn start_on(port: u16) -> anyhow::Result<Orthanc> {
-        let dir = tempfile::Builder::new().prefix("orthanc-").tempdir()?;
+        let dir = Daemon::dir("orthanc")?;
         let storage = dir.path().join("db");
         let config = serde_json::json!({
             "Name": "baylink-test",
@@ -681,32 +764,10 @@ impl Orthanc {
         });
         let config_path = dir.path().join("orthanc.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let log_path = dir.path().join("orthanc.log");
-        let child = Command::new("Orthanc")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path)?)
-            .spawn()
-            .context("cannot start Orthanc")?;
-        let mut orthanc = Orthanc {
-            child: Some(child),
-            port,
-            log_path,
-            _dir: dir,
-        };
-        // Readiness: the REST API answers (Orthanc has no notify socket).
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while orthanc.get("/system").is_err() {
-            if let Some(status) = orthanc.child.as_mut().expect("child").try_wait()? {
-                bail!("Orthanc exited with {status}: {}", orthanc.log());
-            }
-            if Instant::now() > deadline {
-                bail!("Orthanc did not answer within 30 s: {}", orthanc.log());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(orthanc)
+        let mut daemon = Daemon::spawn("Orthanc", Command::new("Orthanc").arg(&config_path), dir)?;
+        let system = format!("http://127.0.0.1:{port}/system");
+        daemon.wait_until("answer", || curl(&[&system]).is_ok())?;
+        Ok(Orthanc { port, daemon })
     }
 
     /// The DICOMweb base URL (`delivery.url`).
@@ -716,30 +777,16 @@ impl Orthanc {
 
     /// GET `path` of the REST API; the body, or an error for a failed request.
     pub fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        self.curl(&[&format!("http://127.0.0.1:{}{path}", self.port)])
+        curl(&[&format!("http://127.0.0.1:{}{path}", self.port)])
     }
 
     /// POST `body` to `path` of the REST API; the answer's body.
     pub fn post(&self, path: &str, body: &str) -> anyhow::Result<Vec<u8>> {
-        self.curl(&[
+        curl(&[
             "--data-binary",
             body,
             &format!("http://127.0.0.1:{}{path}", self.port),
         ])
-    }
-
-    fn curl(&self, args: &[&str]) -> anyhow::Result<Vec<u8>> {
-        let out = Command::new("curl")
-            .args(["-sS", "--fail", "--max-time", "20"])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "curl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(out.stdout)
     }
 
     /// The stored file of the instance with SOP Instance UID `uid`, if Orthanc has it.
@@ -765,16 +812,7 @@ impl Orthanc {
 
     /// What Orthanc wrote on stderr so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-impl Drop for Orthanc {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.daemon.log()
     }
 }
 
@@ -794,11 +832,9 @@ pub fn stunnel_unavailable() -> Option<String> {
 /// Killed on drop.
 #[derive(Debug)]
 pub struct TlsProxy {
-    child: Option<Child>,
     /// The TLS port on 127.0.0.1.
     pub port: u16,
-    log_path: PathBuf,
-    _dir: tempfile::TempDir,
+    daemon: Daemon,
 }
 
 impl TlsProxy {
@@ -814,7 +850,7 @@ impl TlsProxy {
         client: (&Path, &Path),
         ready_path: &str,
     ) -> anyhow::Result<TlsProxy> {
-        let dir = tempfile::Builder::new().prefix("stunnel-").tempdir()?;
+        let dir = Daemon::dir("stunnel")?;
         let port = free_base_port();
         let config = format!(
             "foreground = yes\npid =\nsyslog = no\ndebug = notice\n\
@@ -826,63 +862,18 @@ impl TlsProxy {
         );
         let config_path = dir.path().join("stunnel.conf");
         std::fs::write(&config_path, config)?;
-        let log_path = dir.path().join("stunnel.log");
-        let child = Command::new("stunnel")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path)?)
-            .spawn()
-            .context("cannot start stunnel")?;
-        let mut proxy = TlsProxy {
-            child: Some(child),
-            port,
-            log_path,
-            _dir: dir,
-        };
+        let mut daemon = Daemon::spawn("stunnel", Command::new("stunnel").arg(&config_path), dir)?;
         let url = format!("https://127.0.0.1:{port}{ready_path}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let ok = Command::new("curl")
-                .args(["-sS", "--fail", "--max-time", "5", "--cacert"])
-                .arg(ca)
-                .arg("--cert")
-                .arg(client.0)
-                .arg("--key")
-                .arg(client.1)
-                .arg(&url)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()?
-                .success();
-            if ok {
-                return Ok(proxy);
-            }
-            if let Some(status) = proxy.child.as_mut().expect("child").try_wait()? {
-                bail!("stunnel exited with {status}: {}", proxy.log());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "stunnel did not pass a request within 30 s: {}",
-                    proxy.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (ca, cert, key) = (ca.display(), client.0.display(), client.1.display());
+        let (ca, cert, key) = (ca.to_string(), cert.to_string(), key.to_string());
+        daemon.wait_until("pass a request", || {
+            curl(&["--cacert", &ca, "--cert", &cert, "--key", &key, &url]).is_ok()
+        })?;
+        Ok(TlsProxy { port, daemon })
     }
 
     /// What stunnel logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-}
-
-impl Drop for TlsProxy {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.daemon.log()
     }
 }

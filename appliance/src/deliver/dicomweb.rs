@@ -125,7 +125,7 @@ pub struct DicomWebDelivery {
     url: StowUrl,
     /// Set for an `https://` store.
     tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
-    /// Most body bytes per request.
+    /// Most file bytes per request (`delivery.batch_bytes`).
     batch_bytes: u64,
     /// Reads the files (pooled buffers, `O_DIRECT`).
     spool: Spool,
@@ -172,7 +172,7 @@ impl DicomWebDelivery {
         })
     }
 
-    /// Sets the most body bytes per request.
+    /// Sets the most file bytes per request.
     pub fn with_batch_bytes(mut self, bytes: u64) -> DicomWebDelivery {
         self.batch_bytes = bytes.max(1);
         self
