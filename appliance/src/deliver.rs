@@ -209,7 +209,7 @@ pub async fn run_worker(
                         tokio::task::spawn_blocking(move || set_aside(&d, &a, &reason)).await;
                     match kept {
                         Ok(Ok(())) => {
-                            error!(transfer = %id, error = %format!("{e:#}"), "undeliverable: set aside (delete its `undeliverable` file and restart to try again)");
+                            error!(transfer = %id, error = %format!("{e:#}"), "undeliverable: set aside (delete its `undeliverable` file, then reload (SIGHUP) or restart to try again)");
                             metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "undeliverable").increment(1);
                             queue.done(&id);
                             break;
@@ -243,13 +243,8 @@ fn manifest_of(dir: &TransferDir) -> anyhow::Result<Manifest> {
 fn set_aside(dir: &TransferDir, audit: &crate::audit::Log, reason: &str) -> anyhow::Result<()> {
     let manifest = manifest_of(dir)?;
     audit.append_blocking(crate::audit::Event {
-        transfer: Some(manifest.transfer_id.to_string()),
-        peer: Some(manifest.sender.clone()),
-        consent_ref: Some(manifest.process_id.clone()),
-        merkle_root: Some(manifest.merkle_root),
-        manifest_digest: Some(manifest.digest()),
         detail: Some(reason.to_owned()),
-        ..crate::audit::Event::new(crate::audit::Kind::Failed)
+        ..crate::audit::Event::of_manifest(crate::audit::Kind::Failed, &manifest)
     })?;
     write_atomic(&dir.undeliverable(), reason.as_bytes())?;
     Ok(())
@@ -264,15 +259,10 @@ fn deliver_one(
     let location = target.deliver(dir, &manifest)?;
     // audit: `delivered` is durable before the transfer is marked delivered; if it cannot be
     // recorded the delivery is retried (delivery is idempotent by transfer id).
-    audit.append_blocking(crate::audit::Event {
-        transfer: Some(manifest.transfer_id.to_string()),
-        peer: Some(manifest.sender.clone()),
-        consent_ref: Some(manifest.process_id.clone()),
-        declaration_digest: Some(manifest.declaration_digest),
-        merkle_root: Some(manifest.merkle_root),
-        manifest_digest: Some(manifest.digest()),
-        ..crate::audit::Event::new(crate::audit::Kind::Delivered)
-    })?;
+    audit.append_blocking(crate::audit::Event::of_manifest(
+        crate::audit::Kind::Delivered,
+        &manifest,
+    ))?;
     write_atomic(&dir.delivered(), location.as_bytes())?;
     Ok(location)
 }

@@ -9,8 +9,8 @@
 //! newline. A line without its newline is a torn tail (a crash mid-append); a line whose
 //! leaf hash does not match its JSON was edited.
 
-use baylink_net::proto::Digest;
 use baylink_net::proto::merkle::leaf_hash;
+use baylink_net::proto::{Digest, Manifest};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::Declaration;
@@ -118,6 +118,21 @@ impl Event {
         Event {
             kind,
             ..self.clone()
+        }
+    }
+
+    /// An event of `kind` about a received transfer, as the gateway knows it: its id, sender,
+    /// process id (the consent reference), declaration digest, Merkle root and manifest
+    /// digest.
+    pub fn of_manifest(kind: Kind, m: &Manifest) -> Event {
+        Event {
+            transfer: Some(m.transfer_id.to_string()),
+            peer: Some(m.sender.clone()),
+            consent_ref: Some(m.process_id.clone()),
+            declaration_digest: Some(m.declaration_digest),
+            merkle_root: Some(m.merkle_root),
+            manifest_digest: Some(m.digest()),
+            ..Event::new(kind)
         }
     }
 

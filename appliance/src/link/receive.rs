@@ -876,15 +876,10 @@ async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, Bytes)> {
     // audit: `committed` is durable before the commit point (the receipt signature file)
     // and before the receipt is sent; if it cannot be recorded, nothing is committed.
     gw.audit
-        .append(crate::audit::Event {
-            transfer: Some(a.manifest.transfer_id.to_string()),
-            peer: Some(a.manifest.sender.clone()),
-            consent_ref: Some(a.manifest.process_id.clone()),
-            declaration_digest: Some(a.manifest.declaration_digest),
-            merkle_root: Some(a.manifest.merkle_root),
-            manifest_digest: Some(a.manifest.digest()),
-            ..crate::audit::Event::new(crate::audit::Kind::Committed)
-        })
+        .append(crate::audit::Event::of_manifest(
+            crate::audit::Kind::Committed,
+            &a.manifest,
+        ))
         .await?;
     let dir = a.dir.clone();
     let (r2, s2) = (receipt.clone(), sig.clone());
