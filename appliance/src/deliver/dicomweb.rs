@@ -38,9 +38,10 @@ use tokio::io::AsyncReadExt;
 
 use super::{Deliver, Undeliverable};
 use crate::config::DeliveryTls;
+use crate::dicom::part10;
 use crate::transfer_dir::TransferDir;
 use baylink_net::proto::Manifest;
-use baylink_net::transport::{TlsIdentity, load_ca};
+use baylink_net::transport::{TlsIdentity, load_ca, root_store};
 use rustls_pki_types::ServerName;
 
 /// Default most file bytes per STOW-RS request (`delivery.batch_bytes`).
@@ -55,8 +56,6 @@ const BASE_TIMEOUT: Duration = Duration::from_secs(60);
 const SLOWEST_BYTES_PER_SECOND: u64 = 10 * 1024 * 1024;
 /// Largest store response read (the DICOM JSON of a batch's references).
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
-/// Offset of the `DICM` prefix in a Part 10 file.
-const PREAMBLE: usize = 128;
 
 /// Where STOW-RS requests go: `http[s]://host[:port]/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -280,12 +279,8 @@ where
 /// The rustls client configuration for the store: `tls.ca` only, TLS 1.3 or 1.2, ALPN
 /// `http/1.1`, the client certificate when configured.
 fn client_config(tls: &DeliveryTls) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in load_ca(&tls.ca).context("delivery.ca")? {
-        roots
-            .add(cert)
-            .with_context(|| format!("CA certificate in {} refused", tls.ca.display()))?;
-    }
+    let roots = root_store(&load_ca(&tls.ca).context("delivery.ca")?)
+        .with_context(|| format!("CA certificate in {} refused", tls.ca.display()))?;
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -332,7 +327,7 @@ fn batches(parts: &[Part], limit: u64) -> Vec<&[Part]> {
 
 /// Refuses a file that is not DICOM Part 10 (no `DICM` after the 128-byte preamble).
 async fn check_part10(path: &Path, name: &str) -> anyhow::Result<()> {
-    let mut head = [0u8; PREAMBLE + 4];
+    let mut head = [0u8; part10::PREFIX_LEN];
     let mut file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("cannot open {}", path.display()))?;
@@ -344,7 +339,7 @@ async fn check_part10(path: &Path, name: &str) -> anyhow::Result<()> {
         }
         got += n;
     }
-    if got < head.len() || &head[PREAMBLE..] != b"DICM" {
+    if !part10::has_prefix(&head[..got]) {
         return Err(Undeliverable(format!(
             "{name} is not a DICOM Part 10 file (no DICM prefix); a dicomweb delivery carries \
              DICOM instances only"
@@ -504,11 +499,7 @@ fn judge(status: StatusCode, answer: &[u8], parts: &[Part]) -> anyhow::Result<Op
         bail!("the store answered {status}: {}", excerpt());
     }
     let json = json.with_context(|| format!("the store's answer is not JSON: {}", excerpt()))?;
-    let stored = json
-        .get("00081199")
-        .and_then(|s| s.get("Value"))
-        .and_then(serde_json::Value::as_array)
-        .map_or(0, Vec::len);
+    let stored = values(&json, "00081199").len();
     if stored != parts.len() {
         bail!(
             "the store confirmed {stored} of {} instances ({})",
@@ -520,34 +511,32 @@ fn judge(status: StatusCode, answer: &[u8], parts: &[Part]) -> anyhow::Result<Op
                 .join(", ")
         );
     }
-    Ok(json
-        .get("00081190")
-        .and_then(|u| u.get("Value"))
-        .and_then(|v| v.get(0))
+    Ok(values(&json, "00081190")
+        .first()
         .and_then(serde_json::Value::as_str)
         .map(str::to_owned))
 }
 
+/// The `Value` array of element `tag` in a DICOM JSON object (PS3.18 F.2); empty when the
+/// element or its value is absent.
+fn values<'a>(json: &'a serde_json::Value, tag: &str) -> &'a [serde_json::Value] {
+    json.get(tag)
+        .and_then(|e| e.get("Value"))
+        .and_then(serde_json::Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
 /// `SOP instance: reason` for every item of FailedSOPSequence (0008,1198).
 fn failures(json: &serde_json::Value) -> Vec<String> {
-    let items = json
-        .get("00081198")
-        .and_then(|s| s.get("Value"))
-        .and_then(serde_json::Value::as_array);
-    items
-        .into_iter()
-        .flatten()
+    values(json, "00081198")
+        .iter()
         .map(|item| {
-            let uid = item
-                .get("00081155")
-                .and_then(|u| u.get("Value"))
-                .and_then(|v| v.get(0))
+            let uid = values(item, "00081155")
+                .first()
                 .and_then(serde_json::Value::as_str)
                 .unwrap_or("?");
-            let reason = item
-                .get("00081197")
-                .and_then(|r| r.get("Value"))
-                .and_then(|v| v.get(0))
+            let reason = values(item, "00081197")
+                .first()
                 .and_then(serde_json::Value::as_u64)
                 .map_or_else(|| "no reason given".to_owned(), |c| format!("{c:#06x}"));
             format!("{uid}: failure reason {reason}")

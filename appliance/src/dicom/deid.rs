@@ -524,10 +524,10 @@ impl DicomGate {
             match self.stage {
                 Stage::Through => return Ok(self.release()),
                 Stage::Sniff => {
-                    if self.held.len() < 132 && !eof {
+                    if self.held.len() < super::part10::PREFIX_LEN && !eof {
                         return Ok(None);
                     }
-                    if self.held.len() >= 132 && &self.held[128..132] == b"DICM" {
+                    if super::part10::has_prefix(&self.held) {
                         self.stage = Stage::Patient;
                     } else if self.rules.deid.is_some() {
                         return Err(unsupported(

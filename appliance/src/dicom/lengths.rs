@@ -46,7 +46,7 @@ struct Header {
 /// Checks the head of a Part-10 file (`file` starts at the preamble). `Err` names the first
 /// element whose declared length runs past the bytes present, or why the head is unusable.
 pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String> {
-    if file.len() < 132 || &file[128..132] != b"DICM" {
+    if !super::part10::has_prefix(file) {
         return Err("no DICM prefix after the 128-byte preamble".into());
     }
     let meta = Walk {
@@ -171,10 +171,10 @@ pub fn head_end(file: &[u8], complete: bool, stop: (u16, u16)) -> Result<HeadEnd
             Ok(HeadEnd::NeedMore)
         }
     };
-    if file.len() < 132 {
+    if file.len() < super::part10::PREFIX_LEN {
         return more("the file ends inside the preamble".into());
     }
-    if &file[128..132] != b"DICM" {
+    if !super::part10::has_prefix(file) {
         return Err(HeadError::Malformed(
             "no DICM prefix after the 128-byte preamble".into(),
         ));

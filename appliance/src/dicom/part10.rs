@@ -44,6 +44,15 @@ pub enum UidError {
     Syntax(String),
 }
 
+/// Bytes of a Part 10 file's 128-byte preamble and its `DICM` prefix.
+pub const PREFIX_LEN: usize = 132;
+
+/// Whether `head` (the start of a file) has a Part 10 preamble followed by `DICM` (PS3.10
+/// 7.1); false if it is shorter than [`PREFIX_LEN`].
+pub fn has_prefix(head: &[u8]) -> bool {
+    head.get(128..PREFIX_LEN) == Some(b"DICM".as_slice())
+}
+
 /// Checks a UID as PS3.5 9.1 defines it: components of digits separated by dots, no empty
 /// component, no leading zero in a component other than `0` itself, at most 64 characters.
 pub fn validate_uid(uid: &str) -> Result<(), UidError> {
