@@ -282,7 +282,8 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-fn root_store(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TransportError> {
+/// A trust store of exactly `ca` (no system roots), for any TLS endpoint of baylink.
+pub fn root_store(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TransportError> {
     if ca.is_empty() {
         return Err(TransportError::NoCa);
     }

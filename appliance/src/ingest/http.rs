@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Extension, Json};
 use baylink_net::proto::TransferId;
-use baylink_net::transport::{TlsIdentity, common_name, load_ca};
+use baylink_net::transport::{TlsIdentity, common_name, load_ca, root_store};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -108,13 +108,9 @@ pub fn tls_config_from(
     key: &std::path::Path,
 ) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in load_ca(ca)? {
-        roots
-            .add(c)
-            .with_context(|| format!("CA certificate in {} refused", ca.display()))?;
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let roots = root_store(&load_ca(ca)?)
+        .with_context(|| format!("CA certificate in {} refused", ca.display()))?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .context("cannot build the client certificate verifier")?;
     let identity = TlsIdentity::from_pem_files(cert, key)?;
