@@ -637,23 +637,8 @@ async fn bench(
         .filter(|r| r.error.is_some())
         .count()
         + scp_failed;
-    let quinn_median = if quinn_runs.is_empty() {
-        report.contestants.quinn = Entry::skipped("not selected (--only)");
-        None
-    } else {
-        let summary = ContestantSummary::from_runs(quinn_runs);
-        let median = summary.gbit_per_s;
-        report.contestants.quinn = Entry::Ran(Box::new(summary));
-        median
-    };
-    others.quinn = quinn_median;
-    if quinn_sha256_runs.is_empty() {
-        report.contestants.quinn_sha256 = Entry::skipped("not selected (--only)");
-    } else {
-        let summary = ContestantSummary::from_runs(quinn_sha256_runs);
-        others.quinn_sha256 = summary.gbit_per_s;
-        report.contestants.quinn_sha256 = Entry::Ran(Box::new(summary));
-    }
+    (report.contestants.quinn, others.quinn) = quinn_entry(quinn_runs);
+    (report.contestants.quinn_sha256, others.quinn_sha256) = quinn_entry(quinn_sha256_runs);
     report.contestants.baylink = if baylink_runs.is_empty() {
         Entry::skipped("not selected (--only)")
     } else {
@@ -662,6 +647,16 @@ async fn bench(
         ))
     };
     Ok(failed)
+}
+
+/// A raw-quinn contestant's entry and median Gbit/s (skipped when it did not run).
+fn quinn_entry(runs: Vec<RunRecord>) -> (Entry, Option<f64>) {
+    if runs.is_empty() {
+        return (Entry::skipped("not selected (--only)"), None);
+    }
+    let summary = ContestantSummary::from_runs(runs);
+    let median = summary.gbit_per_s;
+    (Entry::Ran(Box::new(summary)), median)
 }
 
 fn scp_entry(c: &mut Contestants, which: Contestant) -> &mut Entry {

@@ -231,10 +231,7 @@ impl ContestantSummary {
     /// Adds baylink's extra fields from the same invocation's medians of the other
     /// contestants.
     pub fn with_baylink_extras(mut self, others: &OtherMedians) -> ContestantSummary {
-        let ratio = |other: Option<f64>| match (self.gbit_per_s, other) {
-            (Some(b), Some(o)) if o > 0.0 => Some(b / o),
-            _ => None,
-        };
+        let ratio = |other: Option<f64>| ratio_of(self.gbit_per_s, other);
         let faster_scp = match (others.scp_cubic, others.scp_bbr) {
             (Some(c), Some(b)) => Some(c.max(b)),
             (c, b) => c.or(b),
@@ -245,15 +242,20 @@ impl ContestantSummary {
             ),
             ratio_vs_quinn: ratio(others.quinn),
             ratio_vs_quinn_sha256: ratio(others.quinn_sha256),
-            quinn_sha256_vs_quinn: match (others.quinn_sha256, others.quinn) {
-                (Some(h), Some(q)) if q > 0.0 => Some(h / q),
-                _ => None,
-            },
+            quinn_sha256_vs_quinn: ratio_of(others.quinn_sha256, others.quinn),
             ratio_vs_scp_cubic: ratio(others.scp_cubic),
             ratio_vs_scp_bbr: ratio(others.scp_bbr),
             ratio_vs_scp: ratio(faster_scp),
         });
         self
+    }
+}
+
+/// `a / b`, when both are known and `b` is positive.
+fn ratio_of(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
     }
 }
 
