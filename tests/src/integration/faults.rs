@@ -5,9 +5,9 @@
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use baylink_tests::{Deployment, Service, payload, summary};
+use baylink_tests::{Deployment, payload, summary};
 
 use crate::resume::{assert_delivered, only_transfer};
 
@@ -27,18 +27,6 @@ fn flip_byte(path: &Path, offset: u64) {
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.write_all(&b).unwrap();
     f.sync_all().unwrap();
-}
-
-fn wait_for_log(svc: &Service, needle: &str, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    while !svc.log().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the log within {limit:?}:\n{}",
-            svc.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
@@ -98,7 +86,7 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
     );
     // The edge's close frame went out before it exited, so the gateway let go of the
     // transfer at once, not after its 30 s idle timeout (which also held up its drain).
-    wait_for_log(&gw, "send failed", Duration::from_secs(5));
+    gw.wait_for_log(&["send failed"], Duration::from_secs(5));
     // The gateway never saw a bad chunk from this edge and is still serving.
     assert!(!gw.log().contains("does not match"), "{}", gw.log());
     assert!(gw.terminate().unwrap().success());
@@ -122,7 +110,7 @@ fn heavy_gateway_disk_full_pauses_then_resumes() {
         .unwrap();
 
     let sender = d.spawn_send(&src, true).unwrap();
-    wait_for_log(&gw, "spool is full", Duration::from_secs(120));
+    gw.wait_for_log(&["spool is full"], Duration::from_secs(120));
     assert!(
         std::fs::read_dir(d.path("delivered"))
             .unwrap()

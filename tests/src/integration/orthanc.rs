@@ -3,13 +3,16 @@
 //! https tests put stunnel in front of it (Debian's Orthanc 1.10 crashes on its own HTTPS).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use baylink_tests::{
     Deployment, Orthanc, Service, TlsProxy, orthanc_unavailable, stunnel_unavailable, summary,
 };
 
 use super::compliance::audit_records;
+
+/// How long a test waits for the gateway to log a step.
+const LOG_WAIT: Duration = Duration::from_secs(60);
 use super::dicom::{instance, sop_uid};
 
 /// A deployment whose gateway delivers to the DICOMweb base `url`, with `extra` more
@@ -46,27 +49,6 @@ fn send(d: &Deployment, files: &[PathBuf], gateway: &Service) -> String {
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-/// Waits (60 s at most) until the gateway's log has a line with both `what` and transfer
-/// `id`; returns that line.
-fn wait_for_log(gateway: &Service, id: &str, what: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(line) = gateway
-            .log()
-            .lines()
-            .find(|l| l.contains(id) && l.contains(what))
-        {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no `{what}` for {id} within 60 s:\n{}",
-            gateway.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The gateway's audit records of `kind` for transfer `id`.
@@ -112,7 +94,7 @@ fn a_study_lands_in_orthanc_byte_identical_in_batches_and_again_harmlessly() {
     assert!(std::fs::metadata(&files[0]).unwrap().len() > 1024);
 
     let id = send(&d, &files, &gateway);
-    let line = wait_for_log(&gateway, &id, "delivered");
+    let line = gateway.wait_for_log(&[&id, "delivered"], LOG_WAIT);
     assert!(
         line.contains(&format!(
             "location={}/studies/1.2.826.0.1.3680043.10.543.100",
@@ -136,7 +118,7 @@ fn a_study_lands_in_orthanc_byte_identical_in_batches_and_again_harmlessly() {
     // The same instances again in a new transfer (as after a crash between STOW-RS and the
     // `delivered` mark): delivered, nothing duplicated.
     let again = send(&d, &files[..2], &gateway);
-    wait_for_log(&gateway, &again, "delivered");
+    gateway.wait_for_log(&[&again, "delivered"], LOG_WAIT);
     assert_eq!(orthanc.instance_count().unwrap(), 3);
     for (n, f) in (1..=3).zip(&files) {
         stored_identical(&orthanc, &sop_uid(n), f);
@@ -168,14 +150,14 @@ fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
     let good = instance(&src, 9, Some("P-0001"));
     let after = send(&d, std::slice::from_ref(&good), &gateway);
 
-    let line = wait_for_log(&gateway, &not_dicom, "undeliverable");
+    let line = gateway.wait_for_log(&[&not_dicom, "undeliverable"], LOG_WAIT);
     assert!(
         line.contains("report.txt is not a DICOM Part 10 file"),
         "{line}"
     );
-    let line = wait_for_log(&gateway, &refused, "undeliverable");
+    let line = gateway.wait_for_log(&[&refused, "undeliverable"], LOG_WAIT);
     assert!(line.contains("the store refused instances (400"), "{line}");
-    wait_for_log(&gateway, &after, "delivered");
+    gateway.wait_for_log(&[&after, "delivered"], LOG_WAIT);
     stored_identical(&orthanc, &sop_uid(9), &good);
     assert_eq!(orthanc.instance_count().unwrap(), 1);
 
@@ -216,9 +198,9 @@ fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
         .status()
         .unwrap();
     assert!(hup.success());
-    let line = wait_for_log(&gateway, "SIGHUP", "delivery queue rescanned");
+    let line = gateway.wait_for_log(&["SIGHUP", "delivery queue rescanned"], LOG_WAIT);
     assert!(line.contains("requeued=1"), "{line}");
-    wait_for_log(&gateway, &not_dicom, "undeliverable");
+    gateway.wait_for_log(&[&not_dicom, "undeliverable"], LOG_WAIT);
     assert_eq!(gateway_audit(&d, "failed", &not_dicom).len(), 2);
     assert!(
         !gateway
@@ -242,11 +224,11 @@ fn a_store_that_is_down_is_retried_until_it_answers() {
     let src = d.path("study");
     let file = instance(&src, 4, Some("P-0001"));
     let id = send(&d, std::slice::from_ref(&file), &gateway);
-    let line = wait_for_log(&gateway, &id, "delivery failed");
+    let line = gateway.wait_for_log(&[&id, "delivery failed"], LOG_WAIT);
     assert!(line.contains("cannot connect"), "{line}");
 
     let orthanc = Orthanc::start_on(port).unwrap();
-    wait_for_log(&gateway, &id, "delivered");
+    gateway.wait_for_log(&[&id, "delivered"], LOG_WAIT);
     stored_identical(&orthanc, &sop_uid(4), &file);
 }
 
@@ -320,7 +302,7 @@ fn an_https_store_gets_the_study_with_the_gateways_client_certificate() {
     let src = d.path("study");
     let files: Vec<PathBuf> = (5..=6).map(|n| instance(&src, n, Some("P-0001"))).collect();
     let id = send(&d, &files, &gateway);
-    let line = wait_for_log(&gateway, &id, "delivered");
+    let line = gateway.wait_for_log(&[&id, "delivered"], LOG_WAIT);
     // The location is the store's own RetrieveURL (Orthanc does not know its proxy).
     assert!(
         line.contains("/dicom-web/studies/1.2.826.0.1.3680043.10.543.100"),
@@ -351,7 +333,7 @@ fn a_store_whose_certificate_is_not_from_delivery_ca_gets_nothing() {
     } = https_store("pki/rogue.pem");
     let file = instance(&d.path("study"), 7, Some("P-0001"));
     let id = send(&d, std::slice::from_ref(&file), &gateway);
-    let line = wait_for_log(&gateway, &id, "delivery failed");
+    let line = gateway.wait_for_log(&[&id, "delivery failed"], LOG_WAIT);
     assert!(line.contains("TLS handshake with the store"), "{line}");
     assert!(
         !gateway.log().contains("undeliverable"),
