@@ -98,6 +98,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Spool directory.
     pub spool_dir: PathBuf,
+    /// How long a finished transfer's payload stays in the spool (`spool.retain`): after
+    /// its receipt on the edge, after its delivery on the gateway. `None` keeps it forever.
+    pub spool_retain: Option<Duration>,
     /// Audit log directory.
     pub audit_dir: PathBuf,
     /// Audit log settings other than the directory (`[audit]`).
@@ -296,7 +299,7 @@ struct Raw {
     #[serde(default)]
     ingest: RawIngest,
     metrics: RawMetrics,
-    spool: RawDir,
+    spool: RawSpool,
     audit: RawAudit,
     #[serde(default)]
     policy: RawPolicy,
@@ -395,8 +398,9 @@ struct RawMetrics {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawDir {
+struct RawSpool {
     dir: PathBuf,
+    retain: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -444,6 +448,9 @@ struct RawDrain {
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Smallest chunk size accepted in a config (the protocol allows smaller, for tests).
 pub const MIN_CHUNK_SIZE: u32 = 4096;
+/// Default `spool.retain`: three days, so a store failure found after a weekend can still be
+/// re-delivered from the gateway's copy.
+pub const DEFAULT_SPOOL_RETAIN: Duration = Duration::from_secs(3 * 24 * 3600);
 /// Default upper bound on one upload: 64 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
@@ -869,6 +876,14 @@ impl Config {
             ingest,
             metrics_listen,
             spool_dir: resolve(&raw.spool.dir),
+            spool_retain: match raw.spool.retain.as_deref() {
+                Some("never") => None,
+                retain => Some(duration(
+                    "spool.retain",
+                    &retain.map(str::to_owned),
+                    DEFAULT_SPOOL_RETAIN,
+                )?),
+            },
             audit_dir: resolve(&raw.audit.dir),
             audit: AuditSection {
                 checkpoint_every: match raw.audit.checkpoint_every {
@@ -947,6 +962,19 @@ path = "delivered"
 "#;
 
     #[test]
+    fn spool_retain_takes_a_duration_or_never() {
+        let parse = |retain: &str| {
+            let text = GATEWAY.replace("[spool]", &format!("[spool]\nretain = \"{retain}\""));
+            Config::parse(Path::new("g.toml"), &text).map(|c| c.spool_retain)
+        };
+        assert_eq!(parse("0s").unwrap(), Some(Duration::ZERO));
+        assert_eq!(parse("12h").unwrap(), Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse("never").unwrap(), None);
+        let e = parse("forever").unwrap_err();
+        assert!(e.to_string().contains("spool.retain"), "{e}");
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_directory() {
         let c = Config::parse(Path::new("/etc/baylink/gateway.toml"), GATEWAY).unwrap();
         assert_eq!(c.role, Role::Gateway);
@@ -957,6 +985,7 @@ path = "delivered"
             Some(Path::new("/etc/baylink/softhsm/softhsm2.conf"))
         );
         assert_eq!(c.transport.retry_for, Duration::from_secs(600));
+        assert_eq!(c.spool_retain, Some(DEFAULT_SPOOL_RETAIN));
         assert_eq!(c.transport.chunk_size, DEFAULT_CHUNK_SIZE);
         assert!(matches!(c.delivery, Some(DeliverySection::Dir { .. })));
         assert_eq!(c.audit.checkpoint_every, 64);
@@ -1099,6 +1128,10 @@ path = "delivered"
         let bad = format!("{GATEWAY}\n[ingest]\ndicom_ae_title = \"FAR-TOO-LONG-AE-TITLE\"\n");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("ingest.dicom_ae_title"), "{e}");
+
+        let bad = GATEWAY.replace("[spool]", "[spool]\nretain = \"soon\"");
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("spool.retain"), "{e}");
 
         let bad = GATEWAY.replace("[spool]", "[spool]\nsize = 3");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

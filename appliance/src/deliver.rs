@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
-use baylink_net::proto::{Limits, Manifest, TransferId};
+use baylink_net::proto::{Manifest, TransferId};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -233,15 +233,10 @@ pub async fn run_worker(
     }
 }
 
-fn manifest_of(dir: &TransferDir) -> anyhow::Result<Manifest> {
-    let bytes = std::fs::read(dir.manifest_bin())?;
-    Ok(Manifest::from_bytes(&bytes, &Limits::default())?)
-}
-
 /// audit: a `failed` record naming the reason is durable before the `undeliverable` file
 /// takes the transfer out of the queue.
 fn set_aside(dir: &TransferDir, audit: &crate::audit::Log, reason: &str) -> anyhow::Result<()> {
-    let manifest = manifest_of(dir)?;
+    let manifest = dir.manifest()?;
     audit.append_blocking(crate::audit::Event {
         detail: Some(reason.to_owned()),
         ..crate::audit::Event::of_manifest(crate::audit::Kind::Failed, &manifest)
@@ -255,7 +250,7 @@ fn deliver_one(
     target: &dyn Deliver,
     audit: &crate::audit::Log,
 ) -> anyhow::Result<String> {
-    let manifest = manifest_of(dir)?;
+    let manifest = dir.manifest()?;
     let location = target.deliver(dir, &manifest)?;
     // audit: `delivered` is durable before the transfer is marked delivered; if it cannot be
     // recorded the delivery is retried (delivery is idempotent by transfer id).

@@ -25,6 +25,7 @@ pub mod link;
 pub mod ops;
 pub mod pki;
 pub mod policy;
+pub mod retention;
 pub mod seal;
 pub mod serve;
 pub mod signing;

@@ -216,7 +216,14 @@ async fn open_outgoing(
             .is_multiple_of(baylink_net::spool::DIRECT_ALIGN as u32)
         && spool.buffers_allow_direct();
     let mut files = Vec::with_capacity(manifest.files.len());
-    for f in &manifest.files {
+    // A transfer that has its receipt is reported from it, never sent again: its payload is
+    // not opened (`spool.retain` may have removed it).
+    let payload = if dir.has_receipt() {
+        &[][..]
+    } else {
+        &manifest.files[..]
+    };
+    for f in payload {
         let path = dir.data_file(&f.name);
         let len = std::fs::metadata(&path)
             .with_context(|| format!("sealed payload {} is missing", path.display()))?

@@ -20,6 +20,7 @@ use crate::ingest::{self, IngestStore};
 use crate::link::receive::{Gateway, serve_connection};
 use crate::ops::{self, Health};
 use crate::policy::{Policy, SharedPolicy};
+use crate::retention;
 use crate::signing::Keys;
 use crate::transfer_dir::TransferDir;
 
@@ -51,6 +52,12 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     let audit_ticker = tokio::spawn(audit_checkpoints(
         audit.clone(),
         cfg.audit.checkpoint_interval,
+    ));
+    let retention = tokio::spawn(retention::run(
+        cfg.spool_dir.clone(),
+        Role::Gateway,
+        cfg.spool_retain,
+        audit.clone(),
     ));
 
     let target: Arc<dyn Deliver> = match cfg.delivery.clone().context("delivery is not set")? {
@@ -166,6 +173,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     endpoint.close(crate::link::CLOSE_SHUTDOWN.into(), b"shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     audit_ticker.abort();
+    retention.abort();
     final_checkpoint(&audit).await;
     info!("stopped");
     Ok(())
@@ -266,11 +274,18 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
             }
         }
     });
+    let retention = tokio::spawn(retention::run(
+        cfg.spool_dir.clone(),
+        Role::Edge,
+        cfg.spool_retain,
+        edge.audit().clone(),
+    ));
     let signal = ops::shutdown_signal().await?;
     info!(signal, "stopping");
     ops::notify_stopping();
     health.set_not_ready();
     audit_ticker.abort();
+    retention.abort();
     final_checkpoint(edge.audit()).await;
     edge.witness_bounded().await;
     edge.close_link().await;

@@ -10,6 +10,8 @@
 //! spool/<id>/state              gateway: chunks that are verified and durable (versioned)
 //! spool/<id>/receipt.bin|.sig   gateway: the commit; edge: the verified receipt
 //! spool/<id>/delivered          gateway: delivery finished
+//! spool/<id>/undeliverable      gateway: the store refused it (the reason)
+//! spool/<id>/pruned             the payload (`data/`) was removed under `spool.retain`
 //! ```
 //!
 //! Small records are written atomically (temporary file, fsync, rename, directory fsync), so a
@@ -19,7 +21,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use baylink_net::proto::{ChunkSet, TransferId};
+use baylink_net::proto::{ChunkSet, Limits, Manifest, TransferId};
 
 /// Paths of one transfer's records.
 #[derive(Debug, Clone)]
@@ -111,6 +113,21 @@ impl TransferDir {
     /// `undeliverable`: the store refused the transfer; holds the reason.
     pub fn undeliverable(&self) -> PathBuf {
         self.root.join("undeliverable")
+    }
+
+    /// `pruned`: the payload was removed under `spool.retain`; holds the reason.
+    pub fn pruned(&self) -> PathBuf {
+        self.root.join("pruned")
+    }
+
+    /// Reads and decodes `manifest.bin` (default limits: the manifest was checked when it was
+    /// written).
+    pub fn manifest(&self) -> anyhow::Result<Manifest> {
+        use anyhow::Context;
+        let bytes = fs::read(self.manifest_bin())
+            .with_context(|| format!("cannot read {}", self.manifest_bin().display()))?;
+        Manifest::from_bytes(&bytes, &Limits::default())
+            .with_context(|| format!("{} is not a valid manifest", self.manifest_bin().display()))
     }
 
     /// Creates `spool/<id>/data/`, durably.

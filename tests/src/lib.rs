@@ -157,6 +157,19 @@ impl Deployment {
         Ok(out)
     }
 
+    /// `GET /metrics` of the edge (`gateway = false`, port N+1) or the gateway (port N+3):
+    /// the Prometheus text, headers included.
+    pub fn metrics(&self, gateway: bool) -> anyhow::Result<String> {
+        use std::io::{Read, Write};
+        let port = self.base_port + if gateway { 3 } else { 1 };
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
     /// The delivered copy of `name` in transfer `id`.
     pub fn delivered(&self, id: &str, name: &str) -> PathBuf {
         self.path("delivered").join(id).join(name)

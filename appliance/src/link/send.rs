@@ -26,7 +26,8 @@ pub struct Outgoing {
     pub manifest_bytes: Bytes,
     /// The edge HSM's signature over them.
     pub signature: Bytes,
-    /// One open spool file per manifest file, in manifest order.
+    /// One open spool file per manifest file, in manifest order; none for a transfer that
+    /// already has its receipt (it is reported, not sent).
     pub files: Arc<Vec<Arc<SpoolFile>>>,
     /// Read every chunk back and check its digest before sending it. Set for transfers
     /// sealed by an earlier process (resume, start-up recovery): their bytes have rested on

@@ -529,18 +529,6 @@ fn a_failed_send_is_recorded_as_failed() {
     );
 }
 
-fn gateway_metrics(d: &Deployment) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", d.base_port + 3)).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn gateway_witness_refuses_a_forked_edge_log() {
     let d = Deployment::new().unwrap();
@@ -583,7 +571,7 @@ fn gateway_witness_refuses_a_forked_edge_log() {
         1,
         "no cosignature stored for the fork"
     );
-    let metrics = gateway_metrics(&d);
+    let metrics = d.metrics(true).unwrap();
     assert!(
         metrics.contains("baylink_audit_witness_refusals_total 1"),
         "{metrics}"

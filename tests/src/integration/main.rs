@@ -18,4 +18,5 @@ mod orthanc;
 mod peer;
 mod refusal;
 mod resume;
+mod retention;
 mod transfer;
