@@ -170,6 +170,27 @@ impl Deployment {
         Ok(out)
     }
 
+    /// Runs `baylink send --no-progress FILES...` as one transfer, asserts that it succeeded
+    /// (naming its stderr and `gateway`'s log otherwise), and returns its summary line and
+    /// the transfer id.
+    pub fn send_ok(&self, files: &[&Path], gateway: &Service) -> (serde_json::Value, String) {
+        let mut args = vec!["--no-progress"];
+        args.extend(files.iter().map(|f| f.to_str().expect("UTF-8 test path")));
+        let out = self.send(&args).expect("send runs");
+        assert!(
+            out.status.success(),
+            "send failed: {}\ngateway log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            gateway.log()
+        );
+        let s = summary(&out).expect("send prints its summary");
+        let id = s["transfer_id"]
+            .as_str()
+            .expect("the summary names the transfer")
+            .to_owned();
+        (s, id)
+    }
+
     /// The delivered copy of `name` in transfer `id`.
     pub fn delivered(&self, id: &str, name: &str) -> PathBuf {
         self.path("delivered").join(id).join(name)

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use baylink_tests::{Deployment, baylink_bin, payload, summary};
+use baylink_tests::{Deployment, baylink_bin, payload};
 
 fn baylink(args: &[&str]) -> Output {
     Command::new(baylink_bin())
@@ -75,17 +75,7 @@ fn one_transfer(d: &Deployment) -> String {
     let src = d.path("payload");
     std::fs::create_dir_all(&src).unwrap();
     let f = payload(&src, "study.dcm", 300_000, 11).unwrap();
-    let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
-    assert!(
-        out.status.success(),
-        "send: {}\n{}",
-        text(&out.stderr),
-        gateway.log()
-    );
-    let id = summary(&out).unwrap()["transfer_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, id) = d.send_ok(&[&f], &gateway);
     assert!(gateway.terminate().unwrap().success());
     id
 }

@@ -506,12 +506,7 @@ fn audit_prove_carries_the_witness_cosignature_and_verify_proof_checks_it() {
     let d = Deployment::new().unwrap();
     let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
     let f = payload(d.dir.path(), "study.dcm", 50_000, 4).unwrap();
-    let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    let id = baylink_tests::summary(&out).unwrap()["transfer_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, id) = d.send_ok(&[&f], &gateway);
     assert!(gateway.terminate().unwrap().success());
     // `send` witnessed its exit checkpoint: the edge stored the gateway's cosignature.
     assert!(d.path("audit/edge/cosignatures.log").exists());

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baylink_tests::{
-    Deployment, Orthanc, Service, TlsProxy, orthanc_unavailable, stunnel_unavailable, summary,
+    Deployment, Orthanc, Service, TlsProxy, orthanc_unavailable, stunnel_unavailable,
 };
 
 use super::compliance::audit_records;
@@ -35,20 +35,8 @@ fn with_delivery(d: Deployment, url: &str, extra: &[(&str, &str)]) -> Deployment
 
 /// Sends `files` as one transfer; returns its id.
 fn send(d: &Deployment, files: &[PathBuf], gateway: &Service) -> String {
-    let mut args = vec!["--no-progress".to_owned()];
-    args.extend(files.iter().map(|f| f.to_str().unwrap().to_owned()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = d.send(&args).unwrap();
-    assert!(
-        out.status.success(),
-        "send: {}\ngateway:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gateway.log()
-    );
-    summary(&out).unwrap()["transfer_id"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    let files: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    d.send_ok(&files, gateway).1
 }
 
 /// The gateway's audit records of `kind` for transfer `id`.

@@ -49,16 +49,7 @@ fn finished_payloads_leave_both_spools_and_the_evidence_stays() {
     let src = d.path("payload");
     std::fs::create_dir_all(&src).unwrap();
     let file = payload(&src, "study.dcm", 3 * 1024 * 1024 + 17, 5).unwrap();
-    let out = d.send(&["--no-progress", file.to_str().unwrap()]).unwrap();
-    assert!(
-        out.status.success(),
-        "send: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = summary(&out).unwrap()["transfer_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (_, id) = d.send_ok(&[&file], &gateway);
 
     let limit = Duration::from_secs(60);
     let removed = "payload removed from the spool";
