@@ -190,6 +190,9 @@ pub struct IngestSection {
     pub idle_timeout: Duration,
     /// HTTPS: connections served at once (more wait in the kernel's accept queue).
     pub max_connections: usize,
+    /// An open (declared, uncommitted) transfer with no upload in progress for this long is
+    /// closed as failed and its files removed (`ingest.open_timeout`); `None`: never.
+    pub open_timeout: Option<Duration>,
 }
 
 /// The DICOM Storage SCP's settings: keys `ingest.dicom_*` and `[[ingest.dicom_peers]]`.
@@ -379,6 +382,7 @@ struct RawIngest {
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
+    open_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -451,6 +455,8 @@ pub const MIN_CHUNK_SIZE: u32 = 4096;
 /// Default `spool.retain`: three days, so a store failure found after a weekend can still be
 /// re-delivered from the gateway's copy.
 pub const DEFAULT_SPOOL_RETAIN: Duration = Duration::from_secs(3 * 24 * 3600);
+/// Default `ingest.open_timeout`: a day.
+pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default upper bound on one upload: 64 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
@@ -510,6 +516,13 @@ impl Config {
                 .transpose()
                 .map(|d| d.unwrap_or(default))
         };
+
+        // A duration, or "never" (None).
+        let duration_or_never =
+            |key: &'static str, s: &Option<String>, default: Duration| match s.as_deref() {
+                Some("never") => Ok(None),
+                _ => duration(key, s, default).map(Some),
+            };
 
         let role = raw.role;
         let missing = |key: &'static str| ConfigError::Missing {
@@ -661,6 +674,11 @@ impl Config {
                 Duration::from_secs(60),
             )?,
             max_connections: raw.ingest.max_connections.unwrap_or(64),
+            open_timeout: duration_or_never(
+                "ingest.open_timeout",
+                &raw.ingest.open_timeout,
+                DEFAULT_OPEN_TIMEOUT,
+            )?,
             dicom: DicomSection {
                 ae_title: raw
                     .ingest
@@ -876,14 +894,11 @@ impl Config {
             ingest,
             metrics_listen,
             spool_dir: resolve(&raw.spool.dir),
-            spool_retain: match raw.spool.retain.as_deref() {
-                Some("never") => None,
-                retain => Some(duration(
-                    "spool.retain",
-                    &retain.map(str::to_owned),
-                    DEFAULT_SPOOL_RETAIN,
-                )?),
-            },
+            spool_retain: duration_or_never(
+                "spool.retain",
+                &raw.spool.retain,
+                DEFAULT_SPOOL_RETAIN,
+            )?,
             audit_dir: resolve(&raw.audit.dir),
             audit: AuditSection {
                 checkpoint_every: match raw.audit.checkpoint_every {
@@ -962,7 +977,7 @@ path = "delivered"
 "#;
 
     #[test]
-    fn spool_retain_takes_a_duration_or_never() {
+    fn spool_retain_and_open_timeout_take_a_duration_or_never() {
         let parse = |retain: &str| {
             let text = GATEWAY.replace("[spool]", &format!("[spool]\nretain = \"{retain}\""));
             Config::parse(Path::new("g.toml"), &text).map(|c| c.spool_retain)
@@ -972,6 +987,15 @@ path = "delivered"
         assert_eq!(parse("never").unwrap(), None);
         let e = parse("forever").unwrap_err();
         assert!(e.to_string().contains("spool.retain"), "{e}");
+
+        let open = |t: &str| {
+            let text = format!("{GATEWAY}\n[ingest]\nopen_timeout = \"{t}\"\n");
+            Config::parse(Path::new("g.toml"), &text).map(|c| c.ingest.open_timeout)
+        };
+        assert_eq!(open("2h").unwrap(), Some(Duration::from_secs(7200)));
+        assert_eq!(open("never").unwrap(), None);
+        let e = open("later").unwrap_err();
+        assert!(e.to_string().contains("ingest.open_timeout"), "{e}");
     }
 
     #[test]
@@ -986,6 +1010,7 @@ path = "delivered"
         );
         assert_eq!(c.transport.retry_for, Duration::from_secs(600));
         assert_eq!(c.spool_retain, Some(DEFAULT_SPOOL_RETAIN));
+        assert_eq!(c.ingest.open_timeout, Some(DEFAULT_OPEN_TIMEOUT));
         assert_eq!(c.transport.chunk_size, DEFAULT_CHUNK_SIZE);
         assert!(matches!(c.delivery, Some(DeliverySection::Dir { .. })));
         assert_eq!(c.audit.checkpoint_every, 64);

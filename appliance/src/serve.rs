@@ -226,6 +226,9 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         cfg.clone(),
         edge.shared_policy().clone(),
     ));
+    if let Some(idle) = cfg.ingest.open_timeout {
+        tokio::spawn(expire_open_transfers(store.clone(), idle));
+    }
     health.set_ready();
     ops::notify_ready();
     info!(role = "edge", "serving");
@@ -290,6 +293,17 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     edge.witness_bounded().await;
     edge.close_link().await;
     Ok(())
+}
+
+/// Closes open transfers idle for `idle` (`ingest.open_timeout`), checking as often as
+/// spool retention would for that duration (1 s to 1 min).
+async fn expire_open_transfers(store: IngestStore, idle: Duration) {
+    let mut tick = tokio::time::interval(retention::interval(Some(idle)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        store.expire_idle(idle).await;
+    }
 }
 
 // audit: periodic and shutdown checkpoints of the audit log.

@@ -7,6 +7,7 @@
 //! spool/<id>/status.json          what GET /v1/transfers/{id} answers (stages with times)
 //! spool/<id>/parts/<n>            an upload in progress (a number: any file name fits)
 //! spool/<id>/files/<name>.digests size and chunk digests of a finished file (JSON)
+//! spool/<id>/expired              closed by `ingest.open_timeout` without a commit (why)
 //! ```
 //!
 //! A finished upload is fsynced, renamed to `data/<name>` (directory fsynced), and only then
@@ -18,7 +19,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use baylink_net::proto::{
@@ -240,6 +241,14 @@ struct OpenTransfer {
     /// Bytes of finished files plus bytes received by uploads in progress.
     bytes: AtomicU64,
     state: Mutex<OpenState>,
+    /// When it was declared (or recovered), or an upload of it last began or ended.
+    touched: Mutex<Instant>,
+}
+
+impl OpenTransfer {
+    fn touch(&self) {
+        *lock(&self.touched) = Instant::now();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -274,6 +283,9 @@ fn owner_path(dir: &TransferDir) -> PathBuf {
 }
 fn status_path(dir: &TransferDir) -> PathBuf {
     dir.root().join("status.json")
+}
+fn expired_path(dir: &TransferDir) -> PathBuf {
+    dir.root().join("expired")
 }
 fn parts_dir(dir: &TransferDir) -> PathBuf {
     dir.root().join("parts")
@@ -333,6 +345,15 @@ impl IngestStore {
         let ids = transfer_dir::list(&store.inner.spool_dir, |d| {
             is_ingest_transfer(d) && !d.manifest_bin().exists()
         });
+        let (expired, ids): (Vec<_>, Vec<_>) = ids
+            .into_iter()
+            .partition(|id| expired_path(&store.dir(id)).exists());
+        for id in expired {
+            // Closed by `ingest.open_timeout`; a crash may have cut the removal short.
+            if let Err(e) = remove_uploads(&store.dir(&id)) {
+                warn!(transfer = %id, error = %e, "cannot remove the files of an expired transfer");
+            }
+        }
         for id in ids {
             let dir = TransferDir::new(&store.inner.spool_dir, &id);
             match recover_open(&dir) {
@@ -427,6 +448,7 @@ impl IngestStore {
                 declaration,
                 bytes: AtomicU64::new(0),
                 state: Mutex::new(OpenState::default()),
+                touched: Mutex::new(Instant::now()),
             }),
         );
         metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "ok")
@@ -449,6 +471,11 @@ impl IngestStore {
             return Ok(t);
         }
         if self.owner(id).as_deref() == Some(hospital) {
+            if let Ok(why) = std::fs::read_to_string(expired_path(&self.dir(id))) {
+                return Err(IngestError::Conflict(format!(
+                    "{why}; declare a new transfer"
+                )));
+            }
             return Err(IngestError::Conflict(
                 "the transfer is committed; open a new one".into(),
             ));
@@ -488,6 +515,7 @@ impl IngestStore {
             }
             st.files.is_empty() && st.uploading.len() == 1
         };
+        transfer.touch();
         let dir = self.dir(id);
         let part = parts_dir(&dir).join(format!(
             "{}",
@@ -791,6 +819,77 @@ impl IngestStore {
     }
 
     /// Appends to the edge's audit log; a failure fails the step it records (fail closed).
+    /// Closes every open transfer that has had no upload in progress, and none begin or
+    /// end, for `idle` (`ingest.open_timeout`): a hospital that declared and never
+    /// committed. Each gets an `expired` audit record, then the `expired` marker (the
+    /// reason, which later uploads and commits are refused with), the `failed` state in its
+    /// status, and its files are removed. Returns how many were closed.
+    pub async fn expire_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        lock(&self.inner.open).retain(|id, t| {
+            let mut st = lock(&t.state);
+            let idle_for = now.saturating_duration_since(*lock(&t.touched));
+            let expire = !st.committed && st.uploading.is_empty() && idle_for >= idle;
+            if expire {
+                // Under the state lock: an upload that begins now sees a closed transfer.
+                st.committed = true;
+                due.push((*id, Arc::clone(t)));
+            }
+            !expire
+        });
+        let mut closed = 0;
+        for (id, t) in due {
+            let reason = format!(
+                "the transfer expired: not committed within {} of its last upload                  (ingest.open_timeout)",
+                humantime::format_duration(idle)
+            );
+            match self.close_expired(&id, &t, &reason).await {
+                Ok(()) => {
+                    closed += 1;
+                    info!(transfer = %id, hospital = %t.hospital, "open transfer expired: files removed");
+                    metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "expired").increment(1);
+                }
+                Err(e) => {
+                    warn!(transfer = %id, error = %e, "cannot close an expired transfer; it stays open");
+                    lock(&t.state).committed = false;
+                    lock(&self.inner.open).insert(id, t);
+                }
+            }
+        }
+        closed
+    }
+
+    async fn close_expired(
+        &self,
+        id: &TransferId,
+        t: &OpenTransfer,
+        reason: &str,
+    ) -> Result<(), IngestError> {
+        // audit: the record is durable before anything is removed.
+        self.audit(Event {
+            hospital: Some(t.hospital.clone()),
+            detail: Some(reason.to_owned()),
+            ..Event::declared(Kind::Expired, Some(id.to_string()), &t.declaration)
+        })
+        .await?;
+        let (dir, why) = (self.dir(id), reason.to_owned());
+        blocking(move || {
+            write_atomic(&expired_path(&dir), why.as_bytes()).map_err(internal("expired"))
+        })
+        .await?;
+        // Closed from here on, whatever follows: the marker is what start-up goes by.
+        self.add_stage(id, TransferState::Failed, Some(reason.to_owned()))
+            .await;
+        let dir = self.dir(id);
+        if let Err(e) =
+            blocking(move || remove_uploads(&dir).map_err(internal("cannot remove"))).await
+        {
+            warn!(transfer = %id, error = %e, "expired transfer: files not removed (retried at the next start)");
+        }
+        Ok(())
+    }
+
     async fn audit(&self, event: Event) -> Result<(), IngestError> {
         self.inner
             .edge
@@ -1060,6 +1159,18 @@ fn finished_files(dir: &TransferDir) -> (usize, u64) {
     (n, bytes)
 }
 
+/// Removes what the hospital uploaded into a transfer that will never be sent: `data/`,
+/// `parts/` and the digest records in `files/`. Missing directories are fine.
+fn remove_uploads(dir: &TransferDir) -> std::io::Result<()> {
+    for path in [dir.data_dir(), parts_dir(dir), files_dir(dir)] {
+        match std::fs::remove_dir_all(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    transfer_dir::sync_dir(dir.root())
+}
+
 /// Reloads an open transfer after a restart: finished files from their records; unfinished
 /// uploads (parts/) removed.
 fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
@@ -1095,6 +1206,8 @@ fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
             uploading: HashSet::new(),
             files,
         }),
+        // The idle clock starts again at a restart.
+        touched: Mutex::new(Instant::now()),
     })
 }
 
@@ -1338,6 +1451,7 @@ impl FileUpload {
         st.uploading.remove(&self.name);
         st.files.insert(self.name.clone(), size);
         drop(st);
+        self.transfer.touch();
         info!(transfer = %self.id, file = %self.name, size, "file received");
         metrics::counter!("baylink_bytes_total", "direction" => "ingested").increment(size);
         Ok(size)
@@ -1353,6 +1467,7 @@ impl Drop for FileUpload {
             .bytes
             .fetch_sub(self.counted, Ordering::Relaxed);
         lock(&self.transfer.state).uploading.remove(&self.name);
+        self.transfer.touch();
         // The part file has a name of its own: a retry writes elsewhere, so removing this one
         // later cannot touch it.
         let mut writes = std::mem::take(&mut self.writes);

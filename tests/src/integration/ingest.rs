@@ -1049,3 +1049,69 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
     assert_eq!(a.status, 201, "the previous policy stays in force: {a:?}");
     api.healthy();
 }
+
+#[test]
+fn an_open_transfer_left_idle_expires_with_a_record_and_its_files_go() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    d.set("edge.toml", "ingest", "open_timeout", "\"5s\"")
+        .unwrap();
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge1 = edge(&d);
+    let api = Api { d: &d };
+    let a = payload(d.dir.path(), "a.dcm", 700 * 1024, 31).unwrap();
+
+    // One the hospital forgets to commit, one it commits at once.
+    let idle = api.open();
+    assert_eq!(api.put("hospital-a", &idle, "a.dcm", &a, &[]).status, 201);
+    let done = api.open();
+    assert_eq!(api.put("hospital-a", &done, "a.dcm", &a, &[]).status, 201);
+    assert_eq!(api.commit("hospital-a", &done).status, 202);
+
+    edge1.wait_for_log(&["open transfer expired", &idle], DEADLINE);
+    let s = api.status("hospital-a", &idle).json();
+    assert_eq!(s["state"], "failed", "{s}");
+    assert!(
+        s["error"].as_str().unwrap().contains("ingest.open_timeout"),
+        "{s}"
+    );
+    for late in [
+        api.put("hospital-a", &idle, "b.dcm", &a, &[]),
+        api.commit("hospital-a", &idle),
+    ] {
+        assert_eq!(late.status, 409, "{late:?}");
+        assert!(late.body.contains("expired"), "{late:?}");
+    }
+    let dir = d.path(&format!("spool/edge/{idle}"));
+    assert!(
+        files_under(&dir)
+            .iter()
+            .all(|p| !p.starts_with(dir.join("data"))
+                && !p.starts_with(dir.join("parts"))
+                && !p.starts_with(dir.join("files"))),
+        "{:?}",
+        files_under(&dir)
+    );
+    assert!(dir.join("expired").exists());
+
+    let records: Vec<Value> = std::fs::read_to_string(d.path("audit/edge/records.log"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l.split_once(' ').unwrap().1).unwrap())
+        .filter(|r: &Value| r["transfer"] == idle.as_str())
+        .collect();
+    let kinds: Vec<&str> = records
+        .iter()
+        .map(|r| r["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["declared", "expired"], "{records:?}");
+    assert_eq!(records[1]["hospital"], "hospital-a");
+
+    // The committed one was never at risk, and a restart does not reopen the expired one.
+    api.wait_state(&done, "committed");
+    d.wait_delivered(&done, "a.dcm", DEADLINE);
+    edge1.terminate().unwrap();
+    let _edge2 = edge(&d);
+    assert_eq!(api.status("hospital-a", &idle).json()["state"], "failed");
+    assert_eq!(api.put("hospital-a", &idle, "b.dcm", &a, &[]).status, 409);
+}
