@@ -69,6 +69,24 @@ pub enum Command {
     /// The tamper-evident audit log: verify it, prove a transfer's records, sign a checkpoint.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// List the transfers in the appliance's spool: state, bytes held, creation time.
+    ///
+    /// States on the edge: open (hospital upload, not committed), expired (closed by
+    /// ingest.open_timeout), sealed (no receipt yet), receipted, pruned (payload removed under
+    /// spool.retain). On the gateway: receiving, committed (awaiting delivery), undeliverable
+    /// (set aside), delivered, pruned. Read-only; safe beside a running `serve`.
+    Spool(SpoolArgs),
+}
+
+/// Arguments of `spool`.
+#[derive(Debug, Args)]
+pub struct SpoolArgs {
+    /// The appliance config (TOML).
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// One JSON document on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `audit` subcommands.

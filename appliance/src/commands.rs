@@ -50,6 +50,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Send(args) => return send(args),
         Command::Hsm(cmd) => hsm(cmd),
         Command::Audit(cmd) => audit(cmd),
+        Command::Spool(args) => spool(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -193,6 +194,22 @@ fn hsm(cmd: HsmCommand) -> anyhow::Result<u8> {
         }
         Ok(0)
     })
+}
+
+fn spool(args: &crate::cli::SpoolArgs) -> anyhow::Result<u8> {
+    let cfg = Config::load(&args.config)?;
+    anyhow::ensure!(
+        cfg.spool_dir.is_dir(),
+        "spool.dir {} is not a directory",
+        cfg.spool_dir.display()
+    );
+    let inventory = crate::inventory::take(&cfg.spool_dir, cfg.role);
+    if args.json {
+        println!("{}", serde_json::to_string(&inventory)?);
+    } else {
+        print!("{}", inventory.table());
+    }
+    Ok(0)
 }
 
 fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {

@@ -151,7 +151,7 @@ fn remove_payload(dir: &TransferDir) -> anyhow::Result<u64> {
 }
 
 /// Sum of the file sizes under `path` (0 when it does not exist).
-fn tree_size(path: &Path) -> io::Result<u64> {
+pub(crate) fn tree_size(path: &Path) -> io::Result<u64> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),

@@ -65,6 +65,27 @@ fn finished_payloads_leave_both_spools_and_the_evidence_stays() {
             assert!(dir.join(kept).exists(), "{side} lost {kept}");
         }
     }
+    // `baylink spool` shows both as pruned, holding only their evidence.
+    for config in [d.gateway_config(), d.edge_config()] {
+        let out = Command::new(baylink_bin())
+            .args(["spool", "--json", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let inv: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let t = &inv["transfers"][0];
+        assert_eq!(
+            (t["transfer"].as_str(), t["state"].as_str()),
+            (Some(id.as_str()), Some("pruned")),
+            "{inv}"
+        );
+        assert!(t["bytes"].as_u64().unwrap() < 64 * 1024, "{inv}");
+    }
     // The delivered copy shared its inode with the gateway's spool copy: still whole.
     assert_eq!(
         sha256_file(&file).unwrap(),
