@@ -578,4 +578,6 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
 }
 
 #[cfg(test)]
+pub(crate) mod testing;
+#[cfg(test)]
 mod tests;

@@ -4,60 +4,12 @@
 
 use std::io::Write;
 
-use baylink_hsm::testing::SoftHsm;
-use baylink_hsm::{PublicKey, Signer, Token};
+use baylink_hsm::{PublicKey, Token};
 
+use super::testing::Fixture;
 use super::*;
 
 const PATIENT: &str = "P-7731-SECRET";
-
-/// A SoftHSM key and a log directory. Field order is drop order: the token before the fixture.
-struct Fixture {
-    dir: tempfile::TempDir,
-    signer: Signer,
-    _token: Token,
-    _hsm: SoftHsm,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        let hsm = SoftHsm::new().unwrap();
-        let token = hsm.open("audit").unwrap();
-        token.generate_key("audit").unwrap();
-        let signer = token.signer().unwrap();
-        Fixture {
-            dir: tempfile::tempdir().unwrap(),
-            signer,
-            _token: token,
-            _hsm: hsm,
-        }
-    }
-
-    fn settings(&self, every: u64) -> LogSettings {
-        LogSettings {
-            dir: self.dir.path().to_owned(),
-            appliance_id: "edge".into(),
-            checkpoint_every: every,
-            patient_key: None,
-        }
-    }
-
-    fn open(&self, every: u64) -> Log {
-        Log::open(&self.settings(every), self.signer.clone()).unwrap()
-    }
-
-    fn key(&self) -> PublicKey {
-        self.signer.public_key().clone()
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn verify(&self) -> Result<Summary, AuditError> {
-        verify(self.dir.path(), &self.key())
-    }
-}
 
 fn event(i: usize) -> Event {
     Event {
@@ -386,7 +338,7 @@ fn proofs_verify_offline_and_edits_are_refused() {
             .contains("does not verify")
     );
     // Another key: the signature is not by it.
-    let other = f._token.generate_key("other").unwrap();
+    let other = f.token.generate_key("other").unwrap();
     assert!(verify_proof(&proof, &other).is_err());
     assert!(matches!(
         prove(f.dir.path(), "t-9"),
@@ -401,9 +353,9 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     let f = Fixture::new();
     let edge = f.open(100);
     // The gateway: its own key and log directory on the same token.
-    f._token.generate_key("gw").unwrap();
+    f.token.generate_key("gw").unwrap();
     let gw_signer = {
-        let hsm_cfg = f._hsm.config("gw");
+        let hsm_cfg = f.hsm.config("gw");
         Token::open(&hsm_cfg).unwrap().signer().unwrap()
     };
     let gw_dir = tempfile::tempdir().unwrap();

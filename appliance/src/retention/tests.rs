@@ -4,44 +4,26 @@
 
 use std::fs::{self, File};
 
-use baylink_hsm::testing::SoftHsm;
-use baylink_hsm::{Signer, Token};
 use baylink_net::proto::{ChunkHasher, ManifestBuilder, TransferId};
 
 use super::*;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-/// A spool, an audit log and the SoftHSM key that signs it. Field order is drop order.
+/// A spool and an audit log signed by a SoftHSM key. Field order is drop order.
 struct Fixture {
     spool: tempfile::TempDir,
-    audit_dir: tempfile::TempDir,
     log: audit::Log,
-    signer: Signer,
-    _token: Token,
-    _hsm: SoftHsm,
+    audit: audit::testing::Fixture,
 }
 
 impl Fixture {
     fn new() -> Fixture {
-        let hsm = SoftHsm::new().unwrap();
-        let token = hsm.open("audit").unwrap();
-        token.generate_key("audit").unwrap();
-        let signer = token.signer().unwrap();
-        let audit_dir = tempfile::tempdir().unwrap();
-        let settings = audit::LogSettings {
-            dir: audit_dir.path().to_owned(),
-            appliance_id: "test".into(),
-            checkpoint_every: 64,
-            patient_key: None,
-        };
+        let audit = audit::testing::Fixture::new();
         Fixture {
             spool: tempfile::tempdir().unwrap(),
-            log: audit::Log::open(&settings, signer.clone()).unwrap(),
-            audit_dir,
-            signer,
-            _token: token,
-            _hsm: hsm,
+            log: audit.open(64),
+            audit,
         }
     }
 
@@ -83,8 +65,8 @@ impl Fixture {
     /// The `expired` records in the log, after checking the whole log verifies.
     fn expired_records(&self) -> Vec<audit::Record> {
         self.log.checkpoint_blocking().unwrap();
-        audit::verify(self.audit_dir.path(), self.signer.public_key()).unwrap();
-        let text = match fs::read(self.audit_dir.path().join(audit::RECORDS_FILE)) {
+        self.audit.verify().unwrap();
+        let text = match fs::read(self.audit.path(audit::RECORDS_FILE)) {
             Ok(text) => text,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
             Err(e) => panic!("{e}"),
