@@ -185,7 +185,8 @@ pub fn spool_space(spool_dir: &Path) -> io::Result<(u64, u64)> {
 }
 
 /// `serve`'s retention loop: sweeps (when `retain` is set) and refreshes the spool gauges
-/// `baylink_spool_capacity_bytes` and `baylink_spool_available_bytes`, every
+/// `baylink_spool_capacity_bytes`, `baylink_spool_available_bytes` and
+/// `baylink_spool_transfers{state}` (see [`crate::inventory::SpoolState`]), every
 /// [`interval`]. Runs until aborted.
 pub async fn run(spool_dir: PathBuf, role: Role, retain: Option<Duration>, audit: audit::Log) {
     let mut tick = tokio::time::interval(interval(retain));
@@ -195,11 +196,15 @@ pub async fn run(spool_dir: PathBuf, role: Role, retain: Option<Duration>, audit
         let (dir, log) = (spool_dir.clone(), audit.clone());
         let swept = tokio::task::spawn_blocking(move || {
             let done = retain.map(|r| sweep(&dir, role, r, SystemTime::now(), &log));
-            (done, spool_space(&dir))
+            (done, spool_space(&dir), crate::inventory::count(&dir, role))
         })
         .await;
         match swept {
-            Ok((done, space)) => {
+            Ok((done, space, counts)) => {
+                for (state, n) in counts {
+                    metrics::gauge!("baylink_spool_transfers", "state" => state.name())
+                        .set(n as f64);
+                }
                 if let Some(done) = done {
                     metrics::counter!("baylink_spool_pruned_total").increment(done.pruned.into());
                     metrics::counter!("baylink_spool_pruned_bytes_total").increment(done.bytes);

@@ -101,6 +101,20 @@ fn finished_payloads_leave_both_spools_and_the_evidence_stays() {
         "baylink_spool_pruned_bytes_total {}",
         3 * 1024 * 1024 + 17
     )));
+    // The sweep sets the gauges just after its log line: poll the endpoint briefly.
+    let deadline = std::time::Instant::now() + limit;
+    while !d
+        .metrics(true)
+        .unwrap()
+        .contains("baylink_spool_transfers{state=\"pruned\"} 1")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            d.metrics(true).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let edge_metrics = d.metrics(false).unwrap();
     assert!(
         edge_metrics.contains("baylink_spool_available_bytes "),
