@@ -105,6 +105,22 @@ pub struct Entry {
     pub bytes: u64,
     /// When it was created (from the UUIDv7 id), RFC 3339.
     pub created: String,
+    /// Why, for `undeliverable`, `expired` and `pruned`: the reason its marker file holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The reason a marker file holds, for the states that have one (at most 500 bytes).
+fn reason_of(dir: &TransferDir, state: SpoolState) -> Option<String> {
+    let marker = match state {
+        SpoolState::Undeliverable => dir.undeliverable(),
+        SpoolState::Expired => dir.root().join("expired"),
+        SpoolState::Pruned => dir.pruned(),
+        _ => return None,
+    };
+    let text = std::fs::read(marker).ok()?;
+    let text = String::from_utf8_lossy(&text[..text.len().min(500)]);
+    Some(text.trim().to_owned())
 }
 
 /// A spool's transfers, oldest first.
@@ -148,9 +164,11 @@ pub fn take(spool_dir: &Path, role: Role) -> Inventory {
         .into_iter()
         .map(|id| {
             let dir = TransferDir::new(spool_dir, &id);
+            let state = state_of(&dir, role);
             Entry {
                 transfer: id.to_string(),
-                state: state_of(&dir, role),
+                state,
+                reason: reason_of(&dir, state),
                 bytes: crate::retention::tree_size(dir.root()).unwrap_or(0),
                 created: humantime::format_rfc3339_seconds(created(&id)).to_string(),
             }
@@ -328,6 +346,20 @@ mod tests {
         assert!(table.contains(&e.transfer) && table.contains("receiving 1 (1001 bytes)"));
         let json = serde_json::to_value(&inv).unwrap();
         assert_eq!(json["transfers"][0]["state"], "receiving");
+        assert!(json["transfers"][0].get("reason").is_none());
+
+        let refused = dir_with(
+            spool.path(),
+            &["manifest.bin", "receipt.bin", "receipt.sig"],
+        );
+        std::fs::write(refused.undeliverable(), "store answered 409\n").unwrap();
+        let inv = take(spool.path(), Role::Gateway);
+        let e = inv
+            .transfers
+            .iter()
+            .find(|e| e.state == SpoolState::Undeliverable)
+            .unwrap();
+        assert_eq!(e.reason.as_deref(), Some("store answered 409"));
         assert_eq!(json["role"], "gateway");
     }
 }

@@ -85,6 +85,10 @@ fn finished_payloads_leave_both_spools_and_the_evidence_stays() {
             "{inv}"
         );
         assert!(t["bytes"].as_u64().unwrap() < 64 * 1024, "{inv}");
+        assert!(
+            t["reason"].as_str().unwrap().contains("spool.retain"),
+            "{inv}"
+        );
     }
     // The delivered copy shared its inode with the gateway's spool copy: still whole.
     assert_eq!(
