@@ -818,7 +818,6 @@ impl IngestStore {
         Ok(())
     }
 
-    /// Appends to the edge's audit log; a failure fails the step it records (fail closed).
     /// Closes every open transfer that has had no upload in progress, and none begin or
     /// end, for `idle` (`ingest.open_timeout`): a hospital that declared and never
     /// committed. Each gets an `expired` audit record, then the `expired` marker (the
@@ -841,7 +840,8 @@ impl IngestStore {
         let mut closed = 0;
         for (id, t) in due {
             let reason = format!(
-                "the transfer expired: not committed within {} of its last upload                  (ingest.open_timeout)",
+                "the transfer expired: not committed within {} of its last upload \
+                 (ingest.open_timeout)",
                 humantime::format_duration(idle)
             );
             match self.close_expired(&id, &t, &reason).await {
@@ -890,6 +890,7 @@ impl IngestStore {
         Ok(())
     }
 
+    /// Appends to the edge's audit log; a failure fails the step it records (fail closed).
     async fn audit(&self, event: Event) -> Result<(), IngestError> {
         self.inner
             .edge

@@ -1071,10 +1071,9 @@ fn an_open_transfer_left_idle_expires_with_a_record_and_its_files_go() {
     edge1.wait_for_log(&["open transfer expired", &idle], DEADLINE);
     let s = api.status("hospital-a", &idle).json();
     assert_eq!(s["state"], "failed", "{s}");
-    assert!(
-        s["error"].as_str().unwrap().contains("ingest.open_timeout"),
-        "{s}"
-    );
+    let error = s["error"].as_str().unwrap();
+    assert!(error.contains("ingest.open_timeout"), "{s}");
+    assert!(!error.contains("  "), "one line, single spaces: {error:?}");
     for late in [
         api.put("hospital-a", &idle, "b.dcm", &a, &[]),
         api.commit("hospital-a", &idle),
