@@ -114,7 +114,7 @@ pub struct Entry {
 fn reason_of(dir: &TransferDir, state: SpoolState) -> Option<String> {
     let marker = match state {
         SpoolState::Undeliverable => dir.undeliverable(),
-        SpoolState::Expired => dir.root().join("expired"),
+        SpoolState::Expired => dir.expired(),
         SpoolState::Pruned => dir.pruned(),
         _ => return None,
     };
@@ -138,15 +138,13 @@ pub struct Inventory {
 
 /// The state of the transfer in `dir` on an appliance of `role`.
 pub fn state_of(dir: &TransferDir, role: Role) -> SpoolState {
-    let root = dir.root();
-    let has = |name: &str| root.join(name).exists();
     let receipted = dir.has_receipt();
     match role {
-        Role::Edge if has("expired") => SpoolState::Expired,
+        Role::Edge if dir.expired().exists() => SpoolState::Expired,
         Role::Edge if receipted && dir.pruned().exists() => SpoolState::Pruned,
         Role::Edge if receipted => SpoolState::Receipted,
         Role::Edge if dir.manifest_bin().exists() => SpoolState::Sealed,
-        Role::Edge if has("owner") => SpoolState::Open,
+        Role::Edge if crate::ingest::store::is_ingest_transfer(dir) => SpoolState::Open,
         Role::Gateway if receipted && dir.undeliverable().exists() => SpoolState::Undeliverable,
         Role::Gateway if receipted && dir.delivered().exists() && dir.pruned().exists() => {
             SpoolState::Pruned

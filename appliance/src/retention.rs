@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::audit::{self, Event, Kind};
 use crate::config::Role;
-use crate::transfer_dir::{self, TransferDir, sync_dir, write_atomic};
+use crate::transfer_dir::{self, TransferDir, write_atomic};
 
 /// What one sweep did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +84,7 @@ fn finished_at(dir: &TransferDir, role: Role) -> Option<SystemTime> {
 
 /// The payload directories of a transfer.
 fn payload_dirs(dir: &TransferDir) -> [PathBuf; 2] {
-    [dir.data_dir(), dir.root().join("parts")]
+    [dir.data_dir(), dir.parts_dir()]
 }
 
 /// Prunes `dir` if it is due; returns the bytes removed, or `None` when it is not due.
@@ -133,20 +133,12 @@ fn prune_if_due(
 
 /// Removes the payload directories and makes that durable; returns the bytes they held.
 fn remove_payload(dir: &TransferDir) -> anyhow::Result<u64> {
+    let dirs = payload_dirs(dir);
     let mut bytes = 0;
-    for path in payload_dirs(dir) {
-        bytes += tree_size(&path)?;
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(
-                    anyhow::Error::new(e).context(format!("cannot remove {}", path.display()))
-                );
-            }
-        }
+    for path in &dirs {
+        bytes += tree_size(path)?;
     }
-    sync_dir(dir.root())?;
+    dir.remove_dirs(&dirs)?;
     Ok(bytes)
 }
 

@@ -12,6 +12,8 @@
 //! spool/<id>/delivered          gateway: delivery finished
 //! spool/<id>/undeliverable      gateway: the store refused it (the reason)
 //! spool/<id>/pruned             the payload (`data/`) was removed under `spool.retain`
+//! spool/<id>/parts/             edge: hospital uploads in progress (see `ingest::store`)
+//! spool/<id>/expired            edge: an upload closed by `ingest.open_timeout` (the reason)
 //! ```
 //!
 //! Small records are written atomically (temporary file, fsync, rename, directory fsync), so a
@@ -118,6 +120,33 @@ impl TransferDir {
     /// `pruned`: the payload was removed under `spool.retain`; holds the reason.
     pub fn pruned(&self) -> PathBuf {
         self.root.join("pruned")
+    }
+
+    /// `parts/`: hospital uploads in progress (edge).
+    pub fn parts_dir(&self) -> PathBuf {
+        self.root.join("parts")
+    }
+
+    /// `expired`: a hospital upload closed by `ingest.open_timeout` (edge); holds the reason.
+    pub fn expired(&self) -> PathBuf {
+        self.root.join("expired")
+    }
+
+    /// Removes each of `dirs` (directories inside this transfer's) with everything in it, a
+    /// missing one being fine, then fsyncs the transfer's directory: the removal is durable.
+    pub fn remove_dirs(&self, dirs: &[PathBuf]) -> io::Result<()> {
+        for path in dirs {
+            match fs::remove_dir_all(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot remove {}: {e}", path.display()),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        sync_dir(&self.root)
     }
 
     /// Reads and decodes `manifest.bin` (default limits: the manifest was checked when it was

@@ -284,12 +284,6 @@ fn owner_path(dir: &TransferDir) -> PathBuf {
 fn status_path(dir: &TransferDir) -> PathBuf {
     dir.root().join("status.json")
 }
-fn expired_path(dir: &TransferDir) -> PathBuf {
-    dir.root().join("expired")
-}
-fn parts_dir(dir: &TransferDir) -> PathBuf {
-    dir.root().join("parts")
-}
 fn files_dir(dir: &TransferDir) -> PathBuf {
     dir.root().join("files")
 }
@@ -347,7 +341,7 @@ impl IngestStore {
         });
         let (expired, ids): (Vec<_>, Vec<_>) = ids
             .into_iter()
-            .partition(|id| expired_path(&store.dir(id)).exists());
+            .partition(|id| store.dir(id).expired().exists());
         for id in expired {
             // Closed by `ingest.open_timeout`; a crash may have cut the removal short.
             if let Err(e) = remove_uploads(&store.dir(&id)) {
@@ -429,7 +423,7 @@ impl IngestStore {
         blocking(move || {
             d2.create()
                 .map_err(internal("cannot create the transfer"))?;
-            std::fs::create_dir_all(parts_dir(&d2)).map_err(internal("parts/"))?;
+            std::fs::create_dir_all(d2.parts_dir()).map_err(internal("parts/"))?;
             std::fs::create_dir_all(files_dir(&d2)).map_err(internal("files/"))?;
             let json = serde_json::to_vec_pretty(&decl)
                 .map_err(|e| IngestError::Internal(e.to_string()))?;
@@ -471,7 +465,7 @@ impl IngestStore {
             return Ok(t);
         }
         if self.owner(id).as_deref() == Some(hospital) {
-            if let Ok(why) = std::fs::read_to_string(expired_path(&self.dir(id))) {
+            if let Ok(why) = std::fs::read_to_string(self.dir(id).expired()) {
                 return Err(IngestError::Conflict(format!(
                     "{why}; declare a new transfer"
                 )));
@@ -517,7 +511,7 @@ impl IngestStore {
         };
         transfer.touch();
         let dir = self.dir(id);
-        let part = parts_dir(&dir).join(format!(
+        let part = dir.parts_dir().join(format!(
             "{}",
             self.inner.next_part.fetch_add(1, Ordering::Relaxed)
         ));
@@ -874,10 +868,8 @@ impl IngestStore {
         })
         .await?;
         let (dir, why) = (self.dir(id), reason.to_owned());
-        blocking(move || {
-            write_atomic(&expired_path(&dir), why.as_bytes()).map_err(internal("expired"))
-        })
-        .await?;
+        blocking(move || write_atomic(&dir.expired(), why.as_bytes()).map_err(internal("expired")))
+            .await?;
         // Closed from here on, whatever follows: the marker is what start-up goes by.
         self.add_stage(id, TransferState::Failed, Some(reason.to_owned()))
             .await;
@@ -1163,20 +1155,14 @@ fn finished_files(dir: &TransferDir) -> (usize, u64) {
 /// Removes what the hospital uploaded into a transfer that will never be sent: `data/`,
 /// `parts/` and the digest records in `files/`. Missing directories are fine.
 fn remove_uploads(dir: &TransferDir) -> std::io::Result<()> {
-    for path in [dir.data_dir(), parts_dir(dir), files_dir(dir)] {
-        match std::fs::remove_dir_all(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-    }
-    transfer_dir::sync_dir(dir.root())
+    dir.remove_dirs(&[dir.data_dir(), dir.parts_dir(), files_dir(dir)])
 }
 
 /// Reloads an open transfer after a restart: finished files from their records; unfinished
 /// uploads (parts/) removed.
 fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
     let hospital = std::fs::read_to_string(owner_path(dir)).map_err(internal("owner"))?;
-    if let Ok(entries) = std::fs::read_dir(parts_dir(dir)) {
+    if let Ok(entries) = std::fs::read_dir(dir.parts_dir()) {
         for e in entries.filter_map(Result::ok) {
             let _ = std::fs::remove_file(e.path());
         }

@@ -141,11 +141,11 @@ fn the_edge_removes_the_payload_of_receipted_transfers_only() {
     // A receipt without its signature is not a verified receipt.
     let half = f.transfer(&["receipt.bin"], 9 * DAY);
     let sealed = f.transfer(&[], 9 * DAY);
-    fs::create_dir_all(receipted.root().join("parts")).unwrap();
+    fs::create_dir_all(receipted.parts_dir()).unwrap();
 
     let done = f.sweep(Role::Edge, Duration::ZERO);
     assert_eq!(done.pruned, 1);
-    assert!(!has_payload(&receipted) && !receipted.root().join("parts").exists());
+    assert!(!has_payload(&receipted) && !receipted.parts_dir().exists());
     assert!(has_payload(&half) && has_payload(&sealed));
     let records = f.expired_records();
     assert_eq!(records.len(), 1);
