@@ -7,6 +7,7 @@ use anyhow::{Context, Result, anyhow};
 
 use crate::cmd;
 use crate::packages;
+use crate::unit;
 
 /// Options of the CI run.
 #[derive(Debug)]
@@ -205,6 +206,11 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
         "build",
         &["build", "--workspace", "--bins", "--release", "--locked"],
         &env,
+    )?;
+    steps.step(
+        "systemd",
+        "systemd-analyze verify and security of systemd/baylink.service",
+        || unit::check(&cmd::workspace_root()),
     )?;
     steps.cargo(
         "test",

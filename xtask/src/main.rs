@@ -2,7 +2,8 @@
 //! `.cargo/config.toml`).
 //!
 //! - `cargo xtask ci`: installs the Debian packages the tests need, makes sure cargo-nextest is
-//!   there, then runs fmt, clippy, doc and the test suite, each step timed. `.ci/run` calls it.
+//!   there, then runs fmt, clippy, doc, the release build, the systemd unit's checks and the test
+//!   suite, each step timed. `.ci/run` calls it.
 //! - `cargo xtask demo`: builds `baylink`, sets up a loopback deployment with `baylink dev-env`,
 //!   starts the gateway, sends a generated payload with `baylink send`, checks that the delivered
 //!   copy is byte-identical and prints the throughput.
@@ -19,6 +20,7 @@ mod notify;
 mod packages;
 mod payload;
 mod size;
+mod unit;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -80,6 +80,12 @@ pub const TEST_PACKAGES: &[Package] = &[
         // A TLS front for Orthanc (whose own HTTPS crashes in Debian's 1.10 build).
         why: "stunnel, the https front of the store in the https delivery tests",
     },
+    Package {
+        name: "systemd",
+        // systemd-analyze: `verify` and `security` of the shipped unit in CI (no running systemd
+        // is needed: both read the unit file offline).
+        why: "systemd-analyze, to verify the shipped unit and rate its sandboxing",
+    },
 ];
 
 /// The one package the demo needs: the software HSM that `baylink dev-env` provisions.
