@@ -1,0 +1,406 @@
+//! A transfer's life in the store: declare (the compliance checkpoint), commit (size check,
+//! seal from the recorded digests, HSM signature), abandon, expire (`ingest.open_timeout`),
+//! and the reload of open transfers at start-up.
+//!
+//! Every step here is audited before it takes effect. What this file must not do: touch
+//! payload bytes (uploads are [`super::upload`]'s), write `status.json` other than through
+//! `add_stage` ([`super::status`]), or send anything (it hands sealed transfers to
+//! [`super::send`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use baylink_net::proto::{Digest, ManifestBuilder, TransferId};
+use tracing::{info, warn};
+
+use super::{
+    FileRecord, IngestError, IngestStore, OpenState, OpenTransfer, Stage, TransferState,
+    TransferStatus, blocking, files_dir, internal, lock, now_rfc3339, owner_path, record_path,
+    status_path,
+};
+use crate::audit::{Event, Kind};
+use crate::policy::{Decision, Declaration};
+use crate::seal;
+use crate::transfer_dir::{TransferDir, write_atomic};
+
+impl IngestStore {
+    /// Runs the compliance checkpoint and creates the transfer, durably, owned by
+    /// `hospital`.
+    pub async fn declare(
+        &self,
+        hospital: &str,
+        decl: Declaration,
+    ) -> Result<TransferId, IngestError> {
+        let id = TransferId::new_v7();
+        let policy = self.inner.edge.policy();
+        let decision = match policy.check_hospital(hospital) {
+            Err(r) => Decision::Refuse(r),
+            Ok(()) => policy.check(&decl, SystemTime::now()),
+        };
+        let consent_ref = match decision {
+            Decision::Refuse(r) => {
+                metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
+                info!(hospital, rule = r.rule, reason = %r.reason, "declaration refused");
+                // audit: the refusal is recorded before it is answered.
+                self.audit(Event {
+                    rule: Some(r.rule.to_owned()),
+                    hospital: Some(hospital.to_owned()),
+                    ..Event::declared(Kind::Refused, Some(id.to_string()), &decl)
+                })
+                .await?;
+                return Err(IngestError::Refused(r));
+            }
+            Decision::Allow { consent_ref } => consent_ref,
+        };
+        // Stored as allowed: naming the consent, which becomes the manifest's process id.
+        let decl = Declaration {
+            consent_ref: Some(consent_ref),
+            ..decl
+        };
+        let dir = self.dir(&id);
+        let status = TransferStatus {
+            id: id.to_string(),
+            state: TransferState::Declared,
+            files: 0,
+            bytes: 0,
+            stages: vec![Stage {
+                stage: TransferState::Declared,
+                at: now_rfc3339(),
+            }],
+            receipt: None,
+            error: None,
+            downloads: None,
+        };
+        // audit: `declared` is durable before the id is given to the hospital.
+        self.audit(Event {
+            hospital: Some(hospital.to_owned()),
+            ..Event::declared(Kind::Declared, Some(id.to_string()), &decl)
+        })
+        .await?;
+        let owner = hospital.to_owned();
+        let d2 = dir.clone();
+        let declaration = decl.clone();
+        blocking(move || {
+            d2.create()
+                .map_err(internal("cannot create the transfer"))?;
+            std::fs::create_dir_all(d2.parts_dir()).map_err(internal("parts/"))?;
+            std::fs::create_dir_all(files_dir(&d2)).map_err(internal("files/"))?;
+            let json = serde_json::to_vec_pretty(&decl)
+                .map_err(|e| IngestError::Internal(e.to_string()))?;
+            write_atomic(&d2.declaration(), &json).map_err(internal("declaration.json"))?;
+            let st = serde_json::to_vec_pretty(&status)
+                .map_err(|e| IngestError::Internal(e.to_string()))?;
+            write_atomic(&status_path(&d2), &st).map_err(internal("status.json"))?;
+            // owner last: it marks the transfer as declared through the hospital API.
+            write_atomic(&owner_path(&d2), owner.as_bytes()).map_err(internal("owner"))
+        })
+        .await?;
+        lock(&self.inner.open).insert(
+            id,
+            Arc::new(OpenTransfer {
+                hospital: hospital.to_owned(),
+                declaration,
+                bytes: AtomicU64::new(0),
+                state: Mutex::new(OpenState::default()),
+                touched: Mutex::new(Instant::now()),
+            }),
+        );
+        metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "ok")
+            .increment(1);
+        info!(transfer = %id, hospital, "transfer declared");
+        Ok(id)
+    }
+
+    /// Drops an open (uncommitted) transfer and everything uploaded into it: for a door that
+    /// learns the upload was abandoned (a DICOM association aborted after some instances).
+    /// Uploads still in progress in it fail.
+    pub async fn abandon(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        {
+            let mut st = lock(&transfer.state);
+            if st.committed {
+                return Err(IngestError::Conflict(
+                    "the transfer is committed; it cannot be abandoned".into(),
+                ));
+            }
+            st.committed = true; // no further files
+        }
+        lock(&self.inner.open).remove(id);
+        let root = self.dir(id).root().to_path_buf();
+        blocking(move || std::fs::remove_dir_all(&root).map_err(internal("cannot remove"))).await?;
+        info!(transfer = %id, hospital, "open transfer abandoned");
+        Ok(())
+    }
+
+    /// Seals transfer `id`: manifest from the recorded digests, HSM signature, manifest files
+    /// written (`manifest.bin` last); then sends it in the background.
+    pub async fn commit(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        let files: Vec<(String, u64)> = {
+            let mut st = lock(&transfer.state);
+            if st.committed {
+                return Err(IngestError::Conflict(
+                    "the transfer is already committed".into(),
+                ));
+            }
+            if !st.uploading.is_empty() {
+                return Err(IngestError::Conflict(
+                    "uploads are still in progress in this transfer".into(),
+                ));
+            }
+            if st.files.is_empty() {
+                return Err(IngestError::BadRequest(
+                    "nothing to commit: upload at least one file".into(),
+                ));
+            }
+            st.committed = true;
+            st.files.iter().map(|(n, s)| (n.clone(), *s)).collect()
+        };
+        if let Err(e) = self.check_size(hospital, id, &files).await {
+            lock(&transfer.state).committed = false;
+            return Err(e);
+        }
+        match self.seal(id, &files).await {
+            Ok(()) => {
+                lock(&self.inner.open).remove(id);
+                self.add_stage(id, TransferState::Sealed, None).await;
+                info!(transfer = %id, files = files.len(), "transfer sealed");
+                self.send_in_background(*id, false);
+                Ok(())
+            }
+            Err(e) => {
+                lock(&transfer.state).committed = false;
+                warn!(transfer = %id, error = %e, "commit failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// The policy's size limits (`policy.max_files`, `policy.max_transfer_bytes`) over the
+    /// files about to be sealed; a refusal is recorded (`refused`, rule `size-limit`) before
+    /// it is answered and leaves the transfer open (the hospital may abandon it).
+    async fn check_size(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        files: &[(String, u64)],
+    ) -> Result<(), IngestError> {
+        let bytes = files
+            .iter()
+            .map(|(_, s)| *s)
+            .fold(0u64, u64::saturating_add);
+        let Err(r) = self
+            .inner
+            .edge
+            .policy()
+            .check_size(files.len() as u64, bytes)
+        else {
+            return Ok(());
+        };
+        metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "refused")
+            .increment(1);
+        info!(hospital, transfer = %id, rule = r.rule, reason = %r.reason, "commit refused");
+        let dir = self.dir(id);
+        let decl = blocking(move || {
+            seal::load_declaration(&dir).map_err(|e| IngestError::Internal(format!("{e:#}")))
+        })
+        .await?;
+        // audit: the refusal is recorded before it is answered.
+        self.audit(Event {
+            rule: Some(r.rule.to_owned()),
+            hospital: Some(hospital.to_owned()),
+            detail: Some(r.reason.clone()),
+            ..Event::declared(Kind::Refused, Some(id.to_string()), &decl)
+        })
+        .await?;
+        Err(IngestError::Refused(r))
+    }
+
+    async fn seal(&self, id: &TransferId, files: &[(String, u64)]) -> Result<(), IngestError> {
+        let dir = self.dir(id);
+        let d2 = dir.clone();
+        let names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+        let chunk_size = self.inner.chunk_size;
+        let (decl, records) = blocking(move || {
+            let decl =
+                seal::load_declaration(&d2).map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+            let mut records = Vec::with_capacity(names.len());
+            for name in names {
+                let text =
+                    std::fs::read(record_path(&d2, &name)).map_err(internal("digest record"))?;
+                let r: FileRecord = serde_json::from_slice(&text)
+                    .map_err(|e| IngestError::Internal(format!("digest record of {name}: {e}")))?;
+                if r.chunk_size != chunk_size {
+                    return Err(IngestError::Internal(format!(
+                        "{name} was hashed with chunk size {} but transport.chunk_size is now \
+                         {chunk_size}; upload it again in a new transfer",
+                        r.chunk_size
+                    )));
+                }
+                records.push((name, r));
+            }
+            Ok((decl, records))
+        })
+        .await?;
+        let cfg = self.inner.edge.config();
+        let process_id =
+            seal::allowed_consent(&decl).map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+        let mut builder =
+            ManifestBuilder::new(*id, cfg.id.clone(), decl.digest(), process_id, chunk_size);
+        for (name, r) in records {
+            let digests = r
+                .digests
+                .iter()
+                .map(|h| {
+                    let mut d: Digest = [0; 32];
+                    hex::decode_to_slice(h, &mut d).map(|()| d)
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| IngestError::Internal(format!("digest record of {name}: {e}")))?;
+            builder
+                .add_file(name, r.size, digests)
+                .map_err(|e| IngestError::Internal(e.to_string()))?;
+        }
+        let manifest = builder
+            .finish(seal::now_unix_ms())
+            .map_err(|e| IngestError::Internal(e.to_string()))?;
+        seal::sign_and_write_manifest(&dir, &manifest, self.inner.edge.keys())
+            .await
+            .map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+        // audit: `sealed` (the HSM-signed manifest's digests) before anything is sent. If it
+        // cannot be recorded, the seal marker (`manifest.bin`) is removed and the commit
+        // fails: nothing is ever sent that the log does not show as sealed.
+        let hospital = self.owner(id);
+        if let Err(e) = self
+            .audit(Event {
+                hospital,
+                merkle_root: Some(manifest.merkle_root),
+                manifest_digest: Some(manifest.digest()),
+                ..Event::declared(Kind::Sealed, Some(id.to_string()), &decl)
+            })
+            .await
+        {
+            let _ = std::fs::remove_file(dir.manifest_bin());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Closes every open transfer that has had no upload in progress, and none begin or
+    /// end, for `idle` (`ingest.open_timeout`): a hospital that declared and never
+    /// committed. Each gets an `expired` audit record, then the `expired` marker (the
+    /// reason, which later uploads and commits are refused with), the `failed` state in its
+    /// status, and its files are removed. Returns how many were closed.
+    pub async fn expire_idle(&self, idle: Duration) -> usize {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        lock(&self.inner.open).retain(|id, t| {
+            let mut st = lock(&t.state);
+            let idle_for = now.saturating_duration_since(*lock(&t.touched));
+            let expire = !st.committed && st.uploading.is_empty() && idle_for >= idle;
+            if expire {
+                // Under the state lock: an upload that begins now sees a closed transfer.
+                st.committed = true;
+                due.push((*id, Arc::clone(t)));
+            }
+            !expire
+        });
+        let mut closed = 0;
+        for (id, t) in due {
+            let reason = format!(
+                "the transfer expired: not committed within {} of its last upload \
+                 (ingest.open_timeout)",
+                humantime::format_duration(idle)
+            );
+            match self.close_expired(&id, &t, &reason).await {
+                Ok(()) => {
+                    closed += 1;
+                    info!(transfer = %id, hospital = %t.hospital, "open transfer expired: files removed");
+                    metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "expired").increment(1);
+                }
+                Err(e) => {
+                    warn!(transfer = %id, error = %e, "cannot close an expired transfer; it stays open");
+                    lock(&t.state).committed = false;
+                    lock(&self.inner.open).insert(id, t);
+                }
+            }
+        }
+        closed
+    }
+
+    async fn close_expired(
+        &self,
+        id: &TransferId,
+        t: &OpenTransfer,
+        reason: &str,
+    ) -> Result<(), IngestError> {
+        // audit: the record is durable before anything is removed.
+        self.audit(Event {
+            hospital: Some(t.hospital.clone()),
+            detail: Some(reason.to_owned()),
+            ..Event::declared(Kind::Expired, Some(id.to_string()), &t.declaration)
+        })
+        .await?;
+        let (dir, why) = (self.dir(id), reason.to_owned());
+        blocking(move || write_atomic(&dir.expired(), why.as_bytes()).map_err(internal("expired")))
+            .await?;
+        // Closed from here on, whatever follows: the marker is what start-up goes by.
+        self.add_stage(id, TransferState::Failed, Some(reason.to_owned()))
+            .await;
+        let dir = self.dir(id);
+        if let Err(e) =
+            blocking(move || remove_uploads(&dir).map_err(internal("cannot remove"))).await
+        {
+            warn!(transfer = %id, error = %e, "expired transfer: files not removed (retried at the next start)");
+        }
+        Ok(())
+    }
+}
+
+/// Removes what the hospital uploaded into a transfer that will never be sent: `data/`,
+/// `parts/` and the digest records in `files/`. Missing directories are fine.
+pub(super) fn remove_uploads(dir: &TransferDir) -> std::io::Result<()> {
+    dir.remove_dirs(&[dir.data_dir(), dir.parts_dir(), files_dir(dir)])
+}
+
+/// Reloads an open transfer after a restart: finished files from their records; unfinished
+/// uploads (parts/) removed.
+pub(super) fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestError> {
+    let hospital = std::fs::read_to_string(owner_path(dir)).map_err(internal("owner"))?;
+    if let Ok(entries) = std::fs::read_dir(dir.parts_dir()) {
+        for e in entries.filter_map(Result::ok) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let mut files = BTreeMap::new();
+    // Records name files by a digest; the data directory has the names.
+    if let Ok(entries) = std::fs::read_dir(dir.data_dir()) {
+        for e in entries.filter_map(Result::ok) {
+            let Some(name) = e.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if let Ok(text) = std::fs::read(record_path(dir, &name))
+                && let Ok(r) = serde_json::from_slice::<FileRecord>(&text)
+            {
+                files.insert(name, r.size);
+            }
+        }
+    }
+    let bytes = files.values().sum();
+    let declaration =
+        seal::load_declaration(dir).map_err(|e| IngestError::Internal(format!("{e:#}")))?;
+    Ok(OpenTransfer {
+        hospital,
+        declaration,
+        bytes: AtomicU64::new(bytes),
+        state: Mutex::new(OpenState {
+            committed: false,
+            uploading: HashSet::new(),
+            files,
+        }),
+        // The idle clock starts again at a restart.
+        touched: Mutex::new(Instant::now()),
+    })
+}

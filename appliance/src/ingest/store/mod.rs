@@ -1,0 +1,307 @@
+//! Transfers opened by hospitals: declare, upload files (cut-through into the spool), commit.
+//!
+//! Layout added to a transfer's spool directory (see [`crate::transfer_dir`]):
+//!
+//! ```text
+//! spool/<id>/owner                the hospital (client certificate CN) that declared it
+//! spool/<id>/status.json          what GET /v1/transfers/{id} answers (stages with times)
+//! spool/<id>/parts/<n>            an upload in progress (a number: any file name fits)
+//! spool/<id>/files/<name>.digests size and chunk digests of a finished file (JSON)
+//! spool/<id>/expired              closed by `ingest.open_timeout` without a commit (why)
+//! ```
+//!
+//! A finished upload is fsynced, renamed to `data/<name>` (directory fsynced), and only then
+//! is its digest record written atomically: a file without a record is not part of the
+//! transfer. `commit` builds the manifest from the records alone, so the payload is read
+//! exactly once, as it arrives.
+//!
+//! This file owns [`IngestStore`] itself (its shared state, the open-transfer table, start-up
+//! recovery in [`IngestStore::open`]), its error type and the small helpers and spool paths
+//! the other files share. It holds no step of a transfer's life; those are:
+//!
+//! - [`lifecycle`]: declare, commit (check, seal), abandon, expire; recovery of open transfers;
+//! - [`upload`]: [`FileUpload`] (one file streamed into the spool) and the DICOM gate glue;
+//! - [`status`]: `status.json` and what the hospital reads (status, receipt, proof);
+//! - [`send`]: the background sender of sealed transfers.
+
+mod lifecycle;
+mod send;
+mod status;
+mod upload;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Instant, SystemTime};
+
+use baylink_net::proto::{MAX_FILE_NAME_LEN, TransferId, validate_file_name};
+use baylink_net::spool::SpoolError;
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::audit::Event;
+use crate::dicom::deid::DeidKey;
+use crate::edge::Edge;
+use crate::policy::{Declaration, Refusal};
+use crate::transfer_dir::{self, TransferDir};
+
+pub use status::{Downloads, ReceiptDownload, ReceiptInfo, Stage, TransferState, TransferStatus};
+pub use upload::FileUpload;
+
+use lifecycle::{recover_open, remove_uploads};
+
+/// Why an ingest operation failed. Each variant maps to one HTTP status in [`super::http`].
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The compliance checkpoint refused the declaration.
+    #[error("refused: {0}")]
+    Refused(Refusal),
+    /// No such transfer for this hospital (unknown, or another hospital's).
+    #[error("no such transfer")]
+    NotFound,
+    /// The request conflicts with the transfer's state (committed, upload in progress).
+    #[error("{0}")]
+    Conflict(String),
+    /// A file name that cannot be used.
+    #[error("bad file name: {0}")]
+    BadName(String),
+    /// Something else the client sent is unusable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The transfer would exceed `ingest.max_upload_bytes`.
+    #[error("the transfer would exceed the upload limit of {limit} bytes")]
+    TooLarge {
+        /// The configured limit.
+        limit: u64,
+    },
+    /// The spool's file system is full; the partial file was removed.
+    #[error("the spool is out of space")]
+    NoSpace,
+    /// An internal failure (spool, HSM); the message is for the operator's log too.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<SpoolError> for IngestError {
+    fn from(e: SpoolError) -> Self {
+        if e.is_no_space() {
+            IngestError::NoSpace
+        } else {
+            IngestError::Internal(e.to_string())
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FileRecord {
+    size: u64,
+    chunk_size: u32,
+    digests: Vec<String>,
+}
+
+/// The hospital API's view of the edge spool. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct IngestStore {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    edge: Edge,
+    spool_dir: PathBuf,
+    chunk_size: u32,
+    max_upload_bytes: u64,
+    open: Mutex<HashMap<TransferId, Arc<OpenTransfer>>>,
+    status_lock: tokio::sync::Mutex<()>,
+    /// Bumped after every state change of any transfer (status requests with `?wait=`
+    /// wait on it, then read their own transfer's status).
+    changes: tokio::sync::watch::Sender<u64>,
+    next_part: AtomicU64,
+    /// One background send at a time, in commit order: concurrent sends would each hold
+    /// spool buffers while waiting for more (and share one link anyway).
+    sending: Arc<tokio::sync::Semaphore>,
+    /// Key of the de-identification (derived from the audit patient key).
+    deid_key: DeidKey,
+    /// `policy.deidentify_purposes`.
+    deidentify_purposes: HashSet<String>,
+}
+
+/// A transfer that accepts files (declared, not yet committed).
+#[derive(Debug)]
+struct OpenTransfer {
+    hospital: String,
+    /// What was declared: the patient every DICOM file must carry, the purpose.
+    declaration: Declaration,
+    /// Bytes of finished files plus bytes received by uploads in progress.
+    bytes: AtomicU64,
+    state: Mutex<OpenState>,
+    /// When it was declared (or recovered), or an upload of it last began or ended.
+    touched: Mutex<Instant>,
+}
+
+impl OpenTransfer {
+    fn touch(&self) {
+        *lock(&self.touched) = Instant::now();
+    }
+}
+
+#[derive(Debug, Default)]
+struct OpenState {
+    committed: bool,
+    uploading: HashSet<String>,
+    files: BTreeMap<String, u64>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn internal(what: &str) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
+    move |e| IngestError::Internal(format!("{what}: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, IngestError> + Send + 'static,
+) -> Result<T, IngestError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| IngestError::Internal(format!("blocking task: {e}")))?
+}
+
+fn owner_path(dir: &TransferDir) -> PathBuf {
+    dir.root().join("owner")
+}
+fn status_path(dir: &TransferDir) -> PathBuf {
+    dir.root().join("status.json")
+}
+fn files_dir(dir: &TransferDir) -> PathBuf {
+    dir.root().join("files")
+}
+fn record_path(dir: &TransferDir, name: &str) -> PathBuf {
+    // `<name>.digests` can exceed NAME_MAX for a 255-byte name: hex-encode the digest of
+    // the name instead, and keep the name inside the record's directory listing order.
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, name.as_bytes());
+    files_dir(dir).join(format!("{}.digests", hex::encode(d.as_ref())))
+}
+
+/// Checks an upload's file name: the protocol's rules (no `/`, `..`, NUL, control or
+/// invisible characters, no leading dot) and at most 255 bytes.
+pub fn check_file_name(name: &str) -> Result<(), IngestError> {
+    if name.len() > MAX_FILE_NAME_LEN {
+        return Err(IngestError::BadName(format!(
+            "{} bytes long, at most {MAX_FILE_NAME_LEN} allowed",
+            name.len()
+        )));
+    }
+    validate_file_name(name).map_err(|e| IngestError::BadName(e.to_string()))
+}
+
+/// Whether this spool directory holds a transfer opened through the hospital API.
+pub fn is_ingest_transfer(dir: &TransferDir) -> bool {
+    owner_path(dir).exists()
+}
+
+impl IngestStore {
+    /// A store over the edge's spool. Recovers open transfers: declared but uncommitted ones
+    /// stay open (their unfinished uploads are discarded); sealed ones are left to
+    /// [`IngestStore::resume`].
+    pub fn open(edge: Edge) -> Result<IngestStore, IngestError> {
+        let cfg = edge.config().clone();
+        // A PRF output of the audit patient key under a label no patient id can take
+        // (patient ids have no control characters): a secret of its own for de-identification.
+        let deid_secret = edge.audit().patient_ref(crate::dicom::deid::KEY_LABEL);
+        let store = IngestStore {
+            inner: Arc::new(Inner {
+                spool_dir: cfg.spool_dir.clone(),
+                chunk_size: cfg.transport.chunk_size,
+                max_upload_bytes: cfg.ingest.max_upload_bytes,
+                edge,
+                open: Mutex::new(HashMap::new()),
+                status_lock: tokio::sync::Mutex::new(()),
+                changes: tokio::sync::watch::Sender::new(0),
+                next_part: AtomicU64::new(0),
+                sending: Arc::new(tokio::sync::Semaphore::new(1)),
+                deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
+                deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
+            }),
+        };
+        std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
+        let ids = transfer_dir::list(&store.inner.spool_dir, |d| {
+            is_ingest_transfer(d) && !d.manifest_bin().exists()
+        });
+        let (expired, ids): (Vec<_>, Vec<_>) = ids
+            .into_iter()
+            .partition(|id| store.dir(id).expired().exists());
+        for id in expired {
+            // Closed by `ingest.open_timeout`; a crash may have cut the removal short.
+            if let Err(e) = remove_uploads(&store.dir(&id)) {
+                warn!(transfer = %id, error = %e, "cannot remove the files of an expired transfer");
+            }
+        }
+        for id in ids {
+            let dir = TransferDir::new(&store.inner.spool_dir, &id);
+            match recover_open(&dir) {
+                Ok(t) => {
+                    lock(&store.inner.open).insert(id, Arc::new(t));
+                }
+                Err(e) => warn!(transfer = %id, error = %e, "open transfer not recovered"),
+            }
+        }
+        Ok(store)
+    }
+
+    fn dir(&self, id: &TransferId) -> TransferDir {
+        TransferDir::new(&self.inner.spool_dir, id)
+    }
+
+    /// The open transfer `id` of `hospital`; a committed one is a conflict, an unknown or
+    /// foreign one not found.
+    fn open_transfer(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<Arc<OpenTransfer>, IngestError> {
+        if let Some(t) = lock(&self.inner.open).get(id).cloned() {
+            if t.hospital != hospital {
+                return Err(IngestError::NotFound);
+            }
+            return Ok(t);
+        }
+        if self.owner(id).as_deref() == Some(hospital) {
+            if let Ok(why) = std::fs::read_to_string(self.dir(id).expired()) {
+                return Err(IngestError::Conflict(format!(
+                    "{why}; declare a new transfer"
+                )));
+            }
+            return Err(IngestError::Conflict(
+                "the transfer is committed; open a new one".into(),
+            ));
+        }
+        Err(IngestError::NotFound)
+    }
+
+    fn owner(&self, id: &TransferId) -> Option<String> {
+        std::fs::read_to_string(owner_path(&self.dir(id))).ok()
+    }
+
+    /// Appends to the edge's audit log; a failure fails the step it records (fail closed).
+    async fn audit(&self, event: Event) -> Result<(), IngestError> {
+        self.inner
+            .edge
+            .audit()
+            .append(event)
+            .await
+            .map(drop)
+            .map_err(|e| IngestError::Internal(format!("audit log: {e}")))
+    }
+
+    /// The configured limit on one transfer's payload.
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.inner.max_upload_bytes
+    }
+}
