@@ -2,7 +2,7 @@
 //!
 //! The edge checks each upload against the compliance policy ([`policy`]), seals it into its
 //! spool ([`seal`]) and sends it ([`edge`], [`link::send`]); the gateway receives, verifies and
-//! commits it ([`link::receive`]), signs a receipt, and delivers it downstream ([`deliver`]).
+//! commits it ([`gateway`]), signs a receipt, and delivers it downstream ([`deliver`]).
 //! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment. [`dicom`] is
 //! the edge's DICOM C-STORE door. Every step is first recorded in the appliance's
 //! tamper-evident [`audit`] log.
@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod devenv;
 pub mod dicom;
 pub mod edge;
+pub mod gateway;
 pub mod ingest;
 pub mod inventory;
 pub mod link;

@@ -4,8 +4,11 @@
 //! One bidirectional control stream per transfer carries frames; every chunk travels on its
 //! own unidirectional stream (header, then exactly the chunk's bytes). The state machines
 //! decide; this module only moves bytes and reports events back to them.
+//!
+//! Here: the edge's sending side ([`send`]) and the glue both roles share (errors, frame
+//! writer and reader, the check at rest). The gateway's receiving side is
+//! [`crate::gateway`].
 
-pub mod receive;
 pub mod send;
 
 use baylink_net::proto::{ChunkLocation, Digest, Frame, FrameDecoder, Limits, ProtoError};

@@ -1,0 +1,267 @@
+//! Chunk streams: one unidirectional stream per chunk, its bytes hashed as they arrive and
+//! written into the transfer's `.part` files; and the check at rest of chunks a previous
+//! process made durable.
+//!
+//! Owns the path from a stream's first byte to the receiver state machine's verdict on the
+//! chunk, and the periodic checkpoint it triggers. It must not answer the edge (the control
+//! stream sends `ChunkOk`/`ChunkBad`) nor decide whether a transfer is complete.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use baylink_net::proto::{ChunkHeader, ChunkSet, ErrorCode, Manifest, ProtoError};
+use baylink_net::spool::SpoolFile;
+use bytes::{Buf, Bytes};
+use tracing::{debug, warn};
+
+use super::commit::checkpoint;
+use super::{Active, Gateway};
+use crate::link::{LinkError, STOP_UNWANTED};
+use crate::transfer_dir::TransferDir;
+
+/// Verified bytes after which the receiver makes its progress durable (fsync + state file).
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads back every chunk the state file lists as durable (written before this process
+/// started, so never hashed by it) and forgets those that no longer match their digest: they
+/// are fetched again instead of being committed.
+pub(super) async fn check_at_rest(
+    gw: &Gateway,
+    dir: &TransferDir,
+    manifest: &Manifest,
+    have: &mut ChunkSet,
+) -> Result<(), (ErrorCode, String)> {
+    let mut opened: HashMap<usize, SpoolFile> = HashMap::new();
+    let mut bad = Vec::new();
+    for index in have.iter().collect::<Vec<_>>() {
+        let Some(loc) = manifest.chunk(index) else {
+            continue;
+        };
+        let part = dir.part_file(&manifest.files[loc.file].name);
+        let file = match opened.entry(loc.file) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                if !part.exists() {
+                    // Renamed to its final name by an interrupted commit: complete and checked.
+                    continue;
+                }
+                let file = gw
+                    .spool
+                    .open(&part)
+                    .await
+                    .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+                e.insert(file)
+            }
+        };
+        let digest = crate::link::digest_at_rest(&gw.spool, file, &loc, false)
+            .await
+            .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+        if manifest.chunk_digests.get(index as usize) != Some(&digest) {
+            warn!(transfer = %manifest.transfer_id, chunk = index, file = %part.display(),
+                  "chunk no longer matches its digest at rest (disk fault?): fetching it again");
+            metrics::counter!("baylink_chunks_corrupt_at_rest_total").increment(1);
+            bad.push(index);
+        }
+    }
+    for (_, file) in opened {
+        let _ = gw.spool.close(file).await;
+    }
+    if !bad.is_empty() {
+        for index in bad {
+            have.remove(index);
+        }
+        let (dir, set) = (dir.clone(), have.clone());
+        tokio::task::spawn_blocking(move || dir.store_state(&set))
+            .await
+            .map_err(|e| (ErrorCode::Internal, format!("spool: {e}")))?
+            .map_err(|e| (ErrorCode::Internal, format!("cannot store the state: {e}")))?;
+    }
+    Ok(())
+}
+
+pub(super) fn code_for_spool(e: &baylink_net::spool::SpoolError) -> ErrorCode {
+    if e.is_no_space() {
+        ErrorCode::NoSpace
+    } else {
+        ErrorCode::Internal
+    }
+}
+
+
+/// Receives one chunk stream.
+pub(super) async fn data_stream(gw: Arc<Gateway>, mut recv: quinn::RecvStream) {
+    if let Err(e) = receive_chunk(&gw, &mut recv).await {
+        debug!(error = %e, "chunk stream ended early");
+        let _ = recv.stop(STOP_UNWANTED.into());
+    }
+}
+
+async fn receive_chunk(gw: &Arc<Gateway>, recv: &mut quinn::RecvStream) -> Result<(), LinkError> {
+    let mut raw = [0u8; ChunkHeader::LEN];
+    recv.read_exact(&mut raw).await?;
+    let header = ChunkHeader::decode(&raw)?;
+    let Some(active) = gw
+        .active
+        .lock()
+        .expect("registry lock poisoned")
+        .get(&header.transfer_id)
+        .cloned()
+    else {
+        return Err(LinkError::Lost(format!(
+            "no active transfer {}",
+            header.transfer_id
+        )));
+    };
+    let loc = {
+        let res = active
+            .receiver
+            .lock()
+            .expect("receiver lock poisoned")
+            .chunk_header(&header);
+        match res {
+            Ok(loc) => loc,
+            Err(e) => {
+                active.wake.notify_one();
+                return Err(e.into());
+            }
+        }
+    };
+    let digest = match gather_chunk(gw, &active, &loc, &header, recv).await {
+        Ok(d) => d,
+        Err(e) => {
+            // The receiver must learn that this chunk is no longer arriving, or it would
+            // refuse the resend as busy.
+            active
+                .receiver
+                .lock()
+                .expect("receiver lock poisoned")
+                .chunk_aborted(header.index);
+            active.wake.notify_one();
+            return Err(e);
+        }
+    };
+    let good = active.manifest.chunk_digests.get(header.index as usize) == Some(&digest);
+    active
+        .receiver
+        .lock()
+        .expect("receiver lock poisoned")
+        .chunk_received(header.index, digest);
+    active.wake.notify_one();
+    metrics::counter!("baylink_bytes_total", "direction" => "received")
+        .increment(u64::from(loc.len));
+    if good {
+        let due = {
+            let mut u = active.unsynced.lock().expect("unsynced lock poisoned");
+            u.0.push(header.index);
+            u.1 += u64::from(loc.len);
+            u.1 >= CHECKPOINT_BYTES
+        };
+        if due {
+            let gw = gw.clone();
+            let active = active.clone();
+            tokio::spawn(async move {
+                if let Err(e) = checkpoint(&gw, &active).await {
+                    warn!(error = %e, "checkpoint failed");
+                }
+            });
+        }
+    } else {
+        metrics::counter!("baylink_chunk_retransmits_total").increment(1);
+    }
+    Ok(())
+}
+
+/// Reads the chunk's bytes from its stream into the spool file, hashing them on the way.
+async fn gather_chunk(
+    gw: &Arc<Gateway>,
+    active: &Arc<Active>,
+    loc: &baylink_net::proto::ChunkLocation,
+    header: &ChunkHeader,
+    recv: &mut quinn::RecvStream,
+) -> Result<[u8; 32], LinkError> {
+    let Some(file) = active.files.get(loc.file).and_then(Option::as_ref) else {
+        return Err(LinkError::Lost(format!(
+            "file {} of transfer {} is already final",
+            loc.file, header.transfer_id
+        )));
+    };
+    let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    let mut writes = tokio::task::JoinSet::new();
+    let mut offset = loc.offset;
+    let mut remaining = loc.len as usize;
+    let mut buf = Some(gw.spool.buffer().await);
+    // quinn hands out about one packet per piece; taking a batch per call keeps the
+    // connection lock and the task wake-ups per packet down. Each full pool buffer is hashed
+    // in one pass, then written.
+    let mut pieces: [Bytes; 32] = Default::default();
+    while remaining > 0 {
+        let Some(n) = recv.read_chunks(&mut pieces).await? else {
+            return Err(LinkError::Lost(format!(
+                "chunk {} stream ended short",
+                header.index
+            )));
+        };
+        for piece in &mut pieces[..n] {
+            let mut data = std::mem::take(piece);
+            if data.len() > remaining {
+                return Err(ProtoError::TrailingBytes {
+                    what: "chunk stream",
+                    count: data.len() - remaining,
+                }
+                .into());
+            }
+            while !data.is_empty() {
+                let b = buf.as_mut().expect("a buffer is held while bytes remain");
+                let taken = b.fill_from(&data);
+                data.advance(taken);
+                remaining -= taken;
+                if !b.is_full() && remaining > 0 {
+                    continue;
+                }
+                if active.cancelled() {
+                    return Err(LinkError::Lost("transfer taken over".into()));
+                }
+                let full = buf.take().expect("held");
+                hasher.update(&full);
+                let at = offset;
+                offset += full.len() as u64;
+                let spool = gw.spool.clone();
+                let file = file.clone();
+                writes.spawn(async move { spool.write_at(&file, at, full).await.map(drop) });
+                if remaining > 0 {
+                    buf = Some(gw.spool.buffer().await);
+                }
+            }
+        }
+    }
+    // Nothing may follow the chunk's bytes on its stream.
+    if recv.read_chunk(1, true).await?.is_some() {
+        return Err(ProtoError::TrailingBytes {
+            what: "chunk stream",
+            count: 1,
+        }
+        .into());
+    }
+    while let Some(res) = writes.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                if e.is_no_space() {
+                    active.no_space.store(true, Ordering::SeqCst);
+                    metrics::counter!("baylink_spool_full_total").increment(1);
+                } else {
+                    warn!(error = %e, "spool write failed");
+                }
+                return Err(LinkError::Lost(format!("spool write failed: {e}")));
+            }
+            Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}"))),
+        }
+    }
+    Ok(hasher
+        .finish()
+        .as_ref()
+        .try_into()
+        .expect("SHA-256 is 32 bytes"))
+}
+

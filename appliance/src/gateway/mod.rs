@@ -1,0 +1,222 @@
+//! The gateway role: accepts edge connections, receives and verifies transfers into the
+//! spool, commits them and signs receipts.
+//!
+//! This module owns the shared state (`Gateway`: the transfers being received, the ones
+//! checked at rest) and serves one QUIC connection (`serve_connection`), handing each control
+//! stream to [`control`] and each chunk stream to [`chunks`]. The rest lives in rooms of its
+//! own: [`offer`] (checking an offer, preparing the spool), [`commit`] (checkpoints, commit,
+//! receipt), [`witness`] (cosigning the edge's audit log).
+//!
+//! It must not parse wire bytes itself (that is `baylink_net::proto`), nor deliver anything:
+//! committed transfers are handed to `deliver` through the queue.
+//!
+//! Invariants kept here:
+//! - a chunk counts as good only when the SHA-256 of exactly the bytes written equals the
+//!   manifest's digest for it;
+//! - the `state` file lists only chunks that are good *and* fsynced;
+//! - `.part` files become their final names only when every chunk is good and durable; the
+//!   receipt signature file is written last and is the commit point;
+//! - nothing reaches the delivery path before the commit (delivery runs afterwards).
+
+mod chunks;
+mod commit;
+mod control;
+mod offer;
+mod witness;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use baylink_net::proto::{
+    ChunkSet, ErrorCode, Limits, Manifest, Receiver, ReceiverConfig, TransferId,
+};
+use baylink_net::spool::{Spool, SpoolFile};
+use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::deliver::DeliveryQueue;
+use crate::signing::Keys;
+use crate::transfer_dir::TransferDir;
+
+/// Everything the gateway's receive path shares.
+#[derive(Debug)]
+pub struct Gateway {
+    /// This appliance's id (named in receipts).
+    pub id: String,
+    /// Spool root.
+    pub spool_dir: std::path::PathBuf,
+    /// The io_uring file thread.
+    pub spool: Spool,
+    /// HSM signer and the edge's pinned key.
+    pub keys: Keys,
+    /// Protocol limits.
+    pub limits: Limits,
+    /// Receiver tuning.
+    pub receiver_cfg: ReceiverConfig,
+    /// Committed transfers go here for delivery.
+    pub committed: DeliveryQueue,
+    /// Set when draining: new offers are refused.
+    pub draining: AtomicBool,
+    /// The gateway's audit log (`committed` is recorded before the receipt exists).
+    pub audit: crate::audit::Log,
+    active: Mutex<HashMap<TransferId, Arc<Active>>>,
+    /// Transfers whose durable chunks were read back and checked since this process started.
+    checked_at_rest: Mutex<HashSet<TransferId>>,
+}
+
+impl Gateway {
+    /// Creates the shared receive state.
+    #[allow(clippy::too_many_arguments)] // one per shared part; all required
+    pub fn new(
+        id: String,
+        spool_dir: std::path::PathBuf,
+        spool: Spool,
+        keys: Keys,
+        limits: Limits,
+        receiver_cfg: ReceiverConfig,
+        committed: DeliveryQueue,
+        audit: crate::audit::Log,
+    ) -> Gateway {
+        Gateway {
+            id,
+            spool_dir,
+            spool,
+            keys,
+            limits,
+            receiver_cfg,
+            committed,
+            draining: AtomicBool::new(false),
+            audit,
+            active: Mutex::new(HashMap::new()),
+            checked_at_rest: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Number of transfers being received right now.
+    pub fn active_transfers(&self) -> usize {
+        self.active.lock().expect("registry lock poisoned").len()
+    }
+}
+
+/// A transfer being received.
+#[derive(Debug)]
+struct Active {
+    manifest: Arc<Manifest>,
+    dir: TransferDir,
+    receiver: Mutex<Receiver>,
+    wake: Notify,
+    files: Vec<Option<Arc<SpoolFile>>>,
+    progress: AsyncMutex<Durable>,
+    unsynced: Mutex<(Vec<u32>, u64)>,
+    conn: quinn::Connection,
+    cancel: watch::Sender<bool>,
+    done: watch::Sender<bool>,
+    /// Set by a chunk whose write found the spool full: the control stream pauses the
+    /// transfer (the edge retries with backoff and resumes once space is back).
+    no_space: AtomicBool,
+}
+
+#[derive(Debug)]
+struct Durable {
+    set: ChunkSet,
+}
+
+impl Active {
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+}
+
+/// Serves one QUIC connection from an edge until it closes.
+pub async fn serve_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
+    let peer = baylink_net::transport::peer_common_name(&conn).unwrap_or_default();
+    let span = info_span!("connection", peer = %peer, remote = %conn.remote_address());
+    async move {
+        info!("edge connected");
+        loop {
+            tokio::select! {
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let gw = gw.clone();
+                        let conn = conn.clone();
+                        let peer = peer.clone();
+                        tokio::spawn(async move {
+                            control::control_stream(gw, conn, peer, send, recv).await
+                        });
+                    }
+                    Err(e) => { info!(reason = %e, "connection ended"); break; }
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(recv) => {
+                        let gw = gw.clone();
+                        tokio::spawn(async move { chunks::data_stream(gw, recv).await });
+                    }
+                    Err(e) => { info!(reason = %e, "connection ended"); break; }
+                },
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// The rule name of a refusal on the link: the protocol error code in kebab case (e.g.
+/// `bad-signature`, `too-many-files`, `bad-file-name`).
+pub fn link_rule(code: ErrorCode) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// audit: records a refusal of the edge's offer or frame (`refused`, rule from the error
+/// code, the reason as detail) before the error frame goes out. A gateway that is shutting
+/// down is not refusing anything (the edge retries), so that is not recorded. The refusal
+/// stands even when it cannot be recorded (logged).
+async fn audit_refusal(
+    gw: &Gateway,
+    manifest: Option<&Manifest>,
+    peer: &str,
+    code: ErrorCode,
+    text: &str,
+) {
+    if code == ErrorCode::ShuttingDown {
+        return;
+    }
+    let event = crate::audit::Event {
+        transfer: manifest.map(|m| m.transfer_id.to_string()),
+        consent_ref: manifest.map(|m| m.process_id.clone()),
+        peer: Some(peer.to_owned()),
+        rule: Some(link_rule(code)),
+        detail: Some(text.to_owned()),
+        ..crate::audit::Event::new(crate::audit::Kind::Refused)
+    };
+    if let Err(e) = gw.audit.append(event).await {
+        warn!(error = %e, "cannot record the refusal in the audit log");
+    }
+}
+
+/// Takes a finished control stream's transfer out of the registry (unless a newer offer
+/// already replaced it) and tells a waiting take-over that it is done.
+fn release(gw: &Gateway, a: &Arc<Active>) {
+    let mut map = gw.active.lock().expect("registry lock poisoned");
+    if map
+        .get(&a.manifest.transfer_id)
+        .is_some_and(|cur| Arc::ptr_eq(cur, a))
+    {
+        map.remove(&a.manifest.transfer_id);
+    }
+    drop(map);
+    // `send_replace`, not `send`: the value must stick even when nobody is subscribed yet
+    // (a taking-over offer may subscribe just after this), or that offer would wait forever.
+    a.done.send_replace(true);
+}
