@@ -76,6 +76,25 @@ pub enum Command {
     /// spool.retain). On the gateway: receiving, committed (awaiting delivery), undeliverable
     /// (set aside), delivered, pruned. Read-only; safe beside a running `serve`.
     Spool(SpoolArgs),
+    /// What this appliance uses of its hardware and system, for support.
+    ///
+    /// CPU features the cryptography uses (AES-NI, VAES, SHA-NI, AVX-512), UDP GSO/GRO and
+    /// the socket buffers granted on a socket bound like the link's against the link's
+    /// bandwidth-delay product (link.rate_mbit x link.rtt_ms), the io_uring operations the
+    /// spool needs, the HSM module, slot and key labels, the certificates' subjects and
+    /// expiry, and the config file's SHA-256. Read-only; safe beside a running `serve`.
+    Info(InfoArgs),
+}
+
+/// Arguments of `info`.
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// The appliance config (TOML).
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// One JSON document on stdout instead of `section.field: value` lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `spool`.

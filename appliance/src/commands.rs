@@ -15,10 +15,13 @@ use crate::link::send::SendStats;
 use crate::policy::Declaration;
 use crate::signing::hsm_config;
 
-/// Installs the `tracing` subscriber on stderr (`RUST_LOG` filters; default `info`).
+/// Installs the `tracing` subscriber on stderr (`RUST_LOG` filters; default `info`, with
+/// cryptoki's mechanism list muted: it logs each mechanism a token offers that it has no name
+/// for as an error, which is not one).
 pub fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn,cryptoki::mechanism=off")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -51,6 +54,15 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Hsm(cmd) => hsm(cmd),
         Command::Audit(cmd) => audit(cmd),
         Command::Spool(args) => spool(&args),
+        Command::Info(args) => with_config(&args.config, |cfg| {
+            let report = crate::info::report(&cfg);
+            if args.json {
+                println!("{report}");
+            } else {
+                print!("{}", crate::info::render_text(&report));
+            }
+            Ok(0)
+        }),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -21,6 +21,7 @@ pub mod devenv;
 pub mod dicom;
 pub mod edge;
 pub mod gateway;
+pub mod info;
 pub mod ingest;
 pub mod inventory;
 pub mod link;

@@ -6,7 +6,10 @@
 //!   endpoints, UDP socket buffers and flow-control windows from the bandwidth-delay product.
 //! - [`spool`]: file I/O on a dedicated io_uring thread with a bounded pool of recycled
 //!   buffers (all tokio-uring use stays there).
+//! - [`probe`]: what the host offers the link (UDP GSO/GRO, socket buffer limits) and what
+//!   the appliance's certificates say, read-only, for `baylink info`.
 
+pub mod probe;
 pub mod proto;
 pub mod spool;
 pub mod transport;

@@ -1192,6 +1192,55 @@ async fn commit_rename(from: &Path, to: &Path) -> SpoolResult<()> {
     Ok(())
 }
 
+/// What the kernel's io_uring offers the spool thread: the ring's feature flags and, for each
+/// operation the spool submits, whether the kernel supports it (`baylink info`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IoUringProbe {
+    /// Ring features (`IORING_FEAT_*`) that matter here, by name, and whether present.
+    pub features: Vec<(&'static str, bool)>,
+    /// The operations the spool submits, by name, and whether the kernel supports them.
+    pub operations: Vec<(&'static str, bool)>,
+}
+
+impl IoUringProbe {
+    /// True when every operation the spool submits is supported.
+    pub fn sufficient(&self) -> bool {
+        self.operations.iter().all(|&(_, ok)| ok)
+    }
+}
+
+/// Sets up a small ring like the spool thread's and asks the kernel what it supports. An
+/// error means io_uring is unavailable (an old kernel, `kernel.io_uring_disabled`, or a
+/// seccomp filter), which the spool thread would meet at start-up too.
+pub fn probe_io_uring() -> std::io::Result<IoUringProbe> {
+    use io_uring::{IoUring, Probe, opcode};
+
+    let ring = IoUring::new(8)?;
+    let params = ring.params();
+    let features = vec![
+        ("nodrop", params.is_feature_nodrop()),
+        ("submit_stable", params.is_feature_submit_stable()),
+        ("fast_poll", params.is_feature_fast_poll()),
+        ("native_workers", params.is_feature_native_workers()),
+        ("ext_arg", params.is_feature_ext_arg()),
+    ];
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    let operations = vec![
+        ("openat", probe.is_supported(opcode::OpenAt::CODE)),
+        ("read", probe.is_supported(opcode::Read::CODE)),
+        ("write", probe.is_supported(opcode::Write::CODE)),
+        ("fsync", probe.is_supported(opcode::Fsync::CODE)),
+        ("close", probe.is_supported(opcode::Close::CODE)),
+        ("renameat", probe.is_supported(opcode::RenameAt::CODE)),
+        ("unlinkat", probe.is_supported(opcode::UnlinkAt::CODE)),
+    ];
+    Ok(IoUringProbe {
+        features,
+        operations,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1663,5 +1712,13 @@ mod tests {
             dir.path().display()
         );
         assert_eq!(std::fs::metadata(&path).unwrap().len(), TOTAL as u64);
+    }
+
+    #[test]
+    fn io_uring_probe_finds_every_operation_the_spool_submits() {
+        let probe = probe_io_uring().unwrap();
+        assert!(probe.sufficient(), "{probe:?}");
+        assert_eq!(probe.operations.len(), 7);
+        assert!(probe.features.iter().any(|&(name, _)| name == "nodrop"));
     }
 }

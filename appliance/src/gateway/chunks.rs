@@ -88,7 +88,6 @@ pub(super) fn code_for_spool(e: &baylink_net::spool::SpoolError) -> ErrorCode {
     }
 }
 
-
 /// Receives one chunk stream.
 pub(super) async fn data_stream(gw: Arc<Gateway>, mut recv: quinn::RecvStream) {
     if let Err(e) = receive_chunk(&gw, &mut recv).await {
@@ -264,4 +263,3 @@ async fn gather_chunk(
         .try_into()
         .expect("SHA-256 is 32 bytes"))
 }
-

@@ -119,7 +119,10 @@ impl Control {
                     manifest,
                     manifest_bytes,
                     signature,
-                } => self.verify_offer(manifest, &manifest_bytes, &signature).await,
+                } => {
+                    self.verify_offer(manifest, &manifest_bytes, &signature)
+                        .await
+                }
                 ReceiverAction::Commit => {
                     if self.commit().await?.is_break() {
                         return Ok(ControlFlow::Break(()));

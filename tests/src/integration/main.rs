@@ -12,6 +12,7 @@ mod deid;
 mod dicom;
 mod faults;
 mod hsm_cli;
+mod info;
 mod ingest;
 mod link;
 mod orthanc;
