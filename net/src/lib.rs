@@ -7,6 +7,9 @@
 //! - [`spool`]: file I/O on a dedicated io_uring thread with a bounded pool of recycled
 //!   buffers (all tokio-uring use stays there).
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod proto;
 pub mod spool;
 pub mod transport;
