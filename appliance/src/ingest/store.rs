@@ -80,7 +80,7 @@ impl From<SpoolError> for IngestError {
     }
 }
 
-/// Where a transfer is (the contract's `state`).
+/// Where a transfer is (the status's `state`, `docs/interface.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransferState {
