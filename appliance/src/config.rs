@@ -1,9 +1,9 @@
 //! The appliance configuration: one TOML file, parsed once into types.
 //!
 //! Relative paths are resolved against the directory of the config file. Durations are
-//! humantime strings (`"10m"`, `"30s"`), sizes are integers in bytes. Keys named in the
-//! interface contract keep their names and meaning; everything else is documented in
-//! `systemd/baylink.example.toml`.
+//! humantime strings (`"10m"`, `"30s"`), sizes are integers in bytes. Keys named in
+//! `docs/interface.md` keep their names and meaning; every key is documented in
+//! `docs/configuration.md` and `systemd/baylink.example.toml`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! `baylink dev-env DIR`: a complete two-appliance deployment on 127.0.0.1.
 //!
-//! Everything the contract lists is created here: PKI (with a rogue CA), SoftHSM tokens with
+//! Everything `docs/interface.md` lists is created here: PKI (with a rogue CA), SoftHSM tokens with
 //! the signing keys (created through `baylink-hsm`, the same code path the appliance uses),
 //! PINs, pinned public keys, both configs, the consent registry and the state directories.
 //! The directory must be empty or missing; nothing is overwritten.
@@ -41,7 +41,7 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// The contract's layout: N, N+1, N+2, N+3, N+4.
+    /// The layout of `docs/interface.md`: N, N+1, N+2, N+3, N+4.
     pub fn from_base(base: u16) -> anyhow::Result<Ports> {
         if base == 0 || base > u16::MAX - 4 {
             bail!("--base-port {base} leaves no room for the five ports N..N+4");
@@ -242,7 +242,7 @@ fn consents_toml() -> String {
     let until = rfc3339(now + Duration::from_secs(2 * 365 * 86_400));
     let mut out = String::from(
         "# Consent registry of the dev-env deployment: one [[consent]] per authorisation\n\
-         # a patient gave. See the README (\"Policy\") for the format.\n",
+         # a patient gave. See docs/configuration.md (\"The consent registry\") for the format.\n",
     );
     for (n, patient) in SAMPLE_PATIENTS.iter().enumerate() {
         let evidence = hex::encode(aws_lc_rs::digest::digest(

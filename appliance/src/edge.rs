@@ -35,7 +35,7 @@ pub const WITNESS_TIMEOUT: Duration = Duration::from_secs(5);
 /// ([`Edge::close_link`]).
 pub const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What `send` reports on success: the contract's JSON line.
+/// What `send` reports on success: the JSON line of `docs/interface.md`.
 #[derive(Debug, Serialize)]
 pub struct SendSummary {
     /// The transfer id.
@@ -88,7 +88,7 @@ pub enum SendFailure {
 }
 
 impl SendFailure {
-    /// Process exit code for this failure (documented in the README).
+    /// Process exit code for this failure (documented in `docs/interface.md`).
     pub fn exit_code(&self) -> i32 {
         match self {
             SendFailure::Refused(_) => 2,

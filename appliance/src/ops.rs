@@ -46,7 +46,7 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("metrics buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
-    // Make the contract's series exist from the start.
+    // Make the series `docs/interface.md` promises exist from the start.
     for direction in ["sent", "received"] {
         metrics::counter!("baylink_bytes_total", "direction" => direction).increment(0);
     }

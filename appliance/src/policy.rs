@@ -624,7 +624,7 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
                 "{c} is not kebab-case"
             );
         }
-        // The contract's default `send --category` and the reports already in use.
+        // `send`'s default `--category` and the reports already in use.
         for c in ["diagnostic-image", "laboratory-report", "radiology-report"] {
             assert!(p.categories.contains(c), "{c}");
         }

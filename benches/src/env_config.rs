@@ -1,5 +1,5 @@
 //! The few keys of a dev-env appliance config the bench needs, read leniently (unknown keys
-//! are ignored) so the bench depends on the config file's contract, not on the appliance's
+//! are ignored) so the bench depends on the config keys `docs/interface.md` promises, not on the appliance's
 //! internals. Relative paths are resolved against the config file's directory, and defaults
 //! are the appliance's (4 MiB chunks, 8 in flight, `LinkTuning::default()`).
 

@@ -9,6 +9,9 @@
 //! - [`probe`]: what the host offers the link (UDP GSO/GRO, socket buffer limits) and what
 //!   the appliance's certificates say, read-only, for `baylink info`.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod probe;
 pub mod proto;
 pub mod spool;

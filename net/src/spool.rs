@@ -21,9 +21,13 @@
 //! uring thread. Dropping the last `Spool` handle ends the thread once the requests in
 //! flight are done; open files are then closed.
 //!
+//! Files can be opened for `O_DIRECT` ([`Spool::open_direct`], [`Spool::create_direct`]):
+//! pool buffers are aligned for it, and where the file system refuses it (tmpfs) the file is
+//! opened for buffered I/O instead. Buffers are not registered with the ring (no fixed
+//! buffers): measured throughput did not need them.
+//!
 //! All tokio-uring use stays in this module so that it can be swapped (for compio or
-//! io-uring directly) without touching the rest. Not here: `O_DIRECT` and registered
-//! (fixed) buffers; measured throughput did not need them.
+//! io-uring directly) without touching the rest.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -163,7 +163,7 @@ impl Deployment {
         use std::io::{Read, Write};
         let port = self.base_port + if gateway { 3 } else { 1 };
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.set_read_timeout(Some(EVENT_WAIT))?;
         s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
         let mut out = String::new();
         s.read_to_string(&mut out)?;
@@ -390,11 +390,11 @@ impl Service {
         self.child.as_ref().map_or(0, Child::id)
     }
 
-    /// Sends SIGTERM and waits (30 s at most) for the exit status.
+    /// Sends SIGTERM and waits ([`EVENT_WAIT`] at most) for the exit status.
     pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
         signal(child.id(), "TERM")?;
-        wait_bounded(&mut child, Duration::from_secs(30))
+        wait_bounded(&mut child, EVENT_WAIT)
     }
 
     /// Sends SIGKILL and reaps the process.
@@ -507,8 +507,52 @@ pub fn bench_bin() -> PathBuf {
     bin
 }
 
+/// How long a test waits for something it expects to happen: a log line, a readiness signal,
+/// an answer, a process exit. Generous on purpose: on a loaded machine events come late, and
+/// the bound is there to end a hang, never to time a success.
+pub const EVENT_WAIT: Duration = Duration::from_secs(60);
+
+/// True when the tests run under CI: the `CI` environment variable is set (to anything but
+/// an empty string, `0` or `false`).
+pub fn under_ci() -> bool {
+    ci_value_is_set(std::env::var("CI").ok().as_deref())
+}
+
+fn ci_value_is_set(value: Option<&str>) -> bool {
+    value.is_some_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// A test (or part of one) that cannot run here because a tool or a capability is missing.
+///
+/// Outside CI it prints `skipped: <reason>` on stderr and returns; the caller then returns
+/// (or leaves the part out). Under CI ([`under_ci`]) it panics with the reason: CI installs
+/// every tool the tests need and runs as root, so a missing one is a broken set-up, and a
+/// test that skipped there would pass without having tested anything.
+pub fn skip_or_fail(reason: &str) {
+    skip_or_fail_under(under_ci(), reason);
+}
+
+fn skip_or_fail_under(ci: bool, reason: &str) {
+    assert!(
+        !ci,
+        "cannot run: {reason} (CI is set, and under CI every tool a test needs is installed)"
+    );
+    eprintln!("skipped: {reason}");
+}
+
+/// [`skip_or_fail`] when `missing` holds a reason; true when the test must return.
+pub fn skip_if(missing: Option<String>) -> bool {
+    match missing {
+        Some(reason) => {
+            skip_or_fail(&reason);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Why this machine cannot emulate a link (not root, no /dev/net/tun, no `ip`), if it cannot.
-/// Tests print `skipped: <reason>` and return when this is `Some`.
+/// Tests pass this to [`skip_if`].
 pub fn link_unsupported() -> Option<String> {
     let uid = Command::new("id").arg("-u").output().ok()?;
     if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
@@ -547,7 +591,7 @@ pub struct Link {
 
 impl Link {
     /// Starts a forwarder with these `baylink-bench impair` flags and waits for its ready line
-    /// (30 s at most).
+    /// ([`EVENT_WAIT`] at most).
     pub fn start(flags: &[&str]) -> anyhow::Result<Link> {
         let mut child = Command::new(bench_bin())
             .arg("impair")
@@ -577,7 +621,7 @@ impl Link {
             ns_b: String::new(),
             addr_b: String::new(),
         };
-        let ready = link.expect_line(|l| l.starts_with("ready "), Duration::from_secs(30))?;
+        let ready = link.expect_line(|l| l.starts_with("ready "), EVENT_WAIT)?;
         let f: Vec<&str> = ready.split_whitespace().collect();
         let ["ready", ns_a, addr_a, ns_b, addr_b] = f[..] else {
             bail!("unexpected ready line: {ready}");
@@ -629,14 +673,14 @@ impl Link {
     /// Cuts the link (SIGUSR1) and waits until the forwarder confirms.
     pub fn cut(&mut self) -> anyhow::Result<()> {
         signal(self.pid(), "USR1")?;
-        self.expect_line(|l| l == "cut", Duration::from_secs(10))?;
+        self.expect_line(|l| l == "cut", EVENT_WAIT)?;
         Ok(())
     }
 
     /// Restores the link (SIGUSR2) and waits until the forwarder confirms.
     pub fn restore(&mut self) -> anyhow::Result<()> {
         signal(self.pid(), "USR2")?;
-        self.expect_line(|l| l == "restored", Duration::from_secs(10))?;
+        self.expect_line(|l| l == "restored", EVENT_WAIT)?;
         Ok(())
     }
 
@@ -645,7 +689,7 @@ impl Link {
     pub fn stop(mut self) -> anyhow::Result<serde_json::Value> {
         let mut child = self.child.take().context("already stopped")?;
         signal(child.id(), "INT")?;
-        let status = wait_bounded(&mut child, Duration::from_secs(30))?;
+        let status = wait_bounded(&mut child, EVENT_WAIT)?;
         anyhow::ensure!(status.success(), "forwarder exited with {status}");
         let last = self
             .lines
@@ -670,7 +714,7 @@ impl Drop for Link {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = signal(child.id(), "INT");
-            let _ = wait_bounded(&mut child, Duration::from_secs(30));
+            let _ = wait_bounded(&mut child, EVENT_WAIT);
         }
     }
 }
@@ -736,16 +780,20 @@ impl Daemon {
         })
     }
 
-    /// Polls `ready` every 50 ms until it holds (30 s at most); fails early if the process
+    /// Polls `ready` every 50 ms until it holds ([`EVENT_WAIT`] at most); fails early if the process
     /// exits. The readiness signal of a process that has no notify socket.
     fn wait_until(&mut self, what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + EVENT_WAIT;
         while !ready() {
             if let Some(status) = self.child.as_mut().expect("child").try_wait()? {
                 bail!("{} exited with {status}: {}", self.name, self.log());
             }
             if Instant::now() > deadline {
-                bail!("{} did not {what} within 30 s: {}", self.name, self.log());
+                bail!(
+                    "{} did not {what} within {EVENT_WAIT:?}: {}",
+                    self.name,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -795,13 +843,14 @@ pub struct Orthanc {
 }
 
 impl Orthanc {
-    /// Starts Orthanc on a free port and waits (30 s at most) until its REST API answers.
+    /// Starts Orthanc on a free port and waits ([`EVENT_WAIT`] at most) until its REST API
+    /// answers.
     pub fn start() -> anyhow::Result<Orthanc> {
         Orthanc::start_on(free_base_port())
     }
 
-    /// Starts Orthanc with HTTP on `port` and waits (30 s at most) until its REST API
-    /// answers.
+    /// Starts Orthanc with HTTP on `port` and waits ([`EVENT_WAIT`] at most) until its
+    /// REST API answers.
     pub fn start_on(port: u16) -> anyhow::Result<Orthanc> {
         let dir = Daemon::dir("orthanc")?;
         let storage = dir.path().join("db");
@@ -896,7 +945,7 @@ impl TlsProxy {
     /// Starts stunnel: accepts TLS on a free port with `cert`/`key`, requires a client
     /// certificate that chains to `ca`, and forwards to 127.0.0.1:`to`. Ready when an https
     /// request with `client` (certificate, key) through it reaches `ready_path` of the
-    /// service behind it (30 s at most).
+    /// service behind it ([`EVENT_WAIT`] at most).
     pub fn start(
         cert: &Path,
         key: &Path,
@@ -930,5 +979,32 @@ impl TlsProxy {
     /// What stunnel logged so far.
     pub fn log(&self) -> String {
         self.daemon.log()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ci_counts_as_set_unless_empty_zero_or_false() {
+        for set in ["true", "1", "yes", "github"] {
+            assert!(ci_value_is_set(Some(set)), "{set}");
+        }
+        for unset in [None, Some(""), Some(" "), Some("0"), Some("false")] {
+            assert!(!ci_value_is_set(unset), "{unset:?}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "cannot run: iperf3 is not installed (CI is set")]
+    fn under_ci_a_missing_tool_fails_the_test() {
+        skip_or_fail_under(true, "iperf3 is not installed");
+    }
+
+    #[test]
+    fn outside_ci_a_missing_tool_skips() {
+        skip_or_fail_under(false, "iperf3 is not installed");
+        assert!(!skip_if(None));
     }
 }

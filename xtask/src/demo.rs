@@ -255,7 +255,7 @@ fn run_in(bin: &Path, dir: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-/// The last line `baylink send` prints on stdout (see the interface contract).
+/// The last line `baylink send` prints on stdout (see `docs/interface.md`).
 #[derive(Debug, PartialEq)]
 struct Report {
     transfer_id: String,

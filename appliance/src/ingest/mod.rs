@@ -4,7 +4,7 @@
 //! streams each uploaded file through the io_uring spool thread while hashing it chunk by
 //! chunk, seals at commit from the recorded digests (no payload re-read), and hands the
 //! sealed transfer to a background sender. [`http`] serves it over HTTPS with client
-//! certificates (the hospital API of the contract), including DICOMweb STOW-RS ([`stow`],
+//! certificates (the hospital API, `docs/api.md`), including DICOMweb STOW-RS ([`stow`],
 //! with a streaming [`multipart`] splitter and a minimal [`part10`] prefix reader).
 //!
 //! Not here: the DICOM C-STORE SCP (its own module reuses the store), policy rules

@@ -547,7 +547,7 @@ fn audit_prove_carries_the_witness_cosignature_and_verify_proof_checks_it() {
         args.push(file.to_str().unwrap());
         baylink(&args)
     };
-    // The contract's form still works; with the witness key the cosignature is checked.
+    // Without the witness key the proof still verifies; with it the cosignature is checked.
     let out = verify(&file, None);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = verify(&file, Some(&gw_pem));

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use baylink_tests::{Deployment, Service};
+use baylink_tests::{Deployment, EVENT_WAIT, Service};
 
 /// The SOP Instance UID of test instance `n`.
 pub(super) fn sop_uid(n: u32) -> String {
@@ -169,7 +169,7 @@ fn edge_healthy(d: &Deployment) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", d.base_port + 1)) else {
         return false;
     };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(EVENT_WAIT)).unwrap();
     let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     let mut r = String::new();
     let _ = s.read_to_string(&mut r);
@@ -402,7 +402,7 @@ impl RawScu {
     /// Associates as `calling` with one presentation context (id 1): CT image, explicit LE.
     fn associate(d: &Deployment, calling: &str) -> RawScu {
         let s = std::net::TcpStream::connect(("127.0.0.1", d.base_port + 4)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(EVENT_WAIT)).unwrap();
         let mut body = Vec::new();
         body.extend_from_slice(&1u16.to_be_bytes());
         body.extend_from_slice(&[0, 0]);
@@ -583,7 +583,7 @@ fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
     );
     // Scratch is empty and the aborted associations left no open transfer behind: the spool
     // holds only the transfers that were delivered.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + EVENT_WAIT;
     while count_dir(&d.path("spool/edge/.incoming")) > 0
         || spool_transfers(&d) != delivered_transfers(&d).len()
     {
@@ -697,7 +697,7 @@ fn association_limit_and_idle_timeout_hold() {
     assert!(edge.log().contains("ingest.dicom_max_associations reached"));
 
     // The held association goes silent: the idle time-out aborts it and discards its instance.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + EVENT_WAIT;
     while !edge
         .log()
         .contains("association aborted: its instances are discarded")

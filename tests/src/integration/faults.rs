@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use baylink_tests::{Deployment, payload, summary};
+use baylink_tests::{Deployment, EVENT_WAIT, payload, summary};
 
 use crate::resume::{assert_delivered, only_transfer};
 
@@ -86,7 +86,7 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
     );
     // The edge's close frame went out before it exited, so the gateway let go of the
     // transfer at once, not after its 30 s idle timeout (which also held up its drain).
-    gw.wait_for_log(&["send failed"], Duration::from_secs(5));
+    gw.wait_for_log(&["send failed"], EVENT_WAIT);
     // The gateway never saw a bad chunk from this edge and is still serving.
     assert!(!gw.log().contains("does not match"), "{}", gw.log());
     assert!(gw.terminate().unwrap().success());
@@ -94,8 +94,7 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
 
 #[test]
 fn heavy_gateway_disk_full_pauses_then_resumes() {
-    if let Some(why) = baylink_tests::mount_namespace_unavailable() {
-        eprintln!("skipped: {why}");
+    if baylink_tests::skip_if(baylink_tests::mount_namespace_unavailable()) {
         return;
     }
     const SMALL: u64 = 64 << 20;

@@ -961,8 +961,7 @@ fn many_concurrent_uploads_and_commits_all_arrive() {
 /// 16 MiB tmpfs (the test reads that spool through `/proc/<pid>/root`).
 #[test]
 fn disk_full_is_507_and_nothing_is_left_behind() {
-    if let Some(why) = baylink_tests::mount_namespace_unavailable() {
-        eprintln!("skipped: {why}");
+    if baylink_tests::skip_if(baylink_tests::mount_namespace_unavailable()) {
         return;
     }
     let d = Deployment::new().unwrap();

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use baylink_tests::{
-    Deployment, Orthanc, Service, TlsProxy, orthanc_unavailable, stunnel_unavailable,
+    Deployment, EVENT_WAIT, Orthanc, Service, TlsProxy, orthanc_unavailable, skip_if,
+    stunnel_unavailable,
 };
 
 use super::compliance::audit_records;
 
 /// How long a test waits for the gateway to log a step.
-const LOG_WAIT: Duration = Duration::from_secs(60);
+const LOG_WAIT: Duration = EVENT_WAIT;
 use super::dicom::{instance, sop_uid};
 
 /// A deployment whose gateway delivers to the DICOMweb base `url`, with `extra` more
@@ -48,11 +49,7 @@ fn gateway_audit(d: &Deployment, kind: &str, id: &str) -> Vec<serde_json::Value>
 }
 
 fn skip() -> bool {
-    if let Some(why) = orthanc_unavailable() {
-        eprintln!("skipped: {why}");
-        return true;
-    }
-    false
+    skip_if(orthanc_unavailable())
 }
 
 fn stored_identical(orthanc: &Orthanc, uid: &str, source: &Path) {
@@ -269,11 +266,7 @@ fn https_store(ca: &str) -> HttpsStore {
 }
 
 fn skip_tls() -> bool {
-    if let Some(why) = stunnel_unavailable() {
-        eprintln!("skipped: {why}");
-        return true;
-    }
-    skip()
+    skip_if(stunnel_unavailable()) || skip()
 }
 
 #[test]

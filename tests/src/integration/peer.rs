@@ -3,14 +3,13 @@
 //! reaches the delivery directory.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use baylink_net::proto::{
     ChunkHasher, ChunkHeader, ErrorCode, Frame, FrameDecoder, Limits, ManifestBuilder,
     PROTOCOL_VERSION, TransferId, encode,
 };
 use baylink_net::transport::{self, LinkTuning, TlsIdentity};
-use baylink_tests::{Deployment, Service};
+use baylink_tests::{Deployment, EVENT_WAIT, Service};
 use bytes::BytesMut;
 
 struct Peer {
@@ -65,7 +64,7 @@ impl Peer {
 
     /// The next frame from the gateway (None when its side ends), bounded in time.
     async fn next(&mut self) -> Option<Frame> {
-        tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::time::timeout(EVENT_WAIT, async {
             let mut buf = vec![0u8; 65536];
             loop {
                 if let Some(f) = self.decoder.next_frame().unwrap() {
@@ -78,7 +77,7 @@ impl Peer {
             }
         })
         .await
-        .expect("gateway answered within 20 s")
+        .expect("the gateway answers within EVENT_WAIT")
     }
 
     /// Reads frames until an Error frame; returns its code and text.

@@ -19,7 +19,7 @@ use super::{
 };
 use crate::transfer_dir::{TransferDir, write_atomic};
 
-/// Where a transfer is (the contract's `state`).
+/// Where a transfer is (the status's `state`, `docs/interface.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransferState {
