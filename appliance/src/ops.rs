@@ -1,17 +1,21 @@
 //! Operations: Prometheus metrics, `/healthz`, systemd notification and watchdog, signals.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use baylink_net::spool::Spool;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
+
+use crate::signing::{Keys, WATCHDOG_CONTEXT};
 
 /// Health of the process, as `/healthz` reports it.
 #[derive(Debug, Default)]
@@ -87,23 +91,130 @@ async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str
     }
 }
 
-/// Tells systemd (when it started us with `Type=notify`) that we are ready, and keeps its
-/// watchdog fed from a task while the runtime runs.
-pub fn notify_ready() {
+/// What must still work for the watchdog to be fed: the spool thread takes file operations on
+/// the spool's file system, and the HSM signs. The runtime's responsiveness is checked by the
+/// feeding itself: a starved runtime runs no check and feeds nothing.
+///
+/// Deliberately not checked: the link, the peer, the record store, a full disk or a witness
+/// that refuses the log. A restart fixes none of them, so they are reported by `/healthz`,
+/// metrics and logs instead of by a restart loop.
+#[derive(Debug, Clone)]
+pub struct HealthProbe {
+    spool: Spool,
+    marker: PathBuf,
+    keys: Keys,
+}
+
+/// A health check that failed: which one, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    /// `spool` or `hsm`.
+    pub check: &'static str,
+    /// What went wrong, in the operator's terms.
+    pub reason: String,
+}
+
+impl std::fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} check failed: {}", self.check, self.reason)
+    }
+}
+
+impl HealthProbe {
+    /// Name of the file the spool check creates (and truncates) in the spool directory.
+    pub const MARKER: &'static str = ".watchdog";
+
+    /// Checks `spool` on the file system of `spool_dir`, and the HSM behind `keys`.
+    pub fn new(spool: Spool, spool_dir: &Path, keys: Keys) -> HealthProbe {
+        HealthProbe {
+            spool,
+            marker: spool_dir.join(Self::MARKER),
+            keys,
+        }
+    }
+
+    /// Runs every check, each bounded by `limit`; the first failure names its check.
+    pub async fn check(&self, limit: Duration) -> Result<(), ProbeFailure> {
+        let fail = |check, reason: String| ProbeFailure { check, reason };
+        // The spool thread answers and the file system takes a create. A full disk is not a
+        // failure: the appliance pauses on it and says so elsewhere (invariant 7).
+        match tokio::time::timeout(limit, self.spool.create(&self.marker)).await {
+            Err(_) => return Err(fail("spool", format!("no answer within {limit:?}"))),
+            Ok(Err(e)) if e.is_no_space() => {}
+            Ok(Err(e)) => return Err(fail("spool", e.to_string())),
+            Ok(Ok(file)) => {
+                if let Err(e) = self.spool.close(file).await {
+                    return Err(fail("spool", e.to_string()));
+                }
+            }
+        }
+        // The HSM signs with the appliance key on a pooled session, and the signature
+        // verifies: the session is logged in and the key usable.
+        let nonce = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos()
+            .to_be_bytes();
+        let msg = [WATCHDOG_CONTEXT, &nonce[..]].concat();
+        match tokio::time::timeout(limit, self.keys.signer.sign_async(msg.clone())).await {
+            Err(_) => Err(fail("hsm", format!("no signature within {limit:?}"))),
+            Ok(Err(e)) => Err(fail("hsm", e.to_string())),
+            Ok(Ok(sig)) if self.keys.signer.public_key().verify(&msg, &sig.0).is_err() => {
+                Err(fail(
+                    "hsm",
+                    "the signature does not verify with the key's public key".into(),
+                ))
+            }
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+}
+
+/// Tells systemd (when it started us with `Type=notify`) that we are ready, and, when systemd
+/// watches us (`WatchdogSec=`), feeds its watchdog every half period from a task on the
+/// runtime, but only after `probe` passed: a process whose HSM or spool no longer works, or
+/// whose runtime is starved, stops feeding and is restarted by systemd.
+pub fn notify_ready(probe: HealthProbe) {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!(error = %e, "cannot notify systemd");
     }
     let mut usec = 0u64;
     if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
         let period = Duration::from_micros(usec / 2);
-        info!(?period, "feeding the systemd watchdog");
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            loop {
-                tick.tick().await;
+        info!(
+            ?period,
+            "feeding the systemd watchdog while the spool and the HSM work"
+        );
+        metrics::gauge!("baylink_watchdog_healthy").set(1.0);
+        tokio::spawn(feed_watchdog(probe, period));
+    }
+}
+
+async fn feed_watchdog(probe: HealthProbe, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tick.tick().await;
+        match probe.check(period / 2).await {
+            Ok(()) => {
+                if failing {
+                    info!("health checks pass again; feeding the systemd watchdog");
+                    failing = false;
+                }
+                metrics::gauge!("baylink_watchdog_healthy").set(1.0);
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
             }
-        });
+            Err(e) => {
+                if !failing {
+                    error!(check = e.check, reason = %e.reason, "health check failed; not feeding the systemd watchdog (systemd restarts the service when it starves)");
+                    failing = true;
+                }
+                metrics::gauge!("baylink_watchdog_healthy").set(0.0);
+                metrics::counter!("baylink_watchdog_check_failures_total", "check" => e.check)
+                    .increment(1);
+            }
+        }
     }
 }
 

@@ -98,6 +98,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         .context("transport.listen is not set")?;
     let endpoint = transport::server_endpoint(listen, &ca, &identity, &cfg.link)
         .with_context(|| format!("cannot listen on {listen} (transport.listen)"))?;
+    let probe = ops::HealthProbe::new(spool.clone(), &cfg.spool_dir, keys.clone());
     let gw = Arc::new(Gateway::new(
         cfg.id.clone(),
         cfg.spool_dir.clone(),
@@ -130,7 +131,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         }
     });
     health.set_ready();
-    ops::notify_ready();
+    ops::notify_ready(probe);
     info!(%listen, role = "gateway", "serving");
 
     let accept = {
@@ -230,7 +231,11 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         tokio::spawn(expire_open_transfers(store.clone(), idle));
     }
     health.set_ready();
-    ops::notify_ready();
+    ops::notify_ready(ops::HealthProbe::new(
+        edge.spool().clone(),
+        &cfg.spool_dir,
+        edge.keys().clone(),
+    ));
     info!(role = "edge", "serving");
 
     // Finish what was sealed but not confirmed before the last stop.

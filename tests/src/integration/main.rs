@@ -21,3 +21,4 @@ mod refusal;
 mod resume;
 mod retention;
 mod transfer;
+mod watchdog;
