@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use baylink_tests::{Deployment, Service, baylink_bin, payload, sha256_file, summary};
 
+use crate::ingest::Api;
 use crate::resume::{assert_delivered, only_transfer};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -268,4 +269,45 @@ fn crash_after_the_sent_record_then_restart_stores_the_receipt() {
 #[test]
 fn crash_after_the_receipted_record_then_resume_stores_the_receipt() {
     crash_then_restart("send:after-receipted", Restart::Resume);
+}
+
+/// The hospital API's commit seals through the same function: an edge service killed there
+/// comes back, finishes the seal (recording it first) before it scans its spool, and sends
+/// the upload.
+#[test]
+fn edge_service_killed_mid_commit_records_the_seal_and_sends_the_upload_after_restart() {
+    let d = Deployment::new().unwrap();
+    let api = Api { d: &d };
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"ulimit -c 0; exec "$@""#, "sh"])
+        .arg(baylink_bin())
+        .args(["serve", "--config"])
+        .arg(d.edge_config())
+        .env("BAYLINK_FAILPOINT", "seal:after-manifest");
+    let edge = Service::start(&mut cmd, d.dir.path()).unwrap();
+    let declared = api.declare(
+        "hospital-a",
+        r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#,
+    );
+    assert_eq!(declared.status, 201, "{declared:?}");
+    let id = declared.json()["id"].as_str().unwrap().to_owned();
+    let src = payload(d.dir.path(), "a.dcm", 700 * 1024, 33).unwrap();
+    assert_eq!(api.put("hospital-a", &id, "a.dcm", &src, &[]).status, 201);
+    let commit = api.commit("hospital-a", &id);
+    assert_eq!(commit.status, 0, "the edge answered the commit: {commit:?}");
+    edge.wait_for_log(&["failpoint seal:after-manifest: aborting"], WAIT);
+    edge.kill().unwrap();
+
+    assert_edge_log_verifies(&d);
+    assert_spool_agrees_with_log(&d, &id);
+    let dir = d.path("spool/edge").join(&id);
+    assert!(dir.join("manifest.pending").exists() && !dir.join("manifest.bin").exists());
+
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge = d.serve(&d.edge_config()).unwrap();
+    api.wait_state(&id, "committed");
+    let got = d.wait_delivered(&id, "a.dcm", WAIT);
+    assert_eq!(sha256_file(&src).unwrap(), sha256_file(&got).unwrap());
+    assert!(gateway.terminate().unwrap().success());
+    assert_complete_sequence(&d, &id);
 }
