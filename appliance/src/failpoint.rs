@@ -19,6 +19,7 @@
 //! | [`SEAL_AFTER_PUBLISH`] | put `manifest.bin` in place: the transfer is sendable |
 //! | [`SEND_AFTER_SENT`] | made the `sent` record durable (the gateway's receipt arrived) |
 //! | [`SEND_AFTER_RECEIPTED`] | made the `receipted` record durable; the receipt not yet stored |
+//! | [`COMMIT_AFTER_COMMITTED`] | (gateway) made the `committed` record durable; no `receipt.sig` yet |
 //!
 //! An unknown name never matches, so the process runs normally: the tests assert that it
 //! died, which catches a misspelt step.
@@ -41,14 +42,18 @@ pub const SEND_AFTER_SENT: &str = "send:after-sent";
 /// The `receipted` record is durable; `receipt.bin`/`receipt.sig` are not stored.
 pub const SEND_AFTER_RECEIPTED: &str = "send:after-receipted";
 
+/// Gateway: the `committed` record is durable; the receipt files are not written.
+pub const COMMIT_AFTER_COMMITTED: &str = "commit:after-committed";
+
 /// Every step, for documentation and tests.
-pub const STEPS: [&str; 6] = [
+pub const STEPS: [&str; 7] = [
     SEAL_AFTER_DATA,
     SEAL_AFTER_MANIFEST,
     SEAL_AFTER_SEALED,
     SEAL_AFTER_PUBLISH,
     SEND_AFTER_SENT,
     SEND_AFTER_RECEIPTED,
+    COMMIT_AFTER_COMMITTED,
 ];
 
 static ARMED: OnceLock<Option<String>> = OnceLock::new();
@@ -72,7 +77,7 @@ mod tests {
         for s in STEPS {
             assert!(seen.insert(s), "{s} twice");
             let (phase, what) = s.split_once(':').unwrap();
-            assert!(matches!(phase, "seal" | "send"), "{s}");
+            assert!(matches!(phase, "seal" | "send" | "commit"), "{s}");
             assert!(what.starts_with("after-"), "{s}");
         }
     }

@@ -311,3 +311,62 @@ fn edge_service_killed_mid_commit_records_the_seal_and_sends_the_upload_after_re
     assert!(gateway.terminate().unwrap().success());
     assert_complete_sequence(&d, &id);
 }
+
+/// The gateway killed between its `committed` record and the receipt signature file (the
+/// commit point): its log verifies and shows the commit, nothing is delivered, and once
+/// restarted it commits again for the still-retrying sender, delivers, and records that.
+#[test]
+fn gateway_killed_after_the_committed_record_commits_again_and_delivers() {
+    let d = Deployment::new().unwrap();
+    let src_dir = d.path("payload");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    let src = payload(&src_dir, "study.bin", 3 << 20, 34).unwrap();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", r#"ulimit -c 0; exec "$@""#, "sh"])
+        .arg(baylink_bin())
+        .args(["serve", "--config"])
+        .arg(d.gateway_config())
+        .env("BAYLINK_FAILPOINT", "commit:after-committed");
+    let gateway = Service::start(&mut cmd, d.dir.path()).unwrap();
+    let sender = d.spawn_send(&src, true).unwrap();
+    gateway.wait_for_log(&["failpoint commit:after-committed: aborting"], WAIT);
+    gateway.kill().unwrap();
+
+    let id = only_transfer(&d.path("spool/gateway"));
+    let out = Command::new(baylink_bin())
+        .args(["audit", "verify", "--config"])
+        .arg(d.gateway_config())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let records = d.path("audit/gateway/records.log");
+    assert_eq!(count(&kinds_of(&records, &id), "committed"), 1);
+    assert!(
+        !d.path("spool/gateway")
+            .join(&id)
+            .join("receipt.sig")
+            .exists()
+    );
+    assert!(!d.delivered(&id, "study.bin").exists());
+
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        text(&out.stderr),
+        gateway.log()
+    );
+    d.wait_delivered(&id, "study.bin", WAIT);
+    assert!(gateway.terminate().unwrap().success());
+    assert_delivered(&d, &id, &src);
+    let kinds = kinds_of(&records, &id);
+    assert_eq!(
+        kinds.last().map(String::as_str),
+        Some("delivered"),
+        "{kinds:?}"
+    );
+    assert!(count(&kinds, "committed") >= 1, "{kinds:?}");
+    assert_complete_sequence(&d, &id);
+}
