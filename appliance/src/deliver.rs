@@ -68,7 +68,7 @@ impl DirDelivery {
         if target.exists() {
             return Ok(target);
         }
-        std::fs::create_dir_all(&self.root)
+        transfer_dir::create_dir_durably(&self.root)
             .with_context(|| format!("cannot create {}", self.root.display()))?;
         let outbox = dir.root().join("outbox");
         if outbox.exists() {

@@ -18,10 +18,11 @@ use baylink_net::transport::{self, TlsIdentity};
 use indicatif::{ProgressBar, ProgressStyle};
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::audit::{self, Event, Kind};
 use crate::config::Config;
+use crate::failpoint;
 use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStats};
 use crate::policy::{Decision, Declaration, Policy, SharedPolicy};
 use crate::seal::{self, SealProgress};
@@ -341,7 +342,7 @@ impl Edge {
 
         let out = match &request {
             SendRequest::New { files, declaration } => {
-                std::fs::create_dir_all(dir.root())
+                transfer_dir::create_dir_durably(dir.root())
                     .with_context(|| format!("cannot create {}", dir.root().display()))?;
                 let _lock = lock_transfer(&dir)?;
                 let total: u64 = files
@@ -362,6 +363,7 @@ impl Edge {
                     &dir,
                     &job,
                     &self.keys,
+                    &self.audit,
                     &BarProgress(bar.clone()),
                 )
                 .await
@@ -370,6 +372,9 @@ impl Edge {
             }
             SendRequest::Resume(_) | SendRequest::SealedHere(_) => {
                 let lock = lock_transfer(&dir)?;
+                if seal::finish_interrupted_seal(&dir, &self.audit).await? {
+                    info!(transfer = %id, "finished a seal a stop had interrupted");
+                }
                 let check_at_rest = matches!(request, SendRequest::Resume(_));
                 (
                     seal::load_sealed(&self.spool, &dir, check_at_rest).await?,
@@ -386,18 +391,9 @@ impl Edge {
                 declared.consent_ref
             )));
         }
+        // audit: `sealed` was made durable by the seal itself, before `manifest.bin`
+        // (`seal::sign_and_write_manifest`): a transfer loaded here is one the log shows.
         let seal_seconds = started.elapsed().as_secs_f64();
-        if matches!(request, SendRequest::New { .. }) {
-            // audit: `sealed` (the HSM-signed manifest's digests) before anything is sent.
-            self.audit
-                .append(Event {
-                    merkle_root: Some(out.manifest.merkle_root),
-                    manifest_digest: Some(out.manifest.digest()),
-                    ..declared.clone_as(Kind::Sealed)
-                })
-                .await
-                .map_err(|e| SendFailure::Other(e.into()))?;
-        }
 
         let transmit_started = Instant::now();
         let (receipt, wire_bytes) = if dir.has_receipt() {
@@ -426,9 +422,21 @@ impl Edge {
                 })
                 .await
                 .map_err(|e| SendFailure::Other(e.into()))?;
+            failpoint::hit(failpoint::SEND_AFTER_SENT);
             (d, stats.wire_bytes())
         };
         self.verify_receipt(&out, &receipt)?;
+        // audit: `receipted` is durable before the receipt is stored (which ends the
+        // transfer's sending and lets `spool.retain` prune it) and before success is reported.
+        self.audit
+            .append(Event {
+                merkle_root: Some(out.manifest.merkle_root),
+                manifest_digest: Some(out.manifest.digest()),
+                ..declared.clone_as(Kind::Receipted)
+            })
+            .await
+            .map_err(|e| SendFailure::Other(e.into()))?;
+        failpoint::hit(failpoint::SEND_AFTER_RECEIPTED);
         if !dir.has_receipt() {
             let (dir2, r, s) = (
                 dir.clone(),
@@ -443,15 +451,6 @@ impl Edge {
             .map_err(anyhow::Error::from)?
             .context("cannot store the receipt")?;
         }
-        // audit: `receipted` is durable before success is reported.
-        self.audit
-            .append(Event {
-                merkle_root: Some(out.manifest.merkle_root),
-                manifest_digest: Some(out.manifest.digest()),
-                ..declared.clone_as(Kind::Receipted)
-            })
-            .await
-            .map_err(|e| SendFailure::Other(e.into()))?;
         bar.finish_and_clear();
         stats
             .hsm_wait_us
@@ -661,6 +660,38 @@ impl Edge {
             .ok();
         info!(size, "audit checkpoint cosigned by the gateway");
         Ok(size)
+    }
+
+    /// Finishes every seal in the spool that a stop interrupted between staging the
+    /// manifest and putting it in place ([`seal::finish_interrupted_seal`]): run at start-up,
+    /// before the spool is scanned for sealed transfers. A transfer another process holds
+    /// the lock of is left to it. Returns the ids finished.
+    pub async fn finish_interrupted_seals(&self) -> Vec<TransferId> {
+        let staged = transfer_dir::list(&self.cfg.spool_dir, |d| {
+            d.manifest_pending().exists() && !d.manifest_bin().exists()
+        });
+        let mut done = Vec::new();
+        for id in staged {
+            let dir = TransferDir::new(&self.cfg.spool_dir, &id);
+            let _lock = match lock_transfer(&dir) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(transfer = %id, error = %format!("{e:#}"), "staged manifest left alone");
+                    continue;
+                }
+            };
+            match seal::finish_interrupted_seal(&dir, &self.audit).await {
+                Ok(true) => {
+                    info!(transfer = %id, "finished a seal a stop had interrupted");
+                    done.push(id);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    error!(transfer = %id, error = %format!("{e:#}"), "cannot finish an interrupted seal; the transfer is not sent");
+                }
+            }
+        }
+        done
     }
 
     /// Sealed transfers in the spool that have no receipt yet.

@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod devenv;
 pub mod dicom;
 pub mod edge;
+pub mod failpoint;
 pub mod gateway;
 pub mod info;
 pub mod ingest;

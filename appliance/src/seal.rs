@@ -4,6 +4,14 @@
 //! durable under `data/`, the manifest lists every chunk digest and the Merkle root, and
 //! `manifest.sig` holds the edge HSM's signature. A sealed transfer can always be (re)sent from
 //! the spool alone, which is what `send --resume` and the edge's start-up recovery do.
+//!
+//! Because `manifest.bin` is what makes a transfer sendable, it appears only after the
+//! `sealed` audit record is durable: the signed manifest is first staged as
+//! `manifest.pending`, the record appended, then the staged file renamed into place
+//! ([`sign_and_write_manifest`]). A crash between the record and the rename leaves a staged
+//! manifest that [`finish_interrupted_seal`] puts in place at the next start (appending the
+//! record first if the crash came before it), so the log shows every sealed transfer before
+//! anything can send it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -16,10 +24,12 @@ use baylink_net::proto::{
 use baylink_net::spool::Spool;
 use bytes::Bytes;
 
+use crate::audit::{self, Event, Kind};
+use crate::failpoint;
 use crate::link::send::Outgoing;
 use crate::policy::Declaration;
 use crate::signing::{Keys, MANIFEST_CONTEXT};
-use crate::transfer_dir::{TransferDir, write_atomic};
+use crate::transfer_dir::{TransferDir, sync_dir, write_atomic};
 
 /// Observes sealing progress (bytes copied into the spool).
 pub trait SealProgress: Send + Sync {
@@ -43,12 +53,13 @@ pub struct SealJob<'a> {
 }
 
 /// Copies the job's files into the spool, hashing every byte once, then signs the manifest
-/// in the HSM.
+/// in the HSM and seals it ([`sign_and_write_manifest`], which records `sealed` in `audit`).
 pub async fn seal_files(
     spool: &Spool,
     dir: &TransferDir,
     job: &SealJob<'_>,
     keys: &Keys,
+    audit: &audit::Log,
     progress: &dyn SealProgress,
 ) -> anyhow::Result<Outgoing> {
     let SealJob {
@@ -98,8 +109,15 @@ pub async fn seal_files(
             .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
         builder.add_file(name.clone(), size, digests)?;
     }
+    // Each file was fsynced by `copy_hashed`; this makes their names in `data/` durable.
+    let data = dir.data_dir();
+    tokio::task::spawn_blocking(move || sync_dir(&data))
+        .await?
+        .with_context(|| format!("cannot fsync {}", dir.data_dir().display()))?;
+    failpoint::hit(failpoint::SEAL_AFTER_DATA);
     let manifest = builder.finish(now_unix_ms())?;
-    let (bytes, signature) = sign_and_write_manifest(dir, &manifest, keys).await?;
+    let sealed = Event::declared(Kind::Sealed, Some(id.to_string()), declaration);
+    let (bytes, signature) = sign_and_write_manifest(dir, &manifest, keys, audit, sealed).await?;
     open_outgoing(
         spool,
         dir,
@@ -131,13 +149,19 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The sealing step shared by `send` and the hospital API: signs the manifest in the HSM and
-/// writes `manifest.sig`, `manifest.json` and, last, `manifest.bin` (whose presence marks the
-/// transfer as sealed). Returns the canonical manifest bytes and the signature.
+/// The sealing step shared by `send` and the hospital API: signs the manifest in the HSM,
+/// writes `manifest.sig`, `manifest.json` and the staged `manifest.pending`, appends the
+/// `sealed` record (`sealed`: the event to record, its kind, Merkle root and manifest digest
+/// filled in here), and only then renames the staged file to `manifest.bin`, whose presence
+/// marks the transfer as sealed and sendable. If the record cannot be appended, the staged
+/// manifest is removed and sealing fails: nothing is sendable that the log does not show as
+/// sealed. Returns the canonical manifest bytes and the signature.
 pub async fn sign_and_write_manifest(
     dir: &TransferDir,
     manifest: &Manifest,
     keys: &Keys,
+    audit: &audit::Log,
+    sealed: Event,
 ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     let bytes = manifest.to_bytes();
     let signature = keys
@@ -145,18 +169,91 @@ pub async fn sign_and_write_manifest(
         .await
         .context("cannot sign the manifest")?;
     let json = serde_json::to_vec_pretty(manifest)?;
-    let (dir, b, sig) = (dir.clone(), bytes.clone(), signature.clone());
+    let (d, b, sig) = (dir.clone(), bytes.clone(), signature.clone());
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        write_atomic(&dir.manifest_sig(), &sig)?;
-        write_atomic(&dir.manifest_json(), &json)?;
-        // manifest.bin last: its presence marks the transfer as sealed.
-        write_atomic(&dir.manifest_bin(), &b)
+        write_atomic(&d.manifest_sig(), &sig)?;
+        write_atomic(&d.manifest_json(), &json)?;
+        write_atomic(&d.manifest_pending(), &b)
     })
     .await?
     .context("cannot write the manifest")?;
+    failpoint::hit(failpoint::SEAL_AFTER_MANIFEST);
+    // audit: `sealed` (the HSM-signed manifest's digests) is durable before `manifest.bin`
+    // makes the transfer sendable.
+    let event = Event {
+        kind: Kind::Sealed,
+        merkle_root: Some(manifest.merkle_root),
+        manifest_digest: Some(manifest.digest()),
+        ..sealed
+    };
+    if let Err(e) = audit.append(event).await {
+        let _ = std::fs::remove_file(dir.manifest_pending());
+        return Err(anyhow::Error::from(e).context("the seal cannot be recorded; not sealed"));
+    }
+    failpoint::hit(failpoint::SEAL_AFTER_SEALED);
+    publish_manifest(dir.clone()).await?;
+    failpoint::hit(failpoint::SEAL_AFTER_PUBLISH);
     metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "ok")
         .increment(1);
     Ok((bytes, signature))
+}
+
+/// Renames the staged `manifest.pending` to `manifest.bin` and fsyncs the directory: from
+/// here on the transfer is sealed. Call only once its `sealed` record is durable.
+async fn publish_manifest(dir: TransferDir) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        std::fs::rename(dir.manifest_pending(), dir.manifest_bin()).with_context(|| {
+            format!(
+                "cannot rename {} to manifest.bin",
+                dir.manifest_pending().display()
+            )
+        })?;
+        sync_dir(dir.root()).with_context(|| format!("cannot fsync {}", dir.root().display()))
+    })
+    .await?
+}
+
+/// Finishes a seal that a crash interrupted between staging the manifest and putting it in
+/// place: appends the `sealed` record unless the log already holds it (the crash came after
+/// the append), then renames `manifest.pending` to `manifest.bin`. Returns whether there was
+/// such a seal. Run it at start-up and before a resume, holding the transfer's lock.
+pub async fn finish_interrupted_seal(
+    dir: &TransferDir,
+    audit: &audit::Log,
+) -> anyhow::Result<bool> {
+    if dir.manifest_bin().exists() || !dir.manifest_pending().exists() {
+        return Ok(false);
+    }
+    let bytes = std::fs::read(dir.manifest_pending())
+        .with_context(|| format!("cannot read {}", dir.manifest_pending().display()))?;
+    let manifest = Manifest::from_bytes(&bytes, &Limits::default()).with_context(|| {
+        format!(
+            "{} is not a valid manifest",
+            dir.manifest_pending().display()
+        )
+    })?;
+    let id = manifest.transfer_id.to_string();
+    let (log, t) = (audit.clone(), id.clone());
+    let recorded = tokio::task::spawn_blocking(move || log.has_record(&t, Kind::Sealed)).await??;
+    if !recorded {
+        let declaration = load_declaration(dir)?;
+        // audit: the `sealed` record the crash kept from being appended, before
+        // `manifest.bin` makes the transfer sendable.
+        audit
+            .append(Event {
+                hospital: std::fs::read_to_string(dir.owner()).ok(),
+                merkle_root: Some(manifest.merkle_root),
+                manifest_digest: Some(manifest.digest()),
+                detail: Some(
+                    "recorded after a restart: the process stopped after signing the manifest"
+                        .to_owned(),
+                ),
+                ..Event::declared(Kind::Sealed, Some(id), &declaration)
+            })
+            .await?;
+    }
+    publish_manifest(dir.clone()).await?;
+    Ok(true)
 }
 
 /// Loads a sealed transfer from the spool (for `--resume`, recovery, and the hospital
@@ -321,4 +418,97 @@ async fn copy_hashed(
         spool.close(input).await?;
     }
     Ok((offset, hasher.finish()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::audit::testing::Fixture;
+
+    fn declaration() -> Declaration {
+        Declaration {
+            patient_id: "P-1".into(),
+            category: "diagnostic-image".into(),
+            purpose: "care".into(),
+            destination: "hk-ehealth".into(),
+            consent_ref: Some("C-1".into()),
+        }
+    }
+
+    /// A transfer as a crash after step 3 of sealing leaves it: manifest signed (here: any
+    /// signature bytes) and staged, no `manifest.bin`.
+    fn staged(spool: &Path, decl: &Declaration) -> (TransferDir, Manifest) {
+        let id = TransferId::new_v7();
+        let dir = TransferDir::new(spool, &id);
+        dir.create().unwrap();
+        write_atomic(&dir.declaration(), &serde_json::to_vec(decl).unwrap()).unwrap();
+        let mut b = ManifestBuilder::new(id, "edge", decl.digest(), "C-1", 1024);
+        b.add_file("a.bin", 10, vec![[7; 32]]).unwrap();
+        let manifest = b.finish(1).unwrap();
+        write_atomic(&dir.manifest_sig(), b"sig").unwrap();
+        write_atomic(&dir.manifest_pending(), &manifest.to_bytes()).unwrap();
+        (dir, manifest)
+    }
+
+    fn sealed_records(f: &Fixture, id: &TransferId) -> Vec<crate::audit::Record> {
+        std::fs::read_to_string(f.path(crate::audit::RECORDS_FILE))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| crate::audit::record::parse_line(l.as_bytes()).unwrap().0)
+            .filter(|r| r.kind == Kind::Sealed && r.transfer == Some(id.to_string()))
+            .collect()
+    }
+
+    #[tokio::test]
+    #[serial_test::serial]
+    async fn an_interrupted_seal_is_recorded_once_then_made_sendable() {
+        let f = Fixture::new();
+        let log = f.open(100);
+        let spool = tempfile::tempdir().unwrap();
+        let decl = declaration();
+
+        // Crash before the record: it is appended, then manifest.bin appears.
+        let (dir, manifest) = staged(spool.path(), &decl);
+        let id = manifest.transfer_id;
+        assert!(finish_interrupted_seal(&dir, &log).await.unwrap());
+        let recs = sealed_records(&f, &id);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(
+            recs[0].manifest_digest,
+            Some(hex::encode(manifest.digest()))
+        );
+        assert!(
+            recs[0]
+                .detail
+                .as_deref()
+                .unwrap()
+                .contains("after a restart")
+        );
+        assert_eq!(
+            std::fs::read(dir.manifest_bin()).unwrap(),
+            manifest.to_bytes()
+        );
+        assert!(!dir.manifest_pending().exists());
+        assert!(
+            !finish_interrupted_seal(&dir, &log).await.unwrap(),
+            "done once"
+        );
+
+        // Crash after the record: it is not appended a second time.
+        let (dir, manifest) = staged(spool.path(), &decl);
+        let id = manifest.transfer_id;
+        log.append(Event {
+            merkle_root: Some(manifest.merkle_root),
+            manifest_digest: Some(manifest.digest()),
+            ..Event::declared(Kind::Sealed, Some(id.to_string()), &decl)
+        })
+        .await
+        .unwrap();
+        assert!(finish_interrupted_seal(&dir, &log).await.unwrap());
+        assert_eq!(sealed_records(&f, &id).len(), 1);
+        assert!(dir.manifest_bin().exists());
+        assert!(f.verify().is_ok());
+    }
 }

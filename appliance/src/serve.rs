@@ -42,7 +42,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         .await?
         .context("hsm")?;
     let spool = Spool::start(SpoolConfig::default())?;
-    std::fs::create_dir_all(&cfg.spool_dir)
+    crate::transfer_dir::create_dir_durably(&cfg.spool_dir)
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
     // audit: open the log (repairing a torn tail) before accepting anything.
     let audit = {
@@ -211,8 +211,11 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     let edge = Edge::start(cfg.clone())
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::create_dir_all(&cfg.spool_dir)
+    crate::transfer_dir::create_dir_durably(&cfg.spool_dir)
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
+    // Before the spool is scanned: a seal a stop interrupted becomes sealed (its `sealed`
+    // record appended first if the stop came before it), so it is resumed like any other.
+    edge.finish_interrupted_seals().await;
     let store = IngestStore::open(edge.clone()).map_err(|e| anyhow::anyhow!("ingest: {e}"))?;
     if let Some(listen) = cfg.ingest.dicom_listen {
         let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone(), listen).await?;

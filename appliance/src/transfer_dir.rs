@@ -3,6 +3,8 @@
 //! ```text
 //! spool/<id>/declaration.json   edge: what the sender declared
 //! spool/<id>/manifest.bin       canonical manifest bytes (what the edge's HSM signed)
+//! spool/<id>/manifest.pending   edge: the same bytes, staged until the `sealed` record is
+//!                               durable (then renamed to manifest.bin; see `seal`)
 //! spool/<id>/manifest.sig       the edge's signature over it
 //! spool/<id>/manifest.json      the same manifest for people
 //! spool/<id>/data/<name>        edge: sealed payload; gateway: committed payload
@@ -13,6 +15,7 @@
 //! spool/<id>/undeliverable      gateway: the store refused it (the reason)
 //! spool/<id>/pruned             the payload (`data/`) was removed under `spool.retain`
 //! spool/<id>/parts/             edge: hospital uploads in progress (see `ingest::store`)
+//! spool/<id>/owner              edge: the hospital that declared it through the API
 //! spool/<id>/expired            edge: an upload closed by `ingest.open_timeout` (the reason)
 //! ```
 //!
@@ -76,6 +79,11 @@ impl TransferDir {
     pub fn manifest_bin(&self) -> PathBuf {
         self.root.join("manifest.bin")
     }
+    /// `manifest.pending`: the edge's signed manifest before its `sealed` audit record is
+    /// durable (renamed to `manifest.bin` after it).
+    pub fn manifest_pending(&self) -> PathBuf {
+        self.root.join("manifest.pending")
+    }
     /// `manifest.sig`.
     pub fn manifest_sig(&self) -> PathBuf {
         self.root.join("manifest.sig")
@@ -127,6 +135,11 @@ impl TransferDir {
         self.root.join("parts")
     }
 
+    /// `owner`: the hospital that declared the transfer through the hospital API (edge).
+    pub fn owner(&self) -> PathBuf {
+        self.root.join("owner")
+    }
+
     /// `expired`: a hospital upload closed by `ingest.open_timeout` (edge); holds the reason.
     pub fn expired(&self) -> PathBuf {
         self.root.join("expired")
@@ -159,14 +172,9 @@ impl TransferDir {
             .with_context(|| format!("{} is not a valid manifest", self.manifest_bin().display()))
     }
 
-    /// Creates `spool/<id>/data/`, durably.
+    /// Creates `spool/<id>/data/` (and the spool if it is missing), durably.
     pub fn create(&self) -> io::Result<()> {
-        fs::create_dir_all(self.data_dir())?;
-        sync_dir(&self.root)?;
-        if let Some(parent) = self.root.parent() {
-            sync_dir(parent)?;
-        }
-        Ok(())
+        create_dir_durably(&self.data_dir())
     }
 
     /// Whether the receipt (the commit on the gateway, the confirmation on the edge) exists.
@@ -258,9 +266,53 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and any missing parents, durably: the new directory and the parent of each
+/// directory it created are fsynced, so a crash cannot take back a directory (or the files
+/// later made durable inside it) that this returned for. An existing directory is fsynced
+/// too: the caller may have created it a moment ago without doing so.
+pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    // The ancestors that do not exist yet, deepest first.
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.as_os_str().is_empty() && !at.exists() {
+        missing.push(at.to_owned());
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
+    let synced = |d: &Path| {
+        sync_dir(d)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot fsync {}: {e}", d.display())))
+    };
+    synced(dir)?;
+    for created in &missing {
+        match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => synced(p)?,
+            _ => synced(Path::new("."))?,
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn create_dir_durably_creates_missing_parents_and_accepts_an_existing_dir() {
+        let root = tempfile::tempdir().unwrap();
+        let deep = root.path().join("a/b/c");
+        create_dir_durably(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_durably(&deep).unwrap();
+        let file = root.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        let e = create_dir_durably(&file.join("sub")).unwrap_err();
+        assert!(e.to_string().contains("cannot create"), "{e}");
+    }
 
     #[test]
     fn state_roundtrip_and_corruption_is_named() {

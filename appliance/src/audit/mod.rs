@@ -137,16 +137,31 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AuditEr
 }
 
 /// Appends `line` to the append-only file `path` (created 0600) and makes it durable
-/// (`fdatasync`) before returning: every audit file grows this way.
+/// (`fdatasync`) before returning: every audit file grows this way. The append that creates
+/// the file also fsyncs its directory, so the file's name is as durable as its first line.
 fn append_durably(path: &Path, line: &[u8]) -> Result<(), AuditError> {
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io("cannot open", path))?;
+    let open = |create_new: bool| {
+        OpenOptions::new()
+            .append(true)
+            .create(!create_new)
+            .create_new(create_new)
+            .mode(0o600)
+            .open(path)
+    };
+    let (mut f, created) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            (open(false).map_err(io("cannot open", path))?, false)
+        }
+        Err(e) => return Err(io("cannot create", path)(e)),
+    };
     f.write_all(line).map_err(io("cannot write", path))?;
-    f.sync_data().map_err(io("cannot fdatasync", path))
+    f.sync_data().map_err(io("cannot fdatasync", path))?;
+    if created {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        crate::transfer_dir::sync_dir(dir).map_err(io("cannot fsync", dir))?;
+    }
+    Ok(())
 }
 
 /// How to open a log (the `[audit]` section plus the appliance id).
@@ -214,7 +229,7 @@ impl Log {
     /// and the appliance must not write on top of it.
     pub fn open(settings: &LogSettings, signer: Signer) -> Result<Log, AuditError> {
         let dir = &settings.dir;
-        std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+        crate::transfer_dir::create_dir_durably(dir).map_err(io("cannot create", dir))?;
         let key_path = settings
             .patient_key
             .clone()
@@ -302,6 +317,33 @@ impl Log {
                 path: self.inner.dir.clone(),
                 source: std::io::Error::other(e.to_string()),
             })?
+    }
+
+    /// Whether the log holds a record of `kind` for `transfer`. Reads the whole records
+    /// file: for start-up recovery, which must know whether a crash came before or after a
+    /// step's record was appended (see `seal::finish_interrupted_seal`). Blocking.
+    pub fn has_record(&self, transfer: &str, kind: Kind) -> Result<bool, AuditError> {
+        self.locked(|inner, st| {
+            let path = inner.dir.join(RECORDS_FILE);
+            let mut found = false;
+            let mut seq = 0u64;
+            // `catch_up` has just read and checked every complete line under this lock.
+            read_tail(&path, 0, |offset, line| {
+                if offset >= st.records_len {
+                    return Ok(());
+                }
+                let (record, _, _) =
+                    record::parse_line(line).map_err(|reason| AuditError::BadRecord {
+                        seq,
+                        offset,
+                        reason,
+                    })?;
+                seq += 1;
+                found |= record.kind == kind && record.transfer.as_deref() == Some(transfer);
+                Ok(())
+            })?;
+            Ok(found)
+        })
     }
 
     /// The keyed hash that stands for a patient id in records (hex HMAC-SHA256).

@@ -97,6 +97,7 @@ pub(super) async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, B
             &a.manifest,
         ))
         .await?;
+    crate::failpoint::hit(crate::failpoint::COMMIT_AFTER_COMMITTED);
     let dir = a.dir.clone();
     let (r2, s2) = (receipt.clone(), sig.clone());
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {

@@ -8,6 +8,7 @@
 
 mod audit;
 mod compliance;
+mod crash;
 mod deid;
 mod dicom;
 mod faults;

@@ -85,8 +85,8 @@ impl IngestStore {
         blocking(move || {
             d2.create()
                 .map_err(internal("cannot create the transfer"))?;
-            std::fs::create_dir_all(d2.parts_dir()).map_err(internal("parts/"))?;
-            std::fs::create_dir_all(files_dir(&d2)).map_err(internal("files/"))?;
+            crate::transfer_dir::create_dir_durably(&d2.parts_dir()).map_err(internal("parts/"))?;
+            crate::transfer_dir::create_dir_durably(&files_dir(&d2)).map_err(internal("files/"))?;
             let json = serde_json::to_vec_pretty(&decl)
                 .map_err(|e| IngestError::Internal(e.to_string()))?;
             write_atomic(&d2.declaration(), &json).map_err(internal("declaration.json"))?;
@@ -266,25 +266,17 @@ impl IngestStore {
         let manifest = builder
             .finish(seal::now_unix_ms())
             .map_err(|e| IngestError::Internal(e.to_string()))?;
-        seal::sign_and_write_manifest(&dir, &manifest, self.inner.edge.keys())
+        // audit: `sealed` is durable before `manifest.bin` makes the transfer sendable (the
+        // seal appends it between staging the manifest and putting it in place); if it
+        // cannot be recorded, the commit fails and nothing is sealed.
+        let sealed = Event {
+            hospital: self.owner(id),
+            ..Event::declared(Kind::Sealed, Some(id.to_string()), &decl)
+        };
+        let log = self.inner.edge.audit();
+        seal::sign_and_write_manifest(&dir, &manifest, self.inner.edge.keys(), log, sealed)
             .await
             .map_err(|e| IngestError::Internal(format!("{e:#}")))?;
-        // audit: `sealed` (the HSM-signed manifest's digests) before anything is sent. If it
-        // cannot be recorded, the seal marker (`manifest.bin`) is removed and the commit
-        // fails: nothing is ever sent that the log does not show as sealed.
-        let hospital = self.owner(id);
-        if let Err(e) = self
-            .audit(Event {
-                hospital,
-                merkle_root: Some(manifest.merkle_root),
-                manifest_digest: Some(manifest.digest()),
-                ..Event::declared(Kind::Sealed, Some(id.to_string()), &decl)
-            })
-            .await
-        {
-            let _ = std::fs::remove_file(dir.manifest_bin());
-            return Err(e);
-        }
         Ok(())
     }
 

@@ -230,7 +230,8 @@ impl IngestStore {
                 deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
             }),
         };
-        std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
+        crate::transfer_dir::create_dir_durably(&store.inner.spool_dir)
+            .map_err(internal("spool.dir"))?;
         let ids = transfer_dir::list(&store.inner.spool_dir, |d| {
             is_ingest_transfer(d) && !d.manifest_bin().exists()
         });
