@@ -3,9 +3,9 @@
 //!
 //! This module owns the shared state (`Gateway`: the transfers being received, the ones
 //! checked at rest) and serves one QUIC connection (`serve_connection`), handing each control
-//! stream to [`control`] and each chunk stream to [`chunks`]. The rest lives in rooms of its
-//! own: [`offer`] (checking an offer, preparing the spool), [`commit`] (checkpoints, commit,
-//! receipt), [`witness`] (cosigning the edge's audit log).
+//! stream to `control` and each chunk stream to `chunks`. The rest lives in rooms of its
+//! own: `offer` (checking an offer, preparing the spool), `commit` (checkpoints, commit,
+//! receipt), `witness` (cosigning the edge's audit log).
 //!
 //! It must not parse wire bytes itself (that is `baylink_net::proto`), nor deliver anything:
 //! committed transfers are handed to `deliver` through the queue.

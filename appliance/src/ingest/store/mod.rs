@@ -19,10 +19,10 @@
 //! recovery in [`IngestStore::open`]), its error type and the small helpers and spool paths
 //! the other files share. It holds no step of a transfer's life; those are:
 //!
-//! - [`lifecycle`]: declare, commit (check, seal), abandon, expire; recovery of open transfers;
-//! - [`upload`]: [`FileUpload`] (one file streamed into the spool) and the DICOM gate glue;
-//! - [`status`]: `status.json` and what the hospital reads (status, receipt, proof);
-//! - [`send`]: the background sender of sealed transfers.
+//! - `lifecycle`: declare, commit (check, seal), abandon, expire; recovery of open transfers;
+//! - `upload`: [`FileUpload`] (one file streamed into the spool) and the DICOM gate glue;
+//! - `status`: `status.json` and what the hospital reads (status, receipt, proof);
+//! - `send`: the background sender of sealed transfers.
 
 mod lifecycle;
 mod send;
