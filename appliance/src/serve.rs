@@ -217,6 +217,12 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     // record appended first if the stop came before it), so it is resumed like any other.
     edge.finish_interrupted_seals().await;
     let store = IngestStore::open(edge.clone()).map_err(|e| anyhow::anyhow!("ingest: {e}"))?;
+    // Sealed before this start, not yet receipted: listed before the interrupted C-STORE
+    // associations are sealed below, which the store sends itself.
+    let pending = edge.pending();
+    // Before the SCP accepts associations: what a crash or stop cut off mid-association is
+    // sealed and sent (every instance answered Success).
+    store.seal_interrupted_associations().await;
     if let Some(listen) = cfg.ingest.dicom_listen {
         let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone(), listen).await?;
         tokio::spawn(scp.serve());
@@ -245,7 +251,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     let resumer = {
         let edge = edge.clone();
         async move {
-            for id in edge.pending() {
+            for id in pending {
                 if ingest::store::is_ingest_transfer(&TransferDir::new(
                     &edge.config().spool_dir,
                     &id,

@@ -5,8 +5,10 @@
 //! header the SCP builds from the C-STORE command. When the last fragment is in, the file is
 //! checked (dicom-rs reads the meta group and the data set up to the PatientID), the consent
 //! checkpoint runs, and the instance is handed to the [`AssociationSink`] or refused with a
-//! failure status. A-RELEASE commits the association's instances as one transfer; A-ABORT, a
-//! dropped connection or the idle time-out discard them.
+//! failure status. Success is answered only once the sink holds the instance durably. However
+//! the association ends (A-RELEASE, A-ABORT, a dropped connection, the idle time-out, a
+//! protocol error), the sink is told how, and seals the instances answered Success as one
+//! transfer before the SCP answers the release or closes the connection.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -28,7 +30,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::dimse::{self, Command, status};
 use super::part10::{self, Part10Error};
-use super::sink::{AssociationSink, Origin, SinkError};
+use super::sink::{AssociationEnd, AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::config::DicomPeer;
 use crate::policy::{Decision, Declaration, SharedPolicy};
@@ -46,7 +48,7 @@ pub struct ScpConfig {
     pub max_pdu_bytes: u32,
     /// Associations served at once.
     pub max_associations: usize,
-    /// An association silent for this long is aborted and discarded.
+    /// An association silent for this long is aborted (what it stored is still sent).
     pub idle_timeout: Duration,
     /// Where instances are written while they arrive (one sub-directory per association).
     pub scratch_dir: PathBuf,
@@ -215,11 +217,56 @@ impl AccessControl for PeerAccess {
     }
 }
 
-/// Why an association ended without a release.
+/// How the association loop ended.
 #[derive(Debug)]
 enum End {
+    /// A-RELEASE between instances.
     Released,
-    Aborted(String),
+    /// Anything else.
+    Stopped(Stop),
+}
+
+/// Why the association stops without a release: how (for the transfer's status) and the
+/// detail (for the log).
+#[derive(Debug)]
+struct Stop {
+    end: AssociationEnd,
+    why: String,
+}
+
+/// A protocol error the edge aborts the association for.
+impl From<String> for Stop {
+    fn from(why: String) -> Stop {
+        Stop {
+            end: AssociationEnd::AbortedByEdge,
+            why,
+        }
+    }
+}
+
+impl From<&str> for Stop {
+    fn from(why: &str) -> Stop {
+        Stop::from(why.to_owned())
+    }
+}
+
+/// How a failed receive or send ended the association: silence past the idle time-out, the
+/// connection gone, or (anything else) a PDU the edge could not accept.
+fn stop(what: &str, e: &dicom_ul::association::Error) -> Stop {
+    use dicom_ul::association::Error as E;
+    let end = match e {
+        E::Timeout { .. } => AssociationEnd::IdleTimeout,
+        E::ConnectionClosed { .. } | E::WireSend { .. } => AssociationEnd::ConnectionLost,
+        E::ReceivePdu {
+            source: dicom_ul::pdu::ReadError::ReadPdu { .. },
+            ..
+        } => AssociationEnd::ConnectionLost,
+        _ => AssociationEnd::AbortedByEdge,
+    };
+    Stop {
+        end,
+        why: format!("{what}: {e}"),
+    }
 }
 
 /// An instance being received.
@@ -319,38 +366,37 @@ impl<S: AssociationSink> Inner<S> {
             accepted: 0,
             refused: 0,
         };
-        let end = state.run(&mut assoc).await;
+        let (end, why) = match state.run(&mut assoc).await {
+            End::Released => (AssociationEnd::Released, None),
+            End::Stopped(s) => (s.end, Some(s.why)),
+        };
         let (accepted, refused) = (state.accepted, state.refused);
-        // Hand on or discard first, then free the scratch space and the slot, and only then
-        // answer the peer: once it sees the association end, all of it is settled.
-        let outcome = match (end, state.transfer.take()) {
-            // Opened by a first instance that was then refused (e.g. by the de-identifier):
-            // nothing to commit, so nothing stays open either.
-            (End::Released, Some(t)) if accepted == 0 => {
-                self.sink.discard(t).await;
-                Ok("association released; nothing accepted, nothing sent")
-            }
-            (End::Released, Some(t)) => match self.sink.finish(t).await {
-                Ok(()) => Ok("association released"),
-                Err(e) => Err(format!("its instances could not be handed on: {e}")),
-            },
-            (End::Released, None) => Ok("association released; nothing accepted, nothing sent"),
-            (End::Aborted(why), t) => {
-                if let Some(t) = t {
-                    self.sink.discard(t).await;
-                }
-                Err(why)
-            }
+        // Hand on first, however the association ended (the sink seals what was answered
+        // Success, or drops a transfer holding none), then free the scratch space and the
+        // slot, and only then answer the peer: once it sees the association end, all of it is
+        // settled.
+        let handed_on = match state.transfer.take() {
+            Some(t) => self.sink.finish(t, end).await.map_err(|e| e.to_string()),
+            None => Ok(()),
         };
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         drop(permit);
-        match outcome {
-            Ok(what) => {
+        let sent = if accepted == 0 {
+            "nothing was answered Success, nothing is sent"
+        } else {
+            "the instances answered Success are sealed and sent"
+        };
+        match (why, handed_on) {
+            (None, Ok(())) => {
                 let _ = assoc.send(&Pdu::ReleaseRP).await;
-                info!(accepted, refused, "{what}");
+                info!(accepted, refused, association_end = %end, "association released; {sent}");
             }
-            Err(why) => {
-                warn!(reason = %why, accepted, refused, "association aborted: its instances are discarded, nothing is sent");
+            (why, Err(e)) => {
+                warn!(reason = why.as_deref().unwrap_or("released"), error = %e, accepted, refused, association_end = %end, "association ended but its instances could not be sealed; they stay in the spool");
+                let _ = assoc.abort().await;
+            }
+            (Some(why), Ok(())) => {
+                warn!(reason = %why, accepted, refused, association_end = %end, "association aborted; {sent}");
                 let _ = assoc.abort().await;
             }
         }
@@ -374,7 +420,7 @@ impl<S: AssociationSink> Association<'_, S> {
                     if let Some(i) = incoming.take() {
                         let _ = tokio::fs::remove_file(&i.path).await;
                     }
-                    return End::Aborted(format!("receive: {e}"));
+                    return End::Stopped(stop("receive", &e));
                 }
             };
             match pdu {
@@ -387,18 +433,18 @@ impl<S: AssociationSink> Association<'_, S> {
                             }
                             PDataValueType::Data => self.on_data(assoc, &mut incoming, pv).await,
                         };
-                        if let Err(why) = result {
+                        if let Err(s) = result {
                             if let Some(i) = incoming.take() {
                                 let _ = tokio::fs::remove_file(&i.path).await;
                             }
-                            return End::Aborted(why);
+                            return End::Stopped(s);
                         }
                     }
                 }
                 Pdu::ReleaseRQ => {
                     if let Some(i) = incoming.take() {
                         let _ = tokio::fs::remove_file(&i.path).await;
-                        return End::Aborted("A-RELEASE in the middle of an instance".into());
+                        return End::Stopped("A-RELEASE in the middle of an instance".into());
                     }
                     return End::Released;
                 }
@@ -406,10 +452,13 @@ impl<S: AssociationSink> Association<'_, S> {
                     if let Some(i) = incoming.take() {
                         let _ = tokio::fs::remove_file(&i.path).await;
                     }
-                    return End::Aborted(format!("A-ABORT by the peer ({source:?})"));
+                    return End::Stopped(Stop {
+                        end: AssociationEnd::AbortedByPeer,
+                        why: format!("A-ABORT by the peer ({source:?})"),
+                    });
                 }
                 other => {
-                    return End::Aborted(format!("unexpected PDU {}", pdu_name(&other)));
+                    return End::Stopped(format!("unexpected PDU {}", pdu_name(&other)).into());
                 }
             }
         }
@@ -422,15 +471,12 @@ impl<S: AssociationSink> Association<'_, S> {
         buf: &mut Vec<u8>,
         incoming: &mut Option<Incoming>,
         pv: PDataValue,
-    ) -> Result<(), String> {
+    ) -> Result<(), Stop> {
         if incoming.is_some() {
             return Err("a command arrived before the previous data set was complete".into());
         }
         if buf.len() + pv.data.len() > dimse::MAX_COMMAND_BYTES {
-            return Err(format!(
-                "command set over {} bytes",
-                dimse::MAX_COMMAND_BYTES
-            ));
+            return Err(format!("command set over {} bytes", dimse::MAX_COMMAND_BYTES).into());
         }
         buf.extend_from_slice(&pv.data);
         if !pv.is_last {
@@ -445,7 +491,8 @@ impl<S: AssociationSink> Association<'_, S> {
             return Err(format!(
                 "presentation context {} was not accepted",
                 pv.presentation_context_id
-            ));
+            )
+            .into());
         };
         match cmd.field {
             dimse::C_ECHO_RQ => send_response(assoc, pc.id, &cmd, status::SUCCESS, None).await,
@@ -478,7 +525,7 @@ impl<S: AssociationSink> Association<'_, S> {
                 *incoming = Some(i);
                 Ok(())
             }
-            other => Err(format!("unsupported DIMSE command 0x{other:04X}")),
+            other => Err(format!("unsupported DIMSE command 0x{other:04X}").into()),
         }
     }
 
@@ -544,7 +591,7 @@ impl<S: AssociationSink> Association<'_, S> {
         assoc: &mut AsyncServerAssociation<TcpStream>,
         incoming: &mut Option<Incoming>,
         pv: PDataValue,
-    ) -> Result<(), String> {
+    ) -> Result<(), Stop> {
         let Some(i) = incoming.as_mut() else {
             return Err("data without a C-STORE command".into());
         };
@@ -687,7 +734,7 @@ async fn send_response(
     cmd: &Command,
     code: u16,
     comment: Option<&str>,
-) -> Result<(), String> {
+) -> Result<(), Stop> {
     let pdu = Pdu::PData {
         data: vec![PDataValue {
             presentation_context_id: context_id,
@@ -699,7 +746,7 @@ async fn send_response(
     assoc
         .send(&pdu)
         .await
-        .map_err(|e| format!("cannot send the response: {e}"))
+        .map_err(|e| stop("cannot send the response", &e))
 }
 
 fn pdu_name(p: &Pdu) -> &'static str {

@@ -2,7 +2,9 @@
 //! implementation, [`StoreSink`] (the hospital ingest store, shared with the HTTPS API).
 //!
 //! The trait is deliberately narrow: the SCP hands over complete, checked instance files and
-//! says when the association ended well or badly; the sink owns everything after that.
+//! says how the association ended; the sink owns everything after that. Whatever the end,
+//! every instance the sink took (each answered Success) is sent: that is the C-STORE
+//! guarantee (`docs/dicom.md`).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -10,6 +12,8 @@ use std::sync::Arc;
 
 use tracing::{info, warn};
 
+pub use crate::ingest::AssociationEnd;
+use crate::ingest::AssociationOutcome;
 use crate::policy::{Declaration, Refusal};
 
 /// An association's transfer could not be opened, extended or handed on.
@@ -65,9 +69,9 @@ pub struct Origin {
 /// The destination of one association's accepted instances: one transfer per association.
 ///
 /// Call order: [`begin`](Self::begin) once (when the first instance is accepted), then
-/// [`add_instance`](Self::add_instance) per accepted instance, then exactly one of
-/// [`finish`](Self::finish) (A-RELEASE: the instances become one transfer) or
-/// [`discard`](Self::discard) (A-ABORT, a dropped connection, a time-out: nothing is sent).
+/// [`add_instance`](Self::add_instance) per accepted instance, then [`finish`](Self::finish)
+/// once, however the association ended. An instance is answered Success only after
+/// `add_instance` returned: from then on the sink must deliver it.
 pub trait AssociationSink: Send + Sync + 'static {
     /// The open transfer.
     type Transfer: Send + 'static;
@@ -80,7 +84,8 @@ pub trait AssociationSink: Send + Sync + 'static {
 
     /// Takes over `file`, a complete and checked Part-10 instance, under `name` (already
     /// validated, unique within the transfer). `file` lies on the same file system as the
-    /// spool; after the call it belongs to the sink.
+    /// spool; after the call it belongs to the sink. `Ok` means the instance is durable and
+    /// will be sent: the SCP answers Success.
     fn add_instance(
         &self,
         transfer: &mut Self::Transfer,
@@ -88,15 +93,16 @@ pub trait AssociationSink: Send + Sync + 'static {
         file: &Path,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
-    /// Commits the transfer: the association was released normally. Sending happens in the
-    /// background; the call returns once the instances are handed on.
+    /// The association ended as `end` (released, aborted, timed out, connection lost): the
+    /// instances added become one transfer, sealed and sent in the background; a transfer
+    /// with none is dropped. The call returns once the instances are handed on (or, if
+    /// sealing failed for a reason that may pass, kept for a retry). An error means they
+    /// could not be handed on; they stay in the spool.
     fn finish(
         &self,
         transfer: Self::Transfer,
+        end: AssociationEnd,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
-
-    /// Drops the transfer and everything added to it.
-    fn discard(&self, transfer: Self::Transfer) -> impl Future<Output = ()> + Send;
 
     /// Records that instance `name` of `patient_id` was refused by `refusal` (it is not
     /// added; the SCP answers it with a failure status).
@@ -132,12 +138,9 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
     fn finish(
         &self,
         transfer: Self::Transfer,
+        end: AssociationEnd,
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
-        (**self).finish(transfer)
-    }
-
-    fn discard(&self, transfer: Self::Transfer) -> impl Future<Output = ()> + Send {
-        (**self).discard(transfer)
+        (**self).finish(transfer, end)
     }
 
     fn refuse_instance(
@@ -152,11 +155,14 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
 }
 
 /// The sink the edge service uses: each association becomes one transfer of the hospital
-/// ingest store (the same one the HTTPS API fills). Instances are streamed into the spool
-/// through the io_uring thread and hashed on the way, and the transfer is sealed (manifest
-/// from the recorded digests, HSM signature) **before** the SCP answers A-RELEASE: once the
-/// SCU hears success, the instances are durable in a sealed transfer, which the background
-/// sender (and, after a restart, the start-up recovery) delivers.
+/// ingest store (the same one the HTTPS API fills), declared with the association's marker.
+/// Instances are streamed into the spool through the io_uring thread and hashed on the way;
+/// each is fsynced and has its digest record before `add_instance` returns (before its
+/// Success). When the association ends, however it ends, the transfer is sealed (manifest
+/// from the recorded digests, HSM signature) **before** the SCP answers A-RELEASE or closes
+/// the connection, and the background sender delivers it. A crash before that leaves the
+/// transfer open with its marker: start-up seals and sends it
+/// ([`crate::ingest::IngestStore::seal_interrupted_associations`]).
 #[derive(Debug, Clone)]
 pub struct StoreSink {
     store: crate::ingest::IngestStore,
@@ -182,7 +188,11 @@ impl AssociationSink for StoreSink {
     async fn begin(&self, origin: Origin) -> Result<StoreTransfer, SinkError> {
         let id = self
             .store
-            .declare(&origin.hospital, origin.declaration.clone())
+            .declare_association(
+                &origin.hospital,
+                origin.declaration.clone(),
+                &origin.association.to_string(),
+            )
             .await
             .map_err(|e| SinkError::store("cannot open the transfer", e))?;
         info!(association = %origin.association, transfer = %id, "association opened a transfer");
@@ -249,18 +259,36 @@ impl AssociationSink for StoreSink {
         Ok(())
     }
 
-    async fn finish(&self, transfer: StoreTransfer) -> Result<(), SinkError> {
+    async fn finish(&self, transfer: StoreTransfer, end: AssociationEnd) -> Result<(), SinkError> {
         let StoreTransfer { origin, id } = transfer;
-        self.store
-            .commit(&origin.hospital, &id)
+        let outcome = self
+            .store
+            .seal_association(&origin.hospital, &id, end)
             .await
             .map_err(|e| SinkError::store("cannot seal the transfer", e))?;
-        info!(
-            association = %origin.association,
-            transfer = %id,
-            hospital = %origin.hospital,
-            "association released: transfer sealed, sending in the background"
-        );
+        match outcome {
+            AssociationOutcome::Sealed { files } => info!(
+                association = %origin.association,
+                transfer = %id,
+                hospital = %origin.hospital,
+                association_end = %end,
+                instances = files,
+                "association ended: transfer sealed, sending in the background"
+            ),
+            AssociationOutcome::Empty => info!(
+                association = %origin.association,
+                transfer = %id,
+                association_end = %end,
+                "association ended with no instance answered Success: nothing to send"
+            ),
+            AssociationOutcome::Retrying { error } => warn!(
+                association = %origin.association,
+                transfer = %id,
+                association_end = %end,
+                error,
+                "association ended: sealing failed, retrying in the background (its instances stay in the spool)"
+            ),
+        }
         Ok(())
     }
 
@@ -281,15 +309,5 @@ impl AssociationSink for StoreSink {
             )
             .await
             .map_err(|e| SinkError::store("cannot record the refusal", e))
-    }
-
-    async fn discard(&self, transfer: StoreTransfer) {
-        if let Err(e) = self
-            .store
-            .abandon(&transfer.origin.hospital, &transfer.id)
-            .await
-        {
-            warn!(transfer = %transfer.id, error = %e, "cannot abandon the association's transfer");
-        }
     }
 }

@@ -16,4 +16,7 @@ pub mod part10;
 pub mod store;
 pub mod stow;
 
-pub use store::{FileUpload, IngestError, IngestStore, TransferState, TransferStatus};
+pub use store::{
+    AssociationEnd, AssociationOutcome, FileUpload, IngestError, IngestStore, TransferState,
+    TransferStatus,
+};

@@ -84,7 +84,7 @@ pub(super) fn scu(tool: &str, d: &Deployment, calling: &str, called: &str) -> Co
     c
 }
 
-fn start(d: &Deployment) -> (Service, Service) {
+pub(super) fn start(d: &Deployment) -> (Service, Service) {
     let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
     let edge = d.serve(&d.edge_config()).expect("edge starts");
     (gateway, edge)
@@ -92,7 +92,7 @@ fn start(d: &Deployment) -> (Service, Service) {
 
 /// The transfer directories under `delivered/`.
 /// Transfers in the edge spool (hidden scratch directories aside).
-fn spool_transfers(d: &Deployment) -> usize {
+pub(super) fn spool_transfers(d: &Deployment) -> usize {
     std::fs::read_dir(d.path("spool/edge"))
         .map(|r| {
             r.filter_map(Result::ok)
@@ -102,7 +102,7 @@ fn spool_transfers(d: &Deployment) -> usize {
         .unwrap_or(0)
 }
 
-fn delivered_transfers(d: &Deployment) -> Vec<PathBuf> {
+pub(super) fn delivered_transfers(d: &Deployment) -> Vec<PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(d.path("delivered"))
         .unwrap()
         .filter_map(Result::ok)
@@ -113,7 +113,7 @@ fn delivered_transfers(d: &Deployment) -> Vec<PathBuf> {
 }
 
 /// Waits (60 s at most) until a delivered transfer holds exactly `names`; returns its dir.
-fn wait_for_delivery(d: &Deployment, names: &[String], edge: &Service) -> PathBuf {
+pub(super) fn wait_for_delivery(d: &Deployment, names: &[String], edge: &Service) -> PathBuf {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut want: Vec<_> = names.to_vec();
     want.sort();
@@ -140,7 +140,7 @@ fn wait_for_delivery(d: &Deployment, names: &[String], edge: &Service) -> PathBu
 }
 
 /// The data set of a Part-10 file: what follows the preamble, `DICM` and the meta group.
-fn data_set(path: &Path) -> Vec<u8> {
+pub(super) fn data_set(path: &Path) -> Vec<u8> {
     let b = std::fs::read(path).unwrap();
     assert_eq!(&b[128..132], b"DICM", "{} is not Part-10", path.display());
     assert_eq!(
@@ -165,7 +165,7 @@ pub(super) fn dump(path: &Path) -> String {
 }
 
 /// `GET /healthz` on the edge's metrics port.
-fn edge_healthy(d: &Deployment) -> bool {
+pub(super) fn edge_healthy(d: &Deployment) -> bool {
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", d.base_port + 1)) else {
         return false;
     };
@@ -366,7 +366,7 @@ fn refused_and_malformed_instances_get_failure_statuses_and_the_rest_proceeds() 
 
 /// A minimal SCU speaking the upper layer protocol directly, to send what dcmtk will not:
 /// a data set that is not DICOM, an A-ABORT, a connection dropped mid-instance.
-struct RawScu {
+pub(super) struct RawScu {
     s: std::net::TcpStream,
 }
 
@@ -400,7 +400,7 @@ fn cmd_element(out: &mut Vec<u8>, element: u16, value: &[u8]) {
 
 impl RawScu {
     /// Associates as `calling` with one presentation context (id 1): CT image, explicit LE.
-    fn associate(d: &Deployment, calling: &str) -> RawScu {
+    pub(super) fn associate(d: &Deployment, calling: &str) -> RawScu {
         let s = std::net::TcpStream::connect(("127.0.0.1", d.base_port + 4)).unwrap();
         s.set_read_timeout(Some(EVENT_WAIT)).unwrap();
         let mut body = Vec::new();
@@ -445,7 +445,7 @@ impl RawScu {
     }
 
     /// One PDV in one P-DATA-TF PDU.
-    fn pdv(&mut self, command: bool, last: bool, data: &[u8]) {
+    pub(super) fn pdv(&mut self, command: bool, last: bool, data: &[u8]) {
         let mut body = Vec::new();
         body.extend_from_slice(&(data.len() as u32 + 2).to_be_bytes());
         body.push(1);
@@ -454,7 +454,7 @@ impl RawScu {
         self.send_pdu(0x04, &body);
     }
 
-    fn store_command(&mut self, message_id: u16, sop_instance: &str) {
+    pub(super) fn store_command(&mut self, message_id: u16, sop_instance: &str) {
         let mut c = Vec::new();
         cmd_element(&mut c, 0x0002, CT_IMAGE.as_bytes());
         cmd_element(&mut c, 0x0100, &1u16.to_le_bytes());
@@ -469,7 +469,7 @@ impl RawScu {
     }
 
     /// C-STORE of `data_set` (split in two fragments); returns the response status.
-    fn store(&mut self, message_id: u16, sop_instance: &str, data_set: &[u8]) -> u16 {
+    pub(super) fn store(&mut self, message_id: u16, sop_instance: &str, data_set: &[u8]) -> u16 {
         self.store_command(message_id, sop_instance);
         let half = data_set.len() / 2;
         self.pdv(false, false, &data_set[..half]);
@@ -490,23 +490,23 @@ impl RawScu {
         panic!("no status in the response");
     }
 
-    fn release(mut self) {
+    pub(super) fn release(mut self) {
         self.send_pdu(0x05, &[0; 4]);
         let (kind, _) = self.read_pdu();
         assert_eq!(kind, 0x06, "A-RELEASE-RP");
     }
 
-    fn abort(mut self) {
+    pub(super) fn abort(mut self) {
         self.send_pdu(0x07, &[0; 4]);
     }
 }
 
-fn count_dir(p: &Path) -> usize {
+pub(super) fn count_dir(p: &Path) -> usize {
     std::fs::read_dir(p).map(|r| r.count()).unwrap_or(0)
 }
 
 #[test]
-fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
+fn malformed_data_set_fails_alone_and_abort_or_drop_still_sends_what_was_acknowledged() {
     let d = Deployment::new().unwrap();
     let (_gateway, edge) = start(&d);
     let src = d.path("instances");
@@ -514,13 +514,14 @@ fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
     let ds: Vec<_> = files.iter().map(|f| data_set(f)).collect();
     let garbage = vec![0xffu8; 300];
 
-    // Aborted association: two good instances were accepted, then A-ABORT: nothing is sent.
+    // Aborted association: two good instances were accepted, then A-ABORT: both are sent.
     let mut a = RawScu::associate(&d, "HOSPITAL-A");
     assert_eq!(a.store(1, &sop_uid(1), &ds[0]), 0x0000);
     assert_eq!(a.store(2, &sop_uid(2), &ds[1]), 0x0000);
     a.abort();
 
-    // Dropped connection in the middle of an instance: nothing is sent.
+    // Dropped connection in the middle of an instance: the instance before it is sent, the
+    // unfinished one is not.
     let mut b = RawScu::associate(&d, "HOSPITAL-A");
     assert_eq!(b.store(1, &sop_uid(3), &ds[2]), 0x0000);
     b.store_command(2, &sop_uid(4));
@@ -569,20 +570,28 @@ fn malformed_data_set_fails_alone_and_abort_or_drop_sends_nothing() {
         &edge,
     );
     assert_eq!(data_set(&t.join(format!("{}.dcm", sop_uid(4)))), ds[3]);
+    let t = wait_for_delivery(
+        &d,
+        &[format!("{}.dcm", sop_uid(1)), format!("{}.dcm", sop_uid(2))],
+        &edge,
+    );
+    assert_eq!(data_set(&t.join(format!("{}.dcm", sop_uid(2)))), ds[1]);
+    let t = wait_for_delivery(&d, &[format!("{}.dcm", sop_uid(3))], &edge);
+    assert_eq!(data_set(&t.join(format!("{}.dcm", sop_uid(3)))), ds[2]);
     assert_eq!(
         delivered_transfers(&d).len(),
-        1,
-        "aborted associations sent nothing"
+        3,
+        "each association sent what was answered Success"
     );
     let log = edge.log();
     assert_eq!(
-        log.matches("association aborted: its instances are discarded")
+        log.matches("association aborted; the instances answered Success are sealed and sent")
             .count(),
         2,
         "{log}"
     );
-    // Scratch is empty and the aborted associations left no open transfer behind: the spool
-    // holds only the transfers that were delivered.
+    // Scratch is empty and no association left an open transfer behind: the spool holds only
+    // the transfers that were delivered.
     let deadline = Instant::now() + EVENT_WAIT;
     while count_dir(&d.path("spool/edge/.incoming")) > 0
         || spool_transfers(&d) != delivered_transfers(&d).len()
@@ -696,12 +705,9 @@ fn association_limit_and_idle_timeout_hold() {
     );
     assert!(edge.log().contains("ingest.dicom_max_associations reached"));
 
-    // The held association goes silent: the idle time-out aborts it and discards its instance.
+    // The held association goes silent: the idle time-out aborts it and sends its instance.
     let deadline = Instant::now() + EVENT_WAIT;
-    while !edge
-        .log()
-        .contains("association aborted: its instances are discarded")
-    {
+    while !edge.log().contains("association_end=idle-timeout") {
         assert!(
             Instant::now() < deadline,
             "idle association not aborted:\n{}",
@@ -713,13 +719,13 @@ fn association_limit_and_idle_timeout_hold() {
     let mut rest = Vec::new();
     let _ = held.s.read_to_end(&mut rest);
 
-    // The slot is free again; nothing was sent.
+    // The slot is free again; the acknowledged instance is delivered.
     let out = run(&mut scu("echoscu", &d, "STORESCU", "BAYLINK"));
     assert!(out.status.success(), "{}", text(&out));
-    assert!(delivered_transfers(&d).is_empty());
+    let t = wait_for_delivery(&d, &[format!("{}.dcm", sop_uid(1))], &edge);
     assert_eq!(
-        spool_transfers(&d),
-        0,
-        "an aborted association left a transfer"
+        data_set(&t.join(format!("{}.dcm", sop_uid(1)))),
+        data_set(&f)
     );
+    assert_eq!(spool_transfers(&d), 1);
 }

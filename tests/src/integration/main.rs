@@ -11,6 +11,7 @@ mod compliance;
 mod crash;
 mod deid;
 mod dicom;
+mod dicom_durability;
 mod faults;
 mod hsm_cli;
 mod info;

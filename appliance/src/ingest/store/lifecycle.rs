@@ -1,10 +1,12 @@
 //! A transfer's life in the store: declare (the compliance checkpoint), commit (size check,
 //! seal from the recorded digests, HSM signature), abandon, expire (`ingest.open_timeout`),
-//! and the reload of open transfers at start-up.
+//! and the reload of open transfers at start-up. A C-STORE association's transfer is sealed
+//! whatever ended the association ([`IngestStore::seal_association`]; a failed seal is
+//! retried in the background, and start-up seals what a crash left open).
 //!
 //! Every step here is audited before it takes effect. What this file must not do: touch
 //! payload bytes (uploads are [`super::upload`]'s), write `status.json` other than through
-//! `add_stage` ([`super::status`]), or send anything (it hands sealed transfers to
+//! `add_stage` and `set_association_end` ([`super::status`]), or send anything (it hands sealed transfers to
 //! [`super::send`]).
 
 use std::collections::{BTreeMap, HashSet};
@@ -13,17 +15,44 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use baylink_net::proto::{Digest, ManifestBuilder, TransferId};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{
-    FileRecord, IngestError, IngestStore, OpenState, OpenTransfer, Stage, TransferState,
-    TransferStatus, blocking, files_dir, internal, lock, now_rfc3339, owner_path, record_path,
-    status_path,
+    AssociationEnd, FileRecord, IngestError, IngestStore, OpenState, OpenTransfer, Stage,
+    TransferState, TransferStatus, association_path, blocking, files_dir, internal, lock,
+    now_rfc3339, owner_path, record_path, status_path,
 };
 use crate::audit::{Event, Kind};
 use crate::policy::{Decision, Declaration};
 use crate::seal;
 use crate::transfer_dir::{TransferDir, write_atomic};
+
+/// The longest pause between two attempts to seal a C-STORE association's transfer.
+const SEAL_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// What became of a C-STORE association's transfer when the association ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssociationOutcome {
+    /// Sealed with this many instances; it is sent in the background.
+    Sealed {
+        /// Instances in the transfer.
+        files: usize,
+    },
+    /// No instance was answered Success: the transfer was dropped, nothing is sent.
+    Empty,
+    /// Sealing failed for a reason that may pass (HSM, audit log, disk): the transfer stays
+    /// open in the spool and is sealed again in the background (and at the next start).
+    Retrying {
+        /// Why the first attempt failed.
+        error: String,
+    },
+}
+
+/// Whether a failed seal is worth retrying: an internal failure or a full disk may pass; a
+/// refusal, a conflict or a missing transfer will not.
+fn transient(e: &IngestError) -> bool {
+    matches!(e, IngestError::Internal(_) | IngestError::NoSpace)
+}
 
 impl IngestStore {
     /// Runs the compliance checkpoint and creates the transfer, durably, owned by
@@ -32,6 +61,28 @@ impl IngestStore {
         &self,
         hospital: &str,
         decl: Declaration,
+    ) -> Result<TransferId, IngestError> {
+        self.declare_as(hospital, decl, None).await
+    }
+
+    /// [`IngestStore::declare`] for the transfer of C-STORE association `association`: the
+    /// `association` marker is durable before the transfer exists, so start-up seals the
+    /// transfer (what was answered Success) instead of reopening it after a crash.
+    pub async fn declare_association(
+        &self,
+        hospital: &str,
+        decl: Declaration,
+        association: &str,
+    ) -> Result<TransferId, IngestError> {
+        self.declare_as(hospital, decl, Some(association.to_owned()))
+            .await
+    }
+
+    async fn declare_as(
+        &self,
+        hospital: &str,
+        decl: Declaration,
+        association: Option<String>,
     ) -> Result<TransferId, IngestError> {
         let id = TransferId::new_v7();
         let policy = self.inner.edge.policy();
@@ -72,6 +123,7 @@ impl IngestStore {
             receipt: None,
             error: None,
             downloads: None,
+            association_end: None,
         };
         // audit: `declared` is durable before the id is given to the hospital.
         self.audit(Event {
@@ -82,6 +134,7 @@ impl IngestStore {
         let owner = hospital.to_owned();
         let d2 = dir.clone();
         let declaration = decl.clone();
+        let marker = association.clone();
         blocking(move || {
             d2.create()
                 .map_err(internal("cannot create the transfer"))?;
@@ -93,6 +146,10 @@ impl IngestStore {
             let st = serde_json::to_vec_pretty(&status)
                 .map_err(|e| IngestError::Internal(e.to_string()))?;
             write_atomic(&status_path(&d2), &st).map_err(internal("status.json"))?;
+            if let Some(a) = marker {
+                write_atomic(&association_path(&d2), a.as_bytes())
+                    .map_err(internal("association"))?;
+            }
             // owner last: it marks the transfer as declared through the hospital API.
             write_atomic(&owner_path(&d2), owner.as_bytes()).map_err(internal("owner"))
         })
@@ -105,6 +162,8 @@ impl IngestStore {
                 bytes: AtomicU64::new(0),
                 state: Mutex::new(OpenState::default()),
                 touched: Mutex::new(Instant::now()),
+                association,
+                ended: Mutex::new(None),
             }),
         );
         metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "ok")
@@ -114,8 +173,9 @@ impl IngestStore {
     }
 
     /// Drops an open (uncommitted) transfer and everything uploaded into it: for a door that
-    /// learns the upload was abandoned (a DICOM association aborted after some instances).
-    /// Uploads still in progress in it fail.
+    /// learns the upload was abandoned with nothing in it to keep (a C-STORE association
+    /// that ended before any instance was answered Success). Uploads still in progress in it
+    /// fail.
     pub async fn abandon(&self, hospital: &str, id: &TransferId) -> Result<(), IngestError> {
         let transfer = self.open_transfer(hospital, id)?;
         {
@@ -269,8 +329,10 @@ impl IngestStore {
         // audit: `sealed` is durable before `manifest.bin` makes the transfer sendable (the
         // seal appends it between staging the manifest and putting it in place); if it
         // cannot be recorded, the commit fails and nothing is sealed.
+        let ended = lock(&self.inner.open).get(id).and_then(|t| *lock(&t.ended));
         let sealed = Event {
             hospital: self.owner(id),
+            detail: ended.map(|end| format!("C-STORE association ended: {end}")),
             ..Event::declared(Kind::Sealed, Some(id.to_string()), &decl)
         };
         let log = self.inner.edge.audit();
@@ -278,6 +340,111 @@ impl IngestStore {
             .await
             .map_err(|e| IngestError::Internal(format!("{e:#}")))?;
         Ok(())
+    }
+
+    /// Seals the transfer of a C-STORE association that ended as `end`, whatever the end:
+    /// every instance answered Success is in it (each is durable, with its digest record,
+    /// before its Success). `end` goes into the status (`association_end`) and the `sealed`
+    /// audit record. A transfer without instances is dropped instead. A seal that fails for
+    /// a reason that may pass is retried in the background until it succeeds (and at the next
+    /// start); the transfer is never dropped.
+    pub async fn seal_association(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        end: AssociationEnd,
+    ) -> Result<AssociationOutcome, IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        *lock(&transfer.ended) = Some(end);
+        let files = lock(&transfer.state).files.len();
+        if files == 0 {
+            self.abandon(hospital, id).await?;
+            return Ok(AssociationOutcome::Empty);
+        }
+        match self.try_seal_association(hospital, id, end).await {
+            Ok(()) => Ok(AssociationOutcome::Sealed { files }),
+            Err(e) if transient(&e) => {
+                self.keep_sealing(hospital.to_owned(), *id, end);
+                Ok(AssociationOutcome::Retrying {
+                    error: e.to_string(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One attempt: the association's end into the status, then the commit (seal, send).
+    async fn try_seal_association(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        end: AssociationEnd,
+    ) -> Result<(), IngestError> {
+        self.set_association_end(id, end).await?;
+        self.commit(hospital, id).await
+    }
+
+    /// Retries sealing an association's transfer with a growing pause (1 s doubling to
+    /// [`SEAL_RETRY_MAX`]) until it is sealed or fails for good (then it stays open in the
+    /// spool, and start-up tries again).
+    fn keep_sealing(&self, hospital: String, id: TransferId, end: AssociationEnd) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(pause).await;
+                match store.try_seal_association(&hospital, &id, end).await {
+                    Ok(()) => {
+                        info!(transfer = %id, "association transfer sealed on a retry");
+                        return;
+                    }
+                    Err(e) if transient(&e) => {
+                        pause = (pause * 2).min(SEAL_RETRY_MAX);
+                        warn!(transfer = %id, error = %e, retry_in = ?pause, "association transfer not sealed yet; retrying");
+                    }
+                    Err(IngestError::Conflict(_)) => return, // sealed meanwhile
+                    Err(e) => {
+                        error!(transfer = %id, error = %e, "association transfer not sealed; it stays in the spool and the next start tries again");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// At start-up, before the C-STORE SCP accepts associations: seals the transfers of
+    /// associations a crash or stop left open (`association_end` `interrupted-by-restart`),
+    /// each with the instances that had been answered Success. Returns how many were sealed
+    /// (or handed to the background retry).
+    pub async fn seal_interrupted_associations(&self) -> usize {
+        let due: Vec<(TransferId, String)> = lock(&self.inner.open)
+            .iter()
+            .filter(|(_, t)| t.association.is_some())
+            .map(|(id, t)| (*id, t.hospital.clone()))
+            .collect();
+        let mut sealed = 0;
+        for (id, hospital) in due {
+            match self
+                .seal_association(&hospital, &id, AssociationEnd::InterruptedByRestart)
+                .await
+            {
+                Ok(AssociationOutcome::Sealed { files }) => {
+                    sealed += 1;
+                    info!(transfer = %id, files, "association interrupted by a restart: its acknowledged instances are sealed and sent");
+                }
+                Ok(AssociationOutcome::Empty) => {
+                    info!(transfer = %id, "association interrupted by a restart had no acknowledged instance: dropped");
+                }
+                Ok(AssociationOutcome::Retrying { error }) => {
+                    sealed += 1;
+                    warn!(transfer = %id, error, "association interrupted by a restart: sealing failed, retrying in the background");
+                }
+                Err(e) => {
+                    error!(transfer = %id, error = %e, "association interrupted by a restart: its transfer is not sealed; it stays in the spool");
+                }
+            }
+        }
+        sealed
     }
 
     /// Closes every open transfer that has had no upload in progress, and none begin or
@@ -291,7 +458,12 @@ impl IngestStore {
         lock(&self.inner.open).retain(|id, t| {
             let mut st = lock(&t.state);
             let idle_for = now.saturating_duration_since(*lock(&t.touched));
-            let expire = !st.committed && st.uploading.is_empty() && idle_for >= idle;
+            // A C-STORE association's transfer holds instances answered Success: it is
+            // sealed, never expired.
+            let expire = t.association.is_none()
+                && !st.committed
+                && st.uploading.is_empty()
+                && idle_for >= idle;
             if expire {
                 // Under the state lock: an upload that begins now sees a closed transfer.
                 st.committed = true;
@@ -394,5 +566,7 @@ pub(super) fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestErro
         }),
         // The idle clock starts again at a restart.
         touched: Mutex::new(Instant::now()),
+        association: std::fs::read_to_string(association_path(dir)).ok(),
+        ended: Mutex::new(None),
     })
 }

@@ -8,12 +8,18 @@
 //! spool/<id>/parts/<n>            an upload in progress (a number: any file name fits)
 //! spool/<id>/files/<name>.digests size and chunk digests of a finished file (JSON)
 //! spool/<id>/expired              closed by `ingest.open_timeout` without a commit (why)
+//! spool/<id>/association          a C-STORE association's transfer (the association id)
 //! ```
 //!
 //! A finished upload is fsynced, renamed to `data/<name>` (directory fsynced), and only then
 //! is its digest record written atomically: a file without a record is not part of the
 //! transfer. `commit` builds the manifest from the records alone, so the payload is read
 //! exactly once, as it arrives.
+//!
+//! A C-STORE association's transfer is sealed and sent whatever ends the association (the
+//! C-STORE guarantee, `docs/dicom.md`): every instance answered Success has its record, and
+//! the `association` marker tells start-up to seal such a transfer left open by a crash
+//! instead of reopening it. Open transfers without the marker (HTTPS uploads) reopen.
 //!
 //! This file owns [`IngestStore`] itself (its shared state, the open-transfer table, start-up
 //! recovery in [`IngestStore::open`]), its error type and the small helpers and spool paths
@@ -46,8 +52,12 @@ use crate::edge::Edge;
 use crate::policy::{Declaration, Refusal};
 use crate::transfer_dir::{self, TransferDir};
 
-pub use status::{Downloads, ReceiptDownload, ReceiptInfo, Stage, TransferState, TransferStatus};
+pub use status::{
+    AssociationEnd, Downloads, ReceiptDownload, ReceiptInfo, Stage, TransferState, TransferStatus,
+};
 pub use upload::FileUpload;
+
+pub use lifecycle::AssociationOutcome;
 
 use lifecycle::{recover_open, remove_uploads};
 
@@ -138,6 +148,11 @@ struct OpenTransfer {
     state: Mutex<OpenState>,
     /// When it was declared (or recovered), or an upload of it last began or ended.
     touched: Mutex<Instant>,
+    /// The C-STORE association that opened it (its `association` marker), if any: such a
+    /// transfer never expires, and is sealed whatever ends the association.
+    association: Option<String>,
+    /// How that association ended, once it did (for the `sealed` audit record).
+    ended: Mutex<Option<AssociationEnd>>,
 }
 
 impl OpenTransfer {
@@ -179,6 +194,9 @@ fn owner_path(dir: &TransferDir) -> PathBuf {
 fn status_path(dir: &TransferDir) -> PathBuf {
     dir.root().join("status.json")
 }
+fn association_path(dir: &TransferDir) -> PathBuf {
+    dir.root().join("association")
+}
 fn files_dir(dir: &TransferDir) -> PathBuf {
     dir.root().join("files")
 }
@@ -209,7 +227,8 @@ pub fn is_ingest_transfer(dir: &TransferDir) -> bool {
 impl IngestStore {
     /// A store over the edge's spool. Recovers open transfers: declared but uncommitted ones
     /// stay open (their unfinished uploads are discarded); sealed ones are left to
-    /// [`IngestStore::resume`].
+    /// [`IngestStore::resume`]. Those of C-STORE associations are reopened too, for
+    /// [`IngestStore::seal_interrupted_associations`] to seal.
     pub fn open(edge: Edge) -> Result<IngestStore, IngestError> {
         let cfg = edge.config().clone();
         // A PRF output of the audit patient key under a label no patient id can take

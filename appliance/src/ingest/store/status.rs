@@ -1,7 +1,7 @@
 //! What a hospital reads about its transfers: the state machine ([`TransferState`]), the
-//! stages recorded in `status.json` (`add_stage`, the only writer after the declaration),
-//! `GET /v1/transfers/{id}` with its long poll, and the evidence downloads (the gateway's
-//! signed receipt, the audit inclusion proof).
+//! stages recorded in `status.json` (`add_stage` and `set_association_end`, its only writers
+//! after the declaration), `GET /v1/transfers/{id}` with its long poll, and the evidence
+//! downloads (the gateway's signed receipt, the audit inclusion proof).
 //!
 //! What this file must not do: change a transfer's payload, manifest or audit records, or
 //! answer another hospital's transfer (every read checks the owner first).
@@ -98,6 +98,57 @@ pub struct TransferStatus {
     /// (computed when the status is read, never stored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downloads: Option<Downloads>,
+    /// A C-STORE association's transfer: how the association ended (absent while it is
+    /// still open, and for HTTPS uploads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub association_end: Option<AssociationEnd>,
+}
+
+/// How the C-STORE association behind a transfer ended (`association_end` in its status,
+/// and the `detail` of its `sealed` audit record). Whatever the end, every instance answered
+/// Success is in the transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AssociationEnd {
+    /// A-RELEASE: the peer ended it normally.
+    Released,
+    /// The peer sent A-ABORT.
+    AbortedByPeer,
+    /// Silent for `ingest.dicom_idle_timeout`; the edge aborted it.
+    IdleTimeout,
+    /// The TCP connection closed or failed without A-RELEASE or A-ABORT.
+    ConnectionLost,
+    /// The edge aborted it: the peer broke the protocol (an unexpected PDU or command, a
+    /// malformed command set, A-RELEASE in the middle of an instance).
+    AbortedByEdge,
+    /// The edge stopped (crash, kill, power loss) while the association was open; start-up
+    /// sealed what had been answered Success.
+    InterruptedByRestart,
+}
+
+impl AssociationEnd {
+    /// The value as it appears in the status (`aborted-by-peer`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssociationEnd::Released => "released",
+            AssociationEnd::AbortedByPeer => "aborted-by-peer",
+            AssociationEnd::IdleTimeout => "idle-timeout",
+            AssociationEnd::ConnectionLost => "connection-lost",
+            AssociationEnd::AbortedByEdge => "aborted-by-edge",
+            AssociationEnd::InterruptedByRestart => "interrupted-by-restart",
+        }
+    }
+
+    /// Whether the association ended with A-RELEASE.
+    pub fn is_release(self) -> bool {
+        self == AssociationEnd::Released
+    }
+}
+
+impl std::fmt::Display for AssociationEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Links to a transfer's downloadable evidence (`GET /v1/transfers/{id}` `downloads`).
@@ -138,6 +189,30 @@ pub struct ReceiptDownload {
 }
 
 impl IngestStore {
+    /// Records in transfer `id`'s status how its C-STORE association ended (before it is
+    /// sealed, so the status never shows a sealed association transfer without it).
+    pub(super) async fn set_association_end(
+        &self,
+        id: &TransferId,
+        end: AssociationEnd,
+    ) -> Result<(), IngestError> {
+        let _guard = self.inner.status_lock.lock().await;
+        let dir = self.dir(id);
+        let res = blocking(move || {
+            let path = status_path(&dir);
+            let text = std::fs::read(&path).map_err(internal("status.json"))?;
+            let mut st: TransferStatus = serde_json::from_slice(&text)
+                .map_err(|e| IngestError::Internal(format!("status.json: {e}")))?;
+            st.association_end = Some(end);
+            let out =
+                serde_json::to_vec_pretty(&st).map_err(|e| IngestError::Internal(e.to_string()))?;
+            write_atomic(&path, &out).map_err(internal("status.json"))
+        })
+        .await;
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
+        res
+    }
+
     pub(super) async fn add_stage(
         &self,
         id: &TransferId,
