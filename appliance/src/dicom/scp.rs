@@ -381,6 +381,7 @@ impl<S: AssociationSink> Inner<S> {
         };
         let _ = tokio::fs::remove_dir_all(&scratch).await;
         drop(permit);
+        metrics::counter!("baylink_dicom_associations_total", "end" => end.as_str()).increment(1);
         let sent = if accepted == 0 {
             "nothing was answered Success, nothing is sent"
         } else {

@@ -135,6 +135,15 @@ fn acknowledged_instances_are_delivered_when_the_scu_aborts_or_is_killed() {
         "{log}"
     );
     assert_eq!(spool_transfers(&d), 2);
+    let metrics = d.metrics(false).unwrap();
+    for end in ["aborted-by-peer", "connection-lost"] {
+        assert!(
+            metrics.contains(&format!(
+                "baylink_dicom_associations_total{{end=\"{end}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
 }
 
 #[test]
@@ -154,9 +163,10 @@ fn acknowledged_instances_are_delivered_after_the_edge_is_killed_mid_association
     let t = check_delivered(&d, &edge, 1..=7, &ds, "interrupted-by-restart");
     edge.wait_for_log(
         &[
-            "association interrupted by a restart",
+            "C-STORE transfer left open by the last run",
             &transfer_id(&t),
             "files=7",
+            "association_end=interrupted-by-restart",
         ],
         Duration::from_secs(60),
     );

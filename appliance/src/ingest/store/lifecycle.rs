@@ -413,34 +413,35 @@ impl IngestStore {
     }
 
     /// At start-up, before the C-STORE SCP accepts associations: seals the transfers of
-    /// associations a crash or stop left open (`association_end` `interrupted-by-restart`),
+    /// associations a crash or stop left open (`association_end` `interrupted-by-restart`, or
+    /// the end already recorded when the association had ended and its seal had failed),
     /// each with the instances that had been answered Success. Returns how many were sealed
     /// (or handed to the background retry).
     pub async fn seal_interrupted_associations(&self) -> usize {
-        let due: Vec<(TransferId, String)> = lock(&self.inner.open)
+        let due: Vec<(TransferId, String, AssociationEnd)> = lock(&self.inner.open)
             .iter()
             .filter(|(_, t)| t.association.is_some())
-            .map(|(id, t)| (*id, t.hospital.clone()))
+            .map(|(id, t)| {
+                let end = lock(&t.ended).unwrap_or(AssociationEnd::InterruptedByRestart);
+                (*id, t.hospital.clone(), end)
+            })
             .collect();
         let mut sealed = 0;
-        for (id, hospital) in due {
-            match self
-                .seal_association(&hospital, &id, AssociationEnd::InterruptedByRestart)
-                .await
-            {
+        for (id, hospital, end) in due {
+            match self.seal_association(&hospital, &id, end).await {
                 Ok(AssociationOutcome::Sealed { files }) => {
                     sealed += 1;
-                    info!(transfer = %id, files, "association interrupted by a restart: its acknowledged instances are sealed and sent");
+                    info!(transfer = %id, files, association_end = %end, "C-STORE transfer left open by the last run: its acknowledged instances are sealed and sent");
                 }
                 Ok(AssociationOutcome::Empty) => {
-                    info!(transfer = %id, "association interrupted by a restart had no acknowledged instance: dropped");
+                    info!(transfer = %id, association_end = %end, "C-STORE transfer left open by the last run had no acknowledged instance: dropped");
                 }
                 Ok(AssociationOutcome::Retrying { error }) => {
                     sealed += 1;
-                    warn!(transfer = %id, error, "association interrupted by a restart: sealing failed, retrying in the background");
+                    warn!(transfer = %id, error, association_end = %end, "C-STORE transfer left open by the last run: sealing failed, retrying in the background");
                 }
                 Err(e) => {
-                    error!(transfer = %id, error = %e, "association interrupted by a restart: its transfer is not sealed; it stays in the spool");
+                    error!(transfer = %id, error = %e, association_end = %end, "C-STORE transfer left open by the last run is not sealed; it stays in the spool");
                 }
             }
         }
@@ -567,6 +568,15 @@ pub(super) fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestErro
         // The idle clock starts again at a restart.
         touched: Mutex::new(Instant::now()),
         association: std::fs::read_to_string(association_path(dir)).ok(),
-        ended: Mutex::new(None),
+        // An association that ended before the restart, whose seal had failed, keeps its end.
+        ended: Mutex::new(recorded_end(dir)),
     })
+}
+
+/// The `association_end` already in a transfer's status, if any.
+fn recorded_end(dir: &TransferDir) -> Option<AssociationEnd> {
+    let text = std::fs::read(status_path(dir)).ok()?;
+    serde_json::from_slice::<TransferStatus>(&text)
+        .ok()?
+        .association_end
 }
