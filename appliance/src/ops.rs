@@ -17,6 +17,7 @@ use tracing::{info, warn};
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    witness_refused: AtomicBool,
 }
 
 impl Health {
@@ -28,9 +29,14 @@ impl Health {
     pub fn set_not_ready(&self) {
         self.ready.store(false, Ordering::SeqCst);
     }
+    /// Edge: whether the gateway's witness refuses this edge's audit log (the edge then
+    /// sends nothing, and `/healthz` answers 503 until the witness cosigns again).
+    pub fn set_witness_refused(&self, refused: bool) {
+        self.witness_refused.store(refused, Ordering::SeqCst);
+    }
     /// Whether `/healthz` answers 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.witness_refused.load(Ordering::SeqCst)
     }
 }
 
@@ -80,7 +86,12 @@ pub async fn bind_metrics(
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if health.is_ready() {
+    if health.witness_refused.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit log refused by the gateway's witness; sending is stopped\n",
+        )
+    } else if health.is_ready() {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")

@@ -229,6 +229,16 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     if let Some(idle) = cfg.ingest.open_timeout {
         tokio::spawn(expire_open_transfers(store.clone(), idle));
     }
+    // audit: a refusal recorded before this start (by this service or a `send`) holds.
+    let refused = edge.witness_refusal();
+    if let Some(reason) = &refused {
+        error!(
+            error = %reason,
+            "the gateway's witness refused this edge's audit log; sending is stopped"
+        );
+    }
+    metrics::gauge!("baylink_audit_witness_refused").set(if refused.is_some() { 1.0 } else { 0.0 });
+    health.set_witness_refused(refused.is_some());
     health.set_ready();
     ops::notify_ready();
     info!(role = "edge", "serving");
@@ -260,6 +270,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     tokio::spawn(resumer);
     let audit_ticker = tokio::spawn({
         let edge = edge.clone();
+        let health = health.clone();
         let interval = cfg.audit.checkpoint_interval;
         async move {
             let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
@@ -268,7 +279,10 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 match edge.audit().checkpoint().await {
-                    Ok(_) => edge.witness_bounded().await,
+                    Ok(_) => {
+                        edge.witness_bounded().await;
+                        health.set_witness_refused(edge.witness_refusal().is_some());
+                    }
                     Err(e) => {
                         error!(error = %e, "periodic audit checkpoint failed");
                         metrics::counter!("baylink_audit_checkpoint_failures_total").increment(1);
