@@ -786,3 +786,27 @@ fn a_witness_refusal_stops_the_edge_and_fails_healthz() {
     drop(edge);
     drop(gateway);
 }
+
+#[test]
+fn a_witness_that_does_not_answer_is_not_a_refusal() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "audit", "checkpoint_interval", "\"1s\"")
+        .unwrap();
+    // A refused declaration: a record and a checkpoint the gateway has not witnessed.
+    let out = d
+        .send(&["--no-progress", "--patient", "P-0099", "/dev/null"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The gateway is not running: the witness request fails on the link.
+    let edge = d.serve(&d.edge_config()).expect("edge starts");
+    let line = edge.wait_for_log(&["WARN", "not witnessed"], Duration::from_secs(60));
+    assert!(!line.contains("witness refused"), "{line}");
+    assert_eq!(d.healthz(false).unwrap(), 200, "{}", edge.log());
+    assert!(
+        d.metrics(false)
+            .unwrap()
+            .contains("baylink_audit_witness_refused 0")
+    );
+    assert!(!edge.log().contains("ERROR"), "{}", edge.log());
+    drop(edge);
+}
