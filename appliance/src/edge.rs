@@ -614,15 +614,12 @@ impl Edge {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => match e.downcast_ref::<WitnessRefused>() {
                 Some(refused) => {
+                    // The refusal is recorded (the file `/healthz` and every send look at)
+                    // before it is reported.
                     let reason = refused.to_string();
-                    error!(
-                        error = %reason,
-                        "audit checkpoint not witnessed: the gateway's witness refused this \
-                         edge's audit log; sending is stopped"
-                    );
-                    let log = self.audit.clone();
+                    let (log, why) = (self.audit.clone(), reason.clone());
                     let stored = tokio::task::spawn_blocking(move || {
-                        audit::witness::set_refused(&log, &reason)
+                        audit::witness::set_refused(&log, &why)
                     })
                     .await;
                     match stored {
@@ -631,6 +628,11 @@ impl Edge {
                         Err(e) => error!(error = %e, "cannot record the witness refusal"),
                     }
                     metrics::gauge!("baylink_audit_witness_refused").set(1.0);
+                    error!(
+                        error = %reason,
+                        "audit checkpoint not witnessed: the gateway's witness refused this \
+                         edge's audit log; sending is stopped"
+                    );
                 }
                 None => warn!(error = %format!("{e:#}"), "audit checkpoint not witnessed"),
             },

@@ -1,8 +1,9 @@
 //! Operations: Prometheus metrics, `/healthz`, systemd notification and watchdog, signals.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,7 +18,8 @@ use tracing::{info, warn};
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
-    witness_refused: AtomicBool,
+    /// While this file exists, `/healthz` answers 503 (edge: the witness refusal).
+    refused_while: OnceLock<PathBuf>,
 }
 
 impl Health {
@@ -29,14 +31,25 @@ impl Health {
     pub fn set_not_ready(&self) {
         self.ready.store(false, Ordering::SeqCst);
     }
-    /// Edge: whether the gateway's witness refuses this edge's audit log (the edge then
-    /// sends nothing, and `/healthz` answers 503 until the witness cosigns again).
-    pub fn set_witness_refused(&self, refused: bool) {
-        self.witness_refused.store(refused, Ordering::SeqCst);
+    /// Edge: `/healthz` answers 503 while `path` exists (the record that the gateway's
+    /// witness refused this edge's audit log, written by this process or by a `send`; the
+    /// edge sends nothing meanwhile). Set once; later calls are ignored.
+    pub fn unhealthy_while_exists(&self, path: PathBuf) {
+        let _ = self.refused_while.set(path);
+    }
+    /// Whether the file given to [`Health::unhealthy_while_exists`] exists (or cannot be
+    /// looked at: fail closed).
+    fn refused(&self) -> bool {
+        self.refused_while
+            .get()
+            .is_some_and(|path| match std::fs::symlink_metadata(path) {
+                Ok(_) => true,
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            })
     }
     /// Whether `/healthz` answers 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && !self.witness_refused.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.refused()
     }
 }
 
@@ -86,7 +99,7 @@ pub async fn bind_metrics(
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if health.witness_refused.load(Ordering::SeqCst) {
+    if health.refused() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "audit log refused by the gateway's witness; sending is stopped\n",

@@ -238,7 +238,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         );
     }
     metrics::gauge!("baylink_audit_witness_refused").set(if refused.is_some() { 1.0 } else { 0.0 });
-    health.set_witness_refused(refused.is_some());
+    health.unhealthy_while_exists(cfg.audit_dir.join(audit::witness::REFUSED_FILE));
     health.set_ready();
     ops::notify_ready();
     info!(role = "edge", "serving");
@@ -270,7 +270,6 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     tokio::spawn(resumer);
     let audit_ticker = tokio::spawn({
         let edge = edge.clone();
-        let health = health.clone();
         let interval = cfg.audit.checkpoint_interval;
         async move {
             let mut tick = tokio::time::interval(interval.max(Duration::from_secs(1)));
@@ -279,10 +278,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
             loop {
                 tick.tick().await;
                 match edge.audit().checkpoint().await {
-                    Ok(_) => {
-                        edge.witness_bounded().await;
-                        health.set_witness_refused(edge.witness_refusal().is_some());
-                    }
+                    Ok(_) => edge.witness_bounded().await,
                     Err(e) => {
                         error!(error = %e, "periodic audit checkpoint failed");
                         metrics::counter!("baylink_audit_checkpoint_failures_total").increment(1);

@@ -439,6 +439,12 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     // The honest checkpoint presented by another authenticated edge name: refused.
     let e = w.cosign("edge-b", &cp7, 7, &[]).unwrap_err();
     assert!(matches!(e, WitnessRefusal::BadCheckpoint(_)), "{e}");
+    // The gateway's witness state rewound in its audit.dir: the HSM's copy still holds, so
+    // the fork is not taken on first use.
+    std::fs::remove_dir_all(gw_dir.path().join(witness::WITNESS_DIR)).unwrap();
+    let e = w.cosign("edge", &fork, 0, &[]).unwrap_err();
+    assert!(matches!(e, WitnessRefusal::Inconsistent(_)), "{e}");
+    assert!(e.to_string().contains("last cosigned size 7"), "{e}");
     // The witness still accepts the honest log's next checkpoint.
     edge.append_blocking(event(7)).unwrap();
     edge.checkpoint_blocking().unwrap();

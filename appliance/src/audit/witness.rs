@@ -17,7 +17,9 @@
 //! `SHA-256(name || 0x0A || 0xff || "baylink/ecdsa-p256-cosignature/v1" || DER SPKI)[:4]`.
 //!
 //! The first checkpoint a gateway sees from an edge is trusted on first use; from then on
-//! every new one must extend it.
+//! every new one must extend it. What was cosigned last is kept in `audit.dir/witness/` and
+//! in the gateway's HSM ([`WITNESS_STATE_LABEL`]), so a rewind of the directory alone does
+//! not make the witness trust a forked log on first use again.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,6 +48,9 @@ pub const WITNESSED_FILE: &str = "witnessed";
 pub const REFUSED_FILE: &str = "witness-refused";
 /// Gateway: per witnessed log, the checkpoint it cosigned last.
 pub const WITNESS_DIR: &str = "witness";
+/// Gateway: `CKA_LABEL` of the HSM data object holding, per witnessed log
+/// (`CKA_APPLICATION` = its origin), the checkpoint cosigned last.
+pub const WITNESS_STATE_LABEL: &str = "baylink-witness-state";
 
 /// The witness key name of a gateway.
 pub fn witness_name(gateway_id: &str) -> String {
@@ -178,6 +183,32 @@ impl Witness {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(io("cannot read", &state)(e)),
             };
+            // The HSM keeps the same state out of reach of a rewind of `audit.dir`: the
+            // larger of the two is what was cosigned last.
+            let token = inner.signer.token();
+            let held = token
+                .data_values(WITNESS_STATE_LABEL, &cp.origin)
+                .map_err(AuditError::Hsm)?
+                .iter()
+                .filter_map(|v| {
+                    let text = std::str::from_utf8(v).ok()?;
+                    let (body, _) = note::split_note(text).ok()?;
+                    Checkpoint::parse_body(body).ok()
+                })
+                .max_by_key(|c| c.size);
+            let last = match (last, held) {
+                (Some(file), Some(hsm)) if hsm.size > file.size => {
+                    tracing::warn!(
+                        origin = %cp.origin,
+                        file = file.size,
+                        hsm = hsm.size,
+                        "witness state in audit.dir is older than the HSM's copy (rewound?); the HSM's holds"
+                    );
+                    Some(hsm)
+                }
+                (file @ Some(_), _) => file,
+                (None, hsm) => hsm,
+            };
             if let Some(last) = &last {
                 let refuse = |why: String| Ok(Err(WitnessRefusal::Inconsistent(why)));
                 if cp.size < last.size {
@@ -212,6 +243,7 @@ impl Witness {
             let mut blob = cosignature_key_id(&self.name, inner.signer.public_key()).to_vec();
             blob.extend_from_slice(&time_s.to_be_bytes());
             blob.extend_from_slice(&note::raw_to_der(&sig.0));
+            token.replace_data(WITNESS_STATE_LABEL, &cp.origin, checkpoint.as_bytes())?;
             write_atomic(&state, checkpoint.as_bytes()).map_err(io("cannot write", &state))?;
             Ok(Ok(format!(
                 "\u{2014} {} {}",
