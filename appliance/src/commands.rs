@@ -320,14 +320,14 @@ fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<u8> {
         let text = read_note(path)?;
         peer_notes.push((format!("the peer's checkpoint {}", path.display()), text));
     }
-    let mut kept: Vec<(&str, &str)> = peer_notes
-        .iter()
-        .map(|(what, text)| (what.as_str(), text.as_str()))
-        .collect();
+    // The HSM's anchor first: it is the newest a rewind has to get past.
     let held = hsm.as_ref().and_then(|h| h.anchor.as_ref());
-    if let Some(a) = held {
-        kept.extend(a.kept());
-    }
+    let mut kept: Vec<(&str, &str)> = held.map(|a| a.kept()).unwrap_or_default();
+    kept.extend(
+        peer_notes
+            .iter()
+            .map(|(what, text)| (what.as_str(), text.as_str())),
+    );
     let s = audit::verify_kept(&dir, &key, &kept)?;
     println!(
         "checkpoints: {} verified, the latest signs {} of {} records",
