@@ -53,7 +53,8 @@ pub enum Command {
     /// Run the role named in the config until SIGTERM (systemd Type=notify).
     ///
     /// `GET /healthz` on metrics.listen answers 200 once every listener is up and the HSM key
-    /// was found; `GET /metrics` is Prometheus text. SIGTERM drains and exits 0.
+    /// was found, and 503 on an edge whose audit log the gateway's witness refused (it then
+    /// sends nothing); `GET /metrics` is Prometheus text. SIGTERM drains and exits 0.
     Serve(ConfigArg),
     /// Send files as one transfer from the edge to the gateway and wait for the signed receipt.
     ///
@@ -116,7 +117,9 @@ pub enum AuditCommand {
     /// Exit 0 with the last line `audit ok: <N> records, root <hex>`; otherwise non-zero,
     /// naming the first bad record (seq and byte offset) or checkpoint. The public key is
     /// `--public-key` if given (an auditor needs nothing else, with `--dir`), else the
-    /// configured HSM key's.
+    /// configured HSM key's. With `--config`, the checkpoint and cosignature anchored in the
+    /// appliance's HSM are checked too: a log shorter than either (rewound) fails, naming
+    /// both sizes.
     Verify(AuditVerifyArgs),
     /// Print (JSON on stdout) the inclusion proof of a transfer's records against the latest
     /// signed checkpoint.
@@ -160,6 +163,11 @@ pub struct AuditVerifyArgs {
     /// of the witnessing gateway (e.g. keys/gateway.pub.pem).
     #[arg(long, value_name = "PEM")]
     pub witness_key: Option<PathBuf>,
+    /// A checkpoint of this log (signed note) kept by the other side, e.g. the gateway's
+    /// `audit.dir/witness/<origin>`: the log must still hold it (no fewer records, same
+    /// root). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    pub peer_checkpoint: Vec<PathBuf>,
 }
 
 /// `--config FILE`

@@ -227,55 +227,7 @@ fn spool(args: &crate::cli::SpoolArgs) -> anyhow::Result<u8> {
 fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
     use crate::audit;
     match cmd {
-        AuditCommand::Verify(AuditVerifyArgs {
-            config,
-            dir,
-            public_key,
-            witness_key,
-        }) => {
-            let (dir, key) = match (config, dir) {
-                (_, Some(dir)) => {
-                    let pem = public_key.context("--dir needs --public-key")?;
-                    (dir, crate::signing::load_public_key(&pem)?)
-                }
-                (Some(config), None) => with_config_value(&config, |cfg| {
-                    let key = match &public_key {
-                        Some(pem) => crate::signing::load_public_key(pem)?,
-                        None => Token::open(&hsm_config(&cfg)?)?
-                            .signer()?
-                            .public_key()
-                            .clone(),
-                    };
-                    Ok((cfg.audit_dir.clone(), key))
-                })?,
-                (None, None) => anyhow::bail!("give --config FILE or --dir DIR --public-key PEM"),
-            };
-            let s = audit::verify(&dir, &key)?;
-            println!(
-                "checkpoints: {} verified, the latest signs {} of {} records",
-                s.checkpoints, s.signed_size, s.records
-            );
-            if let Some(pem) = &witness_key {
-                let wk = crate::signing::load_public_key(pem)?;
-                let c = audit::witness::verify_cosignatures(&dir, &key, &wk)?;
-                println!(
-                    "cosignatures: {} verified, the latest cosigns {} records",
-                    c.count, c.cosigned_size
-                );
-            }
-            if s.signed_size < s.records {
-                println!(
-                    "note: {} records after the latest checkpoint are not signed yet",
-                    s.records - s.signed_size
-                );
-            }
-            println!(
-                "audit ok: {} records, root {}",
-                s.records,
-                hex::encode(s.root)
-            );
-            Ok(0)
-        }
+        AuditCommand::Verify(args) => audit_verify(args),
         AuditCommand::Prove { config, transfer } => {
             let cfg = Config::load(&config)?;
             let proof = audit::prove(&cfg.audit_dir, &transfer)?;
@@ -322,6 +274,156 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
             Ok(0)
         }),
     }
+}
+
+/// What `audit verify --config` reads from the HSM besides the key.
+struct HsmAnchor {
+    token: String,
+    anchor: Option<crate::audit::anchor::Anchor>,
+    /// The pinned peer key (an edge's witness), for the anchored cosignature.
+    peer: Option<baylink_hsm::PublicKey>,
+}
+
+fn audit_verify(args: AuditVerifyArgs) -> anyhow::Result<u8> {
+    use crate::audit::{self, anchor};
+    let AuditVerifyArgs {
+        config,
+        dir,
+        public_key,
+        witness_key,
+        peer_checkpoint,
+    } = args;
+    let (dir, key, hsm) = match (config, dir) {
+        (_, Some(dir)) => {
+            let pem = public_key.context("--dir needs --public-key")?;
+            (dir, crate::signing::load_public_key(&pem)?, None)
+        }
+        (Some(config), None) => with_config_value(&config, |cfg| {
+            let token = Token::open(&hsm_config(&cfg)?).with_context(|| {
+                format!(
+                    "{}: cannot open the HSM, which holds the audit log's anchor (an auditor \
+                     without it uses --dir and --public-key)",
+                    config.display()
+                )
+            })?;
+            let key = match &public_key {
+                Some(pem) => crate::signing::load_public_key(pem)?,
+                None => token.signer()?.public_key().clone(),
+            };
+            let anchor = anchor::read(&token, &audit::note::origin(&cfg.id))?;
+            let peer = (cfg.role == Role::Edge)
+                .then(|| crate::signing::load_public_key(&cfg.peer_signing_key))
+                .transpose()?;
+            let hsm = HsmAnchor {
+                token: token.label().to_owned(),
+                anchor,
+                peer,
+            };
+            Ok((cfg.audit_dir.clone(), key, Some(hsm)))
+        })?,
+        (None, None) => anyhow::bail!("give --config FILE or --dir DIR --public-key PEM"),
+    };
+    let witness = witness_key
+        .as_deref()
+        .map(crate::signing::load_public_key)
+        .transpose()?;
+    let mut peer_notes = Vec::new();
+    for path in &peer_checkpoint {
+        let text = read_note(path)?;
+        peer_notes.push((format!("the peer's checkpoint {}", path.display()), text));
+    }
+    // The HSM's anchor first: it is the newest a rewind has to get past.
+    let held = hsm.as_ref().and_then(|h| h.anchor.as_ref());
+    let mut kept: Vec<(&str, &str)> = held.map(|a| a.kept()).unwrap_or_default();
+    kept.extend(
+        peer_notes
+            .iter()
+            .map(|(what, text)| (what.as_str(), text.as_str())),
+    );
+    let s = audit::verify_kept(&dir, &key, &kept)?;
+    println!(
+        "checkpoints: {} verified, the latest signs {} of {} records",
+        s.checkpoints, s.signed_size, s.records
+    );
+    if let Some(h) = &hsm {
+        match held {
+            Some(a) => {
+                let size = |t: &str| {
+                    audit::note::split_note(t)
+                        .and_then(|(body, _)| audit::note::Checkpoint::parse_body(body))
+                        .map(|c| c.size)
+                        .unwrap_or(0)
+                };
+                println!(
+                    "anchor: the HSM (token \"{}\") holds the checkpoint of {} records; the log \
+                     holds it",
+                    h.token,
+                    size(&a.checkpoint)
+                );
+                if let Some(c) = &a.cosigned {
+                    if let Some(wk) = witness.as_ref().or(h.peer.as_ref()) {
+                        audit::witness::verify_cosignature(&c.checkpoint, &c.cosignature, wk)
+                            .map_err(|reason| audit::AuditError::BadAnchor {
+                                what: anchor::ANCHORED_COSIGNED.to_owned(),
+                                reason,
+                            })?;
+                    }
+                    println!(
+                        "anchor: the witness cosigned {} records; the log holds them",
+                        size(&c.checkpoint)
+                    );
+                }
+            }
+            // A log with checkpoints is anchored when it is first opened by this version.
+            None if s.checkpoints > 0 => anyhow::bail!(
+                "the HSM (token \"{}\") holds no audit anchor for this log, but {} holds {} \
+                 checkpoints: the anchor was removed from the token, or no appliance of this \
+                 version has opened the log yet",
+                h.token,
+                dir.join(audit::CHECKPOINTS_FILE).display(),
+                s.checkpoints
+            ),
+            None => println!("anchor: none yet (no checkpoint signed)"),
+        }
+    }
+    for (what, _) in &peer_notes {
+        println!("{what}: the log holds it");
+    }
+    if let Some(wk) = &witness {
+        let c = audit::witness::verify_cosignatures(&dir, &key, wk)?;
+        println!(
+            "cosignatures: {} verified, the latest cosigns {} records",
+            c.count, c.cosigned_size
+        );
+    }
+    if s.signed_size < s.records {
+        println!(
+            "note: {} records after the latest checkpoint are not signed yet",
+            s.records - s.signed_size
+        );
+    }
+    println!(
+        "audit ok: {} records, root {}",
+        s.records,
+        hex::encode(s.root)
+    );
+    Ok(0)
+}
+
+/// Reads a signed note from a file (at most [`crate::audit::note::MAX_NOTE`] bytes).
+fn read_note(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read;
+    let limit = crate::audit::note::MAX_NOTE;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(limit as u64 + 1).read_to_string(&mut text))
+        .with_context(|| format!("cannot read the checkpoint {}", path.display()))?;
+    anyhow::ensure!(
+        text.len() <= limit,
+        "{} is larger than a checkpoint ({limit} bytes at most)",
+        path.display()
+    );
+    Ok(text)
 }
 
 /// Like [`with_config`], for a closure that returns a value.

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use baylink_net::proto::{Receipt, SenderConfig, TransferId};
+use baylink_net::proto::{ErrorCode, Receipt, SenderConfig, TransferId};
 use baylink_net::spool::{Spool, SpoolConfig};
 use baylink_net::transport::{self, TlsIdentity};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -221,6 +221,13 @@ impl Edge {
         stats: &Arc<SendStats>,
     ) -> Result<SendSummary, SendFailure> {
         let started = Instant::now();
+        if let Some(reason) = self.witness_refusal() {
+            return Err(SendFailure::Other(anyhow::anyhow!(
+                "sending is stopped: the gateway's witness refused this edge's audit log \
+                 ({reason}); check it with `baylink audit verify` (docs/audit.md, \
+                 \"Rewind protection\")"
+            )));
+        }
         let (id, declaration) = match &request {
             SendRequest::New { declaration, .. } => (TransferId::new_v7(), declaration.clone()),
             SendRequest::Resume(id) | SendRequest::SealedHere(id) => {
@@ -597,14 +604,45 @@ impl Edge {
         }
     }
 
-    /// audit: [`Edge::witness`] within [`WITNESS_TIMEOUT`]; failures are logged (the next
-    /// request proves consistency from the last cosigned checkpoint, so nothing is lost).
+    /// audit: [`Edge::witness`] within [`WITNESS_TIMEOUT`]. A refusal by the witness stops
+    /// this edge's sending ([`Edge::witness_refusal`]) and is logged as an error; a link that
+    /// is down or slow is only a warning (the next request proves consistency from the last
+    /// cosigned checkpoint, so nothing is lost).
     pub async fn witness_bounded(&self) {
         match tokio::time::timeout(WITNESS_TIMEOUT, self.witness()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!(error = %format!("{e:#}"), "audit checkpoint not witnessed"),
+            Ok(Err(e)) => match e.downcast_ref::<WitnessRefused>() {
+                Some(refused) => {
+                    // The refusal is recorded (the file `/healthz` and every send look at)
+                    // before it is reported.
+                    let reason = refused.to_string();
+                    let (log, why) = (self.audit.clone(), reason.clone());
+                    let stored = tokio::task::spawn_blocking(move || {
+                        audit::witness::set_refused(&log, &why)
+                    })
+                    .await;
+                    match stored {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => error!(error = %e, "cannot record the witness refusal"),
+                        Err(e) => error!(error = %e, "cannot record the witness refusal"),
+                    }
+                    metrics::gauge!("baylink_audit_witness_refused").set(1.0);
+                    error!(
+                        error = %reason,
+                        "audit checkpoint not witnessed: the gateway's witness refused this \
+                         edge's audit log; sending is stopped"
+                    );
+                }
+                None => warn!(error = %format!("{e:#}"), "audit checkpoint not witnessed"),
+            },
             Err(_) => warn!("audit checkpoint not witnessed: the gateway did not answer in time"),
         }
+    }
+
+    /// Why the gateway's witness refused this edge's audit log, if it did and has not
+    /// cosigned it since: the edge sends nothing meanwhile, and `/healthz` answers 503.
+    pub fn witness_refusal(&self) -> Option<String> {
+        audit::witness::refused(self.audit.dir())
     }
 
     /// audit: asks the gateway to witness the latest audit checkpoint (if it is not
@@ -643,8 +681,13 @@ impl Edge {
         conn.close(crate::link::CLOSE_OK.into(), b"witnessed");
         let signature = match reply {
             Some(Ok(baylink_net::proto::Frame::Cosigned { signature, .. })) => signature,
+            Some(Ok(baylink_net::proto::Frame::Error { code, text }))
+                if matches!(code, ErrorCode::Refused | ErrorCode::BadSignature) =>
+            {
+                return Err(WitnessRefused { code, text }.into());
+            }
             Some(Ok(baylink_net::proto::Frame::Error { code, text })) => {
-                anyhow::bail!("the gateway refused to witness: {code}: {text}")
+                anyhow::bail!("the gateway could not witness: {code}: {text}")
             }
             Some(Ok(other)) => anyhow::bail!("witness: unexpected {} frame", other.kind()),
             Some(Err(e)) => return Err(anyhow::anyhow!("witness: {e}")),
@@ -654,6 +697,7 @@ impl Edge {
         let cp = checkpoint.clone();
         tokio::task::spawn_blocking(move || audit::witness::store(&log, &cp, &signature, &peer))
             .await??;
+        metrics::gauge!("baylink_audit_witness_refused").set(0.0);
         let size = audit::note::split_note(&checkpoint)
             .and_then(|(body, _)| audit::note::Checkpoint::parse_body(body))
             .map(|c| c.size)
@@ -700,6 +744,17 @@ impl Edge {
             d.manifest_bin().exists() && !d.has_receipt()
         })
     }
+}
+
+/// The gateway's witness refused the edge's checkpoint: it does not extend the one the
+/// witness cosigned last (a rewound or forked log), or is not signed by the pinned key.
+#[derive(Debug, thiserror::Error)]
+#[error("the gateway refused to witness: {code}: {text}")]
+pub struct WitnessRefused {
+    /// The protocol error code.
+    pub code: ErrorCode,
+    /// The gateway's reason.
+    pub text: String,
 }
 
 /// A connection the gateway closed with a TLS alert (QUIC crypto error 0x100–0x1ff) was

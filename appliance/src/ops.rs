@@ -2,8 +2,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
@@ -21,6 +21,8 @@ use crate::signing::{Keys, WATCHDOG_CONTEXT};
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    /// While this file exists, `/healthz` answers 503 (edge: the witness refusal).
+    refused_while: OnceLock<PathBuf>,
 }
 
 impl Health {
@@ -32,9 +34,25 @@ impl Health {
     pub fn set_not_ready(&self) {
         self.ready.store(false, Ordering::SeqCst);
     }
+    /// Edge: `/healthz` answers 503 while `path` exists (the record that the gateway's
+    /// witness refused this edge's audit log, written by this process or by a `send`; the
+    /// edge sends nothing meanwhile). Set once; later calls are ignored.
+    pub fn unhealthy_while_exists(&self, path: PathBuf) {
+        let _ = self.refused_while.set(path);
+    }
+    /// Whether the file given to [`Health::unhealthy_while_exists`] exists (or cannot be
+    /// looked at: fail closed).
+    fn refused(&self) -> bool {
+        self.refused_while
+            .get()
+            .is_some_and(|path| match std::fs::symlink_metadata(path) {
+                Ok(_) => true,
+                Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+            })
+    }
     /// Whether `/healthz` answers 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && !self.refused()
     }
 }
 
@@ -84,7 +102,12 @@ pub async fn bind_metrics(
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str) {
-    if health.is_ready() {
+    if health.refused() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "audit log refused by the gateway's witness; sending is stopped\n",
+        )
+    } else if health.is_ready() {
         (StatusCode::OK, "ok\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")

@@ -239,6 +239,16 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     if let Some(idle) = cfg.ingest.open_timeout {
         tokio::spawn(expire_open_transfers(store.clone(), idle));
     }
+    // audit: a refusal recorded before this start (by this service or a `send`) holds.
+    let refused = edge.witness_refusal();
+    if let Some(reason) = &refused {
+        error!(
+            error = %reason,
+            "the gateway's witness refused this edge's audit log; sending is stopped"
+        );
+    }
+    metrics::gauge!("baylink_audit_witness_refused").set(if refused.is_some() { 1.0 } else { 0.0 });
+    health.unhealthy_while_exists(cfg.audit_dir.join(audit::witness::REFUSED_FILE));
     health.set_ready();
     ops::notify_ready(ops::HealthProbe::new(
         edge.spool().clone(),

@@ -107,6 +107,16 @@ pub enum HsmError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A data object exists but its value cannot be used.
+    #[error("data object \"{label}\" on token \"{token}\" is not usable: {reason}")]
+    BadDataObject {
+        /// The object label.
+        label: String,
+        /// The token label.
+        token: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A token or key label that PKCS#11 cannot hold.
     #[error("invalid label \"{label}\": {reason}")]
     InvalidLabel {

@@ -84,6 +84,57 @@ fn one(
     }
 }
 
+/// The data objects (`CKO_DATA`) labelled `label` for `application`.
+pub(crate) fn find_data(
+    session: &Session,
+    label: &str,
+    application: &str,
+    token: &str,
+) -> Result<Vec<ObjectHandle>, HsmError> {
+    session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::DATA),
+            Attribute::Label(label.as_bytes().to_vec()),
+            Attribute::Application(application.as_bytes().to_vec()),
+        ])
+        .map_err(|e| {
+            HsmError::call(
+                format!(
+                    "looking for data object \"{label}\" of {application} on token \"{token}\""
+                ),
+                e,
+            )
+        })
+}
+
+/// The `CKA_VALUE` of a data object.
+pub(crate) fn data_value(
+    session: &Session,
+    object: ObjectHandle,
+    label: &str,
+    token: &str,
+) -> Result<Vec<u8>, HsmError> {
+    let attrs = session
+        .get_attributes(object, &[AttributeType::Value])
+        .map_err(|e| {
+            HsmError::call(
+                format!("reading data object \"{label}\" on token \"{token}\""),
+                e,
+            )
+        })?;
+    attrs
+        .into_iter()
+        .find_map(|a| match a {
+            Attribute::Value(v) => Some(v),
+            _ => None,
+        })
+        .ok_or_else(|| HsmError::BadDataObject {
+            label: label.to_owned(),
+            token: token.to_owned(),
+            reason: "its CKA_VALUE cannot be read".into(),
+        })
+}
+
 /// Whether any object (of any class) carries this label.
 pub(crate) fn label_in_use(session: &Session, label: &str, token: &str) -> Result<bool, HsmError> {
     let found = session

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, KeyType};
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
 
 use crate::config::HsmConfig;
 use crate::error::HsmError;
@@ -170,6 +170,65 @@ impl Token {
             "generated EC P-256 key pair"
         );
         Ok(public_key)
+    }
+
+    /// The values of the data objects (`CKO_DATA`) labelled `label` whose `CKA_APPLICATION`
+    /// is `application`: none before the first [`Token::replace_data`], one after it, two
+    /// only if a writer stopped between creating the new object and destroying the old one
+    /// (the caller decides which is current).
+    pub fn data_values(&self, label: &str, application: &str) -> Result<Vec<Vec<u8>>, HsmError> {
+        objects::check_label(label)?;
+        let token = self.label();
+        self.inner.pool.run(|session, _| {
+            objects::find_data(session, label, application, token)?
+                .into_iter()
+                .map(|object| objects::data_value(session, object, label, token))
+                .collect()
+        })
+    }
+
+    /// Replaces the data object labelled `label` for `application` by one holding `value`: a
+    /// private token object (readable only after login). The new object is created before
+    /// the old ones are destroyed (tokens keep `CKA_VALUE` of data objects read-only), so a
+    /// reader never finds none. Callers serialise their writers.
+    pub fn replace_data(
+        &self,
+        label: &str,
+        application: &str,
+        value: &[u8],
+    ) -> Result<(), HsmError> {
+        objects::check_label(label)?;
+        let token = self.label();
+        self.inner.pool.run(|_, pool| {
+            let rw = pool.rw_session()?;
+            let old = objects::find_data(&rw, label, application, token)?;
+            rw.create_object(&[
+                Attribute::Class(ObjectClass::DATA),
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Modifiable(false),
+                Attribute::Label(label.as_bytes().to_vec()),
+                Attribute::Application(application.as_bytes().to_vec()),
+                Attribute::Value(value.to_vec()),
+            ])
+            .map_err(|e| {
+                HsmError::call(
+                    format!("creating data object \"{label}\" on token \"{token}\""),
+                    e,
+                )
+            })?;
+            for object in old {
+                rw.destroy_object(object).map_err(|e| {
+                    HsmError::call(
+                        format!(
+                            "destroying the previous data object \"{label}\" on token \"{token}\""
+                        ),
+                        e,
+                    )
+                })?;
+            }
+            Ok(())
+        })
     }
 
     /// What the module, token and configured key look like. Each part that cannot be read
@@ -590,6 +649,51 @@ mod tests {
         assert!(text.contains(hsm.token_label()), "{text}");
         assert!(text.contains("extractable=false"), "{text}");
         assert!(!text.contains(testing::USER_PIN));
+    }
+
+    #[test]
+    #[serial]
+    fn data_objects_are_created_replaced_and_kept_per_application() {
+        let hsm = SoftHsm::new().unwrap();
+        let token = hsm.open("k").unwrap();
+        assert!(token.data_values("head", "app-a").unwrap().is_empty());
+        token.replace_data("head", "app-a", b"one").unwrap();
+        token.replace_data("head", "app-b", b"other").unwrap();
+        token.replace_data("head", "app-a", b"two, longer").unwrap();
+        assert_eq!(
+            token.data_values("head", "app-a").unwrap(),
+            [b"two, longer".to_vec()]
+        );
+        assert_eq!(
+            token.data_values("head", "app-b").unwrap(),
+            [b"other".to_vec()]
+        );
+        drop(token);
+        // A token object: it outlives the process's sessions; and it is private.
+        let token = hsm.open("k").unwrap();
+        assert_eq!(
+            token.data_values("head", "app-a").unwrap(),
+            [b"two, longer".to_vec()]
+        );
+        token
+            .pool()
+            .run(|session, _| {
+                let found = session
+                    .find_objects(&[Attribute::Class(ObjectClass::DATA)])
+                    .unwrap();
+                assert_eq!(found.len(), 2, "replaced in place, not added");
+                let attrs = session
+                    .get_attributes(found[0], &[AttributeType::Token, AttributeType::Private])
+                    .unwrap();
+                assert!(attrs.contains(&Attribute::Token(true)), "{attrs:?}");
+                assert!(attrs.contains(&Attribute::Private(true)), "{attrs:?}");
+                Ok(())
+            })
+            .unwrap();
+        assert!(matches!(
+            token.replace_data("", "app-a", b"x"),
+            Err(HsmError::InvalidLabel { .. })
+        ));
     }
 
     #[test]

@@ -170,6 +170,40 @@ impl Deployment {
         Ok(out)
     }
 
+    /// `GET /healthz` of the edge (`gateway = false`) or the gateway: the status code.
+    pub fn healthz(&self, gateway: bool) -> anyhow::Result<u16> {
+        use std::io::{Read, Write};
+        let port = self.base_port + if gateway { 3 } else { 1 };
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .with_context(|| format!("not an HTTP answer: {out:?}"))?;
+        Ok(code)
+    }
+
+    /// Copies the SoftHSM store (both tokens, as they are now) to `softhsm-<name>/` with its
+    /// own `softhsm2.conf`, and returns that file's path relative to the deployment, for
+    /// `hsm.softhsm_conf`: a clone of the appliances' HSMs, e.g. for a forked edge whose
+    /// token must not see what the real edge does later. Copy only while no process of the
+    /// deployment writes to the tokens.
+    pub fn clone_hsm(&self, name: &str) -> anyhow::Result<String> {
+        let rel = format!("softhsm-{name}");
+        let from = self.path("softhsm/tokens");
+        let to = self.path(&rel).join("tokens");
+        copy_tree(&from, &to)?;
+        let conf = format!("{rel}/softhsm2.conf");
+        let text = std::fs::read_to_string(self.path("softhsm/softhsm2.conf"))?
+            .replace(&from.display().to_string(), &to.display().to_string());
+        std::fs::write(self.path(&conf), text)?;
+        Ok(conf)
+    }
+
     /// Runs `baylink send --no-progress FILES...` as one transfer, asserts that it succeeded
     /// (naming its stderr and `gateway`'s log otherwise), and returns its summary line and
     /// the transfer id.
@@ -283,6 +317,20 @@ impl Deployment {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Copies a directory tree (files and directories only).
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Why a test that needs a private mount namespace with a tmpfs cannot run here, if it

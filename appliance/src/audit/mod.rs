@@ -14,11 +14,16 @@
 //! - `patient.key`: the secret key of the keyed patient hash (unless `audit.patient_key`).
 //! - `lock`: `flock`ed around every append, so `send` and `serve` never interleave.
 //!
+//! Outside `audit.dir`, the HSM token holds the log's [`anchor`]: the latest checkpoint
+//! signed and the latest witness cosignature stored. [`Log::open`] and every checkpoint
+//! refuse a log that no longer holds it (rewound or rewritten), and `audit verify` checks it.
+//!
 //! [`verify`], [`prove`] and [`verify_proof`] need only the files and the public key.
 //!
 //! What this module does not do: keep records of patient ids or names (only an HMAC), or
 //! trust anything it reads back without recomputing it.
 
+pub mod anchor;
 pub mod note;
 pub mod record;
 mod verify;
@@ -44,7 +49,7 @@ use crate::transfer_dir::write_atomic;
 pub use record::{Event, Kind, Record};
 pub use verify::{
     MAX_PROOF_BYTES, MAX_PROOF_RECORDS, PROOF_VERSION, Proof, ProofSummary, ProvenRecord, Summary,
-    prove, read_proof, verify, verify_proof, verify_proof_cosigned,
+    prove, read_proof, verify, verify_kept, verify_proof, verify_proof_cosigned,
 };
 
 /// The records file in `audit.dir`.
@@ -102,6 +107,49 @@ pub enum AuditError {
         /// Byte offset of its line.
         offset: u64,
         /// What is wrong.
+        reason: String,
+    },
+    /// The log holds fewer records than a checkpoint kept outside it (in the HSM, or by the
+    /// peer) covers: it was truncated, with its checkpoints, to an earlier state.
+    #[error("{RECORDS_FILE} holds {records} records but {what} covers {size}: the log was rewound")]
+    Rewound {
+        /// The kept checkpoint ("the HSM-anchored checkpoint").
+        what: String,
+        /// Records in the log.
+        records: u64,
+        /// Records the kept checkpoint covers.
+        size: u64,
+    },
+    /// The log's own latest checkpoint is older than one kept outside it.
+    #[error(
+        "the latest checkpoint in {CHECKPOINTS_FILE} covers {signed} records but {what} covers \
+         {size}: checkpoints were removed"
+    )]
+    CheckpointsRemoved {
+        /// The kept checkpoint.
+        what: String,
+        /// Records the log's latest checkpoint covers (0 without any).
+        signed: u64,
+        /// Records the kept checkpoint covers.
+        size: u64,
+    },
+    /// The log's first records are not the ones a kept checkpoint covers.
+    #[error(
+        "{what} covers {size} records, but records 0..{size} of {RECORDS_FILE} have another \
+         root: the log was rewritten"
+    )]
+    Rewritten {
+        /// The kept checkpoint.
+        what: String,
+        /// Records it covers.
+        size: u64,
+    },
+    /// A kept checkpoint or the HSM anchor is unreadable, or not signed by the appliance key.
+    #[error("{what}: {reason}")]
+    BadAnchor {
+        /// Which one.
+        what: String,
+        /// Why.
         reason: String,
     },
     /// The HSM could not sign a checkpoint.
@@ -221,6 +269,8 @@ struct State {
     records_len: u64,
     checkpoints_len: u64,
     checkpoint_size: u64,
+    /// The latest complete line of `checkpoints.log` (its signed note).
+    latest_note: Option<String>,
 }
 
 impl Log {
@@ -246,7 +296,7 @@ impl Log {
                 state: Mutex::new(State::default()),
             }),
         };
-        log.locked(|_, _| Ok(()))?;
+        log.locked(|inner, st| inner.check_anchor(st).map(drop))?;
         Ok(log)
     }
 
@@ -451,6 +501,7 @@ impl Inner {
         let path = self.dir.join(CHECKPOINTS_FILE);
         let mut index = 0usize;
         let mut size = st.checkpoint_size;
+        let mut latest = None;
         st.checkpoints_len = read_tail(&path, st.checkpoints_len, |offset, line| {
             index += 1;
             let note =
@@ -472,10 +523,57 @@ impl Inner {
                     reason,
                 })?;
             size = size.max(cp.size);
+            latest = Some(note);
             Ok(())
         })?;
         st.checkpoint_size = size;
+        if latest.is_some() {
+            st.latest_note = latest;
+        }
         Ok(())
+    }
+
+    /// Checks the log against its HSM anchor (every checkpoint kept there must still be in
+    /// the log: same root, no more records than it holds) and returns the anchor. A log
+    /// checkpointed before the anchor existed gets one now, for its latest checkpoint.
+    fn check_anchor(&self, st: &State) -> Result<Option<anchor::Anchor>, AuditError> {
+        let token = self.signer.token();
+        let key = self.signer.public_key();
+        let Some(held) = anchor::read(token, &self.origin)? else {
+            let Some(latest) = &st.latest_note else {
+                return Ok(None);
+            };
+            let first = anchor::Anchor {
+                version: anchor::ANCHOR_VERSION,
+                checkpoint: latest.clone(),
+                cosigned: None,
+            };
+            anchor::check_kept(
+                "the latest checkpoint",
+                latest,
+                key,
+                Some(&self.origin),
+                &st.leaves,
+                st.checkpoint_size,
+            )?;
+            anchor::write(token, &self.origin, &first)?;
+            info!(
+                size = st.checkpoint_size,
+                "audit log anchored in the HSM (it had none)"
+            );
+            return Ok(Some(first));
+        };
+        for (what, note) in held.kept() {
+            anchor::check_kept(
+                what,
+                note,
+                key,
+                Some(&self.origin),
+                &st.leaves,
+                st.checkpoint_size,
+            )?;
+        }
+        Ok(Some(held))
     }
 
     fn checkpoint_locked(&self, st: &mut State) -> Result<Option<u64>, AuditError> {
@@ -483,6 +581,8 @@ impl Inner {
         if size == 0 || size <= st.checkpoint_size {
             return Ok(None);
         }
+        // Never sign on top of a log that lost what the HSM says was signed before.
+        let held = self.check_anchor(st)?;
         let cp = note::Checkpoint {
             origin: self.origin.clone(),
             size,
@@ -504,6 +604,15 @@ impl Inner {
         append_durably(&self.dir.join(CHECKPOINTS_FILE), &line)?;
         st.checkpoints_len += line.len() as u64;
         st.checkpoint_size = size;
+        st.latest_note = Some(text.clone());
+        // The anchor moves only after the checkpoint is durable in the log: it never covers
+        // more than the files hold.
+        let anchor = anchor::Anchor {
+            version: anchor::ANCHOR_VERSION,
+            checkpoint: text.clone(),
+            cosigned: held.and_then(|a| a.cosigned),
+        };
+        anchor::write(self.signer.token(), &self.origin, &anchor)?;
         let latest = self.dir.join(LATEST_CHECKPOINT_FILE);
         write_atomic(&latest, text.as_bytes()).map_err(io("cannot write", &latest))?;
         metrics::counter!("baylink_audit_checkpoints_total").increment(1);

@@ -387,6 +387,14 @@ fn witness_cosigns_extensions_and_refuses_forks() {
         witness::request(&edge).unwrap().is_none(),
         "already cosigned"
     );
+    assert_eq!(
+        anchored(&f).cosigned,
+        Some(anchor::Cosigned {
+            checkpoint: cp3.clone(),
+            cosignature: line.clone()
+        }),
+        "the HSM anchor keeps the latest cosignature"
+    );
     // The cosignature does not verify under the edge key, nor over another checkpoint.
     assert!(witness::verify_cosignature(&cp3, &line, &f.key()).is_err());
     let mut bad = line.clone();
@@ -431,6 +439,12 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     // The honest checkpoint presented by another authenticated edge name: refused.
     let e = w.cosign("edge-b", &cp7, 7, &[]).unwrap_err();
     assert!(matches!(e, WitnessRefusal::BadCheckpoint(_)), "{e}");
+    // The gateway's witness state rewound in its audit.dir: the HSM's copy still holds, so
+    // the fork is not taken on first use.
+    std::fs::remove_dir_all(gw_dir.path().join(witness::WITNESS_DIR)).unwrap();
+    let e = w.cosign("edge", &fork, 0, &[]).unwrap_err();
+    assert!(matches!(e, WitnessRefusal::Inconsistent(_)), "{e}");
+    assert!(e.to_string().contains("last cosigned size 7"), "{e}");
     // The witness still accepts the honest log's next checkpoint.
     edge.append_blocking(event(7)).unwrap();
     edge.checkpoint_blocking().unwrap();
@@ -462,6 +476,170 @@ fn a_log_truncated_while_open_is_refused() {
         1,
         "nothing appended on top"
     );
+}
+
+/// The HSM anchor of the fixture's log, as `(what, note)` pairs for [`verify_kept`].
+fn anchored(f: &Fixture) -> anchor::Anchor {
+    anchor::read(&f.token, "baylink.audit/edge")
+        .unwrap()
+        .expect("the log is anchored")
+}
+
+#[test]
+#[serial_test::serial]
+fn a_rewound_log_fails_against_its_hsm_anchor_naming_both_sizes() {
+    let f = Fixture::new();
+    let log = f.open(3);
+    assert!(anchor::read(&f.token, log.origin()).unwrap().is_none());
+    for i in 0..10 {
+        log.append_blocking(event(i)).unwrap();
+    }
+    log.checkpoint_blocking().unwrap();
+    let held = anchored(&f);
+    let cp = note::open(&held.checkpoint, &f.key(), Some(log.origin())).unwrap();
+    assert_eq!(cp.size, 10, "the anchor follows every checkpoint");
+    f.verify().unwrap();
+    verify_kept(f.dir.path(), &f.key(), &held.kept()).unwrap();
+
+    let records = f.path(RECORDS_FILE);
+    let checkpoints = f.path(CHECKPOINTS_FILE);
+    let (all_records, all_cps) = (lines_of(&records), lines_of(&checkpoints));
+    assert_eq!(all_cps.len(), 4, "at 3, 6, 9 and 10");
+    let kept_check = || verify_kept(f.dir.path(), &f.key(), &held.kept());
+
+    // Both files truncated together to the checkpoint at 6: every line left still verifies.
+    write_lines(&records, &all_records[..6]);
+    write_lines(&checkpoints, &all_cps[..2]);
+    assert_eq!(f.verify().unwrap().records, 6, "the files alone look clean");
+    let e = kept_check().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AuditError::Rewound {
+                records: 6,
+                size: 10,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(
+        e.to_string(),
+        "records.log holds 6 records but the HSM-anchored checkpoint covers 10: the log was rewound"
+    );
+    // The appliance does not write on top of it either.
+    let e = Log::open(&f.settings(3), f.signer.clone()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AuditError::Rewound {
+                records: 6,
+                size: 10,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(lines_of(&records).len(), 6, "nothing appended");
+
+    // Both emptied.
+    write_lines(&records, &[]);
+    write_lines(&checkpoints, &[]);
+    assert_eq!(f.verify().unwrap().records, 0);
+    let e = kept_check().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AuditError::Rewound {
+                records: 0,
+                size: 10,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(Log::open(&f.settings(3), f.signer.clone()).is_err());
+
+    // Records intact, the latest checkpoints removed.
+    write_lines(&records, &all_records);
+    write_lines(&checkpoints, &all_cps[..3]);
+    let e = kept_check().unwrap_err();
+    assert!(
+        matches!(
+            e,
+            AuditError::CheckpointsRemoved {
+                signed: 9,
+                size: 10,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("covers 9 records"), "{e}");
+
+    // As many records as anchored, but others (leaf hashes recomputed), no checkpoints.
+    let other: Vec<String> = (0..10)
+        .map(|i| {
+            let (line, _) = log.inner.record(event(i + 50), i as u64).line();
+            String::from_utf8(line).unwrap().trim_end().to_owned()
+        })
+        .collect();
+    write_lines(&records, &other);
+    write_lines(&checkpoints, &[]);
+    f.verify().unwrap();
+    let e = kept_check().unwrap_err();
+    assert!(matches!(e, AuditError::Rewritten { size: 10, .. }), "{e:?}");
+
+    // Restored: the appliance opens it and carries on.
+    write_lines(&records, &all_records);
+    write_lines(&checkpoints, &all_cps);
+    drop(log);
+    let log = f.open(3);
+    log.append_blocking(event(10)).unwrap();
+    assert_eq!(log.checkpoint_blocking().unwrap(), Some(11));
+    verify_kept(f.dir.path(), &f.key(), &anchored(&f).kept()).unwrap();
+}
+
+#[test]
+#[serial_test::serial]
+fn a_checkpoint_kept_by_the_peer_bounds_the_log() {
+    let f = Fixture::new();
+    let log = f.open(100);
+    for i in 0..5 {
+        log.append_blocking(event(i)).unwrap();
+    }
+    log.checkpoint_blocking().unwrap();
+    let kept5 = std::fs::read_to_string(f.path(LATEST_CHECKPOINT_FILE)).unwrap();
+    for i in 5..8 {
+        log.append_blocking(event(i)).unwrap();
+    }
+    log.checkpoint_blocking().unwrap();
+    let what = "the peer's checkpoint kept.note";
+    // A longer log that extends it: fine.
+    let s = verify_kept(f.dir.path(), &f.key(), &[(what, &kept5)]).unwrap();
+    assert_eq!(s.records, 8);
+    // Rewound below it (files only).
+    let records = f.path(RECORDS_FILE);
+    let checkpoints = f.path(CHECKPOINTS_FILE);
+    write_lines(&records, &lines_of(&records)[..3]);
+    write_lines(&checkpoints, &[]);
+    let e = verify_kept(f.dir.path(), &f.key(), &[(what, &kept5)]).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "records.log holds 3 records but the peer's checkpoint kept.note covers 5: the log was rewound"
+    );
+    // A checkpoint not signed by the appliance key is no evidence: refused as such.
+    f.token.generate_key("other").unwrap();
+    let other = Token::open(&f.hsm.config("other"))
+        .unwrap()
+        .signer()
+        .unwrap();
+    let body = note::split_note(&kept5).unwrap().0.to_owned();
+    let sig = other.sign(body.as_bytes()).unwrap();
+    let forged = note::signed_note(&body, log.origin(), other.public_key(), &sig.0);
+    let e = verify_kept(f.dir.path(), &f.key(), &[(what, &forged)]).unwrap_err();
+    assert!(matches!(e, AuditError::BadAnchor { .. }), "{e:?}");
+    drop(other);
 }
 
 #[test]

@@ -193,6 +193,19 @@ fn read_checkpoints(dir: &Path) -> Result<Vec<(u64, String)>, AuditError> {
 /// checkpoint's root is the tree of the records at its size. The error names the first bad
 /// record (seq and byte offset) or checkpoint.
 pub fn verify(dir: &Path, key: &PublicKey) -> Result<Summary, AuditError> {
+    verify_kept(dir, key, &[])
+}
+
+/// [`verify`], then each checkpoint kept outside the directory, `(what, signed note)`: it must
+/// be signed by `key` for this log, cover no more records than the log holds nor than its
+/// latest checkpoint, and its root must be the root of the log's first records
+/// ([`super::anchor::check_kept`]). A log truncated with its checkpoints to an earlier state,
+/// or emptied, passes [`verify`] but not this.
+pub fn verify_kept(
+    dir: &Path,
+    key: &PublicKey,
+    kept: &[(&str, &str)],
+) -> Result<Summary, AuditError> {
     let records = read_records(dir)?;
     let leaves: Vec<Digest> = records.iter().map(|(_, l)| *l).collect();
     let notes = read_checkpoints(dir)?;
@@ -249,11 +262,15 @@ pub fn verify(dir: &Path, key: &PublicKey) -> Result<Summary, AuditError> {
         }
         previous = Some(cp);
     }
+    let signed_size = previous.as_ref().map_or(0, |c| c.size);
+    for (what, text) in kept {
+        super::anchor::check_kept(what, text, key, origin.as_deref(), &leaves, signed_size)?;
+    }
     Ok(Summary {
         records: leaves.len() as u64,
         root: root_from_leaf_hashes(&leaves),
         checkpoints: notes.len(),
-        signed_size: previous.map_or(0, |c| c.size),
+        signed_size,
         origin,
     })
 }

@@ -17,7 +17,9 @@
 //! `SHA-256(name || 0x0A || 0xff || "baylink/ecdsa-p256-cosignature/v1" || DER SPKI)[:4]`.
 //!
 //! The first checkpoint a gateway sees from an edge is trusted on first use; from then on
-//! every new one must extend it.
+//! every new one must extend it. What was cosigned last is kept in `audit.dir/witness/` and
+//! in the gateway's HSM ([`WITNESS_STATE_LABEL`]), so a rewind of the directory alone does
+//! not make the witness trust a forked log on first use again.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -41,8 +43,14 @@ pub const WITNESS_PREFIX: &str = "baylink.witness/";
 pub const COSIGNATURES_FILE: &str = "cosignatures.log";
 /// Edge: the checkpoint the gateway cosigned last (plain note).
 pub const WITNESSED_FILE: &str = "witnessed";
+/// Edge: why the gateway's witness refused the log last (present until a cosignature is
+/// stored again); the edge sends nothing while it exists.
+pub const REFUSED_FILE: &str = "witness-refused";
 /// Gateway: per witnessed log, the checkpoint it cosigned last.
 pub const WITNESS_DIR: &str = "witness";
+/// Gateway: `CKA_LABEL` of the HSM data object holding, per witnessed log
+/// (`CKA_APPLICATION` = its origin), the checkpoint cosigned last.
+pub const WITNESS_STATE_LABEL: &str = "baylink-witness-state";
 
 /// The witness key name of a gateway.
 pub fn witness_name(gateway_id: &str) -> String {
@@ -175,6 +183,32 @@ impl Witness {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => return Err(io("cannot read", &state)(e)),
             };
+            // The HSM keeps the same state out of reach of a rewind of `audit.dir`: the
+            // larger of the two is what was cosigned last.
+            let token = inner.signer.token();
+            let held = token
+                .data_values(WITNESS_STATE_LABEL, &cp.origin)
+                .map_err(AuditError::Hsm)?
+                .iter()
+                .filter_map(|v| {
+                    let text = std::str::from_utf8(v).ok()?;
+                    let (body, _) = note::split_note(text).ok()?;
+                    Checkpoint::parse_body(body).ok()
+                })
+                .max_by_key(|c| c.size);
+            let last = match (last, held) {
+                (Some(file), Some(hsm)) if hsm.size > file.size => {
+                    tracing::warn!(
+                        origin = %cp.origin,
+                        file = file.size,
+                        hsm = hsm.size,
+                        "witness state in audit.dir is older than the HSM's copy (rewound?); the HSM's holds"
+                    );
+                    Some(hsm)
+                }
+                (file @ Some(_), _) => file,
+                (None, hsm) => hsm,
+            };
             if let Some(last) = &last {
                 let refuse = |why: String| Ok(Err(WitnessRefusal::Inconsistent(why)));
                 if cp.size < last.size {
@@ -209,6 +243,7 @@ impl Witness {
             let mut blob = cosignature_key_id(&self.name, inner.signer.public_key()).to_vec();
             blob.extend_from_slice(&time_s.to_be_bytes());
             blob.extend_from_slice(&note::raw_to_der(&sig.0));
+            token.replace_data(WITNESS_STATE_LABEL, &cp.origin, checkpoint.as_bytes())?;
             write_atomic(&state, checkpoint.as_bytes()).map_err(io("cannot write", &state))?;
             Ok(Ok(format!(
                 "\u{2014} {} {}",
@@ -267,7 +302,8 @@ pub fn request(log: &Log) -> Result<Option<(String, u64, Vec<Digest>)>, AuditErr
 }
 
 /// Edge side: checks the witness's cosignature with the pinned gateway key and stores it
-/// (appended to `cosignatures.log`, and `witnessed` replaced).
+/// (appended to `cosignatures.log`, `witnessed` replaced, then the HSM anchor's cosigned
+/// checkpoint replaced when this one is newer).
 pub fn store(
     log: &Log,
     checkpoint: &str,
@@ -285,8 +321,62 @@ pub fn store(
         line.push(b'\n');
         append_durably(&path, &line)?;
         let witnessed = inner.dir.join(WITNESSED_FILE);
-        write_atomic(&witnessed, checkpoint.as_bytes()).map_err(io("cannot write", &witnessed))
+        write_atomic(&witnessed, checkpoint.as_bytes()).map_err(io("cannot write", &witnessed))?;
+        let size = |text: &str| {
+            note::split_note(text)
+                .and_then(|(body, _)| Checkpoint::parse_body(body))
+                .map(|c| c.size)
+        };
+        let new = size(checkpoint).map_err(AuditError::BadProof)?;
+        let token = inner.signer.token();
+        let held = super::anchor::read(token, &inner.origin)?;
+        let newer = held
+            .as_ref()
+            .and_then(|a| a.cosigned.as_ref())
+            .is_none_or(|c| size(&c.checkpoint).is_ok_and(|old| old < new));
+        if newer {
+            let cosigned = Some(super::anchor::Cosigned {
+                checkpoint: checkpoint.to_owned(),
+                cosignature: cosignature.to_owned(),
+            });
+            let anchor = match held {
+                Some(a) => super::anchor::Anchor { cosigned, ..a },
+                // Only a checkpoint this log signed is cosigned; it anchors the log too.
+                None => super::anchor::Anchor {
+                    version: super::anchor::ANCHOR_VERSION,
+                    checkpoint: checkpoint.to_owned(),
+                    cosigned,
+                },
+            };
+            super::anchor::write(token, &inner.origin, &anchor)?;
+        }
+        // Cosigned again: the witness accepts the log as it is now.
+        let refused = inner.dir.join(REFUSED_FILE);
+        match std::fs::remove_file(&refused) {
+            Ok(()) => {
+                crate::transfer_dir::sync_dir(&inner.dir).map_err(io("cannot fsync", &inner.dir))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("cannot remove", &refused)(e)),
+        }
     })
+}
+
+/// Edge side: records that the witness refused the log (the reason, as the gateway gave it).
+pub fn set_refused(log: &Log, reason: &str) -> Result<(), AuditError> {
+    let path = log.dir().join(REFUSED_FILE);
+    write_atomic(&path, format!("{reason}\n").as_bytes()).map_err(io("cannot write", &path))
+}
+
+/// Edge side: why the witness refused the log, if it did and has not cosigned since. A file
+/// that cannot be read counts as a refusal (fail closed).
+pub fn refused(dir: &std::path::Path) -> Option<String> {
+    let path = dir.join(REFUSED_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Some(text.trim_end().to_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => Some(format!("cannot read {}: {e}", path.display())),
+    }
 }
 
 /// What the stored cosignatures show.

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use baylink_tests::{Deployment, baylink_bin, payload};
 
@@ -86,6 +87,23 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// `edge-fork.toml`: the edge with a copy of its audit directory as it is now
+/// (`audit/fork`) and a clone of its HSM token, so both can be continued differently.
+fn fork_edge(d: &Deployment) {
+    copy_dir(&d.path("audit/edge"), &d.path("audit/fork"));
+    std::fs::copy(d.edge_config(), d.path("edge-fork.toml")).unwrap();
+    d.set("edge-fork.toml", "audit", "dir", "\"audit/fork\"")
+        .unwrap();
+    let conf = d.clone_hsm("fork").unwrap();
+    d.set(
+        "edge-fork.toml",
+        "hsm",
+        "softhsm_conf",
+        &format!("\"{conf}\""),
+    )
+    .unwrap();
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -325,12 +343,10 @@ fn tampering_is_detected_and_named() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
 
-    // A fork: the same log up to here, continued differently under the same HSM key.
+    // A fork: the same log up to here, continued differently under the same HSM key (by a
+    // clone of the edge's HSM: the edge's own token would refuse a log that lost its head).
     let fork_dir = d.path("audit/fork");
-    copy_dir(&d.path("audit/edge"), &fork_dir);
-    std::fs::copy(d.edge_config(), d.path("edge-fork.toml")).unwrap();
-    d.set("edge-fork.toml", "audit", "dir", "\"audit/fork\"")
-        .unwrap();
+    fork_edge(&d);
     for (config, patient) in [("edge-fork.toml", "P-0098"), ("edge.toml", "P-0097")] {
         let out = baylink(&[
             "send",
@@ -529,10 +545,7 @@ fn gateway_witness_refuses_a_forked_edge_log() {
     let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     // A copy of the edge log as cosigned so far, continued differently below.
-    copy_dir(&d.path("audit/edge"), &d.path("audit/fork"));
-    std::fs::copy(d.edge_config(), d.path("edge-fork.toml")).unwrap();
-    d.set("edge-fork.toml", "audit", "dir", "\"audit/fork\"")
-        .unwrap();
+    fork_edge(&d);
 
     let out = d.send(&["--no-progress", f.to_str().unwrap()]).unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -567,4 +580,233 @@ fn gateway_witness_refuses_a_forked_edge_log() {
         "{metrics}"
     );
     drop(gateway);
+}
+
+/// The tree size a `checkpoints.log` line signs.
+fn checkpoint_size(line: &str) -> usize {
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    json["note"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_rewound_log_fails_verification_naming_both_sizes() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "audit", "checkpoint_every", "2")
+        .unwrap();
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let src = d.path("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    for seed in 0..3 {
+        let f = payload(&src, &format!("s{seed}.dcm"), 20_000, seed).unwrap();
+        d.send_ok(&[&f], &gateway);
+    }
+    // What the gateway's witness kept of the edge log: a checkpoint from the other side.
+    let kept = d.path("kept-by-gateway.note");
+    std::fs::copy(d.path("audit/gateway/witness/baylink.audit_edge"), &kept).unwrap();
+    drop(gateway);
+
+    let dir = d.path("audit/edge");
+    let (records, checkpoints) = (dir.join("records.log"), dir.join("checkpoints.log"));
+    let (all_records, all_cps) = (lines(&records), lines(&checkpoints));
+    let n = all_records.len();
+    assert!(all_cps.len() >= 4, "several checkpoints: {all_cps:?}");
+    assert_eq!(checkpoint_size(all_cps.last().unwrap()), n);
+    let edge = d.edge_config();
+    let edge = edge.to_str().unwrap();
+    let pem = d.path("keys/edge.pub.pem");
+    let pem = pem.to_str().unwrap();
+    let kept = kept.to_str().unwrap();
+    let out = baylink(&[
+        "audit",
+        "verify",
+        "--config",
+        edge,
+        "--peer-checkpoint",
+        kept,
+    ]);
+    assert_audit_ok(&ok_last_line(&out), n);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("holds the checkpoint of {n} records")),
+        "{stdout}"
+    );
+
+    // (a) Both files truncated together to an earlier checkpoint.
+    let earlier = &all_cps[..2];
+    let size = checkpoint_size(&earlier[1]);
+    write_lines(&records, &all_records[..size]);
+    write_lines(&checkpoints, earlier);
+    // The files alone still look clean to an auditor without the anchor…
+    assert_audit_ok(
+        &ok_last_line(&baylink(&[
+            "audit",
+            "verify",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--public-key",
+            pem,
+        ])),
+        size,
+    );
+    // …but not against the HSM anchor, nor against what the gateway kept.
+    fails_naming(
+        &baylink(&["audit", "verify", "--config", edge]),
+        &format!(
+            "records.log holds {size} records but the HSM-anchored checkpoint covers {n}: \
+             the log was rewound"
+        ),
+    );
+    fails_naming(
+        &baylink(&[
+            "audit",
+            "verify",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--public-key",
+            pem,
+            "--peer-checkpoint",
+            kept,
+        ]),
+        &format!("records.log holds {size} records but the peer's checkpoint {kept} covers {n}"),
+    );
+    // The edge does not write on top of it.
+    let out = d.send(&["--no-progress", "/dev/null"]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains(&format!("records.log holds {size} records")),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(lines(&records).len(), size, "nothing appended");
+
+    // (b) Both files emptied.
+    std::fs::write(&records, "").unwrap();
+    std::fs::write(&checkpoints, "").unwrap();
+    fails_naming(
+        &baylink(&["audit", "verify", "--config", edge]),
+        &format!("records.log holds 0 records but the HSM-anchored checkpoint covers {n}"),
+    );
+    fails_naming(
+        &baylink(&[
+            "audit",
+            "verify",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--public-key",
+            pem,
+            "--peer-checkpoint",
+            kept,
+        ]),
+        "records.log holds 0 records",
+    );
+
+    // Restored from a copy as new as the anchor: verifies again.
+    write_lines(&records, &all_records);
+    write_lines(&checkpoints, &all_cps);
+    assert_audit_ok(
+        &ok_last_line(&baylink(&[
+            "audit",
+            "verify",
+            "--config",
+            edge,
+            "--peer-checkpoint",
+            kept,
+        ])),
+        n,
+    );
+}
+
+#[test]
+fn a_witness_refusal_stops_the_edge_and_fails_healthz() {
+    let d = Deployment::new().unwrap();
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let src = d.path("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = payload(&src, "a.dcm", 5000, 5).unwrap();
+    d.send_ok(&[&f], &gateway);
+    // An edge rewound with its HSM (a clone taken now) to what the witness cosigned so far…
+    fork_edge(&d);
+    d.set("edge-fork.toml", "audit", "checkpoint_interval", "\"1s\"")
+        .unwrap();
+    // …while the real edge's log grows and is cosigned.
+    d.send_ok(&[&f], &gateway);
+
+    let fork = d.path("edge-fork.toml");
+    let edge = d.serve(&fork).expect("forked edge starts");
+    assert_eq!(d.healthz(false).unwrap(), 200, "{}", edge.log());
+    assert!(
+        d.metrics(false)
+            .unwrap()
+            .contains("baylink_audit_witness_refused 0")
+    );
+    // The forked edge's log grows differently; the witness refuses it.
+    let send_fork = || {
+        baylink(&[
+            "send",
+            "--config",
+            fork.to_str().unwrap(),
+            "--no-progress",
+            f.to_str().unwrap(),
+        ])
+    };
+    let out = send_fork();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("inconsistent checkpoint refused"),
+        "{}",
+        text(&out.stderr)
+    );
+    // The service sees the refusal itself at its next checkpoint: an error, not a warning.
+    let line = edge.wait_for_log(
+        &["ERROR", "witness refused this edge's audit log"],
+        Duration::from_secs(60),
+    );
+    assert!(line.contains("sending is stopped"), "{line}");
+    assert_eq!(d.healthz(false).unwrap(), 503);
+    let metrics = d.metrics(false).unwrap();
+    assert!(
+        metrics.contains("baylink_audit_witness_refused 1"),
+        "{metrics}"
+    );
+    // Nothing more is sent.
+    let out = send_fork();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("sending is stopped"),
+        "{}",
+        text(&out.stderr)
+    );
+    drop(edge);
+    drop(gateway);
+}
+
+#[test]
+fn a_witness_that_does_not_answer_is_not_a_refusal() {
+    let d = Deployment::new().unwrap();
+    d.set("edge.toml", "audit", "checkpoint_interval", "\"1s\"")
+        .unwrap();
+    // A refused declaration: a record and a checkpoint the gateway has not witnessed.
+    let out = d
+        .send(&["--no-progress", "--patient", "P-0099", "/dev/null"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The gateway is not running: the witness request fails on the link.
+    let edge = d.serve(&d.edge_config()).expect("edge starts");
+    let line = edge.wait_for_log(&["WARN", "not witnessed"], Duration::from_secs(60));
+    assert!(!line.contains("witness refused"), "{line}");
+    assert_eq!(d.healthz(false).unwrap(), 200, "{}", edge.log());
+    assert!(
+        d.metrics(false)
+            .unwrap()
+            .contains("baylink_audit_witness_refused 0")
+    );
+    assert!(!edge.log().contains("ERROR"), "{}", edge.log());
+    drop(edge);
 }
