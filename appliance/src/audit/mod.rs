@@ -11,11 +11,11 @@
 //! - `records.log`: one line per record ([`record`]); append-only.
 //! - `checkpoints.log`: one JSON line `{"note": "<signed note>"}` per checkpoint; append-only.
 //! - `checkpoint`: the latest signed note, as plain text (replaced atomically), for tools.
+//! - `lock`: `flock`ed around every append, so `send` and `serve` never interleave.
 //!
 //! Not in `audit.dir`: the secret key of the keyed patient hash (`audit.patient_key`), so a
 //! copy of the directory given to an auditor does not carry it. A `patient.key` found in
 //! `audit.dir` (its place before) stops the log from opening until it is moved out.
-//! - `lock`: `flock`ed around every append, so `send` and `serve` never interleave.
 //!
 //! [`verify`], [`prove`] and [`verify_proof`] need only the files and the public key.
 //!

@@ -630,9 +630,15 @@ impl<S: AssociationSink> Association<'_, S> {
             .await
             .map_err(|e| oor(e.to_string()))?
             .map_err(|e| match e {
-                Part10Error::Mismatch { .. } => (status::DATA_SET_MISMATCH, e.to_string()),
-                Part10Error::Open { .. } => oor(e.to_string()),
-                _ => (status::CANNOT_UNDERSTAND, e.to_string()),
+                Part10Error::Mismatch { .. } => (status::DATA_SET_MISMATCH, e.to_string()).into(),
+                Part10Error::Open { .. } => oor(e.to_string()).into(),
+                // The comment quotes the PatientID back to its sender; the log does not.
+                Part10Error::BadPatientId(_) => Failure {
+                    code: status::CANNOT_UNDERSTAND,
+                    comment: e.to_string(),
+                    logged: Some("the PatientID is not usable".into()),
+                },
+                _ => (status::CANNOT_UNDERSTAND, e.to_string()).into(),
             })?;
         if let Some(p) = &self.patient
             && p != &info.patient_id

@@ -22,10 +22,12 @@ const SEND: &str = "PZQ-LOGSCAN-3392";
 const REFUSED_HTTPS: &str = "PZQ-NOCONSENT-8812";
 const REFUSED_STOW: &str = "PZQ-NOCONSENT-9903";
 const REFUSED_CSTORE: &str = "PZQ-NOCONSENT-7704";
+/// Not usable as a PatientID (two values): refused as malformed.
+const UNUSABLE: &str = "PZQ-UNUSABLE-2207\\SECOND";
 /// The PatientName of every test instance.
 const NAME: &str = "Leakcheck^Wilhelmina";
 
-const ALL: [&str; 7] = [
+const ALL: [&str; 8] = [
     CARE,
     STOW,
     CSTORE,
@@ -33,6 +35,7 @@ const ALL: [&str; 7] = [
     REFUSED_HTTPS,
     REFUSED_STOW,
     REFUSED_CSTORE,
+    "PZQ-UNUSABLE-2207",
 ];
 
 fn declaration(patient: &str, purpose: &str) -> String {
@@ -171,16 +174,20 @@ fn no_patient_id_or_name_in_any_log_line_or_metric() {
     let (r, _) = stow_with(&api, &multipart(&src, &[&refused]), "");
     assert_eq!(r.status, 409, "{r:?}");
 
-    // C-STORE: one association, an instance with consent and one without.
+    // C-STORE: one association, an instance with consent, one without, one whose PatientID
+    // is unusable.
     let ok = instance_named(&src, 6, Some(CSTORE), NAME);
     let no = instance_named(&src, 7, Some(REFUSED_CSTORE), NAME);
+    let unusable = instance_named(&src, 8, Some(UNUSABLE), NAME);
     let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
         .args(["-v", "-nh"])
         .arg(&ok)
-        .arg(&no));
+        .arg(&no)
+        .arg(&unusable));
     let t = text(&out);
     assert_eq!(store_responses(&t, "Success"), 1, "{t}");
     assert_eq!(store_responses(&t, "Unknown Status: 0x124"), 1, "{t}");
+    assert!(store_responses(&t, "Error: CannotUnderstand") > 0, "{t}");
     delivered += 1;
 
     // `baylink send`: its own log lines on stderr hold no patient either.
@@ -202,6 +209,7 @@ fn no_patient_id_or_name_in_any_log_line_or_metric() {
         "consent-missing",
         "STOW-RS refused by policy",
         "instance refused",
+        "the PatientID is not usable",
         "instance accepted",
         "association released",
     ] {

@@ -145,6 +145,9 @@ fn a_signing_key_that_can_leave_the_hsm_is_refused_unless_allowed() {
     );
     d.set("edge.toml", "hsm", "key_label", "\"exportable\"")
         .unwrap();
+    // Were the key accepted, `send` would fail fast on the link (no gateway runs).
+    d.set("edge.toml", "transport", "retry_for", "\"1s\"")
+        .unwrap();
     assert!(hsm_info(&d).contains("extractable=true"));
 
     let (code, err) = send(&d);
