@@ -134,6 +134,38 @@ mod tests {
     }
 
     #[test]
+    fn the_files_checked_are_the_pin_the_tls_keys_and_the_patient_key() {
+        let text = "role = \"gateway\"\n\
+            [hsm]\nmodule = \"/m.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\n\
+            pin_file = \"secrets/pin\"\n\
+            [peer]\nsigning_key = \"peer.pem\"\n\
+            [tls]\nca = \"ca.pem\"\ncert = \"me.pem\"\nkey = \"me.key\"\n\
+            [transport]\nlisten = \"127.0.0.1:1\"\n\
+            [metrics]\nlisten = \"127.0.0.1:2\"\n\
+            [spool]\ndir = \"spool\"\n\
+            [audit]\ndir = \"state/audit\"\n\
+            [delivery]\nkind = \"dicomweb\"\nurl = \"https://store:8443/dicom-web\"\n\
+            ca = \"store-ca.pem\"\ncert = \"client.pem\"\nkey = \"client.key\"\n";
+        let cfg = Config::parse(Path::new("/etc/b/g.toml"), text).unwrap();
+        let files: Vec<_> = secret_files(&cfg)
+            .into_iter()
+            .map(|(k, p)| (k, p.to_owned()))
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("hsm.pin_file", PathBuf::from("/etc/b/secrets/pin")),
+                ("tls.key", PathBuf::from("/etc/b/me.key")),
+                (
+                    "audit.patient_key",
+                    PathBuf::from("/etc/b/state/secrets/patient.key")
+                ),
+                ("delivery.key", PathBuf::from("/etc/b/client.key")),
+            ]
+        );
+    }
+
+    #[test]
     fn a_symbolic_link_counts_by_the_file_it_points_to() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("key");
