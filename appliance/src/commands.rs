@@ -47,6 +47,7 @@ pub fn run(cli: Cli) -> ExitCode {
             })
         }
         Command::Serve(c) => with_config(&c.config, |cfg| {
+            crate::secrets::check_modes(&cfg)?;
             runtime()?.block_on(crate::serve::serve(cfg))?;
             Ok(0)
         }),
@@ -114,6 +115,7 @@ fn send(args: SendArgs) -> ExitCode {
             )
             .into());
         }
+        crate::secrets::check_modes(&cfg).map_err(anyhow::Error::from)?;
         if let Some(conf) = &cfg.hsm.softhsm_conf {
             export_softhsm_conf(conf);
         }
@@ -164,7 +166,7 @@ fn send(args: SendArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("{}", e.answer());
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
         }
     }

@@ -130,6 +130,9 @@ pub struct HsmSection {
     pub pin_file: PathBuf,
     /// Number of PKCS#11 sessions in the signing pool.
     pub sessions: usize,
+    /// Accept a signing key the token marks extractable or not sensitive
+    /// (`hsm.allow_extractable`, default false: such a key is refused at start).
+    pub allow_extractable: bool,
 }
 
 /// `[audit]` settings besides `audit.dir` (audit log).
@@ -140,9 +143,39 @@ pub struct AuditSection {
     /// `serve` signs a checkpoint this often when the log grew (`audit.checkpoint_interval`,
     /// default 5 minutes).
     pub checkpoint_interval: Duration,
-    /// Secret key for the keyed patient hash (`audit.patient_key`, default
-    /// `<audit.dir>/patient.key`, created with 32 random bytes on first use).
-    pub patient_key: Option<PathBuf>,
+    /// Secret key behind the keyed patient hash and research de-identification
+    /// (`audit.patient_key`, default [`default_patient_key`]; created with 32 random bytes,
+    /// mode 0600, on first use). Never inside `audit.dir`.
+    pub patient_key: PathBuf,
+}
+
+/// Default `audit.patient_key`: `secrets/patient.key` beside `audit.dir` (for
+/// `/var/lib/baylink/audit`, `/var/lib/baylink/secrets/patient.key`), outside the directory an
+/// auditor is given a copy of. `None` when `audit.dir` has no parent.
+pub fn default_patient_key(audit_dir: &Path) -> Option<PathBuf> {
+    let dir = lexically_normal(audit_dir);
+    dir.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(|p| p.join("secrets").join("patient.key"))
+}
+
+/// `path` with `.` dropped and `..` applied to the components before it, without touching
+/// the file system (which may not hold the path yet).
+pub fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// `[tls]`
@@ -329,6 +362,7 @@ struct RawHsm {
     key_label: String,
     pin_file: PathBuf,
     sessions: Option<usize>,
+    allow_extractable: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -866,6 +900,33 @@ impl Config {
             return Err(missing("delivery.kind"));
         }
 
+        let audit_dir = resolve(&raw.audit.dir);
+        let patient_key = match raw.audit.patient_key.as_deref() {
+            Some(p) => resolve(p),
+            None => default_patient_key(&audit_dir).ok_or_else(|| {
+                invalid(
+                    "audit.patient_key",
+                    format!(
+                        "audit.dir {} has no parent directory for the default \
+                         secrets/patient.key; name the key file",
+                        audit_dir.display()
+                    ),
+                )
+            })?,
+        };
+        if lexically_normal(&patient_key).starts_with(lexically_normal(&audit_dir)) {
+            return Err(invalid(
+                "audit.patient_key",
+                format!(
+                    "{} is inside audit.dir {}: whoever is given a copy of the audit directory \
+                     would hold the key behind its patient pseudonyms; move the file out of \
+                     audit.dir and name its new place here",
+                    patient_key.display(),
+                    audit_dir.display()
+                ),
+            ));
+        }
+
         let id = raw.id.unwrap_or_else(|| role.to_string());
         if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control()) {
             return Err(invalid("id", "must be 1..=64 printable characters".into()));
@@ -882,6 +943,7 @@ impl Config {
                 key_label: raw.hsm.key_label,
                 pin_file: resolve(&raw.hsm.pin_file),
                 sessions,
+                allow_extractable: raw.hsm.allow_extractable.unwrap_or(false),
             },
             peer_signing_key: resolve(&raw.peer.signing_key),
             tls: TlsSection {
@@ -899,7 +961,7 @@ impl Config {
                 &raw.spool.retain,
                 DEFAULT_SPOOL_RETAIN,
             )?,
-            audit_dir: resolve(&raw.audit.dir),
+            audit_dir,
             audit: AuditSection {
                 checkpoint_every: match raw.audit.checkpoint_every {
                     None => 64,
@@ -916,7 +978,7 @@ impl Config {
                     &raw.audit.checkpoint_interval,
                     Duration::from_secs(300),
                 )?,
-                patient_key: raw.audit.patient_key.as_deref().map(resolve),
+                patient_key,
             },
             policy: PolicySection {
                 consents: raw.policy.consents.as_deref().map(resolve),
@@ -999,6 +1061,59 @@ path = "delivered"
     }
 
     #[test]
+    fn the_patient_key_is_refused_inside_audit_dir() {
+        let parse = |key: Option<&str>| {
+            let line = key.map_or(String::new(), |k| format!("\npatient_key = \"{k}\""));
+            let text = GATEWAY.replace(
+                "dir = \"audit/gateway\"",
+                &format!("dir = \"audit/gateway\"{line}"),
+            );
+            Config::parse(Path::new("/etc/baylink/g.toml"), &text)
+        };
+        // Default: beside the audit directory, not in it.
+        assert_eq!(
+            parse(None).unwrap().audit.patient_key,
+            Path::new("/etc/baylink/audit/secrets/patient.key")
+        );
+        // An old config naming a key elsewhere keeps it.
+        assert_eq!(
+            parse(Some("/srv/keys/patient.key"))
+                .unwrap()
+                .audit
+                .patient_key,
+            Path::new("/srv/keys/patient.key")
+        );
+        assert_eq!(
+            parse(Some("audit/gateway-keys/k"))
+                .unwrap()
+                .audit
+                .patient_key,
+            Path::new("/etc/baylink/audit/gateway-keys/k")
+        );
+        for inside in [
+            "audit/gateway/patient.key",
+            "/etc/baylink/audit/gateway/sub/k",
+            "./audit/x/../gateway/./patient.key",
+        ] {
+            let e = parse(Some(inside)).unwrap_err().to_string();
+            assert!(e.contains("audit.patient_key"), "{inside}: {e}");
+            assert!(e.contains("is inside audit.dir"), "{inside}: {e}");
+        }
+    }
+
+    #[test]
+    fn allow_extractable_is_off_unless_set() {
+        let c = Config::parse(Path::new("g.toml"), GATEWAY).unwrap();
+        assert!(!c.hsm.allow_extractable);
+        let text = GATEWAY.replace(
+            "pin_file = \"secrets/gateway.pin\"",
+            "pin_file = \"secrets/gateway.pin\"\nallow_extractable = true",
+        );
+        let c = Config::parse(Path::new("g.toml"), &text).unwrap();
+        assert!(c.hsm.allow_extractable);
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_directory() {
         let c = Config::parse(Path::new("/etc/baylink/gateway.toml"), GATEWAY).unwrap();
         assert_eq!(c.role, Role::Gateway);
@@ -1015,7 +1130,10 @@ path = "delivered"
         assert!(matches!(c.delivery, Some(DeliverySection::Dir { .. })));
         assert_eq!(c.audit.checkpoint_every, 64);
         assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(300));
-        assert_eq!(c.audit.patient_key, None);
+        assert_eq!(
+            c.audit.patient_key,
+            Path::new("/etc/baylink/audit/secrets/patient.key")
+        );
     }
 
     #[test]

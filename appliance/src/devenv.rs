@@ -1,8 +1,10 @@
 //! `baylink dev-env DIR`: a complete two-appliance deployment on 127.0.0.1.
 //!
 //! Everything `docs/interface.md` lists is created here: PKI (with a rogue CA), SoftHSM tokens with
-//! the signing keys (created through `baylink-hsm`, the same code path the appliance uses),
-//! PINs, pinned public keys, both configs, the consent registry and the state directories.
+//! the signing keys (created through `baylink-hsm`, the same code path the appliance uses:
+//! sensitive, not extractable), PINs and patient keys (mode 0600 in `secrets/`, outside the
+//! audit directories), pinned public keys, both configs, the consent registry and the state
+//! directories.
 //! The directory must be empty or missing; nothing is overwritten.
 
 use std::fmt::Write as _;
@@ -133,6 +135,13 @@ pub fn create(dir: &Path, base_port: u16, module: &Path) -> anyhow::Result<()> {
         )?;
         write_secret(&dir.join(format!("secrets/{side}.pin")), &user_pin)?;
         write_secret(&dir.join(format!("secrets/{side}.so-pin")), &so_pin)?;
+        // The key behind patient pseudonyms and research de-identification: beside the PINs,
+        // never in the audit directory an auditor may be given.
+        write_file(
+            &dir.join(format!("secrets/{side}.patient.key")),
+            &random_key()?,
+            0o600,
+        )?;
     }
 
     write_file(
@@ -213,6 +222,12 @@ fn random_pin() -> anyhow::Result<SecretString> {
     let mut bytes = [0u8; 12];
     aws_lc_rs::rand::fill(&mut bytes).map_err(|_| anyhow::anyhow!("no system randomness"))?;
     Ok(SecretString::from(hex::encode(bytes)))
+}
+
+fn random_key() -> anyhow::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut key).map_err(|_| anyhow::anyhow!("no system randomness"))?;
+    Ok(key)
 }
 
 fn write_secret(path: &Path, pin: &SecretString) -> anyhow::Result<()> {
@@ -319,7 +334,8 @@ fn edge_toml(p: &Ports, module: &Path) -> String {
          [spool]\n\
          dir = \"spool/edge\"\n\n\
          [audit]\n\
-         dir = \"audit/edge\"\n\n\
+         dir = \"audit/edge\"\n\
+         patient_key = \"secrets/edge.patient.key\"\n\n\
          [policy]\n\
          consents = \"policy/consents.toml\"\n\
          negative_list = [\"genetic-data\"]\n\
@@ -357,7 +373,8 @@ fn gateway_toml(p: &Ports, module: &Path) -> String {
          [spool]\n\
          dir = \"spool/gateway\"\n\n\
          [audit]\n\
-         dir = \"audit/gateway\"\n\n\
+         dir = \"audit/gateway\"\n\
+         patient_key = \"secrets/gateway.patient.key\"\n\n\
          [delivery]\n\
          kind = \"dir\"\n\
          path = \"delivered\"\n",
@@ -406,8 +423,17 @@ mod tests {
                 ("HOSPITAL-A", "127.0.0.1".to_owned(), "hospital-a"),
             ]
         );
+        assert_eq!(
+            edge.audit.patient_key,
+            Path::new("/x/secrets/edge.patient.key")
+        );
         let gw = Config::parse(Path::new("/x/gateway.toml"), &gateway_toml(&p, module)).unwrap();
         assert_eq!(gw.role, Role::Gateway);
+        assert_eq!(
+            gw.audit.patient_key,
+            Path::new("/x/secrets/gateway.patient.key")
+        );
+        assert!(!edge.hsm.allow_extractable && !gw.hsm.allow_extractable);
         assert_eq!(gw.metrics_listen.port(), DEFAULT_BASE_PORT + 3);
     }
 

@@ -24,7 +24,7 @@ use crate::audit::{self, Event, Kind};
 use crate::config::Config;
 use crate::failpoint;
 use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStats};
-use crate::policy::{Decision, Declaration, Policy, SharedPolicy};
+use crate::policy::{Decision, Declaration, Policy, Refusal, SharedPolicy};
 use crate::seal::{self, SealProgress};
 use crate::signing::{Keys, RECEIPT_CONTEXT};
 use crate::transfer_dir::{self, TransferDir, write_atomic};
@@ -63,9 +63,10 @@ pub struct SendSummary {
 /// stderr.
 #[derive(Debug, thiserror::Error)]
 pub enum SendFailure {
-    /// The compliance checkpoint refused the declaration.
-    #[error("refused: {0}")]
-    Refused(String),
+    /// The compliance checkpoint refused the declaration. Displays the logged reason (no
+    /// patient id); [`SendFailure::answer`] is the line for the caller who declared it.
+    #[error("refused: {} (rule {})", .0.reason, .0.rule)]
+    Refused(Refusal),
     /// The HSM could not be used (fail closed).
     #[error("hsm: {0}")]
     Hsm(String),
@@ -97,6 +98,16 @@ impl SendFailure {
             SendFailure::Hsm(_) => 4,
             SendFailure::LinkGaveUp { .. } => 5,
             SendFailure::Other(_) => 1,
+        }
+    }
+
+    /// The line `send` prints for its caller: as [`Display`](std::fmt::Display), except that a
+    /// refusal is worded as the caller is answered ([`Refusal::answer`]), naming the patient
+    /// it declared. Logs use `Display`.
+    pub fn answer(&self) -> String {
+        match self {
+            SendFailure::Refused(r) => format!("refused: {} (rule {})", r.answer(), r.rule),
+            other => other.to_string(),
         }
     }
 }
@@ -244,10 +255,14 @@ impl Edge {
                 .deidentify_purposes
                 .contains(&declaration.purpose)
         {
-            let reason = format!(
-                "purpose {} is de-identified, which only the hospital API, STOW-RS and \
-                 C-STORE do; `baylink send` does not",
-                declaration.purpose
+            // The purpose is one of `policy.deidentify_purposes`: a configured value.
+            let refusal = Refusal::new(
+                crate::dicom::deid::RULE_DEID_UNSUPPORTED,
+                format!(
+                    "purpose {} is de-identified, which only the hospital API, STOW-RS and \
+                     C-STORE do; `baylink send` does not",
+                    declaration.purpose
+                ),
             );
             self.audit
                 .append(Event {
@@ -256,7 +271,7 @@ impl Edge {
                 })
                 .await
                 .map_err(|e| SendFailure::Other(e.into()))?;
-            return Err(SendFailure::Refused(reason));
+            return Err(SendFailure::Refused(refusal));
         }
         // The checkpoint runs again on resume: a consent withdrawn since sealing stops the send.
         let consent_ref = match self.check_policy(&request, &declaration) {
@@ -270,10 +285,7 @@ impl Edge {
                     })
                     .await
                     .map_err(|e| SendFailure::Other(e.into()))?;
-                return Err(SendFailure::Refused(format!(
-                    "{} (rule {})",
-                    r.reason, r.rule
-                )));
+                return Err(SendFailure::Refused(r));
             }
             Decision::Allow { consent_ref } => consent_ref,
         };

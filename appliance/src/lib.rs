@@ -31,6 +31,7 @@ pub mod pki;
 pub mod policy;
 pub mod retention;
 pub mod seal;
+pub mod secrets;
 pub mod serve;
 pub mod signing;
 pub mod transfer_dir;

@@ -75,14 +75,52 @@ pub enum Decision {
     Refuse(Refusal),
 }
 
-/// Why a declaration was refused.
+/// Why a declaration was refused, in two renderings: [`Refusal::reason`] for logs and the
+/// audit log, [`Refusal::answer`] for the hospital that declared it. Displays as the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{reason}")]
 pub struct Refusal {
     /// Machine-readable rule name, e.g. `consent-missing`.
     pub rule: &'static str,
-    /// One line for people, e.g. `no consent for patient P-0099`.
+    /// One line for logs and the audit log, e.g. `no consent for the declared patient`. It
+    /// never names the patient, nor repeats a declared value the config does not list (a
+    /// hospital may put anything there, a patient id included); logs that must correlate
+    /// carry the audit log's keyed pseudonym ([`crate::audit::Log::patient_ref`]) beside it.
     pub reason: String,
+    /// The same reason as the declaring hospital is answered (HTTP body, C-STORE error
+    /// comment, `send`'s error line), naming its own patient and values, e.g. `no consent
+    /// for patient P-0099`; `None` when it is [`Refusal::reason`].
+    pub answer: Option<String>,
+}
+
+impl Refusal {
+    /// A refusal whose reason names nothing of the patient: logged and answered alike.
+    pub fn new(rule: &'static str, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            rule,
+            reason: reason.into(),
+            answer: None,
+        }
+    }
+
+    /// A refusal answered as `answer` (which names the patient or a declared value) and
+    /// logged as `reason` (which does not).
+    pub fn answered(
+        rule: &'static str,
+        reason: impl Into<String>,
+        answer: impl Into<String>,
+    ) -> Refusal {
+        Refusal {
+            rule,
+            reason: reason.into(),
+            answer: Some(answer.into()),
+        }
+    }
+
+    /// The reason as the declaring hospital is answered.
+    pub fn answer(&self) -> &str {
+        self.answer.as_deref().unwrap_or(&self.reason)
+    }
 }
 
 /// A policy that could not be loaded.
@@ -262,10 +300,10 @@ impl Policy {
     /// `policy.hospitals` unset, any client certificate of the deployment CA is a hospital.
     pub fn check_hospital(&self, hospital: &str) -> Result<(), Refusal> {
         match &self.hospitals {
-            Some(known) if !known.contains(hospital) => Err(Refusal {
-                rule: "hospital-unknown",
-                reason: format!("{hospital} is not a known hospital (policy.hospitals)"),
-            }),
+            Some(known) if !known.contains(hospital) => Err(Refusal::new(
+                "hospital-unknown",
+                format!("{hospital} is not a known hospital (policy.hospitals)"),
+            )),
             _ => Ok(()),
         }
     }
@@ -275,27 +313,34 @@ impl Policy {
     /// C-STORE) and by `send` before sealing; refused with rule `size-limit`.
     pub fn check_size(&self, files: u64, bytes: u64) -> Result<(), Refusal> {
         if files > self.max_files {
-            return Err(Refusal {
-                rule: "size-limit",
-                reason: format!("{files} files exceed policy.max_files ({})", self.max_files),
-            });
+            return Err(Refusal::new(
+                "size-limit",
+                format!("{files} files exceed policy.max_files ({})", self.max_files),
+            ));
         }
         if bytes > self.max_transfer_bytes {
-            return Err(Refusal {
-                rule: "size-limit",
-                reason: format!(
+            return Err(Refusal::new(
+                "size-limit",
+                format!(
                     "{bytes} bytes exceed policy.max_transfer_bytes ({})",
                     self.max_transfer_bytes
                 ),
-            });
+            ));
         }
         Ok(())
     }
 
     /// Checks a declaration at time `now`. Order: negative list (category, then purpose),
     /// allowed categories, allowed destinations, then the consent registry.
+    ///
+    /// A refusal's [`Refusal::reason`] names only what the config holds (listed categories,
+    /// purposes and destinations, consent references); the declared patient id, consent
+    /// reference and unlisted values appear in its [`Refusal::answer`] only.
     pub fn check(&self, d: &Declaration, now: SystemTime) -> Decision {
-        let refuse = |rule, reason: String| Decision::Refuse(Refusal { rule, reason });
+        let refuse = |rule, reason: String| Decision::Refuse(Refusal::new(rule, reason));
+        let answered = |rule, reason: String, answer: String| {
+            Decision::Refuse(Refusal::answered(rule, reason, answer))
+        };
         for (what, value) in [("category", &d.category), ("purpose", &d.purpose)] {
             if self.negative_list.contains(value) {
                 return refuse(
@@ -305,8 +350,9 @@ impl Policy {
             }
         }
         if !self.categories.contains(&d.category) {
-            return refuse(
+            return answered(
                 "category-not-allowed",
+                "the declared category is not an allowed data category (policy.categories)".into(),
                 format!(
                     "category {} is not an allowed data category (policy.categories)",
                     d.category
@@ -314,8 +360,10 @@ impl Policy {
             );
         }
         if !self.destinations.contains(&d.destination) {
-            return refuse(
+            return answered(
                 "destination-not-allowed",
+                "the declared destination is not an allowed destination (policy.destinations)"
+                    .into(),
                 format!(
                     "destination {} is not an allowed destination (policy.destinations)",
                     d.destination
@@ -323,20 +371,25 @@ impl Policy {
             );
         }
         let Some(records) = self.consents.get(&d.patient_id) else {
-            return refuse(
+            return answered(
                 "consent-missing",
+                "no consent for the declared patient".into(),
                 format!("no consent for patient {}", d.patient_id),
             );
         };
-        // Report the most specific reason among the patient's records.
-        let mut last = None;
+        // Report the most specific reason among the patient's records: (rule, logged, answer).
+        let mut last: Option<(&'static str, String, Option<String>)> = None;
         for c in records {
             if let Some(r) = &d.consent_ref
                 && r != &c.reference
             {
                 last.get_or_insert((
                     "consent-ref",
-                    format!("no consent record {r} for patient {}", d.patient_id),
+                    "the declared consent_ref is none of the patient's consent records".into(),
+                    Some(format!(
+                        "no consent record {r} for patient {}",
+                        d.patient_id
+                    )),
                 ));
                 continue;
             }
@@ -344,27 +397,36 @@ impl Policy {
                 Some((
                     "consent-not-yet-valid",
                     format!("consent {} is not yet valid", c.reference),
+                    None,
                 ))
             } else if now > c.valid_until {
                 Some((
                     "consent-expired",
                     format!("consent {} has expired", c.reference),
+                    None,
                 ))
             } else if !allows(&c.categories, &d.category) {
+                // The category passed `policy.categories` above: a configured value.
                 Some((
                     "consent-category",
                     format!(
                         "consent {} does not cover category {}",
                         c.reference, d.category
                     ),
+                    None,
                 ))
             } else if !allows(&c.purposes, &d.purpose) {
+                // No list bounds the purpose: the log does not repeat it.
                 Some((
                     "consent-purpose",
                     format!(
+                        "consent {} does not cover the declared purpose",
+                        c.reference
+                    ),
+                    Some(format!(
                         "consent {} does not cover purpose {}",
                         c.reference, d.purpose
-                    ),
+                    )),
                 ))
             } else if !allows(&c.destinations, &d.destination) {
                 Some((
@@ -373,6 +435,7 @@ impl Policy {
                         "consent {} does not cover destination {}",
                         c.reference, d.destination
                     ),
+                    None,
                 ))
             } else {
                 None
@@ -386,8 +449,12 @@ impl Policy {
                 Some(o) => last = Some(o),
             }
         }
-        let (rule, reason) = last.expect("a patient in the map has at least one record");
-        refuse(rule, reason)
+        let (rule, reason, answer) = last.expect("a patient in the map has at least one record");
+        Decision::Refuse(Refusal {
+            rule,
+            reason,
+            answer,
+        })
     }
 }
 
@@ -542,7 +609,10 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
             ..decl()
         };
         match p.check(&d, mid) {
-            Decision::Refuse(r) => assert_eq!(r.reason, "no consent for patient P-0099"),
+            Decision::Refuse(r) => {
+                assert_eq!(r.answer(), "no consent for patient P-0099");
+                assert_eq!(r.reason, "no consent for the declared patient");
+            }
             other => panic!("{other:?}"),
         }
         let d = Declaration {
@@ -575,6 +645,100 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
             ..decl()
         };
         assert_eq!(rule(p.check(&d, mid)), "consent-ref");
+    }
+
+    #[test]
+    fn logged_reasons_name_no_patient_and_no_unlisted_declared_value() {
+        // Every declared value below embeds the patient id, as a careless or hostile hospital
+        // might send it; only the answer to that hospital may repeat it.
+        const ID: &str = "P-0001";
+        let p = policy();
+        let mid = at("2026-06-01T00:00:00Z");
+        let wider = Policy {
+            destinations: ["hk-ehealth".to_owned(), "elsewhere".to_owned()].into(),
+            ..policy()
+        };
+        let cases = [
+            (
+                &p,
+                Declaration {
+                    patient_id: "P-0001-X".into(),
+                    ..decl()
+                },
+                "consent-missing",
+            ),
+            (
+                &p,
+                Declaration {
+                    category: format!("cat-{ID}"),
+                    ..decl()
+                },
+                "category-not-allowed",
+            ),
+            (
+                &p,
+                Declaration {
+                    destination: format!("dst-{ID}"),
+                    ..decl()
+                },
+                "destination-not-allowed",
+            ),
+            (
+                &p,
+                Declaration {
+                    purpose: format!("why-{ID}"),
+                    ..decl()
+                },
+                "consent-purpose",
+            ),
+            (
+                &p,
+                Declaration {
+                    consent_ref: Some(format!("ref-{ID}")),
+                    ..decl()
+                },
+                "consent-ref",
+            ),
+            (
+                &wider,
+                Declaration {
+                    destination: "elsewhere".into(),
+                    ..decl()
+                },
+                "consent-destination",
+            ),
+            (
+                &p,
+                Declaration {
+                    category: "radiology-report".into(),
+                    ..decl()
+                },
+                "consent-category",
+            ),
+        ];
+        for (policy, d, want) in cases {
+            let Decision::Refuse(r) = policy.check(&d, mid) else {
+                panic!("{want}: allowed");
+            };
+            assert_eq!(r.rule, want);
+            assert!(
+                !r.reason.contains(ID),
+                "{want}: logged reason {:?}",
+                r.reason
+            );
+            assert!(!r.to_string().contains(ID), "{want}: {r}");
+        }
+        // The hospital's answer still names what it declared.
+        let Decision::Refuse(r) = p.check(
+            &Declaration {
+                purpose: format!("why-{ID}"),
+                ..decl()
+            },
+            mid,
+        ) else {
+            panic!("allowed");
+        };
+        assert!(r.answer().contains(&format!("why-{ID}")), "{}", r.answer());
     }
 
     #[test]
@@ -645,7 +809,8 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
         match p.check(&d, mid) {
             Decision::Refuse(r) => {
                 assert_eq!(r.rule, "category-not-allowed");
-                assert!(r.reason.contains("clinical-note"), "{}", r.reason);
+                assert!(r.answer().contains("clinical-note"), "{}", r.answer());
+                assert!(!r.reason.contains("clinical-note"), "{}", r.reason);
             }
             other => panic!("{other:?}"),
         }
@@ -674,7 +839,8 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
         match p.check(&d, mid) {
             Decision::Refuse(r) => {
                 assert_eq!(r.rule, "destination-not-allowed");
-                assert!(r.reason.contains("cloud-bucket"), "{}", r.reason);
+                assert!(r.answer().contains("cloud-bucket"), "{}", r.answer());
+                assert!(!r.reason.contains("cloud-bucket"), "{}", r.reason);
             }
             other => panic!("{other:?}"),
         }

@@ -46,6 +46,33 @@ pub fn hsm_config(cfg: &Config) -> anyhow::Result<HsmConfig> {
     })
 }
 
+/// Refuses a signing key that can leave the HSM (`CKA_EXTRACTABLE` true or `CKA_SENSITIVE`
+/// false), unless the config accepts it with `hsm.allow_extractable = true`.
+fn check_protection(cfg: &Config, signer: &Signer) -> anyhow::Result<()> {
+    let p = signer.protection();
+    let mut exposed = Vec::new();
+    if p.extractable {
+        exposed.push("extractable (CKA_EXTRACTABLE true)");
+    }
+    if !p.sensitive {
+        exposed.push("not sensitive (CKA_SENSITIVE false)");
+    }
+    if exposed.is_empty() || cfg.hsm.allow_extractable {
+        return Ok(());
+    }
+    Err(baylink_hsm::HsmError::UnsupportedKey {
+        label: cfg.hsm.key_label.clone(),
+        reason: format!(
+            "its private key on token {} is {}, so it can leave the HSM; generate one that \
+             cannot (`baylink hsm keygen`) or, to accept this key, set \
+             hsm.allow_extractable = true",
+            cfg.hsm.token_label,
+            exposed.join(" and ")
+        ),
+    }
+    .into())
+}
+
 /// Reads a PEM public key from a file.
 pub fn load_public_key(path: &Path) -> anyhow::Result<PublicKey> {
     let pem = std::fs::read_to_string(path)
@@ -54,11 +81,13 @@ pub fn load_public_key(path: &Path) -> anyhow::Result<PublicKey> {
 }
 
 impl Keys {
-    /// Opens the HSM and loads the peer key; fails closed on any problem.
+    /// Opens the HSM and loads the peer key; fails closed on any problem. A signing key the
+    /// token marks extractable or not sensitive is refused unless `hsm.allow_extractable`.
     pub fn open(cfg: &Config) -> anyhow::Result<Keys> {
         let peer = load_public_key(&cfg.peer_signing_key)?;
         let token = Token::open(&hsm_config(cfg)?)?;
         let signer = token.signer()?;
+        check_protection(cfg, &signer)?;
         Ok(Keys {
             signer,
             peer,

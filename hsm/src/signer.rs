@@ -9,7 +9,7 @@ use cryptoki::object::ObjectHandle;
 use cryptoki::session::Session;
 
 use crate::error::HsmError;
-use crate::objects;
+use crate::objects::{self, KeyProtection};
 use crate::pool::Pool;
 use crate::public_key::{PublicKey, Signature};
 use crate::token::Token;
@@ -26,6 +26,8 @@ struct SignerInner {
     token: Token,
     label: String,
     public_key: PublicKey,
+    /// What the token said about the private key's protection when it was found.
+    protection: KeyProtection,
     /// The private key handle and the pool epoch it was found in.
     key: Mutex<(u64, ObjectHandle)>,
 }
@@ -55,6 +57,7 @@ impl Signer {
                 token,
                 label: label.to_owned(),
                 public_key: pair.public_key,
+                protection,
                 key: Mutex::new((epoch, pair.private)),
             }),
         };
@@ -67,6 +70,13 @@ impl Signer {
             "signing key ready"
         );
         Ok(signer)
+    }
+
+    /// The private key's protection attributes as the token reported them when the key was
+    /// found: callers that must not sign with a key that can leave the token check
+    /// `sensitive && !extractable`.
+    pub fn protection(&self) -> KeyProtection {
+        self.inner.protection
     }
 
     /// Signs `msg`: SHA-256 here, ECDSA on the token, 64-byte `r || s`. Blocks the calling

@@ -561,6 +561,8 @@ mod tests {
                 never_extractable: true,
             }
         );
+        // The signer reports the same, for callers that refuse a key that can leave.
+        assert_eq!(token.signer().unwrap().protection(), protection);
         // Read the rest back directly, and try to read the secret value.
         token
             .pool()

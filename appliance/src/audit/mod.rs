@@ -11,12 +11,15 @@
 //! - `records.log`: one line per record ([`record`]); append-only.
 //! - `checkpoints.log`: one JSON line `{"note": "<signed note>"}` per checkpoint; append-only.
 //! - `checkpoint`: the latest signed note, as plain text (replaced atomically), for tools.
-//! - `patient.key`: the secret key of the keyed patient hash (unless `audit.patient_key`).
 //! - `lock`: `flock`ed around every append, so `send` and `serve` never interleave.
 //!
 //! Outside `audit.dir`, the HSM token holds the log's [`anchor`]: the latest checkpoint
 //! signed and the latest witness cosignature stored. [`Log::open`] and every checkpoint
 //! refuse a log that no longer holds it (rewound or rewritten), and `audit verify` checks it.
+//!
+//! Not in `audit.dir`: the secret key of the keyed patient hash (`audit.patient_key`), so a
+//! copy of the directory given to an auditor does not carry it. A `patient.key` found in
+//! `audit.dir` (its place before) stops the log from opening until it is moved out.
 //!
 //! [`verify`], [`prove`] and [`verify_proof`] need only the files and the public key.
 //!
@@ -31,7 +34,7 @@ pub mod witness;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -58,7 +61,7 @@ pub const RECORDS_FILE: &str = "records.log";
 pub const CHECKPOINTS_FILE: &str = "checkpoints.log";
 /// The latest checkpoint, plain signed note.
 pub const LATEST_CHECKPOINT_FILE: &str = "checkpoint";
-/// The default patient-hash key file in `audit.dir`.
+/// The patient-hash key's file name in `audit.dir` before it moved out: refused there now.
 pub const PATIENT_KEY_FILE: &str = "patient.key";
 const LOCK_FILE: &str = "lock";
 
@@ -221,8 +224,8 @@ pub struct LogSettings {
     pub appliance_id: String,
     /// Sign a checkpoint every this many records.
     pub checkpoint_every: u64,
-    /// Patient-hash key file (default `<dir>/patient.key`).
-    pub patient_key: Option<PathBuf>,
+    /// Patient-hash key file (`audit.patient_key`); outside `dir`.
+    pub patient_key: PathBuf,
 }
 
 impl LogSettings {
@@ -280,11 +283,8 @@ impl Log {
     pub fn open(settings: &LogSettings, signer: Signer) -> Result<Log, AuditError> {
         let dir = &settings.dir;
         crate::transfer_dir::create_dir_durably(dir).map_err(io("cannot create", dir))?;
-        let key_path = settings
-            .patient_key
-            .clone()
-            .unwrap_or_else(|| dir.join(PATIENT_KEY_FILE));
-        let key = load_or_create_key(&key_path)?;
+        refuse_key_in_dir(dir, &settings.patient_key)?;
+        let key = load_or_create_key(&settings.patient_key)?;
         let log = Log {
             inner: Arc::new(Inner {
                 dir: dir.clone(),
@@ -686,8 +686,42 @@ fn read_tail(
     }
 }
 
-/// Reads the patient-hash key, or creates it (32 random bytes, mode 0600) without ever
-/// replacing one another process created first.
+/// Refuses a patient key in the audit directory: `<dir>/patient.key` (where it was kept
+/// before it moved out, see [`PATIENT_KEY_FILE`]) or `key` itself, symbolic links resolved.
+fn refuse_key_in_dir(dir: &Path, key: &Path) -> Result<(), AuditError> {
+    let legacy = dir.join(PATIENT_KEY_FILE);
+    if legacy.exists() {
+        let how = if key.exists() {
+            format!("{} already holds a key: remove the old one", key.display())
+        } else {
+            format!("mv {} {}", legacy.display(), key.display())
+        };
+        return Err(AuditError::PatientKey {
+            path: legacy,
+            reason: format!(
+                "a patient key in audit.dir would go to whoever is given a copy of the audit \
+                 directory; it belongs at audit.patient_key {} ({how})",
+                key.display()
+            ),
+        });
+    }
+    let dir = dir.canonicalize().map_err(io("cannot resolve", dir))?;
+    let parent = key.parent().and_then(|p| p.canonicalize().ok());
+    if parent.is_some_and(|p| p.starts_with(&dir)) {
+        return Err(AuditError::PatientKey {
+            path: key.to_owned(),
+            reason: format!(
+                "inside audit.dir {} (through a symbolic link): whoever is given a copy of \
+                 the audit directory would hold it; move it out",
+                dir.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Reads the patient-hash key, or creates it (32 random bytes, mode 0600, its directory
+/// 0700 if missing) without ever replacing one another process created first.
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
     let bad = |reason: String| AuditError::PatientKey {
         path: path.to_owned(),
@@ -702,6 +736,11 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>, AuditError> {
     let mut key = vec![0u8; 32];
     aws_lc_rs::rand::fill(&mut key).map_err(|_| bad("no randomness".into()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| bad(format!("cannot create its directory: {e}")))?;
     let tmp = dir.join(format!(".patient.key.{}", std::process::id()));
     let mut f = OpenOptions::new()
         .write(true)

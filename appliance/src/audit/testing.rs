@@ -13,6 +13,8 @@ use super::{AuditError, Log, LogSettings, Summary, verify};
 /// A SoftHSM key and a log directory. Field order is drop order: the token before the fixture.
 pub(crate) struct Fixture {
     pub(crate) dir: tempfile::TempDir,
+    /// Holds the patient key, outside the log directory.
+    pub(crate) secrets: tempfile::TempDir,
     pub(crate) signer: Signer,
     pub(crate) token: Token,
     pub(crate) hsm: SoftHsm,
@@ -26,6 +28,7 @@ impl Fixture {
         let signer = token.signer().unwrap();
         Fixture {
             dir: tempfile::tempdir().unwrap(),
+            secrets: tempfile::tempdir().unwrap(),
             signer,
             token,
             hsm,
@@ -37,7 +40,7 @@ impl Fixture {
             dir: self.dir.path().to_owned(),
             appliance_id: "edge".into(),
             checkpoint_every: every,
-            patient_key: None,
+            patient_key: self.secrets.path().join("patient.key"),
         }
     }
 

@@ -23,6 +23,46 @@ fn event(i: usize) -> Event {
     }
 }
 
+#[test]
+#[serial_test::serial]
+fn a_patient_key_in_the_audit_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    // Created outside the log directory, mode 0600.
+    let log = f.open(100);
+    log.append_blocking(event(0)).unwrap();
+    drop(log);
+    let key = f.secrets.path().join("patient.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(!f.path(PATIENT_KEY_FILE).exists());
+
+    // One left in the directory by an older version: refused, naming both places.
+    std::fs::copy(&key, f.path(PATIENT_KEY_FILE)).unwrap();
+    let e = Log::open(&f.settings(100), f.signer.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&f.path(PATIENT_KEY_FILE).display().to_string()),
+        "{e}"
+    );
+    assert!(e.contains(&key.display().to_string()), "{e}");
+    std::fs::remove_file(f.path(PATIENT_KEY_FILE)).unwrap();
+
+    // A key path that reaches into the directory through a symbolic link: refused.
+    let link = f.secrets.path().join("into-audit");
+    std::os::unix::fs::symlink(f.dir.path(), &link).unwrap();
+    let settings = LogSettings {
+        patient_key: link.join("k"),
+        ..f.settings(100)
+    };
+    let e = Log::open(&settings, f.signer.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("inside audit.dir"), "{e}");
+    f.open(100);
+}
+
 fn lines_of(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -364,7 +404,7 @@ fn witness_cosigns_extensions_and_refuses_forks() {
             dir: gw_dir.path().to_owned(),
             appliance_id: "gateway".into(),
             checkpoint_every: 100,
-            patient_key: None,
+            patient_key: f.secrets.path().join("gateway.patient.key"),
         },
         gw_signer.clone(),
     )

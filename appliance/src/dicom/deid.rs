@@ -224,10 +224,7 @@ pub enum DeidError {
 
 fn unsupported(reason: impl Into<String>) -> DeidError {
     DeidError::Refused {
-        refusal: Refusal {
-            rule: RULE_DEID_UNSUPPORTED,
-            reason: reason.into(),
-        },
+        refusal: Refusal::new(RULE_DEID_UNSUPPORTED, reason),
         patient_id: None,
     }
 }
@@ -542,12 +539,11 @@ impl DicomGate {
                 Stage::Patient => match part10::parse_prefix(&self.held) {
                     Ok(inst) if inst.patient_id != self.rules.patient_id => {
                         return Err(DeidError::Refused {
-                            refusal: Refusal {
-                                rule: RULE_PATIENT_MISMATCH,
-                                reason: "the instance's PatientID (0010,0020) differs from \
-                                         the transfer's declared patient"
-                                    .into(),
-                            },
+                            refusal: Refusal::new(
+                                RULE_PATIENT_MISMATCH,
+                                "the instance's PatientID (0010,0020) differs from the \
+                                 transfer's declared patient",
+                            ),
                             patient_id: Some(inst.patient_id),
                         });
                     }

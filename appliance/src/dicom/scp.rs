@@ -279,6 +279,24 @@ struct Incoming {
     failure: Option<(u16, String)>,
 }
 
+/// Why an instance is not stored: the status and error comment its SCU is answered, and
+/// what the log says instead when the comment names the patient (a policy refusal).
+struct Failure {
+    code: u16,
+    comment: String,
+    logged: Option<String>,
+}
+
+impl From<(u16, String)> for Failure {
+    fn from((code, comment): (u16, String)) -> Failure {
+        Failure {
+            code,
+            comment,
+            logged: None,
+        }
+    }
+}
+
 /// State of one association.
 struct Association<'a, S: AssociationSink> {
     inner: &'a Inner<S>,
@@ -624,7 +642,7 @@ impl<S: AssociationSink> Association<'_, S> {
             return Err("instance state lost".into());
         };
         let outcome = match i.failure.take() {
-            Some(f) => Err(f),
+            Some(f) => Err(Failure::from(f)),
             None => self.complete(&mut i).await,
         };
         match outcome {
@@ -635,19 +653,20 @@ impl<S: AssociationSink> Association<'_, S> {
                 info!(sop_instance = %i.cmd.affected_sop_instance_uid, "instance accepted");
                 send_response(assoc, i.context_id, &i.cmd, status::SUCCESS, None).await
             }
-            Err((code, why)) => {
+            Err(f) => {
                 self.refused += 1;
                 metrics::counter!("baylink_dicom_instances_total", "outcome" => "refused")
                     .increment(1);
-                warn!(sop_instance = %i.cmd.affected_sop_instance_uid, status = format!("0x{code:04X}"), reason = %why, "instance refused");
+                let logged = f.logged.as_deref().unwrap_or(&f.comment);
+                warn!(sop_instance = %i.cmd.affected_sop_instance_uid, status = format!("0x{:04X}", f.code), reason = %logged, "instance refused");
                 let _ = tokio::fs::remove_file(&i.path).await;
-                send_response(assoc, i.context_id, &i.cmd, code, Some(&why)).await
+                send_response(assoc, i.context_id, &i.cmd, f.code, Some(&f.comment)).await
             }
         }
     }
 
     /// Checks a complete instance and hands it to the sink.
-    async fn complete(&mut self, i: &mut Incoming) -> Result<(), (u16, String)> {
+    async fn complete(&mut self, i: &mut Incoming) -> Result<(), Failure> {
         let oor = |e: String| (status::OUT_OF_RESOURCES, e);
         if let Some(mut f) = i.file.take() {
             f.flush()
@@ -659,17 +678,23 @@ impl<S: AssociationSink> Association<'_, S> {
             .await
             .map_err(|e| oor(e.to_string()))?
             .map_err(|e| match e {
-                Part10Error::Mismatch { .. } => (status::DATA_SET_MISMATCH, e.to_string()),
-                Part10Error::Open { .. } => oor(e.to_string()),
-                _ => (status::CANNOT_UNDERSTAND, e.to_string()),
+                Part10Error::Mismatch { .. } => (status::DATA_SET_MISMATCH, e.to_string()).into(),
+                Part10Error::Open { .. } => oor(e.to_string()).into(),
+                // The comment quotes the PatientID back to its sender; the log does not.
+                Part10Error::BadPatientId(_) => Failure {
+                    code: status::CANNOT_UNDERSTAND,
+                    comment: e.to_string(),
+                    logged: Some("the PatientID is not usable".into()),
+                },
+                _ => (status::CANNOT_UNDERSTAND, e.to_string()).into(),
             })?;
         if let Some(p) = &self.patient
             && p != &info.patient_id
         {
-            let refusal = crate::policy::Refusal {
-                rule: crate::dicom::deid::RULE_PATIENT_MISMATCH,
-                reason: "the instance's PatientID differs from the association's transfer".into(),
-            };
+            let refusal = crate::policy::Refusal::new(
+                crate::dicom::deid::RULE_PATIENT_MISMATCH,
+                "the instance's PatientID differs from the association's transfer",
+            );
             if let Some(t) = &self.transfer {
                 // audit: the refusal is durable before it is answered.
                 self.inner
@@ -678,10 +703,10 @@ impl<S: AssociationSink> Association<'_, S> {
                     .await
                     .map_err(|e| oor(e.to_string()))?;
             }
-            return Err((
+            return Err(Failure::from((
                 status::NOT_AUTHORIZED,
                 format!("{} (rule {})", refusal.reason, refusal.rule),
-            ));
+            )));
         }
         let cfg = &self.inner.cfg;
         let declaration = Declaration {
@@ -697,7 +722,12 @@ impl<S: AssociationSink> Association<'_, S> {
             .current()
             .check(&declaration, SystemTime::now())
         {
-            return Err((status::NOT_AUTHORIZED, r.reason));
+            // The SCU is answered as the hospital's API would be; the log names the rule.
+            return Err(Failure {
+                code: status::NOT_AUTHORIZED,
+                comment: r.answer().to_owned(),
+                logged: Some(format!("{} (rule {})", r.reason, r.rule)),
+            });
         }
         if self.transfer.is_none() {
             let origin = Origin {

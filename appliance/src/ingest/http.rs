@@ -77,7 +77,7 @@ impl From<IngestError> for ApiError {
             IngestError::Refused(r) => {
                 return ApiError {
                     status: StatusCode::FORBIDDEN,
-                    body: json!({ "error": r.reason, "rule": r.rule }),
+                    body: json!({ "error": r.answer(), "rule": r.rule }),
                 };
             }
             IngestError::NotFound => StatusCode::NOT_FOUND,

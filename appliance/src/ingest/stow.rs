@@ -218,7 +218,7 @@ pub(super) async fn stow(
             {
                 Ok(id) => transfer = Some((id, inst.patient_id.clone())),
                 Err(IngestError::Refused(r)) => {
-                    info!(hospital = %hospital, patient = %inst.patient_id, rule = r.rule, "STOW-RS refused by policy");
+                    info!(hospital = %hospital, rule = r.rule, reason = %r.reason, "STOW-RS refused by policy");
                     refused = true;
                 }
                 Err(e) => return Err(e.into()),
@@ -230,10 +230,10 @@ pub(super) async fn stow(
         };
         if &inst.patient_id != patient {
             info!(transfer = %id, "STOW-RS part for another patient refused");
-            let refusal = crate::policy::Refusal {
-                rule: crate::dicom::deid::RULE_PATIENT_MISMATCH,
-                reason: "the instance's PatientID differs from the request's transfer".into(),
-            };
+            let refusal = crate::policy::Refusal::new(
+                crate::dicom::deid::RULE_PATIENT_MISMATCH,
+                "the instance's PatientID differs from the request's transfer",
+            );
             let name = format!("{}.dcm", inst.sop_instance);
             // audit: the refusal is durable before it is answered.
             app.store
