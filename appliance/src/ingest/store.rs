@@ -32,7 +32,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::audit::{Event, Kind};
-use crate::dicom::deid::{DeidError, DeidKey, DicomGate, GateRules};
+use crate::dicom::deid::{DeidError, DeidKey, DicomGate, GateRules, ProfileOptions};
 use crate::edge::{Edge, SendFailure, SendRequest};
 use crate::policy::{Decision, Declaration, Refusal};
 use crate::seal;
@@ -230,6 +230,8 @@ struct Inner {
     deid_key: DeidKey,
     /// `policy.deidentify_purposes`.
     deidentify_purposes: HashSet<String>,
+    /// `policy.deidentify_options`.
+    deidentify_options: std::collections::BTreeMap<String, ProfileOptions>,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
@@ -333,6 +335,7 @@ impl IngestStore {
                 sending: Arc::new(tokio::sync::Semaphore::new(1)),
                 deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
                 deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
+                deidentify_options: cfg.policy.deidentify_options.clone(),
             }),
         };
         std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
@@ -559,7 +562,18 @@ impl IngestStore {
                 .inner
                 .deidentify_purposes
                 .contains(&decl.purpose)
-                .then(|| self.inner.deid_key.for_transfer(id)),
+                .then(|| {
+                    let options = self
+                        .inner
+                        .deidentify_options
+                        .get(&decl.purpose)
+                        .copied()
+                        .unwrap_or_default();
+                    self.inner
+                        .deid_key
+                        .for_transfer(id)
+                        .with_options(&decl.patient_id, options)
+                }),
         }
     }
 
