@@ -80,6 +80,12 @@ pub const TEST_PACKAGES: &[Package] = &[
         // A TLS front for Orthanc (whose own HTTPS crashes in Debian's 1.10 build).
         why: "stunnel, the https front of the store in the https delivery tests",
     },
+    Package {
+        name: "python3-pydicom",
+        // /usr/bin/python3 with pydicom: plants identifiers in the real-file corpus and checks
+        // the de-identified output with a DICOM reader independent of baylink.
+        why: "pydicom, to plant identifiers and check de-identified files independently",
+    },
 ];
 
 /// The one package the demo needs: the software HSM that `baylink dev-env` provisions.
