@@ -163,6 +163,10 @@ pub const DESCRIPTORS: &[(u16, u16)] = &[
 /// they are treated as annotated.
 pub const BURNED_IN_MODALITIES: &[&str] = &["US", "ES", "XC", "SC", "OT", "GM", "SM", "DOC"];
 
+/// Text Value (0040,A160), not in Table E.1-1: the free text of a structured report's TEXT
+/// content items (the table's Content Sequence is D) may name anyone, so it gets a dummy.
+pub const TEXT_VALUE: (u16, u16) = (0x0040, 0xA160);
+
 /// The Table E.1-1 entry of `tag`: its Basic Profile action and attribute name.
 pub fn basic_action(tag: Tag) -> Option<(BasicAction, &'static str)> {
     let t = (u32::from(tag.0) << 16) | u32::from(tag.1);
@@ -182,6 +186,9 @@ pub fn basic_action(tag: Tag) -> Option<(BasicAction, &'static str)> {
 /// type in its IOD: X/Z and X/Z/U* empty (a sequence of X/Z/U* keeps its items, cleaned,
 /// with their UIDs replaced), X/D, Z/D and X/Z/D write a dummy value.
 pub fn step(tag: Tag, vr: VR, options: &ProfileOptions) -> Option<Step> {
+    if (tag.0, tag.1) == TEXT_VALUE {
+        return Some(Step::Dummy);
+    }
     let (action, _) = basic_action(tag)?;
     let pair = (tag.0, tag.1);
     if options.retain_device_identity && DEVICE_IDENTITY.contains(&pair) {
@@ -300,6 +307,7 @@ mod tests {
         assert_eq!(s(0xFFFC, 0xFFFC, VR::OB), Some(Step::Remove));
         assert_eq!(s(0x6002, 0x3000, VR::OW), Some(Step::Remove)); // overlay data, masked
         assert_eq!(s(0x0008, 0x0060, VR::CS), None); // Modality: not in the table
+        assert_eq!(s(0x0040, 0xA160, VR::UT), Some(Step::Dummy)); // SR Text Value
         let all = ProfileOptions::from_names(&OPTION_NAMES).unwrap();
         let s = |g, e, vr| step(Tag(g, e), vr, &all);
         assert_eq!(s(0x0008, 0x1010, VR::SH), Some(Step::Keep));

@@ -283,6 +283,8 @@ impl Reader<'_> {
             let item_len = self.u32_at(p + 4)?;
             match tag {
                 SEQUENCE_END if len == UNDEFINED => return Ok(p + 8),
+                // A delimiter closing a defined-length sequence (some writers add one).
+                SEQUENCE_END if p + 8 == seq_end => return Ok(seq_end),
                 ITEM => {
                     put_delimiter(out, ITEM, UNDEFINED);
                     p = if item_len == UNDEFINED {
