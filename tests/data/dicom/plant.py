@@ -6,8 +6,9 @@ usage: plant.py SRC_DIR OUT_DIR
 Every file gets the declared patient (P-0001) and identifying values at the top level, in a
 private block, and in sequences two levels deep; in explicit VR files one of those
 sequences (ReferencedImageSequence, whose items reference the instance's own SOP Instance
-UID) and the FrameOfReferenceUID are written as UN, the sequence's items in implicit VR, as
-a system that did not know the tags would. InstanceNumber is set to 9000 + the file's index
+UID, with a defined length), SourceImageSequence (undefined length) and the
+FrameOfReferenceUID are written as UN, the sequences' items in implicit VR, as a system that
+did not know the tags would. InstanceNumber is set to 9000 + the file's index
 (sorted by name) so the checker can pair a delivered file with its source, and the SOP
 Instance UID made unique (some corpus files are one instance in several encodings).
 """
@@ -17,11 +18,12 @@ import sys
 
 import pydicom
 import pydicom.config
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 
 FRAME = "1.2.826.0.1.3680043.10.999.52"
 
@@ -73,13 +75,23 @@ def plant(ds, index):
     other.PatientName = "Wong^Other"
     other.OtherPatientIDs = "HKID-OTHER"
     ds.ReferencedPatientSequence = Sequence([other])
+    source = Dataset()
+    source.PatientName = "Wong^Undefined"
+    source.ReferencedSOPClassUID = ds.SOPClassUID
+    source.ReferencedSOPInstanceUID = ds.SeriesInstanceUID
+    sources = DataElement(0x00082112, "SQ", Sequence([source]))
     if explicit:
         un = DataElement(0x00081140, "UN", b"")
         un.value = implicit_value(images)
         ds.add(un)
+        # SourceImageSequence as UN of undefined length (pydicom adds the delimiter).
+        ds[0x00082112] = RawDataElement(
+            Tag(0x00082112), "UN", 0xFFFFFFFF, implicit_value(sources), 0, False, True
+        )
         ds.add(DataElement(0x00200052, "UN", (FRAME + "\0").encode()))
     else:
         ds.add(images)
+        ds.add(sources)
         ds.FrameOfReferenceUID = FRAME
 
 

@@ -488,6 +488,11 @@ fn real_files_with_planted_identifiers_pass_an_independent_check() {
         ct.windows(6).any(|w| w == b"\x08\x00\x40\x11UN"),
         "no UN sequence planted"
     );
+    assert!(
+        ct.windows(12)
+            .any(|w| w == b"\x08\x00\x12\x21UN\0\0\xff\xff\xff\xff"),
+        "no undefined-length UN sequence planted"
+    );
 
     let body = multipart(
         &planted,
