@@ -163,6 +163,9 @@ pub const DESCRIPTORS: &[(u16, u16)] = &[
 /// they are treated as annotated.
 pub const BURNED_IN_MODALITIES: &[&str] = &["US", "ES", "XC", "SC", "OT", "GM", "SM", "DOC"];
 
+/// Patient's Birth Date and Birth Time: not shifted by the Retain Longitudinal option.
+const PATIENT_BIRTH: [(u16, u16); 2] = [(0x0010, 0x0030), (0x0010, 0x0032)];
+
 /// Text Value (0040,A160), not in Table E.1-1: the free text of a structured report's TEXT
 /// content items (the table's Content Sequence is D) may name anyone, so it gets a dummy.
 pub const TEXT_VALUE: (u16, u16) = (0x0040, 0xA160);
@@ -194,7 +197,11 @@ pub fn step(tag: Tag, vr: VR, options: &ProfileOptions) -> Option<Step> {
     if options.retain_device_identity && DEVICE_IDENTITY.contains(&pair) {
         return Some(Step::Keep);
     }
-    if options.retain_longitudinal_modified_dates && matches!(vr, VR::DA | VR::DT | VR::TM) {
+    // Dates of the procedure, not of the patient: the birth date and time keep their action.
+    if options.retain_longitudinal_modified_dates
+        && matches!(vr, VR::DA | VR::DT | VR::TM)
+        && !PATIENT_BIRTH.contains(&pair)
+    {
         return Some(Step::ShiftDates);
     }
     let basic = match action {
@@ -312,6 +319,7 @@ mod tests {
         let s = |g, e, vr| step(Tag(g, e), vr, &all);
         assert_eq!(s(0x0008, 0x1010, VR::SH), Some(Step::Keep));
         assert_eq!(s(0x0008, 0x0020, VR::DA), Some(Step::ShiftDates));
+        assert_eq!(s(0x0010, 0x0030, VR::DA), Some(Step::Empty)); // birth date: Z still
         assert_eq!(
             s(0x0008, 0x1030, VR::LO),
             Some(Step::CleanText(&Step::Remove))
