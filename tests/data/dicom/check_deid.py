@@ -1,14 +1,15 @@
 #!/usr/bin/python3
 """Checks de-identified DICOM files with pydicom, independently of the code that wrote them.
 
-usage: check_deid.py TABLE_RS PLANTED_DIR DELIVERED_FILE...
+usage: check_deid.py [--any-transfer-syntax] TABLE_RS PLANTED_DIR DELIVERED_FILE...
 
 TABLE_RS is appliance/src/dicom/deid/table.rs (PS3.15 Table E.1-1, generated from the
 standard's table); only its tags are read. Each delivered file is paired with the planted
 file of the same InstanceNumber (see plant.py). Checked:
 
 - pydicom reads the whole file; the file meta agrees with the data set (Media Storage SOP
-  Class/Instance UID, transfer syntax as the source's); the pixel data is the source's;
+  Class/Instance UID, transfer syntax as the source's unless --any-transfer-syntax, for a
+  door that negotiates it); the pixel data is the source's;
 - no private element, no element left as UN, at any depth;
 - every Table E.1-1 attribute, at any depth, is absent, empty, a dummy value, a new UID
   (2.25.), the PatientID pseudonym (BL-), or a sequence (whose items are checked too);
@@ -75,7 +76,7 @@ def defined_uid(uid):
     return uid.startswith("1.2.840.10008.") or uid in UID_dictionary
 
 
-def check(listed, planted, got_path, problems):
+def check(listed, planted, got_path, problems, same_syntax):
     name = os.path.basename(got_path)
     raw = open(got_path, "rb").read()
     got = pydicom.dcmread(got_path)
@@ -85,7 +86,7 @@ def check(listed, planted, got_path, problems):
         say("MediaStorageSOPInstanceUID differs from SOPInstanceUID")
     if meta.MediaStorageSOPClassUID != got.SOPClassUID:
         say("MediaStorageSOPClassUID differs from SOPClassUID")
-    if meta.TransferSyntaxUID != planted.file_meta.TransferSyntaxUID:
+    if same_syntax and meta.TransferSyntaxUID != planted.file_meta.TransferSyntaxUID:
         say(f"transfer syntax {meta.TransferSyntaxUID}, source {planted.file_meta.TransferSyntaxUID}")
     if "PixelData" in planted and got.get("PixelData") != planted.PixelData:
         say("pixel data differs from the source's")
@@ -130,7 +131,7 @@ def check(listed, planted, got_path, problems):
             say(f"source value {n!r} still in the bytes")
 
 
-def main(table_rs, planted_dir, delivered):
+def main(table_rs, planted_dir, delivered, same_syntax):
     listed = table(table_rs)
     by_number = {}
     for n in sorted(x for x in os.listdir(planted_dir) if x.endswith(".dcm")):
@@ -145,7 +146,7 @@ def main(table_rs, planted_dir, delivered):
             problems.append(f"{path}: InstanceNumber {number} matches no planted file")
             continue
         seen.add(number)
-        check(listed, by_number[number], path, problems)
+        check(listed, by_number[number], path, problems, same_syntax)
     for p in problems:
         print(p)
     print(f"checked {len(seen)} files, {len(problems)} problems")
@@ -153,8 +154,11 @@ def main(table_rs, planted_dir, delivered):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 4:
+    args = sys.argv[1:]
+    same = "--any-transfer-syntax" not in args
+    args = [a for a in args if a != "--any-transfer-syntax"]
+    if len(args) < 3:
         sys.exit(__doc__)
     # Read UN as written: an element left as UN is a finding, not to be resolved here.
     pydicom.config.replace_un_with_known_vr = False
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    main(args[0], args[1], args[2:], same)

@@ -538,3 +538,55 @@ fn real_files_with_planted_identifiers_pass_an_independent_check() {
     }
     api.healthy();
 }
+
+/// The uncompressed files of the corpus over C-STORE (a research peer, dcmtk's
+/// `storescu`, which negotiates the transfer syntax and re-encodes UN sequences it can
+/// read): what is delivered passes the same independent check; what cannot be
+/// de-identified (the OT image, the deflated file) fails alone with 0x0124.
+#[test]
+fn real_files_over_cstore_pass_the_same_check() {
+    let d = Deployment::new().unwrap();
+    let config = d.edge_config();
+    let mut toml = std::fs::read_to_string(&config).unwrap();
+    toml.push_str(
+        "\n[[ingest.dicom_peers]]\nae_title = \"RESEARCH\"\naddress = \"127.0.0.1\"\n\
+         hospital = \"hospital-a\"\npurpose = \"research\"\n",
+    );
+    std::fs::write(&config, toml).unwrap();
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge = d.serve(&config).unwrap();
+    let planted = d.path("planted");
+    let out = run(Command::new(PYTHON)
+        .arg(corpus().join("plant.py"))
+        .arg(corpus())
+        .arg(&planted));
+    assert!(out.status.success(), "plant.py: {}", text(&out));
+    // Compressed files and the SEG (not in storescu's default presentation contexts) stay
+    // with the STOW-RS test.
+    let left_out = ["JPEG2000.dcm", "MR_small_RLE.dcm", "liver_1frame.dcm"];
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&planted)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !left_out.contains(&p.file_name().unwrap().to_str().unwrap()))
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 9);
+    // --no-halt: storescu goes on after a failure.
+    let out = run(scu("storescu", &d, "RESEARCH", "BAYLINK")
+        .args(["-v", "-nh"])
+        .args(&files));
+    let t = text(&out);
+    assert_eq!(store_responses(&t, "Success"), 7, "{t}");
+    assert_eq!(store_responses(&t, "Unknown Status: 0x124"), 2, "{t}");
+    let dirs = wait_files(&d.path("delivered"), 1);
+    let delivered = wait_files(&dirs[0], 7);
+    let out = run(Command::new(PYTHON)
+        .arg(corpus().join("check_deid.py"))
+        .arg("--any-transfer-syntax")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../appliance/src/dicom/deid/table.rs"))
+        .arg(&planted)
+        .args(&delivered));
+    let report = text(&out);
+    assert!(out.status.success(), "check_deid.py:\n{report}");
+    assert!(report.contains("checked 7 files, 0 problems"), "{report}");
+}
