@@ -803,6 +803,11 @@ impl DicomGate {
     /// Passes pixel data (elements of group 7FE0, native or encapsulated) through; at the
     /// first other element, holds the rest as the trailer.
     fn pass_pixels(&mut self, mut data: Bytes) -> Result<Option<Bytes>, DeidError> {
+        // Most pieces lie inside one pixel value: passed on as they are, without a copy.
+        if self.held.is_empty() && self.pixels.remaining >= data.len() as u64 {
+            self.pixels.remaining -= data.len() as u64;
+            return Ok((!data.is_empty()).then_some(data));
+        }
         let mut out = BytesMut::new();
         loop {
             if self.pixels.remaining > 0 {
