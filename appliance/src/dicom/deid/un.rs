@@ -310,3 +310,58 @@ impl Reader<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn implicit(group: u16, elem: u16, value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&group.to_le_bytes());
+        out.extend_from_slice(&elem.to_le_bytes());
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+
+    #[test]
+    fn implicit_elements_get_their_dictionary_vr_and_unknown_ones_stay_un() {
+        let mut data = implicit(0x0010, 0x0010, b"Wong^Siu");
+        data.extend(implicit(0x0009, 0x1001, b"HKID"));
+        data.extend(implicit(0x0028, 0x0010, &16u16.to_le_bytes()));
+        let out = resolve(&data, false).unwrap();
+        assert_eq!(&out[4..8], b"PN\x08\x00");
+        assert_eq!(&out[20..24], b"UN\0\0");
+        assert_eq!(&out[36..40], b"US\x02\x00");
+    }
+
+    #[test]
+    fn truncated_or_unbalanced_input_is_an_error_naming_the_problem() {
+        let mut seq = vec![
+            0x08, 0x00, 0x40, 0x11, b'U', b'N', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ];
+        seq.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        seq.extend(implicit(0x0010, 0x0010, b"Wong^Siu"));
+        let e = resolve(&seq, true).unwrap_err();
+        assert!(e.0.contains("no item delimiter"), "{e}");
+        let mut long = implicit(0x0010, 0x0010, b"Wong^Siu");
+        long[4] = 200;
+        let e = resolve(&long, false).unwrap_err();
+        assert!(e.0.contains("(0010,0010) declares 200 bytes"), "{e}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any bytes: an explicit data set or an error, never a panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            data in proptest::collection::vec(proptest::num::u8::ANY, 0..400),
+            explicit in proptest::bool::ANY,
+        ) {
+            let _ = resolve(&data, explicit);
+        }
+    }
+}
