@@ -14,6 +14,9 @@ file of the same InstanceNumber (see plant.py). Checked:
 - every Table E.1-1 attribute, at any depth, is absent, empty, a dummy value, a new UID
   (2.25.), the PatientID pseudonym (BL-), or a sequence (whose items are checked too);
 - PatientIdentityRemoved YES, DeidentificationMethodCodeSequence names 113100;
+- the sequences plant.py wrote (as UN in explicit VR files) are sequences whose references
+  follow the new UIDs (ReferencedImageSequence: the SOP Instance UID, SourceImageSequence:
+  the Series Instance UID);
 - the raw bytes contain none of the planted values, none of the source's UIDs (other than
   DICOM-defined ones) and none of the source's values of Table E.1-1 attributes.
 
@@ -26,6 +29,7 @@ import sys
 
 import pydicom
 import pydicom.config
+import pydicom.sequence
 from pydicom.uid import UID_dictionary
 
 PLANTED = [
@@ -97,6 +101,19 @@ def check(listed, planted, got_path, problems, same_syntax):
         say(f"DeidentificationMethodCodeSequence {codes} lacks 113100")
     if not str(got.get("PatientID", "")).startswith("BL-"):
         say(f"PatientID {got.get('PatientID')!r} is not a pseudonym")
+    # plant.py's sequences (written as UN in explicit VR files) were read and cleaned, not
+    # dropped: their references follow the instance's new UIDs.
+    for keyword, target in (
+        ("ReferencedImageSequence", got.SOPInstanceUID),
+        ("SourceImageSequence", got.SeriesInstanceUID),
+    ):
+        seq = got.get(keyword)
+        if not isinstance(seq, pydicom.sequence.Sequence):
+            say(f"{keyword} missing or not a sequence")
+            continue
+        refs = [str(i.get("ReferencedSOPInstanceUID", "")) for i in seq]
+        if str(target) not in refs:
+            say(f"{keyword} references {refs}, not the new {target}")
     for elem in got.iterall():
         tag = int(elem.tag)
         where = f"{elem.tag} {elem.keyword or ''}"
