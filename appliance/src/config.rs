@@ -277,6 +277,10 @@ pub struct PolicySection {
     /// Purposes whose DICOM instances are de-identified before they are hashed and sealed
     /// (`policy.deidentify_purposes`, default `["research"]`).
     pub deidentify_purposes: Vec<String>,
+    /// The PS3.15 Annex E profile options of each de-identified purpose
+    /// (`[policy.deidentify_options]`, purpose = option names; default: none, the Basic
+    /// Profile alone). See `docs/dicom.md`.
+    pub deidentify_options: std::collections::BTreeMap<String, crate::dicom::deid::ProfileOptions>,
     /// Allowed data categories (`policy.categories`); `None`: the eHealth sharable domains
     /// ([`crate::policy::DEFAULT_CATEGORIES`]).
     pub categories: Option<Vec<String>>,
@@ -458,6 +462,8 @@ struct RawPolicy {
     negative_list: Vec<String>,
     hospitals: Option<Vec<String>>,
     deidentify_purposes: Option<Vec<String>>,
+    #[serde(default)]
+    deidentify_options: std::collections::BTreeMap<String, Vec<String>>,
     categories: Option<Vec<String>>,
     destinations: Option<Vec<String>>,
     max_transfer_bytes: Option<u64>,
@@ -984,6 +990,27 @@ impl Config {
                 consents: raw.policy.consents.as_deref().map(resolve),
                 negative_list: raw.policy.negative_list,
                 hospitals: raw.policy.hospitals,
+                deidentify_options: {
+                    let deidentified = |p: &str| match &raw.policy.deidentify_purposes {
+                        Some(list) => list.iter().any(|x| x == p),
+                        None => p == "research",
+                    };
+                    let mut options = std::collections::BTreeMap::new();
+                    for (purpose, names) in &raw.policy.deidentify_options {
+                        if !deidentified(purpose) {
+                            return Err(invalid(
+                                "policy.deidentify_options",
+                                format!("purpose {purpose:?} is not in policy.deidentify_purposes"),
+                            ));
+                        }
+                        let o =
+                            crate::dicom::deid::ProfileOptions::from_names(names).map_err(|e| {
+                                invalid("policy.deidentify_options", format!("{purpose}: {e}"))
+                            })?;
+                        options.insert(purpose.clone(), o);
+                    }
+                    options
+                },
                 deidentify_purposes: raw
                     .policy
                     .deidentify_purposes
@@ -1155,6 +1182,34 @@ path = "delivered"
         let c = Config::parse(Path::new("/etc/baylink/edge.toml"), &research).unwrap();
         assert_eq!(c.ingest.dicom.peers[0].purpose, "research");
         assert_eq!(c.policy.deidentify_purposes, ["research", "teaching"]);
+        assert!(c.policy.deidentify_options.is_empty());
+        let options = format!(
+            "{research}\n[policy.deidentify_options]\nteaching = [\"clean-descriptors\", \
+             \"retain-device-identity\"]\n"
+        );
+        let c = Config::parse(Path::new("/etc/baylink/edge.toml"), &options).unwrap();
+        let o = c.policy.deidentify_options["teaching"];
+        assert!(o.clean_descriptors && o.retain_device_identity);
+        assert!(!o.retain_longitudinal_modified_dates && !o.clean_pixel_data);
+        for (bad, why) in [
+            (
+                "care = [\"clean-descriptors\"]",
+                "not in policy.deidentify_purposes",
+            ),
+            (
+                "research = [\"retain-everything\"]",
+                "unknown de-identification option",
+            ),
+        ] {
+            let text = format!("{research}\n[policy.deidentify_options]\n{bad}\n");
+            let e = Config::parse(Path::new("/etc/baylink/edge.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("policy.deidentify_options") && e.contains(why),
+                "{e}"
+            );
+        }
     }
 
     #[test]

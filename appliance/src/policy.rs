@@ -888,6 +888,7 @@ evidence_sha256 = "0000000000000000000000000000000000000000000000000000000000000
             max_transfer_bytes: Some(5),
             max_files: None,
             deidentify_purposes: vec!["research".into()],
+            deidentify_options: Default::default(),
         };
         let p = Policy::load(&section).unwrap();
         assert_eq!(p.categories, ["referral".to_owned()].into());

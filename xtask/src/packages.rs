@@ -86,6 +86,12 @@ pub const TEST_PACKAGES: &[Package] = &[
         // is needed: both read the unit file offline).
         why: "systemd-analyze, to verify the shipped unit and rate its sandboxing",
     },
+    Package {
+        name: "python3-pydicom",
+        // /usr/bin/python3 with pydicom: plants identifiers in the real-file corpus and checks
+        // the de-identified output with a DICOM reader independent of baylink.
+        why: "pydicom, to plant identifiers and check de-identified files independently",
+    },
 ];
 
 /// The one package the demo needs: the software HSM that `baylink dev-env` provisions.

@@ -403,8 +403,20 @@ impl Walk<'_> {
                     matches!(h.vr.as_ref(), Some(b"OB" | b"OW")) || h.tag == (0x7FE0, 0x0010);
                 p = if encapsulated {
                     self.fragments(value)?
+                } else if h.vr == Some(*b"UN") {
+                    // A sequence written as UN: its items are in implicit VR little endian
+                    // (PS3.5 6.2.2), whatever the data set's encoding.
+                    let implicit = Walk {
+                        buf: self.buf,
+                        enc: Encoding {
+                            explicit: false,
+                            big_endian: false,
+                        },
+                        cut: self.cut,
+                    };
+                    implicit.items(value, self.buf.len(), depth + 1, true)?
                 } else {
-                    // SQ, or UN / an unknown private tag of undefined length: a sequence.
+                    // SQ, or an unknown private tag of undefined length: a sequence.
                     self.items(value, self.buf.len(), depth + 1, true)?
                 };
             } else {

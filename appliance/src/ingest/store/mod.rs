@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::audit::Event;
-use crate::dicom::deid::DeidKey;
+use crate::dicom::deid::{DeidKey, ProfileOptions};
 use crate::edge::Edge;
 use crate::policy::{Declaration, Refusal};
 use crate::transfer_dir::{self, TransferDir};
@@ -135,6 +135,8 @@ struct Inner {
     deid_key: DeidKey,
     /// `policy.deidentify_purposes`.
     deidentify_purposes: HashSet<String>,
+    /// `policy.deidentify_options`.
+    deidentify_options: std::collections::BTreeMap<String, ProfileOptions>,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
@@ -247,6 +249,7 @@ impl IngestStore {
                 sending: Arc::new(tokio::sync::Semaphore::new(1)),
                 deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
                 deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
+                deidentify_options: cfg.policy.deidentify_options.clone(),
             }),
         };
         crate::transfer_dir::create_dir_durably(&store.inner.spool_dir)

@@ -105,7 +105,18 @@ impl IngestStore {
                 .inner
                 .deidentify_purposes
                 .contains(&decl.purpose)
-                .then(|| self.inner.deid_key.for_transfer(id)),
+                .then(|| {
+                    let options = self
+                        .inner
+                        .deidentify_options
+                        .get(&decl.purpose)
+                        .copied()
+                        .unwrap_or_default();
+                    self.inner
+                        .deid_key
+                        .for_transfer(id)
+                        .with_options(&decl.patient_id, options)
+                }),
         }
     }
 
