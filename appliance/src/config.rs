@@ -193,6 +193,11 @@ pub struct IngestSection {
     /// An open (declared, uncommitted) transfer with no upload in progress for this long is
     /// closed as failed and its files removed (`ingest.open_timeout`); `None`: never.
     pub open_timeout: Option<Duration>,
+    /// STOW-RS: most parts in one request (`ingest.stow_max_parts`); more answer 413.
+    pub stow_max_parts: usize,
+    /// STOW-RS: most failed parts listed one by one in an answer
+    /// (`ingest.stow_max_failed_listed`); the others are only counted.
+    pub stow_max_failed_listed: usize,
 }
 
 /// The DICOM Storage SCP's settings: keys `ingest.dicom_*` and `[[ingest.dicom_peers]]`.
@@ -383,6 +388,8 @@ struct RawIngest {
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
     open_timeout: Option<String>,
+    stow_max_parts: Option<usize>,
+    stow_max_failed_listed: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -457,6 +464,10 @@ pub const MIN_CHUNK_SIZE: u32 = 4096;
 pub const DEFAULT_SPOOL_RETAIN: Duration = Duration::from_secs(3 * 24 * 3600);
 /// Default `ingest.open_timeout`: a day.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default `ingest.stow_max_parts`: parts in one STOW-RS request.
+pub const DEFAULT_STOW_MAX_PARTS: usize = 10_000;
+/// Default `ingest.stow_max_failed_listed`: failed parts listed in one STOW-RS answer.
+pub const DEFAULT_STOW_MAX_FAILED_LISTED: usize = 1_000;
 /// Default upper bound on one upload: 64 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
@@ -679,6 +690,11 @@ impl Config {
                 &raw.ingest.open_timeout,
                 DEFAULT_OPEN_TIMEOUT,
             )?,
+            stow_max_parts: raw.ingest.stow_max_parts.unwrap_or(DEFAULT_STOW_MAX_PARTS),
+            stow_max_failed_listed: raw
+                .ingest
+                .stow_max_failed_listed
+                .unwrap_or(DEFAULT_STOW_MAX_FAILED_LISTED),
             dicom: DicomSection {
                 ae_title: raw
                     .ingest
@@ -778,6 +794,18 @@ impl Config {
             return Err(invalid(
                 "ingest.max_connections",
                 format!("{} is not in 1..=4096", ingest.max_connections),
+            ));
+        }
+        if ingest.stow_max_parts == 0 || ingest.stow_max_parts > 10_000_000 {
+            return Err(invalid(
+                "ingest.stow_max_parts",
+                format!("{} is not in 1..=10000000", ingest.stow_max_parts),
+            ));
+        }
+        if ingest.stow_max_failed_listed > 100_000 {
+            return Err(invalid(
+                "ingest.stow_max_failed_listed",
+                format!("{} is not in 0..=100000", ingest.stow_max_failed_listed),
             ));
         }
         if ingest.header_timeout.is_zero() || ingest.idle_timeout.is_zero() {
@@ -996,6 +1024,30 @@ path = "delivered"
         assert_eq!(open("never").unwrap(), None);
         let e = open("later").unwrap_err();
         assert!(e.to_string().contains("ingest.open_timeout"), "{e}");
+    }
+
+    #[test]
+    fn stow_limits_have_defaults_and_bounds() {
+        let parse = |lines: &str| {
+            let text = format!("{GATEWAY}\n[ingest]\n{lines}\n");
+            Config::parse(Path::new("g.toml"), &text)
+                .map(|c| (c.ingest.stow_max_parts, c.ingest.stow_max_failed_listed))
+        };
+        assert_eq!(
+            parse("").unwrap(),
+            (DEFAULT_STOW_MAX_PARTS, DEFAULT_STOW_MAX_FAILED_LISTED)
+        );
+        assert_eq!(
+            parse("stow_max_parts = 5\nstow_max_failed_listed = 0").unwrap(),
+            (5, 0)
+        );
+        let e = parse("stow_max_parts = 0").unwrap_err();
+        assert!(e.to_string().contains("ingest.stow_max_parts"), "{e}");
+        let e = parse("stow_max_failed_listed = 1000000").unwrap_err();
+        assert!(
+            e.to_string().contains("ingest.stow_max_failed_listed"),
+            "{e}"
+        );
     }
 
     #[test]
