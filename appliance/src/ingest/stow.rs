@@ -397,7 +397,7 @@ async fn receive(
                 ),
             ));
         }
-        if req.parts % YIELD_EVERY == 0 {
+        if req.parts.is_multiple_of(YIELD_EVERY) {
             // A body of many small parts arrives without waiting: let the others run.
             tokio::task::yield_now().await;
         }

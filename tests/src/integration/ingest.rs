@@ -352,7 +352,7 @@ fn tls_refuses_no_certificate_and_rogue_ca() {
 
 /// Transfer directories in the edge spool (hidden scratch directories such as the DICOM
 /// door's `.incoming` aside).
-fn transfers(d: &Deployment) -> Vec<PathBuf> {
+pub(super) fn transfers(d: &Deployment) -> Vec<PathBuf> {
     std::fs::read_dir(d.path("spool/edge"))
         .map(|e| {
             e.filter_map(Result::ok)

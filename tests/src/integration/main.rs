@@ -19,4 +19,5 @@ mod peer;
 mod refusal;
 mod resume;
 mod retention;
+mod stow_limits;
 mod transfer;
