@@ -113,7 +113,33 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Limits on what a peer may offer (`[limits]`).
     pub limits: baylink_net::proto::Limits,
+    /// What one hospital may hold at the edge (`[quota]`).
+    pub quota: QuotaSection,
+    /// Free spool bytes uploads may never use, kept for audit appends and the sealing of
+    /// accepted data (`spool.reserve_bytes`).
+    pub spool_reserve_bytes: u64,
 }
+
+/// `[quota]`: what one hospital may hold at the edge, on every door (HTTPS PUT, STOW-RS,
+/// C-STORE). Each hospital has its own allowance of each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaSection {
+    /// Declared, uncommitted transfers (`quota.max_open_transfers`).
+    pub max_open_transfers: usize,
+    /// Bytes held in the spool by its uncommitted transfers (`quota.max_spool_bytes`).
+    pub max_spool_bytes: u64,
+    /// Files in one transfer (`quota.max_files`).
+    pub max_files: u64,
+}
+
+/// Default `quota.max_open_transfers`.
+pub const DEFAULT_QUOTA_MAX_OPEN_TRANSFERS: usize = 100;
+/// Default `quota.max_spool_bytes`: 256 GiB.
+pub const DEFAULT_QUOTA_MAX_SPOOL_BYTES: u64 = 256 * 1024 * 1024 * 1024;
+/// Default `quota.max_files`.
+pub const DEFAULT_QUOTA_MAX_FILES: u64 = 100_000;
+/// Default `spool.reserve_bytes`: 64 MiB.
+pub const DEFAULT_SPOOL_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// `[hsm]`
 #[derive(Debug, Clone)]
@@ -316,6 +342,16 @@ struct Raw {
     drain: RawDrain,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    quota: RawQuota,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    max_open_transfers: Option<usize>,
+    max_spool_bytes: Option<u64>,
+    max_files: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -412,6 +448,7 @@ struct RawMetrics {
 struct RawSpool {
     dir: PathBuf,
     retain: Option<String>,
+    reserve_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -894,6 +931,31 @@ impl Config {
             return Err(missing("delivery.kind"));
         }
 
+        let quota = QuotaSection {
+            max_open_transfers: raw
+                .quota
+                .max_open_transfers
+                .unwrap_or(DEFAULT_QUOTA_MAX_OPEN_TRANSFERS),
+            max_spool_bytes: raw
+                .quota
+                .max_spool_bytes
+                .unwrap_or(DEFAULT_QUOTA_MAX_SPOOL_BYTES),
+            max_files: raw.quota.max_files.unwrap_or(DEFAULT_QUOTA_MAX_FILES),
+        };
+        for (key, zero) in [
+            ("quota.max_open_transfers", quota.max_open_transfers == 0),
+            ("quota.max_spool_bytes", quota.max_spool_bytes == 0),
+            ("quota.max_files", quota.max_files == 0),
+        ] {
+            if zero {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        let spool_reserve_bytes = raw
+            .spool
+            .reserve_bytes
+            .unwrap_or(DEFAULT_SPOOL_RESERVE_BYTES);
+
         let id = raw.id.unwrap_or_else(|| role.to_string());
         if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control()) {
             return Err(invalid("id", "must be 1..=64 printable characters".into()));
@@ -962,6 +1024,8 @@ impl Config {
             delivery,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,
             limits,
+            quota,
+            spool_reserve_bytes,
         })
     }
 }
@@ -1024,6 +1088,37 @@ path = "delivered"
         assert_eq!(open("never").unwrap(), None);
         let e = open("later").unwrap_err();
         assert!(e.to_string().contains("ingest.open_timeout"), "{e}");
+    }
+
+    #[test]
+    fn quotas_and_the_spool_reserve_have_defaults_and_name_their_key() {
+        let c = Config::parse(Path::new("g.toml"), GATEWAY).unwrap();
+        assert_eq!(
+            c.quota,
+            QuotaSection {
+                max_open_transfers: DEFAULT_QUOTA_MAX_OPEN_TRANSFERS,
+                max_spool_bytes: DEFAULT_QUOTA_MAX_SPOOL_BYTES,
+                max_files: DEFAULT_QUOTA_MAX_FILES,
+            }
+        );
+        assert_eq!(c.spool_reserve_bytes, DEFAULT_SPOOL_RESERVE_BYTES);
+        let text = GATEWAY.replace("[spool]", "[spool]\nreserve_bytes = 0");
+        let text = format!(
+            "{text}\n[quota]\nmax_open_transfers = 2\nmax_spool_bytes = 1000\nmax_files = 3\n"
+        );
+        let c = Config::parse(Path::new("g.toml"), &text).unwrap();
+        assert_eq!(c.spool_reserve_bytes, 0);
+        assert_eq!(
+            (
+                c.quota.max_open_transfers,
+                c.quota.max_spool_bytes,
+                c.quota.max_files
+            ),
+            (2, 1000, 3)
+        );
+        let text = format!("{GATEWAY}\n[quota]\nmax_files = 0\n");
+        let e = Config::parse(Path::new("g.toml"), &text).unwrap_err();
+        assert!(e.to_string().contains("quota.max_files"), "{e}");
     }
 
     #[test]

@@ -104,6 +104,18 @@ impl From<IngestError> for ApiError {
             IngestError::BadName(_) | IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            IngestError::Quota { key, .. } => {
+                return ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    body: json!({ "error": e.to_string(), "quota": key }),
+                };
+            }
+            IngestError::Reserve { .. } => {
+                return ApiError {
+                    status: StatusCode::INSUFFICIENT_STORAGE,
+                    body: json!({ "error": e.to_string(), "quota": "spool.reserve_bytes" }),
+                };
+            }
             IngestError::Internal(msg) => {
                 warn!(error = %msg, "internal error answering a hospital");
                 StatusCode::INTERNAL_SERVER_ERROR

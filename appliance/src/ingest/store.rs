@@ -65,6 +65,25 @@ pub enum IngestError {
     /// The spool's file system is full; the partial file was removed.
     #[error("the spool is out of space")]
     NoSpace,
+    /// The hospital's quota (`[quota]`) does not allow it; `key` names the quota.
+    #[error("{message} ({key})")]
+    Quota {
+        /// The config key of the quota, e.g. `quota.max_open_transfers`.
+        key: &'static str,
+        /// What was refused.
+        message: String,
+    },
+    /// The upload would eat into the spool's reserve (`spool.reserve_bytes`), kept for
+    /// audit appends and sealing.
+    #[error(
+        "the spool has {available} bytes free, {reserve} of them reserved (spool.reserve_bytes)"
+    )]
+    Reserve {
+        /// Free bytes on the spool's file system.
+        available: u64,
+        /// `spool.reserve_bytes`.
+        reserve: u64,
+    },
     /// An internal failure (spool, HSM); the message is for the operator's log too.
     #[error("{0}")]
     Internal(String),
@@ -230,6 +249,10 @@ struct Inner {
     deid_key: DeidKey,
     /// `policy.deidentify_purposes`.
     deidentify_purposes: HashSet<String>,
+    /// `[quota]`.
+    quota: crate::config::QuotaSection,
+    /// `spool.reserve_bytes`.
+    reserve_bytes: u64,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
@@ -333,6 +356,8 @@ impl IngestStore {
                 sending: Arc::new(tokio::sync::Semaphore::new(1)),
                 deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
                 deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
+                quota: cfg.quota.clone(),
+                reserve_bytes: cfg.spool_reserve_bytes,
             }),
         };
         std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
@@ -371,6 +396,7 @@ impl IngestStore {
         hospital: &str,
         decl: Declaration,
     ) -> Result<TransferId, IngestError> {
+        self.check_open_quota(hospital)?;
         let id = TransferId::new_v7();
         let policy = self.inner.edge.policy();
         let decision = match policy.check_hospital(hospital) {
@@ -501,6 +527,13 @@ impl IngestStore {
                 return Err(IngestError::Conflict(format!(
                     "file {name:?} is already uploaded in this transfer"
                 )));
+            }
+            let max_files = self.inner.quota.max_files;
+            if (st.files.len() + st.uploading.len()) as u64 >= max_files {
+                return Err(IngestError::Quota {
+                    key: "quota.max_files",
+                    message: format!("the transfer already has {max_files} files"),
+                });
             }
             if !st.uploading.insert(name.to_owned()) {
                 return Err(IngestError::Conflict(format!(
@@ -1245,7 +1278,7 @@ impl FileUpload {
         if have.saturating_add(len) > limit {
             return Err(IngestError::TooLarge { limit });
         }
-        Ok(())
+        self.store.check_spool_room(&self.hospital, len)
     }
 
     /// The file is a DICOM instance whose PatientID the caller checked against the
@@ -1263,6 +1296,7 @@ impl FileUpload {
     pub async fn write(&mut self, data: Bytes) -> Result<(), IngestError> {
         let limit = self.store.inner.max_upload_bytes;
         let len = data.len() as u64;
+        self.store.check_spool_room(&self.hospital, len)?;
         let before = self.transfer.bytes.fetch_add(len, Ordering::Relaxed);
         self.counted += len;
         if before.saturating_add(len) > limit {
@@ -1477,5 +1511,52 @@ impl Drop for FileUpload {
         } else {
             let _ = std::fs::remove_file(&part);
         }
+    }
+}
+
+/// Quota accounting (`[quota]`, `spool.reserve_bytes`), from the open transfers themselves.
+impl IngestStore {
+    /// Refuses a declaration when `hospital` already has `quota.max_open_transfers` open.
+    fn check_open_quota(&self, hospital: &str) -> Result<(), IngestError> {
+        let max = self.inner.quota.max_open_transfers;
+        let open = lock(&self.inner.open)
+            .values()
+            .filter(|t| t.hospital == hospital)
+            .count();
+        if open >= max {
+            return Err(IngestError::Quota {
+                key: "quota.max_open_transfers",
+                message: format!("{hospital} already has {open} open transfers"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses `len` more bytes for `hospital` when its open transfers would hold more than
+    /// `quota.max_spool_bytes`, or when they would leave less than `spool.reserve_bytes` free.
+    fn check_spool_room(&self, hospital: &str, len: u64) -> Result<(), IngestError> {
+        let max = self.inner.quota.max_spool_bytes;
+        let held: u64 = lock(&self.inner.open)
+            .values()
+            .filter(|t| t.hospital == hospital)
+            .map(|t| t.bytes.load(Ordering::Relaxed))
+            .sum();
+        if held.saturating_add(len) > max {
+            return Err(IngestError::Quota {
+                key: "quota.max_spool_bytes",
+                message: format!(
+                    "{hospital}'s open transfers hold {held} bytes; {len} more would pass {max}"
+                ),
+            });
+        }
+        let reserve = self.inner.reserve_bytes;
+        if reserve > 0 {
+            let (_, available) = crate::retention::spool_space(&self.inner.spool_dir)
+                .map_err(internal("spool free space"))?;
+            if available < reserve.saturating_add(len) {
+                return Err(IngestError::Reserve { available, reserve });
+            }
+        }
+        Ok(())
     }
 }

@@ -456,6 +456,10 @@ async fn receive(
             .instance_file_name(id, &format!("{}.dcm", inst.sop_instance));
         let mut upload = match app.store.begin_file(hospital, id, &name).await {
             Ok(u) => u,
+            // A quota or the spool reserve refuses the request, not just the part.
+            Err(e @ (IngestError::Quota { .. } | IngestError::Reserve { .. })) => {
+                return Err(e.into());
+            }
             Err(e @ IngestError::Conflict(_)) => {
                 req.failures
                     .add(Why::Duplicate, Some(&inst), || e.to_string());
@@ -480,6 +484,9 @@ async fn receive(
         };
         match outcome {
             Ok(()) => req.stored.push(inst),
+            Err(e @ (IngestError::Quota { .. } | IngestError::Reserve { .. })) => {
+                return Err(e.into());
+            }
             Err(e @ (IngestError::TooLarge { .. } | IngestError::NoSpace)) => {
                 req.failures
                     .add(Why::OutOfResources, Some(&inst), || e.to_string());

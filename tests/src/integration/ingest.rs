@@ -623,7 +623,7 @@ fn slow_clients_are_disconnected_by_the_header_and_idle_timeouts() {
 
 /// Writes a DICOM Part 10 instance with dcmtk's dump2dcm; `pixels` bytes of pixel data are
 /// appended (explicit VR only) so the instance spans many body frames.
-fn dicom(
+pub(super) fn dicom(
     dir: &Path,
     name: &str,
     patient: &str,
@@ -966,6 +966,8 @@ fn disk_full_is_507_and_nothing_is_left_behind() {
         return;
     }
     let d = Deployment::new().unwrap();
+    // The file system's own limit, not the reserve kept for audit and sealing.
+    d.set("edge.toml", "spool", "reserve_bytes", "0").unwrap();
     let spool = d.path("spool/edge");
     let edge = d
         .serve_on_small_disk(&d.edge_config(), "spool/edge", "16m")

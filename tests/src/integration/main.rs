@@ -16,6 +16,7 @@ mod ingest;
 mod link;
 mod orthanc;
 mod peer;
+mod quota;
 mod refusal;
 mod resume;
 mod retention;

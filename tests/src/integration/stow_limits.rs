@@ -117,6 +117,8 @@ impl Flood {
                 "POST",
                 "-H",
                 STOW_TYPE,
+                "-H",
+                "Expect:",
                 "-T",
                 "-",
                 "-w",
@@ -240,13 +242,13 @@ fn stow_over_the_part_limit_is_refused_with_413_and_nothing_kept() {
 
     // A good instance (the transfer is declared), then three times the limit of empty parts.
     let first = instance("P-0001", "1.2.826.0.1.3680043.2.1125.5.1", 4);
-    let stop = Arc::new(AtomicBool::new(false));
-    let flood = Flood::start(&d, &first, 30_000, stop.clone(), "60");
+    // A fixed body (stop is set from the start): the edge reads it all, draining after the
+    // limit, so curl reads the answer rather than a reset.
+    let flood = Flood::start(&d, &first, 30_000, Arc::new(AtomicBool::new(true)), "60");
     other_hospital_uploads(&api);
-    stop.store(true, Ordering::Relaxed);
     let (parts, status, body, _) = flood.finish();
 
-    assert_eq!(status, 413, "{body}");
+    assert_eq!(status, 413, "{body}\n{}", edge.log());
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["limit"], "ingest.stow_max_parts", "{v}");
     assert!(v["error"].as_str().unwrap().contains("10000 parts"), "{v}");
@@ -335,4 +337,27 @@ fn stow_in_one_byte_chunks_parses_the_prefix_once() {
     let lines = stow_log_lines(&edge);
     assert_eq!(lines.len(), 1, "one log line for the request: {lines:?}");
     assert!(lines[0].contains("stored=1"), "{}", lines[0]);
+}
+
+#[test]
+fn stow_cut_off_mid_body_leaves_no_transfer_open() {
+    let d = Deployment::new().unwrap();
+    let _edge = d.serve(&d.edge_config()).unwrap();
+    let api = Api { d: &d };
+    // One good instance (the transfer is declared and the instance stored), then the body
+    // ends without the closing delimiter.
+    let mut body = b"--b\r\nContent-Type: application/dicom\r\n\r\n".to_vec();
+    body.extend_from_slice(&instance("P-0001", "1.2.826.0.1.3680043.2.1125.7.1", 4));
+    body.extend_from_slice(b"\r\n--b\r\nContent-Type: application/dicom\r\n\r\nDICM");
+    let path = d.path("cut.body");
+    std::fs::write(&path, body).unwrap();
+    let data = format!("@{}", path.display());
+    let url = api.url("/dicom-web/studies");
+    let a = api.curl(
+        Some("hospital-a"),
+        &["-X", "POST", "-H", STOW_TYPE, "--data-binary", &data, &url],
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(a.body.contains("closing boundary"), "{a:?}");
+    assert!(transfers(&d).is_empty(), "{:?}", transfers(&d));
 }
