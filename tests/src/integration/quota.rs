@@ -4,6 +4,7 @@
 
 use baylink_tests::{Deployment, Service, payload};
 
+use super::dicom::{instance, run, scu, store_responses, text};
 use super::ingest::{Api, dicom, multipart, stow_with, transfers};
 
 const A: &str = r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#;
@@ -89,6 +90,23 @@ fn files_over_the_quota_are_refused_429_on_put_and_stow() {
         before,
         "the request's transfer is dropped"
     );
+}
+
+#[test]
+fn files_over_the_quota_fail_on_c_store_before_their_success_status() {
+    let d = Deployment::new().unwrap();
+    let _edge = edge_with(&d, "quota", "max_files", "2");
+    let src = d.path("instances");
+    let files: Vec<_> = (81..=83)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
+        .args(["-v", "-nh"])
+        .args(&files));
+    let t = text(&out);
+    assert_eq!(store_responses(&t, "Success"), 2, "{t}");
+    // The third is refused (out of resources) before it is acknowledged.
+    assert_eq!(store_responses(&t, "Refused: OutOfResources"), 1, "{t}");
 }
 
 #[test]
