@@ -253,6 +253,9 @@ struct Inner {
     quota: crate::config::QuotaSection,
     /// `spool.reserve_bytes`.
     reserve_bytes: u64,
+    /// Declarations in progress per hospital: they count against `quota.max_open_transfers`
+    /// until their transfer is in `open`.
+    declaring: Mutex<HashMap<String, usize>>,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
@@ -358,6 +361,7 @@ impl IngestStore {
                 deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
                 quota: cfg.quota.clone(),
                 reserve_bytes: cfg.spool_reserve_bytes,
+                declaring: Mutex::new(HashMap::new()),
             }),
         };
         std::fs::create_dir_all(&store.inner.spool_dir).map_err(internal("spool.dir"))?;
@@ -396,7 +400,7 @@ impl IngestStore {
         hospital: &str,
         decl: Declaration,
     ) -> Result<TransferId, IngestError> {
-        self.check_open_quota(hospital)?;
+        let _slot = self.take_open_slot(hospital)?;
         let id = TransferId::new_v7();
         let policy = self.inner.edge.policy();
         let decision = match policy.check_hospital(hospital) {
@@ -1514,22 +1518,46 @@ impl Drop for FileUpload {
     }
 }
 
+/// A declaration in progress, counted against its hospital's `quota.max_open_transfers`.
+struct DeclaringSlot<'a> {
+    store: &'a IngestStore,
+    hospital: String,
+}
+
+impl Drop for DeclaringSlot<'_> {
+    fn drop(&mut self) {
+        let mut declaring = lock(&self.store.inner.declaring);
+        if let Some(n) = declaring.get_mut(&self.hospital) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                declaring.remove(&self.hospital);
+            }
+        }
+    }
+}
+
 /// Quota accounting (`[quota]`, `spool.reserve_bytes`), from the open transfers themselves.
 impl IngestStore {
-    /// Refuses a declaration when `hospital` already has `quota.max_open_transfers` open.
-    fn check_open_quota(&self, hospital: &str) -> Result<(), IngestError> {
+    /// Takes one of `hospital`'s `quota.max_open_transfers` for a declaration in progress
+    /// (open transfers and other declarations in progress hold the others); the slot is
+    /// given back when the returned guard drops, by then the transfer is open or refused.
+    fn take_open_slot(&self, hospital: &str) -> Result<DeclaringSlot<'_>, IngestError> {
         let max = self.inner.quota.max_open_transfers;
-        let open = lock(&self.inner.open)
-            .values()
-            .filter(|t| t.hospital == hospital)
-            .count();
-        if open >= max {
+        let open = lock(&self.inner.open);
+        let mut declaring = lock(&self.inner.declaring);
+        let held = open.values().filter(|t| t.hospital == hospital).count()
+            + declaring.get(hospital).copied().unwrap_or(0);
+        if held >= max {
             return Err(IngestError::Quota {
                 key: "quota.max_open_transfers",
-                message: format!("{hospital} already has {open} open transfers"),
+                message: format!("{hospital} already has {held} open transfers"),
             });
         }
-        Ok(())
+        *declaring.entry(hospital.to_owned()).or_default() += 1;
+        Ok(DeclaringSlot {
+            store: self,
+            hospital: hospital.to_owned(),
+        })
     }
 
     /// Refuses `len` more bytes for `hospital` when its open transfers would hold more than
