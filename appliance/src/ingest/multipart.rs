@@ -201,10 +201,14 @@ where
             self.state = State::End;
             return Ok(None);
         }
+        // Each search starts where the last one could still have missed the end (3 bytes
+        // back), so a header block arriving byte by byte is scanned once, not once per byte.
+        let mut from = 0;
         let headers_end = loop {
-            if let Some(at) = find(&self.buf, b"\r\n\r\n") {
-                break at;
+            if let Some(at) = find(&self.buf[from..], b"\r\n\r\n") {
+                break from + at;
             }
+            from = self.buf.len().saturating_sub(3);
             if self.buf.len() > MAX_HEADERS {
                 return Err(MultipartError::BadHeaders(format!(
                     "longer than {MAX_HEADERS} bytes"
