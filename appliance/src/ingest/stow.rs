@@ -404,8 +404,11 @@ async fn receive(
         if let Some(ct) = &part.content_type
             && !ct.starts_with("application/dicom")
         {
-            req.failures
-                .add(Why::NotDicom, None, || format!("a part of type {ct}"));
+            req.failures.add(Why::NotDicom, None, || {
+                // The client's text: at most 64 characters of it go to the log.
+                let ct: String = ct.chars().take(64).collect();
+                format!("a part of type {ct:?}")
+            });
             continue;
         }
         let (prefix, parsed) = read_prefix(&app.stow.parse_slots, reader).await?;
