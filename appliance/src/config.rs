@@ -113,7 +113,33 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Limits on what a peer may offer (`[limits]`).
     pub limits: baylink_net::proto::Limits,
+    /// What one hospital may hold at the edge (`[quota]`).
+    pub quota: QuotaSection,
+    /// Free spool bytes uploads may never use, kept for audit appends and the sealing of
+    /// accepted data (`spool.reserve_bytes`).
+    pub spool_reserve_bytes: u64,
 }
+
+/// `[quota]`: what one hospital may hold at the edge, on every door (HTTPS PUT, STOW-RS,
+/// C-STORE). Each hospital has its own allowance of each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaSection {
+    /// Declared, uncommitted transfers (`quota.max_open_transfers`).
+    pub max_open_transfers: usize,
+    /// Bytes held in the spool by its uncommitted transfers (`quota.max_spool_bytes`).
+    pub max_spool_bytes: u64,
+    /// Files in one transfer (`quota.max_files`).
+    pub max_files: u64,
+}
+
+/// Default `quota.max_open_transfers`.
+pub const DEFAULT_QUOTA_MAX_OPEN_TRANSFERS: usize = 100;
+/// Default `quota.max_spool_bytes`: 256 GiB.
+pub const DEFAULT_QUOTA_MAX_SPOOL_BYTES: u64 = 256 * 1024 * 1024 * 1024;
+/// Default `quota.max_files`.
+pub const DEFAULT_QUOTA_MAX_FILES: u64 = 100_000;
+/// Default `spool.reserve_bytes`: 64 MiB.
+pub const DEFAULT_SPOOL_RESERVE_BYTES: u64 = 64 * 1024 * 1024;
 
 /// `[hsm]`
 #[derive(Debug, Clone)]
@@ -226,6 +252,11 @@ pub struct IngestSection {
     /// An open (declared, uncommitted) transfer with no upload in progress for this long is
     /// closed as failed and its files removed (`ingest.open_timeout`); `None`: never.
     pub open_timeout: Option<Duration>,
+    /// STOW-RS: most parts in one request (`ingest.stow_max_parts`); more answer 413.
+    pub stow_max_parts: usize,
+    /// STOW-RS: most failed parts listed one by one in an answer
+    /// (`ingest.stow_max_failed_listed`); the others are only counted.
+    pub stow_max_failed_listed: usize,
 }
 
 /// The DICOM Storage SCP's settings: keys `ingest.dicom_*` and `[[ingest.dicom_peers]]`.
@@ -348,6 +379,16 @@ struct Raw {
     drain: RawDrain,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    quota: RawQuota,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    max_open_transfers: Option<usize>,
+    max_spool_bytes: Option<u64>,
+    max_files: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -421,6 +462,8 @@ struct RawIngest {
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
     open_timeout: Option<String>,
+    stow_max_parts: Option<usize>,
+    stow_max_failed_listed: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -443,6 +486,7 @@ struct RawMetrics {
 struct RawSpool {
     dir: PathBuf,
     retain: Option<String>,
+    reserve_bytes: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -497,6 +541,10 @@ pub const MIN_CHUNK_SIZE: u32 = 4096;
 pub const DEFAULT_SPOOL_RETAIN: Duration = Duration::from_secs(3 * 24 * 3600);
 /// Default `ingest.open_timeout`: a day.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default `ingest.stow_max_parts`: parts in one STOW-RS request.
+pub const DEFAULT_STOW_MAX_PARTS: usize = 10_000;
+/// Default `ingest.stow_max_failed_listed`: failed parts listed in one STOW-RS answer.
+pub const DEFAULT_STOW_MAX_FAILED_LISTED: usize = 1_000;
 /// Default upper bound on one upload: 64 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
@@ -719,6 +767,11 @@ impl Config {
                 &raw.ingest.open_timeout,
                 DEFAULT_OPEN_TIMEOUT,
             )?,
+            stow_max_parts: raw.ingest.stow_max_parts.unwrap_or(DEFAULT_STOW_MAX_PARTS),
+            stow_max_failed_listed: raw
+                .ingest
+                .stow_max_failed_listed
+                .unwrap_or(DEFAULT_STOW_MAX_FAILED_LISTED),
             dicom: DicomSection {
                 ae_title: raw
                     .ingest
@@ -818,6 +871,18 @@ impl Config {
             return Err(invalid(
                 "ingest.max_connections",
                 format!("{} is not in 1..=4096", ingest.max_connections),
+            ));
+        }
+        if ingest.stow_max_parts == 0 || ingest.stow_max_parts > 10_000_000 {
+            return Err(invalid(
+                "ingest.stow_max_parts",
+                format!("{} is not in 1..=10000000", ingest.stow_max_parts),
+            ));
+        }
+        if ingest.stow_max_failed_listed > 100_000 {
+            return Err(invalid(
+                "ingest.stow_max_failed_listed",
+                format!("{} is not in 0..=100000", ingest.stow_max_failed_listed),
             ));
         }
         if ingest.header_timeout.is_zero() || ingest.idle_timeout.is_zero() {
@@ -932,6 +997,30 @@ impl Config {
                 ),
             ));
         }
+        let quota = QuotaSection {
+            max_open_transfers: raw
+                .quota
+                .max_open_transfers
+                .unwrap_or(DEFAULT_QUOTA_MAX_OPEN_TRANSFERS),
+            max_spool_bytes: raw
+                .quota
+                .max_spool_bytes
+                .unwrap_or(DEFAULT_QUOTA_MAX_SPOOL_BYTES),
+            max_files: raw.quota.max_files.unwrap_or(DEFAULT_QUOTA_MAX_FILES),
+        };
+        for (key, zero) in [
+            ("quota.max_open_transfers", quota.max_open_transfers == 0),
+            ("quota.max_spool_bytes", quota.max_spool_bytes == 0),
+            ("quota.max_files", quota.max_files == 0),
+        ] {
+            if zero {
+                return Err(invalid(key, "must be at least 1".into()));
+            }
+        }
+        let spool_reserve_bytes = raw
+            .spool
+            .reserve_bytes
+            .unwrap_or(DEFAULT_SPOOL_RESERVE_BYTES);
 
         let id = raw.id.unwrap_or_else(|| role.to_string());
         if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control()) {
@@ -1023,6 +1112,8 @@ impl Config {
             delivery,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,
             limits,
+            quota,
+            spool_reserve_bytes,
         })
     }
 }
@@ -1138,6 +1229,61 @@ path = "delivered"
         );
         let c = Config::parse(Path::new("g.toml"), &text).unwrap();
         assert!(c.hsm.allow_extractable);
+    }
+
+    #[test]
+    fn quotas_and_the_spool_reserve_have_defaults_and_name_their_key() {
+        let c = Config::parse(Path::new("g.toml"), GATEWAY).unwrap();
+        assert_eq!(
+            c.quota,
+            QuotaSection {
+                max_open_transfers: DEFAULT_QUOTA_MAX_OPEN_TRANSFERS,
+                max_spool_bytes: DEFAULT_QUOTA_MAX_SPOOL_BYTES,
+                max_files: DEFAULT_QUOTA_MAX_FILES,
+            }
+        );
+        assert_eq!(c.spool_reserve_bytes, DEFAULT_SPOOL_RESERVE_BYTES);
+        let text = GATEWAY.replace("[spool]", "[spool]\nreserve_bytes = 0");
+        let text = format!(
+            "{text}\n[quota]\nmax_open_transfers = 2\nmax_spool_bytes = 1000\nmax_files = 3\n"
+        );
+        let c = Config::parse(Path::new("g.toml"), &text).unwrap();
+        assert_eq!(c.spool_reserve_bytes, 0);
+        assert_eq!(
+            (
+                c.quota.max_open_transfers,
+                c.quota.max_spool_bytes,
+                c.quota.max_files
+            ),
+            (2, 1000, 3)
+        );
+        let text = format!("{GATEWAY}\n[quota]\nmax_files = 0\n");
+        let e = Config::parse(Path::new("g.toml"), &text).unwrap_err();
+        assert!(e.to_string().contains("quota.max_files"), "{e}");
+    }
+
+    #[test]
+    fn stow_limits_have_defaults_and_bounds() {
+        let parse = |lines: &str| {
+            let text = format!("{GATEWAY}\n[ingest]\n{lines}\n");
+            Config::parse(Path::new("g.toml"), &text)
+                .map(|c| (c.ingest.stow_max_parts, c.ingest.stow_max_failed_listed))
+        };
+        assert_eq!(
+            parse("").unwrap(),
+            (DEFAULT_STOW_MAX_PARTS, DEFAULT_STOW_MAX_FAILED_LISTED)
+        );
+        assert_eq!(
+            parse("stow_max_parts = 5\nstow_max_failed_listed = 0").unwrap(),
+            (5, 0)
+        );
+        let e = parse("stow_max_parts = 0").unwrap_err();
+        assert!(e.to_string().contains("ingest.stow_max_parts"), "{e}");
+        let e = parse("stow_max_failed_listed = 1000000").unwrap_err();
+        assert!(
+            e.to_string().contains("ingest.stow_max_failed_listed"),
+            "{e}"
+        );
     }
 
     #[test]

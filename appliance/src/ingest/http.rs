@@ -47,6 +47,7 @@ pub struct Hospital(pub Arc<str>);
 pub(super) struct AppState {
     pub(super) store: IngestStore,
     pub(super) idle_timeout: Duration,
+    pub(super) stow: super::stow::StowLimits,
 }
 
 /// An error answer: a status and a JSON body `{"error": ..., ...}`.
@@ -61,6 +62,24 @@ impl ApiError {
         ApiError {
             status,
             body: json!({ "error": message.into() }),
+        }
+    }
+
+    /// The answer's status.
+    pub(super) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// A refusal of what exceeds a configured limit: the body names the limit's config key
+    /// (`{"error": ..., "limit": "ingest.stow_max_parts"}`).
+    pub(super) fn limit(
+        status: StatusCode,
+        key: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
+        ApiError {
+            status,
+            body: json!({ "error": message.into(), "limit": key }),
         }
     }
 }
@@ -85,6 +104,18 @@ impl From<IngestError> for ApiError {
             IngestError::BadName(_) | IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
             IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            IngestError::Quota { key, .. } => {
+                return ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    body: json!({ "error": e.to_string(), "quota": key }),
+                };
+            }
+            IngestError::Reserve { .. } => {
+                return ApiError {
+                    status: StatusCode::INSUFFICIENT_STORAGE,
+                    body: json!({ "error": e.to_string(), "quota": "spool.reserve_bytes" }),
+                };
+            }
             IngestError::Internal(msg) => {
                 warn!(error = %msg, "internal error answering a hospital");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -124,7 +155,7 @@ pub fn tls_config_from(
 }
 
 /// The routes of the hospital API (the caller adds the [`Hospital`] extension).
-pub fn router(store: IngestStore, idle_timeout: Duration) -> Router {
+pub fn router(store: IngestStore, idle_timeout: Duration, stow: super::stow::StowLimits) -> Router {
     Router::new()
         .route("/v1/transfers", post(declare))
         .route("/v1/transfers/{id}", get(status))
@@ -143,6 +174,7 @@ pub fn router(store: IngestStore, idle_timeout: Duration) -> Router {
         .with_state(AppState {
             store,
             idle_timeout,
+            stow,
         })
 }
 
@@ -158,7 +190,11 @@ pub async fn bind(
         .with_context(|| format!("cannot listen on {listen} (ingest.listen)"))?;
     let local = listener.local_addr()?;
     let header_timeout = cfg.ingest.header_timeout;
-    let app = router(store, cfg.ingest.idle_timeout);
+    let app = router(
+        store,
+        cfg.ingest.idle_timeout,
+        super::stow::StowLimits::from_config(&cfg.ingest),
+    );
     let slots = Arc::new(Semaphore::new(cfg.ingest.max_connections));
     let serve = async move {
         loop {

@@ -59,6 +59,8 @@ pub struct MultipartReader<S> {
     state: State,
     idle: Duration,
     eof: bool,
+    /// The body stream failed or went idle: nothing more will come from it.
+    broken: bool,
 }
 
 impl<S> std::fmt::Debug for MultipartReader<S> {
@@ -120,6 +122,7 @@ where
             state: State::Preamble,
             idle,
             eof: false,
+            broken: false,
         }
     }
 
@@ -129,17 +132,29 @@ where
             return Ok(false);
         }
         match tokio::time::timeout(self.idle, self.stream.next()).await {
-            Err(_) => Err(MultipartError::Idle),
+            Err(_) => {
+                self.broken = true;
+                Err(MultipartError::Idle)
+            }
             Ok(None) => {
                 self.eof = true;
                 Ok(false)
             }
-            Ok(Some(Err(e))) => Err(MultipartError::Body(e.to_string())),
+            Ok(Some(Err(e))) => {
+                self.broken = true;
+                Err(MultipartError::Body(e.to_string()))
+            }
             Ok(Some(Ok(b))) => {
                 self.buf.extend_from_slice(&b);
                 Ok(true)
             }
         }
+    }
+
+    /// The body stream, unless it has ended, failed or gone idle: for a caller that answers
+    /// early and drains what the client is still sending.
+    pub fn unfinished_stream(&mut self) -> Option<&mut S> {
+        (!self.eof && !self.broken).then_some(&mut self.stream)
     }
 
     /// The next piece of the current part's body; `None` at the end of the part.
@@ -186,10 +201,14 @@ where
             self.state = State::End;
             return Ok(None);
         }
+        // Each search starts where the last one could still have missed the end (3 bytes
+        // back), so a header block arriving byte by byte is scanned once, not once per byte.
+        let mut from = 0;
         let headers_end = loop {
-            if let Some(at) = find(&self.buf, b"\r\n\r\n") {
-                break at;
+            if let Some(at) = find(&self.buf[from..], b"\r\n\r\n") {
+                break from + at;
             }
+            from = self.buf.len().saturating_sub(3);
             if self.buf.len() > MAX_HEADERS {
                 return Err(MultipartError::BadHeaders(format!(
                     "longer than {MAX_HEADERS} bytes"

@@ -49,7 +49,6 @@ struct Cursor<'a> {
 
 struct Element {
     tag: (u16, u16),
-    vr: Option<[u8; 2]>,
     len: u32,
 }
 
@@ -81,7 +80,6 @@ impl Cursor<'_> {
         if tag.0 == 0xFFFE || !self.explicit {
             return Ok(Element {
                 tag,
-                vr: None,
                 len: self.u32()?,
             });
         }
@@ -115,59 +113,11 @@ impl Cursor<'_> {
         } else {
             u32::from(self.u16()?)
         };
-        Ok(Element {
-            tag,
-            vr: Some(vr),
-            len,
-        })
+        Ok(Element { tag, len })
     }
 
     fn skip(&mut self, len: u32) -> Result<(), Part10Error> {
         self.take(len as usize).map(drop)
-    }
-
-    /// Skips the items of a sequence of undefined length, up to its delimiter.
-    fn skip_undefined_sequence(&mut self, depth: usize) -> Result<(), Part10Error> {
-        if depth > MAX_DEPTH {
-            return Err(malformed("sequences nested too deeply"));
-        }
-        loop {
-            let el = self.header()?;
-            match el.tag {
-                (0xFFFE, 0xE0DD) => return Ok(()),
-                (0xFFFE, 0xE000) if el.len == UNDEFINED => self.skip_undefined_item(depth + 1)?,
-                (0xFFFE, 0xE000) => self.skip(el.len)?,
-                (g, e) => {
-                    return Err(malformed(format!(
-                        "({g:04X},{e:04X}) inside a sequence, where an item was expected"
-                    )));
-                }
-            }
-        }
-    }
-
-    /// Skips the elements of an item of undefined length, up to its delimiter.
-    fn skip_undefined_item(&mut self, depth: usize) -> Result<(), Part10Error> {
-        if depth > MAX_DEPTH {
-            return Err(malformed("items nested too deeply"));
-        }
-        loop {
-            let el = self.header()?;
-            if el.tag == (0xFFFE, 0xE00D) {
-                return Ok(());
-            }
-            self.skip_value(&el, depth)?;
-        }
-    }
-
-    fn skip_value(&mut self, el: &Element, depth: usize) -> Result<(), Part10Error> {
-        if el.len == UNDEFINED {
-            // SQ, or in implicit VR a sequence whose VR we do not know; UN/OB with undefined
-            // length (encapsulated) is a sequence of items too.
-            self.skip_undefined_sequence(depth + 1)
-        } else {
-            self.skip(el.len)
-        }
     }
 }
 
@@ -178,73 +128,211 @@ fn text(value: &[u8]) -> String {
         .to_owned()
 }
 
-/// Reads the instance's routing facts from the first bytes of a Part 10 file.
-/// [`Part10Error::NeedMore`] means the prefix is too short so far.
-pub fn parse_prefix(buf: &[u8]) -> Result<Instance, Part10Error> {
-    if buf.len() < PREAMBLE + 4 {
-        return Err(Part10Error::NeedMore);
+/// Where the walk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Before `DICM`.
+    Preamble,
+    /// In the file meta information (group 0002).
+    Meta,
+    /// In the data set.
+    DataSet,
+}
+
+/// An open container of undefined length, skipped element by element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Frame {
+    /// A sequence: items up to the sequence delimiter.
+    Sequence,
+    /// An item: elements up to the item delimiter.
+    Item,
+}
+
+/// An incremental reader of the routing facts: [`PrefixParser::parse`] is called again with
+/// the same prefix grown by the bytes that arrived since, and resumes at the first element it
+/// could not finish (its header is read again; a value it skips is never read). Parsing a
+/// prefix that arrives in any number of pieces costs time linear in its length.
+#[derive(Debug, Clone)]
+pub struct PrefixParser {
+    stage: Stage,
+    /// Offset of the first element not yet walked.
+    pos: usize,
+    class: Option<String>,
+    instance: Option<String>,
+    syntax: Option<String>,
+    explicit: bool,
+    /// The last top-level data set tag (elements must come in order).
+    last: (u16, u16),
+    /// Open sequences and items of undefined length, outermost first.
+    stack: Vec<Frame>,
+}
+
+impl Default for PrefixParser {
+    fn default() -> Self {
+        PrefixParser::new()
     }
-    if &buf[PREAMBLE..PREAMBLE + 4] != b"DICM" {
-        return Err(malformed(
-            "not a DICOM Part 10 file (no DICM after the preamble)",
-        ));
+}
+
+impl PrefixParser {
+    /// A parser at the start of a file.
+    pub fn new() -> PrefixParser {
+        PrefixParser {
+            stage: Stage::Preamble,
+            pos: 0,
+            class: None,
+            instance: None,
+            syntax: None,
+            explicit: true,
+            last: (0, 0),
+            stack: Vec::new(),
+        }
     }
-    let mut c = Cursor {
-        buf,
-        pos: PREAMBLE + 4,
-        explicit: true,
-    };
-    let (mut class, mut instance, mut syntax) = (None, None, None);
-    loop {
-        // Peek at the group: the meta information is group 0002 only.
-        if c.buf.len() - c.pos < 2 {
-            return Err(Part10Error::NeedMore);
+
+    /// Bytes of the prefix walked so far (a later call starts there).
+    pub fn walked(&self) -> usize {
+        self.pos
+    }
+
+    /// Reads on in `buf`, the file's first bytes: the same bytes as at the previous call, and
+    /// possibly more. [`Part10Error::NeedMore`] means the prefix is too short so far.
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Instance, Part10Error> {
+        loop {
+            let mut c = Cursor {
+                buf,
+                pos: self.pos,
+                explicit: self.explicit,
+            };
+            let found = self.step(&mut c)?;
+            // The step is complete: its bytes are never walked again.
+            self.pos = c.pos;
+            if let Some(instance) = found {
+                return Ok(instance);
+            }
         }
-        if u16::from_le_bytes([c.buf[c.pos], c.buf[c.pos + 1]]) != 0x0002 {
-            break;
+    }
+
+    /// Walks one element (or the preamble). Changes `self` only when the step completes,
+    /// so a [`Part10Error::NeedMore`] leaves the parser where it was.
+    fn step(&mut self, c: &mut Cursor<'_>) -> Result<Option<Instance>, Part10Error> {
+        match self.stage {
+            Stage::Preamble => {
+                if c.buf.len() < PREAMBLE + 4 {
+                    return Err(Part10Error::NeedMore);
+                }
+                if &c.buf[PREAMBLE..PREAMBLE + 4] != b"DICM" {
+                    return Err(malformed(
+                        "not a DICOM Part 10 file (no DICM after the preamble)",
+                    ));
+                }
+                c.pos = PREAMBLE + 4;
+                self.stage = Stage::Meta;
+                Ok(None)
+            }
+            Stage::Meta => {
+                // Peek at the group: the meta information is group 0002 only.
+                if c.buf.len() - c.pos < 2 {
+                    return Err(Part10Error::NeedMore);
+                }
+                if u16::from_le_bytes([c.buf[c.pos], c.buf[c.pos + 1]]) != 0x0002 {
+                    self.end_meta()?;
+                    return Ok(None);
+                }
+                let el = c.header()?;
+                if el.len == UNDEFINED {
+                    return Err(malformed("undefined length in the file meta information"));
+                }
+                let value = c.take(el.len as usize)?;
+                match el.tag.1 {
+                    0x0002 => self.class = Some(text(value)),
+                    0x0003 => self.instance = Some(text(value)),
+                    0x0010 => self.syntax = Some(text(value)),
+                    _ => {}
+                }
+                Ok(None)
+            }
+            Stage::DataSet => match self.stack.last() {
+                Some(Frame::Sequence) => {
+                    let el = c.header()?;
+                    match el.tag {
+                        (0xFFFE, 0xE0DD) => {
+                            self.stack.pop();
+                        }
+                        (0xFFFE, 0xE000) if el.len == UNDEFINED => self.open(Frame::Item)?,
+                        (0xFFFE, 0xE000) => c.skip(el.len)?,
+                        (g, e) => {
+                            return Err(malformed(format!(
+                                "({g:04X},{e:04X}) inside a sequence, where an item was expected"
+                            )));
+                        }
+                    }
+                    Ok(None)
+                }
+                Some(Frame::Item) => {
+                    let el = c.header()?;
+                    if el.tag == (0xFFFE, 0xE00D) {
+                        self.stack.pop();
+                    } else if el.len == UNDEFINED {
+                        self.open(Frame::Sequence)?;
+                    } else {
+                        c.skip(el.len)?;
+                    }
+                    Ok(None)
+                }
+                None => self.top_level(c),
+            },
         }
+    }
+
+    /// The meta information is over: its three UIDs decide how the data set is read.
+    fn end_meta(&mut self) -> Result<(), Part10Error> {
+        let class = self.class.as_ref();
+        let class = class.ok_or_else(|| malformed("no Media Storage SOP Class UID"))?;
+        let instance = self.instance.as_ref();
+        let instance = instance.ok_or_else(|| malformed("no Media Storage SOP Instance UID"))?;
+        let syntax = self.syntax.as_ref();
+        let syntax = syntax.ok_or_else(|| malformed("no Transfer Syntax UID"))?;
+        for (what, uid) in [
+            ("SOP Class UID", class),
+            ("SOP Instance UID", instance),
+            ("Transfer Syntax UID", syntax),
+        ] {
+            // The same rule as the C-STORE door (PS3.5 9.1).
+            if let Err(e) = crate::dicom::part10::validate_uid(uid) {
+                return Err(malformed(format!("{what}: {e}")));
+            }
+        }
+        self.explicit = match syntax.as_str() {
+            "1.2.840.10008.1.2" => false,
+            "1.2.840.10008.1.2.2" => {
+                return Err(malformed("explicit VR big endian is not accepted"));
+            }
+            "1.2.840.10008.1.2.1.99" => {
+                return Err(malformed("deflated transfer syntax is not accepted"));
+            }
+            _ => true,
+        };
+        self.stage = Stage::DataSet;
+        Ok(())
+    }
+
+    /// Enters a sequence or item of undefined length.
+    fn open(&mut self, frame: Frame) -> Result<(), Part10Error> {
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(malformed(match frame {
+                Frame::Sequence => "sequences nested too deeply",
+                Frame::Item => "items nested too deeply",
+            }));
+        }
+        self.stack.push(frame);
+        Ok(())
+    }
+
+    /// One element of the data set itself: the PatientID ends the walk.
+    fn top_level(&mut self, c: &mut Cursor<'_>) -> Result<Option<Instance>, Part10Error> {
         let el = c.header()?;
-        if el.len == UNDEFINED {
-            return Err(malformed("undefined length in the file meta information"));
-        }
-        let value = c.take(el.len as usize)?;
-        match el.tag.1 {
-            0x0002 => class = Some(text(value)),
-            0x0003 => instance = Some(text(value)),
-            0x0010 => syntax = Some(text(value)),
-            _ => {}
-        }
-    }
-    let sop_class = class.ok_or_else(|| malformed("no Media Storage SOP Class UID"))?;
-    let sop_instance = instance.ok_or_else(|| malformed("no Media Storage SOP Instance UID"))?;
-    let transfer_syntax = syntax.ok_or_else(|| malformed("no Transfer Syntax UID"))?;
-    for (what, uid) in [
-        ("SOP Class UID", &sop_class),
-        ("SOP Instance UID", &sop_instance),
-        ("Transfer Syntax UID", &transfer_syntax),
-    ] {
-        // The same rule as the C-STORE door (PS3.5 9.1).
-        if let Err(e) = crate::dicom::part10::validate_uid(uid) {
-            return Err(malformed(format!("{what}: {e}")));
-        }
-    }
-    c.explicit = match transfer_syntax.as_str() {
-        "1.2.840.10008.1.2" => false,
-        "1.2.840.10008.1.2.2" => {
-            return Err(malformed("explicit VR big endian is not accepted"));
-        }
-        "1.2.840.10008.1.2.1.99" => {
-            return Err(malformed("deflated transfer syntax is not accepted"));
-        }
-        _ => true,
-    };
-    let mut last = (0u16, 0u16);
-    loop {
-        let el = c.header()?;
-        if el.tag < last {
+        if el.tag < self.last {
             return Err(malformed("data set elements out of order"));
         }
-        last = el.tag;
         if el.tag == (0x0010, 0x0020) {
             if el.len == UNDEFINED || el.len > 64 * 4 {
                 return Err(malformed("PatientID has an impossible length"));
@@ -253,19 +341,38 @@ pub fn parse_prefix(buf: &[u8]) -> Result<Instance, Part10Error> {
             if patient_id.is_empty() {
                 return Err(malformed("PatientID is empty"));
             }
-            return Ok(Instance {
-                sop_class,
-                sop_instance,
-                transfer_syntax,
+            let (Some(sop_class), Some(sop_instance), Some(transfer_syntax)) =
+                (&self.class, &self.instance, &self.syntax)
+            else {
+                return Err(malformed("the data set starts before the meta information"));
+            };
+            return Ok(Some(Instance {
+                sop_class: sop_class.clone(),
+                sop_instance: sop_instance.clone(),
+                transfer_syntax: transfer_syntax.clone(),
                 patient_id,
-            });
+            }));
         }
         if el.tag > (0x0010, 0x0020) {
             return Err(malformed("no PatientID (0010,0020)"));
         }
-        let _ = el.vr;
-        c.skip_value(&el, 0)?;
+        if el.len == UNDEFINED {
+            // SQ, or in implicit VR a sequence whose VR we do not know; UN/OB with undefined
+            // length (encapsulated) is a sequence of items too.
+            self.open(Frame::Sequence)?;
+        } else {
+            c.skip(el.len)?;
+        }
+        self.last = el.tag;
+        Ok(None)
     }
+}
+
+/// Reads the instance's routing facts from the first bytes of a Part 10 file.
+/// [`Part10Error::NeedMore`] means the prefix is too short so far. A prefix that grows
+/// piece by piece is read with a [`PrefixParser`] instead.
+pub fn parse_prefix(buf: &[u8]) -> Result<Instance, Part10Error> {
+    PrefixParser::new().parse(buf)
 }
 
 #[cfg(test)]
@@ -342,6 +449,63 @@ mod tests {
                 "prefix {n}"
             );
         }
+    }
+
+    #[test]
+    fn a_prefix_fed_piece_by_piece_reads_as_the_whole() {
+        let f = explicit_file();
+        let whole = parse_prefix(&f).unwrap();
+        for piece in [1, 2, 3, 5, 8, 13, 64] {
+            let mut p = PrefixParser::new();
+            let mut walked = 0;
+            let mut got = None;
+            for end in (piece..f.len() + piece).step_by(piece) {
+                match p.parse(&f[..end.min(f.len())]) {
+                    Ok(i) => {
+                        got = Some(i);
+                        break;
+                    }
+                    Err(Part10Error::NeedMore) => {}
+                    Err(e) => panic!("piece {piece}, {end} bytes: {e}"),
+                }
+                // Resumes where it stopped: never behind, never past the bytes given.
+                assert!(p.walked() >= walked && p.walked() <= end, "piece {piece}");
+                walked = p.walked();
+            }
+            assert_eq!(got.as_ref(), Some(&whole), "piece {piece}");
+        }
+    }
+
+    #[test]
+    fn many_small_elements_fed_a_byte_at_a_time_are_walked_once() {
+        // 64 KiB of short elements before the PatientID, one byte more at each call: every
+        // call resumes at the element it could not finish, so it walks a few bytes only.
+        let mut f = meta("1.2.840.10008.1.2.1");
+        let first = f.len();
+        for i in 0..8192u16 {
+            el_explicit(&mut f, 8, 0x1000 + i, b"SH", b"AB");
+        }
+        el_explicit(&mut f, 0x10, 0x20, b"LO", b"P-0003");
+        let mut p = PrefixParser::new();
+        let mut behind = 0usize;
+        for end in 1..=f.len() {
+            match p.parse(&f[..end]) {
+                Ok(i) => {
+                    assert_eq!(i.patient_id, "P-0003");
+                    assert_eq!(end, f.len());
+                    break;
+                }
+                Err(Part10Error::NeedMore) => {
+                    if end > first {
+                        // At most one unfinished element: the longest is the PatientID's
+                        // (8-byte header, 6-byte value).
+                        behind = behind.max(end - p.walked());
+                    }
+                }
+                Err(e) => panic!("{end}: {e}"),
+            }
+        }
+        assert!(behind < 14, "a call left {behind} bytes unwalked");
     }
 
     #[test]

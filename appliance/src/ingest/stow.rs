@@ -9,25 +9,68 @@
 //! FailedSOPSequence with a FailureReason; the others are stored, and the transfer is
 //! committed when the request ends. The answer is the standard STOW-RS response in DICOM JSON
 //! with the transfer id in `X-Baylink-Transfer`.
+//!
+//! The work of one request is bounded: at most `ingest.stow_max_parts` parts (more: 413, and
+//! the transfer is dropped), at most `ingest.stow_max_failed_listed` failed parts listed in
+//! the answer (all counted in `X-Baylink-Failed-Count`), one log line per request whatever
+//! its parts. The prefix is parsed incrementally ([`PrefixParser`]) every [`PARSE_STEP`] new
+//! bytes, larger walks on the blocking pool behind a small semaphore so a flood of parts
+//! never holds the async workers that serve the other hospitals, the DICOM port and sending.
 
-use axum::body::Body;
+use std::sync::Arc;
+
+use axum::body::{Body, BodyDataStream};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::BytesMut;
 use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use super::http::{ApiError, AppState, Hospital};
-use super::multipart::{MultipartReader, boundary};
-use super::part10::{self, Instance, Part10Error};
+use super::multipart::{MultipartError, MultipartReader, boundary};
+use super::part10::{Instance, Part10Error, PrefixParser};
 use super::store::IngestError;
+use crate::config::IngestSection;
 use crate::policy::Declaration;
 use baylink_net::proto::TransferId;
 
 /// The most bytes of one part held in memory to find its PatientID.
 pub const MAX_PREFIX: usize = 1024 * 1024;
+/// New prefix bytes gathered before the prefix is parsed again (also parsed at the part's
+/// end and at [`MAX_PREFIX`]).
+pub const PARSE_STEP: usize = 64 * 1024;
+/// A parse with fewer bytes than this left to walk runs on the request's task (a walk of a
+/// few microseconds); a longer one goes to the blocking pool.
+const INLINE_PARSE: usize = 4 * 1024;
+/// Prefix parses running on the blocking pool at once, all requests together.
+pub const PARSE_SLOTS: usize = 2;
+/// Parts between two yields of a request's task to the scheduler.
+const YIELD_EVERY: usize = 64;
+
+/// What one STOW-RS request may cost (`ingest.stow_*`), and the parse slots all requests
+/// share.
+#[derive(Debug, Clone)]
+pub struct StowLimits {
+    /// `ingest.stow_max_parts`.
+    pub max_parts: usize,
+    /// `ingest.stow_max_failed_listed`.
+    pub max_failed_listed: usize,
+    parse_slots: Arc<Semaphore>,
+}
+
+impl StowLimits {
+    /// The limits of `[ingest]`, with [`PARSE_SLOTS`] parse slots.
+    pub fn from_config(ingest: &IngestSection) -> StowLimits {
+        StowLimits {
+            max_parts: ingest.stow_max_parts,
+            max_failed_listed: ingest.stow_max_failed_listed,
+            parse_slots: Arc::new(Semaphore::new(PARSE_SLOTS)),
+        }
+    }
+}
 
 /// FailureReason: processing failure (used for a refused patient).
 pub const PROCESSING_FAILURE: u16 = 0x0110;
@@ -55,6 +98,115 @@ struct Failed {
     class: Option<String>,
     instance: Option<String>,
     reason: u16,
+}
+
+/// Why a part failed (each counted for the request's log line).
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    /// A part that is not `application/dicom`.
+    NotDicom,
+    /// No routing facts in its prefix.
+    Malformed,
+    /// The request's patient was refused by policy.
+    Refused,
+    /// Another patient than the request's transfer.
+    OtherPatient,
+    /// The SOP instance came twice.
+    Duplicate,
+    /// Over the size limit, or the spool is full.
+    OutOfResources,
+    /// The spool could not store it.
+    NotStored,
+}
+
+impl Why {
+    fn reason(self) -> u16 {
+        match self {
+            Why::NotDicom | Why::Malformed => CANNOT_UNDERSTAND,
+            Why::Refused | Why::OtherPatient | Why::NotStored => PROCESSING_FAILURE,
+            Why::Duplicate => DUPLICATE_INSTANCE,
+            Why::OutOfResources => OUT_OF_RESOURCES,
+        }
+    }
+}
+
+/// The failed parts of a request: listed up to a cap, all counted.
+struct Failures {
+    listed: Vec<Failed>,
+    cap: usize,
+    total: usize,
+    counts: [usize; 7],
+    /// The first problem's text, for the request's log line.
+    first_problem: Option<String>,
+}
+
+impl Failures {
+    fn new(cap: usize) -> Failures {
+        Failures {
+            listed: Vec::new(),
+            cap,
+            total: 0,
+            counts: [0; 7],
+            first_problem: None,
+        }
+    }
+
+    fn add(&mut self, why: Why, inst: Option<&Instance>, problem: impl FnOnce() -> String) {
+        self.total += 1;
+        self.counts[why as usize] += 1;
+        if self.first_problem.is_none() {
+            self.first_problem = Some(problem());
+        }
+        if self.listed.len() < self.cap {
+            self.listed.push(Failed {
+                class: inst.map(|i| i.sop_class.clone()),
+                instance: inst.map(|i| i.sop_instance.clone()),
+                reason: why.reason(),
+            });
+        }
+    }
+
+    fn count(&self, why: Why) -> usize {
+        self.counts[why as usize]
+    }
+}
+
+/// What one request has done so far.
+struct Request {
+    transfer: Option<(TransferId, String)>,
+    refused: bool,
+    parts: usize,
+    stored: Vec<Instance>,
+    failures: Failures,
+}
+
+impl Request {
+    /// The request's one log line (never the patient: the transfer id names it).
+    fn log(&self, hospital: &str, status: StatusCode) {
+        let f = &self.failures;
+        let transfer = self
+            .transfer
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |(id, _)| id.to_string());
+        info!(
+            hospital,
+            transfer,
+            status = status.as_u16(),
+            parts = self.parts,
+            stored = self.stored.len(),
+            failed = f.total,
+            unlisted = f.total - f.listed.len(),
+            not_dicom = f.count(Why::NotDicom),
+            malformed = f.count(Why::Malformed),
+            refused = f.count(Why::Refused),
+            other_patient = f.count(Why::OtherPatient),
+            duplicate = f.count(Why::Duplicate),
+            out_of_resources = f.count(Why::OutOfResources),
+            not_stored = f.count(Why::NotStored),
+            first_problem = f.first_problem.as_deref().unwrap_or("none"),
+            "STOW-RS request answered"
+        );
+    }
 }
 
 fn uid(tag: &str, value: &str) -> (String, Value) {
@@ -159,77 +311,135 @@ pub(super) async fn stow(
         )
     })?;
     let mut reader = MultipartReader::new(body.into_data_stream(), &boundary, app.idle_timeout);
-    let mut transfer: Option<(TransferId, String)> = None;
-    let mut refused = false;
-    let mut stored: Vec<Instance> = Vec::new();
-    let mut failed: Vec<Failed> = Vec::new();
-    let bad_body = |e: super::multipart::MultipartError| {
-        ApiError::new(StatusCode::BAD_REQUEST, format!("multipart body: {e}"))
+    let mut req = Request {
+        transfer: None,
+        refused: false,
+        parts: 0,
+        stored: Vec::new(),
+        failures: Failures::new(app.stow.max_failed_listed),
     };
+    let received = match receive(&app, &hospital, &purpose, &mut reader, &mut req).await {
+        Ok(()) => match &req.transfer {
+            Some((id, _)) if !req.stored.is_empty() => app.store.commit(&hospital, id).await,
+            _ => Ok(()),
+        }
+        .map_err(ApiError::from),
+        Err(e) => {
+            // The client may still be sending: read on a little so it sees the answer.
+            if let Some(stream) = reader.unfinished_stream() {
+                super::http::drain_body(stream, app.idle_timeout).await;
+            }
+            // Nothing is left open: the transfer this request declared goes with what it held.
+            if let Some((id, _)) = &req.transfer
+                && let Err(a) = app.store.abandon(&hospital, id).await
+            {
+                warn!(transfer = %id, error = %a, "STOW-RS transfer of a failed request not dropped");
+            }
+            Err(e)
+        }
+    };
+    if let Err(e) = received {
+        req.log(&hospital, e.status());
+        return Err(e);
+    }
 
+    let status = if req.stored.is_empty() {
+        StatusCode::CONFLICT
+    } else if req.failures.total == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    req.log(&hospital, status);
+    let answer = response_json(&req.stored, &req.failures.listed);
+    let mut response = (status, Json(answer)).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/dicom+json"),
+    );
+    if let Some((id, _)) = &req.transfer
+        && let Ok(v) = HeaderValue::from_str(&id.to_string())
+    {
+        h.insert("x-baylink-transfer", v);
+    }
+    if req.failures.total > 0 {
+        h.insert(
+            "x-baylink-failed-count",
+            HeaderValue::from(req.failures.total),
+        );
+    }
+    Ok(response)
+}
+
+fn bad_body(e: MultipartError) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, format!("multipart body: {e}"))
+}
+
+/// Reads the parts of the body into the request's transfer.
+async fn receive(
+    app: &AppState,
+    hospital: &str,
+    purpose: &str,
+    reader: &mut MultipartReader<BodyDataStream>,
+    req: &mut Request,
+) -> Result<(), ApiError> {
     while let Some(part) = reader.next_part().await.map_err(bad_body)? {
+        req.parts += 1;
+        if req.parts > app.stow.max_parts {
+            return Err(ApiError::limit(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "ingest.stow_max_parts",
+                format!(
+                    "more than {} parts in one STOW-RS request (ingest.stow_max_parts); \
+                     nothing of the request is kept",
+                    app.stow.max_parts
+                ),
+            ));
+        }
+        if req.parts.is_multiple_of(YIELD_EVERY) {
+            // A body of many small parts arrives without waiting: let the others run.
+            tokio::task::yield_now().await;
+        }
         if let Some(ct) = &part.content_type
             && !ct.starts_with("application/dicom")
         {
-            failed.push(Failed {
-                class: None,
-                instance: None,
-                reason: CANNOT_UNDERSTAND,
+            req.failures.add(Why::NotDicom, None, || {
+                // The client's text: at most 64 characters of it go to the log.
+                let ct: String = ct.chars().take(64).collect();
+                format!("a part of type {ct:?}")
             });
             continue;
         }
-        // Gather the prefix until the routing facts are in it.
-        let mut prefix = BytesMut::new();
-        let parsed = loop {
-            match part10::parse_prefix(&prefix) {
-                Ok(i) => break Ok(i),
-                Err(Part10Error::Malformed(why)) => break Err(why),
-                Err(Part10Error::NeedMore) if prefix.len() >= MAX_PREFIX => {
-                    break Err(format!("no PatientID within the first {MAX_PREFIX} bytes"));
-                }
-                Err(Part10Error::NeedMore) => match reader.read_chunk().await.map_err(bad_body)? {
-                    Some(c) => prefix.extend_from_slice(&c),
-                    None => break Err("the instance ends before its PatientID".into()),
-                },
-            }
-        };
+        let (prefix, parsed) = read_prefix(&app.stow.parse_slots, reader).await?;
         let inst = match parsed {
             Ok(i) => i,
             Err(why) => {
-                info!(hospital = %hospital, reason = %why, "STOW-RS part refused as malformed");
-                failed.push(Failed {
-                    class: None,
-                    instance: None,
-                    reason: CANNOT_UNDERSTAND,
-                });
+                req.failures.add(Why::Malformed, None, || why);
                 continue;
             }
         };
-        let fail = |reason| Failed {
-            class: Some(inst.sop_class.clone()),
-            instance: Some(inst.sop_instance.clone()),
-            reason,
-        };
-        if transfer.is_none() && !refused {
+        if req.transfer.is_none() && !req.refused {
             match app
                 .store
-                .declare(&hospital, declaration_for(&inst.patient_id, &purpose))
+                .declare(hospital, declaration_for(&inst.patient_id, purpose))
                 .await
             {
-                Ok(id) => transfer = Some((id, inst.patient_id.clone())),
+                Ok(id) => req.transfer = Some((id, inst.patient_id.clone())),
                 Err(IngestError::Refused(r)) => {
-                    info!(hospital = %hospital, rule = r.rule, reason = %r.reason, "STOW-RS refused by policy");
-                    refused = true;
+                    info!(hospital, rule = r.rule, reason = %r.reason, "STOW-RS refused by policy");
+                    req.refused = true;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        let Some((id, patient)) = &transfer else {
-            failed.push(fail(PROCESSING_FAILURE));
+        let Some((id, patient)) = &req.transfer else {
+            req.failures.add(Why::Refused, Some(&inst), || {
+                "the request's patient is refused by policy".into()
+            });
             continue;
         };
         if &inst.patient_id != patient {
-            info!(transfer = %id, "STOW-RS part for another patient refused");
             let refusal = crate::policy::Refusal::new(
                 crate::dicom::deid::RULE_PATIENT_MISMATCH,
                 "the instance's PatientID differs from the request's transfer",
@@ -237,24 +447,30 @@ pub(super) async fn stow(
             let name = format!("{}.dcm", inst.sop_instance);
             // audit: the refusal is durable before it is answered.
             app.store
-                .refuse_file(&hospital, id, &name, Some(&inst.patient_id), &refusal)
+                .refuse_file(hospital, id, &name, Some(&inst.patient_id), &refusal)
                 .await?;
-            failed.push(fail(PROCESSING_FAILURE));
+            req.failures
+                .add(Why::OtherPatient, Some(&inst), || refusal.reason.clone());
             continue;
         }
         // A de-identified instance is stored under its new SOP Instance UID.
         let name = app
             .store
             .instance_file_name(id, &format!("{}.dcm", inst.sop_instance));
-        let mut upload = match app.store.begin_file(&hospital, id, &name).await {
+        let mut upload = match app.store.begin_file(hospital, id, &name).await {
             Ok(u) => u,
-            Err(IngestError::Conflict(_)) => {
-                failed.push(fail(DUPLICATE_INSTANCE));
+            // A quota or the spool reserve refuses the request, not just the part.
+            Err(e @ (IngestError::Quota { .. } | IngestError::Reserve { .. })) => {
+                return Err(e.into());
+            }
+            Err(e @ IngestError::Conflict(_)) => {
+                req.failures
+                    .add(Why::Duplicate, Some(&inst), || e.to_string());
                 continue;
             }
             Err(e) => {
-                warn!(transfer = %id, error = %e, "STOW-RS part not stored");
-                failed.push(fail(PROCESSING_FAILURE));
+                req.failures
+                    .add(Why::NotStored, Some(&inst), || e.to_string());
                 continue;
             }
         };
@@ -270,40 +486,79 @@ pub(super) async fn stow(
             Err(e) => Err(e),
         };
         match outcome {
-            Ok(()) => stored.push(inst),
+            Ok(()) => req.stored.push(inst),
+            Err(e @ (IngestError::Quota { .. } | IngestError::Reserve { .. })) => {
+                return Err(e.into());
+            }
             Err(e @ (IngestError::TooLarge { .. } | IngestError::NoSpace)) => {
-                info!(transfer = %id, error = %e, "STOW-RS part not stored");
-                failed.push(fail(OUT_OF_RESOURCES));
+                req.failures
+                    .add(Why::OutOfResources, Some(&inst), || e.to_string());
             }
             Err(e) => {
-                warn!(transfer = %id, error = %e, "STOW-RS part not stored");
-                failed.push(fail(PROCESSING_FAILURE));
+                req.failures
+                    .add(Why::NotStored, Some(&inst), || e.to_string());
             }
         }
     }
+    Ok(())
+}
 
-    if let Some((id, _)) = &transfer
-        && !stored.is_empty()
-    {
-        app.store.commit(&hospital, id).await?;
+/// Gathers a part's first bytes until its routing facts are in them: the bytes read, and the
+/// instance or why it has none. Parses every [`PARSE_STEP`] new bytes, resuming where the
+/// last parse stopped.
+async fn read_prefix(
+    slots: &Semaphore,
+    reader: &mut MultipartReader<BodyDataStream>,
+) -> Result<(BytesMut, Result<Instance, String>), ApiError> {
+    let mut prefix = BytesMut::new();
+    let mut parser = PrefixParser::new();
+    let mut parsed_at = 0;
+    let mut ended = false;
+    loop {
+        if ended || prefix.len() - parsed_at >= PARSE_STEP || prefix.len() >= MAX_PREFIX {
+            parsed_at = prefix.len();
+            let result;
+            if prefix.len() - parser.walked() < INLINE_PARSE {
+                result = parser.parse(&prefix);
+            } else {
+                (parser, prefix, result) = parse_in_pool(slots, parser, prefix).await?;
+            }
+            match result {
+                Ok(i) => return Ok((prefix, Ok(i))),
+                Err(Part10Error::Malformed(why)) => return Ok((prefix, Err(why))),
+                Err(Part10Error::NeedMore) if ended => {
+                    let why = "the instance ends before its PatientID".to_owned();
+                    return Ok((prefix, Err(why)));
+                }
+                Err(Part10Error::NeedMore) if prefix.len() >= MAX_PREFIX => {
+                    let why = format!("no PatientID within the first {MAX_PREFIX} bytes");
+                    return Ok((prefix, Err(why)));
+                }
+                Err(Part10Error::NeedMore) => {}
+            }
+        }
+        match reader.read_chunk().await.map_err(bad_body)? {
+            Some(c) => prefix.extend_from_slice(&c),
+            None => ended = true,
+        }
     }
-    let status = if stored.is_empty() {
-        StatusCode::CONFLICT
-    } else if failed.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    let mut response = (status, Json(response_json(&stored, &failed))).into_response();
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/dicom+json"),
-    );
-    if let Some((id, _)) = &transfer
-        && let Ok(v) = HeaderValue::from_str(&id.to_string())
-    {
-        h.insert("x-baylink-transfer", v);
-    }
-    Ok(response)
+}
+
+/// Runs one parse on the blocking pool, at most [`PARSE_SLOTS`] at once.
+async fn parse_in_pool(
+    slots: &Semaphore,
+    mut parser: PrefixParser,
+    prefix: BytesMut,
+) -> Result<(PrefixParser, BytesMut, Result<Instance, Part10Error>), ApiError> {
+    let _slot = slots.acquire().await.map_err(|_| {
+        ApiError::from(IngestError::Internal(
+            "the STOW-RS parse slots are closed".into(),
+        ))
+    })?;
+    tokio::task::spawn_blocking(move || {
+        let result = parser.parse(&prefix);
+        (parser, prefix, result)
+    })
+    .await
+    .map_err(|e| ApiError::from(IngestError::Internal(format!("STOW-RS prefix parse: {e}"))))
 }

@@ -352,7 +352,7 @@ fn tls_refuses_no_certificate_and_rogue_ca() {
 
 /// Transfer directories in the edge spool (hidden scratch directories such as the DICOM
 /// door's `.incoming` aside).
-fn transfers(d: &Deployment) -> Vec<PathBuf> {
+pub(super) fn transfers(d: &Deployment) -> Vec<PathBuf> {
     std::fs::read_dir(d.path("spool/edge"))
         .map(|e| {
             e.filter_map(Result::ok)
@@ -623,7 +623,7 @@ fn slow_clients_are_disconnected_by_the_header_and_idle_timeouts() {
 
 /// Writes a DICOM Part 10 instance with dcmtk's dump2dcm; `pixels` bytes of pixel data are
 /// appended (explicit VR only) so the instance spans many body frames.
-fn dicom(
+pub(super) fn dicom(
     dir: &Path,
     name: &str,
     patient: &str,
@@ -965,6 +965,8 @@ fn disk_full_is_507_and_nothing_is_left_behind() {
         return;
     }
     let d = Deployment::new().unwrap();
+    // The file system's own limit, not the reserve kept for audit and sealing.
+    d.set("edge.toml", "spool", "reserve_bytes", "0").unwrap();
     let spool = d.path("spool/edge");
     let edge = d
         .serve_on_small_disk(&d.edge_config(), "spool/edge", "16m")

@@ -84,6 +84,7 @@ impl IngestStore {
         decl: Declaration,
         association: Option<String>,
     ) -> Result<TransferId, IngestError> {
+        let _slot = self.take_open_slot(hospital)?;
         let id = TransferId::new_v7();
         let policy = self.inner.edge.policy();
         let decision = match policy.check_hospital(hospital) {

@@ -28,9 +28,11 @@
 //! - `lifecycle`: declare, commit (check, seal), abandon, expire; recovery of open transfers;
 //! - `upload`: [`FileUpload`] (one file streamed into the spool) and the DICOM gate glue;
 //! - `status`: `status.json` and what the hospital reads (status, receipt, proof);
-//! - `send`: the background sender of sealed transfers.
+//! - `send`: the background sender of sealed transfers;
+//! - `quota`: `[quota]` and `spool.reserve_bytes`, counted from the open transfers.
 
 mod lifecycle;
+mod quota;
 mod send;
 mod status;
 mod upload;
@@ -88,6 +90,25 @@ pub enum IngestError {
     /// The spool's file system is full; the partial file was removed.
     #[error("the spool is out of space")]
     NoSpace,
+    /// The hospital's quota (`[quota]`) does not allow it; `key` names the quota.
+    #[error("{message} ({key})")]
+    Quota {
+        /// The config key of the quota, e.g. `quota.max_open_transfers`.
+        key: &'static str,
+        /// What was refused.
+        message: String,
+    },
+    /// The upload would eat into the spool's reserve (`spool.reserve_bytes`), kept for
+    /// audit appends and sealing.
+    #[error(
+        "the spool has {available} bytes free, {reserve} of them reserved (spool.reserve_bytes)"
+    )]
+    Reserve {
+        /// Free bytes on the spool's file system.
+        available: u64,
+        /// `spool.reserve_bytes`.
+        reserve: u64,
+    },
     /// An internal failure (spool, HSM); the message is for the operator's log too.
     #[error("{0}")]
     Internal(String),
@@ -137,6 +158,13 @@ struct Inner {
     deidentify_purposes: HashSet<String>,
     /// `policy.deidentify_options`.
     deidentify_options: std::collections::BTreeMap<String, ProfileOptions>,
+    /// `[quota]`.
+    quota: crate::config::QuotaSection,
+    /// `spool.reserve_bytes`.
+    reserve_bytes: u64,
+    /// Declarations in progress per hospital: they count against `quota.max_open_transfers`
+    /// until their transfer is in `open`.
+    declaring: Mutex<HashMap<String, usize>>,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
@@ -250,6 +278,9 @@ impl IngestStore {
                 deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
                 deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
                 deidentify_options: cfg.policy.deidentify_options.clone(),
+                quota: cfg.quota.clone(),
+                reserve_bytes: cfg.spool_reserve_bytes,
+                declaring: Mutex::new(HashMap::new()),
             }),
         };
         crate::transfer_dir::create_dir_durably(&store.inner.spool_dir)

@@ -48,6 +48,13 @@ impl IngestStore {
                     "file {name:?} is already uploaded in this transfer"
                 )));
             }
+            let max_files = self.inner.quota.max_files;
+            if (st.files.len() + st.uploading.len()) as u64 >= max_files {
+                return Err(IngestError::Quota {
+                    key: "quota.max_files",
+                    message: format!("the transfer already has {max_files} files"),
+                });
+            }
             if !st.uploading.insert(name.to_owned()) {
                 return Err(IngestError::Conflict(format!(
                     "file {name:?} is being uploaded by another request"
@@ -242,7 +249,7 @@ impl FileUpload {
         if have.saturating_add(len) > limit {
             return Err(IngestError::TooLarge { limit });
         }
-        Ok(())
+        self.store.check_spool_room(&self.hospital, len)
     }
 
     /// The file is a DICOM instance whose PatientID the caller checked against the
@@ -260,6 +267,7 @@ impl FileUpload {
     pub async fn write(&mut self, data: Bytes) -> Result<(), IngestError> {
         let limit = self.store.inner.max_upload_bytes;
         let len = data.len() as u64;
+        self.store.check_spool_room(&self.hospital, len)?;
         let before = self.transfer.bytes.fetch_add(len, Ordering::Relaxed);
         self.counted += len;
         if before.saturating_add(len) > limit {
