@@ -86,6 +86,10 @@ pub struct Config {
     pub hsm: HsmSection,
     /// The other appliance's pinned signing key (PEM file).
     pub peer_signing_key: PathBuf,
+    /// Gateway: the certificate subject common names of the edges allowed to connect
+    /// (`peer.names`); any other client certificate is refused in the TLS handshake. Empty on
+    /// an edge.
+    pub peer_names: Vec<String>,
     /// TLS identity and trust.
     pub tls: TlsSection,
     /// QUIC transport.
@@ -230,6 +234,9 @@ pub struct TransportSection {
     pub chunk_size: u32,
     /// Chunks in flight per transfer.
     pub max_in_flight: usize,
+    /// Gateway: a chunk stream that brings no bytes for this long is reset
+    /// (`transport.chunk_stall_timeout`, default 30 s); the edge sends the chunk again.
+    pub chunk_stall_timeout: Duration,
 }
 
 /// `[ingest]`
@@ -414,6 +421,7 @@ struct RawHsm {
 #[serde(deny_unknown_fields)]
 struct RawPeer {
     signing_key: PathBuf,
+    names: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -433,6 +441,7 @@ struct RawTransport {
     retry_for: Option<String>,
     chunk_size: Option<u32>,
     max_in_flight: Option<usize>,
+    chunk_stall_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -534,6 +543,8 @@ struct RawDrain {
 
 /// Default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
+/// Default `transport.chunk_stall_timeout`: as long as the QUIC idle timeout.
+pub const DEFAULT_CHUNK_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Smallest chunk size accepted in a config (the protocol allows smaller, for tests).
 pub const MIN_CHUNK_SIZE: u32 = 4096;
 /// Default `spool.retain`: three days, so a store failure found after a weekend can still be
@@ -648,7 +659,18 @@ impl Config {
             )?,
             chunk_size: raw.transport.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             max_in_flight: raw.transport.max_in_flight.unwrap_or(8),
+            chunk_stall_timeout: duration(
+                "transport.chunk_stall_timeout",
+                &raw.transport.chunk_stall_timeout,
+                DEFAULT_CHUNK_STALL_TIMEOUT,
+            )?,
         };
+        if transport.chunk_stall_timeout.is_zero() {
+            return Err(invalid(
+                "transport.chunk_stall_timeout",
+                "must be longer than zero".into(),
+            ));
+        }
         for (key, v) in [
             ("policy.max_transfer_bytes", raw.policy.max_transfer_bytes),
             ("policy.max_files", raw.policy.max_files),
@@ -696,6 +718,34 @@ impl Config {
             Role::Gateway if transport.listen.is_none() => return Err(missing("transport.listen")),
             _ => {}
         }
+        let peer_names = match (role, raw.peer.names.clone()) {
+            (Role::Gateway, None) => return Err(missing("peer.names")),
+            (Role::Gateway, Some(names)) => {
+                if names.is_empty() {
+                    return Err(invalid(
+                        "peer.names",
+                        "must name at least one edge (its certificate's subject CN)".into(),
+                    ));
+                }
+                if let Some(bad) = names
+                    .iter()
+                    .find(|n| n.is_empty() || n.len() > 64 || n.chars().any(char::is_control))
+                {
+                    return Err(invalid(
+                        "peer.names",
+                        format!("{bad:?} is not 1..=64 printable characters"),
+                    ));
+                }
+                names
+            }
+            (Role::Edge, None) => Vec::new(),
+            (Role::Edge, Some(_)) => {
+                return Err(invalid(
+                    "peer.names",
+                    "applies only to role gateway (the edges it accepts)".into(),
+                ));
+            }
+        };
 
         let defaults = LinkTuning::default();
         let congestion = match raw.link.congestion.as_deref() {
@@ -1041,6 +1091,7 @@ impl Config {
                 allow_extractable: raw.hsm.allow_extractable.unwrap_or(false),
             },
             peer_signing_key: resolve(&raw.peer.signing_key),
+            peer_names,
             tls: TlsSection {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),
@@ -1139,6 +1190,7 @@ key_label = "baylink-signing"
 pin_file = "secrets/gateway.pin"
 [peer]
 signing_key = "keys/edge.pub.pem"
+names = ["edge"]
 [tls]
 ca = "pki/ca.pem"
 cert = "pki/gateway.pem"
@@ -1282,6 +1334,37 @@ path = "delivered"
         let e = parse("stow_max_failed_listed = 1000000").unwrap_err();
         assert!(
             e.to_string().contains("ingest.stow_max_failed_listed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_gateway_names_the_edges_it_accepts() {
+        let c = Config::parse(Path::new("g.toml"), GATEWAY).unwrap();
+        assert_eq!(c.peer_names, ["edge"]);
+        assert_eq!(c.transport.chunk_stall_timeout, DEFAULT_CHUNK_STALL_TIMEOUT);
+
+        let without = GATEWAY.replace("names = [\"edge\"]\n", "");
+        let e = Config::parse(Path::new("g.toml"), &without).unwrap_err();
+        assert!(e.to_string().contains("missing `peer.names`"), "{e}");
+        let empty = GATEWAY.replace("names = [\"edge\"]", "names = []");
+        let e = Config::parse(Path::new("g.toml"), &empty).unwrap_err();
+        assert!(e.to_string().contains("peer.names"), "{e}");
+        let blank = GATEWAY.replace("names = [\"edge\"]", "names = [\"edge\", \"\"]");
+        let e = Config::parse(Path::new("g.toml"), &blank).unwrap_err();
+        assert!(e.to_string().contains("peer.names"), "{e}");
+
+        let stall = |t: &str| {
+            let text = GATEWAY.replace(
+                "[transport]\n",
+                &format!("[transport]\nchunk_stall_timeout = \"{t}\"\n"),
+            );
+            Config::parse(Path::new("g.toml"), &text).map(|c| c.transport.chunk_stall_timeout)
+        };
+        assert_eq!(stall("5s").unwrap(), Duration::from_secs(5));
+        let e = stall("0s").unwrap_err();
+        assert!(
+            e.to_string().contains("transport.chunk_stall_timeout"),
             "{e}"
         );
     }

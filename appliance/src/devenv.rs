@@ -355,7 +355,9 @@ fn gateway_toml(p: &Ports, module: &Path) -> String {
          id = \"gateway\"\n\n\
          {hsm}\n\
          [peer]\n\
-         signing_key = \"keys/edge.pub.pem\"\n\n\
+         signing_key = \"keys/edge.pub.pem\"\n\
+         # The edges allowed to connect, by certificate subject CN.\n\
+         names = [\"edge\"]\n\n\
          [tls]\n\
          ca = \"pki/ca.pem\"\n\
          cert = \"pki/gateway.pem\"\n\

@@ -96,19 +96,25 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         .transport
         .listen
         .context("transport.listen is not set")?;
-    let endpoint = transport::server_endpoint(listen, &ca, &identity, &cfg.link)
+    // Only the configured edges get past the handshake: hospital certificates come from the
+    // same CA but have no business on the link.
+    let edges = transport::ClientNames::Only(cfg.peer_names.clone());
+    let endpoint = transport::server_endpoint(listen, &ca, &edges, &identity, &cfg.link)
         .with_context(|| format!("cannot listen on {listen} (transport.listen)"))?;
     let probe = ops::HealthProbe::new(spool.clone(), &cfg.spool_dir, keys.clone());
-    let gw = Arc::new(Gateway::new(
-        cfg.id.clone(),
-        cfg.spool_dir.clone(),
-        spool,
-        keys,
-        cfg.limits,
-        ReceiverConfig::default(),
-        queue.clone(),
-        audit.clone(),
-    ));
+    let gw = Arc::new(
+        Gateway::new(
+            cfg.id.clone(),
+            cfg.spool_dir.clone(),
+            spool,
+            keys,
+            cfg.limits,
+            ReceiverConfig::default(),
+            queue.clone(),
+            audit.clone(),
+        )
+        .with_chunk_stall_timeout(cfg.transport.chunk_stall_timeout),
+    );
 
     // `systemctl reload` sends SIGHUP to either role. The gateway has no policy to reload;
     // it looks for committed transfers to deliver again (one set aside as undeliverable

@@ -474,7 +474,13 @@ pub async fn run_sink(
     ready: impl FnOnce(SocketAddr) -> anyhow::Result<()>,
 ) -> anyhow::Result<SinkReport> {
     let (ca, identity) = args.tls.load()?;
-    let endpoint = transport::server_endpoint(args.listen, &ca, &identity, &args.tuning.tuning())?;
+    let endpoint = transport::server_endpoint(
+        args.listen,
+        &ca,
+        &transport::ClientNames::AnyFromCa,
+        &identity,
+        &args.tuning.tuning(),
+    )?;
     ready(endpoint.local_addr().context("no local address")?)?;
     let incoming = endpoint.accept().await.context("endpoint closed")?;
     let connection = incoming.await.context("QUIC handshake")?;

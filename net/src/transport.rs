@@ -4,8 +4,9 @@
 //! Everything here is configuration: the transfer protocol itself lives in `net::proto`.
 //! Both ends authenticate each other against one configured CA and nothing else (no system
 //! roots). The server requires a client certificate; a client whose certificate does not
-//! chain to the CA never gets a working connection (with TLS 1.3 the refusal reaches the
-//! client after `connect`, at its first stream operation).
+//! chain to the CA, or (with [`ClientNames::Only`]) whose subject common name is not one of
+//! the allowed names, never gets a working connection: the handshake fails (with TLS 1.3 the
+//! refusal reaches the client after `connect`, at its first stream operation).
 //!
 //! The endpoint builders must be called from inside a tokio runtime (quinn registers the
 //! UDP socket with it).
@@ -20,8 +21,12 @@ use std::time::Duration;
 use quinn::crypto::rustls::{NoInitialCipherSuite, QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, VarInt};
 use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::UnixTime;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -294,15 +299,102 @@ pub fn root_store(ca: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, 
     Ok(Arc::new(roots))
 }
 
+/// Which client certificates a server accepts, beyond chaining to the CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientNames {
+    /// Any certificate that chains to the CA (benchmarks and tests).
+    AnyFromCa,
+    /// Only a certificate that chains to the CA *and* whose subject common name is one of
+    /// these; any other is refused in the handshake (TLS alert `access_denied`).
+    Only(Vec<String>),
+}
+
+/// A client certificate verifier that runs the WebPKI verification first, then requires the
+/// subject CN to be one of `names`.
+#[derive(Debug)]
+struct NamedClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    names: Vec<String>,
+}
+
+impl ClientCertVerifier for NamedClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match common_name(end_entity) {
+            Some(cn) if self.names.contains(&cn) => Ok(verified),
+            cn => {
+                tracing::warn!(
+                    subject_cn = cn.as_deref().unwrap_or("(none)"),
+                    allowed = ?self.names,
+                    "client certificate refused in the handshake: its subject is not an allowed peer"
+                );
+                Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ))
+            }
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 /// rustls server configuration: TLS 1.3 only, client certificate required and verified
-/// against `ca`, ALPN [`ALPN`], X25519MLKEM768 preferred.
+/// against `ca` (and its subject against `clients`), ALPN [`ALPN`], X25519MLKEM768
+/// preferred.
 pub fn server_tls_config(
     ca: &[CertificateDer<'static>],
+    clients: &ClientNames,
     identity: &TlsIdentity,
 ) -> Result<rustls::ServerConfig, TransportError> {
     let provider = provider();
-    let verifier =
+    let webpki =
         WebPkiClientVerifier::builder_with_provider(root_store(ca)?, provider.clone()).build()?;
+    let verifier: Arc<dyn ClientCertVerifier> = match clients {
+        ClientNames::AnyFromCa => webpki,
+        ClientNames::Only(names) => Arc::new(NamedClientVerifier {
+            inner: webpki,
+            names: names.clone(),
+        }),
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -370,10 +462,11 @@ fn varint(value: u64) -> VarInt {
 /// [`transport_config`]).
 pub fn server_config(
     ca: &[CertificateDer<'static>],
+    clients: &ClientNames,
     identity: &TlsIdentity,
     tuning: &LinkTuning,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let crypto = QuicServerConfig::try_from(server_tls_config(ca, identity)?)?;
+    let crypto = QuicServerConfig::try_from(server_tls_config(ca, clients, identity)?)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(tuning)));
     Ok(config)
@@ -475,15 +568,16 @@ fn endpoint(
         .map_err(|source| TransportError::Endpoint { addr, source })
 }
 
-/// A QUIC endpoint accepting baylink connections on `listen` (mutual TLS against `ca`).
-/// Call inside a tokio runtime.
+/// A QUIC endpoint accepting baylink connections on `listen` (mutual TLS against `ca`,
+/// client subjects restricted by `clients`). Call inside a tokio runtime.
 pub fn server_endpoint(
     listen: SocketAddr,
     ca: &[CertificateDer<'static>],
+    clients: &ClientNames,
     identity: &TlsIdentity,
     tuning: &LinkTuning,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let config = server_config(ca, identity, tuning)?;
+    let config = server_config(ca, clients, identity, tuning)?;
     let endpoint = endpoint(listen, Some(config), tuning)?;
     tracing::info!(
         local = ?endpoint.local_addr().ok(),
@@ -626,6 +720,7 @@ mod tests {
         server_endpoint(
             localhost(),
             &pki.ca.ca(),
+            &ClientNames::AnyFromCa,
             &pki.server,
             &LinkTuning::default(),
         )
@@ -704,7 +799,8 @@ mod tests {
     #[test]
     fn in_memory_handshake_is_tls13_with_x25519mlkem768() {
         let pki = pki();
-        let server_config = server_tls_config(&pki.ca.ca(), &pki.server).unwrap();
+        let server_config =
+            server_tls_config(&pki.ca.ca(), &ClientNames::AnyFromCa, &pki.server).unwrap();
         let client_config = client_tls_config(&pki.ca.ca(), &pki.client).unwrap();
         let mut server: rustls::Connection = rustls::ServerConnection::new(Arc::new(server_config))
             .unwrap()
@@ -742,11 +838,73 @@ mod tests {
         );
     }
 
+    /// Runs an in-memory handshake of `client` against a server that accepts only `allowed`;
+    /// returns the server's error, if any.
+    fn handshake_with_names(pki: &Pki, client: &TlsIdentity, allowed: &[&str]) -> Option<String> {
+        let names = ClientNames::Only(allowed.iter().map(|n| (*n).to_owned()).collect());
+        let server_config = server_tls_config(&pki.ca.ca(), &names, &pki.server).unwrap();
+        let client_config = client_tls_config(&pki.ca.ca(), client).unwrap();
+        let mut server = rustls::ServerConnection::new(Arc::new(server_config)).unwrap();
+        let mut client = rustls::ClientConnection::new(
+            Arc::new(client_config),
+            ServerName::try_from("localhost").unwrap(),
+        )
+        .unwrap();
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            while client.wants_write() {
+                client.write_tls(&mut wire).unwrap();
+            }
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                server.read_tls(&mut rest).unwrap();
+                if let Err(e) = server.process_new_packets() {
+                    return Some(e.to_string());
+                }
+            }
+            let mut wire = Vec::new();
+            while server.wants_write() {
+                server.write_tls(&mut wire).unwrap();
+            }
+            let mut rest = &wire[..];
+            while !rest.is_empty() {
+                client.read_tls(&mut rest).unwrap();
+                client.process_new_packets().unwrap();
+            }
+            if !client.is_handshaking() && !server.is_handshaking() {
+                return None;
+            }
+        }
+        panic!("the handshake neither finished nor failed");
+    }
+
+    #[test]
+    fn only_named_clients_pass_the_handshake() {
+        let pki = pki();
+        // Same CA, allowed name: accepted.
+        assert_eq!(
+            handshake_with_names(&pki, &pki.client, &["edge-qianhai-01"]),
+            None
+        );
+        // Same CA, a name not on the list (a hospital's client certificate): refused by the
+        // server in the handshake.
+        let hospital = pki.ca.leaf("hospital-a", false);
+        let err = handshake_with_names(&pki, &hospital, &["edge-qianhai-01"])
+            .expect("a hospital certificate is refused");
+        assert!(err.contains("ApplicationVerificationFailure"), "{err}");
+        // The name check comes after the CA check: a rogue CA's certificate carrying an
+        // allowed name is still refused, as an unknown issuer.
+        let impostor = pki.rogue.leaf("edge-qianhai-01", false);
+        let err = handshake_with_names(&pki, &impostor, &["edge-qianhai-01"])
+            .expect("a rogue certificate is refused");
+        assert!(err.contains("UnknownIssuer"), "{err}");
+    }
+
     #[test]
     fn refuses_an_empty_ca_list() {
         let pki = pki();
         assert!(matches!(
-            server_tls_config(&[], &pki.server),
+            server_tls_config(&[], &ClientNames::AnyFromCa, &pki.server),
             Err(TransportError::NoCa)
         ));
         assert!(matches!(
@@ -963,7 +1121,14 @@ mod tests {
     async fn path_after_traffic(tuning: LinkTuning, total: usize) -> quinn::PathStats {
         const BLOCK: usize = 256 << 10;
         let pki = pki();
-        let server = server_endpoint(localhost(), &pki.ca.ca(), &pki.server, &tuning).unwrap();
+        let server = server_endpoint(
+            localhost(),
+            &pki.ca.ca(),
+            &ClientNames::AnyFromCa,
+            &pki.server,
+            &tuning,
+        )
+        .unwrap();
         let server_addr = server.local_addr().unwrap();
         let client = client_endpoint(localhost(), &pki.ca.ca(), &pki.client, &tuning).unwrap();
         let receiver = tokio::spawn(async move {
@@ -1041,7 +1206,14 @@ mod tests {
                 .and_then(|m| m.parse().ok()),
             ..LinkTuning::default()
         };
-        let server = server_endpoint(localhost(), &pki.ca.ca(), &pki.server, &tuning).unwrap();
+        let server = server_endpoint(
+            localhost(),
+            &pki.ca.ca(),
+            &ClientNames::AnyFromCa,
+            &pki.server,
+            &tuning,
+        )
+        .unwrap();
         let server_addr = server.local_addr().unwrap();
         let client = client_endpoint(localhost(), &pki.ca.ca(), &pki.client, &tuning).unwrap();
         let receiver = tokio::spawn(async move {

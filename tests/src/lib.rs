@@ -464,7 +464,8 @@ impl Drop for Service {
     }
 }
 
-fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
+/// Sends signal `sig` (e.g. `"STOP"`, `"CONT"`, `"TERM"`) to process `pid` with `kill`.
+pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     let st = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(pid.to_string())

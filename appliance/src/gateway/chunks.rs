@@ -3,21 +3,25 @@
 //! process made durable.
 //!
 //! Owns the path from a stream's first byte to the receiver state machine's verdict on the
-//! chunk, and the periodic checkpoint it triggers. It must not answer the edge (the control
-//! stream sends `ChunkOk`/`ChunkBad`) nor decide whether a transfer is complete.
+//! chunk, and the periodic checkpoint it triggers. A chunk stream is taken only for a
+//! transfer offered on the same connection, and only while its bytes keep coming (the
+//! stall timeout); otherwise it is stopped with a code saying why, and the transfer is not
+//! touched. It must not answer the edge (the control stream sends `ChunkOk`/`ChunkBad`) nor
+//! decide whether a transfer is complete.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use baylink_net::proto::{ChunkHeader, ChunkSet, ErrorCode, Manifest, ProtoError};
+use baylink_net::proto::{ChunkHeader, ChunkSet, ErrorCode, Manifest, ProtoError, TransferId};
 use baylink_net::spool::SpoolFile;
 use bytes::{Buf, Bytes};
 use tracing::{debug, warn};
 
 use super::commit::checkpoint;
 use super::{Active, Gateway};
-use crate::link::{LinkError, STOP_UNWANTED};
+use crate::link::{LinkError, STOP_OTHER_CONNECTION, STOP_STALLED, STOP_UNWANTED};
 use crate::transfer_dir::TransferDir;
 
 /// Verified bytes after which the receiver makes its progress durable (fsync + state file).
@@ -88,17 +92,80 @@ pub(super) fn code_for_spool(e: &baylink_net::spool::SpoolError) -> ErrorCode {
     }
 }
 
-/// Receives one chunk stream.
-pub(super) async fn data_stream(gw: Arc<Gateway>, mut recv: quinn::RecvStream) {
-    if let Err(e) = receive_chunk(&gw, &mut recv).await {
-        debug!(error = %e, "chunk stream ended early");
-        let _ = recv.stop(STOP_UNWANTED.into());
+/// Why a chunk stream ended before its chunk was taken.
+#[derive(Debug, thiserror::Error)]
+enum StreamEnd {
+    /// The link failed, or the chunk was not wanted (no such transfer, a duplicate, a header
+    /// the state machine refused, bytes that do not fit).
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The chunk's transfer was offered on another connection: it is not this one's to feed.
+    #[error("chunk for transfer {0}, which was offered on another connection: refused")]
+    OtherConnection(TransferId),
+    /// No bytes arrived for the stall timeout (`transport.chunk_stall_timeout`).
+    #[error("chunk stream stalled: no bytes for {} s (transport.chunk_stall_timeout)", .0.as_secs_f64())]
+    Stalled(Duration),
+}
+
+impl StreamEnd {
+    /// The QUIC code the stream is stopped with: it tells the edge why.
+    fn stop_code(&self) -> u32 {
+        match self {
+            StreamEnd::Link(_) => STOP_UNWANTED,
+            StreamEnd::OtherConnection(_) => STOP_OTHER_CONNECTION,
+            StreamEnd::Stalled(_) => STOP_STALLED,
+        }
     }
 }
 
-async fn receive_chunk(gw: &Arc<Gateway>, recv: &mut quinn::RecvStream) -> Result<(), LinkError> {
+impl From<ProtoError> for StreamEnd {
+    fn from(e: ProtoError) -> Self {
+        StreamEnd::Link(e.into())
+    }
+}
+
+/// Awaits one read of a chunk stream, at most `limit`: a stream that brings nothing for
+/// that long has stalled.
+async fn within<T, E>(
+    limit: Duration,
+    read: impl Future<Output = Result<T, E>>,
+) -> Result<T, StreamEnd>
+where
+    LinkError: From<E>,
+{
+    match tokio::time::timeout(limit, read).await {
+        Ok(res) => res.map_err(|e| StreamEnd::Link(e.into())),
+        Err(_) => Err(StreamEnd::Stalled(limit)),
+    }
+}
+
+/// Receives one chunk stream of the connection `conn_id` (its `stable_id`).
+pub(super) async fn data_stream(gw: Arc<Gateway>, conn_id: usize, mut recv: quinn::RecvStream) {
+    if let Err(e) = receive_chunk(&gw, conn_id, &mut recv).await {
+        match &e {
+            StreamEnd::Link(_) => debug!(error = %e, "chunk stream ended early"),
+            StreamEnd::OtherConnection(_) => {
+                warn!(error = %e, "chunk stream refused");
+                metrics::counter!("baylink_chunk_streams_refused_total", "reason" => "other_connection")
+                    .increment(1);
+            }
+            StreamEnd::Stalled(_) => {
+                warn!(error = %e, "chunk stream reset");
+                metrics::counter!("baylink_chunk_streams_refused_total", "reason" => "stalled")
+                    .increment(1);
+            }
+        }
+        let _ = recv.stop(e.stop_code().into());
+    }
+}
+
+async fn receive_chunk(
+    gw: &Arc<Gateway>,
+    conn_id: usize,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), StreamEnd> {
     let mut raw = [0u8; ChunkHeader::LEN];
-    recv.read_exact(&mut raw).await?;
+    within(gw.chunk_stall_timeout, recv.read_exact(&mut raw)).await?;
     let header = ChunkHeader::decode(&raw)?;
     let Some(active) = gw
         .active
@@ -107,11 +174,13 @@ async fn receive_chunk(gw: &Arc<Gateway>, recv: &mut quinn::RecvStream) -> Resul
         .get(&header.transfer_id)
         .cloned()
     else {
-        return Err(LinkError::Lost(format!(
-            "no active transfer {}",
-            header.transfer_id
-        )));
+        return Err(LinkError::Lost(format!("no active transfer {}", header.transfer_id)).into());
     };
+    // Before the state machine sees the header: a stream from another connection must not
+    // be able to fail, or feed, a transfer it did not offer.
+    if active.conn.stable_id() != conn_id {
+        return Err(StreamEnd::OtherConnection(header.transfer_id));
+    }
     let loc = {
         let res = active
             .receiver
@@ -178,13 +247,15 @@ async fn gather_chunk(
     loc: &baylink_net::proto::ChunkLocation,
     header: &ChunkHeader,
     recv: &mut quinn::RecvStream,
-) -> Result<[u8; 32], LinkError> {
+) -> Result<[u8; 32], StreamEnd> {
     let Some(file) = active.files.get(loc.file).and_then(Option::as_ref) else {
         return Err(LinkError::Lost(format!(
             "file {} of transfer {} is already final",
             loc.file, header.transfer_id
-        )));
+        ))
+        .into());
     };
+    let stall = gw.chunk_stall_timeout;
     let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut writes = tokio::task::JoinSet::new();
     let mut offset = loc.offset;
@@ -195,11 +266,10 @@ async fn gather_chunk(
     // in one pass, then written.
     let mut pieces: [Bytes; 32] = Default::default();
     while remaining > 0 {
-        let Some(n) = recv.read_chunks(&mut pieces).await? else {
-            return Err(LinkError::Lost(format!(
-                "chunk {} stream ended short",
-                header.index
-            )));
+        let Some(n) = within(stall, recv.read_chunks(&mut pieces)).await? else {
+            return Err(
+                LinkError::Lost(format!("chunk {} stream ended short", header.index)).into(),
+            );
         };
         for piece in &mut pieces[..n] {
             let mut data = std::mem::take(piece);
@@ -219,7 +289,7 @@ async fn gather_chunk(
                     continue;
                 }
                 if active.cancelled() {
-                    return Err(LinkError::Lost("transfer taken over".into()));
+                    return Err(LinkError::Lost("transfer taken over".into()).into());
                 }
                 let full = buf.take().expect("held");
                 hasher.update(&full);
@@ -235,7 +305,7 @@ async fn gather_chunk(
         }
     }
     // Nothing may follow the chunk's bytes on its stream.
-    if recv.read_chunk(1, true).await?.is_some() {
+    if within(stall, recv.read_chunk(1, true)).await?.is_some() {
         return Err(ProtoError::TrailingBytes {
             what: "chunk stream",
             count: 1,
@@ -252,9 +322,9 @@ async fn gather_chunk(
                 } else {
                     warn!(error = %e, "spool write failed");
                 }
-                return Err(LinkError::Lost(format!("spool write failed: {e}")));
+                return Err(LinkError::Lost(format!("spool write failed: {e}")).into());
             }
-            Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}"))),
+            Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}")).into()),
         }
     }
     Ok(hasher

@@ -27,6 +27,7 @@ mod witness;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use baylink_net::proto::{
     ChunkSet, ErrorCode, Limits, Manifest, Receiver, ReceiverConfig, TransferId,
@@ -60,6 +61,8 @@ pub struct Gateway {
     pub draining: AtomicBool,
     /// The gateway's audit log (`committed` is recorded before the receipt exists).
     pub audit: crate::audit::Log,
+    /// A chunk stream that brings no bytes for this long is reset.
+    chunk_stall_timeout: Duration,
     active: Mutex<HashMap<TransferId, Arc<Active>>>,
     /// Transfers whose durable chunks were read back and checked since this process started.
     checked_at_rest: Mutex<HashSet<TransferId>>,
@@ -88,9 +91,17 @@ impl Gateway {
             committed,
             draining: AtomicBool::new(false),
             audit,
+            chunk_stall_timeout: crate::config::DEFAULT_CHUNK_STALL_TIMEOUT,
             active: Mutex::new(HashMap::new()),
             checked_at_rest: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Sets how long a chunk stream may bring no bytes before it is reset
+    /// (`transport.chunk_stall_timeout`).
+    pub fn with_chunk_stall_timeout(mut self, limit: Duration) -> Gateway {
+        self.chunk_stall_timeout = limit;
+        self
     }
 
     /// Number of transfers being received right now.
@@ -150,7 +161,8 @@ pub async fn serve_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
                 uni = conn.accept_uni() => match uni {
                     Ok(recv) => {
                         let gw = gw.clone();
-                        tokio::spawn(async move { chunks::data_stream(gw, recv).await });
+                        let conn_id = conn.stable_id();
+                        tokio::spawn(async move { chunks::data_stream(gw, conn_id, recv).await });
                     }
                     Err(e) => { info!(reason = %e, "connection ended"); break; }
                 },

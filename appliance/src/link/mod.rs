@@ -24,6 +24,12 @@ pub const STOP_UNWANTED: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 2;
 /// QUIC application error code: the appliance is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 3;
+/// QUIC application error code: a chunk stream was refused because its transfer was offered
+/// on another connection (the transfer itself is not touched).
+pub const STOP_OTHER_CONNECTION: u32 = 4;
+/// QUIC application error code: a chunk stream brought no bytes for the stall timeout and
+/// was reset; the chunk is sent again.
+pub const STOP_STALLED: u32 = 5;
 
 /// Something went wrong on the link.
 #[derive(Debug, thiserror::Error)]

@@ -13,6 +13,7 @@ mod deid;
 mod dicom;
 mod dicom_durability;
 mod faults;
+mod gateway_peers;
 mod hsm_cli;
 mod info;
 mod ingest;

@@ -1,0 +1,152 @@
+//! The gateway talks only to its edges: a certificate from the deployment CA that is not a
+//! configured edge (a hospital's) is refused in the TLS handshake, and a chunk stream may
+//! feed only a transfer offered on its own connection.
+
+use std::time::Duration;
+
+use baylink_net::proto::{ChunkHeader, TransferId};
+use baylink_net::transport::{self, LinkTuning, TlsIdentity};
+use baylink_tests::{Deployment, payload, signal, summary};
+
+use crate::resume::assert_delivered;
+
+/// Bound on every wait for the gateway.
+const LIMIT: Duration = Duration::from_secs(60);
+/// TLS alert `access_denied`.
+const ACCESS_DENIED: u8 = 49;
+/// `baylink::link::STOP_OTHER_CONNECTION`.
+const STOP_OTHER_CONNECTION: u32 = 4;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A client endpoint presenting `pki/<name>.pem`, connecting to the gateway's QUIC port.
+fn connect_as(d: &Deployment, name: &str) -> (quinn::Endpoint, quinn::Connecting) {
+    let ca = transport::load_ca(&d.path("pki/ca.pem")).unwrap();
+    let id = TlsIdentity::from_pem_files(
+        &d.path(&format!("pki/{name}.pem")),
+        &d.path(&format!("pki/{name}.key")),
+    )
+    .unwrap();
+    let endpoint = transport::client_endpoint(
+        "127.0.0.1:0".parse().unwrap(),
+        &ca,
+        &id,
+        &LinkTuning::default(),
+    )
+    .unwrap();
+    let addr = format!("127.0.0.1:{}", d.base_port + 2).parse().unwrap();
+    let connecting = endpoint.connect(addr, "localhost").unwrap();
+    (endpoint, connecting)
+}
+
+#[test]
+fn hospital_certificate_is_refused_in_the_gateway_handshake() {
+    let d = Deployment::new().unwrap();
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    runtime().block_on(async {
+        let (_endpoint, connecting) = connect_as(&d, "hospital-a");
+        let error = tokio::time::timeout(LIMIT, async {
+            match connecting.await {
+                Err(e) => e,
+                // TLS 1.3: the client finishes its side first; the server's refusal closes
+                // the connection right after.
+                Ok(conn) => conn.closed().await,
+            }
+        })
+        .await
+        .expect("the gateway ends a hospital's connection within 60 s");
+        match &error {
+            quinn::ConnectionError::ConnectionClosed(close) => assert_eq!(
+                close.error_code,
+                quinn::TransportErrorCode::crypto(ACCESS_DENIED),
+                "{error}"
+            ),
+            other => panic!("expected a refused handshake, got: {other}"),
+        }
+    });
+    let line = gw.wait_for_log(&["not an allowed peer"], LIMIT);
+    assert!(line.contains("hospital-a"), "{line}");
+    assert!(!gw.log().contains("edge connected"), "{}", gw.log());
+    assert!(gw.terminate().unwrap().success());
+}
+
+#[test]
+fn heavy_chunk_for_another_connections_transfer_is_refused_and_the_transfer_completes() {
+    let d = Deployment::new().unwrap();
+    // One chunk in flight keeps the transfer going long enough to be caught in the middle.
+    d.set("edge.toml", "transport", "max_in_flight", "1")
+        .unwrap();
+    let src = payload(d.dir.path(), "series.bin", 256 << 20, 31).unwrap();
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    let sender = d.spawn_send(&src, true).unwrap();
+    let line = gw.wait_for_log(&["offer accepted"], LIMIT);
+    // Hold the sender still: its transfer stays open at the gateway (well inside the 30 s
+    // QUIC idle timeout) while another connection tries to feed it.
+    signal(sender.id(), "STOP").unwrap();
+    let id: TransferId = line
+        .split("transfer=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the offer line names the transfer")
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+
+    let stop = runtime().block_on(async {
+        // Same edge identity, a second connection.
+        let (_endpoint, connecting) = connect_as(&d, "edge");
+        let conn = connecting.await.unwrap();
+        let mut send = conn.open_uni().await.unwrap();
+        // Chunk 0 of that transfer, with a length the manifest does not give it.
+        let header = ChunkHeader {
+            transfer_id: id,
+            index: 0,
+            len: 1,
+        };
+        let mut bytes = header.encode().to_vec();
+        bytes.push(0);
+        let stop = match send.write_all(&bytes).await {
+            // The refusal can arrive before the write is done.
+            Err(quinn::WriteError::Stopped(code)) => Some(code),
+            Err(e) => panic!("chunk stream failed: {e}"),
+            // Not finished: a finished stream whose bytes were acknowledged reports no stop.
+            Ok(()) => tokio::time::timeout(LIMIT, send.stopped())
+                .await
+                .expect("the gateway answers the chunk stream within 60 s")
+                .unwrap(),
+        };
+        conn.close(0u32.into(), b"done");
+        stop
+    });
+    signal(sender.id(), "CONT").unwrap();
+    assert_eq!(
+        stop.map(quinn::VarInt::into_inner),
+        Some(u64::from(STOP_OTHER_CONNECTION)),
+        "the chunk stream was not refused as another connection's:\n{}",
+        gw.log()
+    );
+
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the transfer was harmed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    let s = summary(&out).unwrap();
+    assert_eq!(s["transfer_id"].as_str().unwrap(), id.to_string());
+    d.wait_delivered(&id.to_string(), "series.bin", LIMIT);
+    assert_delivered(&d, &id.to_string(), &src);
+    assert!(
+        gw.log().contains("offered on another connection"),
+        "{}",
+        gw.log()
+    );
+    assert!(gw.terminate().unwrap().success());
+}
