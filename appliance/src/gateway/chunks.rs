@@ -199,12 +199,15 @@ async fn receive_chunk(
         Ok(d) => d,
         Err(e) => {
             // The receiver must learn that this chunk is no longer arriving, or it would
-            // refuse the resend as busy.
-            active
-                .receiver
-                .lock()
-                .expect("receiver lock poisoned")
-                .chunk_aborted(header.index);
+            // refuse the resend as busy. A stalled stream is reset by us: the edge may have
+            // written all of it already and waits for a verdict, so it is asked to resend.
+            {
+                let mut receiver = active.receiver.lock().expect("receiver lock poisoned");
+                match &e {
+                    StreamEnd::Stalled(_) => receiver.chunk_reset(header.index, &e.to_string()),
+                    _ => receiver.chunk_aborted(header.index),
+                }
+            }
             active.wake.notify_one();
             return Err(e);
         }

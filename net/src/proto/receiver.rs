@@ -313,6 +313,18 @@ impl Receiver {
         self.arriving.remove(index);
     }
 
+    /// This side reset the stream for chunk `index` (it stalled). The sender may already
+    /// have written the whole chunk and would then wait for a verdict forever, so it is told
+    /// to send the chunk again (`ChunkBad` with `reason`), within the retry limit like a
+    /// digest mismatch.
+    pub fn chunk_reset(&mut self, index: u32, reason: &str) {
+        self.arriving.remove(index);
+        if self.state != State::Receiving || self.good.contains(index) {
+            return;
+        }
+        self.resend(index, reason);
+    }
+
     /// All of chunk `index` arrived and its bytes hash to `digest`. Sends
     /// `ChunkOk` if that is the manifest's digest, else `ChunkBad` (the
     /// sender resends) or, past the retry limit, fails. A chunk already good
@@ -332,6 +344,11 @@ impl Receiver {
             self.commit_if_complete();
             return;
         }
+        self.resend(index, "digest mismatch");
+    }
+
+    /// Asks the sender for chunk `index` again (`ChunkBad`), or fails past the retry limit.
+    fn resend(&mut self, index: u32, reason: &str) {
         let failures = self.failures.entry(index).or_insert(0);
         *failures += 1;
         if *failures > self.cfg.max_chunk_retries {
@@ -339,7 +356,7 @@ impl Receiver {
                 index,
                 attempts: *failures,
                 limit: self.cfg.max_chunk_retries,
-                last: "digest mismatch".into(),
+                last: reason.into(),
             };
             let _ = self.fail(err);
             return;
@@ -347,7 +364,7 @@ impl Receiver {
         self.actions
             .push_back(ReceiverAction::SendFrame(Frame::ChunkBad {
                 index,
-                reason: "digest mismatch".into(),
+                reason: reason.into(),
             }));
     }
 
@@ -563,6 +580,32 @@ mod tests {
         r.chunk_aborted(1);
         r.chunk_header(&header(&m, 1)).unwrap();
         assert!(!r.is_failed());
+    }
+
+    #[test]
+    fn a_reset_chunk_is_asked_for_again_and_may_then_arrive() {
+        let (mut r, m, data) = offered(&[4], 4, ReceiverConfig::default());
+        r.offer_accepted(ChunkSet::new(1));
+        drain(&mut r);
+        r.chunk_header(&header(&m, 0)).unwrap();
+        r.chunk_reset(0, "stalled");
+        assert_eq!(
+            drain(&mut r),
+            vec![ReceiverAction::SendFrame(Frame::ChunkBad {
+                index: 0,
+                reason: "stalled".into()
+            })]
+        );
+        // No longer arriving: the resend is taken, not refused as busy.
+        r.chunk_header(&header(&m, 0)).unwrap();
+        r.chunk_received(0, sha256(&data[0]));
+        assert!(matches!(
+            &drain(&mut r)[..],
+            [
+                ReceiverAction::SendFrame(Frame::ChunkOk { index: 0 }),
+                ReceiverAction::Commit
+            ]
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! configured edge (a hospital's) is refused in the TLS handshake, and a chunk stream may
 //! feed only a transfer offered on its own connection.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use baylink_net::proto::{ChunkHeader, TransferId};
 use baylink_net::transport::{self, LinkTuning, TlsIdentity};
@@ -148,5 +148,43 @@ fn heavy_chunk_for_another_connections_transfer_is_refused_and_the_transfer_comp
         "{}",
         gw.log()
     );
+    assert!(gw.terminate().unwrap().success());
+}
+
+#[test]
+fn heavy_stalled_chunk_streams_are_reset_and_the_transfer_completes() {
+    let d = Deployment::new().unwrap();
+    d.set("gateway.toml", "transport", "chunk_stall_timeout", "\"2s\"")
+        .unwrap();
+    let src = payload(d.dir.path(), "series.bin", 256 << 20, 32).unwrap();
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    let sender = d.spawn_send(&src, true).unwrap();
+    gw.wait_for_log(&["offer accepted"], LIMIT);
+    // Freeze the sender with chunk streams open: they bring no more bytes.
+    signal(sender.id(), "STOP").unwrap();
+    let start = Instant::now();
+    while !gw.log().contains("chunk stream reset") && start.elapsed() < LIMIT {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    signal(sender.id(), "CONT").unwrap();
+    let log = gw.log();
+    let reset = log
+        .lines()
+        .find(|l| l.contains("chunk stream reset"))
+        .unwrap_or_else(|| panic!("no stalled chunk stream was reset within 60 s:\n{log}"));
+    assert!(reset.contains("transport.chunk_stall_timeout"), "{reset}");
+
+    // The edge sends the reset chunks again.
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    let s = summary(&out).unwrap();
+    let id = s["transfer_id"].as_str().unwrap();
+    d.wait_delivered(id, "series.bin", LIMIT);
+    assert_delivered(&d, id, &src);
     assert!(gw.terminate().unwrap().success());
 }
