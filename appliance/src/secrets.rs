@@ -138,7 +138,7 @@ mod tests {
         let text = "role = \"gateway\"\n\
             [hsm]\nmodule = \"/m.so\"\ntoken_label = \"t\"\nkey_label = \"k\"\n\
             pin_file = \"secrets/pin\"\n\
-            [peer]\nsigning_key = \"peer.pem\"\n\
+            [peer]\nsigning_key = \"peer.pem\"\nnames = [\"edge\"]\n\
             [tls]\nca = \"ca.pem\"\ncert = \"me.pem\"\nkey = \"me.key\"\n\
             [transport]\nlisten = \"127.0.0.1:1\"\n\
             [metrics]\nlisten = \"127.0.0.1:2\"\n\
