@@ -1,7 +1,8 @@
 //! How the gateway retries a STOW-RS delivery: the real gateway against a scripted store on
 //! 127.0.0.1 that gives the answers Orthanc cannot be made to give (503 then success, 429
-//! with `Retry-After`, a 4xx, a failure between batches). The store is the downstream we do
-//! not own; everything of baylink's is real.
+//! with `Retry-After`, a 4xx, a failure between batches), in front of a real Orthanc where
+//! a test needs the store itself. The store is the downstream we do not own; everything of
+//! baylink's is real.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baylink_tests::{Deployment, EVENT_WAIT, Service};
+use baylink_tests::{Deployment, EVENT_WAIT, Orthanc, Service, orthanc_unavailable, skip_if};
 
 use super::compliance::audit_records;
 use super::dicom::{instance, sop_uid};
@@ -35,8 +36,14 @@ impl Seen {
     }
 }
 
-/// An answer: status, extra header lines, body.
-type Answer = (u16, Vec<String>, String);
+/// What the stub does with a request.
+enum Answer {
+    /// Answers itself: status, extra header lines, body.
+    Say(u16, Vec<String>, String),
+    /// Passes the request to the HTTP server on this 127.0.0.1 port (a real store) and
+    /// relays its answer.
+    Forward(u16),
+}
 
 /// Decides the answer to request `n` (0-based) from what it carried.
 type Script = dyn Fn(usize, &Seen) -> Answer + Send + Sync;
@@ -105,6 +112,8 @@ fn serve_one(conn: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) -> std::i
         return Ok(()); // the wake-up connection
     }
     let start = Instant::now();
+    // The request line and headers, as they came but for `Connection`, for forwarding.
+    let mut head = line.clone();
     let (mut length, mut boundary) = (0usize, String::new());
     loop {
         line.clear();
@@ -122,9 +131,12 @@ fn serve_one(conn: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) -> std::i
                     boundary = b.trim_matches('"').to_owned();
                 }
             }
+            "connection" => continue,
             _ => {}
         }
+        head.push_str(&line);
     }
+    head.push_str("Connection: close\r\n\r\n");
     let mut body = vec![0; length];
     reader.read_exact(&mut body)?;
     let delimiter = format!("--{boundary}\r\n");
@@ -139,20 +151,33 @@ fn serve_one(conn: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) -> std::i
         parts,
     };
     let n = log.lock().unwrap().len();
-    let (status, headers, text) = script(n, &seen);
-    let mut out = format!(
-        "HTTP/1.1 {status} Scripted\r\nContent-Type: application/dicom+json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n",
-        text.len()
-    );
-    for h in headers {
-        out.push_str(&h);
-        out.push_str("\r\n");
-    }
-    out.push_str("\r\n");
-    out.push_str(&text);
+    let out = match script(n, &seen) {
+        Answer::Say(status, headers, text) => {
+            let mut out = format!(
+                "HTTP/1.1 {status} Scripted\r\nContent-Type: application/dicom+json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n",
+                text.len()
+            );
+            for h in headers {
+                out.push_str(&h);
+                out.push_str("\r\n");
+            }
+            out.push_str("\r\n");
+            out.push_str(&text);
+            out.into_bytes()
+        }
+        Answer::Forward(port) => {
+            let mut store = TcpStream::connect(("127.0.0.1", port))?;
+            store.set_read_timeout(Some(EVENT_WAIT))?;
+            store.write_all(head.as_bytes())?;
+            store.write_all(&seen.body)?;
+            let mut out = Vec::new();
+            store.read_to_end(&mut out)?;
+            out
+        }
+    };
     let mut conn = conn;
-    conn.write_all(out.as_bytes())?;
+    conn.write_all(&out)?;
     conn.flush()?;
     seen.answered = Instant::now();
     log.lock().unwrap().push(seen);
@@ -162,7 +187,7 @@ fn serve_one(conn: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) -> std::i
 /// A STOW-RS confirmation of every part of `seen`, naming request `n` in its RetrieveURL.
 fn confirm(n: usize, seen: &Seen) -> Answer {
     let items = vec!["{}"; seen.parts].join(",");
-    (
+    Answer::Say(
         200,
         Vec::new(),
         format!(
@@ -173,7 +198,7 @@ fn confirm(n: usize, seen: &Seen) -> Answer {
 }
 
 fn answer(status: u16, headers: &[&str], body: &str) -> Answer {
-    (
+    Answer::Say(
         status,
         headers.iter().map(|h| (*h).to_owned()).collect(),
         body.to_owned(),
@@ -219,10 +244,17 @@ fn retries(d: &Deployment, cause: &str) -> u64 {
 }
 
 #[test]
-fn deliver_retries_a_503_and_then_delivers() {
-    let store = StubStore::start(Box::new(|n, seen| match n {
+fn deliver_retries_a_503_and_then_delivers_into_orthanc() {
+    if skip_if(orthanc_unavailable()) {
+        return;
+    }
+    // A real Orthanc behind a front that answers the first request 503 (a store warming up)
+    // and passes the rest through.
+    let orthanc = Orthanc::start().unwrap();
+    let port = orthanc.port;
+    let store = StubStore::start(Box::new(move |n, _| match n {
         0 => answer(503, &[], "warming up"),
-        _ => confirm(n, seen),
+        _ => Answer::Forward(port),
     }));
     let (d, gateway) = gateway_for(&store, "1s", &[]);
     let file = instance(&d.path("study"), 21, Some("P-0001"));
@@ -230,8 +262,17 @@ fn deliver_retries_a_503_and_then_delivers() {
 
     let line = gateway.wait_for_log(&[&id, "delivered"], EVENT_WAIT);
     assert!(
-        line.contains("location=http://stub/dicom-web/studies/req1"),
-        "{line}"
+        line.contains("/dicom-web/studies/1.2.826.0.1.3680043.10.543.100"),
+        "Orthanc's RetrieveURL: {line}"
+    );
+    let stored = orthanc
+        .instance_file(&sop_uid(21))
+        .unwrap()
+        .unwrap_or_else(|| panic!("Orthanc has no instance:\n{}", orthanc.log()));
+    assert_eq!(
+        stored,
+        std::fs::read(&file).unwrap(),
+        "byte-identical in Orthanc"
     );
     let failed = gateway.wait_for_log(&[&id, "delivery failed"], EVENT_WAIT);
     assert!(failed.contains("503"), "{failed}");
