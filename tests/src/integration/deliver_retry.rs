@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use baylink_tests::{Deployment, EVENT_WAIT, Orthanc, Service, orthanc_unavailable, skip_if};
 
@@ -21,6 +21,8 @@ use super::dicom::{instance, sop_uid};
 struct Seen {
     /// When its first line arrived.
     start: Instant,
+    /// The same by the system clock (to compare with an HTTP-date).
+    wall: SystemTime,
     /// When the stub had written its answer.
     answered: Instant,
     /// The request body (the multipart of DICOM instances).
@@ -111,7 +113,7 @@ fn serve_one(conn: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) -> std::i
     if reader.read_line(&mut line)? == 0 {
         return Ok(()); // the wake-up connection
     }
-    let start = Instant::now();
+    let (start, wall) = (Instant::now(), SystemTime::now());
     // The request line and headers, as they came but for `Connection`, for forwarding.
     let mut head = line.clone();
     let (mut length, mut boundary) = (0usize, String::new());
@@ -146,6 +148,7 @@ fn serve_one(conn: TcpStream, script: &Script, log: &Mutex<Vec<Seen>>) -> std::i
         .count();
     let mut seen = Seen {
         start,
+        wall,
         answered: start,
         body,
         parts,
@@ -288,10 +291,44 @@ fn deliver_retries_a_503_and_then_delivers_into_orthanc() {
     assert!(d.path(&format!("spool/gateway/{id}/delivered")).exists());
 }
 
+/// `at` (whole seconds) as an HTTP-date (IMF-fixdate), by `date`.
+fn http_date(at: SystemTime) -> String {
+    let secs = at.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+    let out = std::process::Command::new("date")
+        .env("LC_ALL", "C")
+        .args([
+            "-u",
+            "+%a, %d %b %Y %H:%M:%S GMT",
+            "-d",
+            &format!("@{secs}"),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
 #[test]
 fn deliver_waits_at_least_the_stores_retry_after_on_429() {
-    let store = StubStore::start(Box::new(|n, seen| match n {
+    // First Retry-After in seconds, then as an HTTP-date (3 s ahead, in whole seconds).
+    let date = Arc::new(Mutex::new(None));
+    let named = date.clone();
+    let store = StubStore::start(Box::new(move |n, seen| match n {
         0 => answer(429, &["Retry-After: 2"], "slow down"),
+        1 => {
+            let secs = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+                + 3;
+            let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            *named.lock().unwrap() = Some(at);
+            answer(
+                429,
+                &[&format!("Retry-After: {}", http_date(at))],
+                "still busy",
+            )
+        }
         _ => confirm(n, seen),
     }));
     // retry_max above Retry-After, so the store's wait is not cut short by the cap.
@@ -304,13 +341,19 @@ fn deliver_waits_at_least_the_stores_retry_after_on_429() {
     assert!(failed.contains("429"), "{failed}");
     assert!(failed.contains("retry_after=Some(2s)"), "{failed}");
     let seen = store.seen();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     let waited = seen[1].start.duration_since(seen[0].answered);
     assert!(
         waited >= Duration::from_secs(2),
         "retried {waited:?} after a 429 with Retry-After: 2"
     );
-    assert_eq!(retries(&d, "throttled"), 1);
+    let date = date.lock().unwrap().unwrap();
+    assert!(
+        seen[2].wall >= date,
+        "retried {:?} before the Retry-After date",
+        date.duration_since(seen[2].wall).unwrap_or_default()
+    );
+    assert_eq!(retries(&d, "throttled"), 2);
 }
 
 #[test]
