@@ -113,6 +113,8 @@ pub struct Config {
     pub policy: PolicySection,
     /// Downstream delivery (gateway).
     pub delivery: Option<DeliverySection>,
+    /// Waits between delivery attempts (`delivery.retry_base`, `delivery.retry_max`).
+    pub delivery_retry: crate::deliver::Backoff,
     /// How long a graceful shutdown waits for in-flight transfers.
     pub drain_timeout: Duration,
     /// Limits on what a peer may offer (`[limits]`).
@@ -530,6 +532,8 @@ struct RawDelivery {
     path: Option<PathBuf>,
     url: Option<String>,
     batch_bytes: Option<u64>,
+    retry_base: Option<String>,
+    retry_max: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
@@ -948,6 +952,38 @@ impl Config {
             .parse::<SocketAddr>()
             .map_err(|e| invalid("metrics.listen", format!("`{}`: {e}", raw.metrics.listen)))?;
 
+        let delivery_retry = match &raw.delivery {
+            None => crate::deliver::Backoff::default(),
+            Some(d) => {
+                let base = duration(
+                    "delivery.retry_base",
+                    &d.retry_base,
+                    crate::deliver::DEFAULT_RETRY_BASE,
+                )?;
+                let max = duration(
+                    "delivery.retry_max",
+                    &d.retry_max,
+                    crate::deliver::DEFAULT_RETRY_MAX,
+                )?;
+                if base.is_zero() {
+                    return Err(invalid(
+                        "delivery.retry_base",
+                        "must be more than 0s".to_owned(),
+                    ));
+                }
+                if max < base {
+                    return Err(invalid(
+                        "delivery.retry_max",
+                        format!(
+                            "{} is less than delivery.retry_base ({})",
+                            humantime::format_duration(max),
+                            humantime::format_duration(base)
+                        ),
+                    ));
+                }
+                crate::deliver::Backoff { base, max }
+            }
+        };
         let delivery = match raw.delivery {
             None => None,
             Some(d) => Some(match d.kind.as_str() {
@@ -1161,6 +1197,7 @@ impl Config {
                 max_files: raw.policy.max_files,
             },
             delivery,
+            delivery_retry,
             drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,
             limits,
             quota,
@@ -1384,6 +1421,7 @@ path = "delivered"
         assert_eq!(c.ingest.open_timeout, Some(DEFAULT_OPEN_TIMEOUT));
         assert_eq!(c.transport.chunk_size, DEFAULT_CHUNK_SIZE);
         assert!(matches!(c.delivery, Some(DeliverySection::Dir { .. })));
+        assert_eq!(c.delivery_retry, crate::deliver::Backoff::default());
         assert_eq!(c.audit.checkpoint_every, 64);
         assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(300));
         assert_eq!(
@@ -1502,6 +1540,38 @@ path = "delivered"
             ),
         ] {
             let e = Config::parse(Path::new("g.toml"), &dicomweb(rest)).unwrap_err();
+            assert!(e.to_string().contains(want), "{rest}: {e}");
+        }
+    }
+
+    #[test]
+    fn delivery_retries_take_a_base_and_a_max() {
+        let retry = |rest: &str| {
+            let text = GATEWAY.replace(
+                "path = \"delivered\"",
+                &format!("path = \"delivered\"\n{rest}"),
+            );
+            Config::parse(Path::new("g.toml"), &text).map(|c| c.delivery_retry)
+        };
+        assert_eq!(
+            retry("retry_base = \"2s\"\nretry_max = \"5m\"").unwrap(),
+            crate::deliver::Backoff {
+                base: Duration::from_secs(2),
+                max: Duration::from_secs(300)
+            }
+        );
+        assert_eq!(
+            retry("retry_max = \"500ms\"").unwrap().max,
+            Duration::from_millis(500),
+            "max may equal the default base"
+        );
+        for (rest, want) in [
+            ("retry_base = \"0s\"", "delivery.retry_base"),
+            ("retry_base = \"soon\"", "delivery.retry_base"),
+            ("retry_base = \"2m\"", "delivery.retry_max"),
+            ("retry_max = \"100ms\"", "less than delivery.retry_base"),
+        ] {
+            let e = retry(rest).unwrap_err();
             assert!(e.to_string().contains(want), "{rest}: {e}");
         }
     }

@@ -9,18 +9,22 @@
 //! - [`dicomweb::DicomWebDelivery`]: STOW-RS into the health-record store, which stores what
 //!   it confirms (see that module for what counts as confirmed).
 //!
-//! A failed delivery is retried with backoff, except an [`Undeliverable`] one (the store
-//! refused the instances themselves): that transfer is set aside with an `undeliverable`
-//! file naming the reason and a `failed` audit record, and the queue moves on. Deleting the
-//! file and sending the gateway SIGHUP (`systemctl reload`), or restarting it, tries it
-//! again.
+//! A failed delivery is retried with exponential backoff and full jitter (`delivery.retry_base`
+//! doubling up to `delivery.retry_max`, at least the store's `Retry-After`; see the private
+//! `retry` module), except an [`Undeliverable`] one (the store gave an answer it will repeat,
+//! such as a 4xx, or refused the instances themselves): that transfer is set aside at once
+//! with an `undeliverable` file naming the reason and a `failed` audit record, and the queue
+//! moves on. Deleting the file and sending the gateway SIGHUP (`systemctl reload`), or
+//! restarting it, tries it again.
 
 pub mod dicomweb;
+mod retry;
+
+pub use retry::{Backoff, Cause, DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, Transient};
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
 
 use anyhow::Context;
 use baylink_net::proto::{Manifest, TransferId};
@@ -181,17 +185,20 @@ impl DeliveryQueue {
     }
 }
 
-/// Delivers committed transfers as they arrive on `queue`, retrying failures with backoff.
+/// Delivers committed transfers as they arrive on `queue`, retrying failures worth a retry
+/// with `backoff`.
 pub async fn run_worker(
     spool_dir: PathBuf,
     target: Arc<dyn Deliver>,
     queue: DeliveryQueue,
     mut rx: mpsc::UnboundedReceiver<TransferId>,
     audit: crate::audit::Log,
+    backoff: Backoff,
 ) {
     while let Some(id) = rx.recv().await {
         let dir = TransferDir::new(&spool_dir, &id);
-        let mut backoff = Duration::from_millis(500);
+        // Failed attempts of this transfer so far.
+        let mut failures: u32 = 0;
         loop {
             let (d, t, a) = (dir.clone(), target.clone(), audit.clone());
             let res = tokio::task::spawn_blocking(move || deliver_one(&d, t.as_ref(), &a)).await;
@@ -222,13 +229,32 @@ pub async fn run_worker(
                     }
                 }
                 Ok(Err(e)) => {
-                    warn!(transfer = %id, error = %format!("{e:#}"), retry_in = ?backoff, "delivery failed");
+                    let (cause, after) = e
+                        .downcast_ref::<Transient>()
+                        .map_or((Cause::Other, None), |t| (t.cause, t.retry_after));
+                    let wait = backoff.wait(failures, after);
+                    warn!(
+                        transfer = %id,
+                        error = %format!("{e:#}"),
+                        cause = %cause.label(),
+                        attempt = failures + 1,
+                        retry_after = ?after,
+                        retry_in = ?wait,
+                        "delivery failed"
+                    );
                     metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "retry").increment(1);
+                    metrics::counter!("baylink_delivery_retries_total", "cause" => cause.label())
+                        .increment(1);
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(wait).await;
+                    continue;
                 }
                 Err(e) => warn!(transfer = %id, error = %e, "delivery task failed"),
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(60));
+            // The set-aside or the task failed: try again after the usual wait.
+            let wait = backoff.wait(failures, None);
+            failures = failures.saturating_add(1);
+            tokio::time::sleep(wait).await;
         }
     }
 }

@@ -88,6 +88,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         queue.clone(),
         queue_rx,
         audit.clone(),
+        cfg.delivery_retry,
     ));
 
     let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)?;

@@ -124,6 +124,11 @@ impl TransferDir {
     pub fn undeliverable(&self) -> PathBuf {
         self.root.join("undeliverable")
     }
+    /// `stow.acked`: the files of a STOW-RS delivery that the store has already confirmed,
+    /// batch by batch, so that a retry or a restart does not send them again.
+    pub fn stow_acked(&self) -> PathBuf {
+        self.root.join("stow.acked")
+    }
 
     /// `pruned`: the payload was removed under `spool.retain`; holds the reason.
     pub fn pruned(&self) -> PathBuf {

@@ -6,40 +6,51 @@
 //! the io_uring spool thread, `O_DIRECT`, pooled buffers handed to hyper without a copy)
 //! with an exact `Content-Length`.
 //!
-//! The store's answer decides: HTTP 200 with every instance of the request in
-//! ReferencedSOPSequence (0008,1199) and none in FailedSOPSequence (0008,1198) is a
-//! delivery. A store that refuses instances (202 or 409, any instance in FailedSOPSequence,
-//! or 400 with a STOW-RS answer) or a file that is not DICOM Part 10 makes the transfer
-//! [`Undeliverable`]: sending it again cannot help, so it is set aside and the queue moves
-//! on. Anything else (no connection, a time-out, 5xx, another 4xx such as a wrong URL) is
-//! transient and retried with backoff by the worker: an operator can fix it without the
-//! transfer changing.
+//! The store's answer decides, request by request: HTTP 200 with every instance of the
+//! request in ReferencedSOPSequence (0008,1199) and none in FailedSOPSequence (0008,1198)
+//! confirms the request. A store that refuses instances (202 or 409, any instance in
+//! FailedSOPSequence, or 400 with a STOW-RS answer), any other answer the store will repeat
+//! (another 4xx such as 403, 404, 413 or 415, a redirect) or a file that is not DICOM Part 10
+//! makes the transfer [`Undeliverable`] at once: sending it again cannot help, so it is set
+//! aside with the store's status and reasons (FailureReason (0008,1197) per refused
+//! instance) and the queue moves on. What a retry can fix is [`Transient`] and retried with
+//! jittered backoff by the worker: no connection, a time-out, 5xx, 408, 425, 429 (after the
+//! store's `Retry-After`), or a 200 that does not confirm every instance.
+//!
+//! Each confirmed request is recorded durably in the transfer's `stow.acked` (its files and
+//! the RetrieveURL it gave; written atomically: temporary file, fsync, rename, directory
+//! fsync) before the next one is sent, so a retry after a later request failed, or a restart,
+//! sends only what the store has not confirmed. The delivery's location is the first
+//! RetrieveURL of the whole transfer, whichever attempt got it.
 //!
 //! `https://` stores are verified against `delivery.ca` only (no system roots) and may ask
 //! for the gateway's client certificate (`delivery.cert`, `delivery.key`); TLS 1.3 or 1.2,
 //! aws-lc-rs with X25519MLKEM768 preferred, like every other TLS endpoint of baylink.
 //!
 //! Sending instances the store already holds again is harmless (STOW-RS stores by SOP
-//! Instance UID), so a delivery interrupted by a crash is simply repeated.
+//! Instance UID), so a request interrupted by a crash before its confirmation was recorded
+//! is simply repeated.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
 use baylink_net::spool::{Spool, SpoolFile};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Frame;
-use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST};
+use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 
+use super::retry::{Cause, Transient, Verdict, classify, parse_retry_after};
 use super::{Deliver, Undeliverable};
 use crate::config::DeliveryTls;
 use crate::dicom::part10;
-use crate::transfer_dir::TransferDir;
+use crate::transfer_dir::{TransferDir, write_atomic};
 use baylink_net::proto::Manifest;
 use baylink_net::transport::{TlsIdentity, load_ca, root_store};
 use rustls_pki_types::ServerName;
@@ -182,8 +193,18 @@ impl DicomWebDelivery {
         dir: &TransferDir,
         manifest: &Manifest,
     ) -> anyhow::Result<String> {
+        let acked_path = dir.stow_acked();
+        let mut acked = Acked::load(&acked_path);
+        let confirmed: HashSet<String> = acked
+            .batches
+            .iter()
+            .flat_map(|b| b.files.iter().cloned())
+            .collect();
         let mut files = Vec::with_capacity(manifest.files.len());
         for f in &manifest.files {
+            if confirmed.contains(&f.name) {
+                continue;
+            }
             let path = dir.data_file(&f.name);
             check_part10(&path, &f.name).await?;
             files.push(Part {
@@ -192,12 +213,33 @@ impl DicomWebDelivery {
                 len: f.size,
             });
         }
-        let mut location = None;
-        for batch in batches(&files, self.batch_bytes) {
-            let stored = self.post(batch).await?;
-            location = location.or(stored);
+        let skipped = manifest.files.len() - files.len();
+        if skipped > 0 {
+            tracing::info!(
+                transfer = %manifest.transfer_id,
+                confirmed = skipped,
+                left = files.len(),
+                "STOW-RS: instances the store already confirmed are not sent again"
+            );
         }
-        Ok(location.unwrap_or_else(|| self.url.studies_url()))
+        for batch in batches(&files, self.batch_bytes) {
+            let retrieve_url = self.post(batch).await?;
+            acked.batches.push(AckedBatch {
+                files: batch.iter().map(|p| p.name.clone()).collect(),
+                retrieve_url,
+            });
+            // Durable before the next request: a later failure or a crash does not send
+            // this batch again. Not recorded: the error retries the delivery, and the batch
+            // is sent again (harmless).
+            let json = serde_json::to_vec(&acked).context("encoding stow.acked")?;
+            write_atomic(&acked_path, &json)
+                .with_context(|| format!("cannot record {}", acked_path.display()))?;
+        }
+        Ok(acked
+            .batches
+            .iter()
+            .find_map(|b| b.retrieve_url.clone())
+            .unwrap_or_else(|| self.url.studies_url()))
     }
 
     /// One STOW-RS request; returns the store's RetrieveURL (0008,1190) if it gave one.
@@ -224,28 +266,48 @@ impl DicomWebDelivery {
                 tokio::net::TcpStream::connect(&self.url.connect),
             )
             .await
-            .map_err(|_| anyhow::anyhow!("no connection within {CONNECT_TIMEOUT:?}"))?
-            .context("cannot connect")?;
-            tcp.set_nodelay(true)?;
+            .map_err(|_| {
+                Transient::new(
+                    Cause::Timeout,
+                    format!("no connection within {CONNECT_TIMEOUT:?}"),
+                )
+            })?
+            .map_err(|e| Transient::new(Cause::Connection, format!("cannot connect: {e}")))?;
+            tcp.set_nodelay(true)
+                .map_err(|e| Transient::new(Cause::Connection, format!("TCP_NODELAY: {e}")))?;
+            let broken = |e: anyhow::Error| Transient::new(Cause::Connection, format!("{e:#}"));
             match &self.tls {
-                None => exchange(TokioIo::new(tcp), request).await,
+                None => exchange(TokioIo::new(tcp), request).await.map_err(broken),
                 Some((connector, name)) => {
                     let tls =
                         tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
                             .await
                             .map_err(|_| {
-                                anyhow::anyhow!("no TLS handshake within {CONNECT_TIMEOUT:?}")
+                                Transient::new(
+                                    Cause::Timeout,
+                                    format!("no TLS handshake within {CONNECT_TIMEOUT:?}"),
+                                )
                             })?
-                            .context("TLS handshake with the store")?;
-                    exchange(TokioIo::new(tls), request).await
+                            .map_err(|e| {
+                                Transient::new(
+                                    Cause::Connection,
+                                    format!("TLS handshake with the store: {e}"),
+                                )
+                            })?;
+                    exchange(TokioIo::new(tls), request).await.map_err(broken)
                 }
             }
         };
-        let (status, answer) = tokio::time::timeout(limit, exchange)
+        let (status, retry_after, answer) = tokio::time::timeout(limit, exchange)
             .await
-            .map_err(|_| anyhow::anyhow!("POST {studies}: no answer within {limit:?}"))?
-            .with_context(|| format!("POST {studies}"))?;
-        judge(status, &answer, parts).with_context(|| format!("POST {studies}"))
+            .map_err(|_| {
+                Transient::new(
+                    Cause::Timeout,
+                    format!("POST {studies}: no answer within {limit:?}"),
+                )
+            })?
+            .map_err(|e| anyhow::Error::new(e).context(format!("POST {studies}")))?;
+        judge(status, retry_after, &answer, parts).with_context(|| format!("POST {studies}"))
     }
 }
 
@@ -255,8 +317,12 @@ impl Deliver for DicomWebDelivery {
     }
 }
 
-/// Sends `request` on a fresh HTTP/1.1 connection over `io`; the answer's status and body.
-async fn exchange<T, B>(io: T, request: Request<B>) -> anyhow::Result<(StatusCode, Bytes)>
+/// Sends `request` on a fresh HTTP/1.1 connection over `io`; the answer's status, its
+/// `Retry-After` (if any and readable) and its body.
+async fn exchange<T, B>(
+    io: T,
+    request: Request<B>,
+) -> anyhow::Result<(StatusCode, Option<Duration>, Bytes)>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     B: hyper::body::Body + Send + 'static,
@@ -267,13 +333,18 @@ where
     let driver = tokio::spawn(connection);
     let response = sender.send_request(request).await?;
     let status = response.status();
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, SystemTime::now()));
     let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
         .collect()
         .await
         .map_err(|e| anyhow::anyhow!("reading the answer: {e}"))?
         .to_bytes();
     driver.abort();
-    Ok((status, body))
+    Ok((status, retry_after, body))
 }
 
 /// The rustls client configuration for the store: `tls.ca` only, TLS 1.3 or 1.2, ALPN
@@ -471,8 +542,46 @@ impl Multipart {
     }
 }
 
-/// Reads the store's answer to a request that carried `parts`.
-fn judge(status: StatusCode, answer: &[u8], parts: &[Part]) -> anyhow::Result<Option<String>> {
+/// The requests of a transfer the store has confirmed (`stow.acked`), in order.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Acked {
+    batches: Vec<AckedBatch>,
+}
+
+/// One confirmed request: the names of its files and the RetrieveURL the store gave.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AckedBatch {
+    files: Vec<String>,
+    retrieve_url: Option<String>,
+}
+
+impl Acked {
+    /// The record at `path`; empty when there is none, or (with a warning) when it cannot be
+    /// read: then every file is sent again, which the store takes harmlessly.
+    fn load(path: &Path) -> Acked {
+        match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable STOW-RS confirmation record: sending every file");
+                Acked::default()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Acked::default(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the STOW-RS confirmation record: sending every file");
+                Acked::default()
+            }
+        }
+    }
+}
+
+/// Reads the store's answer to a request that carried `parts`: the RetrieveURL of a full
+/// confirmation; [`Undeliverable`] for an answer the store will repeat, [`Transient`] (with
+/// the answer's `Retry-After`) for one a retry can fix.
+fn judge(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    answer: &[u8],
+    parts: &[Part],
+) -> anyhow::Result<Option<String>> {
     let excerpt = || {
         let text = String::from_utf8_lossy(&answer[..answer.len().min(300)]);
         text.chars().filter(|c| !c.is_control()).collect::<String>()
@@ -480,28 +589,42 @@ fn judge(status: StatusCode, answer: &[u8], parts: &[Part]) -> anyhow::Result<Op
     let json: Option<serde_json::Value> = serde_json::from_slice(answer).ok();
     let failed = json.as_ref().map(failures).unwrap_or_default();
     // 400 with a STOW-RS answer: the store read the request and refused what was in it
-    // (Orthanc says so for an instance it cannot parse). 400 without one is not about the
-    // instances, and neither is any other 4xx.
+    // (Orthanc says so for an instance it cannot parse).
     let stow_answer = json
         .as_ref()
         .is_some_and(|j| j.get("00081198").is_some() || j.get("00081199").is_some());
-    let refused = matches!(status, StatusCode::ACCEPTED | StatusCode::CONFLICT)
-        || (status == StatusCode::BAD_REQUEST && stow_answer);
-    if refused || (status == StatusCode::OK && !failed.is_empty()) {
-        let why = if failed.is_empty() {
+    let why = || {
+        if failed.is_empty() {
             excerpt()
         } else {
             failed.join("; ")
-        };
-        return Err(Undeliverable(format!("the store refused instances ({status}): {why}")).into());
+        }
+    };
+    let refused = matches!(status, StatusCode::ACCEPTED | StatusCode::CONFLICT)
+        || (status == StatusCode::BAD_REQUEST && stow_answer);
+    if refused || (status == StatusCode::OK && !failed.is_empty()) {
+        return Err(
+            Undeliverable(format!("the store refused instances ({status}): {}", why())).into(),
+        );
     }
     if status != StatusCode::OK {
-        bail!("the store answered {status}: {}", excerpt());
+        let message = format!("the store answered {status}: {}", why());
+        return Err(match classify(status.as_u16()) {
+            Verdict::Retry(cause) => Transient {
+                cause,
+                retry_after,
+                message,
+            }
+            .into(),
+            Verdict::Final => Undeliverable(message).into(),
+        });
     }
-    let json = json.with_context(|| format!("the store's answer is not JSON: {}", excerpt()))?;
+    let incomplete = |message: String| Transient::new(Cause::Incomplete, message);
+    let json =
+        json.ok_or_else(|| incomplete(format!("the store's answer is not JSON: {}", excerpt())))?;
     let stored = values(&json, "00081199").len();
     if stored != parts.len() {
-        bail!(
+        return Err(incomplete(format!(
             "the store confirmed {stored} of {} instances ({})",
             parts.len(),
             parts
@@ -509,7 +632,8 @@ fn judge(status: StatusCode, answer: &[u8], parts: &[Part]) -> anyhow::Result<Op
                 .map(|p| p.name.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
+        ))
+        .into());
     }
     Ok(values(&json, "00081190")
         .first()
@@ -653,50 +777,144 @@ mod tests {
         }
     }
 
+    fn judge_ok(
+        status: StatusCode,
+        answer: &[u8],
+        parts: &[Part],
+    ) -> anyhow::Result<Option<String>> {
+        judge(status, None, answer, parts)
+    }
+
+    /// The cause of a failure worth a retry; panics for one that is final.
+    fn transient(e: &anyhow::Error) -> &Transient {
+        assert!(e.downcast_ref::<Undeliverable>().is_none(), "final: {e}");
+        e.downcast_ref::<Transient>()
+            .unwrap_or_else(|| panic!("not marked for a retry: {e}"))
+    }
+
     #[test]
     fn answers_are_judged() {
         let parts = [part("a", 1), part("b", 1)];
         let ok = br#"{"00081190":{"vr":"UR","Value":["http://s/studies/1.2"]},
             "00081199":{"vr":"SQ","Value":[{},{}]}}"#;
         assert_eq!(
-            judge(StatusCode::OK, ok, &parts).unwrap().as_deref(),
+            judge_ok(StatusCode::OK, ok, &parts).unwrap().as_deref(),
             Some("http://s/studies/1.2")
         );
         let short = br#"{"00081199":{"vr":"SQ","Value":[{}]}}"#;
-        let e = judge(StatusCode::OK, short, &parts).unwrap_err();
+        let e = judge_ok(StatusCode::OK, short, &parts).unwrap_err();
         assert!(e.to_string().contains("confirmed 1 of 2"), "{e}");
-        assert!(e.downcast_ref::<Undeliverable>().is_none(), "worth a retry");
+        assert_eq!(transient(&e).cause, Cause::Incomplete, "worth a retry");
+        let e = judge_ok(StatusCode::OK, b"<html>", &parts).unwrap_err();
+        assert_eq!(transient(&e).cause, Cause::Incomplete);
 
         let failed = br#"{"00081198":{"vr":"SQ","Value":[{"00081155":{"vr":"UI","Value":["1.2.3"]},
             "00081197":{"vr":"US","Value":[272]}}]}}"#;
-        let e = judge(StatusCode::CONFLICT, failed, &parts).unwrap_err();
+        let e = judge_ok(StatusCode::CONFLICT, failed, &parts).unwrap_err();
         assert!(e.downcast_ref::<Undeliverable>().is_some());
         assert!(
             e.to_string().contains("1.2.3: failure reason 0x0110"),
             "{e}"
         );
-        let e = judge(StatusCode::ACCEPTED, failed, &parts).unwrap_err();
+        let e = judge_ok(StatusCode::ACCEPTED, failed, &parts).unwrap_err();
         assert!(
             e.downcast_ref::<Undeliverable>().is_some(),
             "some refused: {e}"
         );
-        let e = judge(StatusCode::OK, failed, &parts).unwrap_err();
+        let e = judge_ok(StatusCode::OK, failed, &parts).unwrap_err();
         assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
         // Orthanc's answer to an instance it cannot parse.
         let unparsable = br#"{"00080005":{"Value":["ISO_IR 100"],"vr":"CS"},
             "00081198":{"vr":"SQ"},"00081199":{"vr":"SQ"}}"#;
-        let e = judge(StatusCode::BAD_REQUEST, unparsable, &parts).unwrap_err();
+        let e = judge_ok(StatusCode::BAD_REQUEST, unparsable, &parts).unwrap_err();
         assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
-        let e = judge(StatusCode::BAD_REQUEST, b"<html>bad</html>", &parts).unwrap_err();
-        assert!(e.downcast_ref::<Undeliverable>().is_none(), "{e}");
-        // A wrong URL or a store in trouble is for the operator to fix: retried.
-        for (status, text) in [
-            (StatusCode::NOT_FOUND, "404"),
-            (StatusCode::SERVICE_UNAVAILABLE, "503"),
+    }
+
+    #[test]
+    fn an_answer_the_store_will_repeat_is_final_with_its_reason() {
+        let parts = [part("a", 1)];
+        // A 4xx is final whatever its body; the status and the store's words are the reason.
+        for (status, body, want) in [
+            (
+                StatusCode::BAD_REQUEST,
+                &b"<html>bad</html>"[..],
+                "400 Bad Request: <html>bad</html>",
+            ),
+            (
+                StatusCode::FORBIDDEN,
+                b"no write access",
+                "403 Forbidden: no write access",
+            ),
+            (StatusCode::NOT_FOUND, b"no such path", "404 Not Found"),
+            (StatusCode::PAYLOAD_TOO_LARGE, b"", "413 "),
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, b"", "415 "),
+            (StatusCode::MOVED_PERMANENTLY, b"", "301 Moved Permanently"),
         ] {
-            let e = judge(status, b"busy", &parts).unwrap_err();
-            assert!(e.downcast_ref::<Undeliverable>().is_none(), "{e}");
-            assert!(e.to_string().contains(text), "{e}");
+            let e = judge(status, Some(Duration::from_secs(5)), body, &parts).unwrap_err();
+            assert!(e.downcast_ref::<Undeliverable>().is_some(), "{status}: {e}");
+            assert!(e.downcast_ref::<Transient>().is_none(), "{status}: {e}");
+            assert!(e.to_string().contains(want), "{status}: {e}");
         }
+        // A 4xx carrying a STOW-RS answer names each refused instance and its FailureReason.
+        let refused =
+            br#"{"00081198":{"vr":"SQ","Value":[{"00081155":{"vr":"UI","Value":["1.2.9"]},
+            "00081197":{"vr":"US","Value":[43264]}}]}}"#;
+        let e = judge_ok(StatusCode::UNPROCESSABLE_ENTITY, refused, &parts).unwrap_err();
+        assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
+        assert!(
+            e.to_string().contains("the store answered 422 ")
+                && e.to_string().contains(": 1.2.9: failure reason 0xa900"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_answer_a_retry_can_fix_is_retried_with_the_stores_retry_after() {
+        let parts = [part("a", 1)];
+        for (status, cause) in [
+            (StatusCode::INTERNAL_SERVER_ERROR, Cause::ServerError),
+            (StatusCode::BAD_GATEWAY, Cause::ServerError),
+            (StatusCode::SERVICE_UNAVAILABLE, Cause::ServerError),
+            (StatusCode::GATEWAY_TIMEOUT, Cause::ServerError),
+            (StatusCode::REQUEST_TIMEOUT, Cause::Throttled),
+            (StatusCode::TOO_MANY_REQUESTS, Cause::Throttled),
+        ] {
+            let e = judge_ok(status, b"busy", &parts).unwrap_err();
+            let t = transient(&e);
+            assert_eq!(t.cause, cause, "{status}");
+            assert_eq!(t.retry_after, None);
+            assert!(e.to_string().contains(status.as_str()), "{e}");
+            let later = Some(Duration::from_secs(7));
+            let e = judge(status, later, b"busy", &parts).unwrap_err();
+            assert_eq!(transient(&e).retry_after, later, "{status}");
+        }
+        // Marked through the request's context too (the worker sees it so).
+        let e = judge_ok(StatusCode::SERVICE_UNAVAILABLE, b"busy", &parts)
+            .context("POST http://s/studies")
+            .unwrap_err();
+        assert_eq!(transient(&e).cause, Cause::ServerError);
+    }
+
+    #[test]
+    fn the_confirmation_record_round_trips_and_a_damaged_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stow.acked");
+        assert!(Acked::load(&path).batches.is_empty(), "none yet");
+        let acked = Acked {
+            batches: vec![AckedBatch {
+                files: vec!["a.dcm".into(), "b.dcm".into()],
+                retrieve_url: Some("http://s/studies/1".into()),
+            }],
+        };
+        write_atomic(&path, &serde_json::to_vec(&acked).unwrap()).unwrap();
+        let back = Acked::load(&path);
+        assert_eq!(back.batches.len(), 1);
+        assert_eq!(back.batches[0].files, ["a.dcm", "b.dcm"]);
+        assert_eq!(
+            back.batches[0].retrieve_url.as_deref(),
+            Some("http://s/studies/1")
+        );
+        std::fs::write(&path, b"{\"batches\":[{").unwrap();
+        assert!(Acked::load(&path).batches.is_empty(), "damaged: send all");
     }
 }

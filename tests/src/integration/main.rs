@@ -10,6 +10,7 @@ mod audit;
 mod compliance;
 mod crash;
 mod deid;
+mod deliver_retry;
 mod dicom;
 mod dicom_durability;
 mod faults;

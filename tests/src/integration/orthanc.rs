@@ -71,7 +71,8 @@ fn a_study_lands_in_orthanc_byte_identical_in_batches_and_again_harmlessly() {
         return;
     }
     let orthanc = Orthanc::start().unwrap();
-    // Three instances of about 1 KiB each, at most two per request: two STOW-RS requests.
+    // Three instances of just over 1 KiB each, at most 2048 bytes per request: one STOW-RS
+    // request each.
     let d = deployment(&orthanc.dicomweb_url(), &[("batch_bytes", "2048")]);
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let src = d.path("study");
