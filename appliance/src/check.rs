@@ -753,12 +753,15 @@ fn certificate_file(
     }
 }
 
+/// A config key and the path it names.
+type KeyedPath<'a> = (&'a str, &'a Path);
+
 /// A CA file and, optionally, a certificate with its key: readable, parseable, in their
 /// validity (against `warn`), and the key the certificate's.
 fn certificates(
     report: &mut Report,
-    ca: (&str, &Path),
-    identity: Option<((&str, &Path), (&str, &Path))>,
+    ca: KeyedPath<'_>,
+    identity: Option<(KeyedPath<'_>, KeyedPath<'_>)>,
     warn: Duration,
     now: SystemTime,
 ) {
