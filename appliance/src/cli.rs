@@ -85,6 +85,31 @@ pub enum Command {
     /// spool needs, the HSM module, slot and key labels, the certificates' subjects and
     /// expiry, and the config file's SHA-256. Read-only; safe beside a running `serve`.
     Info(InfoArgs),
+    /// Check a config and report every problem at once, each naming its config key.
+    ///
+    /// Reads the file (unknown keys, wrong types, bad values: all of them, not only the
+    /// first), then looks at the machine: every file the config names (certificates, keys,
+    /// CA files, PKCS#11 module, PIN file, peer key, consent registry, patient key), the HSM
+    /// (token, PIN, key), whether each certificate matches its key and is valid for longer
+    /// than tls.warn_expiry (default 30 days; expiring soon is a warning, expired an error),
+    /// whether every listen address of the role can be bound (each is bound and closed at
+    /// once, so run it with the service stopped), and whether the spool and audit directories
+    /// are writable with free space. Prints `error: <key>: <message>` or `warning: <key>:
+    /// <message>` per problem, then a summary line. Exit 0 when there is no error (warnings
+    /// allowed), 1 otherwise. `serve` runs the same checks before it starts and refuses to
+    /// start on any error.
+    CheckConfig(CheckConfigArgs),
+}
+
+/// Arguments of `check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The appliance config (TOML).
+    #[arg(long, short = 'c')]
+    pub config: PathBuf,
+    /// One JSON object on stdout: {"ok": bool, "problems": [{"severity", "key", "message"}]}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Arguments of `info`.

@@ -46,11 +46,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 0
             })
         }
-        Command::Serve(c) => with_config(&c.config, |cfg| {
-            crate::secrets::check_modes(&cfg)?;
-            runtime()?.block_on(crate::serve::serve(cfg))?;
-            Ok(0)
-        }),
+        Command::Serve(c) => serve(&c.config),
         Command::Send(args) => return send(args),
         Command::Hsm(cmd) => hsm(cmd),
         Command::Audit(cmd) => audit(cmd),
@@ -64,6 +60,15 @@ pub fn run(cli: Cli) -> ExitCode {
             }
             Ok(0)
         }),
+        Command::CheckConfig(args) => {
+            let (report, _) = check(&args.config);
+            if args.json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.render_text(&args.config));
+            }
+            Ok(if report.ok { 0 } else { 1 })
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -72,6 +77,52 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs every check of `check-config` on the config at `path`, exporting `SOFTHSM2_CONF`
+/// (before any thread exists) between reading the file and opening the HSM.
+fn check(path: &Path) -> (crate::check::Report, Option<Config>) {
+    crate::check::run(path, crate::check::Options::default(), |cfg| {
+        if let Some(conf) = &cfg.hsm.softhsm_conf {
+            export_softhsm_conf(conf);
+        }
+    })
+}
+
+/// `serve`: the checks of `check-config` first (every problem logged, any error refuses the
+/// start), then the role. The listen addresses are checked here, before the runtime starts
+/// and `serve` binds them.
+fn serve(path: &Path) -> anyhow::Result<u8> {
+    let (report, cfg) = check(path);
+    for p in &report.problems {
+        match p.severity {
+            crate::check::Severity::Error => {
+                tracing::error!(key = %p.key, "config: {}: {}", p.key, p.message);
+            }
+            crate::check::Severity::Warning => {
+                tracing::warn!(key = %p.key, "config: {}: {}", p.key, p.message);
+            }
+        }
+    }
+    let errors = report.errors().count();
+    let cfg = match cfg {
+        Some(cfg) if errors == 0 => cfg,
+        _ => anyhow::bail!(
+            "not starting: {} has {errors} problem{} (`baylink check-config --config {}` lists \
+             them): {}",
+            path.display(),
+            if errors == 1 { "" } else { "s" },
+            path.display(),
+            report
+                .errors()
+                .map(|p| p.key.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    crate::secrets::check_modes(&cfg)?;
+    runtime()?.block_on(crate::serve::serve(cfg))?;
+    Ok(0)
 }
 
 fn absolute(p: &Path) -> std::path::PathBuf {

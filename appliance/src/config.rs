@@ -219,6 +219,9 @@ pub struct TlsSection {
     pub cert: PathBuf,
     /// This appliance's private key.
     pub key: PathBuf,
+    /// A certificate expiring within this is reported as a warning by `check-config` and at
+    /// `serve` start-up (`tls.warn_expiry`, default 30 days); an expired one is an error.
+    pub warn_expiry: Duration,
 }
 
 /// `[transport]`
@@ -363,6 +366,9 @@ pub struct DeliveryTls {
 }
 
 // ---- raw TOML shape -------------------------------------------------------------------------
+//
+// `check::SCHEMA` lists the same keys with their TOML types (so `check-config` can report
+// every unknown key and wrong type at once): a key added here is added there too.
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -432,6 +438,7 @@ struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    warn_expiry: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -554,6 +561,8 @@ pub const MIN_CHUNK_SIZE: u32 = 4096;
 /// Default `spool.retain`: three days, so a store failure found after a weekend can still be
 /// re-delivered from the gateway's copy.
 pub const DEFAULT_SPOOL_RETAIN: Duration = Duration::from_secs(3 * 24 * 3600);
+/// Default `tls.warn_expiry`: 30 days.
+pub const DEFAULT_WARN_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default `ingest.open_timeout`: a day.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Default `ingest.stow_max_parts`: parts in one STOW-RS request.
@@ -1132,6 +1141,11 @@ impl Config {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),
                 key: resolve(&raw.tls.key),
+                warn_expiry: duration(
+                    "tls.warn_expiry",
+                    &raw.tls.warn_expiry,
+                    DEFAULT_WARN_EXPIRY,
+                )?,
             },
             transport,
             link,

@@ -3,7 +3,8 @@
 //! The edge checks each upload against the compliance policy ([`policy`]), seals it into its
 //! spool ([`seal`]) and sends it ([`edge`], [`link::send`]); the gateway receives, verifies and
 //! commits it ([`gateway`]), signs a receipt, and delivers it downstream ([`deliver`]).
-//! [`serve`] runs a role as a service, [`devenv`] builds a loopback deployment. [`dicom`] is
+//! [`serve`] runs a role as a service (after [`check`] found no error in its config),
+//! [`devenv`] builds a loopback deployment. [`dicom`] is
 //! the edge's DICOM C-STORE door. Every step is first recorded in the appliance's
 //! tamper-evident [`audit`] log.
 //!
@@ -13,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod audit;
+pub mod check;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -177,6 +177,21 @@ impl HsmError {
         }
     }
 
+    /// Whether the token refused the PIN itself (incorrect, invalid, wrong length, expired,
+    /// locked), as opposed to the PIN file being unreadable or the token not answering.
+    pub fn is_pin_refused(&self) -> bool {
+        matches!(
+            self.return_code(),
+            Some(
+                RvError::PinIncorrect
+                    | RvError::PinInvalid
+                    | RvError::PinLenRange
+                    | RvError::PinExpired
+                    | RvError::PinLocked
+            )
+        )
+    }
+
     /// The PKCS#11 return code, if this error is one.
     pub fn return_code(&self) -> Option<RvError> {
         match self {

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod audit;
+mod check_config;
 mod compliance;
 mod crash;
 mod deid;
