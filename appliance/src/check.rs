@@ -1027,6 +1027,7 @@ key_label = "baylink-signing"
 pin_file = "secrets/gateway.pin"
 [peer]
 signing_key = "keys/edge.pub.pem"
+names = ["edge"]
 [tls]
 ca = "pki/ca.pem"
 cert = "pki/gateway.pem"
