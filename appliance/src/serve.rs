@@ -26,17 +26,22 @@ use crate::transfer_dir::TransferDir;
 
 /// Runs the configured role until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let signals = ops::Signals::install()?;
     let metrics = ops::install_metrics()?;
     let health = Arc::new(Health::default());
     let metrics_server = ops::bind_metrics(cfg.metrics_listen, metrics, health.clone()).await?;
     tokio::spawn(metrics_server);
     match cfg.role {
-        Role::Gateway => serve_gateway(cfg, health).await,
-        Role::Edge => serve_edge(cfg, health).await,
+        Role::Gateway => serve_gateway(cfg, health, signals).await,
+        Role::Edge => serve_edge(cfg, health, signals).await,
     }
 }
 
-async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
+async fn serve_gateway(
+    cfg: Config,
+    health: Arc<Health>,
+    mut signals: ops::Signals,
+) -> anyhow::Result<()> {
     let c = cfg.clone();
     let keys = tokio::task::spawn_blocking(move || Keys::open(&c))
         .await?
@@ -121,20 +126,15 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     // it looks for committed transfers to deliver again (one set aside as undeliverable
     // whose `undeliverable` file an operator removed).
     let rescan = (queue.clone(), cfg.spool_dir.clone());
+    let mut hup = signals.hup.take().context("SIGHUP handler taken")?;
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
         let (queue, spool_dir) = rescan;
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => {
-                while hup.recv().await.is_some() {
-                    let (q, dir) = (queue.clone(), spool_dir.clone());
-                    match tokio::task::spawn_blocking(move || q.rescan(&dir)).await {
-                        Ok(requeued) => info!(requeued, "SIGHUP: delivery queue rescanned"),
-                        Err(e) => warn!(error = %e, "SIGHUP: rescan task failed"),
-                    }
-                }
+        while hup.recv().await.is_some() {
+            let (q, dir) = (queue.clone(), spool_dir.clone());
+            match tokio::task::spawn_blocking(move || q.rescan(&dir)).await {
+                Ok(requeued) => info!(requeued, "SIGHUP: delivery queue rescanned"),
+                Err(e) => warn!(error = %e, "SIGHUP: rescan task failed"),
             }
-            Err(e) => error!(error = %e, "cannot listen for SIGHUP"),
         }
     });
     health.set_ready();
@@ -157,7 +157,7 @@ async fn serve_gateway(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         }
     };
     let signal = tokio::select! {
-        s = ops::shutdown_signal() => s?,
+        s = signals.shutdown() => s,
         () = accept => anyhow::bail!("the QUIC endpoint stopped"),
     };
 
@@ -213,7 +213,11 @@ async fn start_dicom_scp(
     Ok(StorageScp::bind(scp_cfg, policy, sink).await?)
 }
 
-async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
+async fn serve_edge(
+    cfg: Config,
+    health: Arc<Health>,
+    mut signals: ops::Signals,
+) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let edge = Edge::start(cfg.clone())
         .await
@@ -242,6 +246,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
     tokio::spawn(reload_policy_on_sighup(
         cfg.clone(),
         edge.shared_policy().clone(),
+        signals.hup.take().context("SIGHUP handler taken")?,
     ));
     if let Some(idle) = cfg.ingest.open_timeout {
         tokio::spawn(expire_open_transfers(store.clone(), idle));
@@ -314,7 +319,7 @@ async fn serve_edge(cfg: Config, health: Arc<Health>) -> anyhow::Result<()> {
         cfg.spool_retain,
         edge.audit().clone(),
     ));
-    let signal = ops::shutdown_signal().await?;
+    let signal = signals.shutdown().await;
     info!(signal, "stopping");
     ops::notify_stopping();
     health.set_not_ready();
@@ -365,15 +370,11 @@ async fn final_checkpoint(log: &audit::Log) {
 /// Reloads the policy (consent registry, negative list, hospitals) from the files the config
 /// names on every SIGHUP (`systemctl reload`). A policy that does not load is reported and the
 /// one in force stays: a typo never opens or closes the channel by accident.
-async fn reload_policy_on_sighup(cfg: Arc<Config>, policy: SharedPolicy) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot listen for SIGHUP: the policy cannot be reloaded");
-            return;
-        }
-    };
+async fn reload_policy_on_sighup(
+    cfg: Arc<Config>,
+    policy: SharedPolicy,
+    mut hup: tokio::signal::unix::Signal,
+) {
     while hup.recv().await.is_some() {
         let section = cfg.policy.clone();
         match tokio::task::spawn_blocking(move || Policy::load(&section)).await {

@@ -442,7 +442,12 @@ impl Service {
     pub fn terminate(mut self) -> anyhow::Result<ExitStatus> {
         let mut child = self.child.take().context("already stopped")?;
         signal(child.id(), "TERM")?;
-        wait_bounded(&mut child, EVENT_WAIT)
+        let status = wait_bounded(&mut child, EVENT_WAIT)?;
+        if !status.success() {
+            // The caller asserts on the status; the log says why.
+            eprintln!("service stopped with {status}:\n{}", self.log());
+        }
+        Ok(status)
     }
 
     /// Sends SIGKILL and reaps the process.

@@ -158,8 +158,10 @@ fn heavy_stalled_chunk_streams_are_reset_and_the_transfer_completes() {
         .unwrap();
     let src = payload(d.dir.path(), "series.bin", 256 << 20, 32).unwrap();
     let gw = d.serve(&d.gateway_config()).unwrap();
-    let sender = d.spawn_send(&src, true).unwrap();
-    gw.wait_for_log(&["offer accepted"], LIMIT);
+    let mut sender = d.spawn_send(&src, true).unwrap();
+    // Chunks are flowing (a QUIC stream reaches the gateway only with its first bytes),
+    // so the sender holds streams that are part-way through.
+    d.wait_for_gateway_progress(&mut sender);
     // Freeze the sender with chunk streams open: they bring no more bytes.
     signal(sender.id(), "STOP").unwrap();
     let start = Instant::now();
