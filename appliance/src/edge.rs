@@ -84,6 +84,10 @@ pub enum SendFailure {
         /// The last error.
         last: String,
     },
+    /// The edge service is stopping (the end of its drain): the send was cut off and the
+    /// transfer, still sealed, resumes at the next start from the chunks the gateway holds.
+    #[error("stopped: the edge is shutting down; the transfer resumes at the next start")]
+    Stopped,
     /// Anything else (bad input files, spool, configuration).
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -97,7 +101,7 @@ impl SendFailure {
             SendFailure::GatewayRefused(_) | SendFailure::BadReceipt(_) => 3,
             SendFailure::Hsm(_) => 4,
             SendFailure::LinkGaveUp { .. } => 5,
-            SendFailure::Other(_) => 1,
+            SendFailure::Stopped | SendFailure::Other(_) => 1,
         }
     }
 
@@ -141,6 +145,10 @@ pub struct Edge {
     endpoint: quinn::Endpoint,
     policy: SharedPolicy,
     audit: audit::Log,
+    /// Sends in progress (and queued by the hospital doors), for the service's drain.
+    sending: crate::ops::Activity,
+    /// Set at the end of the service's drain: sends stop and new ones do not start.
+    stop: crate::ops::Flag,
 }
 
 fn hsm_failure(e: anyhow::Error) -> SendFailure {
@@ -190,7 +198,23 @@ impl Edge {
             endpoint,
             policy,
             audit,
+            sending: crate::ops::Activity::default(),
+            stop: crate::ops::Flag::default(),
         })
+    }
+
+    /// Sends in progress or queued: [`Edge::send`] counts itself, the hospital doors' queue
+    /// counts what waits for its turn.
+    pub fn sending(&self) -> &crate::ops::Activity {
+        &self.sending
+    }
+
+    /// Stops every send (end of the service's drain): a send on the link returns
+    /// [`SendFailure::Stopped`] at once, leaving its transfer sealed with the gateway
+    /// holding what it verified (it checkpoints when the connection closes), and no new send
+    /// starts. Call [`Edge::close_link`] afterwards.
+    pub fn stop_sending(&self) {
+        self.stop.set();
     }
 
     /// The edge's audit log.
@@ -232,6 +256,10 @@ impl Edge {
         stats: &Arc<SendStats>,
     ) -> Result<SendSummary, SendFailure> {
         let started = Instant::now();
+        if self.stop.is_set() {
+            return Err(SendFailure::Stopped);
+        }
+        let _busy = self.sending.enter();
         if let Some(reason) = self.witness_refusal() {
             return Err(SendFailure::Other(anyhow::anyhow!(
                 "sending is stopped: the gateway's witness refused this edge's audit log \
@@ -315,9 +343,11 @@ impl Edge {
         let result = self
             .send_declared(id, request, show_progress, stats, started, &declared)
             .await;
-        if let Err(e) = &result {
+        if let Err(e) = &result
+            && !matches!(e, SendFailure::Stopped)
+        {
             // audit: a failure after `declared` is recorded (best effort: the error is
-            // reported either way).
+            // reported either way). A send stopped by the drain has not failed: it resumes.
             let failed = Event {
                 detail: Some(e.to_string()),
                 ..declared.clone_as(Kind::Failed)
@@ -431,7 +461,16 @@ impl Edge {
             bar.set_length(out.manifest.total_bytes());
             bar.set_position(0);
             bar.set_message("sending");
-            let d = self.transmit(&out, &bar, stats).await?;
+            // The drain's end stops the send between or in the middle of chunks: what the
+            // gateway verified it makes durable when the connection closes, so the next start
+            // resumes from there.
+            let d = tokio::select! {
+                d = self.transmit(&out, &bar, stats) => d?,
+                () = self.stop.wait() => {
+                    info!(transfer = %id, "send stopped by the drain; it resumes at the next start");
+                    return Err(SendFailure::Stopped);
+                }
+            };
             // audit: every chunk is at the gateway and its receipt came back.
             self.audit
                 .append(Event {

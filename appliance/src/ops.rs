@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -21,6 +21,8 @@ use crate::signing::{Keys, WATCHDOG_CONTEXT};
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    /// Set when the drain starts: `/healthz` says `stopping` instead of `starting`.
+    stopping: AtomicBool,
     /// While this file exists, `/healthz` answers 503 (edge: the witness refusal).
     refused_while: OnceLock<PathBuf>,
 }
@@ -33,6 +35,11 @@ impl Health {
     /// Marks the process as not (or no longer) ready, e.g. while draining.
     pub fn set_not_ready(&self) {
         self.ready.store(false, Ordering::SeqCst);
+    }
+    /// Marks the process as draining: not ready, and `/healthz` says `stopping`.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.set_not_ready();
     }
     /// Edge: `/healthz` answers 503 while `path` exists (the record that the gateway's
     /// witness refused this edge's audit log, written by this process or by a `send`; the
@@ -109,6 +116,8 @@ async fn healthz(State(health): State<Arc<Health>>) -> (StatusCode, &'static str
         )
     } else if health.is_ready() {
         (StatusCode::OK, "ok\n")
+    } else if health.stopping.load(Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
     }
@@ -274,5 +283,68 @@ impl Signals {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
         }
+    }
+}
+
+/// A flag set once (by the drain) and seen by every clone: tasks check it or wait for it.
+#[derive(Debug, Clone)]
+pub struct Flag(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Flag {
+    fn default() -> Flag {
+        Flag(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+}
+
+impl Flag {
+    /// Sets the flag (again: no effect).
+    pub fn set(&self) {
+        self.0.send_replace(true);
+    }
+    /// Whether the flag is set.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+    /// Returns once the flag is set (at once if it is).
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`: `wait_for` cannot fail.
+        let _ = rx.wait_for(|set| *set).await;
+    }
+}
+
+/// The two moments of the edge's drain, shared by its doors (HTTPS, DICOM) and the sender.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    /// SIGTERM arrived: stop accepting connections and associations; what runs goes on.
+    pub started: Flag,
+    /// `drain.timeout` passed (or nothing was left running): what still runs is stopped
+    /// (an upload still arriving is answered 503, an association is aborted).
+    pub ended: Flag,
+}
+
+/// Counts things in progress (connections, associations, sends) for the drain to wait on.
+#[derive(Debug, Clone, Default)]
+pub struct Activity(Arc<AtomicUsize>);
+
+impl Activity {
+    /// Counts one more until the guard drops.
+    pub fn enter(&self) -> ActivityGuard {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        ActivityGuard(self.0.clone())
+    }
+    /// How many are in progress.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// One thing in progress of an [`Activity`]; counted until dropped.
+#[derive(Debug)]
+pub struct ActivityGuard(Arc<AtomicUsize>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -15,7 +15,7 @@ use crate::config::{Config, DeliverySection, Role};
 use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
 use crate::dicom::scp::{self, ScpConfig, StorageScp};
 use crate::dicom::sink::StoreSink;
-use crate::edge::{Edge, SendRequest};
+use crate::edge::{Edge, SendFailure, SendRequest};
 use crate::gateway::{Gateway, serve_connection};
 use crate::ingest::{self, IngestStore};
 use crate::ops::{self, Health};
@@ -163,7 +163,7 @@ async fn serve_gateway(
 
     info!(signal, "draining");
     ops::notify_stopping();
-    health.set_not_ready();
+    health.set_stopping();
     gw.draining.store(true, Ordering::SeqCst);
     endpoint.set_server_config(None);
     let deadline = Instant::now() + cfg.drain_timeout;
@@ -234,12 +234,17 @@ async fn serve_edge(
     // Before the SCP accepts associations: what a crash or stop cut off mid-association is
     // sealed and sent (every instance answered Success).
     store.seal_interrupted_associations().await;
+    // What the drain waits for: hospital connections, C-STORE associations, and sends
+    // (counted by the edge itself).
+    let drain = ops::Drain::default();
+    let (connections, associations) = (ops::Activity::default(), ops::Activity::default());
     if let Some(listen) = cfg.ingest.dicom_listen {
         let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone(), listen).await?;
-        tokio::spawn(scp.serve());
+        tokio::spawn(scp.serve(drain.clone(), associations.clone()));
     }
     if cfg.ingest.listen.is_some() {
-        let (bound, server) = ingest::http::bind(&cfg, store.clone()).await?;
+        let (bound, server) =
+            ingest::http::bind(&cfg, store.clone(), drain.clone(), connections.clone()).await?;
         tokio::spawn(server);
         info!(listen = %bound, "hospital API listening");
     }
@@ -288,6 +293,9 @@ async fn serve_edge(
                     .await
                 {
                     Ok(s) => info!(transfer = %id, wire_bytes = s.wire_bytes, "transfer receipted"),
+                    Err(SendFailure::Stopped) => {
+                        info!(transfer = %id, "send stopped by the shutdown; it resumes at the next start");
+                    }
                     Err(e) => error!(transfer = %id, error = %e, "transfer not finished"),
                 }
             }
@@ -320,15 +328,89 @@ async fn serve_edge(
         edge.audit().clone(),
     ));
     let signal = signals.shutdown().await;
-    info!(signal, "stopping");
-    ops::notify_stopping();
-    health.set_not_ready();
+    drain_edge(
+        signal,
+        &cfg,
+        &edge,
+        &health,
+        &drain,
+        &connections,
+        &associations,
+    )
+    .await;
     audit_ticker.abort();
     retention.abort();
     final_checkpoint(edge.audit()).await;
     edge.witness_bounded().await;
     edge.close_link().await;
+    info!("stopped");
     Ok(())
+}
+
+/// After the drain's end, how long the doors get to answer what they stopped (503 to an
+/// upload still arriving; an association aborted once its instances are sealed), and the
+/// sends to return.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Edge, on SIGTERM/SIGINT: `STOPPING=1` and `/healthz` 503; the HTTPS and DICOM listeners
+/// close (new connections are refused); uploads, associations and sends in progress go on
+/// until none is left or `drain.timeout` passes. Then what still runs is stopped: an upload
+/// still arriving is answered 503 (its partial file discarded, the transfer stays open), an
+/// association is aborted after its instances answered Success are sealed, and a send is cut
+/// off with its transfer sealed (the gateway checkpoints what it verified when the link
+/// closes), so the next start resumes it. The caller then signs the audit checkpoint and
+/// closes the link.
+async fn drain_edge(
+    signal: &str,
+    cfg: &Config,
+    edge: &Edge,
+    health: &Health,
+    drain: &ops::Drain,
+    connections: &ops::Activity,
+    associations: &ops::Activity,
+) {
+    info!(signal, drain_timeout = ?cfg.drain_timeout, "draining");
+    ops::notify_stopping();
+    health.set_stopping();
+    drain.started.set();
+    let deadline = Instant::now() + cfg.drain_timeout;
+    let busy = || connections.count() + associations.count() + edge.sending().count();
+    while busy() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (c, a, s) = (
+        connections.count(),
+        associations.count(),
+        edge.sending().count(),
+    );
+    if c + a + s > 0 {
+        warn!(
+            connections = c,
+            associations = a,
+            sends = s,
+            "drain timeout: uploads still arriving are answered 503 (the transfer stays open), \
+             associations are aborted (what was answered Success is sealed), sends stop; \
+             all of it resumes at the next start"
+        );
+    } else {
+        info!("drained: no upload, association or send left");
+    }
+    drain.ended.set();
+    let grace = Instant::now() + DRAIN_GRACE;
+    while connections.count() + associations.count() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    edge.stop_sending();
+    while edge.sending().count() > 0 && Instant::now() < grace {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let left = connections.count() + associations.count() + edge.sending().count();
+    if left > 0 {
+        warn!(
+            left,
+            "still running after the drain's grace period; cut off by the exit"
+        );
+    }
 }
 
 /// Closes open transfers idle for `idle` (`ingest.open_timeout`), checking as often as

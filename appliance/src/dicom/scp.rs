@@ -9,6 +9,12 @@
 //! the association ends (A-RELEASE, A-ABORT, a dropped connection, the idle time-out, a
 //! protocol error), the sink is told how, and seals the instances answered Success as one
 //! transfer before the SCP answers the release or closes the connection.
+//!
+//! Drain (SIGTERM, [`crate::ops::Drain`]): when it starts, the listener is closed (new
+//! associations are refused by the kernel) while running associations go on, C-STOREs
+//! included; when it ends (`drain.timeout`), an association still open is aborted
+//! (`edge-shutdown`) after its instances answered Success are sealed, exactly as for any other
+//! end.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -33,6 +39,7 @@ use super::part10::{self, Part10Error};
 use super::sink::{AssociationEnd, AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::config::DicomPeer;
+use crate::ops::{Activity, Drain, Flag};
 use crate::policy::{Decision, Declaration, SharedPolicy};
 
 /// What the SCP needs to know, typed.
@@ -139,18 +146,28 @@ impl<S: AssociationSink> StorageScp<S> {
         self.listener.local_addr()
     }
 
-    /// Accepts associations until the task is dropped.
-    pub async fn serve(self) {
+    /// Accepts associations until the drain starts, then closes the listener and returns.
+    /// Each association counts in `active` until it has ended (its instances sealed);
+    /// associations still open when the drain ends are aborted.
+    pub async fn serve(self, drain: Drain, active: Activity) {
         info!(listen = %self.inner.cfg.listen, ae_title = %self.inner.cfg.ae_title, "DICOM C-STORE SCP listening");
         loop {
-            match self.listener.accept().await {
+            let accepted = tokio::select! {
+                () = drain.started.wait() => break,
+                r = self.listener.accept() => r,
+            };
+            match accepted {
                 Ok((socket, peer)) => {
                     let inner = self.inner.clone();
                     let id = uuid::Uuid::now_v7();
                     let span = info_span!("association", id = %id, peer = %peer);
+                    let (counted, stop) = (active.enter(), drain.ended.clone());
                     tokio::spawn(
-                        async move { inner.serve_connection(id, socket, peer).await }
-                            .instrument(span),
+                        async move {
+                            let _counted = counted;
+                            inner.serve_connection(id, socket, peer, stop).await;
+                        }
+                        .instrument(span),
                     );
                 }
                 Err(e) => {
@@ -160,6 +177,9 @@ impl<S: AssociationSink> StorageScp<S> {
                 }
             }
         }
+        // Closing the listener makes the kernel refuse new associations at once.
+        drop(self.listener);
+        info!("DICOM C-STORE SCP: listener closed for the drain");
     }
 }
 
@@ -305,6 +325,8 @@ struct Association<'a, S: AssociationSink> {
     /// The purpose the calling peer declares (`ingest.dicom_peers.purpose`).
     purpose: String,
     scratch: PathBuf,
+    /// Set when the drain ends: the association is aborted between PDUs.
+    stop: Flag,
     patient: Option<String>,
     transfer: Option<S::Transfer>,
     names: HashSet<String>,
@@ -345,7 +367,13 @@ impl<S: AssociationSink> Inner<S> {
         options
     }
 
-    async fn serve_connection(&self, id: uuid::Uuid, socket: TcpStream, peer: SocketAddr) {
+    async fn serve_connection(
+        &self,
+        id: uuid::Uuid,
+        socket: TcpStream,
+        peer: SocketAddr,
+        stop: Flag,
+    ) {
         let permit = self.slots.clone().try_acquire_owned().ok();
         let options = self.options(peer.ip(), permit.is_some());
         let mut assoc = match options.establish_async(socket).await {
@@ -376,6 +404,7 @@ impl<S: AssociationSink> Inner<S> {
             hospital,
             purpose,
             scratch: scratch.clone(),
+            stop,
             patient: None,
             transfer: None,
             names: HashSet::new(),
@@ -432,8 +461,24 @@ impl<S: AssociationSink> Association<'_, S> {
             .collect();
         let mut command: Vec<u8> = Vec::new();
         let mut incoming: Option<Incoming> = None;
+        let drain_ended = self.stop.clone();
         loop {
-            let pdu = match assoc.receive().await {
+            let received = tokio::select! {
+                biased;
+                () = drain_ended.wait() => {
+                    // The drain ended: an instance still arriving is dropped (never answered);
+                    // those answered Success are sealed by the caller, as for any end.
+                    if let Some(i) = incoming.take() {
+                        let _ = tokio::fs::remove_file(&i.path).await;
+                    }
+                    return End::Stopped(Stop {
+                        end: AssociationEnd::EdgeShutdown,
+                        why: "the edge is shutting down (drain.timeout reached)".into(),
+                    });
+                }
+                r = assoc.receive() => r,
+            };
+            let pdu = match received {
                 Ok(p) => p,
                 Err(e) => {
                     if let Some(i) = incoming.take() {

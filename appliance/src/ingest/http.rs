@@ -7,6 +7,13 @@
 //! certificate. At most `ingest.max_connections` connections are served at once; further
 //! ones wait in the listen queue. Request bodies stream: each frame goes to the spool before
 //! the next is read, so memory stays bounded whatever the size or number of uploads.
+//!
+//! Drain (SIGTERM, [`crate::ops::Drain`]): when it starts, the listener is closed (new
+//! connections are refused by the kernel), handshakes under way are dropped, idle keep-alive
+//! connections close, a request in progress goes on and its connection closes after the
+//! answer, and a long-polling status request answers at once. When it ends
+//! (`drain.timeout`), an upload whose body is still arriving is answered 503 with
+//! `Retry-After` and its partial file discarded; the transfer stays open.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +41,7 @@ use tracing::{debug, info, warn};
 
 use super::store::{IngestError, IngestStore};
 use crate::config::Config;
+use crate::ops::{Activity, Drain};
 use crate::policy::Declaration;
 
 /// Largest declaration body accepted.
@@ -48,6 +56,7 @@ pub(super) struct AppState {
     pub(super) store: IngestStore,
     pub(super) idle_timeout: Duration,
     pub(super) stow: super::stow::StowLimits,
+    pub(super) drain: Drain,
 }
 
 /// An error answer: a status and a JSON body `{"error": ..., ...}`.
@@ -62,6 +71,18 @@ impl ApiError {
         ApiError {
             status,
             body: json!({ "error": message.into() }),
+        }
+    }
+
+    /// The answer to a request cut off by the end of the drain (the edge is stopping):
+    /// 503 with `Retry-After` ([`RETRY_AFTER_STOPPING`]); nothing of the request is kept.
+    pub(super) fn stopping() -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            body: json!({
+                "error": "the edge is shutting down; nothing of this request was kept, send it again",
+                "retry_after": RETRY_AFTER_STOPPING,
+            }),
         }
     }
 
@@ -84,8 +105,21 @@ impl ApiError {
     }
 }
 
+/// Seconds a client is asked to wait (`Retry-After`) after a 503 of a stopping edge: about
+/// what a restart takes.
+pub const RETRY_AFTER_STOPPING: u64 = 30;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // 503 is only ever [`ApiError::stopping`].
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            return (
+                self.status,
+                [(header::RETRY_AFTER, RETRY_AFTER_STOPPING.to_string())],
+                Json(self.body),
+            )
+                .into_response();
+        }
         (self.status, Json(self.body)).into_response()
     }
 }
@@ -155,7 +189,12 @@ pub fn tls_config_from(
 }
 
 /// The routes of the hospital API (the caller adds the [`Hospital`] extension).
-pub fn router(store: IngestStore, idle_timeout: Duration, stow: super::stow::StowLimits) -> Router {
+pub fn router(
+    store: IngestStore,
+    idle_timeout: Duration,
+    stow: super::stow::StowLimits,
+    drain: Drain,
+) -> Router {
     Router::new()
         .route("/v1/transfers", post(declare))
         .route("/v1/transfers/{id}", get(status))
@@ -175,13 +214,18 @@ pub fn router(store: IngestStore, idle_timeout: Duration, stow: super::stow::Sto
             store,
             idle_timeout,
             stow,
+            drain,
         })
 }
 
-/// Binds `ingest.listen`; the returned future serves the hospital API until dropped.
+/// Binds `ingest.listen`; the returned future serves the hospital API until the drain
+/// starts (then closes the listener and returns). Each connection counts in `active` until
+/// it is closed.
 pub async fn bind(
     cfg: &Config,
     store: IngestStore,
+    drain: Drain,
+    active: Activity,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = ()> + use<>)> {
     let listen = cfg.ingest.listen.context("ingest.listen is not set")?;
     let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(cfg)?));
@@ -194,28 +238,40 @@ pub async fn bind(
         store,
         cfg.ingest.idle_timeout,
         super::stow::StowLimits::from_config(&cfg.ingest),
+        drain.clone(),
     );
     let slots = Arc::new(Semaphore::new(cfg.ingest.max_connections));
     let serve = async move {
         loop {
-            let permit = match slots.clone().acquire_owned().await {
-                Ok(p) => p,
-                Err(_) => return,
+            let permit = tokio::select! {
+                () = drain.started.wait() => break,
+                p = slots.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
             };
-            let (tcp, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            let (tcp, peer) = tokio::select! {
+                () = drain.started.wait() => break,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
             };
-            let (tls, app) = (tls.clone(), app.clone());
+            let (tls, app, drain) = (tls.clone(), app.clone(), drain.clone());
+            let counted = active.enter();
             tokio::spawn(async move {
                 let _permit = permit;
-                serve_connection(tcp, peer, tls, app, header_timeout).await;
+                let _counted = counted;
+                serve_connection(tcp, peer, tls, app, header_timeout, drain).await;
             });
         }
+        // Closing the listener makes the kernel refuse new connections at once.
+        drop(listener);
+        info!("hospital API: listener closed for the drain");
     };
     Ok((local, serve))
 }
@@ -226,9 +282,15 @@ async fn serve_connection(
     tls: tokio_rustls::TlsAcceptor,
     app: Router,
     header_timeout: Duration,
+    drain: Drain,
 ) {
     let _ = tcp.set_nodelay(true);
-    let stream = match tokio::time::timeout(header_timeout, tls.accept(tcp)).await {
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(header_timeout, tls.accept(tcp)) => r,
+        // A connection that has not sent a request yet is not served once the drain started.
+        () = drain.started.wait() => return,
+    };
+    let stream = match handshake {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             info!(%peer, error = %e, "hospital TLS handshake refused");
@@ -251,11 +313,21 @@ async fn serve_connection(
     };
     debug!(%peer, hospital = %cn, "hospital connected");
     let svc = TowerToHyperService::new(app.layer(Extension(Hospital(Arc::from(cn)))));
-    let res = hyper::server::conn::http1::Builder::new()
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(stream), svc)
-        .await;
+        .serve_connection(TokioIo::new(stream), svc);
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        () = drain.started.wait() => {
+            // The request in progress is answered (an upload still arriving when the drain
+            // ends is answered 503 by its handler), then the connection closes; an idle
+            // keep-alive connection closes at once.
+            conn.as_mut().graceful_shutdown();
+            conn.as_mut().await
+        }
+    };
     if let Err(e) = res {
         debug!(%peer, error = %e, "hospital connection ended");
     }
@@ -390,7 +462,11 @@ async fn status(
 ) -> Result<Response, ApiError> {
     let id = transfer_id(&id)?;
     let wait = wait_from_query(uri.query())?;
-    let st = app.store.status_after_change(&hospital, &id, wait).await?;
+    // A long poll does not hold the drain: it answers with the state as it is.
+    let st = tokio::select! {
+        st = app.store.status_after_change(&hospital, &id, wait) => st?,
+        () = app.drain.started.wait() => app.store.status(&hospital, &id).await?,
+    };
     Ok(Json(st).into_response())
 }
 
@@ -532,7 +608,16 @@ async fn receive(
     }
     loop {
         *body_read = true;
-        match tokio::time::timeout(app.idle_timeout, stream.next()).await {
+        let next = tokio::select! {
+            biased;
+            // The drain ended with the body still arriving: not durable, not answered success.
+            () = app.drain.ended.wait() => {
+                info!(transfer = %id, file = %name, "upload cut off by the shutdown; the partial file is discarded");
+                return Err((ApiError::stopping(), false));
+            }
+            next = tokio::time::timeout(app.idle_timeout, stream.next()) => next,
+        };
+        match next {
             Err(_) => {
                 return Err((
                     ApiError::new(

@@ -318,15 +318,25 @@ pub(super) async fn stow(
         stored: Vec::new(),
         failures: Failures::new(app.stow.max_failed_listed),
     };
-    let received = match receive(&app, &hospital, &purpose, &mut reader, &mut req).await {
+    let received = tokio::select! {
+        biased;
+        // The drain ended with the body still arriving: nothing of the request is kept.
+        () = app.drain.ended.wait() => Err(ApiError::stopping()),
+        r = receive(&app, &hospital, &purpose, &mut reader, &mut req) => r,
+    };
+    let stopping = received
+        .as_ref()
+        .is_err_and(|e| e.status() == StatusCode::SERVICE_UNAVAILABLE);
+    let received = match received {
         Ok(()) => match &req.transfer {
             Some((id, _)) if !req.stored.is_empty() => app.store.commit(&hospital, id).await,
             _ => Ok(()),
         }
         .map_err(ApiError::from),
         Err(e) => {
-            // The client may still be sending: read on a little so it sees the answer.
-            if let Some(stream) = reader.unfinished_stream() {
+            // The client may still be sending: read on a little so it sees the answer (not
+            // when the edge is stopping: the drain is over).
+            if !stopping && let Some(stream) = reader.unfinished_stream() {
                 super::http::drain_body(stream, app.idle_timeout).await;
             }
             // Nothing is left open: the transfer this request declared goes with what it held.

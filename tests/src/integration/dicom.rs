@@ -506,6 +506,14 @@ impl RawScu {
     pub(super) fn abort(mut self) {
         self.send_pdu(0x07, &[0; 4]);
     }
+
+    /// Waits (the read timeout at most) for the edge to end the association on its own: the
+    /// type of the PDU it sends (0x07 for A-ABORT), or `None` if the connection closes or
+    /// stays silent.
+    pub(super) fn wait_for_end(mut self) -> Option<u8> {
+        let mut h = [0u8; 6];
+        self.s.read_exact(&mut h).ok().map(|()| h[0])
+    }
 }
 
 pub(super) fn count_dir(p: &Path) -> usize {

@@ -14,6 +14,7 @@ mod deid;
 mod deliver_retry;
 mod dicom;
 mod dicom_durability;
+mod drain;
 mod faults;
 mod gateway_peers;
 mod hsm_cli;

@@ -30,7 +30,10 @@ impl IngestStore {
         };
         let store = self.clone();
         let sending = self.inner.sending.clone();
+        // Queued sends count for the drain as well as the running one.
+        let queued = self.inner.edge.sending().enter();
         tokio::spawn(async move {
+            let _queued = queued;
             let Ok(_turn) = sending.acquire_owned().await else {
                 return;
             };
@@ -50,6 +53,10 @@ impl IngestStore {
                         "transfer receipted"
                     );
                     store.add_stage(&id, TransferState::Committed, None).await;
+                }
+                Err(SendFailure::Stopped) => {
+                    // Still sealed: the next start resumes it (its status stays `sending`).
+                    info!(transfer = %id, "send stopped by the shutdown; it resumes at the next start");
                 }
                 Err(e) => {
                     warn!(transfer = %id, error = %e, "transfer not sent");

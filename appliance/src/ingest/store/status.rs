@@ -124,6 +124,9 @@ pub enum AssociationEnd {
     /// The edge stopped (crash, kill, power loss) while the association was open; start-up
     /// sealed what had been answered Success.
     InterruptedByRestart,
+    /// The edge was shutting down (SIGTERM) and the association was still open when
+    /// `drain.timeout` ran out: the edge aborted it and sealed what had been answered Success.
+    EdgeShutdown,
 }
 
 impl AssociationEnd {
@@ -136,6 +139,7 @@ impl AssociationEnd {
             AssociationEnd::ConnectionLost => "connection-lost",
             AssociationEnd::AbortedByEdge => "aborted-by-edge",
             AssociationEnd::InterruptedByRestart => "interrupted-by-restart",
+            AssociationEnd::EdgeShutdown => "edge-shutdown",
         }
     }
 
