@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use baylink_tests::{Deployment, Service, payload, sha256_file, signal};
 
 use super::dicom::{RawScu, data_set, instance, sop_uid, wait_for_delivery};
-use super::ingest::{Api, DEADLINE, files_under};
+use super::ingest::{Api, DEADLINE, dicom, files_under, multipart};
 
 const DECLARATION: &str = r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#;
 
@@ -35,6 +35,18 @@ fn partial_uploads(d: &Deployment) -> usize {
         .iter()
         .filter(|p| p.parent().and_then(Path::file_name) == Some("parts".as_ref()))
         .count()
+}
+
+/// Payload files in the edge spool of transfers other than `id` (here: the STOW-RS one).
+fn stow_payload(d: &Deployment, id: &str) -> Vec<PathBuf> {
+    files_under(&d.path("spool/edge"))
+        .into_iter()
+        .filter(|p| {
+            let parent = p.parent().and_then(Path::file_name);
+            (parent == Some("data".as_ref()) || parent == Some("parts".as_ref()))
+                && !p.to_string_lossy().contains(id)
+        })
+        .collect()
 }
 
 /// Asserts that a TCP connection to `port` is refused at once (the listener is closed).
@@ -126,8 +138,9 @@ struct RawUpload {
 }
 
 impl RawUpload {
-    /// Starts `PUT` of `name` announcing `len` body bytes; sends nothing of the body yet.
-    fn start(d: &Deployment, id: &str, name: &str, len: usize) -> RawUpload {
+    /// Sends the request head `head` (request line and headers, without the blank line);
+    /// nothing of the body yet.
+    fn start(d: &Deployment, name: &str, head: &str) -> RawUpload {
         let out = d.path(&format!("{name}.raw"));
         let mut child = Command::new("openssl")
             .args(["s_client", "-quiet", "-connect"])
@@ -145,10 +158,7 @@ impl RawUpload {
             .unwrap();
         let stdin = child.stdin.take();
         let mut up = RawUpload { child, stdin, out };
-        let head = format!(
-            "PUT /v1/transfers/{id}/files/{name} HTTP/1.1\r\nHost: edge\r\nContent-Length: {len}\r\n\r\n"
-        );
-        up.write(head.as_bytes());
+        up.write(format!("{head}\r\nHost: edge\r\n\r\n").as_bytes());
         up
     }
 
@@ -221,11 +231,34 @@ fn sigterm_mid_upload_answers_what_arrives_and_503_to_the_rest_and_a_restart_com
 
     // Two uploads under way when SIGTERM comes: b's body ends during the drain, c's never.
     let mut b_up = Streaming::start(&d, &id, "b.dcm");
-    let mut c_up = RawUpload::start(&d, &id, "c.dcm", c_bytes.len());
+    let head = format!(
+        "PUT /v1/transfers/{id}/files/c.dcm HTTP/1.1\r\nContent-Length: {}",
+        c_bytes.len()
+    );
+    let mut c_up = RawUpload::start(&d, "c.dcm", &head);
+    // And a STOW-RS request: its first instance arrives whole, the second never ends.
+    let stow_files = [1, 2].map(|n| {
+        dicom(
+            &src,
+            &format!("s{n}.dcm"),
+            "P-0001",
+            &format!("1.2.826.0.1.3680043.10.543.77.{n}"),
+            false,
+            512 * 1024,
+        )
+    });
+    let stow_body = std::fs::read(multipart(&src, &[&stow_files[0], &stow_files[1]])).unwrap();
+    let head = format!(
+        "POST /dicom-web/studies HTTP/1.1\r\nContent-Type: multipart/related; \
+         type=\"application/dicom\"; boundary=BAYLINK-TEST-b0undary\r\nContent-Length: {}",
+        stow_body.len()
+    );
+    let mut stow_up = RawUpload::start(&d, "stow", &head);
+    stow_up.write(&stow_body[..stow_body.len() - 200 * 1024]);
     b_up.write(&b_bytes[..1024 * 1024]);
     c_up.write(&c_bytes[..1024 * 1024]);
     let start = Instant::now();
-    while partial_uploads(&d) < 2 {
+    while partial_uploads(&d) < 2 || stow_payload(&d, &id).is_empty() {
         assert!(
             start.elapsed() < DEADLINE,
             "the uploads never reached the spool"
@@ -250,16 +283,20 @@ fn sigterm_mid_upload_answers_what_arrives_and_503_to_the_rest_and_a_restart_com
         edge.log()
     );
     // c is still arriving when the drain ends: 503 with Retry-After, not a success.
-    let answer = c_up.answer(drain + Duration::from_secs(30));
-    assert!(
-        answer.starts_with("HTTP/1.1 503"),
-        "an upload cut by the drain's end: {answer:?}\n{}",
-        edge.log()
-    );
-    assert!(
-        answer.to_ascii_lowercase().contains("retry-after: 30"),
-        "{answer}"
-    );
+    // c and the STOW-RS request are still arriving when the drain ends: 503 with
+    // Retry-After, not a success.
+    for (what, up) in [("c.dcm", c_up), ("STOW-RS", stow_up)] {
+        let answer = up.answer(drain + Duration::from_secs(30));
+        assert!(
+            answer.starts_with("HTTP/1.1 503"),
+            "{what}, cut by the drain's end: {answer:?}\n{}",
+            edge.log()
+        );
+        assert!(
+            answer.to_ascii_lowercase().contains("retry-after: 30"),
+            "{answer}"
+        );
+    }
     let log = edge.log();
     let took = exited(edge, sent, drain);
     assert!(took >= drain - Duration::from_millis(500), "{took:?}");
@@ -274,6 +311,11 @@ fn sigterm_mid_upload_answers_what_arrives_and_503_to_the_rest_and_a_restart_com
         partial_uploads(&d),
         0,
         "the cut upload's partial file is gone"
+    );
+    assert_eq!(
+        stow_payload(&d, &id),
+        Vec::<PathBuf>::new(),
+        "nothing of the cut STOW-RS request is kept"
     );
     assert_eq!(api.put("hospital-a", &id, "c.dcm", &c, &[]).status, 201);
     assert_eq!(api.commit("hospital-a", &id).status, 202);
