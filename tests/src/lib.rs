@@ -357,6 +357,8 @@ pub fn mount_namespace_unavailable() -> Option<String> {
 pub struct Service {
     child: Option<Child>,
     stderr_path: PathBuf,
+    /// The notification socket the service reports to (`READY=1`, `STOPPING=1`, ...).
+    notify: UnixDatagram,
 }
 
 impl Service {
@@ -376,11 +378,12 @@ impl Service {
         let mut svc = Service {
             child: Some(child),
             stderr_path,
+            notify: sock,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut buf = [0u8; 4096];
         loop {
-            match sock.recv(&mut buf) {
+            match svc.notify.recv(&mut buf) {
                 Ok(n)
                     if String::from_utf8_lossy(&buf[..n])
                         .lines()
@@ -431,6 +434,23 @@ impl Service {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits (at most `limit`) for the service to send `state` (e.g. `STOPPING=1`) on its
+    /// notification socket after `READY=1`; whether it did.
+    pub fn notified(&self, state: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == state)
+            {
+                return true;
+            }
+        }
+        false
     }
 
     /// The process id.

@@ -269,7 +269,11 @@ fn sigterm_mid_upload_answers_what_arrives_and_503_to_the_rest_and_a_restart_com
     edge.wait_for_log(&["hospital API: listener closed"], Duration::from_secs(20));
     edge.wait_for_log(&["SCP: listener closed"], Duration::from_secs(20));
 
-    // Draining: not ready, new connections refused at once on both doors.
+    // Draining: STOPPING=1, not ready, new connections refused at once on both doors.
+    assert!(
+        edge.notified("STOPPING=1", Duration::from_secs(10)),
+        "STOPPING=1 was not sent"
+    );
     assert_eq!(d.healthz(false).unwrap(), 503, "/healthz while draining");
     refused(d.base_port, "a new HTTPS connection during the drain");
     refused(d.base_port + 4, "a new DICOM association during the drain");
