@@ -28,6 +28,7 @@ mod refusal;
 mod resume;
 mod retention;
 mod secrets;
+mod slots;
 mod stow_limits;
 mod transfer;
 mod watchdog;
