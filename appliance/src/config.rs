@@ -317,7 +317,7 @@ pub const DEFAULT_DICOM_MAX_ASSOCIATIONS: usize = 16;
 /// (C-STORE) before the client is identified.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `ingest.max_unidentified_per_source`, per door.
-pub const DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE: usize = 8;
+pub const DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE: usize = 32;
 
 /// `[policy]`
 #[derive(Debug, Clone)]

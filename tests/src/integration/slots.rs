@@ -19,7 +19,7 @@ const IDLE: usize = 200;
 /// `ingest.handshake_timeout` in these tests.
 const HANDSHAKE: Duration = Duration::from_secs(8);
 /// `ingest.max_unidentified_per_source` (the default).
-const PER_SOURCE: usize = 8;
+const PER_SOURCE: usize = 32;
 /// The longest a hospital request may take while the idle sockets are open: well inside
 /// `HANDSHAKE`, so the edge still holds the idle sockets it admitted while it answers.
 const PROMPT: &str = "4";
