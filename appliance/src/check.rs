@@ -274,6 +274,8 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("ingest.header_timeout", Kind::Str),
     opt("ingest.idle_timeout", Kind::Str),
     opt("ingest.max_connections", U64),
+    opt("ingest.handshake_timeout", Kind::Str),
+    opt("ingest.max_unidentified_per_source", U64),
     opt("ingest.open_timeout", Kind::Str),
     opt("ingest.stow_max_parts", U64),
     opt("ingest.stow_max_failed_listed", U64),

@@ -259,8 +259,15 @@ pub struct IngestSection {
     pub header_timeout: Duration,
     /// HTTPS: longest wait for the next bytes of a request body.
     pub idle_timeout: Duration,
-    /// HTTPS: connections served at once (more wait in the kernel's accept queue).
+    /// HTTPS: connections of identified hospitals served at once; a hospital's connection
+    /// takes its slot once its TLS handshake is done (a full house is answered 503).
     pub max_connections: usize,
+    /// Both doors: time allowed for the TLS handshake (HTTPS) and for the A-ASSOCIATE
+    /// negotiation (C-STORE), before the client is identified (`ingest.handshake_timeout`).
+    pub handshake_timeout: Duration,
+    /// Both doors, each on its own: most connections from one source address that are not
+    /// yet identified (`ingest.max_unidentified_per_source`); more are closed at once.
+    pub max_unidentified_per_source: usize,
     /// An open (declared, uncommitted) transfer with no upload in progress for this long is
     /// closed as failed and its files removed (`ingest.open_timeout`); `None`: never.
     pub open_timeout: Option<Duration>,
@@ -306,6 +313,11 @@ pub const DEFAULT_DICOM_AE_TITLE: &str = "BAYLINK";
 pub const DEFAULT_DICOM_MAX_PDU_BYTES: u32 = 64 * 1024;
 /// Default number of DICOM associations served at once.
 pub const DEFAULT_DICOM_MAX_ASSOCIATIONS: usize = 16;
+/// Default `ingest.handshake_timeout`: TLS handshake (HTTPS) or A-ASSOCIATE negotiation
+/// (C-STORE) before the client is identified.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default `ingest.max_unidentified_per_source`, per door.
+pub const DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE: usize = 32;
 
 /// `[policy]`
 #[derive(Debug, Clone)]
@@ -479,6 +491,8 @@ struct RawIngest {
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
     max_connections: Option<usize>,
+    handshake_timeout: Option<String>,
+    max_unidentified_per_source: Option<usize>,
     open_timeout: Option<String>,
     stow_max_parts: Option<usize>,
     stow_max_failed_listed: Option<usize>,
@@ -825,6 +839,15 @@ impl Config {
                 Duration::from_secs(60),
             )?,
             max_connections: raw.ingest.max_connections.unwrap_or(64),
+            handshake_timeout: duration(
+                "ingest.handshake_timeout",
+                &raw.ingest.handshake_timeout,
+                DEFAULT_HANDSHAKE_TIMEOUT,
+            )?,
+            max_unidentified_per_source: raw
+                .ingest
+                .max_unidentified_per_source
+                .unwrap_or(DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE),
             open_timeout: duration_or_never(
                 "ingest.open_timeout",
                 &raw.ingest.open_timeout,
@@ -934,6 +957,19 @@ impl Config {
             return Err(invalid(
                 "ingest.max_connections",
                 format!("{} is not in 1..=4096", ingest.max_connections),
+            ));
+        }
+        if ingest.handshake_timeout.is_zero() || ingest.handshake_timeout > Duration::from_secs(60)
+        {
+            return Err(invalid(
+                "ingest.handshake_timeout",
+                "must be above 0 and at most 60s".into(),
+            ));
+        }
+        if !(1..=1024).contains(&ingest.max_unidentified_per_source) {
+            return Err(invalid(
+                "ingest.max_unidentified_per_source",
+                format!("{} is not in 1..=1024", ingest.max_unidentified_per_source),
             ));
         }
         if ingest.stow_max_parts == 0 || ingest.stow_max_parts > 10_000_000 {

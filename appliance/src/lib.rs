@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod audit;
 pub mod check;
 pub mod cli;

@@ -202,6 +202,8 @@ async fn start_dicom_scp(
         peers: d.peers.clone(),
         max_pdu_bytes: d.max_pdu_bytes,
         max_associations: d.max_associations,
+        handshake_timeout: cfg.ingest.handshake_timeout,
+        max_unidentified_per_source: cfg.ingest.max_unidentified_per_source,
         idle_timeout: d.idle_timeout,
         scratch_dir: scp::scratch_dir(&cfg.spool_dir),
         max_instances: cfg.limits.max_files as usize,

@@ -168,5 +168,13 @@ mod tests {
                 "baylink.service lost `{line}`"
             );
         }
+        // Capped, with values sized in docs/operations.md.
+        for key in ["MemoryMax=", "TasksMax="] {
+            assert!(
+                unit.lines()
+                    .any(|l| l.trim().strip_prefix(key).is_some_and(|v| !v.is_empty())),
+                "baylink.service lost `{key}`"
+            );
+        }
     }
 }

@@ -26,10 +26,11 @@ use dicom_ul::association::Association as _;
 use dicom_ul::association::server::AccessControl;
 use dicom_ul::association::{AsyncServerAssociation, ServerAssociationOptions};
 use dicom_ul::pdu::{
-    AssociationRJServiceUserReason, PDataValue, PDataValueType, Pdu,
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType, Pdu,
     PresentationContextResultReason, UserIdentity,
 };
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{Instrument, info, info_span, warn};
@@ -38,6 +39,7 @@ use super::dimse::{self, Command, status};
 use super::part10::{self, Part10Error};
 use super::sink::{AssociationEnd, AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
+use crate::admission::{SourceLimiter, Unidentified, canonical};
 use crate::config::DicomPeer;
 use crate::ops::{Activity, Drain, Flag};
 use crate::policy::{Decision, Declaration, SharedPolicy};
@@ -53,8 +55,15 @@ pub struct ScpConfig {
     pub peers: Vec<DicomPeer>,
     /// Largest PDU accepted (announced at association; larger PDUs abort it).
     pub max_pdu_bytes: u32,
-    /// Associations served at once.
+    /// Associations of identified peers served at once; a further identified peer is
+    /// answered A-ASSOCIATE-RJ rejected-transient.
     pub max_associations: usize,
+    /// Time allowed from the TCP accept to the end of the A-ASSOCIATE negotiation
+    /// (`ingest.handshake_timeout`).
+    pub handshake_timeout: Duration,
+    /// Most connections from one source address still negotiating
+    /// (`ingest.max_unidentified_per_source`); more are closed at once.
+    pub max_unidentified_per_source: usize,
     /// An association silent for this long is aborted (what it stored is still sent).
     pub idle_timeout: Duration,
     /// Where instances are written while they arrive (one sub-directory per association).
@@ -105,6 +114,7 @@ struct Inner<S> {
     policy: SharedPolicy,
     sink: S,
     slots: Arc<Semaphore>,
+    sources: SourceLimiter,
 }
 
 impl<S: AssociationSink> StorageScp<S> {
@@ -130,12 +140,14 @@ impl<S: AssociationSink> StorageScp<S> {
                 source,
             })?;
         let slots = Arc::new(Semaphore::new(cfg.max_associations));
+        let sources = SourceLimiter::new(cfg.max_unidentified_per_source);
         Ok(StorageScp {
             inner: Arc::new(Inner {
                 cfg,
                 policy,
                 sink,
                 slots,
+                sources,
             }),
             listener,
         })
@@ -158,6 +170,14 @@ impl<S: AssociationSink> StorageScp<S> {
             };
             match accepted {
                 Ok((socket, peer)) => {
+                    // No slot yet: a connection still negotiating counts only against its
+                    // own address.
+                    let Some(pending) = self.inner.sources.admit(peer.ip()) else {
+                        info!(%peer, "connection closed: ingest.max_unidentified_per_source reached for its address");
+                        metrics::counter!("baylink_ingest_connections_refused_total", "door" => "dicom", "reason" => "unidentified-per-source").increment(1);
+                        drop(socket);
+                        continue;
+                    };
                     let inner = self.inner.clone();
                     let id = uuid::Uuid::now_v7();
                     let span = info_span!("association", id = %id, peer = %peer);
@@ -165,7 +185,7 @@ impl<S: AssociationSink> StorageScp<S> {
                     tokio::spawn(
                         async move {
                             let _counted = counted;
-                            inner.serve_connection(id, socket, peer, stop).await;
+                            inner.serve_connection(id, socket, peer, pending, stop).await;
                         }
                         .instrument(span),
                     );
@@ -183,12 +203,12 @@ impl<S: AssociationSink> StorageScp<S> {
     }
 }
 
-/// Association access control: the called AE title must be ours, the calling AE title and
-/// the peer address must be a configured peer, and a slot must be free.
+/// Association access control: the called AE title must be ours, and the calling AE title
+/// and the peer address must be a configured peer. (The slot is taken before, by
+/// [`Inner::identify`], so that a full house can be answered rejected-transient.)
 struct PeerAccess {
     peer_ip: IpAddr,
     peers: Vec<DicomPeer>,
-    has_slot: bool,
 }
 
 impl PeerAccess {
@@ -204,12 +224,33 @@ impl PeerAccess {
     }
 }
 
-/// IPv4-mapped IPv6 addresses compare as IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+/// Bytes of an A-ASSOCIATE-RQ up to the end of its calling AE title: PDU type, reserved,
+/// length (4), protocol version (2), reserved (2), called AE title (16), calling AE title (16).
+const RQ_PREFIX: usize = 42;
+
+/// The A-ASSOCIATE-RJ of a busy edge: rejected-transient (2), by the service provider's
+/// presentation function (3), local limit exceeded (2) (PS3.8 9.3.4).
+fn busy_rejection() -> Pdu {
+    Pdu::AssociationRJ(AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    })
+}
+
+/// The called and calling AE titles of an A-ASSOCIATE-RQ's first [`RQ_PREFIX`] bytes, or
+/// `None` if they are not the start of one.
+fn rq_titles(prefix: &[u8]) -> Option<(String, String)> {
+    if prefix.len() < RQ_PREFIX || prefix[0] != 0x01 {
+        return None;
     }
+    let title = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .trim_matches(|c: char| c == '\0' || c.is_whitespace())
+            .to_owned()
+    };
+    Some((title(&prefix[10..26]), title(&prefix[26..42])))
 }
 
 impl AccessControl for PeerAccess {
@@ -228,10 +269,6 @@ impl AccessControl for PeerAccess {
         if Self::hospital(&self.peers, calling_ae_title, ip).is_none() {
             warn!(calling_ae = calling_ae_title, %ip, "association rejected: unknown calling AE title / address (not in ingest.dicom_peers)");
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
-        }
-        if !self.has_slot {
-            warn!(calling_ae = calling_ae_title, %ip, "association rejected: ingest.dicom_max_associations reached");
-            return Err(AssociationRJServiceUserReason::NoReasonGiven);
         }
         Ok(())
     }
@@ -340,7 +377,6 @@ impl<S: AssociationSink> Inner<S> {
     fn options(
         &self,
         peer_ip: IpAddr,
-        has_slot: bool,
     ) -> ServerAssociationOptions<
         'static,
         PeerAccess,
@@ -350,7 +386,6 @@ impl<S: AssociationSink> Inner<S> {
             .ae_access_control(PeerAccess {
                 peer_ip,
                 peers: self.cfg.peers.clone(),
-                has_slot,
             })
             .ae_title(self.cfg.ae_title.clone())
             .max_pdu_length(self.cfg.max_pdu_bytes)
@@ -367,21 +402,132 @@ impl<S: AssociationSink> Inner<S> {
         options
     }
 
+    /// Reads (without consuming) the start of the A-ASSOCIATE-RQ and, if it names a
+    /// configured peer calling our AE title, takes a slot for it. `Err(())`: the connection
+    /// ended or sent less than the prefix; `Ok(None)`: not an identified peer (the
+    /// negotiation rejects it, naming why).
+    async fn identify(
+        &self,
+        socket: &TcpStream,
+        ip: IpAddr,
+    ) -> Result<Option<Result<tokio::sync::OwnedSemaphorePermit, ()>>, ()> {
+        let mut prefix = [0u8; RQ_PREFIX];
+        loop {
+            let n = socket.peek(&mut prefix).await.map_err(|_| ())?;
+            if n == 0 {
+                return Err(());
+            }
+            if n >= RQ_PREFIX || prefix[0] != 0x01 {
+                break;
+            }
+            // A request trickling in: look again shortly (the caller's time-box bounds this).
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let Some((called, calling)) = rq_titles(&prefix) else {
+            return Ok(None);
+        };
+        if called != self.cfg.ae_title.trim()
+            || PeerAccess::peer(&self.cfg.peers, &calling, ip).is_none()
+        {
+            return Ok(None);
+        }
+        Ok(Some(self.slots.clone().try_acquire_owned().map_err(|_| ())))
+    }
+
+    /// Answers a busy edge: reads the A-ASSOCIATE-RQ to its end (so that the peer reads the
+    /// answer rather than a reset) and sends A-ASSOCIATE-RJ rejected-transient.
+    async fn reject_busy(&self, mut socket: TcpStream) -> std::io::Result<()> {
+        let mut header = [0u8; 6];
+        socket.read_exact(&mut header).await?;
+        let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+        // An A-ASSOCIATE-RQ is a few KiB; anything longer is not read, only closed.
+        if len <= 1024 * 1024 {
+            let mut rest = (&mut socket).take(u64::from(len));
+            tokio::io::copy(&mut rest, &mut tokio::io::sink()).await?;
+        }
+        let mut out = Vec::with_capacity(16);
+        dicom_ul::pdu::write_pdu(&mut out, &busy_rejection())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        socket.write_all(&out).await?;
+        socket.shutdown().await
+    }
+
+    /// The negotiation, up to an established association holding a slot: the peer is
+    /// identified from its A-ASSOCIATE-RQ, takes a slot (none free: rejected-transient), and
+    /// the association is negotiated. `None`: it was not established (already answered).
+    async fn negotiate(
+        &self,
+        socket: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<(
+        AsyncServerAssociation<TcpStream>,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
+        let ip = canonical(peer.ip());
+        let permit = match self.identify(&socket, ip).await {
+            Err(()) => {
+                info!("connection closed before an A-ASSOCIATE-RQ");
+                return None;
+            }
+            Ok(Some(Ok(permit))) => Some(permit),
+            Ok(Some(Err(()))) => {
+                warn!(%ip, "association rejected (transient): ingest.dicom_max_associations reached");
+                metrics::counter!("baylink_ingest_connections_refused_total", "door" => "dicom", "reason" => "busy").increment(1);
+                if let Err(e) = self.reject_busy(socket).await {
+                    info!(error = %e, "could not answer the busy rejection");
+                }
+                return None;
+            }
+            Ok(None) => None,
+        };
+        let options = self.options(peer.ip());
+        let assoc = match options.establish_async(socket).await {
+            Ok(a) => a,
+            Err(e) => {
+                info!(error = %e, "association not established");
+                return None;
+            }
+        };
+        match permit {
+            Some(p) => Some((assoc, p)),
+            None => {
+                // Access control accepted what `identify` did not (never expected): no slot.
+                warn!("association accepted without a slot; aborting");
+                let assoc = assoc;
+                let _ = assoc.abort().await;
+                None
+            }
+        }
+    }
+
     async fn serve_connection(
         &self,
         id: uuid::Uuid,
         socket: TcpStream,
         peer: SocketAddr,
+        pending: Unidentified,
         stop: Flag,
     ) {
-        let permit = self.slots.clone().try_acquire_owned().ok();
-        let options = self.options(peer.ip(), permit.is_some());
-        let mut assoc = match options.establish_async(socket).await {
-            Ok(a) => a,
-            Err(e) => {
-                info!(error = %e, "association not established");
+        let negotiated = match tokio::time::timeout(
+            self.cfg.handshake_timeout,
+            self.negotiate(socket, peer),
+        )
+        .await
+        {
+            Ok(n) => n,
+            Err(_) => {
+                // Counted before the socket is closed (at the end of this match).
+                info!(
+                    "association negotiation timed out (ingest.handshake_timeout); connection closed"
+                );
+                metrics::counter!("baylink_ingest_connections_refused_total", "door" => "dicom", "reason" => "handshake-timeout").increment(1);
                 return;
             }
+        };
+        // Identified or gone: it no longer counts against its address.
+        drop(pending);
+        let Some((mut assoc, permit)) = negotiated else {
+            return;
         };
         let calling = assoc.peer_ae_title().trim().to_owned();
         let Some((hospital, purpose)) = PeerAccess::peer(&self.cfg.peers, &calling, peer.ip())

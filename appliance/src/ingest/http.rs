@@ -1,11 +1,13 @@
 //! The hospital API over HTTPS: axum routes served by hyper over rustls, client certificate
 //! required.
 //!
-//! Each TCP connection gets a TLS handshake (bounded by `ingest.header_timeout`), then HTTP/1.1
-//! with hyper's header read timeout (the same bound: a client that sends half a header and
-//! stalls is disconnected). The hospital is the subject CN of the verified client
-//! certificate. At most `ingest.max_connections` connections are served at once; further
-//! ones wait in the listen queue. Request bodies stream: each frame goes to the spool before
+//! Every TCP connection is accepted at once and gets a TLS handshake, bounded by
+//! `ingest.handshake_timeout`; until it is done the connection counts against its source
+//! address (`ingest.max_unidentified_per_source`, [`crate::admission`]), never against a slot.
+//! The hospital is the subject CN of the verified client certificate; only then does the
+//! connection take one of `ingest.max_connections` slots (none free: one `503` answer with
+//! `Retry-After`, then close). HTTP/1.1 runs with hyper's header read timeout
+//! (`ingest.header_timeout`: a client that sends half a header and stalls is disconnected). Request bodies stream: each frame goes to the spool before
 //! the next is read, so memory stays bounded whatever the size or number of uploads.
 //!
 //! Drain (SIGTERM, [`crate::ops::Drain`]): when it starts, the listener is closed (new
@@ -40,6 +42,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use super::store::{IngestError, IngestStore};
+use crate::admission::{SourceLimiter, Unidentified};
 use crate::config::Config;
 use crate::ops::{Activity, Drain};
 use crate::policy::Declaration;
@@ -234,6 +237,7 @@ pub async fn bind(
         .with_context(|| format!("cannot listen on {listen} (ingest.listen)"))?;
     let local = listener.local_addr()?;
     let header_timeout = cfg.ingest.header_timeout;
+    let handshake_timeout = cfg.ingest.handshake_timeout;
     let app = router(
         store,
         cfg.ingest.idle_timeout,
@@ -241,15 +245,9 @@ pub async fn bind(
         drain.clone(),
     );
     let slots = Arc::new(Semaphore::new(cfg.ingest.max_connections));
+    let sources = SourceLimiter::new(cfg.ingest.max_unidentified_per_source);
     let serve = async move {
         loop {
-            let permit = tokio::select! {
-                () = drain.started.wait() => break,
-                p = slots.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-            };
             let (tcp, peer) = tokio::select! {
                 () = drain.started.wait() => break,
                 r = listener.accept() => match r {
@@ -261,12 +259,23 @@ pub async fn bind(
                     }
                 },
             };
-            let (tls, app, drain) = (tls.clone(), app.clone(), drain.clone());
+            // No slot yet: an unidentified connection counts only against its own address.
+            let Some(pending) = sources.admit(peer.ip()) else {
+                debug!(%peer, "connection closed: ingest.max_unidentified_per_source reached for its address");
+                metrics::counter!("baylink_ingest_connections_refused_total", "door" => "https", "reason" => "unidentified-per-source").increment(1);
+                drop(tcp);
+                continue;
+            };
+            let (tls, app, slots, drain) = (tls.clone(), app.clone(), slots.clone(), drain.clone());
             let counted = active.enter();
             tokio::spawn(async move {
-                let _permit = permit;
                 let _counted = counted;
-                serve_connection(tcp, peer, tls, app, header_timeout, drain).await;
+                let conn = Connection {
+                    peer,
+                    header_timeout,
+                    handshake_timeout,
+                };
+                conn.serve(tcp, pending, tls, app, slots, drain).await;
             });
         }
         // Closing the listener makes the kernel refuse new connections at once.
@@ -276,61 +285,105 @@ pub async fn bind(
     Ok((local, serve))
 }
 
-async fn serve_connection(
-    tcp: tokio::net::TcpStream,
+/// One hospital connection and its time bounds.
+struct Connection {
     peer: SocketAddr,
-    tls: tokio_rustls::TlsAcceptor,
-    app: Router,
     header_timeout: Duration,
-    drain: Drain,
-) {
-    let _ = tcp.set_nodelay(true);
-    let handshake = tokio::select! {
-        r = tokio::time::timeout(header_timeout, tls.accept(tcp)) => r,
-        // A connection that has not sent a request yet is not served once the drain started.
-        () = drain.started.wait() => return,
-    };
-    let stream = match handshake {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            info!(%peer, error = %e, "hospital TLS handshake refused");
+    handshake_timeout: Duration,
+}
+
+impl Connection {
+    /// TLS handshake within `ingest.handshake_timeout` (counted against the source address),
+    /// then a slot of `ingest.max_connections` for the identified hospital, or one `503`
+    /// answer when none is free.
+    async fn serve(
+        self,
+        tcp: tokio::net::TcpStream,
+        pending: Unidentified,
+        tls: tokio_rustls::TlsAcceptor,
+        app: Router,
+        slots: Arc<Semaphore>,
+        drain: Drain,
+    ) {
+        let peer = self.peer;
+        let _ = tcp.set_nodelay(true);
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(self.handshake_timeout, tls.accept(tcp)) => r,
+            // A connection that has not sent a request yet is not served once the drain started.
+            () = drain.started.wait() => return,
+        };
+        let stream = match handshake {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                info!(%peer, error = %e, "hospital TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                info!(%peer, "hospital TLS handshake timed out (ingest.handshake_timeout)");
+                metrics::counter!("baylink_ingest_connections_refused_total", "door" => "https", "reason" => "handshake-timeout").increment(1);
+                return;
+            }
+        };
+        let Some(cn) = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(common_name)
+        else {
+            info!(%peer, "client certificate has no usable common name");
             return;
-        }
-        Err(_) => {
-            info!(%peer, "hospital TLS handshake timed out");
+        };
+        // Identified: it no longer counts against its address, and may take a slot.
+        drop(pending);
+        let http = {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(self.header_timeout);
+            b
+        };
+        let Ok(_permit) = slots.try_acquire_owned() else {
+            info!(%peer, hospital = %cn, "hospital connection answered 503: ingest.max_connections reached");
+            metrics::counter!("baylink_ingest_connections_refused_total", "door" => "https", "reason" => "busy").increment(1);
+            let busy = TowerToHyperService::new(Router::new().fallback(busy));
+            let mut http = http;
+            let _ = http
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), busy)
+                .await;
             return;
+        };
+        debug!(%peer, hospital = %cn, "hospital connected");
+        let svc = TowerToHyperService::new(app.layer(Extension(Hospital(Arc::from(cn)))));
+        let conn = http.serve_connection(TokioIo::new(stream), svc);
+        tokio::pin!(conn);
+        let res = tokio::select! {
+            r = conn.as_mut() => r,
+            () = drain.started.wait() => {
+                // The request in progress is answered (an upload still arriving when the drain
+                // ends is answered 503 by its handler), then the connection closes; an idle
+                // keep-alive connection closes at once.
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = res {
+            debug!(%peer, error = %e, "hospital connection ended");
         }
-    };
-    let Some(cn) = stream
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(common_name)
-    else {
-        info!(%peer, "client certificate has no usable common name");
-        return;
-    };
-    debug!(%peer, hospital = %cn, "hospital connected");
-    let svc = TowerToHyperService::new(app.layer(Extension(Hospital(Arc::from(cn)))));
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .serve_connection(TokioIo::new(stream), svc);
-    tokio::pin!(conn);
-    let res = tokio::select! {
-        r = conn.as_mut() => r,
-        () = drain.started.wait() => {
-            // The request in progress is answered (an upload still arriving when the drain
-            // ends is answered 503 by its handler), then the connection closes; an idle
-            // keep-alive connection closes at once.
-            conn.as_mut().graceful_shutdown();
-            conn.as_mut().await
-        }
-    };
-    if let Err(e) = res {
-        debug!(%peer, error = %e, "hospital connection ended");
     }
+}
+
+/// The answer of a connection that found every slot taken: `503`, try again shortly.
+async fn busy() -> Response {
+    let mut r = ApiError::limit(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ingest.max_connections",
+        "the edge is busy: every connection slot is taken; try again shortly",
+    )
+    .into_response();
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
 }
 
 fn transfer_id(s: &str) -> Result<TransferId, ApiError> {

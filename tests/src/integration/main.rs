@@ -29,6 +29,7 @@ mod refusal;
 mod resume;
 mod retention;
 mod secrets;
+mod slots;
 mod stow_limits;
 mod transfer;
 mod watchdog;
