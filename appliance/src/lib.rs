@@ -36,4 +36,5 @@ pub mod seal;
 pub mod secrets;
 pub mod serve;
 pub mod signing;
+pub mod telemetry;
 pub mod transfer_dir;
