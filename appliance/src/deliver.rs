@@ -285,6 +285,7 @@ fn deliver_one(
         &manifest,
     ))?;
     write_atomic(&dir.delivered(), location.as_bytes())?;
+    crate::telemetry::stage_bytes("delivered", manifest.total_bytes());
     Ok(location)
 }
 

@@ -555,6 +555,10 @@ impl Edge {
                     .map_err(|e| SendError::Link(crate::link::LinkError::Lost(e.to_string())))?
                     .await
                     .map_err(|e| SendError::Link(e.into()))?;
+                crate::telemetry::watch_connection(
+                    conn.clone(),
+                    self.cfg.transport.server_name.clone(),
+                );
                 bar.set_position(0);
                 let res = send::run(
                     &conn,
@@ -584,6 +588,7 @@ impl Edge {
                 Ok(d) => {
                     metrics::counter!("baylink_bytes_total", "direction" => "sent")
                         .increment(stats.wire_bytes());
+                    crate::telemetry::stage_bytes("sent", stats.wire_bytes());
                     return Ok(d);
                 }
                 Err(SendError::Refused(text)) => {

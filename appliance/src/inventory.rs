@@ -184,7 +184,7 @@ pub fn take(spool_dir: &Path, role: Role) -> Inventory {
 }
 
 /// The creation time a UUIDv7 carries (its first 48 bits, Unix milliseconds).
-fn created(id: &TransferId) -> SystemTime {
+pub fn created(id: &TransferId) -> SystemTime {
     let b = id.as_bytes();
     let ms = b[..6]
         .iter()

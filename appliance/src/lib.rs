@@ -37,4 +37,5 @@ pub mod seal;
 pub mod secrets;
 pub mod serve;
 pub mod signing;
+pub mod telemetry;
 pub mod transfer_dir;

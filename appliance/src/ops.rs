@@ -75,10 +75,6 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .context("metrics buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
-    // Make the series `docs/interface.md` promises exist from the start.
-    for direction in ["sent", "received"] {
-        metrics::counter!("baylink_bytes_total", "direction" => direction).increment(0);
-    }
     Ok(handle)
 }
 
@@ -202,27 +198,35 @@ impl HealthProbe {
     }
 }
 
-/// Tells systemd (when it started us with `Type=notify`) that we are ready, and, when systemd
-/// watches us (`WatchdogSec=`), feeds its watchdog every half period from a task on the
-/// runtime, but only after `probe` passed: a process whose HSM or spool no longer works, or
+/// Tells systemd (when it started us with `Type=notify`) that we are ready, and runs `probe`
+/// every half watchdog period (`WatchdogSec=`), or every [`HEALTH_PERIOD`] when systemd
+/// does not watch us. The result is `baylink_watchdog_healthy`; under a watchdog, systemd
+/// is fed only after the probe passed: a process whose HSM or spool no longer works, or
 /// whose runtime is starved, stops feeding and is restarted by systemd.
 pub fn notify_ready(probe: HealthProbe) {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!(error = %e, "cannot notify systemd");
     }
     let mut usec = 0u64;
-    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+    let watched = sd_notify::watchdog_enabled(false, &mut usec) && usec > 0;
+    let period = if watched {
         let period = Duration::from_micros(usec / 2);
         info!(
             ?period,
             "feeding the systemd watchdog while the spool and the HSM work"
         );
-        metrics::gauge!("baylink_watchdog_healthy").set(1.0);
-        tokio::spawn(feed_watchdog(probe, period));
-    }
+        period
+    } else {
+        HEALTH_PERIOD
+    };
+    metrics::gauge!("baylink_watchdog_healthy").set(1.0);
+    tokio::spawn(feed_watchdog(probe, period, watched));
 }
 
-async fn feed_watchdog(probe: HealthProbe, period: Duration) {
+/// How often the health checks run when systemd's watchdog does not set the pace.
+pub const HEALTH_PERIOD: Duration = Duration::from_secs(30);
+
+async fn feed_watchdog(probe: HealthProbe, period: Duration, watched: bool) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
@@ -231,15 +235,21 @@ async fn feed_watchdog(probe: HealthProbe, period: Duration) {
         match probe.check(period / 2).await {
             Ok(()) => {
                 if failing {
-                    info!("health checks pass again; feeding the systemd watchdog");
+                    info!("health checks pass again");
                     failing = false;
                 }
                 metrics::gauge!("baylink_watchdog_healthy").set(1.0);
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                if watched {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                }
             }
             Err(e) => {
                 if !failing {
-                    error!(check = e.check, reason = %e.reason, "health check failed; not feeding the systemd watchdog (systemd restarts the service when it starves)");
+                    if watched {
+                        error!(check = e.check, reason = %e.reason, "health check failed; not feeding the systemd watchdog (systemd restarts the service when it starves)");
+                    } else {
+                        error!(check = e.check, reason = %e.reason, "health check failed");
+                    }
                     failing = true;
                 }
                 metrics::gauge!("baylink_watchdog_healthy").set(0.0);

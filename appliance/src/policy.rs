@@ -75,6 +75,25 @@ pub enum Decision {
     Refuse(Refusal),
 }
 
+/// Every rule a refusal on the edge can name (the `rule` of an audit `refused` record and
+/// the label of `baylink_refusals_total`).
+pub const RULES: &[&str] = &[
+    "hospital-unknown",
+    "size-limit",
+    "negative-list",
+    "category-not-allowed",
+    "destination-not-allowed",
+    "consent-missing",
+    "consent-ref",
+    "consent-not-yet-valid",
+    "consent-expired",
+    "consent-category",
+    "consent-purpose",
+    "consent-destination",
+    crate::dicom::deid::RULE_PATIENT_MISMATCH,
+    crate::dicom::deid::RULE_DEID_UNSUPPORTED,
+];
+
 /// Why a declaration was refused, in two renderings: [`Refusal::reason`] for logs and the
 /// audit log, [`Refusal::answer`] for the hospital that declared it. Displays as the reason.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -96,6 +115,7 @@ pub struct Refusal {
 impl Refusal {
     /// A refusal whose reason names nothing of the patient: logged and answered alike.
     pub fn new(rule: &'static str, reason: impl Into<String>) -> Refusal {
+        debug_assert!(RULES.contains(&rule), "rule {rule} is not in policy::RULES");
         Refusal {
             rule,
             reason: reason.into(),
@@ -110,6 +130,7 @@ impl Refusal {
         reason: impl Into<String>,
         answer: impl Into<String>,
     ) -> Refusal {
+        debug_assert!(RULES.contains(&rule), "rule {rule} is not in policy::RULES");
         Refusal {
             rule,
             reason: reason.into(),

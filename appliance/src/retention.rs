@@ -178,7 +178,8 @@ pub fn spool_space(spool_dir: &Path) -> io::Result<(u64, u64)> {
 
 /// `serve`'s retention loop: sweeps (when `retain` is set) and refreshes the spool gauges
 /// `baylink_spool_capacity_bytes`, `baylink_spool_available_bytes` and
-/// `baylink_spool_transfers{state}` (see [`crate::inventory::SpoolState`]), every
+/// `baylink_spool_transfers{state}` (see [`crate::inventory::SpoolState`]), the held bytes and
+/// the backlog ([`crate::telemetry::spool_figures`]), every
 /// [`interval`]. Runs until aborted.
 pub async fn run(spool_dir: PathBuf, role: Role, retain: Option<Duration>, audit: audit::Log) {
     let mut tick = tokio::time::interval(interval(retain));
@@ -188,11 +189,17 @@ pub async fn run(spool_dir: PathBuf, role: Role, retain: Option<Duration>, audit
         let (dir, log) = (spool_dir.clone(), audit.clone());
         let swept = tokio::task::spawn_blocking(move || {
             let done = retain.map(|r| sweep(&dir, role, r, SystemTime::now(), &log));
-            (done, spool_space(&dir), crate::inventory::count(&dir, role))
+            (
+                done,
+                spool_space(&dir),
+                crate::inventory::count(&dir, role),
+                crate::telemetry::spool_figures(&dir, role, SystemTime::now()),
+            )
         })
         .await;
         match swept {
-            Ok((done, space, counts)) => {
+            Ok((done, space, counts, figures)) => {
+                crate::telemetry::spool_gauges(&figures);
                 for (state, n) in counts {
                     metrics::gauge!("baylink_spool_transfers", "state" => state.name())
                         .set(n as f64);

@@ -195,6 +195,7 @@ pub async fn sign_and_write_manifest(
     failpoint::hit(failpoint::SEAL_AFTER_PUBLISH);
     metrics::counter!("baylink_transfers_total", "stage" => "sealed", "outcome" => "ok")
         .increment(1);
+    crate::telemetry::stage_bytes("sealed", manifest.total_bytes());
     Ok((bytes, signature))
 }
 

@@ -28,6 +28,13 @@ use crate::transfer_dir::TransferDir;
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let signals = ops::Signals::install()?;
     let metrics = ops::install_metrics()?;
+    // Every family exists from the first scrape (see `crate::telemetry`).
+    let peers = match cfg.role {
+        Role::Edge => vec![cfg.transport.server_name.clone()],
+        Role::Gateway => cfg.peer_names.clone(),
+    };
+    crate::telemetry::register(cfg.role, cfg.spool_reserve_bytes, &peers);
+    crate::telemetry::watch_certificates(certificate_files(&cfg));
     let health = Arc::new(Health::default());
     let metrics_server = ops::bind_metrics(cfg.metrics_listen, metrics, health.clone()).await?;
     tokio::spawn(metrics_server);
@@ -35,6 +42,21 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Role::Gateway => serve_gateway(cfg, health, signals).await,
         Role::Edge => serve_edge(cfg, health, signals).await,
     }
+}
+
+/// The certificates whose expiry `baylink_certificate_expiry_seconds` follows, by config key.
+fn certificate_files(cfg: &Config) -> Vec<(&'static str, std::path::PathBuf)> {
+    let mut files = vec![
+        ("tls.cert", cfg.tls.cert.clone()),
+        ("tls.ca", cfg.tls.ca.clone()),
+    ];
+    if let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = &cfg.delivery {
+        files.push(("delivery.ca", tls.ca.clone()));
+        if let Some((cert, _)) = &tls.identity {
+            files.push(("delivery.cert", cert.clone()));
+        }
+    }
+    files
 }
 
 async fn serve_gateway(

@@ -319,6 +319,19 @@ impl Deployment {
     }
 }
 
+/// The names in a spool directory, hidden ones aside (the health check's `.watchdog`, the
+/// DICOM door's `.incoming`): its transfers.
+pub fn spool_entries(spool: &Path) -> Vec<String> {
+    std::fs::read_dir(spool)
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.'))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Copies a directory tree (files and directories only).
 fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(to)?;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 
 use crate::cmd;
+use crate::monitoring;
 use crate::packages;
 use crate::unit;
 
@@ -211,6 +212,11 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
         "systemd",
         "systemd-analyze verify and security of systemd/baylink.service",
         || unit::check(&cmd::workspace_root()),
+    )?;
+    steps.step(
+        "monitoring",
+        "promtool check rules systemd/prometheus-rules.yml; the Grafana dashboard parses",
+        || monitoring::check(&cmd::workspace_root()),
     )?;
     steps.cargo(
         "test",

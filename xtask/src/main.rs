@@ -16,6 +16,7 @@
 mod ci;
 mod cmd;
 mod demo;
+mod monitoring;
 mod notify;
 mod packages;
 mod payload;

@@ -92,6 +92,11 @@ pub const TEST_PACKAGES: &[Package] = &[
         // the de-identified output with a DICOM reader independent of baylink.
         why: "pydicom, to plant identifiers and check de-identified files independently",
     },
+    Package {
+        name: "prometheus",
+        // promtool checks the shipped alert rules; a real server scrapes an edge and a gateway.
+        why: "promtool for the shipped alert rules, and a Prometheus that scrapes the appliances",
+    },
 ];
 
 /// The one package the demo needs: the software HSM that `baylink dev-env` provisions.

@@ -328,6 +328,9 @@ impl Log {
             st.records_len += line.len() as u64;
             metrics::counter!("baylink_audit_records_total", "kind" => record.kind.to_string())
                 .increment(1);
+            if record.kind == Kind::Refused {
+                crate::telemetry::refusal(record.rule.as_deref().unwrap_or("unknown"));
+            }
             if (st.leaves.len() as u64).is_multiple_of(inner.every)
                 && let Err(e) = inner.checkpoint_locked(st)
             {

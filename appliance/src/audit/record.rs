@@ -48,6 +48,21 @@ pub enum Kind {
     Failed,
 }
 
+impl Kind {
+    /// Every kind, for the series created at start.
+    pub const ALL: [Kind; 9] = [
+        Kind::Declared,
+        Kind::Refused,
+        Kind::Sealed,
+        Kind::Sent,
+        Kind::Committed,
+        Kind::Receipted,
+        Kind::Delivered,
+        Kind::Expired,
+        Kind::Failed,
+    ];
+}
+
 impl std::fmt::Display for Kind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = serde_json::to_value(self)

@@ -90,6 +90,16 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every cause, for the series created at start.
+    pub const ALL: [Cause; 6] = [
+        Cause::Connection,
+        Cause::Timeout,
+        Cause::ServerError,
+        Cause::Throttled,
+        Cause::Incomplete,
+        Cause::Other,
+    ];
+
     /// The metric label.
     pub fn label(self) -> &'static str {
         match self {

@@ -185,7 +185,9 @@ impl<S: AssociationSink> StorageScp<S> {
                     tokio::spawn(
                         async move {
                             let _counted = counted;
-                            inner.serve_connection(id, socket, peer, pending, stop).await;
+                            inner
+                                .serve_connection(id, socket, peer, pending, stop)
+                                .await;
                         }
                         .instrument(span),
                     );

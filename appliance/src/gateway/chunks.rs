@@ -222,6 +222,7 @@ async fn receive_chunk(
     metrics::counter!("baylink_bytes_total", "direction" => "received")
         .increment(u64::from(loc.len));
     if good {
+        crate::telemetry::stage_bytes("verified", u64::from(loc.len));
         let due = {
             let mut u = active.unsynced.lock().expect("unsynced lock poisoned");
             u.0.push(header.index);

@@ -145,6 +145,7 @@ pub async fn serve_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
     let span = info_span!("connection", peer = %peer, remote = %conn.remote_address());
     async move {
         info!("edge connected");
+        crate::telemetry::watch_connection(conn.clone(), peer.clone());
         loop {
             tokio::select! {
                 bi = conn.accept_bi() => match bi {

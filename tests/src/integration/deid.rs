@@ -441,7 +441,7 @@ fn send_refuses_a_purpose_that_must_be_deidentified() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("purpose research is de-identified"), "{err}");
-    assert_eq!(std::fs::read_dir(d.path("spool/edge")).unwrap().count(), 0);
+    assert_eq!(baylink_tests::spool_entries(&d.path("spool/edge")).len(), 0);
     let records = std::fs::read_to_string(d.path("audit/edge/records.log")).unwrap();
     assert!(records.contains("deid-unsupported"), "{records}");
 }

@@ -24,6 +24,7 @@ mod link;
 mod orthanc;
 mod peer;
 mod privacy;
+mod prometheus;
 mod quota;
 mod refusal;
 mod resume;

@@ -8,11 +8,7 @@ use baylink_tests::{Deployment, payload, sha256_file, summary};
 const SIZE: u64 = 512 << 20;
 
 pub(crate) fn only_transfer(spool: &Path) -> String {
-    let mut ids: Vec<String> = std::fs::read_dir(spool)
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
+    let mut ids = baylink_tests::spool_entries(spool);
     assert_eq!(ids.len(), 1, "{ids:?}");
     ids.remove(0)
 }

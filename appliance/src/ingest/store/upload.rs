@@ -446,6 +446,7 @@ impl FileUpload {
         self.transfer.touch();
         info!(transfer = %self.id, file = %self.name, size, "file received");
         metrics::counter!("baylink_bytes_total", "direction" => "ingested").increment(size);
+        crate::telemetry::stage_bytes("ingest", size);
         Ok(size)
     }
 }
