@@ -29,5 +29,6 @@ mod resume;
 mod retention;
 mod secrets;
 mod stow_limits;
+mod tls_hsm;
 mod transfer;
 mod watchdog;
