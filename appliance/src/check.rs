@@ -24,10 +24,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use baylink_hsm::HsmError;
+use baylink_net::transport::TransportError;
 use serde::Serialize;
 use toml::{Table, Value};
 
-use crate::config::{Config, ConfigError, DeliverySection, Role};
+use crate::config::{Config, ConfigError, DeliverySection, Role, TlsKeySource};
 
 /// How bad a problem is: an error fails the check (and stops `serve`), a warning does not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -628,16 +629,31 @@ pub fn environment_checks(cfg: &Config, report: &mut Report, options: Options) {
     {
         report.error("peer.signing_key", format!("{e:#}"));
     }
-    certificates(
-        report,
-        ("tls.ca", cfg.tls.ca.as_path()),
-        Some((
-            ("tls.cert", cfg.tls.cert.as_path()),
-            ("tls.key", cfg.tls.key.as_path()),
-        )),
-        cfg.tls.warn_expiry,
-        now,
-    );
+    match &cfg.tls.key {
+        TlsKeySource::File(key) => certificates(
+            report,
+            ("tls.ca", cfg.tls.ca.as_path()),
+            Some((
+                ("tls.cert", cfg.tls.cert.as_path()),
+                ("tls.key", key.as_path()),
+            )),
+            cfg.tls.warn_expiry,
+            now,
+        ),
+        // The key is on the token: `hsm` below checks it against the certificate.
+        TlsKeySource::Hsm { .. } => {
+            certificates(
+                report,
+                ("tls.ca", cfg.tls.ca.as_path()),
+                None,
+                cfg.tls.warn_expiry,
+                now,
+            );
+            if !certificate_file(report, "tls.cert", &cfg.tls.cert, cfg.tls.warn_expiry, now) {
+                report.error("tls.key", "cannot be checked: tls.cert is unusable");
+            }
+        }
+    }
     if let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = &cfg.delivery {
         certificates(
             report,
@@ -796,39 +812,23 @@ fn certificates(
     if report.is_bad(key_key) {
         return;
     }
-    let identity = match baylink_net::transport::TlsIdentity::from_pem_files(cert, key) {
-        Ok(i) => i,
+    match baylink_net::transport::TlsIdentity::from_pem_files(cert, key) {
+        Ok(_) => {}
+        Err(e @ TransportError::KeyMismatch { .. }) => report.error(
+            key_key,
+            format!(
+                "{} does not match the certificate in {cert_key} ({}): {e}",
+                key.display(),
+                cert.display()
+            ),
+        ),
+        Err(TransportError::BadKey { source, .. }) => report.error(
+            key_key,
+            format!("{}: not a usable private key: {source}", key.display()),
+        ),
         Err(e) => {
             if cert_ok {
                 report.error(key_key, format!("{e:#}"));
-            }
-            return;
-        }
-    };
-    let provider = rustls::crypto::aws_lc_rs::default_provider();
-    match provider.key_provider.load_private_key(identity.key) {
-        Err(e) => report.error(
-            key_key,
-            format!("{}: not a usable private key: {e}", key.display()),
-        ),
-        Ok(signing_key) => {
-            let certified = rustls::sign::CertifiedKey::new(identity.cert_chain, signing_key);
-            match certified.keys_match() {
-                Ok(()) => {}
-                Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
-                    report.warning(
-                        key_key,
-                        "cannot tell whether the key matches the certificate",
-                    );
-                }
-                Err(e) => report.error(
-                    key_key,
-                    format!(
-                        "{} does not match the certificate in {cert_key} ({}): {e}",
-                        key.display(),
-                        cert.display()
-                    ),
-                ),
             }
         }
     }
@@ -858,6 +858,14 @@ fn hsm(cfg: &Config, report: &mut Report) {
     };
     if let Err(e) = token.signer() {
         report.error(hsm_error_key(&e), e.to_string());
+    }
+    // A TLS key on the token: found, protected, and the key of tls.cert, as `serve` checks.
+    if cfg.tls.key.hsm_label().is_some()
+        && !report.is_bad("tls.key")
+        && !report.is_bad("tls.cert")
+        && let Err(e) = crate::signing::tls_identity(cfg, &token)
+    {
+        report.error("tls.key", format!("{e:#}"));
     }
 }
 

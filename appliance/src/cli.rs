@@ -36,7 +36,7 @@ pub enum Command {
     /// Create a complete two-appliance deployment on 127.0.0.1 in DIR (for tests and demos).
     ///
     /// Writes PKI (CA, appliance, hospital and rogue certificates), a SoftHSM store with one
-    /// token per appliance holding its signing key, PINs, pinned public keys, edge.toml,
+    /// token per appliance holding its signing key and its TLS key, PINs, pinned public keys, edge.toml,
     /// gateway.toml, a consent registry and the state directories. DIR must be empty or
     /// missing. Ports: edge HTTPS N, edge metrics N+1, gateway QUIC N+2, gateway metrics N+3,
     /// edge DICOM N+4.
@@ -49,6 +49,10 @@ pub enum Command {
         /// PKCS#11 module to create the tokens with.
         #[arg(long, default_value = crate::devenv::SOFTHSM_MODULE)]
         module: PathBuf,
+        /// Write the appliances' TLS private keys as PEM files (pki/edge.key, pki/gateway.key)
+        /// instead of generating them in the tokens (`tls.key = "pkcs11:object=baylink-tls"`).
+        #[arg(long)]
+        tls_key_files: bool,
     },
     /// Run the role named in the config until SIGTERM (systemd Type=notify).
     ///

@@ -39,9 +39,15 @@ pub fn run(cli: Cli) -> ExitCode {
             dir,
             base_port,
             module,
+            tls_key_files,
         } => {
             export_softhsm_conf(&crate::devenv::softhsm_conf_path(&absolute(&dir)));
-            crate::devenv::create(&dir, base_port, &module).map(|()| {
+            let tls = if tls_key_files {
+                crate::devenv::TlsKeys::Files
+            } else {
+                crate::devenv::TlsKeys::Hsm
+            };
+            crate::devenv::create(&dir, base_port, &module, tls).map(|()| {
                 println!("dev-env ready in {}", dir.display());
                 0
             })

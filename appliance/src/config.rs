@@ -217,11 +217,138 @@ pub struct TlsSection {
     pub ca: PathBuf,
     /// This appliance's certificate chain.
     pub cert: PathBuf,
-    /// This appliance's private key.
-    pub key: PathBuf,
+    /// This appliance's private key: a PEM file, or a key pair on the `[hsm]` token.
+    pub key: TlsKeySource,
     /// A certificate expiring within this is reported as a warning by `check-config` and at
     /// `serve` start-up (`tls.warn_expiry`, default 30 days); an expired one is an error.
     pub warn_expiry: Duration,
+}
+
+/// Where the appliance's TLS private key is (`tls.key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsKeySource {
+    /// A PEM private key file (PKCS#8, PKCS#1 or SEC1), mode 0600 or stricter.
+    File(PathBuf),
+    /// An EC P-256 key pair on the `[hsm]` token, by label: `tls.key =
+    /// "pkcs11:object=<label>"` (RFC 7512). The private key never leaves the token.
+    Hsm {
+        /// The key label (`CKA_LABEL` of the private and public key objects).
+        label: String,
+    },
+}
+
+impl TlsKeySource {
+    /// The file, for a PEM key.
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            TlsKeySource::File(p) => Some(p),
+            TlsKeySource::Hsm { .. } => None,
+        }
+    }
+
+    /// The HSM key label, for a token-held key.
+    pub fn hsm_label(&self) -> Option<&str> {
+        match self {
+            TlsKeySource::File(_) => None,
+            TlsKeySource::Hsm { label } => Some(label),
+        }
+    }
+}
+
+impl std::fmt::Display for TlsKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TlsKeySource::File(p) => write!(f, "{}", p.display()),
+            TlsKeySource::Hsm { label } => {
+                write!(f, "{PKCS11_URI_SCHEME}object={}", percent_encode(label))
+            }
+        }
+    }
+}
+
+/// What a `tls.key` naming an HSM key starts with (RFC 7512): a path never does, since a
+/// relative path would be written `./pkcs11:...`.
+pub const PKCS11_URI_SCHEME: &str = "pkcs11:";
+
+/// Parses `pkcs11:object=<label>[;token=<token label>][;type=private]` (RFC 7512 path
+/// attributes, percent-encoding allowed). `token`, when given, must be `hsm.token_label`; the
+/// key is always looked for on the `[hsm]` token. Query attributes (`?pin-value=...`) and any
+/// other attribute are refused: the PIN comes from `hsm.pin_file` only.
+pub fn parse_pkcs11_uri(uri: &str, token_label: &str) -> Result<String, String> {
+    let rest = uri
+        .strip_prefix(PKCS11_URI_SCHEME)
+        .ok_or_else(|| format!("`{uri}` does not start with `{PKCS11_URI_SCHEME}`"))?;
+    if rest.contains('?') {
+        return Err(format!(
+            "`{uri}` has query attributes; only object, token and type are accepted (the PIN \
+             comes from hsm.pin_file)"
+        ));
+    }
+    let mut object = None;
+    for attr in rest.split(';').filter(|a| !a.is_empty()) {
+        let (name, value) = attr
+            .split_once('=')
+            .ok_or_else(|| format!("`{attr}` in `{uri}` is not name=value"))?;
+        let value = percent_decode(value)
+            .ok_or_else(|| format!("`{value}` in `{uri}` is not valid percent-encoded UTF-8"))?;
+        match name {
+            "object" => {
+                if object.replace(value).is_some() {
+                    return Err(format!("`{uri}` names object twice"));
+                }
+            }
+            "token" if value == token_label => {}
+            "token" => {
+                return Err(format!(
+                    "`{uri}` names token \"{value}\", but the key is looked for on the [hsm] \
+                     token \"{token_label}\""
+                ));
+            }
+            "type" if value == "private" => {}
+            "type" => return Err(format!("`{uri}`: type must be private")),
+            other => {
+                return Err(format!(
+                    "`{uri}`: attribute `{other}` is not supported (object, token, type)"
+                ));
+            }
+        }
+    }
+    let label = object.ok_or_else(|| format!("`{uri}` names no object (the key label)"))?;
+    if label.is_empty() || label.len() > 32 || label.chars().any(char::is_control) {
+        return Err(format!(
+            "`{uri}`: the key label must be 1 to 32 bytes without control characters"
+        ));
+    }
+    Ok(label)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `[transport]`
@@ -449,7 +576,7 @@ struct RawPeer {
 struct RawTls {
     ca: PathBuf,
     cert: PathBuf,
-    key: PathBuf,
+    key: String,
     warn_expiry: Option<String>,
 }
 
@@ -1158,6 +1285,15 @@ impl Config {
             return Err(invalid("id", "must be 1..=64 printable characters".into()));
         }
 
+        let tls_key = if raw.tls.key.starts_with(PKCS11_URI_SCHEME) {
+            TlsKeySource::Hsm {
+                label: parse_pkcs11_uri(&raw.tls.key, &raw.hsm.token_label)
+                    .map_err(|m| invalid("tls.key", m))?,
+            }
+        } else {
+            TlsKeySource::File(resolve(Path::new(&raw.tls.key)))
+        };
+
         Ok(Config {
             path: path.to_owned(),
             role,
@@ -1176,7 +1312,7 @@ impl Config {
             tls: TlsSection {
                 ca: resolve(&raw.tls.ca),
                 cert: resolve(&raw.tls.cert),
-                key: resolve(&raw.tls.key),
+                key: tls_key,
                 warn_expiry: duration(
                     "tls.warn_expiry",
                     &raw.tls.warn_expiry,
@@ -1266,6 +1402,59 @@ pub fn valid_ae_title(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tls_key_is_a_path_or_a_pkcs11_uri() {
+        let c = Config::parse(Path::new("/etc/baylink/gateway.toml"), GATEWAY).unwrap();
+        assert_eq!(
+            c.tls.key,
+            TlsKeySource::File(PathBuf::from("/etc/baylink/pki/gateway.key"))
+        );
+        let hsm = GATEWAY.replace(
+            "key = \"pki/gateway.key\"",
+            "key = \"pkcs11:object=baylink%20tls;token=baylink-gateway;type=private\"",
+        );
+        let c = Config::parse(Path::new("/etc/baylink/gateway.toml"), &hsm).unwrap();
+        assert_eq!(
+            c.tls.key,
+            TlsKeySource::Hsm {
+                label: "baylink tls".into()
+            }
+        );
+        assert_eq!(c.tls.key.to_string(), "pkcs11:object=baylink%20tls");
+        assert_eq!(c.tls.key.file(), None);
+        // A relative path that happens to start with the scheme is written ./pkcs11:...
+        let odd = GATEWAY.replace("key = \"pki/gateway.key\"", "key = \"./pkcs11:x\"");
+        let c = Config::parse(Path::new("/etc/baylink/gateway.toml"), &odd).unwrap();
+        assert!(c.tls.key.file().is_some());
+    }
+
+    #[test]
+    fn pkcs11_uris_that_are_refused() {
+        for (uri, says) in [
+            ("pkcs11:", "names no object"),
+            ("pkcs11:token=baylink-gateway", "names no object"),
+            ("pkcs11:object=a;object=b", "twice"),
+            ("pkcs11:object=tls;token=other", "token \"other\""),
+            ("pkcs11:object=tls;type=public", "type must be private"),
+            ("pkcs11:object=tls;id=%01", "`id` is not supported"),
+            ("pkcs11:object=tls?pin-value=1234", "query attributes"),
+            ("pkcs11:object=%zz", "percent-encoded"),
+            ("pkcs11:object", "not name=value"),
+            (
+                "pkcs11:object=0123456789012345678901234567890123",
+                "1 to 32 bytes",
+            ),
+        ] {
+            let text = GATEWAY.replace("key = \"pki/gateway.key\"", &format!("key = \"{uri}\""));
+            let err = Config::parse(Path::new("/etc/baylink/gateway.toml"), &text).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("tls.key") && msg.contains(says),
+                "{uri}: {msg}"
+            );
+        }
+    }
 
     const GATEWAY: &str = r#"
 role = "gateway"

@@ -1,8 +1,8 @@
 //! `baylink dev-env DIR`: a complete two-appliance deployment on 127.0.0.1.
 //!
 //! Everything `docs/interface.md` lists is created here: PKI (with a rogue CA), SoftHSM tokens with
-//! the signing keys (created through `baylink-hsm`, the same code path the appliance uses:
-//! sensitive, not extractable), PINs and patient keys (mode 0600 in `secrets/`, outside the
+//! the signing keys and, unless asked for PEM files, the appliances' TLS keys (created through
+//! `baylink-hsm`, the same code path the appliance uses: sensitive, not extractable), PINs and patient keys (mode 0600 in `secrets/`, outside the
 //! audit directories), pinned public keys, both configs, the consent registry and the state
 //! directories.
 //! The directory must be empty or missing; nothing is overwritten.
@@ -26,6 +26,19 @@ pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 pub const DEFAULT_BASE_PORT: u16 = 47400;
 /// Label of the signing key on both tokens.
 pub const KEY_LABEL: &str = "baylink-signing";
+/// Label of the TLS key on both tokens (unless dev-env writes PEM keys instead).
+pub const TLS_KEY_LABEL: &str = "baylink-tls";
+
+/// Where dev-env puts the appliances' TLS private keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsKeys {
+    /// Generated in each appliance's token (sensitive, not extractable); `tls.key =
+    /// "pkcs11:object=baylink-tls"`, and only the certificates are written.
+    #[default]
+    Hsm,
+    /// PEM files `pki/edge.key` and `pki/gateway.key` (mode 0600).
+    Files,
+}
 
 /// Ports of a dev-env deployment, derived from its base port.
 #[derive(Debug, Clone, Copy)]
@@ -65,7 +78,7 @@ pub const SAMPLE_PATIENTS: [&str; 5] = ["P-0001", "P-0002", "P-0003", "P-0004", 
 ///
 /// The process must already have `SOFTHSM2_CONF` pointing at `dir/softhsm/softhsm2.conf`
 /// (see [`softhsm_conf_path`]); the binary's `main` arranges that before any thread starts.
-pub fn create(dir: &Path, base_port: u16, module: &Path) -> anyhow::Result<()> {
+pub fn create(dir: &Path, base_port: u16, module: &Path, tls: TlsKeys) -> anyhow::Result<()> {
     let ports = Ports::from_base(base_port)?;
     prepare_empty_dir(dir)?;
     let dir = dir
@@ -93,7 +106,7 @@ pub fn create(dir: &Path, base_port: u16, module: &Path) -> anyhow::Result<()> {
         fs::Permissions::from_mode(0o700),
     )?;
 
-    write_pki(&dir)?;
+    let ca = write_pki(&dir)?;
 
     let conf = softhsm_conf_path(&dir);
     let tokendir = dir.join("softhsm/tokens");
@@ -133,6 +146,27 @@ pub fn create(dir: &Path, base_port: u16, module: &Path) -> anyhow::Result<()> {
             public.to_pem().as_bytes(),
             0o644,
         )?;
+        let cert = match tls {
+            TlsKeys::Hsm => {
+                let tls_public = token.generate_key(TLS_KEY_LABEL).with_context(|| {
+                    format!("cannot create key {TLS_KEY_LABEL} on {token_label}")
+                })?;
+                ca.issue_for(side, LeafKind::Appliance, &tls_public.to_spki_der())
+                    .with_context(|| format!("cannot issue the {side} certificate"))?
+            }
+            TlsKeys::Files => {
+                let leaf = ca
+                    .issue(side, LeafKind::Appliance)
+                    .with_context(|| format!("cannot issue the {side} certificate"))?;
+                write_file(
+                    &dir.join(format!("pki/{side}.key")),
+                    leaf.key_pem.as_bytes(),
+                    0o600,
+                )?;
+                leaf.cert_pem
+            }
+        };
+        write_file(&dir.join(format!("pki/{side}.pem")), cert.as_bytes(), 0o644)?;
         write_secret(&dir.join(format!("secrets/{side}.pin")), &user_pin)?;
         write_secret(&dir.join(format!("secrets/{side}.so-pin")), &so_pin)?;
         // The key behind patient pseudonyms and research de-identification: beside the PINs,
@@ -151,12 +185,12 @@ pub fn create(dir: &Path, base_port: u16, module: &Path) -> anyhow::Result<()> {
     )?;
     write_file(
         &dir.join("edge.toml"),
-        edge_toml(&ports, module).as_bytes(),
+        edge_toml(&ports, module, tls).as_bytes(),
         0o644,
     )?;
     write_file(
         &dir.join("gateway.toml"),
-        gateway_toml(&ports, module).as_bytes(),
+        gateway_toml(&ports, module, tls).as_bytes(),
         0o644,
     )?;
     Ok(())
@@ -185,12 +219,12 @@ fn prepare_empty_dir(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-fn write_pki(dir: &Path) -> anyhow::Result<()> {
+/// The CA, the hospitals' and the rogue certificates; the appliances' are issued with their
+/// tokens.
+fn write_pki(dir: &Path) -> anyhow::Result<Authority> {
     let ca = Authority::new("baylink dev-env CA").context("cannot create the CA")?;
     write_file(&dir.join("pki/ca.pem"), ca.cert_pem().as_bytes(), 0o644)?;
     for (name, kind) in [
-        ("edge", LeafKind::Appliance),
-        ("gateway", LeafKind::Appliance),
         ("hospital-a", LeafKind::Client),
         ("hospital-b", LeafKind::Client),
     ] {
@@ -215,7 +249,19 @@ fn write_pki(dir: &Path) -> anyhow::Result<()> {
         .context("cannot issue the rogue certificate")?;
     write_file(&dir.join("pki/rogue.pem"), rogue.cert_pem.as_bytes(), 0o644)?;
     write_file(&dir.join("pki/rogue.key"), rogue.key_pem.as_bytes(), 0o600)?;
-    Ok(())
+    Ok(ca)
+}
+
+/// `tls.key` of `side`'s config.
+fn tls_key(side: &str, tls: TlsKeys) -> String {
+    match tls {
+        TlsKeys::Hsm => format!(
+            "# The TLS private key is in the token ({}); only the certificate is a file.\n\
+             key = \"pkcs11:object={TLS_KEY_LABEL}\"",
+            format_args!("baylink-{side}")
+        ),
+        TlsKeys::Files => format!("key = \"pki/{side}.key\""),
+    }
 }
 
 fn random_pin() -> anyhow::Result<SecretString> {
@@ -293,7 +339,7 @@ fn hsm_section(side: &str, module: &Path) -> String {
     )
 }
 
-fn edge_toml(p: &Ports, module: &Path) -> String {
+fn edge_toml(p: &Ports, module: &Path, tls: TlsKeys) -> String {
     format!(
         "# baylink edge appliance (Shenzhen side) of a dev-env deployment.\n\
          role = \"edge\"\n\
@@ -304,7 +350,7 @@ fn edge_toml(p: &Ports, module: &Path) -> String {
          [tls]\n\
          ca = \"pki/ca.pem\"\n\
          cert = \"pki/edge.pem\"\n\
-         key = \"pki/edge.key\"\n\n\
+         {key}\n\n\
          [transport]\n\
          connect = \"127.0.0.1:{quic}\"\n\
          server_name = \"localhost\"\n\
@@ -341,6 +387,7 @@ fn edge_toml(p: &Ports, module: &Path) -> String {
          negative_list = [\"genetic-data\"]\n\
          hospitals = [\"hospital-a\", \"hospital-b\"]\n",
         hsm = hsm_section("edge", module),
+        key = tls_key("edge", tls),
         quic = p.gateway_quic,
         ingest = p.edge_ingest,
         dicom = p.edge_dicom,
@@ -348,7 +395,7 @@ fn edge_toml(p: &Ports, module: &Path) -> String {
     )
 }
 
-fn gateway_toml(p: &Ports, module: &Path) -> String {
+fn gateway_toml(p: &Ports, module: &Path, tls: TlsKeys) -> String {
     format!(
         "# baylink gateway appliance (Hong Kong side) of a dev-env deployment.\n\
          role = \"gateway\"\n\
@@ -361,7 +408,7 @@ fn gateway_toml(p: &Ports, module: &Path) -> String {
          [tls]\n\
          ca = \"pki/ca.pem\"\n\
          cert = \"pki/gateway.pem\"\n\
-         key = \"pki/gateway.key\"\n\n\
+         {key}\n\n\
          [transport]\n\
          listen = \"127.0.0.1:{quic}\"\n\n\
          [link]\n\
@@ -381,6 +428,7 @@ fn gateway_toml(p: &Ports, module: &Path) -> String {
          kind = \"dir\"\n\
          path = \"delivered\"\n",
         hsm = hsm_section("gateway", module),
+        key = tls_key("gateway", tls),
         quic = p.gateway_quic,
         metrics = p.gateway_metrics,
     )
@@ -395,7 +443,12 @@ mod tests {
     fn generated_configs_parse() {
         let p = Ports::from_base(DEFAULT_BASE_PORT).unwrap();
         let module = Path::new(SOFTHSM_MODULE);
-        let edge = Config::parse(Path::new("/x/edge.toml"), &edge_toml(&p, module)).unwrap();
+        let edge = Config::parse(
+            Path::new("/x/edge.toml"),
+            &edge_toml(&p, module, TlsKeys::Hsm),
+        )
+        .unwrap();
+        assert_eq!(edge.tls.key.hsm_label(), Some(TLS_KEY_LABEL));
         assert_eq!(edge.role, Role::Edge);
         assert_eq!(
             edge.transport.connect.unwrap().port(),
@@ -429,7 +482,12 @@ mod tests {
             edge.audit.patient_key,
             Path::new("/x/secrets/edge.patient.key")
         );
-        let gw = Config::parse(Path::new("/x/gateway.toml"), &gateway_toml(&p, module)).unwrap();
+        let gw = Config::parse(
+            Path::new("/x/gateway.toml"),
+            &gateway_toml(&p, module, TlsKeys::Files),
+        )
+        .unwrap();
+        assert_eq!(gw.tls.key.file(), Some(Path::new("/x/pki/gateway.key")));
         assert_eq!(gw.role, Role::Gateway);
         assert_eq!(
             gw.audit.patient_key,
@@ -443,7 +501,13 @@ mod tests {
     fn refuses_a_non_empty_directory() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("x"), b"x").unwrap();
-        let e = create(dir.path(), DEFAULT_BASE_PORT, Path::new(SOFTHSM_MODULE)).unwrap_err();
+        let e = create(
+            dir.path(),
+            DEFAULT_BASE_PORT,
+            Path::new(SOFTHSM_MODULE),
+            TlsKeys::Hsm,
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not empty"), "{e}");
         assert!(Ports::from_base(65534).is_err());
     }

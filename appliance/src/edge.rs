@@ -141,6 +141,7 @@ pub enum SendRequest {
 pub struct Edge {
     cfg: Arc<Config>,
     keys: Keys,
+    identity: TlsIdentity,
     spool: Spool,
     endpoint: quinn::Endpoint,
     policy: SharedPolicy,
@@ -177,8 +178,12 @@ impl Edge {
             .map_err(anyhow::Error::from)?
             .map_err(anyhow::Error::from)?;
         let spool = Spool::start(SpoolConfig::default()).map_err(anyhow::Error::from)?;
-        let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)
-            .map_err(anyhow::Error::from)?;
+        let (c, token) = (cfg.clone(), keys.token.clone());
+        let identity =
+            tokio::task::spawn_blocking(move || crate::signing::tls_identity(&c, &token))
+                .await
+                .map_err(anyhow::Error::from)?
+                .map_err(hsm_failure)?;
         let ca = transport::load_ca(&cfg.tls.ca).map_err(anyhow::Error::from)?;
         let connect = cfg
             .transport
@@ -194,6 +199,7 @@ impl Edge {
         Ok(Edge {
             cfg,
             keys,
+            identity,
             spool,
             endpoint,
             policy,
@@ -240,6 +246,11 @@ impl Edge {
     /// The HSM keys (the hospital API seals with them).
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// This appliance's TLS identity (`tls.cert` and `tls.key`), for the hospital API too.
+    pub fn tls_identity(&self) -> &TlsIdentity {
+        &self.identity
     }
 
     /// The configuration the edge runs with.

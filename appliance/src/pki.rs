@@ -76,6 +76,31 @@ impl Authority {
     /// Issues a leaf whose subject common name is `common_name`.
     pub fn issue(&self, common_name: &str, kind: LeafKind) -> Result<Leaf, rcgen::Error> {
         let key = KeyPair::generate()?;
+        let cert_pem = self.certify(common_name, kind, &key)?;
+        Ok(Leaf {
+            cert_pem,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate (PEM) for a key held elsewhere (an HSM), given its DER
+    /// SubjectPublicKeyInfo.
+    pub fn issue_for(
+        &self,
+        common_name: &str,
+        kind: LeafKind,
+        spki_der: &[u8],
+    ) -> Result<String, rcgen::Error> {
+        let public = rcgen::SubjectPublicKeyInfo::from_der(spki_der)?;
+        self.certify(common_name, kind, &public)
+    }
+
+    fn certify(
+        &self,
+        common_name: &str,
+        kind: LeafKind,
+        key: &impl rcgen::PublicKeyData,
+    ) -> Result<String, rcgen::Error> {
         let names = match kind {
             LeafKind::Appliance => vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
             LeafKind::Client => Vec::new(),
@@ -95,11 +120,8 @@ impl Authority {
         };
         params.use_authority_key_identifier_extension = true;
         validity(&mut params);
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        let cert = params.signed_by(key, &self.issuer)?;
+        Ok(cert.pem())
     }
 }
 
@@ -114,5 +136,25 @@ mod tests {
         assert!(ca.cert_pem().starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(leaf.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(leaf.key_pem.contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_certificate_for_a_key_held_elsewhere_carries_that_key() {
+        use rcgen::PublicKeyData as _;
+        let ca = Authority::new("test CA").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let spki = key.subject_public_key_info();
+        let pem = ca.issue_for("edge", LeafKind::Appliance, &spki).unwrap();
+        use rustls_pki_types::pem::PemObject as _;
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        // The identity check compares the certificate's public key with the key's.
+        let private = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        baylink_net::transport::TlsIdentity::from_private_key_der(vec![der.clone()], private)
+            .unwrap();
+        let other = KeyPair::generate().unwrap();
+        let other = rustls_pki_types::PrivateKeyDer::Pkcs8(other.serialize_der().into());
+        assert!(
+            baylink_net::transport::TlsIdentity::from_private_key_der(vec![der], other).is_err()
+        );
     }
 }

@@ -5,6 +5,8 @@
 //! whose copy would let someone sign in the HSM's name, impersonate the appliance, or link
 //! pseudonymised audit records back to patients. A file that does not exist is left to the
 //! code that reads it (which names it; a missing patient key is created with mode 0600).
+//! A `tls.key` naming a key on the HSM (`pkcs11:object=...`) is no file and has no mode: the
+//! private key never leaves the token, and the token's PIN file is checked.
 //!
 //! What this module does not do: read the secrets, or change a mode itself (the operator
 //! decides who may read a file; baylink only refuses to rely on an exposed one).
@@ -48,11 +50,11 @@ pub enum SecretFileError {
 
 /// The secret files a config names, with the key naming each.
 pub fn secret_files(cfg: &Config) -> Vec<(&'static str, &Path)> {
-    let mut files = vec![
-        ("hsm.pin_file", cfg.hsm.pin_file.as_path()),
-        ("tls.key", cfg.tls.key.as_path()),
-        ("audit.patient_key", cfg.audit.patient_key.as_path()),
-    ];
+    let mut files = vec![("hsm.pin_file", cfg.hsm.pin_file.as_path())];
+    if let Some(key) = cfg.tls.key.file() {
+        files.push(("tls.key", key));
+    }
+    files.push(("audit.patient_key", cfg.audit.patient_key.as_path()));
     if let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = &cfg.delivery
         && let Some((_, key)) = &tls.identity
     {
@@ -163,6 +165,11 @@ mod tests {
                 ("delivery.key", PathBuf::from("/etc/b/client.key")),
             ]
         );
+        // A TLS key held in the HSM is no file: nothing to check for it.
+        let hsm = text.replace("key = \"me.key\"", "key = \"pkcs11:object=tls\"");
+        let cfg = Config::parse(Path::new("/etc/b/g.toml"), &hsm).unwrap();
+        let keys: Vec<_> = secret_files(&cfg).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["hsm.pin_file", "audit.patient_key", "delivery.key"]);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use baylink_net::proto::ReceiverConfig;
 use baylink_net::spool::{Spool, SpoolConfig};
-use baylink_net::transport::{self, TlsIdentity};
+use baylink_net::transport;
 use tracing::{error, info, warn};
 
 use crate::audit;
@@ -118,7 +118,11 @@ async fn serve_gateway(
         cfg.delivery_retry,
     ));
 
-    let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, &cfg.tls.key)?;
+    let token = keys.token.clone();
+    let identity = {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || crate::signing::tls_identity(&cfg, &token)).await??
+    };
     let ca = transport::load_ca(&cfg.tls.ca)?;
     let listen = cfg
         .transport
@@ -267,8 +271,14 @@ async fn serve_edge(
         tokio::spawn(scp.serve(drain.clone(), associations.clone()));
     }
     if cfg.ingest.listen.is_some() {
-        let (bound, server) =
-            ingest::http::bind(&cfg, store.clone(), drain.clone(), connections.clone()).await?;
+        let (bound, server) = ingest::http::bind(
+            &cfg,
+            store.clone(),
+            edge.tls_identity(),
+            drain.clone(),
+            connections.clone(),
+        )
+        .await?;
         tokio::spawn(server);
         info!(listen = %bound, "hospital API listening");
     }

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use baylink_hsm::{HsmConfig, PublicKey, Signer, Token};
+use baylink_hsm::{HsmConfig, PublicKey, Signer, TlsKey, Token};
+use baylink_net::transport::TlsIdentity;
 
-use crate::config::Config;
+use crate::config::{Config, TlsKeySource};
 
 /// Context of a manifest signature (edge HSM).
 pub const MANIFEST_CONTEXT: &[u8] = b"baylink/1 manifest\n";
@@ -49,6 +50,11 @@ pub fn hsm_config(cfg: &Config) -> anyhow::Result<HsmConfig> {
 /// Refuses a signing key that can leave the HSM (`CKA_EXTRACTABLE` true or `CKA_SENSITIVE`
 /// false), unless the config accepts it with `hsm.allow_extractable = true`.
 fn check_protection(cfg: &Config, signer: &Signer) -> anyhow::Result<()> {
+    check_key_protection(cfg, signer, "hsm.key_label")
+}
+
+/// [`check_protection`] for the key behind config key `what` (`hsm.key_label`, `tls.key`).
+fn check_key_protection(cfg: &Config, signer: &Signer, what: &str) -> anyhow::Result<()> {
     let p = signer.protection();
     let mut exposed = Vec::new();
     if p.extractable {
@@ -60,8 +66,8 @@ fn check_protection(cfg: &Config, signer: &Signer) -> anyhow::Result<()> {
     if exposed.is_empty() || cfg.hsm.allow_extractable {
         return Ok(());
     }
-    Err(baylink_hsm::HsmError::UnsupportedKey {
-        label: cfg.hsm.key_label.clone(),
+    Err(anyhow::Error::from(baylink_hsm::HsmError::UnsupportedKey {
+        label: signer.key_label().to_owned(),
         reason: format!(
             "its private key on token {} is {}, so it can leave the HSM; generate one that \
              cannot (`baylink hsm keygen`) or, to accept this key, set \
@@ -69,8 +75,30 @@ fn check_protection(cfg: &Config, signer: &Signer) -> anyhow::Result<()> {
             cfg.hsm.token_label,
             exposed.join(" and ")
         ),
+    })
+    .context(what.to_owned()))
+}
+
+/// This appliance's TLS identity: `tls.cert` with the key `tls.key` names, a PEM file or a key
+/// pair on `token` (the `[hsm]` token). Fails closed when the key is not the certificate's
+/// (the error names both and their public key fingerprints), when the token has no such key,
+/// or when the token-held key can leave the token and `hsm.allow_extractable` is false.
+pub fn tls_identity(cfg: &Config, token: &Token) -> anyhow::Result<TlsIdentity> {
+    match &cfg.tls.key {
+        TlsKeySource::File(path) => {
+            TlsIdentity::from_pem_files(&cfg.tls.cert, path).context("tls.cert/tls.key refused")
+        }
+        TlsKeySource::Hsm { label } => {
+            let key =
+                TlsKey::open(token, label).with_context(|| format!("tls.key {}", cfg.tls.key))?;
+            check_key_protection(cfg, key.signer(), "tls.key")?;
+            let name = format!("{} on token \"{}\"", cfg.tls.key, token.label());
+            let identity = TlsIdentity::with_key(&cfg.tls.cert, Arc::new(key), &name)
+                .context("tls.cert/tls.key refused")?;
+            tracing::info!(key = %cfg.tls.key, token = %token.label(), "TLS private key held in the HSM");
+            Ok(identity)
+        }
     }
-    .into())
 }
 
 /// Reads a PEM public key from a file.

@@ -79,6 +79,8 @@ impl Deployment {
             .arg("dev-env")
             .arg(dir)
             .args(["--base-port", &base_port.to_string()])
+            // The raw-quinn contestant reads the appliances' TLS keys from PEM files.
+            .arg("--tls-key-files")
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .kill_on_drop(true)

@@ -104,6 +104,14 @@ impl ApplianceConfig {
             Some("bbr") => Congestion::Bbr,
             Some(other) => bail!("link.congestion `{other}` is not cubic or bbr"),
         };
+        if raw.tls.key.starts_with("pkcs11:") {
+            bail!(
+                "{}: tls.key is held in the HSM ({}); the raw-quinn contestant needs PEM TLS \
+                 keys: make the dev-env with `baylink dev-env --tls-key-files`",
+                path.display(),
+                raw.tls.key.display()
+            );
+        }
         let delivery_dir = match raw.delivery {
             Some(RawDelivery {
                 kind,

@@ -1,5 +1,8 @@
 //! `baylink-bench`: end-to-end benchmark harness for baylink.
 //!
+//! `baylink-bench handshake` measures QUIC handshakes per second and CPU per handshake with
+//! PEM and HSM-held TLS keys (see [`handshake`]).
+//!
 //! `baylink-bench e2e` measures baylink (disk → disk, with policy, sealing, HSM signatures,
 //! receipt verification and fsync) against raw quinn with the same transport set-up (memory →
 //! memory, the ceiling) on one loopback deployment, and writes the figures as JSON and as a
@@ -16,6 +19,7 @@
 mod baylink_run;
 mod e2e;
 mod env_config;
+mod handshake;
 mod impair;
 mod ingest;
 mod payload;
@@ -92,6 +96,9 @@ enum Command {
     /// Upload files over the hospital HTTPS API with concurrent clients; throughput, latency,
     /// edge memory, and the ratio against `baylink send` of one large file.
     Ingest(ingest::IngestArgs),
+    /// QUIC + mutual-TLS handshakes per second and CPU per handshake on loopback, with PEM
+    /// TLS keys and with TLS keys held in a SoftHSM token (same run).
+    Handshake(handshake::HandshakeArgs),
     /// (internal) The receiving process of the quinn contestant.
     #[command(hide = true)]
     QuinnSink(quinn_pair::SinkArgs),
@@ -106,6 +113,7 @@ fn main() -> ExitCode {
         Command::E2e(args) => run_e2e(args),
         Command::Impair(args) => impair::main(&args),
         Command::Ingest(args) => run_ingest(args),
+        Command::Handshake(args) => handshake::main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
     };

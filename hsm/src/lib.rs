@@ -4,7 +4,8 @@
 //! small pool of sessions for concurrent signing, recovers from token resets, signs with
 //! EC P-256 (`CKM_ECDSA` over a software SHA-256) and verifies with aws-lc-rs. It also
 //! generates keys (non-extractable, sensitive), provisions tokens for dev-env, and describes
-//! the token for `baylink hsm info`.
+//! the token for `baylink hsm info`. [`TlsKey`] makes a token-held key a rustls signing key,
+//! so the appliance's TLS private key never leaves the token either.
 //!
 //! What it deliberately does not: hold or accept a software private key (there is no
 //! fallback: no token, no signature), read configuration files (the appliance passes
@@ -31,6 +32,7 @@ mod pool;
 pub mod provision;
 mod public_key;
 mod signer;
+mod tls;
 mod token;
 
 #[cfg(any(test, feature = "testing"))]
@@ -42,4 +44,5 @@ pub use objects::KeyProtection;
 pub use public_key::{PublicKey, SEC1_POINT_LEN, SIGNATURE_LEN, SPKI_LEN, Signature};
 pub use secrecy::SecretString;
 pub use signer::Signer;
+pub use tls::{TlsKey, raw_to_der};
 pub use token::{HsmInfo, KeyDetails, LibraryInfo, MechanismSupport, Token, TokenDetails};

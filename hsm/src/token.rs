@@ -67,6 +67,12 @@ impl Token {
         Signer::new(self.clone(), &self.inner.key_label)
     }
 
+    /// A signer for another key pair on this token, labelled `label` (e.g. the TLS key); the
+    /// same checks as [`Token::signer`].
+    pub fn signer_for(&self, label: &str) -> Result<Signer, HsmError> {
+        Signer::new(self.clone(), label)
+    }
+
     /// The token label.
     pub fn label(&self) -> &str {
         self.inner.pool.token_label()

@@ -26,6 +26,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::UnixTime;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
+use rustls::sign::{CertifiedKey, SigningKey, SingleCertAndKey};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -159,12 +160,18 @@ impl LinkTuning {
     }
 }
 
-/// A certificate chain (leaf first) and its private key.
+/// A certificate chain (leaf first) and the key that signs for its leaf: a PEM private key
+/// loaded into memory ([`TlsIdentity::from_pem_files`]) or any other
+/// [`SigningKey`], such as a key held in an HSM ([`TlsIdentity::with_key`]).
+///
+/// Every constructor checks that the leaf certificate's public key is the key's public key,
+/// and refuses the pair otherwise ([`TransportError::KeyMismatch`]).
+#[derive(Clone)]
 pub struct TlsIdentity {
     /// Certificate chain, leaf first.
     pub cert_chain: Vec<CertificateDer<'static>>,
-    /// Private key of the leaf certificate.
-    pub key: PrivateKeyDer<'static>,
+    /// Signs the handshake for the leaf certificate.
+    pub key: Arc<dyn SigningKey>,
 }
 
 impl std::fmt::Debug for TlsIdentity {
@@ -176,26 +183,96 @@ impl std::fmt::Debug for TlsIdentity {
     }
 }
 
-impl Clone for TlsIdentity {
-    fn clone(&self) -> Self {
-        TlsIdentity {
-            cert_chain: self.cert_chain.clone(),
-            key: self.key.clone_key(),
-        }
-    }
-}
-
 impl TlsIdentity {
     /// Loads a PEM certificate chain (leaf first) and a PEM private key (PKCS#8, PKCS#1 or
-    /// SEC1).
+    /// SEC1); refuses a key that is not the certificate's.
     pub fn from_pem_files(cert: &Path, key: &Path) -> Result<TlsIdentity, TransportError> {
-        let cert_chain = read_certificates(cert)?;
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TransportError::Pem {
+        let der = PrivateKeyDer::from_pem_file(key).map_err(|source| TransportError::Pem {
             path: key.to_path_buf(),
             source,
         })?;
+        let signing = provider()
+            .key_provider
+            .load_private_key(der)
+            .map_err(|source| TransportError::BadKey {
+                path: key.to_path_buf(),
+                source,
+            })?;
+        Self::with_key(cert, signing, &key.display().to_string())
+    }
+
+    /// Loads a PEM certificate chain (leaf first) for `key`, which `key_name` names in errors
+    /// (a path, an HSM key label); refuses a key that is not the certificate's.
+    pub fn with_key(
+        cert: &Path,
+        key: Arc<dyn SigningKey>,
+        key_name: &str,
+    ) -> Result<TlsIdentity, TransportError> {
+        let cert_chain = read_certificates(cert)?;
+        Self::from_parts(cert_chain, &cert.display().to_string(), key, key_name)
+    }
+
+    /// A chain and its key already in memory; `cert_name` and `key_name` name them in errors.
+    pub fn from_parts(
+        cert_chain: Vec<CertificateDer<'static>>,
+        cert_name: &str,
+        key: Arc<dyn SigningKey>,
+        key_name: &str,
+    ) -> Result<TlsIdentity, TransportError> {
+        let leaf = cert_chain
+            .first()
+            .ok_or_else(|| TransportError::NoCertificate {
+                path: PathBuf::from(cert_name),
+            })?;
+        let cert_spki = leaf_spki(leaf).ok_or_else(|| TransportError::BadCertificate {
+            cert: cert_name.to_owned(),
+        })?;
+        let key_spki = key.public_key().map(|k| k.as_ref().to_vec());
+        if key_spki.as_deref() != Some(&cert_spki[..]) {
+            return Err(TransportError::KeyMismatch {
+                cert: cert_name.to_owned(),
+                cert_spki: spki_fingerprint(&cert_spki),
+                key: key_name.to_owned(),
+                key_spki: key_spki
+                    .as_deref()
+                    .map_or_else(|| "unknown".to_owned(), spki_fingerprint),
+            });
+        }
         Ok(TlsIdentity { cert_chain, key })
     }
+
+    /// A chain and a software private key already in memory (DER); refuses a key that is not
+    /// the leaf's.
+    pub fn from_private_key_der(
+        cert_chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<TlsIdentity, TransportError> {
+        let signing = provider().key_provider.load_private_key(key)?;
+        Self::from_parts(cert_chain, "(in memory)", signing, "(in memory)")
+    }
+
+    /// The chain and key as rustls serves them, for either side of a handshake.
+    pub fn resolver(&self) -> Arc<SingleCertAndKey> {
+        Arc::new(SingleCertAndKey::from(CertifiedKey::new(
+            self.cert_chain.clone(),
+            self.key.clone(),
+        )))
+    }
+}
+
+/// DER SubjectPublicKeyInfo of a certificate.
+fn leaf_spki(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.public_key().raw.to_vec())
+}
+
+/// Lower-case hex SHA-256 of a DER SubjectPublicKeyInfo (`openssl pkey -pubin -outform DER |
+/// sha256sum`).
+pub fn spki_fingerprint(spki_der: &[u8]) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        spki_der,
+    ))
 }
 
 /// Loads the CA certificate(s) both ends trust from a PEM file.
@@ -244,7 +321,37 @@ pub enum TransportError {
     /// A CA certificate was refused by the trust store.
     #[error("CA certificate refused")]
     BadCa(#[source] rustls::Error),
-    /// rustls refused the configuration (e.g. the key does not match the certificate).
+    /// A PEM private key rustls cannot use.
+    #[error("unusable private key in {}", .path.display())]
+    BadKey {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The leaf certificate cannot be parsed.
+    #[error("cannot read the public key of the certificate in {cert}")]
+    BadCertificate {
+        /// Where the certificate came from.
+        cert: String,
+    },
+    /// The private key is not the certificate's.
+    #[error(
+        "the TLS key {key} (public key SPKI sha256 {key_spki}) is not the key of the \
+         certificate in {cert} (SPKI sha256 {cert_spki})"
+    )]
+    KeyMismatch {
+        /// Where the certificate came from.
+        cert: String,
+        /// Its public key's fingerprint.
+        cert_spki: String,
+        /// The key (a path or an HSM key).
+        key: String,
+        /// The key's public key's fingerprint (`unknown` when the key does not say).
+        key_spki: String,
+    },
+    /// rustls refused the configuration.
     #[error("TLS configuration refused")]
     Tls(#[from] rustls::Error),
     /// The client-certificate verifier could not be built.
@@ -398,7 +505,7 @@ pub fn server_tls_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+        .with_cert_resolver(identity.resolver());
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
 }
@@ -412,7 +519,7 @@ pub fn client_tls_config(
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(root_store(ca)?)
-        .with_client_auth_cert(identity.cert_chain.clone(), identity.key.clone_key())?;
+        .with_client_cert_resolver(identity.resolver());
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
 }
@@ -633,7 +740,7 @@ mod tests {
     use super::*;
     use rcgen::{
         BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
+        KeyPair, KeyUsagePurpose, PublicKeyData as _,
     };
     use rustls::NamedGroup;
     use rustls_pki_types::{PrivatePkcs8KeyDer, ServerName};
@@ -685,10 +792,11 @@ mod tests {
                 ExtendedKeyUsagePurpose::ClientAuth
             }];
             let cert = params.signed_by(&key, &self.issuer).unwrap();
-            TlsIdentity {
-                cert_chain: vec![cert.der().clone()],
-                key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            }
+            TlsIdentity::from_private_key_der(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap()
         }
     }
 
@@ -938,7 +1046,10 @@ mod tests {
         assert_eq!(load_ca(&ca_path).unwrap(), vec![ca_cert.der().clone()]);
         let identity = TlsIdentity::from_pem_files(&cert_path, &key_path).unwrap();
         assert_eq!(identity.cert_chain, vec![cert.der().clone()]);
-        assert_eq!(identity.key.secret_der(), key.serialize_der());
+        assert_eq!(
+            identity.key.public_key().unwrap().as_ref(),
+            key.subject_public_key_info()
+        );
         assert_eq!(
             common_name(&identity.cert_chain[0]).as_deref(),
             Some("edge-pem")
@@ -950,6 +1061,23 @@ mod tests {
         assert!(err.to_string().contains("missing.pem"), "{err}");
         let err = load_ca(&key_path).unwrap_err();
         assert!(matches!(err, TransportError::NoCertificate { .. }), "{err}");
+
+        // Another key for the same certificate is refused, naming both files and both keys.
+        let other = KeyPair::generate().unwrap();
+        let other_path = dir.path().join("other.key");
+        std::fs::write(&other_path, other.serialize_pem()).unwrap();
+        let err = TlsIdentity::from_pem_files(&cert_path, &other_path).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, TransportError::KeyMismatch { .. }), "{err:?}");
+        assert!(
+            text.contains("client.pem") && text.contains("other.key"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&spki_fingerprint(&key.subject_public_key_info()))
+                && text.contains(&spki_fingerprint(&other.subject_public_key_info())),
+            "{text}"
+        );
     }
 
     #[tokio::test]

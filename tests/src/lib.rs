@@ -64,16 +64,31 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Runs `baylink dev-env` into a fresh temporary directory.
+    /// Runs `baylink dev-env` into a fresh temporary directory: the appliances' TLS keys are
+    /// in their tokens (`tls.key = "pkcs11:object=baylink-tls"`).
     pub fn new() -> anyhow::Result<Deployment> {
+        Self::create(false)
+    }
+
+    /// [`Deployment::new`] with the appliances' TLS keys as PEM files (`pki/edge.key`,
+    /// `pki/gateway.key`; `dev-env --tls-key-files`).
+    pub fn with_tls_key_files() -> anyhow::Result<Deployment> {
+        Self::create(true)
+    }
+
+    fn create(tls_key_files: bool) -> anyhow::Result<Deployment> {
         let dir = tempfile::Builder::new().prefix("baylink-test-").tempdir()?;
         let base_port = free_base_port();
-        let out = Command::new(baylink_bin())
+        let mut command = Command::new(baylink_bin());
+        command
             .arg("dev-env")
             .arg(dir.path())
             .arg("--base-port")
-            .arg(base_port.to_string())
-            .output()?;
+            .arg(base_port.to_string());
+        if tls_key_files {
+            command.arg("--tls-key-files");
+        }
+        let out = command.output()?;
         if !out.status.success() {
             bail!(
                 "dev-env failed: {}",

@@ -361,9 +361,7 @@ fn client_config(tls: &DeliveryTls) -> anyhow::Result<Arc<rustls::ClientConfig>>
         None => builder.with_no_client_auth(),
         Some((cert, key)) => {
             let id = TlsIdentity::from_pem_files(cert, key).context("delivery.cert/key")?;
-            builder
-                .with_client_auth_cert(id.cert_chain, id.key)
-                .context("delivery.cert/delivery.key refused")?
+            builder.with_client_cert_resolver(id.resolver())
         }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];

@@ -165,15 +165,14 @@ impl From<IngestError> for ApiError {
 /// The rustls configuration of the hospital listener: the client certificate is required
 /// and verified against `tls.ca`; TLS 1.3 and 1.2; aws-lc-rs with X25519MLKEM768 preferred;
 /// ALPN `http/1.1`.
-pub fn tls_config(cfg: &Config) -> anyhow::Result<rustls::ServerConfig> {
-    tls_config_from(&cfg.tls.ca, &cfg.tls.cert, &cfg.tls.key)
+pub fn tls_config(cfg: &Config, identity: &TlsIdentity) -> anyhow::Result<rustls::ServerConfig> {
+    tls_config_from(&cfg.tls.ca, identity)
 }
 
-/// [`tls_config`] from the PEM files themselves.
+/// [`tls_config`] from the CA file and the identity (certificate and key, PEM or HSM-held).
 pub fn tls_config_from(
     ca: &std::path::Path,
-    cert: &std::path::Path,
-    key: &std::path::Path,
+    identity: &TlsIdentity,
 ) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let roots = root_store(&load_ca(ca)?)
@@ -181,12 +180,10 @@ pub fn tls_config_from(
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .context("cannot build the client certificate verifier")?;
-    let identity = TlsIdentity::from_pem_files(cert, key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.cert_chain, identity.key)
-        .context("tls.cert/tls.key refused")?;
+        .with_cert_resolver(identity.resolver());
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -227,11 +224,12 @@ pub fn router(
 pub async fn bind(
     cfg: &Config,
     store: IngestStore,
+    identity: &TlsIdentity,
     drain: Drain,
     active: Activity,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = ()> + use<>)> {
     let listen = cfg.ingest.listen.context("ingest.listen is not set")?;
-    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(cfg)?));
+    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(cfg, identity)?));
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (ingest.listen)"))?;
@@ -826,7 +824,8 @@ mod tests {
         let ca_path = w("ca.pem", ca.cert_pem());
         let cert = w("edge.pem", &server.cert_pem);
         let key = w("edge.key", &server.key_pem);
-        let config = tls_config_from(&ca_path, &cert, &key).unwrap();
+        let config =
+            tls_config_from(&ca_path, &TlsIdentity::from_pem_files(&cert, &key).unwrap()).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         for c in load_ca(&ca_path).unwrap() {
             roots.add(c).unwrap();
@@ -843,9 +842,7 @@ mod tests {
                 &w("h.key", &client.key_pem),
             )
             .unwrap();
-            builder
-                .with_client_auth_cert(id.cert_chain, id.key)
-                .unwrap()
+            builder.with_client_cert_resolver(id.resolver())
         } else {
             builder.with_no_client_auth()
         };

@@ -67,7 +67,7 @@ fn check_config_passes_a_dev_env_and_warns_of_a_certificate_expiring_within_warn
 
 #[test]
 fn check_config_names_every_problem_at_once_and_serve_refuses_them() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     // In the file: an unknown key, a wrong type, two bad values.
     d.set("edge.toml", "tls", "colour", "\"blue\"").unwrap();
     d.set("edge.toml", "transport", "max_in_flight", "\"eight\"")

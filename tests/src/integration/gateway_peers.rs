@@ -78,7 +78,7 @@ fn hospital_certificate_is_refused_in_the_gateway_handshake() {
 
 #[test]
 fn heavy_chunk_for_another_connections_transfer_is_refused_and_the_transfer_completes() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     // One chunk in flight keeps the transfer going long enough to be caught in the middle.
     d.set("edge.toml", "transport", "max_in_flight", "1")
         .unwrap();

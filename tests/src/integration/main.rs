@@ -32,5 +32,6 @@ mod retention;
 mod secrets;
 mod slots;
 mod stow_limits;
+mod tls_hsm;
 mod transfer;
 mod watchdog;

@@ -244,7 +244,7 @@ struct HttpsStore {
 
 fn https_store(ca: &str) -> HttpsStore {
     let orthanc = Orthanc::start().unwrap();
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     let proxy = tls_store(&d, &orthanc);
     let url = format!("https://127.0.0.1:{}/dicom-web", proxy.port);
     let ca = format!("\"{ca}\"");

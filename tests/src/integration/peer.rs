@@ -134,7 +134,7 @@ fn offer(manifest: Vec<u8>) -> Frame {
 
 #[test]
 fn frame_longer_than_its_limit_ends_the_transfer() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     let gw = gateway(&d);
     runtime().block_on(async {
         let mut p = Peer::connect(&d).await;
@@ -153,7 +153,7 @@ fn frame_longer_than_its_limit_ends_the_transfer() {
 
 #[test]
 fn unknown_frame_type_ends_the_transfer() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     let gw = gateway(&d);
     runtime().block_on(async {
         let mut p = Peer::connect(&d).await;
@@ -168,7 +168,7 @@ fn unknown_frame_type_ends_the_transfer() {
 
 #[test]
 fn bad_file_names_from_the_peer_are_refused() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     let gw = gateway(&d);
     runtime().block_on(async {
         // Same length as the planted name, so only the name changes in the canonical bytes.
@@ -198,7 +198,7 @@ fn bad_file_names_from_the_peer_are_refused() {
 
 #[test]
 fn manifests_over_the_configured_limits_are_refused() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     d.set("gateway.toml", "limits", "max_files", "3").unwrap();
     d.set("gateway.toml", "limits", "max_chunks", "3").unwrap();
     let gw = gateway(&d);
@@ -237,7 +237,7 @@ fn sign_as_edge(d: &Deployment, manifest: &[u8]) -> Vec<u8> {
 
 #[test]
 fn chunks_that_never_match_their_digest_fail_the_transfer() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     let data = vec![42u8; 6000];
     let (manifest, bytes) = manifest_bytes(&[("scan.dcm", &data)]);
     let signature = sign_as_edge(&d, &bytes);
@@ -313,7 +313,7 @@ fn chunks_that_never_match_their_digest_fail_the_transfer() {
 
 #[test]
 fn a_signature_over_another_manifest_is_refused() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     // The edge's HSM signs one manifest; the peer then offers a different one (one file's
     // bytes changed, so its chunk digest and Merkle root differ) under that signature.
     let (signed, signed_bytes) = manifest_bytes(&[("scan.dcm", &[1u8; 5000])]);

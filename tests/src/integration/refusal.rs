@@ -136,13 +136,10 @@ fn rogue_client_certificate_never_gets_a_connection() {
     let d = Deployment::new().unwrap();
     d.set("edge.toml", "transport", "retry_for", "\"1s\"")
         .unwrap();
-    let text = std::fs::read_to_string(d.edge_config()).unwrap();
-    std::fs::write(
-        d.edge_config(),
-        text.replace("pki/edge.pem", "pki/rogue.pem")
-            .replace("pki/edge.key", "pki/rogue.key"),
-    )
-    .unwrap();
+    d.set("edge.toml", "tls", "cert", "\"pki/rogue.pem\"")
+        .unwrap();
+    d.set("edge.toml", "tls", "key", "\"pki/rogue.key\"")
+        .unwrap();
     let gw = d.serve(&d.gateway_config()).unwrap();
     let out = d.send(&[&small_file(&d)]).unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));

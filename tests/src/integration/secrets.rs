@@ -38,7 +38,7 @@ fn serve_refused(d: &Deployment, config: &Path) -> String {
 
 #[test]
 fn serve_and_send_refuse_secret_files_readable_by_group_or_others() {
-    let d = Deployment::new().unwrap();
+    let d = Deployment::with_tls_key_files().unwrap();
     let edge_pin = d.path("secrets/edge.pin");
     let edge_key = d.path("pki/edge.key");
     let patient_key = d.path("secrets/edge.patient.key");
