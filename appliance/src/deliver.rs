@@ -277,6 +277,8 @@ fn deliver_one(
     audit: &crate::audit::Log,
 ) -> anyhow::Result<String> {
     let manifest = dir.manifest()?;
+    // Committed by a version that stored payload under the hospital's names.
+    dir.adopt_legacy_names(manifest.files.iter().map(|f| f.name.as_str()))?;
     let location = target.deliver(dir, &manifest)?;
     // audit: `delivered` is durable before the transfer is marked delivered; if it cannot be
     // recorded the delivery is retried (delivery is idempotent by transfer id).

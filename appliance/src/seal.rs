@@ -275,6 +275,9 @@ pub async fn load_sealed(
         .with_context(|| format!("cannot read {}", dir.manifest_sig().display()))?;
     let manifest = Manifest::from_bytes(&bytes, &Limits::default())
         .with_context(|| format!("{} is not a valid manifest", dir.manifest_bin().display()))?;
+    // A transfer sealed by a version that stored payload under the hospital's names.
+    dir.adopt_legacy_names(manifest.files.iter().map(|f| f.name.as_str()))
+        .context("cannot adopt the payload of an older spool layout")?;
     open_outgoing(
         spool,
         dir,

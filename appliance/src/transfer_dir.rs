@@ -7,8 +7,8 @@
 //!                               durable (then renamed to manifest.bin; see `seal`)
 //! spool/<id>/manifest.sig       the edge's signature over it
 //! spool/<id>/manifest.json      the same manifest for people
-//! spool/<id>/data/<name>        edge: sealed payload; gateway: committed payload
-//! spool/<id>/data/<name>.part   gateway: payload being received
+//! spool/<id>/data/<key>         edge: sealed payload; gateway: committed payload
+//! spool/<id>/data/<key>.part    gateway: payload being received
 //! spool/<id>/state              gateway: chunks that are verified and durable (versioned)
 //! spool/<id>/receipt.bin|.sig   gateway: the commit; edge: the verified receipt
 //! spool/<id>/delivered          gateway: delivery finished
@@ -18,6 +18,13 @@
 //! spool/<id>/owner              edge: the hospital that declared it through the API
 //! spool/<id>/expired            edge: an upload closed by `ingest.open_timeout` (the reason)
 //! ```
+//!
+//! `<key>` is [`payload_key`] of the file's name: 64 hex digits the appliance chooses (the
+//! SHA-256 of the name), never the hospital's name itself, so every name the protocol
+//! accepts (up to 255 bytes, any UTF-8) is storable, `.part` included, on any file system
+//! with the usual 255-byte name limit. The hospital's name stays in the signed manifest (and
+//! is what delivery writes). A spool written by a version that stored payload under the
+//! hospital's name is adopted on first use ([`TransferDir::adopt_legacy_names`]).
 //!
 //! Small records are written atomically (temporary file, fsync, rename, directory fsync), so a
 //! crash leaves either the old record or the new one.
@@ -96,13 +103,69 @@ impl TransferDir {
     pub fn data_dir(&self) -> PathBuf {
         self.root.join("data")
     }
-    /// `data/<name>`. The name must have passed `validate_file_name`.
+    /// `data/<key>`: where the payload of the manifest's file `name` is stored
+    /// ([`payload_key`]).
     pub fn data_file(&self, name: &str) -> PathBuf {
-        self.data_dir().join(name)
+        self.data_dir().join(payload_key(name))
     }
-    /// `data/<name>.part`.
+    /// `data/<key>.part`: the gateway's payload of file `name` while it is received.
     pub fn part_file(&self, name: &str) -> PathBuf {
-        self.data_dir().join(format!("{name}.part"))
+        self.data_dir().join(format!("{}.part", payload_key(name)))
+    }
+
+    /// Adopts payload stored by an older version under the hospital's own names
+    /// (`data/<name>`, `data/<name>.part`): each is renamed to its key ([`Self::data_file`],
+    /// [`Self::part_file`]) unless the keyed file already exists, and the directory is
+    /// fsynced. Idempotent, and safe to interrupt (each rename is atomic; a rerun finishes
+    /// the rest). Returns how many files were renamed. A transfer in flight during an upgrade
+    /// therefore resumes where it stopped, on either side.
+    pub fn adopt_legacy_names<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> io::Result<usize> {
+        let data = self.data_dir();
+        if !data.is_dir() {
+            return Ok(0);
+        }
+        let mut renamed = 0;
+        for name in names {
+            let pairs = [
+                (data.join(name), self.data_file(name)),
+                (data.join(format!("{name}.part")), self.part_file(name)),
+            ];
+            for (legacy, keyed) in pairs {
+                // `symlink_metadata`: a name the old version could not store (over NAME_MAX)
+                // simply is not there.
+                if legacy == keyed || fs::symlink_metadata(&legacy).is_err() || keyed.exists() {
+                    continue;
+                }
+                fs::rename(&legacy, &keyed).map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot adopt {} as {}: {e}",
+                            legacy.display(),
+                            keyed.display()
+                        ),
+                    )
+                })?;
+                renamed += 1;
+            }
+        }
+        if renamed > 0 {
+            sync_dir(&data)?;
+        }
+        Ok(renamed)
+    }
+
+    /// [`Self::adopt_legacy_names`] for the files of this transfer's manifest (none without a
+    /// `manifest.bin`).
+    pub fn adopt_legacy_layout(&self) -> anyhow::Result<usize> {
+        if !self.manifest_bin().exists() || !self.data_dir().is_dir() {
+            return Ok(0);
+        }
+        let manifest = self.manifest()?;
+        Ok(self.adopt_legacy_names(manifest.files.iter().map(|f| f.name.as_str()))?)
     }
     /// `state`.
     pub fn state(&self) -> PathBuf {
@@ -234,6 +297,15 @@ impl TransferDir {
     }
 }
 
+/// The name under which the payload of the manifest's file `name` is stored in `data/`: the
+/// SHA-256 of the name, 64 lowercase hex digits. Chosen by the appliance, so its length is
+/// fixed whatever the hospital named the file (a 255-byte name plus `.part` would be over
+/// the file system's limit), and it can never be a path, a dot file or a `.part` of another.
+pub fn payload_key(name: &str) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, name.as_bytes());
+    hex::encode(d.as_ref())
+}
+
 /// The transfers in a spool whose directory passes `keep`, oldest first (transfer ids are
 /// UUIDv7, so their text sorts by creation time). Entries that are not transfer ids are
 /// ignored; an unreadable spool lists nothing.
@@ -317,6 +389,45 @@ mod tests {
         fs::write(&file, b"x").unwrap();
         let e = create_dir_durably(&file.join("sub")).unwrap_err();
         assert!(e.to_string().contains("cannot create"), "{e}");
+    }
+
+    #[test]
+    fn payload_is_stored_under_a_key_of_fixed_length_whatever_the_name() {
+        let spool = tempfile::tempdir().unwrap();
+        let dir = TransferDir::new(spool.path(), &TransferId::new_v7());
+        dir.create().unwrap();
+        // 255 bytes: 85 three-byte characters. The `.part` of it is over NAME_MAX as a name.
+        let long = "\u{8a3a}".repeat(85);
+        assert_eq!(long.len(), 255);
+        for name in [long.as_str(), "a.dcm", "a.dcm.part", ".hidden"] {
+            let (fin, part) = (dir.data_file(name), dir.part_file(name));
+            assert_eq!(fin.parent().unwrap(), dir.data_dir());
+            assert_eq!(fin.file_name().unwrap().len(), 64, "{name}");
+            assert_eq!(part.file_name().unwrap().len(), 69, "{name}");
+            fs::write(&part, b"x").unwrap();
+            fs::rename(&part, &fin).unwrap();
+        }
+        assert_ne!(dir.data_file("a.dcm.part"), dir.part_file("a.dcm"));
+        assert_eq!(fs::read_dir(dir.data_dir()).unwrap().count(), 4);
+    }
+
+    #[test]
+    fn a_spool_of_the_old_layout_is_adopted_once() {
+        let spool = tempfile::tempdir().unwrap();
+        let dir = TransferDir::new(spool.path(), &TransferId::new_v7());
+        dir.create().unwrap();
+        // The old layout: final payload and a `.part` under the hospital's names.
+        fs::write(dir.data_dir().join("done.dcm"), b"final").unwrap();
+        fs::write(dir.data_dir().join("half.dcm.part"), b"half").unwrap();
+        let names = ["done.dcm", "half.dcm", "missing.dcm"];
+        assert_eq!(dir.adopt_legacy_names(names).unwrap(), 2);
+        assert_eq!(fs::read(dir.data_file("done.dcm")).unwrap(), b"final");
+        assert_eq!(fs::read(dir.part_file("half.dcm")).unwrap(), b"half");
+        assert!(!dir.data_dir().join("done.dcm").exists());
+        // Again: nothing left to do, and a keyed file is never overwritten.
+        fs::write(dir.data_dir().join("done.dcm"), b"stale").unwrap();
+        assert_eq!(dir.adopt_legacy_names(names).unwrap(), 0);
+        assert_eq!(fs::read(dir.data_file("done.dcm")).unwrap(), b"final");
     }
 
     #[test]

@@ -50,17 +50,13 @@ pub(super) async fn check_at_rest(
                     // Renamed to its final name by an interrupted commit: complete and checked.
                     continue;
                 }
-                let file = gw
-                    .spool
-                    .open(&part)
-                    .await
-                    .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+                let file = gw.spool.open(&part).await.map_err(|e| spool_refusal(&e))?;
                 e.insert(file)
             }
         };
         let digest = crate::link::digest_at_rest(&gw.spool, file, &loc, false)
             .await
-            .map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+            .map_err(|e| spool_refusal(&e))?;
         if manifest.chunk_digests.get(index as usize) != Some(&digest) {
             warn!(transfer = %manifest.transfer_id, chunk = index, file = %part.display(),
                   "chunk no longer matches its digest at rest (disk fault?): fetching it again");
@@ -84,12 +80,9 @@ pub(super) async fn check_at_rest(
     Ok(())
 }
 
-pub(super) fn code_for_spool(e: &baylink_net::spool::SpoolError) -> ErrorCode {
-    if e.is_no_space() {
-        ErrorCode::NoSpace
-    } else {
-        ErrorCode::Internal
-    }
+/// The code and text a spool failure is answered with ([`super::storage_code`]).
+pub(super) fn spool_refusal(e: &baylink_net::spool::SpoolError) -> (ErrorCode, String) {
+    (super::storage_code(&e.source), super::spool_text(e))
 }
 
 /// Why a chunk stream ended before its chunk was taken.
@@ -320,13 +313,35 @@ async fn gather_chunk(
         match res {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                if e.is_no_space() {
-                    active.no_space.store(true, Ordering::SeqCst);
-                    metrics::counter!("baylink_spool_full_total").increment(1);
-                } else {
-                    warn!(error = %e, "spool write failed");
+                match super::storage_code(&e.source) {
+                    ErrorCode::NoSpace => {
+                        active.no_space.store(true, Ordering::SeqCst);
+                        metrics::counter!("baylink_spool_full_total").increment(1);
+                    }
+                    ErrorCode::Refused => {
+                        // This transfer cannot be stored here, whatever is retried: refuse
+                        // it now with the cause (the control stream records the refusal
+                        // and sends it; the edge stops at once).
+                        let f = &active.manifest.files[loc.file];
+                        let text = format!(
+                            "the gateway cannot store file {} of the transfer ({} bytes): {}",
+                            loc.file + 1,
+                            f.size,
+                            e.source
+                        );
+                        warn!(transfer = %header.transfer_id, error = %e, cause = %e.source,
+                              "spool write refused: the transfer is refused");
+                        active
+                            .receiver
+                            .lock()
+                            .expect("receiver lock poisoned")
+                            .abort(ErrorCode::Refused, text);
+                    }
+                    _ => warn!(error = %e, cause = %e.source, "spool write failed"),
                 }
-                return Err(LinkError::Lost(format!("spool write failed: {e}")).into());
+                return Err(
+                    LinkError::Lost(format!("spool write failed: {e}: {}", e.source)).into(),
+                );
             }
             Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}")).into()),
         }

@@ -195,13 +195,15 @@ impl Control {
                 Ok(ControlFlow::Continue(()))
             }
             Err(e) => {
-                warn!(error = %e, "commit failed");
-                self.writer
-                    .send(&Frame::Error {
-                        code: ErrorCode::Internal,
-                        text: format!("commit failed: {e}"),
-                    })
-                    .await?;
+                warn!(error = %format!("{e:#}"), "commit failed");
+                // A fault of the gateway (I/O, HSM, audit) is retried by the edge; a file
+                // this spool cannot hold is refused, recorded first.
+                let code = super::storage_code_of(&e);
+                let text = format!("commit failed: {e:#}");
+                if !code.is_retryable() {
+                    audit_refusal(&self.gw, Some(&a.manifest), &self.peer, code, &text).await;
+                }
+                self.writer.send(&Frame::Error { code, text }).await?;
                 Ok(ControlFlow::Break(()))
             }
         }

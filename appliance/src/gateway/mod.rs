@@ -174,6 +174,53 @@ pub async fn serve_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
     .await
 }
 
+/// How a failure to store a transfer on this gateway is answered, by its OS error:
+///
+/// | cause | code | the edge |
+/// |---|---|---|
+/// | `ENOSPC`, `EDQUOT` (spool full) | `NoSpace` | pauses, retries |
+/// | `ENAMETOOLONG`, `EFBIG` (this transfer cannot be stored here) | `Refused` | stops at once |
+/// | any other (I/O error, permissions, a read-only spool: states of the gateway) | `Internal` | retries |
+///
+/// Only what is about the transfer itself is final: a state of the gateway is fixed there,
+/// and the transfer then goes through.
+pub(crate) fn storage_code(e: &std::io::Error) -> ErrorCode {
+    use nix::libc;
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => ErrorCode::NoSpace,
+        Some(libc::ENAMETOOLONG | libc::EFBIG) => ErrorCode::Refused,
+        _ if matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ) =>
+        {
+            ErrorCode::NoSpace
+        }
+        _ => ErrorCode::Internal,
+    }
+}
+
+/// [`storage_code`] for the first OS error in an error chain; `Internal` without one (an
+/// HSM or audit failure is the gateway's own).
+pub(crate) fn storage_code_of(e: &anyhow::Error) -> ErrorCode {
+    e.chain()
+        .find_map(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .map(storage_code)
+                .or_else(|| {
+                    c.downcast_ref::<baylink_net::spool::SpoolError>()
+                        .map(|s| storage_code(&s.source))
+                })
+        })
+        .unwrap_or(ErrorCode::Internal)
+}
+
+/// The text of a spool error with its cause (`SpoolError` displays the operation and path
+/// only), for the error frame: the edge must see why, e.g. "File too large".
+pub(crate) fn spool_text(e: &baylink_net::spool::SpoolError) -> String {
+    format!("spool: {e}: {}", e.source)
+}
+
 /// The rule name of a refusal on the link: the protocol error code in kebab case (e.g.
 /// `bad-signature`, `too-many-files`, `bad-file-name`).
 pub fn link_rule(code: ErrorCode) -> String {
@@ -232,4 +279,34 @@ fn release(gw: &Gateway, a: &Arc<Active>) {
     // `send_replace`, not `send`: the value must stick even when nobody is subscribed yet
     // (a taking-over offer may subscribe just after this), or that offer would wait forever.
     a.done.send_replace(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::libc;
+
+    #[test]
+    fn only_what_is_about_the_transfer_is_refused_for_good() {
+        let code = |errno| storage_code(&std::io::Error::from_raw_os_error(errno));
+        assert_eq!(code(libc::ENOSPC), ErrorCode::NoSpace);
+        assert_eq!(code(libc::EDQUOT), ErrorCode::NoSpace);
+        assert_eq!(code(libc::EFBIG), ErrorCode::Refused);
+        assert_eq!(code(libc::ENAMETOOLONG), ErrorCode::Refused);
+        // States of the gateway, fixed there: the edge retries.
+        for errno in [libc::EIO, libc::EACCES, libc::EROFS, libc::EMFILE] {
+            assert_eq!(code(errno), ErrorCode::Internal, "{errno}");
+            assert!(code(errno).is_retryable());
+        }
+        assert!(!code(libc::EFBIG).is_retryable());
+
+        // Found anywhere in an error chain; none (an HSM failure) is the gateway's own.
+        let chained = anyhow::Error::new(std::io::Error::from_raw_os_error(libc::EFBIG))
+            .context("cannot commit");
+        assert_eq!(storage_code_of(&chained), ErrorCode::Refused);
+        assert_eq!(
+            storage_code_of(&anyhow::anyhow!("C_Sign: CKR_DEVICE_ERROR")),
+            ErrorCode::Internal
+        );
+    }
 }

@@ -13,7 +13,7 @@ use baylink_net::spool::DIRECT_ALIGN;
 use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tracing::{info, warn};
 
-use super::chunks::{check_at_rest, code_for_spool};
+use super::chunks::{check_at_rest, spool_refusal};
 use super::{Active, Durable, Gateway};
 use crate::signing::MANIFEST_CONTEXT;
 use crate::transfer_dir::{TransferDir, write_atomic};
@@ -116,7 +116,7 @@ pub(super) async fn accept_offer(
         } else {
             gw.spool.open_rw(part).await
         };
-        let file = opened.map_err(|e| (code_for_spool(&e), format!("spool: {e}")))?;
+        let file = opened.map_err(|e| spool_refusal(&e))?;
         files.push(Some(Arc::new(file)));
     }
     let (cancel, _) = watch::channel(false);
@@ -153,12 +153,10 @@ fn prepare_dir(
     sig: &[u8],
 ) -> Result<ChunkSet, (ErrorCode, String)> {
     let io = |what: &str, e: std::io::Error| {
-        let code = if e.raw_os_error() == Some(nix::libc::ENOSPC) {
-            ErrorCode::NoSpace
-        } else {
-            ErrorCode::Internal
-        };
-        (code, format!("{what} {}: {e}", dir.root().display()))
+        (
+            super::storage_code(&e),
+            format!("{what} {}: {e}", dir.root().display()),
+        )
     };
     match std::fs::read(dir.manifest_bin()) {
         Ok(existing) if existing == bytes => {}
@@ -181,6 +179,9 @@ fn prepare_dir(
         }
         Err(e) => return Err(io("cannot read", e)),
     }
+    // A transfer an older version began receiving under the hospital's names resumes.
+    dir.adopt_legacy_names(manifest.files.iter().map(|f| f.name.as_str()))
+        .map_err(|e| io("cannot adopt the older layout of", e))?;
     if dir.has_receipt() {
         return Ok(ChunkSet::full(manifest.chunk_count()));
     }

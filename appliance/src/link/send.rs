@@ -8,7 +8,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 
 use baylink_net::proto::{
-    ChunkHeader, ErrorCode, Frame, Limits, Manifest, ProtoError, Sender, SenderAction, SenderConfig,
+    ChunkHeader, Frame, Limits, Manifest, ProtoError, Sender, SenderAction, SenderConfig,
 };
 use baylink_net::spool::{Spool, SpoolFile};
 use bytes::Bytes;
@@ -216,15 +216,15 @@ pub async fn run(
     }
 }
 
-/// A failure reported by the state machine. An error frame from the gateway is a refusal,
-/// in the gateway's own words, except the transient ones (shutting down, out of space, an
-/// internal fault): those are retried like a lost link, and the transfer resumes.
+/// A failure reported by the state machine. An error frame from the gateway is final, a
+/// refusal in the gateway's own words, unless its code says a retry can help
+/// ([`baylink_net::proto::ErrorCode::is_retryable`]: shutting down, out of space, a fault of the gateway's own):
+/// those are retried like a lost link, and the transfer resumes.
 fn refusal(e: ProtoError) -> SendError {
     match e {
-        ProtoError::Peer {
-            code: ErrorCode::ShuttingDown | ErrorCode::NoSpace | ErrorCode::Internal,
-            text,
-        } => SendError::Link(LinkError::Lost(format!("gateway: {text}"))),
+        ProtoError::Peer { code, text } if code.is_retryable() => {
+            SendError::Link(LinkError::Lost(format!("gateway: {text}")))
+        }
         // The gateway's words, kept to one printable line.
         ProtoError::Peer { text, .. } => {
             SendError::Refused(text.chars().filter(|c| !c.is_control()).collect())

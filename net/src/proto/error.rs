@@ -85,6 +85,22 @@ impl ErrorCode {
         Self::ALL.into_iter().find(|c| c.to_u16() == value)
     }
 
+    /// Whether the side that receives this code should try the transfer again later.
+    ///
+    /// Retryable: the receiver is shutting down ([`ErrorCode::ShuttingDown`]), its spool is
+    /// full ([`ErrorCode::NoSpace`], the transfer pauses), or it had a fault of its own that
+    /// is not about this transfer ([`ErrorCode::Internal`]: an I/O error, its HSM). The
+    /// transfer resumes from the chunks already durable. Every other code is final: the
+    /// receiver refused the transfer for what it is (its signature, manifest, limits, a
+    /// file it cannot store: [`ErrorCode::Refused`]), and sending it again gets the same
+    /// answer.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::ShuttingDown | ErrorCode::NoSpace | ErrorCode::Internal
+        )
+    }
+
     /// A short English description for logs and operators.
     pub fn reason(self) -> &'static str {
         match self {
@@ -437,6 +453,31 @@ mod tests {
         }
         assert_eq!(ErrorCode::from_u16(0), None);
         assert_eq!(ErrorCode::from_u16(ErrorCode::ALL.len() as u16 + 1), None);
+    }
+
+    #[test]
+    fn only_states_of_the_receiver_are_retryable() {
+        let retryable: Vec<ErrorCode> = ErrorCode::ALL
+            .into_iter()
+            .filter(|c| c.is_retryable())
+            .collect();
+        assert_eq!(
+            retryable,
+            [
+                ErrorCode::Internal,
+                ErrorCode::NoSpace,
+                ErrorCode::ShuttingDown
+            ]
+        );
+        // What the transfer is cannot change by sending it again.
+        for code in [
+            ErrorCode::Refused,
+            ErrorCode::BadFileName,
+            ErrorCode::BadSignature,
+            ErrorCode::TooManyFiles,
+        ] {
+            assert!(!code.is_retryable(), "{code:?}");
+        }
     }
 
     #[test]

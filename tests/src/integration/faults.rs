@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use baylink::transfer_dir::payload_key;
 use baylink_tests::{Deployment, EVENT_WAIT, payload, summary};
 
 use crate::resume::{assert_delivered, only_transfer};
@@ -38,7 +39,10 @@ fn heavy_gateway_chunk_flipped_at_rest_is_fetched_again() {
     let state = d.wait_for_gateway_progress(&mut sender);
     gw.kill().unwrap();
     // Chunk 0 is on record as durable (the first checkpoint covers it): damage it on disk.
-    let part = state.parent().unwrap().join("data/series.bin.part");
+    let part = state
+        .parent()
+        .unwrap()
+        .join(format!("data/{}.part", payload_key("series.bin")));
     flip_byte(&part, 1000);
 
     let gw = d.serve(&d.gateway_config()).unwrap();
@@ -70,7 +74,11 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
     sender.wait().unwrap();
     let id = only_transfer(&d.path("spool/edge"));
     // The last chunk has not crossed yet (chunks go roughly in order): damage the sealed copy.
-    let sealed = d.path("spool/edge").join(&id).join("data/series.bin");
+    let sealed = d
+        .path("spool/edge")
+        .join(&id)
+        .join("data")
+        .join(payload_key("series.bin"));
     flip_byte(&sealed, SIZE - 1);
 
     let out = d.send(&["--resume", &id]).unwrap();
@@ -156,7 +164,10 @@ fn heavy_gateway_power_cut_losing_unsynced_writes_recovers() {
     let mut sender = d.spawn_send(&src, true).unwrap();
     let state = d.wait_for_gateway_progress(&mut sender);
     gw.kill().unwrap();
-    let part = state.parent().unwrap().join("data/series.bin.part");
+    let part = state
+        .parent()
+        .unwrap()
+        .join(format!("data/{}.part", payload_key("series.bin")));
     let f = std::fs::OpenOptions::new().write(true).open(&part).unwrap();
     let len = f.metadata().unwrap().len();
     f.set_len(8 << 20).unwrap();

@@ -438,6 +438,50 @@ fn bad_file_names_are_400_and_nothing_is_spooled() {
     api.healthy();
 }
 
+/// `name` percent-encoded for a URL path segment (every byte but the unreserved ones).
+fn path_segment(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The longest names (255 bytes, ASCII and multi-byte UTF-8) uploaded through the hospital
+/// API are sealed, sent and delivered under the hospital's names, byte-identical.
+#[test]
+fn names_of_255_bytes_arrive_through_the_hospital_api() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge = edge(&d);
+    let api = Api { d: &d };
+    let src = d.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let names = crate::transfer::longest_names();
+    let id = api.open();
+    let mut files = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let f = payload(&src, &format!("f{i}"), 200_000 + i as u64, 50 + i as u64).unwrap();
+        let r = api.put("hospital-a", &id, &path_segment(name), &f, &[]);
+        assert_eq!(r.status, 201, "{r:?}");
+        assert_eq!(r.json()["name"], name.as_str(), "{r:?}");
+        files.push(f);
+    }
+    assert_eq!(api.commit("hospital-a", &id).status, 202);
+    let s = api.wait_state(&id, "committed");
+    assert_eq!(s["files"], 2, "{s}");
+    for (name, f) in names.iter().zip(&files) {
+        let got = d.wait_delivered(&id, name, DEADLINE);
+        assert_eq!(sha256_file(f).unwrap(), sha256_file(&got).unwrap());
+    }
+    drop(gateway);
+}
+
 #[test]
 fn over_the_limit_is_413_by_content_length_and_when_chunked() {
     let d = Deployment::new().unwrap();

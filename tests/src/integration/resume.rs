@@ -69,3 +69,46 @@ fn heavy_sender_killed_then_resume_finishes_from_the_spool() {
     assert!(gw.terminate().unwrap().success());
     assert_delivered(&d, &id, &src);
 }
+
+/// A transfer in flight during an upgrade from the layout that stored payload under the
+/// hospital's names (`data/<name>` on the edge, `data/<name>.part` on the gateway): both
+/// spools are put back into that layout while the transfer is stopped, and `--resume`
+/// finishes it from the chunks the gateway already holds.
+#[test]
+fn a_transfer_in_flight_during_the_upgrade_resumes_from_the_old_layout() {
+    use baylink::transfer_dir::payload_key;
+    const SIZE: u64 = 160 << 20;
+    let d = Deployment::new().unwrap();
+    let src = payload(d.dir.path(), "series.bin", SIZE, 13).unwrap();
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    let mut sender = d.spawn_send(&src, false).unwrap();
+    let state = d.wait_for_gateway_progress(&mut sender);
+    sender.kill().unwrap();
+    sender.wait().unwrap();
+    gw.kill().unwrap();
+    let id = only_transfer(&d.path("spool/edge"));
+    let key = payload_key("series.bin");
+    let edge_data = d.path(&format!("spool/edge/{id}/data"));
+    std::fs::rename(edge_data.join(&key), edge_data.join("series.bin")).unwrap();
+    let gw_data = state.parent().unwrap().join("data");
+    std::fs::rename(
+        gw_data.join(format!("{key}.part")),
+        gw_data.join("series.bin.part"),
+    )
+    .unwrap();
+
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    let out = d.send(&["--resume", &id]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    let s = summary(&out).unwrap();
+    let wire = s["wire_bytes"].as_u64().unwrap();
+    assert!(wire < SIZE, "the gateway's chunks were not adopted: {wire}");
+    assert!(gw.terminate().unwrap().success());
+    assert_delivered(&d, &id, &src);
+    assert!(edge_data.join(&key).exists() && !edge_data.join("series.bin").exists());
+}

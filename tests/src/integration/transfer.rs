@@ -91,3 +91,52 @@ fn heavy_one_gib_with_default_chunks_arrives() {
     let s = roundtrip(&d, &[1 << 30]);
     eprintln!("1 GiB: {s}");
 }
+
+/// File names of 255 bytes (the protocol's limit): one ASCII, one of multi-byte UTF-8.
+pub(crate) fn longest_names() -> [String; 2] {
+    let ascii = format!("{}.dcm", "n".repeat(251));
+    // 83 three-byte characters, one two-byte character and `.dcm`.
+    let utf8 = format!("{}é.dcm", "診".repeat(83));
+    assert_eq!((ascii.len(), utf8.len()), (255, 255));
+    [ascii, utf8]
+}
+
+/// A name as long as a name may be is stored under the appliance's own key on both spools
+/// (its `.part` would be over the file system's 255-byte limit) and delivered under the
+/// hospital's name, byte-identical.
+#[test]
+fn names_of_255_bytes_arrive_byte_identical() {
+    let d = deployment_with_chunk(SMALL_CHUNK);
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let src = d.path("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<_> = longest_names()
+        .iter()
+        .enumerate()
+        .map(|(i, name)| payload(&src, name, 3 * SMALL_CHUNK + 5, i as u64 + 40).unwrap())
+        .collect();
+    let (s, id) = d.send_ok(&[&files[0], &files[1]], &gateway);
+    assert_eq!(s["files"], 2);
+    let status = gateway.terminate().expect("gateway stops");
+    assert!(status.success(), "gateway exit: {status}");
+    for (f, name) in files.iter().zip(longest_names()) {
+        let got = d.delivered(&id, &name);
+        assert!(got.exists(), "{} was not delivered", got.display());
+        assert_eq!(sha256_file(f).unwrap(), sha256_file(&got).unwrap());
+    }
+    // Both spools hold the payload under keys, never under the hospital's names.
+    for side in ["edge", "gateway"] {
+        let data = d.path(&format!("spool/{side}/{id}/data"));
+        let mut keys: Vec<String> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        keys.sort();
+        let mut want: Vec<String> = longest_names()
+            .iter()
+            .map(|n| baylink::transfer_dir::payload_key(n))
+            .collect();
+        want.sort();
+        assert_eq!(keys, want, "{side}");
+    }
+}

@@ -541,18 +541,45 @@ pub(super) fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestErro
         }
     }
     let mut files = BTreeMap::new();
-    // Records name files by a digest; the data directory has the names.
+    // A file counts once its record is written (after its payload is in `data/`): the
+    // record holds the name, `data/` holds the payload under the name's key.
+    if let Ok(entries) = std::fs::read_dir(files_dir(dir)) {
+        for e in entries.filter_map(Result::ok) {
+            if let Ok(text) = std::fs::read(e.path())
+                && let Ok(FileRecord {
+                    name: Some(name),
+                    size,
+                    ..
+                }) = serde_json::from_slice::<FileRecord>(&text)
+                && dir.data_file(&name).exists()
+            {
+                files.insert(name, size);
+            }
+        }
+    }
+    // Records of an older version have no name; its `data/` held each file under the
+    // hospital's name: adopt those (renamed to their keys) that have a record.
+    let mut legacy = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir.data_dir()) {
         for e in entries.filter_map(Result::ok) {
             let Some(name) = e.file_name().to_str().map(str::to_owned) else {
                 continue;
             };
+            if files.contains_key(&name) {
+                continue;
+            }
             if let Ok(text) = std::fs::read(record_path(dir, &name))
                 && let Ok(r) = serde_json::from_slice::<FileRecord>(&text)
+                && r.name.is_none()
             {
-                files.insert(name, r.size);
+                legacy.push((name, r.size));
             }
         }
+    }
+    if !legacy.is_empty() {
+        dir.adopt_legacy_names(legacy.iter().map(|(n, _)| n.as_str()))
+            .map_err(internal("cannot adopt the older layout"))?;
+        files.extend(legacy);
     }
     let bytes = files.values().sum();
     let declaration =

@@ -126,6 +126,10 @@ impl From<SpoolError> for IngestError {
 
 #[derive(Debug, Serialize, Deserialize)]
 struct FileRecord {
+    /// The hospital's name of the file (`data/` holds it under its key). Records written
+    /// before payload was stored under keys have none: their `data/` entry has the name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     size: u64,
     chunk_size: u32,
     digests: Vec<String>,
@@ -231,10 +235,12 @@ fn files_dir(dir: &TransferDir) -> PathBuf {
     dir.root().join("files")
 }
 fn record_path(dir: &TransferDir, name: &str) -> PathBuf {
-    // `<name>.digests` can exceed NAME_MAX for a 255-byte name: hex-encode the digest of
-    // the name instead, and keep the name inside the record's directory listing order.
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, name.as_bytes());
-    files_dir(dir).join(format!("{}.digests", hex::encode(d.as_ref())))
+    // `<name>.digests` can exceed NAME_MAX for a 255-byte name: the record is named by the
+    // same key as the payload in `data/`, and holds the name.
+    files_dir(dir).join(format!(
+        "{}.digests",
+        crate::transfer_dir::payload_key(name)
+    ))
 }
 
 /// Checks an upload's file name: the protocol's rules (no `/`, `..`, NUL, control or

@@ -60,10 +60,11 @@ impl IngestStore {
                 }
                 Err(e) => {
                     warn!(transfer = %id, error = %e, "transfer not sent");
+                    // `refused` is the checkpoint's answer to the declaration; a transfer the
+                    // gateway refused (final: a retry cannot fix it) has `failed`, with the
+                    // gateway's reason as its `error`.
                     let state = match e {
-                        SendFailure::Refused(_) | SendFailure::GatewayRefused(_) => {
-                            TransferState::Refused
-                        }
+                        SendFailure::Refused(_) => TransferState::Refused,
                         _ => TransferState::Failed,
                     };
                     store.add_stage(&id, state, Some(e.to_string())).await;

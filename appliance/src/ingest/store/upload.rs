@@ -426,6 +426,7 @@ impl FileUpload {
             .commit_rename(&self.part, self.dir.data_file(&self.name))
             .await?;
         let record = FileRecord {
+            name: Some(self.name.clone()),
             size,
             chunk_size: self.store.inner.chunk_size,
             digests: digests.iter().map(hex::encode).collect(),
