@@ -42,6 +42,9 @@ pub enum Kind {
     Receipted,
     /// The gateway delivered the transfer downstream.
     Delivered,
+    /// The edge verified and stored the gateway's signed delivery notice (`detail`: the
+    /// outcome, the digest of the store's answer, and the answer's beginning).
+    Notified,
     /// A transfer was dropped because it expired.
     Expired,
     /// The transfer stopped with an error (`detail` says which).

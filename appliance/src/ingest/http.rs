@@ -162,6 +162,7 @@ pub fn router(store: IngestStore, idle_timeout: Duration, stow: super::stow::Sto
         .route("/v1/transfers/{id}/files/{*name}", put(upload))
         .route("/v1/transfers/{id}/commit", post(commit))
         .route("/v1/transfers/{id}/receipt", get(receipt))
+        .route("/v1/transfers/{id}/delivery", get(delivery))
         .route("/v1/transfers/{id}/proof", get(proof))
         .route("/dicom-web/studies", post(super::stow::stow))
         .fallback(|uri: axum::http::Uri| async move {
@@ -401,6 +402,15 @@ async fn receipt(
 ) -> Result<Response, ApiError> {
     let id = transfer_id(&id)?;
     Ok(Json(app.store.receipt(&hospital, &id).await?).into_response())
+}
+
+async fn delivery(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    Ok(Json(app.store.delivery(&hospital, &id).await?).into_response())
 }
 
 async fn proof(
