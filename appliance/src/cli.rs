@@ -65,8 +65,10 @@ pub enum Command {
     /// Runs the compliance checkpoint, seals the files into the edge spool, sends them and
     /// verifies the gateway's receipt. Prints `transfer <id>` on stderr at start and one JSON
     /// line on stdout at the end. A lost link is retried for transport.retry_for; refusals are
-    /// final. Exit codes: 0 receipted, 1 error, 2 refused by policy, 3 refused by the gateway
-    /// or bad receipt, 4 HSM failure, 5 link lost for longer than transport.retry_for.
+    /// final. Exit codes: 0 receipted (with --wait-delivered: delivered), 1 error, 2 refused
+    /// by policy, 3 refused by the gateway or bad receipt, 4 HSM failure, 5 link lost for
+    /// longer than transport.retry_for, 6 (--wait-delivered) the record store refused it or
+    /// no delivery notice came within --delivered-timeout.
     Send(SendArgs),
     /// HSM key management.
     #[command(subcommand)]
@@ -237,6 +239,14 @@ pub struct SendArgs {
     /// Write chunk figures (count, latency percentiles in µs) as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub stats: Option<PathBuf>,
+    /// After the receipt, wait for the gateway's signed delivery notice (the record store
+    /// took the transfer, or refused it) and print its fields under `delivery` in the JSON
+    /// line. Exit 6 when the store refused it or no notice came within --delivered-timeout.
+    #[arg(long)]
+    pub wait_delivered: bool,
+    /// How long --wait-delivered waits for the delivery notice (e.g. "90s", "10m").
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub delivered_timeout: std::time::Duration,
     /// Files to send (one transfer).
     #[arg(required_unless_present = "resume")]
     pub files: Vec<PathBuf>,

@@ -194,9 +194,19 @@ fn send(args: SendArgs) -> ExitCode {
         };
         let show = !args.no_progress && std::io::stderr().is_terminal();
         let stats = Arc::new(SendStats::default());
+        let (wait_delivered, delivered_timeout) = (args.wait_delivered, args.delivered_timeout);
         let summary = runtime()?.block_on(async {
             let edge = Edge::start(Arc::new(cfg)).await?;
-            let result = edge.send(request, show, &stats).await;
+            let mut result = edge.send(request, show, &stats).await;
+            if wait_delivered && let Ok(summary) = &mut result {
+                match summary.transfer_id.parse() {
+                    Ok(id) => match edge.wait_delivered(id, delivered_timeout).await {
+                        Ok(n) => summary.delivery = Some(crate::edge::DeliverySummary::of(&n)),
+                        Err(e) => summary.not_delivered = Some(e.to_string()),
+                    },
+                    Err(_) => summary.not_delivered = Some("bad transfer id".into()),
+                }
+            }
             // audit: sign a checkpoint at exit, so the transfer can be proven at once.
             if let Err(e) = edge.audit().checkpoint().await {
                 tracing::warn!(error = %e, "cannot sign the audit checkpoint at exit");
@@ -220,7 +230,19 @@ fn send(args: SendArgs) -> ExitCode {
                 "{}",
                 serde_json::to_string(&summary).expect("summary serialises")
             );
-            ExitCode::SUCCESS
+            // `--wait-delivered`: the receipt is in, but the record store does not hold it.
+            let refused = summary
+                .delivery
+                .as_ref()
+                .filter(|d| d.outcome != "delivered")
+                .map(|d| format!("not delivered: the record store refused it: {}", d.answer));
+            match refused.or(summary.not_delivered) {
+                Some(line) => {
+                    eprintln!("{line}");
+                    ExitCode::from(6)
+                }
+                None => ExitCode::SUCCESS,
+            }
         }
         Err(e) => {
             eprintln!("{}", e.answer());

@@ -194,7 +194,20 @@ pub async fn run_worker(
     mut rx: mpsc::UnboundedReceiver<TransferId>,
     audit: crate::audit::Log,
     backoff: Backoff,
+    notices: Option<Arc<crate::notice::Notices>>,
 ) {
+    // The edge hears of each outcome through a signed delivery notice, queued durably; one
+    // that cannot be signed now is signed at the next start (`Notices::owed`).
+    let notify = |id: TransferId| {
+        let notices = notices.clone();
+        async move {
+            if let Some(n) = notices
+                && let Err(e) = n.issue(id).await
+            {
+                error!(transfer = %id, error = %format!("{e:#}"), "cannot sign the delivery notice; it is signed at the next start");
+            }
+        }
+    };
     while let Some(id) = rx.recv().await {
         let dir = TransferDir::new(&spool_dir, &id);
         // Failed attempts of this transfer so far.
@@ -206,6 +219,7 @@ pub async fn run_worker(
                 Ok(Ok(location)) => {
                     info!(transfer = %id, %location, "delivered");
                     metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "ok").increment(1);
+                    notify(id).await;
                     queue.done(&id);
                     break;
                 }
@@ -218,6 +232,7 @@ pub async fn run_worker(
                         Ok(Ok(())) => {
                             error!(transfer = %id, error = %format!("{e:#}"), "undeliverable: set aside (delete its `undeliverable` file, then reload (SIGHUP) or restart to try again)");
                             metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "undeliverable").increment(1);
+                            notify(id).await;
                             queue.done(&id);
                             break;
                         }

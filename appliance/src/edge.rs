@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use baylink_net::proto::{ErrorCode, Receipt, SenderConfig, TransferId};
+use baylink_net::proto::{DeliveryNotice, ErrorCode, Frame, Receipt, SenderConfig, TransferId};
 use baylink_net::spool::{Spool, SpoolConfig};
 use baylink_net::transport::{self, TlsIdentity};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -36,6 +36,54 @@ pub const WITNESS_TIMEOUT: Duration = Duration::from_secs(5);
 /// ([`Edge::close_link`]).
 pub const LINK_CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long `send --wait-delivered` waits, after acknowledging its notice, for the gateway to
+/// end the notice stream (which it does once it has taken the acknowledgement in).
+pub const NOTICE_ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long `send --wait-delivered` waits for the delivery notice unless told otherwise
+/// (`--delivered-timeout`).
+pub const DEFAULT_DELIVERED_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What `send --wait-delivered` adds to its JSON line: the verified delivery notice's fields.
+#[derive(Debug, Serialize)]
+pub struct DeliverySummary {
+    /// `delivered` or `undeliverable`.
+    pub outcome: &'static str,
+    /// The transfer the notice names.
+    pub transfer_id: String,
+    /// The Merkle root it names, hex.
+    pub merkle_root: String,
+    /// The manifest digest it names, hex.
+    pub manifest_digest: String,
+    /// SHA-256 of the store's answer as the gateway recorded it, hex.
+    pub answer_digest: String,
+    /// The store's answer: where it went, or why the store refused it.
+    pub answer: String,
+    /// The gateway that signed the notice.
+    pub gateway: String,
+    /// When the gateway recorded the store's answer, ms since the Unix epoch.
+    pub decided_unix_ms: u64,
+    /// Always `verified`: a notice that does not verify is refused, never reported.
+    pub signature: &'static str,
+}
+
+impl DeliverySummary {
+    /// The summary of a verified notice.
+    pub fn of(n: &DeliveryNotice) -> DeliverySummary {
+        DeliverySummary {
+            outcome: n.outcome.as_str(),
+            transfer_id: n.transfer_id.to_string(),
+            merkle_root: hex::encode(n.merkle_root),
+            manifest_digest: hex::encode(n.manifest_digest),
+            answer_digest: hex::encode(n.answer_digest),
+            answer: n.answer.clone(),
+            gateway: n.gateway.clone(),
+            decided_unix_ms: n.decided_unix_ms,
+            signature: "verified",
+        }
+    }
+}
+
 /// What `send` reports on success: the JSON line of `docs/interface.md`.
 #[derive(Debug, Serialize)]
 pub struct SendSummary {
@@ -57,6 +105,13 @@ pub struct SendSummary {
     pub seal_seconds: f64,
     /// Seconds from the first connection attempt to the verified receipt.
     pub transmit_seconds: f64,
+    /// `--wait-delivered`: the verified delivery notice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<DeliverySummary>,
+    /// `--wait-delivered`: why there is no notice (the line printed on stderr; not in the
+    /// JSON).
+    #[serde(skip)]
+    pub not_delivered: Option<String>,
 }
 
 /// Why `send` stopped without a verified receipt. Each displays as the one line printed on
@@ -88,6 +143,10 @@ pub enum SendFailure {
     /// transfer, still sealed, resumes at the next start from the chunks the gateway holds.
     #[error("stopped: the edge is shutting down; the transfer resumes at the next start")]
     Stopped,
+    /// `--wait-delivered`: no delivery notice in time, or the notice says the record store
+    /// refused the transfer.
+    #[error("not delivered: {0}")]
+    NotDelivered(String),
     /// Anything else (bad input files, spool, configuration).
     #[error("{0:#}")]
     Other(#[from] anyhow::Error),
@@ -101,6 +160,7 @@ impl SendFailure {
             SendFailure::GatewayRefused(_) | SendFailure::BadReceipt(_) => 3,
             SendFailure::Hsm(_) => 4,
             SendFailure::LinkGaveUp { .. } => 5,
+            SendFailure::NotDelivered(_) => 6,
             SendFailure::Stopped | SendFailure::Other(_) => 1,
         }
     }
@@ -537,6 +597,8 @@ impl Edge {
             receipt: "verified",
             seal_seconds,
             transmit_seconds: transmit_started.elapsed().as_secs_f64(),
+            delivery: None,
+            not_delivered: None,
         })
     }
 
@@ -803,6 +865,161 @@ impl Edge {
             }
         }
         done
+    }
+
+    /// Collects delivery notices on `conn` (a `Notices` stream): each one is verified and
+    /// stored ([`crate::notice::accept`]), `on_notice` is told, and the gateway gets its
+    /// acknowledgement. A notice that does not verify is logged and refused (neither stored
+    /// nor acknowledged). Returns the notice of `until` once it is stored, or runs until the
+    /// stream ends (an error) when `until` is `None`.
+    pub async fn collect_notices(
+        &self,
+        conn: &quinn::Connection,
+        until: Option<TransferId>,
+        on_notice: &(dyn Fn(&DeliveryNotice) + Send + Sync),
+    ) -> anyhow::Result<DeliveryNotice> {
+        let (send, recv) = conn.open_bi().await?;
+        let mut writer = crate::link::FrameWriter::new(send);
+        let mut frames =
+            crate::link::spawn_frame_reader(recv, baylink_net::proto::Limits::default());
+        writer
+            .send(&Frame::Notices {
+                version: baylink_net::proto::NOTICES_VERSION,
+            })
+            .await?;
+        loop {
+            let (notice, signature) = match frames.recv().await {
+                Some(Ok(Frame::Notice { notice, signature })) => (notice, signature),
+                Some(Ok(Frame::Error { code, text })) => {
+                    anyhow::bail!("the gateway ended the notice stream: {code}: {text}")
+                }
+                Some(Ok(other)) => {
+                    anyhow::bail!("unexpected {} frame on the notice stream", other.kind())
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("the notice stream ended"),
+            };
+            let (keys, spool_dir, audit) = (
+                self.keys.clone(),
+                self.cfg.spool_dir.clone(),
+                self.audit.clone(),
+            );
+            let accepted = tokio::task::spawn_blocking(move || {
+                crate::notice::accept(&keys, &spool_dir, &audit, &notice, &signature)
+            })
+            .await?;
+            let received = match accepted {
+                Ok(r) => r,
+                Err(e) => {
+                    error!(error = %format!("{e:#}"), "delivery notice refused: not recorded, not acknowledged");
+                    metrics::counter!("baylink_delivery_notices_total", "event" => "refused")
+                        .increment(1);
+                    continue;
+                }
+            };
+            let n = &received.notice;
+            if received.new {
+                info!(transfer = %n.transfer_id, outcome = n.outcome.as_str(), "delivery notice verified and recorded");
+                metrics::counter!("baylink_delivery_notices_total", "event" => "recorded")
+                    .increment(1);
+            }
+            on_notice(n);
+            writer
+                .send(&Frame::NoticeAck {
+                    transfer_id: n.transfer_id,
+                })
+                .await?;
+            if until == Some(n.transfer_id) {
+                // Our side ends; the gateway ends its side once it has taken the
+                // acknowledgement in (closing the connection sooner could lose it).
+                writer.finish();
+                let _ = tokio::time::timeout(NOTICE_ACK_TIMEOUT, async {
+                    while let Some(Ok(_)) = frames.recv().await {}
+                })
+                .await;
+                return Ok(received.notice);
+            }
+        }
+    }
+
+    /// `serve`: keeps a connection to the gateway open to collect delivery notices as they
+    /// are signed (and those queued while the edge was away, at once on connecting);
+    /// reconnects with backoff (1 s doubling to 30 s) when the link drops. Runs until the
+    /// task is dropped.
+    pub async fn serve_notices(&self, on_notice: &(dyn Fn(&DeliveryNotice) + Send + Sync)) {
+        let Some(connect) = self.cfg.transport.connect else {
+            return;
+        };
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let started = Instant::now();
+            let res = async {
+                let conn = self
+                    .endpoint
+                    .connect(connect, &self.cfg.transport.server_name)?
+                    .await?;
+                let res = self.collect_notices(&conn, None, on_notice).await;
+                conn.close(crate::link::CLOSE_OK.into(), b"notices");
+                res
+            }
+            .await;
+            if let Err(e) = res {
+                tracing::debug!(error = %format!("{e:#}"), "notice stream ended; reconnecting");
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_secs(1);
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// `send --wait-delivered`: the verified delivery notice of `id`, from the spool if it is
+    /// already stored, else collected on a connection of its own (retried while the link is
+    /// down) within `timeout`.
+    pub async fn wait_delivered(
+        &self,
+        id: TransferId,
+        timeout: Duration,
+    ) -> Result<DeliveryNotice, SendFailure> {
+        let dir = TransferDir::new(&self.cfg.spool_dir, &id);
+        let deadline = Instant::now() + timeout;
+        let connect = self
+            .cfg
+            .transport
+            .connect
+            .context("transport.connect is not set")?;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if let Some(n) = crate::notice::stored(&dir) {
+                return Ok(n);
+            }
+            let attempt = async {
+                let conn = self
+                    .endpoint
+                    .connect(connect, &self.cfg.transport.server_name)?
+                    .await?;
+                let res = self.collect_notices(&conn, Some(id), &|_| {}).await;
+                conn.close(crate::link::CLOSE_OK.into(), b"notice received");
+                res
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) => {
+                    warn!(error = %format!("{e:#}"), retry_in = ?backoff, "waiting for the delivery notice: link lost");
+                }
+                Err(_) => {}
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(SendFailure::NotDelivered(format!(
+                    "no delivery notice within {} (--delivered-timeout)",
+                    humantime::format_duration(timeout)
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
     }
 
     /// Sealed transfers in the spool that have no receipt yet.

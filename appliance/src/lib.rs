@@ -29,6 +29,7 @@ pub mod info;
 pub mod ingest;
 pub mod inventory;
 pub mod link;
+pub mod notice;
 pub mod ops;
 pub mod pki;
 pub mod policy;

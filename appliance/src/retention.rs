@@ -3,7 +3,8 @@
 //!
 //! *Finished* means the appliance has nothing left to do with the bytes: on the edge, the
 //! gateway's receipt is verified and stored (`receipt.sig`); on the gateway, the transfer is
-//! delivered downstream (`delivered`). The time it finished is that file's modification time.
+//! delivered downstream (`delivered`) and the edge has acknowledged its signed delivery
+//! notice (`notice.sig` stored, `notice.pending` gone). The time it finished is that file's modification time.
 //! Nothing else is ever removed: a transfer still being received, sealed, sent or delivered,
 //! one set aside as undeliverable, and one the gateway refused keep their bytes until an
 //! operator decides.
@@ -76,6 +77,9 @@ pub fn sweep(
 fn finished_at(dir: &TransferDir, role: Role) -> Option<SystemTime> {
     let marker = match role {
         Role::Edge if dir.has_receipt() => dir.receipt_sig(),
+        // The edge must hear of it first: a delivered transfer whose signed notice is not
+        // yet stored, or not yet acknowledged by the edge, is not finished.
+        Role::Gateway if dir.notice_pending().exists() || !dir.has_notice() => return None,
         Role::Gateway => dir.delivered(),
         Role::Edge => return None,
     };

@@ -104,6 +104,18 @@ async fn serve_gateway(
             .with_batch_bytes(batch_bytes),
         ),
     };
+    // Delivery notices owed to the edges: the durable queue is loaded, and a notice whose
+    // store answer was recorded before a crash kept it from being signed is signed now.
+    let notices = Arc::new(crate::notice::Notices::load(
+        &cfg.spool_dir,
+        Some(keys.clone()),
+        &cfg.id,
+    ));
+    for id in crate::notice::Notices::owed(&cfg.spool_dir) {
+        if let Err(e) = notices.issue(id).await {
+            error!(transfer = %id, error = %format!("{e:#}"), "cannot sign a delivery notice owed since before the restart");
+        }
+    }
     let (queue, queue_rx) = DeliveryQueue::new();
     for id in deliver::undelivered(&cfg.spool_dir) {
         info!(transfer = %id, "delivering a transfer committed before the restart");
@@ -116,6 +128,7 @@ async fn serve_gateway(
         queue_rx,
         audit.clone(),
         cfg.delivery_retry,
+        Some(notices.clone()),
     ));
 
     let token = keys.token.clone();
@@ -145,7 +158,8 @@ async fn serve_gateway(
             queue.clone(),
             audit.clone(),
         )
-        .with_chunk_stall_timeout(cfg.transport.chunk_stall_timeout),
+        .with_chunk_stall_timeout(cfg.transport.chunk_stall_timeout)
+        .with_notices(notices),
     );
 
     // `systemctl reload` sends SIGHUP to either role. The gateway has no policy to reload;
@@ -309,6 +323,7 @@ async fn serve_edge(
     info!(role = "edge", "serving");
 
     // Finish what was sealed but not confirmed before the last stop.
+    let notice_store = store.clone();
     let resumer = {
         let edge = edge.clone();
         async move {
@@ -336,6 +351,19 @@ async fn serve_edge(
         }
     };
     tokio::spawn(resumer);
+    // Delivery notices: a connection to the gateway stays open to collect them (those queued
+    // while the edge was away come at once on connecting); each moves its hospital upload to
+    // `delivered` or `failed`.
+    let notices = tokio::spawn({
+        let (edge, store) = (edge.clone(), notice_store);
+        async move {
+            edge.serve_notices(&move |n| {
+                let (store, n) = (store.clone(), n.clone());
+                tokio::spawn(async move { store.delivery_noticed(&n).await });
+            })
+            .await;
+        }
+    });
     let audit_ticker = tokio::spawn({
         let edge = edge.clone();
         let interval = cfg.audit.checkpoint_interval;
@@ -374,6 +402,7 @@ async fn serve_edge(
     .await;
     audit_ticker.abort();
     retention.abort();
+    notices.abort();
     final_checkpoint(edge.audit()).await;
     edge.witness_bounded().await;
     edge.close_link().await;

@@ -19,6 +19,9 @@ use crate::config::{Config, TlsKeySource};
 pub const MANIFEST_CONTEXT: &[u8] = b"baylink/1 manifest\n";
 /// Context of a receipt signature (gateway HSM).
 pub const RECEIPT_CONTEXT: &[u8] = b"baylink/1 receipt\n";
+/// Context of a delivery notice signature (gateway HSM): the record store took the transfer,
+/// or refused it.
+pub const DELIVERY_NOTICE_CONTEXT: &[u8] = b"baylink/1 delivery notice\n";
 /// Context of the watchdog's health signature (own HSM; the signature is checked and
 /// discarded, never sent or stored).
 pub const WATCHDOG_CONTEXT: &[u8] = b"baylink/1 watchdog\n";

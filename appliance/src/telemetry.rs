@@ -252,6 +252,12 @@ pub const FAMILIES: &[Family] = &[
         "Seconds until a configured certificate expires (negative once expired).",
     ),
     family(
+        "baylink_delivery_notices_total",
+        Counter,
+        Roles::Both,
+        "Delivery notices: signed, sent, acknowledged (gateway); recorded, refused (edge).",
+    ),
+    family(
         "baylink_delivery_retries_total",
         Counter,
         Roles::Gateway,
@@ -390,6 +396,9 @@ pub fn register(role: Role, reserve_bytes: u64, peers: &[String]) {
             metrics::counter!("baylink_dicom_instances_total", "outcome" => outcome).increment(0);
         }
         metrics::gauge!("baylink_audit_witness_refused").set(0.0);
+        for event in ["recorded", "refused"] {
+            metrics::counter!("baylink_delivery_notices_total", "event" => event).increment(0);
+        }
         use crate::ingest::store::AssociationEnd as End;
         for end in [
             End::Released,
@@ -423,6 +432,9 @@ pub fn register(role: Role, reserve_bytes: u64, peers: &[String]) {
                 .increment(0);
         }
         metrics::counter!("baylink_spool_full_total").increment(0);
+        for event in ["signed", "sent", "acknowledged"] {
+            metrics::counter!("baylink_delivery_notices_total", "event" => event).increment(0);
+        }
         metrics::counter!("baylink_chunk_retransmits_total").increment(0);
     }
     for kind in crate::audit::Kind::ALL {

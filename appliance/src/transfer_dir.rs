@@ -13,6 +13,8 @@
 //! spool/<id>/receipt.bin|.sig   gateway: the commit; edge: the verified receipt
 //! spool/<id>/delivered          gateway: delivery finished
 //! spool/<id>/undeliverable      gateway: the store refused it (the reason)
+//! spool/<id>/notice.bin|.sig    gateway: the signed delivery notice; edge: the verified one
+//! spool/<id>/notice.pending     gateway: the notice is owed to the edge (until it acknowledges)
 //! spool/<id>/pruned             the payload (`data/`) was removed under `spool.retain`
 //! spool/<id>/parts/             edge: hospital uploads in progress (see `ingest::store`)
 //! spool/<id>/owner              edge: the hospital that declared it through the API
@@ -191,6 +193,24 @@ impl TransferDir {
     /// batch by batch, so that a retry or a restart does not send them again.
     pub fn stow_acked(&self) -> PathBuf {
         self.root.join("stow.acked")
+    }
+
+    /// `notice.bin`: the delivery notice (gateway: signed here; edge: verified and stored).
+    pub fn notice_bin(&self) -> PathBuf {
+        self.root.join("notice.bin")
+    }
+    /// `notice.sig`: the gateway's signature over `notice.bin`.
+    pub fn notice_sig(&self) -> PathBuf {
+        self.root.join("notice.sig")
+    }
+    /// `notice.pending` (gateway): the delivery notice is owed to the edge; removed once the
+    /// edge acknowledged it.
+    pub fn notice_pending(&self) -> PathBuf {
+        self.root.join("notice.pending")
+    }
+    /// Whether the delivery notice (both files) is stored.
+    pub fn has_notice(&self) -> bool {
+        self.notice_sig().exists() && self.notice_bin().exists()
     }
 
     /// `pruned`: the payload was removed under `spool.retain`; holds the reason.

@@ -1,4 +1,5 @@
-//! `Manifest::from_bytes` (and `Receipt::from_bytes`) on arbitrary bytes.
+//! `Manifest::from_bytes` (and `Receipt::from_bytes`, `DeliveryNotice::from_bytes`) on
+//! arbitrary bytes.
 //!
 //! Byte 0 picks the mode:
 //! - even: the rest is decoded as it is;
@@ -9,10 +10,12 @@
 //!
 //! Checks, beyond not panicking: an accepted manifest re-encodes to exactly
 //! the input (canonical), its chunks tile every file, and an accepted receipt
-//! re-encodes to the input.
+//! or delivery notice re-encodes to the input.
 #![no_main]
 
-use baylink_net::proto::{Digest, Limits, Manifest, ManifestBuilder, Receipt, TransferId, sha256};
+use baylink_net::proto::{
+    DeliveryNotice, Digest, Limits, Manifest, ManifestBuilder, Receipt, TransferId, sha256,
+};
 use libfuzzer_sys::fuzz_target;
 
 fn limits() -> Limits {
@@ -85,6 +88,9 @@ fuzz_target!(|data: &[u8]| {
         check(rest);
         if let Ok(r) = Receipt::from_bytes(rest) {
             assert_eq!(r.to_bytes(), rest, "accepted receipt is not canonical");
+        }
+        if let Ok(n) = DeliveryNotice::from_bytes(rest) {
+            assert_eq!(n.to_bytes(), rest, "accepted delivery notice is not canonical");
         }
         return;
     }

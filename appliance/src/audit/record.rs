@@ -42,6 +42,9 @@ pub enum Kind {
     Receipted,
     /// The gateway delivered the transfer downstream.
     Delivered,
+    /// The edge verified and stored the gateway's signed delivery notice (`detail`: the
+    /// outcome, the digest of the store's answer, and the answer's beginning).
+    Notified,
     /// A transfer was dropped because it expired.
     Expired,
     /// The transfer stopped with an error (`detail` says which).
@@ -50,7 +53,7 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, for the series created at start.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Declared,
         Kind::Refused,
         Kind::Sealed,
@@ -58,6 +61,7 @@ impl Kind {
         Kind::Committed,
         Kind::Receipted,
         Kind::Delivered,
+        Kind::Notified,
         Kind::Expired,
         Kind::Failed,
     ];

@@ -56,6 +56,15 @@ pub(super) async fn control_stream(
     recv: quinn::RecvStream,
 ) {
     let mut frames = spawn_frame_reader(recv, gw.limits);
+    // A stream that opens with `Notices` collects delivery notices; it carries nothing else.
+    let first = frames.recv().await;
+    if let Some(Ok(Frame::Notices { .. })) = &first {
+        let notices = gw.notices.clone();
+        notices
+            .serve_stream(&peer, FrameWriter::new(send), frames)
+            .await;
+        return;
+    }
     let mut control = Control {
         receiver: Some(Receiver::new(gw.limits, gw.receiver_cfg)),
         gw,
@@ -65,7 +74,11 @@ pub(super) async fn control_stream(
         active: None,
         cancel_rx: None,
     };
-    let outcome = control.run(&mut frames).await;
+    let outcome = match control.on_frame(first).await {
+        Ok(ControlFlow::Continue(())) => control.run(&mut frames).await,
+        Ok(ControlFlow::Break(())) => Ok(()),
+        Err(e) => Err(e),
+    };
     control.end(outcome).await;
 }
 

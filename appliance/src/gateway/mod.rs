@@ -61,6 +61,8 @@ pub struct Gateway {
     pub draining: AtomicBool,
     /// The gateway's audit log (`committed` is recorded before the receipt exists).
     pub audit: crate::audit::Log,
+    /// Delivery notices owed to the edges (served on their `Notices` streams).
+    pub notices: Arc<crate::notice::Notices>,
     /// A chunk stream that brings no bytes for this long is reset.
     chunk_stall_timeout: Duration,
     active: Mutex<HashMap<TransferId, Arc<Active>>>,
@@ -82,6 +84,7 @@ impl Gateway {
         audit: crate::audit::Log,
     ) -> Gateway {
         Gateway {
+            notices: Arc::new(crate::notice::Notices::none(&spool_dir)),
             id,
             spool_dir,
             spool,
@@ -101,6 +104,12 @@ impl Gateway {
     /// (`transport.chunk_stall_timeout`).
     pub fn with_chunk_stall_timeout(mut self, limit: Duration) -> Gateway {
         self.chunk_stall_timeout = limit;
+        self
+    }
+
+    /// Serves delivery notices from `notices` (the ones the delivery worker issues).
+    pub fn with_notices(mut self, notices: Arc<crate::notice::Notices>) -> Gateway {
+        self.notices = notices;
         self
     }
 

@@ -201,6 +201,7 @@ pub fn router(
         .route("/v1/transfers/{id}/files/{*name}", put(upload))
         .route("/v1/transfers/{id}/commit", post(commit))
         .route("/v1/transfers/{id}/receipt", get(receipt))
+        .route("/v1/transfers/{id}/delivery", get(delivery))
         .route("/v1/transfers/{id}/proof", get(proof))
         .route("/dicom-web/studies", post(super::stow::stow))
         .fallback(|uri: axum::http::Uri| async move {
@@ -528,6 +529,15 @@ async fn receipt(
 ) -> Result<Response, ApiError> {
     let id = transfer_id(&id)?;
     Ok(Json(app.store.receipt(&hospital, &id).await?).into_response())
+}
+
+async fn delivery(
+    State(app): State<AppState>,
+    Extension(Hospital(hospital)): Extension<Hospital>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = transfer_id(&id)?;
+    Ok(Json(app.store.delivery(&hospital, &id).await?).into_response())
 }
 
 async fn proof(

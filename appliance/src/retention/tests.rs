@@ -87,11 +87,42 @@ fn has_payload(dir: &TransferDir) -> bool {
 #[serial_test::serial]
 fn the_gateway_removes_the_payload_of_delivered_transfers_once_retained_long_enough() {
     let f = Fixture::new();
-    let old = f.transfer(&["receipt.bin", "receipt.sig", "delivered"], 2 * DAY);
-    let young = f.transfer(&["receipt.bin", "receipt.sig", "delivered"], DAY / 2);
+    let old = f.transfer(
+        &[
+            "receipt.bin",
+            "receipt.sig",
+            "delivered",
+            "notice.bin",
+            "notice.sig",
+        ],
+        2 * DAY,
+    );
+    let young = f.transfer(
+        &[
+            "receipt.bin",
+            "receipt.sig",
+            "delivered",
+            "notice.bin",
+            "notice.sig",
+        ],
+        DAY / 2,
+    );
     let committed = f.transfer(&["receipt.bin", "receipt.sig"], 9 * DAY);
     let refused = f.transfer(&["receipt.bin", "receipt.sig", "undeliverable"], 9 * DAY);
     let receiving = f.transfer(&[], 9 * DAY);
+    // Delivered, but the edge has not acknowledged the notice, or it is not signed yet.
+    let unacknowledged = f.transfer(
+        &[
+            "receipt.bin",
+            "receipt.sig",
+            "delivered",
+            "notice.bin",
+            "notice.sig",
+            "notice.pending",
+        ],
+        9 * DAY,
+    );
+    let unsigned = f.transfer(&["receipt.bin", "receipt.sig", "delivered"], 9 * DAY);
 
     let done = f.sweep(Role::Gateway, DAY);
     assert_eq!(
@@ -107,7 +138,14 @@ fn the_gateway_removes_the_payload_of_delivered_transfers_once_retained_long_eno
     assert!(reason.contains("1day after delivery"), "{reason}");
     // The evidence stays.
     assert!(old.has_receipt() && old.manifest_bin().exists() && old.delivered().exists());
-    for kept in [&young, &committed, &refused, &receiving] {
+    for kept in [
+        &young,
+        &committed,
+        &refused,
+        &receiving,
+        &unacknowledged,
+        &unsigned,
+    ] {
         assert!(
             has_payload(kept),
             "{} lost its payload",
@@ -163,7 +201,16 @@ fn the_edge_removes_the_payload_of_receipted_transfers_only() {
 #[serial_test::serial]
 fn a_removal_cut_short_is_finished_without_a_second_record() {
     let f = Fixture::new();
-    let dir = f.transfer(&["receipt.bin", "receipt.sig", "delivered"], DAY);
+    let dir = f.transfer(
+        &[
+            "receipt.bin",
+            "receipt.sig",
+            "delivered",
+            "notice.bin",
+            "notice.sig",
+        ],
+        DAY,
+    );
     assert_eq!(f.sweep(Role::Gateway, DAY).pruned, 1);
     // As if the process died after the marker, before the files were gone.
     fs::create_dir_all(dir.data_dir()).unwrap();
@@ -179,14 +226,14 @@ fn a_removal_cut_short_is_finished_without_a_second_record() {
 #[serial_test::serial]
 fn a_finish_time_in_the_future_is_not_due_and_a_bad_manifest_is_reported() {
     let f = Fixture::new();
-    let future = f.transfer(&["delivered"], Duration::ZERO);
+    let future = f.transfer(&["delivered", "notice.bin", "notice.sig"], Duration::ZERO);
     File::options()
         .write(true)
         .open(future.delivered())
         .unwrap()
         .set_modified(SystemTime::now() + DAY)
         .unwrap();
-    let broken = f.transfer(&["delivered"], 2 * DAY);
+    let broken = f.transfer(&["delivered", "notice.bin", "notice.sig"], 2 * DAY);
     fs::write(broken.manifest_bin(), b"not a manifest").unwrap();
 
     let done = f.sweep(Role::Gateway, DAY);

@@ -79,11 +79,12 @@ fn every_audit_kind_and_retry_cause_is_created_at_start() {
             | AuditKind::Committed
             | AuditKind::Receipted
             | AuditKind::Delivered
+            | AuditKind::Notified
             | AuditKind::Expired
             | AuditKind::Failed => {}
         }
     }
-    assert_eq!(AuditKind::ALL.len(), 9);
+    assert_eq!(AuditKind::ALL.len(), 10);
     let labels: BTreeSet<_> = Cause::ALL.iter().map(|c| c.label()).collect();
     assert_eq!(labels.len(), Cause::ALL.len());
     match Cause::Other {

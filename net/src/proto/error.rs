@@ -296,6 +296,9 @@ pub enum ProtoError {
         /// Bytes given.
         actual: usize,
     },
+    /// A delivery notice with an outcome byte this build does not know.
+    #[error("delivery notice outcome {0} is unknown")]
+    UnknownOutcome(u8),
     /// A frame or chunk for a transfer other than this one.
     #[error("transfer {got} is not this transfer ({expected})")]
     UnknownTransfer {
@@ -408,6 +411,7 @@ impl ProtoError {
             | ProtoError::BadUtf8 { .. }
             | ProtoError::BadMagic { .. }
             | ProtoError::UnknownErrorCode(_)
+            | ProtoError::UnknownOutcome(_)
             | ProtoError::BadChunkSet { .. } => ErrorCode::BadFrame,
             ProtoError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtoError::FrameTooLong { .. } => ErrorCode::FrameTooLong,

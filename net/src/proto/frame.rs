@@ -15,11 +15,20 @@
 //! 0x08 Witness   u8 version | u16 len, signed checkpoint | u64 old size
 //!                | u16 count, count × 32 consistency proof
 //! 0x09 Cosigned  u8 version | u16 len, cosignature line
+//! 0x0A Notices   u8 version
+//! 0x0B Notice    u32 len, delivery notice | u16 len, signature
+//! 0x0C NoticeAck 16 transfer id
 //! ```
 //!
 //! `Witness` opens a control stream of its own (no `Hello`/`Offer`): the edge asks the
 //! gateway to witness its audit log's latest checkpoint; the gateway answers `Cosigned` or
 //! `Error`.
+//!
+//! `Notices` opens a control stream of its own too: the edge asks for the gateway's delivery
+//! notices of its transfers. The gateway sends a `Notice` for each one not yet acknowledged,
+//! then each new one as it is signed, for as long as the stream stays open; the edge answers
+//! each notice it has stored (or already had) with `NoticeAck`, after which the gateway
+//! forgets it.
 //!
 //! Texts are UTF-8 of at most [`Limits::max_text_len`] bytes. A payload must
 //! be consumed exactly. An unknown type, an over-long length, or a malformed
@@ -43,9 +52,14 @@ const RECEIPT: u8 = 0x06;
 const ERROR: u8 = 0x07;
 const WITNESS: u8 = 0x08;
 const COSIGNED: u8 = 0x09;
+const NOTICES: u8 = 0x0A;
+const NOTICE: u8 = 0x0B;
+const NOTICE_ACK: u8 = 0x0C;
 
 /// Version of the `Witness`/`Cosigned` payloads this build speaks.
 pub const WITNESS_VERSION: u8 = 1;
+/// Version of the `Notices` stream this build speaks.
+pub const NOTICES_VERSION: u8 = 1;
 /// Largest signed checkpoint note a `Witness` frame may carry.
 pub const MAX_WITNESS_NOTE_LEN: u16 = 8192;
 /// Most hashes in a `Witness` consistency proof (a tree of 2^64 leaves needs fewer than 128).
@@ -114,6 +128,23 @@ pub enum Frame {
         /// One signed-note signature line (without its newline).
         signature: String,
     },
+    /// Edge → gateway: send me the delivery notices of my transfers (opens a notice stream).
+    Notices {
+        /// [`NOTICES_VERSION`].
+        version: u8,
+    },
+    /// Gateway → edge: one signed delivery notice.
+    Notice {
+        /// [`super::DeliveryNotice::to_bytes`].
+        notice: Bytes,
+        /// The gateway HSM's signature over it.
+        signature: Bytes,
+    },
+    /// Edge → gateway: the notice of this transfer is stored; do not send it again.
+    NoticeAck {
+        /// The transfer the notice was about.
+        transfer_id: TransferId,
+    },
     /// Either way: the transfer stops.
     Error {
         /// Why, as a stable code.
@@ -136,6 +167,9 @@ impl Frame {
             Frame::Error { .. } => "Error",
             Frame::Witness { .. } => "Witness",
             Frame::Cosigned { .. } => "Cosigned",
+            Frame::Notices { .. } => "Notices",
+            Frame::Notice { .. } => "Notice",
+            Frame::NoticeAck { .. } => "NoticeAck",
         }
     }
 
@@ -150,6 +184,9 @@ impl Frame {
             Frame::Error { .. } => ERROR,
             Frame::Witness { .. } => WITNESS,
             Frame::Cosigned { .. } => COSIGNED,
+            Frame::Notices { .. } => NOTICES,
+            Frame::Notice { .. } => NOTICE,
+            Frame::NoticeAck { .. } => NOTICE_ACK,
         }
     }
 
@@ -228,6 +265,12 @@ pub fn encode(frame: &Frame, buf: &mut BytesMut) {
             buf.put_u8(*version);
             put_str16(buf, signature);
         }
+        Frame::Notices { version } => buf.put_u8(*version),
+        Frame::Notice { notice, signature } => {
+            put_bytes32(buf, notice);
+            put_bytes16(buf, signature);
+        }
+        Frame::NoticeAck { transfer_id } => buf.put_slice(&transfer_id.0),
     }
     let len = u32::try_from(buf.len() - start - FRAME_HEADER_LEN).unwrap_or(u32::MAX);
     buf[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
@@ -294,7 +337,7 @@ impl FrameDecoder {
             return Ok(None);
         };
         let kind = header[0];
-        if !(HELLO..=COSIGNED).contains(&kind) {
+        if !(HELLO..=NOTICE_ACK).contains(&kind) {
             return Err(ProtoError::UnknownFrame(kind));
         }
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
@@ -379,6 +422,25 @@ fn decode_payload(kind: u8, payload: Bytes, limits: &Limits) -> Result<Frame, Pr
         COSIGNED => Frame::Cosigned {
             version: witness_version(r.u8()?)?,
             signature: r.str16(text, "cosignature")?.to_owned(),
+        },
+        NOTICES => {
+            let version = r.u8()?;
+            if version != NOTICES_VERSION {
+                return Err(ProtoError::UnsupportedVersion {
+                    what: "notices frame",
+                    version: u16::from(version),
+                    supported: u16::from(NOTICES_VERSION),
+                });
+            }
+            Frame::Notices { version }
+        }
+        NOTICE => {
+            let notice = payload.slice_ref(r.bytes32(limits.max_frame_len, "delivery notice")?);
+            let signature = payload.slice_ref(r.bytes16()?);
+            Frame::Notice { notice, signature }
+        }
+        NOTICE_ACK => Frame::NoticeAck {
+            transfer_id: TransferId(r.array()?),
         },
         other => return Err(ProtoError::UnknownFrame(other)),
     };
@@ -503,6 +565,14 @@ mod tests {
                 version: WITNESS_VERSION,
                 signature
             }),
+            Just(Frame::Notices {
+                version: NOTICES_VERSION
+            }),
+            (arb_bytes(200), arb_bytes(80))
+                .prop_map(|(notice, signature)| Frame::Notice { notice, signature }),
+            any::<[u8; 16]>().prop_map(|id| Frame::NoticeAck {
+                transfer_id: TransferId(id)
+            }),
         ]
     }
 
@@ -551,6 +621,16 @@ mod tests {
             Frame::Cosigned {
                 version: WITNESS_VERSION,
                 signature: "\u{2014} baylink.witness/gateway AAAA".into(),
+            },
+            Frame::Notices {
+                version: NOTICES_VERSION,
+            },
+            Frame::Notice {
+                notice: Bytes::from_static(b"BLDN"),
+                signature: Bytes::from_static(&[9; 64]),
+            },
+            Frame::NoticeAck {
+                transfer_id: TransferId([4; 16]),
             },
         ];
         let mut wire = BytesMut::new();
@@ -603,6 +683,26 @@ mod tests {
         let mut dec = FrameDecoder::new(Limits::default());
         dec.push(&long.to_bytes());
         assert!(dec.next_frame().is_err());
+    }
+
+    #[test]
+    fn notices_frames_are_versioned() {
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&[NOTICES, 0, 0, 0, 1, 2]);
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::UnsupportedVersion { version: 2, .. })
+        ));
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&[NOTICE_ACK, 0, 0, 0, 15]);
+        dec.push(&[0; 15]);
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::Truncated { .. })
+        ));
+        let mut dec = FrameDecoder::new(Limits::default());
+        dec.push(&[0x0d, 0, 0, 0, 0]);
+        assert_eq!(dec.next_frame(), Err(ProtoError::UnknownFrame(0x0d)));
     }
 
     #[test]

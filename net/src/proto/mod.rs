@@ -13,6 +13,8 @@
 //!   Its canonical binary encoding ([`Manifest::to_bytes`]) is what the edge's
 //!   HSM signs. [`ManifestBuilder`] and [`ChunkHasher`] build one.
 //! - [`Receipt`]: what the gateway's HSM signs once a transfer is committed.
+//! - [`DeliveryNotice`]: what the gateway's HSM signs once the record store took a committed
+//!   transfer, or refused it.
 //! - [`Frame`], [`encode`] and [`FrameDecoder`]: the control stream.
 //!   Every frame is `u8 type | u32 BE payload length | payload`; the decoder
 //!   checks the length against [`Limits::max_frame_len`] before buffering
@@ -57,6 +59,7 @@ mod frame;
 mod manifest;
 pub mod merkle;
 mod name;
+mod notice;
 mod receipt;
 mod receiver;
 mod sender;
@@ -71,13 +74,16 @@ pub use chunkset::{ChunkSet, Indices};
 pub use error::{ErrorCode, ProtoError};
 pub use frame::{
     ChunkHeader, FRAME_HEADER_LEN, Frame, FrameDecoder, MAX_CONSISTENCY_HASHES,
-    MAX_WITNESS_NOTE_LEN, WITNESS_VERSION, encode,
+    MAX_WITNESS_NOTE_LEN, NOTICES_VERSION, WITNESS_VERSION, encode,
 };
 pub use manifest::{
     ChunkHasher, ChunkLocation, FileEntry, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest,
     ManifestBuilder, check_process_id,
 };
 pub use name::{MAX_FILE_NAME_LEN, NameError, validate_file_name};
+pub use notice::{
+    DeliveryNotice, MAX_NOTICE_ANSWER_LEN, NOTICE_MAGIC, NOTICE_VERSION, Outcome, cut_text,
+};
 pub use receipt::{RECEIPT_MAGIC, RECEIPT_VERSION, Receipt};
 pub use receiver::{Receiver, ReceiverAction, ReceiverConfig};
 pub use sender::{Sender, SenderAction, SenderConfig};

@@ -278,6 +278,9 @@ impl Sender {
             Frame::Offer { .. } => return self.unexpected("Offer"),
             Frame::Witness { .. } => return self.unexpected("Witness"),
             Frame::Cosigned { .. } => return self.unexpected("Cosigned"),
+            Frame::Notices { .. } => return self.unexpected("Notices"),
+            Frame::Notice { .. } => return self.unexpected("Notice"),
+            Frame::NoticeAck { .. } => return self.unexpected("NoticeAck"),
         }
         self.pump();
         Ok(())

@@ -15,6 +15,8 @@ use baylink_tests::{Deployment, EVENT_WAIT, Orthanc, Service, orthanc_unavailabl
 
 use super::compliance::audit_records;
 use super::dicom::{instance, sop_uid};
+use super::ingest::Api;
+use super::notice::{audit_verifies, notified, upload, wait_settled};
 
 /// One request the stub store received.
 #[derive(Debug, Clone)]
@@ -476,4 +478,65 @@ fn deliver_sends_a_confirmed_batch_once_across_a_retry_and_a_restart() {
     }
     assert!(seen.len() >= 3);
     assert!(d.path(&format!("spool/gateway/{id}/delivered")).exists());
+}
+
+/// A transfer the store refuses instance by instance (STOW-RS 409 with FailedSOPSequence) is
+/// set aside; the gateway's signed notice says so, and the hospital's status reaches `failed`
+/// naming each refused instance with the store's FailureReason.
+#[test]
+fn delivery_notice_of_a_refused_transfer_fails_it_with_each_instances_reason() {
+    let store = StubStore::start(Box::new(|_, _| {
+        let uid = sop_uid(31);
+        answer(
+            409,
+            &[],
+            &format!(
+                r#"{{"00081198":{{"vr":"SQ","Value":[{{"00081150":{{"vr":"UI","Value":["1.2.840.10008.5.1.4.1.1.7"]}},"00081155":{{"vr":"UI","Value":["{uid}"]}},"00081197":{{"vr":"US","Value":[43264]}}}}]}}}}"#
+            ),
+        )
+    }));
+    let (d, gateway) = gateway_for(&store, "1s", &[]);
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let api = Api { d: &d };
+    let src = d.path("study");
+    let file = instance(&src, 31, Some("P-0001"));
+    let id = upload(&api, "x.dcm", &file);
+
+    let s = wait_settled(&api, &id);
+    assert_eq!(s["state"], "failed", "{s}\nedge:\n{}", edge.log());
+    let error = s["error"].as_str().unwrap();
+    assert!(error.contains("undeliverable"), "{error}");
+    assert!(
+        error.contains(&format!("{}: failure reason 0xa900", sop_uid(31))),
+        "{error}"
+    );
+    // The receipt stays: the transfer crossed, the record store refused it.
+    assert!(s["receipt"]["merkle_root"].is_string(), "{s}");
+    let a = api.curl(
+        Some("hospital-a"),
+        &[&api.url(&format!("/v1/transfers/{id}/delivery"))],
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let doc = a.json();
+    assert_eq!(doc["fields"]["outcome"], "undeliverable");
+    assert!(
+        doc["fields"]["answer"]
+            .as_str()
+            .unwrap()
+            .contains("failure reason 0xa900"),
+        "{doc}"
+    );
+    let records = notified(&d, &id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(
+        records[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("undeliverable; store answer sha256 "),
+        "{records:?}"
+    );
+    assert_eq!(store.seen().len(), 1, "refused content is not retried");
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+    audit_verifies(&d.edge_config());
 }

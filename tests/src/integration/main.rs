@@ -21,6 +21,7 @@ mod hsm_cli;
 mod info;
 mod ingest;
 mod link;
+mod notice;
 mod orthanc;
 mod peer;
 mod privacy;

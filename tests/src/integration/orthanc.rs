@@ -323,3 +323,51 @@ fn a_store_whose_certificate_is_not_from_delivery_ca_gets_nothing() {
     );
     assert_eq!(orthanc.instance_count().unwrap(), 0);
 }
+
+/// A hospital upload over HTTPS, delivered by STOW-RS into a real Orthanc: the hospital's
+/// long poll reaches `delivered`, and the gateway's signed notice names the transfer, its
+/// Merkle root and Orthanc's RetrieveURL.
+#[test]
+fn delivery_notice_a_hospital_upload_in_orthanc_reaches_delivered() {
+    if skip() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let d = deployment(&orthanc.dicomweb_url(), &[]);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let api = super::ingest::Api { d: &d };
+    let src = d.path("study");
+    let file = instance(&src, 41, Some("P-0001"));
+    let id = super::notice::upload(&api, "i41.dcm", &file);
+
+    let s = super::notice::wait_settled(&api, &id);
+    assert_eq!(
+        s["state"],
+        "delivered",
+        "{s}\ngateway:\n{}\nedge:\n{}",
+        gateway.log(),
+        edge.log()
+    );
+    stored_identical(&orthanc, &sop_uid(41), &file);
+    let a = api.curl(
+        Some("hospital-a"),
+        &[&api.url(&format!("/v1/transfers/{id}/delivery"))],
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let n = &a.json()["fields"];
+    assert_eq!(n["outcome"], "delivered");
+    assert_eq!(n["transfer_id"], id.as_str());
+    assert_eq!(n["merkle_root"], s["receipt"]["merkle_root"]);
+    assert!(
+        n["answer"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/studies/", orthanc.dicomweb_url())),
+        "{n}"
+    );
+    assert_eq!(super::notice::notified(&d, &id).len(), 1);
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+    super::notice::audit_verifies(&d.edge_config());
+}

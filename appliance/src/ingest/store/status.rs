@@ -162,6 +162,31 @@ pub struct Downloads {
     pub receipt: String,
     /// `/v1/transfers/{id}/proof`: the audit inclusion proof.
     pub proof: String,
+    /// `/v1/transfers/{id}/delivery`: the gateway's signed delivery notice, once stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<String>,
+}
+
+/// The gateway's signed delivery notice as the edge stores it, with what is needed to verify
+/// it (`GET /v1/transfers/{id}/delivery`, `application/json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryDownload {
+    /// Always `baylink-delivery-notice/1`.
+    pub format: &'static str,
+    /// Transfer id.
+    pub transfer: String,
+    /// The notice bytes (`notice.bin`), base64.
+    pub notice: String,
+    /// The gateway's HSM signature (`notice.sig`), base64: ECDSA P-256 / SHA-256, r ‖ s
+    /// (64 bytes), over `signed_prefix` followed by the notice bytes.
+    pub signature: String,
+    /// The domain-separation prefix signed before the notice bytes.
+    pub signed_prefix: String,
+    /// The notice's fields, decoded (digests in hex).
+    pub fields: baylink_net::proto::DeliveryNotice,
+    /// The gateway's public key the edge pinned (`peer.signing_key`), PEM, if readable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_public_key: Option<String>,
 }
 
 /// The gateway's signed receipt as the edge stores it, with what is needed to verify it
@@ -233,16 +258,49 @@ impl IngestStore {
             if st.state == state {
                 return Ok(());
             }
-            st.state = state;
-            st.stages.push(Stage {
-                stage: state,
-                at: now_rfc3339(),
-            });
-            if error.is_some() {
-                st.error = error;
-            }
-            if state == TransferState::Committed {
+            let notice = crate::notice::stored(&dir);
+            if state == TransferState::Committed
+                && notice.is_some()
+                && st.stages.last().is_some_and(|s| {
+                    matches!(s.stage, TransferState::Delivered | TransferState::Failed)
+                })
+            {
+                // The delivery notice overtook the stored receipt: keep its state, and put
+                // `committed` where it belongs, before it.
                 st.receipt = receipt_info(&dir);
+                let at = st.stages.len() - 1;
+                st.stages.insert(
+                    at,
+                    Stage {
+                        stage: TransferState::Committed,
+                        at: now_rfc3339(),
+                    },
+                );
+            } else {
+                st.state = state;
+                st.stages.push(Stage {
+                    stage: state,
+                    at: now_rfc3339(),
+                });
+                if error.is_some() {
+                    st.error = error;
+                }
+                if state == TransferState::Committed {
+                    st.receipt = receipt_info(&dir);
+                    // The notice came before the receipt was stored: it moves the transfer
+                    // on at once.
+                    if let Some(n) = &notice {
+                        let (next, error) = delivery_state(n);
+                        st.state = next;
+                        st.stages.push(Stage {
+                            stage: next,
+                            at: now_rfc3339(),
+                        });
+                        if error.is_some() {
+                            st.error = error;
+                        }
+                    }
+                }
             }
             if matches!(state, TransferState::Sealed) {
                 let (files, bytes) = finished_files(&dir);
@@ -260,9 +318,24 @@ impl IngestStore {
         self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// The edge stored the gateway's delivery notice of a transfer: a hospital upload moves
+    /// to `delivered`, or to `failed` with the store's reason (long polls wake). A transfer
+    /// that is not a hospital upload (a `baylink send`) has no status to move.
+    pub async fn delivery_noticed(&self, notice: &baylink_net::proto::DeliveryNotice) {
+        let dir = self.dir(&notice.transfer_id);
+        // Before its receipt is stored the transfer is not `committed` yet: that step picks
+        // the stored notice up (`add_stage`).
+        if !super::is_ingest_transfer(&dir) || !status_path(&dir).exists() || !dir.has_receipt() {
+            return;
+        }
+        let (state, error) = delivery_state(notice);
+        self.add_stage(&notice.transfer_id, state, error).await;
+    }
+
     /// [`IngestStore::status`], answered once the state differs from what it was when asked,
     /// the state is final (`committed`, `delivered`, `refused`, `failed`), or `wait` has
-    /// passed, whichever comes first (a long poll: clients need not poll in a loop).
+    /// passed, whichever comes first (a long poll: clients need not poll in a loop). A
+    /// `committed` transfer is waited on too: its delivery notice moves it on.
     pub async fn status_after_change(
         &self,
         hospital: &str,
@@ -271,7 +344,7 @@ impl IngestStore {
     ) -> Result<TransferStatus, IngestError> {
         let mut changes = self.inner.changes.subscribe();
         let first = self.status(hospital, id).await?;
-        if wait.is_zero() || first.state.is_final() {
+        if wait.is_zero() || (first.state.is_final() && first.state != TransferState::Committed) {
             return Ok(first);
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -311,10 +384,31 @@ impl IngestStore {
             st.files = s.files.len();
             st.bytes = s.files.values().sum();
         }
-        if st.receipt.is_some() || self.dir(id).receipt_sig().exists() {
+        let dir = self.dir(id);
+        // A notice stored by another process (a `send --wait-delivered` collected it) counts
+        // as well as one this process recorded.
+        let notice = if dir.has_notice() {
+            let d = dir.clone();
+            blocking(move || Ok(crate::notice::stored(&d))).await?
+        } else {
+            None
+        };
+        if let Some(n) = &notice
+            && st.state == TransferState::Committed
+        {
+            let (state, error) = delivery_state(n);
+            st.state = state;
+            if error.is_some() {
+                st.error = error;
+            }
+        }
+        if st.receipt.is_some() || dir.receipt_sig().exists() {
             st.downloads = Some(Downloads {
                 receipt: format!("/v1/transfers/{id}/receipt"),
                 proof: format!("/v1/transfers/{id}/proof"),
+                delivery: notice
+                    .is_some()
+                    .then(|| format!("/v1/transfers/{id}/delivery")),
             });
         }
         Ok(st)
@@ -370,6 +464,51 @@ impl IngestStore {
         .await
     }
 
+    /// The gateway's signed delivery notice of transfer `id` for `hospital` (404 for another
+    /// hospital's transfer or an unknown id, 409 before the notice arrived).
+    pub async fn delivery(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+    ) -> Result<DeliveryDownload, IngestError> {
+        let st = self.status(hospital, id).await?;
+        if st
+            .downloads
+            .as_ref()
+            .and_then(|d| d.delivery.as_ref())
+            .is_none()
+        {
+            return Err(IngestError::Conflict(format!(
+                "no delivery notice yet: the transfer is {}",
+                serde_json::to_value(st.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            )));
+        }
+        let dir = self.dir(id);
+        let key_path = self.inner.edge.config().peer_signing_key.clone();
+        let id = id.to_string();
+        blocking(move || {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let notice = std::fs::read(dir.notice_bin()).map_err(internal("notice.bin"))?;
+            let signature = std::fs::read(dir.notice_sig()).map_err(internal("notice.sig"))?;
+            let fields = baylink_net::proto::DeliveryNotice::from_bytes(&notice)
+                .map_err(|e| IngestError::Internal(format!("notice.bin: {e}")))?;
+            Ok(DeliveryDownload {
+                format: "baylink-delivery-notice/1",
+                transfer: id,
+                notice: b64.encode(&notice),
+                signature: b64.encode(signature),
+                signed_prefix: String::from_utf8_lossy(crate::signing::DELIVERY_NOTICE_CONTEXT)
+                    .into_owned(),
+                fields,
+                gateway_public_key: std::fs::read_to_string(&key_path).ok(),
+            })
+        })
+        .await
+    }
+
     /// The audit inclusion proof of transfer `id`'s records (the JSON of `baylink audit
     /// prove --transfer ID`), for `hospital`; signs a checkpoint first so the proof covers
     /// every record written so far.
@@ -390,6 +529,20 @@ impl IngestStore {
                 .map_err(|e| IngestError::Internal(format!("audit proof: {e}")))
         })
         .await
+    }
+}
+
+/// The state a delivery notice moves a committed transfer to, and the error it shows.
+fn delivery_state(n: &baylink_net::proto::DeliveryNotice) -> (TransferState, Option<String>) {
+    match n.outcome {
+        baylink_net::proto::Outcome::Delivered => (TransferState::Delivered, None),
+        baylink_net::proto::Outcome::Undeliverable => (
+            TransferState::Failed,
+            Some(format!(
+                "the record store refused it; the gateway set it aside as undeliverable: {}",
+                n.answer
+            )),
+        ),
     }
 }
 
