@@ -376,7 +376,8 @@ pub(super) fn transfers(d: &Deployment) -> Vec<PathBuf> {
 
 #[test]
 fn bad_declarations_are_refused_naming_the_field_or_rule() {
-    let d = Deployment::new().unwrap();
+    // The gateway's certificate is presented below with its key: PEM files, not the HSM.
+    let d = Deployment::with_tls_key_files().unwrap();
     let _edge = edge(&d);
     let api = Api { d: &d };
     let cases = [
