@@ -213,6 +213,11 @@ fn pem_body(text: &str) -> String {
 #[test]
 fn edge_reload_renews_the_https_door_and_the_link_without_dropping_an_upload() {
     let d = Deployment::new().unwrap();
+    // The gateway's trust gets its own file: it will trust the renewal CA only, so the
+    // transfer after the reload proves the edge connects with its renewed certificate.
+    std::fs::copy(d.path("pki/ca.pem"), d.path("pki/gateway-ca.pem")).unwrap();
+    d.set("gateway.toml", "tls", "ca", "\"pki/gateway-ca.pem\"")
+        .unwrap();
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let edge = d.serve(&d.edge_config()).unwrap();
     let api = Api { d: &d };
@@ -260,11 +265,13 @@ fn edge_reload_renews_the_https_door_and_the_link_without_dropping_an_upload() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // Renew both appliances under the renewal CA; both trust both CAs.
+    // Renew the edge under the renewal CA: the edge trusts both CAs (its hospitals and the
+    // gateway keep their certificates), the gateway only the renewal CA.
     let renewal = Authority::new("renewal CA").unwrap();
     let mut bundle = std::fs::read_to_string(d.path("pki/ca.pem")).unwrap();
     bundle.push_str(renewal.cert_pem());
     std::fs::write(d.path("pki/ca.pem"), bundle).unwrap();
+    std::fs::write(d.path("pki/gateway-ca.pem"), renewal.cert_pem()).unwrap();
     signal(gateway.pid(), "HUP").unwrap();
     gateway.wait_for_log(&[RELOADED], WAIT);
     let new = renew(&d, &renewal, "edge");
@@ -285,7 +292,8 @@ fn edge_reload_renews_the_https_door_and_the_link_without_dropping_an_upload() {
         "{}",
         edge.log()
     );
-    // The edge connects to the gateway with its renewed certificate for this transfer.
+    // The edge connects to the gateway with its renewed certificate for this transfer (the
+    // gateway now trusts nothing else).
     let c = api.commit("hospital-a", &id);
     assert_eq!(c.status, 202, "{c:?}");
     api.wait_state(&id, "committed");
