@@ -27,6 +27,7 @@ use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStat
 use crate::policy::{Decision, Declaration, Policy, Refusal, SharedPolicy};
 use crate::seal::{self, SealProgress};
 use crate::signing::{Keys, RECEIPT_CONTEXT};
+use crate::tls_reload::Swap;
 use crate::transfer_dir::{self, TransferDir, write_atomic};
 
 /// How long the edge waits for the gateway to witness an audit checkpoint.
@@ -201,7 +202,10 @@ pub enum SendRequest {
 pub struct Edge {
     cfg: Arc<Config>,
     keys: Keys,
-    identity: TlsIdentity,
+    /// `tls.cert` and `tls.key` as last loaded (at start or by a SIGHUP reload).
+    identity: Swap<TlsIdentity>,
+    /// What new connections to the gateway handshake with (replaced by a SIGHUP reload).
+    client: Swap<quinn::ClientConfig>,
     spool: Spool,
     endpoint: quinn::Endpoint,
     policy: SharedPolicy,
@@ -256,10 +260,14 @@ impl Edge {
         };
         let endpoint = transport::client_endpoint(bind, &ca, &identity, &cfg.link)
             .map_err(anyhow::Error::from)?;
+        let client = Swap::new(
+            transport::client_config(&ca, &identity, &cfg.link).map_err(anyhow::Error::from)?,
+        );
         Ok(Edge {
             cfg,
             keys,
-            identity,
+            identity: Swap::new(identity),
+            client,
             spool,
             endpoint,
             policy,
@@ -308,9 +316,37 @@ impl Edge {
         &self.keys
     }
 
-    /// This appliance's TLS identity (`tls.cert` and `tls.key`), for the hospital API too.
-    pub fn tls_identity(&self) -> &TlsIdentity {
-        &self.identity
+    /// This appliance's TLS identity (`tls.cert` and `tls.key`) in force, for the hospital
+    /// API too.
+    pub fn tls_identity(&self) -> Arc<TlsIdentity> {
+        self.identity.current()
+    }
+
+    /// The QUIC client configuration for `loaded` (step one of a TLS reload: fails without
+    /// changing anything).
+    pub fn link_tls_config(
+        &self,
+        loaded: &crate::tls_reload::Loaded,
+    ) -> anyhow::Result<quinn::ClientConfig> {
+        Ok(transport::client_config(
+            &loaded.ca,
+            &loaded.identity,
+            &self.cfg.link,
+        )?)
+    }
+
+    /// Puts a reloaded identity and its client configuration in force: connections opened
+    /// from now on use them; those open keep theirs.
+    pub fn replace_tls(&self, identity: TlsIdentity, client: quinn::ClientConfig) {
+        self.client.replace(client);
+        self.identity.replace(identity);
+    }
+
+    /// Opens a connection to the gateway with the client configuration in force.
+    fn connect_link(&self, addr: SocketAddr) -> Result<quinn::Connecting, quinn::ConnectError> {
+        let config = quinn::ClientConfig::clone(&self.client.current());
+        self.endpoint
+            .connect_with(config, addr, &self.cfg.transport.server_name)
     }
 
     /// The configuration the edge runs with.
@@ -623,8 +659,7 @@ impl Edge {
             let sent_before = stats.wire_bytes();
             let attempt = async {
                 let conn = self
-                    .endpoint
-                    .connect(connect, &self.cfg.transport.server_name)
+                    .connect_link(connect)
                     .map_err(|e| SendError::Link(crate::link::LinkError::Lost(e.to_string())))?
                     .await
                     .map_err(|e| SendError::Link(e.into()))?;
@@ -789,8 +824,7 @@ impl Edge {
             .connect
             .context("transport.connect is not set")?;
         let conn = self
-            .endpoint
-            .connect(connect, &self.cfg.transport.server_name)?
+            .connect_link(connect)?
             .await
             .context("witness: cannot connect to the gateway")?;
         let (send, recv) = conn.open_bi().await?;
@@ -954,10 +988,7 @@ impl Edge {
         loop {
             let started = Instant::now();
             let res = async {
-                let conn = self
-                    .endpoint
-                    .connect(connect, &self.cfg.transport.server_name)?
-                    .await?;
+                let conn = self.connect_link(connect)?.await?;
                 let res = self.collect_notices(&conn, None, on_notice).await;
                 conn.close(crate::link::CLOSE_OK.into(), b"notices");
                 res
@@ -995,10 +1026,7 @@ impl Edge {
                 return Ok(n);
             }
             let attempt = async {
-                let conn = self
-                    .endpoint
-                    .connect(connect, &self.cfg.transport.server_name)?
-                    .await?;
+                let conn = self.connect_link(connect)?.await?;
                 let res = self.collect_notices(&conn, Some(id), &|_| {}).await;
                 conn.close(crate::link::CLOSE_OK.into(), b"notice received");
                 res

@@ -39,4 +39,5 @@ pub mod secrets;
 pub mod serve;
 pub mod signing;
 pub mod telemetry;
+pub mod tls_reload;
 pub mod transfer_dir;

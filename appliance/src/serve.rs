@@ -147,6 +147,7 @@ async fn serve_gateway(
     let endpoint = transport::server_endpoint(listen, &ca, &edges, &identity, &cfg.link)
         .with_context(|| format!("cannot listen on {listen} (transport.listen)"))?;
     let probe = ops::HealthProbe::new(spool.clone(), &cfg.spool_dir, keys.clone());
+    let token = keys.token.clone();
     let gw = Arc::new(
         Gateway::new(
             cfg.id.clone(),
@@ -162,18 +163,32 @@ async fn serve_gateway(
         .with_notices(notices),
     );
 
-    // `systemctl reload` sends SIGHUP to either role. The gateway has no policy to reload;
-    // it looks for committed transfers to deliver again (one set aside as undeliverable
-    // whose `undeliverable` file an operator removed).
+    // `systemctl reload` sends SIGHUP to either role. The gateway has no policy to reload:
+    // it reloads its TLS certificate, key and CA (new handshakes use them), then looks for
+    // committed transfers to deliver again (one set aside as undeliverable whose
+    // `undeliverable` file an operator removed).
     let rescan = (queue.clone(), cfg.spool_dir.clone());
     let mut hup = signals.hup.take().context("SIGHUP handler taken")?;
-    tokio::spawn(async move {
-        let (queue, spool_dir) = rescan;
-        while hup.recv().await.is_some() {
-            let (q, dir) = (queue.clone(), spool_dir.clone());
-            match tokio::task::spawn_blocking(move || q.rescan(&dir)).await {
-                Ok(requeued) => info!(requeued, "SIGHUP: delivery queue rescanned"),
-                Err(e) => warn!(error = %e, "SIGHUP: rescan task failed"),
+    tokio::spawn({
+        let (cfg, endpoint, gw) = (Arc::new(cfg.clone()), endpoint.clone(), gw.clone());
+        let expiry_files = certificate_files(&cfg);
+        async move {
+            let (queue, spool_dir) = rescan;
+            while hup.recv().await.is_some() {
+                crate::tls_reload::reload(cfg.clone(), token.clone(), &expiry_files, |l| {
+                    let config = transport::server_config(&l.ca, &edges, &l.identity, &cfg.link)?;
+                    // A drain has closed the endpoint to new connections: it stays closed.
+                    if !gw.draining.load(Ordering::SeqCst) {
+                        endpoint.set_server_config(Some(config));
+                    }
+                    Ok(())
+                })
+                .await;
+                let (q, dir) = (queue.clone(), spool_dir.clone());
+                match tokio::task::spawn_blocking(move || q.rescan(&dir)).await {
+                    Ok(requeued) => info!(requeued, "SIGHUP: delivery queue rescanned"),
+                    Err(e) => warn!(error = %e, "SIGHUP: rescan task failed"),
+                }
             }
         }
     });
@@ -284,11 +299,19 @@ async fn serve_edge(
         let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone(), listen).await?;
         tokio::spawn(scp.serve(drain.clone(), associations.clone()));
     }
-    if cfg.ingest.listen.is_some() {
+    // The hospital API's TLS configuration, replaced by a SIGHUP reload.
+    let https_tls = match cfg.ingest.listen {
+        Some(_) => Some(crate::tls_reload::Swap::new(ingest::http::tls_config(
+            &cfg,
+            &edge.tls_identity(),
+        )?)),
+        None => None,
+    };
+    if let Some(tls) = &https_tls {
         let (bound, server) = ingest::http::bind(
             &cfg,
             store.clone(),
-            edge.tls_identity(),
+            tls.clone(),
             drain.clone(),
             connections.clone(),
         )
@@ -296,9 +319,10 @@ async fn serve_edge(
         tokio::spawn(server);
         info!(listen = %bound, "hospital API listening");
     }
-    tokio::spawn(reload_policy_on_sighup(
+    tokio::spawn(reload_on_sighup(
         cfg.clone(),
-        edge.shared_policy().clone(),
+        edge.clone(),
+        https_tls,
         signals.hup.take().context("SIGHUP handler taken")?,
     ));
     if let Some(idle) = cfg.ingest.open_timeout {
@@ -512,29 +536,51 @@ async fn final_checkpoint(log: &audit::Log) {
     }
 }
 
-/// Reloads the policy (consent registry, negative list, hospitals) from the files the config
-/// names on every SIGHUP (`systemctl reload`). A policy that does not load is reported and the
-/// one in force stays: a typo never opens or closes the channel by accident.
-async fn reload_policy_on_sighup(
+/// Edge, on every SIGHUP (`systemctl reload`): first the policy (consent registry, negative
+/// list, hospitals) from the files the config names, then the TLS certificate, key and CA
+/// (the link to the gateway and the hospital API `https`, all or none; see
+/// [`crate::tls_reload`]). What does not load is reported and what is in force stays: a typo
+/// never opens or closes the channel by accident.
+async fn reload_on_sighup(
     cfg: Arc<Config>,
-    policy: SharedPolicy,
+    edge: Edge,
+    https: Option<crate::tls_reload::Swap<rustls::ServerConfig>>,
     mut hup: tokio::signal::unix::Signal,
 ) {
+    let expiry_files = certificate_files(&cfg);
     while hup.recv().await.is_some() {
-        let section = cfg.policy.clone();
-        match tokio::task::spawn_blocking(move || Policy::load(&section)).await {
-            Ok(Ok(p)) => {
-                let patients = p.patients();
-                policy.replace(p);
-                metrics::counter!("baylink_policy_reloads_total", "outcome" => "ok").increment(1);
-                info!(patients, "policy reloaded");
+        reload_policy(&cfg, edge.shared_policy()).await;
+        let token = edge.keys().token.clone();
+        crate::tls_reload::reload(cfg.clone(), token, &expiry_files, |l| {
+            let client = edge.link_tls_config(l)?;
+            let door = match &https {
+                Some(_) => Some(ingest::http::tls_config(&cfg, &l.identity)?),
+                None => None,
+            };
+            if let (Some(swap), Some(door)) = (&https, door) {
+                swap.replace(door);
             }
-            Ok(Err(e)) => {
-                metrics::counter!("baylink_policy_reloads_total", "outcome" => "failed")
-                    .increment(1);
-                error!(error = %e, "policy not reloaded; the previous one stays in force");
-            }
-            Err(e) => error!(error = %e, "policy reload task failed"),
+            edge.replace_tls(l.identity.clone(), client);
+            Ok(())
+        })
+        .await;
+    }
+}
+
+/// Reloads the policy; one that does not load is reported and the one in force stays.
+async fn reload_policy(cfg: &Config, policy: &SharedPolicy) {
+    let section = cfg.policy.clone();
+    match tokio::task::spawn_blocking(move || Policy::load(&section)).await {
+        Ok(Ok(p)) => {
+            let patients = p.patients();
+            policy.replace(p);
+            metrics::counter!("baylink_policy_reloads_total", "outcome" => "ok").increment(1);
+            info!(patients, "policy reloaded");
         }
+        Ok(Err(e)) => {
+            metrics::counter!("baylink_policy_reloads_total", "outcome" => "failed").increment(1);
+            error!(error = %e, "policy not reloaded; the previous one stays in force");
+        }
+        Err(e) => error!(error = %e, "policy reload task failed"),
     }
 }

@@ -132,6 +132,12 @@ pub const FAMILIES: &[Family] = &[
         "Policy reloads on SIGHUP, by outcome.",
     ),
     family(
+        "baylink_tls_reloads_total",
+        Counter,
+        Roles::Both,
+        "TLS certificate, key and CA reloads on SIGHUP, by outcome (failed: the previous ones stay in force).",
+    ),
+    family(
         "baylink_chunk_retransmits_total",
         Counter,
         Roles::Gateway,
@@ -377,6 +383,9 @@ pub fn register(role: Role, reserve_bytes: u64, peers: &[String]) {
     for direction in ["sent", "received"] {
         metrics::counter!("baylink_bytes_total", "direction" => direction).increment(0);
     }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!("baylink_tls_reloads_total", "outcome" => outcome).increment(0);
+    }
     if role == Role::Edge {
         metrics::counter!("baylink_bytes_total", "direction" => "ingested").increment(0);
     }
@@ -553,11 +562,17 @@ pub fn watch_certificates(files: Vec<(&'static str, PathBuf)>) {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            for (key, path) in &files {
-                certificate_expiry(key, path, SystemTime::now());
-            }
+            refresh_certificates(&files);
         }
     });
+}
+
+/// Sets `baylink_certificate_expiry_seconds` for each `(config key, PEM file)` now (after a
+/// SIGHUP reload, without waiting for the next minute).
+pub fn refresh_certificates(files: &[(&'static str, PathBuf)]) {
+    for (key, path) in files {
+        certificate_expiry(key, path, SystemTime::now());
+    }
 }
 
 fn certificate_expiry(key: &'static str, path: &Path, now: SystemTime) {

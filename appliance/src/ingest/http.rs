@@ -46,6 +46,7 @@ use crate::admission::{SourceLimiter, Unidentified};
 use crate::config::Config;
 use crate::ops::{Activity, Drain};
 use crate::policy::Declaration;
+use crate::tls_reload::Swap;
 
 /// Largest declaration body accepted.
 const MAX_DECLARATION_BYTES: usize = 64 * 1024;
@@ -221,16 +222,16 @@ pub fn router(
 
 /// Binds `ingest.listen`; the returned future serves the hospital API until the drain
 /// starts (then closes the listener and returns). Each connection counts in `active` until
-/// it is closed.
+/// it is closed. Each connection's handshake uses the configuration in force in `tls` when it
+/// was accepted (a SIGHUP reload replaces it; see [`tls_config`]).
 pub async fn bind(
     cfg: &Config,
     store: IngestStore,
-    identity: &TlsIdentity,
+    tls: Swap<rustls::ServerConfig>,
     drain: Drain,
     active: Activity,
 ) -> anyhow::Result<(SocketAddr, impl Future<Output = ()> + use<>)> {
     let listen = cfg.ingest.listen.context("ingest.listen is not set")?;
-    let tls = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(cfg, identity)?));
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (ingest.listen)"))?;
@@ -265,7 +266,8 @@ pub async fn bind(
                 drop(tcp);
                 continue;
             };
-            let (tls, app, slots, drain) = (tls.clone(), app.clone(), slots.clone(), drain.clone());
+            let tls = tokio_rustls::TlsAcceptor::from(tls.current());
+            let (app, slots, drain) = (app.clone(), slots.clone(), drain.clone());
             let counted = active.enter();
             tokio::spawn(async move {
                 let _counted = counted;

@@ -28,6 +28,7 @@ mod privacy;
 mod prometheus;
 mod quota;
 mod refusal;
+mod reload;
 mod resume;
 mod retention;
 mod secrets;
