@@ -262,6 +262,7 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("ingest", Kind::Table),
     opt("ingest.listen", Kind::Str),
     opt("ingest.dicom_listen", Kind::Str),
+    opt("ingest.dicom_tls_listen", Kind::Str),
     opt("ingest.max_upload_bytes", U64),
     opt("ingest.dicom_ae_title", Kind::Str),
     opt("ingest.dicom_peers", Kind::TableList),
@@ -904,6 +905,9 @@ pub fn listen_addresses_of(cfg: &Config) -> Vec<(&'static str, &'static str, Soc
             }
             if let Some(a) = cfg.ingest.dicom_listen {
                 out.push(("ingest.dicom_listen", "tcp", a));
+            }
+            if let Some(a) = cfg.ingest.dicom_tls_listen {
+                out.push(("ingest.dicom_tls_listen", "tcp", a));
             }
         }
     }

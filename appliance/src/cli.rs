@@ -39,11 +39,11 @@ pub enum Command {
     /// token per appliance holding its signing key and its TLS key, PINs, pinned public keys, edge.toml,
     /// gateway.toml, a consent registry and the state directories. DIR must be empty or
     /// missing. Ports: edge HTTPS N, edge metrics N+1, gateway QUIC N+2, gateway metrics N+3,
-    /// edge DICOM N+4.
+    /// edge DICOM N+4, edge DICOM over TLS N+5.
     DevEnv {
         /// Directory to create the deployment in.
         dir: PathBuf,
-        /// First of the five ports.
+        /// First of the six ports.
         #[arg(long, default_value_t = crate::devenv::DEFAULT_BASE_PORT)]
         base_port: u16,
         /// PKCS#11 module to create the tokens with.

@@ -376,8 +376,12 @@ pub struct TransportSection {
 pub struct IngestSection {
     /// HTTPS hospital API.
     pub listen: Option<SocketAddr>,
-    /// DICOM C-STORE SCP.
+    /// DICOM C-STORE SCP, plain TCP: peers identified by calling AE title and source address.
     pub dicom_listen: Option<SocketAddr>,
+    /// DICOM C-STORE SCP over TLS (`ingest.dicom_tls_listen`): a client certificate from
+    /// `tls.ca` is required; its subject CN is the hospital, and the calling AE title must be a
+    /// `dicom_peers` entry of that hospital (the entry's address is not checked there).
+    pub dicom_tls_listen: Option<SocketAddr>,
     /// Upper bound on one transfer's payload.
     pub max_upload_bytes: u64,
     /// DICOM C-STORE SCP settings (`ingest.dicom_*`).
@@ -608,6 +612,7 @@ struct RawLink {
 struct RawIngest {
     listen: Option<String>,
     dicom_listen: Option<String>,
+    dicom_tls_listen: Option<String>,
     max_upload_bytes: Option<u64>,
     dicom_ae_title: Option<String>,
     #[serde(default)]
@@ -951,6 +956,7 @@ impl Config {
         let ingest = IngestSection {
             listen: addr("ingest.listen", &raw.ingest.listen)?,
             dicom_listen: addr("ingest.dicom_listen", &raw.ingest.dicom_listen)?,
+            dicom_tls_listen: addr("ingest.dicom_tls_listen", &raw.ingest.dicom_tls_listen)?,
             max_upload_bytes: raw
                 .ingest
                 .max_upload_bytes
@@ -1078,7 +1084,31 @@ impl Config {
                     format!("{} from {} is listed twice", peer.ae_title, peer.address),
                 ));
             }
+            // On the TLS port a peer is found by AE title and hospital (the certificate's
+            // CN) alone: two entries that differ only in address must agree on the purpose.
+            if ingest.dicom_tls_listen.is_some()
+                && ingest.dicom.peers.iter().any(|q| {
+                    q.ae_title == peer.ae_title
+                        && q.hospital == peer.hospital
+                        && q.purpose != peer.purpose
+                })
+            {
+                return Err(invalid(
+                    "ingest.dicom_peers.purpose",
+                    format!(
+                        "{} of {} is listed with two purposes; on ingest.dicom_tls_listen an AE \
+                         title and hospital name one peer",
+                        peer.ae_title, peer.hospital
+                    ),
+                ));
+            }
             ingest.dicom.peers.push(peer);
+        }
+        if ingest.dicom_listen.is_some() && ingest.dicom_listen == ingest.dicom_tls_listen {
+            return Err(invalid(
+                "ingest.dicom_tls_listen",
+                "must differ from ingest.dicom_listen".into(),
+            ));
         }
         if ingest.max_connections == 0 || ingest.max_connections > 4096 {
             return Err(invalid(
@@ -1860,6 +1890,22 @@ path = "delivered"
         );
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("ingest.dicom_peers.address"), "{e}");
+
+        let bad = format!(
+            "{GATEWAY}\n[ingest]\ndicom_listen = \"127.0.0.1:104\"\n\
+             dicom_tls_listen = \"127.0.0.1:104\"\n"
+        );
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("ingest.dicom_tls_listen"), "{e}");
+
+        let bad = format!(
+            "{GATEWAY}\n[ingest]\ndicom_tls_listen = \"127.0.0.1:2762\"\n\
+             [[ingest.dicom_peers]]\nae_title = \"CT1\"\naddress = \"10.0.0.1\"\nhospital = \"h\"\n\
+             [[ingest.dicom_peers]]\nae_title = \"CT1\"\naddress = \"10.0.0.2\"\nhospital = \"h\"\n\
+             purpose = \"research\"\n"
+        );
+        let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
+        assert!(e.to_string().contains("two purposes"), "{e}");
 
         let bad = format!("{GATEWAY}\n[ingest]\ndicom_ae_title = \"FAR-TOO-LONG-AE-TITLE\"\n");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

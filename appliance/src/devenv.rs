@@ -53,13 +53,15 @@ pub struct Ports {
     pub gateway_metrics: u16,
     /// Edge DICOM C-STORE.
     pub edge_dicom: u16,
+    /// Edge DICOM C-STORE over TLS.
+    pub edge_dicom_tls: u16,
 }
 
 impl Ports {
-    /// The layout of `docs/interface.md`: N, N+1, N+2, N+3, N+4.
+    /// The layout of `docs/interface.md`: N, N+1, N+2, N+3, N+4, N+5.
     pub fn from_base(base: u16) -> anyhow::Result<Ports> {
-        if base == 0 || base > u16::MAX - 4 {
-            bail!("--base-port {base} leaves no room for the five ports N..N+4");
+        if base == 0 || base > u16::MAX - 5 {
+            bail!("--base-port {base} leaves no room for the six ports N..N+5");
         }
         Ok(Ports {
             edge_ingest: base,
@@ -67,6 +69,7 @@ impl Ports {
             gateway_quic: base + 2,
             gateway_metrics: base + 3,
             edge_dicom: base + 4,
+            edge_dicom_tls: base + 5,
         })
     }
 }
@@ -364,9 +367,12 @@ fn edge_toml(p: &Ports, module: &Path, tls: TlsKeys) -> String {
          [ingest]\n\
          listen = \"127.0.0.1:{ingest}\"\n\
          dicom_listen = \"127.0.0.1:{dicom}\"\n\
+         # C-STORE over TLS: client certificate from tls.ca, its CN the hospital.\n\
+         dicom_tls_listen = \"127.0.0.1:{dicom_tls}\"\n\
          max_upload_bytes = 68719476736\n\
          dicom_ae_title = \"BAYLINK\"\n\n\
-         # Storage SCUs allowed to send: calling AE title + source address -> hospital.\n\
+         # Storage SCUs allowed to send: calling AE title + source address -> hospital\n\
+         # (on dicom_tls_listen: calling AE title + the certificate's hospital).\n\
          [[ingest.dicom_peers]]\n\
          ae_title = \"STORESCU\"\n\
          address = \"127.0.0.1\"\n\
@@ -391,6 +397,7 @@ fn edge_toml(p: &Ports, module: &Path, tls: TlsKeys) -> String {
         quic = p.gateway_quic,
         ingest = p.edge_ingest,
         dicom = p.edge_dicom,
+        dicom_tls = p.edge_dicom_tls,
         metrics = p.edge_metrics,
     )
 }
@@ -457,6 +464,10 @@ mod tests {
         assert_eq!(
             edge.ingest.dicom_listen.unwrap().port(),
             DEFAULT_BASE_PORT + 4
+        );
+        assert_eq!(
+            edge.ingest.dicom_tls_listen.unwrap().port(),
+            DEFAULT_BASE_PORT + 5
         );
         let peers: Vec<_> = edge
             .ingest

@@ -243,16 +243,30 @@ async fn serve_gateway(
 }
 
 /// Binds the DICOM C-STORE SCP (before readiness is reported) with today's sink: staging in
-/// the spool, then `Edge::send` at A-RELEASE.
+/// the spool, then `Edge::send` at A-RELEASE. The TLS port's handshake uses the hospital
+/// door's rustls configuration ([`ingest::http::tls_config`]), without its ALPN.
 async fn start_dicom_scp(
     cfg: &Config,
     store: &IngestStore,
     policy: SharedPolicy,
-    listen: std::net::SocketAddr,
 ) -> anyhow::Result<StorageScp<StoreSink>> {
     let d = &cfg.ingest.dicom;
+    let tls = match cfg.ingest.dicom_tls_listen {
+        Some(listen) => {
+            let mut config = ingest::http::tls_config(cfg)
+                .context("ingest.dicom_tls_listen: the TLS configuration")?;
+            // DICOM over TLS names no application protocol (PS3.15 B.1).
+            config.alpn_protocols.clear();
+            Some(scp::TlsDoor {
+                listen,
+                config: Arc::new(config),
+            })
+        }
+        None => None,
+    };
     let scp_cfg = ScpConfig {
-        listen,
+        listen: cfg.ingest.dicom_listen,
+        tls,
         ae_title: d.ae_title.clone(),
         peers: d.peers.clone(),
         max_pdu_bytes: d.max_pdu_bytes,
@@ -295,8 +309,8 @@ async fn serve_edge(
     // (counted by the edge itself).
     let drain = ops::Drain::default();
     let (connections, associations) = (ops::Activity::default(), ops::Activity::default());
-    if let Some(listen) = cfg.ingest.dicom_listen {
-        let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone(), listen).await?;
+    if cfg.ingest.dicom_listen.is_some() || cfg.ingest.dicom_tls_listen.is_some() {
+        let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone()).await?;
         tokio::spawn(scp.serve(drain.clone(), associations.clone()));
     }
     // The hospital API's TLS configuration, replaced by a SIGHUP reload.

@@ -424,7 +424,7 @@ pub fn register(role: Role, reserve_bytes: u64, peers: &[String]) {
         for outcome in ["ok", "failed"] {
             metrics::counter!("baylink_policy_reloads_total", "outcome" => outcome).increment(0);
         }
-        for door in ["https", "dicom"] {
+        for door in ["https", "dicom", "dicom-tls"] {
             for reason in ["unidentified-per-source", "handshake-timeout", "busy"] {
                 metrics::counter!("baylink_ingest_connections_refused_total", "door" => door, "reason" => reason)
                     .increment(0);

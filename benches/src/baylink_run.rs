@@ -40,22 +40,22 @@ const STOP_LIMIT: Duration = Duration::from_secs(30);
 const PORT_PROBE_FIRST: u16 = 20_000;
 const PORT_PROBE_BLOCKS: u16 = 2_000;
 
-/// Finds `N` such that the dev-env ports N..N+4 are free on 127.0.0.1 (TCP N, N+1, N+3, N+4
-/// and UDP N+2). Starts at a point derived from the process id so parallel benches spread.
+/// Finds `N` such that the dev-env ports N..N+5 are free on 127.0.0.1 (TCP N, N+1, N+3, N+4,
+/// N+5 and UDP N+2). Starts at a point derived from the process id so parallel benches spread.
 pub fn probe_base_port() -> anyhow::Result<u16> {
     let start =
         u16::try_from(std::process::id() % u32::from(PORT_PROBE_BLOCKS)).unwrap_or_default();
     for i in 0..PORT_PROBE_BLOCKS {
-        let base = PORT_PROBE_FIRST + ((start + i) % PORT_PROBE_BLOCKS) * 5;
+        let base = PORT_PROBE_FIRST + ((start + i) % PORT_PROBE_BLOCKS) * 6;
         if ports_free(base) {
             return Ok(base);
         }
     }
-    bail!("no free block of five ports between {PORT_PROBE_FIRST} and 30000")
+    bail!("no free block of six ports between {PORT_PROBE_FIRST} and 32000")
 }
 
 fn ports_free(base: u16) -> bool {
-    let tcp = [0u16, 1, 3, 4]
+    let tcp = [0u16, 1, 3, 4, 5]
         .iter()
         .map(|d| TcpListener::bind(("127.0.0.1", base + d)))
         .collect::<Result<Vec<_>, _>>();

@@ -447,7 +447,7 @@ async fn bench(
                 "dev-env in {} (ports {}..={})",
                 dir.display(),
                 base_port,
-                base_port + 4
+                base_port + 5
             );
             let created = Deployment::create(baylink, &dir, base_port).await?;
             match (placement.receiver_ip, &args.congestion) {

@@ -30,7 +30,7 @@ pub fn baylink_bin() -> PathBuf {
     bin
 }
 
-/// Finds a base port N with N..N+4 free on 127.0.0.1 for both TCP and UDP.
+/// Finds a base port N with N..N+5 free on 127.0.0.1 for both TCP and UDP.
 pub fn free_base_port() -> u16 {
     let seed = std::process::id() as u64
         ^ std::time::SystemTime::now()
@@ -43,7 +43,7 @@ pub fn free_base_port() -> u16 {
         x ^= x >> 7;
         x ^= x << 17;
         let base = 20_000 + (x % 30_000) as u16;
-        let free = (0..5).all(|i| {
+        let free = (0..6).all(|i| {
             TcpListener::bind(("127.0.0.1", base + i)).is_ok()
                 && UdpSocket::bind(("127.0.0.1", base + i)).is_ok()
         });

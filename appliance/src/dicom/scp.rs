@@ -10,7 +10,24 @@
 //! protocol error), the sink is told how, and seals the instances answered Success as one
 //! transfer before the SCP answers the release or closes the connection.
 //!
-//! Drain (SIGTERM, [`crate::ops::Drain`]): when it starts, the listener is closed (new
+//! Two doors, one SCP (shared slots, limits and sink). On the plain port
+//! (`ingest.dicom_listen`) a peer is identified by its calling AE title and source address
+//! (`ingest.dicom_peers`). On the TLS port (`ingest.dicom_tls_listen`) the TLS handshake comes
+//! first, with the hospital door's rustls configuration (client certificate required, verified
+//! against `tls.ca`); the certificate's subject CN is the hospital, and the calling AE title
+//! must be a `dicom_peers` entry of that hospital: the certificate replaces the address check.
+//! The handshake and the negotiation share one `ingest.handshake_timeout`, and the connection
+//! counts against its source address (never a slot) until the association is identified.
+//!
+//! The decrypted bytes of a TLS connection reach the association code through a socket pair
+//! relayed by a task (`bridge`), so that both doors run the same negotiation: dicom-ul
+//! 0.10's own TLS (`establish_tls_async`) performs the handshake and reads the A-ASSOCIATE-RQ
+//! in one call, which leaves no point at which the certificate's hospital and a free slot
+//! could be checked before it answers (a busy edge must answer rejected-transient, and a
+//! certificate of the wrong hospital a real A-ASSOCIATE-RJ), and its non-TLS negotiation
+//! accepts only a `TcpStream`.
+//!
+//! Drain (SIGTERM, [`crate::ops::Drain`]): when it starts, both listeners are closed (new
 //! associations are refused by the kernel) while running associations go on, C-STOREs
 //! included; when it ends (`drain.timeout`), an association still open is aborted
 //! (`edge-shutdown`) after its instances answered Success are sealed, exactly as for any other
@@ -47,8 +64,10 @@ use crate::policy::{Decision, Declaration, SharedPolicy};
 /// What the SCP needs to know, typed.
 #[derive(Debug, Clone)]
 pub struct ScpConfig {
-    /// TCP address to listen on.
-    pub listen: SocketAddr,
+    /// TCP address of the plain port (`ingest.dicom_listen`), if any.
+    pub listen: Option<SocketAddr>,
+    /// The TLS port (`ingest.dicom_tls_listen`), if any.
+    pub tls: Option<TlsDoor>,
     /// The SCP's AE title; other called AE titles are rejected.
     pub ae_title: String,
     /// Known SCUs (calling AE title + address -> hospital); others are rejected.
@@ -78,12 +97,24 @@ pub struct ScpConfig {
     pub destination: String,
 }
 
+/// The TLS port: its address and the rustls configuration of its handshake (the hospital
+/// door's: a client certificate from `tls.ca` is required).
+#[derive(Debug, Clone)]
+pub struct TlsDoor {
+    /// TCP address to listen on (`ingest.dicom_tls_listen`).
+    pub listen: SocketAddr,
+    /// The server configuration.
+    pub config: Arc<rustls::ServerConfig>,
+}
+
 /// The SCP could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ScpError {
     /// The listener could not be bound.
-    #[error("cannot listen on {addr} (ingest.dicom_listen): {source}")]
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
+        /// The config key naming the address.
+        key: &'static str,
         /// The address.
         addr: SocketAddr,
         /// The cause.
@@ -105,7 +136,8 @@ pub enum ScpError {
 #[derive(Debug)]
 pub struct StorageScp<S> {
     inner: Arc<Inner<S>>,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    tls: Option<TcpListener>,
 }
 
 #[derive(Debug)]
@@ -133,12 +165,19 @@ impl<S: AssociationSink> StorageScp<S> {
                 path: scratch.clone(),
                 source,
             })?;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .map_err(|source| ScpError::Bind {
-                addr: cfg.listen,
-                source,
-            })?;
+        let bind = |key: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ScpError::Bind { key, addr, source })
+        };
+        let listener = match cfg.listen {
+            Some(addr) => Some(bind("ingest.dicom_listen", addr).await?),
+            None => None,
+        };
+        let tls = match &cfg.tls {
+            Some(door) => Some(bind("ingest.dicom_tls_listen", door.listen).await?),
+            None => None,
+        };
         let slots = Arc::new(Semaphore::new(cfg.max_associations));
         let sources = SourceLimiter::new(cfg.max_unidentified_per_source);
         Ok(StorageScp {
@@ -150,44 +189,77 @@ impl<S: AssociationSink> StorageScp<S> {
                 sources,
             }),
             listener,
+            tls,
         })
     }
 
-    /// The bound address.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+    /// The bound address of the plain port.
+    pub fn local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.listener.as_ref().map(TcpListener::local_addr)
+    }
+
+    /// The bound address of the TLS port.
+    pub fn tls_local_addr(&self) -> Option<std::io::Result<SocketAddr>> {
+        self.tls.as_ref().map(TcpListener::local_addr)
     }
 
     /// Accepts associations until the drain starts, then closes the listener and returns.
     /// Each association counts in `active` until it has ended (its instances sealed);
     /// associations still open when the drain ends are aborted.
     pub async fn serve(self, drain: Drain, active: Activity) {
-        info!(listen = %self.inner.cfg.listen, ae_title = %self.inner.cfg.ae_title, "DICOM C-STORE SCP listening");
+        if let Some(listen) = self.inner.cfg.listen {
+            info!(%listen, ae_title = %self.inner.cfg.ae_title, "DICOM C-STORE SCP listening");
+        }
+        if let Some(door) = &self.inner.cfg.tls {
+            info!(listen = %door.listen, ae_title = %self.inner.cfg.ae_title, "DICOM C-STORE SCP listening over TLS");
+        }
+        let acceptor = self
+            .inner
+            .cfg
+            .tls
+            .as_ref()
+            .map(|door| tokio_rustls::TlsAcceptor::from(door.config.clone()));
         loop {
-            let accepted = tokio::select! {
+            let (accepted, over_tls) = tokio::select! {
                 () = drain.started.wait() => break,
-                r = self.listener.accept() => r,
+                r = accept(self.listener.as_ref()) => (r, false),
+                r = accept(self.tls.as_ref()) => (r, true),
             };
+            let door = if over_tls { DOOR_TLS } else { DOOR_PLAIN };
             match accepted {
                 Ok((socket, peer)) => {
                     // No slot yet: a connection still negotiating counts only against its
                     // own address.
                     let Some(pending) = self.inner.sources.admit(peer.ip()) else {
-                        info!(%peer, "connection closed: ingest.max_unidentified_per_source reached for its address");
-                        metrics::counter!("baylink_ingest_connections_refused_total", "door" => "dicom", "reason" => "unidentified-per-source").increment(1);
+                        info!(%peer, door, "connection closed: ingest.max_unidentified_per_source reached for its address");
+                        metrics::counter!("baylink_ingest_connections_refused_total", "door" => door, "reason" => "unidentified-per-source").increment(1);
                         drop(socket);
                         continue;
                     };
                     let inner = self.inner.clone();
                     let id = uuid::Uuid::now_v7();
-                    let span = info_span!("association", id = %id, peer = %peer);
+                    let span = info_span!("association", id = %id, peer = %peer, door);
                     let (counted, stop) = (active.enter(), drain.ended.clone());
+                    let acceptor = acceptor.clone().filter(|_| over_tls);
+                    let deadline = tokio::time::Instant::now() + inner.cfg.handshake_timeout;
                     tokio::spawn(
                         async move {
                             let _counted = counted;
-                            inner
-                                .serve_connection(id, socket, peer, pending, stop)
-                                .await;
+                            match acceptor {
+                                Some(tls) => {
+                                    inner
+                                        .serve_tls(id, socket, pending, stop, tls, deadline)
+                                        .await;
+                                }
+                                None => {
+                                    let caller = Caller::Address(canonical(peer.ip()));
+                                    inner
+                                        .serve_connection(
+                                            id, socket, caller, pending, stop, deadline,
+                                        )
+                                        .await;
+                                }
+                            }
                         }
                         .instrument(span),
                     );
@@ -199,30 +271,85 @@ impl<S: AssociationSink> StorageScp<S> {
                 }
             }
         }
-        // Closing the listener makes the kernel refuse new associations at once.
+        // Closing the listeners makes the kernel refuse new associations at once.
         drop(self.listener);
-        info!("DICOM C-STORE SCP: listener closed for the drain");
+        drop(self.tls);
+        info!("DICOM C-STORE SCP: listener closed for the drain (both ports)");
     }
 }
 
+/// The `door` label of the plain port's metrics and log lines.
+const DOOR_PLAIN: &str = "dicom";
+/// The `door` label of the TLS port's.
+const DOOR_TLS: &str = "dicom-tls";
+
+/// The next connection on `listener`; never, if there is none.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a peer is told apart besides its calling AE title: by its source address on the plain
+/// port, by its client certificate's hospital (subject CN) on the TLS port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Caller {
+    /// The plain port: the (canonical) source address.
+    Address(IpAddr),
+    /// The TLS port: the hospital the verified client certificate names.
+    Certificate(String),
+}
+
+impl Caller {
+    fn door(&self) -> &'static str {
+        match self {
+            Caller::Address(_) => DOOR_PLAIN,
+            Caller::Certificate(_) => DOOR_TLS,
+        }
+    }
+}
+
+/// A connected socket pair: the end the association code reads (as a [`TcpStream`], which
+/// is what dicom-ul negotiates on; plain reads, writes, peeks and shutdowns on a Unix stream
+/// socket behave alike) and the end the relay writes the decrypted bytes into.
+fn bridge() -> std::io::Result<(TcpStream, tokio::net::UnixStream)> {
+    let (assoc, relay) = std::os::unix::net::UnixStream::pair()?;
+    assoc.set_nonblocking(true)?;
+    relay.set_nonblocking(true)?;
+    let assoc = std::net::TcpStream::from(std::os::fd::OwnedFd::from(assoc));
+    Ok((
+        TcpStream::from_std(assoc)?,
+        tokio::net::UnixStream::from_std(relay)?,
+    ))
+}
+
+/// How long the relay of a TLS connection may still run after its association ended, to
+/// pass on the last answer (A-RELEASE-RP, A-ABORT, A-ASSOCIATE-RJ) and the TLS close.
+const RELAY_LINGER: Duration = Duration::from_secs(2);
+
+/// The relay's buffer per direction.
+const RELAY_BUFFER: usize = 64 * 1024;
+
 /// Association access control: the called AE title must be ours, and the calling AE title
-/// and the peer address must be a configured peer. (The slot is taken before, by
-/// [`Inner::identify`], so that a full house can be answered rejected-transient.)
+/// must be a configured peer from this source address (plain port) or of this certificate's
+/// hospital (TLS port). (The slot is taken before, by [`Inner::identify`], so that a full
+/// house can be answered rejected-transient.)
 struct PeerAccess {
-    peer_ip: IpAddr,
+    caller: Caller,
     peers: Vec<DicomPeer>,
 }
 
 impl PeerAccess {
-    fn hospital(peers: &[DicomPeer], calling: &str, ip: IpAddr) -> Option<String> {
-        Self::peer(peers, calling, ip).map(|p| p.hospital.clone())
-    }
-
-    fn peer<'p>(peers: &'p [DicomPeer], calling: &str, ip: IpAddr) -> Option<&'p DicomPeer> {
+    fn peer<'p>(peers: &'p [DicomPeer], calling: &str, caller: &Caller) -> Option<&'p DicomPeer> {
         let calling = calling.trim();
-        peers
-            .iter()
-            .find(|p| p.ae_title.trim() == calling && p.address == canonical(ip))
+        peers.iter().find(|p| {
+            p.ae_title.trim() == calling
+                && match caller {
+                    Caller::Address(ip) => p.address == canonical(*ip),
+                    Caller::Certificate(hospital) => &p.hospital == hospital,
+                }
+        })
     }
 }
 
@@ -263,13 +390,27 @@ impl AccessControl for PeerAccess {
         called_ae_title: &str,
         _user_identity: Option<&UserIdentity>,
     ) -> Result<(), AssociationRJServiceUserReason> {
-        let ip = canonical(self.peer_ip);
+        let caller = &self.caller;
         if called_ae_title.trim() != this_ae_title.trim() {
-            warn!(calling_ae = calling_ae_title, called_ae = called_ae_title, %ip, "association rejected: called AE title is not ours");
+            match caller {
+                Caller::Address(ip) => {
+                    warn!(calling_ae = calling_ae_title, called_ae = called_ae_title, %ip, "association rejected: called AE title is not ours")
+                }
+                Caller::Certificate(hospital) => {
+                    warn!(calling_ae = calling_ae_title, called_ae = called_ae_title, certificate_cn = %hospital, "association rejected: called AE title is not ours")
+                }
+            }
             return Err(AssociationRJServiceUserReason::CalledAETitleNotRecognized);
         }
-        if Self::hospital(&self.peers, calling_ae_title, ip).is_none() {
-            warn!(calling_ae = calling_ae_title, %ip, "association rejected: unknown calling AE title / address (not in ingest.dicom_peers)");
+        if Self::peer(&self.peers, calling_ae_title, caller).is_none() {
+            match caller {
+                Caller::Address(ip) => {
+                    warn!(calling_ae = calling_ae_title, %ip, "association rejected: unknown calling AE title / address (not in ingest.dicom_peers)")
+                }
+                Caller::Certificate(hospital) => {
+                    warn!(calling_ae = calling_ae_title, certificate_cn = %hospital, "association rejected: the calling AE title is not an ingest.dicom_peers entry of the certificate's hospital")
+                }
+            }
             return Err(AssociationRJServiceUserReason::CallingAETitleNotRecognized);
         }
         Ok(())
@@ -378,7 +519,7 @@ struct Association<'a, S: AssociationSink> {
 impl<S: AssociationSink> Inner<S> {
     fn options(
         &self,
-        peer_ip: IpAddr,
+        caller: Caller,
     ) -> ServerAssociationOptions<
         'static,
         PeerAccess,
@@ -386,7 +527,7 @@ impl<S: AssociationSink> Inner<S> {
     > {
         let mut options = ServerAssociationOptions::new()
             .ae_access_control(PeerAccess {
-                peer_ip,
+                caller,
                 peers: self.cfg.peers.clone(),
             })
             .ae_title(self.cfg.ae_title.clone())
@@ -411,7 +552,7 @@ impl<S: AssociationSink> Inner<S> {
     async fn identify(
         &self,
         socket: &TcpStream,
-        ip: IpAddr,
+        caller: &Caller,
     ) -> Result<Option<Result<tokio::sync::OwnedSemaphorePermit, ()>>, ()> {
         let mut prefix = [0u8; RQ_PREFIX];
         loop {
@@ -429,7 +570,7 @@ impl<S: AssociationSink> Inner<S> {
             return Ok(None);
         };
         if called != self.cfg.ae_title.trim()
-            || PeerAccess::peer(&self.cfg.peers, &calling, ip).is_none()
+            || PeerAccess::peer(&self.cfg.peers, &calling, caller).is_none()
         {
             return Ok(None);
         }
@@ -460,21 +601,28 @@ impl<S: AssociationSink> Inner<S> {
     async fn negotiate(
         &self,
         socket: TcpStream,
-        peer: SocketAddr,
+        caller: &Caller,
     ) -> Option<(
         AsyncServerAssociation<TcpStream>,
         tokio::sync::OwnedSemaphorePermit,
     )> {
-        let ip = canonical(peer.ip());
-        let permit = match self.identify(&socket, ip).await {
+        let door = caller.door();
+        let permit = match self.identify(&socket, caller).await {
             Err(()) => {
                 info!("connection closed before an A-ASSOCIATE-RQ");
                 return None;
             }
             Ok(Some(Ok(permit))) => Some(permit),
             Ok(Some(Err(()))) => {
-                warn!(%ip, "association rejected (transient): ingest.dicom_max_associations reached");
-                metrics::counter!("baylink_ingest_connections_refused_total", "door" => "dicom", "reason" => "busy").increment(1);
+                match caller {
+                    Caller::Address(ip) => {
+                        warn!(%ip, "association rejected (transient): ingest.dicom_max_associations reached")
+                    }
+                    Caller::Certificate(hospital) => {
+                        warn!(certificate_cn = %hospital, "association rejected (transient): ingest.dicom_max_associations reached")
+                    }
+                }
+                metrics::counter!("baylink_ingest_connections_refused_total", "door" => door, "reason" => "busy").increment(1);
                 if let Err(e) = self.reject_busy(socket).await {
                     info!(error = %e, "could not answer the busy rejection");
                 }
@@ -482,7 +630,7 @@ impl<S: AssociationSink> Inner<S> {
             }
             Ok(None) => None,
         };
-        let options = self.options(peer.ip());
+        let options = self.options(caller.clone());
         let assoc = match options.establish_async(socket).await {
             Ok(a) => a,
             Err(e) => {
@@ -502,19 +650,83 @@ impl<S: AssociationSink> Inner<S> {
         }
     }
 
+    /// A connection to the TLS port: the TLS handshake (by `deadline`, the connection
+    /// still counted against its source address), the hospital from the client certificate,
+    /// then the association over the decrypted stream, exactly as on the plain port.
+    async fn serve_tls(
+        &self,
+        id: uuid::Uuid,
+        socket: TcpStream,
+        pending: Unidentified,
+        stop: Flag,
+        tls: tokio_rustls::TlsAcceptor,
+        deadline: tokio::time::Instant,
+    ) {
+        let _ = socket.set_nodelay(true);
+        let stream = match tokio::time::timeout_at(deadline, tls.accept(socket)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                info!(error = %e, "DICOM TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                info!(
+                    "DICOM TLS handshake timed out (ingest.handshake_timeout); connection closed"
+                );
+                metrics::counter!("baylink_ingest_connections_refused_total", "door" => DOOR_TLS, "reason" => "handshake-timeout").increment(1);
+                return;
+            }
+        };
+        let Some(hospital) = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(baylink_net::transport::common_name)
+        else {
+            info!("client certificate has no usable common name; connection closed");
+            return;
+        };
+        let (assoc_end, relay_end) = match bridge() {
+            Ok(pair) => pair,
+            Err(e) => {
+                warn!(error = %e, "cannot create the socket pair for a TLS association; connection closed");
+                return;
+            }
+        };
+        let relay = tokio::spawn(async move {
+            let (mut tls, mut plain) = (stream, relay_end);
+            let _ = tokio::io::copy_bidirectional_with_sizes(
+                &mut tls,
+                &mut plain,
+                RELAY_BUFFER,
+                RELAY_BUFFER,
+            )
+            .await;
+        });
+        let caller = Caller::Certificate(hospital);
+        self.serve_connection(id, assoc_end, caller, pending, stop, deadline)
+            .await;
+        // The association's end of the pair is closed: the relay passes on what is left and
+        // closes the TLS session, unless the client keeps it open.
+        let abort = relay.abort_handle();
+        if tokio::time::timeout(RELAY_LINGER, relay).await.is_err() {
+            abort.abort();
+        }
+    }
+
     async fn serve_connection(
         &self,
         id: uuid::Uuid,
         socket: TcpStream,
-        peer: SocketAddr,
+        caller: Caller,
         pending: Unidentified,
         stop: Flag,
+        deadline: tokio::time::Instant,
     ) {
-        let negotiated = match tokio::time::timeout(
-            self.cfg.handshake_timeout,
-            self.negotiate(socket, peer),
-        )
-        .await
+        let door = caller.door();
+        let negotiated = match tokio::time::timeout_at(deadline, self.negotiate(socket, &caller))
+            .await
         {
             Ok(n) => n,
             Err(_) => {
@@ -522,7 +734,7 @@ impl<S: AssociationSink> Inner<S> {
                 info!(
                     "association negotiation timed out (ingest.handshake_timeout); connection closed"
                 );
-                metrics::counter!("baylink_ingest_connections_refused_total", "door" => "dicom", "reason" => "handshake-timeout").increment(1);
+                metrics::counter!("baylink_ingest_connections_refused_total", "door" => door, "reason" => "handshake-timeout").increment(1);
                 return;
             }
         };
@@ -532,14 +744,14 @@ impl<S: AssociationSink> Inner<S> {
             return;
         };
         let calling = assoc.peer_ae_title().trim().to_owned();
-        let Some((hospital, purpose)) = PeerAccess::peer(&self.cfg.peers, &calling, peer.ip())
+        let Some((hospital, purpose)) = PeerAccess::peer(&self.cfg.peers, &calling, &caller)
             .map(|p| (p.hospital.clone(), p.purpose.clone()))
         else {
             // Access control already refused this; never reached.
             let _ = assoc.abort().await;
             return;
         };
-        info!(calling_ae = %calling, %hospital, "association accepted");
+        info!(calling_ae = %calling, %hospital, door, "association accepted");
         let scratch = self.cfg.scratch_dir.join(id.to_string());
         if let Err(e) = tokio::fs::create_dir_all(&scratch).await {
             warn!(path = %scratch.display(), error = %e, "cannot create the scratch directory; aborting");

@@ -14,6 +14,7 @@ mod deid;
 mod deliver_retry;
 mod dicom;
 mod dicom_durability;
+mod dicom_tls;
 mod drain;
 mod faults;
 mod gateway_peers;

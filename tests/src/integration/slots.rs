@@ -27,7 +27,7 @@ const PROMPT: &str = "4";
 const GOOD: &str = r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#;
 
 /// `n` TCP connections from `source` to `port` on 127.0.0.1 that never send a byte.
-fn idle_sockets(source: &str, port: u16, n: usize) -> Vec<TcpStream> {
+pub(super) fn idle_sockets(source: &str, port: u16, n: usize) -> Vec<TcpStream> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .build()
@@ -50,7 +50,7 @@ fn idle_sockets(source: &str, port: u16, n: usize) -> Vec<TcpStream> {
 
 /// Waits until the edge has closed every socket (EOF or reset), by `deadline`; panics naming
 /// how many are still open.
-fn all_closed_by(sockets: &mut [TcpStream], deadline: Instant, what: &str) {
+pub(super) fn all_closed_by(sockets: &mut [TcpStream], deadline: Instant, what: &str) {
     let mut open = 0;
     for s in sockets.iter_mut() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -78,7 +78,7 @@ fn counter(d: &Deployment, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn refused(d: &Deployment, door: &str, reason: &str) -> u64 {
+pub(super) fn refused(d: &Deployment, door: &str, reason: &str) -> u64 {
     counter(
         d,
         &format!("baylink_ingest_connections_refused_total{{door=\"{door}\",reason=\"{reason}\"}}"),
