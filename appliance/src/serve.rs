@@ -249,11 +249,12 @@ async fn start_dicom_scp(
     cfg: &Config,
     store: &IngestStore,
     policy: SharedPolicy,
+    identity: &baylink_net::transport::TlsIdentity,
 ) -> anyhow::Result<StorageScp<StoreSink>> {
     let d = &cfg.ingest.dicom;
     let tls = match cfg.ingest.dicom_tls_listen {
         Some(listen) => {
-            let mut config = ingest::http::tls_config(cfg)
+            let mut config = ingest::http::tls_config(cfg, identity)
                 .context("ingest.dicom_tls_listen: the TLS configuration")?;
             // DICOM over TLS names no application protocol (PS3.15 B.1).
             config.alpn_protocols.clear();
@@ -310,7 +311,13 @@ async fn serve_edge(
     let drain = ops::Drain::default();
     let (connections, associations) = (ops::Activity::default(), ops::Activity::default());
     if cfg.ingest.dicom_listen.is_some() || cfg.ingest.dicom_tls_listen.is_some() {
-        let scp = start_dicom_scp(&cfg, &store, edge.shared_policy().clone()).await?;
+        let scp = start_dicom_scp(
+            &cfg,
+            &store,
+            edge.shared_policy().clone(),
+            &edge.tls_identity(),
+        )
+        .await?;
         tokio::spawn(scp.serve(drain.clone(), associations.clone()));
     }
     // The hospital API's TLS configuration, replaced by a SIGHUP reload.
