@@ -43,6 +43,38 @@ struct Header {
     size: usize,
 }
 
+/// Whether an explicit VR element with this VR has the 12-byte header (2 reserved bytes and a
+/// 4-byte length). Only the VRs defined with a 2-byte length have the short header; any
+/// other, including a VR this reader does not know, is read with the long one, as PS3.5
+/// 7.1.2 asks and as dicom-rs reads it (as UN), so the lengths checked here are the ones
+/// dicom-rs will allocate.
+pub fn long_length(vr: &[u8; 2]) -> bool {
+    !matches!(
+        vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FD"
+            | b"FL"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
+    )
+}
+
 /// Checks the head of a Part-10 file (`file` starts at the preamble). `Err` names the first
 /// element whose declared length runs past the bytes present, or why the head is unusable.
 pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String> {
@@ -309,22 +341,7 @@ impl Walk<'_> {
             return short();
         };
         let vr = [vr[0], vr[1]];
-        let long = matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        );
+        let long = long_length(&vr);
         let (len, size) = if long {
             (self.u32_at(p + 8), 12)
         } else {

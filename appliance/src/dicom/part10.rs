@@ -384,6 +384,32 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_vr_is_checked_with_the_long_length_dicom_rs_allocates() {
+        // Found by the `part10` fuzz target: (0002,0002) with the VR `ZZ` read as UN by
+        // dicom-rs, whose 4-byte length is the value's first bytes ("1.2." = 775040561).
+        let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
+        let at = f
+            .windows(6)
+            .position(|w| w == [0x02, 0x00, 0x02, 0x00, b'U', b'I'])
+            .unwrap();
+        f[at + 4..at + 6].copy_from_slice(b"ZZ");
+        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("(0002,0002) declares 775040561 bytes"),
+            "{e}"
+        );
+
+        // The same in the data set.
+        let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
+        f.extend(ele(0x0008, 0x0016, b"ZZ", CT.as_bytes()));
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+    }
+
+    #[test]
     fn huge_declared_lengths_are_refused_before_parsing() {
         // A private OB element before the PatientID claiming 3.5 GiB.
         let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
