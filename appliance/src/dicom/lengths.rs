@@ -92,6 +92,9 @@ pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String
     // The meta group: explicit VR little endian elements of group 0002.
     let mut pos = 132;
     let mut ts = None;
+    // Where (0002,0000) says the meta group ends: dicom-rs reads the meta group up to there,
+    // so the data set walked here must start where dicom-rs's does.
+    let mut group_end = None;
     loop {
         let Some(h) = meta.header(pos)? else {
             return Ok(()); // Ends inside the meta group: dicom-rs reports it.
@@ -100,11 +103,22 @@ pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String
             break;
         }
         let end = meta.value_end(pos, &h)?;
+        if h.tag == (0x0002, 0x0000) && h.len == 4 {
+            let len = meta.u32_at(pos + h.size).unwrap_or_default();
+            group_end = Some(u64::try_from(end).unwrap_or(u64::MAX) + u64::from(len));
+        }
         if h.tag == (0x0002, 0x0010) {
             let v = &file[pos + h.size..end];
             ts = Some(super::part10::trim_padding(&String::from_utf8_lossy(v)).to_owned());
         }
         pos = end;
+    }
+    if let Some(g) = group_end
+        && g != pos as u64
+    {
+        return Err(format!(
+            "the meta group length (0002,0000) ends the group at byte {g}, its elements at {pos}"
+        ));
     }
     let ts = ts.ok_or("the meta group has no Transfer Syntax UID")?;
     let enc = match ts.as_str() {
