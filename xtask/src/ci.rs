@@ -186,6 +186,22 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
         ],
         &env,
     )?;
+    // The fuzz targets (own workspace and lockfile, not a member of this one) build on
+    // stable for `check`; cargo-fuzz's nightly sanitizer build is not needed to keep them
+    // compiling. The workspace's target directory lets the check reuse its dependencies.
+    steps.cargo(
+        "fuzz-check",
+        &[
+            "check",
+            "--manifest-path",
+            "fuzz/Cargo.toml",
+            "--bins",
+            "--locked",
+            "--target-dir",
+            "target",
+        ],
+        &env,
+    )?;
     if opts.quick {
         println!("==> doc: skipped (--quick)");
     } else {

@@ -43,6 +43,38 @@ struct Header {
     size: usize,
 }
 
+/// Whether an explicit VR element with this VR has the 12-byte header (2 reserved bytes and a
+/// 4-byte length). Only the VRs defined with a 2-byte length have the short header; any
+/// other, including a VR this reader does not know, is read with the long one, as PS3.5
+/// 7.1.2 asks and as dicom-rs reads it (as UN), so the lengths checked here are the ones
+/// dicom-rs will allocate.
+pub fn long_length(vr: &[u8; 2]) -> bool {
+    !matches!(
+        vr,
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FD"
+            | b"FL"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
+    )
+}
+
 /// Checks the head of a Part-10 file (`file` starts at the preamble). `Err` names the first
 /// element whose declared length runs past the bytes present, or why the head is unusable.
 pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String> {
@@ -60,6 +92,9 @@ pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String
     // The meta group: explicit VR little endian elements of group 0002.
     let mut pos = 132;
     let mut ts = None;
+    // Where (0002,0000) says the meta group ends: dicom-rs reads the meta group up to there,
+    // so the data set walked here must start where dicom-rs's does.
+    let mut group_end = None;
     loop {
         let Some(h) = meta.header(pos)? else {
             return Ok(()); // Ends inside the meta group: dicom-rs reports it.
@@ -68,11 +103,22 @@ pub fn check_head(file: &[u8], cut: bool, stop: (u16, u16)) -> Result<(), String
             break;
         }
         let end = meta.value_end(pos, &h)?;
+        if h.tag == (0x0002, 0x0000) && h.len == 4 {
+            let len = meta.u32_at(pos + h.size).unwrap_or_default();
+            group_end = Some(u64::try_from(end).unwrap_or(u64::MAX) + u64::from(len));
+        }
         if h.tag == (0x0002, 0x0010) {
             let v = &file[pos + h.size..end];
             ts = Some(super::part10::trim_padding(&String::from_utf8_lossy(v)).to_owned());
         }
         pos = end;
+    }
+    if let Some(g) = group_end
+        && g != pos as u64
+    {
+        return Err(format!(
+            "the meta group length (0002,0000) ends the group at byte {g}, its elements at {pos}"
+        ));
     }
     let ts = ts.ok_or("the meta group has no Transfer Syntax UID")?;
     let enc = match ts.as_str() {
@@ -309,22 +355,7 @@ impl Walk<'_> {
             return short();
         };
         let vr = [vr[0], vr[1]];
-        let long = matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        );
+        let long = long_length(&vr);
         let (len, size) = if long {
             (self.u32_at(p + 8), 12)
         } else {

@@ -384,6 +384,56 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_vr_is_checked_with_the_long_length_dicom_rs_allocates() {
+        // Found by the `part10` fuzz target: (0002,0002) with the VR `ZZ` read as UN by
+        // dicom-rs, whose 4-byte length is the value's first bytes ("1.2." = 775040561).
+        let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
+        let at = f
+            .windows(6)
+            .position(|w| w == [0x02, 0x00, 0x02, 0x00, b'U', b'I'])
+            .unwrap();
+        f[at + 4..at + 6].copy_from_slice(b"ZZ");
+        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("(0002,0002) declares 775040561 bytes"),
+            "{e}"
+        );
+
+        // The same in the data set.
+        let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
+        f.extend(ele(0x0008, 0x0016, b"ZZ", CT.as_bytes()));
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+    }
+
+    #[test]
+    fn a_meta_group_length_that_disagrees_with_its_elements_is_refused() {
+        // Found by the `part10` fuzz target: a meta element whose group is not 0002 ends the
+        // meta group for the head check, whose data set walk then stopped at that tag
+        // (above PatientID), while dicom-rs reads the meta group to its group length and
+        // went on to an element declaring 3 GB.
+        let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "STORESCU").unwrap();
+        let at = f
+            .windows(4)
+            .position(|w| w == [0x02, 0x00, 0x16, 0x00])
+            .unwrap();
+        f[at + 1] = 0x10; // (0002,0016) becomes (1002,0016)
+        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
+        f.extend_from_slice(&0x1000_0000u32.to_le_bytes());
+        f.extend_from_slice(&[0u8; 64]);
+        let e = read_instance_from(&f[..]).unwrap_err();
+        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(
+            e.to_string().contains("meta group length (0002,0000)"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn huge_declared_lengths_are_refused_before_parsing() {
         // A private OB element before the PatientID claiming 3.5 GiB.
         let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();

@@ -91,22 +91,7 @@ impl Cursor<'_> {
                 tag.0, tag.1
             )));
         }
-        let long = matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        );
+        let long = crate::dicom::lengths::long_length(&vr);
         let len = if long {
             self.take(2)?;
             self.u32()?
