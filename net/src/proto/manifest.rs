@@ -219,17 +219,7 @@ impl Manifest {
     /// count consistent with the file sizes, and the Merkle root.
     pub fn from_bytes(bytes: &[u8], limits: &Limits) -> Result<Manifest, ProtoError> {
         let mut r = Reader::new(bytes, "manifest");
-        if r.array::<4>()? != MANIFEST_MAGIC {
-            return Err(ProtoError::BadMagic { what: "manifest" });
-        }
-        let version = r.u16()?;
-        if version != MANIFEST_VERSION {
-            return Err(ProtoError::UnsupportedVersion {
-                what: "manifest",
-                version,
-                supported: MANIFEST_VERSION,
-            });
-        }
+        r.header(MANIFEST_MAGIC, MANIFEST_VERSION)?;
         let transfer_id = TransferId(r.array()?);
         let sender = r.str16(limits.max_text_len, "manifest sender")?.to_owned();
         let created_unix_ms = r.u64()?;
@@ -306,7 +296,7 @@ impl Manifest {
         }
         let first_chunk = first_chunks(&files, chunk_size);
         Ok(Manifest {
-            version,
+            version: MANIFEST_VERSION,
             transfer_id,
             sender,
             created_unix_ms,

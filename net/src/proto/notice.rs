@@ -153,19 +153,7 @@ impl DeliveryNotice {
     /// texts and trailing bytes.
     pub fn from_bytes(bytes: &[u8]) -> Result<DeliveryNotice, ProtoError> {
         let mut r = Reader::new(bytes, "delivery notice");
-        if r.array::<4>()? != NOTICE_MAGIC {
-            return Err(ProtoError::BadMagic {
-                what: "delivery notice",
-            });
-        }
-        let version = r.u16()?;
-        if version != NOTICE_VERSION {
-            return Err(ProtoError::UnsupportedVersion {
-                what: "delivery notice",
-                version,
-                supported: NOTICE_VERSION,
-            });
-        }
+        r.header(NOTICE_MAGIC, NOTICE_VERSION)?;
         let transfer_id = TransferId(r.array()?);
         let merkle_root = r.array()?;
         let manifest_digest = r.array()?;

@@ -66,17 +66,7 @@ impl Receipt {
     /// first.
     pub fn from_bytes(bytes: &[u8]) -> Result<Receipt, ProtoError> {
         let mut r = Reader::new(bytes, "receipt");
-        if r.array::<4>()? != RECEIPT_MAGIC {
-            return Err(ProtoError::BadMagic { what: "receipt" });
-        }
-        let version = r.u16()?;
-        if version != RECEIPT_VERSION {
-            return Err(ProtoError::UnsupportedVersion {
-                what: "receipt",
-                version,
-                supported: RECEIPT_VERSION,
-            });
-        }
+        r.header(RECEIPT_MAGIC, RECEIPT_VERSION)?;
         let transfer_id = TransferId(r.array()?);
         let merkle_root = r.array()?;
         let manifest_digest = r.array()?;

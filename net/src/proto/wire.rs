@@ -20,6 +20,23 @@ impl<'a> Reader<'a> {
         Self { buf, what }
     }
 
+    /// Reads the 4-byte magic and the `u16` version that open every signed value, refusing
+    /// another magic or a version other than `version`.
+    pub(crate) fn header(&mut self, magic: [u8; 4], version: u16) -> Result<(), ProtoError> {
+        if self.array::<4>()? != magic {
+            return Err(ProtoError::BadMagic { what: self.what });
+        }
+        let got = self.u16()?;
+        if got != version {
+            return Err(ProtoError::UnsupportedVersion {
+                what: self.what,
+                version: got,
+                supported: version,
+            });
+        }
+        Ok(())
+    }
+
     /// Bytes not read yet.
     pub(crate) fn remaining(&self) -> usize {
         self.buf.len()
