@@ -218,21 +218,36 @@ fn a_full_house_is_answered_transiently_on_both_doors() {
     let (_gateway, edge) = start(&d);
 
     // HTTPS: an identified hospital connection holds the only slot (openssl's handshake done,
-    // no request); the next hospital gets 503 naming the limit, with Retry-After.
-    let mut held = Command::new("openssl")
-        .args(["s_client", "-quiet", "-connect"])
-        .arg(format!("127.0.0.1:{}", d.base_port))
-        .arg("-CAfile")
-        .arg(d.path("pki/ca.pem"))
-        .arg("-cert")
-        .arg(d.path("pki/hospital-a.pem"))
-        .arg("-key")
-        .arg(d.path("pki/hospital-a.key"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    // no request); the next hospital gets 503 naming the limit, with Retry-After. The probe
+    // runs only once openssl reports its handshake done, and a held connection that lost the
+    // race for the slot (a probe's connection still held it) is answered busy and closed:
+    // then it is opened again.
+    let hold = || {
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-brief", "-connect"])
+            .arg(format!("127.0.0.1:{}", d.base_port))
+            .arg("-CAfile")
+            .arg(d.path("pki/ca.pem"))
+            .arg("-cert")
+            .arg(d.path("pki/hospital-a.pem"))
+            .arg("-key")
+            .arg(d.path("pki/hospital-a.key"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() > 0 {
+            if line.contains("CONNECTION ESTABLISHED") {
+                break;
+            }
+            line.clear();
+        }
+        (child, stderr)
+    };
+    let (mut held, mut _held_stderr) = hold();
     // Until openssl holds the slot, the probe is served (404 for an unknown transfer).
     let api = Api { d: &d };
     let probe = api.url("/v1/transfers/00000000000000000000000000");
@@ -246,6 +261,9 @@ fn a_full_house_is_answered_transiently_on_both_doors() {
             start.elapsed() < DEADLINE,
             "the held connection never took the slot"
         );
+        if held.try_wait().unwrap().is_some() {
+            (held, _held_stderr) = hold();
+        }
     };
     assert_eq!(a.status, 503, "{a:?}");
     assert_eq!(a.json()["limit"], "ingest.max_connections", "{a:?}");
