@@ -142,7 +142,11 @@ impl Control {
                     }
                 }
                 ReceiverAction::Failed(e) => {
-                    warn!(error = %e, "transfer failed");
+                    let transfer = self
+                        .active
+                        .as_ref()
+                        .map(|a| a.manifest.transfer_id.to_string());
+                    warn!(transfer = transfer.as_deref().unwrap_or("-"), error = %e, "transfer failed");
                     metrics::counter!("baylink_transfers_total", "stage" => "receive", "outcome" => "failed")
                         .increment(1);
                     if let Some(a) = &self.active {

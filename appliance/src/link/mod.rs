@@ -11,7 +11,11 @@
 
 pub mod send;
 
-use baylink_net::proto::{ChunkLocation, Digest, Frame, FrameDecoder, Limits, ProtoError};
+use std::time::Duration;
+
+use baylink_net::proto::{
+    ChunkLocation, Digest, ErrorCode, Frame, FrameDecoder, Limits, ProtoError,
+};
 use baylink_net::spool::{Spool, SpoolError, SpoolFile};
 use bytes::BytesMut;
 use tokio::sync::mpsc;
@@ -96,7 +100,27 @@ impl FrameWriter {
     pub fn finish(&mut self) {
         let _ = self.stream.finish();
     }
+
+    /// Ends the transfer from this side for a reason of its own: sends `Error` with `code`
+    /// and `text`, finishes the stream and waits (at most [`GIVE_UP_TIMEOUT`]) until the
+    /// peer acknowledged it. Stream data is retransmitted until acknowledged, unlike a
+    /// connection's close frame, which a full receive buffer can drop: the peer then learns
+    /// at once that the transfer is over instead of at its idle timeout. Best effort: a
+    /// link that is already gone is not waited for.
+    pub async fn give_up(&mut self, code: ErrorCode, text: &str) {
+        let frame = Frame::Error {
+            code,
+            text: text.chars().take(1024).collect(),
+        };
+        if self.send(&frame).await.is_err() || self.stream.finish().is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(GIVE_UP_TIMEOUT, self.stream.stopped()).await;
+    }
 }
+
+/// How long [`FrameWriter::give_up`] waits for the peer to acknowledge the `Error` frame.
+pub const GIVE_UP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Reads frames from the receive half of a control stream on its own task, so a driver can
 /// `select!` on frames and local events without cancelling a read half-way.

@@ -102,6 +102,9 @@ enum ChunkEvent {
     Written(u32),
     /// The gateway stopped the chunk's stream (a duplicate, or one it is already receiving).
     Stopped(u32),
+    /// The gateway reset the chunk's stream because it stalled (`STOP_STALLED`); its
+    /// `ChunkBad` for the chunk follows, or came first.
+    Reset(u32),
     Failed(u32, SendError),
 }
 
@@ -158,7 +161,14 @@ pub async fn run(
                                 .await
                             {
                                 Ok(()) => ChunkEvent::Written(index),
-                                Err(ChunkError::Stopped) => ChunkEvent::Stopped(index),
+                                // The gateway reset a stalled stream and asks for the chunk
+                                // again with `ChunkBad`: that frame alone drives the resend, so
+                                // one stall costs one retry, not two (a second copy would meet
+                                // the first on the gateway as busy and be stopped in turn).
+                                Err(ChunkError::Stopped(code)) if code == super::STOP_STALLED => {
+                                    ChunkEvent::Reset(index)
+                                }
+                                Err(ChunkError::Stopped(_)) => ChunkEvent::Stopped(index),
                                 Err(ChunkError::Failed(e)) => ChunkEvent::Failed(index, e),
                             };
                         let _ = tx.send(ev);
@@ -205,11 +215,17 @@ pub async fn run(
                 match ev.expect("we hold a sender half") {
                     ChunkEvent::Written(i) => sender.lock().expect("sender lock poisoned").chunk_written(i),
                     ChunkEvent::Stopped(i) => sender.lock().expect("sender lock poisoned").chunk_stream_failed(i),
+                    ChunkEvent::Reset(i) => debug!(chunk = i, "gateway reset a stalled chunk stream; its ChunkBad asks for the resend"),
                     ChunkEvent::Failed(i, SendError::Link(e)) => {
                         warn!(chunk = i, error = %e, "chunk stream failed");
                         return Err(SendError::Link(e));
                     }
-                    ChunkEvent::Failed(_, e) => return Err(e),
+                    ChunkEvent::Failed(_, e) => {
+                        // A final failure of this side (its spool): the gateway lets go of the
+                        // transfer as soon as it reads why.
+                        writer.give_up(baylink_net::proto::ErrorCode::Internal, &format!("edge {e}")).await;
+                        return Err(e);
+                    }
                 }
             }
         }
@@ -234,7 +250,8 @@ fn refusal(e: ProtoError) -> SendError {
 }
 
 enum ChunkError {
-    Stopped,
+    /// The gateway stopped the stream, with this application code.
+    Stopped(u32),
     Failed(SendError),
 }
 
@@ -247,7 +264,9 @@ impl From<SendError> for ChunkError {
 impl From<quinn::WriteError> for ChunkError {
     fn from(e: quinn::WriteError) -> Self {
         match e {
-            quinn::WriteError::Stopped(_) => ChunkError::Stopped,
+            quinn::WriteError::Stopped(code) => {
+                ChunkError::Stopped(u32::try_from(code.into_inner()).unwrap_or(u32::MAX))
+            }
             other => ChunkError::Failed(SendError::Link(other.into())),
         }
     }

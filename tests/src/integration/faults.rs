@@ -92,9 +92,11 @@ fn heavy_edge_chunk_flipped_at_rest_is_caught_before_sending() {
         !d.path("delivered").join(&id).exists(),
         "a transfer with a corrupt chunk was delivered"
     );
-    // The edge's close frame went out before it exited, so the gateway let go of the
-    // transfer at once, not after its 30 s idle timeout (which also held up its drain).
-    gw.wait_for_log(&["send failed"], EVENT_WAIT);
+    // The edge told the gateway why it gave up, in a frame on the control stream (unlike a
+    // close frame, stream data is retransmitted until acknowledged): the gateway let go of
+    // the transfer at once, not after its 30 s idle timeout (which also held up its drain).
+    let line = gw.wait_for_log(&["transfer failed", "no longer matches"], EVENT_WAIT);
+    assert!(line.contains(&id), "{line}");
     // The gateway never saw a bad chunk from this edge and is still serving.
     assert!(!gw.log().contains("does not match"), "{}", gw.log());
     assert!(gw.terminate().unwrap().success());
