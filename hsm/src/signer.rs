@@ -32,6 +32,22 @@ struct SignerInner {
     key: Mutex<(u64, ObjectHandle)>,
 }
 
+// The constructors live here, beside what they construct: the token knows nothing of signers.
+impl Token {
+    /// A signer for the configured key label. Fails with [`HsmError::KeyNotFound`] if the token
+    /// has no such private key, and refuses a key pair whose private half does not sign for
+    /// its public half.
+    pub fn signer(&self) -> Result<Signer, HsmError> {
+        Signer::new(self.clone(), self.key_label())
+    }
+
+    /// A signer for another key pair on this token, labelled `label` (e.g. the TLS key); the
+    /// same checks as [`Token::signer`].
+    pub fn signer_for(&self, label: &str) -> Result<Signer, HsmError> {
+        Signer::new(self.clone(), label)
+    }
+}
+
 impl Signer {
     pub(crate) fn new(token: Token, label: &str) -> Result<Signer, HsmError> {
         objects::check_label(label)?;

@@ -14,7 +14,6 @@ use crate::library::Library;
 use crate::objects::{self, KeyProtection, P256_EC_PARAMS};
 use crate::pool::Pool;
 use crate::public_key::PublicKey;
-use crate::signer::Signer;
 
 /// An open, logged-in token. Cheap to clone; all clones share one session pool.
 #[derive(Clone, Debug)]
@@ -58,19 +57,6 @@ impl Token {
                 keygen: Mutex::new(()),
             }),
         })
-    }
-
-    /// A signer for the configured key label. Fails with [`HsmError::KeyNotFound`] if the token
-    /// has no such private key, and refuses a key pair whose private half does not sign for
-    /// its public half.
-    pub fn signer(&self) -> Result<Signer, HsmError> {
-        Signer::new(self.clone(), &self.inner.key_label)
-    }
-
-    /// A signer for another key pair on this token, labelled `label` (e.g. the TLS key); the
-    /// same checks as [`Token::signer`].
-    pub fn signer_for(&self, label: &str) -> Result<Signer, HsmError> {
-        Signer::new(self.clone(), label)
     }
 
     /// The token label.

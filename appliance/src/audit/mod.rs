@@ -28,6 +28,7 @@
 
 pub mod anchor;
 pub mod note;
+mod read;
 pub mod record;
 mod verify;
 pub mod witness;

@@ -402,7 +402,7 @@ pub fn verify_cosignatures(
         checkpoint: String,
         cosignature: String,
     }
-    let leaves: Vec<Digest> = super::verify::read_records(dir)?
+    let leaves: Vec<Digest> = super::read::read_records(dir)?
         .into_iter()
         .map(|(_, l)| l)
         .collect();
@@ -411,7 +411,7 @@ pub fn verify_cosignatures(
         cosigned_size: 0,
     };
     let count = std::cell::Cell::new(0usize);
-    super::verify::lines(
+    super::read::lines(
         &dir.join(COSIGNATURES_FILE),
         |offset, line| {
             count.set(count.get() + 1);

@@ -75,7 +75,7 @@ def main(path):
         f"//     /tmp/anon/whl/dicomanonymizer/dicom_anonymization_databases/{os.path.basename(path)} \\",
         "//     > appliance/src/dicom/deid/table.rs",
         "",
-        "use super::profile::BasicAction::{self, *};",
+        "use super::action::BasicAction::{self, *};",
         "",
         "/// The edition of PS3.15 the table follows.",
         f'pub const EDITION: &str = "{edition}";',

@@ -7,7 +7,7 @@
 //     /tmp/anon/whl/dicomanonymizer/dicom_anonymization_databases/dicomfields_2026c.py \
 //     > appliance/src/dicom/deid/table.rs
 
-use super::profile::BasicAction::{self, *};
+use super::action::BasicAction::{self, *};
 
 /// The edition of PS3.15 the table follows.
 pub const EDITION: &str = "2026c";
