@@ -167,7 +167,7 @@ pub fn take(spool_dir: &Path, role: Role) -> Inventory {
                 transfer: id.to_string(),
                 state,
                 reason: reason_of(&dir, state),
-                bytes: crate::retention::tree_size(dir.root()).unwrap_or(0),
+                bytes: crate::transfer_dir::tree_size(dir.root()).unwrap_or(0),
                 created: humantime::format_rfc3339_seconds(created(&id)).to_string(),
             }
         })

@@ -140,27 +140,10 @@ fn remove_payload(dir: &TransferDir) -> anyhow::Result<u64> {
     let dirs = payload_dirs(dir);
     let mut bytes = 0;
     for path in &dirs {
-        bytes += tree_size(path)?;
+        bytes += crate::transfer_dir::tree_size(path)?;
     }
     dir.remove_dirs(&dirs)?;
     Ok(bytes)
-}
-
-/// Sum of the file sizes under `path` (0 when it does not exist).
-pub(crate) fn tree_size(path: &Path) -> io::Result<u64> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    if !meta.is_dir() {
-        return Ok(meta.len());
-    }
-    let mut total = 0;
-    for entry in std::fs::read_dir(path)? {
-        total += tree_size(&entry?.path())?;
-    }
-    Ok(total)
 }
 
 /// How often `serve` sweeps: a quarter of the retention, between 1 s and 1 min (the spool

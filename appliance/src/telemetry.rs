@@ -615,7 +615,7 @@ pub fn spool_figures(spool_dir: &Path, role: Role, now: SystemTime) -> SpoolFigu
     let mut f = SpoolFigures::default();
     for id in transfer_dir::list(spool_dir, |_| true) {
         let dir = TransferDir::new(spool_dir, &id);
-        let bytes = crate::retention::tree_size(dir.root()).unwrap_or(0);
+        let bytes = crate::transfer_dir::tree_size(dir.root()).unwrap_or(0);
         f.held_bytes += bytes;
         if crate::inventory::state_of(&dir, role) == waiting {
             f.backlog += 1;
