@@ -696,3 +696,103 @@ edge:
     assert!(gateway.terminate().unwrap().success());
     audit_verifies(&d.edge_config());
 }
+
+/// The per-instance outcome survives a crash: the store refuses one instance of the first
+/// request (409) and stores its neighbour when sent alone, then fails the second request
+/// (503) until the gateway was killed and started again. After the restart only the second
+/// request is sent: neither the refused instance nor its stored neighbour goes again, and
+/// the transfer ends delivered but for the refused one, which the signed notice lists.
+#[test]
+fn deliver_keeps_a_refused_instance_across_a_restart_and_does_not_send_it_again() {
+    let healed = Arc::new(AtomicBool::new(false));
+    let ok = healed.clone();
+    let bad = sop_uid(81);
+    let store = StubStore::start(Box::new(move |n, seen| {
+        if seen.carries(&bad) {
+            answer(
+                409,
+                &[],
+                &format!(
+                    r#"{{"00081198":{{"vr":"SQ","Value":[{{"00081155":{{"vr":"UI","Value":["{bad}"]}},"00081197":{{"vr":"US","Value":[272]}}}}]}}}}"#
+                ),
+            )
+        } else if seen.carries(&sop_uid(83)) && !ok.load(Ordering::SeqCst) {
+            answer(503, &["Retry-After: 0"], "busy")
+        } else {
+            confirm(n, seen)
+        }
+    }));
+    // [81, 82], then [83].
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = (81..=83)
+        .map(|n| instance(src.path(), n, Some("P-0001")))
+        .collect();
+    let len = |f: &PathBuf| std::fs::metadata(f).unwrap().len();
+    let batch_bytes = (len(&files[0]) + len(&files[1])).to_string();
+    let (d, gateway) = gateway_for(&store, "1s", &[("batch_bytes", &batch_bytes)]);
+    let id = send(&d, &files, &gateway);
+
+    let deadline = Instant::now() + EVENT_WAIT;
+    while store
+        .seen()
+        .iter()
+        .filter(|s| s.carries(&sop_uid(83)))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no retry of the second request:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let acked: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(acked["refused"][0]["file"], "i81.dcm", "{acked}");
+    assert_eq!(acked["refused"][0]["failure_reason"], 272, "{acked}");
+    assert_eq!(
+        acked["batches"][0]["files"],
+        serde_json::json!(["i82.dcm"]),
+        "{acked}"
+    );
+
+    gateway.kill().unwrap();
+    healed.store(true, Ordering::SeqCst);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let line = gateway.wait_for_log(&[&id, "delivered but for the instances"], EVENT_WAIT);
+    assert!(line.contains("refused=1"), "{line}");
+    gateway.wait_for_log(
+        &["already confirmed or refused are not sent again", &id],
+        EVENT_WAIT,
+    );
+
+    let seen = store.seen();
+    let times = |n: u32| seen.iter().filter(|s| s.carries(&sop_uid(n))).count();
+    assert_eq!(times(81), 1, "the refused instance is sent once");
+    assert_eq!(times(82), 2, "with 81, then alone; not after the restart");
+    assert!(times(83) >= 3, "{}", times(83));
+    assert!(seen.last().unwrap().carries(&sop_uid(83)));
+    assert!(d.path(&format!("spool/gateway/{id}/delivered")).exists());
+
+    let notice = std::fs::read(d.path(&format!("spool/gateway/{id}/notice.bin"))).unwrap();
+    let n = baylink_net::proto::DeliveryNotice::from_bytes(&notice).unwrap();
+    assert_eq!(n.outcome.as_str(), "partial");
+    let v = serde_json::to_value(&n).unwrap();
+    assert_eq!(v["refused_total"], 1, "{v}");
+    assert_eq!(
+        v["refused"][0]["sop_instance_uid"],
+        sop_uid(81).as_str(),
+        "{v}"
+    );
+    assert_eq!(v["refused"][0]["failure_reason"], "0x0110", "{v}");
+    assert!(
+        v["refused"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("409 Conflict: failure reason 0x0110 (processing failure)"),
+        "{v}"
+    );
+}
