@@ -235,7 +235,27 @@ fn send(args: SendArgs) -> ExitCode {
                 .delivery
                 .as_ref()
                 .filter(|d| d.outcome != "delivered")
-                .map(|d| format!("not delivered: the record store refused it: {}", d.answer));
+                .map(|d| match d.outcome {
+                    "partial" => format!(
+                        "not delivered whole: the record store refused {} instance(s): {}",
+                        d.refused_total,
+                        d.refused
+                            .iter()
+                            .map(|r| format!(
+                                "{} {}: {}",
+                                r.file,
+                                if r.sop_instance_uid.is_empty() {
+                                    "(no SOP Instance UID)"
+                                } else {
+                                    &r.sop_instance_uid
+                                },
+                                r.reason
+                            ))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ),
+                    _ => format!("not delivered: the record store refused it: {}", d.answer),
+                });
             match refused.or(summary.not_delivered) {
                 Some(line) => {
                     eprintln!("{line}");

@@ -9,13 +9,18 @@
 //! - [`dicomweb::DicomWebDelivery`]: STOW-RS into the health-record store, which stores what
 //!   it confirms (see that module for what counts as confirmed).
 //!
+//! A STOW-RS store may refuse single instances: the rest of the transfer is delivered all the
+//! same, and the transfer ends delivered with the refused instances listed ([`Delivered`]:
+//! its `delivered` audit record names them, and so does the delivery notice, outcome
+//! `partial`).
+//!
 //! A failed delivery is retried with exponential backoff and full jitter (`delivery.retry_base`
 //! doubling up to `delivery.retry_max`, at least the store's `Retry-After`; see the private
-//! `retry` module), except an [`Undeliverable`] one (the store gave an answer it will repeat,
-//! such as a 4xx, or refused the instances themselves): that transfer is set aside at once
-//! with an `undeliverable` file naming the reason and a `failed` audit record, and the queue
-//! moves on. Deleting the file and sending the gateway SIGHUP (`systemctl reload`), or
-//! restarting it, tries it again.
+//! `retry` module), except an [`Undeliverable`] one (the store gave an answer about the whole
+//! transfer it will repeat, such as a 403 or 404, or refused every instance): that transfer
+//! is set aside at once with an `undeliverable` file naming the reason and a `failed` audit
+//! record, and the queue moves on. Deleting the file and sending the gateway SIGHUP
+//! (`systemctl reload`), or restarting it, tries it again.
 
 pub mod dicomweb;
 mod retry;
@@ -27,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::Context;
-use baylink_net::proto::{Manifest, TransferId};
+use baylink_net::proto::{Manifest, RefusedInstance, TransferId};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
@@ -35,9 +40,19 @@ use crate::transfer_dir::{self, TransferDir, sync_dir, write_atomic};
 
 /// A downstream store.
 pub trait Deliver: Send + Sync + std::fmt::Debug {
-    /// Delivers the committed transfer in `dir` and says where it went (a path or a URL);
-    /// must be idempotent by transfer id. Called on a blocking thread.
-    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<String>;
+    /// Delivers the committed transfer in `dir` and says where it went (a path or a URL)
+    /// and which instances the store refused; must be idempotent by transfer id. A store
+    /// that holds none of it is [`Undeliverable`]. Called on a blocking thread.
+    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<Delivered>;
+}
+
+/// A transfer the store holds, whole or but for the instances it refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    /// Where it went: a path or a URL.
+    pub location: String,
+    /// The instances the store refused (none: delivered whole).
+    pub refused: Vec<RefusedInstance>,
 }
 
 /// The store refused the transfer's content: trying again cannot succeed.
@@ -59,9 +74,11 @@ impl DirDelivery {
 }
 
 impl Deliver for DirDelivery {
-    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<String> {
-        self.deliver_dir(dir, manifest)
-            .map(|p| p.display().to_string())
+    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<Delivered> {
+        self.deliver_dir(dir, manifest).map(|p| Delivered {
+            location: p.display().to_string(),
+            refused: Vec::new(),
+        })
     }
 }
 
@@ -216,9 +233,14 @@ pub async fn run_worker(
             let (d, t, a) = (dir.clone(), target.clone(), audit.clone());
             let res = tokio::task::spawn_blocking(move || deliver_one(&d, t.as_ref(), &a)).await;
             match res {
-                Ok(Ok(location)) => {
-                    info!(transfer = %id, %location, "delivered");
-                    metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "ok").increment(1);
+                Ok(Ok(Delivered { location, refused })) => {
+                    if refused.is_empty() {
+                        info!(transfer = %id, %location, "delivered");
+                        metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "ok").increment(1);
+                    } else {
+                        warn!(transfer = %id, %location, refused = refused.len(), "delivered but for the instances the store refused: {}", dicomweb::summary(&refused));
+                        metrics::counter!("baylink_transfers_total", "stage" => "delivered", "outcome" => "partial").increment(1);
+                    }
                     notify(id).await;
                     queue.done(&id);
                     break;
@@ -290,20 +312,29 @@ fn deliver_one(
     dir: &TransferDir,
     target: &dyn Deliver,
     audit: &crate::audit::Log,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<Delivered> {
     let manifest = dir.manifest()?;
     // Committed by a version that stored payload under the hospital's names.
     dir.adopt_legacy_names(manifest.files.iter().map(|f| f.name.as_str()))?;
-    let location = target.deliver(dir, &manifest)?;
+    let delivered = target.deliver(dir, &manifest)?;
     // audit: `delivered` is durable before the transfer is marked delivered; if it cannot be
-    // recorded the delivery is retried (delivery is idempotent by transfer id).
-    audit.append_blocking(crate::audit::Event::of_manifest(
-        crate::audit::Kind::Delivered,
-        &manifest,
-    ))?;
-    write_atomic(&dir.delivered(), location.as_bytes())?;
+    // recorded the delivery is retried (delivery is idempotent by transfer id). A partial
+    // delivery's record names the refused instances.
+    audit.append_blocking(crate::audit::Event {
+        detail: (!delivered.refused.is_empty()).then(|| {
+            let text = format!(
+                "partial: {} of {} instances stored; {}",
+                manifest.files.len().saturating_sub(delivered.refused.len()),
+                manifest.files.len(),
+                dicomweb::summary(&delivered.refused)
+            );
+            baylink_net::proto::cut_text(&text, crate::audit::record::MAX_DETAIL).to_owned()
+        }),
+        ..crate::audit::Event::of_manifest(crate::audit::Kind::Delivered, &manifest)
+    })?;
+    write_atomic(&dir.delivered(), delivered.location.as_bytes())?;
     crate::telemetry::stage_bytes("delivered", manifest.total_bytes());
-    Ok(location)
+    Ok(delivered)
 }
 
 #[cfg(test)]

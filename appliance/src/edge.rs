@@ -48,7 +48,7 @@ pub const DEFAULT_DELIVERED_TIMEOUT: Duration = Duration::from_secs(600);
 /// What `send --wait-delivered` adds to its JSON line: the verified delivery notice's fields.
 #[derive(Debug, Serialize)]
 pub struct DeliverySummary {
-    /// `delivered` or `undeliverable`.
+    /// `delivered`, `partial` or `undeliverable`.
     pub outcome: &'static str,
     /// The transfer the notice names.
     pub transfer_id: String,
@@ -64,6 +64,10 @@ pub struct DeliverySummary {
     pub gateway: String,
     /// When the gateway recorded the store's answer, ms since the Unix epoch.
     pub decided_unix_ms: u64,
+    /// How many instances the record store refused.
+    pub refused_total: u32,
+    /// The refused instances (at most 1000), each with the store's reason.
+    pub refused: Vec<baylink_net::proto::RefusedInstance>,
     /// Always `verified`: a notice that does not verify is refused, never reported.
     pub signature: &'static str,
 }
@@ -80,6 +84,8 @@ impl DeliverySummary {
             answer: n.answer.clone(),
             gateway: n.gateway.clone(),
             decided_unix_ms: n.decided_unix_ms,
+            refused_total: n.refused_total,
+            refused: n.refused.clone(),
             signature: "verified",
         }
     }

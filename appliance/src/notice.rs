@@ -1,6 +1,7 @@
 //! Delivery notices: the gateway tells the edge, signed by its HSM, that a committed transfer
-//! is in the record store (`delivered`) or was set aside because the store refused it
-//! (`undeliverable`).
+//! is in the record store (`delivered`), in it but for the instances the store refused
+//! (`partial`, each refused instance listed with the store's reason), or was set aside
+//! because the store refused it (`undeliverable`).
 //!
 //! Gateway side ([`Notices`]): once the delivery worker has recorded the store's answer (the
 //! `delivered` or `undeliverable` marker, after its audit record), [`Notices::issue`] signs a
@@ -109,25 +110,33 @@ impl Notices {
             .context("no HSM keys to sign delivery notices with")?;
         let dir = TransferDir::new(&self.spool_dir, &id);
         let d = dir.clone();
-        let (manifest, outcome, answer, decided) = tokio::task::spawn_blocking(move || {
-            let manifest = d.manifest()?;
-            let (outcome, marker) = if d.delivered().exists() {
-                (Outcome::Delivered, d.delivered())
-            } else if d.undeliverable().exists() {
-                (Outcome::Undeliverable, d.undeliverable())
-            } else {
-                anyhow::bail!("transfer {id} has no recorded delivery outcome");
-            };
-            let answer = std::fs::read(&marker)
-                .with_context(|| format!("cannot read {}", marker.display()))?;
-            let decided = std::fs::metadata(&marker)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-            Ok((manifest, outcome, answer, decided))
-        })
-        .await??;
+        let (manifest, outcome, answer, decided, refused) =
+            tokio::task::spawn_blocking(move || {
+                let manifest = d.manifest()?;
+                // The instances the store refused, as the delivery recorded them (STOW-RS).
+                let refused = crate::deliver::dicomweb::refused_instances(&d);
+                let (outcome, marker) = if d.delivered().exists() {
+                    let outcome = if refused.is_empty() {
+                        Outcome::Delivered
+                    } else {
+                        Outcome::Partial
+                    };
+                    (outcome, d.delivered())
+                } else if d.undeliverable().exists() {
+                    (Outcome::Undeliverable, d.undeliverable())
+                } else {
+                    anyhow::bail!("transfer {id} has no recorded delivery outcome");
+                };
+                let answer = std::fs::read(&marker)
+                    .with_context(|| format!("cannot read {}", marker.display()))?;
+                let decided = std::fs::metadata(&marker)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                Ok((manifest, outcome, answer, decided, refused))
+            })
+            .await??;
         let notice = DeliveryNotice::new(
             id,
             manifest.merkle_root,
@@ -136,7 +145,8 @@ impl Notices {
             &answer,
             &self.gateway_id,
             decided,
-        );
+        )
+        .with_refused(&refused);
         let bytes = notice.to_bytes();
         let sig = keys.sign(DELIVERY_NOTICE_CONTEXT, &bytes).await?;
         let d = dir.clone();
@@ -150,7 +160,7 @@ impl Notices {
         .with_context(|| format!("cannot store the delivery notice of {id}"))?;
         self.lock().insert(id, manifest.sender.clone());
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
-        info!(transfer = %id, outcome = outcome.as_str(), edge = %manifest.sender, "delivery notice signed and queued");
+        info!(transfer = %id, outcome = outcome.as_str(), refused = notice.refused_total, edge = %manifest.sender, "delivery notice signed and queued");
         metrics::counter!("baylink_delivery_notices_total", "event" => "signed").increment(1);
         Ok(notice)
     }
@@ -340,14 +350,39 @@ pub fn accept(
     Ok(Received { notice, new: true })
 }
 
-/// The `detail` of a `notified` record: outcome, answer digest, then as much of the answer
-/// as fits.
+/// The `detail` of a `notified` record: outcome, answer digest, the refused instances
+/// (count, then each SOP Instance UID or file with its FailureReason), then as much of the
+/// answer as fits.
 pub fn audit_detail(n: &DeliveryNotice) -> String {
-    let head = format!(
-        "{}; store answer sha256 {}: ",
+    let mut head = format!(
+        "{}; store answer sha256 {}",
         n.outcome.as_str(),
         hex::encode(n.answer_digest)
     );
+    if n.refused_total > 0 {
+        let listed: Vec<String> = n
+            .refused
+            .iter()
+            .map(|r| {
+                let who = if r.sop_instance_uid.is_empty() {
+                    &r.file
+                } else {
+                    &r.sop_instance_uid
+                };
+                match r.failure_reason {
+                    Some(code) => format!("{who} {code:#06x}"),
+                    None => who.clone(),
+                }
+            })
+            .collect();
+        head.push_str(&format!(
+            "; {} refused: {}",
+            n.refused_total,
+            listed.join(", ")
+        ));
+        head = cut_text(&head, audit::record::MAX_DETAIL * 3 / 4).to_owned();
+    }
+    head.push_str(": ");
     let room = audit::record::MAX_DETAIL.saturating_sub(head.len());
     format!("{head}{}", cut_text(&n.answer, room))
 }
@@ -403,5 +438,39 @@ mod tests {
         assert!(d.starts_with("undeliverable; store answer sha256 "), "{d}");
         assert!(d.contains(&hex::encode(n.answer_digest)), "{d}");
         assert!(d.contains("0xa900"), "{d}");
+    }
+
+    #[test]
+    fn the_audit_detail_names_the_refused_instances() {
+        let refused: Vec<baylink_net::proto::RefusedInstance> = (0..60)
+            .map(|n| baylink_net::proto::RefusedInstance {
+                file: format!("i{n}.dcm"),
+                sop_instance_uid: if n == 1 {
+                    String::new()
+                } else {
+                    format!("1.2.826.0.1.3680043.10.543.{n}")
+                },
+                sop_class_uid: String::new(),
+                failure_reason: (n == 0).then_some(0xc000),
+                reason: "the store answered 400 Bad Request".into(),
+            })
+            .collect();
+        let n = DeliveryNotice::new(
+            TransferId::new_v7(),
+            [1; 32],
+            [2; 32],
+            Outcome::Partial,
+            b"http://store/studies/1",
+            "gw",
+            5,
+        )
+        .with_refused(&refused);
+        let d = audit_detail(&n);
+        assert!(d.len() <= audit::record::MAX_DETAIL, "{}", d.len());
+        assert!(d.starts_with("partial; store answer sha256 "), "{d}");
+        assert!(
+            d.contains("; 60 refused: 1.2.826.0.1.3680043.10.543.0 0xc000, i1.dcm, 1.2.826"),
+            "{d}"
+        );
     }
 }

@@ -336,7 +336,7 @@ const TRANSFER_SERIES: &[(Roles, &str, &[&str])] = &[
     (
         Roles::Gateway,
         "delivered",
-        &["ok", "retry", "undeliverable"],
+        &["ok", "partial", "retry", "undeliverable"],
     ),
 ];
 

@@ -6,22 +6,31 @@
 //! the io_uring spool thread, `O_DIRECT`, pooled buffers handed to hyper without a copy)
 //! with an exact `Content-Length`.
 //!
-//! The store's answer decides, request by request: HTTP 200 with every instance of the
-//! request in ReferencedSOPSequence (0008,1199) and none in FailedSOPSequence (0008,1198)
-//! confirms the request. A store that refuses instances (202 or 409, any instance in
-//! FailedSOPSequence, or 400 with a STOW-RS answer), any other answer the store will repeat
-//! (another 4xx such as 403, 404, 413 or 415, a redirect) or a file that is not DICOM Part 10
-//! makes the transfer [`Undeliverable`] at once: sending it again cannot help, so it is set
-//! aside with the store's status and reasons (FailureReason (0008,1197) per refused
-//! instance) and the queue moves on. What a retry can fix is [`Transient`] and retried with
-//! jittered backoff by the worker: no connection, a time-out, 5xx, 408, 425, 429 (after the
-//! store's `Retry-After`), or a 200 that does not confirm every instance.
+//! The store's answer decides, request by request, instance by instance: HTTP 200 with every
+//! instance of the request in ReferencedSOPSequence (0008,1199) and none in FailedSOPSequence
+//! (0008,1198) confirms the request. When the store refuses instances (202, 409, 400 or 422
+//! with a STOW-RS answer, a 200 listing failures, or a 400, 409, 413 or 422 without one), the
+//! instances it names as stored (by SOP Instance UID, read from each file's meta header) count
+//! as confirmed, those it names as failed are refused with its FailureReason (0008,1197), and
+//! the rest are sent again one request each, so that one bad instance cannot sink its
+//! neighbours; an instance the store refuses when sent alone is refused with the store's
+//! status and words. A file that is not DICOM Part 10 is refused without being sent. The
+//! other batches are sent all the same: the transfer ends `delivered` when every instance is
+//! stored, delivered with refusals when some were refused, and [`Undeliverable`] (set aside)
+//! when the store holds none. An answer about the request as a whole that the store will
+//! repeat (401, 403, 404, 405, 415, another 4xx, a redirect) makes the transfer
+//! [`Undeliverable`] at once, as sending any instance again cannot help. What a retry can fix
+//! is [`Transient`] and retried with jittered backoff by the worker: no connection, a
+//! time-out, 5xx, 408, 425, 429 (after the store's `Retry-After`), or a 200 that does not
+//! confirm every instance.
 //!
-//! Each confirmed request is recorded durably in the transfer's `stow.acked` (its files and
-//! the RetrieveURL it gave; written atomically: temporary file, fsync, rename, directory
-//! fsync) before the next one is sent, so a retry after a later request failed, or a restart,
-//! sends only what the store has not confirmed. The delivery's location is the first
-//! RetrieveURL of the whole transfer, whichever attempt got it.
+//! Each answer is recorded durably in the transfer's `stow.acked` before the next request is
+//! sent (written atomically: temporary file, fsync, rename, directory fsync): the files of
+//! each confirmed request with the RetrieveURL it gave, and each refused instance with its
+//! reason. A retry after a later request failed, or a restart, sends only what the store has
+//! neither confirmed nor refused. Once the transfer's outcome is recorded (`ended`), a new
+//! delivery of it (an operator's retry) sends the refused instances again. The delivery's
+//! location is the first RetrieveURL of the whole transfer, whichever attempt got it.
 //!
 //! `https://` stores are verified against `delivery.ca` only (no system roots) and may ask
 //! for the gateway's client certificate (`delivery.cert`, `delivery.key`); TLS 1.3 or 1.2,
@@ -31,7 +40,7 @@
 //! Instance UID), so a request interrupted by a crash before its confirmation was recorded
 //! is simply repeated.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -47,11 +56,11 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncReadExt;
 
 use super::retry::{Cause, Transient, Verdict, classify, parse_retry_after};
-use super::{Deliver, Undeliverable};
+use super::{Deliver, Delivered, Undeliverable};
 use crate::config::DeliveryTls;
 use crate::dicom::part10;
 use crate::transfer_dir::{TransferDir, write_atomic};
-use baylink_net::proto::Manifest;
+use baylink_net::proto::{Manifest, RefusedInstance};
 use baylink_net::transport::{TlsIdentity, load_ca, root_store};
 use rustls_pki_types::ServerName;
 
@@ -192,58 +201,140 @@ impl DicomWebDelivery {
         &self,
         dir: &TransferDir,
         manifest: &Manifest,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<Delivered> {
         let acked_path = dir.stow_acked();
         let mut acked = Acked::load(&acked_path);
-        let confirmed: HashSet<String> = acked
+        if acked.ended {
+            // The transfer's outcome was recorded and it is delivered again (an operator's
+            // retry): the instances refused then are tried again.
+            acked.refused.clear();
+            acked.ended = false;
+        }
+        let record = |acked: &Acked| -> anyhow::Result<()> {
+            // Durable before the next request: a later failure or a crash does not send a
+            // confirmed instance again. Not recorded: the error retries the delivery, and
+            // the batch is sent again (harmless).
+            let json = serde_json::to_vec(acked).context("encoding stow.acked")?;
+            write_atomic(&acked_path, &json)
+                .with_context(|| format!("cannot record {}", acked_path.display()))
+        };
+        let done: HashSet<String> = acked
             .batches
             .iter()
             .flat_map(|b| b.files.iter().cloned())
+            .chain(acked.refused.iter().map(|r| r.file.clone()))
             .collect();
         let mut files = Vec::with_capacity(manifest.files.len());
+        let mut not_dicom = false;
         for f in &manifest.files {
-            if confirmed.contains(&f.name) {
+            if done.contains(&f.name) {
                 continue;
             }
             let path = dir.data_file(&f.name);
-            check_part10(&path, &f.name).await?;
-            files.push(Part {
-                path,
-                name: f.name.clone(),
-                len: f.size,
-            });
+            match inspect(&path).await? {
+                None => {
+                    tracing::warn!(transfer = %manifest.transfer_id, file = %f.name, "STOW-RS: not a DICOM Part 10 file; refused without sending it");
+                    acked.refused.push(RefusedRecord {
+                        file: f.name.clone(),
+                        reason: "not a DICOM Part 10 file (no DICM prefix); a dicomweb \
+                                 delivery carries DICOM instances only"
+                            .to_owned(),
+                        ..RefusedRecord::default()
+                    });
+                    not_dicom = true;
+                }
+                Some(uids) => files.push(Part {
+                    path,
+                    name: f.name.clone(),
+                    len: f.size,
+                    uids,
+                }),
+            }
         }
-        let skipped = manifest.files.len() - files.len();
+        if not_dicom {
+            record(&acked)?;
+        }
+        let skipped = done.len();
         if skipped > 0 {
             tracing::info!(
                 transfer = %manifest.transfer_id,
                 confirmed = skipped,
                 left = files.len(),
-                "STOW-RS: instances the store already confirmed are not sent again"
+                "STOW-RS: instances the store already confirmed or refused are not sent again"
             );
         }
-        for batch in batches(&files, self.batch_bytes) {
-            let retrieve_url = self.post(batch).await?;
-            acked.batches.push(AckedBatch {
-                files: batch.iter().map(|p| p.name.clone()).collect(),
-                retrieve_url,
-            });
-            // Durable before the next request: a later failure or a crash does not send
-            // this batch again. Not recorded: the error retries the delivery, and the batch
-            // is sent again (harmless).
-            let json = serde_json::to_vec(&acked).context("encoding stow.acked")?;
-            write_atomic(&acked_path, &json)
-                .with_context(|| format!("cannot record {}", acked_path.display()))?;
+        let mut queue: VecDeque<Vec<Part>> = batches(&files, self.batch_bytes)
+            .into_iter()
+            .map(<[Part]>::to_vec)
+            .collect();
+        while let Some(batch) = queue.pop_front() {
+            match self.post(&batch).await? {
+                Judged::Confirmed(retrieve_url) => acked.batches.push(AckedBatch {
+                    files: batch.iter().map(|p| p.name.clone()).collect(),
+                    retrieve_url,
+                }),
+                Judged::Refusals(r) => {
+                    tracing::warn!(
+                        transfer = %manifest.transfer_id,
+                        instances = batch.len(),
+                        stored = r.stored.len(),
+                        refused = r.refused.len(),
+                        sent_again_one_by_one = if batch.len() > 1 { r.unaccounted.len() } else { 0 },
+                        answer = %r.why,
+                        "STOW-RS: the store refused instances of a request; the rest of the transfer is delivered"
+                    );
+                    if !r.stored.is_empty() {
+                        acked.batches.push(AckedBatch {
+                            files: r.stored.iter().map(|&i| batch[i].name.clone()).collect(),
+                            retrieve_url: r.retrieve_url,
+                        });
+                    }
+                    for (i, failure) in r.refused {
+                        acked.refused.push(RefusedRecord::of(&batch[i], failure));
+                    }
+                    if batch.len() == 1 {
+                        if let Some(&i) = r.unaccounted.first() {
+                            acked.refused.push(RefusedRecord::of(
+                                &batch[i],
+                                Failure {
+                                    sop_class_uid: None,
+                                    code: None,
+                                    reason: r.why.clone(),
+                                },
+                            ));
+                        }
+                    } else {
+                        // Alone, each instance gets an answer of its own.
+                        for &i in r.unaccounted.iter().rev() {
+                            queue.push_front(vec![batch[i].clone()]);
+                        }
+                    }
+                }
+            }
+            record(&acked)?;
         }
-        Ok(acked
+        acked.ended = true;
+        record(&acked)?;
+        let refused: Vec<RefusedInstance> =
+            acked.refused.iter().map(RefusedRecord::to_notice).collect();
+        let stored = acked.batches.iter().any(|b| !b.files.is_empty());
+        if !stored {
+            return Err(Undeliverable(format!(
+                "the store holds no instance of the transfer; {}",
+                summary(&refused)
+            ))
+            .into());
+        }
+        let location = acked
             .batches
             .iter()
             .find_map(|b| b.retrieve_url.clone())
-            .unwrap_or_else(|| self.url.studies_url()))
+            .unwrap_or_else(|| self.url.studies_url());
+        Ok(Delivered { location, refused })
     }
 
-    /// One STOW-RS request; returns the store's RetrieveURL (0008,1190) if it gave one.
-    async fn post(&self, parts: &[Part]) -> anyhow::Result<Option<String>> {
+    /// One STOW-RS request: what the store did with each instance of it.
+    async fn post(&self, parts: &[Part]) -> anyhow::Result<Judged> {
         let boundary = format!("baylink-{}", uuid::Uuid::now_v7().simple());
         let body = Multipart::new(parts, boundary.clone(), self.spool.clone());
         let length = body.len();
@@ -312,7 +403,7 @@ impl DicomWebDelivery {
 }
 
 impl Deliver for DicomWebDelivery {
-    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<String> {
+    fn deliver(&self, dir: &TransferDir, manifest: &Manifest) -> anyhow::Result<Delivered> {
         self.runtime.block_on(self.deliver_async(dir, manifest))
     }
 }
@@ -374,6 +465,15 @@ struct Part {
     path: std::path::PathBuf,
     name: String,
     len: u64,
+    /// Its SOP Instance and Class UIDs, from its meta header, where readable.
+    uids: Uids,
+}
+
+/// The SOP Instance UID (0002,0003) and SOP Class UID (0002,0002) of a file's meta header.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Uids {
+    instance: Option<String>,
+    class: Option<String>,
 }
 
 /// Groups `parts` into requests of at most `limit` file bytes, in order; a file larger than
@@ -394,9 +494,13 @@ fn batches(parts: &[Part], limit: u64) -> Vec<&[Part]> {
     out
 }
 
-/// Refuses a file that is not DICOM Part 10 (no `DICM` after the 128-byte preamble).
-async fn check_part10(path: &Path, name: &str) -> anyhow::Result<()> {
-    let mut head = [0u8; part10::PREFIX_LEN];
+/// How much of a file is read for its meta header.
+const META_READ: usize = 16 * 1024;
+
+/// `None` for a file that is not DICOM Part 10 (no `DICM` after the 128-byte preamble);
+/// otherwise the UIDs its meta header names.
+async fn inspect(path: &Path) -> anyhow::Result<Option<Uids>> {
+    let mut head = vec![0u8; META_READ];
     let mut file = tokio::fs::File::open(path)
         .await
         .with_context(|| format!("cannot open {}", path.display()))?;
@@ -408,14 +512,48 @@ async fn check_part10(path: &Path, name: &str) -> anyhow::Result<()> {
         }
         got += n;
     }
-    if !part10::has_prefix(&head[..got]) {
-        return Err(Undeliverable(format!(
-            "{name} is not a DICOM Part 10 file (no DICM prefix); a dicomweb delivery carries \
-             DICOM instances only"
-        ))
-        .into());
+    head.truncate(got);
+    if !part10::has_prefix(&head) {
+        return Ok(None);
     }
-    Ok(())
+    Ok(Some(meta_uids(&head)))
+}
+
+/// The SOP UIDs of the meta group (explicit VR little endian, PS3.10 7.1) in `head`; a UID
+/// that is absent, cut off or malformed is `None`. Reads only within `head`.
+fn meta_uids(head: &[u8]) -> Uids {
+    let mut uids = Uids::default();
+    let le16 = |at: usize| u16::from_le_bytes([head[at], head[at + 1]]);
+    let mut at = part10::PREFIX_LEN;
+    while at + 8 <= head.len() && le16(at) == 0x0002 {
+        let element = le16(at + 2);
+        let vr = [head[at + 4], head[at + 5]];
+        let (len, header) = if crate::dicom::lengths::long_length(&vr) {
+            if at + 12 > head.len() {
+                break;
+            }
+            let len =
+                u32::from_le_bytes([head[at + 8], head[at + 9], head[at + 10], head[at + 11]]);
+            (usize::try_from(len).unwrap_or(usize::MAX), 12)
+        } else {
+            (usize::from(le16(at + 6)), 8)
+        };
+        let Some(end) = (at + header).checked_add(len).filter(|&e| e <= head.len()) else {
+            break;
+        };
+        let uid = || {
+            let text = std::str::from_utf8(&head[at + header..end]).ok()?;
+            let text = part10::trim_padding(text);
+            part10::validate_uid(text).ok().map(|()| text.to_owned())
+        };
+        match element {
+            0x0002 => uids.class = uid(),
+            0x0003 => uids.instance = uid(),
+            _ => {}
+        }
+        at = end;
+    }
+    uids
 }
 
 /// The multipart/related body of one request.
@@ -540,17 +678,100 @@ impl Multipart {
     }
 }
 
-/// The requests of a transfer the store has confirmed (`stow.acked`), in order.
+/// What the store did with a transfer's instances so far (`stow.acked`): the requests it
+/// confirmed, in order, and the instances it refused.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Acked {
     batches: Vec<AckedBatch>,
+    /// Instances the store refused (or that are not DICOM), not sent again in this delivery.
+    #[serde(default)]
+    refused: Vec<RefusedRecord>,
+    /// Every instance has its answer: the transfer's outcome follows from this record.
+    #[serde(default)]
+    ended: bool,
 }
 
-/// One confirmed request: the names of its files and the RetrieveURL the store gave.
+/// One confirmed request: the names of its files (those the store confirmed) and the
+/// RetrieveURL the store gave.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct AckedBatch {
     files: Vec<String>,
     retrieve_url: Option<String>,
+}
+
+/// One instance the store refused, as `stow.acked` keeps it.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct RefusedRecord {
+    file: String,
+    #[serde(default)]
+    sop_instance_uid: Option<String>,
+    #[serde(default)]
+    sop_class_uid: Option<String>,
+    #[serde(default)]
+    failure_reason: Option<u16>,
+    reason: String,
+}
+
+impl RefusedRecord {
+    fn of(part: &Part, failure: Failure) -> RefusedRecord {
+        RefusedRecord {
+            file: part.name.clone(),
+            sop_instance_uid: part.uids.instance.clone(),
+            sop_class_uid: failure.sop_class_uid.or_else(|| part.uids.class.clone()),
+            failure_reason: failure.code,
+            reason: failure.reason,
+        }
+    }
+
+    fn to_notice(&self) -> RefusedInstance {
+        RefusedInstance {
+            file: self.file.clone(),
+            sop_instance_uid: self.sop_instance_uid.clone().unwrap_or_default(),
+            sop_class_uid: self.sop_class_uid.clone().unwrap_or_default(),
+            failure_reason: self.failure_reason,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// The instances the store refused in the last delivery of the transfer in `dir`, as its
+/// `stow.acked` records them (none for a transfer never delivered by STOW-RS).
+pub fn refused_instances(dir: &TransferDir) -> Vec<RefusedInstance> {
+    let path = dir.stow_acked();
+    if !path.exists() {
+        return Vec::new();
+    }
+    Acked::load(&path)
+        .refused
+        .iter()
+        .map(RefusedRecord::to_notice)
+        .collect()
+}
+
+/// The refused instances in one line, for the `undeliverable` file and the audit record:
+/// `N instances refused: <file> (<SOP Instance UID>): <reason>; …` (at most 4 KiB).
+pub fn summary(refused: &[RefusedInstance]) -> String {
+    let mut out = format!(
+        "{} instance{} refused: ",
+        refused.len(),
+        if refused.len() == 1 { "" } else { "s" }
+    );
+    for (n, r) in refused.iter().enumerate() {
+        let item = if r.sop_instance_uid.is_empty() {
+            format!("{}: {}", r.file, r.reason)
+        } else {
+            format!("{} ({}): {}", r.file, r.sop_instance_uid, r.reason)
+        };
+        if out.len() + item.len() > 4096 {
+            out.push_str(&format!("; and {} more", refused.len() - n));
+            break;
+        }
+        if n > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(&item);
+    }
+    out
 }
 
 impl Acked {
@@ -571,42 +792,92 @@ impl Acked {
     }
 }
 
-/// Reads the store's answer to a request that carried `parts`: the RetrieveURL of a full
-/// confirmation; [`Undeliverable`] for an answer the store will repeat, [`Transient`] (with
-/// the answer's `Retry-After`) for one a retry can fix.
+/// What the store did with the instances of one request.
+#[derive(Debug)]
+enum Judged {
+    /// Every instance stored; the RetrieveURL (0008,1190) if the store gave one.
+    Confirmed(Option<String>),
+    /// Some or all refused.
+    Refusals(Refusals),
+}
+
+/// The store's answer to a request whose instances it did not all store: each instance of
+/// the request (by index) is in exactly one of `stored`, `refused` and `unaccounted`.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// The answer's RetrieveURL, if any.
+    retrieve_url: Option<String>,
+    /// Named stored in ReferencedSOPSequence.
+    stored: Vec<usize>,
+    /// Named failed in FailedSOPSequence.
+    refused: Vec<(usize, Failure)>,
+    /// Named neither way.
+    unaccounted: Vec<usize>,
+    /// The store's status and words.
+    why: String,
+}
+
+/// Why the store refused one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Failure {
+    /// The SOP Class UID the store named, if any.
+    sop_class_uid: Option<String>,
+    /// The store's FailureReason (0008,1197), if any.
+    code: Option<u16>,
+    /// In words: the store's status and the FailureReason's meaning.
+    reason: String,
+}
+
+/// One item of FailedSOPSequence (0008,1198).
+#[derive(Debug)]
+struct FailedItem {
+    instance: Option<String>,
+    class: Option<String>,
+    code: Option<u16>,
+}
+
+/// Reads the store's answer to a request that carried `parts`: which instances it stored
+/// and refused ([`Judged`]); [`Undeliverable`] for an answer about the whole request the store
+/// will repeat, [`Transient`] (with the answer's `Retry-After`) for one a retry can fix.
 fn judge(
     status: StatusCode,
     retry_after: Option<Duration>,
     answer: &[u8],
     parts: &[Part],
-) -> anyhow::Result<Option<String>> {
+) -> anyhow::Result<Judged> {
     let excerpt = || {
         let text = String::from_utf8_lossy(&answer[..answer.len().min(300)]);
         text.chars().filter(|c| !c.is_control()).collect::<String>()
     };
     let json: Option<serde_json::Value> = serde_json::from_slice(answer).ok();
-    let failed = json.as_ref().map(failures).unwrap_or_default();
-    // 400 with a STOW-RS answer: the store read the request and refused what was in it
-    // (Orthanc says so for an instance it cannot parse).
+    let failed = json.as_ref().map(failed_items).unwrap_or_default();
+    // A STOW-RS answer: the store read the request and judged what was in it (Orthanc answers
+    // 400 with one for an instance it cannot parse or store, listing the others it stored).
     let stow_answer = json
         .as_ref()
         .is_some_and(|j| j.get("00081198").is_some() || j.get("00081199").is_some());
-    let why = || {
-        if failed.is_empty() {
-            excerpt()
-        } else {
-            failed.join("; ")
-        }
-    };
-    let refused = matches!(status, StatusCode::ACCEPTED | StatusCode::CONFLICT)
-        || (status == StatusCode::BAD_REQUEST && stow_answer);
-    if refused || (status == StatusCode::OK && !failed.is_empty()) {
-        return Err(
-            Undeliverable(format!("the store refused instances ({status}): {}", why())).into(),
-        );
+    let per_instance = matches!(status, StatusCode::ACCEPTED | StatusCode::CONFLICT)
+        || (status == StatusCode::OK && !failed.is_empty())
+        || (status.is_client_error()
+            && (stow_answer
+                || matches!(
+                    status,
+                    StatusCode::BAD_REQUEST
+                        | StatusCode::PAYLOAD_TOO_LARGE
+                        | StatusCode::UNPROCESSABLE_ENTITY
+                )));
+    if per_instance {
+        let json = json.unwrap_or(serde_json::Value::Null);
+        return Ok(Judged::Refusals(sort_out(
+            status,
+            &json,
+            &failed,
+            parts,
+            excerpt(),
+        )));
     }
     if status != StatusCode::OK {
-        let message = format!("the store answered {status}: {}", why());
+        let message = format!("the store answered {status}: {}", excerpt());
         return Err(match classify(status.as_u16()) {
             Verdict::Retry(cause) => Transient {
                 cause,
@@ -633,10 +904,94 @@ fn judge(
         ))
         .into());
     }
-    Ok(values(&json, "00081190")
+    Ok(Judged::Confirmed(retrieve_url(&json)))
+}
+
+/// Sorts the instances of a refused request into stored, refused and unaccounted, matching
+/// the store's lists by SOP Instance UID.
+fn sort_out(
+    status: StatusCode,
+    json: &serde_json::Value,
+    failed: &[FailedItem],
+    parts: &[Part],
+    excerpt: String,
+) -> Refusals {
+    let mut out = Refusals {
+        retrieve_url: retrieve_url(json),
+        ..Refusals::default()
+    };
+    let listed = json.get("00081198").is_some() || json.get("00081199").is_some();
+    out.why = if listed {
+        format!(
+            "the store answered {status} and named it neither stored nor failed (it could not \
+             read the instance)"
+        )
+    } else {
+        format!("the store answered {status}: {excerpt}")
+    };
+    let referenced: HashSet<&str> = values(json, "00081199")
+        .iter()
+        .filter_map(|item| first_str(item, "00081155"))
+        .collect();
+    let failure = |item: &FailedItem| Failure {
+        sop_class_uid: item.class.clone(),
+        code: item.code,
+        reason: match item.code {
+            Some(code) => format!(
+                "the store answered {status}: failure reason {code:#06x} ({})",
+                failure_meaning(code)
+            ),
+            None => format!("the store answered {status}: no failure reason given"),
+        },
+    };
+    for (i, part) in parts.iter().enumerate() {
+        let uid = part.uids.instance.as_deref();
+        if let Some(item) = failed
+            .iter()
+            .find(|f| f.instance.is_some() && f.instance.as_deref() == uid)
+        {
+            out.refused.push((i, failure(item)));
+        } else if uid.is_some_and(|u| referenced.contains(u)) {
+            out.stored.push(i);
+        } else {
+            out.unaccounted.push(i);
+        }
+    }
+    // One instance, one failure the store named by a UID its meta header does not carry.
+    if let ([part], [item], [0]) = (parts, failed, out.unaccounted.as_slice())
+        && item.instance.as_deref() != part.uids.instance.as_deref()
+    {
+        out.unaccounted.clear();
+        out.refused.push((0, failure(item)));
+    }
+    out
+}
+
+/// What a FailureReason (0008,1197) means (PS3.4 Annex C, PS3.18 Table 10.5.3-3).
+fn failure_meaning(code: u16) -> &'static str {
+    match code {
+        0x0110 => "processing failure",
+        0x0111 => "duplicate SOP instance",
+        0x0117 => "invalid object instance",
+        0x0122 => "SOP class not supported",
+        0x0124 => "not authorized",
+        0xA700..=0xA7FF => "out of resources",
+        0xA900..=0xA9FF => "data set does not match SOP class",
+        0xC000..=0xCFFF => "cannot understand",
+        _ => "unknown failure reason",
+    }
+}
+
+/// The first string of element `tag` in `json`.
+fn first_str<'a>(json: &'a serde_json::Value, tag: &str) -> Option<&'a str> {
+    values(json, tag)
         .first()
         .and_then(serde_json::Value::as_str)
-        .map(str::to_owned))
+}
+
+/// The RetrieveURL (0008,1190) of an answer.
+fn retrieve_url(json: &serde_json::Value) -> Option<String> {
+    first_str(json, "00081190").map(str::to_owned)
 }
 
 /// The `Value` array of element `tag` in a DICOM JSON object (PS3.18 F.2); empty when the
@@ -648,20 +1003,17 @@ fn values<'a>(json: &'a serde_json::Value, tag: &str) -> &'a [serde_json::Value]
         .map_or(&[], Vec::as_slice)
 }
 
-/// `SOP instance: reason` for every item of FailedSOPSequence (0008,1198).
-fn failures(json: &serde_json::Value) -> Vec<String> {
+/// Every item of FailedSOPSequence (0008,1198).
+fn failed_items(json: &serde_json::Value) -> Vec<FailedItem> {
     values(json, "00081198")
         .iter()
-        .map(|item| {
-            let uid = values(item, "00081155")
-                .first()
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("?");
-            let reason = values(item, "00081197")
+        .map(|item| FailedItem {
+            instance: first_str(item, "00081155").map(str::to_owned),
+            class: first_str(item, "00081150").map(str::to_owned),
+            code: values(item, "00081197")
                 .first()
                 .and_then(serde_json::Value::as_u64)
-                .map_or_else(|| "no reason given".to_owned(), |c| format!("{c:#06x}"));
-            format!("{uid}: failure reason {reason}")
+                .and_then(|c| u16::try_from(c).ok()),
         })
         .collect()
 }
@@ -675,6 +1027,18 @@ mod tests {
             path: name.into(),
             name: name.to_owned(),
             len,
+            uids: Uids::default(),
+        }
+    }
+
+    /// A part whose meta header names SOP Instance UID `uid`.
+    fn dicom(name: &str, uid: &str) -> Part {
+        Part {
+            uids: Uids {
+                instance: Some(uid.to_owned()),
+                class: Some("1.2.840.10008.5.1.4.1.1.2".to_owned()),
+            },
+            ..part(name, 1)
         }
     }
 
@@ -735,6 +1099,7 @@ mod tests {
                 path,
                 name: name.to_owned(),
                 len,
+                uids: Uids::default(),
             });
         }
         let body = Multipart::new(&parts, "B".to_owned(), spool);
@@ -762,6 +1127,7 @@ mod tests {
                 path: path.clone(),
                 name: "x.dcm".to_owned(),
                 len: claimed,
+                uids: Uids::default(),
             }];
             let e = StreamBody::new(Multipart::new(&parts, "B".to_owned(), spool()).stream())
                 .collect()
@@ -775,12 +1141,24 @@ mod tests {
         }
     }
 
-    fn judge_ok(
-        status: StatusCode,
-        answer: &[u8],
-        parts: &[Part],
-    ) -> anyhow::Result<Option<String>> {
+    fn judge_ok(status: StatusCode, answer: &[u8], parts: &[Part]) -> anyhow::Result<Judged> {
         judge(status, None, answer, parts)
+    }
+
+    /// The RetrieveURL of a full confirmation; panics for anything else.
+    fn confirmed(j: anyhow::Result<Judged>) -> Option<String> {
+        match j.unwrap() {
+            Judged::Confirmed(url) => url,
+            other => panic!("not confirmed: {other:?}"),
+        }
+    }
+
+    /// The refusals of a judged answer; panics for anything else.
+    fn refusals(j: anyhow::Result<Judged>) -> Refusals {
+        match j.unwrap() {
+            Judged::Refusals(r) => r,
+            other => panic!("no refusals: {other:?}"),
+        }
     }
 
     /// The cause of a failure worth a retry; panics for one that is final.
@@ -796,7 +1174,7 @@ mod tests {
         let ok = br#"{"00081190":{"vr":"UR","Value":["http://s/studies/1.2"]},
             "00081199":{"vr":"SQ","Value":[{},{}]}}"#;
         assert_eq!(
-            judge_ok(StatusCode::OK, ok, &parts).unwrap().as_deref(),
+            confirmed(judge_ok(StatusCode::OK, ok, &parts)).as_deref(),
             Some("http://s/studies/1.2")
         );
         let short = br#"{"00081199":{"vr":"SQ","Value":[{}]}}"#;
@@ -805,46 +1183,122 @@ mod tests {
         assert_eq!(transient(&e).cause, Cause::Incomplete, "worth a retry");
         let e = judge_ok(StatusCode::OK, b"<html>", &parts).unwrap_err();
         assert_eq!(transient(&e).cause, Cause::Incomplete);
+    }
 
-        let failed = br#"{"00081198":{"vr":"SQ","Value":[{"00081155":{"vr":"UI","Value":["1.2.3"]},
-            "00081197":{"vr":"US","Value":[272]}}]}}"#;
-        let e = judge_ok(StatusCode::CONFLICT, failed, &parts).unwrap_err();
-        assert!(e.downcast_ref::<Undeliverable>().is_some());
-        assert!(
-            e.to_string().contains("1.2.3: failure reason 0x0110"),
-            "{e}"
-        );
-        let e = judge_ok(StatusCode::ACCEPTED, failed, &parts).unwrap_err();
-        assert!(
-            e.downcast_ref::<Undeliverable>().is_some(),
-            "some refused: {e}"
-        );
-        let e = judge_ok(StatusCode::OK, failed, &parts).unwrap_err();
-        assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
-        // Orthanc's answer to an instance it cannot parse.
-        let unparsable = br#"{"00080005":{"Value":["ISO_IR 100"],"vr":"CS"},
-            "00081198":{"vr":"SQ"},"00081199":{"vr":"SQ"}}"#;
-        let e = judge_ok(StatusCode::BAD_REQUEST, unparsable, &parts).unwrap_err();
-        assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
+    /// Orthanc's answer to a request of `stored` instances it stored and `failed` ones it
+    /// refused with FailureReason 0xC000 (status 400, as Orthanc 1.10 answers).
+    fn orthanc_answer(stored: &[&str], failed: &[&str]) -> Vec<u8> {
+        let item = |uid: &str, more: &str| {
+            format!(
+                r#"{{"00081150":{{"Value":["1.2.840.10008.5.1.4.1.1.2"],"vr":"UI"}},"00081155":{{"Value":["{uid}"],"vr":"UI"}}{more}}}"#
+            )
+        };
+        let list = |uids: &[&str], more: &str| {
+            if uids.is_empty() {
+                r#"{"vr":"SQ"}"#.to_owned()
+            } else {
+                let items: Vec<String> = uids.iter().map(|u| item(u, more)).collect();
+                format!(r#"{{"Value":[{}],"vr":"SQ"}}"#, items.join(","))
+            }
+        };
+        format!(
+            r#"{{"00080005":{{"Value":["ISO_IR 100"],"vr":"CS"}},"00081190":{{"Value":["http://s/studies/9"],"vr":"UR"}},"00081198":{},"00081199":{}}}"#,
+            list(failed, r#","00081197":{"Value":[49152],"vr":"US"}"#),
+            list(stored, r#","00081190":{"Value":["http://s/x"],"vr":"UR"}"#)
+        )
+        .into_bytes()
     }
 
     #[test]
-    fn an_answer_the_store_will_repeat_is_final_with_its_reason() {
-        let parts = [part("a", 1)];
-        // A 4xx is final whatever its body; the status and the store's words are the reason.
+    fn refused_instances_are_told_apart_from_stored_ones_by_uid() {
+        // Orthanc: one instance without a StudyInstanceUID among two good ones, and one it
+        // could not parse (named nowhere).
+        let parts = [
+            dicom("a.dcm", "1.2.1"),
+            dicom("b.dcm", "1.2.2"),
+            dicom("cut.dcm", "1.2.3"),
+            dicom("c.dcm", "1.2.4"),
+        ];
+        let answer = orthanc_answer(&["1.2.1", "1.2.4"], &["1.2.2"]);
+        let r = refusals(judge_ok(StatusCode::BAD_REQUEST, &answer, &parts));
+        assert_eq!(r.stored, [0, 3]);
+        assert_eq!(r.unaccounted, [2], "sent again alone");
+        assert_eq!(r.refused.len(), 1);
+        let (i, f) = &r.refused[0];
+        assert_eq!(*i, 1);
+        assert_eq!(f.code, Some(0xc000));
+        assert_eq!(
+            f.sop_class_uid.as_deref(),
+            Some("1.2.840.10008.5.1.4.1.1.2")
+        );
+        assert_eq!(
+            f.reason,
+            "the store answered 400 Bad Request: failure reason 0xc000 (cannot understand)"
+        );
+        assert_eq!(r.retrieve_url.as_deref(), Some("http://s/studies/9"));
+
+        // 409, 202 and a 200 listing failures are per instance as well.
+        for status in [StatusCode::CONFLICT, StatusCode::ACCEPTED, StatusCode::OK] {
+            let answer = orthanc_answer(&["1.2.1"], &["1.2.2"]);
+            let r = refusals(judge_ok(status, &answer, &parts[..2]));
+            assert_eq!(
+                (r.stored.as_slice(), r.refused.len()),
+                (&[0][..], 1),
+                "{status}"
+            );
+        }
+        // Alone, an instance the store names by another UID is still the one refused.
+        let answer = orthanc_answer(&[], &["9.9.9"]);
+        let r = refusals(judge_ok(StatusCode::CONFLICT, &answer, &parts[..1]));
+        assert!(r.unaccounted.is_empty() && r.stored.is_empty());
+        assert_eq!(r.refused[0].0, 0);
+        // Orthanc's answer to one instance it cannot parse: named nowhere.
+        let answer = orthanc_answer(&[], &[]);
+        let r = refusals(judge_ok(StatusCode::BAD_REQUEST, &answer, &parts[2..3]));
+        assert_eq!(r.unaccounted, [0]);
+        assert!(
+            r.why.contains("named it neither stored nor failed"),
+            "{}",
+            r.why
+        );
+        // A file whose meta header names no UID is never counted as stored.
+        let plain = [part("x", 1)];
+        let answer = orthanc_answer(&["1.2.1"], &[]);
+        let r = refusals(judge_ok(StatusCode::BAD_REQUEST, &answer, &plain));
+        assert_eq!(r.unaccounted, [0]);
+    }
+
+    #[test]
+    fn a_4xx_about_the_instances_is_split_and_one_about_the_request_is_final() {
+        let parts = [part("a", 1), part("b", 1)];
+        // About what the request carried: each instance gets its own answer.
+        for (status, body) in [
+            (StatusCode::BAD_REQUEST, &b"<html>bad</html>"[..]),
+            (StatusCode::PAYLOAD_TOO_LARGE, b"too big"),
+            (StatusCode::UNPROCESSABLE_ENTITY, b""),
+            (StatusCode::CONFLICT, b"{}"),
+            (StatusCode::FORBIDDEN, br#"{"00081198":{"vr":"SQ"}}"#),
+        ] {
+            let r = refusals(judge(status, Some(Duration::from_secs(5)), body, &parts));
+            assert_eq!(r.unaccounted, [0, 1], "{status}");
+            assert!(
+                r.why.contains(&format!("the store answered {status}")),
+                "{}",
+                r.why
+            );
+        }
+        let r = refusals(judge_ok(StatusCode::PAYLOAD_TOO_LARGE, b"too big", &parts));
+        assert_eq!(r.why, "the store answered 413 Payload Too Large: too big");
+        // About the request as a whole: final for the transfer, with the store's words.
         for (status, body, want) in [
             (
-                StatusCode::BAD_REQUEST,
-                &b"<html>bad</html>"[..],
-                "400 Bad Request: <html>bad</html>",
-            ),
-            (
                 StatusCode::FORBIDDEN,
-                b"no write access",
+                &b"no write access"[..],
                 "403 Forbidden: no write access",
             ),
+            (StatusCode::UNAUTHORIZED, b"", "401 Unauthorized"),
             (StatusCode::NOT_FOUND, b"no such path", "404 Not Found"),
-            (StatusCode::PAYLOAD_TOO_LARGE, b"", "413 "),
+            (StatusCode::METHOD_NOT_ALLOWED, b"", "405 "),
             (StatusCode::UNSUPPORTED_MEDIA_TYPE, b"", "415 "),
             (StatusCode::MOVED_PERMANENTLY, b"", "301 Moved Permanently"),
         ] {
@@ -853,16 +1307,84 @@ mod tests {
             assert!(e.downcast_ref::<Transient>().is_none(), "{status}: {e}");
             assert!(e.to_string().contains(want), "{status}: {e}");
         }
-        // A 4xx carrying a STOW-RS answer names each refused instance and its FailureReason.
-        let refused =
-            br#"{"00081198":{"vr":"SQ","Value":[{"00081155":{"vr":"UI","Value":["1.2.9"]},
-            "00081197":{"vr":"US","Value":[43264]}}]}}"#;
-        let e = judge_ok(StatusCode::UNPROCESSABLE_ENTITY, refused, &parts).unwrap_err();
-        assert!(e.downcast_ref::<Undeliverable>().is_some(), "{e}");
+    }
+
+    #[test]
+    fn the_meta_header_names_the_instance() {
+        let mut file = vec![0u8; 128];
+        file.extend_from_slice(b"DICM");
+        let mut element = |tag: u16, vr: &[u8; 2], value: &[u8]| {
+            file.extend_from_slice(&2u16.to_le_bytes());
+            file.extend_from_slice(&tag.to_le_bytes());
+            file.extend_from_slice(vr);
+            if crate::dicom::lengths::long_length(vr) {
+                file.extend_from_slice(&[0, 0]);
+                file.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            } else {
+                file.extend_from_slice(&(value.len() as u16).to_le_bytes());
+            }
+            file.extend_from_slice(value);
+        };
+        element(0x0000, b"UL", &[0; 4]);
+        element(0x0001, b"OB", &[0, 1]);
+        element(0x0002, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0");
+        element(0x0003, b"UI", b"1.2.826.0.1.3680043.10.543.7\0");
+        element(0x0010, b"UI", b"1.2.840.10008.1.2.1\0");
+        let full = meta_uids(&file);
+        assert_eq!(full.class.as_deref(), Some("1.2.840.10008.5.1.4.1.1.2"));
+        assert_eq!(
+            full.instance.as_deref(),
+            Some("1.2.826.0.1.3680043.10.543.7")
+        );
+        // Cut inside the instance UID: the class is known, the instance is not.
+        let cut = meta_uids(&file[..file.len() - 30]);
+        assert_eq!(
+            cut,
+            Uids {
+                instance: None,
+                class: full.class.clone()
+            }
+        );
+        // No meta header at all, or a malformed UID.
+        assert_eq!(meta_uids(&file[..132]), Uids::default());
+        let mut bad = file.clone();
+        let at = bad.windows(5).position(|w| w == b"1.2.8").unwrap();
+        bad[at] = b'x';
+        assert_eq!(meta_uids(&bad).class, None);
+        // Random bytes never panic.
+        for n in 0..2000u32 {
+            let junk: Vec<u8> = (0..300).map(|i| ((i * 31 + n * 17) % 251) as u8).collect();
+            let mut f = file[..132].to_vec();
+            f.extend_from_slice(&[2, 0]);
+            f.extend_from_slice(&junk);
+            let _ = meta_uids(&f);
+        }
+    }
+
+    #[test]
+    fn the_summary_names_each_refused_instance_within_bounds() {
+        let r = |n: usize| RefusedInstance {
+            file: format!("i{n}.dcm"),
+            sop_instance_uid: if n == 0 {
+                String::new()
+            } else {
+                format!("1.2.{n}")
+            },
+            sop_class_uid: String::new(),
+            failure_reason: None,
+            reason: "the store answered 400 Bad Request".into(),
+        };
+        assert_eq!(
+            summary(&[r(0), r(1)]),
+            "2 instances refused: i0.dcm: the store answered 400 Bad Request; \
+             i1.dcm (1.2.1): the store answered 400 Bad Request"
+        );
+        let many: Vec<RefusedInstance> = (0..500).map(r).collect();
+        let s = summary(&many);
+        assert!(s.len() < 4200, "{}", s.len());
         assert!(
-            e.to_string().contains("the store answered 422 ")
-                && e.to_string().contains(": 1.2.9: failure reason 0xa900"),
-            "{e}"
+            s.starts_with("500 instances refused: ") && s.ends_with("more"),
+            "{s}"
         );
     }
 
@@ -903,6 +1425,14 @@ mod tests {
                 files: vec!["a.dcm".into(), "b.dcm".into()],
                 retrieve_url: Some("http://s/studies/1".into()),
             }],
+            refused: vec![RefusedRecord {
+                file: "c.dcm".into(),
+                sop_instance_uid: Some("1.2.3".into()),
+                sop_class_uid: None,
+                failure_reason: Some(0xc000),
+                reason: "the store answered 400 Bad Request".into(),
+            }],
+            ended: true,
         };
         write_atomic(&path, &serde_json::to_vec(&acked).unwrap()).unwrap();
         let back = Acked::load(&path);
@@ -912,6 +1442,18 @@ mod tests {
             back.batches[0].retrieve_url.as_deref(),
             Some("http://s/studies/1")
         );
+        assert_eq!(back.refused.len(), 1);
+        assert_eq!(back.refused[0].failure_reason, Some(0xc000));
+        assert!(back.ended);
+        // A record written before refusals were kept still reads.
+        std::fs::write(
+            &path,
+            br#"{"batches":[{"files":["a.dcm"],"retrieve_url":null}]}"#,
+        )
+        .unwrap();
+        let old = Acked::load(&path);
+        assert_eq!(old.batches.len(), 1);
+        assert!(old.refused.is_empty() && !old.ended);
         std::fs::write(&path, b"{\"batches\":[{").unwrap();
         assert!(Acked::load(&path).batches.is_empty(), "damaged: send all");
     }

@@ -299,6 +299,9 @@ pub enum ProtoError {
     /// A delivery notice with an outcome byte this build does not know.
     #[error("delivery notice outcome {0} is unknown")]
     UnknownOutcome(u8),
+    /// A delivery notice whose fields disagree with each other.
+    #[error("delivery notice refused: {0}")]
+    BadNotice(&'static str),
     /// A frame or chunk for a transfer other than this one.
     #[error("transfer {got} is not this transfer ({expected})")]
     UnknownTransfer {
@@ -412,6 +415,7 @@ impl ProtoError {
             | ProtoError::BadMagic { .. }
             | ProtoError::UnknownErrorCode(_)
             | ProtoError::UnknownOutcome(_)
+            | ProtoError::BadNotice(_)
             | ProtoError::BadChunkSet { .. } => ErrorCode::BadFrame,
             ProtoError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
             ProtoError::FrameTooLong { .. } => ErrorCode::FrameTooLong,

@@ -82,7 +82,8 @@ pub use manifest::{
 };
 pub use name::{MAX_FILE_NAME_LEN, NameError, validate_file_name};
 pub use notice::{
-    DeliveryNotice, MAX_NOTICE_ANSWER_LEN, NOTICE_MAGIC, NOTICE_VERSION, Outcome, cut_text,
+    DeliveryNotice, MAX_NOTICE_ANSWER_LEN, MAX_NOTICE_REFUSED, NOTICE_MAGIC, NOTICE_VERSION,
+    Outcome, RefusedInstance, cut_text,
 };
 pub use receipt::{RECEIPT_MAGIC, RECEIPT_VERSION, Receipt};
 pub use receiver::{Receiver, ReceiverAction, ReceiverConfig};

@@ -464,7 +464,10 @@ fn deliver_sends_a_confirmed_batch_once_across_a_retry_and_a_restart() {
         line.contains("location=http://stub/dicom-web/studies/req0"),
         "{line}"
     );
-    gateway.wait_for_log(&["already confirmed are not sent again", &id], EVENT_WAIT);
+    gateway.wait_for_log(
+        &["already confirmed or refused are not sent again", &id],
+        EVENT_WAIT,
+    );
 
     let seen = store.seen();
     for n in [31, 32] {
@@ -507,7 +510,10 @@ fn delivery_notice_of_a_refused_transfer_fails_it_with_each_instances_reason() {
     let error = s["error"].as_str().unwrap();
     assert!(error.contains("undeliverable"), "{error}");
     assert!(
-        error.contains(&format!("{}: failure reason 0xa900", sop_uid(31))),
+        error.contains(&format!(
+            "x.dcm ({}): the store answered 409 Conflict: failure reason 0xa900",
+            sop_uid(31)
+        )),
         "{error}"
     );
     // The receipt stays: the transfer crossed, the record store refused it.
@@ -519,6 +525,16 @@ fn delivery_notice_of_a_refused_transfer_fails_it_with_each_instances_reason() {
     assert_eq!(a.status, 200, "{a:?}");
     let doc = a.json();
     assert_eq!(doc["fields"]["outcome"], "undeliverable");
+    // The notice lists the refused instance with the store's FailureReason.
+    assert_eq!(doc["fields"]["refused_total"], 1, "{doc}");
+    let r = &doc["fields"]["refused"][0];
+    assert_eq!(r["file"], "x.dcm", "{doc}");
+    assert_eq!(r["sop_instance_uid"], sop_uid(31).as_str());
+    assert_eq!(
+        r["sop_class_uid"], "1.2.840.10008.5.1.4.1.1.7",
+        "the store's"
+    );
+    assert_eq!(r["failure_reason"], "0xa900");
     assert!(
         doc["fields"]["answer"]
             .as_str()
@@ -539,4 +555,244 @@ fn delivery_notice_of_a_refused_transfer_fails_it_with_each_instances_reason() {
     assert!(edge.terminate().unwrap().success());
     assert!(gateway.terminate().unwrap().success());
     audit_verifies(&d.edge_config());
+}
+
+/// A hospital upload of three instances, two per request: the store refuses one instance of
+/// the first request (409, FailedSOPSequence with FailureReason 0xA900) and stores nothing
+/// of it. The gateway sends its neighbour again alone and the second request as planned
+/// (both reach a real Orthanc), keeps the refusal, and the hospital's transfer ends
+/// `partial`: `GET …/delivery` lists the refused instance with the store's reason.
+#[test]
+fn delivery_notice_of_a_partly_refused_upload_lists_the_refused_instance() {
+    if skip_if(orthanc_unavailable()) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let port = orthanc.port;
+    let bad = sop_uid(72);
+    let store = StubStore::start(Box::new(move |_, seen| {
+        if seen.carries(&bad) {
+            answer(
+                409,
+                &[],
+                &format!(
+                    r#"{{"00081198":{{"vr":"SQ","Value":[{{"00081150":{{"vr":"UI","Value":["1.2.840.10008.5.1.4.1.1.2"]}},"00081155":{{"vr":"UI","Value":["{bad}"]}},"00081197":{{"vr":"US","Value":[43264]}}}}]}}}}"#
+                ),
+            )
+        } else {
+            Answer::Forward(port)
+        }
+    }));
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = (71..=73)
+        .map(|n| instance(src.path(), n, Some("P-0001")))
+        .collect();
+    let len = |f: &PathBuf| std::fs::metadata(f).unwrap().len();
+    let batch_bytes = (len(&files[0]) + len(&files[1])).to_string();
+    let (d, gateway) = gateway_for(&store, "1s", &[("batch_bytes", &batch_bytes)]);
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let api = Api { d: &d };
+    let a = api.declare(
+        "hospital-a",
+        r#"{"patient_id":"P-0001","category":"diagnostic-image","purpose":"care","destination":"hk-ehealth"}"#,
+    );
+    assert_eq!(a.status, 201, "{a:?}");
+    let id = a.json()["id"].as_str().unwrap().to_owned();
+    for (n, f) in (71..=73).zip(&files) {
+        let r = api.put("hospital-a", &id, &format!("x{n}.dcm"), f, &[]);
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    assert_eq!(api.commit("hospital-a", &id).status, 202);
+
+    let s = wait_settled(&api, &id);
+    assert_eq!(
+        s["state"],
+        "partial",
+        "{s}
+gateway:
+{}
+edge:
+{}",
+        gateway.log(),
+        edge.log()
+    );
+    let error = s["error"].as_str().unwrap();
+    assert!(
+        error.contains("refused 1 of its instances")
+            && error.contains(&format!(
+                "{}: the store answered 409 Conflict: failure reason 0xa900",
+                sop_uid(72)
+            )),
+        "{error}"
+    );
+    let a = api.curl(
+        Some("hospital-a"),
+        &[&api.url(&format!("/v1/transfers/{id}/delivery"))],
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let doc = a.json();
+    let fields = &doc["fields"];
+    assert_eq!(fields["outcome"], "partial", "{doc}");
+    assert_eq!(fields["version"], 2);
+    assert_eq!(fields["refused_total"], 1);
+    assert_eq!(
+        fields["refused"],
+        serde_json::json!([{
+            "file": "x72.dcm",
+            "sop_instance_uid": sop_uid(72),
+            "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+            "failure_reason": "0xa900",
+            "reason": "the store answered 409 Conflict: failure reason 0xa900 (data set does not match SOP class)",
+        }]),
+        "{doc}"
+    );
+    assert!(
+        fields["answer"]
+            .as_str()
+            .unwrap()
+            .contains("/dicom-web/studies/1.2.826.0.1.3680043.10.543.100"),
+        "Orthanc's RetrieveURL: {doc}"
+    );
+    // Both neighbours are in Orthanc as sent; the refused one was sent once, its neighbour
+    // again alone, the second request as planned.
+    for (n, f) in [(71, &files[0]), (73, &files[2])] {
+        let stored = orthanc
+            .instance_file(&sop_uid(n))
+            .unwrap()
+            .unwrap_or_else(|| panic!("Orthanc has no instance {n}:\n{}", orthanc.log()));
+        assert_eq!(stored, std::fs::read(f).unwrap(), "{n} byte-identical");
+    }
+    assert_eq!(orthanc.instance_count().unwrap(), 2);
+    let seen = store.seen();
+    let parts: Vec<(usize, bool, bool, bool)> = seen
+        .iter()
+        .map(|s| {
+            (
+                s.parts,
+                s.carries(&sop_uid(71)),
+                s.carries(&sop_uid(72)),
+                s.carries(&sop_uid(73)),
+            )
+        })
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            (2, true, true, false),
+            (1, true, false, false),
+            (1, false, false, true)
+        ]
+    );
+    let records = notified(&d, &id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(
+        records[0]["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("partial; store answer sha256 "),
+        "{records:?}"
+    );
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+    audit_verifies(&d.edge_config());
+}
+
+/// The per-instance outcome survives a crash: the store refuses one instance of the first
+/// request (409) and stores its neighbour when sent alone, then fails the second request
+/// (503) until the gateway was killed and started again. After the restart only the second
+/// request is sent: neither the refused instance nor its stored neighbour goes again, and
+/// the transfer ends delivered but for the refused one, which the signed notice lists.
+#[test]
+fn deliver_keeps_a_refused_instance_across_a_restart_and_does_not_send_it_again() {
+    let healed = Arc::new(AtomicBool::new(false));
+    let ok = healed.clone();
+    let bad = sop_uid(81);
+    let store = StubStore::start(Box::new(move |n, seen| {
+        if seen.carries(&bad) {
+            answer(
+                409,
+                &[],
+                &format!(
+                    r#"{{"00081198":{{"vr":"SQ","Value":[{{"00081155":{{"vr":"UI","Value":["{bad}"]}},"00081197":{{"vr":"US","Value":[272]}}}}]}}}}"#
+                ),
+            )
+        } else if seen.carries(&sop_uid(83)) && !ok.load(Ordering::SeqCst) {
+            answer(503, &["Retry-After: 0"], "busy")
+        } else {
+            confirm(n, seen)
+        }
+    }));
+    // [81, 82], then [83].
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = (81..=83)
+        .map(|n| instance(src.path(), n, Some("P-0001")))
+        .collect();
+    let len = |f: &PathBuf| std::fs::metadata(f).unwrap().len();
+    let batch_bytes = (len(&files[0]) + len(&files[1])).to_string();
+    let (d, gateway) = gateway_for(&store, "1s", &[("batch_bytes", &batch_bytes)]);
+    let id = send(&d, &files, &gateway);
+
+    let deadline = Instant::now() + EVENT_WAIT;
+    while store
+        .seen()
+        .iter()
+        .filter(|s| s.carries(&sop_uid(83)))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no retry of the second request:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let acked: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(acked["refused"][0]["file"], "i81.dcm", "{acked}");
+    assert_eq!(acked["refused"][0]["failure_reason"], 272, "{acked}");
+    assert_eq!(
+        acked["batches"][0]["files"],
+        serde_json::json!(["i82.dcm"]),
+        "{acked}"
+    );
+
+    gateway.kill().unwrap();
+    healed.store(true, Ordering::SeqCst);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let line = gateway.wait_for_log(&[&id, "delivered but for the instances"], EVENT_WAIT);
+    assert!(line.contains("refused=1"), "{line}");
+    gateway.wait_for_log(
+        &["already confirmed or refused are not sent again", &id],
+        EVENT_WAIT,
+    );
+
+    let seen = store.seen();
+    let times = |n: u32| seen.iter().filter(|s| s.carries(&sop_uid(n))).count();
+    assert_eq!(times(81), 1, "the refused instance is sent once");
+    assert_eq!(times(82), 2, "with 81, then alone; not after the restart");
+    assert!(times(83) >= 3, "{}", times(83));
+    assert!(seen.last().unwrap().carries(&sop_uid(83)));
+    assert!(d.path(&format!("spool/gateway/{id}/delivered")).exists());
+
+    let notice = std::fs::read(d.path(&format!("spool/gateway/{id}/notice.bin"))).unwrap();
+    let n = baylink_net::proto::DeliveryNotice::from_bytes(&notice).unwrap();
+    assert_eq!(n.outcome.as_str(), "partial");
+    let v = serde_json::to_value(&n).unwrap();
+    assert_eq!(v["refused_total"], 1, "{v}");
+    assert_eq!(
+        v["refused"][0]["sop_instance_uid"],
+        sop_uid(81).as_str(),
+        "{v}"
+    );
+    assert_eq!(v["refused"][0]["failure_reason"], "0x0110", "{v}");
+    assert!(
+        v["refused"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("409 Conflict: failure reason 0x0110 (processing failure)"),
+        "{v}"
+    );
 }

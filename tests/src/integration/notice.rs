@@ -27,13 +27,15 @@ pub(super) fn upload(api: &Api<'_>, name: &str, file: &Path) -> String {
     id
 }
 
-/// Long-polls the transfer's status until it is no longer on its way (`delivered`, `failed`,
-/// `refused`), within [`EVENT_WAIT`]; the last status.
+/// Long-polls the transfer's status until it is no longer on its way (`delivered`,
+/// `partial`, `failed`, `refused`), within [`EVENT_WAIT`]; the last status.
 pub(super) fn wait_settled(api: &Api<'_>, id: &str) -> Value {
     let start = Instant::now();
     loop {
         let s = api.status_after_change("hospital-a", id, 10).json();
-        if ["delivered", "failed", "refused"].contains(&s["state"].as_str().unwrap_or("")) {
+        if ["delivered", "partial", "failed", "refused"]
+            .contains(&s["state"].as_str().unwrap_or(""))
+        {
             return s;
         }
         assert!(

@@ -138,11 +138,14 @@ fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
 
     let line = gateway.wait_for_log(&[&not_dicom, "undeliverable"], LOG_WAIT);
     assert!(
-        line.contains("report.txt is not a DICOM Part 10 file"),
+        line.contains("report.txt: not a DICOM Part 10 file"),
         "{line}"
     );
     let line = gateway.wait_for_log(&[&refused, "undeliverable"], LOG_WAIT);
-    assert!(line.contains("the store refused instances (400"), "{line}");
+    assert!(
+        line.contains("garbage.dcm: the store answered 400 Bad Request"),
+        "{line}"
+    );
     gateway.wait_for_log(&[&after, "delivered"], LOG_WAIT);
     stored_identical(&orthanc, &sop_uid(9), &good);
     assert_eq!(orthanc.instance_count().unwrap(), 1);
@@ -193,6 +196,166 @@ fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
             .log()
             .contains(&format!("delivered transfer={after}"))
     );
+}
+
+/// `file` without its StudyInstanceUID (0020,000D): the element is cut out of the data set
+/// (explicit VR little endian, no group length), so the rest stays well formed.
+fn without_study_uid(file: &Path) {
+    let bytes = std::fs::read(file).unwrap();
+    let value = b"1.2.826.0.1.3680043.10.543.100";
+    let mut element = vec![0x20, 0x00, 0x0d, 0x00, b'U', b'I', value.len() as u8, 0];
+    element.extend_from_slice(value);
+    let at = bytes
+        .windows(element.len())
+        .position(|w| w == element.as_slice())
+        .expect("the instance has a StudyInstanceUID");
+    let mut cut = bytes[..at].to_vec();
+    cut.extend_from_slice(&bytes[at + element.len()..]);
+    std::fs::write(file, cut).unwrap();
+}
+
+/// One transfer, sent with `baylink send` of raw files (no hospital door checked them), holds
+/// instances the store refuses among good ones, spread over several STOW-RS requests: an
+/// instance without a StudyInstanceUID (Orthanc refuses it in its answer, FailureReason
+/// 0xC000, storing its neighbours) and one whose data set ends in the middle of an element
+/// (Orthanc names it nowhere; alone, it is refused again). Every good instance lands in
+/// Orthanc byte-identical, the later requests are sent, and the signed notice (outcome
+/// `partial`) lists each refused instance with the store's reason.
+#[test]
+fn refused_instances_do_not_sink_their_transfer_and_the_notice_lists_them() {
+    if skip() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    // Instances of about 1.1 KiB, at most 2300 bytes per request: [61, 62], [63, 64],
+    // [65, 66], [67].
+    let d = deployment(&orthanc.dicomweb_url(), &[("batch_bytes", "2300")]);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (61..=67)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    without_study_uid(&files[2]);
+    let whole = std::fs::read(&files[4]).unwrap();
+    std::fs::write(&files[4], &whole[..900]).unwrap(); // inside the pixel data
+    let args: Vec<&str> = [
+        "--no-progress",
+        "--wait-delivered",
+        "--delivered-timeout",
+        "60s",
+    ]
+    .into_iter()
+    .chain(files.iter().map(|f| f.to_str().unwrap()))
+    .collect();
+    let out = d.send(&args).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let s = baylink_tests::summary(&out).unwrap();
+    let id = s["transfer_id"].as_str().unwrap().to_owned();
+    let n = &s["delivery"];
+    assert_eq!(
+        n["outcome"],
+        "partial",
+        "{s}
+send: {stderr}
+gateway:
+{}
+orthanc:
+{}",
+        gateway.log(),
+        orthanc.log()
+    );
+    // Not delivered whole: exit 6, each refused instance on stderr.
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("not delivered whole: the record store refused 2 instance(s)")
+            && stderr.contains(&sop_uid(63))
+            && stderr.contains(&sop_uid(65)),
+        "{stderr}"
+    );
+    assert_eq!(n["signature"], "verified");
+    assert_eq!(n["refused_total"], 2, "{n}");
+    let refused = n["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 2, "{n}");
+    let no_study = &refused[0];
+    assert_eq!(no_study["file"], "i63.dcm");
+    assert_eq!(no_study["sop_instance_uid"], sop_uid(63).as_str());
+    assert_eq!(no_study["sop_class_uid"], "1.2.840.10008.5.1.4.1.1.2");
+    assert_eq!(no_study["failure_reason"], "0xc000", "{no_study}");
+    assert!(
+        no_study["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the store answered 400 Bad Request: failure reason 0xc000"),
+        "{no_study}"
+    );
+    let cut = &refused[1];
+    assert_eq!(cut["file"], "i65.dcm");
+    assert_eq!(
+        cut["sop_instance_uid"],
+        sop_uid(65).as_str(),
+        "from its meta header"
+    );
+    assert_eq!(cut["failure_reason"], serde_json::Value::Null);
+    assert!(
+        cut["reason"]
+            .as_str()
+            .unwrap()
+            .contains("named it neither stored nor failed"),
+        "{cut}"
+    );
+
+    // Every good instance is in Orthanc as it was sent, the last request's too.
+    for (n, f) in [(61, 0), (62, 1), (64, 3), (66, 5), (67, 6)] {
+        stored_identical(&orthanc, &sop_uid(n), &files[f]);
+    }
+    assert_eq!(orthanc.instance_count().unwrap(), 5);
+    for n in [63, 65] {
+        assert!(orthanc.instance_file(&sop_uid(n)).unwrap().is_none());
+    }
+
+    // The gateway: delivered (not set aside), its record naming the refusals; the per-instance
+    // outcome kept in stow.acked.
+    let line = gateway.wait_for_log(&[&id, "delivered but for the instances"], LOG_WAIT);
+    assert!(line.contains("refused=2"), "{line}");
+    assert!(
+        !d.path(&format!("spool/gateway/{id}/undeliverable"))
+            .exists()
+    );
+    assert!(d.path(&format!("spool/gateway/{id}/delivered")).exists());
+    let delivered = gateway_audit(&d, "delivered", &id);
+    assert_eq!(delivered.len(), 1);
+    let detail = delivered[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("partial: 5 of 7 instances stored; 2 instances refused: i63.dcm ("),
+        "{detail}"
+    );
+    assert!(gateway_audit(&d, "failed", &id).is_empty());
+    let acked: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(acked["ended"], true, "{acked}");
+    assert_eq!(acked["refused"].as_array().unwrap().len(), 2, "{acked}");
+
+    // The edge recorded the notice with the refused instances.
+    let records = super::notice::notified(&d, &id);
+    assert_eq!(records.len(), 1, "{records:?}");
+    let detail = records[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("partial; store answer sha256 "),
+        "{detail}"
+    );
+    assert!(
+        detail.contains(&format!(
+            "; 2 refused: {} 0xc000, {}",
+            sop_uid(63),
+            sop_uid(65)
+        )),
+        "{detail}"
+    );
+    assert!(gateway.terminate().unwrap().success());
+    super::notice::audit_verifies(&d.edge_config());
+    super::notice::audit_verifies(&d.gateway_config());
 }
 
 #[test]

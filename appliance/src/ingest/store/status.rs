@@ -35,6 +35,9 @@ pub enum TransferState {
     Committed,
     /// Delivered downstream (reported by the gateway).
     Delivered,
+    /// Delivered downstream but for the instances the record store refused (listed in the
+    /// delivery notice, `GET /v1/transfers/{id}/delivery`).
+    Partial,
     /// Refused (by policy at send time, or by the gateway).
     Refused,
     /// Gave up (link down longer than `transport.retry_for`, or an internal failure).
@@ -49,6 +52,7 @@ impl TransferState {
             self,
             TransferState::Committed
                 | TransferState::Delivered
+                | TransferState::Partial
                 | TransferState::Refused
                 | TransferState::Failed
         )
@@ -262,7 +266,10 @@ impl IngestStore {
             if state == TransferState::Committed
                 && notice.is_some()
                 && st.stages.last().is_some_and(|s| {
-                    matches!(s.stage, TransferState::Delivered | TransferState::Failed)
+                    matches!(
+                        s.stage,
+                        TransferState::Delivered | TransferState::Partial | TransferState::Failed
+                    )
                 })
             {
                 // The delivery notice overtook the stored receipt: keep its state, and put
@@ -319,7 +326,8 @@ impl IngestStore {
     }
 
     /// The edge stored the gateway's delivery notice of a transfer: a hospital upload moves
-    /// to `delivered`, or to `failed` with the store's reason (long polls wake). A transfer
+    /// to `delivered`, to `partial` naming the refused instances, or to `failed` with the
+    /// store's reason (long polls wake). A transfer
     /// that is not a hospital upload (a `baylink send`) has no status to move.
     pub async fn delivery_noticed(&self, notice: &baylink_net::proto::DeliveryNotice) {
         let dir = self.dir(&notice.transfer_id);
@@ -536,6 +544,14 @@ impl IngestStore {
 fn delivery_state(n: &baylink_net::proto::DeliveryNotice) -> (TransferState, Option<String>) {
     match n.outcome {
         baylink_net::proto::Outcome::Delivered => (TransferState::Delivered, None),
+        baylink_net::proto::Outcome::Partial => (
+            TransferState::Partial,
+            Some(format!(
+                "the record store refused {} of its instances (the others are stored): {}",
+                n.refused_total,
+                refused_line(n)
+            )),
+        ),
         baylink_net::proto::Outcome::Undeliverable => (
             TransferState::Failed,
             Some(format!(
@@ -544,6 +560,35 @@ fn delivery_state(n: &baylink_net::proto::DeliveryNotice) -> (TransferState, Opt
             )),
         ),
     }
+}
+
+/// The refused instances of a notice in one line: `<SOP Instance UID or file>: <reason>; …`
+/// (at most 4 KiB; the whole list is in the notice).
+fn refused_line(n: &baylink_net::proto::DeliveryNotice) -> String {
+    let mut out = String::new();
+    for (i, r) in n.refused.iter().enumerate() {
+        let who = if r.sop_instance_uid.is_empty() {
+            &r.file
+        } else {
+            &r.sop_instance_uid
+        };
+        let item = format!("{who}: {}", r.reason);
+        if out.len() + item.len() > 4096 {
+            out.push_str(&format!("; and {} more", n.refused_total as usize - i));
+            return out;
+        }
+        if i > 0 {
+            out.push_str("; ");
+        }
+        out.push_str(&item);
+    }
+    if (n.refused_total as usize) > n.refused.len() {
+        out.push_str(&format!(
+            "; and {} more",
+            n.refused_total as usize - n.refused.len()
+        ));
+    }
+    out
 }
 
 fn receipt_info(dir: &TransferDir) -> Option<ReceiptInfo> {
