@@ -191,10 +191,13 @@ fn a_hospital_holding_every_slot_yields_one_to_another_hospitals_study() {
         upload_and_commit(&api, "hospital-a", &id, "a.bin", &f);
         held.push((id, blocked));
     }
-    wait_for_retries(&edge, 2);
+    // Both hold a slot (`sending`) and are being retried.
     for (id, _) in &held {
-        assert_eq!(state(&api, "hospital-a", id), "sending");
+        wait_until(&api, "hospital-a", id, "sending", |s| {
+            s["state"] == "sending"
+        });
     }
+    wait_for_retries(&edge, 2);
 
     let f = payload(d.dir.path(), "b.bin", 1 << 20, 20).unwrap();
     let study = declare(&api, "hospital-b");
