@@ -251,6 +251,7 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("transport.retry_for", Kind::Str),
     opt("transport.chunk_size", U32),
     opt("transport.max_in_flight", U64),
+    opt("transport.max_transfers", U64),
     opt("transport.chunk_stall_timeout", Kind::Str),
     opt("link", Kind::Table),
     opt("link.rate_mbit", U64),

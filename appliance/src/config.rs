@@ -366,6 +366,9 @@ pub struct TransportSection {
     pub chunk_size: u32,
     /// Chunks in flight per transfer.
     pub max_in_flight: usize,
+    /// Edge: hospital uploads sent at once, each on its own connection
+    /// (`transport.max_transfers`, default 4).
+    pub max_transfers: usize,
     /// Gateway: a chunk stream that brings no bytes for this long is reset
     /// (`transport.chunk_stall_timeout`, default 30 s); the edge sends the chunk again.
     pub chunk_stall_timeout: Duration,
@@ -593,6 +596,7 @@ struct RawTransport {
     retry_for: Option<String>,
     chunk_size: Option<u32>,
     max_in_flight: Option<usize>,
+    max_transfers: Option<usize>,
     chunk_stall_timeout: Option<String>,
 }
 
@@ -698,6 +702,10 @@ struct RawDrain {
     timeout: Option<String>,
 }
 
+/// Default `transport.max_transfers`: hospital uploads sent at once.
+pub const DEFAULT_MAX_TRANSFERS: usize = 4;
+/// Upper bound of `transport.max_transfers`.
+pub const MAX_TRANSFERS: usize = 64;
 /// Default chunk size: 4 MiB.
 pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
 /// Default `transport.chunk_stall_timeout`: as long as the QUIC idle timeout.
@@ -818,6 +826,7 @@ impl Config {
             )?,
             chunk_size: raw.transport.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
             max_in_flight: raw.transport.max_in_flight.unwrap_or(8),
+            max_transfers: raw.transport.max_transfers.unwrap_or(DEFAULT_MAX_TRANSFERS),
             chunk_stall_timeout: duration(
                 "transport.chunk_stall_timeout",
                 &raw.transport.chunk_stall_timeout,
@@ -870,6 +879,12 @@ impl Config {
             return Err(invalid(
                 "transport.max_in_flight",
                 format!("{} is not in 1..=256", transport.max_in_flight),
+            ));
+        }
+        if !(1..=MAX_TRANSFERS).contains(&transport.max_transfers) {
+            return Err(invalid(
+                "transport.max_transfers",
+                format!("{} is not in 1..={MAX_TRANSFERS}", transport.max_transfers),
             ));
         }
         match role {
@@ -1673,6 +1688,28 @@ path = "delivered"
             e.to_string().contains("transport.chunk_stall_timeout"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn max_transfers_defaults_to_four_and_is_bounded() {
+        let c = Config::parse(Path::new("g.toml"), GATEWAY).unwrap();
+        assert_eq!(c.transport.max_transfers, DEFAULT_MAX_TRANSFERS);
+        let with = |n: &str| {
+            let text = GATEWAY.replace(
+                "[transport]\n",
+                &format!("[transport]\nmax_transfers = {n}\n"),
+            );
+            Config::parse(Path::new("g.toml"), &text).map(|c| c.transport.max_transfers)
+        };
+        assert_eq!(with("1").unwrap(), 1);
+        assert_eq!(with("64").unwrap(), 64);
+        for bad in ["0", "65"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("transport.max_transfers") && e.contains("is not in 1..=64"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

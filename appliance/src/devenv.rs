@@ -357,7 +357,8 @@ fn edge_toml(p: &Ports, module: &Path, tls: TlsKeys) -> String {
          [transport]\n\
          connect = \"127.0.0.1:{quic}\"\n\
          server_name = \"localhost\"\n\
-         retry_for = \"10m\"\n\n\
+         retry_for = \"10m\"\n\
+         max_transfers = 4\n\n\
          [link]\n\
          rate_mbit = 1000\n\
          rtt_ms = 10\n\

@@ -297,6 +297,11 @@ impl Edge {
         self.stop.set();
     }
 
+    /// Whether [`Edge::stop_sending`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_set()
+    }
+
     /// The edge's audit log.
     pub fn audit(&self) -> &audit::Log {
         &self.audit
@@ -368,8 +373,24 @@ impl Edge {
         show_progress: bool,
         stats: &Arc<SendStats>,
     ) -> Result<SendSummary, SendFailure> {
+        self.send_until(request, show_progress, stats, &crate::ops::Flag::default())
+            .await
+    }
+
+    /// [`Edge::send`] that also stops when `yield_slot` is set (the background sender asks a
+    /// transfer to give its send slot up): like the drain's stop, the send on the link
+    /// returns [`SendFailure::Stopped`] with the transfer still sealed and the gateway
+    /// holding what it verified, so sending it again resumes from there. Only this send
+    /// stops; a send past its last chunk (verifying and storing the receipt) finishes.
+    pub async fn send_until(
+        &self,
+        request: SendRequest,
+        show_progress: bool,
+        stats: &Arc<SendStats>,
+        yield_slot: &crate::ops::Flag,
+    ) -> Result<SendSummary, SendFailure> {
         let started = Instant::now();
-        if self.stop.is_set() {
+        if self.stop.is_set() || yield_slot.is_set() {
             return Err(SendFailure::Stopped);
         }
         let _busy = self.sending.enter();
@@ -454,7 +475,15 @@ impl Edge {
         }
         eprintln!("transfer {id}");
         let result = self
-            .send_declared(id, request, show_progress, stats, started, &declared)
+            .send_declared(
+                id,
+                request,
+                show_progress,
+                stats,
+                started,
+                &declared,
+                yield_slot,
+            )
             .await;
         if let Err(e) = &result
             && !matches!(e, SendFailure::Stopped)
@@ -490,6 +519,7 @@ impl Edge {
         decision
     }
 
+    #[allow(clippy::too_many_arguments)] // the request, its reporting and its two stops
     async fn send_declared(
         &self,
         id: TransferId,
@@ -498,6 +528,7 @@ impl Edge {
         stats: &Arc<SendStats>,
         started: Instant,
         declared: &Event,
+        yield_slot: &crate::ops::Flag,
     ) -> Result<SendSummary, SendFailure> {
         let dir = TransferDir::new(&self.cfg.spool_dir, &id);
         let bar = progress_bar(show_progress);
@@ -581,6 +612,10 @@ impl Edge {
                 d = self.transmit(&out, &bar, stats) => d?,
                 () = self.stop.wait() => {
                     info!(transfer = %id, "send stopped by the drain; it resumes at the next start");
+                    return Err(SendFailure::Stopped);
+                }
+                () = yield_slot.wait() => {
+                    info!(transfer = %id, "send yields its slot; it resumes when it gets one again");
                     return Err(SendFailure::Stopped);
                 }
             };

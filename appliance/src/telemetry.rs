@@ -234,6 +234,18 @@ pub const FAMILIES: &[Family] = &[
         "Transfers in the spool, by state.",
     ),
     family(
+        "baylink_send_queue_transfers",
+        Gauge,
+        Roles::Edge,
+        "Hospital uploads queued for a send slot (waiting) or holding one (running).",
+    ),
+    family(
+        "baylink_send_yields_total",
+        Counter,
+        Roles::Edge,
+        "Sends asked to give their slot up to another hospital's transfer.",
+    ),
+    family(
         "baylink_backlog_transfers",
         Gauge,
         Roles::Both,
@@ -431,6 +443,10 @@ pub fn register(role: Role, reserve_bytes: u64, peers: &[String]) {
             }
         }
         metrics::counter!("baylink_audit_witness_refusals_total").increment(0);
+        for state in ["waiting", "running"] {
+            metrics::gauge!("baylink_send_queue_transfers", "state" => state).set(0.0);
+        }
+        metrics::counter!("baylink_send_yields_total").increment(0);
     } else {
         for cause in crate::deliver::Cause::ALL {
             metrics::counter!("baylink_delivery_retries_total", "cause" => cause.label())

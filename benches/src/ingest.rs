@@ -125,11 +125,12 @@ struct Report {
     comparison: Option<Comparison>,
 }
 
-struct Client {
-    base: String,
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+/// curl as one hospital (its client certificate) against the edge's HTTPS API.
+pub(crate) struct Client {
+    pub(crate) base: String,
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
 }
 
 impl Client {
@@ -169,7 +170,7 @@ impl Client {
         Ok((code, body.to_owned()))
     }
 
-    async fn declare(&self) -> anyhow::Result<String> {
+    pub(crate) async fn declare(&self) -> anyhow::Result<String> {
         let url = format!("{}/v1/transfers", self.base);
         let (code, body) = self
             .request(&[
@@ -185,7 +186,7 @@ impl Client {
         Ok(v["id"].as_str().context("no id")?.to_owned())
     }
 
-    async fn put(&self, id: &str, file: &Path, name: &str) -> anyhow::Result<Duration> {
+    pub(crate) async fn put(&self, id: &str, file: &Path, name: &str) -> anyhow::Result<Duration> {
         let url = format!("{}/v1/transfers/{id}/files/{name}", self.base);
         let started = Instant::now();
         let (code, body) = self
@@ -195,16 +196,25 @@ impl Client {
         Ok(started.elapsed())
     }
 
-    async fn commit(&self, id: &str) -> anyhow::Result<()> {
+    pub(crate) async fn commit(&self, id: &str) -> anyhow::Result<()> {
         let url = format!("{}/v1/transfers/{id}/commit", self.base);
         let (code, body) = self.request(&["-X", "POST", &url]).await?;
         ensure!(code == 202, "commit: {code} {body}");
         Ok(())
     }
 
+    /// The transfer's state now (`GET /v1/transfers/{id}`).
+    pub(crate) async fn state(&self, id: &str) -> anyhow::Result<String> {
+        let url = format!("{}/v1/transfers/{id}", self.base);
+        let (code, body) = self.request(&[&url]).await?;
+        ensure!(code == 200, "status: {code} {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        Ok(v["state"].as_str().context("no state")?.to_owned())
+    }
+
     /// Waits for the receipt with long polls (`?wait=`): one request per state change, so
     /// the measurement does not cost the edge a TLS handshake every few milliseconds.
-    async fn wait_committed(&self, id: &str) -> anyhow::Result<()> {
+    pub(crate) async fn wait_committed(&self, id: &str) -> anyhow::Result<()> {
         let url = format!("{}/v1/transfers/{id}?wait=60", self.base);
         let deadline = Instant::now() + RECEIPT_LIMIT;
         loop {
@@ -258,7 +268,11 @@ fn peak_rss_mib(pid: u32) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-async fn start_edge(baylink: &Path, config: &Path, work: &Path) -> anyhow::Result<(Child, u32)> {
+pub(crate) async fn start_edge(
+    baylink: &Path,
+    config: &Path,
+    work: &Path,
+) -> anyhow::Result<(Child, u32)> {
     let notify = NotifySocket::bind(&work.join("edge-notify.sock"))?;
     let log = work.join("edge.log");
     let log_file = std::fs::File::create(&log)?;
@@ -281,7 +295,7 @@ async fn start_edge(baylink: &Path, config: &Path, work: &Path) -> anyhow::Resul
     Ok((child, pid))
 }
 
-fn default_baylink() -> anyhow::Result<PathBuf> {
+pub(crate) fn default_baylink() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("baylink");
     ensure!(
@@ -292,7 +306,7 @@ fn default_baylink() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-fn gbit(bytes: u64, seconds: f64) -> f64 {
+pub(crate) fn gbit(bytes: u64, seconds: f64) -> f64 {
     if seconds > 0.0 {
         bytes as f64 * 8.0 / seconds / 1e9
     } else {

@@ -1,5 +1,8 @@
 //! `baylink-bench`: end-to-end benchmark harness for baylink.
 //!
+//! `baylink-bench fairness` measures how two hospitals share the edge's send slots: hospital
+//! B's study latency alone and beside hospital A's large transfer (see [`fairness`]).
+//!
 //! `baylink-bench handshake` measures QUIC handshakes per second and CPU per handshake with
 //! PEM and HSM-held TLS keys (see [`handshake`]).
 //!
@@ -19,6 +22,7 @@
 mod baylink_run;
 mod e2e;
 mod env_config;
+mod fairness;
 mod handshake;
 mod impair;
 mod ingest;
@@ -96,6 +100,9 @@ enum Command {
     /// Upload files over the hospital HTTPS API with concurrent clients; throughput, latency,
     /// edge memory, and the ratio against `baylink send` of one large file.
     Ingest(ingest::IngestArgs),
+    /// Two hospitals share the edge's send slots: one large transfer of hospital A, small
+    /// studies of hospital B; B's latency alone and beside A, and A's throughput.
+    Fairness(fairness::FairnessArgs),
     /// QUIC + mutual-TLS handshakes per second and CPU per handshake on loopback, with PEM
     /// TLS keys and with TLS keys held in a SoftHSM token (same run).
     Handshake(handshake::HandshakeArgs),
@@ -113,6 +120,7 @@ fn main() -> ExitCode {
         Command::E2e(args) => run_e2e(args),
         Command::Impair(args) => impair::main(&args),
         Command::Ingest(args) => run_ingest(args),
+        Command::Fairness(args) => run_fairness(args),
         Command::Handshake(args) => handshake::main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
@@ -145,6 +153,19 @@ fn run_ingest(args: ingest::IngestArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         tokio::select! {
             result = ingest::run(args) => result.map(|()| ExitCode::SUCCESS),
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = terminated() => anyhow::bail!("terminated"),
+        }
+    })
+}
+
+fn run_fairness(args: fairness::FairnessArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::select! {
+            result = fairness::run(args) => result.map(|()| ExitCode::SUCCESS),
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
             _ = terminated() => anyhow::bail!("terminated"),
         }

@@ -33,6 +33,7 @@ mod reload;
 mod resume;
 mod retention;
 mod secrets;
+mod sending;
 mod slots;
 mod stow_limits;
 mod tls_hsm;

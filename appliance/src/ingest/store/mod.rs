@@ -28,11 +28,13 @@
 //! - `lifecycle`: declare, commit (check, seal), abandon, expire; recovery of open transfers;
 //! - `upload`: [`FileUpload`] (one file streamed into the spool) and the DICOM gate glue;
 //! - `status`: `status.json` and what the hospital reads (status, receipt, proof);
-//! - `send`: the background sender of sealed transfers;
+//! - `send`: the background sender of sealed transfers, its slots shared between hospitals
+//!   as `sched` decides;
 //! - `quota`: `[quota]` and `spool.reserve_bytes`, counted from the open transfers.
 
 mod lifecycle;
 mod quota;
+mod sched;
 mod send;
 mod status;
 mod upload;
@@ -153,9 +155,9 @@ struct Inner {
     /// wait on it, then read their own transfer's status).
     changes: tokio::sync::watch::Sender<u64>,
     next_part: AtomicU64,
-    /// One background send at a time, in commit order: concurrent sends would each hold
-    /// spool buffers while waiting for more (and share one link anyway).
-    sending: Arc<tokio::sync::Semaphore>,
+    /// The background sends: at most `transport.max_transfers` at once, shared between
+    /// hospitals.
+    sending: send::SendQueue,
     /// Key of the de-identification (derived from the audit patient key).
     deid_key: DeidKey,
     /// `policy.deidentify_purposes`.
@@ -280,7 +282,7 @@ impl IngestStore {
                 status_lock: tokio::sync::Mutex::new(()),
                 changes: tokio::sync::watch::Sender::new(0),
                 next_part: AtomicU64::new(0),
-                sending: Arc::new(tokio::sync::Semaphore::new(1)),
+                sending: send::SendQueue::new(cfg.transport.max_transfers),
                 deid_key: DeidKey::from_secret(deid_secret.as_bytes()),
                 deidentify_purposes: cfg.policy.deidentify_purposes.iter().cloned().collect(),
                 deidentify_options: cfg.policy.deidentify_options.clone(),
