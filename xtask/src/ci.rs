@@ -150,6 +150,18 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
         },
     )?;
 
+    steps.step(
+        "python-packages",
+        "PyPI packages for the tests (pinned)",
+        || match packages::ensure_python(packages::TEST_PYTHON_PACKAGES, !opts.skip_install) {
+            Err(e) if opts.skip_install => {
+                println!("warning (--skip-install): {e:#}");
+                Ok(())
+            }
+            other => other,
+        },
+    )?;
+
     steps.step("nextest", "cargo-nextest", || {
         if have_nextest() {
             println!("cargo-nextest found");

@@ -93,11 +93,95 @@ pub const TEST_PACKAGES: &[Package] = &[
         why: "pydicom, to plant identifiers and check de-identified files independently",
     },
     Package {
+        name: "python3-pip",
+        // pip for /usr/bin/python3: installs the PyPI packages of TEST_PYTHON_PACKAGES.
+        why: "pip, to install pynetdicom for the Storage Commitment tests",
+    },
+    Package {
         name: "prometheus",
         // promtool checks the shipped alert rules; a real server scrapes an edge and a gateway.
         why: "promtool for the shipped alert rules, and a Prometheus that scrapes the appliances",
     },
 ];
+
+/// A PyPI package the tests need in Debian's `/usr/bin/python3`, pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PythonPackage {
+    /// The PyPI name, also its import name.
+    pub name: &'static str,
+    /// The exact version installed.
+    pub version: &'static str,
+    /// Why the project needs it.
+    pub why: &'static str,
+}
+
+/// PyPI packages of the tests. Installed without dependencies: they use Debian's pydicom.
+pub const TEST_PYTHON_PACKAGES: &[PythonPackage] = &[PythonPackage {
+    name: "pynetdicom",
+    // 2.0.x is the last line that works with Debian 12's pydicom 2.3.
+    version: "2.0.2",
+    why: "the modality side (N-ACTION SCU, N-EVENT-REPORT listener) of the Storage Commitment tests",
+}];
+
+/// Makes sure every package of `wanted` is importable from `/usr/bin/python3` at its pinned
+/// version; installs the missing ones with pip (as root, when `may_install`).
+pub fn ensure_python(wanted: &[PythonPackage], may_install: bool) -> Result<()> {
+    let python = "/usr/bin/python3";
+    let installed = |p: &PythonPackage| {
+        Command::new(python)
+            .args([
+                "-c",
+                &format!(
+                    "import {0}, sys; sys.exit({0}.__version__ != '{1}')",
+                    p.name, p.version
+                ),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let absent: Vec<&PythonPackage> = wanted.iter().filter(|p| !installed(p)).collect();
+    if absent.is_empty() {
+        println!("python packages: all {} installed", wanted.len());
+        return Ok(());
+    }
+    let specs: Vec<String> = absent
+        .iter()
+        .map(|p| format!("{}=={}", p.name, p.version))
+        .collect();
+    if !may_install || !nix::unistd::geteuid().is_root() {
+        bail!(
+            "missing for {python}: {} ({}); install with: sudo {python} -m pip install \
+             --break-system-packages --no-deps {}",
+            specs.join(" "),
+            absent.iter().map(|p| p.why).collect::<Vec<_>>().join("; "),
+            specs.join(" ")
+        );
+    }
+    println!("python packages: installing {}", specs.join(" "));
+    cmd::run(
+        Command::new(python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--break-system-packages",
+                "--no-deps",
+            ])
+            .args(&specs),
+    )
+    .context("pip install failed")?;
+    if let Some(p) = wanted.iter().find(|p| !installed(p)) {
+        bail!(
+            "pip reported success but {}=={} is still not importable",
+            p.name,
+            p.version
+        );
+    }
+    Ok(())
+}
 
 /// The one package the demo needs: the software HSM that `baylink dev-env` provisions.
 pub const SOFTHSM2: Package = Package {
