@@ -423,6 +423,8 @@ pub struct DicomSection {
     pub max_pdu_bytes: u32,
     /// Associations served at once; further ones are rejected.
     pub max_associations: usize,
+    /// Storage Commitment requests kept unanswered per peer (`ingest.dicom_commitment_max_pending`).
+    pub commitment_max_pending: usize,
     /// An association that sends nothing for this long is aborted (and discarded).
     pub idle_timeout: Duration,
 }
@@ -439,6 +441,21 @@ pub struct DicomPeer {
     /// Purpose declared for its associations (`purpose`, default `care`; e.g. `research`,
     /// whose instances are de-identified).
     pub purpose: String,
+    /// Where Storage Commitment reports go when they cannot go on the association of the
+    /// request (`commitment_port`, `commitment_host`, `commitment_ae_title`); `None`: only on
+    /// that association.
+    pub commitment: Option<CommitmentRoute>,
+}
+
+/// The modality's own Storage Commitment listener (an SCU that accepts N-EVENT-REPORT).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitmentRoute {
+    /// Host name or IP address (`commitment_host`, default the entry's `address`).
+    pub host: String,
+    /// TCP port (`commitment_port`).
+    pub port: u16,
+    /// Its AE title (`commitment_ae_title`, default the entry's `ae_title`).
+    pub ae_title: String,
 }
 
 /// Default AE title of the Storage SCP.
@@ -447,6 +464,8 @@ pub const DEFAULT_DICOM_AE_TITLE: &str = "BAYLINK";
 pub const DEFAULT_DICOM_MAX_PDU_BYTES: u32 = 64 * 1024;
 /// Default number of DICOM associations served at once.
 pub const DEFAULT_DICOM_MAX_ASSOCIATIONS: usize = 16;
+/// Default Storage Commitment requests kept unanswered per DICOM peer.
+pub const DEFAULT_DICOM_COMMITMENT_MAX_PENDING: usize = 64;
 /// Default `ingest.handshake_timeout`: TLS handshake (HTTPS) or A-ASSOCIATE negotiation
 /// (C-STORE) before the client is identified.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -623,6 +642,7 @@ struct RawIngest {
     dicom_peers: Vec<RawDicomPeer>,
     dicom_max_pdu_bytes: Option<u32>,
     dicom_max_associations: Option<usize>,
+    dicom_commitment_max_pending: Option<usize>,
     dicom_idle_timeout: Option<String>,
     header_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -641,6 +661,9 @@ struct RawDicomPeer {
     address: String,
     hospital: String,
     purpose: Option<String>,
+    commitment_host: Option<String>,
+    commitment_port: Option<u16>,
+    commitment_ae_title: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1021,6 +1044,10 @@ impl Config {
                     .ingest
                     .dicom_max_associations
                     .unwrap_or(DEFAULT_DICOM_MAX_ASSOCIATIONS),
+                commitment_max_pending: raw
+                    .ingest
+                    .dicom_commitment_max_pending
+                    .unwrap_or(DEFAULT_DICOM_COMMITMENT_MAX_PENDING),
                 idle_timeout: duration(
                     "ingest.dicom_idle_timeout",
                     &raw.ingest.dicom_idle_timeout,
@@ -1048,6 +1075,15 @@ impl Config {
             return Err(invalid(
                 "ingest.dicom_max_associations",
                 format!("{} is not in 1..=1024", ingest.dicom.max_associations),
+            ));
+        }
+        if !(1..=10_000).contains(&ingest.dicom.commitment_max_pending) {
+            return Err(invalid(
+                "ingest.dicom_commitment_max_pending",
+                format!(
+                    "{} is not in 1..=10000",
+                    ingest.dicom.commitment_max_pending
+                ),
             ));
         }
         if ingest.dicom.idle_timeout.is_zero() {
@@ -1082,11 +1118,64 @@ impl Config {
                     "must be 1..=64 printable characters".into(),
                 ));
             }
+            let commitment = match p.commitment_port {
+                None => {
+                    if p.commitment_host.is_some() || p.commitment_ae_title.is_some() {
+                        return Err(invalid(
+                            "ingest.dicom_peers.commitment_port",
+                            format!(
+                                "{}: commitment_host and commitment_ae_title need commitment_port",
+                                p.ae_title
+                            ),
+                        ));
+                    }
+                    None
+                }
+                Some(0) => {
+                    return Err(invalid(
+                        "ingest.dicom_peers.commitment_port",
+                        "must be 1..=65535".into(),
+                    ));
+                }
+                Some(port) => {
+                    let host = p
+                        .commitment_host
+                        .clone()
+                        .unwrap_or_else(|| address.to_string());
+                    if host.is_empty()
+                        || host.len() > 253
+                        || !host
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
+                    {
+                        return Err(invalid(
+                            "ingest.dicom_peers.commitment_host",
+                            format!("`{host}` is not a host name or IP address"),
+                        ));
+                    }
+                    let ae_title = p
+                        .commitment_ae_title
+                        .clone()
+                        .unwrap_or_else(|| p.ae_title.clone());
+                    if !valid_ae_title(&ae_title) {
+                        return Err(invalid(
+                            "ingest.dicom_peers.commitment_ae_title",
+                            format!("`{ae_title}` is not an AE title"),
+                        ));
+                    }
+                    Some(CommitmentRoute {
+                        host,
+                        port,
+                        ae_title,
+                    })
+                }
+            };
             let peer = DicomPeer {
                 ae_title: p.ae_title.clone(),
                 address,
                 hospital: p.hospital.clone(),
                 purpose,
+                commitment,
             };
             if ingest
                 .dicom

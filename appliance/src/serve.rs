@@ -250,6 +250,7 @@ async fn start_dicom_scp(
     store: &IngestStore,
     policy: SharedPolicy,
     identity: &baylink_net::transport::TlsIdentity,
+    commitment: Arc<crate::dicom::commitment::Commitments>,
 ) -> anyhow::Result<StorageScp<StoreSink>> {
     let d = &cfg.ingest.dicom;
     let tls = match cfg.ingest.dicom_tls_listen {
@@ -280,8 +281,9 @@ async fn start_dicom_scp(
         max_association_bytes: cfg.ingest.max_upload_bytes,
         category: "diagnostic-image".into(),
         destination: "hk-ehealth".into(),
+        commitment: Some(commitment.clone()),
     };
-    let sink = StoreSink::new(store.clone());
+    let sink = StoreSink::new(store.clone()).with_commitment(commitment);
     Ok(StorageScp::bind(scp_cfg, policy, sink).await?)
 }
 
@@ -311,11 +313,25 @@ async fn serve_edge(
     let drain = ops::Drain::default();
     let (connections, associations) = (ops::Activity::default(), ops::Activity::default());
     if cfg.ingest.dicom_listen.is_some() || cfg.ingest.dicom_tls_listen.is_some() {
+        // Storage Commitment: its index and pending requests (those of an earlier run are
+        // answered as their notices come, or at once if they already have).
+        let commitment = Arc::new(
+            crate::dicom::commitment::Commitments::open(
+                &cfg.spool_dir,
+                store.clone(),
+                cfg.ingest.dicom.ae_title.clone(),
+                cfg.ingest.dicom.peers.clone(),
+                cfg.ingest.dicom.commitment_max_pending,
+            )
+            .context("storage commitment state (spool/.commitment)")?,
+        );
+        tokio::spawn(commitment.clone().run());
         let scp = start_dicom_scp(
             &cfg,
             &store,
             edge.shared_policy().clone(),
             &edge.tls_identity(),
+            commitment,
         )
         .await?;
         tokio::spawn(scp.serve(drain.clone(), associations.clone()));

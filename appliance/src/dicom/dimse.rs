@@ -15,6 +15,14 @@ pub const C_STORE_RSP: u16 = 0x8001;
 pub const C_ECHO_RQ: u16 = 0x0030;
 /// C-ECHO-RSP command field.
 pub const C_ECHO_RSP: u16 = 0x8030;
+/// N-EVENT-REPORT-RQ command field.
+pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+/// N-EVENT-REPORT-RSP command field.
+pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
+/// N-ACTION-RQ command field.
+pub const N_ACTION_RQ: u16 = 0x0130;
+/// N-ACTION-RSP command field.
+pub const N_ACTION_RSP: u16 = 0x8130;
 /// Command Data Set Type value meaning "no data set follows".
 pub const NO_DATA_SET: u16 = 0x0101;
 
@@ -71,12 +79,48 @@ pub struct Command {
     pub affected_sop_instance_uid: String,
     /// Whether a data set follows (Command Data Set Type (0000,0800) != 0x0101).
     pub has_data_set: bool,
+    /// Requested SOP Class UID (0000,0003) of a DIMSE-N request, padding removed.
+    pub requested_sop_class_uid: String,
+    /// Requested SOP Instance UID (0000,1001) of a DIMSE-N request, padding removed.
+    pub requested_sop_instance_uid: String,
+    /// Action Type ID (0000,1008) of an N-ACTION.
+    pub action_type_id: Option<u16>,
 }
 
-/// Decodes a request command set (implicit VR little endian).
-pub fn parse_command(bytes: &[u8]) -> Result<Command, DimseError> {
-    let mut cmd = Command::default();
-    let (mut field, mut message_id, mut data_set_type) = (None, None, None);
+/// The parts of a response command set the edge reads (the answer to a request it sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseCommand {
+    /// Command Field (0000,0100).
+    pub field: u16,
+    /// Message ID Being Responded To (0000,0120).
+    pub responded_to: u16,
+    /// Status (0000,0900).
+    pub status: u16,
+}
+
+/// Decodes a response command set (implicit VR little endian).
+pub fn parse_response(bytes: &[u8]) -> Result<ResponseCommand, DimseError> {
+    let (mut field, mut responded_to, mut status) = (None, None, None);
+    walk(bytes, |element, value| {
+        let us = (value.len() == 2).then(|| u16::from_le_bytes([value[0], value[1]]));
+        match element {
+            0x0100 => field = us,
+            0x0120 => responded_to = us,
+            0x0900 => status = us,
+            _ => {}
+        }
+    })?;
+    Ok(ResponseCommand {
+        field: field.ok_or(DimseError::Missing("Command Field (0000,0100)"))?,
+        responded_to: responded_to.ok_or(DimseError::Missing(
+            "Message ID Being Responded To (0000,0120)",
+        ))?,
+        status: status.ok_or(DimseError::Missing("Status (0000,0900)"))?,
+    })
+}
+
+/// Calls `each(element, value)` for every element of a command set, bounds-checked.
+fn walk(bytes: &[u8], mut each: impl FnMut(u16, &[u8])) -> Result<(), DimseError> {
     let mut pos = 0usize;
     while pos < bytes.len() {
         let head = bytes.get(pos..pos + 8).ok_or(DimseError::Truncated {
@@ -94,19 +138,31 @@ pub fn parse_command(bytes: &[u8]) -> Result<Command, DimseError> {
             .checked_add(len as usize)
             .filter(|&e| e <= bytes.len())
             .ok_or(DimseError::Truncated { group, element })?;
-        let value = &bytes[start..end];
+        each(element, &bytes[start..end]);
+        pos = end;
+    }
+    Ok(())
+}
+
+/// Decodes a request command set (implicit VR little endian).
+pub fn parse_command(bytes: &[u8]) -> Result<Command, DimseError> {
+    let mut cmd = Command::default();
+    let (mut field, mut message_id, mut data_set_type) = (None, None, None);
+    walk(bytes, |element, value| {
         let us = || (value.len() == 2).then(|| u16::from_le_bytes([value[0], value[1]]));
         let ui = || super::part10::trim_padding(&String::from_utf8_lossy(value)).to_owned();
         match element {
             0x0002 => cmd.affected_sop_class_uid = ui(),
+            0x0003 => cmd.requested_sop_class_uid = ui(),
             0x0100 => field = us(),
             0x0110 => message_id = us(),
             0x0800 => data_set_type = us(),
             0x1000 => cmd.affected_sop_instance_uid = ui(),
+            0x1001 => cmd.requested_sop_instance_uid = ui(),
+            0x1008 => cmd.action_type_id = us(),
             _ => {}
         }
-        pos = end;
-    }
+    })?;
     cmd.field = field.ok_or(DimseError::Missing("Command Field (0000,0100)"))?;
     cmd.message_id = message_id.ok_or(DimseError::Missing("Message ID (0000,0110)"))?;
     cmd.has_data_set = data_set_type
@@ -120,7 +176,16 @@ pub fn parse_command(bytes: &[u8]) -> Result<Command, DimseError> {
 pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8> {
     let response_field = request.field | 0x8000;
     let mut body = Vec::with_capacity(256);
-    push_ui(&mut body, 0x0002, &request.affected_sop_class_uid);
+    let n_action = request.field == N_ACTION_RQ;
+    push_ui(
+        &mut body,
+        0x0002,
+        if n_action {
+            &request.requested_sop_class_uid
+        } else {
+            &request.affected_sop_class_uid
+        },
+    );
     push_us(&mut body, 0x0100, response_field);
     push_us(&mut body, 0x0120, request.message_id);
     push_us(&mut body, 0x0800, NO_DATA_SET);
@@ -143,6 +208,35 @@ pub fn response(request: &Command, status: u16, comment: Option<&str>) -> Vec<u8
     if request.field == C_STORE_RQ {
         push_ui(&mut body, 0x1000, &request.affected_sop_instance_uid);
     }
+    if n_action {
+        push_ui(&mut body, 0x1000, &request.requested_sop_instance_uid);
+        if let Some(t) = request.action_type_id {
+            push_us(&mut body, 0x1008, t);
+        }
+    }
+    command_set(body)
+}
+
+/// An N-EVENT-REPORT-RQ command set: `event_type` of `instance` (of `class`), message
+/// `message_id`, a data set follows.
+pub fn event_report_request(
+    class: &str,
+    instance: &str,
+    message_id: u16,
+    event_type: u16,
+) -> Vec<u8> {
+    let mut body = Vec::with_capacity(160);
+    push_ui(&mut body, 0x0002, class);
+    push_us(&mut body, 0x0100, N_EVENT_REPORT_RQ);
+    push_us(&mut body, 0x0110, message_id);
+    push_us(&mut body, 0x0800, 0x0000);
+    push_ui(&mut body, 0x1000, instance);
+    push_us(&mut body, 0x1002, event_type);
+    command_set(body)
+}
+
+/// `body` behind its Command Group Length (0000,0000).
+fn command_set(body: Vec<u8>) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 12);
     out.extend_from_slice(&[0, 0, 0, 0]);
     out.extend_from_slice(&4u32.to_le_bytes());

@@ -4,7 +4,8 @@
 //!   PatientID) and build the Part-10 header for a data set received over the network.
 //! - [`lengths`]: a header-only walk that refuses declared lengths beyond the bytes present,
 //!   run before dicom-rs (which allocates declared lengths up front).
-//! - [`dimse`]: C-ECHO / C-STORE command sets and the failure statuses the SCP answers with.
+//! - [`commitment`]: the Storage Commitment Push Model SCP (N-ACTION, N-EVENT-REPORT).
+//! - [`dimse`]: C-ECHO / C-STORE / N-ACTION / N-EVENT-REPORT command sets and the failure statuses the SCP answers with.
 //! - [`scp`]: the association server (tokio, `dicom-ul`), streaming instances to disk.
 //! - [`sink`]: where an association's accepted instances go ([`sink::AssociationSink`]), and
 //!   today's implementation that sends them through the existing `Edge::send`.
@@ -12,6 +13,7 @@
 //! What this module deliberately does not do: decode pixel data (the relay passes every
 //! transfer syntax through unchanged), or keep a whole instance in memory.
 
+pub mod commitment;
 pub mod deid;
 pub mod dimse;
 pub mod lengths;

@@ -95,6 +95,8 @@ pub struct ScpConfig {
     pub category: String,
     /// Destination system.
     pub destination: String,
+    /// The Storage Commitment SCP, if served (Push Model accepted in negotiation).
+    pub commitment: Option<Arc<super::commitment::Commitments>>,
 }
 
 /// The TLS port: its address and the rustls configuration of its handshake (the hospital
@@ -514,17 +516,15 @@ struct Association<'a, S: AssociationSink> {
     serial: u64,
     accepted: usize,
     refused: usize,
+    /// Storage Commitment on this association, if served.
+    commitment: Option<super::commitment::OnAssociation>,
 }
 
 impl<S: AssociationSink> Inner<S> {
     fn options(
         &self,
         caller: Caller,
-    ) -> ServerAssociationOptions<
-        'static,
-        PeerAccess,
-        dicom_ul::association::server::DefaultNegotiation,
-    > {
+    ) -> ServerAssociationOptions<'static, PeerAccess, super::commitment::Roles> {
         let mut options = ServerAssociationOptions::new()
             .ae_access_control(PeerAccess {
                 caller,
@@ -535,7 +535,11 @@ impl<S: AssociationSink> Inner<S> {
             .strict(true)
             .read_timeout(self.cfg.idle_timeout)
             .write_timeout(self.cfg.idle_timeout)
-            .with_abstract_syntax(VERIFICATION);
+            .with_abstract_syntax(VERIFICATION)
+            .with_negotiation(super::commitment::Roles);
+        if self.cfg.commitment.is_some() {
+            options = options.with_abstract_syntax(super::commitment::STORAGE_COMMITMENT_PUSH);
+        }
         for (uid, _) in STORAGE_SOP_CLASSES {
             options = options.with_abstract_syntax(*uid);
         }
@@ -744,13 +748,12 @@ impl<S: AssociationSink> Inner<S> {
             return;
         };
         let calling = assoc.peer_ae_title().trim().to_owned();
-        let Some((hospital, purpose)) = PeerAccess::peer(&self.cfg.peers, &calling, &caller)
-            .map(|p| (p.hospital.clone(), p.purpose.clone()))
-        else {
+        let Some(peer) = PeerAccess::peer(&self.cfg.peers, &calling, &caller).cloned() else {
             // Access control already refused this; never reached.
             let _ = assoc.abort().await;
             return;
         };
+        let (hospital, purpose) = (peer.hospital.clone(), peer.purpose.clone());
         info!(calling_ae = %calling, %hospital, door, "association accepted");
         let scratch = self.cfg.scratch_dir.join(id.to_string());
         if let Err(e) = tokio::fs::create_dir_all(&scratch).await {
@@ -772,6 +775,18 @@ impl<S: AssociationSink> Inner<S> {
             serial: 0,
             accepted: 0,
             refused: 0,
+            commitment: self.cfg.commitment.clone().map(|c| {
+                let scp_role = assoc
+                    .requestor_roles_for(super::commitment::STORAGE_COMMITMENT_PUSH)
+                    .scp;
+                super::commitment::OnAssociation::new(
+                    c,
+                    peer,
+                    door,
+                    assoc.presentation_contexts(),
+                    scp_role,
+                )
+            }),
         };
         let (end, why) = match state.run(&mut assoc).await {
             End::Released => (AssociationEnd::Released, None),
@@ -836,6 +851,21 @@ impl<S: AssociationSink> Association<'_, S> {
                         why: "the edge is shutting down (drain.timeout reached)".into(),
                     });
                 }
+                job = super::commitment::OnAssociation::next_job(self.commitment.as_mut()) => {
+                    // A report for a request of this association (the modality took the SCP
+                    // role): sent between PDUs; its answer arrives as a command.
+                    let max = assoc.peer_max_pdu_length();
+                    let pdus = match self.commitment.as_mut() {
+                        Some(c) => c.pdus(job, max),
+                        None => Vec::new(),
+                    };
+                    for pdu in pdus {
+                        if let Err(e) = assoc.send(&pdu).await {
+                            return End::Stopped(stop("cannot send a storage commitment report", &e));
+                        }
+                    }
+                    continue;
+                }
                 r = assoc.receive() => r,
             };
             let pdu = match received {
@@ -855,7 +885,23 @@ impl<S: AssociationSink> Association<'_, S> {
                                 self.on_command(assoc, &contexts, &mut command, &mut incoming, pv)
                                     .await
                             }
-                            PDataValueType::Data => self.on_data(assoc, &mut incoming, pv).await,
+                            PDataValueType::Data => match self.commitment.as_mut() {
+                                Some(c) if c.collecting() => match c.data(pv).await {
+                                    Ok(Some(a)) => {
+                                        send_response(
+                                            assoc,
+                                            a.context_id,
+                                            &a.cmd,
+                                            a.status,
+                                            a.comment.as_deref(),
+                                        )
+                                        .await
+                                    }
+                                    Ok(None) => Ok(()),
+                                    Err(e) => Err(e.into()),
+                                },
+                                _ => self.on_data(assoc, &mut incoming, pv).await,
+                            },
                         };
                         if let Err(s) = result {
                             if let Some(i) = incoming.take() {
@@ -896,7 +942,7 @@ impl<S: AssociationSink> Association<'_, S> {
         incoming: &mut Option<Incoming>,
         pv: PDataValue,
     ) -> Result<(), Stop> {
-        if incoming.is_some() {
+        if incoming.is_some() || self.commitment.as_ref().is_some_and(|c| c.collecting()) {
             return Err("a command arrived before the previous data set was complete".into());
         }
         if buf.len() + pv.data.len() > dimse::MAX_COMMAND_BYTES {
@@ -907,6 +953,11 @@ impl<S: AssociationSink> Association<'_, S> {
             return Ok(());
         }
         let bytes = std::mem::take(buf);
+        if let Some(c) = self.commitment.as_mut()
+            && c.response(&bytes)
+        {
+            return Ok(());
+        }
         let cmd = dimse::parse_command(&bytes).map_err(|e| e.to_string())?;
         let Some(pc) = contexts
             .iter()
@@ -948,6 +999,16 @@ impl<S: AssociationSink> Association<'_, S> {
                 }
                 *incoming = Some(i);
                 Ok(())
+            }
+            dimse::N_ACTION_RQ if self.commitment.is_some() => {
+                let c = self.commitment.as_mut().expect("checked by the guard");
+                match c.begin(cmd, pc.id) {
+                    Some(a) => {
+                        send_response(assoc, a.context_id, &a.cmd, a.status, a.comment.as_deref())
+                            .await
+                    }
+                    None => Ok(()),
+                }
             }
             other => Err(format!("unsupported DIMSE command 0x{other:04X}").into()),
         }

@@ -166,6 +166,8 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
 #[derive(Debug, Clone)]
 pub struct StoreSink {
     store: crate::ingest::IngestStore,
+    /// Storage Commitment's index of the instances each transfer holds, if it is served.
+    commitment: Option<Arc<crate::dicom::commitment::Commitments>>,
 }
 
 /// An open transfer of [`StoreSink`].
@@ -178,7 +180,16 @@ pub struct StoreTransfer {
 impl StoreSink {
     /// A sink that opens its transfers in `store`.
     pub fn new(store: crate::ingest::IngestStore) -> StoreSink {
-        StoreSink { store }
+        StoreSink {
+            store,
+            commitment: None,
+        }
+    }
+
+    /// The same, recording each instance in Storage Commitment's index before its Success.
+    pub fn with_commitment(mut self, c: Arc<crate::dicom::commitment::Commitments>) -> StoreSink {
+        self.commitment = Some(c);
+        self
     }
 }
 
@@ -208,6 +219,7 @@ impl AssociationSink for StoreSink {
         use tokio::io::AsyncReadExt;
         let hospital = transfer.origin.hospital.as_str();
         // A de-identified instance is named by its new SOP Instance UID, not the original.
+        let original = name;
         let name = self.store.instance_file_name(&transfer.id, name);
         let io = |what, source| SinkError::Io {
             what,
@@ -253,6 +265,11 @@ impl AssociationSink for StoreSink {
             .finish()
             .await
             .map_err(|e| SinkError::store("cannot store the instance", e))?;
+        if let Some(c) = &self.commitment {
+            c.record_instance(hospital, &transfer.id, original, &name)
+                .await
+                .map_err(|e| io("cannot index for storage commitment", e))?;
+        }
         if let Err(e) = tokio::fs::remove_file(file).await {
             warn!(path = %file.display(), error = %e, "cannot remove the received instance");
         }

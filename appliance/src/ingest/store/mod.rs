@@ -362,6 +362,12 @@ impl IngestStore {
             .map_err(|e| IngestError::Internal(format!("audit log: {e}")))
     }
 
+    /// A receiver that wakes whenever a transfer's status changes (a stage recorded, a
+    /// delivery notice stored): for waiters that must not poll.
+    pub fn subscribe_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
     /// The configured limit on one transfer's payload.
     pub fn max_upload_bytes(&self) -> u64 {
         self.inner.max_upload_bytes
