@@ -8,6 +8,7 @@
 
 mod audit;
 mod check_config;
+mod commitment;
 mod compliance;
 mod crash;
 mod deid;

@@ -1,0 +1,353 @@
+//! Storage Commitment (Push Model) on the edge's DICOM door, against a real modality side:
+//! pynetdicom sends the N-ACTION and runs the Storage Commitment listener that accepts the
+//! N-EVENT-REPORT (`tests/data/dicom/commitment_scu.py`); dcmtk's `storescu` sends the
+//! instances; the gateway delivers into a real Orthanc.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baylink_tests::{Deployment, EVENT_WAIT, Orthanc, Service, orthanc_unavailable, skip_if};
+
+use super::dicom::{instance, run, scu, sop_uid};
+
+/// The Python with pydicom (Debian's) and pynetdicom (`cargo xtask ci` installs it).
+const PYTHON: &str = "/usr/bin/python3";
+/// The modality's calling AE title, and its listener's.
+const MODALITY: &str = "MODALITY";
+const MODALITY_LISTENER: &str = "MODALITY-SC";
+/// Failure Reason 0x0112, No such object instance.
+const NO_SUCH_OBJECT_INSTANCE: u64 = 0x0112;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/dicom/commitment_scu.py")
+}
+
+fn pynetdicom_unavailable() -> Option<String> {
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import pynetdicom"])
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    (!ok).then(|| "pynetdicom is not installed for /usr/bin/python3".to_owned())
+}
+
+fn skip(with_orthanc: bool) -> bool {
+    if skip_if(pynetdicom_unavailable()) {
+        return true;
+    }
+    with_orthanc && skip_if(orthanc_unavailable())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A deployment whose edge lists the modality (calling AE `MODALITY` from 127.0.0.1, its
+/// Storage Commitment listener on `listener_port`) and whose gateway delivers into `orthanc`.
+fn deployment(orthanc: Option<&Orthanc>, listener_port: u16) -> Deployment {
+    let d = Deployment::new().unwrap();
+    if let Some(o) = orthanc {
+        let gw = "gateway.toml";
+        d.set(gw, "delivery", "kind", "\"dicomweb\"").unwrap();
+        d.set(gw, "delivery", "url", &format!("\"{}\"", o.dicomweb_url()))
+            .unwrap();
+    }
+    let mut edge = std::fs::read_to_string(d.edge_config()).unwrap();
+    edge.push_str(&format!(
+        "\n[[ingest.dicom_peers]]\nae_title = \"{MODALITY}\"\naddress = \"127.0.0.1\"\n\
+         hospital = \"hospital-a\"\ncommitment_port = {listener_port}\n\
+         commitment_ae_title = \"{MODALITY_LISTENER}\"\n"
+    ));
+    std::fs::write(d.edge_config(), edge).unwrap();
+    d
+}
+
+/// The modality's Storage Commitment listener (pynetdicom), killed when dropped.
+struct Listener {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Listener {
+    fn start(d: &Deployment, port: u16) -> Listener {
+        let out = d.path("reports.jsonl");
+        let child = Command::new(PYTHON)
+            .arg(script())
+            .args([
+                "listen",
+                "--port",
+                &port.to_string(),
+                "--ae",
+                MODALITY_LISTENER,
+            ])
+            .arg("--out")
+            .arg(&out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.path("listener.log")).unwrap())
+            .spawn()
+            .unwrap();
+        // Ready once it accepts TCP connections.
+        let deadline = Instant::now() + EVENT_WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the listener did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Listener { child, out }
+    }
+
+    fn reports(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits (a minute at most) for the report of `transaction`.
+    fn wait(&self, transaction: &str, edge: &Service) -> serde_json::Value {
+        let deadline = Instant::now() + EVENT_WAIT;
+        loop {
+            if let Some(r) = self
+                .reports()
+                .into_iter()
+                .find(|r| r["transaction_uid"] == transaction)
+            {
+                return r;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no storage commitment report for {transaction} within {EVENT_WAIT:?}\nedge:\n{}",
+                edge.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends the N-ACTION for `uids` (the modality's AE title); the script's JSON answer.
+fn request(
+    d: &Deployment,
+    transaction: &str,
+    uids: &[String],
+    same: Option<u64>,
+) -> serde_json::Value {
+    let mut c = Command::new(PYTHON);
+    c.arg(script()).args([
+        "request",
+        "--port",
+        &(d.base_port + 4).to_string(),
+        "--ae",
+        MODALITY,
+        "--transaction",
+        transaction,
+    ]);
+    if let Some(s) = same {
+        c.args(["--same-association", &s.to_string()]);
+    }
+    c.arg("--uids").args(uids);
+    let out = run(&mut c);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "commitment_scu.py request: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+/// Sends `files` with storescu as the modality; all must be answered Success.
+fn store(d: &Deployment, files: &[PathBuf]) {
+    let out = run(scu("storescu", d, MODALITY, "BAYLINK").args(files));
+    assert!(
+        out.status.success(),
+        "storescu: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sorted(v: &serde_json::Value) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_owned())
+        .collect();
+    out.sort();
+    out
+}
+
+fn pending_requests(d: &Deployment) -> usize {
+    std::fs::read_dir(d.path("spool/edge/.commitment/pending"))
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// (a) Instances delivered into Orthanc: the report, on a new association to the
+/// modality's listener, commits every one of them (Event Type 1).
+#[test]
+fn instances_in_the_record_store_are_committed() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let port = free_port();
+    let d = deployment(Some(&orthanc), port);
+    let listener = Listener::start(&d, port);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (61..64)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    store(&d, &files);
+    let uids: Vec<String> = (61..64).map(sop_uid).collect();
+    let tx = "1.2.826.0.1.3680043.10.543.9001";
+    let answer = request(&d, tx, &uids, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+
+    let report = listener.wait(tx, &edge);
+    assert_eq!(report["event_type"], 1, "{report}");
+    assert_eq!(sorted(&report["committed"]), uids, "{report}");
+    assert!(report["failed"].as_array().unwrap().is_empty(), "{report}");
+    assert_eq!(report["calling_ae"], "BAYLINK");
+    // Success only once the record store holds them.
+    for uid in &uids {
+        assert!(orthanc.instance_file(uid).unwrap().is_some(), "{uid}");
+    }
+    edge.wait_for_log(&["storage commitment report sent", tx], EVENT_WAIT);
+    assert_eq!(pending_requests(&d), 0);
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
+
+/// (b) An instance this edge never received is reported failed at once (0x0112), without
+/// any delivery to wait for; one received but not yet delivered does not hold it up in
+/// another request.
+#[test]
+fn an_instance_never_received_is_reported_failed_at_once() {
+    if skip(false) {
+        return;
+    }
+    let port = free_port();
+    let d = deployment(None, port);
+    let listener = Listener::start(&d, port);
+    // No gateway: nothing could be delivered anyway.
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let tx = "1.2.826.0.1.3680043.10.543.9002";
+    let never = vec![sop_uid(70), sop_uid(71)];
+    let answer = request(&d, tx, &never, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let report = listener.wait(tx, &edge);
+    assert_eq!(report["event_type"], 2, "{report}");
+    assert!(
+        report["committed"].as_array().unwrap().is_empty(),
+        "{report}"
+    );
+    let failed = report["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 2, "{report}");
+    for f in failed {
+        assert!(
+            never.contains(&f[0].as_str().unwrap().to_owned()),
+            "{report}"
+        );
+        assert_eq!(f[1], NO_SUCH_OBJECT_INSTANCE, "{report}");
+    }
+    assert_eq!(pending_requests(&d), 0);
+    assert!(edge.terminate().unwrap().success());
+}
+
+/// (c) A request still waiting for its delivery notice survives a kill of the edge and is
+/// answered after the restart, once the instances are in the record store.
+#[test]
+fn a_pending_request_is_answered_after_a_restart() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let port = free_port();
+    let d = deployment(Some(&orthanc), port);
+    let listener = Listener::start(&d, port);
+    // The gateway is down: the transfer cannot be delivered, so the request waits.
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (81..83)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    store(&d, &files);
+    let uids: Vec<String> = (81..83).map(sop_uid).collect();
+    let tx = "1.2.826.0.1.3680043.10.543.9003";
+    let answer = request(&d, tx, &uids, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    edge.wait_for_log(&["storage commitment request accepted", tx], EVENT_WAIT);
+    assert_eq!(pending_requests(&d), 1);
+    edge.kill().unwrap();
+    assert!(listener.reports().is_empty(), "{:?}", listener.reports());
+
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let report = listener.wait(tx, &edge);
+    assert_eq!(report["event_type"], 1, "{report}\n{}", edge.log());
+    assert_eq!(sorted(&report["committed"]), uids, "{report}");
+    for uid in &uids {
+        assert!(orthanc.instance_file(uid).unwrap().is_some(), "{uid}");
+    }
+    assert!(
+        edge.log()
+            .contains("storage commitment request pending from before the start")
+    );
+    edge.wait_for_log(&["storage commitment report sent", tx], EVENT_WAIT);
+    assert_eq!(pending_requests(&d), 0);
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
+
+/// A modality that keeps the association open and took the SCP role (SCP/SCU Role
+/// Selection) gets the report on that association, not on its listener.
+#[test]
+fn the_report_comes_on_the_same_association_when_the_roles_allow() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let port = free_port();
+    let d = deployment(Some(&orthanc), port);
+    let listener = Listener::start(&d, port);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let src = d.path("study");
+    let files = vec![instance(&src, 91, Some("P-0001"))];
+    store(&d, &files);
+    let uids = vec![sop_uid(91)];
+    let tx = "1.2.826.0.1.3680043.10.543.9004";
+    let answer = request(&d, tx, &uids, Some(EVENT_WAIT.as_secs()));
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let report = &answer["report"];
+    assert_eq!(report["transaction_uid"], tx, "{answer}\n{}", edge.log());
+    assert_eq!(report["event_type"], 1, "{answer}");
+    assert_eq!(sorted(&report["committed"]), uids, "{answer}");
+    edge.wait_for_log(
+        &["storage commitment report sent", "same association"],
+        EVENT_WAIT,
+    );
+    assert!(listener.reports().is_empty(), "{:?}", listener.reports());
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
