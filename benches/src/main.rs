@@ -31,6 +31,13 @@ mod proc;
 mod quinn_pair;
 mod report;
 mod scp;
+/// Byte sizes on the command line, shared with `cargo xtask` (one parser for both).
+#[path = "../../xtask/src/size.rs"]
+#[allow(
+    dead_code,
+    reason = "`human` serves xtask; the benches print their own units"
+)]
+mod size;
 
 use std::process::ExitCode;
 
