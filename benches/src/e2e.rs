@@ -67,7 +67,7 @@ pub struct E2eArgs {
     pub rate_mbit: f64,
     /// Congestion controller for quinn and baylink (`[link] congestion` of the bench's fresh
     /// dev-env, both sides; default: what dev-env writes, cubic). Not with --env.
-    #[arg(long, value_parser = ["cubic", "bbr"])]
+    #[arg(long, value_parser = ["cubic", "bbr", "link"])]
     pub congestion: Option<String>,
     /// Time box of each run in seconds; a run that overruns is stopped and marked timed_out.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
@@ -388,10 +388,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn congestion_name(c: Congestion) -> &'static str {
-    match c {
-        Congestion::Cubic => "cubic",
-        Congestion::Bbr => "bbr",
-    }
+    c.name()
 }
 
 fn tls_args(config: &ApplianceConfig) -> TlsArgs {
