@@ -945,15 +945,16 @@ impl Config {
         };
 
         let defaults = LinkTuning::default();
+        // Without the key: cubic, which needs no correct `rate_mbit` (dev-env and the example
+        // config write "link").
         let congestion = match raw.link.congestion.as_deref() {
-            None | Some("cubic") => Congestion::Cubic,
-            Some("bbr") => Congestion::Bbr,
-            Some(other) => {
-                return Err(invalid(
+            None => Congestion::Cubic,
+            Some(name) => Congestion::from_name(name).ok_or_else(|| {
+                invalid(
                     "link.congestion",
-                    format!("`{other}` is not one of cubic, bbr"),
-                ));
-            }
+                    format!("`{name}` is not one of cubic, bbr, link"),
+                )
+            })?,
         };
         let link = LinkTuning {
             rate_mbit: raw.link.rate_mbit.unwrap_or(defaults.rate_mbit),

@@ -362,7 +362,7 @@ fn edge_toml(p: &Ports, module: &Path, tls: TlsKeys) -> String {
          [link]\n\
          rate_mbit = 1000\n\
          rtt_ms = 10\n\
-         congestion = \"cubic\"\n\
+         congestion = \"link\"\n\
          # loopback carries 65536-byte packets; 9000 is what a jumbo-frame link would\n\
          mtu = 9000\n\n\
          [ingest]\n\
@@ -422,7 +422,7 @@ fn gateway_toml(p: &Ports, module: &Path, tls: TlsKeys) -> String {
          [link]\n\
          rate_mbit = 1000\n\
          rtt_ms = 10\n\
-         congestion = \"cubic\"\n\
+         congestion = \"link\"\n\
          # loopback carries 65536-byte packets; 9000 is what a jumbo-frame link would\n\
          mtu = 9000\n\n\
          [metrics]\n\

@@ -21,6 +21,7 @@ use crate::report::{
     Sides, Transport,
 };
 use crate::scp::{self, AllowedCongestion, ScpPlacement, Sshd};
+use crate::size::parse_size;
 
 /// Port of the bench's sshd (inside a namespace of its own, so always free).
 const SSHD_PORT: u16 = 2222;
@@ -66,7 +67,7 @@ pub struct E2eArgs {
     pub rate_mbit: f64,
     /// Congestion controller for quinn and baylink (`[link] congestion` of the bench's fresh
     /// dev-env, both sides; default: what dev-env writes, cubic). Not with --env.
-    #[arg(long, value_parser = ["cubic", "bbr"])]
+    #[arg(long, value_parser = ["cubic", "bbr", "link"])]
     pub congestion: Option<String>,
     /// Time box of each run in seconds; a run that overruns is stopped and marked timed_out.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
@@ -138,31 +139,6 @@ struct Placement {
     receiver_ip: Option<std::net::Ipv4Addr>,
     /// Where scp and sshd run, if they can.
     scp: Option<ScpPlacement>,
-}
-
-/// Parses `1073741824`, `1GiB`, `512MiB`, `1G`, `100MB`, ... into bytes.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (e.g. 1073741824 or 1GiB)"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        other => return Err(format!("unknown size unit `{other}`")),
-    };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("`{text}` is too large"))
 }
 
 fn link(args: &E2eArgs) -> Link {
@@ -412,10 +388,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn congestion_name(c: Congestion) -> &'static str {
-    match c {
-        Congestion::Cubic => "cubic",
-        Congestion::Bbr => "bbr",
-    }
+    c.name()
 }
 
 fn tls_args(config: &ApplianceConfig) -> TlsArgs {
@@ -758,19 +731,6 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         e2e: E2eArgs,
-    }
-
-    #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("1073741824"), Ok(1 << 30));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("1g"), Ok(1 << 30));
-        assert_eq!(parse_size("512 MiB"), Ok(512 << 20));
-        assert_eq!(parse_size("100MB"), Ok(100_000_000));
-        assert!(parse_size("GiB").is_err());
-        assert!(parse_size("1TiB").is_err());
-        assert!(parse_size("99999999999999999999").is_err());
-        assert!(parse_size("18446744073709551615G").is_err());
     }
 
     #[test]

@@ -100,9 +100,9 @@ impl ApplianceConfig {
         let resolve = |p: &Path| base.join(p);
         let defaults = LinkTuning::default();
         let congestion = match raw.link.congestion.as_deref() {
-            None | Some("cubic") => Congestion::Cubic,
-            Some("bbr") => Congestion::Bbr,
-            Some(other) => bail!("link.congestion `{other}` is not cubic or bbr"),
+            None => Congestion::Cubic,
+            Some(name) => Congestion::from_name(name)
+                .with_context(|| format!("link.congestion `{name}` is not cubic, bbr or link"))?,
         };
         if raw.tls.key.starts_with("pkcs11:") {
             bail!(

@@ -20,9 +20,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::baylink_run::{Deployment, Gateway, probe_base_port};
-use crate::e2e::parse_size;
 use crate::ingest::{Client, default_baylink, gbit, start_edge};
 use crate::payload;
+use crate::size::parse_size;
 
 /// Arguments of `baylink-bench fairness`.
 #[derive(Debug, clap::Args)]

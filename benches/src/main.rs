@@ -3,6 +3,10 @@
 //! `baylink-bench fairness` measures how two hospitals share the edge's send slots: hospital
 //! B's study latency alone and beside hospital A's large transfer (see [`fairness`]).
 //!
+//! `baylink-bench orthanc` measures a CT study from the first C-STORE to the last instance
+//! stored in Orthanc through baylink, beside `storescu` straight into the same Orthanc (see
+//! [`orthanc`]).
+//!
 //! `baylink-bench handshake` measures QUIC handshakes per second and CPU per handshake with
 //! PEM and HSM-held TLS keys (see [`handshake`]).
 //!
@@ -26,11 +30,19 @@ mod fairness;
 mod handshake;
 mod impair;
 mod ingest;
+mod orthanc;
 mod payload;
 mod proc;
 mod quinn_pair;
 mod report;
 mod scp;
+/// Byte sizes on the command line, shared with `cargo xtask` (one parser for both).
+#[path = "../../xtask/src/size.rs"]
+#[allow(
+    dead_code,
+    reason = "`human` serves xtask; the benches print their own units"
+)]
+mod size;
 
 use std::process::ExitCode;
 
@@ -103,6 +115,9 @@ enum Command {
     /// Two hospitals share the edge's send slots: one large transfer of hospital A, small
     /// studies of hospital B; B's latency alone and beside A, and A's throughput.
     Fairness(fairness::FairnessArgs),
+    /// A CT study by C-STORE into the edge until its last instance is in Orthanc, beside
+    /// storescu straight into the same Orthanc (the baseline a hospital has today).
+    Orthanc(orthanc::OrthancArgs),
     /// QUIC + mutual-TLS handshakes per second and CPU per handshake on loopback, with PEM
     /// TLS keys and with TLS keys held in a SoftHSM token (same run).
     Handshake(handshake::HandshakeArgs),
@@ -121,6 +136,7 @@ fn main() -> ExitCode {
         Command::Impair(args) => impair::main(&args),
         Command::Ingest(args) => run_ingest(args),
         Command::Fairness(args) => run_fairness(args),
+        Command::Orthanc(args) => run_orthanc(args),
         Command::Handshake(args) => handshake::main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
@@ -166,6 +182,19 @@ fn run_fairness(args: fairness::FairnessArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         tokio::select! {
             result = fairness::run(args) => result.map(|()| ExitCode::SUCCESS),
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = terminated() => anyhow::bail!("terminated"),
+        }
+    })
+}
+
+fn run_orthanc(args: orthanc::OrthancArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::select! {
+            result = orthanc::run(args) => result.map(|()| ExitCode::SUCCESS),
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
             _ = terminated() => anyhow::bail!("terminated"),
         }

@@ -232,6 +232,8 @@ pub enum CongestionArg {
     Cubic,
     /// BBR (quinn's experimental BBRv1).
     Bbr,
+    /// baylink's `link` controller (rate-capped at the link rate, delay-based).
+    Link,
 }
 
 /// `baylink_net::transport::LinkTuning` on the command line (the appliance's `[link]`).
@@ -266,6 +268,7 @@ impl TuningArgs {
             congestion: match self.congestion {
                 CongestionArg::Cubic => Congestion::Cubic,
                 CongestionArg::Bbr => Congestion::Bbr,
+                CongestionArg::Link => Congestion::Link,
             },
             socket_buffer_bytes: self.socket_buffer_bytes,
             mtu: self.mtu,
@@ -275,10 +278,7 @@ impl TuningArgs {
 
     /// Flags that reproduce `tuning` in a child.
     pub fn to_args(tuning: &LinkTuning) -> Vec<std::ffi::OsString> {
-        let congestion = match tuning.congestion {
-            Congestion::Cubic => "cubic",
-            Congestion::Bbr => "bbr",
-        };
+        let congestion = tuning.congestion.name();
         [
             "--link-rate-mbit".to_owned(),
             tuning.rate_mbit.to_string(),

@@ -1,7 +1,7 @@
-//! The Part-10 readers on arbitrary bytes: `dicom::part10::read_instance_from` (the one
-//! bounded reader of a stored file's meta group and head), `dicom::lengths::check_head` and
-//! `head_end` (the head walk of the C-STORE and de-identification paths) and the STOW-RS
-//! prefix reader `ingest::part10::PrefixParser`.
+//! The one Part-10 reader on arbitrary bytes: `dicom::reader::Reader` walked to the end in
+//! pieces and at once, and what calls it: `dicom::part10::read_instance_from` (the C-STORE
+//! head), `dicom::reader::{check_head, head_end}` (the de-identification head) and the
+//! STOW-RS prefix reader `ingest::part10::PrefixParser`.
 //!
 //! Input: byte 0 is the size of the pieces the prefix arrives in (1..=256) and picks the
 //! stop tag; the rest is the file, from its preamble.
@@ -11,10 +11,11 @@
 //!   gives the same instance or error as the whole prefix at once, and `NeedMore` only
 //!   while bytes are missing;
 //! - the parser's walked offset never goes past the bytes given, nor backwards;
-//! - `head_end` on a complete file never asks for more, and its offset is within the file.
+//! - `head_end` on a complete file never asks for more, and its offset is within the file;
+//! - the reader walked to the end in pieces agrees with the reader given the whole file.
 #![no_main]
 
-use baylink::dicom::lengths::{HeadEnd, check_head, head_end};
+use baylink::dicom::reader::{HeadEnd, Reader, check_head, head_end};
 use baylink::dicom::part10::read_instance_from;
 use baylink::ingest::part10::{Part10Error, PrefixParser, parse_prefix};
 use libfuzzer_sys::fuzz_target;
@@ -38,10 +39,20 @@ fuzz_target!(|data: &[u8]| {
     let _ = check_head(file, true, stop);
     match head_end(file, true, stop) {
         Ok(HeadEnd::NeedMore) => panic!("a complete file needs more"),
-        Ok(HeadEnd::At(at, _)) => assert!(at <= file.len(), "head end past the file"),
+        Ok(HeadEnd::At(at)) => assert!(at <= file.len(), "head end past the file"),
         Err(_) => {}
     }
     let _ = head_end(file, false, stop);
+
+    let mut once = Reader::new(None);
+    let once_result = once.feed(file).and_then(|_| once.finish());
+    let mut piecewise = Reader::new(None);
+    let piece_result = file
+        .chunks(step)
+        .try_for_each(|c| piecewise.feed(c).map(drop))
+        .and_then(|()| piecewise.finish());
+    assert_eq!(once_result, piece_result, "piecewise and whole walk differ");
+    assert_eq!(once.facts(), piecewise.facts(), "piecewise and whole facts differ");
 
     let whole = parse_prefix(file);
     let mut parser = PrefixParser::new();

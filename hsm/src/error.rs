@@ -262,8 +262,8 @@ pub enum PublicKeyError {
         reason: &'static str,
     },
     /// The PEM body is not base64.
-    #[error("PEM body is not base64")]
-    Base64(#[source] base64::DecodeError),
+    #[error("PEM body is not base64: {0}")]
+    Base64(String),
     /// A SubjectPublicKeyInfo, but not for an uncompressed EC P-256 key.
     #[error("not an EC P-256 SubjectPublicKeyInfo with an uncompressed point")]
     NotP256Spki,

@@ -8,6 +8,8 @@ use aws_lc_rs::digest;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED, ParsedPublicKey};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use rustls_pki_types::SubjectPublicKeyInfoDer;
+use rustls_pki_types::pem::{self, PemObject};
 
 use crate::error::{PublicKeyError, VerifyError};
 
@@ -115,29 +117,16 @@ impl PublicKey {
         }
     }
 
-    /// From PEM text holding one `PUBLIC KEY` block (text around the block is ignored).
+    /// From PEM text holding a `PUBLIC KEY` block (text around it, and blocks of other
+    /// kinds, are ignored; the first `PUBLIC KEY` block is taken).
     pub fn from_pem(pem: &str) -> Result<Self, PublicKeyError> {
         if pem.len() > MAX_PEM_LEN {
             return Err(PublicKeyError::Pem {
                 reason: "longer than any P-256 public key",
             });
         }
-        let (_, rest) = pem.split_once(PEM_BEGIN).ok_or(PublicKeyError::Pem {
-            reason: "no \"-----BEGIN PUBLIC KEY-----\" line",
-        })?;
-        let (body, _) = rest.split_once(PEM_END).ok_or(PublicKeyError::Pem {
-            reason: "no \"-----END PUBLIC KEY-----\" line",
-        })?;
-        if body.contains("-----") {
-            return Err(PublicKeyError::Pem {
-                reason: "nested or unterminated PEM block",
-            });
-        }
-        let compact: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-        let der = STANDARD
-            .decode(compact.as_bytes())
-            .map_err(PublicKeyError::Base64)?;
-        Self::from_spki_der(&der)
+        let der = SubjectPublicKeyInfoDer::from_pem_slice(pem.as_bytes()).map_err(pem_error)?;
+        Self::from_spki_der(der.as_ref())
     }
 
     /// The uncompressed SEC1 point.
@@ -200,6 +189,18 @@ impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PublicKey(P-256, sha256:{})", self.fingerprint())
     }
+}
+
+/// What a PEM parse error means for a public key file.
+fn pem_error(e: pem::Error) -> PublicKeyError {
+    let reason = match e {
+        pem::Error::Base64Decode(detail) => return PublicKeyError::Base64(detail),
+        pem::Error::NoItemsFound => "no \"-----BEGIN PUBLIC KEY-----\" block",
+        pem::Error::MissingSectionEnd { .. } => "a block without its \"-----END\" line",
+        pem::Error::IllegalSectionStart { .. } => "a malformed \"-----BEGIN\" line",
+        _ => "unreadable PEM",
+    };
+    PublicKeyError::Pem { reason }
 }
 
 #[cfg(test)]

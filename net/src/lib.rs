@@ -2,6 +2,8 @@
 //!
 //! - [`proto`]: the transfer protocol as a sans-IO state machine (manifest, frames, chunk
 //!   bookkeeping, resume, receipts, RFC 6962 Merkle trees). No I/O, no async, no clocks.
+//! - [`congestion`]: `link`, a rate-based congestion controller for a dedicated link of known
+//!   rate (paced at most at `link.rate_mbit`, backs off on queueing delay, not on random loss).
 //! - [`transport`]: QUIC set-up: rustls mutual TLS 1.3 (X25519MLKEM768 preferred), quinn
 //!   endpoints, UDP socket buffers and flow-control windows from the bandwidth-delay product.
 //! - [`spool`]: file I/O on a dedicated io_uring thread with a bounded pool of recycled
@@ -12,6 +14,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod congestion;
 pub mod probe;
 pub mod proto;
 pub mod spool;

@@ -78,6 +78,28 @@ pub enum Congestion {
     Cubic,
     /// BBR (quinn's implementation is an experimental BBRv1).
     Bbr,
+    /// `link`: [`crate::congestion::LinkRate`], paced at most at [`LinkTuning::rate_mbit`],
+    /// backing off on queueing delay rather than on random loss.
+    Link,
+}
+
+impl Congestion {
+    /// Every controller, by its configuration name.
+    pub const ALL: [Congestion; 3] = [Congestion::Cubic, Congestion::Bbr, Congestion::Link];
+
+    /// The name in `link.congestion`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::Link => "link",
+        }
+    }
+
+    /// The controller called `name` in `link.congestion`.
+    pub fn from_name(name: &str) -> Option<Congestion> {
+        Congestion::ALL.into_iter().find(|c| c.name() == name)
+    }
 }
 
 /// What the link is expected to be; windows and buffers follow from it.
@@ -550,6 +572,9 @@ pub fn transport_config(tuning: &LinkTuning) -> quinn::TransportConfig {
         Congestion::Bbr => {
             config.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
         }
+        Congestion::Link => config.congestion_controller_factory(Arc::new(
+            crate::congestion::LinkRateConfig::new(tuning.rate_mbit, tuning.rtt_ms),
+        )),
     };
     config
 }

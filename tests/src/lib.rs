@@ -905,6 +905,31 @@ impl Daemon {
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
+
+    /// Sends signal `sig` (as [`signal`] names it) to the process.
+    fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        signal(self.child.as_ref().expect("child").id(), sig)
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and starts `cmd` in its place with
+    /// the same directory; its stderr is appended to the same log.
+    fn crash_and_respawn(&mut self, cmd: &mut Command) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log_path)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {} again", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
 }
 
 impl Drop for Daemon {
@@ -941,6 +966,7 @@ pub const ORTHANC_DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthanc
 pub struct Orthanc {
     /// Its HTTP port on 127.0.0.1.
     pub port: u16,
+    config_path: PathBuf,
     daemon: Daemon,
 }
 
@@ -970,10 +996,35 @@ impl Orthanc {
         });
         let config_path = dir.path().join("orthanc.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let mut daemon = Daemon::spawn("Orthanc", Command::new("Orthanc").arg(&config_path), dir)?;
-        let system = format!("http://127.0.0.1:{port}/system");
-        daemon.wait_until("answer", || curl(&[&system]).is_ok())?;
-        Ok(Orthanc { port, daemon })
+        let daemon = Daemon::spawn("Orthanc", Command::new("Orthanc").arg(&config_path), dir)?;
+        let mut orthanc = Orthanc {
+            port,
+            config_path,
+            daemon,
+        };
+        orthanc.wait_until_answering()?;
+        Ok(orthanc)
+    }
+
+    fn wait_until_answering(&mut self) -> anyhow::Result<()> {
+        let system = format!("http://127.0.0.1:{}/system", self.port);
+        self.daemon
+            .wait_until("answer", || curl(&[&system]).is_ok())
+    }
+
+    /// Stops the process where it is (SIGSTOP): requests to it hang, nothing it has not
+    /// yet answered is answered, until it is killed ([`Orthanc::crash_and_restart`]).
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.daemon.signal("STOP")
+    }
+
+    /// Kills Orthanc with SIGKILL, as a crash or a power cut of its host would, starts it
+    /// again on the same port and storage, and waits ([`EVENT_WAIT`] at most) until its
+    /// REST API answers.
+    pub fn crash_and_restart(&mut self) -> anyhow::Result<()> {
+        self.daemon
+            .crash_and_respawn(Command::new("Orthanc").arg(&self.config_path))?;
+        self.wait_until_answering()
     }
 
     /// The DICOMweb base URL (`delivery.url`).

@@ -1,50 +1,67 @@
-//! `cargo xtask demo`: one payload through a loopback edge → gateway deployment, verified.
+//! `cargo xtask demo`: a CT study from a hospital's PACS into the record store, across the
+//! appliances, with every piece of evidence checked on the way.
 //!
-//! Steps: softhsm2 present; `cargo build --release -p baylink`; `baylink dev-env DIR`; the gateway
-//! (`baylink serve`) started with `NOTIFY_SOCKET` and awaited until `READY=1`; a pseudo-random
-//! payload; `baylink send`; the delivered copy compared by SHA-256; throughput printed; the
-//! gateway stopped with SIGTERM and expected to exit 0.
+//! Steps: the Debian packages (softhsm2, dcmtk, orthanc, orthanc-dicomweb, openssl, curl);
+//! `cargo build --release -p baylink`; `baylink dev-env DIR` on free ports; a private Orthanc
+//! (DICOMweb plugin) as the gateway's `[delivery]`; the gateway and the edge (`baylink serve`,
+//! awaited until `READY=1`); a synthetic CT study of patient P-0001 (dicom-rs, 512 × 512 16-bit
+//! slices); `storescu` (dcmtk) into the edge's C-STORE SCP; the transfer followed through the
+//! hospital API (`?wait=`) until the gateway's signed delivery notice is back at the edge; the
+//! study counted in Orthanc and two slices compared byte for byte; the receipt and the notice
+//! checked with `openssl` against the gateway's key as its HSM exports it; a second study, of
+//! P-0099 (no consent), refused at C-STORE with the rule named; both appliances stopped
+//! (SIGTERM, exit 0); both audit logs verified with `baylink audit verify`. Orthanc stays
+//! running, so the study can be looked at, unless `--clean` removes the directory.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use baylink_synth::CtStudy;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 use crate::cmd;
+use crate::evidence::{self, NOTICE_PREFIX, RECEIPT_PREFIX};
 use crate::notify::NotifySocket;
+use crate::orthanc::Orthanc;
 use crate::packages;
-use crate::payload::{self, PayloadRng, WyRand};
 use crate::size::human;
 
 /// Options of the demo.
 #[derive(Debug)]
 pub struct Options {
-    /// Payload size in bytes.
+    /// Approximate size of the CT study in bytes.
     pub size: u64,
-    /// Keep the demo directory even on success.
+    /// Remove the demo directory afterwards (and stop Orthanc, whose storage is in it).
     pub clean: bool,
     /// A prebuilt baylink binary (skips the build).
     pub baylink: Option<PathBuf>,
-    /// Do not install softhsm2.
+    /// Do not install missing Debian packages.
     pub skip_install: bool,
 }
 
-/// How long the gateway may take to signal readiness.
+/// The patient of the study: has consent in the dev-env registry.
+const PATIENT: &str = "P-0001";
+/// The patient of the refused study: no consent record.
+const PATIENT_WITHOUT_CONSENT: &str = "P-0099";
+/// dev-env's Storage SCU entry: AE title STORESCU from 127.0.0.1 is hospital-a.
+const CALLING_AE: &str = "STORESCU";
+/// How long the appliances may take to signal readiness.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the delivered copy may take to appear once `send` has its receipt.
-const DELIVERY_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long the gateway may take to drain and exit after SIGTERM (its `drain.timeout` is 30 s).
+/// How long the transfer may take from the end of the association to the delivery notice.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long an appliance may take to drain and exit after SIGTERM (`drain.timeout` is 30 s).
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Runs the demo; the directory stays unless `--clean` was given and everything passed.
 pub fn run(opts: &Options) -> Result<()> {
-    packages::ensure(&[packages::SOFTHSM2], !opts.skip_install)?;
+    packages::ensure(packages::DEMO, !opts.skip_install)?;
     let bin = match &opts.baylink {
         Some(path) if path.is_file() => path.clone(),
         Some(path) => bail!("--baylink {}: no such file", path.display()),
@@ -52,23 +69,45 @@ pub fn run(opts: &Options) -> Result<()> {
     };
     let dir = make_demo_dir()?;
     println!("demo: directory {}", dir.display());
+    let started = Instant::now();
     let result = run_in(&bin, &dir, opts.size);
-    match &result {
-        Ok(()) if opts.clean => match std::fs::remove_dir_all(&dir) {
-            Ok(()) => println!("demo: removed {}", dir.display()),
-            Err(e) => println!("demo: could not remove {}: {e}", dir.display()),
-        },
-        Ok(()) => println!(
-            "demo: kept {} (remove it with: rm -rf {})",
-            dir.display(),
-            dir.display()
-        ),
-        Err(_) => eprintln!(
-            "demo: failed; directory kept for inspection: {}",
-            dir.display()
-        ),
+    match result {
+        Ok(orthanc) => {
+            if opts.clean {
+                drop(orthanc);
+                match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => println!("demo: Orthanc stopped, removed {}", dir.display()),
+                    Err(e) => println!("demo: could not remove {}: {e}", dir.display()),
+                }
+            } else {
+                let url = orthanc.url();
+                let pid = orthanc.leave_running();
+                println!(
+                    "demo: Orthanc keeps running (pid {}) so that the study can be looked at: \
+                     {url}/app/explorer.html",
+                    pid.map_or_else(|| "?".to_owned(), |p| p.to_string())
+                );
+                if let Some(pid) = pid {
+                    println!(
+                        "demo: stop it and remove everything with: kill {pid}; rm -rf {}",
+                        dir.display()
+                    );
+                }
+            }
+            println!(
+                "demo: done in {:.0} s after the build",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!(
+                "demo: failed; directory kept for inspection: {}",
+                dir.display()
+            );
+            Err(e)
+        }
     }
-    result
 }
 
 /// `cargo build --release --locked -p baylink`, then the binary's path in cargo's target dir.
@@ -102,9 +141,12 @@ fn build() -> Result<PathBuf> {
 /// Creates a new, empty `baylink-demo-XXXXXXXX` under the temp dir (`$TMPDIR` or `/tmp`).
 fn make_demo_dir() -> Result<PathBuf> {
     let base = std::env::temp_dir();
-    let mut rng = WyRand::from_entropy();
-    for _ in 0..100 {
-        let dir = base.join(format!("baylink-demo-{:08x}", rng.next_u64() as u32));
+    let seed = std::process::id() ^ (Instant::now().elapsed().subsec_nanos());
+    for i in 0..100u32 {
+        let dir = base.join(format!(
+            "baylink-demo-{:08x}",
+            seed.wrapping_mul(2_654_435_761).wrapping_add(i)
+        ));
         match std::fs::create_dir(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -119,245 +161,489 @@ fn make_demo_dir() -> Result<PathBuf> {
     )
 }
 
-fn run_in(bin: &Path, dir: &Path, size: u64) -> Result<()> {
-    cmd::run(Command::new(bin).arg("dev-env").arg(dir)).context("baylink dev-env failed")?;
+/// A base port N such that dev-env's ports N..N+5 are free (TCP N, N+1, N+3, N+4, N+5 and
+/// UDP N+2), tried from a point derived from the process id so parallel demos spread.
+fn free_base_port() -> Result<u16> {
+    let start = (std::process::id() % 2000) as u16;
+    for i in 0..2000u16 {
+        let base = 20_000 + ((start + i) % 2000) * 6;
+        let tcp = [0u16, 1, 3, 4, 5]
+            .iter()
+            .map(|d| TcpListener::bind(("127.0.0.1", base + d)))
+            .collect::<Result<Vec<_>, _>>();
+        if tcp.is_ok() && UdpSocket::bind(("127.0.0.1", base + 2)).is_ok() {
+            return Ok(base);
+        }
+    }
+    bail!("no free block of six ports between 20000 and 32000")
+}
+
+/// What happened to the study, for the summary.
+#[derive(Debug, Default)]
+struct Story {
+    slices: u32,
+    bytes: u64,
+    generate: Duration,
+    /// storescu's run: C-STORE of every slice, each checked against the consent registry and
+    /// made durable, then the transfer sealed and HSM-signed before A-RELEASE is answered.
+    cstore: Duration,
+    /// End of the association → receipt verified at the edge (`committed`).
+    receipt: Duration,
+    /// Receipt → the gateway's signed delivery notice at the edge (`delivered`): STOW-RS into
+    /// Orthanc, notice signed and sent back.
+    delivered: Duration,
+    transfer_id: String,
+    merkle_root: String,
+    process_id: String,
+    states: Vec<(String, Duration)>,
+    study_url: String,
+    receipt_check: String,
+    notice_check: String,
+    refused_status: String,
+    refused_rule: String,
+    edge_audit: String,
+    gateway_audit: String,
+}
+
+fn run_in(bin: &Path, dir: &Path, size: u64) -> Result<Orthanc> {
+    let base = free_base_port()?;
+    cmd::run(
+        Command::new(bin)
+            .arg("dev-env")
+            .arg(dir)
+            .args(["--base-port", &base.to_string()]),
+    )
+    .context("baylink dev-env failed")?;
     warn_if_short_of_space(dir, size);
 
-    // The gateway, with its output in a log file so that `send`'s progress bar stays readable.
-    let notify = NotifySocket::bind(&dir.join("notify.sock"))?;
-    let log_path = dir.join("gateway.log");
-    let log =
-        File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
-    let log_err = log
-        .try_clone()
-        .context("cannot duplicate the log file handle")?;
-    let gateway_toml = dir.join("gateway.toml");
-    let mut serve = Command::new(bin);
-    serve
-        .arg("serve")
-        .arg("--config")
-        .arg(&gateway_toml)
-        .env("NOTIFY_SOCKET", notify.path())
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(log_err);
+    // The record store, and the gateway delivering into it.
+    let orthanc = Orthanc::start(&dir.join("orthanc"))?;
     println!(
-        "demo: {} (log: {})",
-        cmd::display(&serve),
-        log_path.display()
+        "demo: Orthanc {} (DICOMweb {}, log {})",
+        orthanc.url(),
+        orthanc.dicomweb_url(),
+        orthanc.log.display()
     );
-    let child = serve
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", cmd::display(&serve)))?;
-    let mut gateway = Gateway {
-        child: Some(child),
-        log: log_path,
-    };
-    let took = gateway
-        .wait_ready(&notify, READY_TIMEOUT)
-        .map_err(|e| gateway.with_log_tail(e))?;
-    println!("demo: gateway ready after {:.1} s", took.as_secs_f64());
+    deliver_to(&dir.join("gateway.toml"), &orthanc.dicomweb_url())?;
 
-    // The payload.
-    let payload_dir = dir.join("payload");
-    std::fs::create_dir_all(&payload_dir)
-        .with_context(|| format!("cannot create {}", payload_dir.display()))?;
-    let file_name = format!("demo-{size}.bin");
-    let payload_path = payload_dir.join(&file_name);
-    payload::write(
-        &payload_path,
-        size,
-        &mut PayloadRng::new(WyRand::from_entropy()),
+    let mut gateway = Service::start(bin, dir, "gateway")?;
+    let mut edge = Service::start(bin, dir, "edge")?;
+    let api = Api {
+        base: format!("https://127.0.0.1:{base}"),
+        dir: dir.to_owned(),
+    };
+
+    let mut story = Story::default();
+    let study = {
+        let t = Instant::now();
+        let study = CtStudy::new(PATIENT, "Demo^Patient", CtStudy::slices_for(size))?;
+        let files = study.write(&dir.join("study"))?;
+        story.generate = t.elapsed();
+        story.slices = study.slices;
+        story.bytes = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()))
+            .sum::<std::io::Result<u64>>()?;
+        println!(
+            "demo: CT study of {PATIENT}: {} slices of 512 x 512 x 16 bit, {} in {} ({:.1} s)",
+            study.slices,
+            human(story.bytes),
+            dir.join("study").display(),
+            story.generate.as_secs_f64()
+        );
+        study
+    };
+
+    // The hospital's PACS sends the study by C-STORE.
+    let t = Instant::now();
+    let out = storescu(dir, base + 4, &dir.join("study"), false)?;
+    story.cstore = t.elapsed();
+    if !out.status.success() {
+        return Err(edge.with_log_tail(anyhow!(
+            "storescu failed ({}): {}",
+            cmd::describe(out.status),
+            text(&out)
+        )));
+    }
+    let association_end = Instant::now();
+    println!(
+        "demo: storescu: {} instances answered Success in {:.1} s; the transfer is sealed",
+        story.slices,
+        story.cstore.as_secs_f64()
+    );
+    let id = edge_transfer(bin, dir)?;
+    println!("demo: transfer {id}");
+
+    // Follow it: sealed → sending → committed (receipt verified) → delivered (notice).
+    let mut state = String::new();
+    let deadline = association_end + DELIVERY_TIMEOUT;
+    while state != "delivered" {
+        ensure!(
+            Instant::now() < deadline,
+            "transfer {id} is still `{state}` {} s after the association ended",
+            DELIVERY_TIMEOUT.as_secs()
+        );
+        gateway.check_running()?;
+        edge.check_running()?;
+        let status = api.get_json(&format!("/v1/transfers/{id}?wait=30"))?;
+        let now = status["state"].as_str().unwrap_or_default().to_owned();
+        if now == state {
+            continue;
+        }
+        let at = association_end.elapsed();
+        println!("demo:   {now} (+{:.2} s)", at.as_secs_f64());
+        match now.as_str() {
+            "committed" => story.receipt = at,
+            "delivered" => story.delivered = at.saturating_sub(story.receipt),
+            "partial" | "failed" | "refused" => {
+                return Err(gateway
+                    .with_log_tail(anyhow!("transfer {id} ended `{now}`: {}", status["error"])));
+            }
+            _ => {}
+        }
+        story.states.push((now.clone(), at));
+        state = now;
+    }
+    story.transfer_id = id.clone();
+
+    // The study in the record store.
+    let study_id = orthanc
+        .study_id(&study.study_uid())?
+        .ok_or_else(|| anyhow!("Orthanc has no study {}", study.study_uid()))?;
+    let instances = orthanc.get(&format!("/studies/{study_id}/instances"))?;
+    let stored = instances.as_array().map_or(0, Vec::len);
+    ensure!(
+        stored == study.slices as usize,
+        "Orthanc holds {stored} instances of the study, not {}",
+        study.slices
+    );
+    for n in [0, study.slices - 1] {
+        let uid = study.instance_uid(n);
+        let oid = orthanc
+            .instance_id(&uid)?
+            .ok_or_else(|| anyhow!("Orthanc has no instance {uid}"))?;
+        let copy = orthanc.get_bytes(&format!("/instances/{oid}/file"))?;
+        let source = dir.join("study").join(CtStudy::file_name(n));
+        // The edge stores the data set as received behind a file meta group of its own:
+        // the data sets must be identical.
+        let sent = std::fs::read(&source)?;
+        ensure!(
+            data_set(&copy).is_some() && data_set(&copy) == data_set(&sent),
+            "Orthanc's copy of {uid} differs from {} (data set after the file meta group)",
+            source.display()
+        );
+    }
+    story.study_url = format!("{}/app/explorer.html#study?uuid={study_id}", orthanc.url());
+    println!(
+        "demo: Orthanc holds the study's {stored} instances (first and last slice: data set byte-identical)"
+    );
+
+    // The evidence, checked with openssl against the gateway's key as its HSM exports it.
+    let evidence_dir = dir.join("evidence");
+    std::fs::create_dir_all(&evidence_dir)?;
+    let gateway_key = evidence_dir.join("gateway.pub.pem");
+    let pem = cmd::output(
+        Command::new(bin)
+            .args(["hsm", "pubkey", "--config"])
+            .arg(dir.join("gateway.toml")),
+    )
+    .context("exporting the gateway's public key from its HSM failed")?;
+    std::fs::write(&gateway_key, pem)?;
+    let receipt = api.download(
+        &format!("/v1/transfers/{id}/receipt"),
+        &evidence_dir.join("receipt.json"),
+    )?;
+    story.receipt_check = evidence::verify_with_openssl(
+        &receipt,
+        "receipt",
+        RECEIPT_PREFIX,
+        &gateway_key,
+        &evidence_dir,
+        "receipt",
+    )?;
+    story.merkle_root = receipt["merkle_root"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    story.process_id = receipt["process_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let notice = api.download(
+        &format!("/v1/transfers/{id}/delivery"),
+        &evidence_dir.join("delivery.json"),
+    )?;
+    ensure!(
+        notice["fields"]["outcome"] == "delivered",
+        "the delivery notice says {}",
+        notice["fields"]["outcome"]
+    );
+    story.notice_check = evidence::verify_with_openssl(
+        &notice,
+        "notice",
+        NOTICE_PREFIX,
+        &gateway_key,
+        &evidence_dir,
+        "delivery-notice",
+    )?;
+    println!(
+        "demo: receipt and delivery notice: openssl says {}",
+        story.receipt_check
+    );
+
+    // A study of a patient without consent: refused instance by instance, nothing sent.
+    let refused = CtStudy::new(PATIENT_WITHOUT_CONSENT, "Nobody^Consented", 2)?;
+    refused.write(&dir.join("refused"))?;
+    let out = storescu(dir, base + 4, &dir.join("refused"), true)?;
+    let said = text(&out);
+    let refusals = said.matches("Unknown Status: 0x124").count();
+    ensure!(
+        refusals == 2,
+        "storescu was not refused twice with 0x0124 for {PATIENT_WITHOUT_CONSENT}: {said}"
+    );
+    story.refused_status = "0x0124 refused: not authorized".to_owned();
+    story.refused_rule = refused_rule(dir)?;
+    ensure!(
+        story.refused_rule == "consent-missing",
+        "the edge refused {PATIENT_WITHOUT_CONSENT} with rule {}, not consent-missing",
+        story.refused_rule
+    );
+    println!(
+        "demo: {PATIENT_WITHOUT_CONSENT}: both instances refused ({}), rule {}",
+        story.refused_status, story.refused_rule
+    );
+
+    // Stop both appliances, then check both audit logs offline.
+    for service in [&mut edge, &mut gateway] {
+        let status = service.terminate(STOP_TIMEOUT)?;
+        if !status.success() {
+            return Err(service.with_log_tail(anyhow!(
+                "{} did not exit cleanly after SIGTERM ({})",
+                service.name,
+                cmd::describe(status)
+            )));
+        }
+    }
+    story.edge_audit = audit_verify(
+        Command::new(bin)
+            .args(["audit", "verify", "--config"])
+            .arg(dir.join("edge.toml"))
+            .arg("--witness-key")
+            .arg(dir.join("keys/gateway.pub.pem")),
+    )?;
+    story.gateway_audit = audit_verify(
+        Command::new(bin)
+            .args(["audit", "verify", "--config"])
+            .arg(dir.join("gateway.toml")),
     )?;
 
-    // The transfer.
-    let mut send = Command::new(bin);
-    send.arg("send")
-        .arg("--config")
-        .arg(dir.join("edge.toml"))
-        .arg(&payload_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    println!("demo: {}", cmd::display(&send));
-    let out = send
-        .output()
-        .with_context(|| format!("cannot start `{}`", cmd::display(&send)))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        if !stdout.trim().is_empty() {
-            println!("{stdout}");
-        }
-        return Err(gateway.with_log_tail(anyhow!(
-            "baylink send failed ({})",
-            cmd::describe(out.status)
-        )));
+    print_summary(&story, &orthanc, dir);
+    Ok(orthanc)
+}
+
+/// Points the gateway's `[delivery]` at the store's DICOMweb base URL.
+fn deliver_to(gateway_toml: &Path, url: &str) -> Result<()> {
+    let text = std::fs::read_to_string(gateway_toml)
+        .with_context(|| format!("cannot read {}", gateway_toml.display()))?;
+    let from = "[delivery]\nkind = \"dir\"\npath = \"delivered\"\n";
+    ensure!(
+        text.contains(from),
+        "{} has no directory [delivery] section to replace",
+        gateway_toml.display()
+    );
+    let to = format!(
+        "[delivery]\n# The demo's Orthanc (STOW-RS).\nkind = \"dicomweb\"\nurl = \"{url}\"\n"
+    );
+    std::fs::write(gateway_toml, text.replace(from, &to))
+        .with_context(|| format!("cannot write {}", gateway_toml.display()))
+}
+
+/// dcmtk's storescu sending every file of `study` to the edge's C-STORE SCP as one
+/// association; `go_on` (-nh) goes on after a refused instance.
+fn storescu(dir: &Path, port: u16, study: &Path, go_on: bool) -> Result<std::process::Output> {
+    let mut c = Command::new("storescu");
+    c.args(["-v", "-aet", CALLING_AE, "-aec", "BAYLINK"])
+        .args(["-to", "30", "-ta", "30", "-td", "120"]);
+    if go_on {
+        c.arg("-nh");
     }
-    let report = Report::from_stdout(&stdout)?;
-    if report.bytes != size || report.files != 1 {
-        bail!(
-            "send reported {} file(s) and {} bytes; the demo sent 1 file of {size} bytes",
-            report.files,
-            report.bytes
-        );
+    c.args(["+sd", "+r", "127.0.0.1"])
+        .arg(port.to_string())
+        .arg(study)
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    println!(
+        "demo: {}",
+        cmd::display(&c).replace(&format!("{}/", dir.display()), "")
+    );
+    c.output()
+        .with_context(|| format!("cannot run `{}`", cmd::display(&c)))
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The one transfer in the edge's spool (`baylink spool --json`).
+fn edge_transfer(bin: &Path, dir: &Path) -> Result<String> {
+    let out = cmd::output(
+        Command::new(bin)
+            .args(["spool", "--json", "--config"])
+            .arg(dir.join("edge.toml")),
+    )?;
+    let inventory: serde_json::Value =
+        serde_json::from_str(&out).context("baylink spool --json printed no JSON")?;
+    let transfers: Vec<&str> = inventory["transfers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["transfer"].as_str())
+        .collect();
+    match transfers.as_slice() {
+        [one] => Ok((*one).to_owned()),
+        other => bail!("the edge spool holds {} transfers, not 1", other.len()),
     }
-    if report.receipt != "verified" {
-        bail!("send reported receipt `{}`, not `verified`", report.receipt);
+}
+
+/// The rule the edge's log names for its latest refused instance (`... (rule <name>)`).
+fn refused_rule(dir: &Path) -> Result<String> {
+    let log =
+        std::fs::read_to_string(dir.join("edge.log")).context("cannot read the edge's log")?;
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("instance refused"))
+        .find_map(|l| {
+            let rest = &l[l.find("(rule ")? + "(rule ".len()..];
+            Some(rest[..rest.find(')')?].to_owned())
+        })
+        .ok_or_else(|| anyhow!("the edge's log names no rule for a refused instance"))
+}
+
+/// Runs `baylink audit verify`; its last line (`audit ok: N records, root <hex>`).
+fn audit_verify(c: &mut Command) -> Result<String> {
+    let out = cmd::output(c.stdout(Stdio::piped()))?;
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default();
+    ensure!(
+        last.starts_with("audit ok:"),
+        "`{}` said: {out}",
+        cmd::display(c)
+    );
+    Ok(last.trim_start_matches("audit ok: ").to_owned())
+}
+
+/// The edge's hospital API as hospital-a (curl with the dev-env client certificate).
+#[derive(Debug)]
+struct Api {
+    base: String,
+    dir: PathBuf,
+}
+
+impl Api {
+    fn curl(&self, path: &str) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--fail-with-body", "--max-time", "90", "--cacert"])
+            .arg(self.dir.join("pki/ca.pem"))
+            .arg("--cert")
+            .arg(self.dir.join("pki/hospital-a.pem"))
+            .arg("--key")
+            .arg(self.dir.join("pki/hospital-a.key"))
+            .arg(format!("{}{path}", self.base))
+            .stdin(Stdio::null());
+        c
     }
 
-    // The delivered copy: the receipt means committed; delivery to the directory follows.
-    let delivered = dir
-        .join("delivered")
-        .join(&report.transfer_id)
-        .join(&file_name);
-    gateway
-        .wait_for_file(&delivered, DELIVERY_TIMEOUT)
-        .map_err(|e| gateway.with_log_tail(e))?;
-    let (sent_hash, got_hash) = sha256_pair(&payload_path, &delivered)?;
-    if sent_hash != got_hash {
-        bail!(
-            "delivered copy differs: sha256 {} (sent) vs {} ({})",
-            sent_hash,
-            got_hash,
-            delivered.display()
-        );
+    fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let mut c = self.curl(path);
+        let out = c.output().context("cannot run curl")?;
+        ensure!(out.status.success(), "GET {path}: {}", text(&out).trim());
+        serde_json::from_slice(&out.stdout).with_context(|| format!("GET {path}: not JSON"))
     }
 
-    let status = gateway.terminate(STOP_TIMEOUT)?;
-    if !status.success() {
-        return Err(gateway.with_log_tail(anyhow!(
-            "gateway did not exit cleanly after SIGTERM ({})",
-            cmd::describe(status)
-        )));
+    /// GET `path` into `file`; the JSON.
+    fn download(&self, path: &str, file: &Path) -> Result<serde_json::Value> {
+        let v = self.get_json(path)?;
+        std::fs::write(file, serde_json::to_vec_pretty(&v)?)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        Ok(v)
     }
+}
 
+fn rate(bytes: u64, took: Duration) -> String {
+    let s = took.as_secs_f64();
+    if s > 0.0 {
+        format!(
+            "{:>7.1} MiB/s  {:>5.2} Gbit/s",
+            bytes as f64 / s / f64::from(1 << 20),
+            bytes as f64 * 8.0 / s / 1e9
+        )
+    } else {
+        String::new()
+    }
+}
+
+fn print_summary(s: &Story, orthanc: &Orthanc, dir: &Path) {
+    let total = s.cstore + s.receipt + s.delivered;
     println!();
-    println!("transfer id:  {}", report.transfer_id);
     println!(
-        "payload:      {} ({} bytes)",
-        human(report.bytes),
-        report.bytes
+        "CT study of {PATIENT}: {} slices, {} ({} bytes), transfer {}",
+        s.slices,
+        human(s.bytes),
+        s.bytes,
+        s.transfer_id
     );
+    println!();
+    println!("  stage                                                         time   throughput");
+    for (what, took) in [
+        (
+            "C-STORE into the edge, consent checked, sealed + HSM-signed",
+            s.cstore,
+        ),
+        (
+            "across QUIC, verified by the gateway, signed receipt checked",
+            s.receipt,
+        ),
+        (
+            "STOW-RS into Orthanc, signed delivery notice at the edge",
+            s.delivered,
+        ),
+        ("first C-STORE -> delivered notice", total),
+    ] {
+        println!(
+            "  {what:<60} {:>6.1} s  {}",
+            took.as_secs_f64(),
+            rate(s.bytes, took)
+        );
+    }
+    println!();
+    println!("  merkle root      {}", s.merkle_root);
+    println!("  consent          {} (the receipt names it)", s.process_id);
     println!(
-        "wire bytes:   {} ({} bytes)",
-        human(report.wire_bytes),
-        report.wire_bytes
+        "  receipt          {}: openssl dgst -sha256 -verify (gateway key from its HSM)",
+        s.receipt_check
     );
-    println!("time:         {:.2} s", report.seconds);
-    match gbit_per_s(report.bytes, report.seconds) {
-        Some(rate) => println!("throughput:   {rate:.2} Gbit/s"),
-        None => println!("throughput:   n/a (no measurable time)"),
-    }
-    println!("merkle root:  {}", report.merkle_root);
-    println!("sha256:       {sent_hash} (identical)");
-    println!("delivered:    {}", delivered.display());
-    println!("gateway:      stopped with SIGTERM, exit 0");
-    Ok(())
-}
-
-/// The last line `baylink send` prints on stdout (see `docs/interface.md`).
-#[derive(Debug, PartialEq)]
-struct Report {
-    transfer_id: String,
-    files: u64,
-    bytes: u64,
-    wire_bytes: u64,
-    seconds: f64,
-    merkle_root: String,
-    receipt: String,
-}
-
-impl Report {
-    /// Parses the last non-empty line of `send`'s stdout.
-    fn from_stdout(stdout: &str) -> Result<Report> {
-        let line = stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .ok_or_else(|| anyhow!("baylink send printed nothing on stdout"))?;
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("the last line of send's stdout is not JSON: {line}"))?;
-        let text = |key: &str| -> Result<String> {
-            v.get(key)
-                .and_then(|x| x.as_str())
-                .map(str::to_owned)
-                .ok_or_else(|| anyhow!("send's JSON has no string `{key}`: {line}"))
-        };
-        let count = |key: &str| -> Result<u64> {
-            v.get(key)
-                .and_then(|x| x.as_u64())
-                .ok_or_else(|| anyhow!("send's JSON has no integer `{key}`: {line}"))
-        };
-        let report = Report {
-            transfer_id: text("transfer_id")?,
-            files: count("files")?,
-            bytes: count("bytes")?,
-            wire_bytes: count("wire_bytes")?,
-            seconds: v
-                .get("seconds")
-                .and_then(|x| x.as_f64())
-                .filter(|s| s.is_finite() && *s >= 0.0)
-                .ok_or_else(|| anyhow!("send's JSON has no valid `seconds`: {line}"))?,
-            merkle_root: text("merkle_root")?,
-            receipt: text("receipt")?,
-        };
-        // It becomes a path component under delivered/: refuse anything that could escape.
-        let id = &report.transfer_id;
-        if id.is_empty()
-            || id.len() > 64
-            || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
-            bail!("send reported an implausible transfer id `{id}`");
-        }
-        Ok(report)
-    }
-}
-
-/// Gigabits per second, or `None` when no time was measured.
-fn gbit_per_s(bytes: u64, seconds: f64) -> Option<f64> {
-    (seconds > 0.0).then(|| bytes as f64 * 8.0 / seconds / 1e9)
-}
-
-/// SHA-256 of both files, computed concurrently by `sha256sum` (one per core).
-fn sha256_pair(a: &Path, b: &Path) -> Result<(String, String)> {
-    let spawn = |p: &Path| {
-        Command::new("sha256sum")
-            .arg(p)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("cannot run sha256sum")
-    };
-    let ca = spawn(a)?;
-    let cb = spawn(b)?;
-    let finish = |c: Child, p: &Path| -> Result<String> {
-        let out = c.wait_with_output().context("sha256sum failed")?;
-        if !out.status.success() {
-            bail!(
-                "sha256sum {} failed ({})",
-                p.display(),
-                cmd::describe(out.status)
-            );
-        }
-        parse_sha256sum(&String::from_utf8_lossy(&out.stdout))
-            .ok_or_else(|| anyhow!("unexpected sha256sum output for {}", p.display()))
-    };
-    let ha = finish(ca, a);
-    let hb = finish(cb, b);
-    Ok((ha?, hb?))
-}
-
-/// The digest from a `sha256sum` line (`<64 hex>  <name>`).
-fn parse_sha256sum(out: &str) -> Option<String> {
-    let word = out.split_whitespace().next()?;
-    let word = word.strip_prefix('\\').unwrap_or(word);
-    (word.len() == 64 && word.chars().all(|c| c.is_ascii_hexdigit()))
-        .then(|| word.to_ascii_lowercase())
+    println!("  delivery notice  {}: the same check", s.notice_check);
+    println!("  edge audit       ok, {}", s.edge_audit);
+    println!("  gateway audit    ok, {}", s.gateway_audit);
+    println!(
+        "  refused          {PATIENT_WITHOUT_CONSENT} (no consent): C-STORE status {}, rule {}",
+        s.refused_status, s.refused_rule
+    );
+    println!("  study in Orthanc {}", s.study_url);
+    println!("  Orthanc DICOMweb {}", orthanc.dicomweb_url());
+    println!("  evidence         {}", dir.join("evidence").display());
+    println!();
 }
 
 fn warn_if_short_of_space(dir: &Path, size: u64) {
-    // The payload, the edge spool, the gateway spool and the delivered copy: up to 4 copies.
+    // The study, the edge spool, the gateway spool and Orthanc's copy: up to 4 copies.
     let Ok(st) = nix::sys::statvfs::statvfs(dir) else {
         return;
     };
@@ -374,74 +660,90 @@ fn warn_if_short_of_space(dir: &Path, size: u64) {
     }
 }
 
-/// The running gateway; killed (SIGKILL) if dropped while still running.
+/// A running appliance (`baylink serve --config DIR/<name>.toml`); killed (SIGKILL) if
+/// dropped while still running.
 #[derive(Debug)]
-struct Gateway {
+struct Service {
+    name: &'static str,
     child: Option<Child>,
     log: PathBuf,
 }
 
-impl Gateway {
+impl Service {
+    /// Starts it with its output in `DIR/<name>.log` and waits for `READY=1`.
+    fn start(bin: &Path, dir: &Path, name: &'static str) -> Result<Service> {
+        let notify = NotifySocket::bind(&dir.join(format!("{name}.notify")))?;
+        let log = dir.join(format!("{name}.log"));
+        let file =
+            File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut serve = Command::new(bin);
+        serve
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join(format!("{name}.toml")))
+            .env("NOTIFY_SOCKET", notify.path())
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        println!("demo: {} (log: {})", cmd::display(&serve), log.display());
+        let child = serve
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", cmd::display(&serve)))?;
+        let mut service = Service {
+            name,
+            child: Some(child),
+            log,
+        };
+        let took = notify
+            .wait_ready(service.child()?, name, READY_TIMEOUT)
+            .map_err(|e| service.with_log_tail(e))?;
+        println!("demo: {name} ready after {:.1} s", took.as_secs_f64());
+        Ok(service)
+    }
+
     fn child(&mut self) -> Result<&mut Child> {
+        let name = self.name;
         self.child
             .as_mut()
-            .ok_or_else(|| anyhow!("the gateway was already stopped"))
+            .ok_or_else(|| anyhow!("the {name} was already stopped"))
     }
 
-    fn wait_ready(&mut self, notify: &NotifySocket, timeout: Duration) -> Result<Duration> {
-        let child = self.child()?;
-        notify.wait_ready(child, "gateway", timeout)
-    }
-
-    /// Waits for `path` to exist (no signal exists for a directory delivery), failing early if
-    /// the gateway exits.
-    fn wait_for_file(&mut self, path: &Path, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if path.is_file() {
-                return Ok(());
-            }
-            if let Some(status) = self.child()?.try_wait()? {
-                bail!(
-                    "gateway exited ({}) before {} appeared",
-                    cmd::describe(status),
-                    path.display()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "{} did not appear within {} s of the receipt",
-                    path.display(),
-                    timeout.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    /// Fails, with the end of its log, if it has exited.
+    fn check_running(&mut self) -> Result<()> {
+        if let Some(status) = self.child()?.try_wait()? {
+            return Err(self.with_log_tail(anyhow!(
+                "the {} exited ({})",
+                self.name,
+                cmd::describe(status)
+            )));
         }
+        Ok(())
     }
 
     /// SIGTERM, then wait at most `timeout` for the exit; SIGKILL after that (an error).
     fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let name = self.name;
         let mut child = self
             .child
             .take()
-            .ok_or_else(|| anyhow!("the gateway was already stopped"))?;
+            .ok_or_else(|| anyhow!("the {name} was already stopped"))?;
         if let Some(status) = child.try_wait()? {
-            bail!("gateway had already exited ({})", cmd::describe(status));
+            bail!("the {name} had already exited ({})", cmd::describe(status));
         }
         let pid = Pid::from_raw(i32::try_from(child.id()).context("pid out of range")?);
-        kill(pid, Signal::SIGTERM).context("cannot send SIGTERM to the gateway")?;
+        kill(pid, Signal::SIGTERM).with_context(|| format!("cannot send SIGTERM to the {name}"))?;
         let (tx, rx) = mpsc::channel();
         let waiter = std::thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
         let status = match rx.recv_timeout(timeout) {
-            Ok(status) => status.context("waiting for the gateway failed")?,
+            Ok(status) => status.with_context(|| format!("waiting for the {name} failed"))?,
             Err(_) => {
                 let _ = kill(pid, Signal::SIGKILL);
                 let _ = rx.recv();
                 let _ = waiter.join();
                 bail!(
-                    "gateway did not exit within {} s of SIGTERM; killed it",
+                    "the {name} did not exit within {} s of SIGTERM; killed it",
                     timeout.as_secs()
                 );
             }
@@ -450,11 +752,12 @@ impl Gateway {
         Ok(status)
     }
 
-    /// Adds the end of the gateway's log to `err`.
+    /// Adds the end of its log to `err`.
     fn with_log_tail(&self, err: anyhow::Error) -> anyhow::Error {
         match tail(&self.log, 30) {
             Some(t) if !t.is_empty() => anyhow!(
-                "{err:#}\n--- gateway log ({}), last lines:\n{t}",
+                "{err:#}\n--- {} log ({}), last lines:\n{t}",
+                self.name,
                 self.log.display()
             ),
             _ => err,
@@ -462,7 +765,7 @@ impl Gateway {
     }
 }
 
-impl Drop for Gateway {
+impl Drop for Service {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take()
             && matches!(child.try_wait(), Ok(None))
@@ -471,6 +774,16 @@ impl Drop for Gateway {
             let _ = child.wait();
         }
     }
+}
+
+/// The data set of a Part 10 file: what follows the file meta group, whose length is the
+/// value of (0002,0000) right after the `DICM` preamble.
+fn data_set(file: &[u8]) -> Option<&[u8]> {
+    if file.get(128..132)? != b"DICM" || file.get(132..138)? != [2, 0, 0, 0, b'U', b'L'] {
+        return None;
+    }
+    let len = u32::from_le_bytes(file.get(140..144)?.try_into().ok()?);
+    file.get(144usize.checked_add(usize::try_from(len).ok()?)?..)
 }
 
 /// The last `n` lines of a text file.
@@ -484,164 +797,47 @@ fn tail(path: &Path, n: usize) -> Option<String> {
         }
         lines.push_back(line);
     }
-    Some(lines.into_iter().collect::<Vec<_>>().join("\n"))
+    Some(Vec::from(lines).join("\n"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const LINE: &str = r#"{"transfer_id":"0190f3a2-7b1c-7d4e-9a2b-3c4d5e6f7a8b","files":1,"bytes":1073741824,"wire_bytes":1073741824,"seconds":3.5,"merkle_root":"ab12","receipt":"verified"}"#;
-
     #[test]
-    fn report_is_the_last_line() {
-        let stdout = format!("some note\n{LINE}\n\n");
-        let r = Report::from_stdout(&stdout).unwrap();
-        assert_eq!(r.transfer_id, "0190f3a2-7b1c-7d4e-9a2b-3c4d5e6f7a8b");
-        assert_eq!(r.files, 1);
-        assert_eq!(r.bytes, 1 << 30);
-        assert_eq!(r.wire_bytes, 1 << 30);
-        assert_eq!(r.seconds, 3.5);
-        assert_eq!(r.merkle_root, "ab12");
-        assert_eq!(r.receipt, "verified");
-    }
-
-    #[test]
-    fn integer_seconds_are_fine() {
-        let r = Report::from_stdout(&LINE.replace("3.5", "4")).unwrap();
-        assert_eq!(r.seconds, 4.0);
-    }
-
-    #[test]
-    fn bad_reports_say_what_is_wrong() {
-        let e = Report::from_stdout("").unwrap_err().to_string();
-        assert!(e.contains("printed nothing"), "{e}");
-        let e = Report::from_stdout("done\n").unwrap_err().to_string();
-        assert!(e.contains("not JSON"), "{e}");
-        let e = Report::from_stdout(&LINE.replace("\"files\":1,", ""))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("`files`"), "{e}");
-        let e = Report::from_stdout(&LINE.replace("3.5", "-1"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("`seconds`"), "{e}");
-        let e = Report::from_stdout(&LINE.replace("0190f3a2-7b1c", "../../etc"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("implausible transfer id"), "{e}");
-    }
-
-    #[test]
-    fn throughput() {
-        assert_eq!(gbit_per_s(1_000_000_000, 8.0), Some(1.0));
-        let r = gbit_per_s(1 << 30, 2.0).unwrap();
-        assert!((r - 4.294_967_296).abs() < 1e-9);
-        assert_eq!(gbit_per_s(10, 0.0), None);
-    }
-
-    #[test]
-    fn sha256sum_output() {
-        let h = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-        assert_eq!(
-            parse_sha256sum(&format!("{h}  /tmp/x\n")).as_deref(),
-            Some(h)
-        );
-        assert_eq!(
-            parse_sha256sum(&format!("\\{h}  /tmp/a\\nb\n")).as_deref(),
-            Some(h)
-        );
-        assert_eq!(parse_sha256sum("xyz  f"), None);
-        assert_eq!(parse_sha256sum(""), None);
-    }
-
-    #[test]
-    fn sha256_of_real_files() {
+    fn the_gateway_is_pointed_at_the_store() {
         let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        let b = dir.path().join("b");
-        std::fs::write(&a, b"").unwrap();
-        std::fs::write(&b, b"abc").unwrap();
-        let (ha, hb) = sha256_pair(&a, &b).unwrap();
-        assert_eq!(
-            ha,
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
-        assert_eq!(
-            hb,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            "role = \"gateway\"\n\n[delivery]\nkind = \"dir\"\npath = \"delivered\"\n",
+        )
+        .unwrap();
+        deliver_to(&path, "http://127.0.0.1:8042/dicom-web").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("kind = \"dicomweb\"\nurl = \"http://127.0.0.1:8042/dicom-web\""));
+        assert!(!text.contains("path = \"delivered\""));
+        // A config without dev-env's section is refused, not half-edited.
+        assert!(deliver_to(&path, "http://x").is_err());
     }
 
     #[test]
-    fn demo_dirs_are_new_and_named() {
-        let a = make_demo_dir().unwrap();
-        let b = make_demo_dir().unwrap();
-        assert_ne!(a, b);
-        for d in [&a, &b] {
-            let name = d.file_name().unwrap().to_string_lossy().into_owned();
-            assert!(name.starts_with("baylink-demo-"), "{name}");
-            assert_eq!(std::fs::read_dir(d).unwrap().count(), 0);
-            std::fs::remove_dir(d).unwrap();
-        }
-    }
-
-    /// A shell that installs `trap` and says so before we signal it (no race with the trap).
-    fn trapping_child(trap: &str) -> Child {
-        let mut child = Command::new("sh")
-            .args([
-                "-c",
-                &format!("{trap}; echo trapped; while :; do sleep 0.05; done"),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line, "trapped\n");
-        child
+    fn the_data_set_follows_the_meta_group() {
+        let mut f = vec![0u8; 128];
+        f.extend_from_slice(b"DICM");
+        f.extend_from_slice(&[2, 0, 0, 0, b'U', b'L', 4, 0, 2, 0, 0, 0]);
+        f.extend_from_slice(&[0xaa, 0xbb, 1, 2, 3]);
+        assert_eq!(data_set(&f), Some(&[1u8, 2, 3][..]));
+        assert_eq!(data_set(&f[..130]), None);
+        f[128] = b'X';
+        assert_eq!(data_set(&f), None);
     }
 
     #[test]
-    fn sigterm_stops_a_child_and_reports_its_status() {
+    fn tail_keeps_the_last_lines() {
         let dir = tempfile::tempdir().unwrap();
-        let child = trapping_child("trap 'exit 0' TERM");
-        let mut g = Gateway {
-            child: Some(child),
-            log: dir.path().join("none.log"),
-        };
-        let status = g.terminate(Duration::from_secs(20)).unwrap();
-        assert!(status.success(), "{status:?}");
-        assert!(g.terminate(Duration::from_secs(1)).is_err());
-    }
-
-    #[test]
-    fn a_child_ignoring_sigterm_is_killed_and_reported() {
-        let dir = tempfile::tempdir().unwrap();
-        let child = trapping_child("trap '' TERM");
-        let mut g = Gateway {
-            child: Some(child),
-            log: dir.path().join("none.log"),
-        };
-        let e = g.terminate(Duration::from_millis(500)).unwrap_err();
-        assert!(e.to_string().contains("did not exit within"), "{e}");
-    }
-
-    #[test]
-    fn log_tail_is_attached_to_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("g.log");
-        let text: String = (1..=40).map(|i| format!("line {i}\n")).collect();
-        std::fs::write(&log, text).unwrap();
-        let g = Gateway { child: None, log };
-        let e = format!("{:#}", g.with_log_tail(anyhow!("boom")));
-        assert!(e.contains("line 40"), "{e}");
-        assert!(e.contains("line 11"), "{e}");
-        assert!(!e.contains("line 10\n"), "{e}");
-        assert!(e.starts_with("boom\n--- gateway log"), "{e}");
-        assert!(e.ends_with("line 40"), "{e}");
+        let path = dir.path().join("log");
+        std::fs::write(&path, "1\n2\n3\n4\n").unwrap();
+        assert_eq!(tail(&path, 2).unwrap(), "3\n4");
     }
 }

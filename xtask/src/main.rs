@@ -4,9 +4,11 @@
 //! - `cargo xtask ci`: installs the Debian packages the tests need, makes sure cargo-nextest is
 //!   there, then runs fmt, clippy, doc, the release build, the systemd unit's checks and the test
 //!   suite, each step timed. `.ci/run` calls it.
-//! - `cargo xtask demo`: builds `baylink`, sets up a loopback deployment with `baylink dev-env`,
-//!   starts the gateway, sends a generated payload with `baylink send`, checks that the delivered
-//!   copy is byte-identical and prints the throughput.
+//! - `cargo xtask demo`: builds `baylink`, sets up a loopback deployment with `baylink dev-env`
+//!   delivering into a private Orthanc, sends a synthetic CT study into the edge by C-STORE
+//!   (dcmtk `storescu`), follows it to the delivery notice, checks the study in Orthanc, the
+//!   receipt and the notice with `openssl`, a refused study and both audit logs, and prints
+//!   each stage's time.
 //!
 //! Deliberately small: std processes, std unix sockets and nix signals, no async runtime, so CI
 //! compiles it in seconds before the real work starts.
@@ -16,10 +18,11 @@
 mod ci;
 mod cmd;
 mod demo;
+mod evidence;
 mod monitoring;
 mod notify;
+mod orthanc;
 mod packages;
-mod payload;
 mod size;
 mod unit;
 
@@ -40,7 +43,7 @@ struct Cli {
 enum Command {
     /// Run everything CI runs: packages, fmt, clippy, doc, tests (nextest, release).
     Ci(CiArgs),
-    /// Send a payload through a loopback edge → gateway deployment and verify the delivered copy.
+    /// A CT study by C-STORE through a loopback edge → gateway into Orthanc, evidence checked.
     Demo(DemoArgs),
 }
 
@@ -58,18 +61,18 @@ struct CiArgs {
 /// Options of `cargo xtask demo`.
 #[derive(Debug, clap::Args)]
 struct DemoArgs {
-    /// Payload size in bytes; suffixes K/M/G/T or KiB/MiB/GiB/TiB (powers of 1024) and
-    /// kB/MB/GB/TB (powers of 1000), e.g. 512MiB, 1GiB, 10GB.
-    #[arg(long, default_value = "1073741824", value_parser = size::parse_size)]
+    /// Size of the synthetic CT study (512 x 512 16-bit slices of 512 KiB); suffixes K/M/G/T
+    /// or KiB/MiB/GiB/TiB (powers of 1024) and kB/MB/GB/TB (powers of 1000), e.g. 64MiB, 1GiB.
+    #[arg(long, default_value = "256MiB", value_parser = size::parse_size)]
     size: u64,
-    /// Remove the demo directory afterwards (by default it stays, so the delivered copy can
-    /// be inspected; it always stays when something failed).
+    /// Remove the demo directory afterwards and stop Orthanc (by default both stay, so the
+    /// study can be looked at in Orthanc; the directory always stays when something failed).
     #[arg(long)]
     clean: bool,
     /// Use this baylink binary instead of building one with `cargo build --release`.
     #[arg(long, value_name = "PATH")]
     baylink: Option<PathBuf>,
-    /// Do not install softhsm2 if it is missing; fail instead.
+    /// Do not install missing Debian packages (softhsm2, dcmtk, orthanc, ...); fail instead.
     #[arg(long)]
     skip_install: bool,
 }
@@ -126,7 +129,7 @@ mod tests {
         let cli = Cli::try_parse_from(["xtask", "demo"]).unwrap();
         match cli.command {
             Command::Demo(a) => {
-                assert_eq!(a.size, 1 << 30);
+                assert_eq!(a.size, 256 << 20);
                 assert!(!a.clean);
                 assert!(a.baylink.is_none());
             }

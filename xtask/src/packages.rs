@@ -183,11 +183,37 @@ pub fn ensure_python(wanted: &[PythonPackage], may_install: bool) -> Result<()> 
     Ok(())
 }
 
-/// The one package the demo needs: the software HSM that `baylink dev-env` provisions.
+/// The software HSM that `baylink dev-env` provisions.
 pub const SOFTHSM2: Package = Package {
     name: "softhsm2",
     why: "the PKCS#11 software token that dev-env provisions and every signing test uses",
 };
+
+/// What `cargo xtask demo` needs: the HSM, the hospital's DICOM client, the record store and
+/// the tools that check the evidence independently of baylink.
+pub const DEMO: &[Package] = &[
+    SOFTHSM2,
+    Package {
+        name: "dcmtk",
+        why: "storescu, the hospital PACS that sends the demo's CT study by C-STORE",
+    },
+    Package {
+        name: "orthanc",
+        why: "Orthanc, the record store the demo's gateway delivers into",
+    },
+    Package {
+        name: "orthanc-dicomweb",
+        why: "Orthanc's DICOMweb plugin: the STOW-RS endpoint the gateway delivers to",
+    },
+    Package {
+        name: "openssl",
+        why: "openssl dgst, to check the gateway's signed receipt outside baylink",
+    },
+    Package {
+        name: "curl",
+        why: "curl, the hospital API client (client certificate) and Orthanc's REST API",
+    },
+];
 
 /// What to do about the packages that are missing.
 #[derive(Debug, PartialEq, Eq)]
@@ -426,6 +452,11 @@ mod tests {
         assert_eq!(names.len(), TEST_PACKAGES.len());
         assert!(TEST_PACKAGES.iter().all(|p| !p.why.is_empty()));
         assert!(TEST_PACKAGES.contains(&SOFTHSM2));
+        // The demo needs nothing CI does not install.
+        assert!(
+            DEMO.iter()
+                .all(|d| TEST_PACKAGES.iter().any(|t| t.name == d.name))
+        );
     }
 
     #[test]

@@ -519,41 +519,24 @@ async fn inspect(path: &Path) -> anyhow::Result<Option<Uids>> {
     Ok(Some(meta_uids(&head)))
 }
 
-/// The SOP UIDs of the meta group (explicit VR little endian, PS3.10 7.1) in `head`; a UID
-/// that is absent, cut off or malformed is `None`. Reads only within `head`.
+/// The SOP UIDs of the meta group (explicit VR little endian, PS3.10 7.1) in `head`, read by
+/// the one Part-10 reader ([`crate::dicom::reader`]); a UID that is absent, cut off or
+/// malformed is `None`. Reads only within `head`.
 fn meta_uids(head: &[u8]) -> Uids {
-    let mut uids = Uids::default();
-    let le16 = |at: usize| u16::from_le_bytes([head[at], head[at + 1]]);
-    let mut at = part10::PREFIX_LEN;
-    while at + 8 <= head.len() && le16(at) == 0x0002 {
-        let element = le16(at + 2);
-        let vr = [head[at + 4], head[at + 5]];
-        let (len, header) = if crate::dicom::lengths::long_length(&vr) {
-            if at + 12 > head.len() {
-                break;
-            }
-            let len =
-                u32::from_le_bytes([head[at + 8], head[at + 9], head[at + 10], head[at + 11]]);
-            (usize::try_from(len).unwrap_or(usize::MAX), 12)
-        } else {
-            (usize::from(le16(at + 6)), 8)
-        };
-        let Some(end) = (at + header).checked_add(len).filter(|&e| e <= head.len()) else {
-            break;
-        };
-        let uid = || {
-            let text = std::str::from_utf8(&head[at + header..end]).ok()?;
-            let text = part10::trim_padding(text);
-            part10::validate_uid(text).ok().map(|()| text.to_owned())
-        };
-        match element {
-            0x0002 => uids.class = uid(),
-            0x0003 => uids.instance = uid(),
-            _ => {}
-        }
-        at = end;
+    // Stop at the first data set element: only the meta group is wanted.
+    let mut reader = crate::dicom::reader::Reader::new(Some((0, 0)));
+    // A malformed meta group still yields the UIDs read before the problem.
+    let _ = reader.feed(head);
+    let facts = reader.facts();
+    let uid = |v: &Option<String>| {
+        v.as_deref()
+            .filter(|t| part10::validate_uid(t).is_ok())
+            .map(str::to_owned)
+    };
+    Uids {
+        class: uid(&facts.media_sop_class),
+        instance: uid(&facts.media_sop_instance),
     }
-    uids
 }
 
 /// The multipart/related body of one request.
@@ -1317,7 +1300,7 @@ mod tests {
             file.extend_from_slice(&2u16.to_le_bytes());
             file.extend_from_slice(&tag.to_le_bytes());
             file.extend_from_slice(vr);
-            if crate::dicom::lengths::long_length(vr) {
+            if crate::dicom::reader::long_length(vr) {
                 file.extend_from_slice(&[0, 0]);
                 file.extend_from_slice(&(value.len() as u32).to_le_bytes());
             } else {

@@ -43,8 +43,8 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use super::dimse;
-use super::lengths::long_length;
 use super::part10::{trim_padding, validate_uid};
+use super::reader::long_length;
 use crate::config::DicomPeer;
 use crate::ingest::{IngestStore, TransferState};
 use crate::transfer_dir::{TransferDir, create_dir_durably, sync_dir, write_atomic};

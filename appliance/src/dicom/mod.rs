@@ -2,10 +2,12 @@
 //!
 //! - [`part10`]: read what the relay needs from a Part-10 instance (meta group, SOP UIDs,
 //!   PatientID) and build the Part-10 header for a data set received over the network.
-//! - [`lengths`]: a header-only walk that refuses declared lengths beyond the bytes present,
-//!   run before dicom-rs (which allocates declared lengths up front).
+//! - [`reader`]: the one bounded, incremental Part-10 element walker every door reads
+//!   untrusted instances with (meta group, SOP UIDs, PatientID, Study/Series UIDs, the head's
+//!   end for de-identification, whether an instance ends where its last element does).
 //! - [`commitment`]: the Storage Commitment Push Model SCP (N-ACTION, N-EVENT-REPORT).
-//! - [`dimse`]: C-ECHO / C-STORE / N-ACTION / N-EVENT-REPORT command sets and the failure statuses the SCP answers with.
+//! - [`dimse`]: C-ECHO / C-STORE / N-ACTION / N-EVENT-REPORT command sets and the failure
+//!   statuses the SCP answers with.
 //! - [`scp`]: the association server (tokio, `dicom-ul`), streaming instances to disk.
 //! - [`sink`]: where an association's accepted instances go ([`sink::AssociationSink`]), and
 //!   today's implementation that sends them through the existing `Edge::send`.
@@ -16,8 +18,8 @@
 pub mod commitment;
 pub mod deid;
 pub mod dimse;
-pub mod lengths;
 pub mod part10;
+pub mod reader;
 pub mod scp;
 pub mod sink;
 

@@ -1,21 +1,18 @@
 //! DICOM Part-10 files: what the SCP reads from an instance and the header it writes for one.
 //!
-//! Reading uses dicom-rs (`dicom-object`) and stops right after the Patient module's
-//! PatientID: the SOP Class and Instance UIDs (group 0008) and the PatientID (0010,0020) come
-//! before it in tag order, so pixel data, which the relay never decodes, is never read.
-//! Reading is also bounded in bytes ([`HEAD_LIMIT`]), and every declared length in that head is
-//! checked against the bytes present before dicom-rs (which allocates declared lengths up
-//! front) parses it ([`super::lengths`]), so an instance claiming a huge element ahead of the
-//! PatientID is refused instead of costing memory.
+//! Reading goes through the one bounded Part-10 reader ([`super::reader`]) and stops right
+//! after the Patient module's PatientID: the SOP Class and Instance UIDs (group 0008) and the
+//! PatientID (0010,0020) come before it in tag order, so pixel data, which the relay never
+//! decodes, is never read. Reading is bounded in bytes ([`HEAD_LIMIT`]) and never allocates
+//! from a declared length. dicom-rs only writes here (the file meta group).
 
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use dicom_core::Tag;
-use dicom_dictionary_std::tags;
-use dicom_object::file::ReadPreamble;
-use dicom_object::{FileMetaTableBuilder, OpenFileOptions};
+use dicom_object::FileMetaTableBuilder;
+
+use super::reader::{Facts, Progress, Reader};
 
 /// Longest UID PS3.5 allows.
 pub const MAX_UID_LEN: usize = 64;
@@ -93,12 +90,9 @@ pub enum Part10Error {
     /// The file could not be read.
     #[error("cannot read the instance: {0}")]
     Read(#[source] std::io::Error),
-    /// An element declares more bytes than the instance holds (checked before parsing).
+    /// The bytes are not a well-formed Part-10 instance (the text names the problem).
     #[error("not a well-formed DICOM instance: {0}")]
-    Lengths(String),
-    /// dicom-rs could not parse the meta group or the start of the data set.
-    #[error("not a readable DICOM Part-10 instance: {0}")]
-    Parse(#[source] Box<dicom_object::ReadError>),
+    Malformed(String),
     /// A required attribute is absent or empty.
     #[error("{0} is missing")]
     Missing(&'static str),
@@ -159,40 +153,39 @@ pub fn read_instance(path: &Path) -> Result<InstanceInfo, Part10Error> {
 }
 
 /// As [`read_instance`], from any reader positioned at the start of the 128-byte preamble.
-pub fn read_instance_from(reader: impl Read) -> Result<InstanceInfo, Part10Error> {
+pub fn read_instance_from(mut reader: impl Read) -> Result<InstanceInfo, Part10Error> {
     // Everything needed sorts before (0010,0021): stop there.
     const STOP: (u16, u16) = (0x0010, 0x0021);
-    let mut head = Vec::new();
-    reader
-        .take(HEAD_LIMIT + 1)
-        .read_to_end(&mut head)
-        .map_err(Part10Error::Read)?;
-    let cut = head.len() as u64 > HEAD_LIMIT;
-    head.truncate(HEAD_LIMIT as usize);
-    // dicom-rs allocates declared lengths before reading: check them first.
-    super::lengths::check_head(&head, cut, STOP).map_err(Part10Error::Lengths)?;
-    let obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Always)
-        .read_until(Tag(STOP.0, STOP.1))
-        .from_reader(&head[..])
-        .map_err(|e| Part10Error::Parse(Box::new(e)))?;
-    let meta = obj.meta();
-    let string = |tag: Tag, what: &'static str| -> Result<String, Part10Error> {
-        let value = obj
-            .element_opt(tag)
-            .ok()
-            .flatten()
-            .and_then(|e| e.to_str().ok())
-            .map(|s| trim_padding(&s).to_owned())
-            .unwrap_or_default();
-        if value.is_empty() {
-            Err(Part10Error::Missing(what))
-        } else {
-            Ok(value)
+    let mut walker = Reader::new(Some(STOP));
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut read = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(Part10Error::Read)?;
+        if n == 0 {
+            walker.finish().map_err(|e| Part10Error::Malformed(e.0))?;
+            break;
         }
-    };
-    let uid = |value: &str, what: &'static str| -> Result<String, Part10Error> {
-        let v = trim_padding(value);
+        read += n as u64;
+        let progress = walker
+            .feed(&buf[..n])
+            .map_err(|e| Part10Error::Malformed(e.0))?;
+        if progress == Progress::Stopped {
+            break;
+        }
+        if read >= HEAD_LIMIT {
+            return Err(Part10Error::Malformed(format!(
+                "the attributes before PatientID exceed {HEAD_LIMIT} bytes"
+            )));
+        }
+    }
+    instance_info(walker.facts())
+}
+
+/// Checks what the reader found: the UIDs (present, well-formed, the data set's equal to the
+/// meta group's) and the PatientID.
+pub fn instance_info(facts: &Facts) -> Result<InstanceInfo, Part10Error> {
+    let uid = |value: &Option<String>, what: &'static str| -> Result<String, Part10Error> {
+        let v = trim_padding(value.as_deref().unwrap_or_default());
         if v.is_empty() {
             return Err(Part10Error::Missing(what));
         }
@@ -200,24 +193,21 @@ pub fn read_instance_from(reader: impl Read) -> Result<InstanceInfo, Part10Error
         Ok(v.to_owned())
     };
     let info = InstanceInfo {
-        transfer_syntax: uid(meta.transfer_syntax(), "Transfer Syntax UID (0002,0010)")?,
+        transfer_syntax: uid(&facts.transfer_syntax, "Transfer Syntax UID (0002,0010)")?,
         media_sop_class_uid: uid(
-            meta.media_storage_sop_class_uid(),
+            &facts.media_sop_class,
             "Media Storage SOP Class UID (0002,0002)",
         )?,
         media_sop_instance_uid: uid(
-            meta.media_storage_sop_instance_uid(),
+            &facts.media_sop_instance,
             "Media Storage SOP Instance UID (0002,0003)",
         )?,
-        sop_class_uid: uid(
-            &string(tags::SOP_CLASS_UID, "SOP Class UID (0008,0016)")?,
-            "SOP Class UID (0008,0016)",
-        )?,
-        sop_instance_uid: uid(
-            &string(tags::SOP_INSTANCE_UID, "SOP Instance UID (0008,0018)")?,
-            "SOP Instance UID (0008,0018)",
-        )?,
-        patient_id: string(tags::PATIENT_ID, "PatientID (0010,0020)")?,
+        sop_class_uid: uid(&facts.sop_class, "SOP Class UID (0008,0016)")?,
+        sop_instance_uid: uid(&facts.sop_instance, "SOP Instance UID (0008,0018)")?,
+        patient_id: match facts.patient_id.as_deref().map(trim_padding) {
+            Some(p) if !p.is_empty() => p.to_owned(),
+            _ => return Err(Part10Error::Missing("PatientID (0010,0020)")),
+        },
     };
     let p = &info.patient_id;
     if p.len() > MAX_PATIENT_ID_LEN || p.chars().any(|c| c.is_control() || c == '\\') {
@@ -343,15 +333,12 @@ mod tests {
     #[test]
     fn malformed_and_mismatched_instances_are_typed_errors() {
         let e = read_instance_from(&b"not dicom at all"[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
         let mut junk = vec![0u8; 128];
         junk.extend_from_slice(b"DICM");
         junk.extend_from_slice(&[0xff; 300]);
         let e = read_instance_from(&junk[..]).unwrap_err();
-        assert!(
-            matches!(e, Part10Error::Parse(_) | Part10Error::Lengths(_)),
-            "{e}"
-        );
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
 
         let e = read_instance_from(&instance(CT, "1.2.3.5", "P-0001")[..]).unwrap_err();
         assert!(
@@ -378,7 +365,7 @@ mod tests {
         let f = instance(CT, "1.2.3.4", "P-0001");
         let e = read_instance_from(&f[..f.len() - 20]).unwrap_err();
         assert!(
-            matches!(e, Part10Error::Parse(_) | Part10Error::Missing(_)),
+            matches!(e, Part10Error::Malformed(_) | Part10Error::Missing(_)),
             "{e}"
         );
     }
@@ -395,7 +382,7 @@ mod tests {
         f[at + 4..at + 6].copy_from_slice(b"ZZ");
         f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
         let e = read_instance_from(&f[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
         assert!(
             e.to_string()
                 .contains("(0002,0002) declares 775040561 bytes"),
@@ -406,7 +393,7 @@ mod tests {
         let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
         f.extend(ele(0x0008, 0x0016, b"ZZ", CT.as_bytes()));
         let e = read_instance_from(&f[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
     }
 
     #[test]
@@ -426,7 +413,7 @@ mod tests {
         f.extend_from_slice(&0x1000_0000u32.to_le_bytes());
         f.extend_from_slice(&[0u8; 64]);
         let e = read_instance_from(&f[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
         assert!(
             e.to_string().contains("meta group length (0002,0000)"),
             "{e}"
@@ -444,7 +431,7 @@ mod tests {
         f.extend_from_slice(&[0u8; 64]);
         let started = std::time::Instant::now();
         let e = read_instance_from(&f[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
         assert!(
             e.to_string()
                 .contains("(0009,1010) declares 3758096384 bytes"),
@@ -464,7 +451,7 @@ mod tests {
         f.extend_from_slice(&0x7000_0000u32.to_le_bytes());
         f.extend_from_slice(&[b'x'; 32]);
         let e = read_instance_from(&f[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
 
         // Deflated: checked on the inflated head.
         let mut f = file_header(CT, "1.2.3.4", "1.2.840.10008.1.2.1.99", "").unwrap();
@@ -476,7 +463,7 @@ mod tests {
         std::io::Write::write_all(&mut enc, &ds).unwrap();
         f.extend(enc.finish().unwrap());
         let e = read_instance_from(&f[..]).unwrap_err();
-        assert!(matches!(e, Part10Error::Lengths(_)), "{e}");
+        assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
     }
 
     #[test]

@@ -54,6 +54,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::dimse::{self, Command, status};
 use super::part10::{self, Part10Error};
+use super::reader::{ReadError, Reader};
 use super::sink::{AssociationEnd, AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::admission::{SourceLimiter, Unidentified, canonical};
@@ -479,6 +480,9 @@ struct Incoming {
     path: PathBuf,
     file: Option<tokio::fs::File>,
     failure: Option<(u16, String)>,
+    /// The instance (the header written for it, then its data set) walked as it arrives, to
+    /// its end.
+    walker: Reader,
 }
 
 /// Why an instance is not stored: the status and error comment its SCU is answered, and
@@ -990,10 +994,16 @@ impl<S: AssociationSink> Association<'_, S> {
                     path,
                     file: None,
                     failure,
+                    walker: Reader::new(None),
                 };
                 if i.failure.is_none() {
                     match self.open_instance(&i, &pc.transfer_syntax, &i.cmd).await {
-                        Ok(f) => i.file = Some(f),
+                        Ok((f, header)) => {
+                            i.file = Some(f);
+                            if let Err(e) = i.walker.feed(&header) {
+                                i.failure = Some(not_well_formed(&e));
+                            }
+                        }
                         Err(e) => i.failure = Some((status::OUT_OF_RESOURCES, e)),
                     }
                 }
@@ -1053,7 +1063,7 @@ impl<S: AssociationSink> Association<'_, S> {
         i: &Incoming,
         transfer_syntax: &str,
         cmd: &Command,
-    ) -> Result<tokio::fs::File, String> {
+    ) -> Result<(tokio::fs::File, Vec<u8>), String> {
         let header = part10::file_header(
             &cmd.affected_sop_class_uid,
             &cmd.affected_sop_instance_uid,
@@ -1068,7 +1078,7 @@ impl<S: AssociationSink> Association<'_, S> {
         f.write_all(&header)
             .await
             .map_err(|e| format!("scratch file: {e}"))?;
-        Ok(f)
+        Ok((f, header))
     }
 
     async fn on_data(
@@ -1091,6 +1101,8 @@ impl<S: AssociationSink> Association<'_, S> {
                     status::OUT_OF_RESOURCES,
                     "association over ingest.max_upload_bytes".into(),
                 ));
+            } else if let Err(e) = i.walker.feed(&pv.data) {
+                i.failure = Some(not_well_formed(&e));
             } else if let Some(f) = i.file.as_mut()
                 && let Err(e) = f.write_all(&pv.data).await
             {
@@ -1139,21 +1151,24 @@ impl<S: AssociationSink> Association<'_, S> {
                 .await
                 .map_err(|e| oor(format!("scratch file: {e}")))?;
         }
-        let path = i.path.clone();
-        let info = tokio::task::spawn_blocking(move || part10::read_instance(&path))
-            .await
-            .map_err(|e| oor(e.to_string()))?
-            .map_err(|e| match e {
-                Part10Error::Mismatch { .. } => (status::DATA_SET_MISMATCH, e.to_string()).into(),
-                Part10Error::Open { .. } => oor(e.to_string()).into(),
-                // The comment quotes the PatientID back to its sender; the log does not.
-                Part10Error::BadPatientId(_) => Failure {
-                    code: status::CANNOT_UNDERSTAND,
-                    comment: e.to_string(),
-                    logged: Some("the PatientID is not usable".into()),
-                },
-                _ => (status::CANNOT_UNDERSTAND, e.to_string()).into(),
-            })?;
+        // Walked to its end as it arrived: it must end where its last element does.
+        i.walker
+            .finish()
+            .map_err(|e| Failure::from(not_well_formed(&e)))?;
+        let info = part10::instance_info(i.walker.facts()).map_err(|e| match e {
+            Part10Error::Mismatch { .. } => (status::DATA_SET_MISMATCH, e.to_string()).into(),
+            // The comment quotes the PatientID back to its sender; the log does not.
+            Part10Error::BadPatientId(_) => Failure {
+                code: status::CANNOT_UNDERSTAND,
+                comment: e.to_string(),
+                logged: Some("the PatientID is not usable".into()),
+            },
+            _ => (status::CANNOT_UNDERSTAND, e.to_string()).into(),
+        })?;
+        // What the record store files an instance under (a Type 1 attribute of every
+        // storage IOD): without it the data set does not match its SOP class.
+        crate::ingest::stow::missing_uids(i.walker.facts())
+            .map_err(|m| Failure::from((status::DATA_SET_MISMATCH, m)))?;
         if let Some(p) = &self.patient
             && p != &info.patient_id
         {
@@ -1188,6 +1203,12 @@ impl<S: AssociationSink> Association<'_, S> {
             .current()
             .check(&declaration, SystemTime::now())
         {
+            // audit: the refusal is durable before it is answered, as on the HTTPS door.
+            self.inner
+                .sink
+                .refuse_declaration(&self.hospital, &declaration, &i.name, &r)
+                .await
+                .map_err(|e| oor(e.to_string()))?;
             // The SCU is answered as the hospital's API would be; the log names the rule.
             return Err(Failure {
                 code: status::NOT_AUTHORIZED,
@@ -1223,6 +1244,15 @@ impl<S: AssociationSink> Association<'_, S> {
         self.names.insert(i.name.clone());
         Ok(())
     }
+}
+
+/// The failure status of an instance whose bytes the reader refuses (cut in the middle of an
+/// element, or malformed).
+fn not_well_formed(e: &ReadError) -> (u16, String) {
+    (
+        status::CANNOT_UNDERSTAND,
+        format!("the data set is not well formed: {e}"),
+    )
 }
 
 async fn send_response(

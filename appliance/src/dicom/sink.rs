@@ -113,6 +113,18 @@ pub trait AssociationSink: Send + Sync + 'static {
         patient_id: &str,
         refusal: &Refusal,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Records that instance `name` was refused because the policy refused its declaration
+    /// (`declaration`: what the door declares for it, with the instance's PatientID): an
+    /// audit `refused` record naming the rule, before the SCP answers the refusal. Nothing
+    /// of the instance is added.
+    fn refuse_declaration(
+        &self,
+        hospital: &str,
+        declaration: &Declaration,
+        name: &str,
+        refusal: &Refusal,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
 }
 
 /// Lets a shared sink be used where a sink is expected.
@@ -151,6 +163,16 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
         refusal: &Refusal,
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
         (**self).refuse_instance(transfer, name, patient_id, refusal)
+    }
+
+    fn refuse_declaration(
+        &self,
+        hospital: &str,
+        declaration: &Declaration,
+        name: &str,
+        refusal: &Refusal,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).refuse_declaration(hospital, declaration, name, refusal)
     }
 }
 
@@ -324,6 +346,19 @@ impl AssociationSink for StoreSink {
                 Some(patient_id),
                 refusal,
             )
+            .await
+            .map_err(|e| SinkError::store("cannot record the refusal", e))
+    }
+
+    async fn refuse_declaration(
+        &self,
+        hospital: &str,
+        declaration: &Declaration,
+        name: &str,
+        refusal: &Refusal,
+    ) -> Result<(), SinkError> {
+        self.store
+            .refuse_association_instance(hospital, declaration, name, refusal)
             .await
             .map_err(|e| SinkError::store("cannot record the refusal", e))
     }

@@ -1,17 +1,16 @@
 //! Just enough DICOM Part 10 to route an instance: the SOP Class and Instance UIDs from the
 //! file meta information and the PatientID (0010,0020) from the data set, read from a prefix
-//! of the file (the rest streams to the spool unparsed).
+//! of the file (the rest streams to the spool) by the one bounded Part-10 reader,
+//! [`crate::dicom::reader::Reader`].
 //!
-//! Handles explicit VR little endian meta information, then an explicit or implicit VR little
-//! endian data set, skipping sequences of defined or undefined length on the way. Deflated and
-//! big-endian data sets are refused (their PatientID cannot be read from a plain prefix).
-//! Every length is checked against what remains before it is used; nothing is allocated from a
-//! length read off the wire.
+//! Every transfer syntax the reader walks is read (a deflated data set is inflated as its
+//! bytes arrive, big endian is read as such); nothing is allocated from a length read off
+//! the wire.
 
-/// Offset of `DICM` after the 128-byte preamble.
-const PREAMBLE: usize = 128;
-/// The data set walk gives up below this nesting depth.
-const MAX_DEPTH: usize = 16;
+use crate::dicom::reader::{Facts, Progress, Reader};
+
+/// The walk stops before this tag: the PatientID is the last attribute routing needs.
+const STOP: (u16, u16) = (0x0010, 0x0021);
 
 /// What routing needs from an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,115 +40,15 @@ fn malformed(why: impl Into<String>) -> Part10Error {
     Part10Error::Malformed(why.into())
 }
 
-struct Cursor<'a> {
-    buf: &'a [u8],
-    pos: usize,
-    explicit: bool,
-}
-
-struct Element {
-    tag: (u16, u16),
-    len: u32,
-}
-
-const UNDEFINED: u32 = 0xFFFF_FFFF;
-
-impl Cursor<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], Part10Error> {
-        if self.buf.len() - self.pos < n {
-            return Err(Part10Error::NeedMore);
-        }
-        let s = &self.buf[self.pos..self.pos + n];
-        self.pos += n;
-        Ok(s)
-    }
-
-    fn u16(&mut self) -> Result<u16, Part10Error> {
-        let b = self.take(2)?;
-        Ok(u16::from_le_bytes([b[0], b[1]]))
-    }
-
-    fn u32(&mut self) -> Result<u32, Part10Error> {
-        let b = self.take(4)?;
-        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-
-    /// Reads an element header. Item and delimitation tags (FFFE,xxxx) never have a VR.
-    fn header(&mut self) -> Result<Element, Part10Error> {
-        let tag = (self.u16()?, self.u16()?);
-        if tag.0 == 0xFFFE || !self.explicit {
-            return Ok(Element {
-                tag,
-                len: self.u32()?,
-            });
-        }
-        let vr = self.take(2)?;
-        let vr = [vr[0], vr[1]];
-        if !vr.iter().all(u8::is_ascii_uppercase) {
-            return Err(malformed(format!(
-                "element ({:04X},{:04X}) has no valid VR",
-                tag.0, tag.1
-            )));
-        }
-        let long = crate::dicom::lengths::long_length(&vr);
-        let len = if long {
-            self.take(2)?;
-            self.u32()?
-        } else {
-            u32::from(self.u16()?)
-        };
-        Ok(Element { tag, len })
-    }
-
-    fn skip(&mut self, len: u32) -> Result<(), Part10Error> {
-        self.take(len as usize).map(drop)
-    }
-}
-
-fn text(value: &[u8]) -> String {
-    String::from_utf8_lossy(value)
-        .trim_end_matches(['\0', ' '])
-        .trim_start_matches(' ')
-        .to_owned()
-}
-
-/// Where the walk is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    /// Before `DICM`.
-    Preamble,
-    /// In the file meta information (group 0002).
-    Meta,
-    /// In the data set.
-    DataSet,
-}
-
-/// An open container of undefined length, skipped element by element.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Frame {
-    /// A sequence: items up to the sequence delimiter.
-    Sequence,
-    /// An item: elements up to the item delimiter.
-    Item,
-}
-
 /// An incremental reader of the routing facts: [`PrefixParser::parse`] is called again with
-/// the same prefix grown by the bytes that arrived since, and resumes at the first element it
-/// could not finish (its header is read again; a value it skips is never read). Parsing a
-/// prefix that arrives in any number of pieces costs time linear in its length.
-#[derive(Debug, Clone)]
+/// the same prefix grown by the bytes that arrived since, and walks only the new bytes.
+/// Parsing a prefix that arrives in any number of pieces costs time linear in its length.
+#[derive(Debug)]
 pub struct PrefixParser {
-    stage: Stage,
-    /// Offset of the first element not yet walked.
-    pos: usize,
-    class: Option<String>,
-    instance: Option<String>,
-    syntax: Option<String>,
-    explicit: bool,
-    /// The last top-level data set tag (elements must come in order).
-    last: (u16, u16),
-    /// Open sequences and items of undefined length, outermost first.
-    stack: Vec<Frame>,
+    reader: Reader,
+    /// Bytes of the prefix given to the reader.
+    fed: usize,
+    done: Option<Result<Instance, Part10Error>>,
 }
 
 impl Default for PrefixParser {
@@ -162,194 +61,74 @@ impl PrefixParser {
     /// A parser at the start of a file.
     pub fn new() -> PrefixParser {
         PrefixParser {
-            stage: Stage::Preamble,
-            pos: 0,
-            class: None,
-            instance: None,
-            syntax: None,
-            explicit: true,
-            last: (0, 0),
-            stack: Vec::new(),
+            reader: Reader::new(Some(STOP)),
+            fed: 0,
+            done: None,
         }
     }
 
     /// Bytes of the prefix walked so far (a later call starts there).
     pub fn walked(&self) -> usize {
-        self.pos
+        self.fed
+    }
+
+    /// What the reader found so far (the meta group's UIDs name a refused part).
+    pub fn facts(&self) -> &Facts {
+        self.reader.facts()
+    }
+
+    /// The reader, to walk the rest of the instance after the prefix.
+    pub fn into_reader(self) -> Reader {
+        self.reader
     }
 
     /// Reads on in `buf`, the file's first bytes: the same bytes as at the previous call, and
     /// possibly more. [`Part10Error::NeedMore`] means the prefix is too short so far.
     pub fn parse(&mut self, buf: &[u8]) -> Result<Instance, Part10Error> {
-        loop {
-            let mut c = Cursor {
-                buf,
-                pos: self.pos,
-                explicit: self.explicit,
-            };
-            let found = self.step(&mut c)?;
-            // The step is complete: its bytes are never walked again.
-            self.pos = c.pos;
-            if let Some(instance) = found {
-                return Ok(instance);
-            }
+        if let Some(done) = &self.done {
+            return done.clone();
         }
-    }
-
-    /// Walks one element (or the preamble). Changes `self` only when the step completes,
-    /// so a [`Part10Error::NeedMore`] leaves the parser where it was.
-    fn step(&mut self, c: &mut Cursor<'_>) -> Result<Option<Instance>, Part10Error> {
-        match self.stage {
-            Stage::Preamble => {
-                if c.buf.len() < PREAMBLE + 4 {
-                    return Err(Part10Error::NeedMore);
-                }
-                if &c.buf[PREAMBLE..PREAMBLE + 4] != b"DICM" {
-                    return Err(malformed(
-                        "not a DICOM Part 10 file (no DICM after the preamble)",
-                    ));
-                }
-                c.pos = PREAMBLE + 4;
-                self.stage = Stage::Meta;
-                Ok(None)
-            }
-            Stage::Meta => {
-                // Peek at the group: the meta information is group 0002 only.
-                if c.buf.len() - c.pos < 2 {
-                    return Err(Part10Error::NeedMore);
-                }
-                if u16::from_le_bytes([c.buf[c.pos], c.buf[c.pos + 1]]) != 0x0002 {
-                    self.end_meta()?;
-                    return Ok(None);
-                }
-                let el = c.header()?;
-                if el.len == UNDEFINED {
-                    return Err(malformed("undefined length in the file meta information"));
-                }
-                let value = c.take(el.len as usize)?;
-                match el.tag.1 {
-                    0x0002 => self.class = Some(text(value)),
-                    0x0003 => self.instance = Some(text(value)),
-                    0x0010 => self.syntax = Some(text(value)),
-                    _ => {}
-                }
-                Ok(None)
-            }
-            Stage::DataSet => match self.stack.last() {
-                Some(Frame::Sequence) => {
-                    let el = c.header()?;
-                    match el.tag {
-                        (0xFFFE, 0xE0DD) => {
-                            self.stack.pop();
-                        }
-                        (0xFFFE, 0xE000) if el.len == UNDEFINED => self.open(Frame::Item)?,
-                        (0xFFFE, 0xE000) => c.skip(el.len)?,
-                        (g, e) => {
-                            return Err(malformed(format!(
-                                "({g:04X},{e:04X}) inside a sequence, where an item was expected"
-                            )));
-                        }
-                    }
-                    Ok(None)
-                }
-                Some(Frame::Item) => {
-                    let el = c.header()?;
-                    if el.tag == (0xFFFE, 0xE00D) {
-                        self.stack.pop();
-                    } else if el.len == UNDEFINED {
-                        self.open(Frame::Sequence)?;
-                    } else {
-                        c.skip(el.len)?;
-                    }
-                    Ok(None)
-                }
-                None => self.top_level(c),
+        let new = buf.get(self.fed..).unwrap_or_default();
+        let progress = self.reader.feed(new);
+        self.fed = buf.len().max(self.fed);
+        let result = match progress {
+            Err(e) => Err(malformed(e.0)),
+            Ok(p) => match self.found() {
+                Some(r) => r,
+                None if p == Progress::Stopped => Err(malformed("no PatientID (0010,0020)")),
+                None => Err(Part10Error::NeedMore),
             },
-        }
-    }
-
-    /// The meta information is over: its three UIDs decide how the data set is read.
-    fn end_meta(&mut self) -> Result<(), Part10Error> {
-        let class = self.class.as_ref();
-        let class = class.ok_or_else(|| malformed("no Media Storage SOP Class UID"))?;
-        let instance = self.instance.as_ref();
-        let instance = instance.ok_or_else(|| malformed("no Media Storage SOP Instance UID"))?;
-        let syntax = self.syntax.as_ref();
-        let syntax = syntax.ok_or_else(|| malformed("no Transfer Syntax UID"))?;
-        for (what, uid) in [
-            ("SOP Class UID", class),
-            ("SOP Instance UID", instance),
-            ("Transfer Syntax UID", syntax),
-        ] {
-            // The same rule as the C-STORE door (PS3.5 9.1).
-            if let Err(e) = crate::dicom::part10::validate_uid(uid) {
-                return Err(malformed(format!("{what}: {e}")));
-            }
-        }
-        self.explicit = match syntax.as_str() {
-            "1.2.840.10008.1.2" => false,
-            "1.2.840.10008.1.2.2" => {
-                return Err(malformed("explicit VR big endian is not accepted"));
-            }
-            "1.2.840.10008.1.2.1.99" => {
-                return Err(malformed("deflated transfer syntax is not accepted"));
-            }
-            _ => true,
         };
-        self.stage = Stage::DataSet;
-        Ok(())
+        if !matches!(result, Err(Part10Error::NeedMore)) {
+            self.done = Some(result.clone());
+        }
+        result
     }
 
-    /// Enters a sequence or item of undefined length.
-    fn open(&mut self, frame: Frame) -> Result<(), Part10Error> {
-        if self.stack.len() >= MAX_DEPTH {
-            return Err(malformed(match frame {
-                Frame::Sequence => "sequences nested too deeply",
-                Frame::Item => "items nested too deeply",
-            }));
+    /// The instance once its PatientID has been read.
+    fn found(&self) -> Option<Result<Instance, Part10Error>> {
+        let f = self.reader.facts();
+        let patient_id = f.patient_id.as_ref()?;
+        if patient_id.is_empty() {
+            return Some(Err(malformed("PatientID is empty")));
         }
-        self.stack.push(frame);
-        Ok(())
-    }
-
-    /// One element of the data set itself: the PatientID ends the walk.
-    fn top_level(&mut self, c: &mut Cursor<'_>) -> Result<Option<Instance>, Part10Error> {
-        let el = c.header()?;
-        if el.tag < self.last {
-            return Err(malformed("data set elements out of order"));
-        }
-        if el.tag == (0x0010, 0x0020) {
-            if el.len == UNDEFINED || el.len > 64 * 4 {
-                return Err(malformed("PatientID has an impossible length"));
-            }
-            let patient_id = text(c.take(el.len as usize)?);
-            if patient_id.is_empty() {
-                return Err(malformed("PatientID is empty"));
-            }
-            let (Some(sop_class), Some(sop_instance), Some(transfer_syntax)) =
-                (&self.class, &self.instance, &self.syntax)
-            else {
-                return Err(malformed("the data set starts before the meta information"));
-            };
-            return Ok(Some(Instance {
-                sop_class: sop_class.clone(),
-                sop_instance: sop_instance.clone(),
-                transfer_syntax: transfer_syntax.clone(),
-                patient_id,
-            }));
-        }
-        if el.tag > (0x0010, 0x0020) {
-            return Err(malformed("no PatientID (0010,0020)"));
-        }
-        if el.len == UNDEFINED {
-            // SQ, or in implicit VR a sequence whose VR we do not know; UN/OB with undefined
-            // length (encapsulated) is a sequence of items too.
-            self.open(Frame::Sequence)?;
-        } else {
-            c.skip(el.len)?;
-        }
-        self.last = el.tag;
-        Ok(None)
+        let check = |uid: &Option<String>, what: &str| -> Result<String, Part10Error> {
+            let uid = uid
+                .as_ref()
+                .ok_or_else(|| malformed(format!("no Media Storage {what}")))?;
+            // The same rule as the C-STORE door (PS3.5 9.1).
+            crate::dicom::part10::validate_uid(uid)
+                .map_err(|e| malformed(format!("{what}: {e}")))?;
+            Ok(uid.clone())
+        };
+        Some((|| {
+            Ok(Instance {
+                sop_class: check(&f.media_sop_class, "SOP Class UID")?,
+                sop_instance: check(&f.media_sop_instance, "SOP Instance UID")?,
+                transfer_syntax: check(&f.transfer_syntax, "Transfer Syntax UID")?,
+                patient_id: patient_id.clone(),
+            })
+        })())
     }
 }
 
@@ -365,6 +144,8 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    const UNDEFINED: u32 = u32::MAX;
 
     fn el_explicit(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], value: &[u8]) {
         out.extend_from_slice(&g.to_le_bytes());
@@ -494,6 +275,32 @@ mod tests {
     }
 
     #[test]
+    fn deflated_and_big_endian_are_read() {
+        let mut ds = Vec::new();
+        el_explicit(&mut ds, 8, 0x18, b"UI", b"1.2.3.4\0");
+        el_explicit(&mut ds, 0x10, 0x20, b"LO", b"P-0004");
+        el_explicit(&mut ds, 0x7FE0, 0x10, b"OW", &[0u8; 4096]);
+        let mut f = meta("1.2.840.10008.1.2.1.99");
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut enc, &ds).unwrap();
+        f.extend(enc.finish().unwrap());
+        assert_eq!(parse_prefix(&f).unwrap().patient_id, "P-0004");
+        for piece in [1, 7, 100] {
+            let mut p = PrefixParser::new();
+            let got = (piece..f.len() + piece)
+                .step_by(piece)
+                .find_map(|end| p.parse(&f[..end.min(f.len())]).ok());
+            assert_eq!(got.unwrap().patient_id, "P-0004", "piece {piece}");
+        }
+
+        let mut f = meta("1.2.840.10008.1.2.2");
+        f.extend_from_slice(&[0x00, 0x10, 0x00, 0x20, b'L', b'O', 0x00, 0x06]);
+        f.extend_from_slice(b"P-0005");
+        assert_eq!(parse_prefix(&f).unwrap().patient_id, "P-0005");
+    }
+
+    #[test]
     fn implicit_vr() {
         let mut f = meta("1.2.840.10008.1.2");
         el_implicit(&mut f, 8, 0x18, 8, b"1.2.3.4\0");
@@ -524,12 +331,12 @@ mod tests {
             matches!(parse_prefix(&bad_uid), Err(Part10Error::Malformed(m)) if m.contains("is not a UID"))
         );
 
-        let mut deflated = meta("1.2.840.10008.1.2.1.99");
-        deflated.extend_from_slice(&[0x78, 0x9c, 0, 0]);
-        assert!(matches!(
-            parse_prefix(&deflated),
-            Err(Part10Error::Malformed(_))
-        ));
+        // A VR that is not two upper-case letters (the fuzz finding's `\0\0`).
+        let mut no_vr = meta("1.2.840.10008.1.2.1");
+        no_vr.extend_from_slice(&[0x08, 0x00, 0x18, 0x00, 0, 0, 4, 0, b'1', b'.', b'2', 0]);
+        assert!(
+            matches!(parse_prefix(&no_vr), Err(Part10Error::Malformed(m)) if m.contains("not a VR"))
+        );
 
         // A huge declared length inside a sequence asks for more rather than allocating.
         let mut huge = meta("1.2.840.10008.1.2.1");

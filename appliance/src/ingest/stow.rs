@@ -34,6 +34,7 @@ use super::multipart::{MultipartError, MultipartReader, boundary};
 use super::part10::{Instance, Part10Error, PrefixParser};
 use super::store::IngestError;
 use crate::config::IngestSection;
+use crate::dicom::reader::{Facts, Reader};
 use crate::policy::Declaration;
 use baylink_net::proto::TransferId;
 
@@ -78,8 +79,13 @@ pub const PROCESSING_FAILURE: u16 = 0x0110;
 pub const DUPLICATE_INSTANCE: u16 = 0x0111;
 /// FailureReason: out of resources (size limit, disk full).
 pub const OUT_OF_RESOURCES: u16 = 0xA700;
-/// FailureReason: cannot understand (malformed DICOM).
+/// FailureReason: cannot understand (malformed DICOM, cut in the middle of an element).
 pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+/// FailureReason: the data set does not match its SOP class (a Study, Series or SOP
+/// Instance UID missing).
+pub const DATA_SET_MISMATCH: u16 = 0xA900;
+/// FailureReason: the instance's transfer syntax is not one the edge passes on.
+pub const TRANSFER_SYNTAX_NOT_SUPPORTED: u16 = 0xC122;
 
 /// The declaration STOW-RS instances travel under (the rule until the compliance issue
 /// lands: the patient has a consent record that allows it), for `purpose` (`care` unless the
@@ -105,8 +111,12 @@ struct Failed {
 enum Why {
     /// A part that is not `application/dicom`.
     NotDicom,
-    /// No routing facts in its prefix.
+    /// No routing facts in its prefix, or the data set is cut or malformed further on.
     Malformed,
+    /// A Study, Series or SOP Instance UID is missing.
+    Incomplete,
+    /// A transfer syntax the edge does not pass on.
+    Syntax,
     /// The request's patient was refused by policy.
     Refused,
     /// Another patient than the request's transfer.
@@ -123,6 +133,8 @@ impl Why {
     fn reason(self) -> u16 {
         match self {
             Why::NotDicom | Why::Malformed => CANNOT_UNDERSTAND,
+            Why::Incomplete => DATA_SET_MISMATCH,
+            Why::Syntax => TRANSFER_SYNTAX_NOT_SUPPORTED,
             Why::Refused | Why::OtherPatient | Why::NotStored => PROCESSING_FAILURE,
             Why::Duplicate => DUPLICATE_INSTANCE,
             Why::OutOfResources => OUT_OF_RESOURCES,
@@ -135,7 +147,7 @@ struct Failures {
     listed: Vec<Failed>,
     cap: usize,
     total: usize,
-    counts: [usize; 7],
+    counts: [usize; 9],
     /// The first problem's text, for the request's log line.
     first_problem: Option<String>,
 }
@@ -146,12 +158,27 @@ impl Failures {
             listed: Vec::new(),
             cap,
             total: 0,
-            counts: [0; 7],
+            counts: [0; 9],
             first_problem: None,
         }
     }
 
     fn add(&mut self, why: Why, inst: Option<&Instance>, problem: impl FnOnce() -> String) {
+        let (class, instance) = match inst {
+            Some(i) => (Some(i.sop_class.clone()), Some(i.sop_instance.clone())),
+            None => (None, None),
+        };
+        self.add_named(why, class, instance, problem);
+    }
+
+    /// As [`Failures::add`], naming the instance by the UIDs its meta group gave (if any).
+    fn add_named(
+        &mut self,
+        why: Why,
+        class: Option<String>,
+        instance: Option<String>,
+        problem: impl FnOnce() -> String,
+    ) {
         self.total += 1;
         self.counts[why as usize] += 1;
         if self.first_problem.is_none() {
@@ -159,8 +186,8 @@ impl Failures {
         }
         if self.listed.len() < self.cap {
             self.listed.push(Failed {
-                class: inst.map(|i| i.sop_class.clone()),
-                instance: inst.map(|i| i.sop_instance.clone()),
+                class,
+                instance,
                 reason: why.reason(),
             });
         }
@@ -198,6 +225,8 @@ impl Request {
             unlisted = f.total - f.listed.len(),
             not_dicom = f.count(Why::NotDicom),
             malformed = f.count(Why::Malformed),
+            incomplete = f.count(Why::Incomplete),
+            unsupported_syntax = f.count(Why::Syntax),
             refused = f.count(Why::Refused),
             other_patient = f.count(Why::OtherPatient),
             duplicate = f.count(Why::Duplicate),
@@ -424,11 +453,24 @@ async fn receive(
         let (prefix, parsed) = read_prefix(&app.stow.parse_slots, reader).await?;
         let inst = match parsed {
             Ok(i) => i,
-            Err(why) => {
-                req.failures.add(Why::Malformed, None, || why);
+            Err((why, class, instance)) => {
+                req.failures
+                    .add_named(Why::Malformed, class, instance, || why);
                 continue;
             }
         };
+        if !crate::dicom::TRANSFER_SYNTAXES
+            .iter()
+            .any(|(uid, _)| *uid == inst.transfer_syntax)
+        {
+            req.failures.add(Why::Syntax, Some(&inst), || {
+                format!(
+                    "transfer syntax {} is not one the edge passes on",
+                    inst.transfer_syntax
+                )
+            });
+            continue;
+        }
         if req.transfer.is_none() && !req.refused {
             match app
                 .store
@@ -484,12 +526,38 @@ async fn receive(
                 continue;
             }
         };
+        // The whole instance is walked as it streams to the spool: it must end where its
+        // last element does and hold the UIDs the record store files it under.
+        let mut whole = Reader::new(None);
+        let mut walked = whole.feed(&prefix).map(drop);
         let mut outcome = upload.write(prefix.freeze()).await;
-        while outcome.is_ok() {
+        while outcome.is_ok() && walked.is_ok() {
             match reader.read_chunk().await.map_err(bad_body)? {
-                Some(c) => outcome = upload.write(c).await,
+                Some(c) => {
+                    walked = whole.feed(&c).map(drop);
+                    if walked.is_ok() {
+                        outcome = upload.write(c).await;
+                    }
+                }
                 None => break,
             }
+        }
+        if outcome.is_ok()
+            && let Err(refused) = walked
+                .and_then(|()| whole.finish())
+                .map_err(|e| {
+                    (
+                        Why::Malformed,
+                        format!("the data set is not well formed: {e}"),
+                    )
+                })
+                .and_then(|()| missing_uids(whole.facts()).map_err(|m| (Why::Incomplete, m)))
+        {
+            // Dropping the upload removes what it wrote.
+            drop(upload);
+            let (why, text) = refused;
+            req.failures.add(why, Some(&inst), || text);
+            continue;
         }
         let outcome = match outcome {
             Ok(()) => upload.finish().await.map(drop),
@@ -513,13 +581,32 @@ async fn receive(
     Ok(())
 }
 
+/// Why a walked instance cannot go to the record store: a Study, Series or SOP Instance UID
+/// (0020,000D), (0020,000E), (0008,0018) absent or empty at the top level.
+pub fn missing_uids(facts: &Facts) -> Result<(), String> {
+    for (value, what) in [
+        (&facts.sop_instance, "SOP Instance UID (0008,0018)"),
+        (&facts.study_instance, "Study Instance UID (0020,000D)"),
+        (&facts.series_instance, "Series Instance UID (0020,000E)"),
+    ] {
+        if value.as_deref().is_none_or(str::is_empty) {
+            return Err(format!("{what} is missing"));
+        }
+    }
+    Ok(())
+}
+
+/// A part that yields no instance: why, and its meta group's SOP Class and Instance UIDs
+/// when they were readable.
+type PrefixFailure = (String, Option<String>, Option<String>);
+
 /// Gathers a part's first bytes until its routing facts are in them: the bytes read, and the
 /// instance or why it has none. Parses every [`PARSE_STEP`] new bytes, resuming where the
 /// last parse stopped.
 async fn read_prefix(
     slots: &Semaphore,
     reader: &mut MultipartReader<BodyDataStream>,
-) -> Result<(BytesMut, Result<Instance, String>), ApiError> {
+) -> Result<(BytesMut, Result<Instance, PrefixFailure>), ApiError> {
     let mut prefix = BytesMut::new();
     let mut parser = PrefixParser::new();
     let mut parsed_at = 0;
@@ -533,18 +620,29 @@ async fn read_prefix(
             } else {
                 (parser, prefix, result) = parse_in_pool(slots, parser, prefix).await?;
             }
-            match result {
+            let why = match result {
                 Ok(i) => return Ok((prefix, Ok(i))),
-                Err(Part10Error::Malformed(why)) => return Ok((prefix, Err(why))),
+                Err(Part10Error::Malformed(why)) => Some(why),
                 Err(Part10Error::NeedMore) if ended => {
-                    let why = "the instance ends before its PatientID".to_owned();
-                    return Ok((prefix, Err(why)));
+                    Some("the instance ends before its PatientID".to_owned())
                 }
                 Err(Part10Error::NeedMore) if prefix.len() >= MAX_PREFIX => {
-                    let why = format!("no PatientID within the first {MAX_PREFIX} bytes");
-                    return Ok((prefix, Err(why)));
+                    Some(format!("no PatientID within the first {MAX_PREFIX} bytes"))
                 }
-                Err(Part10Error::NeedMore) => {}
+                Err(Part10Error::NeedMore) => None,
+            };
+            if let Some(why) = why {
+                let facts = parser.facts();
+                let valid = |v: &Option<String>| {
+                    v.as_deref()
+                        .filter(|u| crate::dicom::part10::validate_uid(u).is_ok())
+                        .map(str::to_owned)
+                };
+                let (class, instance) = (
+                    valid(&facts.media_sop_class),
+                    valid(&facts.media_sop_instance),
+                );
+                return Ok((prefix, Err((why, class, instance))));
             }
         }
         match reader.read_chunk().await.map_err(bad_body)? {

@@ -331,6 +331,16 @@ fn refused_and_malformed_instances_get_failure_statuses_and_the_rest_proceeds() 
         "status 0x0124 reported: {}",
         text(&out)
     );
+    // Audited before it was answered, as the HTTPS door records a refused declaration: the
+    // rule and the hospital, the patient only as its keyed hash.
+    let refused: Vec<_> = super::compliance::audit_records(&d, "edge")
+        .into_iter()
+        .filter(|r| r["kind"] == "refused")
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["rule"], "consent-missing", "{refused:?}");
+    assert_eq!(refused[0]["hospital"], "hospital-a", "{refused:?}");
+    assert!(!refused[0].to_string().contains("P-0099"), "{refused:?}");
 
     // 2. A mixed association (storescu --no-halt): bad ones refused, good ones proceed.
     let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
@@ -743,4 +753,77 @@ fn association_limit_and_idle_timeout_hold() {
         data_set(&f)
     );
     assert_eq!(spool_transfers(&d), 1);
+}
+
+/// `file` with StudyInstanceUID (0020,000D) removed (dcmtk's `dcmodify`).
+pub(super) fn without_study_uid(file: &Path) -> PathBuf {
+    let out = file.with_extension("nostudy.dcm");
+    std::fs::copy(file, &out).unwrap();
+    let r = run(Command::new("dcmodify")
+        .args(["-nb", "-ea", "(0020,000d)"])
+        .arg(&out));
+    assert!(r.status.success(), "dcmodify: {}", text(&r));
+    out
+}
+
+/// Issue 19: an instance cut in the middle of an element, and one without StudyInstanceUID,
+/// are refused alone (with the reason in the log and the status); the good ones beside them
+/// are stored and sent, the refused ones are not.
+#[test]
+fn instances_cut_short_or_without_study_uid_are_refused_and_the_rest_proceed() {
+    let d = Deployment::new().unwrap();
+    let (_gateway, edge) = start(&d);
+    let src = d.path("instances");
+    let good: Vec<_> = [1, 2, 3]
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .to_vec();
+    let no_study = without_study_uid(&instance(&src, 4, Some("P-0001")));
+
+    // dcmtk's storescu: the file without StudyInstanceUID gets 0xA900, the good one Success.
+    let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
+        .args(["-v", "-nh"])
+        .arg(&good[0])
+        .arg(&no_study));
+    let t = text(&out);
+    assert_eq!(store_responses(&t, "Success"), 1, "{t}");
+    assert!(
+        t.contains("DataSetDoesNotMatchSOPClass") || t.to_ascii_lowercase().contains("0xa900"),
+        "status 0xA900 reported: {t}"
+    );
+    let only = wait_for_delivery(&d, &[format!("{}.dcm", sop_uid(1))], &edge);
+    assert_eq!(
+        data_set(&only.join(format!("{}.dcm", sop_uid(1)))),
+        data_set(&good[0])
+    );
+    assert!(
+        edge.log()
+            .contains("Study Instance UID (0020,000D) is missing"),
+        "{}",
+        edge.log()
+    );
+
+    // storescu will not send a cut file: the raw SCU does. The data set of instance 5 ends
+    // in the middle of its pixel data: 0xC000; the instances around it proceed.
+    let cut = data_set(&instance(&src, 5, Some("P-0001")));
+    let mut a = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(a.store(1, &sop_uid(2), &data_set(&good[1])), 0x0000);
+    assert_eq!(a.store(2, &sop_uid(5), &cut[..cut.len() - 100]), 0xC000);
+    assert_eq!(a.store(3, &sop_uid(3), &data_set(&good[2])), 0x0000);
+    a.release();
+    let t = wait_for_delivery(
+        &d,
+        &[format!("{}.dcm", sop_uid(2)), format!("{}.dcm", sop_uid(3))],
+        &edge,
+    );
+    assert_eq!(
+        data_set(&t.join(format!("{}.dcm", sop_uid(3)))),
+        data_set(&good[2])
+    );
+    let log = edge.log();
+    assert!(
+        log.contains("the data set is not well formed: element (7FE0,0010) declares 512 bytes"),
+        "{log}"
+    );
+    assert_eq!(delivered_transfers(&d).len(), 2);
+    assert!(edge_healthy(&d));
 }

@@ -701,7 +701,8 @@ pub(super) fn dicom(
              (fffe,e0dd) na (SequenceDelimitationItem)\n\
              (0010,0010) PN [Doe^Jane]\n\
              (0010,0020) LO [{patient}]\n\
-             (0020,000d) UI [1.2.826.0.1.3680043.2.1125.77]\n"
+             (0020,000d) UI [1.2.826.0.1.3680043.2.1125.77]\n\
+             (0020,000e) UI [1.2.826.0.1.3680043.2.1125.78]\n"
         ),
     )
     .unwrap();
@@ -1170,4 +1171,60 @@ fn an_open_transfer_left_idle_expires_with_a_record_and_its_files_go() {
     let _edge2 = edge(&d);
     assert_eq!(api.status("hospital-a", &idle).json()["state"], "failed");
     assert_eq!(api.put("hospital-a", &idle, "b.dcm", &a, &[]).status, 409);
+}
+
+/// Issue 19: a part cut in the middle of an element and a part without StudyInstanceUID are
+/// listed failed (0xC000, 0xA900) with the SOP Class and Instance UIDs of their file meta;
+/// the good part beside them is stored and delivered, the failed ones are not.
+#[test]
+fn stow_rs_refuses_instances_cut_short_or_without_study_uid_naming_them() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    let _gateway = d.serve(&d.gateway_config()).unwrap();
+    let _edge = edge(&d);
+    let api = Api { d: &d };
+    let dir = d.path("dicom");
+    std::fs::create_dir_all(&dir).unwrap();
+    let uid = |n: u32| format!("1.2.826.0.1.3680043.2.1125.19.{n}");
+    let good = dicom(&dir, "good.dcm", "P-0001", &uid(1), false, 8192);
+    let whole = dicom(&dir, "cut.dcm", "P-0001", &uid(2), false, 8192);
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = dir.join("cut-short.dcm");
+    std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
+    let no_study =
+        super::dicom::without_study_uid(&dicom(&dir, "nostudy.dcm", "P-0001", &uid(3), true, 0));
+    let body = multipart(&dir, &[&cut, &good, &no_study]);
+
+    let (r, headers) = stow(&api, &body);
+    assert_eq!(r.status, 202, "{r:?}");
+    let v = r.json();
+    let stored = sequence_uids(&v, "00081199");
+    assert_eq!(stored, [(uid(1), None)]);
+    let failed = sequence_uids(&v, "00081198");
+    assert_eq!(
+        failed,
+        [(uid(2), Some(0xC000)), (uid(3), Some(0xA900))],
+        "{v}"
+    );
+    for item in v["00081198"]["Value"].as_array().unwrap() {
+        assert_eq!(
+            item["00081150"]["Value"][0].as_str(),
+            Some("1.2.840.10008.5.1.4.1.1.7"),
+            "{item}"
+        );
+    }
+    let id = headers
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-baylink-transfer:")
+                .map(|v| v.trim().to_owned())
+        })
+        .expect("X-Baylink-Transfer header");
+    api.wait_state(&id, "committed");
+    let got = d.wait_delivered(&id, &format!("{}.dcm", uid(1)), DEADLINE);
+    assert_eq!(sha256_file(&good).unwrap(), sha256_file(&got).unwrap());
+    let delivered = files_under(&d.path("delivered").join(&id));
+    assert_eq!(delivered.len(), 1, "only the good instance: {delivered:?}");
+    api.healthy();
 }

@@ -321,6 +321,40 @@ fn heavy_rtt_50ms_loss_1pct() {
     assert!(gw.terminate().unwrap().success());
 }
 
+/// baylink's own controller (`link.congestion = "link"`) at the RTT and loss of the test
+/// above: it must hold its rate through random loss and deliver byte-identical.
+#[test]
+fn heavy_link_congestion_rtt_50ms_loss_1pct() {
+    if skip() {
+        return;
+    }
+    const SIZE: u64 = 64 << 20;
+    let link = Link::start(&["--rtt-ms", "50", "--loss", "1", "--rate-mbit", "200"]).unwrap();
+    let d = Deployment::new().unwrap();
+    place_on_link(&d, &link, 50, 200, "link");
+    let src = payload(d.dir.path(), "series.bin", SIZE, 23).unwrap();
+    let gw = gateway_in_b(&d, &link);
+    let sender = send_in_a(&d, &link, &src);
+    let out = wait_send(&d, &gw, sender, Duration::from_secs(120));
+    // Delivered and checked against the source's SHA-256.
+    let s = assert_delivered(&d, &out, &src, &gw);
+    let stats = link.stop().unwrap();
+    let seconds = s["seconds"].as_f64().unwrap();
+    println!(
+        "50 ms RTT, 1% loss, 200 Mbit/s, link: {SIZE} bytes in {seconds:.1} s = {:.1} Mbit/s \
+         (wire {}); forwarder a_to_b {} b_to_a {}",
+        SIZE as f64 * 8.0 / seconds / 1e6,
+        s["wire_bytes"],
+        stats["a_to_b"],
+        stats["b_to_a"]
+    );
+    assert!(
+        stats["a_to_b"]["dropped_loss"].as_u64().unwrap() > 0,
+        "no loss was applied"
+    );
+    assert!(gw.terminate().unwrap().success());
+}
+
 #[test]
 fn heavy_bench_e2e_over_an_impaired_link() {
     if skip() {

@@ -534,3 +534,113 @@ fn delivery_notice_a_hospital_upload_in_orthanc_reaches_delivered() {
     assert!(gateway.terminate().unwrap().success());
     super::notice::audit_verifies(&d.edge_config());
 }
+
+/// How many files of transfer `id` the gateway has recorded as confirmed by the store
+/// (`stow.acked`); 0 before the first answer.
+fn confirmed_files(d: &Deployment, id: &str) -> usize {
+    let Ok(bytes) = std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))) else {
+        return 0;
+    };
+    let acked: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    acked["batches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| b["files"].as_array().map_or(0, Vec::len))
+        .sum()
+}
+
+/// The hospital's side end to end: dcmtk `storescu` → the edge's C-STORE door → QUIC →
+/// gateway → STOW-RS → Orthanc. Orthanc is frozen in the middle of the delivery (a request
+/// in flight, the rest not sent), then killed with SIGKILL and started again on its storage,
+/// as a crash of the record store's host would leave it. Every instance is in the record
+/// once (one `NewInstance` change each in Orthanc's change log), its data set byte-identical
+/// to what the modality sent, and the hospital's `GET /v1/transfers/{id}` reaches
+/// `delivered`.
+#[test]
+fn a_storescu_study_lands_once_across_an_orthanc_crash_mid_delivery() {
+    use super::dicom::{data_set, run, scu, store_responses, text};
+
+    if skip() {
+        return;
+    }
+    const N: u32 = 24;
+    let mut orthanc = Orthanc::start().unwrap();
+    // One instance per STOW-RS request: the delivery has many steps to be cut between.
+    let d = deployment(&orthanc.dicomweb_url(), &[("batch_bytes", "1")]);
+    let (gateway, edge) = super::dicom::start(&d);
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (1..=N)
+        .map(|n| instance(&src, 600 + n, Some("P-0001")))
+        .collect();
+
+    let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
+        .arg("-v")
+        .args(&files));
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert_eq!(store_responses(&said, "Success"), N as usize, "{said}");
+
+    // The first instance in the store: freeze the store where it is.
+    let deadline = std::time::Instant::now() + EVENT_WAIT;
+    while orthanc.instance_count().unwrap() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing reached Orthanc within {EVENT_WAIT:?}\ngateway:\n{}\nedge:\n{}",
+            gateway.log(),
+            edge.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    orthanc.freeze().unwrap();
+    let ids = baylink_tests::spool_entries(&d.path("spool/edge"));
+    assert_eq!(ids.len(), 1, "one association, one transfer: {ids:?}");
+    let id = &ids[0];
+    let before = confirmed_files(&d, id);
+    assert!(
+        before < N as usize,
+        "the delivery had ended when the store was frozen ({before} of {N} confirmed): \
+         nothing was cut"
+    );
+    orthanc.crash_and_restart().unwrap();
+
+    let api = super::ingest::Api { d: &d };
+    let s = super::notice::wait_settled(&api, id);
+    assert_eq!(
+        s["state"],
+        "delivered",
+        "{s}\ngateway:\n{}\nedge:\n{}\nOrthanc:\n{}",
+        gateway.log(),
+        edge.log(),
+        orthanc.log()
+    );
+    assert_eq!(orthanc.instance_count().unwrap(), N as usize);
+    let stored_dir = d.path("stored");
+    std::fs::create_dir_all(&stored_dir).unwrap();
+    for (n, file) in (601..=600 + N).zip(&files) {
+        let uid = sop_uid(n);
+        let stored = orthanc
+            .instance_file(&uid)
+            .unwrap()
+            .unwrap_or_else(|| panic!("Orthanc has no instance {uid}"));
+        let copy = stored_dir.join(format!("{n}.dcm"));
+        std::fs::write(&copy, stored).unwrap();
+        // The edge writes its own file meta group; the data set travels unchanged.
+        assert!(
+            data_set(&copy) == data_set(file),
+            "Orthanc's data set of {uid} differs from what storescu sent"
+        );
+    }
+    let changes: serde_json::Value =
+        serde_json::from_slice(&orthanc.get("/changes?limit=10000").unwrap()).unwrap();
+    let new_instances = changes["Changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["ChangeType"] == "NewInstance")
+        .count();
+    assert_eq!(
+        new_instances, N as usize,
+        "each instance stored once: {changes}"
+    );
+}

@@ -62,6 +62,8 @@ fn instance(patient: &str, uid: &str, filler: u16) -> Vec<u8> {
     }
     element(&mut f, 0x10, 0x10, b"PN", b"Doe^Jane");
     element(&mut f, 0x10, 0x20, b"LO", patient.as_bytes());
+    element(&mut f, 0x20, 0x0D, b"UI", b"1.2.826.0.1.3680043.2.1125.77");
+    element(&mut f, 0x20, 0x0E, b"UI", b"1.2.826.0.1.3680043.2.1125.78");
     element(&mut f, 0x7FE0, 0x10, b"OW", &[7u8; 4096]);
     f
 }

@@ -76,7 +76,7 @@ use dicom_transfer_syntax_registry::entries::{
     EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN,
 };
 
-use super::lengths::{self, HeadEnd, HeadError};
+use super::reader::{self, HeadEnd, HeadError};
 use crate::ingest::part10::{self, Part10Error};
 use crate::policy::Refusal;
 
@@ -252,8 +252,9 @@ impl Deidentifier {
     /// Rewrites a complete head (preamble, meta group, data set up to the pixel data) into
     /// its de-identified form. Elements encoded as UN are resolved first ([`un`]).
     pub fn rewrite_head(&self, head: &[u8]) -> Result<Vec<u8>, DeidError> {
-        // dicom-rs allocates declared lengths: check each against the bytes present first.
-        lengths::check_head(head, false, HEAD_STOP).map_err(DeidError::Malformed)?;
+        // dicom-rs allocates declared lengths: the one reader walks the head first, so every
+        // length in it is within the bytes present and every VR is one dicom-rs reads alike.
+        reader::check_head(head, false, HEAD_STOP).map_err(DeidError::Malformed)?;
         let (start, explicit) = data_set_start(head)?;
         let resolved;
         let head = if explicit {
@@ -586,45 +587,23 @@ fn dummy_value(vr: VR) -> PrimitiveValue {
 }
 
 /// Where the data set of a Part-10 file starts (after the meta group) and whether it is in
-/// explicit VR (every syntax [`lengths::head_end`] walks but implicit VR little endian).
+/// explicit VR (every syntax [`reader::head_end`] walks but implicit VR little endian).
 fn data_set_start(file: &[u8]) -> Result<(usize, bool), DeidError> {
-    let short = || DeidError::Malformed("the file ends inside the meta group".into());
-    let mut p = super::part10::PREFIX_LEN;
-    let mut explicit = None;
-    loop {
-        let Some(b) = file.get(p..p + 8) else {
-            if p == file.len() {
-                break;
-            }
-            return Err(short());
-        };
-        let group = u16::from_le_bytes([b[0], b[1]]);
-        if group != 0x0002 {
-            break;
-        }
-        let element = u16::from_le_bytes([b[2], b[3]]);
-        let (len, size) = if matches!(
-            &b[4..6],
-            b"OB" | b"OW" | b"UN" | b"UT" | b"SQ" | b"UC" | b"UR"
-        ) {
-            let l = file.get(p + 8..p + 12).ok_or_else(short)?;
-            (u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as usize, 12)
-        } else {
-            (usize::from(u16::from_le_bytes([b[6], b[7]])), 8)
-        };
-        let end = (p + size)
-            .checked_add(len)
-            .filter(|&e| e <= file.len())
-            .ok_or_else(short)?;
-        if element == 0x0010 {
-            let ts = String::from_utf8_lossy(&file[p + size..end]);
-            explicit = Some(super::part10::trim_padding(&ts) != "1.2.840.10008.1.2");
-        }
-        p = end;
+    // Stop at the first data set element: only the meta group is walked.
+    let mut r = reader::Reader::new(Some((0, 0)));
+    match r.feed(file) {
+        Ok(reader::Progress::Stopped) => {}
+        Ok(reader::Progress::NeedMore) => r.finish().map_err(|e| DeidError::Malformed(e.0))?,
+        Err(e) => return Err(DeidError::Malformed(e.0)),
     }
-    let explicit = explicit
-        .ok_or_else(|| DeidError::Malformed("the meta group has no Transfer Syntax UID".into()))?;
-    Ok((p, explicit))
+    match (r.data_set_start(), r.data_set_encoding()) {
+        (Some(start), Some(enc)) => {
+            Ok((usize::try_from(start).unwrap_or(usize::MAX), enc.explicit))
+        }
+        _ => Err(DeidError::Malformed(
+            "the file ends inside the meta group".into(),
+        )),
+    }
 }
 
 /// What a [`DicomGate`] checks and does to one file of a transfer.
@@ -923,7 +902,7 @@ impl DicomGate {
                     Err(Part10Error::Malformed(why)) => {
                         if self.rules.deid.is_some()
                             && matches!(
-                                lengths::head_end(&self.held, eof, HEAD_STOP),
+                                reader::head_end(&self.held, eof, HEAD_STOP),
                                 Err(HeadError::Unsupported(_))
                             )
                         {
@@ -951,8 +930,8 @@ impl DicomGate {
                     if !eof && self.held.len() < self.next_try {
                         return Ok(None);
                     }
-                    let end = match lengths::head_end(&self.held, eof, HEAD_STOP) {
-                        Ok(HeadEnd::At(p, _)) => p,
+                    let end = match reader::head_end(&self.held, eof, HEAD_STOP) {
+                        Ok(HeadEnd::At(p)) => p,
                         Ok(HeadEnd::NeedMore) if self.held.len() >= MAX_HEAD_BYTES => {
                             return Err(unsupported(format!(
                                 "the attributes before the pixel data exceed {MAX_HEAD_BYTES} \

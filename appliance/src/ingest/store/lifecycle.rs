@@ -23,7 +23,7 @@ use super::{
     now_rfc3339, owner_path, record_path, status_path,
 };
 use crate::audit::{Event, Kind};
-use crate::policy::{Decision, Declaration};
+use crate::policy::{Decision, Declaration, Refusal};
 use crate::seal;
 use crate::transfer_dir::{TransferDir, write_atomic};
 
@@ -78,6 +78,47 @@ impl IngestStore {
             .await
     }
 
+    /// Records durably that a declaration of `hospital` was refused by the policy (an audit
+    /// `refused` record naming the rule and, keyed-hashed, the patient, under transfer id
+    /// `id`, which is never opened); the caller then answers the refusal.
+    async fn record_refused_declaration(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        decl: &Declaration,
+        r: &Refusal,
+        detail: Option<String>,
+    ) -> Result<(), IngestError> {
+        metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused")
+            .increment(1);
+        info!(hospital, rule = r.rule, reason = %r.reason, "declaration refused");
+        // audit: the refusal is recorded before it is answered.
+        self.audit(Event {
+            rule: Some(r.rule.to_owned()),
+            hospital: Some(hospital.to_owned()),
+            detail,
+            ..Event::declared(Kind::Refused, Some(id.to_string()), decl)
+        })
+        .await
+    }
+
+    /// Records durably that the DICOM door refused instance `name` because the policy
+    /// refused its declaration (no consent for its patient, a category or purpose on the
+    /// negative list), before any transfer of the association was opened or while one of
+    /// another outcome is open: an audit `refused` record as the HTTPS door writes for a
+    /// refused declaration, under a transfer id of its own that is never opened.
+    pub async fn refuse_association_instance(
+        &self,
+        hospital: &str,
+        decl: &Declaration,
+        name: &str,
+        r: &Refusal,
+    ) -> Result<(), IngestError> {
+        let detail = Some(format!("instance {name}: {}", r.reason));
+        self.record_refused_declaration(hospital, &TransferId::new_v7(), decl, r, detail)
+            .await
+    }
+
     async fn declare_as(
         &self,
         hospital: &str,
@@ -93,15 +134,8 @@ impl IngestStore {
         };
         let consent_ref = match decision {
             Decision::Refuse(r) => {
-                metrics::counter!("baylink_transfers_total", "stage" => "declared", "outcome" => "refused").increment(1);
-                info!(hospital, rule = r.rule, reason = %r.reason, "declaration refused");
-                // audit: the refusal is recorded before it is answered.
-                self.audit(Event {
-                    rule: Some(r.rule.to_owned()),
-                    hospital: Some(hospital.to_owned()),
-                    ..Event::declared(Kind::Refused, Some(id.to_string()), &decl)
-                })
-                .await?;
+                self.record_refused_declaration(hospital, &id, &decl, &r, None)
+                    .await?;
                 return Err(IngestError::Refused(r));
             }
             Decision::Allow { consent_ref } => consent_ref,
