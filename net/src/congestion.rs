@@ -77,7 +77,7 @@ const MEAN_RTT_GAIN: f64 = 1.0 / 64.0;
 /// Where the controller is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Doubling every round trip from [`START_FRACTION`] of the ceiling.
+    /// Doubling every round trip from `START_FRACTION` (1/8) of the ceiling.
     Start,
     /// At or near the ceiling, or backed off and recovering linearly.
     Steady,
