@@ -1,12 +1,15 @@
 //! `cargo xtask demo`: a CT study from a hospital's PACS into the record store, across the
 //! appliances, with every piece of evidence checked on the way.
 //!
-//! Steps: the Debian packages (softhsm2, dcmtk, orthanc, orthanc-dicomweb, openssl, curl);
-//! `cargo build --release -p baylink`; `baylink dev-env DIR` on free ports; a private Orthanc
-//! (DICOMweb plugin) as the gateway's `[delivery]`; the gateway and the edge (`baylink serve`,
-//! awaited until `READY=1`); a synthetic CT study of patient P-0001 (dicom-rs, 512 × 512 16-bit
-//! slices); `storescu` (dcmtk) into the edge's C-STORE SCP; the transfer followed through the
-//! hospital API (`?wait=`) until the gateway's signed delivery notice is back at the edge; the
+//! Steps: the Debian packages (softhsm2, dcmtk, orthanc, orthanc-dicomweb, openssl, curl,
+//! pip and pydicom) and pynetdicom (pinned, from PyPI); `cargo build --release -p baylink`;
+//! `baylink dev-env DIR` on free ports; a private Orthanc (DICOMweb plugin) as the gateway's
+//! `[delivery]`; the gateway and the edge (`baylink serve`, awaited until `READY=1`); a
+//! synthetic CT study of patient P-0001 (dicom-rs, 512 × 512 16-bit slices); `storescu`
+//! (dcmtk) into the edge's C-STORE SCP; the modality's Storage Commitment request for every
+//! slice (pynetdicom, `tests/data/dicom/commitment_scu.py`, on an association kept open for
+//! the report); the transfer followed through the hospital API (`?wait=`) until the gateway's
+//! signed delivery notice is back at the edge; the N-EVENT-REPORT committing every slice; the
 //! study counted in Orthanc and two slices compared byte for byte; the receipt and the notice
 //! checked with `openssl` against the gateway's key as its HSM exports it; a second study, of
 //! P-0099 (no consent), refused at C-STORE with the rule named; both appliances stopped
@@ -62,6 +65,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs the demo; the directory stays unless `--clean` was given and everything passed.
 pub fn run(opts: &Options) -> Result<()> {
     packages::ensure(packages::DEMO, !opts.skip_install)?;
+    packages::ensure_python(packages::TEST_PYTHON_PACKAGES, !opts.skip_install)?;
     let bin = match &opts.baylink {
         Some(path) if path.is_file() => path.clone(),
         Some(path) => bail!("--baylink {}: no such file", path.display()),
@@ -203,6 +207,84 @@ struct Story {
     refused_rule: String,
     edge_audit: String,
     gateway_audit: String,
+    /// The Storage Commitment report the modality received.
+    commitment: String,
+}
+
+/// The modality's Storage Commitment request (pynetdicom, `tests/data/dicom/commitment_scu.py`),
+/// running beside the delivery on an association it keeps open for the report.
+struct Commitment {
+    child: Child,
+    started: Instant,
+}
+
+impl Commitment {
+    /// How long the modality keeps its association open for the report. The edge closes an
+    /// association after `ingest.dicom_idle_timeout` (60 s by default) of silence; a larger
+    /// study's report then goes to the modality's own listener (`commitment_port`).
+    const WAIT: Duration = Duration::from_secs(55);
+
+    fn request(port: u16, transaction: &str, uids: &[String]) -> Result<Commitment> {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/data/dicom/commitment_scu.py");
+        let child = Command::new("/usr/bin/python3")
+            .arg(&script)
+            .args(["request", "--port", &port.to_string(), "--ae", CALLING_AE])
+            .args(["--transaction", transaction])
+            .args(["--same-association", &Self::WAIT.as_secs().to_string()])
+            .arg("--uids")
+            .args(uids)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot run {}", script.display()))?;
+        Ok(Commitment {
+            child,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for the modality's report and says what it holds; an error unless every one of
+    /// `slices` instances was committed.
+    fn report(self, slices: usize) -> Result<String> {
+        let out = self
+            .child
+            .wait_with_output()
+            .context("waiting for the Storage Commitment SCU")?;
+        let said = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "the Storage Commitment SCU failed: {said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answer: serde_json::Value = serde_json::from_str(said.trim())
+            .with_context(|| format!("the Storage Commitment SCU printed {said}"))?;
+        ensure!(
+            answer["status"] == 0,
+            "N-ACTION (Request Storage Commitment) answered {}",
+            answer["status"]
+        );
+        let report = &answer["report"];
+        ensure!(
+            report.is_object(),
+            "no N-EVENT-REPORT within {} s of the request",
+            Self::WAIT.as_secs()
+        );
+        let committed = report["committed"].as_array().map_or(0, Vec::len);
+        let failed = report["failed"].as_array().map_or(0, Vec::len);
+        ensure!(
+            committed == slices && failed == 0,
+            "the Storage Commitment report commits {committed} of {slices} instances \
+             ({failed} failed): {report}"
+        );
+        Ok(format!(
+            "N-EVENT-REPORT type {} on the same association, {committed} of {slices} \
+             instances committed, {:.1} s after the request",
+            report["event_type"],
+            self.started.elapsed().as_secs_f64()
+        ))
+    }
 }
 
 fn run_in(bin: &Path, dir: &Path, size: u64) -> Result<Orthanc> {
@@ -274,6 +356,12 @@ fn run_in(bin: &Path, dir: &Path, size: u64) -> Result<Orthanc> {
     let id = edge_transfer(bin, dir)?;
     println!("demo: transfer {id}");
 
+    // The modality asks for Storage Commitment of every slice, keeping the association open
+    // for the report (it takes the SCP role): the edge answers only from the gateway's
+    // signed delivery notice, once the record store holds them.
+    let uids: Vec<String> = (0..study.slices).map(|n| study.instance_uid(n)).collect();
+    let commitment = Commitment::request(base + 4, &format!("{}.1", study.study_uid()), &uids)?;
+
     // Follow it: sealed → sending → committed (receipt verified) → delivered (notice).
     let mut state = String::new();
     let deadline = association_end + DELIVERY_TIMEOUT;
@@ -305,6 +393,8 @@ fn run_in(bin: &Path, dir: &Path, size: u64) -> Result<Orthanc> {
         state = now;
     }
     story.transfer_id = id.clone();
+    story.commitment = commitment.report(study.slices as usize)?;
+    println!("demo: Storage Commitment: {}", story.commitment);
 
     // The study in the record store.
     let study_id = orthanc
@@ -630,6 +720,7 @@ fn print_summary(s: &Story, orthanc: &Orthanc, dir: &Path) {
         s.receipt_check
     );
     println!("  delivery notice  {}: the same check", s.notice_check);
+    println!("  commitment       {}", s.commitment);
     println!("  edge audit       ok, {}", s.edge_audit);
     println!("  gateway audit    ok, {}", s.gateway_audit);
     println!(

@@ -213,6 +213,14 @@ pub const DEMO: &[Package] = &[
         name: "curl",
         why: "curl, the hospital API client (client certificate) and Orthanc's REST API",
     },
+    Package {
+        name: "python3-pip",
+        why: "pip, to install pynetdicom: the modality that asks for Storage Commitment",
+    },
+    Package {
+        name: "python3-pydicom",
+        why: "pydicom, which pynetdicom (the demo's Storage Commitment SCU) builds on",
+    },
 ];
 
 /// What to do about the packages that are missing.
