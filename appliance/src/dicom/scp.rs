@@ -671,7 +671,12 @@ impl<S: AssociationSink> Inner<S> {
         deadline: tokio::time::Instant,
     ) {
         let _ = socket.set_nodelay(true);
-        let stream = match tokio::time::timeout_at(deadline, tls.accept(socket)).await {
+        // Pinned here, not a temporary of the `timeout_at`: the socket it owns is closed when
+        // this function returns, after a time-out is counted, so a client that sees the close
+        // finds the count.
+        let accept = tls.accept(socket);
+        tokio::pin!(accept);
+        let stream = match tokio::time::timeout_at(deadline, accept.as_mut()).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 info!(error = %e, "DICOM TLS handshake refused");
