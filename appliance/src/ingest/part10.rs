@@ -92,7 +92,10 @@ impl PrefixParser {
         let progress = self.reader.feed(new);
         self.fed = buf.len().max(self.fed);
         let result = match progress {
-            Err(e) => Err(malformed(e.0)),
+            // What the PatientID decided stands, whatever follows it in the bytes given (a
+            // piece that ends right after it decides the same): the reader keeps its error,
+            // and the walk to the instance's end refuses it.
+            Err(e) => self.found().unwrap_or_else(|| Err(malformed(e.0))),
             Ok(p) => match self.found() {
                 Some(r) => r,
                 None if p == Progress::Stopped => Err(malformed("no PatientID (0010,0020)")),
@@ -197,6 +200,31 @@ mod tests {
         el_explicit(&mut f, 0x10, 0x20, b"LO", b"P-0001");
         el_explicit(&mut f, 0x7FE0, 0x10, b"OW", &[1, 2, 3, 4]);
         f
+    }
+
+    /// Fuzz finding (`part10`): an empty PatientID followed by an element out of order was
+    /// "out of order" when the whole prefix was given, "PatientID is empty" when a piece
+    /// ended right after the PatientID. The PatientID decides either way.
+    #[test]
+    fn what_follows_the_patient_id_does_not_change_the_answer() {
+        let mut f = meta("1.2.840.10008.1.2.1");
+        el_explicit(&mut f, 8, 0x18, b"UI", b"1.2.3.4\0");
+        el_explicit(&mut f, 0x10, 0x20, b"LO", b"");
+        let cut = f.len();
+        el_explicit(&mut f, 0x10, 0x00, b"UL", &[0, 0, 0, 0]);
+        let whole = parse_prefix(&f);
+        assert_eq!(whole, Err(malformed("PatientID is empty")));
+        let mut p = PrefixParser::new();
+        assert_eq!(p.parse(&f[..cut]), whole);
+        assert_eq!(p.parse(&f), whole);
+        // The walk on from the prefix still refuses the element out of order.
+        let mut parser = PrefixParser::new();
+        let mut f = meta("1.2.840.10008.1.2.1");
+        el_explicit(&mut f, 8, 0x18, b"UI", b"1.2.3.4\0");
+        el_explicit(&mut f, 0x10, 0x20, b"LO", b"P-0001");
+        el_explicit(&mut f, 0x10, 0x00, b"UL", &[0, 0, 0, 0]);
+        assert_eq!(parser.parse(&f).unwrap().patient_id, "P-0001");
+        assert!(parser.into_reader().finish().is_err());
     }
 
     #[test]
