@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::baylink_run::{Deployment, Gateway, probe_base_port};
-use crate::ingest::{Client, default_baylink, gbit, start_edge};
+use crate::ingest::{Client, default_baylink, gbit, start_edge, work_dir};
 use crate::payload;
 use crate::size::parse_size;
 
@@ -146,19 +146,7 @@ pub async fn run(args: FairnessArgs) -> anyhow::Result<()> {
         Some(b) => b.clone(),
         None => default_baylink()?,
     };
-    let tmp;
-    let work = match &args.work_dir {
-        Some(w) => {
-            std::fs::create_dir_all(w)?;
-            w.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("baylink-fairness-")
-                .tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = work_dir(args.work_dir.as_deref(), "baylink-fairness-")?;
     let base_port = probe_base_port()?;
     let env = work.join("env");
     let mut deployment = Deployment::create(&baylink, &env, base_port).await?;

@@ -306,6 +306,24 @@ pub(crate) fn default_baylink() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// The bench's working directory: `--work-dir` (created if missing), else a new temporary
+/// directory named `prefix...`, returned too so that it lives (and is removed) with the run.
+pub(crate) fn work_dir(
+    arg: Option<&Path>,
+    prefix: &str,
+) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match arg {
+        Some(w) => {
+            std::fs::create_dir_all(w)?;
+            Ok((w.to_owned(), None))
+        }
+        None => {
+            let tmp = tempfile::Builder::new().prefix(prefix).tempdir()?;
+            Ok((tmp.path().to_owned(), Some(tmp)))
+        }
+    }
+}
+
 pub(crate) fn gbit(bytes: u64, seconds: f64) -> f64 {
     if seconds > 0.0 {
         bytes as f64 * 8.0 / seconds / 1e9
@@ -324,19 +342,7 @@ pub async fn run(args: IngestArgs) -> anyhow::Result<()> {
         Some(b) => b.clone(),
         None => default_baylink()?,
     };
-    let tmp;
-    let work = match &args.work_dir {
-        Some(w) => {
-            std::fs::create_dir_all(w)?;
-            w.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("baylink-ingest-")
-                .tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = work_dir(args.work_dir.as_deref(), "baylink-ingest-")?;
     let base_port = probe_base_port()?;
     let env = work.join("env");
     let mut deployment = Deployment::create(&baylink, &env, base_port).await?;

@@ -30,7 +30,7 @@ use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
 use crate::baylink_run::{Deployment, Gateway, probe_base_port};
-use crate::ingest::{default_baylink, start_edge};
+use crate::ingest::{default_baylink, start_edge, work_dir};
 use crate::proc::Machine;
 use crate::size::parse_size;
 
@@ -316,19 +316,7 @@ pub async fn run(args: OrthancArgs) -> anyhow::Result<()> {
         Some(b) => b.clone(),
         None => default_baylink()?,
     };
-    let tmp;
-    let work = match &args.work_dir {
-        Some(w) => {
-            std::fs::create_dir_all(w)?;
-            w.clone()
-        }
-        None => {
-            tmp = tempfile::Builder::new()
-                .prefix("baylink-orthanc-")
-                .tempdir()?;
-            tmp.path().to_owned()
-        }
-    };
+    let (work, _tmp) = work_dir(args.work_dir.as_deref(), "baylink-orthanc-")?;
 
     let study = CtStudy::new(
         "P-0001",
