@@ -13,7 +13,7 @@
 //!   SOP Class/Instance UID, PatientID, Study/Series Instance UID at the top level) are
 //!   kept, each at most [`MAX_CAPTURED`] bytes. The state is a 12-byte header buffer and
 //!   one frame per open sequence or item (at most [`MAX_DEPTH`] sequences deep); a deflated
-//!   data set is inflated through a fixed 16 KiB window, and at most [`MAX_INFLATED`] bytes
+//!   data set is inflated through a fixed 32 KiB window, and at most [`MAX_INFLATED`] bytes
 //!   of it are walked.
 //! - **Incremental.** [`Reader::feed`] takes the bytes in pieces of any size, in order; a
 //!   piece never has to be given twice. [`Reader::finish`] says whether the bytes ended at
@@ -37,6 +37,9 @@ pub const MAX_DEPTH: usize = 16;
 /// Longest value kept of the attributes the reader collects (a UID is at most 64 bytes, a
 /// PatientID at most 64 characters of up to 4 bytes).
 pub const MAX_CAPTURED: usize = 256;
+/// Output window of the inflater: the size of deflate's history, so that everything one
+/// call inflates (up to a corrupt block) is handed out in that call and walked.
+const INFLATE_WINDOW: usize = 32 * 1024;
 /// Most inflated bytes of a deflated data set walked.
 pub const MAX_INFLATED: u64 = 4 << 30;
 /// Bytes of the preamble and the `DICM` prefix.
@@ -480,14 +483,11 @@ impl Reader {
                 break Ok(());
             }
             let (in0, out0) = (inf.z.total_in(), inf.z.total_out());
-            let status = match inf.z.decompress(
+            let status = inf.z.decompress(
                 &input[used..],
                 &mut inf.window,
                 flate2::FlushDecompress::None,
-            ) {
-                Ok(s) => s,
-                Err(e) => break err(format!("the deflated data set does not inflate: {e}")),
-            };
+            );
             used += (inf.z.total_in() - in0) as usize;
             let produced = (inf.z.total_out() - out0) as usize;
             if inf.z.total_out() > MAX_INFLATED {
@@ -495,9 +495,15 @@ impl Reader {
                     "the deflated data set inflates to more than {MAX_INFLATED} bytes"
                 ));
             }
+            // What inflated before a corrupt block is walked first: the first error in the
+            // stream is the one reported, however the input was cut into pieces.
             if let Err(e) = self.walk(&inf.window[..produced]) {
                 break Err(e);
             }
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => break err(format!("the deflated data set does not inflate: {e}")),
+            };
             if status == flate2::Status::StreamEnd {
                 inf.ended = true;
                 continue;
@@ -757,7 +763,7 @@ impl Reader {
         if self.enc.deflated {
             self.inflate = Some(Inflate {
                 z: flate2::Decompress::new(false),
-                window: vec![0u8; 16 * 1024].into_boxed_slice(),
+                window: vec![0u8; INFLATE_WINDOW].into_boxed_slice(),
                 ended: false,
             });
         }
@@ -1193,6 +1199,49 @@ mod tests {
                 .contains("(0009,1010) declares 2500000000 bytes"),
             "{f:?}"
         );
+    }
+
+    #[test]
+    fn the_first_error_in_the_stream_is_reported_whatever_the_pieces() {
+        // The `part10` fuzz finding: a deflated data set whose inflated bytes hold a bad VR
+        // before its deflate stream turns corrupt. Walked whole, the bytes inflated in the
+        // call that met the corrupt block were dropped and the inflate error reported; in
+        // pieces, the bad VR. Both now report the bad VR, and a corrupt block after good
+        // elements is the inflate error in both.
+        let stored_then_corrupt = |ds: &[u8]| {
+            let mut f = meta(DEFLATED_LE);
+            // One stored block, not final (BFINAL 0, BTYPE 00), then a block of the
+            // reserved type 11.
+            f.push(0x00);
+            f.extend_from_slice(&(ds.len() as u16).to_le_bytes());
+            f.extend_from_slice(&(!(ds.len() as u16)).to_le_bytes());
+            f.extend_from_slice(ds);
+            f.push(0x07);
+            f.extend_from_slice(&[0u8; 8]);
+            f
+        };
+        let mut ds = Vec::new();
+        explicit(&mut ds, 8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
+        ds.extend_from_slice(&[0x08, 0x00, 0x20, 0x00, 0xED, 0xFF, 8, 0]);
+        ds.extend_from_slice(b"20240101");
+        let f = stored_then_corrupt(&ds);
+        for piece in [1, 5, 64, f.len() - 9, f.len()] {
+            let (e, _) = walk(&f, piece);
+            assert_eq!(
+                e.unwrap_err().0,
+                "element (0008,0020) has the VR bytes ED FF, not a VR",
+                "piece {piece}"
+            );
+        }
+        ds.truncate(34);
+        let f = stored_then_corrupt(&ds);
+        for piece in [1, 5, 64, f.len()] {
+            let (e, _) = walk(&f, piece);
+            assert!(
+                e.unwrap_err().0.contains("does not inflate"),
+                "piece {piece}"
+            );
+        }
     }
 
     #[test]
