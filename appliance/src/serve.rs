@@ -323,7 +323,8 @@ async fn serve_edge(
                 cfg.ingest.dicom.peers.clone(),
                 cfg.ingest.dicom.commitment_max_pending,
             )
-            .context("storage commitment state (spool/.commitment)")?,
+            .context("storage commitment state (spool/.commitment)")?
+            .with_retention(cfg.spool_retain),
         );
         tokio::spawn(commitment.clone().run());
         let scp = start_dicom_scp(

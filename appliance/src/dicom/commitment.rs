@@ -7,8 +7,8 @@
 //! - **success** only once the gateway's signed delivery notice of the transfer that carried
 //!   the instance (verified and stored by the edge, `notice.bin`) says the record store holds
 //!   it: outcome `delivered`, or `partial` without this instance among the refused;
-//! - **failure** when the notice lists it refused (its Failure Reason if the store gave one,
-//!   else 0x0110), when the transfer ended `undeliverable`/`failed`/`refused`, or at once
+//! - **failure** when the notice lists it refused (the store's reason said as a Storage
+//!   Commitment Failure Reason, [`failure_reason_for_store`]), when the transfer ended `undeliverable`/`failed`/`refused`, or at once
 //!   (0x0112 No such object instance) when this edge never answered Success to a C-STORE of it
 //!   from the same hospital.
 //!
@@ -20,7 +20,10 @@
 //!
 //! The map from SOP Instance UID to the transfer that carried it is this module's own
 //! index, `spool/.commitment/index/<transfer id>`: one line per instance, appended and
-//! fdatasynced by the sink before the instance is answered Success.
+//! fdatasynced by the sink before the instance is answered Success. A transfer's lines are
+//! dropped once `spool.retain` has removed its payload and its delivery notice is stored
+//! ([`Commitments::forget_pruned`]): from then on a request for those instances is answered
+//! 0x0112, as for one never received, and the index holds no more than the spool does.
 //!
 //! Where the report goes: on the association of the N-ACTION when it is still open and the
 //! modality took the SCP role for this SOP class through SCP/SCU Role Selection; otherwise on a
@@ -86,6 +89,29 @@ pub mod status {
     pub const NO_SUCH_ACTION: u16 = 0x0123;
     /// Resource limitation (too many instances, too many pending requests).
     pub const RESOURCE_LIMITATION: u16 = 0x0213;
+    /// Referenced SOP Class not supported.
+    pub const REFERENCED_SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Class / Instance conflict.
+    pub const CLASS_INSTANCE_CONFLICT: u16 = 0x0119;
+}
+
+/// The Failure Reason (0008,1197) a report gives for an instance the record store refused
+/// with `store` (its STOW-RS Failure Reason, when it gave one).
+///
+/// A report may only carry the values Storage Commitment defines (PS3.3 C.14.1.1); the
+/// store's reasons are storage statuses (PS3.4 B.2.3, PS3.18), which a modality need not
+/// know. A store out of resources (0xA7xx) is a resource limitation; a SOP class the store
+/// does not support is said as such; everything else is a processing failure. The store's
+/// own reason stays in the delivery notice and the edge's audit log.
+pub fn failure_reason_for_store(store: Option<u16>) -> u16 {
+    match store {
+        Some(code) if code & 0xFF00 == 0xA700 => status::RESOURCE_LIMITATION,
+        Some(status::REFERENCED_SOP_CLASS_NOT_SUPPORTED) => {
+            status::REFERENCED_SOP_CLASS_NOT_SUPPORTED
+        }
+        Some(status::CLASS_INSTANCE_CONFLICT) => status::CLASS_INSTANCE_CONFLICT,
+        _ => status::PROCESSING_FAILURE,
+    }
 }
 
 /// One Referenced SOP Sequence item.
@@ -639,6 +665,8 @@ pub struct Commitments {
     state: Mutex<State>,
     wake: tokio::sync::Notify,
     message_id: AtomicU16,
+    /// `spool.retain`: how often the index is swept of pruned transfers (`None`: never).
+    retain: Option<Duration>,
 }
 
 /// The directory of the service under the spool.
@@ -731,7 +759,67 @@ impl Commitments {
             state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
             message_id: AtomicU16::new(1),
+            retain: None,
         })
+    }
+
+    /// Forgets the instances of transfers whose payload `spool.retain` removed (see
+    /// [`Commitments::forget_pruned`]), swept as often as the spool is.
+    pub fn with_retention(mut self, retain: Option<Duration>) -> Commitments {
+        self.retain = retain;
+        self
+    }
+
+    /// Removes from the index the transfers whose payload the spool's retention removed
+    /// (`pruned`) and whose delivery notice is stored: the edge no longer holds those
+    /// instances, and a later request for one of them is answered No such object instance,
+    /// as for an instance never received. A transfer still waiting for its notice, or named
+    /// by a request not yet answered, stays indexed. Blocking.
+    /// Returns how many transfers were forgotten.
+    pub fn forget_pruned(&self) -> std::io::Result<usize> {
+        let index = self.root.join("index");
+        // A transfer a waiting request names stays until that request is answered.
+        let asked: std::collections::HashSet<TransferId> = {
+            let st = self.lock();
+            st.pending
+                .values()
+                .flat_map(|e| &e.req.references)
+                .filter_map(|r| st.index.get(&r.instance))
+                .flatten()
+                .map(|h| h.transfer)
+                .collect()
+        };
+        let mut gone = std::collections::HashSet::new();
+        for entry in std::fs::read_dir(&index)? {
+            let entry = entry?;
+            let Some(transfer) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<TransferId>().ok())
+            else {
+                continue;
+            };
+            let dir = TransferDir::new(&self.spool, &transfer);
+            if !asked.contains(&transfer) && dir.pruned().exists() && dir.has_notice() {
+                std::fs::remove_file(entry.path())?;
+                gone.insert(transfer);
+            }
+        }
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        sync_dir(&index)?;
+        let mut st = self.lock();
+        st.index.retain(|_, held| {
+            held.retain(|h| !gone.contains(&h.transfer));
+            !held.is_empty()
+        });
+        drop(st);
+        info!(
+            transfers = gone.len(),
+            "storage commitment index: transfers pruned from the spool forgotten"
+        );
+        Ok(gone.len())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -852,6 +940,11 @@ impl Commitments {
     /// transfer's status change (a delivery notice), a new request, or a retry coming due.
     pub async fn run(self: std::sync::Arc<Self>) {
         let mut changes = self.store.subscribe_changes();
+        let mut sweep = self.retain.map(|r| {
+            let mut t = tokio::time::interval(crate::retention::interval(Some(r)));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             changes.borrow_and_update();
             let mut next_wake: Option<tokio::time::Instant> = None;
@@ -925,6 +1018,14 @@ impl Commitments {
                     None => std::future::pending().await,
                 }
             };
+            let tick = async {
+                match sweep.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = changes.changed() => {
                     if r.is_err() {
@@ -934,6 +1035,14 @@ impl Commitments {
                 }
                 () = self.wake.notified() => {}
                 () = sleep => {}
+                () = tick => {
+                    let this = self.clone();
+                    match tokio::task::spawn_blocking(move || this.forget_pruned()).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => warn!(error = %e, "cannot sweep the storage commitment index"),
+                        Err(e) => warn!(error = %e, "storage commitment index sweep failed"),
+                    }
+                }
             }
         }
     }
@@ -1024,7 +1133,7 @@ impl Commitments {
                             .find(|(file, sop, _)| file == &h.stored || sop == uid)
                         {
                             Some((_, _, code)) => {
-                                reason.get_or_insert(code.unwrap_or(status::PROCESSING_FAILURE));
+                                reason.get_or_insert(failure_reason_for_store(*code));
                             }
                             // Not listed in a complete list: the store holds it.
                             None if complete => stored = true,
@@ -1438,6 +1547,19 @@ mod tests {
         // A report's layout with no failures is a request's: Transaction UID, then the
         // Referenced SOP Sequence.
         encode_report("1.2.826.0.1.99", &refs, &[], explicit).1
+    }
+
+    #[test]
+    fn a_store_refusal_is_reported_with_a_storage_commitment_reason() {
+        assert_eq!(failure_reason_for_store(None), 0x0110);
+        // Data set does not match SOP class, cannot understand, transfer syntax not taken.
+        for code in [0xA900, 0xC000, 0xC122, 0x0110, 0x0112] {
+            assert_eq!(failure_reason_for_store(Some(code)), 0x0110, "{code:#06x}");
+        }
+        assert_eq!(failure_reason_for_store(Some(0xA700)), 0x0213);
+        assert_eq!(failure_reason_for_store(Some(0xA7FF)), 0x0213);
+        assert_eq!(failure_reason_for_store(Some(0x0122)), 0x0122);
+        assert_eq!(failure_reason_for_store(Some(0x0119)), 0x0119);
     }
 
     #[test]

@@ -7,16 +7,21 @@
         appending it as one JSON line to FILE. Runs until killed.
 
     commitment_scu.py request --port P --ae AE --transaction UID --uids UID... [--same-association S]
+                              [--tls KEY CERT CA]
         Sends one N-ACTION-RQ (Request Storage Commitment) to the edge at 127.0.0.1:P
         (called AE BAYLINK) for the CT instances UID..., prints the N-ACTION-RSP status as
         JSON. With --same-association S the association proposes the SCP role for Storage
         Commitment and stays open up to S seconds for the N-EVENT-REPORT, printed as JSON.
+        With --tls the association runs over TLS (the edge's DICOM TLS door): the client
+        presents CERT with KEY and verifies the edge's certificate against CA, host name
+        included (localhost).
 
 Used by tests/src/integration/commitment.rs.
 """
 
 import argparse
 import json
+import ssl
 import sys
 import threading
 import time
@@ -79,12 +84,19 @@ def request(args):
     roles = []
     if args.same_association:
         roles = [build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)]
+    tls_args = None
+    if args.tls:
+        key, cert, ca = args.tls
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.load_cert_chain(certfile=cert, keyfile=key)
+        tls_args = (ctx, "localhost")
     assoc = ae.associate(
         "127.0.0.1",
         args.port,
         ae_title="BAYLINK",
         ext_neg=roles,
         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        tls_args=tls_args,
     )
     if not assoc.is_established:
         print(json.dumps({"error": "association not established"}))
@@ -121,6 +133,7 @@ def main():
     r.add_argument("--transaction", required=True)
     r.add_argument("--uids", nargs="+", required=True)
     r.add_argument("--same-association", type=float, default=0)
+    r.add_argument("--tls", nargs=3, metavar=("KEY", "CERT", "CA"))
     args = p.parse_args()
     if args.cmd == "listen":
         listen(args)

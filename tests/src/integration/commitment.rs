@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use baylink_tests::{Deployment, EVENT_WAIT, Orthanc, Service, orthanc_unavailable, skip_if};
 
+use super::deliver_retry::{Answer, StubStore, answer};
 use super::dicom::{instance, run, scu, sop_uid};
+use super::dicom_tls::{tls_port, tls_scu};
 
 /// The Python with pydicom (Debian's) and pynetdicom (`cargo xtask ci` installs it).
 const PYTHON: &str = "/usr/bin/python3";
@@ -18,6 +20,8 @@ const MODALITY: &str = "MODALITY";
 const MODALITY_LISTENER: &str = "MODALITY-SC";
 /// Failure Reason 0x0112, No such object instance.
 const NO_SUCH_OBJECT_INSTANCE: u64 = 0x0112;
+/// Failure Reason 0x0110, Processing failure.
+const PROCESSING_FAILURE: u64 = 0x0110;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("data/dicom/commitment_scu.py")
@@ -48,14 +52,15 @@ fn free_port() -> u16 {
 }
 
 /// A deployment whose edge lists the modality (calling AE `MODALITY` from 127.0.0.1, its
-/// Storage Commitment listener on `listener_port`) and whose gateway delivers into `orthanc`.
-fn deployment(orthanc: Option<&Orthanc>, listener_port: u16) -> Deployment {
+/// Storage Commitment listener on `listener_port`) and whose gateway delivers by STOW-RS to
+/// `store` (an Orthanc's DICOMweb URL).
+fn deployment(store: Option<String>, listener_port: u16) -> Deployment {
     let d = Deployment::new().unwrap();
-    if let Some(o) = orthanc {
+    if let Some(url) = store {
         let gw = "gateway.toml";
         d.set(gw, "delivery", "kind", "\"dicomweb\"").unwrap();
-        d.set(gw, "delivery", "url", &format!("\"{}\"", o.dicomweb_url()))
-            .unwrap();
+        d.set(gw, "delivery", "url", &format!("\"{url}\"")).unwrap();
+        d.set(gw, "delivery", "retry_base", "\"100ms\"").unwrap();
     }
     let mut edge = std::fs::read_to_string(d.edge_config()).unwrap();
     edge.push_str(&format!(
@@ -137,18 +142,32 @@ impl Drop for Listener {
     }
 }
 
-/// Sends the N-ACTION for `uids` (the modality's AE title); the script's JSON answer.
+/// Sends the N-ACTION for `uids` (the modality's AE title) on the plain DICOM door; the
+/// script's JSON answer.
 fn request(
     d: &Deployment,
     transaction: &str,
     uids: &[String],
     same: Option<u64>,
 ) -> serde_json::Value {
+    request_on(d, false, transaction, uids, same)
+}
+
+/// As [`request`], on the TLS door when `tls` (the client presenting hospital-a's dev-env
+/// certificate, verifying the edge's against the deployment CA).
+fn request_on(
+    d: &Deployment,
+    tls: bool,
+    transaction: &str,
+    uids: &[String],
+    same: Option<u64>,
+) -> serde_json::Value {
     let mut c = Command::new(PYTHON);
+    let port = if tls { tls_port(d) } else { d.base_port + 4 };
     c.arg(script()).args([
         "request",
         "--port",
-        &(d.base_port + 4).to_string(),
+        &port.to_string(),
         "--ae",
         MODALITY,
         "--transaction",
@@ -156,6 +175,12 @@ fn request(
     ]);
     if let Some(s) = same {
         c.args(["--same-association", &s.to_string()]);
+    }
+    if tls {
+        c.arg("--tls")
+            .arg(d.path("pki/hospital-a.key"))
+            .arg(d.path("pki/hospital-a.pem"))
+            .arg(d.path("pki/ca.pem"));
     }
     c.arg("--uids").args(uids);
     let out = run(&mut c);
@@ -209,7 +234,7 @@ fn instances_in_the_record_store_are_committed() {
     }
     let orthanc = Orthanc::start().unwrap();
     let port = free_port();
-    let d = deployment(Some(&orthanc), port);
+    let d = deployment(Some(orthanc.dicomweb_url()), port);
     let listener = Listener::start(&d, port);
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let edge = d.serve(&d.edge_config()).unwrap();
@@ -283,7 +308,7 @@ fn a_pending_request_is_answered_after_a_restart() {
     }
     let orthanc = Orthanc::start().unwrap();
     let port = free_port();
-    let d = deployment(Some(&orthanc), port);
+    let d = deployment(Some(orthanc.dicomweb_url()), port);
     let listener = Listener::start(&d, port);
     // The gateway is down: the transfer cannot be delivered, so the request waits.
     let edge = d.serve(&d.edge_config()).unwrap();
@@ -328,7 +353,7 @@ fn the_report_comes_on_the_same_association_when_the_roles_allow() {
     }
     let orthanc = Orthanc::start().unwrap();
     let port = free_port();
-    let d = deployment(Some(&orthanc), port);
+    let d = deployment(Some(orthanc.dicomweb_url()), port);
     let listener = Listener::start(&d, port);
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let edge = d.serve(&d.edge_config()).unwrap();
@@ -348,6 +373,159 @@ fn the_report_comes_on_the_same_association_when_the_roles_allow() {
         EVENT_WAIT,
     );
     assert!(listener.reports().is_empty(), "{:?}", listener.reports());
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
+
+/// The TLS door (`ingest.dicom_tls_listen`) serves Storage Commitment as the plain one does:
+/// instances stored over TLS by `storescu`, then the request over TLS by pynetdicom (client
+/// certificate of the peer's hospital, the edge's certificate verified), answered on that
+/// association once Orthanc holds them.
+#[test]
+fn the_tls_door_answers_a_request_on_its_association() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let d = deployment(Some(orthanc.dicomweb_url()), free_port());
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (93..95)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    let out = run(tls_scu("storescu", &d, MODALITY, Some("hospital-a")).args(&files));
+    assert!(
+        out.status.success(),
+        "storescu +tls: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uids: Vec<String> = (93..95).map(sop_uid).collect();
+    let tx = "1.2.826.0.1.3680043.10.543.9005";
+    let answer = request_on(&d, true, tx, &uids, Some(EVENT_WAIT.as_secs()));
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let report = &answer["report"];
+    assert_eq!(report["transaction_uid"], tx, "{answer}\n{}", edge.log());
+    assert_eq!(report["event_type"], 1, "{answer}");
+    assert_eq!(sorted(&report["committed"]), uids, "{answer}");
+    for uid in &uids {
+        assert!(orthanc.instance_file(uid).unwrap().is_some(), "{uid}");
+    }
+    let line = edge.wait_for_log(
+        &["storage commitment report sent", "same association", tx],
+        EVENT_WAIT,
+    );
+    assert!(line.contains("committed=2"), "{line}");
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
+
+/// An instance the record store refused is reported failed, with the Storage Commitment
+/// reason Processing failure (the store's 0xA900 is a storage status, not a reason a report
+/// may carry), and its neighbours of the same transfer are committed.
+#[test]
+fn an_instance_the_record_store_refused_is_reported_failed() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let orthanc_port = orthanc.port;
+    let bad = sop_uid(96);
+    let refused = bad.clone();
+    // In front of Orthanc: a request carrying the bad instance is refused whole (409) naming
+    // it with 0xA900; the gateway sends its neighbours again without it.
+    let stub = StubStore::start(Box::new(move |_, seen| {
+        if seen.carries(&refused) {
+            answer(
+                409,
+                &[],
+                &format!(
+                    r#"{{"00081198":{{"vr":"SQ","Value":[{{"00081150":{{"vr":"UI","Value":["1.2.840.10008.5.1.4.1.1.2"]}},"00081155":{{"vr":"UI","Value":["{refused}"]}},"00081197":{{"vr":"US","Value":[43264]}}}}]}}}}"#
+                ),
+            )
+        } else {
+            Answer::Forward(orthanc_port)
+        }
+    }));
+    let port = free_port();
+    let d = deployment(Some(stub.url()), port);
+    let listener = Listener::start(&d, port);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (95..98)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    store(&d, &files);
+    let uids: Vec<String> = (95..98).map(sop_uid).collect();
+    let tx = "1.2.826.0.1.3680043.10.543.9006";
+    let answer = request(&d, tx, &uids, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+
+    let report = listener.wait(tx, &edge);
+    assert_eq!(
+        report["event_type"],
+        2,
+        "{report}\ngateway:\n{}",
+        gateway.log()
+    );
+    assert_eq!(
+        sorted(&report["committed"]),
+        vec![sop_uid(95), sop_uid(97)],
+        "{report}"
+    );
+    let failed = report["failed"].as_array().unwrap();
+    assert_eq!(failed.len(), 1, "{report}");
+    assert_eq!(failed[0][0], bad.as_str(), "{report}");
+    assert_eq!(failed[0][1], PROCESSING_FAILURE, "{report}");
+    for n in [95, 97] {
+        assert!(orthanc.instance_file(&sop_uid(n)).unwrap().is_some(), "{n}");
+    }
+    assert!(orthanc.instance_file(&bad).unwrap().is_none());
+    assert_eq!(pending_requests(&d), 0);
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
+
+/// With `spool.retain`, the index forgets a transfer once its payload is pruned and its
+/// notice stored, never while a request waits on it: the first request is committed, a
+/// request after the pruning is answered No such object instance, and the index is empty.
+#[test]
+fn instances_pruned_from_the_spool_are_forgotten_after_their_report() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let port = free_port();
+    let d = deployment(Some(orthanc.dicomweb_url()), port);
+    d.set("edge.toml", "spool", "retain", "\"0s\"").unwrap();
+    let listener = Listener::start(&d, port);
+    // The gateway starts once the request waits, so that nothing is pruned before it.
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let files = vec![instance(&d.path("study"), 98, Some("P-0001"))];
+    store(&d, &files);
+    let uids = vec![sop_uid(98)];
+    let tx = "1.2.826.0.1.3680043.10.543.9007";
+    assert_eq!(request(&d, tx, &uids, None)["status"], 0);
+    edge.wait_for_log(&["storage commitment request accepted", tx], EVENT_WAIT);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let report = listener.wait(tx, &edge);
+    assert_eq!(report["event_type"], 1, "{report}\n{}", edge.log());
+
+    edge.wait_for_log(
+        &["storage commitment index: transfers pruned from the spool forgotten"],
+        EVENT_WAIT,
+    );
+    let index = d.path("spool/edge/.commitment/index");
+    assert_eq!(std::fs::read_dir(&index).unwrap().count(), 0);
+    let tx = "1.2.826.0.1.3680043.10.543.9008";
+    assert_eq!(request(&d, tx, &uids, None)["status"], 0);
+    let report = listener.wait(tx, &edge);
+    assert_eq!(report["event_type"], 2, "{report}");
+    assert_eq!(report["failed"][0][1], NO_SUCH_OBJECT_INSTANCE, "{report}");
+    // Still in the record store: only the edge's own knowledge of it is gone.
+    assert!(orthanc.instance_file(&uids[0]).unwrap().is_some());
     assert!(edge.terminate().unwrap().success());
     assert!(gateway.terminate().unwrap().success());
 }

@@ -20,7 +20,7 @@ use super::notice::{audit_verifies, notified, upload, wait_settled};
 
 /// One request the stub store received.
 #[derive(Debug, Clone)]
-struct Seen {
+pub(super) struct Seen {
     /// When its first line arrived.
     start: Instant,
     /// The same by the system clock (to compare with an HTTP-date).
@@ -35,13 +35,13 @@ struct Seen {
 
 impl Seen {
     /// Whether the instance with SOP Instance UID `uid` is in this request.
-    fn carries(&self, uid: &str) -> bool {
+    pub(super) fn carries(&self, uid: &str) -> bool {
         self.body.windows(uid.len()).any(|w| w == uid.as_bytes())
     }
 }
 
 /// What the stub does with a request.
-enum Answer {
+pub(super) enum Answer {
     /// Answers itself: status, extra header lines, body.
     Say(u16, Vec<String>, String),
     /// Passes the request to the HTTP server on this 127.0.0.1 port (a real store) and
@@ -50,11 +50,11 @@ enum Answer {
 }
 
 /// Decides the answer to request `n` (0-based) from what it carried.
-type Script = dyn Fn(usize, &Seen) -> Answer + Send + Sync;
+pub(super) type Script = dyn Fn(usize, &Seen) -> Answer + Send + Sync;
 
 /// A scripted DICOMweb store: HTTP/1.1 on a free 127.0.0.1 port, one request per connection
 /// (as the gateway sends them), each answered by the script and recorded.
-struct StubStore {
+pub(super) struct StubStore {
     port: u16,
     seen: Arc<Mutex<Vec<Seen>>>,
     stop: Arc<AtomicBool>,
@@ -62,7 +62,7 @@ struct StubStore {
 }
 
 impl StubStore {
-    fn start(script: Box<Script>) -> StubStore {
+    pub(super) fn start(script: Box<Script>) -> StubStore {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -87,7 +87,7 @@ impl StubStore {
     }
 
     /// The DICOMweb base URL (`delivery.url`).
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("http://127.0.0.1:{}/dicom-web", self.port)
     }
 
@@ -202,7 +202,7 @@ fn confirm(n: usize, seen: &Seen) -> Answer {
     )
 }
 
-fn answer(status: u16, headers: &[&str], body: &str) -> Answer {
+pub(super) fn answer(status: u16, headers: &[&str], body: &str) -> Answer {
     Answer::Say(
         status,
         headers.iter().map(|h| (*h).to_owned()).collect(),

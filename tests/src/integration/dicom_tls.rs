@@ -17,7 +17,12 @@ use super::slots::{all_closed_by, idle_sockets, refused};
 
 /// A dcmtk SCU on the TLS port; `identity` is the dev-env certificate it presents
 /// (`pki/<name>.key`, `pki/<name>.pem`), `None`: none (anonymous TLS).
-fn tls_scu(tool: &str, d: &Deployment, calling: &str, identity: Option<&str>) -> Command {
+pub(super) fn tls_scu(
+    tool: &str,
+    d: &Deployment,
+    calling: &str,
+    identity: Option<&str>,
+) -> Command {
     let mut c = Command::new(tool);
     c.args([
         "-aet", calling, "-aec", "BAYLINK", "-to", "20", "-ta", "20", "-td", "20",
@@ -38,7 +43,7 @@ fn tls_scu(tool: &str, d: &Deployment, calling: &str, identity: Option<&str>) ->
     c
 }
 
-fn tls_port(d: &Deployment) -> u16 {
+pub(super) fn tls_port(d: &Deployment) -> u16 {
     d.base_port + 5
 }
 
