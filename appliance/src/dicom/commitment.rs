@@ -30,7 +30,7 @@
 //! new association to the peer's `commitment_host`/`commitment_port`/`commitment_ae_title`
 //! (`[[ingest.dicom_peers]]`), retried with backoff while the modality is unreachable.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -613,6 +613,13 @@ struct Pending {
     references: Vec<Reference>,
 }
 
+impl Pending {
+    /// The peer that asked: its hospital and calling AE title.
+    fn peer(&self) -> (&str, &str) {
+        (&self.hospital, &self.ae_title)
+    }
+}
+
 /// One instance an association's transfer holds, from the index.
 #[derive(Debug, Clone)]
 struct Held {
@@ -628,6 +635,8 @@ struct Entry {
     attempts: u32,
     next_attempt: Option<tokio::time::Instant>,
     attached: Option<mpsc::Sender<SameAssociationJob>>,
+    /// Its report is being delivered (by a task of its own).
+    sending: bool,
 }
 
 #[derive(Debug, Default)]
@@ -740,6 +749,7 @@ impl Commitments {
                             attempts: 0,
                             next_attempt: None,
                             attached: None,
+                            sending: false,
                         },
                     );
                 }
@@ -779,7 +789,7 @@ impl Commitments {
     pub fn forget_pruned(&self) -> std::io::Result<usize> {
         let index = self.root.join("index");
         // A transfer a waiting request names stays until that request is answered.
-        let asked: std::collections::HashSet<TransferId> = {
+        let asked: HashSet<TransferId> = {
             let st = self.lock();
             st.pending
                 .values()
@@ -789,7 +799,7 @@ impl Commitments {
                 .map(|h| h.transfer)
                 .collect()
         };
-        let mut gone = std::collections::HashSet::new();
+        let mut gone = HashSet::new();
         for entry in std::fs::read_dir(&index)? {
             let entry = entry?;
             let Some(transfer) = entry
@@ -928,6 +938,7 @@ impl Commitments {
                 attempts: 0,
                 next_attempt: None,
                 attached: attach,
+                sending: false,
             },
         );
         metrics::gauge!("baylink_dicom_commitment_pending").set(st.pending.len() as f64);
@@ -951,66 +962,52 @@ impl Commitments {
             let now = tokio::time::Instant::now();
             let due: Vec<(String, Pending)> = {
                 let st = self.lock();
+                // One report at a time per peer (hospital and AE title); peers never wait
+                // for one another.
+                let busy: HashSet<(&str, &str)> = st
+                    .pending
+                    .values()
+                    .filter(|e| e.sending)
+                    .map(|e| e.req.peer())
+                    .collect();
                 st.pending
                     .iter()
-                    .filter(|(_, e)| match e.next_attempt {
-                        Some(at) if at > now => {
-                            next_wake = Some(next_wake.map_or(at, |w| w.min(at)));
-                            false
+                    .filter(|(_, e)| {
+                        if e.sending || busy.contains(&e.req.peer()) {
+                            return false;
                         }
-                        _ => true,
+                        match e.next_attempt {
+                            Some(at) if at > now => {
+                                next_wake = Some(next_wake.map_or(at, |w| w.min(at)));
+                                false
+                            }
+                            _ => true,
+                        }
                     })
                     .map(|(id, e)| (id.clone(), e.req.clone()))
                     .collect()
             };
             let mut known = HashMap::new();
+            // Peers whose report went out in this pass.
+            let mut sending: HashSet<(String, String)> = HashSet::new();
             for (id, req) in due {
+                let peer = (req.hospital.clone(), req.ae_title.clone());
+                if sending.contains(&peer) {
+                    continue;
+                }
                 let Some(report) = self.resolve(&req, &mut known).await else {
                     continue;
                 };
-                let attached = self
-                    .lock()
-                    .pending
-                    .get_mut(&id)
-                    .and_then(|e| e.attached.take());
-                let event = if report.failed.is_empty() {
-                    "success"
-                } else {
-                    "failures"
+                let attached = {
+                    let mut st = self.lock();
+                    let Some(e) = st.pending.get_mut(&id) else {
+                        continue;
+                    };
+                    e.sending = true;
+                    e.attached.take()
                 };
-                match self.deliver(&req, &report, attached).await {
-                    Ok(via) => {
-                        info!(transaction_uid = %req.transaction_uid, calling_ae = %req.ae_title, committed = report.committed.len(), failed = report.failed.len(), via, "storage commitment report sent");
-                        metrics::counter!("baylink_dicom_commitment_reports_total", "result" => "sent", "event" => event).increment(1);
-                        let path = self.root.join("pending").join(format!("{id}.json"));
-                        let removed = tokio::task::spawn_blocking(move || {
-                            std::fs::remove_file(&path)?;
-                            sync_dir(path.parent().expect("pending dir"))
-                        })
-                        .await;
-                        if !matches!(removed, Ok(Ok(()))) {
-                            warn!(transaction_uid = %req.transaction_uid, "cannot remove an answered storage commitment request; it may be answered again after a restart");
-                        }
-                        let mut st = self.lock();
-                        st.pending.remove(&id);
-                        metrics::gauge!("baylink_dicom_commitment_pending")
-                            .set(st.pending.len() as f64);
-                    }
-                    Err(e) => {
-                        metrics::counter!("baylink_dicom_commitment_reports_total", "result" => "failed", "event" => event).increment(1);
-                        let mut st = self.lock();
-                        if let Some(entry) = st.pending.get_mut(&id) {
-                            entry.attempts = entry.attempts.saturating_add(1);
-                            let wait = FIRST_BACKOFF
-                                .saturating_mul(1 << entry.attempts.min(16).saturating_sub(1))
-                                .min(MAX_BACKOFF);
-                            let at = tokio::time::Instant::now() + wait;
-                            entry.next_attempt = Some(at);
-                            next_wake = Some(next_wake.map_or(at, |w| w.min(at)));
-                            warn!(transaction_uid = %req.transaction_uid, calling_ae = %req.ae_title, error = %e, retry_in = ?wait, "storage commitment report not delivered; it stays pending");
-                        }
-                    }
-                }
+                sending.insert(peer);
+                tokio::spawn(self.clone().send_report(id, req, report, attached));
             }
             let sleep = async {
                 match next_wake {
@@ -1045,6 +1042,55 @@ impl Commitments {
                 }
             }
         }
+    }
+
+    /// Delivers one report (its own task, so that a slow or unreachable modality delays no
+    /// other peer's reports), then removes the request or schedules its retry, and wakes the
+    /// worker.
+    async fn send_report(
+        self: std::sync::Arc<Self>,
+        id: String,
+        req: Pending,
+        report: Report,
+        attached: Option<mpsc::Sender<SameAssociationJob>>,
+    ) {
+        let event = if report.failed.is_empty() {
+            "success"
+        } else {
+            "failures"
+        };
+        match self.deliver(&req, &report, attached).await {
+            Ok(via) => {
+                info!(transaction_uid = %req.transaction_uid, calling_ae = %req.ae_title, committed = report.committed.len(), failed = report.failed.len(), via, "storage commitment report sent");
+                metrics::counter!("baylink_dicom_commitment_reports_total", "result" => "sent", "event" => event).increment(1);
+                let path = self.root.join("pending").join(format!("{id}.json"));
+                let removed = tokio::task::spawn_blocking(move || {
+                    std::fs::remove_file(&path)?;
+                    sync_dir(path.parent().expect("pending dir"))
+                })
+                .await;
+                if !matches!(removed, Ok(Ok(()))) {
+                    warn!(transaction_uid = %req.transaction_uid, "cannot remove an answered storage commitment request; it may be answered again after a restart");
+                }
+                let mut st = self.lock();
+                st.pending.remove(&id);
+                metrics::gauge!("baylink_dicom_commitment_pending").set(st.pending.len() as f64);
+            }
+            Err(e) => {
+                metrics::counter!("baylink_dicom_commitment_reports_total", "result" => "failed", "event" => event).increment(1);
+                let mut st = self.lock();
+                if let Some(entry) = st.pending.get_mut(&id) {
+                    entry.sending = false;
+                    entry.attempts = entry.attempts.saturating_add(1);
+                    let wait = FIRST_BACKOFF
+                        .saturating_mul(1 << entry.attempts.min(16).saturating_sub(1))
+                        .min(MAX_BACKOFF);
+                    entry.next_attempt = Some(tokio::time::Instant::now() + wait);
+                    warn!(transaction_uid = %req.transaction_uid, calling_ae = %req.ae_title, error = %e, retry_in = ?wait, "storage commitment report not delivered; it stays pending");
+                }
+            }
+        }
+        self.wake.notify_one();
     }
 
     /// What the edge knows of `transfer` (cached per pass in `known`).

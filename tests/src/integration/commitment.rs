@@ -162,6 +162,18 @@ fn request_on(
     uids: &[String],
     same: Option<u64>,
 ) -> serde_json::Value {
+    request_as(d, MODALITY, tls, transaction, uids, same)
+}
+
+/// As [`request_on`], with calling AE title `ae`.
+fn request_as(
+    d: &Deployment,
+    ae: &str,
+    tls: bool,
+    transaction: &str,
+    uids: &[String],
+    same: Option<u64>,
+) -> serde_json::Value {
     let mut c = Command::new(PYTHON);
     let port = if tls { tls_port(d) } else { d.base_port + 4 };
     c.arg(script()).args([
@@ -169,7 +181,7 @@ fn request_on(
         "--port",
         &port.to_string(),
         "--ae",
-        MODALITY,
+        ae,
         "--transaction",
         transaction,
     ]);
@@ -528,4 +540,57 @@ fn instances_pruned_from_the_spool_are_forgotten_after_their_report() {
     assert!(orthanc.instance_file(&uids[0]).unwrap().is_some());
     assert!(edge.terminate().unwrap().success());
     assert!(gateway.terminate().unwrap().success());
+}
+
+/// A modality whose listener never answers holds up no other peer's report: the edge
+/// delivers each peer's reports on its own task. The stuck peer's listener accepts TCP and
+/// stays silent, so its report waits for the 30 s association time-out; the other peer's
+/// report arrives while it still waits.
+#[test]
+fn a_silent_modality_does_not_hold_up_another_peers_report() {
+    if skip(false) {
+        return;
+    }
+    let port = free_port();
+    let d = deployment(None, port);
+    // A listener that completes TCP handshakes (the kernel's backlog) and never reads.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let mut edge_toml = std::fs::read_to_string(d.edge_config()).unwrap();
+    edge_toml.push_str(&format!(
+        "\n[[ingest.dicom_peers]]\nae_title = \"STUCK\"\naddress = \"127.0.0.1\"\n\
+         hospital = \"hospital-a\"\ncommitment_port = {silent_port}\n"
+    ));
+    std::fs::write(d.edge_config(), edge_toml).unwrap();
+    let listener = Listener::start(&d, port);
+    let edge = d.serve(&d.edge_config()).unwrap();
+
+    // Instances never received: each report is ready at once.
+    let stuck_tx = "1.2.826.0.1.3680043.10.543.9010";
+    let answer = request_as(&d, "STUCK", false, stuck_tx, &[sop_uid(110)], None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    edge.wait_for_log(
+        &["storage commitment request accepted", stuck_tx],
+        EVENT_WAIT,
+    );
+    let tx = "1.2.826.0.1.3680043.10.543.9011";
+    let answer = request(&d, tx, &[sop_uid(111)], None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let report = listener.wait(tx, &edge);
+    assert_eq!(report["event_type"], 2, "{report}");
+    // The stuck peer's delivery has not even timed out yet.
+    assert!(
+        !edge
+            .log()
+            .contains("storage commitment report not delivered"),
+        "{}",
+        edge.log()
+    );
+    assert_eq!(
+        pending_requests(&d),
+        1,
+        "the stuck peer's request stays pending"
+    );
+    drop(silent);
+    assert!(edge.terminate().unwrap().success());
 }
