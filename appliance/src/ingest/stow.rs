@@ -86,6 +86,9 @@ pub const CANNOT_UNDERSTAND: u16 = 0xC000;
 pub const DATA_SET_MISMATCH: u16 = 0xA900;
 /// FailureReason: the instance's transfer syntax is not one the edge passes on.
 pub const TRANSFER_SYNTAX_NOT_SUPPORTED: u16 = 0xC122;
+/// FailureReason: the instance's SOP class is not one the edge accepts (the DICOM door's
+/// storage SOP classes, [`crate::dicom::STORAGE_SOP_CLASSES`]).
+pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
 
 /// The declaration STOW-RS instances travel under (the rule until the compliance issue
 /// lands: the patient has a consent record that allows it), for `purpose` (`care` unless the
@@ -117,6 +120,8 @@ enum Why {
     Incomplete,
     /// A transfer syntax the edge does not pass on.
     Syntax,
+    /// A SOP class the edge does not accept.
+    SopClass,
     /// The request's patient was refused by policy.
     Refused,
     /// Another patient than the request's transfer.
@@ -135,6 +140,7 @@ impl Why {
             Why::NotDicom | Why::Malformed => CANNOT_UNDERSTAND,
             Why::Incomplete => DATA_SET_MISMATCH,
             Why::Syntax => TRANSFER_SYNTAX_NOT_SUPPORTED,
+            Why::SopClass => SOP_CLASS_NOT_SUPPORTED,
             Why::Refused | Why::OtherPatient | Why::NotStored => PROCESSING_FAILURE,
             Why::Duplicate => DUPLICATE_INSTANCE,
             Why::OutOfResources => OUT_OF_RESOURCES,
@@ -147,7 +153,7 @@ struct Failures {
     listed: Vec<Failed>,
     cap: usize,
     total: usize,
-    counts: [usize; 9],
+    counts: [usize; 10],
     /// The first problem's text, for the request's log line.
     first_problem: Option<String>,
 }
@@ -158,7 +164,7 @@ impl Failures {
             listed: Vec::new(),
             cap,
             total: 0,
-            counts: [0; 9],
+            counts: [0; 10],
             first_problem: None,
         }
     }
@@ -227,6 +233,7 @@ impl Request {
             malformed = f.count(Why::Malformed),
             incomplete = f.count(Why::Incomplete),
             unsupported_syntax = f.count(Why::Syntax),
+            unsupported_class = f.count(Why::SopClass),
             refused = f.count(Why::Refused),
             other_patient = f.count(Why::OtherPatient),
             duplicate = f.count(Why::Duplicate),
@@ -468,6 +475,16 @@ async fn receive(
                     "transfer syntax {} is not one the edge passes on",
                     inst.transfer_syntax
                 )
+            });
+            continue;
+        }
+        // What the DICOM door would not negotiate, this door does not take either.
+        if !crate::dicom::STORAGE_SOP_CLASSES
+            .iter()
+            .any(|(uid, _)| *uid == inst.sop_class)
+        {
+            req.failures.add(Why::SopClass, Some(&inst), || {
+                format!("SOP class {} is not one the edge accepts", inst.sop_class)
             });
             continue;
         }

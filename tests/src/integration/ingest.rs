@@ -1177,7 +1177,7 @@ fn an_open_transfer_left_idle_expires_with_a_record_and_its_files_go() {
 /// listed failed (0xC000, 0xA900) with the SOP Class and Instance UIDs of their file meta;
 /// the good part beside them is stored and delivered, the failed ones are not.
 #[test]
-fn stow_rs_refuses_instances_cut_short_or_without_study_uid_naming_them() {
+fn stow_rs_refuses_instances_cut_short_without_study_uid_or_of_another_class_naming_them() {
     let d = Deployment::new().unwrap();
     small_chunks(&d);
     let _gateway = d.serve(&d.gateway_config()).unwrap();
@@ -1193,7 +1193,24 @@ fn stow_rs_refuses_instances_cut_short_or_without_study_uid_naming_them() {
     std::fs::write(&cut, &bytes[..bytes.len() - 1000]).unwrap();
     let no_study =
         super::dicom::without_study_uid(&dicom(&dir, "nostudy.dcm", "P-0001", &uid(3), true, 0));
-    let body = multipart(&dir, &[&cut, &good, &no_study]);
+    // A retired SOP class (Standalone Curve, 1.2.840.10008.5.1.4.1.1.9) the DICOM door would
+    // not negotiate: the same length as Secondary Capture's UID, swapped in meta and data set.
+    let other = dicom(&dir, "class.dcm", "P-0001", &uid(4), false, 0);
+    let mut bytes = std::fs::read(&other).unwrap();
+    let (sc, curve) = (
+        b"1.2.840.10008.5.1.4.1.1.7\0",
+        b"1.2.840.10008.5.1.4.1.1.9\0",
+    );
+    let mut swapped = 0;
+    for i in 0..bytes.len() - sc.len() {
+        if &bytes[i..i + sc.len()] == sc {
+            bytes[i..i + sc.len()].copy_from_slice(curve);
+            swapped += 1;
+        }
+    }
+    assert_eq!(swapped, 2, "meta and data set");
+    std::fs::write(&other, bytes).unwrap();
+    let body = multipart(&dir, &[&cut, &good, &no_study, &other]);
 
     let (r, headers) = stow(&api, &body);
     assert_eq!(r.status, 202, "{r:?}");
@@ -1203,15 +1220,19 @@ fn stow_rs_refuses_instances_cut_short_or_without_study_uid_naming_them() {
     let failed = sequence_uids(&v, "00081198");
     assert_eq!(
         failed,
-        [(uid(2), Some(0xC000)), (uid(3), Some(0xA900))],
+        [
+            (uid(2), Some(0xC000)),
+            (uid(3), Some(0xA900)),
+            (uid(4), Some(0x0122))
+        ],
         "{v}"
     );
-    for item in v["00081198"]["Value"].as_array().unwrap() {
-        assert_eq!(
-            item["00081150"]["Value"][0].as_str(),
-            Some("1.2.840.10008.5.1.4.1.1.7"),
-            "{item}"
-        );
+    for (item, class) in v["00081198"]["Value"].as_array().unwrap().iter().zip([
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.9",
+    ]) {
+        assert_eq!(item["00081150"]["Value"][0].as_str(), Some(class), "{item}");
     }
     let id = headers
         .lines()
