@@ -29,6 +29,7 @@ use serde::Serialize;
 use toml::{Table, Value};
 
 use crate::config::{Config, ConfigError, DeliverySection, Role, TlsKeySource};
+use crate::deliver::dicomweb::StowSettings;
 
 /// How bad a problem is: an error fails the check (and stops `serve`), a warning does not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -660,7 +661,7 @@ pub fn environment_checks(cfg: &Config, report: &mut Report, options: Options) {
             }
         }
     }
-    if let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = &cfg.delivery {
+    if let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery {
         certificates(
             report,
             ("delivery.ca", tls.ca.as_path()),

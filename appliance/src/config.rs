@@ -12,6 +12,10 @@ use std::time::Duration;
 use baylink_net::transport::{Congestion, LinkTuning, MIN_MTU};
 use serde::Deserialize;
 
+use crate::deliver::Backoff;
+use crate::deliver::dicomweb::StowSettings;
+use crate::setting::SettingError;
+
 /// Which side of the link this appliance serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -114,7 +118,7 @@ pub struct Config {
     /// Downstream delivery (gateway).
     pub delivery: Option<DeliverySection>,
     /// Waits between delivery attempts (`delivery.retry_base`, `delivery.retry_max`).
-    pub delivery_retry: crate::deliver::Backoff,
+    pub delivery_retry: Backoff,
     /// How long a graceful shutdown waits for in-flight transfers.
     pub drain_timeout: Duration,
     /// Limits on what a peer may offer (`[limits]`).
@@ -509,25 +513,7 @@ pub enum DeliverySection {
         path: PathBuf,
     },
     /// STOW-RS to a DICOMweb base URL.
-    DicomWeb {
-        /// Base URL, e.g. `http://127.0.0.1:8042/dicom-web`.
-        url: String,
-        /// Most file bytes per STOW-RS request (`delivery.batch_bytes`).
-        batch_bytes: u64,
-        /// TLS to the store, for an `https://` URL.
-        tls: Option<DeliveryTls>,
-    },
-}
-
-/// How the gateway authenticates the store, and itself to it, over https.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryTls {
-    /// CA certificate(s) the store's certificate must chain to (`delivery.ca`); no system
-    /// roots are trusted.
-    pub ca: PathBuf,
-    /// Client certificate and key presented to the store (`delivery.cert`, `delivery.key`),
-    /// when it asks for one.
-    pub identity: Option<(PathBuf, PathBuf)>,
+    DicomWeb(StowSettings),
 }
 
 // ---- raw TOML shape -------------------------------------------------------------------------
@@ -796,14 +782,16 @@ impl Config {
                 })
                 .transpose()
         };
-        let duration = |key: &'static str, s: &Option<String>, default: Duration| {
+        let optional_duration = |key: &'static str, s: &Option<String>| {
             s.as_deref()
                 .map(|s| {
                     humantime::parse_duration(s)
                         .map_err(|e| invalid(key, format!("`{s}` is not a duration ({e})")))
                 })
                 .transpose()
-                .map(|d| d.unwrap_or(default))
+        };
+        let duration = |key: &'static str, s: &Option<String>, default: Duration| {
+            optional_duration(key, s).map(|d| d.unwrap_or(default))
         };
 
         // A duration, or "never" (None).
@@ -818,6 +806,11 @@ impl Config {
             path: path.to_owned(),
             key,
             role,
+        };
+        // A setting refused by the module that owns it.
+        let setting = |e: SettingError| match e {
+            SettingError::Missing(key) => missing(key),
+            SettingError::Invalid { key, message } => invalid(key, message),
         };
 
         let sessions = raw.hsm.sessions.unwrap_or(4);
@@ -1260,36 +1253,12 @@ impl Config {
             .map_err(|e| invalid("metrics.listen", format!("`{}`: {e}", raw.metrics.listen)))?;
 
         let delivery_retry = match &raw.delivery {
-            None => crate::deliver::Backoff::default(),
-            Some(d) => {
-                let base = duration(
-                    "delivery.retry_base",
-                    &d.retry_base,
-                    crate::deliver::DEFAULT_RETRY_BASE,
-                )?;
-                let max = duration(
-                    "delivery.retry_max",
-                    &d.retry_max,
-                    crate::deliver::DEFAULT_RETRY_MAX,
-                )?;
-                if base.is_zero() {
-                    return Err(invalid(
-                        "delivery.retry_base",
-                        "must be more than 0s".to_owned(),
-                    ));
-                }
-                if max < base {
-                    return Err(invalid(
-                        "delivery.retry_max",
-                        format!(
-                            "{} is less than delivery.retry_base ({})",
-                            humantime::format_duration(max),
-                            humantime::format_duration(base)
-                        ),
-                    ));
-                }
-                crate::deliver::Backoff { base, max }
-            }
+            None => Backoff::default(),
+            Some(d) => Backoff::from_settings(
+                optional_duration("delivery.retry_base", &d.retry_base)?,
+                optional_duration("delivery.retry_max", &d.retry_max)?,
+            )
+            .map_err(setting)?,
         };
         let delivery = match raw.delivery {
             None => None,
@@ -1297,61 +1266,16 @@ impl Config {
                 "dir" => DeliverySection::Dir {
                     path: resolve(&d.path.ok_or_else(|| missing("delivery.path"))?),
                 },
-                "dicomweb" => {
-                    let url = d.url.ok_or_else(|| missing("delivery.url"))?;
-                    let parsed = crate::deliver::dicomweb::StowUrl::parse(&url)
-                        .map_err(|e| invalid("delivery.url", format!("{e:#}")))?;
-                    let identity = match (d.cert, d.key) {
-                        (Some(cert), Some(key)) => Some((resolve(&cert), resolve(&key))),
-                        (None, None) => None,
-                        (Some(_), None) => return Err(missing("delivery.key")),
-                        (None, Some(_)) => return Err(missing("delivery.cert")),
-                    };
-                    let tls = match (parsed.is_https(), d.ca) {
-                        (true, Some(ca)) => Some(DeliveryTls {
-                            ca: resolve(&ca),
-                            identity,
-                        }),
-                        (true, None) => {
-                            return Err(invalid(
-                                "delivery.ca",
-                                format!(
-                                    "`{url}` is https: name the CA that signs the store's \
-                                     certificate (no system roots are trusted)"
-                                ),
-                            ));
-                        }
-                        (false, ca) => {
-                            if ca.is_some() || identity.is_some() {
-                                return Err(invalid(
-                                    "delivery.ca",
-                                    format!(
-                                        "delivery.ca, cert and key apply to https:// URLs; \
-                                         `{url}` is plain http"
-                                    ),
-                                ));
-                            }
-                            None
-                        }
-                    };
-                    let batch_bytes = d
-                        .batch_bytes
-                        .unwrap_or(crate::deliver::dicomweb::DEFAULT_BATCH_BYTES);
-                    if !(1..=crate::deliver::dicomweb::MAX_BATCH_BYTES).contains(&batch_bytes) {
-                        return Err(invalid(
-                            "delivery.batch_bytes",
-                            format!(
-                                "{batch_bytes} is not in 1..={}",
-                                crate::deliver::dicomweb::MAX_BATCH_BYTES
-                            ),
-                        ));
-                    }
-                    DeliverySection::DicomWeb {
-                        url,
-                        batch_bytes,
-                        tls,
-                    }
-                }
+                "dicomweb" => DeliverySection::DicomWeb(
+                    StowSettings::from_section(
+                        d.url,
+                        d.batch_bytes,
+                        d.ca.as_deref().map(resolve),
+                        d.cert.as_deref().map(resolve),
+                        d.key.as_deref().map(resolve),
+                    )
+                    .map_err(setting)?,
+                ),
                 other => {
                     return Err(invalid(
                         "delivery.kind",
@@ -1890,7 +1814,7 @@ path = "delivered"
         .unwrap();
         assert!(matches!(
             c.delivery,
-            Some(DeliverySection::DicomWeb { batch_bytes, .. })
+            Some(DeliverySection::DicomWeb(StowSettings { batch_bytes, .. }))
                 if batch_bytes == crate::deliver::dicomweb::DEFAULT_BATCH_BYTES
         ));
         let https = Config::parse(
@@ -1901,7 +1825,8 @@ path = "delivered"
             ),
         )
         .unwrap();
-        let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = https.delivery else {
+        let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = https.delivery
+        else {
             panic!("https delivery with TLS settings: {:?}", https.delivery);
         };
         assert_eq!(tls.ca, Path::new("/etc/baylink/store-ca.pem"));

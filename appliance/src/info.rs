@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use serde_json::{Value, json};
 
 use crate::config::{Config, DeliverySection, Role};
+use crate::deliver::dicomweb::StowSettings;
 use crate::signing::hsm_config;
 
 /// The whole report, as `--json` prints it (the text form is rendered from the same value).
@@ -196,7 +197,7 @@ fn certificates(cfg: &Config) -> Value {
         ("tls.cert", cfg.tls.cert.as_path()),
         ("tls.ca", cfg.tls.ca.as_path()),
     ];
-    if let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = &cfg.delivery {
+    if let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery {
         files.push(("delivery.ca", tls.ca.as_path()));
         if let Some((cert, _)) = &tls.identity {
             files.push(("delivery.cert", cert.as_path()));

@@ -37,6 +37,7 @@ pub mod retention;
 pub mod seal;
 pub mod secrets;
 pub mod serve;
+pub mod setting;
 pub mod signing;
 pub mod telemetry;
 pub mod tls_reload;

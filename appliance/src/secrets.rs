@@ -15,6 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, DeliverySection};
+use crate::deliver::dicomweb::StowSettings;
 
 /// The mode bits that make a file readable by its group or by others.
 const GROUP_OR_OTHER_READ: u32 = 0o044;
@@ -55,7 +56,7 @@ pub fn secret_files(cfg: &Config) -> Vec<(&'static str, &Path)> {
         files.push(("tls.key", key));
     }
     files.push(("audit.patient_key", cfg.audit.patient_key.as_path()));
-    if let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = &cfg.delivery
+    if let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery
         && let Some((_, key)) = &tls.identity
     {
         files.push(("delivery.key", key.as_path()));

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 
 use crate::audit;
 use crate::config::{Config, DeliverySection, Role};
+use crate::deliver::dicomweb::StowSettings;
 use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
 use crate::dicom::scp::{self, ScpConfig, StorageScp};
 use crate::dicom::sink::StoreSink;
@@ -50,7 +51,7 @@ fn certificate_files(cfg: &Config) -> Vec<(&'static str, std::path::PathBuf)> {
         ("tls.cert", cfg.tls.cert.clone()),
         ("tls.ca", cfg.tls.ca.clone()),
     ];
-    if let Some(DeliverySection::DicomWeb { tls: Some(tls), .. }) = &cfg.delivery {
+    if let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery {
         files.push(("delivery.ca", tls.ca.clone()));
         if let Some((cert, _)) = &tls.identity {
             files.push(("delivery.cert", cert.clone()));
@@ -89,11 +90,11 @@ async fn serve_gateway(
 
     let target: Arc<dyn Deliver> = match cfg.delivery.clone().context("delivery is not set")? {
         DeliverySection::Dir { path } => Arc::new(DirDelivery::new(path)),
-        DeliverySection::DicomWeb {
+        DeliverySection::DicomWeb(StowSettings {
             url,
             batch_bytes,
             tls,
-        } => Arc::new(
+        }) => Arc::new(
             deliver::dicomweb::DicomWebDelivery::new(
                 &url,
                 tls.as_ref(),

@@ -41,7 +41,7 @@
 //! is simply repeated.
 
 use std::collections::{HashSet, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -57,8 +57,8 @@ use tokio::io::AsyncReadExt;
 
 use super::retry::{Cause, Transient, Verdict, classify, parse_retry_after};
 use super::{Deliver, Delivered, Undeliverable};
-use crate::config::DeliveryTls;
 use crate::dicom::part10;
+use crate::setting::SettingError;
 use crate::transfer_dir::{TransferDir, write_atomic};
 use baylink_net::proto::{Manifest, RefusedInstance};
 use baylink_net::transport::{TlsIdentity, load_ca, root_store};
@@ -76,6 +76,90 @@ const BASE_TIMEOUT: Duration = Duration::from_secs(60);
 const SLOWEST_BYTES_PER_SECOND: u64 = 10 * 1024 * 1024;
 /// Largest store response read (the DICOM JSON of a batch's references).
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// `[delivery]` of kind `dicomweb`: where STOW-RS requests go, how large they are, and TLS
+/// to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StowSettings {
+    /// Base URL, e.g. `http://127.0.0.1:8042/dicom-web` (`delivery.url`).
+    pub url: String,
+    /// Most file bytes per STOW-RS request (`delivery.batch_bytes`).
+    pub batch_bytes: u64,
+    /// TLS to the store, for an `https://` URL.
+    pub tls: Option<DeliveryTls>,
+}
+
+/// How the gateway authenticates the store, and itself to it, over https.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryTls {
+    /// CA certificate(s) the store's certificate must chain to (`delivery.ca`); no system
+    /// roots are trusted.
+    pub ca: PathBuf,
+    /// Client certificate and key presented to the store (`delivery.cert`, `delivery.key`),
+    /// when it asks for one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl StowSettings {
+    /// Checks the `[delivery]` keys of a DICOMweb store (the paths already resolved against
+    /// the config file's directory): `delivery.url` is given and a [`StowUrl`];
+    /// `delivery.cert` and `delivery.key` come together; an `https://` URL names
+    /// `delivery.ca`, a plain `http://` one none of the three; `delivery.batch_bytes`
+    /// (default [`DEFAULT_BATCH_BYTES`]) is in `1..=`[`MAX_BATCH_BYTES`].
+    pub fn from_section(
+        url: Option<String>,
+        batch_bytes: Option<u64>,
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<StowSettings, SettingError> {
+        let invalid = |key: &'static str, message: String| SettingError::Invalid { key, message };
+        let url = url.ok_or(SettingError::Missing("delivery.url"))?;
+        let parsed = StowUrl::parse(&url).map_err(|e| invalid("delivery.url", format!("{e:#}")))?;
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => return Err(SettingError::Missing("delivery.key")),
+            (None, Some(_)) => return Err(SettingError::Missing("delivery.cert")),
+        };
+        let tls = match (parsed.is_https(), ca) {
+            (true, Some(ca)) => Some(DeliveryTls { ca, identity }),
+            (true, None) => {
+                return Err(invalid(
+                    "delivery.ca",
+                    format!(
+                        "`{url}` is https: name the CA that signs the store's \
+                         certificate (no system roots are trusted)"
+                    ),
+                ));
+            }
+            (false, ca) => {
+                if ca.is_some() || identity.is_some() {
+                    return Err(invalid(
+                        "delivery.ca",
+                        format!(
+                            "delivery.ca, cert and key apply to https:// URLs; \
+                             `{url}` is plain http"
+                        ),
+                    ));
+                }
+                None
+            }
+        };
+        let batch_bytes = batch_bytes.unwrap_or(DEFAULT_BATCH_BYTES);
+        if !(1..=MAX_BATCH_BYTES).contains(&batch_bytes) {
+            return Err(invalid(
+                "delivery.batch_bytes",
+                format!("{batch_bytes} is not in 1..={MAX_BATCH_BYTES}"),
+            ));
+        }
+        Ok(StowSettings {
+            url,
+            batch_bytes,
+            tls,
+        })
+    }
+}
 
 /// Where STOW-RS requests go: `http[s]://host[:port]/path`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use crate::setting::SettingError;
+
 /// Default `delivery.retry_base`: the ceiling of the first wait.
 pub const DEFAULT_RETRY_BASE: Duration = Duration::from_millis(500);
 /// Default `delivery.retry_max`: the most any wait may be.
@@ -36,6 +38,33 @@ impl Default for Backoff {
 }
 
 impl Backoff {
+    /// The waits of `delivery.retry_base` and `delivery.retry_max` (`None`: the default): the
+    /// base above 0, the most not below the base.
+    pub fn from_settings(
+        base: Option<Duration>,
+        max: Option<Duration>,
+    ) -> Result<Backoff, SettingError> {
+        let base = base.unwrap_or(DEFAULT_RETRY_BASE);
+        let max = max.unwrap_or(DEFAULT_RETRY_MAX);
+        if base.is_zero() {
+            return Err(SettingError::Invalid {
+                key: "delivery.retry_base",
+                message: "must be more than 0s".to_owned(),
+            });
+        }
+        if max < base {
+            return Err(SettingError::Invalid {
+                key: "delivery.retry_max",
+                message: format!(
+                    "{} is less than delivery.retry_base ({})",
+                    humantime::format_duration(max),
+                    humantime::format_duration(base)
+                ),
+            });
+        }
+        Ok(Backoff { base, max })
+    }
+
     /// The ceiling of the wait after failed attempt `n` (0-based): `min(max, base · 2ⁿ)`.
     pub fn ceiling(&self, n: u32) -> Duration {
         self.base

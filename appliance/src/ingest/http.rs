@@ -24,7 +24,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -41,7 +41,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
+use super::api::{ApiError, AppState, Hospital, drain_body, only_param};
 use super::store::{IngestError, IngestStore};
+use super::stow::StowLimits;
 use crate::admission::{SourceLimiter, Unidentified};
 use crate::config::Config;
 use crate::ops::{Activity, Drain};
@@ -50,118 +52,6 @@ use crate::tls_reload::Swap;
 
 /// Largest declaration body accepted.
 const MAX_DECLARATION_BYTES: usize = 64 * 1024;
-
-/// The authenticated hospital of a connection (its client certificate's CN).
-#[derive(Debug, Clone)]
-pub struct Hospital(pub Arc<str>);
-
-#[derive(Debug, Clone)]
-pub(super) struct AppState {
-    pub(super) store: IngestStore,
-    pub(super) idle_timeout: Duration,
-    pub(super) stow: super::stow::StowLimits,
-    pub(super) drain: Drain,
-}
-
-/// An error answer: a status and a JSON body `{"error": ..., ...}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    body: Value,
-}
-
-impl ApiError {
-    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            body: json!({ "error": message.into() }),
-        }
-    }
-
-    /// The answer to a request cut off by the end of the drain (the edge is stopping):
-    /// 503 with `Retry-After` ([`RETRY_AFTER_STOPPING`]); nothing of the request is kept.
-    pub(super) fn stopping() -> ApiError {
-        ApiError {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            body: json!({
-                "error": "the edge is shutting down; nothing of this request was kept, send it again",
-                "retry_after": RETRY_AFTER_STOPPING,
-            }),
-        }
-    }
-
-    /// The answer's status.
-    pub(super) fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// A refusal of what exceeds a configured limit: the body names the limit's config key
-    /// (`{"error": ..., "limit": "ingest.stow_max_parts"}`).
-    pub(super) fn limit(
-        status: StatusCode,
-        key: &'static str,
-        message: impl Into<String>,
-    ) -> ApiError {
-        ApiError {
-            status,
-            body: json!({ "error": message.into(), "limit": key }),
-        }
-    }
-}
-
-/// Seconds a client is asked to wait (`Retry-After`) after a 503 of a stopping edge: about
-/// what a restart takes.
-pub const RETRY_AFTER_STOPPING: u64 = 30;
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        // 503 is only ever [`ApiError::stopping`].
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            return (
-                self.status,
-                [(header::RETRY_AFTER, RETRY_AFTER_STOPPING.to_string())],
-                Json(self.body),
-            )
-                .into_response();
-        }
-        (self.status, Json(self.body)).into_response()
-    }
-}
-
-impl From<IngestError> for ApiError {
-    fn from(e: IngestError) -> ApiError {
-        let status = match &e {
-            IngestError::Refused(r) => {
-                return ApiError {
-                    status: StatusCode::FORBIDDEN,
-                    body: json!({ "error": r.answer(), "rule": r.rule }),
-                };
-            }
-            IngestError::NotFound => StatusCode::NOT_FOUND,
-            IngestError::Conflict(_) => StatusCode::CONFLICT,
-            IngestError::BadName(_) | IngestError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            IngestError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            IngestError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
-            IngestError::Quota { key, .. } => {
-                return ApiError {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    body: json!({ "error": e.to_string(), "quota": key }),
-                };
-            }
-            IngestError::Reserve { .. } => {
-                return ApiError {
-                    status: StatusCode::INSUFFICIENT_STORAGE,
-                    body: json!({ "error": e.to_string(), "quota": "spool.reserve_bytes" }),
-                };
-            }
-            IngestError::Internal(msg) => {
-                warn!(error = %msg, "internal error answering a hospital");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
 
 /// The rustls configuration of the hospital listener: the client certificate is required
 /// and verified against `tls.ca`; TLS 1.3 and 1.2; aws-lc-rs with X25519MLKEM768 preferred;
@@ -189,11 +79,30 @@ pub fn tls_config_from(
     Ok(config)
 }
 
+/// The state of the router: what every handler is served with, and the STOW-RS limits.
+#[derive(Debug, Clone)]
+struct RouterState {
+    app: AppState,
+    stow: StowLimits,
+}
+
+impl FromRef<RouterState> for AppState {
+    fn from_ref(state: &RouterState) -> AppState {
+        state.app.clone()
+    }
+}
+
+impl FromRef<RouterState> for StowLimits {
+    fn from_ref(state: &RouterState) -> StowLimits {
+        state.stow.clone()
+    }
+}
+
 /// The routes of the hospital API (the caller adds the [`Hospital`] extension).
 pub fn router(
     store: IngestStore,
     idle_timeout: Duration,
-    stow: super::stow::StowLimits,
+    stow: StowLimits,
     drain: Drain,
 ) -> Router {
     Router::new()
@@ -212,11 +121,13 @@ pub fn router(
             )
         })
         .layer(DefaultBodyLimit::max(MAX_DECLARATION_BYTES))
-        .with_state(AppState {
-            store,
-            idle_timeout,
+        .with_state(RouterState {
+            app: AppState {
+                store,
+                idle_timeout,
+                drain,
+            },
             stow,
-            drain,
         })
 }
 
@@ -241,7 +152,7 @@ pub async fn bind(
     let app = router(
         store,
         cfg.ingest.idle_timeout,
-        super::stow::StowLimits::from_config(&cfg.ingest),
+        StowLimits::from_config(&cfg.ingest),
         drain.clone(),
     );
     let slots = Arc::new(Semaphore::new(cfg.ingest.max_connections));
@@ -394,14 +305,9 @@ fn transfer_id(s: &str) -> Result<TransferId, ApiError> {
 
 /// Parses a declaration, naming the first bad field.
 pub fn parse_declaration(body: &[u8]) -> Result<Declaration, ApiError> {
-    let bad = |field: &str, why: &str| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        body: json!({ "error": format!("{field}: {why}"), "field": field }),
-    };
-    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError {
-        status: StatusCode::BAD_REQUEST,
-        body: json!({ "error": format!("body is not JSON: {e}"), "field": "" }),
-    })?;
+    let bad = |field: &str, why: &str| ApiError::field(field, format!("{field}: {why}"));
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::field("", format!("body is not JSON: {e}")))?;
     let Value::Object(map) = value else {
         return Err(bad("", "the declaration must be a JSON object"));
     };
@@ -457,35 +363,6 @@ async fn declare(
 
 /// Longest `?wait=` a status request may hold its answer.
 pub const MAX_STATUS_WAIT: Duration = Duration::from_secs(300);
-
-/// The value of query parameter `name`, the only one a request accepts: `None` when the
-/// query does not give it, 400 for another parameter or `name` given twice.
-pub(super) fn only_param<'q>(
-    query: Option<&'q str>,
-    name: &str,
-) -> Result<Option<&'q str>, ApiError> {
-    let mut value = None;
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if k != name {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("unknown query parameter {k:?}; only {name}= is accepted"),
-            ));
-        }
-        if value.replace(v).is_some() {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("{name}= must be given once"),
-            ));
-        }
-    }
-    Ok(value)
-}
 
 /// `?wait=SECONDS` of `GET /v1/transfers/{id}` (0 when absent): how long to hold the answer
 /// for the state to change.
@@ -578,14 +455,6 @@ pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
-/// Most bytes of an unread request body read and thrown away before an early error answer,
-/// so the client (still sending) sees the answer instead of a connection reset: a 507 after
-/// 16 MiB of a 32 MiB upload must drain 16 MiB. Bounded, like the time below, so a refused
-/// client cannot hold the connection for ever.
-const DRAIN_BYTES: u64 = 256 * 1024 * 1024;
-/// Longest time spent draining (in addition, each read waits at most `ingest.idle_timeout`).
-const DRAIN_TIME: Duration = Duration::from_secs(10);
-
 async fn upload(
     State(app): State<AppState>,
     Extension(Hospital(hospital)): Extension<Hospital>,
@@ -625,21 +494,6 @@ async fn upload(
             Err(e)
         }
     }
-}
-
-/// Reads and discards up to [`DRAIN_BYTES`] of what the client still sends, for at most
-/// [`DRAIN_TIME`].
-pub(super) async fn drain_body(stream: &mut axum::body::BodyDataStream, idle: Duration) {
-    let mut left = DRAIN_BYTES;
-    let drain = async {
-        while let Ok(Some(Ok(data))) = tokio::time::timeout(idle, stream.next()).await {
-            left = left.saturating_sub(data.len() as u64);
-            if left == 0 {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
 }
 
 /// The upload proper; an error says whether the body may still be arriving (drain it).
@@ -729,8 +583,8 @@ mod tests {
             "since=1",
         ] {
             let e = wait_from_query(Some(bad)).unwrap_err();
-            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
-            let said = e.body["error"].as_str().unwrap().to_owned();
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{bad}");
+            let said = e.body()["error"].as_str().unwrap().to_owned();
             assert!(said.contains("wait="), "{bad}: {said}");
         }
         use super::super::stow::purpose_from_query;
@@ -741,14 +595,14 @@ mod tests {
         );
         for bad in ["purpose=", "purpose=a/b", "purpose=a&purpose=b", "wait=1"] {
             let e = purpose_from_query(Some(bad)).unwrap_err();
-            assert_eq!(e.status, StatusCode::BAD_REQUEST, "{bad}");
+            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{bad}");
         }
     }
 
     fn field(body: &str) -> String {
         let e = parse_declaration(body.as_bytes()).unwrap_err();
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
-        e.body["field"].as_str().unwrap().to_owned()
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        e.body()["field"].as_str().unwrap().to_owned()
     }
 
     #[test]

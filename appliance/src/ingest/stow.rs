@@ -29,7 +29,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use super::http::{ApiError, AppState, Hospital};
+use super::api::{ApiError, AppState, Hospital, drain_body, only_param};
 use super::multipart::{MultipartError, MultipartReader, boundary};
 use super::part10::{Instance, Part10Error, PrefixParser};
 use super::store::IngestError;
@@ -291,7 +291,7 @@ fn response_json(stored: &[Instance], failed: &[Failed]) -> Value {
 /// The purpose a STOW-RS request declares: `?purpose=<name>` (e.g. `research`, whose
 /// instances are de-identified), `care` when absent.
 pub fn purpose_from_query(query: Option<&str>) -> Result<String, ApiError> {
-    let Some(v) = super::http::only_param(query, "purpose")? else {
+    let Some(v) = only_param(query, "purpose")? else {
         return Ok("care".to_owned());
     };
     let ok = !v.is_empty()
@@ -310,6 +310,7 @@ pub fn purpose_from_query(query: Option<&str>) -> Result<String, ApiError> {
 /// `POST /dicom-web/studies`.
 pub(super) async fn stow(
     State(app): State<AppState>,
+    State(limits): State<StowLimits>,
     Extension(Hospital(hospital)): Extension<Hospital>,
     uri: axum::http::Uri,
     headers: HeaderMap,
@@ -352,13 +353,13 @@ pub(super) async fn stow(
         refused: false,
         parts: 0,
         stored: Vec::new(),
-        failures: Failures::new(app.stow.max_failed_listed),
+        failures: Failures::new(limits.max_failed_listed),
     };
     let received = tokio::select! {
         biased;
         // The drain ended with the body still arriving: nothing of the request is kept.
         () = app.drain.ended.wait() => Err(ApiError::stopping()),
-        r = receive(&app, &hospital, &purpose, &mut reader, &mut req) => r,
+        r = receive(&app, &limits, &hospital, &purpose, &mut reader, &mut req) => r,
     };
     let stopping = received
         .as_ref()
@@ -373,7 +374,7 @@ pub(super) async fn stow(
             // The client may still be sending: read on a little so it sees the answer (not
             // when the edge is stopping: the drain is over).
             if !stopping && let Some(stream) = reader.unfinished_stream() {
-                super::http::drain_body(stream, app.idle_timeout).await;
+                drain_body(stream, app.idle_timeout).await;
             }
             // Nothing is left open: the transfer this request declared goes with what it held.
             if let Some((id, _)) = &req.transfer
@@ -425,6 +426,7 @@ fn bad_body(e: MultipartError) -> ApiError {
 /// Reads the parts of the body into the request's transfer.
 async fn receive(
     app: &AppState,
+    limits: &StowLimits,
     hospital: &str,
     purpose: &str,
     reader: &mut MultipartReader<BodyDataStream>,
@@ -432,14 +434,14 @@ async fn receive(
 ) -> Result<(), ApiError> {
     while let Some(part) = reader.next_part().await.map_err(bad_body)? {
         req.parts += 1;
-        if req.parts > app.stow.max_parts {
+        if req.parts > limits.max_parts {
             return Err(ApiError::limit(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "ingest.stow_max_parts",
                 format!(
                     "more than {} parts in one STOW-RS request (ingest.stow_max_parts); \
                      nothing of the request is kept",
-                    app.stow.max_parts
+                    limits.max_parts
                 ),
             ));
         }
@@ -457,7 +459,7 @@ async fn receive(
             });
             continue;
         }
-        let (prefix, parsed) = read_prefix(&app.stow.parse_slots, reader).await?;
+        let (prefix, parsed) = read_prefix(&limits.parse_slots, reader).await?;
         let inst = match parsed {
             Ok(i) => i,
             Err((why, class, instance)) => {
