@@ -23,7 +23,7 @@ use baylink::audit::note::{Checkpoint, signed_note};
 use baylink::audit::{MAX_PROOF_RECORDS, Proof, Record, verify_proof, verify_proof_cosigned};
 use baylink_hsm::PublicKey;
 use baylink_net::proto::Digest;
-use baylink_net::proto::merkle::{
+use baylink_net::merkle::{
     inclusion_proof_from_leaf_hashes, leaf_hash, root_from_leaf_hashes,
 };
 use libfuzzer_sys::fuzz_target;

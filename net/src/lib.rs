@@ -1,7 +1,9 @@
 //! baylink's network layer.
 //!
 //! - [`proto`]: the transfer protocol as a sans-IO state machine (manifest, frames, chunk
-//!   bookkeeping, resume, receipts, RFC 6962 Merkle trees). No I/O, no async, no clocks.
+//!   bookkeeping, resume, receipts). No I/O, no async, no clocks.
+//! - [`merkle`]: RFC 6962 Merkle trees over SHA-256, proofs and their verification: the
+//!   manifest's tree of chunk digests and the audit log's tree of records.
 //! - [`congestion`]: `link`, a rate-based congestion controller for a dedicated link of known
 //!   rate (paced at most at `link.rate_mbit`, backs off on queueing delay, not on random loss).
 //! - [`transport`]: QUIC set-up: rustls mutual TLS 1.3 (X25519MLKEM768 preferred), quinn
@@ -15,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod congestion;
+pub mod merkle;
 pub mod probe;
 pub mod proto;
 pub mod spool;

@@ -16,8 +16,8 @@
 //! `size` records.
 
 use baylink_hsm::{PublicKey, Token};
+use baylink_net::merkle::root_from_leaf_hashes;
 use baylink_net::proto::Digest;
-use baylink_net::proto::merkle::root_from_leaf_hashes;
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;

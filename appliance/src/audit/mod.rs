@@ -3,7 +3,7 @@
 //! Every step of a transfer that the appliance acknowledges (declared, refused, sealed,
 //! sent, committed, receipted, delivered, failed) is first appended here, durably. Records
 //! are the leaves of an RFC 6962 Merkle tree (hashing and proofs from
-//! `baylink_net::proto::merkle`); the HSM signs the tree head as a C2SP `tlog-checkpoint`
+//! `baylink_net::merkle`); the HSM signs the tree head as a C2SP `tlog-checkpoint`
 //! in a `signed-note` envelope ([`note`]) every `audit.checkpoint_every` records, every
 //! `audit.checkpoint_interval` while serving, and at shutdown.
 //!
@@ -42,8 +42,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
 use baylink_hsm::{HsmError, Signer};
+use baylink_net::merkle::root_from_leaf_hashes;
 use baylink_net::proto::Digest;
-use baylink_net::proto::merkle::root_from_leaf_hashes;
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
 

@@ -9,7 +9,7 @@
 //! newline. A line without its newline is a torn tail (a crash mid-append); a line whose
 //! leaf hash does not match its JSON was edited.
 
-use baylink_net::proto::merkle::leaf_hash;
+use baylink_net::merkle::leaf_hash;
 use baylink_net::proto::{Digest, Manifest};
 use serde::{Deserialize, Serialize};
 

@@ -281,7 +281,7 @@ fn checkpoint_text(line: &str) -> String {
 }
 
 use base64::Engine;
-use baylink_net::proto::merkle::leaf_hash;
+use baylink_net::merkle::leaf_hash;
 
 #[test]
 #[serial_test::serial]
@@ -464,8 +464,7 @@ fn witness_cosigns_extensions_and_refuses_forks() {
     .body();
     let sig = f.signer.sign(body.as_bytes()).unwrap();
     let fork = note::signed_note(&body, edge.origin(), &f.key(), &sig.0);
-    let fork_proof =
-        baylink_net::proto::merkle::consistency_proof_from_leaf_hashes(7, &forked).unwrap();
+    let fork_proof = baylink_net::merkle::consistency_proof_from_leaf_hashes(7, &forked).unwrap();
     let e = w.cosign("edge", &fork, 7, &fork_proof).unwrap_err();
     assert!(matches!(e, WitnessRefusal::Inconsistent(_)), "{e}");
     // A proof from another size than the cosigned one: refused.

@@ -6,11 +6,11 @@ use std::io::Read;
 use std::path::Path;
 
 use baylink_hsm::PublicKey;
-use baylink_net::proto::Digest;
-use baylink_net::proto::merkle::{
+use baylink_net::merkle::{
     consistency_proof_from_leaf_hashes, inclusion_proof_from_leaf_hashes, leaf_hash,
     root_from_leaf_hashes, verify_consistency, verify_inclusion,
 };
+use baylink_net::proto::Digest;
 use serde::{Deserialize, Serialize};
 
 use super::note::{self, Checkpoint};

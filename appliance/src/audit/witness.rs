@@ -28,7 +28,7 @@ use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1, UnparsedPublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use baylink_hsm::PublicKey;
-use baylink_net::proto::merkle::{consistency_proof_from_leaf_hashes, verify_consistency};
+use baylink_net::merkle::{consistency_proof_from_leaf_hashes, verify_consistency};
 use baylink_net::proto::{Digest, ErrorCode};
 
 use super::note::{self, Checkpoint};

@@ -31,8 +31,9 @@ use bytes::BufMut;
 
 use super::wire::{Reader, count_u32, put_str16};
 use super::{
-    Digest, Limits, MAX_FILE_NAME_LEN, MAX_PROCESS_ID_LEN, ProtoError, TransferId, merkle, sha256,
+    Digest, Limits, MAX_FILE_NAME_LEN, MAX_PROCESS_ID_LEN, ProtoError, TransferId, sha256,
 };
+use crate::merkle;
 
 /// The first four bytes of an encoded manifest.
 pub const MANIFEST_MAGIC: [u8; 4] = *b"BLMF";

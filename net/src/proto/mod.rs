@@ -9,7 +9,7 @@
 //! # Pieces
 //!
 //! - [`Manifest`]: what a transfer consists of (files, sizes, per-chunk SHA-256
-//!   digests, their [`merkle`] root, the sender and the declaration digest).
+//!   digests, their [`crate::merkle`] root, the sender and the declaration digest).
 //!   Its canonical binary encoding ([`Manifest::to_bytes`]) is what the edge's
 //!   HSM signs. [`ManifestBuilder`] and [`ChunkHasher`] build one.
 //! - [`Receipt`]: what the gateway's HSM signs once a transfer is committed.
@@ -57,7 +57,6 @@ mod chunkset;
 mod error;
 mod frame;
 mod manifest;
-pub mod merkle;
 mod name;
 mod notice;
 mod receipt;
@@ -89,8 +88,7 @@ pub use receipt::{RECEIPT_MAGIC, RECEIPT_VERSION, Receipt};
 pub use receiver::{Receiver, ReceiverAction, ReceiverConfig};
 pub use sender::{Sender, SenderAction, SenderConfig};
 
-/// A SHA-256 digest.
-pub type Digest = [u8; 32];
+pub use crate::merkle::{Digest, sha256};
 
 /// The protocol version carried in `Hello` frames. A peer speaking another
 /// version is refused with [`ErrorCode::UnsupportedVersion`].
@@ -104,14 +102,6 @@ pub const MAX_SENT_TEXT_LEN: usize = 1024;
 /// Longest process id (the consent reference a transfer was allowed under)
 /// a manifest or receipt carries, in bytes.
 pub const MAX_PROCESS_ID_LEN: u16 = 128;
-
-/// SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> Digest {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
 
 /// The identifier of one transfer: a UUID (version 7 when made here, so ids
 /// sort by creation time). Displayed, parsed and serialised as the

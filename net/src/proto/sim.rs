@@ -20,6 +20,7 @@ use bytes::Bytes;
 
 use super::manifest::tests::build;
 use super::*;
+use crate::merkle;
 
 /// xorshift64*: small, fast, deterministic.
 struct Rng(u64);

@@ -19,7 +19,16 @@
 
 use aws_lc_rs::digest::{Context, SHA256};
 
-use super::{Digest, sha256};
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Digest {
+    let d = aws_lc_rs::digest::digest(&SHA256, data);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
 
 /// Why a proof was refused, or could not be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
