@@ -316,7 +316,7 @@ fn spool(args: &crate::cli::SpoolArgs) -> anyhow::Result<u8> {
         "spool.dir {} is not a directory",
         cfg.spool_dir.display()
     );
-    let inventory = crate::inventory::take(&cfg.spool_dir, cfg.role);
+    let inventory = crate::spool_state::take(&cfg.spool_dir, cfg.role);
     if args.json {
         println!("{}", serde_json::to_string(&inventory)?);
     } else {

@@ -165,7 +165,7 @@ pub fn spool_space(spool_dir: &Path) -> io::Result<(u64, u64)> {
 
 /// `serve`'s retention loop: sweeps (when `retain` is set) and refreshes the spool gauges
 /// `baylink_spool_capacity_bytes`, `baylink_spool_available_bytes` and
-/// `baylink_spool_transfers{state}` (see [`crate::inventory::SpoolState`]), the held bytes and
+/// `baylink_spool_transfers{state}` (see [`crate::spool_state::SpoolState`]), the held bytes and
 /// the backlog ([`crate::telemetry::spool_figures`]), every
 /// [`interval`]. Runs until aborted.
 pub async fn run(spool_dir: PathBuf, role: Role, retain: Option<Duration>, audit: audit::Log) {
@@ -179,7 +179,7 @@ pub async fn run(spool_dir: PathBuf, role: Role, retain: Option<Duration>, audit
             (
                 done,
                 spool_space(&dir),
-                crate::inventory::count(&dir, role),
+                crate::spool_state::count(&dir, role),
                 crate::telemetry::spool_figures(&dir, role, SystemTime::now()),
             )
         })

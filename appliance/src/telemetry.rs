@@ -16,7 +16,7 @@ use baylink_net::proto::ErrorCode;
 use tracing::warn;
 
 use crate::config::Role;
-use crate::inventory::SpoolState;
+use crate::spool_state::SpoolState;
 use crate::transfer_dir::{self, TransferDir};
 
 /// What kind of series a family holds.
@@ -633,11 +633,11 @@ pub fn spool_figures(spool_dir: &Path, role: Role, now: SystemTime) -> SpoolFigu
         let dir = TransferDir::new(spool_dir, &id);
         let bytes = crate::transfer_dir::tree_size(dir.root()).unwrap_or(0);
         f.held_bytes += bytes;
-        if crate::inventory::state_of(&dir, role) == waiting {
+        if crate::spool_state::state_of(&dir, role) == waiting {
             f.backlog += 1;
             f.backlog_bytes += bytes;
             let age = now
-                .duration_since(crate::inventory::created(&id))
+                .duration_since(crate::spool_state::created(&id))
                 .unwrap_or_default();
             f.oldest = f.oldest.max(age);
         }
