@@ -12,7 +12,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
-use baylink_net::proto::{DeliveryNotice, ErrorCode, Frame, Receipt, SenderConfig, TransferId};
+use baylink_net::proto::{
+    DeliveryNotice, ErrorCode, Frame, ProtoError, Receipt, SenderConfig, TransferId, WitnessAsker,
+    WitnessAskerAction,
+};
 use baylink_net::spool::{Spool, SpoolConfig};
 use baylink_net::transport::{self, TlsIdentity};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -868,34 +871,37 @@ impl Edge {
             .connect_link(connect)?
             .await
             .context("witness: cannot connect to the gateway")?;
+        // The request, then its answer: the exchange is `proto::WitnessAsker`'s.
+        let mut asker = WitnessAsker::new(checkpoint.clone(), old_size, proof);
         let (send, recv) = conn.open_bi().await?;
         let mut writer = crate::link::FrameWriter::new(send);
         let mut frames =
             crate::link::spawn_frame_reader(recv, baylink_net::proto::Limits::default());
-        writer
-            .send(&baylink_net::proto::Frame::Witness {
-                version: baylink_net::proto::WITNESS_VERSION,
-                checkpoint: checkpoint.clone(),
-                old_size,
-                proof,
-            })
-            .await?;
+        while let Some(WitnessAskerAction::SendFrame(frame)) = asker.poll_action() {
+            writer.send(&frame).await?;
+        }
         let reply = frames.recv().await;
         writer.finish();
         conn.close(crate::link::CLOSE_OK.into(), b"witnessed");
-        let signature = match reply {
-            Some(Ok(baylink_net::proto::Frame::Cosigned { signature, .. })) => signature,
-            Some(Ok(baylink_net::proto::Frame::Error { code, text }))
-                if matches!(code, ErrorCode::Refused | ErrorCode::BadSignature) =>
-            {
-                return Err(WitnessRefused { code, text }.into());
+        match reply {
+            Some(Ok(frame)) => {
+                let _ = asker.handle_frame(frame);
             }
-            Some(Ok(baylink_net::proto::Frame::Error { code, text })) => {
-                anyhow::bail!("the gateway could not witness: {code}: {text}")
-            }
-            Some(Ok(other)) => anyhow::bail!("witness: unexpected {} frame", other.kind()),
             Some(Err(e)) => return Err(anyhow::anyhow!("witness: {e}")),
             None => anyhow::bail!("witness: the gateway closed the stream"),
+        }
+        let signature = match asker.poll_action() {
+            Some(WitnessAskerAction::Cosigned { signature }) => signature,
+            Some(WitnessAskerAction::Refused { code, text }) => {
+                return Err(WitnessRefused { code, text }.into());
+            }
+            Some(WitnessAskerAction::Failed(ProtoError::Peer { code, text })) => {
+                anyhow::bail!("the gateway could not witness: {code}: {text}")
+            }
+            Some(WitnessAskerAction::Failed(e)) => anyhow::bail!("witness: {e}"),
+            Some(WitnessAskerAction::SendFrame(_)) | None => {
+                anyhow::bail!("witness: the answer left no outcome")
+            }
         };
         let (log, peer) = (self.audit.clone(), self.keys.peer.clone());
         let cp = checkpoint.clone();
@@ -1100,7 +1106,8 @@ impl Edge {
 }
 
 /// The gateway's witness refused the edge's checkpoint: it does not extend the one the
-/// witness cosigned last (a rewound or forked log), or is not signed by the pinned key.
+/// witness cosigned last (a rewound or forked log), or is not signed by the pinned key
+/// (`proto::WitnessAskerAction::Refused`).
 #[derive(Debug, thiserror::Error)]
 #[error("the gateway refused to witness: {code}: {text}")]
 pub struct WitnessRefused {

@@ -1,6 +1,7 @@
 //! One transfer's control stream: drives the `Receiver` state machine with the frames the
 //! edge sends and the events the chunk streams report, and carries out its actions (send a
-//! frame, verify an offer, commit, stop).
+//! frame, verify an offer, commit, stop). A stream that opens with `Notices` or `Witness` is
+//! handed to [`crate::notice::Notices::serve_stream`] or [`super::witness`] instead.
 //!
 //! Owns the order of things on the stream: a refusal is recorded in the audit log before its
 //! error frame goes out; a full spool pauses the transfer; a newer connection's offer for
@@ -56,15 +57,24 @@ pub(super) async fn control_stream(
     recv: quinn::RecvStream,
 ) {
     let mut frames = spawn_frame_reader(recv, gw.limits);
-    // A stream that opens with `Notices` collects delivery notices; it carries nothing else.
-    let first = frames.recv().await;
-    if let Some(Ok(Frame::Notices { .. })) = &first {
-        let notices = gw.notices.clone();
-        notices
-            .serve_stream(&peer, FrameWriter::new(send), frames)
-            .await;
-        return;
-    }
+    let first = match frames.recv().await {
+        // A stream that opens with `Notices` collects delivery notices; it carries nothing
+        // else.
+        Some(Ok(Frame::Notices { .. })) => {
+            let notices = gw.notices.clone();
+            notices
+                .serve_stream(&peer, FrameWriter::new(send), frames)
+                .await;
+            return;
+        }
+        // audit: a stream that opens with `Witness` asks this gateway to witness the edge's
+        // audit log; it carries nothing else.
+        Some(Ok(request @ Frame::Witness { .. })) => {
+            super::witness::serve_stream(&gw, &peer, FrameWriter::new(send), request).await;
+            return;
+        }
+        first => first,
+    };
     let mut control = Control {
         receiver: Some(Receiver::new(gw.limits, gw.receiver_cfg)),
         gw,
@@ -272,8 +282,7 @@ impl Control {
         }
     }
 
-    /// Hands a frame to the state machine (or answers a witness request); `Break` when the
-    /// stream is done.
+    /// Hands a frame to the state machine; `Break` when the stream is done.
     async fn on_frame(
         &mut self,
         frame: Option<Result<Frame, LinkError>>,
@@ -293,27 +302,6 @@ impl Control {
             Some(Err(e)) => return Err(e),
             None => return Err(LinkError::Lost("control stream ended".into())),
         };
-        // audit: a control stream that opens with `Witness` asks this gateway to witness the
-        // edge's audit log; it carries nothing else.
-        if let Frame::Witness {
-            checkpoint,
-            old_size,
-            proof,
-            ..
-        } = frame
-        {
-            if self.active.is_some() {
-                return Err(LinkError::Protocol(ProtoError::UnexpectedFrame {
-                    frame: "Witness",
-                    state: "receiving a transfer",
-                }));
-            }
-            let reply =
-                super::witness::answer(&self.gw, self.peer.clone(), checkpoint, old_size, proof)
-                    .await;
-            self.writer.send(&reply).await?;
-            return Ok(ControlFlow::Break(()));
-        }
         let res = match (&mut self.receiver, &self.active) {
             (Some(r), _) => r.handle_frame(frame),
             (None, Some(a)) => a

@@ -22,7 +22,7 @@
 //!
 //! `Witness` opens a control stream of its own (no `Hello`/`Offer`): the edge asks the
 //! gateway to witness its audit log's latest checkpoint; the gateway answers `Cosigned` or
-//! `Error`.
+//! `Error` ([`super::WitnessAsker`] and [`super::WitnessAnswerer`] hold the exchange).
 //!
 //! `Notices` opens a control stream of its own too: the edge asks for the gateway's delivery
 //! notices of its transfers. The gateway sends a `Notice` for each one not yet acknowledged,

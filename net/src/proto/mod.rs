@@ -24,6 +24,9 @@
 //! - [`ChunkSet`]: a bitmap of chunk indices (the receiver's have-list).
 //! - [`Sender`] and [`Receiver`]: the two ends of one transfer, fed events and
 //!   polled for actions.
+//! - [`WitnessAsker`] and [`WitnessAnswerer`]: the two ends of the audit-log witness
+//!   exchange (a control stream of its own: `Witness`, answered `Cosigned` or `Error`), in
+//!   the same style.
 //!
 //! # Conversation
 //!
@@ -65,6 +68,7 @@ mod sender;
 #[cfg(test)]
 mod sim;
 mod wire;
+mod witness;
 
 use std::fmt;
 use std::str::FromStr;
@@ -87,6 +91,9 @@ pub use notice::{
 pub use receipt::{RECEIPT_MAGIC, RECEIPT_VERSION, Receipt};
 pub use receiver::{Receiver, ReceiverAction, ReceiverConfig};
 pub use sender::{Sender, SenderAction, SenderConfig};
+pub use witness::{
+    WitnessAnswerer, WitnessAnswererAction, WitnessAsker, WitnessAskerAction, is_witness_refusal,
+};
 
 pub use crate::merkle::{Digest, sha256};
 
