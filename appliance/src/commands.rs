@@ -36,6 +36,7 @@ pub fn init_tracing(format: LogFormat) {
 /// Runs one command and maps the outcome to an exit code; errors are printed as one line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
+        #[cfg(feature = "dev-env")]
         Command::DevEnv {
             dir,
             base_port,
@@ -132,6 +133,7 @@ fn serve(path: &Path) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+#[cfg(feature = "dev-env")]
 fn absolute(p: &Path) -> std::path::PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
