@@ -40,6 +40,8 @@ pub enum Command {
     /// gateway.toml, a consent registry and the state directories. DIR must be empty or
     /// missing. Ports: edge HTTPS N, edge metrics N+1, gateway QUIC N+2, gateway metrics N+3,
     /// edge DICOM N+4, edge DICOM over TLS N+5.
+    // Only with the `dev-env` feature: the shipped binary leaves it out.
+    #[cfg(feature = "dev-env")]
     DevEnv {
         /// Directory to create the deployment in.
         dir: PathBuf,

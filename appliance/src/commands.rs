@@ -3,14 +3,15 @@
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use baylink_hsm::Token;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{AuditCommand, AuditVerifyArgs, Cli, Command, HsmCommand, LogFormat, SendArgs};
 use crate::config::{Config, Role};
-use crate::edge::{Edge, SendRequest};
+use crate::edge::{Edge, SendObserver, SendRequest};
 use crate::link::send::SendStats;
 use crate::policy::Declaration;
 use crate::signing::hsm_config;
@@ -35,6 +36,7 @@ pub fn init_tracing(format: LogFormat) {
 /// Runs one command and maps the outcome to an exit code; errors are printed as one line.
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
+        #[cfg(feature = "dev-env")]
         Command::DevEnv {
             dir,
             base_port,
@@ -131,6 +133,7 @@ fn serve(path: &Path) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+#[cfg(feature = "dev-env")]
 fn absolute(p: &Path) -> std::path::PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_owned())
 }
@@ -192,12 +195,12 @@ fn send(args: SendArgs) -> ExitCode {
                 },
             },
         };
-        let show = !args.no_progress && std::io::stderr().is_terminal();
+        let bar = Bar::new(!args.no_progress && std::io::stderr().is_terminal());
         let stats = Arc::new(SendStats::default());
         let (wait_delivered, delivered_timeout) = (args.wait_delivered, args.delivered_timeout);
         let summary = runtime()?.block_on(async {
             let edge = Edge::start(Arc::new(cfg)).await?;
-            let mut result = edge.send(request, show, &stats).await;
+            let mut result = edge.send(request, &bar, &stats).await;
             if wait_delivered && let Ok(summary) = &mut result {
                 match summary.transfer_id.parse() {
                     Ok(id) => match edge.wait_delivered(id, delivered_timeout).await {
@@ -267,6 +270,73 @@ fn send(args: SendArgs) -> ExitCode {
         Err(e) => {
             eprintln!("{}", e.answer());
             ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}
+
+/// `baylink send`'s progress bar on stderr, drawn from the send's [`SendObserver`] events:
+/// made at the first one (a send refused before it starts draws none), never when hidden.
+struct Bar {
+    show: bool,
+    bar: OnceLock<ProgressBar>,
+}
+
+impl Bar {
+    fn new(show: bool) -> Bar {
+        Bar {
+            show,
+            bar: OnceLock::new(),
+        }
+    }
+
+    fn get(&self) -> Option<&ProgressBar> {
+        self.show.then(|| {
+            self.bar.get_or_init(|| {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{msg:10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .expect("static template")
+                    .progress_chars("=> "),
+                );
+                bar
+            })
+        })
+    }
+}
+
+impl SendObserver for Bar {
+    fn stage(&self, name: &str, total: u64) {
+        if let Some(bar) = self.get() {
+            bar.set_length(total);
+            bar.set_position(0);
+            bar.set_message(name.to_owned());
+        }
+    }
+    fn advanced(&self, bytes: u64) {
+        if let Some(bar) = self.get() {
+            bar.inc(bytes);
+        }
+    }
+    fn attempt(&self) {
+        if let Some(bar) = self.get() {
+            bar.set_position(0);
+        }
+    }
+    fn link_lost(&self, error: &str) {
+        if let Some(bar) = self.get() {
+            bar.set_message(format!("link lost, retrying: {error}"));
+        }
+    }
+    fn finished(&self, ok: bool) {
+        if let Some(bar) = self.get() {
+            if ok {
+                bar.finish_and_clear();
+            } else {
+                // As the bar dropped unfinished: left drawn at its end.
+                bar.finish();
+            }
         }
     }
 }

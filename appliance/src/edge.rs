@@ -18,7 +18,6 @@ use baylink_net::proto::{
 };
 use baylink_net::spool::{Spool, SpoolConfig};
 use baylink_net::transport::{self, TlsIdentity};
-use indicatif::{ProgressBar, ProgressStyle};
 use nix::fcntl::{Flock, FlockArg};
 use serde::Serialize;
 use tracing::{error, info, warn};
@@ -373,10 +372,10 @@ impl Edge {
     pub async fn send(
         &self,
         request: SendRequest,
-        show_progress: bool,
+        observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
     ) -> Result<SendSummary, SendFailure> {
-        self.send_until(request, show_progress, stats, &crate::ops::Flag::default())
+        self.send_until(request, observer, stats, &crate::ops::Flag::default())
             .await
     }
 
@@ -388,7 +387,7 @@ impl Edge {
     pub async fn send_until(
         &self,
         request: SendRequest,
-        show_progress: bool,
+        observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
         yield_slot: &crate::ops::Flag,
     ) -> Result<SendSummary, SendFailure> {
@@ -478,16 +477,11 @@ impl Edge {
         }
         eprintln!("transfer {id}");
         let result = self
-            .send_declared(
-                id,
-                request,
-                show_progress,
-                stats,
-                started,
-                &declared,
-                yield_slot,
-            )
+            .send_declared(id, request, observer, stats, started, &declared, yield_slot)
             .await;
+        if result.is_err() {
+            observer.finished(false);
+        }
         if let Err(e) = &result
             && !matches!(e, SendFailure::Stopped)
         {
@@ -527,14 +521,14 @@ impl Edge {
         &self,
         id: TransferId,
         request: SendRequest,
-        show_progress: bool,
+        observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
         started: Instant,
         declared: &Event,
         yield_slot: &crate::ops::Flag,
     ) -> Result<SendSummary, SendFailure> {
         let dir = TransferDir::new(&self.cfg.spool_dir, &id);
-        let bar = progress_bar(show_progress);
+        let progress = Observed(observer);
 
         let out = match &request {
             SendRequest::New { files, declaration } => {
@@ -545,8 +539,7 @@ impl Edge {
                     .iter()
                     .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
                     .sum();
-                bar.set_length(total);
-                bar.set_message("sealing");
+                observer.stage("sealing", total);
                 let job = seal::SealJob {
                     id,
                     sender: &self.cfg.id,
@@ -554,16 +547,10 @@ impl Edge {
                     files,
                     chunk_size: self.cfg.transport.chunk_size,
                 };
-                let sealed = seal::seal_files(
-                    &self.spool,
-                    &dir,
-                    &job,
-                    &self.keys,
-                    &self.audit,
-                    &BarProgress(bar.clone()),
-                )
-                .await
-                .map_err(hsm_failure)?;
+                let sealed =
+                    seal::seal_files(&self.spool, &dir, &job, &self.keys, &self.audit, &progress)
+                        .await
+                        .map_err(hsm_failure)?;
                 (sealed, _lock)
             }
             SendRequest::Resume(_) | SendRequest::SealedHere(_) => {
@@ -605,14 +592,12 @@ impl Edge {
                 0,
             )
         } else {
-            bar.set_length(out.manifest.total_bytes());
-            bar.set_position(0);
-            bar.set_message("sending");
+            observer.stage("sending", out.manifest.total_bytes());
             // The drain's end stops the send between or in the middle of chunks: what the
             // gateway verified it makes durable when the connection closes, so the next start
             // resumes from there.
             let d = tokio::select! {
-                d = self.transmit(&out, &bar, stats) => d?,
+                d = self.transmit(&out, &progress, stats) => d?,
                 () = self.stop.wait() => {
                     info!(transfer = %id, "send stopped by the drain; it resumes at the next start");
                     return Err(SendFailure::Stopped);
@@ -660,7 +645,7 @@ impl Edge {
             .map_err(anyhow::Error::from)?
             .context("cannot store the receipt")?;
         }
-        bar.finish_and_clear();
+        observer.finished(true);
         stats
             .hsm_wait_us
             .store(self.keys.waited_us(), Ordering::Relaxed);
@@ -687,7 +672,7 @@ impl Edge {
     async fn transmit(
         &self,
         out: &Outgoing,
-        bar: &ProgressBar,
+        progress: &Observed<'_>,
         stats: &Arc<SendStats>,
     ) -> Result<Delivered, SendFailure> {
         let connect = self
@@ -698,7 +683,6 @@ impl Edge {
         let retry_for = self.cfg.transport.retry_for;
         let mut backoff = Duration::from_millis(200);
         let mut lost_since: Option<Instant> = None;
-        let progress = BarProgress(bar.clone());
         loop {
             let sent_before = stats.wire_bytes();
             let attempt = async {
@@ -711,7 +695,7 @@ impl Edge {
                     conn.clone(),
                     self.cfg.transport.server_name.clone(),
                 );
-                bar.set_position(0);
+                progress.0.attempt();
                 let res = send::run(
                     &conn,
                     &self.spool,
@@ -721,7 +705,7 @@ impl Edge {
                         ..SenderConfig::default()
                     },
                     &self.cfg.id,
-                    &progress,
+                    progress,
                     stats,
                 )
                 .await;
@@ -763,7 +747,7 @@ impl Edge {
                         });
                     }
                     warn!(error = %e, retry_in = ?backoff, "link lost; will resume");
-                    bar.set_message(format!("link lost, retrying: {e}"));
+                    progress.0.link_lost(&e.to_string());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -1147,34 +1131,56 @@ fn lock_transfer(dir: &TransferDir) -> anyhow::Result<Flock<File>> {
     })
 }
 
-fn progress_bar(show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
+/// Observes one send's progress: `baylink send` draws a progress bar from it (the command
+/// layer, [`crate::commands`]); the hospital doors and the service pass [`NoObserver`].
+///
+/// Bytes are counted per stage: a stage begins at 0 of `total`, and [`SendObserver::advanced`]
+/// adds to it.
+pub trait SendObserver: Send + Sync {
+    /// A stage begins (`sealing`: copying into the spool; `sending`: on the link) over
+    /// `total` payload bytes, counted from 0.
+    fn stage(&self, name: &str, total: u64) {
+        let _ = (name, total);
     }
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg:10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    bar
+    /// `bytes` more payload bytes of the stage are done (copied into the spool; confirmed by
+    /// the gateway, or already there).
+    fn advanced(&self, bytes: u64) {
+        let _ = bytes;
+    }
+    /// A connection to the gateway is up and a new attempt begins: the `sending` stage's
+    /// count starts again from 0 (the gateway's have-list counts what it already holds).
+    fn attempt(&self) {}
+    /// The link was lost (`error`); the send retries after a pause.
+    fn link_lost(&self, error: &str) {
+        let _ = error;
+    }
+    /// The send ended: `ok` once its receipt is verified and stored, or not when it failed or
+    /// stopped.
+    fn finished(&self, ok: bool) {
+        let _ = ok;
+    }
 }
 
-struct BarProgress(ProgressBar);
+/// A [`SendObserver`] that observes nothing (the hospital doors, the service's resumes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoObserver;
 
-impl Progress for BarProgress {
+impl SendObserver for NoObserver {}
+
+/// A [`SendObserver`] as the sealer's and the sender's progress.
+struct Observed<'a>(&'a dyn SendObserver);
+
+impl Progress for Observed<'_> {
     fn confirmed(&self, bytes: u64) {
-        self.0.inc(bytes);
+        self.0.advanced(bytes);
     }
     fn already_there(&self, bytes: u64) {
-        self.0.inc(bytes);
+        self.0.advanced(bytes);
     }
 }
 
-impl SealProgress for BarProgress {
+impl SealProgress for Observed<'_> {
     fn copied(&self, bytes: u64) {
-        self.0.inc(bytes);
+        self.0.advanced(bytes);
     }
 }

@@ -20,6 +20,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod deliver;
+#[cfg(feature = "dev-env")]
 pub mod devenv;
 pub mod dicom;
 pub mod edge;
@@ -30,6 +31,7 @@ pub mod ingest;
 pub mod link;
 pub mod notice;
 pub mod ops;
+#[cfg(any(test, feature = "dev-env"))]
 pub mod pki;
 pub mod policy;
 pub mod retention;

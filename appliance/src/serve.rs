@@ -401,7 +401,11 @@ async fn serve_edge(
                 }
                 info!(transfer = %id, "resuming a sealed transfer");
                 match edge
-                    .send(SendRequest::Resume(id), false, &Default::default())
+                    .send(
+                        SendRequest::Resume(id),
+                        &crate::edge::NoObserver,
+                        &Default::default(),
+                    )
                     .await
                 {
                     Ok(s) => info!(transfer = %id, wire_bytes = s.wire_bytes, "transfer receipted"),

@@ -198,6 +198,19 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
         ],
         &env,
     )?;
+    // The shipped binary is built without the default `dev-env` feature (no `baylink
+    // dev-env`, no test PKI): keep that build compiling.
+    steps.cargo(
+        "check-shipped",
+        &[
+            "check",
+            "-p",
+            "baylink",
+            "--no-default-features",
+            "--locked",
+        ],
+        &env,
+    )?;
     // The fuzz targets (own workspace and lockfile, not a member of this one) build on
     // stable for `check`; cargo-fuzz's nightly sanitizer build is not needed to keep them
     // compiling. The workspace's target directory lets the check reuse its dependencies.

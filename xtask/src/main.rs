@@ -2,8 +2,9 @@
 //! `.cargo/config.toml`).
 //!
 //! - `cargo xtask ci`: installs the Debian packages the tests need, makes sure cargo-nextest is
-//!   there, then runs fmt, clippy, doc, the release build, the systemd unit's checks and the test
-//!   suite, each step timed. `.ci/run` calls it.
+//!   there, then runs fmt, clippy, a check of the shipped build (`--no-default-features`),
+//!   doc, the release build, the systemd unit's checks and the test suite, each step timed.
+//!   `.ci/run` calls it.
 //! - `cargo xtask demo`: builds `baylink`, sets up a loopback deployment with `baylink dev-env`
 //!   delivering into a private Orthanc, sends a synthetic CT study into the edge by C-STORE
 //!   (dcmtk `storescu`), follows it to the delivery notice, checks the study in Orthanc, the

@@ -162,7 +162,12 @@ impl IngestStore {
                 let res = store
                     .inner
                     .edge
-                    .send_until(request.clone(), false, &Default::default(), &yield_slot)
+                    .send_until(
+                        request.clone(),
+                        &crate::edge::NoObserver,
+                        &Default::default(),
+                        &yield_slot,
+                    )
                     .await;
                 match res {
                     Ok(summary) => {
