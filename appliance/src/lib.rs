@@ -4,8 +4,8 @@
 //! spool ([`seal`]) and sends it ([`edge`], [`link::send`]); the gateway receives, verifies and
 //! commits it ([`gateway`]), signs a receipt, and delivers it downstream ([`deliver`]).
 //! [`serve`] runs a role as a service (after [`check`] found no error in its config),
-//! [`devenv`] builds a loopback deployment. [`dicom`] is
-//! the edge's DICOM C-STORE door. Every step is first recorded in the appliance's
+//! `devenv` builds a loopback deployment (feature `dev-env`, on by default; the shipped
+//! binary is built without it). [`dicom`] is the edge's DICOM C-STORE door. Every step is first recorded in the appliance's
 //! tamper-evident [`audit`] log.
 //!
 //! What this crate deliberately does not do: speak QUIC or touch io_uring itself (that is

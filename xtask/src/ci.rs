@@ -203,11 +203,14 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
     steps.cargo(
         "check-shipped",
         &[
-            "check",
+            "clippy",
             "-p",
             "baylink",
             "--no-default-features",
             "--locked",
+            "--",
+            "-D",
+            "warnings",
         ],
         &env,
     )?;

@@ -2,7 +2,7 @@
 //! `.cargo/config.toml`).
 //!
 //! - `cargo xtask ci`: installs the Debian packages the tests need, makes sure cargo-nextest is
-//!   there, then runs fmt, clippy, a check of the shipped build (`--no-default-features`),
+//!   there, then runs fmt, clippy, clippy of the shipped build (`--no-default-features`),
 //!   doc, the release build, the systemd unit's checks and the test suite, each step timed.
 //!   `.ci/run` calls it.
 //! - `cargo xtask demo`: builds `baylink`, sets up a loopback deployment with `baylink dev-env`
