@@ -586,6 +586,13 @@ fn a_silent_modality_does_not_hold_up_another_peers_report() {
         "{}",
         edge.log()
     );
+    // The other peer's request is removed once its report is answered (just after the
+    // listener has it): wait for that, bounded; the stuck peer's stays.
+    let deadline = Instant::now() + EVENT_WAIT;
+    while pending_requests(&d) > 1 {
+        assert!(Instant::now() < deadline, "{}", edge.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(
         pending_requests(&d),
         1,
