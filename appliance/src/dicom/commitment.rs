@@ -1061,8 +1061,6 @@ impl Commitments {
         };
         match self.deliver(&req, &report, attached).await {
             Ok(via) => {
-                info!(transaction_uid = %req.transaction_uid, calling_ae = %req.ae_title, committed = report.committed.len(), failed = report.failed.len(), via, "storage commitment report sent");
-                metrics::counter!("baylink_dicom_commitment_reports_total", "result" => "sent", "event" => event).increment(1);
                 let path = self.root.join("pending").join(format!("{id}.json"));
                 let removed = tokio::task::spawn_blocking(move || {
                     std::fs::remove_file(&path)?;
@@ -1072,6 +1070,9 @@ impl Commitments {
                 if !matches!(removed, Ok(Ok(()))) {
                     warn!(transaction_uid = %req.transaction_uid, "cannot remove an answered storage commitment request; it may be answered again after a restart");
                 }
+                // Said once the request is gone, so that the line means it is answered for good.
+                info!(transaction_uid = %req.transaction_uid, calling_ae = %req.ae_title, committed = report.committed.len(), failed = report.failed.len(), via, "storage commitment report sent");
+                metrics::counter!("baylink_dicom_commitment_reports_total", "result" => "sent", "event" => event).increment(1);
                 let mut st = self.lock();
                 st.pending.remove(&id);
                 metrics::gauge!("baylink_dicom_commitment_pending").set(st.pending.len() as f64);
