@@ -219,9 +219,9 @@ pub struct Edge {
     policy: SharedPolicy,
     audit: audit::Log,
     /// Sends in progress (and queued by the hospital doors), for the service's drain.
-    sending: crate::ops::Activity,
+    sending: crate::drain::Activity,
     /// Set at the end of the service's drain: sends stop and new ones do not start.
-    stop: crate::ops::Flag,
+    stop: crate::drain::Flag,
 }
 
 fn hsm_failure(e: anyhow::Error) -> SendFailure {
@@ -280,14 +280,14 @@ impl Edge {
             endpoint,
             policy,
             audit,
-            sending: crate::ops::Activity::default(),
-            stop: crate::ops::Flag::default(),
+            sending: crate::drain::Activity::default(),
+            stop: crate::drain::Flag::default(),
         })
     }
 
     /// Sends in progress or queued: [`Edge::send`] counts itself, the hospital doors' queue
     /// counts what waits for its turn.
-    pub fn sending(&self) -> &crate::ops::Activity {
+    pub fn sending(&self) -> &crate::drain::Activity {
         &self.sending
     }
 
@@ -375,7 +375,7 @@ impl Edge {
         observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
     ) -> Result<SendSummary, SendFailure> {
-        self.send_until(request, observer, stats, &crate::ops::Flag::default())
+        self.send_until(request, observer, stats, &crate::drain::Flag::default())
             .await
     }
 
@@ -389,7 +389,7 @@ impl Edge {
         request: SendRequest,
         observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
-        yield_slot: &crate::ops::Flag,
+        yield_slot: &crate::drain::Flag,
     ) -> Result<SendSummary, SendFailure> {
         let started = Instant::now();
         if self.stop.is_set() || yield_slot.is_set() {
@@ -525,7 +525,7 @@ impl Edge {
         stats: &Arc<SendStats>,
         started: Instant,
         declared: &Event,
-        yield_slot: &crate::ops::Flag,
+        yield_slot: &crate::drain::Flag,
     ) -> Result<SendSummary, SendFailure> {
         let dir = TransferDir::new(&self.cfg.spool_dir, &id);
         let progress = Observed(observer);

@@ -23,14 +23,15 @@ pub mod deliver;
 #[cfg(feature = "dev-env")]
 pub mod devenv;
 pub mod dicom;
+pub mod drain;
 pub mod edge;
 pub mod failpoint;
 pub mod gateway;
+pub mod health;
 pub mod info;
 pub mod ingest;
 pub mod link;
 pub mod notice;
-pub mod ops;
 #[cfg(any(test, feature = "dev-env"))]
 pub mod pki;
 pub mod policy;

@@ -16,10 +16,11 @@ use crate::deliver::dicomweb::StowSettings;
 use crate::deliver::{self, Deliver, DeliveryQueue, DirDelivery};
 use crate::dicom::scp::{self, ScpConfig, StorageScp};
 use crate::dicom::sink::StoreSink;
+use crate::drain::{self, Activity, Drain};
 use crate::edge::{Edge, SendFailure, SendRequest};
 use crate::gateway::{Gateway, serve_connection};
+use crate::health::{self, Health};
 use crate::ingest::{self, IngestStore};
-use crate::ops::{self, Health};
 use crate::policy::{Policy, SharedPolicy};
 use crate::retention;
 use crate::signing::Keys;
@@ -27,8 +28,8 @@ use crate::transfer_dir::TransferDir;
 
 /// Runs the configured role until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let signals = ops::Signals::install()?;
-    let metrics = ops::install_metrics()?;
+    let signals = drain::Signals::install()?;
+    let metrics = health::install_metrics()?;
     // Every family exists from the first scrape (see `crate::telemetry`).
     let peers = match cfg.role {
         Role::Edge => vec![cfg.transport.server_name.clone()],
@@ -37,7 +38,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     crate::telemetry::register(cfg.role, cfg.spool_reserve_bytes, &peers);
     crate::telemetry::watch_certificates(certificate_files(&cfg));
     let health = Arc::new(Health::default());
-    let metrics_server = ops::bind_metrics(cfg.metrics_listen, metrics, health.clone()).await?;
+    let metrics_server = health::bind_metrics(cfg.metrics_listen, metrics, health.clone()).await?;
     tokio::spawn(metrics_server);
     match cfg.role {
         Role::Gateway => serve_gateway(cfg, health, signals).await,
@@ -63,7 +64,7 @@ fn certificate_files(cfg: &Config) -> Vec<(&'static str, std::path::PathBuf)> {
 async fn serve_gateway(
     cfg: Config,
     health: Arc<Health>,
-    mut signals: ops::Signals,
+    mut signals: drain::Signals,
 ) -> anyhow::Result<()> {
     let c = cfg.clone();
     let keys = tokio::task::spawn_blocking(move || Keys::open(&c))
@@ -147,7 +148,7 @@ async fn serve_gateway(
     let edges = transport::ClientNames::Only(cfg.peer_names.clone());
     let endpoint = transport::server_endpoint(listen, &ca, &edges, &identity, &cfg.link)
         .with_context(|| format!("cannot listen on {listen} (transport.listen)"))?;
-    let probe = ops::HealthProbe::new(spool.clone(), &cfg.spool_dir, keys.clone());
+    let probe = health::HealthProbe::new(spool.clone(), &cfg.spool_dir, keys.clone());
     let token = keys.token.clone();
     let gw = Arc::new(
         Gateway::new(
@@ -194,7 +195,7 @@ async fn serve_gateway(
         }
     });
     health.set_ready();
-    ops::notify_ready(probe);
+    health::notify_ready(probe);
     info!(%listen, role = "gateway", "serving");
 
     let accept = {
@@ -218,7 +219,7 @@ async fn serve_gateway(
     };
 
     info!(signal, "draining");
-    ops::notify_stopping();
+    health::notify_stopping();
     health.set_stopping();
     gw.draining.store(true, Ordering::SeqCst);
     endpoint.set_server_config(None);
@@ -291,7 +292,7 @@ async fn start_dicom_scp(
 async fn serve_edge(
     cfg: Config,
     health: Arc<Health>,
-    mut signals: ops::Signals,
+    mut signals: drain::Signals,
 ) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let edge = Edge::start(cfg.clone())
@@ -311,8 +312,8 @@ async fn serve_edge(
     store.seal_interrupted_associations().await;
     // What the drain waits for: hospital connections, C-STORE associations, and sends
     // (counted by the edge itself).
-    let drain = ops::Drain::default();
-    let (connections, associations) = (ops::Activity::default(), ops::Activity::default());
+    let drain = Drain::default();
+    let (connections, associations) = (Activity::default(), Activity::default());
     if cfg.ingest.dicom_listen.is_some() || cfg.ingest.dicom_tls_listen.is_some() {
         // Storage Commitment: its index and pending requests (those of an earlier run are
         // answered as their notices come, or at once if they already have).
@@ -378,7 +379,7 @@ async fn serve_edge(
     metrics::gauge!("baylink_audit_witness_refused").set(if refused.is_some() { 1.0 } else { 0.0 });
     health.unhealthy_while_exists(cfg.audit_dir.join(audit::witness::REFUSED_FILE));
     health.set_ready();
-    ops::notify_ready(ops::HealthProbe::new(
+    health::notify_ready(health::HealthProbe::new(
         edge.spool().clone(),
         &cfg.spool_dir,
         edge.keys().clone(),
@@ -495,12 +496,12 @@ async fn drain_edge(
     cfg: &Config,
     edge: &Edge,
     health: &Health,
-    drain: &ops::Drain,
-    connections: &ops::Activity,
-    associations: &ops::Activity,
+    drain: &Drain,
+    connections: &Activity,
+    associations: &Activity,
 ) {
     info!(signal, drain_timeout = ?cfg.drain_timeout, "draining");
-    ops::notify_stopping();
+    health::notify_stopping();
     health.set_stopping();
     drain.started.set();
     let deadline = Instant::now() + cfg.drain_timeout;

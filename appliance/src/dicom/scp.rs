@@ -27,7 +27,7 @@
 //! certificate of the wrong hospital a real A-ASSOCIATE-RJ), and its non-TLS negotiation
 //! accepts only a `TcpStream`.
 //!
-//! Drain (SIGTERM, [`crate::ops::Drain`]): when it starts, both listeners are closed (new
+//! Drain (SIGTERM, [`crate::drain::Drain`]): when it starts, both listeners are closed (new
 //! associations are refused by the kernel) while running associations go on, C-STOREs
 //! included; when it ends (`drain.timeout`), an association still open is aborted
 //! (`edge-shutdown`) after its instances answered Success are sealed, exactly as for any other
@@ -59,7 +59,7 @@ use super::sink::{AssociationEnd, AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::admission::{SourceLimiter, Unidentified, canonical};
 use crate::config::DicomPeer;
-use crate::ops::{Activity, Drain, Flag};
+use crate::drain::{Activity, Drain, Flag};
 use crate::policy::{Decision, Declaration, SharedPolicy};
 
 /// What the SCP needs to know, typed.

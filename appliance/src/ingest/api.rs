@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use super::store::{IngestError, IngestStore};
-use crate::ops::Drain;
+use crate::drain::Drain;
 
 /// The authenticated hospital of a connection (its client certificate's CN).
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 //! (`ingest.header_timeout`: a client that sends half a header and stalls is disconnected). Request bodies stream: each frame goes to the spool before
 //! the next is read, so memory stays bounded whatever the size or number of uploads.
 //!
-//! Drain (SIGTERM, [`crate::ops::Drain`]): when it starts, the listener is closed (new
+//! Drain (SIGTERM, [`crate::drain::Drain`]): when it starts, the listener is closed (new
 //! connections are refused by the kernel), handshakes under way are dropped, idle keep-alive
 //! connections close, a request in progress goes on and its connection closes after the
 //! answer, and a long-polling status request answers at once. When it ends
@@ -46,7 +46,7 @@ use super::store::{IngestError, IngestStore};
 use super::stow::StowLimits;
 use crate::admission::{SourceLimiter, Unidentified};
 use crate::config::Config;
-use crate::ops::{Activity, Drain};
+use crate::drain::{Activity, Drain};
 use crate::policy::Declaration;
 use crate::tls_reload::Swap;
 

@@ -18,8 +18,8 @@ use tracing::{info, warn};
 
 use super::sched::{Action, Sched};
 use super::{IngestStore, TransferState, lock};
+use crate::drain::Flag;
 use crate::edge::{SendFailure, SendRequest};
-use crate::ops::Flag;
 
 /// The send slots: the scheduler and, for each queued or running transfer, how to give it
 /// its turn and how to ask it to yield. Owns no send; the tasks of
