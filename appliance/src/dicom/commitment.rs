@@ -690,6 +690,23 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The transfers the commitment index holds (`index/<transfer id>`) and each one's file;
+/// names that are not a transfer id are skipped.
+fn index_entries(index: &Path) -> std::io::Result<Vec<(TransferId, PathBuf)>> {
+    let mut entries = Vec::new();
+    for entry in std::fs::read_dir(index)? {
+        let entry = entry?;
+        if let Some(transfer) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<TransferId>().ok())
+        {
+            entries.push((transfer, entry.path()));
+        }
+    }
+    Ok(entries)
+}
+
 impl Commitments {
     /// Opens the service: loads the index and the pending requests (those of an earlier run
     /// are answered by [`Commitments::run`]).
@@ -704,16 +721,8 @@ impl Commitments {
         create_dir_durably(&root.join("index"))?;
         create_dir_durably(&root.join("pending"))?;
         let mut state = State::default();
-        for entry in std::fs::read_dir(root.join("index"))? {
-            let entry = entry?;
-            let Some(transfer) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<TransferId>().ok())
-            else {
-                continue;
-            };
-            let text = std::fs::read_to_string(entry.path())?;
+        for (transfer, path) in index_entries(&root.join("index"))? {
+            let text = std::fs::read_to_string(&path)?;
             let mut lines = text.lines();
             let Some(hospital) = lines.next().and_then(|l| l.strip_prefix("hospital\t")) else {
                 continue;
@@ -800,18 +809,10 @@ impl Commitments {
                 .collect()
         };
         let mut gone = HashSet::new();
-        for entry in std::fs::read_dir(&index)? {
-            let entry = entry?;
-            let Some(transfer) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<TransferId>().ok())
-            else {
-                continue;
-            };
+        for (transfer, path) in index_entries(&index)? {
             let dir = TransferDir::new(&self.spool, &transfer);
             if !asked.contains(&transfer) && dir.pruned().exists() && dir.has_notice() {
-                std::fs::remove_file(entry.path())?;
+                std::fs::remove_file(&path)?;
                 gone.insert(transfer);
             }
         }
@@ -989,25 +990,27 @@ impl Commitments {
             };
             let mut known = HashMap::new();
             // Peers whose report went out in this pass.
-            let mut sending: HashSet<(String, String)> = HashSet::new();
-            for (id, req) in due {
-                let peer = (req.hospital.clone(), req.ae_title.clone());
-                if sending.contains(&peer) {
+            let mut sending: HashSet<(&str, &str)> = HashSet::new();
+            for (id, req) in &due {
+                if sending.contains(&req.peer()) {
                     continue;
                 }
-                let Some(report) = self.resolve(&req, &mut known).await else {
+                let Some(report) = self.resolve(req, &mut known).await else {
                     continue;
                 };
                 let attached = {
                     let mut st = self.lock();
-                    let Some(e) = st.pending.get_mut(&id) else {
+                    let Some(e) = st.pending.get_mut(id) else {
                         continue;
                     };
                     e.sending = true;
                     e.attached.take()
                 };
-                sending.insert(peer);
-                tokio::spawn(self.clone().send_report(id, req, report, attached));
+                sending.insert(req.peer());
+                tokio::spawn(
+                    self.clone()
+                        .send_report(id.clone(), req.clone(), report, attached),
+                );
             }
             let sleep = async {
                 match next_wake {

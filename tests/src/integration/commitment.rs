@@ -3,6 +3,7 @@
 //! N-EVENT-REPORT (`tests/data/dicom/commitment_scu.py`); dcmtk's `storescu` sends the
 //! instances; the gateway delivers into a real Orthanc.
 
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -216,6 +217,48 @@ fn store(d: &Deployment, files: &[PathBuf]) {
     );
 }
 
+/// Writes instances `numbers` of patient P-0001 and stores them as the modality (all answered
+/// Success); returns their SOP Instance UIDs, in order.
+fn store_instances(d: &Deployment, numbers: RangeInclusive<u32>) -> Vec<String> {
+    let src = d.path("study");
+    let files: Vec<PathBuf> = numbers
+        .clone()
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    store(d, &files);
+    numbers.map(sop_uid).collect()
+}
+
+/// A deployment delivering to `store`, the modality's listener, and both appliances running.
+struct Running {
+    d: Deployment,
+    listener: Listener,
+    gateway: Service,
+    edge: Service,
+}
+
+impl Running {
+    fn start(store: String) -> Running {
+        let port = free_port();
+        let d = deployment(Some(store), port);
+        let listener = Listener::start(&d, port);
+        let gateway = d.serve(&d.gateway_config()).unwrap();
+        let edge = d.serve(&d.edge_config()).unwrap();
+        Running {
+            d,
+            listener,
+            gateway,
+            edge,
+        }
+    }
+
+    /// Both appliances stop cleanly on SIGTERM.
+    fn stop(self) {
+        assert!(self.edge.terminate().unwrap().success());
+        assert!(self.gateway.terminate().unwrap().success());
+    }
+}
+
 fn sorted(v: &serde_json::Value) -> Vec<String> {
     let mut out: Vec<String> = v
         .as_array()
@@ -245,22 +288,13 @@ fn instances_in_the_record_store_are_committed() {
         return;
     }
     let orthanc = Orthanc::start().unwrap();
-    let port = free_port();
-    let d = deployment(Some(orthanc.dicomweb_url()), port);
-    let listener = Listener::start(&d, port);
-    let gateway = d.serve(&d.gateway_config()).unwrap();
-    let edge = d.serve(&d.edge_config()).unwrap();
-    let src = d.path("study");
-    let files: Vec<PathBuf> = (61..64)
-        .map(|n| instance(&src, n, Some("P-0001")))
-        .collect();
-    store(&d, &files);
-    let uids: Vec<String> = (61..64).map(sop_uid).collect();
+    let r = Running::start(orthanc.dicomweb_url());
+    let uids = store_instances(&r.d, 61..=63);
     let tx = "1.2.826.0.1.3680043.10.543.9001";
-    let answer = request(&d, tx, &uids, None);
-    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let answer = request(&r.d, tx, &uids, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", r.edge.log());
 
-    let report = listener.wait(tx, &edge);
+    let report = r.listener.wait(tx, &r.edge);
     assert_eq!(report["event_type"], 1, "{report}");
     assert_eq!(sorted(&report["committed"]), uids, "{report}");
     assert!(report["failed"].as_array().unwrap().is_empty(), "{report}");
@@ -269,10 +303,10 @@ fn instances_in_the_record_store_are_committed() {
     for uid in &uids {
         assert!(orthanc.instance_file(uid).unwrap().is_some(), "{uid}");
     }
-    edge.wait_for_log(&["storage commitment report sent", tx], EVENT_WAIT);
-    assert_eq!(pending_requests(&d), 0);
-    assert!(edge.terminate().unwrap().success());
-    assert!(gateway.terminate().unwrap().success());
+    r.edge
+        .wait_for_log(&["storage commitment report sent", tx], EVENT_WAIT);
+    assert_eq!(pending_requests(&r.d), 0);
+    r.stop();
 }
 
 /// (b) An instance this edge never received is reported failed at once (0x0112), without
@@ -324,12 +358,7 @@ fn a_pending_request_is_answered_after_a_restart() {
     let listener = Listener::start(&d, port);
     // The gateway is down: the transfer cannot be delivered, so the request waits.
     let edge = d.serve(&d.edge_config()).unwrap();
-    let src = d.path("study");
-    let files: Vec<PathBuf> = (81..83)
-        .map(|n| instance(&src, n, Some("P-0001")))
-        .collect();
-    store(&d, &files);
-    let uids: Vec<String> = (81..83).map(sop_uid).collect();
+    let uids = store_instances(&d, 81..=82);
     let tx = "1.2.826.0.1.3680043.10.543.9003";
     let answer = request(&d, tx, &uids, None);
     assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
@@ -364,29 +393,25 @@ fn the_report_comes_on_the_same_association_when_the_roles_allow() {
         return;
     }
     let orthanc = Orthanc::start().unwrap();
-    let port = free_port();
-    let d = deployment(Some(orthanc.dicomweb_url()), port);
-    let listener = Listener::start(&d, port);
-    let gateway = d.serve(&d.gateway_config()).unwrap();
-    let edge = d.serve(&d.edge_config()).unwrap();
-    let src = d.path("study");
-    let files = vec![instance(&src, 91, Some("P-0001"))];
-    store(&d, &files);
-    let uids = vec![sop_uid(91)];
+    let r = Running::start(orthanc.dicomweb_url());
+    let uids = store_instances(&r.d, 91..=91);
     let tx = "1.2.826.0.1.3680043.10.543.9004";
-    let answer = request(&d, tx, &uids, Some(EVENT_WAIT.as_secs()));
-    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let answer = request(&r.d, tx, &uids, Some(EVENT_WAIT.as_secs()));
+    assert_eq!(answer["status"], 0, "{answer}\n{}", r.edge.log());
     let report = &answer["report"];
-    assert_eq!(report["transaction_uid"], tx, "{answer}\n{}", edge.log());
+    assert_eq!(report["transaction_uid"], tx, "{answer}\n{}", r.edge.log());
     assert_eq!(report["event_type"], 1, "{answer}");
     assert_eq!(sorted(&report["committed"]), uids, "{answer}");
-    edge.wait_for_log(
+    r.edge.wait_for_log(
         &["storage commitment report sent", "same association"],
         EVENT_WAIT,
     );
-    assert!(listener.reports().is_empty(), "{:?}", listener.reports());
-    assert!(edge.terminate().unwrap().success());
-    assert!(gateway.terminate().unwrap().success());
+    assert!(
+        r.listener.reports().is_empty(),
+        "{:?}",
+        r.listener.reports()
+    );
+    r.stop();
 }
 
 /// The TLS door (`ingest.dicom_tls_listen`) serves Storage Commitment as the plain one does:
@@ -460,27 +485,18 @@ fn an_instance_the_record_store_refused_is_reported_failed() {
             Answer::Forward(orthanc_port)
         }
     }));
-    let port = free_port();
-    let d = deployment(Some(stub.url()), port);
-    let listener = Listener::start(&d, port);
-    let gateway = d.serve(&d.gateway_config()).unwrap();
-    let edge = d.serve(&d.edge_config()).unwrap();
-    let src = d.path("study");
-    let files: Vec<PathBuf> = (95..98)
-        .map(|n| instance(&src, n, Some("P-0001")))
-        .collect();
-    store(&d, &files);
-    let uids: Vec<String> = (95..98).map(sop_uid).collect();
+    let r = Running::start(stub.url());
+    let uids = store_instances(&r.d, 95..=97);
     let tx = "1.2.826.0.1.3680043.10.543.9006";
-    let answer = request(&d, tx, &uids, None);
-    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let answer = request(&r.d, tx, &uids, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", r.edge.log());
 
-    let report = listener.wait(tx, &edge);
+    let report = r.listener.wait(tx, &r.edge);
     assert_eq!(
         report["event_type"],
         2,
         "{report}\ngateway:\n{}",
-        gateway.log()
+        r.gateway.log()
     );
     assert_eq!(
         sorted(&report["committed"]),
@@ -495,9 +511,8 @@ fn an_instance_the_record_store_refused_is_reported_failed() {
         assert!(orthanc.instance_file(&sop_uid(n)).unwrap().is_some(), "{n}");
     }
     assert!(orthanc.instance_file(&bad).unwrap().is_none());
-    assert_eq!(pending_requests(&d), 0);
-    assert!(edge.terminate().unwrap().success());
-    assert!(gateway.terminate().unwrap().success());
+    assert_eq!(pending_requests(&r.d), 0);
+    r.stop();
 }
 
 /// With `spool.retain`, the index forgets a transfer once its payload is pruned and its
@@ -515,9 +530,7 @@ fn instances_pruned_from_the_spool_are_forgotten_after_their_report() {
     let listener = Listener::start(&d, port);
     // The gateway starts once the request waits, so that nothing is pruned before it.
     let edge = d.serve(&d.edge_config()).unwrap();
-    let files = vec![instance(&d.path("study"), 98, Some("P-0001"))];
-    store(&d, &files);
-    let uids = vec![sop_uid(98)];
+    let uids = store_instances(&d, 98..=98);
     let tx = "1.2.826.0.1.3680043.10.543.9007";
     assert_eq!(request(&d, tx, &uids, None)["status"], 0);
     edge.wait_for_log(&["storage commitment request accepted", tx], EVENT_WAIT);
@@ -586,13 +599,9 @@ fn a_silent_modality_does_not_hold_up_another_peers_report() {
         "{}",
         edge.log()
     );
-    // The other peer's request is removed once its report is answered (just after the
-    // listener has it): wait for that, bounded; the stuck peer's stays.
-    let deadline = Instant::now() + EVENT_WAIT;
-    while pending_requests(&d) > 1 {
-        assert!(Instant::now() < deadline, "{}", edge.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The other peer's request is removed once its report is answered ('report sent' is
+    // logged after the removal); the stuck peer's stays.
+    edge.wait_for_log(&["storage commitment report sent", tx], EVENT_WAIT);
     assert_eq!(
         pending_requests(&d),
         1,
