@@ -22,6 +22,8 @@ pub mod part10;
 pub mod reader;
 pub mod scp;
 pub mod sink;
+#[cfg(test)]
+pub(crate) mod test_bytes;
 
 /// Verification SOP Class (C-ECHO).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";

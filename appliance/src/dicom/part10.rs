@@ -270,32 +270,18 @@ pub fn file_header(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Explicit VR little endian element with a 2-byte length.
-    fn ele(group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
-        let mut v = value.to_vec();
-        if v.len() % 2 == 1 {
-            v.push(if vr == b"UI" { 0 } else { b' ' });
-        }
-        let mut out = Vec::new();
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(vr);
-        out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-        out.extend_from_slice(&v);
-        out
-    }
+    use crate::dicom::test_bytes::{even, padded, short_length};
 
     const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
     const EXPLICIT_LE: &str = "1.2.840.10008.1.2.1";
 
     fn instance(class: &str, inst: &str, patient: &str) -> Vec<u8> {
         let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "STORESCU").unwrap();
-        f.extend(ele(0x0008, 0x0016, b"UI", class.as_bytes()));
-        f.extend(ele(0x0008, 0x0018, b"UI", inst.as_bytes()));
-        f.extend(ele(0x0010, 0x0010, b"PN", b"Test^Patient"));
-        f.extend(ele(0x0010, 0x0020, b"LO", patient.as_bytes()));
-        f.extend(ele(0x0028, 0x0010, b"US", &4u16.to_le_bytes()));
+        f.extend(padded(0x0008, 0x0016, b"UI", class.as_bytes()));
+        f.extend(padded(0x0008, 0x0018, b"UI", inst.as_bytes()));
+        f.extend(padded(0x0010, 0x0010, b"PN", b"Test^Patient"));
+        f.extend(padded(0x0010, 0x0020, b"LO", patient.as_bytes()));
+        f.extend(padded(0x0028, 0x0010, b"US", &4u16.to_le_bytes()));
         f
     }
 
@@ -380,7 +366,7 @@ mod tests {
             .position(|w| w == [0x02, 0x00, 0x02, 0x00, b'U', b'I'])
             .unwrap();
         f[at + 4..at + 6].copy_from_slice(b"ZZ");
-        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(padded(0x0008, 0x0016, b"UI", CT.as_bytes()));
         let e = read_instance_from(&f[..]).unwrap_err();
         assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
         assert!(
@@ -391,7 +377,7 @@ mod tests {
 
         // The same in the data set.
         let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
-        f.extend(ele(0x0008, 0x0016, b"ZZ", CT.as_bytes()));
+        f.extend(short_length(0x0008, 0x0016, b"ZZ", &even(CT.as_bytes(), 0)));
         let e = read_instance_from(&f[..]).unwrap_err();
         assert!(matches!(e, Part10Error::Malformed(_)), "{e}");
     }
@@ -408,7 +394,7 @@ mod tests {
             .position(|w| w == [0x02, 0x00, 0x16, 0x00])
             .unwrap();
         f[at + 1] = 0x10; // (0002,0016) becomes (1002,0016)
-        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(padded(0x0008, 0x0016, b"UI", CT.as_bytes()));
         f.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
         f.extend_from_slice(&0x1000_0000u32.to_le_bytes());
         f.extend_from_slice(&[0u8; 64]);
@@ -424,8 +410,8 @@ mod tests {
     fn huge_declared_lengths_are_refused_before_parsing() {
         // A private OB element before the PatientID claiming 3.5 GiB.
         let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
-        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
-        f.extend(ele(0x0008, 0x0018, b"UI", b"1.2.3.4"));
+        f.extend(padded(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(padded(0x0008, 0x0018, b"UI", b"1.2.3.4"));
         f.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
         f.extend_from_slice(&0xE000_0000u32.to_le_bytes());
         f.extend_from_slice(&[0u8; 64]);
@@ -441,8 +427,8 @@ mod tests {
 
         // The same inside a sequence item (a defined-length SQ holding an undefined item).
         let mut f = file_header(CT, "1.2.3.4", EXPLICIT_LE, "").unwrap();
-        f.extend(ele(0x0008, 0x0016, b"UI", CT.as_bytes()));
-        f.extend(ele(0x0008, 0x0018, b"UI", b"1.2.3.4"));
+        f.extend(padded(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(padded(0x0008, 0x0018, b"UI", b"1.2.3.4"));
         f.extend_from_slice(&[0x08, 0x00, 0x15, 0x11, b'S', b'Q', 0, 0]);
         f.extend_from_slice(&u32::MAX.to_le_bytes());
         f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
@@ -455,7 +441,7 @@ mod tests {
 
         // Deflated: checked on the inflated head.
         let mut f = file_header(CT, "1.2.3.4", "1.2.840.10008.1.2.1.99", "").unwrap();
-        let mut ds = ele(0x0008, 0x0016, b"UI", CT.as_bytes());
+        let mut ds = padded(0x0008, 0x0016, b"UI", CT.as_bytes());
         ds.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
         ds.extend_from_slice(&0xE000_0000u32.to_le_bytes());
         let mut enc =

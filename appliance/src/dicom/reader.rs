@@ -1038,39 +1038,20 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    fn explicit(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], value: &[u8]) {
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(vr);
-        if long_length(vr) {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(value);
-    }
-
-    fn implicit(out: &mut Vec<u8>, g: u16, e: u16, value: &[u8]) {
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        out.extend_from_slice(value);
-    }
+    use crate::dicom::test_bytes::{explicit, implicit};
 
     fn meta(ts: &str) -> Vec<u8> {
         let mut m = Vec::new();
-        explicit(&mut m, 2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
-        explicit(&mut m, 2, 3, b"UI", b"1.2.3.4\0");
+        m.extend(explicit(2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0"));
+        m.extend(explicit(2, 3, b"UI", b"1.2.3.4\0"));
         let mut t = ts.as_bytes().to_vec();
         if t.len() % 2 == 1 {
             t.push(0);
         }
-        explicit(&mut m, 2, 0x10, b"UI", &t);
+        m.extend(explicit(2, 0x10, b"UI", &t));
         let mut out = vec![0u8; 128];
         out.extend_from_slice(b"DICM");
-        explicit(&mut out, 2, 0, b"UL", &(m.len() as u32).to_le_bytes());
+        out.extend(explicit(2, 0, b"UL", &(m.len() as u32).to_le_bytes()));
         out.extend(m);
         out
     }
@@ -1078,19 +1059,19 @@ mod tests {
     /// A complete explicit VR instance: UIDs, a nested sequence, the patient, pixel data.
     fn instance() -> Vec<u8> {
         let mut f = meta("1.2.840.10008.1.2.1");
-        explicit(&mut f, 8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
-        explicit(&mut f, 8, 0x18, b"UI", b"1.2.3.4\0");
+        f.extend(explicit(8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0"));
+        f.extend(explicit(8, 0x18, b"UI", b"1.2.3.4\0"));
         f.extend_from_slice(&[0x08, 0x00, 0x32, 0x10, b'S', b'Q', 0, 0]);
         f.extend_from_slice(&UNDEFINED.to_le_bytes());
         f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
         f.extend_from_slice(&UNDEFINED.to_le_bytes());
-        explicit(&mut f, 8, 0x100, b"SH", b"CODE");
+        f.extend(explicit(8, 0x100, b"SH", b"CODE"));
         f.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         f.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-        explicit(&mut f, 0x10, 0x20, b"LO", b"P-0001");
-        explicit(&mut f, 0x20, 0x0D, b"UI", b"1.2.3.5\0");
-        explicit(&mut f, 0x20, 0x0E, b"UI", b"1.2.3.6\0");
-        explicit(&mut f, 0x7FE0, 0x10, b"OW", &[7u8; 64]);
+        f.extend(explicit(0x10, 0x20, b"LO", b"P-0001"));
+        f.extend(explicit(0x20, 0x0D, b"UI", b"1.2.3.5\0"));
+        f.extend(explicit(0x20, 0x0E, b"UI", b"1.2.3.6\0"));
+        f.extend(explicit(0x7FE0, 0x10, b"OW", &[7u8; 64]));
         f
     }
 
@@ -1154,8 +1135,8 @@ mod tests {
         // The first data set element's length bytes sit where an explicit VR would: the meta
         // group ends on the group number alone.
         let mut f = meta(IMPLICIT_VR_LE);
-        implicit(&mut f, 8, 0x18, b"1.2.3.4\0");
-        implicit(&mut f, 0x10, 0x20, b"P-0002");
+        f.extend(implicit(8, 0x18, b"1.2.3.4\0"));
+        f.extend(implicit(0x10, 0x20, b"P-0002"));
         for piece in [1, 3, f.len()] {
             let (result, facts) = walk(&f, piece);
             assert_eq!(result, Ok(()));
@@ -1169,7 +1150,7 @@ mod tests {
         // `\0\0`, followed by an element declaring 2.5 GB. Refused at the first bad VR,
         // without reading on.
         let mut ds = Vec::new();
-        explicit(&mut ds, 8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
+        ds.extend(explicit(8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0"));
         ds.extend_from_slice(&[0x08, 0x00, 0x20, 0x00, 0, 0, 8, 0]);
         ds.extend_from_slice(b"20240101");
         ds.extend_from_slice(&[0x09, 0x00, 0x10, 0x10, b'O', b'B', 0, 0]);
@@ -1224,7 +1205,7 @@ mod tests {
             f
         };
         let mut ds = Vec::new();
-        explicit(&mut ds, 8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
+        ds.extend(explicit(8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0"));
         ds.extend_from_slice(&[0x08, 0x00, 0x20, 0x00, 0xED, 0xFF, 8, 0]);
         ds.extend_from_slice(b"20240101");
         let f = stored_then_corrupt(&ds);
@@ -1249,8 +1230,8 @@ mod tests {
         // A walk with a stop tag that stops before the corrupt block is not told of it (the
         // second `part10` finding: the STOW-RS prefix reader, which stops after PatientID,
         // said "does not inflate" whole and "no PatientID" in pieces).
-        explicit(&mut ds, 0x10, 0x20, b"LO", b"P-0004");
-        explicit(&mut ds, 0x20, 0x0D, b"UI", b"1.2.3.5\0");
+        ds.extend(explicit(0x10, 0x20, b"LO", b"P-0004"));
+        ds.extend(explicit(0x20, 0x0D, b"UI", b"1.2.3.5\0"));
         let f = stored_then_corrupt(&ds);
         for piece in [1, 5, 64, f.len() - 9, f.len()] {
             let mut r = Reader::new(Some((0x0010, 0x0021)));
@@ -1278,7 +1259,7 @@ mod tests {
 
         // A kept value over MAX_CAPTURED, elements out of order, too deep a nesting.
         let mut f = meta("1.2.840.10008.1.2.1");
-        explicit(&mut f, 0x10, 0x20, b"LO", &[b'x'; 300]);
+        f.extend(explicit(0x10, 0x20, b"LO", &[b'x'; 300]));
         assert!(
             walk(&f, 64)
                 .0
@@ -1287,8 +1268,8 @@ mod tests {
                 .contains("more than such a value")
         );
         let mut f = meta("1.2.840.10008.1.2.1");
-        explicit(&mut f, 0x10, 0x20, b"LO", b"P1");
-        explicit(&mut f, 0x08, 0x18, b"UI", b"1.2");
+        f.extend(explicit(0x10, 0x20, b"LO", b"P1"));
+        f.extend(explicit(0x08, 0x18, b"UI", b"1.2"));
         assert!(walk(&f, 64).0.unwrap_err().0.contains("out of order"));
         let mut f = meta("1.2.840.10008.1.2.1");
         for _ in 0..=MAX_DEPTH {

@@ -147,58 +147,39 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::dicom::test_bytes::{explicit, implicit};
 
     const UNDEFINED: u32 = u32::MAX;
-
-    fn el_explicit(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], value: &[u8]) {
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(vr);
-        if matches!(vr, b"OB" | b"SQ" | b"UN" | b"OW") {
-            out.extend_from_slice(&[0, 0]);
-            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        } else {
-            out.extend_from_slice(&(value.len() as u16).to_le_bytes());
-        }
-        out.extend_from_slice(value);
-    }
-
-    fn el_implicit(out: &mut Vec<u8>, g: u16, e: u16, len: u32, value: &[u8]) {
-        out.extend_from_slice(&g.to_le_bytes());
-        out.extend_from_slice(&e.to_le_bytes());
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(value);
-    }
 
     fn meta(syntax: &str) -> Vec<u8> {
         let mut out = vec![0u8; 128];
         out.extend_from_slice(b"DICM");
-        el_explicit(&mut out, 2, 1, b"OB", &[0, 1]);
-        el_explicit(&mut out, 2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0");
-        el_explicit(&mut out, 2, 3, b"UI", b"1.2.3.4\0");
+        out.extend(explicit(2, 1, b"OB", &[0, 1]));
+        out.extend(explicit(2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.7\0"));
+        out.extend(explicit(2, 3, b"UI", b"1.2.3.4\0"));
         let mut ts = syntax.as_bytes().to_vec();
         if ts.len() % 2 == 1 {
             ts.push(0);
         }
-        el_explicit(&mut out, 2, 0x10, b"UI", &ts);
+        out.extend(explicit(2, 0x10, b"UI", &ts));
         out
     }
 
     fn explicit_file() -> Vec<u8> {
         let mut f = meta("1.2.840.10008.1.2.1");
-        el_explicit(&mut f, 8, 0x18, b"UI", b"1.2.3.4\0");
+        f.extend(explicit(8, 0x18, b"UI", b"1.2.3.4\0"));
         // A sequence of undefined length with one item of undefined length.
         f.extend_from_slice(&[0x08, 0x00, 0x32, 0x10]);
         f.extend_from_slice(b"SQ\0\0");
         f.extend_from_slice(&UNDEFINED.to_le_bytes());
         f.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
         f.extend_from_slice(&UNDEFINED.to_le_bytes());
-        el_explicit(&mut f, 8, 0x100, b"SH", b"CODE");
+        f.extend(explicit(8, 0x100, b"SH", b"CODE"));
         f.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         f.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-        el_explicit(&mut f, 0x10, 0x10, b"PN", b"Doe^Jane");
-        el_explicit(&mut f, 0x10, 0x20, b"LO", b"P-0001");
-        el_explicit(&mut f, 0x7FE0, 0x10, b"OW", &[1, 2, 3, 4]);
+        f.extend(explicit(0x10, 0x10, b"PN", b"Doe^Jane"));
+        f.extend(explicit(0x10, 0x20, b"LO", b"P-0001"));
+        f.extend(explicit(0x7FE0, 0x10, b"OW", &[1, 2, 3, 4]));
         f
     }
 
@@ -208,10 +189,10 @@ mod tests {
     #[test]
     fn what_follows_the_patient_id_does_not_change_the_answer() {
         let mut f = meta("1.2.840.10008.1.2.1");
-        el_explicit(&mut f, 8, 0x18, b"UI", b"1.2.3.4\0");
-        el_explicit(&mut f, 0x10, 0x20, b"LO", b"");
+        f.extend(explicit(8, 0x18, b"UI", b"1.2.3.4\0"));
+        f.extend(explicit(0x10, 0x20, b"LO", b""));
         let cut = f.len();
-        el_explicit(&mut f, 0x10, 0x00, b"UL", &[0, 0, 0, 0]);
+        f.extend(explicit(0x10, 0x00, b"UL", &[0, 0, 0, 0]));
         let whole = parse_prefix(&f);
         assert_eq!(whole, Err(malformed("PatientID is empty")));
         let mut p = PrefixParser::new();
@@ -220,9 +201,9 @@ mod tests {
         // The walk on from the prefix still refuses the element out of order.
         let mut parser = PrefixParser::new();
         let mut f = meta("1.2.840.10008.1.2.1");
-        el_explicit(&mut f, 8, 0x18, b"UI", b"1.2.3.4\0");
-        el_explicit(&mut f, 0x10, 0x20, b"LO", b"P-0001");
-        el_explicit(&mut f, 0x10, 0x00, b"UL", &[0, 0, 0, 0]);
+        f.extend(explicit(8, 0x18, b"UI", b"1.2.3.4\0"));
+        f.extend(explicit(0x10, 0x20, b"LO", b"P-0001"));
+        f.extend(explicit(0x10, 0x00, b"UL", &[0, 0, 0, 0]));
         assert_eq!(parser.parse(&f).unwrap().patient_id, "P-0001");
         assert!(parser.into_reader().finish().is_err());
     }
@@ -277,9 +258,9 @@ mod tests {
         let mut f = meta("1.2.840.10008.1.2.1");
         let first = f.len();
         for i in 0..8192u16 {
-            el_explicit(&mut f, 8, 0x1000 + i, b"SH", b"AB");
+            f.extend(explicit(8, 0x1000 + i, b"SH", b"AB"));
         }
-        el_explicit(&mut f, 0x10, 0x20, b"LO", b"P-0003");
+        f.extend(explicit(0x10, 0x20, b"LO", b"P-0003"));
         let mut p = PrefixParser::new();
         let mut behind = 0usize;
         for end in 1..=f.len() {
@@ -305,9 +286,9 @@ mod tests {
     #[test]
     fn deflated_and_big_endian_are_read() {
         let mut ds = Vec::new();
-        el_explicit(&mut ds, 8, 0x18, b"UI", b"1.2.3.4\0");
-        el_explicit(&mut ds, 0x10, 0x20, b"LO", b"P-0004");
-        el_explicit(&mut ds, 0x7FE0, 0x10, b"OW", &[0u8; 4096]);
+        ds.extend(explicit(8, 0x18, b"UI", b"1.2.3.4\0"));
+        ds.extend(explicit(0x10, 0x20, b"LO", b"P-0004"));
+        ds.extend(explicit(0x7FE0, 0x10, b"OW", &[0u8; 4096]));
         let mut f = meta("1.2.840.10008.1.2.1.99");
         let mut enc =
             flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
@@ -331,9 +312,9 @@ mod tests {
     #[test]
     fn implicit_vr() {
         let mut f = meta("1.2.840.10008.1.2");
-        el_implicit(&mut f, 8, 0x18, 8, b"1.2.3.4\0");
-        el_implicit(&mut f, 8, 0x1032, 8, &[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]);
-        el_implicit(&mut f, 0x10, 0x20, 6, b"P-0002");
+        f.extend(implicit(8, 0x18, b"1.2.3.4\0"));
+        f.extend(implicit(8, 0x1032, &[0xFE, 0xFF, 0x00, 0xE0, 0, 0, 0, 0]));
+        f.extend(implicit(0x10, 0x20, b"P-0002"));
         assert_eq!(parse_prefix(&f).unwrap().patient_id, "P-0002");
     }
 
@@ -346,7 +327,7 @@ mod tests {
         );
 
         let mut no_patient = meta("1.2.840.10008.1.2.1");
-        el_explicit(&mut no_patient, 0x10, 0x30, b"DA", b"20240101");
+        no_patient.extend(explicit(0x10, 0x30, b"DA", b"20240101"));
         assert!(
             matches!(parse_prefix(&no_patient), Err(Part10Error::Malformed(m)) if m.contains("PatientID"))
         );
@@ -354,7 +335,7 @@ mod tests {
         let mut bad_uid = meta("1.2.840.10008.1.2.1");
         let at = bad_uid.windows(7).position(|w| w == b"1.2.3.4").unwrap();
         bad_uid[at] = b'/';
-        el_explicit(&mut bad_uid, 0x10, 0x20, b"LO", b"P-0001");
+        bad_uid.extend(explicit(0x10, 0x20, b"LO", b"P-0001"));
         assert!(
             matches!(parse_prefix(&bad_uid), Err(Part10Error::Malformed(m)) if m.contains("is not a UID"))
         );

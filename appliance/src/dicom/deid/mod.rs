@@ -984,6 +984,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+    use crate::dicom::test_bytes::{even, implicit, padded, un};
     use dicom_object::FileMetaTableBuilder;
 
     const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -1396,29 +1397,9 @@ mod tests {
         assert_eq!(codes, 2);
     }
 
-    /// Implicit VR little endian element bytes.
-    fn implicit(group: u16, elem: u16, value: &[u8]) -> Vec<u8> {
-        let mut v = value.to_vec();
-        if v.len() % 2 == 1 {
-            v.push(0);
-        }
-        let mut out = Vec::new();
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        out.extend_from_slice(&v);
-        out
-    }
-
-    /// Explicit VR UN element bytes: `len` `None` writes an undefined length.
-    fn un(group: u16, elem: u16, value: &[u8], len: Option<u32>) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(b"UN\0\0");
-        out.extend_from_slice(&len.unwrap_or(u32::MAX).to_le_bytes());
-        out.extend_from_slice(value);
-        out
+    /// An implicit VR element of `value` padded with NUL to an even length.
+    fn implicit_even(group: u16, elem: u16, value: &[u8]) -> Vec<u8> {
+        implicit(group, elem, &even(value, 0))
     }
 
     /// Sequences and UIDs written as UN (items in implicit VR, undefined and defined
@@ -1426,17 +1407,17 @@ mod tests {
     #[test]
     fn un_elements_and_sequences_are_resolved_at_every_depth() {
         // Inner item (implicit): an institution, a patient name, a private tag, a UID.
-        let mut inner = implicit(0x0008, 0x0080, b"Queen Mary Hospital");
-        inner.extend(implicit(0x0008, 0x1155, sop(80).as_bytes()));
-        inner.extend(implicit(0x0009, 0x1001, b"HKID A123456"));
-        inner.extend(implicit(0x0010, 0x0010, b"Wong^Siu Ming"));
+        let mut inner = implicit_even(0x0008, 0x0080, b"Queen Mary Hospital");
+        inner.extend(implicit_even(0x0008, 0x1155, sop(80).as_bytes()));
+        inner.extend(implicit_even(0x0009, 0x1001, b"HKID A123456"));
+        inner.extend(implicit_even(0x0010, 0x0010, b"Wong^Siu Ming"));
         let mut inner_seq = vec![0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF];
         inner_seq.extend(inner);
         inner_seq.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         inner_seq.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
         // Outer item (implicit): a nested sequence (known SQ tag, undefined length) and a
         // referenced patient's name.
-        let mut outer = implicit(0x0010, 0x0010, b"Chan^Tai Man");
+        let mut outer = implicit_even(0x0010, 0x0010, b"Chan^Tai Man");
         outer.extend_from_slice(&[0x08, 0x00, 0x40, 0x11, 0xFF, 0xFF, 0xFF, 0xFF]);
         outer.extend(inner_seq);
         let mut outer_seq = vec![0xFE, 0xFF, 0x00, 0xE0];
@@ -1444,31 +1425,31 @@ mod tests {
         outer_seq.extend(outer);
         outer_seq.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
         // A defined-length UN sequence of a known SQ tag: ReferencedStudySequence.
-        let mut study_item = implicit(0x0008, 0x1155, STUDY.as_bytes());
-        study_item.extend(implicit(0x0008, 0x0090, b"Chan^Referrer"));
+        let mut study_item = implicit_even(0x0008, 0x1155, STUDY.as_bytes());
+        study_item.extend(implicit_even(0x0008, 0x0090, b"Chan^Referrer"));
         let mut study_seq = vec![0xFE, 0xFF, 0x00, 0xE0];
         study_seq.extend_from_slice(&(study_item.len() as u32).to_le_bytes());
         study_seq.extend(study_item);
 
         let mut f =
             super::super::part10::file_header(CT, &sop(81), "1.2.840.10008.1.2.1", "X").unwrap();
-        f.extend(raw(0x0008, 0x0016, b"UI", CT.as_bytes()));
-        f.extend(raw(0x0008, 0x0018, b"UI", sop(81).as_bytes()));
+        f.extend(padded(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(padded(0x0008, 0x0018, b"UI", sop(81).as_bytes()));
         // ReferencedPatientSequence, as UN with an undefined length.
         f.extend(un(0x0008, 0x1110, &study_seq, Some(study_seq.len() as u32)));
         f.extend(un(0x0008, 0x1120, &outer_seq, None));
-        f.extend(raw(0x0010, 0x0010, b"PN", b"Wong^Siu Ming"));
-        f.extend(raw(0x0010, 0x0020, b"LO", b"P-0001"));
+        f.extend(padded(0x0010, 0x0010, b"PN", b"Wong^Siu Ming"));
+        f.extend(padded(0x0010, 0x0020, b"LO", b"P-0001"));
         // FrameOfReferenceUID as UN (defined length).
         let mut frame = FRAME.as_bytes().to_vec();
         frame.push(0);
         f.extend(un(0x0020, 0x0052, &frame, Some(frame.len() as u32)));
         // A private UN sequence of undefined length: removed whole.
         let mut private = vec![0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF];
-        private.extend(implicit(0x0010, 0x0010, b"Wong^Private"));
+        private.extend(implicit_even(0x0010, 0x0010, b"Wong^Private"));
         private.extend_from_slice(&[0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
         private.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-        f.extend(raw(0x0029, 0x0010, b"LO", b"ACME"));
+        f.extend(padded(0x0029, 0x0010, b"LO", b"ACME"));
         f.extend(un(0x0029, 0x1001, &private, None));
         f.extend_from_slice(&[
             0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
@@ -1504,9 +1485,9 @@ mod tests {
     fn an_unknown_public_un_element_refuses_the_instance() {
         let mut f =
             super::super::part10::file_header(CT, &sop(90), "1.2.840.10008.1.2.1", "X").unwrap();
-        f.extend(raw(0x0008, 0x0016, b"UI", CT.as_bytes()));
-        f.extend(raw(0x0008, 0x0018, b"UI", sop(90).as_bytes()));
-        f.extend(raw(0x0010, 0x0020, b"LO", b"P-0001"));
+        f.extend(padded(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(padded(0x0008, 0x0018, b"UI", sop(90).as_bytes()));
+        f.extend(padded(0x0010, 0x0020, b"LO", b"P-0001"));
         f.extend(un(0x0010, 0xFFF0, b"Wong^Siu Ming ", Some(14)));
         let research = GateRules {
             patient_id: "P-0001".into(),
@@ -1562,40 +1543,25 @@ mod tests {
         }
     }
 
-    /// Explicit VR little endian element bytes (2-byte length VRs).
-    fn raw(group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
-        let mut v = value.to_vec();
-        if v.len() % 2 == 1 {
-            v.push(if vr == b"UI" { 0 } else { b' ' });
-        }
-        let mut out = Vec::new();
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(vr);
-        out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-        out.extend_from_slice(&v);
-        out
-    }
-
     /// Sequences and items of defined length (what many modalities write): their lengths
     /// change with the rewrite, and the output must still parse with the references mapped.
     #[test]
     fn defined_length_sequences_are_rewritten_consistently() {
-        let mut item = raw(0x0008, 0x1150, b"UI", CT.as_bytes());
-        item.extend(raw(0x0008, 0x1155, b"UI", sop(70).as_bytes()));
-        item.extend(raw(0x0009, 0x1001, b"LO", b"HKID A123456"));
+        let mut item = padded(0x0008, 0x1150, b"UI", CT.as_bytes());
+        item.extend(padded(0x0008, 0x1155, b"UI", sop(70).as_bytes()));
+        item.extend(padded(0x0009, 0x1001, b"LO", b"HKID A123456"));
         let mut seq = vec![0xFE, 0xFF, 0x00, 0xE0];
         seq.extend_from_slice(&(item.len() as u32).to_le_bytes());
         seq.extend(item);
         let mut f =
             super::super::part10::file_header(CT, &sop(71), "1.2.840.10008.1.2.1", "X").unwrap();
-        f.extend(raw(0x0008, 0x0016, b"UI", CT.as_bytes()));
-        f.extend(raw(0x0008, 0x0018, b"UI", sop(71).as_bytes()));
+        f.extend(padded(0x0008, 0x0016, b"UI", CT.as_bytes()));
+        f.extend(padded(0x0008, 0x0018, b"UI", sop(71).as_bytes()));
         f.extend_from_slice(&[0x08, 0x00, 0x40, 0x11, b'S', b'Q', 0, 0]);
         f.extend_from_slice(&(seq.len() as u32).to_le_bytes());
         f.extend(seq);
-        f.extend(raw(0x0010, 0x0010, b"PN", b"Wong^Siu Ming"));
-        f.extend(raw(0x0010, 0x0020, b"LO", b"P-0001"));
+        f.extend(padded(0x0010, 0x0010, b"PN", b"Wong^Siu Ming"));
+        f.extend(padded(0x0010, 0x0020, b"LO", b"P-0001"));
         f.extend_from_slice(&[
             0xE0, 0x7F, 0x10, 0x00, b'O', b'W', 0, 0, 4, 0, 0, 0, 1, 2, 3, 4,
         ]);

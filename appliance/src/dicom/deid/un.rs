@@ -316,15 +316,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    fn implicit(group: u16, elem: u16, value: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&group.to_le_bytes());
-        out.extend_from_slice(&elem.to_le_bytes());
-        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        out.extend_from_slice(value);
-        out
-    }
+    use crate::dicom::test_bytes::implicit;
 
     #[test]
     fn implicit_elements_get_their_dictionary_vr_and_unknown_ones_stay_un() {
