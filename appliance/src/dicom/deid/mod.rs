@@ -755,22 +755,7 @@ impl DicomGate {
             return 8;
         }
         let vr = [self.held[4], self.held[5]];
-        if matches!(
-            &vr,
-            b"OB"
-                | b"OD"
-                | b"OF"
-                | b"OL"
-                | b"OV"
-                | b"OW"
-                | b"SQ"
-                | b"SV"
-                | b"UC"
-                | b"UN"
-                | b"UR"
-                | b"UT"
-                | b"UV"
-        ) {
+        if crate::dicom::reader::long_length(&vr) {
             12
         } else {
             8

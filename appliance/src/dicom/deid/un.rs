@@ -22,6 +22,7 @@ use dicom_core::{Tag, VR};
 use dicom_dictionary_std::StandardDataDictionary;
 
 use super::MAX_DEPTH;
+use crate::dicom::reader::long_length;
 
 const UNDEFINED: u32 = u32::MAX;
 const ITEM: (u16, u16) = (0xFFFE, 0xE000);
@@ -32,26 +33,6 @@ const SEQUENCE_END: (u16, u16) = (0xFFFE, 0xE0DD);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct UnError(pub String);
-
-/// VRs whose explicit length field has 4 bytes (and 2 reserved bytes before it).
-fn long_length(vr: &[u8; 2]) -> bool {
-    matches!(
-        vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
-    )
-}
 
 /// The dictionary's VR for a public tag (`None` for private or unknown tags). Ambiguous
 /// VRs take the little endian reading that keeps every value representable.
@@ -316,7 +297,18 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-    use crate::dicom::test_bytes::implicit;
+    use crate::dicom::test_bytes::{explicit, implicit};
+
+    /// A VR this code does not know has a 4-byte length, as the reader that walked the
+    /// instance first (and dicom-rs) read it: the element after it is found where the
+    /// reader found it.
+    #[test]
+    fn an_unknown_vr_is_read_with_the_long_length_the_reader_gave_it() {
+        let mut data = explicit(0x0008, 0x0070, b"ZZ", b"ACME");
+        data.extend(explicit(0x0010, 0x0010, b"PN", b"Wong^Siu"));
+        let out = resolve(&data, true).unwrap();
+        assert_eq!(out, data);
+    }
 
     #[test]
     fn implicit_elements_get_their_dictionary_vr_and_unknown_ones_stay_un() {
