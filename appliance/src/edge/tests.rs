@@ -255,3 +255,76 @@ async fn a_new_send_the_checkpoint_refuses_is_recorded_and_never_sealed() {
     assert_eq!(records[0].kind, Kind::Refused);
     assert!(crate::transfer_dir::list(&f.spool_dir(), |_| true).is_empty());
 }
+
+#[tokio::test]
+async fn a_delivery_notice_is_recorded_only_from_the_pinned_gateway_for_a_held_transfer() {
+    use baylink_net::proto::{DeliveryNotice, Outcome};
+
+    use crate::signing::DELIVERY_NOTICE_CONTEXT;
+
+    let f = EdgeFixture::new("").await;
+    let (dir, out) = sealed(&f).await;
+    let m = &out.manifest;
+    let notice = |id, root| {
+        DeliveryNotice::new(
+            id,
+            root,
+            m.digest(),
+            Outcome::Delivered,
+            b"201 Created",
+            "gateway",
+            1,
+        )
+        .to_bytes()
+    };
+    let accept = |bytes: &[u8], sig: &[u8]| {
+        crate::notice::accept(f.edge.keys(), &f.spool_dir(), f.edge.audit(), bytes, sig)
+    };
+    let good = notice(m.transfer_id, m.merkle_root);
+    let (stranger, _) = pair();
+    let bad_sig = stranger.sign(DELIVERY_NOTICE_CONTEXT, &good).await.unwrap();
+    let receipt_sig = f.gateway.sign(RECEIPT_CONTEXT, &good).await.unwrap();
+    for (what, bytes, sig) in [
+        ("unknown key", good.clone(), bad_sig),
+        ("receipt context", good.clone(), receipt_sig),
+        ("other root", notice(m.transfer_id, [0; 32]), Vec::new()),
+        (
+            "unknown transfer",
+            notice(TransferId::new_v7(), m.merkle_root),
+            Vec::new(),
+        ),
+    ] {
+        let sig = if sig.is_empty() {
+            f.gateway
+                .sign(DELIVERY_NOTICE_CONTEXT, &bytes)
+                .await
+                .unwrap()
+        } else {
+            sig
+        };
+        let e = accept(&bytes, &sig).unwrap_err();
+        assert!(e.is::<crate::notice::Refused>(), "{what}: {e:#}");
+    }
+    assert!(crate::notice::stored(&dir).is_none(), "nothing stored");
+    assert_eq!(
+        kinds_of(f.dir.path(), &m.transfer_id.to_string()),
+        [Kind::Sealed]
+    );
+
+    let sig = f
+        .gateway
+        .sign(DELIVERY_NOTICE_CONTEXT, &good)
+        .await
+        .unwrap();
+    assert!(accept(&good, &sig).unwrap().new);
+    assert_eq!(
+        crate::notice::stored(&dir).unwrap().outcome,
+        Outcome::Delivered
+    );
+    // The same notice again (the acknowledgement was lost): not recorded twice.
+    assert!(!accept(&good, &sig).unwrap().new);
+    assert_eq!(
+        kinds_of(f.dir.path(), &m.transfer_id.to_string()),
+        [Kind::Sealed, Kind::Notified]
+    );
+}
