@@ -28,7 +28,7 @@ use crate::failpoint;
 use crate::link::send::{self, Delivered, Outgoing, Progress, SendError, SendStats};
 use crate::policy::{Decision, Declaration, Policy, Refusal, SharedPolicy};
 use crate::seal::{self, SealProgress};
-use crate::signing::{Keys, RECEIPT_CONTEXT};
+use crate::signing::{Keys, RECEIPT_CONTEXT, Sign, verify_peer};
 use crate::tls_reload::Swap;
 use crate::transfer_dir::{self, TransferDir, write_atomic};
 
@@ -209,7 +209,12 @@ pub enum SendRequest {
 #[derive(Debug, Clone)]
 pub struct Edge {
     cfg: Arc<Config>,
-    keys: Keys,
+    /// What seals manifests and checks receipts and notices: the HSM [`Keys`] below, except
+    /// in unit tests.
+    keys: Arc<dyn Sign>,
+    /// The HSM keys (the health probe's signature, the token of a TLS reload); `None` only
+    /// for an edge of the unit tests.
+    hsm: Option<Keys>,
     /// `tls.cert` and `tls.key` as last loaded (at start or by a SIGHUP reload).
     identity: Swap<TlsIdentity>,
     /// What new connections to the gateway handshake with (replaced by a SIGHUP reload).
@@ -273,7 +278,42 @@ impl Edge {
         );
         Ok(Edge {
             cfg,
+            keys: Arc::new(keys.clone()),
+            hsm: Some(keys),
+            identity: Swap::new(identity),
+            client,
+            spool,
+            endpoint,
+            policy,
+            audit,
+            sending: crate::ops::Activity::default(),
+            stop: crate::ops::Flag::default(),
+        })
+    }
+
+    /// An edge for unit tests (`crate::test_support`): `keys` in software, the given log and
+    /// spool, and a QUIC endpoint bound to loopback that nothing connects through unless a
+    /// test sends. `tls.key` must be a PEM file.
+    #[cfg(test)]
+    pub(crate) fn for_tests(
+        cfg: Arc<Config>,
+        keys: Arc<dyn Sign>,
+        audit: audit::Log,
+        spool: Spool,
+    ) -> anyhow::Result<Edge> {
+        let policy = SharedPolicy::new(Policy::load(&cfg.policy)?);
+        let crate::config::TlsKeySource::File(key) = &cfg.tls.key else {
+            anyhow::bail!("a test edge takes its TLS key from a file");
+        };
+        let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, key)?;
+        let ca = transport::load_ca(&cfg.tls.ca)?;
+        let bind: SocketAddr = "127.0.0.1:0".parse()?;
+        let endpoint = transport::client_endpoint(bind, &ca, &identity, &cfg.link)?;
+        let client = Swap::new(transport::client_config(&ca, &identity, &cfg.link)?);
+        Ok(Edge {
+            cfg,
             keys,
+            hsm: None,
             identity: Swap::new(identity),
             client,
             spool,
@@ -324,9 +364,15 @@ impl Edge {
         &self.policy
     }
 
-    /// The HSM keys (the hospital API seals with them).
-    pub fn keys(&self) -> &Keys {
-        &self.keys
+    /// The keys the hospital API seals with (the HSM's, outside unit tests).
+    pub fn keys(&self) -> &dyn Sign {
+        &*self.keys
+    }
+
+    /// The HSM keys, for what needs the token itself (the health probe, a TLS reload).
+    /// Always there for an edge built by [`Edge::start`].
+    pub fn hsm_keys(&self) -> Option<&Keys> {
+        self.hsm.as_ref()
     }
 
     /// This appliance's TLS identity (`tls.cert` and `tls.key`) in force, for the hospital
@@ -548,7 +594,7 @@ impl Edge {
                     chunk_size: self.cfg.transport.chunk_size,
                 };
                 let sealed =
-                    seal::seal_files(&self.spool, &dir, &job, &self.keys, &self.audit, &progress)
+                    seal::seal_files(&self.spool, &dir, &job, &*self.keys, &self.audit, &progress)
                         .await
                         .map_err(hsm_failure)?;
                 (sealed, _lock)
@@ -757,10 +803,7 @@ impl Edge {
 
     fn verify_receipt(&self, out: &Outgoing, d: &Delivered) -> Result<(), SendFailure> {
         let bad = |why: &str| SendFailure::BadReceipt(why.to_owned());
-        if !self
-            .keys
-            .verify_peer(RECEIPT_CONTEXT, &d.receipt, &d.signature)
-        {
+        if !verify_peer(&*self.keys, RECEIPT_CONTEXT, &d.receipt, &d.signature) {
             return Err(bad(
                 "signature does not verify against the pinned gateway key",
             ));
@@ -887,7 +930,7 @@ impl Edge {
                 anyhow::bail!("witness: the answer left no outcome")
             }
         };
-        let (log, peer) = (self.audit.clone(), self.keys.peer.clone());
+        let (log, peer) = (self.audit.clone(), self.keys.peer().clone());
         let cp = checkpoint.clone();
         tokio::task::spawn_blocking(move || audit::witness::store(&log, &cp, &signature, &peer))
             .await??;
@@ -970,7 +1013,7 @@ impl Edge {
                 self.audit.clone(),
             );
             let accepted = tokio::task::spawn_blocking(move || {
-                crate::notice::accept(&keys, &spool_dir, &audit, &notice, &signature)
+                crate::notice::accept(&*keys, &spool_dir, &audit, &notice, &signature)
             })
             .await?;
             let received = match accepted {
@@ -1184,3 +1227,6 @@ impl SealProgress for Observed<'_> {
         self.0.advanced(bytes);
     }
 }
+
+#[cfg(test)]
+mod tests;

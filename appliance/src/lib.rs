@@ -43,5 +43,7 @@ pub mod setting;
 pub mod signing;
 pub mod spool_state;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod tls_reload;
 pub mod transfer_dir;

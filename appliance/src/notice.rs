@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::UNIX_EPOCH;
 
 use anyhow::Context;
@@ -34,14 +34,14 @@ use tracing::{info, warn};
 
 use crate::audit::{self, Event, Kind};
 use crate::link::{FrameWriter, LinkError};
-use crate::signing::{DELIVERY_NOTICE_CONTEXT, Keys};
+use crate::signing::{DELIVERY_NOTICE_CONTEXT, Sign, verify_peer};
 use crate::transfer_dir::{self, TransferDir, sync_dir, write_atomic};
 
 /// The gateway's delivery notices owed to edges, and who may collect each.
 #[derive(Debug)]
 pub struct Notices {
     spool_dir: PathBuf,
-    keys: Option<Keys>,
+    keys: Option<Arc<dyn Sign>>,
     gateway_id: String,
     /// Owed notices (signed and stored): transfer → the edge that sent it.
     pending: Mutex<HashMap<TransferId, String>>,
@@ -51,7 +51,7 @@ pub struct Notices {
 impl Notices {
     /// The notices of `spool_dir`: loads every one still owed (`notice.pending` beside a
     /// stored notice). Without `keys` nothing can be issued (tests of the receive path).
-    pub fn load(spool_dir: &Path, keys: Option<Keys>, gateway_id: &str) -> Notices {
+    pub fn load(spool_dir: &Path, keys: Option<Arc<dyn Sign>>, gateway_id: &str) -> Notices {
         let mut pending = HashMap::new();
         for id in transfer_dir::list(spool_dir, |d| d.notice_pending().exists() && d.has_notice()) {
             match TransferDir::new(spool_dir, &id).manifest() {
@@ -291,13 +291,13 @@ pub struct Refused(pub String);
 /// and stores it (`notice.bin`, `notice.sig`). A notice already stored with the same bytes is
 /// not recorded again. Blocking: run it on a blocking thread.
 pub fn accept(
-    keys: &Keys,
+    keys: &dyn Sign,
     spool_dir: &Path,
     audit: &audit::Log,
     notice_bytes: &[u8],
     signature: &[u8],
 ) -> Result<Received, anyhow::Error> {
-    if !keys.verify_peer(DELIVERY_NOTICE_CONTEXT, notice_bytes, signature) {
+    if !verify_peer(keys, DELIVERY_NOTICE_CONTEXT, notice_bytes, signature) {
         return Err(Refused(
             "its signature does not verify against the pinned gateway key (peer.signing_key)"
                 .into(),

@@ -28,7 +28,7 @@ use crate::audit::{self, Event, Kind};
 use crate::failpoint;
 use crate::link::send::Outgoing;
 use crate::policy::Declaration;
-use crate::signing::{Keys, MANIFEST_CONTEXT};
+use crate::signing::{MANIFEST_CONTEXT, Sign};
 use crate::transfer_dir::{TransferDir, sync_dir, write_atomic};
 
 /// Observes sealing progress (bytes copied into the spool).
@@ -58,7 +58,7 @@ pub async fn seal_files(
     spool: &Spool,
     dir: &TransferDir,
     job: &SealJob<'_>,
-    keys: &Keys,
+    keys: &dyn Sign,
     audit: &audit::Log,
     progress: &dyn SealProgress,
 ) -> anyhow::Result<Outgoing> {
@@ -149,7 +149,8 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The sealing step shared by `send` and the hospital API: signs the manifest in the HSM,
+/// The sealing step shared by `send` and the hospital API: signs the manifest in the HSM
+/// (`keys`: [`crate::signing::Keys`] outside unit tests),
 /// writes `manifest.sig`, `manifest.json` and the staged `manifest.pending`, appends the
 /// `sealed` record (`sealed`: the event to record, its kind, Merkle root and manifest digest
 /// filled in here), and only then renames the staged file to `manifest.bin`, whose presence
@@ -159,7 +160,7 @@ pub fn now_unix_ms() -> u64 {
 pub async fn sign_and_write_manifest(
     dir: &TransferDir,
     manifest: &Manifest,
-    keys: &Keys,
+    keys: &dyn Sign,
     audit: &audit::Log,
     sealed: Event,
 ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {

@@ -110,7 +110,7 @@ async fn serve_gateway(
     // store answer was recorded before a crash kept it from being signed is signed now.
     let notices = Arc::new(crate::notice::Notices::load(
         &cfg.spool_dir,
-        Some(keys.clone()),
+        Some(Arc::new(keys.clone())),
         &cfg.id,
     ));
     for id in crate::notice::Notices::owed(&cfg.spool_dir) {
@@ -155,7 +155,7 @@ async fn serve_gateway(
             cfg.id.clone(),
             cfg.spool_dir.clone(),
             spool,
-            keys,
+            Arc::new(keys),
             cfg.limits,
             ReceiverConfig::default(),
             queue.clone(),
@@ -382,7 +382,7 @@ async fn serve_edge(
     health::notify_ready(health::HealthProbe::new(
         edge.spool().clone(),
         &cfg.spool_dir,
-        edge.keys().clone(),
+        edge.hsm_keys().context("the edge has no HSM keys")?.clone(),
     ));
     info!(role = "edge", "serving");
 
@@ -594,7 +594,9 @@ async fn reload_on_sighup(
     let expiry_files = certificate_files(&cfg);
     while hup.recv().await.is_some() {
         reload_policy(&cfg, edge.shared_policy()).await;
-        let token = edge.keys().token.clone();
+        let Some(token) = edge.hsm_keys().map(|k| k.token.clone()) else {
+            break;
+        };
         crate::tls_reload::reload(cfg.clone(), token, &expiry_files, |l| {
             let client = edge.link_tls_config(l)?;
             let door = match &https {

@@ -45,6 +45,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_uring::buf::BoundedBuf;
 
+#[cfg(any(test, feature = "testing"))]
+mod blocking;
+
 /// Name of the spool's OS thread.
 pub const THREAD_NAME: &str = "baylink-spool";
 
@@ -551,16 +554,7 @@ impl Spool {
     /// up (a few milliseconds), so that a kernel or sandbox without io_uring shows here as
     /// an error rather than later.
     pub fn start(config: SpoolConfig) -> SpoolResult<Spool> {
-        if config.buffers == 0 || config.buffer_size == 0 || config.queue == 0 {
-            return Err(SpoolError::new(
-                SpoolOp::Start,
-                PathBuf::new(),
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "buffers, buffer_size and queue must be at least 1",
-                ),
-            ));
-        }
+        Spool::check_config(&config)?;
         let (requests, request_rx) = mpsc::channel(config.queue);
         let (closer, close_rx) = mpsc::unbounded_channel();
         let (stopped_tx, stopped) = watch::channel(());
@@ -598,14 +592,59 @@ impl Spool {
             queue = config.queue,
             "spool started"
         );
-        Ok(Spool {
+        Ok(Spool::from_parts(&config, requests, closer, stopped))
+    }
+
+    /// Refuses a config without buffers or queue.
+    fn check_config(config: &SpoolConfig) -> SpoolResult<()> {
+        if config.buffers == 0 || config.buffer_size == 0 || config.queue == 0 {
+            return Err(SpoolError::new(
+                SpoolOp::Start,
+                PathBuf::new(),
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "buffers, buffer_size and queue must be at least 1",
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A spool whose thread serves every request with blocking `std::fs` calls, one at a
+    /// time, instead of io_uring: the same handle, requests, answers and buffer pool, for
+    /// unit tests of the spool's callers where io_uring is missing (old kernels, sandboxes
+    /// that forbid it). Feature `testing` only: the appliance always runs
+    /// [`Spool::start`].
+    #[cfg(any(test, feature = "testing"))]
+    pub fn start_blocking(config: SpoolConfig) -> SpoolResult<Spool> {
+        Spool::check_config(&config)?;
+        let (requests, request_rx) = mpsc::channel(config.queue);
+        let (closer, close_rx) = mpsc::unbounded_channel();
+        let (stopped_tx, stopped) = watch::channel(());
+        std::thread::Builder::new()
+            .name(format!("{THREAD_NAME}-std"))
+            .spawn(move || {
+                blocking::serve(request_rx, close_rx);
+                drop(stopped_tx);
+            })
+            .map_err(|e| SpoolError::new(SpoolOp::Start, PathBuf::new(), e))?;
+        Ok(Spool::from_parts(&config, requests, closer, stopped))
+    }
+
+    fn from_parts(
+        config: &SpoolConfig,
+        requests: mpsc::Sender<Request>,
+        closer: mpsc::UnboundedSender<u64>,
+        stopped: watch::Receiver<()>,
+    ) -> Spool {
+        Spool {
             shared: Arc::new(Shared {
                 requests,
                 closer,
                 pool: Arc::new(BufferPool::new(config.buffers, config.buffer_size)),
                 stopped,
             }),
-        })
+        }
     }
 
     /// A buffer from the pool; waits while all are in use.
@@ -1314,6 +1353,58 @@ mod tests {
         .unwrap();
         assert!(spool.allocated_buffers() <= BUFFERS);
         assert_eq!(spool.free_buffers(), BUFFERS);
+    }
+
+    /// The spool the appliance's unit tests run on, without io_uring, answers as this one:
+    /// writes at offsets, a read at and past the end, an `O_DIRECT` tail padded and cut,
+    /// the commit rename, errors naming the operation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_blocking_spool_answers_as_the_uring_one() {
+        let config = SpoolConfig {
+            buffers: 4,
+            buffer_size: 8192,
+            queue: 8,
+        };
+        let mut answers = Vec::new();
+        for spool in [
+            Spool::start(config.clone()).unwrap(),
+            Spool::start_blocking(config.clone()).unwrap(),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (part, fin) = (dir.path().join("a.part"), dir.path().join("a"));
+            let answer = timeout(LIMIT, async {
+                let file = spool.create_direct(&part).await.unwrap();
+                for (offset, len) in [(8192, 8192), (0, 8192), (16384, 100)] {
+                    let mut buf = spool.buffer().await;
+                    buf.extend_from_slice(&pattern(offset, len)).unwrap();
+                    spool.write_at(&file, offset, buf).await.unwrap();
+                }
+                spool.sync_to_len(&file, 16484).await.unwrap();
+                spool.close(file).await.unwrap();
+                spool.commit_rename(&part, &fin).await.unwrap();
+                let file = spool.open_direct(&fin).await.unwrap();
+                let mut reads = Vec::new();
+                let mut buf = spool.buffer().await;
+                for offset in [0, 8192, 16384, 24576] {
+                    buf = spool.read_at(&file, offset, buf, 8192).await.unwrap();
+                    reads.push(buf.to_vec());
+                }
+                let missing = spool.open(dir.path().join("none")).await.unwrap_err();
+                (reads, missing.to_string().contains("none"))
+            })
+            .await
+            .unwrap();
+            assert_eq!(std::fs::read(&fin).unwrap(), pattern(0, 16484));
+            assert!(!part.exists());
+            answers.push(answer);
+        }
+        assert_eq!(answers[0], answers[1]);
+        assert_eq!(
+            answers[1].0[2],
+            pattern(16384, 100),
+            "a short read at the end"
+        );
+        assert!(answers[1].0[3].is_empty() && answers[1].1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

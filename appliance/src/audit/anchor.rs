@@ -15,13 +15,14 @@
 //! (and than the log's own latest checkpoint), and its root is the root of the log's first
 //! `size` records.
 
-use baylink_hsm::{PublicKey, Token};
+use baylink_hsm::PublicKey;
 use baylink_net::merkle::root_from_leaf_hashes;
 use baylink_net::proto::Digest;
 use serde::{Deserialize, Serialize};
 
 use super::AuditError;
 use super::note::{self, Checkpoint};
+use crate::signing::DataObjects;
 
 /// `CKA_LABEL` of the anchor data object (its `CKA_APPLICATION` is the log's origin).
 pub const ANCHOR_LABEL: &str = "baylink-audit-head";
@@ -77,7 +78,7 @@ fn hsm(what: &'static str) -> impl FnOnce(baylink_hsm::HsmError) -> AuditError {
 }
 
 /// Reads the anchor of the log `origin` from `token`; `None` before its first checkpoint.
-pub fn read(token: &Token, origin: &str) -> Result<Option<Anchor>, AuditError> {
+pub fn read(token: &dyn DataObjects, origin: &str) -> Result<Option<Anchor>, AuditError> {
     let values = token
         .data_values(ANCHOR_LABEL, origin)
         .map_err(hsm("cannot read the audit anchor from the HSM"))?;
@@ -123,7 +124,11 @@ pub fn read(token: &Token, origin: &str) -> Result<Option<Anchor>, AuditError> {
 }
 
 /// Replaces the anchor of the log `origin` on `token`. Call under the log's lock.
-pub(super) fn write(token: &Token, origin: &str, anchor: &Anchor) -> Result<(), AuditError> {
+pub(super) fn write(
+    token: &dyn DataObjects,
+    origin: &str,
+    anchor: &Anchor,
+) -> Result<(), AuditError> {
     let value = serde_json::to_vec(anchor).map_err(|e| AuditError::BadAnchor {
         what: "the audit anchor".to_owned(),
         reason: e.to_string(),

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::hmac;
-use baylink_hsm::{HsmError, Signer};
+use baylink_hsm::HsmError;
 use baylink_net::merkle::root_from_leaf_hashes;
 use baylink_net::proto::Digest;
 use nix::fcntl::{Flock, FlockArg};
@@ -260,7 +260,7 @@ struct Inner {
     dir: PathBuf,
     appliance: String,
     origin: String,
-    signer: Signer,
+    signer: crate::signing::LogKey,
     patient_key: hmac::Key,
     every: u64,
     state: Mutex<State>,
@@ -281,7 +281,10 @@ impl Log {
     /// Opens (creating if needed) the log, repairing a torn tail left by a crash mid-append.
     /// Fails if a complete record or checkpoint line is damaged: the log was tampered with,
     /// and the appliance must not write on top of it.
-    pub fn open(settings: &LogSettings, signer: Signer) -> Result<Log, AuditError> {
+    pub fn open(
+        settings: &LogSettings,
+        signer: impl Into<crate::signing::LogKey>,
+    ) -> Result<Log, AuditError> {
         let dir = &settings.dir;
         crate::transfer_dir::create_dir_durably(dir).map_err(io("cannot create", dir))?;
         refuse_key_in_dir(dir, &settings.patient_key)?;
@@ -291,7 +294,7 @@ impl Log {
                 dir: dir.clone(),
                 appliance: settings.appliance_id.clone(),
                 origin: note::origin(&settings.appliance_id),
-                signer,
+                signer: signer.into(),
                 patient_key: hmac::Key::new(hmac::HMAC_SHA256, &key),
                 every: settings.checkpoint_every.max(1),
                 state: Mutex::new(State::default()),

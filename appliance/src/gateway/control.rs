@@ -188,7 +188,8 @@ impl Control {
             .take()
             .expect("an offer comes before activation");
         let offered = Arc::clone(&manifest);
-        match accept_offer(&self.gw, &self.conn, &self.peer, manifest, bytes, signature).await {
+        let link = super::Link::Quic(self.conn.clone());
+        match accept_offer(&self.gw, link, &self.peer, manifest, bytes, signature).await {
             Ok((a, have)) => {
                 r.offer_accepted(have);
                 *a.receiver.lock().expect("receiver lock poisoned") = r;

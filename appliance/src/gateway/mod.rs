@@ -37,7 +37,7 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::deliver::DeliveryQueue;
-use crate::signing::Keys;
+use crate::signing::Sign;
 use crate::transfer_dir::TransferDir;
 
 /// Everything the gateway's receive path shares.
@@ -49,8 +49,8 @@ pub struct Gateway {
     pub spool_dir: std::path::PathBuf,
     /// The io_uring file thread.
     pub spool: Spool,
-    /// HSM signer and the edge's pinned key.
-    pub keys: Keys,
+    /// HSM signer and the edge's pinned key ([`crate::signing::Keys`] outside unit tests).
+    pub keys: Arc<dyn Sign>,
     /// Protocol limits.
     pub limits: Limits,
     /// Receiver tuning.
@@ -77,7 +77,7 @@ impl Gateway {
         id: String,
         spool_dir: std::path::PathBuf,
         spool: Spool,
-        keys: Keys,
+        keys: Arc<dyn Sign>,
         limits: Limits,
         receiver_cfg: ReceiverConfig,
         committed: DeliveryQueue,
@@ -129,12 +129,43 @@ struct Active {
     files: Vec<Option<Arc<SpoolFile>>>,
     progress: AsyncMutex<Durable>,
     unsynced: Mutex<(Vec<u32>, u64)>,
-    conn: quinn::Connection,
+    /// The connection that offered it: only its chunk streams feed it.
+    conn: Link,
     cancel: watch::Sender<bool>,
     done: watch::Sender<bool>,
     /// Set by a chunk whose write found the spool full: the control stream pauses the
     /// transfer (the edge retries with backoff and resumes once space is back).
     no_space: AtomicBool,
+}
+
+/// The connection a transfer is received on: its id (chunk streams of another connection
+/// are refused) and a way to close it (a newer connection took the transfer over).
+///
+/// Always a QUIC connection, except in the unit tests of the offer and the commit, which
+/// run without a network.
+#[derive(Debug, Clone)]
+enum Link {
+    Quic(quinn::Connection),
+    #[cfg(test)]
+    Detached(usize),
+}
+
+impl Link {
+    fn stable_id(&self) -> usize {
+        match self {
+            Link::Quic(c) => c.stable_id(),
+            #[cfg(test)]
+            Link::Detached(id) => *id,
+        }
+    }
+
+    fn close(&self, code: quinn::VarInt, reason: &[u8]) {
+        match self {
+            Link::Quic(c) => c.close(code, reason),
+            #[cfg(test)]
+            Link::Detached(_) => {}
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -319,3 +350,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod orchestration_tests;

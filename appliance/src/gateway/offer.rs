@@ -14,14 +14,14 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tracing::{info, warn};
 
 use super::chunks::{check_at_rest, spool_refusal};
-use super::{Active, Durable, Gateway};
-use crate::signing::MANIFEST_CONTEXT;
+use super::{Active, Durable, Gateway, Link};
+use crate::signing::{MANIFEST_CONTEXT, verify_peer};
 use crate::transfer_dir::{TransferDir, write_atomic};
 
 /// Checks an offer and prepares the spool; returns the durable have-set.
 pub(super) async fn accept_offer(
     gw: &Arc<Gateway>,
-    conn: &quinn::Connection,
+    conn: Link,
     peer: &str,
     manifest: Arc<Manifest>,
     manifest_bytes: &[u8],
@@ -34,10 +34,7 @@ pub(super) async fn accept_offer(
             "gateway is shutting down; retry later".into(),
         ));
     }
-    if !gw
-        .keys
-        .verify_peer(MANIFEST_CONTEXT, manifest_bytes, signature)
-    {
+    if !verify_peer(&*gw.keys, MANIFEST_CONTEXT, manifest_bytes, signature) {
         return Err((
             ErrorCode::BadSignature,
             "manifest signature does not verify".into(),
@@ -129,7 +126,7 @@ pub(super) async fn accept_offer(
         files,
         progress: AsyncMutex::new(Durable { set: have.clone() }),
         unsynced: Mutex::new((Vec::new(), 0)),
-        conn: conn.clone(),
+        conn,
         cancel,
         done,
         no_space: AtomicBool::new(false),

@@ -50,7 +50,7 @@ async fn cosign(
     proof: Vec<[u8; 32]>,
 ) -> Result<String, (ErrorCode, String)> {
     let witness =
-        crate::audit::witness::Witness::new(gw.audit.clone(), &gw.id, gw.keys.peer.clone());
+        crate::audit::witness::Witness::new(gw.audit.clone(), &gw.id, gw.keys.peer().clone());
     match tokio::task::spawn_blocking(move || witness.cosign(&peer, &checkpoint, old_size, &proof))
         .await
     {

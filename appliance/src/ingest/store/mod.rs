@@ -373,3 +373,6 @@ impl IngestStore {
         self.inner.max_upload_bytes
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,312 @@
+//! The gateway's offer and commit without HSM, io_uring or network (`crate::test_support`):
+//! which offers are accepted, what a re-offer after a restart trusts, and when a transfer
+//! is committed and its receipt signed. Chunk bytes are written into the `.part` files as the
+//! chunk streams would (the streams themselves, and the receiver state machine, are tested
+//! elsewhere: `baylink_net::proto::sim` and the integration tests).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use baylink_net::proto::{
+    ChunkHasher, ChunkSet, ErrorCode, Limits, Manifest, ManifestBuilder, Receipt, ReceiverConfig,
+    TransferId,
+};
+
+use super::commit::{checkpoint, commit};
+use super::offer::accept_offer;
+use super::{Active, Gateway, Link};
+use crate::audit::Kind;
+use crate::deliver::DeliveryQueue;
+use crate::signing::testing::{SoftwareKeys, pair};
+use crate::signing::{MANIFEST_CONTEXT, RECEIPT_CONTEXT, Sign, verify_peer};
+use crate::test_support::{CHUNK, audit_log, kinds_of, spool};
+use crate::transfer_dir::TransferDir;
+
+/// A gateway in a temporary directory, and the edge's keys (which pin the gateway's).
+struct Fixture {
+    dir: tempfile::TempDir,
+    edge: SoftwareKeys,
+    gateway_keys: SoftwareKeys,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let (edge, gateway_keys) = pair();
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            edge,
+            gateway_keys,
+        }
+    }
+
+    /// A gateway process over the fixture's spool (a new one is a restart).
+    fn gateway(&self) -> Arc<Gateway> {
+        let (log, _) = audit_log(self.dir.path(), "gateway");
+        let (queue, _) = DeliveryQueue::new();
+        Arc::new(Gateway::new(
+            "gateway".into(),
+            self.dir.path().join("spool"),
+            spool(),
+            Arc::new(self.gateway_keys.clone()),
+            Limits::default(),
+            ReceiverConfig::default(),
+            queue,
+            log,
+        ))
+    }
+
+    fn transfer_dir(&self, id: &TransferId) -> TransferDir {
+        TransferDir::new(&self.dir.path().join("spool"), id)
+    }
+}
+
+/// A transfer of two files, 4 + 1 chunks: its manifest, the manifest's bytes and payload.
+struct Offer {
+    manifest: Arc<Manifest>,
+    bytes: Vec<u8>,
+    payload: Vec<Vec<u8>>,
+}
+
+fn offer(sender: &str) -> Offer {
+    let payload: Vec<Vec<u8>> = vec![
+        (0..3 * CHUNK as usize + 100)
+            .map(|i| (i % 251) as u8)
+            .collect(),
+        b"ten bytes!".to_vec(),
+    ];
+    let mut b = ManifestBuilder::new(TransferId::new_v7(), sender, [9; 32], "CR-1", CHUNK);
+    for (name, data) in ["a.bin", "b.bin"].iter().zip(&payload) {
+        let mut h = ChunkHasher::new(CHUNK);
+        h.update(data);
+        b.add_file((*name).to_owned(), data.len() as u64, h.finish())
+            .unwrap();
+    }
+    let manifest = b.finish(1).unwrap();
+    Offer {
+        bytes: manifest.to_bytes(),
+        manifest: Arc::new(manifest),
+        payload,
+    }
+}
+
+async fn signed(keys: &SoftwareKeys, context: &[u8], o: &Offer) -> Vec<u8> {
+    keys.sign(context, &o.bytes).await.unwrap()
+}
+
+async fn accept(
+    gw: &Arc<Gateway>,
+    conn: usize,
+    peer: &str,
+    o: &Offer,
+    sig: &[u8],
+) -> Result<(Arc<Active>, ChunkSet), (ErrorCode, String)> {
+    accept_offer(
+        gw,
+        Link::Detached(conn),
+        peer,
+        o.manifest.clone(),
+        &o.bytes,
+        sig,
+    )
+    .await
+}
+
+/// Writes chunk `index` into its `.part` file as a chunk stream would, verified.
+async fn write_chunk(gw: &Gateway, a: &Active, o: &Offer, index: u32) {
+    let loc = a.manifest.chunk(index).unwrap();
+    let file = a.files[loc.file].as_ref().unwrap();
+    let at = loc.offset as usize;
+    let mut buf = gw.spool.buffer().await;
+    buf.extend_from_slice(&o.payload[loc.file][at..at + loc.len as usize])
+        .unwrap();
+    gw.spool.write_at(file, loc.offset, buf).await.unwrap();
+    a.unsynced.lock().unwrap().0.push(index);
+}
+
+#[tokio::test]
+async fn an_offer_signed_by_the_pinned_edge_key_is_accepted_and_prepared() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let (active, have) = accept(&gw, 1, "edge", &o, &sig).await.unwrap();
+    assert_eq!(have.count(), 0);
+    assert_eq!(gw.active_transfers(), 1);
+    let d = f.transfer_dir(&o.manifest.transfer_id);
+    assert_eq!(std::fs::read(d.manifest_bin()).unwrap(), o.bytes);
+    assert_eq!(std::fs::read(d.manifest_sig()).unwrap(), sig);
+    assert!(d.part_file("a.bin").exists() && d.part_file("b.bin").exists());
+    assert_eq!(active.files.len(), 2);
+}
+
+#[tokio::test]
+async fn an_offer_that_does_not_verify_against_the_pinned_key_is_refused() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    // An edge the gateway does not know (its own key is not the pinned edge key), the
+    // right key under another context, and a manifest changed after signing.
+    let (stranger, _) = pair();
+    let good = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let mut tampered = offer("edge");
+    tampered.bytes = o.bytes.clone();
+    let last = tampered.bytes.len() - 1;
+    tampered.bytes[last] ^= 1;
+    for (what, o, sig) in [
+        (
+            "unknown key",
+            &o,
+            signed(&stranger, MANIFEST_CONTEXT, &o).await,
+        ),
+        (
+            "receipt context",
+            &o,
+            signed(&f.edge, RECEIPT_CONTEXT, &o).await,
+        ),
+        ("flipped byte", &tampered, good.clone()),
+        ("short signature", &o, good[..32].to_vec()),
+    ] {
+        match accept(&gw, 1, "edge", o, &sig).await {
+            Err((ErrorCode::BadSignature, _)) => {}
+            other => panic!("{what}: {:?}", other.map(|(_, h)| h.count())),
+        }
+    }
+    assert_eq!(gw.active_transfers(), 0);
+    assert!(!f.transfer_dir(&o.manifest.transfer_id).root().exists());
+}
+
+#[tokio::test]
+async fn an_offer_is_refused_when_the_sender_is_not_the_tls_peer_or_the_gateway_drains() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    match accept(&gw, 1, "edge-2", &o, &sig).await {
+        Err((ErrorCode::Refused, text)) => assert!(text.contains("TLS identity"), "{text}"),
+        other => panic!("{:?}", other.map(|(_, h)| h.count())),
+    }
+    gw.draining.store(true, Ordering::Relaxed);
+    assert!(matches!(
+        accept(&gw, 1, "edge", &o, &sig).await,
+        Err((ErrorCode::ShuttingDown, _))
+    ));
+    assert!(!f.transfer_dir(&o.manifest.transfer_id).root().exists());
+}
+
+#[tokio::test]
+async fn another_manifest_under_a_used_transfer_id_is_refused() {
+    let f = Fixture::new();
+    let o = offer("edge");
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    accept(&f.gateway(), 1, "edge", &o, &sig).await.unwrap();
+    // Same id, other content (one byte more in the second file), properly signed.
+    let mut b = ManifestBuilder::new(o.manifest.transfer_id, "edge", [9; 32], "CR-1", CHUNK);
+    b.add_file("a.bin".to_owned(), 1, vec![[1; 32]]).unwrap();
+    let other = b.finish(1).unwrap();
+    let other = Offer {
+        bytes: other.to_bytes(),
+        manifest: Arc::new(other),
+        payload: Vec::new(),
+    };
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &other).await;
+    match accept(&f.gateway(), 2, "edge", &other, &sig).await {
+        Err((ErrorCode::Refused, text)) => assert!(text.contains("already used"), "{text}"),
+        res => panic!("{:?}", res.map(|(_, h)| h.count())),
+    }
+}
+
+#[tokio::test]
+async fn commit_waits_for_every_chunk_then_signs_a_receipt_the_edge_verifies() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let id = o.manifest.transfer_id;
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let (active, _) = accept(&gw, 1, "edge", &o, &sig).await.unwrap();
+    for i in 0..4 {
+        write_chunk(&gw, &active, &o, i).await;
+    }
+    let e = commit(&gw, &active).await.unwrap_err();
+    assert!(e.to_string().contains("4 of 5"), "{e}");
+    let d = f.transfer_dir(&id);
+    assert!(!d.has_receipt() && !d.data_file("a.bin").exists());
+    assert!(kinds_of(f.dir.path(), &id.to_string()).is_empty());
+    // What was verified is durable all the same.
+    assert_eq!(d.load_state(5).unwrap().count(), 4);
+
+    write_chunk(&gw, &active, &o, 4).await;
+    let (receipt, rsig) = commit(&gw, &active).await.unwrap();
+    assert!(verify_peer(&f.edge, RECEIPT_CONTEXT, &receipt, &rsig));
+    assert!(!verify_peer(&f.edge, MANIFEST_CONTEXT, &receipt, &rsig));
+    let r = Receipt::from_bytes(&receipt).unwrap();
+    assert_eq!(r.transfer_id, id);
+    assert_eq!(r.merkle_root, o.manifest.merkle_root);
+    assert_eq!(r.manifest_digest, o.manifest.digest());
+    assert_eq!(r.process_id, "CR-1");
+    assert_eq!(r.receiver, "gateway");
+    // Final names, exact sizes (no padding of a direct write's tail), no `.part` left.
+    for (name, data) in ["a.bin", "b.bin"].iter().zip(&o.payload) {
+        assert_eq!(&std::fs::read(d.data_file(name)).unwrap(), data);
+        assert!(!d.part_file(name).exists());
+    }
+    assert_eq!(std::fs::read(d.receipt_sig()).unwrap(), rsig);
+    assert_eq!(kinds_of(f.dir.path(), &id.to_string()), [Kind::Committed]);
+    // A second commit (the edge asks again after a lost link) answers the stored receipt.
+    let (again, again_sig) = commit(&gw, &active).await.unwrap();
+    assert_eq!((again, again_sig), (receipt, rsig));
+    assert_eq!(kinds_of(f.dir.path(), &id.to_string()).len(), 1);
+}
+
+#[tokio::test]
+async fn after_a_restart_a_chunk_flipped_at_rest_is_fetched_again() {
+    let f = Fixture::new();
+    let o = offer("edge");
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    {
+        let gw = f.gateway();
+        let (active, _) = accept(&gw, 1, "edge", &o, &sig).await.unwrap();
+        for i in 0..5 {
+            write_chunk(&gw, &active, &o, i).await;
+        }
+        checkpoint(&gw, &active).await.unwrap();
+    }
+    let d = f.transfer_dir(&o.manifest.transfer_id);
+    assert_eq!(d.load_state(5).unwrap().count(), 5);
+    // A disk fault in chunk 1 (the second of a.bin) while the gateway was down.
+    let part = d.part_file("a.bin");
+    let mut bytes = std::fs::read(&part).unwrap();
+    bytes[CHUNK as usize + 7] ^= 0x40;
+    std::fs::write(&part, bytes).unwrap();
+
+    let (_, have) = accept(&f.gateway(), 2, "edge", &o, &sig).await.unwrap();
+    assert_eq!(have.iter().collect::<Vec<_>>(), [0, 2, 3, 4]);
+    assert_eq!(
+        d.load_state(5).unwrap().iter().collect::<Vec<_>>(),
+        [0, 2, 3, 4],
+        "the state no longer lists it"
+    );
+}
+
+#[tokio::test]
+async fn a_state_file_that_fails_its_check_is_discarded_not_trusted() {
+    let f = Fixture::new();
+    let o = offer("edge");
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    {
+        let gw = f.gateway();
+        let (active, _) = accept(&gw, 1, "edge", &o, &sig).await.unwrap();
+        for i in 0..3 {
+            write_chunk(&gw, &active, &o, i).await;
+        }
+        checkpoint(&gw, &active).await.unwrap();
+    }
+    let d = f.transfer_dir(&o.manifest.transfer_id);
+    let mut state = std::fs::read(d.state()).unwrap();
+    let last = state.len() - 1;
+    state[last] ^= 0xff;
+    std::fs::write(d.state(), state).unwrap();
+    let (_, have) = accept(&f.gateway(), 2, "edge", &o, &sig).await.unwrap();
+    assert_eq!(have.count(), 0, "every chunk is received again");
+}
