@@ -286,8 +286,8 @@ impl Edge {
             endpoint,
             policy,
             audit,
-            sending: crate::ops::Activity::default(),
-            stop: crate::ops::Flag::default(),
+            sending: crate::drain::Activity::default(),
+            stop: crate::drain::Flag::default(),
         })
     }
 
