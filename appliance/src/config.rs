@@ -16,6 +16,7 @@ use crate::deliver::Backoff;
 use crate::deliver::dicomweb::StowSettings;
 pub use crate::dicom::settings::{CommitmentRoute, DicomPeer, DicomSection};
 use crate::dicom::settings::{DEFAULT_DICOM_IDLE_TIMEOUT, DicomKeys, DicomPeerEntry};
+use crate::ingest::stow;
 use crate::setting::SettingError;
 
 /// Which side of the link this appliance serves.
@@ -473,7 +474,7 @@ pub enum DeliverySection {
 // and refuses a bad value with a [`ConfigError`] naming the dotted key. [`Config::parse`] only
 // composes the sections. Where a module owns a setting, its check lives there and answers with
 // a [`SettingError`] ([`Backoff::from_settings`], [`StowSettings::from_section`],
-// [`DicomSection::from_settings`]).
+// [`DicomSection::from_settings`], [`stow::max_parts_setting`]).
 //
 // `check::SCHEMA` lists the same keys with their TOML types (so `check-config` can report
 // every unknown key and wrong type at once): a key added here is added there too.
@@ -944,14 +945,6 @@ pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_UNIDENTIFIED_PER_SOURCE: usize = 1024;
 /// Default `ingest.open_timeout`: a day.
 pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// Default `ingest.stow_max_parts`: parts in one STOW-RS request.
-pub const DEFAULT_STOW_MAX_PARTS: usize = 10_000;
-/// Upper bound of `ingest.stow_max_parts`.
-pub const MAX_STOW_MAX_PARTS: usize = 10_000_000;
-/// Default `ingest.stow_max_failed_listed`: failed parts listed in one STOW-RS answer.
-pub const DEFAULT_STOW_MAX_FAILED_LISTED: usize = 1_000;
-/// Upper bound of `ingest.stow_max_failed_listed`.
-pub const MAX_STOW_MAX_FAILED_LISTED: usize = 100_000;
 /// Default upper bound on one upload: 64 GiB.
 pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
@@ -1021,7 +1014,47 @@ impl RawIngest {
             dicom_tls_listen.is_some(),
         )
         .map_err(|e| cx.setting(e))?;
-        let ingest = IngestSection {
+        if dicom_listen.is_some() && dicom_listen == dicom_tls_listen {
+            return Err(cx.invalid(
+                "ingest.dicom_tls_listen",
+                "must differ from ingest.dicom_listen",
+            ));
+        }
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 || max_connections > MAX_CONNECTIONS {
+            return Err(cx.invalid(
+                "ingest.max_connections",
+                format!("{max_connections} is not in 1..={MAX_CONNECTIONS}"),
+            ));
+        }
+        if handshake_timeout.is_zero() || handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return Err(cx.invalid(
+                "ingest.handshake_timeout",
+                "must be above 0 and at most 60s",
+            ));
+        }
+        let max_unidentified_per_source = self
+            .max_unidentified_per_source
+            .unwrap_or(DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE);
+        if !(1..=MAX_UNIDENTIFIED_PER_SOURCE).contains(&max_unidentified_per_source) {
+            return Err(cx.invalid(
+                "ingest.max_unidentified_per_source",
+                format!(
+                    "{max_unidentified_per_source} is not in 1..={MAX_UNIDENTIFIED_PER_SOURCE}"
+                ),
+            ));
+        }
+        let stow_max_parts =
+            stow::max_parts_setting(self.stow_max_parts).map_err(|e| cx.setting(e))?;
+        let stow_max_failed_listed = stow::max_failed_listed_setting(self.stow_max_failed_listed)
+            .map_err(|e| cx.setting(e))?;
+        if header_timeout.is_zero() || idle_timeout.is_zero() {
+            return Err(cx.invalid(
+                "ingest.header_timeout",
+                "header_timeout and idle_timeout must be positive",
+            ));
+        }
+        Ok(IngestSection {
             listen,
             dicom_listen,
             dicom_tls_listen,
@@ -1029,69 +1062,13 @@ impl RawIngest {
             dicom,
             header_timeout,
             idle_timeout,
-            max_connections: self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            max_connections,
             handshake_timeout,
-            max_unidentified_per_source: self
-                .max_unidentified_per_source
-                .unwrap_or(DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE),
+            max_unidentified_per_source,
             open_timeout,
-            stow_max_parts: self.stow_max_parts.unwrap_or(DEFAULT_STOW_MAX_PARTS),
-            stow_max_failed_listed: self
-                .stow_max_failed_listed
-                .unwrap_or(DEFAULT_STOW_MAX_FAILED_LISTED),
-        };
-        if ingest.dicom_listen.is_some() && ingest.dicom_listen == ingest.dicom_tls_listen {
-            return Err(cx.invalid(
-                "ingest.dicom_tls_listen",
-                "must differ from ingest.dicom_listen",
-            ));
-        }
-        if ingest.max_connections == 0 || ingest.max_connections > MAX_CONNECTIONS {
-            return Err(cx.invalid(
-                "ingest.max_connections",
-                format!("{} is not in 1..={MAX_CONNECTIONS}", ingest.max_connections),
-            ));
-        }
-        if ingest.handshake_timeout.is_zero() || ingest.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
-            return Err(cx.invalid(
-                "ingest.handshake_timeout",
-                "must be above 0 and at most 60s",
-            ));
-        }
-        if !(1..=MAX_UNIDENTIFIED_PER_SOURCE).contains(&ingest.max_unidentified_per_source) {
-            return Err(cx.invalid(
-                "ingest.max_unidentified_per_source",
-                format!(
-                    "{} is not in 1..={MAX_UNIDENTIFIED_PER_SOURCE}",
-                    ingest.max_unidentified_per_source
-                ),
-            ));
-        }
-        if ingest.stow_max_parts == 0 || ingest.stow_max_parts > MAX_STOW_MAX_PARTS {
-            return Err(cx.invalid(
-                "ingest.stow_max_parts",
-                format!(
-                    "{} is not in 1..={MAX_STOW_MAX_PARTS}",
-                    ingest.stow_max_parts
-                ),
-            ));
-        }
-        if ingest.stow_max_failed_listed > MAX_STOW_MAX_FAILED_LISTED {
-            return Err(cx.invalid(
-                "ingest.stow_max_failed_listed",
-                format!(
-                    "{} is not in 0..={MAX_STOW_MAX_FAILED_LISTED}",
-                    ingest.stow_max_failed_listed
-                ),
-            ));
-        }
-        if ingest.header_timeout.is_zero() || ingest.idle_timeout.is_zero() {
-            return Err(cx.invalid(
-                "ingest.header_timeout",
-                "header_timeout and idle_timeout must be positive",
-            ));
-        }
-        Ok(ingest)
+            stow_max_parts,
+            stow_max_failed_listed,
+        })
     }
 }
 
@@ -1480,6 +1457,7 @@ mod tests {
         DEFAULT_DICOM_AE_TITLE, DEFAULT_DICOM_COMMITMENT_MAX_PENDING,
         DEFAULT_DICOM_MAX_ASSOCIATIONS, DEFAULT_DICOM_MAX_PDU_BYTES,
     };
+    use crate::ingest::stow::{DEFAULT_STOW_MAX_FAILED_LISTED, DEFAULT_STOW_MAX_PARTS};
 
     #[test]
     fn tls_key_is_a_path_or_a_pkcs11_uri() {
