@@ -4,6 +4,12 @@
 //! humantime strings (`"10m"`, `"30s"`), sizes are integers in bytes. Keys named in
 //! `docs/interface.md` keep their names and meaning; every key is documented in
 //! `docs/configuration.md` and `systemd/baylink.example.toml`.
+//!
+//! Each section has its own serde shape (`Raw*`, unknown keys refused) and its own check,
+//! which fills in the section's defaults and names the key it refuses; [`Config::parse`] only
+//! composes them. Settings a module owns are checked by that module and composed here:
+//! [`crate::deliver`], [`crate::dicom::settings`], [`crate::ingest::stow`] (ARCHITECTURE.md,
+//! "Module dependencies").
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
