@@ -437,7 +437,7 @@ fn audit(cmd: AuditCommand) -> anyhow::Result<u8> {
         }
         AuditCommand::Checkpoint(c) => with_config(&c.config, |cfg| {
             let token = Token::open(&hsm_config(&cfg)?)?;
-            let log = audit::Log::open(&audit::LogSettings::from_config(&cfg), token.signer()?)?;
+            let log = audit::Log::open(&cfg.audit_log_settings(), token.signer()?)?;
             match log.checkpoint_blocking()? {
                 Some(n) => println!("checkpoint signed: {n} records"),
                 None => println!("checkpoint: nothing new to sign"),

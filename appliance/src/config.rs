@@ -4,6 +4,12 @@
 //! humantime strings (`"10m"`, `"30s"`), sizes are integers in bytes. Keys named in
 //! `docs/interface.md` keep their names and meaning; every key is documented in
 //! `docs/configuration.md` and `systemd/baylink.example.toml`.
+//!
+//! Each section has its own serde shape (`Raw*`, unknown keys refused) and its own check,
+//! which fills in the section's defaults and names the key it refuses; [`Config::parse`] only
+//! composes them. Settings a module owns are checked by that module and composed here:
+//! [`crate::deliver`], [`crate::dicom::settings`], [`crate::ingest::stow`] (ARCHITECTURE.md,
+//! "Module dependencies").
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,9 @@ use serde::Deserialize;
 
 use crate::deliver::Backoff;
 use crate::deliver::dicomweb::StowSettings;
+pub use crate::dicom::settings::{CommitmentRoute, DicomPeer, DicomSection};
+use crate::dicom::settings::{DEFAULT_DICOM_IDLE_TIMEOUT, DicomKeys, DicomPeerEntry};
+use crate::ingest::stow;
 use crate::setting::SettingError;
 
 /// Which side of the link this appliance serves.
@@ -416,60 +425,6 @@ pub struct IngestSection {
     pub stow_max_failed_listed: usize,
 }
 
-/// The DICOM Storage SCP's settings: keys `ingest.dicom_*` and `[[ingest.dicom_peers]]`.
-#[derive(Debug, Clone)]
-pub struct DicomSection {
-    /// The SCP's own AE title; associations calling another title are rejected.
-    pub ae_title: String,
-    /// Known storage SCUs: calling AE title + peer address, mapped to a hospital.
-    pub peers: Vec<DicomPeer>,
-    /// Largest P-DATA PDU the SCP accepts (bytes), announced at association.
-    pub max_pdu_bytes: u32,
-    /// Associations served at once; further ones are rejected.
-    pub max_associations: usize,
-    /// Storage Commitment requests kept unanswered per peer (`ingest.dicom_commitment_max_pending`).
-    pub commitment_max_pending: usize,
-    /// An association that sends nothing for this long is aborted (and discarded).
-    pub idle_timeout: Duration,
-}
-
-/// One `[[ingest.dicom_peers]]` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DicomPeer {
-    /// Calling AE title the SCU presents.
-    pub ae_title: String,
-    /// IP address the association must come from.
-    pub address: std::net::IpAddr,
-    /// Hospital this SCU belongs to.
-    pub hospital: String,
-    /// Purpose declared for its associations (`purpose`, default `care`; e.g. `research`,
-    /// whose instances are de-identified).
-    pub purpose: String,
-    /// Where Storage Commitment reports go when they cannot go on the association of the
-    /// request (`commitment_port`, `commitment_host`, `commitment_ae_title`); `None`: only on
-    /// that association.
-    pub commitment: Option<CommitmentRoute>,
-}
-
-/// The modality's own Storage Commitment listener (an SCU that accepts N-EVENT-REPORT).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitmentRoute {
-    /// Host name or IP address (`commitment_host`, default the entry's `address`).
-    pub host: String,
-    /// TCP port (`commitment_port`).
-    pub port: u16,
-    /// Its AE title (`commitment_ae_title`, default the entry's `ae_title`).
-    pub ae_title: String,
-}
-
-/// Default AE title of the Storage SCP.
-pub const DEFAULT_DICOM_AE_TITLE: &str = "BAYLINK";
-/// Default largest P-DATA PDU the SCP accepts: 64 KiB.
-pub const DEFAULT_DICOM_MAX_PDU_BYTES: u32 = 64 * 1024;
-/// Default number of DICOM associations served at once.
-pub const DEFAULT_DICOM_MAX_ASSOCIATIONS: usize = 16;
-/// Default Storage Commitment requests kept unanswered per DICOM peer.
-pub const DEFAULT_DICOM_COMMITMENT_MAX_PENDING: usize = 64;
 /// Default `ingest.handshake_timeout`: TLS handshake (HTTPS) or A-ASSOCIATE negotiation
 /// (C-STORE) before the client is identified.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -516,11 +471,21 @@ pub enum DeliverySection {
     DicomWeb(StowSettings),
 }
 
-// ---- raw TOML shape -------------------------------------------------------------------------
+// ---- reading the file -----------------------------------------------------------------------
+//
+// Each section is read in two steps. Serde reads the TOML into the section's `Raw*` shape
+// (`deny_unknown_fields`: an unknown key is refused by name; an absent optional section is
+// its `Default`, every key unset). Then the section's check turns the raw shape into the
+// typed section: it fills in the defaults (the `DEFAULT_*` constants), resolves relative paths
+// and refuses a bad value with a [`ConfigError`] naming the dotted key. [`Config::parse`] only
+// composes the sections. Where a module owns a setting, its check lives there and answers with
+// a [`SettingError`] ([`Backoff::from_settings`], [`StowSettings::from_section`],
+// [`DicomSection::from_settings`], [`stow::max_parts_setting`]).
 //
 // `check::SCHEMA` lists the same keys with their TOML types (so `check-config` can report
 // every unknown key and wrong type at once): a key added here is added there too.
 
+/// The whole file, as serde reads it: one field per section.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Raw {
@@ -549,20 +514,123 @@ struct Raw {
     quota: RawQuota,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawQuota {
-    max_open_transfers: Option<usize>,
-    max_spool_bytes: Option<u64>,
-    max_files: Option<u64>,
+/// What every section's check needs: the file (named in errors), its directory (relative
+/// paths are resolved against it) and the role (named when a key it needs is missing).
+struct Context<'a> {
+    path: &'a Path,
+    base: PathBuf,
+    role: Role,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_files: Option<u32>,
-    max_chunks: Option<u32>,
+impl Context<'_> {
+    /// `p` resolved against the config file's directory, unless absolute.
+    fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_owned()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    /// `key` is present but refused.
+    fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            key,
+            message: message.into(),
+        }
+    }
+
+    /// `key` is needed by this role but absent.
+    fn missing(&self, key: &'static str) -> ConfigError {
+        ConfigError::Missing {
+            path: self.path.to_owned(),
+            key,
+            role: self.role,
+        }
+    }
+
+    /// A setting refused by the module that owns it.
+    fn setting(&self, e: SettingError) -> ConfigError {
+        match e {
+            SettingError::Missing(key) => self.missing(key),
+            SettingError::Invalid { key, message } => self.invalid(key, message),
+        }
+    }
+
+    /// An optional `address:port`.
+    fn address(
+        &self,
+        key: &'static str,
+        s: Option<&str>,
+    ) -> Result<Option<SocketAddr>, ConfigError> {
+        s.map(|s| {
+            s.parse::<SocketAddr>()
+                .map_err(|e| self.invalid(key, format!("`{s}` is not an address:port ({e})")))
+        })
+        .transpose()
+    }
+
+    /// An optional humantime duration.
+    fn optional_duration(
+        &self,
+        key: &'static str,
+        s: Option<&str>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        s.map(|s| {
+            humantime::parse_duration(s)
+                .map_err(|e| self.invalid(key, format!("`{s}` is not a duration ({e})")))
+        })
+        .transpose()
+    }
+
+    /// A humantime duration, `default` when absent.
+    fn duration(
+        &self,
+        key: &'static str,
+        s: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        self.optional_duration(key, s).map(|d| d.unwrap_or(default))
+    }
+
+    /// A humantime duration or `"never"` (`None`), `default` when absent.
+    fn duration_or_never(
+        &self,
+        key: &'static str,
+        s: Option<&str>,
+        default: Duration,
+    ) -> Result<Option<Duration>, ConfigError> {
+        match s {
+            Some("never") => Ok(None),
+            _ => self.duration(key, s, default).map(Some),
+        }
+    }
 }
+
+/// 1..=64 characters, none of them a control character (names of appliances, hospitals,
+/// purposes and edges).
+fn printable_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && !s.chars().any(char::is_control)
+}
+
+// ---- top level: role, id --------------------------------------------------------------------
+
+/// `id`, default the role's name.
+fn check_id(id: Option<String>, cx: &Context<'_>) -> Result<String, ConfigError> {
+    let id = id.unwrap_or_else(|| cx.role.to_string());
+    if !printable_name(&id) {
+        return Err(cx.invalid("id", "must be 1..=64 printable characters"));
+    }
+    Ok(id)
+}
+
+// ---- [hsm] ----------------------------------------------------------------------------------
+
+/// Default `hsm.sessions`.
+pub const DEFAULT_HSM_SESSIONS: usize = 4;
+/// Upper bound of `hsm.sessions`.
+pub const MAX_HSM_SESSIONS: usize = 64;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -576,12 +644,76 @@ struct RawHsm {
     allow_extractable: Option<bool>,
 }
 
+impl RawHsm {
+    fn check(self, cx: &Context<'_>) -> Result<HsmSection, ConfigError> {
+        let sessions = self.sessions.unwrap_or(DEFAULT_HSM_SESSIONS);
+        if sessions == 0 || sessions > MAX_HSM_SESSIONS {
+            return Err(cx.invalid(
+                "hsm.sessions",
+                format!("{sessions} is not in 1..={MAX_HSM_SESSIONS}"),
+            ));
+        }
+        if self.token_label.is_empty() {
+            return Err(cx.invalid("hsm.token_label", "must not be empty"));
+        }
+        if self.key_label.is_empty() {
+            return Err(cx.invalid("hsm.key_label", "must not be empty"));
+        }
+        Ok(HsmSection {
+            // A library name is looked for by the loader, not beside the config.
+            module: self.module,
+            softhsm_conf: self.softhsm_conf.as_deref().map(|p| cx.resolve(p)),
+            token_label: self.token_label,
+            key_label: self.key_label,
+            pin_file: cx.resolve(&self.pin_file),
+            sessions,
+            allow_extractable: self.allow_extractable.unwrap_or(false),
+        })
+    }
+}
+
+// ---- [peer] ---------------------------------------------------------------------------------
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPeer {
     signing_key: PathBuf,
     names: Option<Vec<String>>,
 }
+
+impl RawPeer {
+    /// The peer's signing key file and, on a gateway, the edges it accepts.
+    fn check(self, cx: &Context<'_>) -> Result<(PathBuf, Vec<String>), ConfigError> {
+        let names = match (cx.role, self.names) {
+            (Role::Gateway, None) => return Err(cx.missing("peer.names")),
+            (Role::Gateway, Some(names)) => {
+                if names.is_empty() {
+                    return Err(cx.invalid(
+                        "peer.names",
+                        "must name at least one edge (its certificate's subject CN)",
+                    ));
+                }
+                if let Some(bad) = names.iter().find(|n| !printable_name(n)) {
+                    return Err(cx.invalid(
+                        "peer.names",
+                        format!("{bad:?} is not 1..=64 printable characters"),
+                    ));
+                }
+                names
+            }
+            (Role::Edge, None) => Vec::new(),
+            (Role::Edge, Some(_)) => {
+                return Err(cx.invalid(
+                    "peer.names",
+                    "applies only to role gateway (the edges it accepts)",
+                ));
+            }
+        };
+        Ok((cx.resolve(&self.signing_key), names))
+    }
+}
+
+// ---- [tls] ----------------------------------------------------------------------------------
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -591,6 +723,79 @@ struct RawTls {
     key: String,
     warn_expiry: Option<String>,
 }
+
+impl RawTls {
+    /// `hsm_token_label`: the token a `pkcs11:` key must be on.
+    fn check(self, cx: &Context<'_>, hsm_token_label: &str) -> Result<TlsSection, ConfigError> {
+        let key = if self.key.starts_with(PKCS11_URI_SCHEME) {
+            TlsKeySource::Hsm {
+                label: parse_pkcs11_uri(&self.key, hsm_token_label)
+                    .map_err(|m| cx.invalid("tls.key", m))?,
+            }
+        } else {
+            TlsKeySource::File(cx.resolve(Path::new(&self.key)))
+        };
+        Ok(TlsSection {
+            ca: cx.resolve(&self.ca),
+            cert: cx.resolve(&self.cert),
+            key,
+            warn_expiry: cx.duration(
+                "tls.warn_expiry",
+                self.warn_expiry.as_deref(),
+                DEFAULT_WARN_EXPIRY,
+            )?,
+        })
+    }
+}
+
+// ---- [limits] -------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_files: Option<u32>,
+    max_chunks: Option<u32>,
+}
+
+impl RawLimits {
+    /// The protocol's limits, lowered (never raised) where the config says so.
+    fn check(self, cx: &Context<'_>) -> Result<baylink_net::proto::Limits, ConfigError> {
+        let mut limits = baylink_net::proto::Limits::default();
+        for (key, value, bound) in [
+            ("limits.max_files", self.max_files, &mut limits.max_files),
+            ("limits.max_chunks", self.max_chunks, &mut limits.max_chunks),
+        ] {
+            if let Some(n) = value {
+                if n == 0 || n > *bound {
+                    return Err(cx.invalid(key, format!("{n} is not in 1..={bound}")));
+                }
+                *bound = n;
+            }
+        }
+        Ok(limits)
+    }
+}
+
+// ---- [transport] ----------------------------------------------------------------------------
+
+/// Default `transport.server_name`.
+pub const DEFAULT_SERVER_NAME: &str = "localhost";
+/// Default `transport.retry_for`: ten minutes.
+pub const DEFAULT_RETRY_FOR: Duration = Duration::from_secs(600);
+/// Default `transport.max_in_flight`.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+/// Upper bound of `transport.max_in_flight`.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Default `transport.max_transfers`: hospital uploads sent at once.
+pub const DEFAULT_MAX_TRANSFERS: usize = 4;
+/// Upper bound of `transport.max_transfers`.
+pub const MAX_TRANSFERS: usize = 64;
+/// Default chunk size: 4 MiB.
+pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
+/// Default `transport.chunk_stall_timeout`: as long as the QUIC idle timeout.
+pub const DEFAULT_CHUNK_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Smallest chunk size accepted in a config (the protocol allows smaller, for tests).
+pub const MIN_CHUNK_SIZE: u32 = 4096;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -605,6 +810,67 @@ struct RawTransport {
     chunk_stall_timeout: Option<String>,
 }
 
+impl RawTransport {
+    /// `limits`: the chunk size must fit the protocol's largest chunk.
+    fn check(
+        self,
+        cx: &Context<'_>,
+        limits: &baylink_net::proto::Limits,
+    ) -> Result<TransportSection, ConfigError> {
+        let transport = TransportSection {
+            listen: cx.address("transport.listen", self.listen.as_deref())?,
+            connect: cx.address("transport.connect", self.connect.as_deref())?,
+            server_name: self
+                .server_name
+                .unwrap_or_else(|| DEFAULT_SERVER_NAME.to_owned()),
+            retry_for: cx.duration(
+                "transport.retry_for",
+                self.retry_for.as_deref(),
+                DEFAULT_RETRY_FOR,
+            )?,
+            chunk_size: self.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+            max_in_flight: self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT),
+            max_transfers: self.max_transfers.unwrap_or(DEFAULT_MAX_TRANSFERS),
+            chunk_stall_timeout: cx.duration(
+                "transport.chunk_stall_timeout",
+                self.chunk_stall_timeout.as_deref(),
+                DEFAULT_CHUNK_STALL_TIMEOUT,
+            )?,
+        };
+        if transport.chunk_stall_timeout.is_zero() {
+            return Err(cx.invalid("transport.chunk_stall_timeout", "must be longer than zero"));
+        }
+        if transport.chunk_size < MIN_CHUNK_SIZE || transport.chunk_size > limits.max_chunk_size {
+            return Err(cx.invalid(
+                "transport.chunk_size",
+                format!(
+                    "{} is not in {MIN_CHUNK_SIZE}..={}",
+                    transport.chunk_size, limits.max_chunk_size
+                ),
+            ));
+        }
+        if transport.max_in_flight == 0 || transport.max_in_flight > MAX_IN_FLIGHT {
+            return Err(cx.invalid(
+                "transport.max_in_flight",
+                format!("{} is not in 1..={MAX_IN_FLIGHT}", transport.max_in_flight),
+            ));
+        }
+        if !(1..=MAX_TRANSFERS).contains(&transport.max_transfers) {
+            return Err(cx.invalid(
+                "transport.max_transfers",
+                format!("{} is not in 1..={MAX_TRANSFERS}", transport.max_transfers),
+            ));
+        }
+        match cx.role {
+            Role::Edge if transport.connect.is_none() => Err(cx.missing("transport.connect")),
+            Role::Gateway if transport.listen.is_none() => Err(cx.missing("transport.listen")),
+            _ => Ok(transport),
+        }
+    }
+}
+
+// ---- [link] ---------------------------------------------------------------------------------
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawLink {
@@ -616,6 +882,78 @@ struct RawLink {
     max_mtu: Option<u16>,
 }
 
+impl RawLink {
+    /// Defaults are [`LinkTuning::default`]'s, but for `congestion` (cubic) and `max_mtu` (at
+    /// least `mtu`).
+    fn check(self, cx: &Context<'_>) -> Result<LinkTuning, ConfigError> {
+        let defaults = LinkTuning::default();
+        // Without the key: cubic, which needs no correct `rate_mbit` (dev-env and the example
+        // config write "link").
+        let congestion = match self.congestion.as_deref() {
+            None => Congestion::Cubic,
+            Some(name) => Congestion::from_name(name).ok_or_else(|| {
+                cx.invalid(
+                    "link.congestion",
+                    format!("`{name}` is not one of cubic, bbr, link"),
+                )
+            })?,
+        };
+        let link = LinkTuning {
+            rate_mbit: self.rate_mbit.unwrap_or(defaults.rate_mbit),
+            rtt_ms: self.rtt_ms.unwrap_or(defaults.rtt_ms),
+            congestion,
+            socket_buffer_bytes: self
+                .socket_buffer_bytes
+                .unwrap_or(defaults.socket_buffer_bytes),
+            mtu: self.mtu,
+            max_mtu: self
+                .max_mtu
+                .unwrap_or(defaults.max_mtu.max(self.mtu.unwrap_or(0))),
+        };
+        if link.rate_mbit == 0 {
+            return Err(cx.invalid("link.rate_mbit", "must be > 0"));
+        }
+        for (key, value) in [("link.mtu", link.mtu), ("link.max_mtu", Some(link.max_mtu))] {
+            if let Some(v) = value
+                && v < MIN_MTU
+            {
+                return Err(cx.invalid(
+                    key,
+                    format!("{v} is below {MIN_MTU} (QUIC's 1200-byte packets and headers)"),
+                ));
+            }
+        }
+        if let Some(mtu) = link.mtu
+            && mtu > link.max_mtu
+        {
+            return Err(cx.invalid(
+                "link.mtu",
+                format!("{mtu} is above link.max_mtu {}", link.max_mtu),
+            ));
+        }
+        Ok(link)
+    }
+}
+
+// ---- [ingest] -------------------------------------------------------------------------------
+
+/// Default `ingest.header_timeout`.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `ingest.idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `ingest.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// Upper bound of `ingest.max_connections`.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Upper bound of `ingest.handshake_timeout`.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Upper bound of `ingest.max_unidentified_per_source`.
+pub const MAX_UNIDENTIFIED_PER_SOURCE: usize = 1024;
+/// Default `ingest.open_timeout`: a day.
+pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Default upper bound on one upload: 64 GiB.
+pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawIngest {
@@ -625,7 +963,7 @@ struct RawIngest {
     max_upload_bytes: Option<u64>,
     dicom_ae_title: Option<String>,
     #[serde(default)]
-    dicom_peers: Vec<RawDicomPeer>,
+    dicom_peers: Vec<DicomPeerEntry>,
     dicom_max_pdu_bytes: Option<u32>,
     dicom_max_associations: Option<usize>,
     dicom_commitment_max_pending: Option<usize>,
@@ -640,23 +978,128 @@ struct RawIngest {
     stow_max_failed_listed: Option<usize>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDicomPeer {
-    ae_title: String,
-    address: String,
-    hospital: String,
-    purpose: Option<String>,
-    commitment_host: Option<String>,
-    commitment_port: Option<u16>,
-    commitment_ae_title: Option<String>,
+impl RawIngest {
+    fn check(self, cx: &Context<'_>) -> Result<IngestSection, ConfigError> {
+        let listen = cx.address("ingest.listen", self.listen.as_deref())?;
+        let dicom_listen = cx.address("ingest.dicom_listen", self.dicom_listen.as_deref())?;
+        let dicom_tls_listen =
+            cx.address("ingest.dicom_tls_listen", self.dicom_tls_listen.as_deref())?;
+        let header_timeout = cx.duration(
+            "ingest.header_timeout",
+            self.header_timeout.as_deref(),
+            DEFAULT_HEADER_TIMEOUT,
+        )?;
+        let idle_timeout = cx.duration(
+            "ingest.idle_timeout",
+            self.idle_timeout.as_deref(),
+            DEFAULT_IDLE_TIMEOUT,
+        )?;
+        let handshake_timeout = cx.duration(
+            "ingest.handshake_timeout",
+            self.handshake_timeout.as_deref(),
+            DEFAULT_HANDSHAKE_TIMEOUT,
+        )?;
+        let open_timeout = cx.duration_or_never(
+            "ingest.open_timeout",
+            self.open_timeout.as_deref(),
+            DEFAULT_OPEN_TIMEOUT,
+        )?;
+        let dicom = DicomSection::from_settings(
+            DicomKeys {
+                ae_title: self.dicom_ae_title,
+                peers: self.dicom_peers,
+                max_pdu_bytes: self.dicom_max_pdu_bytes,
+                max_associations: self.dicom_max_associations,
+                commitment_max_pending: self.dicom_commitment_max_pending,
+                idle_timeout: cx.duration(
+                    "ingest.dicom_idle_timeout",
+                    self.dicom_idle_timeout.as_deref(),
+                    DEFAULT_DICOM_IDLE_TIMEOUT,
+                )?,
+            },
+            dicom_tls_listen.is_some(),
+        )
+        .map_err(|e| cx.setting(e))?;
+        if dicom_listen.is_some() && dicom_listen == dicom_tls_listen {
+            return Err(cx.invalid(
+                "ingest.dicom_tls_listen",
+                "must differ from ingest.dicom_listen",
+            ));
+        }
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 || max_connections > MAX_CONNECTIONS {
+            return Err(cx.invalid(
+                "ingest.max_connections",
+                format!("{max_connections} is not in 1..={MAX_CONNECTIONS}"),
+            ));
+        }
+        if handshake_timeout.is_zero() || handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return Err(cx.invalid(
+                "ingest.handshake_timeout",
+                "must be above 0 and at most 60s",
+            ));
+        }
+        let max_unidentified_per_source = self
+            .max_unidentified_per_source
+            .unwrap_or(DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE);
+        if !(1..=MAX_UNIDENTIFIED_PER_SOURCE).contains(&max_unidentified_per_source) {
+            return Err(cx.invalid(
+                "ingest.max_unidentified_per_source",
+                format!(
+                    "{max_unidentified_per_source} is not in 1..={MAX_UNIDENTIFIED_PER_SOURCE}"
+                ),
+            ));
+        }
+        let stow_max_parts =
+            stow::max_parts_setting(self.stow_max_parts).map_err(|e| cx.setting(e))?;
+        let stow_max_failed_listed = stow::max_failed_listed_setting(self.stow_max_failed_listed)
+            .map_err(|e| cx.setting(e))?;
+        if header_timeout.is_zero() || idle_timeout.is_zero() {
+            return Err(cx.invalid(
+                "ingest.header_timeout",
+                "header_timeout and idle_timeout must be positive",
+            ));
+        }
+        Ok(IngestSection {
+            listen,
+            dicom_listen,
+            dicom_tls_listen,
+            max_upload_bytes: self.max_upload_bytes.unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
+            dicom,
+            header_timeout,
+            idle_timeout,
+            max_connections,
+            handshake_timeout,
+            max_unidentified_per_source,
+            open_timeout,
+            stow_max_parts,
+            stow_max_failed_listed,
+        })
+    }
 }
+
+// ---- [metrics] ------------------------------------------------------------------------------
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: String,
 }
+
+impl RawMetrics {
+    /// `metrics.listen`.
+    fn check(self, cx: &Context<'_>) -> Result<SocketAddr, ConfigError> {
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|e| cx.invalid("metrics.listen", format!("`{}`: {e}", self.listen)))
+    }
+}
+
+// ---- [spool] --------------------------------------------------------------------------------
+
+/// Default `spool.retain`: three days, so a store failure found after a weekend can still be
+/// re-delivered from the gateway's copy.
+pub const DEFAULT_SPOOL_RETAIN: Duration = Duration::from_secs(3 * 24 * 3600);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -666,6 +1109,68 @@ struct RawSpool {
     reserve_bytes: Option<u64>,
 }
 
+/// `[spool]`, checked; spread over [`Config`]'s `spool_*` fields.
+struct SpoolSettings {
+    dir: PathBuf,
+    retain: Option<Duration>,
+    reserve_bytes: u64,
+}
+
+impl RawSpool {
+    fn check(self, cx: &Context<'_>) -> Result<SpoolSettings, ConfigError> {
+        Ok(SpoolSettings {
+            dir: cx.resolve(&self.dir),
+            retain: cx.duration_or_never(
+                "spool.retain",
+                self.retain.as_deref(),
+                DEFAULT_SPOOL_RETAIN,
+            )?,
+            reserve_bytes: self.reserve_bytes.unwrap_or(DEFAULT_SPOOL_RESERVE_BYTES),
+        })
+    }
+}
+
+// ---- [quota] --------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawQuota {
+    max_open_transfers: Option<usize>,
+    max_spool_bytes: Option<u64>,
+    max_files: Option<u64>,
+}
+
+impl RawQuota {
+    fn check(self, cx: &Context<'_>) -> Result<QuotaSection, ConfigError> {
+        let quota = QuotaSection {
+            max_open_transfers: self
+                .max_open_transfers
+                .unwrap_or(DEFAULT_QUOTA_MAX_OPEN_TRANSFERS),
+            max_spool_bytes: self
+                .max_spool_bytes
+                .unwrap_or(DEFAULT_QUOTA_MAX_SPOOL_BYTES),
+            max_files: self.max_files.unwrap_or(DEFAULT_QUOTA_MAX_FILES),
+        };
+        for (key, zero) in [
+            ("quota.max_open_transfers", quota.max_open_transfers == 0),
+            ("quota.max_spool_bytes", quota.max_spool_bytes == 0),
+            ("quota.max_files", quota.max_files == 0),
+        ] {
+            if zero {
+                return Err(cx.invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(quota)
+    }
+}
+
+// ---- [audit] --------------------------------------------------------------------------------
+
+/// Default `audit.checkpoint_every`.
+pub const DEFAULT_CHECKPOINT_EVERY: u64 = 64;
+/// Default `audit.checkpoint_interval`: five minutes.
+pub const DEFAULT_CHECKPOINT_INTERVAL: Duration = Duration::from_secs(300);
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
@@ -674,6 +1179,61 @@ struct RawAudit {
     checkpoint_interval: Option<String>,
     patient_key: Option<PathBuf>,
 }
+
+impl RawAudit {
+    /// `audit.dir` and the rest of `[audit]`.
+    fn check(self, cx: &Context<'_>) -> Result<(PathBuf, AuditSection), ConfigError> {
+        let audit_dir = cx.resolve(&self.dir);
+        let patient_key = match self.patient_key.as_deref() {
+            Some(p) => cx.resolve(p),
+            None => default_patient_key(&audit_dir).ok_or_else(|| {
+                cx.invalid(
+                    "audit.patient_key",
+                    format!(
+                        "audit.dir {} has no parent directory for the default \
+                         secrets/patient.key; name the key file",
+                        audit_dir.display()
+                    ),
+                )
+            })?,
+        };
+        if lexically_normal(&patient_key).starts_with(lexically_normal(&audit_dir)) {
+            return Err(cx.invalid(
+                "audit.patient_key",
+                format!(
+                    "{} is inside audit.dir {}: whoever is given a copy of the audit directory \
+                     would hold the key behind its patient pseudonyms; move the file out of \
+                     audit.dir and name its new place here",
+                    patient_key.display(),
+                    audit_dir.display()
+                ),
+            ));
+        }
+        let checkpoint_every = match self.checkpoint_every {
+            None => DEFAULT_CHECKPOINT_EVERY,
+            Some(0) => return Err(cx.invalid("audit.checkpoint_every", "must be at least 1")),
+            Some(n) => n,
+        };
+        let checkpoint_interval = cx.duration(
+            "audit.checkpoint_interval",
+            self.checkpoint_interval.as_deref(),
+            DEFAULT_CHECKPOINT_INTERVAL,
+        )?;
+        Ok((
+            audit_dir,
+            AuditSection {
+                checkpoint_every,
+                checkpoint_interval,
+                patient_key,
+            },
+        ))
+    }
+}
+
+// ---- [policy] -------------------------------------------------------------------------------
+
+/// Default `policy.deidentify_purposes`.
+pub const DEFAULT_DEIDENTIFY_PURPOSES: &[&str] = &["research"];
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -691,6 +1251,50 @@ struct RawPolicy {
     max_files: Option<u64>,
 }
 
+impl RawPolicy {
+    fn check(self, cx: &Context<'_>) -> Result<PolicySection, ConfigError> {
+        for (key, v) in [
+            ("policy.max_transfer_bytes", self.max_transfer_bytes),
+            ("policy.max_files", self.max_files),
+        ] {
+            if v == Some(0) {
+                return Err(cx.invalid(key, "must be at least 1"));
+            }
+        }
+        let deidentify_purposes = self.deidentify_purposes.unwrap_or_else(|| {
+            DEFAULT_DEIDENTIFY_PURPOSES
+                .iter()
+                .map(|p| (*p).to_owned())
+                .collect()
+        });
+        let mut deidentify_options = std::collections::BTreeMap::new();
+        for (purpose, names) in self.deidentify_options {
+            if !deidentify_purposes.contains(&purpose) {
+                return Err(cx.invalid(
+                    "policy.deidentify_options",
+                    format!("purpose {purpose:?} is not in policy.deidentify_purposes"),
+                ));
+            }
+            let options = crate::dicom::deid::ProfileOptions::from_names(&names)
+                .map_err(|e| cx.invalid("policy.deidentify_options", format!("{purpose}: {e}")))?;
+            deidentify_options.insert(purpose, options);
+        }
+        Ok(PolicySection {
+            consents: self.consents.as_deref().map(|p| cx.resolve(p)),
+            negative_list: self.negative_list,
+            hospitals: self.hospitals,
+            deidentify_purposes,
+            deidentify_options,
+            categories: self.categories,
+            destinations: self.destinations,
+            max_transfer_bytes: self.max_transfer_bytes,
+            max_files: self.max_files,
+        })
+    }
+}
+
+// ---- [delivery] -----------------------------------------------------------------------------
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDelivery {
@@ -705,35 +1309,71 @@ struct RawDelivery {
     key: Option<PathBuf>,
 }
 
+/// `[delivery]` (required on a gateway) and its retry waits; the checks of the values are
+/// the delivery module's ([`Backoff::from_settings`], [`StowSettings::from_section`]).
+fn check_delivery(
+    raw: Option<RawDelivery>,
+    cx: &Context<'_>,
+) -> Result<(Option<DeliverySection>, Backoff), ConfigError> {
+    let Some(d) = raw else {
+        return match cx.role {
+            Role::Gateway => Err(cx.missing("delivery.kind")),
+            Role::Edge => Ok((None, Backoff::default())),
+        };
+    };
+    let retry = Backoff::from_settings(
+        cx.optional_duration("delivery.retry_base", d.retry_base.as_deref())?,
+        cx.optional_duration("delivery.retry_max", d.retry_max.as_deref())?,
+    )
+    .map_err(|e| cx.setting(e))?;
+    let delivery = match d.kind.as_str() {
+        "dir" => DeliverySection::Dir {
+            path: cx.resolve(&d.path.ok_or_else(|| cx.missing("delivery.path"))?),
+        },
+        "dicomweb" => DeliverySection::DicomWeb(
+            StowSettings::from_section(
+                d.url,
+                d.batch_bytes,
+                d.ca.as_deref().map(|p| cx.resolve(p)),
+                d.cert.as_deref().map(|p| cx.resolve(p)),
+                d.key.as_deref().map(|p| cx.resolve(p)),
+            )
+            .map_err(|e| cx.setting(e))?,
+        ),
+        other => {
+            return Err(cx.invalid(
+                "delivery.kind",
+                format!("`{other}` is not one of dir, dicomweb"),
+            ));
+        }
+    };
+    Ok((Some(delivery), retry))
+}
+
+// ---- [drain] --------------------------------------------------------------------------------
+
+/// Default `drain.timeout`.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawDrain {
     timeout: Option<String>,
 }
 
-/// Default `transport.max_transfers`: hospital uploads sent at once.
-pub const DEFAULT_MAX_TRANSFERS: usize = 4;
-/// Upper bound of `transport.max_transfers`.
-pub const MAX_TRANSFERS: usize = 64;
-/// Default chunk size: 4 MiB.
-pub const DEFAULT_CHUNK_SIZE: u32 = 4 * 1024 * 1024;
-/// Default `transport.chunk_stall_timeout`: as long as the QUIC idle timeout.
-pub const DEFAULT_CHUNK_STALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Smallest chunk size accepted in a config (the protocol allows smaller, for tests).
-pub const MIN_CHUNK_SIZE: u32 = 4096;
-/// Default `spool.retain`: three days, so a store failure found after a weekend can still be
-/// re-delivered from the gateway's copy.
-pub const DEFAULT_SPOOL_RETAIN: Duration = Duration::from_secs(3 * 24 * 3600);
+impl RawDrain {
+    /// `drain.timeout`.
+    fn check(self, cx: &Context<'_>) -> Result<Duration, ConfigError> {
+        cx.duration(
+            "drain.timeout",
+            self.timeout.as_deref(),
+            DEFAULT_DRAIN_TIMEOUT,
+        )
+    }
+}
+
 /// Default `tls.warn_expiry`: 30 days.
 pub const DEFAULT_WARN_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
-/// Default `ingest.open_timeout`: a day.
-pub const DEFAULT_OPEN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// Default `ingest.stow_max_parts`: parts in one STOW-RS request.
-pub const DEFAULT_STOW_MAX_PARTS: usize = 10_000;
-/// Default `ingest.stow_max_failed_listed`: failed parts listed in one STOW-RS answer.
-pub const DEFAULT_STOW_MAX_FAILED_LISTED: usize = 1_000;
-/// Default upper bound on one upload: 64 GiB.
-pub const DEFAULT_MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 impl Config {
     /// Reads and checks a config file.
@@ -745,7 +1385,9 @@ impl Config {
         Self::parse(path, &text)
     }
 
-    /// Parses config text as if it had been read from `path`.
+    /// Parses config text as if it had been read from `path`: serde reads every section,
+    /// then each section is checked in turn and the first refusal is the error. (The order
+    /// only decides which of several bad values is reported; `check-config` reports them all.)
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
@@ -753,714 +1395,75 @@ impl Config {
         })?;
         let base = path
             .parent()
-            .map(Path::to_owned)
-            .unwrap_or_else(|| PathBuf::from("."));
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            base
-        };
-        let resolve = |p: &Path| -> PathBuf {
-            if p.is_absolute() {
-                p.to_owned()
-            } else {
-                base.join(p)
-            }
-        };
-        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message,
-        };
-        let addr = |key: &'static str,
-                    s: &Option<String>|
-         -> Result<Option<SocketAddr>, ConfigError> {
-            s.as_deref()
-                .map(|s| {
-                    s.parse::<SocketAddr>()
-                        .map_err(|e| invalid(key, format!("`{s}` is not an address:port ({e})")))
-                })
-                .transpose()
-        };
-        let optional_duration = |key: &'static str, s: &Option<String>| {
-            s.as_deref()
-                .map(|s| {
-                    humantime::parse_duration(s)
-                        .map_err(|e| invalid(key, format!("`{s}` is not a duration ({e})")))
-                })
-                .transpose()
-        };
-        let duration = |key: &'static str, s: &Option<String>, default: Duration| {
-            optional_duration(key, s).map(|d| d.unwrap_or(default))
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_owned);
+        let cx = Context {
+            path,
+            base,
+            role: raw.role,
         };
 
-        // A duration, or "never" (None).
-        let duration_or_never =
-            |key: &'static str, s: &Option<String>, default: Duration| match s.as_deref() {
-                Some("never") => Ok(None),
-                _ => duration(key, s, default).map(Some),
-            };
-
-        let role = raw.role;
-        let missing = |key: &'static str| ConfigError::Missing {
-            path: path.to_owned(),
-            key,
-            role,
-        };
-        // A setting refused by the module that owns it.
-        let setting = |e: SettingError| match e {
-            SettingError::Missing(key) => missing(key),
-            SettingError::Invalid { key, message } => invalid(key, message),
-        };
-
-        let sessions = raw.hsm.sessions.unwrap_or(4);
-        if sessions == 0 || sessions > 64 {
-            return Err(invalid(
-                "hsm.sessions",
-                format!("{sessions} is not in 1..=64"),
-            ));
-        }
-        if raw.hsm.token_label.is_empty() {
-            return Err(invalid("hsm.token_label", "must not be empty".into()));
-        }
-        if raw.hsm.key_label.is_empty() {
-            return Err(invalid("hsm.key_label", "must not be empty".into()));
-        }
-
-        let transport = TransportSection {
-            listen: addr("transport.listen", &raw.transport.listen)?,
-            connect: addr("transport.connect", &raw.transport.connect)?,
-            server_name: raw
-                .transport
-                .server_name
-                .clone()
-                .unwrap_or_else(|| "localhost".to_owned()),
-            retry_for: duration(
-                "transport.retry_for",
-                &raw.transport.retry_for,
-                Duration::from_secs(600),
-            )?,
-            chunk_size: raw.transport.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
-            max_in_flight: raw.transport.max_in_flight.unwrap_or(8),
-            max_transfers: raw.transport.max_transfers.unwrap_or(DEFAULT_MAX_TRANSFERS),
-            chunk_stall_timeout: duration(
-                "transport.chunk_stall_timeout",
-                &raw.transport.chunk_stall_timeout,
-                DEFAULT_CHUNK_STALL_TIMEOUT,
-            )?,
-        };
-        if transport.chunk_stall_timeout.is_zero() {
-            return Err(invalid(
-                "transport.chunk_stall_timeout",
-                "must be longer than zero".into(),
-            ));
-        }
-        for (key, v) in [
-            ("policy.max_transfer_bytes", raw.policy.max_transfer_bytes),
-            ("policy.max_files", raw.policy.max_files),
-        ] {
-            if v == Some(0) {
-                return Err(invalid(key, "must be at least 1".to_owned()));
-            }
-        }
-        let mut limits = baylink_net::proto::Limits::default();
-        if let Some(n) = raw.limits.max_files {
-            if n == 0 || n > limits.max_files {
-                return Err(invalid(
-                    "limits.max_files",
-                    format!("{n} is not in 1..={}", limits.max_files),
-                ));
-            }
-            limits.max_files = n;
-        }
-        if let Some(n) = raw.limits.max_chunks {
-            if n == 0 || n > limits.max_chunks {
-                return Err(invalid(
-                    "limits.max_chunks",
-                    format!("{n} is not in 1..={}", limits.max_chunks),
-                ));
-            }
-            limits.max_chunks = n;
-        }
-        if transport.chunk_size < MIN_CHUNK_SIZE || transport.chunk_size > limits.max_chunk_size {
-            return Err(invalid(
-                "transport.chunk_size",
-                format!(
-                    "{} is not in {MIN_CHUNK_SIZE}..={}",
-                    transport.chunk_size, limits.max_chunk_size
-                ),
-            ));
-        }
-        if transport.max_in_flight == 0 || transport.max_in_flight > 256 {
-            return Err(invalid(
-                "transport.max_in_flight",
-                format!("{} is not in 1..=256", transport.max_in_flight),
-            ));
-        }
-        if !(1..=MAX_TRANSFERS).contains(&transport.max_transfers) {
-            return Err(invalid(
-                "transport.max_transfers",
-                format!("{} is not in 1..={MAX_TRANSFERS}", transport.max_transfers),
-            ));
-        }
-        match role {
-            Role::Edge if transport.connect.is_none() => return Err(missing("transport.connect")),
-            Role::Gateway if transport.listen.is_none() => return Err(missing("transport.listen")),
-            _ => {}
-        }
-        let peer_names = match (role, raw.peer.names.clone()) {
-            (Role::Gateway, None) => return Err(missing("peer.names")),
-            (Role::Gateway, Some(names)) => {
-                if names.is_empty() {
-                    return Err(invalid(
-                        "peer.names",
-                        "must name at least one edge (its certificate's subject CN)".into(),
-                    ));
-                }
-                if let Some(bad) = names
-                    .iter()
-                    .find(|n| n.is_empty() || n.len() > 64 || n.chars().any(char::is_control))
-                {
-                    return Err(invalid(
-                        "peer.names",
-                        format!("{bad:?} is not 1..=64 printable characters"),
-                    ));
-                }
-                names
-            }
-            (Role::Edge, None) => Vec::new(),
-            (Role::Edge, Some(_)) => {
-                return Err(invalid(
-                    "peer.names",
-                    "applies only to role gateway (the edges it accepts)".into(),
-                ));
-            }
-        };
-
-        let defaults = LinkTuning::default();
-        // Without the key: cubic, which needs no correct `rate_mbit` (dev-env and the example
-        // config write "link").
-        let congestion = match raw.link.congestion.as_deref() {
-            None => Congestion::Cubic,
-            Some(name) => Congestion::from_name(name).ok_or_else(|| {
-                invalid(
-                    "link.congestion",
-                    format!("`{name}` is not one of cubic, bbr, link"),
-                )
-            })?,
-        };
-        let link = LinkTuning {
-            rate_mbit: raw.link.rate_mbit.unwrap_or(defaults.rate_mbit),
-            rtt_ms: raw.link.rtt_ms.unwrap_or(defaults.rtt_ms),
-            congestion,
-            socket_buffer_bytes: raw
-                .link
-                .socket_buffer_bytes
-                .unwrap_or(defaults.socket_buffer_bytes),
-            mtu: raw.link.mtu,
-            max_mtu: raw
-                .link
-                .max_mtu
-                .unwrap_or(defaults.max_mtu.max(raw.link.mtu.unwrap_or(0))),
-        };
-        if link.rate_mbit == 0 {
-            return Err(invalid("link.rate_mbit", "must be > 0".into()));
-        }
-        for (key, value) in [("link.mtu", link.mtu), ("link.max_mtu", Some(link.max_mtu))] {
-            if let Some(v) = value
-                && v < MIN_MTU
-            {
-                return Err(invalid(
-                    key,
-                    format!("{v} is below {MIN_MTU} (QUIC's 1200-byte packets and headers)"),
-                ));
-            }
-        }
-        if let Some(mtu) = link.mtu
-            && mtu > link.max_mtu
-        {
-            return Err(invalid(
-                "link.mtu",
-                format!("{mtu} is above link.max_mtu {}", link.max_mtu),
-            ));
-        }
-
-        let ingest = IngestSection {
-            listen: addr("ingest.listen", &raw.ingest.listen)?,
-            dicom_listen: addr("ingest.dicom_listen", &raw.ingest.dicom_listen)?,
-            dicom_tls_listen: addr("ingest.dicom_tls_listen", &raw.ingest.dicom_tls_listen)?,
-            max_upload_bytes: raw
-                .ingest
-                .max_upload_bytes
-                .unwrap_or(DEFAULT_MAX_UPLOAD_BYTES),
-            header_timeout: duration(
-                "ingest.header_timeout",
-                &raw.ingest.header_timeout,
-                Duration::from_secs(10),
-            )?,
-            idle_timeout: duration(
-                "ingest.idle_timeout",
-                &raw.ingest.idle_timeout,
-                Duration::from_secs(60),
-            )?,
-            max_connections: raw.ingest.max_connections.unwrap_or(64),
-            handshake_timeout: duration(
-                "ingest.handshake_timeout",
-                &raw.ingest.handshake_timeout,
-                DEFAULT_HANDSHAKE_TIMEOUT,
-            )?,
-            max_unidentified_per_source: raw
-                .ingest
-                .max_unidentified_per_source
-                .unwrap_or(DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE),
-            open_timeout: duration_or_never(
-                "ingest.open_timeout",
-                &raw.ingest.open_timeout,
-                DEFAULT_OPEN_TIMEOUT,
-            )?,
-            stow_max_parts: raw.ingest.stow_max_parts.unwrap_or(DEFAULT_STOW_MAX_PARTS),
-            stow_max_failed_listed: raw
-                .ingest
-                .stow_max_failed_listed
-                .unwrap_or(DEFAULT_STOW_MAX_FAILED_LISTED),
-            dicom: DicomSection {
-                ae_title: raw
-                    .ingest
-                    .dicom_ae_title
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_DICOM_AE_TITLE.to_owned()),
-                peers: Vec::new(),
-                max_pdu_bytes: raw
-                    .ingest
-                    .dicom_max_pdu_bytes
-                    .unwrap_or(DEFAULT_DICOM_MAX_PDU_BYTES),
-                max_associations: raw
-                    .ingest
-                    .dicom_max_associations
-                    .unwrap_or(DEFAULT_DICOM_MAX_ASSOCIATIONS),
-                commitment_max_pending: raw
-                    .ingest
-                    .dicom_commitment_max_pending
-                    .unwrap_or(DEFAULT_DICOM_COMMITMENT_MAX_PENDING),
-                idle_timeout: duration(
-                    "ingest.dicom_idle_timeout",
-                    &raw.ingest.dicom_idle_timeout,
-                    Duration::from_secs(60),
-                )?,
-            },
-        };
-        let mut ingest = ingest;
-        if !valid_ae_title(&ingest.dicom.ae_title) {
-            return Err(invalid(
-                "ingest.dicom_ae_title",
-                format!(
-                    "`{}` is not an AE title (1..=16 printable ASCII characters, no backslash)",
-                    ingest.dicom.ae_title
-                ),
-            ));
-        }
-        if !(4096..=1024 * 1024).contains(&ingest.dicom.max_pdu_bytes) {
-            return Err(invalid(
-                "ingest.dicom_max_pdu_bytes",
-                format!("{} is not in 4096..=1048576", ingest.dicom.max_pdu_bytes),
-            ));
-        }
-        if !(1..=1024).contains(&ingest.dicom.max_associations) {
-            return Err(invalid(
-                "ingest.dicom_max_associations",
-                format!("{} is not in 1..=1024", ingest.dicom.max_associations),
-            ));
-        }
-        if !(1..=10_000).contains(&ingest.dicom.commitment_max_pending) {
-            return Err(invalid(
-                "ingest.dicom_commitment_max_pending",
-                format!(
-                    "{} is not in 1..=10000",
-                    ingest.dicom.commitment_max_pending
-                ),
-            ));
-        }
-        if ingest.dicom.idle_timeout.is_zero() {
-            return Err(invalid("ingest.dicom_idle_timeout", "must be > 0".into()));
-        }
-        for p in &raw.ingest.dicom_peers {
-            if !valid_ae_title(&p.ae_title) {
-                return Err(invalid(
-                    "ingest.dicom_peers.ae_title",
-                    format!("`{}` is not an AE title", p.ae_title),
-                ));
-            }
-            let address = p.address.parse::<std::net::IpAddr>().map_err(|e| {
-                invalid(
-                    "ingest.dicom_peers.address",
-                    format!("`{}` is not an IP address ({e})", p.address),
-                )
-            })?;
-            if p.hospital.is_empty()
-                || p.hospital.len() > 64
-                || p.hospital.chars().any(char::is_control)
-            {
-                return Err(invalid(
-                    "ingest.dicom_peers.hospital",
-                    "must be 1..=64 printable characters".into(),
-                ));
-            }
-            let purpose = p.purpose.clone().unwrap_or_else(|| "care".to_owned());
-            if purpose.is_empty() || purpose.len() > 64 || purpose.chars().any(char::is_control) {
-                return Err(invalid(
-                    "ingest.dicom_peers.purpose",
-                    "must be 1..=64 printable characters".into(),
-                ));
-            }
-            let commitment = match p.commitment_port {
-                None => {
-                    if p.commitment_host.is_some() || p.commitment_ae_title.is_some() {
-                        return Err(invalid(
-                            "ingest.dicom_peers.commitment_port",
-                            format!(
-                                "{}: commitment_host and commitment_ae_title need commitment_port",
-                                p.ae_title
-                            ),
-                        ));
-                    }
-                    None
-                }
-                Some(0) => {
-                    return Err(invalid(
-                        "ingest.dicom_peers.commitment_port",
-                        "must be 1..=65535".into(),
-                    ));
-                }
-                Some(port) => {
-                    let host = p
-                        .commitment_host
-                        .clone()
-                        .unwrap_or_else(|| address.to_string());
-                    if host.is_empty()
-                        || host.len() > 253
-                        || !host
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c))
-                    {
-                        return Err(invalid(
-                            "ingest.dicom_peers.commitment_host",
-                            format!("`{host}` is not a host name or IP address"),
-                        ));
-                    }
-                    let ae_title = p
-                        .commitment_ae_title
-                        .clone()
-                        .unwrap_or_else(|| p.ae_title.clone());
-                    if !valid_ae_title(&ae_title) {
-                        return Err(invalid(
-                            "ingest.dicom_peers.commitment_ae_title",
-                            format!("`{ae_title}` is not an AE title"),
-                        ));
-                    }
-                    Some(CommitmentRoute {
-                        host,
-                        port,
-                        ae_title,
-                    })
-                }
-            };
-            let peer = DicomPeer {
-                ae_title: p.ae_title.clone(),
-                address,
-                hospital: p.hospital.clone(),
-                purpose,
-                commitment,
-            };
-            if ingest
-                .dicom
-                .peers
-                .iter()
-                .any(|q| q.ae_title == peer.ae_title && q.address == peer.address)
-            {
-                return Err(invalid(
-                    "ingest.dicom_peers",
-                    format!("{} from {} is listed twice", peer.ae_title, peer.address),
-                ));
-            }
-            // On the TLS port a peer is found by AE title and hospital (the certificate's
-            // CN) alone: two entries that differ only in address must agree on the purpose.
-            if ingest.dicom_tls_listen.is_some()
-                && ingest.dicom.peers.iter().any(|q| {
-                    q.ae_title == peer.ae_title
-                        && q.hospital == peer.hospital
-                        && q.purpose != peer.purpose
-                })
-            {
-                return Err(invalid(
-                    "ingest.dicom_peers.purpose",
-                    format!(
-                        "{} of {} is listed with two purposes; on ingest.dicom_tls_listen an AE \
-                         title and hospital name one peer",
-                        peer.ae_title, peer.hospital
-                    ),
-                ));
-            }
-            ingest.dicom.peers.push(peer);
-        }
-        if ingest.dicom_listen.is_some() && ingest.dicom_listen == ingest.dicom_tls_listen {
-            return Err(invalid(
-                "ingest.dicom_tls_listen",
-                "must differ from ingest.dicom_listen".into(),
-            ));
-        }
-        if ingest.max_connections == 0 || ingest.max_connections > 4096 {
-            return Err(invalid(
-                "ingest.max_connections",
-                format!("{} is not in 1..=4096", ingest.max_connections),
-            ));
-        }
-        if ingest.handshake_timeout.is_zero() || ingest.handshake_timeout > Duration::from_secs(60)
-        {
-            return Err(invalid(
-                "ingest.handshake_timeout",
-                "must be above 0 and at most 60s".into(),
-            ));
-        }
-        if !(1..=1024).contains(&ingest.max_unidentified_per_source) {
-            return Err(invalid(
-                "ingest.max_unidentified_per_source",
-                format!("{} is not in 1..=1024", ingest.max_unidentified_per_source),
-            ));
-        }
-        if ingest.stow_max_parts == 0 || ingest.stow_max_parts > 10_000_000 {
-            return Err(invalid(
-                "ingest.stow_max_parts",
-                format!("{} is not in 1..=10000000", ingest.stow_max_parts),
-            ));
-        }
-        if ingest.stow_max_failed_listed > 100_000 {
-            return Err(invalid(
-                "ingest.stow_max_failed_listed",
-                format!("{} is not in 0..=100000", ingest.stow_max_failed_listed),
-            ));
-        }
-        if ingest.header_timeout.is_zero() || ingest.idle_timeout.is_zero() {
-            return Err(invalid(
-                "ingest.header_timeout",
-                "header_timeout and idle_timeout must be positive".into(),
-            ));
-        }
-
-        let metrics_listen = raw
-            .metrics
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("metrics.listen", format!("`{}`: {e}", raw.metrics.listen)))?;
-
-        let delivery_retry = match &raw.delivery {
-            None => Backoff::default(),
-            Some(d) => Backoff::from_settings(
-                optional_duration("delivery.retry_base", &d.retry_base)?,
-                optional_duration("delivery.retry_max", &d.retry_max)?,
-            )
-            .map_err(setting)?,
-        };
-        let delivery = match raw.delivery {
-            None => None,
-            Some(d) => Some(match d.kind.as_str() {
-                "dir" => DeliverySection::Dir {
-                    path: resolve(&d.path.ok_or_else(|| missing("delivery.path"))?),
-                },
-                "dicomweb" => DeliverySection::DicomWeb(
-                    StowSettings::from_section(
-                        d.url,
-                        d.batch_bytes,
-                        d.ca.as_deref().map(resolve),
-                        d.cert.as_deref().map(resolve),
-                        d.key.as_deref().map(resolve),
-                    )
-                    .map_err(setting)?,
-                ),
-                other => {
-                    return Err(invalid(
-                        "delivery.kind",
-                        format!("`{other}` is not one of dir, dicomweb"),
-                    ));
-                }
-            }),
-        };
-        if role == Role::Gateway && delivery.is_none() {
-            return Err(missing("delivery.kind"));
-        }
-
-        let audit_dir = resolve(&raw.audit.dir);
-        let patient_key = match raw.audit.patient_key.as_deref() {
-            Some(p) => resolve(p),
-            None => default_patient_key(&audit_dir).ok_or_else(|| {
-                invalid(
-                    "audit.patient_key",
-                    format!(
-                        "audit.dir {} has no parent directory for the default \
-                         secrets/patient.key; name the key file",
-                        audit_dir.display()
-                    ),
-                )
-            })?,
-        };
-        if lexically_normal(&patient_key).starts_with(lexically_normal(&audit_dir)) {
-            return Err(invalid(
-                "audit.patient_key",
-                format!(
-                    "{} is inside audit.dir {}: whoever is given a copy of the audit directory \
-                     would hold the key behind its patient pseudonyms; move the file out of \
-                     audit.dir and name its new place here",
-                    patient_key.display(),
-                    audit_dir.display()
-                ),
-            ));
-        }
-        let quota = QuotaSection {
-            max_open_transfers: raw
-                .quota
-                .max_open_transfers
-                .unwrap_or(DEFAULT_QUOTA_MAX_OPEN_TRANSFERS),
-            max_spool_bytes: raw
-                .quota
-                .max_spool_bytes
-                .unwrap_or(DEFAULT_QUOTA_MAX_SPOOL_BYTES),
-            max_files: raw.quota.max_files.unwrap_or(DEFAULT_QUOTA_MAX_FILES),
-        };
-        for (key, zero) in [
-            ("quota.max_open_transfers", quota.max_open_transfers == 0),
-            ("quota.max_spool_bytes", quota.max_spool_bytes == 0),
-            ("quota.max_files", quota.max_files == 0),
-        ] {
-            if zero {
-                return Err(invalid(key, "must be at least 1".into()));
-            }
-        }
-        let spool_reserve_bytes = raw
-            .spool
-            .reserve_bytes
-            .unwrap_or(DEFAULT_SPOOL_RESERVE_BYTES);
-
-        let id = raw.id.unwrap_or_else(|| role.to_string());
-        if id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control()) {
-            return Err(invalid("id", "must be 1..=64 printable characters".into()));
-        }
-
-        let tls_key = if raw.tls.key.starts_with(PKCS11_URI_SCHEME) {
-            TlsKeySource::Hsm {
-                label: parse_pkcs11_uri(&raw.tls.key, &raw.hsm.token_label)
-                    .map_err(|m| invalid("tls.key", m))?,
-            }
-        } else {
-            TlsKeySource::File(resolve(Path::new(&raw.tls.key)))
-        };
+        let hsm = raw.hsm.check(&cx)?;
+        let limits = raw.limits.check(&cx)?;
+        let transport = raw.transport.check(&cx, &limits)?;
+        let (peer_signing_key, peer_names) = raw.peer.check(&cx)?;
+        let link = raw.link.check(&cx)?;
+        let ingest = raw.ingest.check(&cx)?;
+        let metrics_listen = raw.metrics.check(&cx)?;
+        let (delivery, delivery_retry) = check_delivery(raw.delivery, &cx)?;
+        let (audit_dir, audit) = raw.audit.check(&cx)?;
+        let quota = raw.quota.check(&cx)?;
+        let id = check_id(raw.id, &cx)?;
+        let tls = raw.tls.check(&cx, &hsm.token_label)?;
+        let spool = raw.spool.check(&cx)?;
+        let policy = raw.policy.check(&cx)?;
+        let drain_timeout = raw.drain.check(&cx)?;
 
         Ok(Config {
             path: path.to_owned(),
-            role,
+            role: cx.role,
             id,
-            hsm: HsmSection {
-                module: raw.hsm.module,
-                softhsm_conf: raw.hsm.softhsm_conf.as_deref().map(resolve),
-                token_label: raw.hsm.token_label,
-                key_label: raw.hsm.key_label,
-                pin_file: resolve(&raw.hsm.pin_file),
-                sessions,
-                allow_extractable: raw.hsm.allow_extractable.unwrap_or(false),
-            },
-            peer_signing_key: resolve(&raw.peer.signing_key),
+            hsm,
+            peer_signing_key,
             peer_names,
-            tls: TlsSection {
-                ca: resolve(&raw.tls.ca),
-                cert: resolve(&raw.tls.cert),
-                key: tls_key,
-                warn_expiry: duration(
-                    "tls.warn_expiry",
-                    &raw.tls.warn_expiry,
-                    DEFAULT_WARN_EXPIRY,
-                )?,
-            },
+            tls,
             transport,
             link,
             ingest,
             metrics_listen,
-            spool_dir: resolve(&raw.spool.dir),
-            spool_retain: duration_or_never(
-                "spool.retain",
-                &raw.spool.retain,
-                DEFAULT_SPOOL_RETAIN,
-            )?,
+            spool_dir: spool.dir,
+            spool_retain: spool.retain,
             audit_dir,
-            audit: AuditSection {
-                checkpoint_every: match raw.audit.checkpoint_every {
-                    None => 64,
-                    Some(0) => {
-                        return Err(invalid(
-                            "audit.checkpoint_every",
-                            "must be at least 1".into(),
-                        ));
-                    }
-                    Some(n) => n,
-                },
-                checkpoint_interval: duration(
-                    "audit.checkpoint_interval",
-                    &raw.audit.checkpoint_interval,
-                    Duration::from_secs(300),
-                )?,
-                patient_key,
-            },
-            policy: PolicySection {
-                consents: raw.policy.consents.as_deref().map(resolve),
-                negative_list: raw.policy.negative_list,
-                hospitals: raw.policy.hospitals,
-                deidentify_options: {
-                    let deidentified = |p: &str| match &raw.policy.deidentify_purposes {
-                        Some(list) => list.iter().any(|x| x == p),
-                        None => p == "research",
-                    };
-                    let mut options = std::collections::BTreeMap::new();
-                    for (purpose, names) in &raw.policy.deidentify_options {
-                        if !deidentified(purpose) {
-                            return Err(invalid(
-                                "policy.deidentify_options",
-                                format!("purpose {purpose:?} is not in policy.deidentify_purposes"),
-                            ));
-                        }
-                        let o =
-                            crate::dicom::deid::ProfileOptions::from_names(names).map_err(|e| {
-                                invalid("policy.deidentify_options", format!("{purpose}: {e}"))
-                            })?;
-                        options.insert(purpose.clone(), o);
-                    }
-                    options
-                },
-                deidentify_purposes: raw
-                    .policy
-                    .deidentify_purposes
-                    .unwrap_or_else(|| vec!["research".to_owned()]),
-                categories: raw.policy.categories,
-                destinations: raw.policy.destinations,
-                max_transfer_bytes: raw.policy.max_transfer_bytes,
-                max_files: raw.policy.max_files,
-            },
+            audit,
+            policy,
             delivery,
             delivery_retry,
-            drain_timeout: duration("drain.timeout", &raw.drain.timeout, Duration::from_secs(30))?,
+            drain_timeout,
             limits,
             quota,
-            spool_reserve_bytes,
+            spool_reserve_bytes: spool.reserve_bytes,
         })
     }
-}
 
-/// An AE title as PS3.5 allows it: 1..=16 characters of the default repertoire, no
-/// backslash, not all spaces (leading and trailing spaces are not significant).
-pub fn valid_ae_title(s: &str) -> bool {
-    let t = s.trim();
-    !t.is_empty() && s.len() <= 16 && s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+    /// How to open this appliance's audit log: `audit.dir`, the id, and `[audit]`.
+    pub fn audit_log_settings(&self) -> crate::audit::LogSettings {
+        crate::audit::LogSettings {
+            dir: self.audit_dir.clone(),
+            appliance_id: self.id.clone(),
+            checkpoint_every: self.audit.checkpoint_every,
+            patient_key: self.audit.patient_key.clone(),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dicom::settings::{
+        DEFAULT_DICOM_AE_TITLE, DEFAULT_DICOM_COMMITMENT_MAX_PENDING,
+        DEFAULT_DICOM_MAX_ASSOCIATIONS, DEFAULT_DICOM_MAX_PDU_BYTES,
+    };
+    use crate::ingest::stow::{DEFAULT_STOW_MAX_FAILED_LISTED, DEFAULT_STOW_MAX_PARTS};
 
     #[test]
     fn tls_key_is_a_path_or_a_pkcs11_uri() {
@@ -1970,5 +1973,401 @@ path = "delivered"
         let bad = GATEWAY.replace("[spool]", "[spool]\nsize = 3");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();
         assert!(e.to_string().contains("size"), "{e}");
+    }
+
+    /// An edge with only the keys it must have.
+    const EDGE: &str = r#"
+role = "edge"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "baylink-edge"
+key_label = "baylink-signing"
+pin_file = "secrets/edge.pin"
+[peer]
+signing_key = "keys/gateway.pub.pem"
+[tls]
+ca = "pki/ca.pem"
+cert = "pki/edge.pem"
+key = "pki/edge.key"
+[transport]
+connect = "127.0.0.1:47402"
+[metrics]
+listen = "127.0.0.1:47401"
+[spool]
+dir = "spool/edge"
+[audit]
+dir = "audit/edge"
+"#;
+
+    /// `text` with `line` added to `[section]` (appended as a new table if absent).
+    fn with_line(text: &str, section: &str, line: &str) -> String {
+        let header = format!("[{section}]\n");
+        if text.contains(&header) {
+            text.replacen(&header, &format!("{header}{line}\n"), 1)
+        } else {
+            format!("{text}\n{header}{line}\n")
+        }
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_by_name_in_every_section() {
+        let top = format!("surprise_key = 1\n{GATEWAY}");
+        let e = Config::parse(Path::new("g.toml"), &top).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `surprise_key`"),
+            "{e}"
+        );
+        for section in [
+            "hsm",
+            "peer",
+            "tls",
+            "transport",
+            "link",
+            "ingest",
+            "metrics",
+            "spool",
+            "audit",
+            "policy",
+            "delivery",
+            "drain",
+            "limits",
+            "quota",
+        ] {
+            let text = with_line(GATEWAY, section, "surprise_key = 1");
+            let e = Config::parse(Path::new("g.toml"), &text).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::Parse { .. })
+                    && e.to_string().contains("unknown field `surprise_key`"),
+                "[{section}]: {e}"
+            );
+        }
+        let peer = format!(
+            "{GATEWAY}\n[[ingest.dicom_peers]]\nae_title = \"CT1\"\naddress = \"10.0.0.1\"\n\
+             hospital = \"h\"\nsurprise_key = 1\n"
+        );
+        let e = Config::parse(Path::new("g.toml"), &peer).unwrap_err();
+        assert!(
+            e.to_string().contains("unknown field `surprise_key`"),
+            "{e}"
+        );
+        // `[policy.deidentify_options]` is a map of purposes: a purpose not de-identified is
+        // refused by name instead.
+        let text = format!("{GATEWAY}\n[policy.deidentify_options]\nsurprise_key = []\n");
+        let e = Config::parse(Path::new("g.toml"), &text).unwrap_err();
+        assert!(e.to_string().contains("\"surprise_key\" is not in"), "{e}");
+    }
+
+    #[test]
+    fn every_section_has_its_defaults() {
+        let c = Config::parse(Path::new("/etc/baylink/edge.toml"), EDGE).unwrap();
+        assert_eq!((c.role, c.id.as_str()), (Role::Edge, "edge"));
+        // [hsm]
+        assert_eq!(c.hsm.sessions, DEFAULT_HSM_SESSIONS);
+        assert_eq!(c.hsm.softhsm_conf, None);
+        assert!(!c.hsm.allow_extractable);
+        // [peer]
+        assert!(c.peer_names.is_empty());
+        // [tls]
+        assert_eq!(c.tls.warn_expiry, DEFAULT_WARN_EXPIRY);
+        // [transport]
+        let t = &c.transport;
+        assert_eq!(
+            (t.listen, t.server_name.as_str()),
+            (None, DEFAULT_SERVER_NAME)
+        );
+        assert_eq!(t.retry_for, DEFAULT_RETRY_FOR);
+        assert_eq!(t.chunk_size, DEFAULT_CHUNK_SIZE);
+        assert_eq!(t.max_in_flight, DEFAULT_MAX_IN_FLIGHT);
+        assert_eq!(t.max_transfers, DEFAULT_MAX_TRANSFERS);
+        assert_eq!(t.chunk_stall_timeout, DEFAULT_CHUNK_STALL_TIMEOUT);
+        // [link]: the network crate's, with cubic.
+        assert_eq!(c.link, LinkTuning::default());
+        assert_eq!(c.link.congestion, Congestion::Cubic);
+        // [ingest]
+        let i = &c.ingest;
+        assert_eq!(
+            (i.listen, i.dicom_listen, i.dicom_tls_listen),
+            (None, None, None)
+        );
+        assert_eq!(i.max_upload_bytes, DEFAULT_MAX_UPLOAD_BYTES);
+        assert_eq!(i.header_timeout, DEFAULT_HEADER_TIMEOUT);
+        assert_eq!(i.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(i.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(i.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(
+            i.max_unidentified_per_source,
+            DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE
+        );
+        assert_eq!(i.open_timeout, Some(DEFAULT_OPEN_TIMEOUT));
+        assert_eq!(i.stow_max_parts, DEFAULT_STOW_MAX_PARTS);
+        assert_eq!(i.stow_max_failed_listed, DEFAULT_STOW_MAX_FAILED_LISTED);
+        // [ingest] dicom_*
+        let d = &i.dicom;
+        assert_eq!(d.ae_title, DEFAULT_DICOM_AE_TITLE);
+        assert!(d.peers.is_empty());
+        assert_eq!(d.max_pdu_bytes, DEFAULT_DICOM_MAX_PDU_BYTES);
+        assert_eq!(d.max_associations, DEFAULT_DICOM_MAX_ASSOCIATIONS);
+        assert_eq!(
+            d.commitment_max_pending,
+            DEFAULT_DICOM_COMMITMENT_MAX_PENDING
+        );
+        assert_eq!(d.idle_timeout, DEFAULT_DICOM_IDLE_TIMEOUT);
+        // [spool]
+        assert_eq!(c.spool_dir, Path::new("/etc/baylink/spool/edge"));
+        assert_eq!(c.spool_retain, Some(DEFAULT_SPOOL_RETAIN));
+        assert_eq!(c.spool_reserve_bytes, DEFAULT_SPOOL_RESERVE_BYTES);
+        // [audit]
+        assert_eq!(c.audit.checkpoint_every, DEFAULT_CHECKPOINT_EVERY);
+        assert_eq!(c.audit.checkpoint_interval, DEFAULT_CHECKPOINT_INTERVAL);
+        assert_eq!(
+            c.audit.patient_key,
+            Path::new("/etc/baylink/audit/secrets/patient.key")
+        );
+        // [policy]
+        let p = &c.policy;
+        assert_eq!(p.consents, None);
+        assert!(p.negative_list.is_empty());
+        assert_eq!(p.hospitals, None);
+        assert_eq!(p.deidentify_purposes, DEFAULT_DEIDENTIFY_PURPOSES);
+        assert!(p.deidentify_options.is_empty());
+        assert_eq!((&p.categories, &p.destinations), (&None, &None));
+        assert_eq!((p.max_transfer_bytes, p.max_files), (None, None));
+        // [delivery]: none on an edge.
+        assert!(c.delivery.is_none());
+        assert_eq!(c.delivery_retry, Backoff::default());
+        // [drain], [limits], [quota]
+        assert_eq!(c.drain_timeout, DEFAULT_DRAIN_TIMEOUT);
+        assert_eq!(c.limits, baylink_net::proto::Limits::default());
+        assert_eq!(
+            c.quota,
+            QuotaSection {
+                max_open_transfers: DEFAULT_QUOTA_MAX_OPEN_TRANSFERS,
+                max_spool_bytes: DEFAULT_QUOTA_MAX_SPOOL_BYTES,
+                max_files: DEFAULT_QUOTA_MAX_FILES,
+            }
+        );
+    }
+
+    #[test]
+    fn role_keys_are_required_and_refused_by_role() {
+        let e = Config::parse(
+            Path::new("e.toml"),
+            &EDGE.replace("[transport]\nconnect = \"127.0.0.1:47402\"\n", ""),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config e.toml: missing `transport.connect` (required for role edge)"
+        );
+        let e = Config::parse(
+            Path::new("e.toml"),
+            &with_line(EDGE, "peer", "names = [\"edge\"]"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config e.toml: peer.names: applies only to role gateway (the edges it accepts)"
+        );
+        let e = Config::parse(
+            Path::new("g.toml"),
+            &GATEWAY.replace("[delivery]\nkind = \"dir\"\npath = \"delivered\"\n", ""),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config g.toml: missing `delivery.kind` (required for role gateway)"
+        );
+        let e = Config::parse(
+            Path::new("g.toml"),
+            &GATEWAY.replace("path = \"delivered\"\n", ""),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config g.toml: missing `delivery.path` (required for role gateway)"
+        );
+    }
+
+    /// Each refused value, with the whole error it gives (the text operators and
+    /// `check-config` see).
+    #[test]
+    fn refused_values_give_these_errors() {
+        let peer =
+            "[[ingest.dicom_peers]]\nae_title = \"CT1\"\naddress = \"10.0.0.1\"\nhospital = \"h\"";
+        let cases: &[(&str, &str, &str)] = &[
+            ("", "id = \"\"", "id: must be 1..=64 printable characters"),
+            ("hsm", "sessions = 0", "hsm.sessions: 0 is not in 1..=64"),
+            ("hsm", "sessions = 65", "hsm.sessions: 65 is not in 1..=64"),
+            (
+                "limits",
+                "max_files = 0",
+                "limits.max_files: 0 is not in 1..=100000",
+            ),
+            (
+                "limits",
+                "max_chunks = 1000001",
+                "limits.max_chunks: 1000001 is not in 1..=1000000",
+            ),
+            (
+                "transport",
+                "chunk_size = 4095",
+                "transport.chunk_size: 4095 is not in 4096..=67108864",
+            ),
+            (
+                "transport",
+                "max_in_flight = 257",
+                "transport.max_in_flight: 257 is not in 1..=256",
+            ),
+            (
+                "transport",
+                "retry_for = \"soon\"",
+                "transport.retry_for: `soon` is not a duration",
+            ),
+            (
+                "transport",
+                "connect = \"x\"",
+                "transport.connect: `x` is not an address:port",
+            ),
+            ("link", "rate_mbit = 0", "link.rate_mbit: must be > 0"),
+            ("link", "max_mtu = 1000", "link.max_mtu: 1000 is below 1248"),
+            (
+                "ingest",
+                "listen = \"x:1\"",
+                "ingest.listen: `x:1` is not an address:port",
+            ),
+            (
+                "ingest",
+                "max_connections = 0",
+                "ingest.max_connections: 0 is not in 1..=4096",
+            ),
+            (
+                "ingest",
+                "handshake_timeout = \"61s\"",
+                "ingest.handshake_timeout: must be above 0 and at most 60s",
+            ),
+            (
+                "ingest",
+                "max_unidentified_per_source = 0",
+                "ingest.max_unidentified_per_source: 0 is not in 1..=1024",
+            ),
+            (
+                "ingest",
+                "idle_timeout = \"0s\"",
+                "ingest.header_timeout: header_timeout and idle_timeout must be positive",
+            ),
+            (
+                "ingest",
+                "dicom_max_pdu_bytes = 100",
+                "ingest.dicom_max_pdu_bytes: 100 is not in 4096..=1048576",
+            ),
+            (
+                "ingest",
+                "dicom_max_associations = 0",
+                "ingest.dicom_max_associations: 0 is not in 1..=1024",
+            ),
+            (
+                "ingest",
+                "dicom_commitment_max_pending = 10001",
+                "ingest.dicom_commitment_max_pending: 10001 is not in 1..=10000",
+            ),
+            (
+                "ingest",
+                "dicom_idle_timeout = \"0s\"",
+                "ingest.dicom_idle_timeout: must be > 0",
+            ),
+            (
+                "ingest",
+                &format!("{peer}\n{peer}"),
+                "ingest.dicom_peers: CT1 from 10.0.0.1 is listed twice",
+            ),
+            (
+                "ingest",
+                &peer.replace("hospital = \"h\"", "hospital = \"\""),
+                "ingest.dicom_peers.hospital: must be 1..=64 printable characters",
+            ),
+            (
+                "ingest",
+                &format!("{peer}\ncommitment_host = \"pacs\""),
+                "ingest.dicom_peers.commitment_port: CT1: commitment_host and commitment_ae_title need commitment_port",
+            ),
+            (
+                "ingest",
+                &format!("{peer}\ncommitment_port = 0"),
+                "ingest.dicom_peers.commitment_port: must be 1..=65535",
+            ),
+            (
+                "ingest",
+                &format!("{peer}\ncommitment_port = 104\ncommitment_host = \"a b\""),
+                "ingest.dicom_peers.commitment_host: `a b` is not a host name or IP address",
+            ),
+            (
+                "ingest",
+                &format!("{peer}\ncommitment_port = 104\ncommitment_ae_title = \"\""),
+                "ingest.dicom_peers.commitment_ae_title: `` is not an AE title",
+            ),
+            (
+                "metrics",
+                "listen = \"nowhere\"",
+                "metrics.listen: `nowhere`: invalid socket address syntax",
+            ),
+            (
+                "policy",
+                "max_files = 0",
+                "policy.max_files: must be at least 1",
+            ),
+            (
+                "policy",
+                "max_transfer_bytes = 0",
+                "policy.max_transfer_bytes: must be at least 1",
+            ),
+            (
+                "quota",
+                "max_open_transfers = 0",
+                "quota.max_open_transfers: must be at least 1",
+            ),
+            (
+                "drain",
+                "timeout = \"soon\"",
+                "drain.timeout: `soon` is not a duration",
+            ),
+            (
+                "tls",
+                "warn_expiry = \"soon\"",
+                "tls.warn_expiry: `soon` is not a duration",
+            ),
+        ];
+        for (section, line, want) in cases {
+            let text = if section.is_empty() {
+                format!("{line}\n{GATEWAY}")
+            } else {
+                // The base's own line for a key is dropped first (TOML refuses a key twice).
+                let key = line.split(" = ").next().unwrap_or_default();
+                let base = if line.starts_with("[[") {
+                    GATEWAY.to_owned()
+                } else {
+                    let mut kept = String::new();
+                    let mut here = "";
+                    for l in GATEWAY.lines() {
+                        if l.starts_with('[') {
+                            here = l;
+                        }
+                        if here == format!("[{section}]") && l.starts_with(&format!("{key} = ")) {
+                            continue;
+                        }
+                        kept.push_str(l);
+                        kept.push('\n');
+                    }
+                    kept
+                };
+                with_line(&base, section, line)
+            };
+            let e = Config::parse(Path::new("g.toml"), &text)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with(&format!("config g.toml: {want}")),
+                "{line}:\n  got  {e}\n  want {want}"
+            );
+        }
     }
 }

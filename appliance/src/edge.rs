@@ -249,7 +249,7 @@ impl Edge {
             .map_err(anyhow::Error::from)?
             .map_err(hsm_failure)?;
         // audit: the log is opened (and a torn tail repaired) before anything is sent.
-        let (settings, signer) = (audit::LogSettings::from_config(&cfg), keys.signer.clone());
+        let (settings, signer) = (cfg.audit_log_settings(), keys.signer.clone());
         let audit = tokio::task::spawn_blocking(move || audit::Log::open(&settings, signer))
             .await
             .map_err(anyhow::Error::from)?

@@ -75,7 +75,7 @@ async fn serve_gateway(
         .with_context(|| format!("cannot create {}", cfg.spool_dir.display()))?;
     // audit: open the log (repairing a torn tail) before accepting anything.
     let audit = {
-        let (settings, signer) = (audit::LogSettings::from_config(&cfg), keys.signer.clone());
+        let (settings, signer) = (cfg.audit_log_settings(), keys.signer.clone());
         tokio::task::spawn_blocking(move || audit::Log::open(&settings, signer)).await??
     };
     let audit_ticker = tokio::spawn(audit_checkpoints(

@@ -1,7 +1,8 @@
 //! A setting refused by the module that owns it: the dotted key, and why.
 //!
 //! A module that owns its settings checks them itself ([`crate::deliver::Backoff::from_settings`],
-//! [`crate::deliver::dicomweb::StowSettings::from_section`]) and answers with a
+//! [`crate::deliver::dicomweb::StowSettings::from_section`],
+//! [`crate::dicom::settings::DicomSection::from_settings`]) and answers with a
 //! [`SettingError`]; [`crate::config`] parses the TOML, hands each module its values and adds
 //! the file and the role ([`crate::config::ConfigError`]). A leaf: it uses no other module.
 

@@ -47,7 +47,6 @@ use baylink_net::proto::Digest;
 use nix::fcntl::{Flock, FlockArg};
 use tracing::{info, warn};
 
-use crate::config::Config;
 use crate::transfer_dir::write_atomic;
 
 pub use record::{Event, Kind, Record};
@@ -216,7 +215,8 @@ fn append_durably(path: &Path, line: &[u8]) -> Result<(), AuditError> {
     Ok(())
 }
 
-/// How to open a log (the `[audit]` section plus the appliance id).
+/// How to open a log (the `[audit]` section plus the appliance id); a config gives them with
+/// `Config::audit_log_settings`.
 #[derive(Debug, Clone)]
 pub struct LogSettings {
     /// `audit.dir`.
@@ -227,18 +227,6 @@ pub struct LogSettings {
     pub checkpoint_every: u64,
     /// Patient-hash key file (`audit.patient_key`); outside `dir`.
     pub patient_key: PathBuf,
-}
-
-impl LogSettings {
-    /// The settings of a config.
-    pub fn from_config(cfg: &Config) -> LogSettings {
-        LogSettings {
-            dir: cfg.audit_dir.clone(),
-            appliance_id: cfg.id.clone(),
-            checkpoint_every: cfg.audit.checkpoint_every,
-            patient_key: cfg.audit.patient_key.clone(),
-        }
-    }
 }
 
 /// An open audit log; cheap to clone, safe to share between tasks and processes.

@@ -48,7 +48,7 @@ use tracing::{info, warn};
 use super::dimse;
 use super::part10::{trim_padding, validate_uid};
 use super::reader::long_length;
-use crate::config::DicomPeer;
+use super::settings::DicomPeer;
 use crate::ingest::{IngestStore, TransferState};
 use crate::transfer_dir::{TransferDir, create_dir_durably, sync_dir, write_atomic};
 
@@ -1261,7 +1261,7 @@ impl Commitments {
 /// through SCP/SCU Role Selection), sends the report, reads the N-EVENT-REPORT-RSP, releases.
 async fn send_on_new_association(
     ae_title: &str,
-    route: &crate::config::CommitmentRoute,
+    route: &super::settings::CommitmentRoute,
     report: &Report,
     message_id: u16,
 ) -> Result<(), String> {

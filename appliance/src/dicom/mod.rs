@@ -9,6 +9,8 @@
 //! - [`dimse`]: C-ECHO / C-STORE / N-ACTION / N-EVENT-REPORT command sets and the failure
 //!   statuses the SCP answers with.
 //! - [`scp`]: the association server (tokio, `dicom-ul`), streaming instances to disk.
+//! - [`settings`]: the `ingest.dicom_*` and `[[ingest.dicom_peers]]` settings
+//!   ([`settings::DicomSection`]), their defaults and checks; [`valid_ae_title`] here.
 //! - [`sink`]: where an association's accepted instances go ([`sink::AssociationSink`]), and
 //!   today's implementation that sends them through the existing `Edge::send`.
 //!
@@ -21,9 +23,17 @@ pub mod dimse;
 pub mod part10;
 pub mod reader;
 pub mod scp;
+pub mod settings;
 pub mod sink;
 #[cfg(test)]
 pub(crate) mod test_bytes;
+
+/// An AE title as PS3.5 allows it: 1..=16 characters of the default repertoire, no
+/// backslash, not all spaces (leading and trailing spaces are not significant).
+pub fn valid_ae_title(s: &str) -> bool {
+    let t = s.trim();
+    !t.is_empty() && s.len() <= 16 && s.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\')
+}
 
 /// Verification SOP Class (C-ECHO).
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
@@ -184,5 +194,30 @@ mod tests {
         }
         let mut seen = std::collections::HashSet::new();
         assert!(STORAGE_SOP_CLASSES.iter().all(|(u, _)| seen.insert(*u)));
+    }
+
+    #[test]
+    fn ae_titles_are_1_to_16_printable_characters_without_backslash() {
+        for good in [
+            "BAYLINK",
+            "CT1",
+            "A",
+            "SIXTEEN-CHARS-AE",
+            " PADDED ",
+            "lower case",
+        ] {
+            assert!(valid_ae_title(good), "{good:?}");
+        }
+        for bad in [
+            "",
+            "    ",
+            "SEVENTEEN-CHARS-A",
+            "BACK\\SLASH",
+            "TAB\tAE",
+            "NEW\nLINE",
+            "CAF\u{e9}",
+        ] {
+            assert!(!valid_ae_title(bad), "{bad:?}");
+        }
     }
 }

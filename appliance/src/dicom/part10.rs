@@ -253,7 +253,7 @@ pub fn file_header(
         .transfer_syntax(transfer_syntax)
         .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
         .implementation_version_name(IMPLEMENTATION_VERSION_NAME);
-    if crate::config::valid_ae_title(source_ae_title) {
+    if super::valid_ae_title(source_ae_title) {
         builder = builder.source_application_entity_title(source_ae_title.trim());
     }
     let meta = builder

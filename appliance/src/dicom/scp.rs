@@ -55,10 +55,10 @@ use tracing::{Instrument, info, info_span, warn};
 use super::dimse::{self, Command, status};
 use super::part10::{self, Part10Error};
 use super::reader::{ReadError, Reader};
+use super::settings::DicomPeer;
 use super::sink::{AssociationEnd, AssociationSink, Origin, SinkError};
 use super::{STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES, VERIFICATION};
 use crate::admission::{SourceLimiter, Unidentified, canonical};
-use crate::config::DicomPeer;
 use crate::drain::{Activity, Drain, Flag};
 use crate::policy::{Decision, Declaration, SharedPolicy};
 

@@ -152,7 +152,7 @@ pub async fn bind(
     let app = router(
         store,
         cfg.ingest.idle_timeout,
-        StowLimits::from_config(&cfg.ingest),
+        StowLimits::new(cfg.ingest.stow_max_parts, cfg.ingest.stow_max_failed_listed),
         drain.clone(),
     );
     let slots = Arc::new(Semaphore::new(cfg.ingest.max_connections));
