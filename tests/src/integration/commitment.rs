@@ -341,6 +341,9 @@ fn an_instance_never_received_is_reported_failed_at_once() {
         );
         assert_eq!(f[1], NO_SUCH_OBJECT_INSTANCE, "{report}");
     }
+    // The listener has the report just before the edge removes the answered request;
+    // 'report sent' is logged after the removal.
+    edge.wait_for_log(&["storage commitment report sent", tx], EVENT_WAIT);
     assert_eq!(pending_requests(&d), 0);
     assert!(edge.terminate().unwrap().success());
 }
@@ -511,6 +514,8 @@ fn an_instance_the_record_store_refused_is_reported_failed() {
         assert!(orthanc.instance_file(&sop_uid(n)).unwrap().is_some(), "{n}");
     }
     assert!(orthanc.instance_file(&bad).unwrap().is_none());
+    r.edge
+        .wait_for_log(&["storage commitment report sent", tx], EVENT_WAIT);
     assert_eq!(pending_requests(&r.d), 0);
     r.stop();
 }
