@@ -197,6 +197,7 @@ fn send(args: SendArgs) -> ExitCode {
         };
         let bar = Bar::new(!args.no_progress && std::io::stderr().is_terminal());
         let stats = Arc::new(SendStats::default());
+        let congestion = cfg.link.congestion.name();
         let (wait_delivered, delivered_timeout) = (args.wait_delivered, args.delivered_timeout);
         let summary = runtime()?.block_on(async {
             let edge = Edge::start(Arc::new(cfg)).await?;
@@ -223,7 +224,7 @@ fn send(args: SendArgs) -> ExitCode {
             result
         })?;
         if let Some(path) = &args.stats {
-            write_stats(path, &stats)?;
+            write_stats(path, &stats, congestion)?;
         }
         Ok(summary)
     })();
@@ -341,7 +342,21 @@ impl SendObserver for Bar {
     }
 }
 
-fn write_stats(path: &Path, stats: &SendStats) -> anyhow::Result<()> {
+/// `--stats`' `link`: quinn's statistics of the send's link connections, summed.
+fn link_json(l: &crate::link::send::LinkTotals, congestion: &str) -> serde_json::Value {
+    serde_json::json!({
+        "congestion": congestion,
+        "connections": l.connections,
+        "udp_tx_datagrams": l.udp_tx_datagrams,
+        "udp_tx_bytes": l.udp_tx_bytes,
+        "sent_packets": l.sent_packets,
+        "lost_packets": l.lost_packets,
+        "lost_bytes": l.lost_bytes,
+        "congestion_events": l.congestion_events,
+    })
+}
+
+fn write_stats(path: &Path, stats: &SendStats, congestion: &str) -> anyhow::Result<()> {
     let h = stats
         .chunk_latency_us
         .lock()
@@ -350,6 +365,7 @@ fn write_stats(path: &Path, stats: &SendStats) -> anyhow::Result<()> {
         "chunks": h.len(),
         "wire_bytes": stats.wire_bytes(),
         "hsm_wait_us": stats.hsm_wait_us.load(std::sync::atomic::Ordering::Relaxed),
+        "link": link_json(&stats.link(), congestion),
         "chunk_latency_us": {
             "p50": h.value_at_quantile(0.50),
             "p99": h.value_at_quantile(0.99),

@@ -755,6 +755,7 @@ impl Edge {
                     stats,
                 )
                 .await;
+                stats.add_connection(&conn);
                 if let Err(SendError::Link(_)) = &res
                     && let Some(text) = conn.close_reason().as_ref().and_then(tls_refusal)
                 {

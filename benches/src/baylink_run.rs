@@ -217,6 +217,26 @@ pub struct SendStats {
     pub chunks: u64,
     /// Chunk latency (stream open → ChunkOk) percentiles in µs.
     pub chunk_latency_us: LatencyUs,
+    /// quinn's statistics of the link connections (absent from an older baylink).
+    #[serde(default)]
+    pub link: Option<SendLinkStats>,
+}
+
+/// `link` of `baylink send --stats`: quinn's figures of the send's connections, summed.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SendLinkStats {
+    /// `link.congestion` in force.
+    pub congestion: String,
+    /// UDP payload bytes sent.
+    pub udp_tx_bytes: u64,
+    /// QUIC packets sent.
+    pub sent_packets: u64,
+    /// Packets declared lost.
+    pub lost_packets: u64,
+    /// Bytes of the packets declared lost.
+    pub lost_bytes: u64,
+    /// Congestion events.
+    pub congestion_events: u64,
 }
 
 /// What one `baylink send` run gave.
@@ -230,6 +250,8 @@ pub struct BaylinkRun {
     pub cpu_sender: f64,
     /// Gateway CPU seconds (/proc delta from before the send to after delivery).
     pub cpu_receiver: f64,
+    /// When the `send` child exited (before the delivered copy was checked).
+    pub exited: Instant,
 }
 
 /// Why a run produced no figures.
@@ -311,6 +333,7 @@ pub async fn run_once(
             return Err(RunFailure::TimedOut);
         }
     };
+    let exited = Instant::now();
     let cpu_sender = proc::children_cpu_seconds()? - children_cpu_before;
     let stdout = reader
         .await
@@ -332,6 +355,7 @@ pub async fn run_once(
         stats,
         cpu_sender,
         cpu_receiver,
+        exited,
     })
 }
 

@@ -185,13 +185,31 @@ fn choose_congestion(dir: &Path, cc: &str) -> anyhow::Result<()> {
 /// dials it (and still verifies the certificate as `transport.server_name`), and both `[link]`
 /// sections are tuned for the emulated RTT and rate.
 fn place_deployment(dir: &Path, addr_b: std::net::Ipv4Addr, args: &E2eArgs) -> anyhow::Result<()> {
+    place_on_link(
+        dir,
+        addr_b,
+        args.rtt_ms,
+        args.rate_mbit,
+        args.congestion.as_deref(),
+    )
+}
+
+/// [`place_deployment`] from its parts: the link's RTT and rate, and the congestion controller
+/// to write (none: keep dev-env's).
+pub fn place_on_link(
+    dir: &Path,
+    addr_b: std::net::Ipv4Addr,
+    rtt_ms: f64,
+    rate_mbit: f64,
+    congestion: Option<&str>,
+) -> anyhow::Result<()> {
     for (file, key) in [("gateway.toml", "listen"), ("edge.toml", "connect")] {
         let path = dir.join(file);
         let text = std::fs::read_to_string(&path)?;
         let mut doc: toml::Table = text
             .parse()
             .with_context(|| format!("{}", path.display()))?;
-        if let Some(cc) = &args.congestion {
+        if let Some(cc) = congestion {
             set_congestion(&mut doc, cc)?;
         }
         let transport = doc
@@ -215,16 +233,13 @@ fn place_deployment(dir: &Path, addr_b: std::net::Ipv4Addr, args: &E2eArgs) -> a
             .or_insert_with(|| toml::Value::Table(toml::Table::new()))
             .as_table_mut()
             .context("[link] is not a table")?;
-        if args.rtt_ms > 0.0 {
-            link.insert(
-                "rtt_ms".into(),
-                toml::Value::Integer(args.rtt_ms.ceil() as i64),
-            );
+        if rtt_ms > 0.0 {
+            link.insert("rtt_ms".into(), toml::Value::Integer(rtt_ms.ceil() as i64));
         }
-        if args.rate_mbit > 0.0 {
+        if rate_mbit > 0.0 {
             link.insert(
                 "rate_mbit".into(),
-                toml::Value::Integer(args.rate_mbit.ceil() as i64),
+                toml::Value::Integer(rate_mbit.ceil() as i64),
             );
         }
         // The emulated link has the TUN devices' MTU, whatever the deployment assumed.
@@ -236,7 +251,7 @@ fn place_deployment(dir: &Path, addr_b: std::net::Ipv4Addr, args: &E2eArgs) -> a
     Ok(())
 }
 
-fn write_json(path: &Path, report: &Report) -> anyhow::Result<()> {
+pub fn write_json<T: serde::Serialize>(path: &Path, report: &T) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(report)? + "\n";
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
@@ -387,7 +402,7 @@ pub async fn run(args: E2eArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn congestion_name(c: Congestion) -> &'static str {
+pub fn congestion_name(c: Congestion) -> &'static str {
     c.name()
 }
 
@@ -549,7 +564,11 @@ async fn bench(
             }
             eprint!("run {run}/{}: {label} ... ", args.runs);
             let record = match quinn_pair::run_pair(settings, run).await {
-                Ok(outcome) => quinn_record(run, &outcome),
+                Ok(outcome) => quinn_record(
+                    run,
+                    &outcome,
+                    congestion_name(settings.source_tuning.congestion),
+                ),
                 Err(e) => RunRecord::failed(run, &e),
             };
             eprintln!("{}", describe(&record));
@@ -653,7 +672,7 @@ fn describe(r: &RunRecord) -> String {
     }
 }
 
-fn quinn_record(run: u32, outcome: &PairOutcome) -> RunRecord {
+pub fn quinn_record(run: u32, outcome: &PairOutcome, congestion: &str) -> RunRecord {
     let (source, sink) = (&outcome.source, &outcome.sink);
     RunRecord {
         run,
@@ -678,12 +697,25 @@ fn quinn_record(run: u32, outcome: &PairOutcome) -> RunRecord {
         }),
         chunk_latency_ms: source.chunk_latency_us.as_ref().map(LatencyMs::from_us),
         path: Some(source.path.clone()),
+        congestion: Some(congestion.to_owned()),
+        retransmit: Some(report::Retransmit::quinn(
+            "quinn connection stats of the source: path.lost_bytes",
+            report::QuicFigures {
+                lost_bytes: source.path.lost_bytes,
+                lost_packets: source.path.lost_packets,
+                sent_packets: source.path.sent_packets,
+                tx_bytes: source.path.udp_tx_bytes,
+                congestion_events: source.path.congestion_events,
+            },
+            source.bytes,
+        )),
         ..RunRecord::default()
     }
 }
 
-fn baylink_record(run: u32, outcome: &BaylinkRun) -> RunRecord {
+pub fn baylink_record(run: u32, outcome: &BaylinkRun) -> RunRecord {
     let s = &outcome.summary;
+    let link = outcome.stats.as_ref().and_then(|st| st.link.as_ref());
     let (gbit_per_s, error) = match s.transmit_seconds {
         Some(t) => (report::gbit_per_s(s.bytes, t), None),
         None => (
@@ -718,6 +750,21 @@ fn baylink_record(run: u32, outcome: &BaylinkRun) -> RunRecord {
         transfer_id: Some(s.transfer_id.clone()),
         delivered_identical: Some(true),
         tcp_congestion: None,
+        congestion: link.map(|l| l.congestion.clone()),
+        retransmit: link.map(|l| {
+            report::Retransmit::quinn(
+                "baylink send --stats: link.lost_bytes (quinn connection stats, summed over \
+                 the send's connections)",
+                report::QuicFigures {
+                    lost_bytes: l.lost_bytes,
+                    lost_packets: l.lost_packets,
+                    sent_packets: l.sent_packets,
+                    tx_bytes: l.udp_tx_bytes,
+                    congestion_events: l.congestion_events,
+                },
+                s.wire_bytes,
+            )
+        }),
         path: None,
     }
 }

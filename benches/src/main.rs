@@ -36,6 +36,7 @@ mod proc;
 mod quinn_pair;
 mod report;
 mod scp;
+mod share;
 /// Byte sizes on the command line, shared with `cargo xtask` (one parser for both).
 #[path = "../../xtask/src/size.rs"]
 #[allow(
@@ -43,6 +44,7 @@ mod scp;
     reason = "`human` serves xtask; the benches print their own units"
 )]
 mod size;
+mod sweep;
 
 use std::process::ExitCode;
 
@@ -83,6 +85,19 @@ Figures (per contestant; the JSON also lists every run):
                  in the namespaces scp and sshd run in. Gbit/s: bytes at the destination /
                  seconds (at the time box if it overran). CPU: sender = scp + ssh
                  (RUSAGE_CHILDREN), receiver = sshd's reaped children (cutime + cstime).
+  congestion     (JSON, per contestant and run) the congestion controller: quinn and
+                 baylink `[link] congestion` (baylink's as `send --stats` reports it), scp the
+                 TCP controller of its namespaces.
+  retransmit     (JSON, per run; the summary has the medians retransmit_ratio and
+                 retransmitted_bytes; the table's `retx` column is the ratio in % of payload)
+                 quinn: the source's connection stats, path.lost_bytes (bytes of packets
+                          declared lost, whose frames went out again), lost/sent packets,
+                          udp_tx bytes.
+                 baylink: the same figures from `baylink send --stats` (`link`), summed over
+                          the send's connections.
+                 scp:     an estimate: Tcp RetransSegs delta of the sender's namespace
+                          (/proc/net/snmp) x MSS (MTU 1500 - 52).
+                 ratio = retransmitted bytes / payload bytes.
   link.forwarder (JSON) the impairment forwarder's settings and per-direction counters
                  (forwarded, dropped_loss, dropped_queue, ...), totals over all contestants.
 
@@ -121,6 +136,13 @@ enum Command {
     /// QUIC + mutual-TLS handshakes per second and CPU per handshake on loopback, with PEM
     /// TLS keys and with TLS keys held in a SoftHSM token (same run).
     Handshake(handshake::HandshakeArgs),
+    /// `baylink send` and one TCP flow (iperf3, BBR) through the same emulated link at once:
+    /// each one's throughput over the overlap and the split; TCP alone and baylink alone for
+    /// reference (needs root and iperf3).
+    Share(share::ShareArgs),
+    /// Every e2e contestant over the emulated link for a series of loss rates and of RTTs
+    /// (one time-boxed e2e per point); JSON plus two SVG charts (needs root).
+    Sweep(sweep::SweepArgs),
     /// (internal) The receiving process of the quinn contestant.
     #[command(hide = true)]
     QuinnSink(quinn_pair::SinkArgs),
@@ -137,6 +159,8 @@ fn main() -> ExitCode {
         Command::Ingest(args) => run_ingest(args),
         Command::Fairness(args) => run_fairness(args),
         Command::Orthanc(args) => run_orthanc(args),
+        Command::Share(args) => run_until_signal(share::run(args)),
+        Command::Sweep(args) => run_until_signal(sweep::run(args)),
         Command::Handshake(args) => handshake::main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSink(args) => quinn_pair::sink_main(&args).map(|()| ExitCode::SUCCESS),
         Command::QuinnSource(args) => quinn_pair::source_main(&args).map(|()| ExitCode::SUCCESS),
@@ -195,6 +219,23 @@ fn run_orthanc(args: orthanc::OrthancArgs) -> anyhow::Result<ExitCode> {
     rt.block_on(async {
         tokio::select! {
             result = orthanc::run(args) => result.map(|()| ExitCode::SUCCESS),
+            _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+            _ = terminated() => anyhow::bail!("terminated"),
+        }
+    })
+}
+
+/// Runs a bench on a one-thread runtime until it ends or SIGINT/SIGTERM (dropping it kills
+/// its children, which are `kill_on_drop`).
+fn run_until_signal(
+    bench: impl std::future::Future<Output = anyhow::Result<ExitCode>>,
+) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::select! {
+            result = bench => result,
             _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
             _ = terminated() => anyhow::bail!("terminated"),
         }

@@ -401,6 +401,12 @@ pub struct PathReport {
     pub sent_packets: u64,
     /// Packets declared lost.
     pub lost_packets: u64,
+    /// Bytes of the packets declared lost (their frames were sent again).
+    #[serde(default)]
+    pub lost_bytes: u64,
+    /// UDP payload bytes sent (every QUIC packet, headers and retransmissions included).
+    #[serde(default)]
+    pub udp_tx_bytes: u64,
     /// Path MTU in use.
     pub mtu: u16,
 }
@@ -720,7 +726,8 @@ pub async fn run_source(args: &SourceArgs) -> anyhow::Result<SourceReport> {
         }
         Err(_) => true,
     };
-    let stats = connection.stats().path;
+    let all = connection.stats();
+    let stats = all.path;
     connection.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
 
@@ -743,6 +750,8 @@ pub async fn run_source(args: &SourceArgs) -> anyhow::Result<SourceReport> {
             congestion_events: stats.congestion_events,
             sent_packets: stats.sent_packets,
             lost_packets: stats.lost_packets,
+            lost_bytes: stats.lost_bytes,
+            udp_tx_bytes: all.udp_tx.bytes,
             mtu: stats.current_mtu,
         },
     })

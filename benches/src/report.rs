@@ -119,6 +119,13 @@ pub struct RunRecord {
     /// scp: the TCP congestion controller of the run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tcp_congestion: Option<String>,
+    /// The congestion controller of the run: `[link] congestion` for quinn and baylink, the
+    /// TCP controller for scp.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<String>,
+    /// Bytes sent again (or estimated so), and their share of the payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retransmit: Option<Retransmit>,
     /// quinn: the path as quinn saw it at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path: Option<PathReport>,
@@ -140,6 +147,91 @@ impl RunRecord {
             run,
             timed_out: true,
             ..RunRecord::default()
+        }
+    }
+}
+
+/// What a run sent again: QUIC's lost packets, or TCP's retransmitted segments.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Retransmit {
+    /// Where the figure comes from.
+    pub source: String,
+    /// Whether `retransmitted_bytes` is an estimate (TCP: segments × MSS).
+    pub estimate: bool,
+    /// Bytes sent again: quinn `path.lost_bytes` (packets declared lost, whose frames go
+    /// out again), or TCP `RetransSegs` × MSS.
+    pub retransmitted_bytes: u64,
+    /// Packets declared lost (quinn) or segments retransmitted (TCP).
+    pub lost_packets: u64,
+    /// Packets (quinn) or segments (TCP `OutSegs`) sent.
+    pub sent_packets: u64,
+    /// UDP payload bytes sent (quinn `udp_tx.bytes`: every QUIC packet, headers included);
+    /// none for TCP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tx_bytes: Option<u64>,
+    /// Congestion events (the controller's window cuts; quinn only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion_events: Option<u64>,
+    /// Payload bytes the run moved.
+    pub payload_bytes: u64,
+    /// `retransmitted_bytes / payload_bytes`.
+    pub ratio: Option<f64>,
+}
+
+/// quinn's connection figures behind a [`Retransmit`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuicFigures {
+    /// `path.lost_bytes`.
+    pub lost_bytes: u64,
+    /// `path.lost_packets`.
+    pub lost_packets: u64,
+    /// `path.sent_packets`.
+    pub sent_packets: u64,
+    /// `udp_tx.bytes`.
+    pub tx_bytes: u64,
+    /// `path.congestion_events`.
+    pub congestion_events: u64,
+}
+
+impl Retransmit {
+    /// From quinn's connection statistics (summed over the connections of the run).
+    pub fn quinn(source: &str, path: QuicFigures, payload_bytes: u64) -> Retransmit {
+        let QuicFigures {
+            lost_bytes,
+            lost_packets,
+            sent_packets,
+            tx_bytes,
+            congestion_events,
+        } = path;
+        Retransmit {
+            source: source.to_owned(),
+            estimate: false,
+            retransmitted_bytes: lost_bytes,
+            lost_packets,
+            sent_packets,
+            tx_bytes: Some(tx_bytes),
+            congestion_events: Some(congestion_events),
+            payload_bytes,
+            ratio: (payload_bytes > 0).then(|| lost_bytes as f64 / payload_bytes as f64),
+        }
+    }
+
+    /// From TCP's `RetransSegs` and `OutSegs` deltas of the sender's namespace, times `mss`.
+    pub fn tcp(retrans_segs: u64, out_segs: u64, mss: u64, payload_bytes: u64) -> Retransmit {
+        let bytes = retrans_segs * mss;
+        Retransmit {
+            source: format!(
+                "estimate: Tcp RetransSegs delta in the sender's network namespace \
+                 (/proc/net/snmp) x MSS {mss}"
+            ),
+            estimate: true,
+            retransmitted_bytes: bytes,
+            lost_packets: retrans_segs,
+            sent_packets: out_segs,
+            tx_bytes: None,
+            congestion_events: None,
+            payload_bytes,
+            ratio: (payload_bytes > 0).then(|| bytes as f64 / payload_bytes as f64),
         }
     }
 }
@@ -176,6 +268,12 @@ pub struct ContestantSummary {
     pub gbit_per_s_min: Option<f64>,
     /// Fastest run.
     pub gbit_per_s_max: Option<f64>,
+    /// The congestion controller (of the first run that names one).
+    pub congestion: Option<String>,
+    /// Median over runs of retransmitted bytes / payload bytes.
+    pub retransmit_ratio: Option<f64>,
+    /// Median over runs of retransmitted bytes.
+    pub retransmitted_bytes: Option<f64>,
     /// Median CPU seconds per GiB, per side.
     pub cpu_seconds_per_gib: Sides,
     /// Median over runs of each run's chunk latency percentiles.
@@ -212,6 +310,15 @@ impl ContestantSummary {
             gbit_per_s_min: extreme(&rates, f64::min),
             gbit_per_s_max: extreme(&rates, f64::max),
             runs_gbit_per_s: rates,
+            congestion: runs.iter().find_map(|r| r.congestion.clone()),
+            retransmit_ratio: median(
+                runs.iter()
+                    .map(|r| r.retransmit.as_ref().and_then(|t| t.ratio)),
+            ),
+            retransmitted_bytes: median(
+                runs.iter()
+                    .map(|r| r.retransmit.as_ref().map(|t| t.retransmitted_bytes as f64)),
+            ),
             cpu_seconds_per_gib: Sides {
                 sender: side(|s| s.sender),
                 receiver: side(|s| s.receiver),
@@ -377,12 +484,21 @@ fn cell(v: Option<f64>, decimals: usize) -> String {
 /// The human table.
 pub fn table(report: &Report) -> String {
     let mut out = format!(
-        "{:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
-        "contestant", "Gbit/s", "min", "max", "CPU snd", "CPU rcv", "chunk p50", "chunk p99"
+        "{:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}  {:>6} {:>8}\n",
+        "contestant",
+        "Gbit/s",
+        "min",
+        "max",
+        "CPU snd",
+        "CPU rcv",
+        "chunk p50",
+        "chunk p99",
+        "cc",
+        "retx"
     );
     out += &format!(
-        "{:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}\n",
-        "", "median", "", "", "s/GiB", "s/GiB", "ms", "ms"
+        "{:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}  {:>6} {:>8}\n",
+        "", "median", "", "", "s/GiB", "s/GiB", "ms", "ms", "", "%payload"
     );
     let c = &report.contestants;
     for (name, entry) in [
@@ -396,7 +512,7 @@ pub fn table(report: &Report) -> String {
             Entry::Skipped { skipped } => out += &format!("{name:<12} skipped: {skipped}\n"),
             Entry::Ran(s) => {
                 out += &format!(
-                    "{name:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}",
+                    "{name:<12} {:>8} {:>7} {:>7}  {:>9} {:>9}  {:>9} {:>9}  {:>6} {:>8}",
                     cell(s.gbit_per_s, 2),
                     cell(s.gbit_per_s_min, 2),
                     cell(s.gbit_per_s_max, 2),
@@ -404,6 +520,8 @@ pub fn table(report: &Report) -> String {
                     cell(s.cpu_seconds_per_gib.receiver, 2),
                     cell(s.chunk_latency_ms.p50, 1),
                     cell(s.chunk_latency_ms.p99, 1),
+                    s.congestion.as_deref().unwrap_or("-"),
+                    cell(s.retransmit_ratio.map(|r| r * 100.0), 2),
                 );
                 if s.timed_out_runs + s.failed_runs > 0 {
                     out += &format!(

@@ -222,6 +222,17 @@ impl Sshd {
         let _ = self.child.kill().await;
     }
 
+    /// The MSS the estimate of retransmitted bytes assumes: the TUN devices' MTU less IPv4,
+    /// TCP and timestamp headers (52 bytes); loopback's 65536 in a private namespace.
+    fn mss(&self) -> u64 {
+        let mtu = if self.placement.sender_ns == self.placement.receiver_ns {
+            65_536
+        } else {
+            u64::from(crate::impair::netns::MTU)
+        };
+        mtu - 52
+    }
+
     /// Sets the sender's and the receiver's namespace to congestion controller `cc`.
     async fn set_congestion(&self, cc: &str) -> anyhow::Result<()> {
         for ns in [&self.placement.sender_ns, &self.placement.receiver_ns] {
@@ -269,6 +280,7 @@ impl Sshd {
         let log = self.dir.join(format!("scp-{cc}-{run}.log"));
         let receiver_before = proc::process_children_cpu_seconds(self.pid)?;
         let children_before = proc::children_cpu_seconds()?;
+        let snmp_before = tcp_counters(&self.placement.sender_ns).await;
         let started = Instant::now();
         let mut child = command_in(Some(&self.placement.sender_ns), Path::new("scp"))
             .args(["-q", "-B", "-P", &self.port.to_string(), "-i"])
@@ -295,6 +307,7 @@ impl Sshd {
             }
         };
         let seconds = started.elapsed().as_secs_f64();
+        let snmp_after = tcp_counters(&self.placement.sender_ns).await;
         let cpu_sender = proc::children_cpu_seconds()? - children_before;
         if let Some(status) = status
             && !status.success()
@@ -339,7 +352,91 @@ impl Sshd {
             }),
             delivered_identical: identical,
             tcp_congestion: Some(cc.to_owned()),
+            congestion: Some(cc.to_owned()),
+            retransmit: match (snmp_before, snmp_after) {
+                (Ok(a), Ok(b)) => Some(report::Retransmit::tcp(
+                    b.retrans_segs.saturating_sub(a.retrans_segs),
+                    b.out_segs.saturating_sub(a.out_segs),
+                    self.mss(),
+                    bytes,
+                )),
+                (Err(e), _) | (_, Err(e)) => {
+                    eprintln!("warning: no TCP retransmission figures: {e:#}");
+                    None
+                }
+            },
             ..RunRecord::default()
         })
+    }
+}
+
+/// TCP counters of a network namespace (`Tcp:` of /proc/net/snmp).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpCounters {
+    /// Segments sent (`OutSegs`).
+    pub out_segs: u64,
+    /// Segments retransmitted (`RetransSegs`).
+    pub retrans_segs: u64,
+}
+
+/// Reads `ns`'s TCP counters (`ip netns exec NS cat /proc/net/snmp`).
+pub async fn tcp_counters(ns: &str) -> anyhow::Result<TcpCounters> {
+    let out = command_in(Some(ns), Path::new("cat"))
+        .arg("/proc/net/snmp")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .context("cat /proc/net/snmp")?;
+    ensure!(
+        out.status.success(),
+        "cat /proc/net/snmp in {ns}: {}",
+        out.status
+    );
+    parse_snmp_tcp(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// The `Tcp:` header and value lines of /proc/net/snmp.
+pub fn parse_snmp_tcp(text: &str) -> anyhow::Result<TcpCounters> {
+    let mut lines = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (
+        lines.next().context("no Tcp: line")?,
+        lines.next().context("no Tcp: values")?,
+    );
+    let field = |want: &str| -> anyhow::Result<u64> {
+        let at = names
+            .split_whitespace()
+            .position(|n| n == want)
+            .with_context(|| format!("no {want} in Tcp:"))?;
+        values
+            .split_whitespace()
+            .nth(at)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no value for {want}"))
+    };
+    Ok(TcpCounters {
+        out_segs: field("OutSegs")?,
+        retrans_segs: field("RetransSegs")?,
+    })
+}
+
+#[cfg(test)]
+mod snmp_tests {
+    use super::*;
+
+    #[test]
+    fn parses_tcp_counters() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+            Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails \
+            EstabResets CurrEstab InSegs OutSegs RetransSegs InErrs OutRsts InCsumErrors\n\
+            Tcp: 1 200 120000 -1 5 3 0 0 1 1000 2000 17 0 2 0\n\
+            Udp: InDatagrams\nUdp: 4\n";
+        assert_eq!(
+            parse_snmp_tcp(text).unwrap(),
+            TcpCounters {
+                out_segs: 2000,
+                retrans_segs: 17
+            }
+        );
+        assert!(parse_snmp_tcp("Udp: x\nUdp: 1\n").is_err());
     }
 }

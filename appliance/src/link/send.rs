@@ -69,6 +69,41 @@ pub struct SendStats {
     pub chunk_latency_us: Mutex<Histogram<u64>>,
     /// Time this side waited for its HSM, in microseconds.
     pub hsm_wait_us: AtomicU64,
+    /// quinn's figures of every link connection an attempt used, added up.
+    pub link: Mutex<LinkTotals>,
+}
+
+/// quinn's connection statistics of a send's link connections, summed over its attempts
+/// (each attempt dials a connection of its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkTotals {
+    /// Connections (attempts that got one).
+    pub connections: u64,
+    /// UDP datagrams sent.
+    pub udp_tx_datagrams: u64,
+    /// UDP payload bytes sent (QUIC packets, headers and retransmissions included).
+    pub udp_tx_bytes: u64,
+    /// QUIC packets sent.
+    pub sent_packets: u64,
+    /// Packets quinn declared lost (and whose frames it sent again).
+    pub lost_packets: u64,
+    /// Bytes of the packets declared lost.
+    pub lost_bytes: u64,
+    /// Congestion events (the controller's window cuts).
+    pub congestion_events: u64,
+}
+
+impl LinkTotals {
+    /// Adds one connection's statistics, as they stand when its attempt ends.
+    pub fn add(&mut self, s: &quinn::ConnectionStats) {
+        self.connections += 1;
+        self.udp_tx_datagrams += s.udp_tx.datagrams;
+        self.udp_tx_bytes += s.udp_tx.bytes;
+        self.sent_packets += s.path.sent_packets;
+        self.lost_packets += s.path.lost_packets;
+        self.lost_bytes += s.path.lost_bytes;
+        self.congestion_events += s.path.congestion_events;
+    }
 }
 
 impl Default for SendStats {
@@ -76,6 +111,7 @@ impl Default for SendStats {
         SendStats {
             wire_bytes: AtomicU64::new(0),
             hsm_wait_us: AtomicU64::new(0),
+            link: Mutex::new(LinkTotals::default()),
             chunk_latency_us: Mutex::new(
                 Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static bounds are valid"),
             ),
@@ -87,6 +123,19 @@ impl SendStats {
     /// Chunk payload bytes sent so far.
     pub fn wire_bytes(&self) -> u64 {
         self.wire_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records the statistics of an attempt's connection once the attempt is over.
+    pub fn add_connection(&self, conn: &quinn::Connection) {
+        self.link
+            .lock()
+            .expect("stats lock poisoned")
+            .add(&conn.stats());
+    }
+
+    /// The link connections' totals so far.
+    pub fn link(&self) -> LinkTotals {
+        *self.link.lock().expect("stats lock poisoned")
     }
 }
 
@@ -366,4 +415,35 @@ async fn check_chunk_at_rest(
         loc.offset,
         file.path().display()
     )))
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::*;
+
+    #[test]
+    fn link_totals_add_up_the_attempts_connections() {
+        let mut s = quinn::ConnectionStats::default();
+        s.udp_tx.datagrams = 10;
+        s.udp_tx.bytes = 15_000;
+        s.path.sent_packets = 11;
+        s.path.lost_packets = 2;
+        s.path.lost_bytes = 2_800;
+        s.path.congestion_events = 1;
+        let mut totals = LinkTotals::default();
+        totals.add(&s);
+        totals.add(&s);
+        assert_eq!(
+            totals,
+            LinkTotals {
+                connections: 2,
+                udp_tx_datagrams: 20,
+                udp_tx_bytes: 30_000,
+                sent_packets: 22,
+                lost_packets: 4,
+                lost_bytes: 5_600,
+                congestion_events: 2,
+            }
+        );
+    }
 }
