@@ -66,7 +66,7 @@ pub struct E2eArgs {
     #[arg(long, default_value_t = 0.0)]
     pub rate_mbit: f64,
     /// Congestion controller for quinn and baylink (`[link] congestion` of the bench's fresh
-    /// dev-env, both sides; default: what dev-env writes, cubic). Not with --env.
+    /// dev-env, both sides; default: what dev-env writes, `link`). Not with --env.
     #[arg(long, value_parser = ["cubic", "bbr", "link"])]
     pub congestion: Option<String>,
     /// Time box of each run in seconds; a run that overruns is stopped and marked timed_out.
