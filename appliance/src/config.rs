@@ -8,7 +8,7 @@
 //! Each section has its own serde shape (`Raw*`, unknown keys refused) and its own check,
 //! which fills in the section's defaults and names the key it refuses; [`Config::parse`] only
 //! composes them. Settings a module owns are checked by that module and composed here:
-//! [`crate::deliver`], [`crate::dicom::settings`], [`crate::ingest::stow`] (ARCHITECTURE.md,
+//! [`crate::deliver`], [`crate::dicom::settings`], [`crate::ingest::stow_limits`] (ARCHITECTURE.md,
 //! "Module dependencies").
 
 use std::net::SocketAddr;
@@ -22,27 +22,10 @@ use crate::deliver::Backoff;
 use crate::deliver::dicomweb::StowSettings;
 pub use crate::dicom::settings::{CommitmentRoute, DicomPeer, DicomSection};
 use crate::dicom::settings::{DEFAULT_DICOM_IDLE_TIMEOUT, DicomKeys, DicomPeerEntry};
-use crate::ingest::stow;
+use crate::ingest::stow_limits as stow;
 use crate::setting::SettingError;
 
-/// Which side of the link this appliance serves.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Shenzhen side: takes uploads from hospitals, seals and sends them.
-    Edge,
-    /// Hong Kong side: receives, verifies, commits and delivers.
-    Gateway,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Edge => "edge",
-            Role::Gateway => "gateway",
-        })
-    }
-}
+pub use crate::setting::Role;
 
 /// A configuration that could not be loaded; the message names the file and the key.
 #[derive(Debug, thiserror::Error)]
@@ -431,33 +414,7 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `ingest.max_unidentified_per_source`, per door.
 pub const DEFAULT_MAX_UNIDENTIFIED_PER_SOURCE: usize = 32;
 
-/// `[policy]`
-#[derive(Debug, Clone)]
-pub struct PolicySection {
-    /// Consent registry (TOML).
-    pub consents: Option<PathBuf>,
-    /// Categories or purposes always refused.
-    pub negative_list: Vec<String>,
-    /// Hospitals (client certificate subject CN) allowed to upload; `None`: any client
-    /// certificate from the deployment CA.
-    pub hospitals: Option<Vec<String>>,
-    /// Purposes whose DICOM instances are de-identified before they are hashed and sealed
-    /// (`policy.deidentify_purposes`, default `["research"]`).
-    pub deidentify_purposes: Vec<String>,
-    /// The PS3.15 Annex E profile options of each de-identified purpose
-    /// (`[policy.deidentify_options]`, purpose = option names; default: none, the Basic
-    /// Profile alone). See `docs/dicom.md`.
-    pub deidentify_options: std::collections::BTreeMap<String, crate::dicom::deid::ProfileOptions>,
-    /// Allowed data categories (`policy.categories`); `None`: the eHealth sharable domains
-    /// ([`crate::policy::DEFAULT_CATEGORIES`]).
-    pub categories: Option<Vec<String>>,
-    /// Allowed destinations (`policy.destinations`); `None`: `["hk-ehealth"]`.
-    pub destinations: Option<Vec<String>>,
-    /// Largest sealed transfer in bytes (`policy.max_transfer_bytes`); `None`: 64 GiB.
-    pub max_transfer_bytes: Option<u64>,
-    /// Most files in one transfer (`policy.max_files`); `None`: 100 000.
-    pub max_files: Option<u64>,
-}
+pub use crate::policy::PolicySection;
 
 /// `[delivery]`
 #[derive(Debug, Clone)]

@@ -12,8 +12,6 @@ use std::time::SystemTime;
 use baylink_net::proto::Digest;
 use serde::{Deserialize, Serialize};
 
-use crate::config::PolicySection;
-
 /// What an upload states about itself (the compliance declaration).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,9 +88,44 @@ pub const RULES: &[&str] = &[
     "consent-category",
     "consent-purpose",
     "consent-destination",
-    crate::dicom::deid::RULE_PATIENT_MISMATCH,
-    crate::dicom::deid::RULE_DEID_UNSUPPORTED,
+    RULE_PATIENT_MISMATCH,
+    RULE_DEID_UNSUPPORTED,
 ];
+
+/// `[policy]`, as `config` read and checked it.
+#[derive(Debug, Clone)]
+pub struct PolicySection {
+    /// Consent registry (TOML).
+    pub consents: Option<PathBuf>,
+    /// Categories or purposes always refused.
+    pub negative_list: Vec<String>,
+    /// Hospitals (client certificate subject CN) allowed to upload; `None`: any client
+    /// certificate from the deployment CA.
+    pub hospitals: Option<Vec<String>>,
+    /// Purposes whose DICOM instances are de-identified before they are hashed and sealed
+    /// (`policy.deidentify_purposes`, default `["research"]`).
+    pub deidentify_purposes: Vec<String>,
+    /// The PS3.15 Annex E profile options of each de-identified purpose
+    /// (`[policy.deidentify_options]`, purpose = option names; default: none, the Basic
+    /// Profile alone). See `docs/dicom.md`.
+    pub deidentify_options:
+        std::collections::BTreeMap<String, crate::dicom::deid::profile::ProfileOptions>,
+    /// Allowed data categories (`policy.categories`); `None`: the eHealth sharable domains
+    /// ([`crate::policy::DEFAULT_CATEGORIES`]).
+    pub categories: Option<Vec<String>>,
+    /// Allowed destinations (`policy.destinations`); `None`: `["hk-ehealth"]`.
+    pub destinations: Option<Vec<String>>,
+    /// Largest sealed transfer in bytes (`policy.max_transfer_bytes`); `None`: 64 GiB.
+    pub max_transfer_bytes: Option<u64>,
+    /// Most files in one transfer (`policy.max_files`); `None`: 100 000.
+    pub max_files: Option<u64>,
+}
+
+/// Rule named when an instance's PatientID differs from its transfer's declaration (the
+/// edge's DICOM doors and de-identification check it).
+pub const RULE_PATIENT_MISMATCH: &str = "patient-mismatch";
+/// Rule named when a file of a de-identified transfer cannot be de-identified.
+pub const RULE_DEID_UNSUPPORTED: &str = "deid-unsupported";
 
 /// Why a declaration was refused, in two renderings: [`Refusal::reason`] for logs and the
 /// audit log, [`Refusal::answer`] for the hospital that declared it. Displays as the reason.

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{info, warn};
 
 use crate::audit::{self, Event, Kind};
-use crate::config::Role;
+use crate::setting::Role;
 use crate::transfer_dir::{self, TransferDir, write_atomic};
 
 /// What one sweep did.

@@ -4,7 +4,8 @@
 //! [`crate::deliver::dicomweb::StowSettings::from_section`],
 //! [`crate::dicom::settings::DicomSection::from_settings`]) and answers with a
 //! [`SettingError`]; [`crate::config`] parses the TOML, hands each module its values and adds
-//! the file and the role ([`crate::config::ConfigError`]). A leaf: it uses no other module.
+//! the file and the role ([`crate::config::ConfigError`]). Also [`Role`], which side of the
+//! link an appliance serves. A leaf: it uses no other module.
 
 /// A setting refused by the module that owns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,4 +19,23 @@ pub enum SettingError {
         /// Why it was refused.
         message: String,
     },
+}
+
+/// Which side of the link this appliance serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Shenzhen side: takes uploads from hospitals, seals and sends them.
+    Edge,
+    /// Hong Kong side: receives, verifies, commits and delivers.
+    Gateway,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Edge => "edge",
+            Role::Gateway => "gateway",
+        })
+    }
 }

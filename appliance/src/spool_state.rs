@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use baylink_net::proto::TransferId;
 use serde::Serialize;
 
-use crate::config::Role;
+use crate::setting::Role;
 use crate::transfer_dir::{self, TransferDir};
 
 /// Where a transfer stands, from the files in its spool directory.

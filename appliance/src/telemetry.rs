@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use baylink_net::proto::ErrorCode;
 use tracing::warn;
 
-use crate::config::Role;
+use crate::setting::Role;
 use crate::spool_state::SpoolState;
 use crate::transfer_dir::{self, TransferDir};
 

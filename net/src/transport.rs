@@ -50,9 +50,7 @@ pub const MAX_CONTROL_STREAMS: u32 = 4;
 pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Idle timeout: a peer silent this long is gone (the transfer then resumes from the spool).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-/// IPv6 and UDP headers: a link MTU less this is the UDP payload (QUIC packet) it carries.
-/// Over IPv4 this leaves 20 bytes unused, which is the safe side.
-pub const IP_UDP_OVERHEAD: u16 = 48;
+pub use crate::congestion::IP_UDP_OVERHEAD;
 /// Smallest MTU accepted in [`LinkTuning`]: QUIC's 1200-byte minimum packet plus headers.
 pub const MIN_MTU: u16 = 1200 + IP_UDP_OVERHEAD;
 /// Largest MTU accepted in [`LinkTuning`] (an IP packet's length field).

@@ -17,6 +17,7 @@ pub mod multipart;
 pub mod part10;
 pub mod store;
 pub mod stow;
+pub mod stow_limits;
 
 pub use store::{
     AssociationEnd, AssociationOutcome, FileUpload, IngestError, IngestStore, TransferState,

@@ -17,8 +17,6 @@
 //! bytes, larger walks on the blocking pool behind a small semaphore so a flood of parts
 //! never holds the async workers that serve the other hospitals, the DICOM port and sending.
 
-use std::sync::Arc;
-
 use axum::body::{Body, BodyDataStream};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -35,7 +33,6 @@ use super::part10::{Instance, Part10Error, PrefixParser};
 use super::store::IngestError;
 use crate::dicom::reader::{Facts, Reader};
 use crate::policy::Declaration;
-use crate::setting::SettingError;
 use baylink_net::proto::TransferId;
 
 /// The most bytes of one part held in memory to find its PatientID.
@@ -46,68 +43,13 @@ pub const PARSE_STEP: usize = 64 * 1024;
 /// A parse with fewer bytes than this left to walk runs on the request's task (a walk of a
 /// few microseconds); a longer one goes to the blocking pool.
 const INLINE_PARSE: usize = 4 * 1024;
-/// Prefix parses running on the blocking pool at once, all requests together.
-pub const PARSE_SLOTS: usize = 2;
 /// Parts between two yields of a request's task to the scheduler.
 const YIELD_EVERY: usize = 64;
 
-/// What one STOW-RS request may cost (`ingest.stow_*`), and the parse slots all requests
-/// share.
-#[derive(Debug, Clone)]
-pub struct StowLimits {
-    /// `ingest.stow_max_parts`.
-    pub max_parts: usize,
-    /// `ingest.stow_max_failed_listed`.
-    pub max_failed_listed: usize,
-    parse_slots: Arc<Semaphore>,
-}
-
-impl StowLimits {
-    /// The limits `ingest.stow_max_parts` and `ingest.stow_max_failed_listed` (as checked by
-    /// [`max_parts_setting`] and [`max_failed_listed_setting`]), with [`PARSE_SLOTS`] parse
-    /// slots.
-    pub fn new(max_parts: usize, max_failed_listed: usize) -> StowLimits {
-        StowLimits {
-            max_parts,
-            max_failed_listed,
-            parse_slots: Arc::new(Semaphore::new(PARSE_SLOTS)),
-        }
-    }
-}
-
-/// Default `ingest.stow_max_parts`: parts in one STOW-RS request.
-pub const DEFAULT_STOW_MAX_PARTS: usize = 10_000;
-/// Upper bound of `ingest.stow_max_parts`.
-pub const MAX_STOW_MAX_PARTS: usize = 10_000_000;
-/// Default `ingest.stow_max_failed_listed`: failed parts listed in one STOW-RS answer.
-pub const DEFAULT_STOW_MAX_FAILED_LISTED: usize = 1_000;
-/// Upper bound of `ingest.stow_max_failed_listed`.
-pub const MAX_STOW_MAX_FAILED_LISTED: usize = 100_000;
-
-/// `ingest.stow_max_parts` (`None`: [`DEFAULT_STOW_MAX_PARTS`]), 1..=[`MAX_STOW_MAX_PARTS`].
-pub fn max_parts_setting(value: Option<usize>) -> Result<usize, SettingError> {
-    let n = value.unwrap_or(DEFAULT_STOW_MAX_PARTS);
-    if n == 0 || n > MAX_STOW_MAX_PARTS {
-        return Err(SettingError::Invalid {
-            key: "ingest.stow_max_parts",
-            message: format!("{n} is not in 1..={MAX_STOW_MAX_PARTS}"),
-        });
-    }
-    Ok(n)
-}
-
-/// `ingest.stow_max_failed_listed` (`None`: [`DEFAULT_STOW_MAX_FAILED_LISTED`]),
-/// 0..=[`MAX_STOW_MAX_FAILED_LISTED`].
-pub fn max_failed_listed_setting(value: Option<usize>) -> Result<usize, SettingError> {
-    let n = value.unwrap_or(DEFAULT_STOW_MAX_FAILED_LISTED);
-    if n > MAX_STOW_MAX_FAILED_LISTED {
-        return Err(SettingError::Invalid {
-            key: "ingest.stow_max_failed_listed",
-            message: format!("{n} is not in 0..={MAX_STOW_MAX_FAILED_LISTED}"),
-        });
-    }
-    Ok(n)
-}
+pub use super::stow_limits::{
+    DEFAULT_STOW_MAX_FAILED_LISTED, DEFAULT_STOW_MAX_PARTS, MAX_STOW_MAX_FAILED_LISTED,
+    MAX_STOW_MAX_PARTS, PARSE_SLOTS, StowLimits, max_failed_listed_setting, max_parts_setting,
+};
 
 /// FailureReason: processing failure (used for a refused patient).
 pub const PROCESSING_FAILURE: u16 = 0x0110;

@@ -88,10 +88,7 @@ pub mod un;
 
 pub use profile::{BURNED_IN_MODALITIES, OPTION_NAMES, ProfileOptions};
 
-/// Rule named when an instance's PatientID differs from its transfer's declaration.
-pub const RULE_PATIENT_MISMATCH: &str = "patient-mismatch";
-/// Rule named when a file of a de-identified transfer cannot be de-identified.
-pub const RULE_DEID_UNSUPPORTED: &str = "deid-unsupported";
+pub use crate::policy::{RULE_DEID_UNSUPPORTED, RULE_PATIENT_MISMATCH};
 /// The label the de-identification key is derived with from the audit patient key.
 pub const KEY_LABEL: &str = "\u{0}baylink deid key v1";
 /// Value written to DeidentificationMethod (0012,0063).
