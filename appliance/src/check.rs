@@ -853,7 +853,7 @@ fn hsm(cfg: &Config, report: &mut Report) {
     if KEYS.iter().any(|k| report.is_bad(k)) {
         return;
     }
-    let Ok(config) = crate::signing::hsm_config(cfg) else {
+    let Ok(config) = crate::keys::hsm_config(cfg) else {
         return; // the PIN file: reported above
     };
     let token = match baylink_hsm::Token::open(&config) {
@@ -870,7 +870,7 @@ fn hsm(cfg: &Config, report: &mut Report) {
     if cfg.tls.key.hsm_label().is_some()
         && !report.is_bad("tls.key")
         && !report.is_bad("tls.cert")
-        && let Err(e) = crate::signing::tls_identity(cfg, &token)
+        && let Err(e) = crate::keys::tls_identity(cfg, &token)
     {
         report.error("tls.key", format!("{e:#}"));
     }

@@ -12,9 +12,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::cli::{AuditCommand, AuditVerifyArgs, Cli, Command, HsmCommand, LogFormat, SendArgs};
 use crate::config::{Config, Role};
 use crate::edge::{Edge, SendObserver, SendRequest};
+use crate::keys::hsm_config;
 use crate::link::send::SendStats;
 use crate::policy::Declaration;
-use crate::signing::hsm_config;
 
 /// Installs the `tracing` subscriber on stderr (`RUST_LOG` filters; default `info`, with
 /// cryptoki's mechanism list muted: it logs each mechanism a token offers that it has no name

@@ -256,11 +256,10 @@ impl Edge {
             .map_err(anyhow::Error::from)?;
         let spool = Spool::start(SpoolConfig::default()).map_err(anyhow::Error::from)?;
         let (c, token) = (cfg.clone(), keys.token.clone());
-        let identity =
-            tokio::task::spawn_blocking(move || crate::signing::tls_identity(&c, &token))
-                .await
-                .map_err(anyhow::Error::from)?
-                .map_err(hsm_failure)?;
+        let identity = tokio::task::spawn_blocking(move || crate::keys::tls_identity(&c, &token))
+            .await
+            .map_err(anyhow::Error::from)?
+            .map_err(hsm_failure)?;
         let ca = transport::load_ca(&cfg.tls.ca).map_err(anyhow::Error::from)?;
         let connect = cfg
             .transport

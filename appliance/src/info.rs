@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::config::{Config, DeliverySection, Role};
 use crate::deliver::dicomweb::StowSettings;
-use crate::signing::hsm_config;
+use crate::keys::hsm_config;
 
 /// The whole report, as `--json` prints it (the text form is rendered from the same value).
 pub fn report(cfg: &Config) -> Value {

@@ -30,6 +30,7 @@ pub mod gateway;
 pub mod health;
 pub mod info;
 pub mod ingest;
+pub mod keys;
 pub mod link;
 pub mod notice;
 #[cfg(any(test, feature = "dev-env"))]

@@ -136,7 +136,7 @@ async fn serve_gateway(
     let token = keys.token.clone();
     let identity = {
         let cfg = cfg.clone();
-        tokio::task::spawn_blocking(move || crate::signing::tls_identity(&cfg, &token)).await??
+        tokio::task::spawn_blocking(move || crate::keys::tls_identity(&cfg, &token)).await??
     };
     let ca = transport::load_ca(&cfg.tls.ca)?;
     let listen = cfg

@@ -144,7 +144,7 @@ pub fn state_of(dir: &TransferDir, role: Role) -> SpoolState {
         Role::Edge if receipted && dir.pruned().exists() => SpoolState::Pruned,
         Role::Edge if receipted => SpoolState::Receipted,
         Role::Edge if dir.manifest_bin().exists() => SpoolState::Sealed,
-        Role::Edge if crate::ingest::store::is_ingest_transfer(dir) => SpoolState::Open,
+        Role::Edge if dir.is_ingest_transfer() => SpoolState::Open,
         Role::Gateway if receipted && dir.undeliverable().exists() => SpoolState::Undeliverable,
         Role::Gateway if receipted && dir.delivered().exists() && dir.pruned().exists() => {
             SpoolState::Pruned

@@ -69,7 +69,7 @@ pub fn load(cfg: &Config, token: &Token) -> anyhow::Result<Loaded> {
         readable("tls.key", path)?;
     }
     readable("tls.ca", &cfg.tls.ca)?;
-    let identity = crate::signing::tls_identity(cfg, token)?;
+    let identity = crate::keys::tls_identity(cfg, token)?;
     let ca = transport::load_ca(&cfg.tls.ca)
         .with_context(|| format!("tls.ca: {} refused", cfg.tls.ca.display()))?;
     transport::root_store(&ca)

@@ -228,6 +228,11 @@ impl TransferDir {
         self.root.join("owner")
     }
 
+    /// Whether the transfer was opened through the hospital API (its `owner` exists).
+    pub fn is_ingest_transfer(&self) -> bool {
+        self.owner().exists()
+    }
+
     /// `expired`: a hospital upload closed by `ingest.open_timeout` (edge); holds the reason.
     pub fn expired(&self) -> PathBuf {
         self.root.join("expired")

@@ -230,7 +230,7 @@ fn sign_as_edge(d: &Deployment, manifest: &[u8]) -> Vec<u8> {
     unsafe {
         std::env::set_var("SOFTHSM2_CONF", cfg.hsm.softhsm_conf.as_ref().unwrap());
     }
-    let token = baylink_hsm::Token::open(&baylink::signing::hsm_config(&cfg).unwrap()).unwrap();
+    let token = baylink_hsm::Token::open(&baylink::keys::hsm_config(&cfg).unwrap()).unwrap();
     let msg = [baylink::signing::MANIFEST_CONTEXT, manifest].concat();
     token.signer().unwrap().sign(&msg).unwrap().0.to_vec()
 }

@@ -259,7 +259,7 @@ pub fn check_file_name(name: &str) -> Result<(), IngestError> {
 
 /// Whether this spool directory holds a transfer opened through the hospital API.
 pub fn is_ingest_transfer(dir: &TransferDir) -> bool {
-    owner_path(dir).exists()
+    dir.is_ingest_transfer()
 }
 
 impl IngestStore {
