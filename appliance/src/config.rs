@@ -18,8 +18,8 @@ use std::time::Duration;
 use baylink_net::transport::{Congestion, LinkTuning, MIN_MTU};
 use serde::Deserialize;
 
-use crate::deliver::Backoff;
 use crate::deliver::dicomweb::StowSettings;
+use crate::deliver::retry::Backoff;
 pub use crate::dicom::settings::{CommitmentRoute, DicomPeer, DicomSection};
 use crate::dicom::settings::{DEFAULT_DICOM_IDLE_TIMEOUT, DicomKeys, DicomPeerEntry};
 use crate::ingest::stow_limits as stow;
@@ -1403,8 +1403,8 @@ impl Config {
     }
 
     /// How to open this appliance's audit log: `audit.dir`, the id, and `[audit]`.
-    pub fn audit_log_settings(&self) -> crate::audit::LogSettings {
-        crate::audit::LogSettings {
+    pub fn audit_log_settings(&self) -> crate::audit::settings::LogSettings {
+        crate::audit::settings::LogSettings {
             dir: self.audit_dir.clone(),
             appliance_id: self.id.clone(),
             checkpoint_every: self.audit.checkpoint_every,

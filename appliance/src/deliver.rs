@@ -23,7 +23,7 @@
 //! (`systemctl reload`), or restarting it, tries it again.
 
 pub mod dicomweb;
-mod retry;
+pub mod retry;
 
 pub use retry::{Backoff, Cause, DEFAULT_RETRY_BASE, DEFAULT_RETRY_MAX, Transient};
 

@@ -39,6 +39,7 @@ pub mod policy;
 pub mod retention;
 pub mod seal;
 pub mod secrets;
+pub mod series;
 pub mod serve;
 pub mod setting;
 pub mod signing;

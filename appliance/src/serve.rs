@@ -35,7 +35,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Role::Edge => vec![cfg.transport.server_name.clone()],
         Role::Gateway => cfg.peer_names.clone(),
     };
-    crate::telemetry::register(cfg.role, cfg.spool_reserve_bytes, &peers);
+    crate::series::register(cfg.role, cfg.spool_reserve_bytes, &peers);
     crate::telemetry::watch_certificates(certificate_files(&cfg));
     let health = Arc::new(Health::default());
     let metrics_server = health::bind_metrics(cfg.metrics_listen, metrics, health.clone()).await?;

@@ -28,6 +28,8 @@
 
 pub mod anchor;
 pub mod note;
+pub mod settings;
+pub use settings::LogSettings;
 mod read;
 pub mod record;
 mod verify;
@@ -213,20 +215,6 @@ fn append_durably(path: &Path, line: &[u8]) -> Result<(), AuditError> {
         crate::transfer_dir::sync_dir(dir).map_err(io("cannot fsync", dir))?;
     }
     Ok(())
-}
-
-/// How to open a log (the `[audit]` section plus the appliance id); a config gives them with
-/// `Config::audit_log_settings`.
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    /// `audit.dir`.
-    pub dir: PathBuf,
-    /// The appliance id (names the log's origin).
-    pub appliance_id: String,
-    /// Sign a checkpoint every this many records.
-    pub checkpoint_every: u64,
-    /// Patient-hash key file (`audit.patient_key`); outside `dir`.
-    pub patient_key: PathBuf,
 }
 
 /// An open audit log; cheap to clone, safe to share between tasks and processes.

@@ -100,10 +100,10 @@ fn every_audit_kind_and_retry_cause_is_created_at_start() {
 
 #[test]
 fn gateway_refusal_rules_are_the_link_error_codes() {
-    let rules = refusal_rules(Role::Gateway);
+    let rules = crate::series::refusal_rules(Role::Gateway);
     assert!(rules.iter().any(|r| r == "bad-signature"), "{rules:?}");
     assert!(rules.iter().any(|r| r == "refused"), "{rules:?}");
-    let edge = refusal_rules(Role::Edge);
+    let edge = crate::series::refusal_rules(Role::Edge);
     assert!(edge.iter().any(|r| r == "consent-missing"), "{edge:?}");
 }
 
