@@ -474,6 +474,34 @@ impl OpenMode {
             OpenMode::ReadWrite | OpenMode::ReadWriteDirect => SpoolOp::OpenRw,
         }
     }
+
+    /// What the mode asks of `open(2)`; both spool threads (io_uring and the blocking one of
+    /// the tests) open by this one table.
+    fn flags(self) -> OpenFlags {
+        let (write, create, truncate, direct) = match self {
+            OpenMode::Create => (true, true, true, false),
+            OpenMode::Read => (false, false, false, false),
+            OpenMode::ReadDirect => (false, false, false, true),
+            OpenMode::ReadWrite => (true, true, false, false),
+            OpenMode::ReadWriteDirect => (true, true, false, true),
+            OpenMode::CreateDirect => (true, true, true, true),
+        };
+        OpenFlags {
+            write,
+            create,
+            truncate,
+            custom: if direct { nix::libc::O_DIRECT } else { 0 },
+        }
+    }
+}
+
+/// The `open(2)` options of an [`OpenMode`] (every mode reads).
+#[derive(Debug, Clone, Copy)]
+struct OpenFlags {
+    write: bool,
+    create: bool,
+    truncate: bool,
+    custom: i32,
 }
 
 type Reply<T> = oneshot::Sender<SpoolResult<T>>;
@@ -1129,25 +1157,15 @@ async fn handle(table: Rc<FileTable>, request: Request) {
 
 async fn open(path: &Path, mode: OpenMode) -> io::Result<tokio_uring::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut options = tokio_uring::fs::OpenOptions::new();
-    match mode {
-        OpenMode::Create => options.read(true).write(true).create(true).truncate(true),
-        OpenMode::Read => options.read(true),
-        OpenMode::ReadDirect => options.read(true).custom_flags(nix::libc::O_DIRECT),
-        OpenMode::ReadWrite => options.read(true).write(true).create(true),
-        OpenMode::ReadWriteDirect => options
-            .read(true)
-            .write(true)
-            .create(true)
-            .custom_flags(nix::libc::O_DIRECT),
-        OpenMode::CreateDirect => options
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(nix::libc::O_DIRECT),
-    };
-    options.open(path).await
+    let f = mode.flags();
+    tokio_uring::fs::OpenOptions::new()
+        .read(true)
+        .write(f.write)
+        .create(f.create)
+        .truncate(f.truncate)
+        .custom_flags(f.custom)
+        .open(path)
+        .await
 }
 
 async fn write(table: &FileTable, id: u64, offset: u64, mut buf: SpoolBuf) -> io::Result<SpoolBuf> {

@@ -98,25 +98,14 @@ fn handle(files: &mut HashMap<u64, File>, next_id: &mut u64, request: Request) {
 }
 
 fn open(path: &Path, mode: OpenMode) -> io::Result<File> {
-    let mut options = OpenOptions::new();
-    match mode {
-        OpenMode::Create => options.read(true).write(true).create(true).truncate(true),
-        OpenMode::Read => options.read(true),
-        OpenMode::ReadDirect => options.read(true).custom_flags(nix::libc::O_DIRECT),
-        OpenMode::ReadWrite => options.read(true).write(true).create(true),
-        OpenMode::ReadWriteDirect => options
-            .read(true)
-            .write(true)
-            .create(true)
-            .custom_flags(nix::libc::O_DIRECT),
-        OpenMode::CreateDirect => options
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(nix::libc::O_DIRECT),
-    };
-    options.open(path)
+    let f = mode.flags();
+    OpenOptions::new()
+        .read(true)
+        .write(f.write)
+        .create(f.create)
+        .truncate(f.truncate)
+        .custom_flags(f.custom)
+        .open(path)
 }
 
 /// Fills `buf` with up to `len` bytes at `offset`, as the uring thread's `read` does.
