@@ -353,6 +353,9 @@ async fn open_outgoing(
     })
 }
 
+/// Reads in flight while sealing (see [`copy_hashed`]).
+const READ_AHEAD: usize = 8;
+
 /// Copies `src` to `dst` through the io_uring spool, hashing chunk by chunk; fsyncs `dst`.
 async fn copy_hashed(
     spool: &Spool,
@@ -377,8 +380,11 @@ async fn copy_hashed(
     let output = Arc::new(output);
     let mut hasher = ChunkHasher::new(chunk_size);
     let mut writes = tokio::task::JoinSet::new();
-    // One read ahead: direct reads get no readahead from the kernel, so the next buffer is
-    // read while this one is hashed.
+    // Reads ahead: direct reads get no readahead from the kernel, and a single read in
+    // flight leaves the device idle while a buffer is hashed. With the copy's writes sharing
+    // the device, `READ_AHEAD` reads in flight keep it busy. Measured on the sealing of
+    // 1 GiB: one read ahead 1.7-1.85 s, eight 1.45-1.6 s; the same read and write alone
+    // (fio, io_uring, eight deep) take 1.25-1.35 s on that disk.
     let input = Arc::new(input);
     let read = |at: u64| {
         let (spool, input) = (spool.clone(), input.clone());
@@ -388,17 +394,19 @@ async fn copy_hashed(
             spool.read_at(&input, at, buf, want).await
         })
     };
-    let mut next = Some(read(0));
+    let buffer_size = spool.buffer_size() as u64;
+    let mut reads = std::collections::VecDeque::new();
+    let mut next_read = 0u64;
+    for _ in 0..READ_AHEAD {
+        reads.push_back(read(next_read));
+        next_read += buffer_size;
+    }
     let mut offset = 0u64;
-    while let Some(reading) = next.take() {
+    while let Some(reading) = reads.pop_front() {
         let buf = reading.await??;
         let n = buf.len();
         if n == 0 {
             break;
-        }
-        // A short read is the end of the file.
-        if n == buf.capacity() {
-            next = Some(read(offset + n as u64));
         }
         hasher.update(&buf);
         let at = offset;
@@ -409,6 +417,16 @@ async fn copy_hashed(
             writes.join_next().await.expect("set is not empty")??;
         }
         progress.copied(n as u64);
+        // A short read is the end of the file: the reads after it find nothing.
+        if n < buffer_size as usize {
+            break;
+        }
+        reads.push_back(read(next_read));
+        next_read += buffer_size;
+    }
+    // Reads past the end return nothing; each must finish before the input is closed.
+    for reading in reads {
+        reading.await??;
     }
     while let Some(res) = writes.join_next().await {
         res??;
