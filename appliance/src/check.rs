@@ -261,6 +261,7 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("link.socket_buffer_bytes", U64),
     opt("link.mtu", U16),
     opt("link.max_mtu", U16),
+    opt("link.receive_hold_ms", U64),
     opt("ingest", Kind::Table),
     opt("ingest.listen", Kind::Str),
     opt("ingest.dicom_listen", Kind::Str),

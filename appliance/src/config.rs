@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use baylink_net::transport::{Congestion, LinkTuning, MIN_MTU};
+use baylink_net::transport::{Congestion, LinkTuning, MAX_RECEIVE_HOLD_MS, MIN_MTU};
 use serde::Deserialize;
 
 use crate::deliver::dicomweb::StowSettings;
@@ -837,11 +837,12 @@ struct RawLink {
     socket_buffer_bytes: Option<usize>,
     mtu: Option<u16>,
     max_mtu: Option<u16>,
+    receive_hold_ms: Option<u64>,
 }
 
 impl RawLink {
-    /// Defaults are [`LinkTuning::default`]'s, but for `congestion` (cubic) and `max_mtu` (at
-    /// least `mtu`).
+    /// Defaults are [`LinkTuning::default`]'s, but for `congestion` (cubic), `max_mtu` (at
+    /// least `mtu`) and `receive_hold_ms` (from `rtt_ms`).
     fn check(self, cx: &Context<'_>) -> Result<LinkTuning, ConfigError> {
         let defaults = LinkTuning::default();
         // Without the key: cubic, which needs no correct `rate_mbit` (dev-env and the example
@@ -855,9 +856,18 @@ impl RawLink {
                 )
             })?,
         };
+        let rtt_ms = self.rtt_ms.unwrap_or(defaults.rtt_ms);
+        if let Some(ms) = self.receive_hold_ms
+            && ms > MAX_RECEIVE_HOLD_MS
+        {
+            return Err(cx.invalid(
+                "link.receive_hold_ms",
+                format!("{ms} is above {MAX_RECEIVE_HOLD_MS} (every packet may wait this long)"),
+            ));
+        }
         let link = LinkTuning {
             rate_mbit: self.rate_mbit.unwrap_or(defaults.rate_mbit),
-            rtt_ms: self.rtt_ms.unwrap_or(defaults.rtt_ms),
+            rtt_ms,
             congestion,
             socket_buffer_bytes: self
                 .socket_buffer_bytes
@@ -866,6 +876,10 @@ impl RawLink {
             max_mtu: self
                 .max_mtu
                 .unwrap_or(defaults.max_mtu.max(self.mtu.unwrap_or(0))),
+            receive_hold: self.receive_hold_ms.map_or_else(
+                || LinkTuning::default_receive_hold(rtt_ms),
+                Duration::from_millis,
+            ),
         };
         if link.rate_mbit == 0 {
             return Err(cx.invalid("link.rate_mbit", "must be > 0"));
@@ -1887,6 +1901,28 @@ path = "delivered"
         let c = Config::parse(Path::new("g.toml"), &good).unwrap();
         assert_eq!((c.link.mtu, c.link.max_mtu), (Some(9000), 9000));
         assert_eq!(c.link.min_udp_payload(), 6550);
+
+        // The receive hold: from the round trip unless set, 0 turns it off, at most 10 ms.
+        let hold = |link: &str| {
+            let text = format!("{GATEWAY}\n[link]\n{link}\n");
+            Config::parse(Path::new("g.toml"), &text).map(|c| c.link.receive_hold)
+        };
+        assert_eq!(hold("rtt_ms = 10").unwrap(), Duration::ZERO);
+        assert_eq!(hold("rtt_ms = 50").unwrap(), Duration::from_millis(1));
+        assert_eq!(
+            hold("rtt_ms = 50\nreceive_hold_ms = 0").unwrap(),
+            Duration::ZERO
+        );
+        assert_eq!(
+            hold("receive_hold_ms = 3").unwrap(),
+            Duration::from_millis(3)
+        );
+        let e = hold("receive_hold_ms = 11").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("link.receive_hold_ms: 11 is above 10"),
+            "{e}"
+        );
 
         let bad = GATEWAY.replace("[audit]", "[audit]\ncheckpoint_every = 0");
         let e = Config::parse(Path::new("g.toml"), &bad).unwrap_err();

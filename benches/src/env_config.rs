@@ -72,6 +72,7 @@ struct RawLink {
     socket_buffer_bytes: Option<usize>,
     mtu: Option<u16>,
     max_mtu: Option<u16>,
+    receive_hold_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +144,10 @@ impl ApplianceConfig {
                     .link
                     .max_mtu
                     .unwrap_or(defaults.max_mtu.max(raw.link.mtu.unwrap_or(0))),
+                receive_hold: raw.link.receive_hold_ms.map_or_else(
+                    || LinkTuning::default_receive_hold(raw.link.rtt_ms.unwrap_or(defaults.rtt_ms)),
+                    std::time::Duration::from_millis,
+                ),
             },
             spool_dir: resolve(&raw.spool.dir),
             delivery_dir,

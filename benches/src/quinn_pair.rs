@@ -257,6 +257,10 @@ pub struct TuningArgs {
     /// Largest IP MTU probed for (`link.max_mtu`).
     #[arg(long, default_value_t = baylink_net::transport::DEFAULT_MAX_MTU)]
     pub max_mtu: u16,
+    /// Wait after a read that emptied the socket, ms (`link.receive_hold_ms`; default: as
+    /// baylink chooses for --link-rtt-ms).
+    #[arg(long)]
+    pub receive_hold_ms: Option<u64>,
 }
 
 impl TuningArgs {
@@ -273,6 +277,10 @@ impl TuningArgs {
             socket_buffer_bytes: self.socket_buffer_bytes,
             mtu: self.mtu,
             max_mtu: self.max_mtu,
+            receive_hold: self.receive_hold_ms.map_or_else(
+                || LinkTuning::default_receive_hold(self.link_rtt_ms),
+                std::time::Duration::from_millis,
+            ),
         }
     }
 
@@ -290,6 +298,8 @@ impl TuningArgs {
             tuning.socket_buffer_bytes.to_string(),
             "--max-mtu".to_owned(),
             tuning.max_mtu.to_string(),
+            "--receive-hold-ms".to_owned(),
+            tuning.receive_hold.as_millis().to_string(),
         ]
         .into_iter()
         .chain(
@@ -1107,6 +1117,7 @@ mod tests {
             socket_buffer_bytes: 1 << 20,
             mtu: Some(1500),
             max_mtu: 1500,
+            receive_hold: std::time::Duration::from_millis(2),
         };
         let mut argv = vec![std::ffi::OsString::from("t")];
         argv.extend(TuningArgs::to_args(&tuning));
@@ -1162,6 +1173,7 @@ mod tests {
             socket_buffer_bytes: 8 << 20,
             mtu: Some(9000),
             max_mtu: 9000,
+            receive_hold_ms: None,
         }
     }
 

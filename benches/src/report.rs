@@ -446,6 +446,8 @@ pub struct Transport {
     pub tuned_rtt_ms: u64,
     /// Congestion controller.
     pub congestion: String,
+    /// `[link] receive_hold_ms` in effect (every contestant on QUIC uses it).
+    pub receive_hold_ms: u64,
     /// Per-stream receive window.
     pub stream_window: u64,
     /// Connection receive window.

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod batched_recv;
 pub mod congestion;
 pub mod merkle;
 pub mod probe;
