@@ -21,7 +21,7 @@ use anyhow::{Context, bail};
 use baylink_net::proto::{
     ChunkHasher, Limits, Manifest, ManifestBuilder, TransferId, validate_file_name,
 };
-use baylink_net::spool::Spool;
+use baylink_net::spool::{Spool, SpoolBuf, SpoolError, SpoolFile};
 use bytes::Bytes;
 
 use crate::audit::{self, Event, Kind};
@@ -88,7 +88,7 @@ pub async fn seal_files(
         if !meta.is_file() {
             bail!("{} is not a regular file", path.display());
         }
-        planned.push((path.clone(), name.to_owned()));
+        planned.push((path.clone(), name.to_owned(), meta.len()));
     }
 
     dir.create()
@@ -103,10 +103,17 @@ pub async fn seal_files(
         allowed_consent(declaration)?,
         chunk_size,
     );
-    for (src, name) in &planned {
-        let (size, digests) = copy_hashed(spool, src, &dir.data_file(name), chunk_size, progress)
-            .await
-            .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
+    for (src, name, expected) in &planned {
+        let (size, digests) = copy_hashed(
+            spool,
+            src,
+            *expected,
+            &dir.data_file(name),
+            chunk_size,
+            progress,
+        )
+        .await
+        .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
         builder.add_file(name.clone(), size, digests)?;
     }
     // Each file was fsynced by `copy_hashed`; this makes their names in `data/` durable.
@@ -353,13 +360,31 @@ async fn open_outgoing(
     })
 }
 
+/// Takes a buffer (waiting for one if need be), then reads `input` at `at` into it in a task
+/// of its own.
+async fn start_read(
+    spool: &Spool,
+    input: &Arc<SpoolFile>,
+    at: u64,
+) -> tokio::task::JoinHandle<Result<SpoolBuf, SpoolError>> {
+    let buf = spool.buffer().await;
+    let (spool, input) = (spool.clone(), input.clone());
+    tokio::spawn(async move {
+        let want = buf.capacity();
+        spool.read_at(&input, at, buf, want).await
+    })
+}
+
 /// Reads in flight while sealing (see [`copy_hashed`]).
 const READ_AHEAD: usize = 8;
 
-/// Copies `src` to `dst` through the io_uring spool, hashing chunk by chunk; fsyncs `dst`.
+/// Copies `src` (expected to hold `size` bytes, which only sizes the read-ahead: the copy
+/// ends where the file does) to `dst` through the io_uring spool, hashing chunk by chunk;
+/// fsyncs `dst`.
 async fn copy_hashed(
     spool: &Spool,
     src: &Path,
+    size: u64,
     dst: &Path,
     chunk_size: u32,
     progress: &dyn SealProgress,
@@ -386,19 +411,18 @@ async fn copy_hashed(
     // 1 GiB: one read ahead 1.7-1.85 s, eight 1.45-1.6 s; the same read and write alone
     // (fio, io_uring, eight deep) take 1.25-1.35 s on that disk.
     let input = Arc::new(input);
-    let read = |at: u64| {
-        let (spool, input) = (spool.clone(), input.clone());
-        tokio::spawn(async move {
-            let buf = spool.buffer().await;
-            let want = buf.capacity();
-            spool.read_at(&input, at, buf, want).await
-        })
-    };
+    // Each read's buffer is taken here, in file order, before its task starts: a read
+    // that waited inside its task for a buffer could let later reads take the last free ones
+    // while the loop below waits for the first.
+    let read = |at: u64| start_read(spool, &input, at);
     let buffer_size = spool.buffer_size() as u64;
+    // A small file needs fewer: its buffers and one read that finds the end.
+    let ahead =
+        usize::try_from(size.div_ceil(buffer_size) + 1).map_or(READ_AHEAD, |n| n.min(READ_AHEAD));
     let mut reads = std::collections::VecDeque::new();
     let mut next_read = 0u64;
-    for _ in 0..READ_AHEAD {
-        reads.push_back(read(next_read));
+    for _ in 0..ahead {
+        reads.push_back(read(next_read).await);
         next_read += buffer_size;
     }
     let mut offset = 0u64;
@@ -421,7 +445,7 @@ async fn copy_hashed(
         if n < buffer_size as usize {
             break;
         }
-        reads.push_back(read(next_read));
+        reads.push_back(read(next_read).await);
         next_read += buffer_size;
     }
     // Reads past the end return nothing; each must finish before the input is closed.
@@ -449,6 +473,7 @@ mod tests {
 
     use super::*;
     use crate::audit::testing::Fixture;
+    use crate::test_support::CHUNK;
 
     fn declaration() -> Declaration {
         Declaration {
@@ -458,6 +483,45 @@ mod tests {
             destination: "hk-ehealth".into(),
             consent_ref: Some("C-1".into()),
         }
+    }
+
+    struct NoProgress;
+    impl SealProgress for NoProgress {
+        fn copied(&self, _: u64) {}
+    }
+
+    #[tokio::test]
+    async fn copies_files_of_every_size_byte_for_byte_with_their_digests() {
+        let spool = crate::test_support::spool();
+        let buffer = spool.buffer_size() as u64;
+        let free = spool.free_buffers();
+        let dir = tempfile::tempdir().unwrap();
+        // Empty, one buffer, one past it, and more buffers than reads are kept in flight.
+        for size in [0, buffer, buffer + 1, 20 * buffer + 7] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+            let (src, dst) = (
+                dir.path().join("src"),
+                dir.path().join(format!("dst{size}")),
+            );
+            std::fs::write(&src, &data).unwrap();
+            // The size only sizes the read-ahead: a wrong guess still copies the whole file.
+            for guess in [size, 0] {
+                let _ = std::fs::remove_file(&dst);
+                let (copied, digests) = copy_hashed(&spool, &src, guess, &dst, CHUNK, &NoProgress)
+                    .await
+                    .unwrap();
+                assert_eq!(copied, size);
+                assert_eq!(std::fs::read(&dst).unwrap(), data, "size {size}");
+                let mut expected = ChunkHasher::new(CHUNK);
+                expected.update(&data);
+                assert_eq!(digests, expected.finish(), "size {size}");
+            }
+        }
+        assert_eq!(
+            spool.free_buffers(),
+            free,
+            "every buffer went back to the pool"
+        );
     }
 
     /// A transfer as a crash after step 3 of sealing leaves it: manifest signed (here: any
