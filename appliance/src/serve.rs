@@ -244,30 +244,41 @@ async fn serve_gateway(
     Ok(())
 }
 
+/// The DICOM TLS port's rustls configuration: the hospital door's
+/// ([`ingest::http::tls_config`]) without its ALPN, as DICOM over TLS names no application
+/// protocol (PS3.15 B.1).
+fn dicom_tls_config(
+    cfg: &Config,
+    identity: &baylink_net::transport::TlsIdentity,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let mut config = ingest::http::tls_config(cfg, identity)
+        .context("ingest.dicom_tls_listen: the TLS configuration")?;
+    config.alpn_protocols.clear();
+    Ok(config)
+}
+
 /// Binds the DICOM C-STORE SCP (before readiness is reported) with today's sink: staging in
-/// the spool, then `Edge::send` at A-RELEASE. The TLS port's handshake uses the hospital
-/// door's rustls configuration ([`ingest::http::tls_config`]), without its ALPN.
+/// the spool, then `Edge::send` at A-RELEASE. Returns it with its TLS port's configuration,
+/// which a SIGHUP reload replaces.
 async fn start_dicom_scp(
     cfg: &Config,
     store: &IngestStore,
     policy: SharedPolicy,
     identity: &baylink_net::transport::TlsIdentity,
     commitment: Arc<crate::dicom::commitment::Commitments>,
-) -> anyhow::Result<StorageScp<StoreSink>> {
+) -> anyhow::Result<(
+    StorageScp<StoreSink>,
+    Option<crate::tls_reload::Swap<rustls::ServerConfig>>,
+)> {
     let d = &cfg.ingest.dicom;
     let tls = match cfg.ingest.dicom_tls_listen {
-        Some(listen) => {
-            let mut config = ingest::http::tls_config(cfg, identity)
-                .context("ingest.dicom_tls_listen: the TLS configuration")?;
-            // DICOM over TLS names no application protocol (PS3.15 B.1).
-            config.alpn_protocols.clear();
-            Some(scp::TlsDoor {
-                listen,
-                config: Arc::new(config),
-            })
-        }
+        Some(listen) => Some(scp::TlsDoor {
+            listen,
+            config: crate::tls_reload::Swap::new(dicom_tls_config(cfg, identity)?),
+        }),
         None => None,
     };
+    let swap = tls.as_ref().map(|door| door.config.clone());
     let scp_cfg = ScpConfig {
         listen: cfg.ingest.dicom_listen,
         tls,
@@ -286,7 +297,7 @@ async fn start_dicom_scp(
         commitment: Some(commitment.clone()),
     };
     let sink = StoreSink::new(store.clone()).with_commitment(commitment);
-    Ok(StorageScp::bind(scp_cfg, policy, sink).await?)
+    Ok((StorageScp::bind(scp_cfg, policy, sink).await?, swap))
 }
 
 async fn serve_edge(
@@ -314,6 +325,8 @@ async fn serve_edge(
     // (counted by the edge itself).
     let drain = Drain::default();
     let (connections, associations) = (Activity::default(), Activity::default());
+    // The DICOM TLS port's configuration, replaced by a SIGHUP reload.
+    let mut dicom_tls = None;
     if cfg.ingest.dicom_listen.is_some() || cfg.ingest.dicom_tls_listen.is_some() {
         // Storage Commitment: its index and pending requests (those of an earlier run are
         // answered as their notices come, or at once if they already have).
@@ -329,7 +342,7 @@ async fn serve_edge(
             .with_retention(cfg.spool_retain),
         );
         tokio::spawn(commitment.clone().run());
-        let scp = start_dicom_scp(
+        let (scp, tls) = start_dicom_scp(
             &cfg,
             &store,
             edge.shared_policy().clone(),
@@ -337,6 +350,7 @@ async fn serve_edge(
             commitment,
         )
         .await?;
+        dicom_tls = tls;
         tokio::spawn(scp.serve(drain.clone(), associations.clone()));
     }
     // The hospital API's TLS configuration, replaced by a SIGHUP reload.
@@ -362,7 +376,10 @@ async fn serve_edge(
     tokio::spawn(reload_on_sighup(
         cfg.clone(),
         edge.clone(),
-        https_tls,
+        Doors {
+            https: https_tls,
+            dicom_tls,
+        },
         signals.hup.take().context("SIGHUP handler taken")?,
     ));
     if let Some(idle) = cfg.ingest.open_timeout {
@@ -580,15 +597,23 @@ async fn final_checkpoint(log: &audit::Log) {
     }
 }
 
+/// The edge's hospital doors whose TLS configuration a reload replaces.
+struct Doors {
+    /// The HTTPS API (`ingest.listen`).
+    https: Option<crate::tls_reload::Swap<rustls::ServerConfig>>,
+    /// The DICOM TLS port (`ingest.dicom_tls_listen`).
+    dicom_tls: Option<crate::tls_reload::Swap<rustls::ServerConfig>>,
+}
+
 /// Edge, on every SIGHUP (`systemctl reload`): first the policy (consent registry, negative
 /// list, hospitals) from the files the config names, then the TLS certificate, key and CA
-/// (the link to the gateway and the hospital API `https`, all or none; see
-/// [`crate::tls_reload`]). What does not load is reported and what is in force stays: a typo
-/// never opens or closes the channel by accident.
+/// (the link to the gateway, the hospital API `https` and the DICOM TLS port, all or none;
+/// see [`crate::tls_reload`]). What does not load is reported and what is in force stays: a
+/// typo never opens or closes the channel by accident.
 async fn reload_on_sighup(
     cfg: Arc<Config>,
     edge: Edge,
-    https: Option<crate::tls_reload::Swap<rustls::ServerConfig>>,
+    doors: Doors,
     mut hup: tokio::signal::unix::Signal,
 ) {
     let expiry_files = certificate_files(&cfg);
@@ -598,13 +623,21 @@ async fn reload_on_sighup(
             break;
         };
         crate::tls_reload::reload(cfg.clone(), token, &expiry_files, |l| {
+            // Everything is built before anything is replaced.
             let client = edge.link_tls_config(l)?;
-            let door = match &https {
+            let https = match &doors.https {
                 Some(_) => Some(ingest::http::tls_config(&cfg, &l.identity)?),
                 None => None,
             };
-            if let (Some(swap), Some(door)) = (&https, door) {
-                swap.replace(door);
+            let dicom_tls = match &doors.dicom_tls {
+                Some(_) => Some(dicom_tls_config(&cfg, &l.identity)?),
+                None => None,
+            };
+            if let (Some(swap), Some(config)) = (&doors.https, https) {
+                swap.replace(config);
+            }
+            if let (Some(swap), Some(config)) = (&doors.dicom_tls, dicom_tls) {
+                swap.replace(config);
             }
             edge.replace_tls(l.identity.clone(), client);
             Ok(())

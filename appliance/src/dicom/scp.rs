@@ -106,8 +106,9 @@ pub struct ScpConfig {
 pub struct TlsDoor {
     /// TCP address to listen on (`ingest.dicom_tls_listen`).
     pub listen: SocketAddr,
-    /// The server configuration.
-    pub config: Arc<rustls::ServerConfig>,
+    /// The server configuration in force: each handshake takes the current one, and a
+    /// SIGHUP reload replaces it ([`crate::tls_reload`]).
+    pub config: crate::tls_reload::Swap<rustls::ServerConfig>,
 }
 
 /// The SCP could not start.
@@ -216,12 +217,15 @@ impl<S: AssociationSink> StorageScp<S> {
         if let Some(door) = &self.inner.cfg.tls {
             info!(listen = %door.listen, ae_title = %self.inner.cfg.ae_title, "DICOM C-STORE SCP listening over TLS");
         }
-        let acceptor = self
-            .inner
-            .cfg
-            .tls
-            .as_ref()
-            .map(|door| tokio_rustls::TlsAcceptor::from(door.config.clone()));
+        // Each connection to the TLS port is handshaken with the configuration in force when
+        // it was accepted (a reload replaces it for the connections after).
+        let acceptor = || {
+            self.inner
+                .cfg
+                .tls
+                .as_ref()
+                .map(|door| tokio_rustls::TlsAcceptor::from(door.config.current()))
+        };
         loop {
             let (accepted, over_tls) = tokio::select! {
                 () = drain.started.wait() => break,
@@ -243,7 +247,7 @@ impl<S: AssociationSink> StorageScp<S> {
                     let id = uuid::Uuid::now_v7();
                     let span = info_span!("association", id = %id, peer = %peer, door);
                     let (counted, stop) = (active.enter(), drain.ended.clone());
-                    let acceptor = acceptor.clone().filter(|_| over_tls);
+                    let acceptor = if over_tls { acceptor() } else { None };
                     let deadline = tokio::time::Instant::now() + inner.cfg.handshake_timeout;
                     tokio::spawn(
                         async move {

@@ -185,9 +185,18 @@ fn a_broken_reload_names_the_key_and_the_old_configuration_keeps_serving() {
 /// The certificate the hospital API serves, as base64 DER (no line breaks), via
 /// `openssl s_client` with hospital-a's certificate.
 fn served_certificate(d: &Deployment) -> String {
+    served_at(d, d.base_port)
+}
+
+/// The certificate the DICOM TLS port (dev-env: base port + 5) serves, likewise.
+fn served_by_dicom_tls(d: &Deployment) -> String {
+    served_at(d, d.base_port + 5)
+}
+
+fn served_at(d: &Deployment, port: u16) -> String {
     let out = Command::new("openssl")
         .args(["s_client", "-connect"])
-        .arg(format!("127.0.0.1:{}", d.base_port))
+        .arg(format!("127.0.0.1:{port}"))
         .arg("-cert")
         .arg(d.path("pki/hospital-a.pem"))
         .arg("-key")
@@ -211,7 +220,7 @@ fn pem_body(text: &str) -> String {
 }
 
 #[test]
-fn edge_reload_renews_the_https_door_and_the_link_without_dropping_an_upload() {
+fn edge_reload_renews_both_hospital_doors_and_the_link_without_dropping_an_upload() {
     let d = Deployment::new().unwrap();
     // The gateway's trust gets its own file: it will trust the renewal CA only, so the
     // transfer after the reload proves the edge connects with its renewed certificate.
@@ -223,6 +232,7 @@ fn edge_reload_renews_the_https_door_and_the_link_without_dropping_an_upload() {
     let api = Api { d: &d };
     let old = std::fs::read_to_string(d.path("pki/edge.pem")).unwrap();
     assert_eq!(served_certificate(&d), pem_body(&old));
+    assert_eq!(served_by_dicom_tls(&d), pem_body(&old));
 
     let a = api.declare("hospital-a", GOOD);
     assert_eq!(a.status, 201, "{a:?}");
@@ -279,6 +289,7 @@ fn edge_reload_renews_the_https_door_and_the_link_without_dropping_an_upload() {
     edge.wait_for_log(&["policy reloaded"], WAIT);
     edge.wait_for_log(&[RELOADED, "CN=edge"], WAIT);
     assert_eq!(served_certificate(&d), pem_body(&new));
+    assert_eq!(served_by_dicom_tls(&d), pem_body(&new));
 
     let out = upload.wait_with_output().unwrap();
     assert!(
