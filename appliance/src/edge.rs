@@ -239,6 +239,16 @@ fn hsm_failure(e: anyhow::Error) -> SendFailure {
     }
 }
 
+/// What [`Edge::start`] and the unit tests' edge open differently; the rest is built alike.
+struct Parts {
+    keys: Arc<dyn Sign>,
+    hsm: Option<Keys>,
+    identity: TlsIdentity,
+    spool: Spool,
+    policy: SharedPolicy,
+    audit: audit::Log,
+}
+
 impl Edge {
     /// Opens the HSM (fail closed), starts the spool thread and binds the QUIC endpoint.
     pub async fn start(cfg: Arc<Config>) -> Result<Edge, SendFailure> {
@@ -260,7 +270,6 @@ impl Edge {
             .await
             .map_err(anyhow::Error::from)?
             .map_err(hsm_failure)?;
-        let ca = transport::load_ca(&cfg.tls.ca).map_err(anyhow::Error::from)?;
         let connect = cfg
             .transport
             .connect
@@ -270,21 +279,33 @@ impl Edge {
         } else {
             "0.0.0.0:0".parse().expect("literal")
         };
-        let endpoint = transport::client_endpoint(bind, &ca, &identity, &cfg.link)
-            .map_err(anyhow::Error::from)?;
-        let client = Swap::new(
-            transport::client_config(&ca, &identity, &cfg.link).map_err(anyhow::Error::from)?,
-        );
-        Ok(Edge {
-            cfg,
+        let parts = Parts {
             keys: Arc::new(keys.clone()),
             hsm: Some(keys),
-            identity: Swap::new(identity),
-            client,
+            identity,
             spool,
-            endpoint,
             policy,
             audit,
+        };
+        Ok(Edge::from_parts(cfg, parts, bind)?)
+    }
+
+    /// The edge made of `parts`: its QUIC endpoint bound on `bind` and its client
+    /// configuration, both from `tls.ca`, the identity and `[link]`.
+    fn from_parts(cfg: Arc<Config>, parts: Parts, bind: SocketAddr) -> anyhow::Result<Edge> {
+        let ca = transport::load_ca(&cfg.tls.ca)?;
+        let endpoint = transport::client_endpoint(bind, &ca, &parts.identity, &cfg.link)?;
+        let client = Swap::new(transport::client_config(&ca, &parts.identity, &cfg.link)?);
+        Ok(Edge {
+            cfg,
+            keys: parts.keys,
+            hsm: parts.hsm,
+            identity: Swap::new(parts.identity),
+            client,
+            spool: parts.spool,
+            endpoint,
+            policy: parts.policy,
+            audit: parts.audit,
             sending: crate::drain::Activity::default(),
             stop: crate::drain::Flag::default(),
         })
@@ -305,23 +326,15 @@ impl Edge {
             anyhow::bail!("a test edge takes its TLS key from a file");
         };
         let identity = TlsIdentity::from_pem_files(&cfg.tls.cert, key)?;
-        let ca = transport::load_ca(&cfg.tls.ca)?;
-        let bind: SocketAddr = "127.0.0.1:0".parse()?;
-        let endpoint = transport::client_endpoint(bind, &ca, &identity, &cfg.link)?;
-        let client = Swap::new(transport::client_config(&ca, &identity, &cfg.link)?);
-        Ok(Edge {
-            cfg,
+        let parts = Parts {
             keys,
             hsm: None,
-            identity: Swap::new(identity),
-            client,
+            identity,
             spool,
-            endpoint,
             policy,
             audit,
-            sending: crate::drain::Activity::default(),
-            stop: crate::drain::Flag::default(),
-        })
+        };
+        Edge::from_parts(cfg, parts, "127.0.0.1:0".parse()?)
     }
 
     /// Sends in progress or queued: [`Edge::send`] counts itself, the hospital doors' queue
