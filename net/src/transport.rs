@@ -188,6 +188,20 @@ impl LinkTuning {
             .clamp(self.min_udp_payload(), MAX_UDP_PAYLOAD)
     }
 
+    /// Receive buffer (as the kernel accounts it, `SO_RCVBUF` read back) that a receive
+    /// hold needs: what arrives at `rate_mbit` during the hold and one more millisecond of
+    /// timer granularity, twice over for the kernel's per-packet overhead. Zero without a
+    /// hold.
+    pub fn receive_hold_buffer_need(&self) -> usize {
+        if self.receive_hold.is_zero() {
+            return 0;
+        }
+        // Mbit/s × µs = bits; / 8 bytes; × 2 for the overhead: rate × µs / 4.
+        let micros = self.receive_hold.as_micros().saturating_add(1000);
+        let need = u128::from(self.rate_mbit).saturating_mul(micros) / 4;
+        usize::try_from(need).unwrap_or(usize::MAX)
+    }
+
     /// Bandwidth-delay product in bytes: `rate_mbit` × `rtt_ms` (saturating).
     pub fn bandwidth_delay_product(&self) -> u64 {
         // Mbit/s × ms = 1e6/8 B/s × 1e-3 s = 125 bytes.
@@ -723,7 +737,18 @@ fn endpoint(
     server: Option<quinn::ServerConfig>,
     tuning: &LinkTuning,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let (socket, _) = bind_udp_socket(addr, tuning.socket_buffer_bytes)?;
+    let (socket, buffers) = bind_udp_socket(addr, tuning.socket_buffer_bytes)?;
+    let need = tuning.receive_hold_buffer_need();
+    if buffers.recv < need {
+        tracing::warn!(
+            local = %socket.local_addr().unwrap_or(addr),
+            granted = buffers.recv,
+            need,
+            receive_hold_ms = u64::try_from(tuning.receive_hold.as_millis()).unwrap_or(u64::MAX),
+            "the UDP receive buffer may not hold what arrives during a receive hold at \
+             link.rate_mbit: raise net.core.rmem_max or lower link.receive_hold_ms"
+        );
+    }
     let mut config = quinn::EndpointConfig::default();
     config
         .max_udp_payload_size(tuning.max_udp_payload())
@@ -925,6 +950,28 @@ mod tests {
         };
         assert_eq!(typo.stream_window(), MAX_WINDOW);
         assert_eq!(typo.connection_window(), MAX_WINDOW);
+    }
+
+    #[test]
+    fn a_receive_hold_needs_a_buffer_for_what_arrives_meanwhile() {
+        let off = LinkTuning::default();
+        assert_eq!(off.receive_hold_buffer_need(), 0);
+        // 400 Mbit/s for 1 ms + 1 ms: 100 KB, twice over.
+        let held = LinkTuning {
+            rate_mbit: 400,
+            receive_hold: Duration::from_millis(1),
+            ..LinkTuning::default()
+        };
+        assert_eq!(held.receive_hold_buffer_need(), 200_000);
+        // The kernel's default grant (212,992 bytes, read back doubled) holds that, not
+        // 1 Gbit/s with a 5 ms hold.
+        assert!(held.receive_hold_buffer_need() < 2 * 212_992);
+        let long = LinkTuning {
+            rate_mbit: 1000,
+            receive_hold: Duration::from_millis(5),
+            ..LinkTuning::default()
+        };
+        assert!(long.receive_hold_buffer_need() > 2 * 212_992);
     }
 
     #[test]
