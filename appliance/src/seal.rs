@@ -408,8 +408,8 @@ async fn copy_hashed(
     // Reads ahead: direct reads get no readahead from the kernel, and a single read in
     // flight leaves the device idle while a buffer is hashed. With the copy's writes sharing
     // the device, `READ_AHEAD` reads in flight keep it busy. Measured on the sealing of
-    // 1 GiB: one read ahead 1.7-1.85 s, eight 1.45-1.6 s; the same read and write alone
-    // (fio, io_uring, eight deep) take 1.25-1.35 s on that disk.
+    // 1 GiB: one read ahead 1.7-1.85 s, eight 1.45-1.7 s; the same read and write alone
+    // (fio, io_uring, eight deep) take 1.23-1.35 s on that disk.
     let input = Arc::new(input);
     // Each read's buffer is taken here, in file order, before its task starts: a read
     // that waited inside its task for a buffer could let later reads take the last free ones

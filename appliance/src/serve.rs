@@ -244,17 +244,12 @@ async fn serve_gateway(
     Ok(())
 }
 
-/// The DICOM TLS port's rustls configuration: the hospital door's
-/// ([`ingest::http::tls_config`]) without its ALPN, as DICOM over TLS names no application
-/// protocol (PS3.15 B.1).
-fn dicom_tls_config(
-    cfg: &Config,
-    identity: &baylink_net::transport::TlsIdentity,
-) -> anyhow::Result<rustls::ServerConfig> {
-    let mut config = ingest::http::tls_config(cfg, identity)
-        .context("ingest.dicom_tls_listen: the TLS configuration")?;
-    config.alpn_protocols.clear();
-    Ok(config)
+/// The DICOM TLS port's rustls configuration from the hospital door's `https`
+/// ([`ingest::http::tls_config`]): the same without its ALPN, as DICOM over TLS names no
+/// application protocol (PS3.15 B.1).
+fn dicom_tls_config(mut https: rustls::ServerConfig) -> rustls::ServerConfig {
+    https.alpn_protocols.clear();
+    https
 }
 
 /// Binds the DICOM C-STORE SCP (before readiness is reported) with today's sink: staging in
@@ -274,7 +269,10 @@ async fn start_dicom_scp(
     let tls = match cfg.ingest.dicom_tls_listen {
         Some(listen) => Some(scp::TlsDoor {
             listen,
-            config: crate::tls_reload::Swap::new(dicom_tls_config(cfg, identity)?),
+            config: crate::tls_reload::Swap::new(dicom_tls_config(
+                ingest::http::tls_config(cfg, identity)
+                    .context("ingest.dicom_tls_listen: the TLS configuration")?,
+            )),
         }),
         None => None,
     };
@@ -625,12 +623,14 @@ async fn reload_on_sighup(
         crate::tls_reload::reload(cfg.clone(), token, &expiry_files, |l| {
             // Everything is built before anything is replaced.
             let client = edge.link_tls_config(l)?;
+            // Both doors from the CA as this reload read it (once, with the link's).
+            let door = || ingest::http::tls_config_with_roots(&l.ca, &l.identity);
             let https = match &doors.https {
-                Some(_) => Some(ingest::http::tls_config(&cfg, &l.identity)?),
+                Some(_) => Some(door()?),
                 None => None,
             };
             let dicom_tls = match &doors.dicom_tls {
-                Some(_) => Some(dicom_tls_config(&cfg, &l.identity)?),
+                Some(_) => Some(dicom_tls_config(door()?)),
                 None => None,
             };
             if let (Some(swap), Some(config)) = (&doors.https, https) {

@@ -190,8 +190,8 @@ impl LinkTuning {
 
     /// Receive buffer (as the kernel accounts it, `SO_RCVBUF` read back) that a receive
     /// hold needs: what arrives at `rate_mbit` during the hold and one more millisecond of
-    /// timer granularity, twice over for the kernel's per-packet overhead. Zero without a
-    /// hold.
+    /// timer granularity, twice over for the kernel's per-packet overhead (about that for
+    /// 1500-byte datagrams). Zero without a hold.
     pub fn receive_hold_buffer_need(&self) -> usize {
         if self.receive_hold.is_zero() {
             return 0;
@@ -740,10 +740,12 @@ fn endpoint(
     let (socket, buffers) = bind_udp_socket(addr, tuning.socket_buffer_bytes)?;
     let need = tuning.receive_hold_buffer_need();
     if buffers.recv < need {
+        // In the units of the buffer warning above: what was asked for and accepted (the
+        // kernel reads back twice that).
         tracing::warn!(
             local = %socket.local_addr().unwrap_or(addr),
-            granted = buffers.recv,
-            need,
+            recv_accepted = buffers.recv / 2,
+            need = need / 2,
             receive_hold_ms = u64::try_from(tuning.receive_hold.as_millis()).unwrap_or(u64::MAX),
             "the UDP receive buffer may not hold what arrives during a receive hold at \
              link.rate_mbit: raise net.core.rmem_max or lower link.receive_hold_ms"

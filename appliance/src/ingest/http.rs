@@ -65,9 +65,18 @@ pub fn tls_config_from(
     ca: &std::path::Path,
     identity: &TlsIdentity,
 ) -> anyhow::Result<rustls::ServerConfig> {
+    tls_config_with_roots(&load_ca(ca)?, identity)
+        .with_context(|| format!("CA certificate in {} refused", ca.display()))
+}
+
+/// [`tls_config`] from CA certificates already read (a reload reads `tls.ca` once for every
+/// door, so all of them trust the same file contents).
+pub fn tls_config_with_roots(
+    ca: &[rustls_pki_types::CertificateDer<'static>],
+    identity: &TlsIdentity,
+) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let roots = root_store(&load_ca(ca)?)
-        .with_context(|| format!("CA certificate in {} refused", ca.display()))?;
+    let roots = root_store(ca)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .context("cannot build the client certificate verifier")?;
