@@ -713,6 +713,24 @@ pub fn environment_checks(cfg: &Config, report: &mut Report, options: Options) {
     }
     directory(report, "spool.dir", &cfg.spool_dir);
     directory(report, "audit.dir", &cfg.audit_dir);
+    receive_hold(cfg, report);
+}
+
+/// A receive hold of more than a tenth of the round trip is mostly delay: every packet may
+/// wait that long, and the `link` controller reads the wait as a queue.
+fn receive_hold(cfg: &Config, report: &mut Report) {
+    let hold_ms = u64::try_from(cfg.link.receive_hold.as_millis()).unwrap_or(u64::MAX);
+    if hold_ms > 0 && hold_ms.saturating_mul(10) > cfg.link.rtt_ms {
+        report.warning(
+            "link.receive_hold_ms",
+            format!(
+                "{hold_ms} ms is more than a tenth of link.rtt_ms ({} ms): packets wait that \
+                 long before they are read, which the link controller takes for a queue; \
+                 0 reads at once",
+                cfg.link.rtt_ms
+            ),
+        );
+    }
 }
 
 fn readable_file(report: &mut Report, key: &str, path: &Path) {
@@ -1086,6 +1104,22 @@ path = "delivered"
         assert!(report.ok && report.problems.is_empty(), "{report:?}");
         let cfg = cfg.unwrap();
         assert_eq!(cfg.tls.warn_expiry, crate::config::DEFAULT_WARN_EXPIRY);
+    }
+
+    #[test]
+    fn a_receive_hold_beyond_a_tenth_of_the_round_trip_is_warned_of() {
+        let warned = |link: &str| {
+            let (_, cfg) = check(&format!("{GATEWAY}\n[link]\n{link}\n"));
+            let mut report = Report::new();
+            receive_hold(&cfg.unwrap(), &mut report);
+            keys(&report) == ["link.receive_hold_ms"]
+        };
+        // The defaults never warn: 1 ms from 20 ms up, none below.
+        assert!(!warned("rtt_ms = 10"));
+        assert!(!warned("rtt_ms = 20"));
+        assert!(!warned("rtt_ms = 50\nreceive_hold_ms = 5"));
+        assert!(warned("rtt_ms = 10\nreceive_hold_ms = 2"));
+        assert!(warned("rtt_ms = 20\nreceive_hold_ms = 3"));
     }
 
     #[test]
