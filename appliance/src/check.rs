@@ -719,7 +719,7 @@ pub fn environment_checks(cfg: &Config, report: &mut Report, options: Options) {
 /// A receive hold of more than a tenth of the round trip is mostly delay: every packet may
 /// wait that long, and the `link` controller reads the wait as a queue.
 fn receive_hold(cfg: &Config, report: &mut Report) {
-    let hold_ms = u64::try_from(cfg.link.receive_hold.as_millis()).unwrap_or(u64::MAX);
+    let hold_ms = cfg.link.receive_hold_ms();
     if hold_ms > 0 && hold_ms.saturating_mul(10) > cfg.link.rtt_ms {
         report.warning(
             "link.receive_hold_ms",

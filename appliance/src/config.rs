@@ -876,10 +876,7 @@ impl RawLink {
             max_mtu: self
                 .max_mtu
                 .unwrap_or(defaults.max_mtu.max(self.mtu.unwrap_or(0))),
-            receive_hold: self.receive_hold_ms.map_or_else(
-                || LinkTuning::default_receive_hold(rtt_ms),
-                Duration::from_millis,
-            ),
+            receive_hold: LinkTuning::receive_hold_for(self.receive_hold_ms, rtt_ms),
         };
         if link.rate_mbit == 0 {
             return Err(cx.invalid("link.rate_mbit", "must be > 0"));

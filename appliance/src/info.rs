@@ -108,7 +108,7 @@ fn link(cfg: &Config) -> Value {
         "congestion": format!("{:?}", tuning.congestion).to_lowercase(),
         "bandwidth_delay_product_bytes": bdp,
         "socket_buffer_bytes": tuning.socket_buffer_bytes,
-        "receive_hold_ms": u64::try_from(tuning.receive_hold.as_millis()).unwrap_or(u64::MAX),
+        "receive_hold_ms": tuning.receive_hold_ms(),
     });
     let addr = link_probe_address(cfg);
     match baylink_net::probe::udp_offload(addr, tuning.socket_buffer_bytes) {

@@ -462,7 +462,7 @@ async fn bench(
         tuned_rate_mbit: tuning.rate_mbit,
         tuned_rtt_ms: tuning.rtt_ms,
         congestion: congestion_name(tuning.congestion).to_owned(),
-        receive_hold_ms: u64::try_from(tuning.receive_hold.as_millis()).unwrap_or(u64::MAX),
+        receive_hold_ms: tuning.receive_hold_ms(),
         stream_window: tuning.stream_window(),
         connection_window: tuning.connection_window(),
     });

@@ -144,9 +144,9 @@ impl ApplianceConfig {
                     .link
                     .max_mtu
                     .unwrap_or(defaults.max_mtu.max(raw.link.mtu.unwrap_or(0))),
-                receive_hold: raw.link.receive_hold_ms.map_or_else(
-                    || LinkTuning::default_receive_hold(raw.link.rtt_ms.unwrap_or(defaults.rtt_ms)),
-                    std::time::Duration::from_millis,
+                receive_hold: LinkTuning::receive_hold_for(
+                    raw.link.receive_hold_ms,
+                    raw.link.rtt_ms.unwrap_or(defaults.rtt_ms),
                 ),
             },
             spool_dir: resolve(&raw.spool.dir),

@@ -277,10 +277,7 @@ impl TuningArgs {
             socket_buffer_bytes: self.socket_buffer_bytes,
             mtu: self.mtu,
             max_mtu: self.max_mtu,
-            receive_hold: self.receive_hold_ms.map_or_else(
-                || LinkTuning::default_receive_hold(self.link_rtt_ms),
-                std::time::Duration::from_millis,
-            ),
+            receive_hold: LinkTuning::receive_hold_for(self.receive_hold_ms, self.link_rtt_ms),
         }
     }
 
@@ -299,7 +296,7 @@ impl TuningArgs {
             "--max-mtu".to_owned(),
             tuning.max_mtu.to_string(),
             "--receive-hold-ms".to_owned(),
-            tuning.receive_hold.as_millis().to_string(),
+            tuning.receive_hold_ms().to_string(),
         ]
         .into_iter()
         .chain(

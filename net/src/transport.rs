@@ -188,6 +188,20 @@ impl LinkTuning {
             .clamp(self.min_udp_payload(), MAX_UDP_PAYLOAD)
     }
 
+    /// The receive hold a config asks for: `configured_ms` when set (0 turns it off), else
+    /// [`LinkTuning::default_receive_hold`] for `rtt_ms`.
+    pub fn receive_hold_for(configured_ms: Option<u64>, rtt_ms: u64) -> Duration {
+        configured_ms.map_or_else(
+            || LinkTuning::default_receive_hold(rtt_ms),
+            Duration::from_millis,
+        )
+    }
+
+    /// [`LinkTuning::receive_hold`] in whole milliseconds, as configs and reports give it.
+    pub fn receive_hold_ms(&self) -> u64 {
+        u64::try_from(self.receive_hold.as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Receive buffer (as the kernel accounts it, `SO_RCVBUF` read back) that a receive
     /// hold needs: what arrives at `rate_mbit` during the hold and one more millisecond of
     /// timer granularity, twice over for the kernel's per-packet overhead (about that for
@@ -746,7 +760,7 @@ fn endpoint(
             local = %socket.local_addr().unwrap_or(addr),
             recv_accepted = buffers.recv / 2,
             need = need / 2,
-            receive_hold_ms = u64::try_from(tuning.receive_hold.as_millis()).unwrap_or(u64::MAX),
+            receive_hold_ms = tuning.receive_hold_ms(),
             "the UDP receive buffer may not hold what arrives during a receive hold at \
              link.rate_mbit: raise net.core.rmem_max or lower link.receive_hold_ms"
         );
@@ -784,7 +798,7 @@ pub fn server_endpoint(
         stream_window = tuning.stream_window(),
         connection_window = tuning.connection_window(),
         congestion = ?tuning.congestion,
-        receive_hold_ms = tuning.receive_hold.as_millis() as u64,
+        receive_hold_ms = tuning.receive_hold_ms(),
         "QUIC server endpoint"
     );
     Ok(endpoint)
@@ -807,7 +821,7 @@ pub fn client_endpoint(
         stream_window = tuning.stream_window(),
         connection_window = tuning.connection_window(),
         congestion = ?tuning.congestion,
-        receive_hold_ms = tuning.receive_hold.as_millis() as u64,
+        receive_hold_ms = tuning.receive_hold_ms(),
         "QUIC client endpoint"
     );
     Ok(endpoint)
