@@ -623,21 +623,18 @@ async fn reload_on_sighup(
         crate::tls_reload::reload(cfg.clone(), token, &expiry_files, |l| {
             // Everything is built before anything is replaced.
             let client = edge.link_tls_config(l)?;
-            // Both doors from the CA as this reload read it (once, with the link's).
-            let door = || ingest::http::tls_config_with_roots(&l.ca, &l.identity);
-            let https = match &doors.https {
-                Some(_) => Some(door()?),
-                None => None,
-            };
-            let dicom_tls = match &doors.dicom_tls {
-                Some(_) => Some(dicom_tls_config(door()?)),
-                None => None,
-            };
-            if let (Some(swap), Some(config)) = (&doors.https, https) {
-                swap.replace(config);
-            }
-            if let (Some(swap), Some(config)) = (&doors.dicom_tls, dicom_tls) {
-                swap.replace(config);
+            // One configuration for both doors, from the CA as this reload read it (once,
+            // with the link's).
+            let door = (doors.https.is_some() || doors.dicom_tls.is_some())
+                .then(|| ingest::http::tls_config_with_roots(&l.ca, &l.identity))
+                .transpose()?;
+            if let Some(door) = door {
+                if let Some(swap) = &doors.dicom_tls {
+                    swap.replace(dicom_tls_config(door.clone()));
+                }
+                if let Some(swap) = &doors.https {
+                    swap.replace(door);
+                }
             }
             edge.replace_tls(l.identity.clone(), client);
             Ok(())
