@@ -284,11 +284,14 @@ impl IngestStore {
                     },
                 );
             } else {
+                // From `committed`, only the delivery notice moves a transfer on.
+                let at = if st.state == TransferState::Committed && notice.is_some() {
+                    notice_stored_at(&dir)
+                } else {
+                    now_rfc3339()
+                };
                 st.state = state;
-                st.stages.push(Stage {
-                    stage: state,
-                    at: now_rfc3339(),
-                });
+                st.stages.push(Stage { stage: state, at });
                 if error.is_some() {
                     st.error = error;
                 }
@@ -301,7 +304,7 @@ impl IngestStore {
                         st.state = next;
                         st.stages.push(Stage {
                             stage: next,
-                            at: now_rfc3339(),
+                            at: notice_stored_at(&dir),
                         });
                         if error.is_some() {
                             st.error = error;
@@ -401,11 +404,18 @@ impl IngestStore {
         } else {
             None
         };
+        // The notice is stored before its stage is written (`delivery_noticed`): show the
+        // stage it brings, at the time it was stored, as that step will write it.
         if let Some(n) = &notice
             && st.state == TransferState::Committed
         {
             let (state, error) = delivery_state(n);
             st.state = state;
+            let d = dir.clone();
+            st.stages.push(Stage {
+                stage: state,
+                at: blocking(move || Ok(notice_stored_at(&d))).await?,
+            });
             if error.is_some() {
                 st.error = error;
             }
@@ -538,6 +548,17 @@ impl IngestStore {
         })
         .await
     }
+}
+
+/// When the edge stored the delivery notice of `dir` (its file's modification time), for
+/// the stage it brings; now if that cannot be read.
+fn notice_stored_at(dir: &TransferDir) -> String {
+    std::fs::metadata(dir.notice_bin())
+        .and_then(|m| m.modified())
+        .map_or_else(
+            |_| now_rfc3339(),
+            |t| humantime::format_rfc3339_millis(t).to_string(),
+        )
 }
 
 /// The state a delivery notice moves a committed transfer to, and the error it shows.

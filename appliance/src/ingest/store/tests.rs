@@ -334,3 +334,62 @@ async fn the_policy_size_limit_refuses_a_commit_and_keeps_the_transfer_open() {
     store.abandon(A, &id).await.unwrap();
     assert!(!dir(&f, &id).root().exists());
 }
+
+/// The gateway's notice is stored before its stage is written (the step runs on its own
+/// task): a status read between the two already shows the stage the notice brings, with the
+/// time it was stored, and the step that follows writes the same stage at the same time.
+#[tokio::test]
+async fn a_stored_notice_shows_its_stage_before_the_stage_is_written() {
+    use baylink_net::proto::{DeliveryNotice, Outcome};
+
+    let (f, store) = store("").await;
+    let id = store.declare(A, declaration()).await.unwrap();
+    upload(&store, A, &id, "scan.bin", &payload(1000, 2))
+        .await
+        .unwrap();
+    store.commit(A, &id).await.unwrap();
+    // The send starts and stops at once (`store`); the transfer stays `sending`.
+    let mut changes = store.inner.changes.subscribe();
+    while store.status(A, &id).await.unwrap().state != TransferState::Sending {
+        tokio::time::timeout(Duration::from_secs(10), changes.changed())
+            .await
+            .expect("the send starts")
+            .unwrap();
+    }
+    let d = dir(&f, &id);
+    // What a verified receipt leaves behind (its contents are not what this is about).
+    std::fs::write(d.receipt_bin(), b"receipt").unwrap();
+    std::fs::write(d.receipt_sig(), b"signature").unwrap();
+    store.add_stage(&id, TransferState::Committed, None).await;
+
+    let notice = DeliveryNotice::new(
+        id,
+        [1; 32],
+        [2; 32],
+        Outcome::Delivered,
+        b"stored",
+        "gateway",
+        1,
+    );
+    std::fs::write(d.notice_bin(), notice.to_bytes()).unwrap();
+    std::fs::write(d.notice_sig(), b"signature").unwrap();
+    let stages = |st: &super::TransferStatus| -> Vec<(TransferState, String)> {
+        st.stages.iter().map(|s| (s.stage, s.at.clone())).collect()
+    };
+
+    let before = store.status(A, &id).await.unwrap();
+    assert_eq!(before.state, TransferState::Delivered);
+    let shown = stages(&before);
+    assert_eq!(
+        shown[shown.len() - 2..]
+            .iter()
+            .map(|s| s.0)
+            .collect::<Vec<_>>(),
+        [TransferState::Committed, TransferState::Delivered]
+    );
+
+    store.delivery_noticed(&notice).await;
+    let after = store.status(A, &id).await.unwrap();
+    assert_eq!(after.state, TransferState::Delivered);
+    assert_eq!(stages(&after), shown, "written as it was shown");
+}
