@@ -8,7 +8,7 @@ use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -112,6 +112,10 @@ pub struct SendSummary {
     pub receipt: &'static str,
     /// Seconds spent sealing (copying into the spool and hashing); included in `seconds`.
     pub seal_seconds: f64,
+    /// Payload bytes the seal placed in the spool as copy-on-write clones of their sources
+    /// instead of copying them (0 where the spool's file system cannot clone, and on a
+    /// resume).
+    pub cloned_bytes: u64,
     /// Seconds from the first connection attempt to the verified receipt.
     pub transmit_seconds: f64,
     /// `--wait-delivered`: the verified delivery notice.
@@ -586,7 +590,10 @@ impl Edge {
         yield_slot: &crate::drain::Flag,
     ) -> Result<SendSummary, SendFailure> {
         let dir = TransferDir::new(&self.cfg.spool_dir, &id);
-        let progress = Observed(observer);
+        let progress = Observed {
+            observer,
+            cloned_bytes: AtomicU64::new(0),
+        };
 
         let out = match &request {
             SendRequest::New { files, declaration } => {
@@ -719,6 +726,7 @@ impl Edge {
             merkle_root: hex::encode(out.manifest.merkle_root),
             receipt: "verified",
             seal_seconds,
+            cloned_bytes: progress.cloned_bytes.load(Ordering::Relaxed),
             transmit_seconds: transmit_started.elapsed().as_secs_f64(),
             delivery: None,
             not_delivered: None,
@@ -753,7 +761,7 @@ impl Edge {
                     conn.clone(),
                     self.cfg.transport.server_name.clone(),
                 );
-                progress.0.attempt();
+                progress.observer.attempt();
                 let res = send::run(
                     &conn,
                     &self.spool,
@@ -806,7 +814,7 @@ impl Edge {
                         });
                     }
                     warn!(error = %e, retry_in = ?backoff, "link lost; will resume");
-                    progress.0.link_lost(&e.to_string());
+                    progress.observer.link_lost(&e.to_string());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
@@ -1223,21 +1231,28 @@ pub struct NoObserver;
 
 impl SendObserver for NoObserver {}
 
-/// A [`SendObserver`] as the sealer's and the sender's progress.
-struct Observed<'a>(&'a dyn SendObserver);
+/// A [`SendObserver`] as the sealer's and the sender's progress; counts the bytes the seal
+/// cloned instead of copying.
+struct Observed<'a> {
+    observer: &'a dyn SendObserver,
+    cloned_bytes: AtomicU64,
+}
 
 impl Progress for Observed<'_> {
     fn confirmed(&self, bytes: u64) {
-        self.0.advanced(bytes);
+        self.observer.advanced(bytes);
     }
     fn already_there(&self, bytes: u64) {
-        self.0.advanced(bytes);
+        self.observer.advanced(bytes);
     }
 }
 
 impl SealProgress for Observed<'_> {
     fn copied(&self, bytes: u64) {
-        self.0.advanced(bytes);
+        self.observer.advanced(bytes);
+    }
+    fn cloned(&self, bytes: u64) {
+        self.cloned_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 }
 

@@ -31,10 +31,16 @@ use crate::policy::Declaration;
 use crate::signing::{MANIFEST_CONTEXT, Sign};
 use crate::transfer_dir::{TransferDir, sync_dir, write_atomic};
 
-/// Observes sealing progress (bytes copied into the spool).
+/// Observes sealing progress (bytes placed in the spool and hashed).
 pub trait SealProgress: Send + Sync {
-    /// `bytes` more payload bytes are in the spool.
+    /// `bytes` more payload bytes are in the spool and hashed.
     fn copied(&self, bytes: u64);
+    /// A file of `bytes` bytes was placed in the spool as a copy-on-write clone of its
+    /// source instead of being copied (see [`place_hashed`]). Its bytes are reported through
+    /// [`SealProgress::copied`] too, as they are hashed.
+    fn cloned(&self, bytes: u64) {
+        let _ = bytes;
+    }
 }
 
 /// What to seal.
@@ -104,7 +110,7 @@ pub async fn seal_files(
         chunk_size,
     );
     for (src, name, expected) in &planned {
-        let (size, digests) = copy_hashed(
+        let (size, digests) = place_hashed(
             spool,
             src,
             *expected,
@@ -116,7 +122,7 @@ pub async fn seal_files(
         .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
         builder.add_file(name.clone(), size, digests)?;
     }
-    // Each file was fsynced by `copy_hashed`; this makes their names in `data/` durable.
+    // Each file was fsynced by `place_hashed`; this makes their names in `data/` durable.
     let data = dir.data_dir();
     tokio::task::spawn_blocking(move || sync_dir(&data))
         .await?
@@ -375,17 +381,67 @@ async fn start_read(
     })
 }
 
-/// Reads in flight while sealing (see [`copy_hashed`]).
+/// Reads in flight while sealing (see [`read_hashed`]).
 const READ_AHEAD: usize = 8;
 
-/// Copies `src` (expected to hold `size` bytes, which only sizes the read-ahead: the copy
-/// ends where the file does) to `dst` through the io_uring spool, hashing chunk by chunk;
-/// fsyncs `dst`.
-async fn copy_hashed(
+/// Places `src` (expected to hold `size` bytes) in the spool as `dst` and hashes what `dst`
+/// holds, chunk by chunk; `dst` is durable when this returns.
+///
+/// Where the file system shares blocks between files (XFS with reflink, btrfs) and `src`
+/// is on the spool's file system, `dst` becomes a copy-on-write clone of `src`
+/// ([`clone_file`]): no byte is written, and the hashing reads the clone. The clone cannot
+/// change underneath: a later write to `src` (or to any other file sharing the blocks) gets
+/// blocks of its own, so `dst` keeps the bytes of the moment of the clone, and those are the
+/// bytes hashed, signed and sent. Elsewhere (ext4, another file system, any refusal) the
+/// bytes are copied while they are hashed.
+async fn place_hashed(
     spool: &Spool,
     src: &Path,
     size: u64,
     dst: &Path,
+    chunk_size: u32,
+    progress: &dyn SealProgress,
+) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
+    let (s, d) = (src.to_owned(), dst.to_owned());
+    let cloned = tokio::task::spawn_blocking(move || clone_file(&s, &d)).await??;
+    if !cloned {
+        return read_hashed(spool, src, size, Some(dst), chunk_size, progress).await;
+    }
+    let (len, digests) = read_hashed(spool, dst, size, None, chunk_size, progress).await?;
+    progress.cloned(len);
+    Ok((len, digests))
+}
+
+/// Makes `dst` (created, or truncated) a copy-on-write clone of all of `src` with one
+/// `FICLONE` ioctl, then fsyncs it. Returns false, leaving no `dst`, where the file systems
+/// cannot clone (`src` elsewhere than `dst`'s file system, or one without shared blocks such
+/// as ext4 or tmpfs). The clone is taken whole at one moment: the file system flushes and
+/// locks both files while it shares the blocks.
+fn clone_file(src: &Path, dst: &Path) -> anyhow::Result<bool> {
+    let input =
+        std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
+    let output =
+        std::fs::File::create(dst).with_context(|| format!("cannot create {}", dst.display()))?;
+    if let Err(e) = rustix::fs::ioctl_ficlone(&output, &input) {
+        drop(output);
+        std::fs::remove_file(dst).with_context(|| format!("cannot remove {}", dst.display()))?;
+        tracing::debug!(source = %src.display(), error = %e, "not cloned into the spool; copying");
+        return Ok(false);
+    }
+    output
+        .sync_all()
+        .with_context(|| format!("cannot fsync {}", dst.display()))?;
+    Ok(true)
+}
+
+/// Reads `src` (expected to hold `size` bytes, which only sizes the read-ahead: the read
+/// ends where the file does) through the io_uring spool, hashing chunk by chunk, and with
+/// `copy_to` writes what it read there too and fsyncs it.
+async fn read_hashed(
+    spool: &Spool,
+    src: &Path,
+    size: u64,
+    copy_to: Option<&Path>,
     chunk_size: u32,
     progress: &dyn SealProgress,
 ) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
@@ -394,15 +450,17 @@ async fn copy_hashed(
     // of 1 GiB: buffered writes through io_uring are punted to kernel workers that copy into
     // fresh page-cache pages, 2.8 CPU-seconds of the sender's 5.6; buffered reads of the
     // source cost another 0.4. The send that follows reads the copy back with O_DIRECT too.
-    let (input, output) = if spool.buffers_allow_direct() {
-        (
-            spool.open_direct(src).await?,
-            spool.create_direct(dst).await?,
-        )
+    let direct = spool.buffers_allow_direct();
+    let input = if direct {
+        spool.open_direct(src).await?
     } else {
-        (spool.open(src).await?, spool.create(dst).await?)
+        spool.open(src).await?
     };
-    let output = Arc::new(output);
+    let output = match copy_to {
+        Some(dst) if direct => Some(Arc::new(spool.create_direct(dst).await?)),
+        Some(dst) => Some(Arc::new(spool.create(dst).await?)),
+        None => None,
+    };
     let mut hasher = ChunkHasher::new(chunk_size);
     let mut writes = tokio::task::JoinSet::new();
     // Reads ahead: direct reads get no readahead from the kernel, and a single read in
@@ -435,8 +493,10 @@ async fn copy_hashed(
         hasher.update(&buf);
         let at = offset;
         offset += n as u64;
-        let (spool2, out2) = (spool.clone(), output.clone());
-        writes.spawn(async move { spool2.write_at(&out2, at, buf).await.map(drop) });
+        if let Some(output) = &output {
+            let (spool2, out2) = (spool.clone(), output.clone());
+            writes.spawn(async move { spool2.write_at(&out2, at, buf).await.map(drop) });
+        }
         while writes.len() > 8 {
             writes.join_next().await.expect("set is not empty")??;
         }
@@ -455,10 +515,12 @@ async fn copy_hashed(
     while let Some(res) = writes.join_next().await {
         res??;
     }
-    // Cuts the zeros a direct write padded the last buffer with.
-    spool.sync_to_len(&output, offset).await?;
-    if let Ok(output) = Arc::try_unwrap(output) {
-        spool.close(output).await?;
+    if let Some(output) = output {
+        // Cuts the zeros a direct write padded the last buffer with.
+        spool.sync_to_len(&output, offset).await?;
+        if let Ok(output) = Arc::try_unwrap(output) {
+            spool.close(output).await?;
+        }
     }
     // Every read was awaited, so no task holds the input any more.
     if let Ok(input) = Arc::try_unwrap(input) {
@@ -507,9 +569,10 @@ mod tests {
             // The size only sizes the read-ahead: a wrong guess still copies the whole file.
             for guess in [size, 0] {
                 let _ = std::fs::remove_file(&dst);
-                let (copied, digests) = copy_hashed(&spool, &src, guess, &dst, CHUNK, &NoProgress)
-                    .await
-                    .unwrap();
+                let (copied, digests) =
+                    read_hashed(&spool, &src, guess, Some(&dst), CHUNK, &NoProgress)
+                        .await
+                        .unwrap();
                 assert_eq!(copied, size);
                 assert_eq!(std::fs::read(&dst).unwrap(), data, "size {size}");
                 let mut expected = ChunkHasher::new(CHUNK);

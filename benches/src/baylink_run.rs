@@ -206,6 +206,9 @@ pub struct SendSummary {
     pub receipt: String,
     /// Sealing (copy into the edge spool + hashing).
     pub seal_seconds: Option<f64>,
+    /// Payload bytes the seal cloned instead of copying (absent before the field existed).
+    #[serde(default)]
+    pub cloned_bytes: Option<u64>,
     /// Connect → verified receipt.
     pub transmit_seconds: Option<f64>,
 }
@@ -524,6 +527,13 @@ mod tests {
         let line = r#"{"transfer_id":"0190a5c2-7f4e-7c3b-9d2e-1a2b3c4d5e6f","files":1,"bytes":10,"wire_bytes":10,"seconds":1.5,"merkle_root":"ab","receipt":"verified","seal_seconds":0.5,"transmit_seconds":1.0}"#;
         let s: SendSummary = serde_json::from_str(line).unwrap();
         assert_eq!(s.transmit_seconds, Some(1.0));
+        assert_eq!(s.cloned_bytes, None);
+        let cloned = line.replace(
+            r#""transmit_seconds""#,
+            r#""cloned_bytes":10,"transmit_seconds""#,
+        );
+        let s: SendSummary = serde_json::from_str(&cloned).unwrap();
+        assert_eq!(s.cloned_bytes, Some(10));
         let old = r#"{"transfer_id":"x","files":1,"bytes":10,"wire_bytes":10,"seconds":1.5,"merkle_root":"ab","receipt":"verified"}"#;
         assert_eq!(
             serde_json::from_str::<SendSummary>(old)

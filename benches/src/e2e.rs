@@ -748,6 +748,7 @@ pub fn baylink_record(run: u32, outcome: &BaylinkRun) -> RunRecord {
         seconds_including_seal: Some(s.seconds),
         wire_bytes: Some(s.wire_bytes),
         seal_seconds: s.seal_seconds,
+        cloned_bytes: s.cloned_bytes,
         transfer_id: Some(s.transfer_id.clone()),
         delivered_identical: Some(true),
         tcp_congestion: None,

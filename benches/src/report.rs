@@ -110,6 +110,10 @@ pub struct RunRecord {
     /// baylink: seconds spent sealing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seal_seconds: Option<f64>,
+    /// baylink: payload bytes the seal cloned into the spool instead of copying (a work
+    /// directory on a file system that shares blocks: XFS with reflink, btrfs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cloned_bytes: Option<u64>,
     /// baylink: the transfer id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer_id: Option<String>,

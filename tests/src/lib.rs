@@ -380,6 +380,24 @@ pub fn mount_namespace_unavailable() -> Option<String> {
     (!ok).then(|| "unshare --mount is not available".into())
 }
 
+/// Why a test that mounts a fresh XFS file system (reflinks) in a private mount namespace
+/// cannot run here, if it cannot (see [`mount_namespace_unavailable`]; `mkfs.xfs` from
+/// xfsprogs; a loop device).
+pub fn xfs_unavailable() -> Option<String> {
+    if let Some(why) = mount_namespace_unavailable() {
+        return Some(why);
+    }
+    let mkfs = Command::new("mkfs.xfs")
+        .arg("-V")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !mkfs {
+        return Some("mkfs.xfs is not installed (xfsprogs)".into());
+    }
+    (!Path::new("/dev/loop-control").exists()).then(|| "no loop devices".into())
+}
+
 /// A running `baylink serve`; killed on drop.
 #[derive(Debug)]
 pub struct Service {

@@ -76,6 +76,11 @@ pub const TEST_PACKAGES: &[Package] = &[
         why: "Orthanc's DICOMweb plugin (STOW-RS) for the delivery tests",
     },
     Package {
+        name: "xfsprogs",
+        // mkfs.xfs: a file system with reflinks, where the seal clones instead of copying.
+        why: "mkfs.xfs, for the test of sealing by copy-on-write clone",
+    },
+    Package {
         name: "stunnel4",
         // A TLS front for Orthanc (whose own HTTPS crashes in Debian's 1.10 build).
         why: "stunnel, the https front of the store in the https delivery tests",

@@ -1,6 +1,10 @@
 //! End-to-end transfers: edge `send` to a gateway `serve`, bytes compared at the destination.
 
-use baylink_tests::{Deployment, payload, sha256_file, summary};
+use std::process::Command;
+
+use baylink_tests::{
+    Deployment, baylink_bin, payload, sha256_file, skip_if, summary, xfs_unavailable,
+};
 
 /// Chunk size the small-transfer tests configure, so chunk boundaries are cheap to cross.
 const SMALL_CHUNK: u64 = 64 * 1024;
@@ -139,4 +143,109 @@ fn names_of_255_bytes_arrive_byte_identical() {
         want.sort();
         assert_eq!(keys, want, "{side}");
     }
+}
+
+/// On a file system that shares blocks (XFS with reflink), `send` of a file on the spool's
+/// file system clones it into the spool instead of copying it (`cloned_bytes` says so), and
+/// the gateway gets the same bytes. The clone is the transfer's own: a write to the source
+/// after the seal leaves the spool's payload, and what was signed, as they were.
+#[test]
+fn send_clones_a_file_on_the_spools_file_system() {
+    if skip_if(xfs_unavailable()) {
+        return;
+    }
+    let d = deployment_with_chunk(SMALL_CHUNK);
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let len = 5 * SMALL_CHUNK + 123;
+    let original = payload(d.dir.path(), "scan.dcm", len, 11).unwrap();
+    let image = d.path("xfs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.xfs")
+        .args(["-q", "-m", "reflink=1"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "mkfs.xfs: {mkfs:?}");
+    let mount = d.path("xfs");
+    std::fs::create_dir_all(&mount).unwrap();
+    d.set(
+        "edge.toml",
+        "spool",
+        "dir",
+        &format!("{:?}", mount.join("spool")),
+    )
+    .unwrap();
+
+    // The mount lives as long as this shell: it sends, overwrites the source, and copies
+    // the edge's spool out for the checks below.
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "--", "sh", "-euc"])
+        .arg(
+            r#"mount -o loop "$0" "$1"
+cp "$2" "$1/scan.dcm"
+"$3" send --no-progress --config "$4" "$1/scan.dcm" > "$5"
+printf 'changed after the seal' | dd of="$1/scan.dcm" bs=1 seek=100 conv=notrunc 2>/dev/null
+cp -r "$1/spool" "$6""#,
+        )
+        .arg(&image)
+        .arg(&mount)
+        .arg(&original)
+        .arg(baylink_bin())
+        .arg(d.edge_config())
+        .arg(d.path("summary.json"))
+        .arg(d.path("spool-copy"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.path("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["cloned_bytes"], len, "{s}");
+    assert_eq!(s["bytes"], len);
+    let id = s["transfer_id"].as_str().unwrap().to_owned();
+
+    let spooled: Vec<_> = std::fs::read_dir(d.path("spool-copy").join(&id).join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(spooled.len(), 1, "{spooled:?}");
+    let want = sha256_file(&original).unwrap();
+    assert_eq!(
+        sha256_file(&spooled[0]).unwrap(),
+        want,
+        "the clone kept its bytes"
+    );
+    let status = gateway.terminate().expect("gateway stops");
+    assert!(status.success(), "gateway exit: {status}");
+    assert_eq!(sha256_file(&d.delivered(&id, "scan.dcm")).unwrap(), want);
+}
+
+/// Where the spool's file system cannot clone (the test's temporary directory on ext4 or
+/// tmpfs), `send` copies, and says it cloned nothing.
+#[test]
+fn send_copies_where_the_file_system_cannot_clone() {
+    let d = deployment_with_chunk(SMALL_CHUNK);
+    let probe = d.path("probe");
+    std::fs::write(&probe, b"probe").unwrap();
+    let clones = Command::new("cp")
+        .arg("--reflink=always")
+        .arg(&probe)
+        .arg(d.path("probe-clone"))
+        .output()
+        .unwrap()
+        .status
+        .success();
+    let s = roundtrip(&d, &[3 * SMALL_CHUNK + 5]);
+    if clones {
+        eprintln!("the temporary directory's file system clones: nothing to check here");
+        return;
+    }
+    assert_eq!(s["cloned_bytes"], 0, "{s}");
 }
