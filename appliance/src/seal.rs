@@ -36,7 +36,8 @@ pub trait SealProgress: Send + Sync {
     /// `bytes` more payload bytes are in the spool and hashed.
     fn copied(&self, bytes: u64);
     /// A file of `bytes` bytes was placed in the spool as a copy-on-write clone of its
-    /// source instead of being copied (see [`place_hashed`]). Its bytes are reported through
+    /// source instead of being copied (a source on the spool's file system, where that file
+    /// system shares blocks). Its bytes are reported through
     /// [`SealProgress::copied`] too, as they are hashed.
     fn cloned(&self, bytes: u64) {
         let _ = bytes;
