@@ -104,6 +104,34 @@ impl Steps {
     }
 }
 
+/// Free space the tests need under the temporary directory: the 1 GiB transfers hold the
+/// payload, both spools and the delivered copy (4 GiB) while other tests run beside them.
+const TESTS_NEED: u64 = 8 << 30;
+
+/// Free space the release build and the test binaries need in the workspace's `target/`.
+const BUILD_NEEDS: u64 = 12 << 30;
+
+/// Fails with the figures when `dir`'s file system has less than `need` bytes free: a full disk
+/// otherwise shows up 20 minutes later as a transfer test that waits, as designed, for a full
+/// spool to drain.
+fn enough_space(dir: &std::path::Path, need: u64) -> Result<()> {
+    let st =
+        nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
+    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+    if free < need {
+        return Err(anyhow!(
+            "{:.1} GiB free under {}, CI needs {:.0} GiB there; free some space or point \
+             TMPDIR (tests) or CARGO_TARGET_DIR (build) at a roomier file system",
+            gib(free),
+            dir.display(),
+            gib(need)
+        ));
+    }
+    println!("{:.1} GiB free under {}", gib(free), dir.display());
+    Ok(())
+}
+
 fn seconds(d: Duration) -> String {
     format!("{:.1} s", d.as_secs_f64())
 }
@@ -183,6 +211,19 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
         }
         Ok(())
     })?;
+
+    steps.step(
+        "disk",
+        "free space for the build and the tests' temporary directories",
+        || {
+            enough_space(&std::env::temp_dir(), TESTS_NEED)?;
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .filter(|t| t.exists())
+                .unwrap_or_else(cmd::workspace_root);
+            enough_space(&target, BUILD_NEEDS)
+        },
+    )?;
 
     steps.cargo("fmt", &["fmt", "--all", "--", "--check"], &env)?;
     steps.cargo(
@@ -281,6 +322,15 @@ fn run_steps(steps: &mut Steps, opts: &Options) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn too_little_space_is_refused_with_the_figures() {
+        let dir = tempfile::tempdir().unwrap();
+        enough_space(dir.path(), 1).unwrap();
+        let e = enough_space(dir.path(), u64::MAX).unwrap_err().to_string();
+        assert!(e.contains("GiB free under"), "{e}");
+        assert!(e.contains(&dir.path().display().to_string()), "{e}");
+    }
 
     #[test]
     fn steps_time_and_name_failures() {
