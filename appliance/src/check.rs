@@ -276,6 +276,7 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("ingest.dicom_peers[].commitment_host", Kind::Str),
     opt("ingest.dicom_peers[].commitment_port", U64),
     opt("ingest.dicom_peers[].commitment_ae_title", Kind::Str),
+    opt("ingest.dicom_peers[].commitment_tls", Kind::Bool),
     opt("ingest.dicom_max_pdu_bytes", U32),
     opt("ingest.dicom_max_associations", U64),
     opt("ingest.dicom_commitment_max_pending", U64),
@@ -663,18 +664,26 @@ pub fn environment_checks(cfg: &Config, report: &mut Report, options: Options) {
         }
     }
     if let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery {
+        let pem_key = tls
+            .identity
+            .as_ref()
+            .and_then(|(c, k)| Some((c, k.file()?)));
         certificates(
             report,
             ("delivery.ca", tls.ca.as_path()),
-            tls.identity.as_ref().map(|(c, k)| {
-                (
-                    ("delivery.cert", c.as_path()),
-                    ("delivery.key", k.as_path()),
-                )
-            }),
+            pem_key.map(|(c, k)| (("delivery.cert", c.as_path()), ("delivery.key", k))),
             cfg.tls.warn_expiry,
             now,
         );
+        // The key is on the token: `hsm` below checks it against the certificate.
+        if let Some((cert, TlsKeySource::Hsm { .. })) = &tls.identity
+            && !certificate_file(report, "delivery.cert", cert, cfg.tls.warn_expiry, now)
+        {
+            report.error(
+                "delivery.key",
+                "cannot be checked: delivery.cert is unusable",
+            );
+        }
     }
     if let Some(DeliverySection::Dir { path }) = &cfg.delivery
         && !report.is_bad("delivery.path")
@@ -714,6 +723,29 @@ pub fn environment_checks(cfg: &Config, report: &mut Report, options: Options) {
     directory(report, "spool.dir", &cfg.spool_dir);
     directory(report, "audit.dir", &cfg.audit_dir);
     receive_hold(cfg, report);
+    commitment_tls(cfg, report);
+}
+
+/// A peer that may request Storage Commitment on the DICOM TLS port but whose listener is
+/// reached in the clear: the reports of those requests never leave the edge (they go only
+/// over TLS), and stay pending.
+fn commitment_tls(cfg: &Config, report: &mut Report) {
+    if cfg.ingest.dicom_tls_listen.is_none() {
+        return;
+    }
+    for peer in &cfg.ingest.dicom.peers {
+        if peer.commitment.as_ref().is_some_and(|c| !c.tls) {
+            report.warning(
+                "ingest.dicom_peers.commitment_tls",
+                format!(
+                    "{} ({}): a Storage Commitment request it makes on dicom_tls_listen is \
+                     reported on a new association only over TLS, and commitment_tls is not \
+                     set, so such a report stays pending",
+                    peer.ae_title, peer.hospital
+                ),
+            );
+        }
+    }
 }
 
 /// A receive hold of more than a tenth of the round trip is mostly delay: every packet may
@@ -892,6 +924,18 @@ fn hsm(cfg: &Config, report: &mut Report) {
         && let Err(e) = crate::keys::tls_identity(cfg, &token)
     {
         report.error("tls.key", format!("{e:#}"));
+    }
+    // The same for a delivery.key on the token.
+    if let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery
+        && tls
+            .identity
+            .as_ref()
+            .is_some_and(|(_, k)| k.hsm_label().is_some())
+        && !report.is_bad("delivery.key")
+        && !report.is_bad("delivery.cert")
+        && let Err(e) = crate::keys::delivery_identity(cfg, &token)
+    {
+        report.error("delivery.key", format!("{e:#}"));
     }
 }
 

@@ -25,6 +25,7 @@ use crate::dicom::settings::{DEFAULT_DICOM_IDLE_TIMEOUT, DicomKeys, DicomPeerEnt
 use crate::ingest::stow_limits as stow;
 use crate::setting::SettingError;
 
+pub use crate::key_source::{PKCS11_URI_SCHEME, TlsKeySource, parse_pkcs11_uri};
 pub use crate::setting::Role;
 
 /// A configuration that could not be loaded; the message names the file and the key.
@@ -218,133 +219,6 @@ pub struct TlsSection {
     /// A certificate expiring within this is reported as a warning by `check-config` and at
     /// `serve` start-up (`tls.warn_expiry`, default 30 days); an expired one is an error.
     pub warn_expiry: Duration,
-}
-
-/// Where the appliance's TLS private key is (`tls.key`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TlsKeySource {
-    /// A PEM private key file (PKCS#8, PKCS#1 or SEC1), mode 0600 or stricter.
-    File(PathBuf),
-    /// An EC P-256 key pair on the `[hsm]` token, by label: `tls.key =
-    /// "pkcs11:object=<label>"` (RFC 7512). The private key never leaves the token.
-    Hsm {
-        /// The key label (`CKA_LABEL` of the private and public key objects).
-        label: String,
-    },
-}
-
-impl TlsKeySource {
-    /// The file, for a PEM key.
-    pub fn file(&self) -> Option<&Path> {
-        match self {
-            TlsKeySource::File(p) => Some(p),
-            TlsKeySource::Hsm { .. } => None,
-        }
-    }
-
-    /// The HSM key label, for a token-held key.
-    pub fn hsm_label(&self) -> Option<&str> {
-        match self {
-            TlsKeySource::File(_) => None,
-            TlsKeySource::Hsm { label } => Some(label),
-        }
-    }
-}
-
-impl std::fmt::Display for TlsKeySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            TlsKeySource::File(p) => write!(f, "{}", p.display()),
-            TlsKeySource::Hsm { label } => {
-                write!(f, "{PKCS11_URI_SCHEME}object={}", percent_encode(label))
-            }
-        }
-    }
-}
-
-/// What a `tls.key` naming an HSM key starts with (RFC 7512): a path never does, since a
-/// relative path would be written `./pkcs11:...`.
-pub const PKCS11_URI_SCHEME: &str = "pkcs11:";
-
-/// Parses `pkcs11:object=<label>[;token=<token label>][;type=private]` (RFC 7512 path
-/// attributes, percent-encoding allowed). `token`, when given, must be `hsm.token_label`; the
-/// key is always looked for on the `[hsm]` token. Query attributes (`?pin-value=...`) and any
-/// other attribute are refused: the PIN comes from `hsm.pin_file` only.
-pub fn parse_pkcs11_uri(uri: &str, token_label: &str) -> Result<String, String> {
-    let rest = uri
-        .strip_prefix(PKCS11_URI_SCHEME)
-        .ok_or_else(|| format!("`{uri}` does not start with `{PKCS11_URI_SCHEME}`"))?;
-    if rest.contains('?') {
-        return Err(format!(
-            "`{uri}` has query attributes; only object, token and type are accepted (the PIN \
-             comes from hsm.pin_file)"
-        ));
-    }
-    let mut object = None;
-    for attr in rest.split(';').filter(|a| !a.is_empty()) {
-        let (name, value) = attr
-            .split_once('=')
-            .ok_or_else(|| format!("`{attr}` in `{uri}` is not name=value"))?;
-        let value = percent_decode(value)
-            .ok_or_else(|| format!("`{value}` in `{uri}` is not valid percent-encoded UTF-8"))?;
-        match name {
-            "object" => {
-                if object.replace(value).is_some() {
-                    return Err(format!("`{uri}` names object twice"));
-                }
-            }
-            "token" if value == token_label => {}
-            "token" => {
-                return Err(format!(
-                    "`{uri}` names token \"{value}\", but the key is looked for on the [hsm] \
-                     token \"{token_label}\""
-                ));
-            }
-            "type" if value == "private" => {}
-            "type" => return Err(format!("`{uri}`: type must be private")),
-            other => {
-                return Err(format!(
-                    "`{uri}`: attribute `{other}` is not supported (object, token, type)"
-                ));
-            }
-        }
-    }
-    let label = object.ok_or_else(|| format!("`{uri}` names no object (the key label)"))?;
-    if label.is_empty() || label.len() > 32 || label.chars().any(char::is_control) {
-        return Err(format!(
-            "`{uri}`: the key label must be 1 to 32 bytes without control characters"
-        ));
-    }
-    Ok(label)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// `[transport]`
@@ -684,14 +558,8 @@ struct RawTls {
 impl RawTls {
     /// `hsm_token_label`: the token a `pkcs11:` key must be on.
     fn check(self, cx: &Context<'_>, hsm_token_label: &str) -> Result<TlsSection, ConfigError> {
-        let key = if self.key.starts_with(PKCS11_URI_SCHEME) {
-            TlsKeySource::Hsm {
-                label: parse_pkcs11_uri(&self.key, hsm_token_label)
-                    .map_err(|m| cx.invalid("tls.key", m))?,
-            }
-        } else {
-            TlsKeySource::File(cx.resolve(Path::new(&self.key)))
-        };
+        let key = TlsKeySource::parse(&self.key, hsm_token_label, |p| cx.resolve(p))
+            .map_err(|m| cx.invalid("tls.key", m))?;
         Ok(TlsSection {
             ca: cx.resolve(&self.ca),
             cert: cx.resolve(&self.cert),
@@ -1274,14 +1142,16 @@ struct RawDelivery {
     retry_max: Option<String>,
     ca: Option<PathBuf>,
     cert: Option<PathBuf>,
-    key: Option<PathBuf>,
+    key: Option<String>,
 }
 
 /// `[delivery]` (required on a gateway) and its retry waits; the checks of the values are
 /// the delivery module's ([`Backoff::from_settings`], [`StowSettings::from_section`]).
+/// `hsm_token_label`: the token a `pkcs11:` `delivery.key` must be on.
 fn check_delivery(
     raw: Option<RawDelivery>,
     cx: &Context<'_>,
+    hsm_token_label: &str,
 ) -> Result<(Option<DeliverySection>, Backoff), ConfigError> {
     let Some(d) = raw else {
         return match cx.role {
@@ -1304,7 +1174,11 @@ fn check_delivery(
                 d.batch_bytes,
                 d.ca.as_deref().map(|p| cx.resolve(p)),
                 d.cert.as_deref().map(|p| cx.resolve(p)),
-                d.key.as_deref().map(|p| cx.resolve(p)),
+                d.key
+                    .as_deref()
+                    .map(|k| TlsKeySource::parse(k, hsm_token_label, |p| cx.resolve(p)))
+                    .transpose()
+                    .map_err(|m| cx.invalid("delivery.key", m))?,
             )
             .map_err(|e| cx.setting(e))?,
         ),
@@ -1378,7 +1252,7 @@ impl Config {
         let link = raw.link.check(&cx)?;
         let ingest = raw.ingest.check(&cx)?;
         let metrics_listen = raw.metrics.check(&cx)?;
-        let (delivery, delivery_retry) = check_delivery(raw.delivery, &cx)?;
+        let (delivery, delivery_retry) = check_delivery(raw.delivery, &cx, &hsm.token_label)?;
         let (audit_dir, audit) = raw.audit.check(&cx)?;
         let quota = raw.quota.check(&cx)?;
         let id = check_id(raw.id, &cx)?;
@@ -1805,8 +1679,27 @@ path = "delivered"
             tls.identity,
             Some((
                 PathBuf::from("/etc/baylink/me.pem"),
-                PathBuf::from("/etc/baylink/me.key")
+                TlsKeySource::File(PathBuf::from("/etc/baylink/me.key"))
             ))
+        );
+        // A key on the token, named as `tls.key` may name one.
+        let hsm = Config::parse(
+            Path::new("/etc/baylink/g.toml"),
+            &dicomweb(
+                "url = \"https://store:8443/dicom-web\"\nca = \"store-ca.pem\"\n\
+                 cert = \"me.pem\"\nkey = \"pkcs11:object=store%20client;type=private\"",
+            ),
+        )
+        .unwrap();
+        let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = hsm.delivery
+        else {
+            panic!("https delivery with TLS settings: {:?}", hsm.delivery);
+        };
+        assert_eq!(
+            tls.identity.map(|(_, key)| key),
+            Some(TlsKeySource::Hsm {
+                label: "store client".into()
+            })
         );
         for (rest, want) in [
             ("", "missing `delivery.url`"),
@@ -1817,6 +1710,11 @@ path = "delivered"
             (
                 "url = \"https://store\"\nca = \"ca.pem\"\ncert = \"me.pem\"",
                 "missing `delivery.key`",
+            ),
+            (
+                "url = \"https://store\"\nca = \"ca.pem\"\ncert = \"me.pem\"\n\
+                 key = \"pkcs11:object=k;token=another\"",
+                "names token \"another\"",
             ),
             (
                 "url = \"http://store\"\nca = \"ca.pem\"",
@@ -2278,7 +2176,7 @@ dir = "audit/edge"
             (
                 "ingest",
                 &format!("{peer}\ncommitment_host = \"pacs\""),
-                "ingest.dicom_peers.commitment_port: CT1: commitment_host and commitment_ae_title need commitment_port",
+                "ingest.dicom_peers.commitment_port: CT1: commitment_host, commitment_ae_title and commitment_tls need commitment_port",
             ),
             (
                 "ingest",

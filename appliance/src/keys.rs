@@ -5,13 +5,15 @@
 //! which the audit log and the orchestration use and which therefore knows nothing of
 //! `config`.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use baylink_hsm::{HsmConfig, Signer, TlsKey, Token};
 use baylink_net::transport::TlsIdentity;
 
-use crate::config::{Config, TlsKeySource};
+use crate::config::{Config, DeliverySection, TlsKeySource};
+use crate::deliver::dicomweb::{DeliveryTls, StowSettings};
 use crate::signing::Keys;
 
 /// The HSM settings of a config, with the PIN read from its file.
@@ -63,18 +65,49 @@ fn check_key_protection(cfg: &Config, signer: &Signer, what: &str) -> anyhow::Re
 /// (the error names both and their public key fingerprints), when the token has no such key,
 /// or when the token-held key can leave the token and `hsm.allow_extractable` is false.
 pub fn tls_identity(cfg: &Config, token: &Token) -> anyhow::Result<TlsIdentity> {
-    match &cfg.tls.key {
-        TlsKeySource::File(path) => {
-            TlsIdentity::from_pem_files(&cfg.tls.cert, path).context("tls.cert/tls.key refused")
-        }
+    identity(cfg, token, "tls", &cfg.tls.cert, &cfg.tls.key)
+}
+
+/// The gateway's client identity towards an https record store (`delivery.cert` with the
+/// key `delivery.key` names, a PEM file or a key pair on `token`), if the config names one.
+/// Fails closed as [`tls_identity`] does.
+pub fn delivery_identity(cfg: &Config, token: &Token) -> anyhow::Result<Option<TlsIdentity>> {
+    let Some(DeliverySection::DicomWeb(StowSettings {
+        tls: Some(DeliveryTls {
+            identity: Some((cert, key)),
+            ..
+        }),
+        ..
+    })) = &cfg.delivery
+    else {
+        return Ok(None);
+    };
+    identity(cfg, token, "delivery", cert, key).map(Some)
+}
+
+/// The certificate `cert` with the key `key` names (config keys `<section>.cert` and
+/// `<section>.key`): a PEM file, or a key pair on `token`. Fails closed when the key is not
+/// the certificate's (the error names both and their public key fingerprints), when the
+/// token has no such key, or when the token-held key can leave the token and
+/// `hsm.allow_extractable` is false.
+fn identity(
+    cfg: &Config,
+    token: &Token,
+    section: &str,
+    cert: &Path,
+    key: &TlsKeySource,
+) -> anyhow::Result<TlsIdentity> {
+    let refused = || format!("{section}.cert/{section}.key refused");
+    match key {
+        TlsKeySource::File(path) => TlsIdentity::from_pem_files(cert, path).with_context(refused),
         TlsKeySource::Hsm { label } => {
-            let key =
-                TlsKey::open(token, label).with_context(|| format!("tls.key {}", cfg.tls.key))?;
-            check_key_protection(cfg, key.signer(), "tls.key")?;
-            let name = format!("{} on token \"{}\"", cfg.tls.key, token.label());
-            let identity = TlsIdentity::with_key(&cfg.tls.cert, Arc::new(key), &name)
-                .context("tls.cert/tls.key refused")?;
-            tracing::info!(key = %cfg.tls.key, token = %token.label(), "TLS private key held in the HSM");
+            let what = format!("{section}.key");
+            let opened = TlsKey::open(token, label).with_context(|| format!("{what} {key}"))?;
+            check_key_protection(cfg, opened.signer(), &what)?;
+            let name = format!("{key} on token \"{}\"", token.label());
+            let identity =
+                TlsIdentity::with_key(cert, Arc::new(opened), &name).with_context(refused)?;
+            tracing::info!(key = %key, token = %token.label(), config_key = %what, "TLS private key held in the HSM");
             Ok(identity)
         }
     }

@@ -30,6 +30,7 @@ pub mod gateway;
 pub mod health;
 pub mod info;
 pub mod ingest;
+pub mod key_source;
 pub mod keys;
 pub mod link;
 pub mod notice;

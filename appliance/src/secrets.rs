@@ -57,9 +57,9 @@ pub fn secret_files(cfg: &Config) -> Vec<(&'static str, &Path)> {
     }
     files.push(("audit.patient_key", cfg.audit.patient_key.as_path()));
     if let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery
-        && let Some((_, key)) = &tls.identity
+        && let Some(key) = tls.identity.as_ref().and_then(|(_, key)| key.file())
     {
-        files.push(("delivery.key", key.as_path()));
+        files.push(("delivery.key", key));
     }
     files
 }

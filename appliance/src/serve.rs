@@ -99,6 +99,13 @@ async fn serve_gateway(
             deliver::dicomweb::DicomWebDelivery::new(
                 &url,
                 tls.as_ref(),
+                {
+                    let (cfg, token) = (cfg.clone(), keys.token.clone());
+                    tokio::task::spawn_blocking(move || {
+                        crate::keys::delivery_identity(&cfg, &token)
+                    })
+                    .await??
+                },
                 spool.clone(),
                 tokio::runtime::Handle::current(),
             )
@@ -325,20 +332,39 @@ async fn serve_edge(
     let (connections, associations) = (Activity::default(), Activity::default());
     // The DICOM TLS port's configuration, replaced by a SIGHUP reload.
     let mut dicom_tls = None;
+    // Storage Commitment reports over TLS: for the requests of the DICOM TLS port, and for
+    // every peer that asks (`commitment_tls`). Replaced by a SIGHUP reload.
+    let commitment_tls = (cfg.ingest.dicom_tls_listen.is_some()
+        || cfg
+            .ingest
+            .dicom
+            .peers
+            .iter()
+            .any(|p| p.commitment.as_ref().is_some_and(|c| c.tls)))
+    .then(|| -> anyhow::Result<_> {
+        let ca = baylink_net::transport::load_ca(&cfg.tls.ca).context("tls.ca")?;
+        Ok(crate::tls_reload::Swap::new(
+            crate::dicom::commitment::report_tls_config(&ca, &edge.tls_identity())
+                .context("storage commitment reports over TLS")?,
+        ))
+    })
+    .transpose()?;
     if cfg.ingest.dicom_listen.is_some() || cfg.ingest.dicom_tls_listen.is_some() {
         // Storage Commitment: its index and pending requests (those of an earlier run are
         // answered as their notices come, or at once if they already have).
-        let commitment = Arc::new(
-            crate::dicom::commitment::Commitments::open(
-                &cfg.spool_dir,
-                store.clone(),
-                cfg.ingest.dicom.ae_title.clone(),
-                cfg.ingest.dicom.peers.clone(),
-                cfg.ingest.dicom.commitment_max_pending,
-            )
-            .context("storage commitment state (spool/.commitment)")?
-            .with_retention(cfg.spool_retain),
-        );
+        let mut commitment = crate::dicom::commitment::Commitments::open(
+            &cfg.spool_dir,
+            store.clone(),
+            cfg.ingest.dicom.ae_title.clone(),
+            cfg.ingest.dicom.peers.clone(),
+            cfg.ingest.dicom.commitment_max_pending,
+        )
+        .context("storage commitment state (spool/.commitment)")?
+        .with_retention(cfg.spool_retain);
+        if let Some(tls) = &commitment_tls {
+            commitment = commitment.with_tls(tls.clone());
+        }
+        let commitment = Arc::new(commitment);
         tokio::spawn(commitment.clone().run());
         let (scp, tls) = start_dicom_scp(
             &cfg,
@@ -377,6 +403,7 @@ async fn serve_edge(
         Doors {
             https: https_tls,
             dicom_tls,
+            commitment_tls,
         },
         signals.hup.take().context("SIGHUP handler taken")?,
     ));
@@ -601,11 +628,14 @@ struct Doors {
     https: Option<crate::tls_reload::Swap<rustls::ServerConfig>>,
     /// The DICOM TLS port (`ingest.dicom_tls_listen`).
     dicom_tls: Option<crate::tls_reload::Swap<rustls::ServerConfig>>,
+    /// The client side of Storage Commitment reports over TLS.
+    commitment_tls: Option<crate::tls_reload::Swap<rustls::ClientConfig>>,
 }
 
 /// Edge, on every SIGHUP (`systemctl reload`): first the policy (consent registry, negative
 /// list, hospitals) from the files the config names, then the TLS certificate, key and CA
-/// (the link to the gateway, the hospital API `https` and the DICOM TLS port, all or none;
+/// (the link to the gateway, the hospital API `https`, the DICOM TLS port and Storage
+/// Commitment reports over TLS, all or none;
 /// see [`crate::tls_reload`]). What does not load is reported and what is in force stays: a
 /// typo never opens or closes the channel by accident.
 async fn reload_on_sighup(
@@ -628,6 +658,11 @@ async fn reload_on_sighup(
             let door = (doors.https.is_some() || doors.dicom_tls.is_some())
                 .then(|| ingest::http::tls_config_with_roots(&l.ca, &l.identity))
                 .transpose()?;
+            let reports = doors
+                .commitment_tls
+                .as_ref()
+                .map(|_| crate::dicom::commitment::report_tls_config(&l.ca, &l.identity))
+                .transpose()?;
             if let Some(door) = door {
                 if let Some(swap) = &doors.dicom_tls {
                     swap.replace(dicom_tls_config(door.clone()));
@@ -635,6 +670,9 @@ async fn reload_on_sighup(
                 if let Some(swap) = &doors.https {
                     swap.replace(door);
                 }
+            }
+            if let (Some(swap), Some(reports)) = (&doors.commitment_tls, reports) {
+                swap.replace(reports);
             }
             edge.replace_tls(l.identity.clone(), client);
             Ok(())

@@ -1113,13 +1113,12 @@ pub struct TlsProxy {
 }
 
 impl TlsProxy {
-    /// Starts stunnel: accepts TLS on a free port with `cert`/`key`, requires a client
-    /// certificate that chains to `ca`, and forwards to 127.0.0.1:`to`. Ready when an https
-    /// request with `client` (certificate, key) through it reaches `ready_path` of the
-    /// service behind it ([`EVENT_WAIT`] at most).
+    /// Starts stunnel: accepts TLS on a free port with `cert`/`key` (which chain to
+    /// `server_ca`), requires a client certificate that chains to `ca`, and forwards to
+    /// 127.0.0.1:`to`. Ready when an https request with `client` (certificate, key) through
+    /// it reaches `ready_path` of the service behind it ([`EVENT_WAIT`] at most).
     pub fn start(
-        cert: &Path,
-        key: &Path,
+        (cert, key, server_ca): (&Path, &Path, &Path),
         ca: &Path,
         to: u16,
         client: (&Path, &Path),
@@ -1139,7 +1138,7 @@ impl TlsProxy {
         std::fs::write(&config_path, config)?;
         let mut daemon = Daemon::spawn("stunnel", Command::new("stunnel").arg(&config_path), dir)?;
         let url = format!("https://127.0.0.1:{port}{ready_path}");
-        let (ca, cert, key) = (ca.display(), client.0.display(), client.1.display());
+        let (ca, cert, key) = (server_ca.display(), client.0.display(), client.1.display());
         let (ca, cert, key) = (ca.to_string(), cert.to_string(), key.to_string());
         daemon.wait_until("pass a request", || {
             curl(&["--cacert", &ca, "--cert", &cert, "--key", &key, &url]).is_ok()

@@ -33,7 +33,8 @@
 //! location is the first RetrieveURL of the whole transfer, whichever attempt got it.
 //!
 //! `https://` stores are verified against `delivery.ca` only (no system roots) and may ask
-//! for the gateway's client certificate (`delivery.cert`, `delivery.key`); TLS 1.3 or 1.2,
+//! for the gateway's client certificate (`delivery.cert`, `delivery.key`: a PEM file or a
+//! key pair on the HSM token, opened by the caller); TLS 1.3 or 1.2,
 //! aws-lc-rs with X25519MLKEM768 preferred, like every other TLS endpoint of baylink.
 //!
 //! Sending instances the store already holds again is harmless (STOW-RS stores by SOP
@@ -58,6 +59,7 @@ use tokio::io::AsyncReadExt;
 use super::retry::{Cause, Transient, Verdict, classify, parse_retry_after};
 use super::{Deliver, Delivered, Undeliverable};
 use crate::dicom::part10;
+use crate::key_source::TlsKeySource;
 use crate::setting::SettingError;
 use crate::transfer_dir::{TransferDir, write_atomic};
 use baylink_net::proto::{Manifest, RefusedInstance};
@@ -95,9 +97,9 @@ pub struct DeliveryTls {
     /// CA certificate(s) the store's certificate must chain to (`delivery.ca`); no system
     /// roots are trusted.
     pub ca: PathBuf,
-    /// Client certificate and key presented to the store (`delivery.cert`, `delivery.key`),
-    /// when it asks for one.
-    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Client certificate and key presented to the store (`delivery.cert`, `delivery.key`:
+    /// a PEM file or a key pair on the `[hsm]` token), when it asks for one.
+    pub identity: Option<(PathBuf, TlsKeySource)>,
 }
 
 impl StowSettings {
@@ -111,7 +113,7 @@ impl StowSettings {
         batch_bytes: Option<u64>,
         ca: Option<PathBuf>,
         cert: Option<PathBuf>,
-        key: Option<PathBuf>,
+        key: Option<TlsKeySource>,
     ) -> Result<StowSettings, SettingError> {
         let invalid = |key: &'static str, message: String| SettingError::Invalid { key, message };
         let url = url.ok_or(SettingError::Missing("delivery.url"))?;
@@ -247,20 +249,30 @@ impl std::fmt::Debug for DicomWebDelivery {
 }
 
 impl DicomWebDelivery {
-    /// Delivers to the DICOMweb base `url` (with `tls` for an `https://` one), reading the
-    /// files through `spool` and driving requests on `runtime`.
+    /// Delivers to the DICOMweb base `url` (with `tls` for an `https://` one, and `identity`,
+    /// the certificate and key of `tls.identity` opened by the caller, to present), reading
+    /// the files through `spool` and driving requests on `runtime`.
     pub fn new(
         url: &str,
         tls: Option<&DeliveryTls>,
+        identity: Option<TlsIdentity>,
         spool: Spool,
         runtime: tokio::runtime::Handle,
     ) -> anyhow::Result<DicomWebDelivery> {
         let url = StowUrl::parse(url)?;
         let tls = match (url.https, tls) {
             (true, Some(tls)) => {
+                match (&tls.identity, &identity) {
+                    (Some(_), None) => bail!("delivery.cert and delivery.key were not opened"),
+                    (None, Some(_)) => {
+                        bail!("a client identity without delivery.cert and delivery.key")
+                    }
+                    _ => {}
+                }
                 let name = ServerName::try_from(url.host.clone())
                     .with_context(|| format!("`{}` is not a valid TLS server name", url.host))?;
-                Some((tokio_rustls::TlsConnector::from(client_config(tls)?), name))
+                let config = client_config(tls, identity.as_ref())?;
+                Some((tokio_rustls::TlsConnector::from(config), name))
             }
             (true, None) => bail!("an https:// store needs delivery.ca"),
             (false, Some(_)) => bail!("delivery.ca, cert and key apply to https:// URLs"),
@@ -523,8 +535,11 @@ where
 }
 
 /// The rustls client configuration for the store: `tls.ca` only, TLS 1.3 or 1.2, ALPN
-/// `http/1.1`, the client certificate when configured.
-fn client_config(tls: &DeliveryTls) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+/// `http/1.1`, presenting `identity` when there is one.
+fn client_config(
+    tls: &DeliveryTls,
+    identity: Option<&TlsIdentity>,
+) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let roots = root_store(&load_ca(&tls.ca).context("delivery.ca")?)
         .with_context(|| format!("CA certificate in {} refused", tls.ca.display()))?;
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -532,12 +547,9 @@ fn client_config(tls: &DeliveryTls) -> anyhow::Result<Arc<rustls::ClientConfig>>
     ))
     .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
     .with_root_certificates(roots);
-    let mut config = match &tls.identity {
+    let mut config = match identity {
         None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let id = TlsIdentity::from_pem_files(cert, key).context("delivery.cert/key")?;
-            builder.with_client_cert_resolver(id.resolver())
-        }
+        Some(id) => builder.with_client_cert_resolver(id.resolver()),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))

@@ -34,8 +34,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baylink_net::proto::{Outcome, TransferId};
@@ -50,6 +50,7 @@ use super::part10::{trim_padding, validate_uid};
 use super::reader::long_length;
 use super::settings::DicomPeer;
 use crate::ingest::{IngestStore, TransferState};
+use crate::tls_reload::Swap;
 use crate::transfer_dir::{TransferDir, create_dir_durably, sync_dir, write_atomic};
 
 /// Storage Commitment Push Model SOP Class.
@@ -676,6 +677,28 @@ pub struct Commitments {
     message_id: AtomicU16,
     /// `spool.retain`: how often the index is swept of pruned transfers (`None`: never).
     retain: Option<Duration>,
+    /// The TLS client configuration of reports on a new association over TLS
+    /// ([`report_tls_config`]; `None`: the edge has no DICOM TLS port and no peer asks for
+    /// TLS). Replaced by a SIGHUP reload.
+    tls: Option<Swap<rustls::ClientConfig>>,
+}
+
+/// The rustls client configuration of Storage Commitment reports over TLS: the listener's
+/// certificate must chain to `tls.ca` (`ca`) and name the peer's `commitment_host`; the edge
+/// presents `identity` (its `tls.cert` and `tls.key`); TLS 1.3 or 1.2, no ALPN (PS3.15 B.1).
+pub fn report_tls_config(
+    ca: &[rustls_pki_types::CertificateDer<'static>],
+    identity: &baylink_net::transport::TlsIdentity,
+) -> anyhow::Result<rustls::ClientConfig> {
+    let roots = baylink_net::transport::root_store(ca)?;
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(identity.resolver()),
+    )
 }
 
 /// The directory of the service under the spool.
@@ -779,6 +802,7 @@ impl Commitments {
             wake: tokio::sync::Notify::new(),
             message_id: AtomicU16::new(1),
             retain: None,
+            tls: None,
         })
     }
 
@@ -786,6 +810,13 @@ impl Commitments {
     /// [`Commitments::forget_pruned`]), swept as often as the spool is.
     pub fn with_retention(mut self, retain: Option<Duration>) -> Commitments {
         self.retain = retain;
+        self
+    }
+
+    /// Reports on a new association may go over TLS, with the configuration `tls` holds
+    /// ([`report_tls_config`]).
+    pub fn with_tls(mut self, tls: Swap<rustls::ClientConfig>) -> Commitments {
+        self.tls = Some(tls);
         self
     }
 
@@ -1246,22 +1277,45 @@ impl Commitments {
         let route = peer.commitment.as_ref().ok_or(
             "no commitment_port in the peer's ingest.dicom_peers entry: the report cannot be sent",
         )?;
+        // What came over TLS never leaves in the clear.
+        if req.door == "dicom-tls" && !route.tls {
+            return Err(
+                "the request came through the DICOM TLS port, so its report goes only over TLS: \
+                 set commitment_tls = true in the peer's ingest.dicom_peers entry"
+                    .into(),
+            );
+        }
+        let tls = match (route.tls, &self.tls) {
+            (false, _) => None,
+            (true, Some(tls)) => Some(tls.current()),
+            (true, None) => {
+                return Err(
+                    "commitment_tls is set but the edge has no TLS client configuration".into(),
+                );
+            }
+        };
         let message_id = self.message_id.fetch_add(1, Ordering::Relaxed);
         tokio::time::timeout(
             REPORT_TIMEOUT * 3,
-            send_on_new_association(&self.ae_title, route, report, message_id),
+            send_on_new_association(&self.ae_title, route, tls, report, message_id),
         )
         .await
         .map_err(|_| "timed out".to_owned())??;
-        Ok("new association")
+        Ok(if route.tls {
+            "new association over TLS"
+        } else {
+            "new association"
+        })
     }
 }
 
 /// Opens an association to `route` (the edge in the SCP role of Storage Commitment, proposed
-/// through SCP/SCU Role Selection), sends the report, reads the N-EVENT-REPORT-RSP, releases.
+/// through SCP/SCU Role Selection), over TLS with `tls`, sends the report, reads the
+/// N-EVENT-REPORT-RSP, releases.
 async fn send_on_new_association(
     ae_title: &str,
     route: &super::settings::CommitmentRoute,
+    tls: Option<Arc<rustls::ClientConfig>>,
     report: &Report,
     message_id: u16,
 ) -> Result<(), String> {
@@ -1271,17 +1325,46 @@ async fn send_on_new_association(
         route.host.clone()
     };
     let address = format!("{}@{host}:{}", route.ae_title, route.port);
-    let mut assoc = dicom_ul::ClientAssociationOptions::new()
+    let options = dicom_ul::ClientAssociationOptions::new()
         .calling_ae_title(ae_title.to_owned())
         .called_ae_title(route.ae_title.clone())
         .with_presentation_context(STORAGE_COMMITMENT_PUSH, vec![EXPLICIT_LE, IMPLICIT_LE])
         .with_role_selection(STORAGE_COMMITMENT_PUSH, false, true)
         .connection_timeout(REPORT_TIMEOUT)
         .read_timeout(REPORT_TIMEOUT)
-        .write_timeout(REPORT_TIMEOUT)
-        .establish_with_async(&address)
-        .await
-        .map_err(|e| format!("association with {address}: {e}"))?;
+        .write_timeout(REPORT_TIMEOUT);
+    let refused = |e: dicom_ul::association::Error| format!("association with {address}: {e}");
+    match tls {
+        None => {
+            let assoc = options
+                .establish_with_async(&address)
+                .await
+                .map_err(refused)?;
+            report_on(assoc, &address, report, message_id).await
+        }
+        Some(config) => {
+            let assoc = options
+                .tls_config(config)
+                .server_name(&route.host)
+                .establish_with_async_tls(&address)
+                .await
+                .map_err(refused)?;
+            report_on(assoc, &address, report, message_id).await
+        }
+    }
+}
+
+/// Sends the report on the association `assoc` opened to `address`, reads the
+/// N-EVENT-REPORT-RSP, releases (aborts on any failure).
+async fn report_on<S>(
+    mut assoc: dicom_ul::association::AsyncClientAssociation<S>,
+    address: &str,
+    report: &Report,
+    message_id: u16,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let Some(pc) = assoc
         .presentation_contexts()
         .iter()

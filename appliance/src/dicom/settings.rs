@@ -55,6 +55,10 @@ pub struct CommitmentRoute {
     pub port: u16,
     /// Its AE title (`commitment_ae_title`, default the entry's `ae_title`).
     pub ae_title: String,
+    /// Over TLS (`commitment_tls`, default false): the listener's certificate verified
+    /// against `tls.ca` for `host`, the edge presenting its own. A request that came through
+    /// the DICOM TLS port is reported on a new association only this way.
+    pub tls: bool,
 }
 
 /// Default AE title of the Storage SCP.
@@ -89,6 +93,7 @@ pub struct DicomPeerEntry {
     commitment_host: Option<String>,
     commitment_port: Option<u16>,
     commitment_ae_title: Option<String>,
+    commitment_tls: Option<bool>,
 }
 
 /// The `ingest.dicom_*` values as the config has them (`None`: the key is absent), before
@@ -249,11 +254,15 @@ impl DicomPeerEntry {
         }
         let commitment = match self.commitment_port {
             None => {
-                if self.commitment_host.is_some() || self.commitment_ae_title.is_some() {
+                if self.commitment_host.is_some()
+                    || self.commitment_ae_title.is_some()
+                    || self.commitment_tls.is_some()
+                {
                     return Err(invalid(
                         "ingest.dicom_peers.commitment_port",
                         format!(
-                            "{}: commitment_host and commitment_ae_title need commitment_port",
+                            "{}: commitment_host, commitment_ae_title and commitment_tls need \
+                             commitment_port",
                             self.ae_title
                         ),
                     ));
@@ -296,6 +305,7 @@ impl DicomPeerEntry {
                     host,
                     port,
                     ae_title,
+                    tls: self.commitment_tls.unwrap_or(false),
                 })
             }
         };

@@ -1,10 +1,11 @@
 #!/usr/bin/python3
 """A modality's side of DICOM Storage Commitment (Push Model), with pynetdicom.
 
-    commitment_scu.py listen --port P --ae AE --out FILE
+    commitment_scu.py listen --port P --ae AE --out FILE [--tls KEY CERT CA]
         Runs the modality's Storage Commitment listener: accepts associations that take the
         SCP role for Storage Commitment and answers each N-EVENT-REPORT-RQ with Success,
-        appending it as one JSON line to FILE. Runs until killed.
+        appending it as one JSON line to FILE. Runs until killed. With --tls it listens over
+        TLS with CERT and KEY and requires a client certificate that chains to CA.
 
     commitment_scu.py request --port P --ae AE --transaction UID --uids UID... [--same-association S]
                               [--tls KEY CERT CA]
@@ -63,10 +64,17 @@ def listen(args):
     ae = AE(ae_title=args.ae)
     # The edge proposes to be the SCP of Storage Commitment (it sends the report): accept.
     ae.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    ssl_context = None
+    if args.tls:
+        key, cert, ca = args.tls
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+        ssl_context.verify_mode = ssl.CERT_REQUIRED
+        ssl_context.load_cert_chain(certfile=cert, keyfile=key)
     ae.start_server(
         ("127.0.0.1", args.port),
         block=True,
         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        ssl_context=ssl_context,
     )
 
 
@@ -127,6 +135,7 @@ def main():
     l.add_argument("--port", type=int, required=True)
     l.add_argument("--ae", required=True)
     l.add_argument("--out", required=True)
+    l.add_argument("--tls", nargs=3, metavar=("KEY", "CERT", "CA"))
     r = sub.add_parser("request")
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--ae", required=True)

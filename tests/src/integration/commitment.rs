@@ -56,7 +56,11 @@ fn free_port() -> u16 {
 /// Storage Commitment listener on `listener_port`) and whose gateway delivers by STOW-RS to
 /// `store` (an Orthanc's DICOMweb URL).
 fn deployment(store: Option<String>, listener_port: u16) -> Deployment {
-    let d = Deployment::new().unwrap();
+    deployment_of(Deployment::new().unwrap(), store, listener_port)
+}
+
+/// [`deployment`] from the dev-env deployment `d`.
+fn deployment_of(d: Deployment, store: Option<String>, listener_port: u16) -> Deployment {
     if let Some(url) = store {
         let gw = "gateway.toml";
         d.set(gw, "delivery", "kind", "\"dicomweb\"").unwrap();
@@ -81,9 +85,15 @@ struct Listener {
 
 impl Listener {
     fn start(d: &Deployment, port: u16) -> Listener {
-        let out = d.path("reports.jsonl");
-        let child = Command::new(PYTHON)
-            .arg(script())
+        Listener::start_as(d, port, "listener", None)
+    }
+
+    /// A listener on `port` writing `<name>.jsonl` and `<name>.log`; over TLS with `tls`
+    /// (the names of its key, certificate and client CA under `pki/`).
+    fn start_as(d: &Deployment, port: u16, name: &str, tls: Option<[&str; 3]>) -> Listener {
+        let out = d.path(&format!("{name}.jsonl"));
+        let mut c = Command::new(PYTHON);
+        c.arg(script())
             .args([
                 "listen",
                 "--port",
@@ -92,10 +102,17 @@ impl Listener {
                 MODALITY_LISTENER,
             ])
             .arg("--out")
-            .arg(&out)
+            .arg(&out);
+        if let Some(files) = tls {
+            c.arg("--tls");
+            for f in files {
+                c.arg(d.path(&format!("pki/{f}")));
+            }
+        }
+        let child = c
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(d.path("listener.log")).unwrap())
+            .stderr(std::fs::File::create(d.path(&format!("{name}.log"))).unwrap())
             .spawn()
             .unwrap();
         // Ready once it accepts TCP connections.
@@ -457,6 +474,94 @@ fn the_tls_door_answers_a_request_on_its_association() {
         EVENT_WAIT,
     );
     assert!(line.contains("committed=2"), "{line}");
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
+
+/// A request made on the TLS door whose association ended is reported on a new association
+/// over TLS (`commitment_tls`): the edge verifies the listener's certificate against
+/// `tls.ca` for `commitment_host` and presents its own, which the listener requires. A peer
+/// whose listener is reached in the clear gets no report for a request made over TLS: it
+/// stays pending, the reason logged, and nothing reaches that listener.
+#[test]
+fn a_request_made_over_tls_is_reported_over_tls() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let (tls_listen, plain_listen) = (free_port(), free_port());
+    // PEM keys: the listener serves with the gateway's certificate (127.0.0.1, dev-env CA).
+    let d = deployment_of(
+        Deployment::with_tls_key_files().unwrap(),
+        Some(orthanc.dicomweb_url()),
+        plain_listen,
+    );
+    let mut edge_toml = std::fs::read_to_string(d.edge_config()).unwrap();
+    // MODALITY's listener over TLS; the entry `deployment_of` wrote for it (in the clear)
+    // is renamed CLEARTEXT.
+    edge_toml = edge_toml.replace(
+        &format!("ae_title = \"{MODALITY}\"\naddress"),
+        "ae_title = \"CLEARTEXT\"\naddress",
+    );
+    edge_toml.push_str(&format!(
+        "\n[[ingest.dicom_peers]]\nae_title = \"{MODALITY}\"\naddress = \"127.0.0.1\"\n\
+         hospital = \"hospital-a\"\ncommitment_port = {tls_listen}\n\
+         commitment_host = \"127.0.0.1\"\ncommitment_ae_title = \"{MODALITY_LISTENER}\"\n\
+         commitment_tls = true\n"
+    ));
+    std::fs::write(d.edge_config(), edge_toml).unwrap();
+    let tls_listener = Listener::start_as(
+        &d,
+        tls_listen,
+        "tls-listener",
+        Some(["gateway.key", "gateway.pem", "ca.pem"]),
+    );
+    let plain_listener = Listener::start_as(&d, plain_listen, "plain-listener", None);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (96..98)
+        .map(|n| instance(&src, n, Some("P-0001")))
+        .collect();
+    let out = run(tls_scu("storescu", &d, MODALITY, Some("hospital-a")).args(&files));
+    assert!(out.status.success(), "storescu +tls: {out:?}");
+    let uids: Vec<String> = (96..98).map(sop_uid).collect();
+    // No role for the report on the request's association: it goes on a new one.
+    let tx = "1.2.826.0.1.3680043.10.543.9006";
+    let answer = request_on(&d, true, tx, &uids, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let report = tls_listener.wait(tx, &edge);
+    assert_eq!(report["event_type"], 1, "{report}");
+    assert_eq!(sorted(&report["committed"]), uids, "{report}");
+    let line = edge.wait_for_log(
+        &[
+            "storage commitment report sent",
+            "new association over TLS",
+            tx,
+        ],
+        EVENT_WAIT,
+    );
+    assert!(line.contains("committed=2"), "{line}");
+
+    let tx = "1.2.826.0.1.3680043.10.543.9007";
+    let answer = request_as(&d, "CLEARTEXT", true, tx, &uids, None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let line = edge.wait_for_log(
+        &[
+            "storage commitment report not delivered",
+            tx,
+            "only over TLS",
+        ],
+        EVENT_WAIT,
+    );
+    assert!(line.contains("commitment_tls"), "{line}");
+    assert!(
+        plain_listener.reports().is_empty(),
+        "{:?}",
+        plain_listener.reports()
+    );
+    assert_eq!(pending_requests(&d), 1);
     assert!(edge.terminate().unwrap().success());
     assert!(gateway.terminate().unwrap().success());
 }

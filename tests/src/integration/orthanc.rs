@@ -3,6 +3,7 @@
 //! https tests put stunnel in front of it (Debian's Orthanc 1.10 crashes on its own HTTPS).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 use baylink_tests::{
@@ -386,8 +387,7 @@ fn a_store_that_is_down_is_retried_until_it_answers() {
 fn tls_store(d: &Deployment, orthanc: &Orthanc) -> TlsProxy {
     let pki = |f: &str| d.path(&format!("pki/{f}"));
     TlsProxy::start(
-        &pki("gateway.pem"),
-        &pki("gateway.key"),
+        (&pki("gateway.pem"), &pki("gateway.key"), &pki("ca.pem")),
         &pki("ca.pem"),
         orthanc.port,
         (&pki("gateway.pem"), &pki("gateway.key")),
@@ -461,6 +461,161 @@ fn an_https_store_gets_the_study_with_the_gateways_client_certificate() {
     for (n, f) in (5..=6).zip(&files) {
         stored_identical(&orthanc, &sop_uid(n), f);
     }
+}
+
+/// A CA of the store's own and a server certificate for 127.0.0.1 it signed (openssl), for
+/// a deployment that keeps no PEM server key: `(ca, cert, key)` under `dir`.
+fn store_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let p = |f: &str| dir.join(f);
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "400"],
+            &["-subj", "/CN=record store test CA"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &["-addext", "keyUsage=critical,keyCertSign"],
+        ]
+        .concat(),
+    );
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "store.key",
+                "-out",
+                "store.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        p("store.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "store.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "store.pem",
+        "-days",
+        "400",
+        "-extfile",
+        "store.ext",
+    ]);
+    (p("ca.pem"), p("store.pem"), p("store.key"))
+}
+
+/// The gateway's client key for the store can stay in the HSM (`delivery.key =
+/// "pkcs11:object=..."`): the store, which requires a client certificate from the
+/// deployment's CA, accepts the handshake the token signed and gets the study.
+#[test]
+fn an_https_store_gets_the_study_with_a_client_key_held_in_the_hsm() {
+    if skip_tls() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    // dev-env's default: the gateway's TLS key is on its token, and no PEM key exists.
+    let d = Deployment::new().unwrap();
+    assert!(!d.path("pki/gateway.key").exists());
+    let (store_ca, store_cert, store_key) = store_pki(&d.path("store-pki"));
+    let pki = |f: &str| d.path(&format!("pki/{f}"));
+    let proxy = TlsProxy::start(
+        (&store_cert, &store_key, &store_ca),
+        &pki("ca.pem"),
+        orthanc.port,
+        (&pki("hospital-a.pem"), &pki("hospital-a.key")),
+        "/system",
+    )
+    .unwrap();
+    let d = with_delivery(
+        d,
+        &format!("https://127.0.0.1:{}/dicom-web", proxy.port),
+        &[
+            ("ca", &format!("{store_ca:?}")),
+            ("cert", "\"pki/gateway.pem\""),
+            ("key", "\"pkcs11:object=baylink-tls\""),
+        ],
+    );
+    let check = Command::new(baylink_tests::baylink_bin())
+        .args(["check-config", "--config"])
+        .arg(d.gateway_config())
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    assert!(
+        gateway.log().contains("config_key=delivery.key"),
+        "{}",
+        gateway.log()
+    );
+    let file = instance(&d.path("study"), 8, Some("P-0001"));
+    let id = send(&d, std::slice::from_ref(&file), &gateway);
+    gateway.wait_for_log(&[&id, "delivered"], LOG_WAIT);
+    assert!(
+        proxy.log().contains("accepted connection"),
+        "{}",
+        proxy.log()
+    );
+    stored_identical(&orthanc, &sop_uid(8), &file);
+}
+
+/// A `delivery.key` naming a key the token does not hold stops `check-config` and `serve`
+/// with the key named (fail closed: no delivery without the configured identity).
+#[test]
+fn a_delivery_key_missing_from_the_token_is_refused_by_name() {
+    let d = Deployment::new().unwrap();
+    let d = with_delivery(
+        d,
+        "https://127.0.0.1:9/dicom-web",
+        &[
+            ("ca", "\"pki/ca.pem\""),
+            ("cert", "\"pki/gateway.pem\""),
+            ("key", "\"pkcs11:object=no-such-key\""),
+        ],
+    );
+    let check = Command::new(baylink_tests::baylink_bin())
+        .args(["check-config", "--config"])
+        .arg(d.gateway_config())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(!check.status.success(), "{text}");
+    assert!(text.contains("error: delivery.key:"), "{text}");
+    assert!(text.contains("no-such-key"), "{text}");
+    assert!(
+        d.serve(&d.gateway_config()).is_err(),
+        "serve refuses it too"
+    );
 }
 
 #[test]
