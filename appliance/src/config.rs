@@ -556,10 +556,12 @@ struct RawTls {
 }
 
 impl RawTls {
-    /// `hsm_token_label`: the token a `pkcs11:` key must be on.
-    fn check(self, cx: &Context<'_>, hsm_token_label: &str) -> Result<TlsSection, ConfigError> {
-        let key = TlsKeySource::parse(&self.key, hsm_token_label, |p| cx.resolve(p))
-            .map_err(|m| cx.invalid("tls.key", m))?;
+    /// `hsm`: the token a `pkcs11:` key must be on, and the signing key it must not be.
+    fn check(self, cx: &Context<'_>, hsm: &HsmSection) -> Result<TlsSection, ConfigError> {
+        let key = TlsKeySource::parse(&self.key, &hsm.token_label, &hsm.key_label, |p| {
+            cx.resolve(p)
+        })
+        .map_err(|m| cx.invalid("tls.key", m))?;
         Ok(TlsSection {
             ca: cx.resolve(&self.ca),
             cert: cx.resolve(&self.cert),
@@ -1147,11 +1149,11 @@ struct RawDelivery {
 
 /// `[delivery]` (required on a gateway) and its retry waits; the checks of the values are
 /// the delivery module's ([`Backoff::from_settings`], [`StowSettings::from_section`]).
-/// `hsm_token_label`: the token a `pkcs11:` `delivery.key` must be on.
+/// `hsm`: the token a `pkcs11:` `delivery.key` must be on, and the signing key it must not be.
 fn check_delivery(
     raw: Option<RawDelivery>,
     cx: &Context<'_>,
-    hsm_token_label: &str,
+    hsm: &HsmSection,
 ) -> Result<(Option<DeliverySection>, Backoff), ConfigError> {
     let Some(d) = raw else {
         return match cx.role {
@@ -1176,7 +1178,9 @@ fn check_delivery(
                 d.cert.as_deref().map(|p| cx.resolve(p)),
                 d.key
                     .as_deref()
-                    .map(|k| TlsKeySource::parse(k, hsm_token_label, |p| cx.resolve(p)))
+                    .map(|k| {
+                        TlsKeySource::parse(k, &hsm.token_label, &hsm.key_label, |p| cx.resolve(p))
+                    })
                     .transpose()
                     .map_err(|m| cx.invalid("delivery.key", m))?,
             )
@@ -1252,11 +1256,11 @@ impl Config {
         let link = raw.link.check(&cx)?;
         let ingest = raw.ingest.check(&cx)?;
         let metrics_listen = raw.metrics.check(&cx)?;
-        let (delivery, delivery_retry) = check_delivery(raw.delivery, &cx, &hsm.token_label)?;
+        let (delivery, delivery_retry) = check_delivery(raw.delivery, &cx, &hsm)?;
         let (audit_dir, audit) = raw.audit.check(&cx)?;
         let quota = raw.quota.check(&cx)?;
         let id = check_id(raw.id, &cx)?;
-        let tls = raw.tls.check(&cx, &hsm.token_label)?;
+        let tls = raw.tls.check(&cx, &hsm)?;
         let spool = raw.spool.check(&cx)?;
         let policy = raw.policy.check(&cx)?;
         let drain_timeout = raw.drain.check(&cx)?;
@@ -1345,6 +1349,10 @@ mod tests {
             ("pkcs11:object=tls?pin-value=1234", "query attributes"),
             ("pkcs11:object=%zz", "percent-encoded"),
             ("pkcs11:object", "not name=value"),
+            (
+                "pkcs11:object=baylink-signing",
+                "signing key of hsm.key_label",
+            ),
             (
                 "pkcs11:object=0123456789012345678901234567890123",
                 "1 to 32 bytes",
@@ -1715,6 +1723,11 @@ path = "delivered"
                 "url = \"https://store\"\nca = \"ca.pem\"\ncert = \"me.pem\"\n\
                  key = \"pkcs11:object=k;token=another\"",
                 "names token \"another\"",
+            ),
+            (
+                "url = \"https://store\"\nca = \"ca.pem\"\ncert = \"me.pem\"\n\
+                 key = \"pkcs11:object=baylink-signing\"",
+                "the signing key of hsm.key_label",
             ),
             (
                 "url = \"http://store\"\nca = \"ca.pem\"",
@@ -2187,6 +2200,14 @@ dir = "audit/edge"
                 "ingest",
                 &format!("{peer}\ncommitment_port = 104\ncommitment_host = \"a b\""),
                 "ingest.dicom_peers.commitment_host: `a b` is not a host name or IP address",
+            ),
+            (
+                "ingest",
+                &format!(
+                    "{peer}\ncommitment_port = 104\ncommitment_host = \"pacs..ct\"\n\
+                     commitment_tls = true"
+                ),
+                "ingest.dicom_peers.commitment_host: `pacs..ct` is not a name a TLS certificate can carry (commitment_tls = true)",
             ),
             (
                 "ingest",

@@ -133,15 +133,26 @@ fn percent_encode(s: &str) -> String {
 impl TlsKeySource {
     /// The key config key `value` names: a `pkcs11:` URI ([`parse_pkcs11_uri`], the key on
     /// the token `hsm_token_label`) or a file path, which `resolve` makes absolute.
+    ///
+    /// A URI naming `signing_label` (`hsm.key_label`, the key that signs manifests,
+    /// receipts, delivery notices and audit checkpoints) is refused: a TLS handshake signs
+    /// what the other end chose, so the signing key is never lent to one.
     pub fn parse(
         value: &str,
         hsm_token_label: &str,
+        signing_label: &str,
         resolve: impl FnOnce(&Path) -> PathBuf,
     ) -> Result<TlsKeySource, String> {
         if value.starts_with(PKCS11_URI_SCHEME) {
-            Ok(TlsKeySource::Hsm {
-                label: parse_pkcs11_uri(value, hsm_token_label)?,
-            })
+            let label = parse_pkcs11_uri(value, hsm_token_label)?;
+            if label == signing_label {
+                return Err(format!(
+                    "`{value}` names \"{label}\", the signing key of hsm.key_label (manifests, \
+                     receipts, notices, audit checkpoints); give TLS a key pair of its own \
+                     (`baylink hsm keygen`)"
+                ));
+            }
+            Ok(TlsKeySource::Hsm { label })
         } else {
             Ok(TlsKeySource::File(resolve(Path::new(value))))
         }

@@ -89,14 +89,16 @@ async fn serve_gateway(
         audit.clone(),
     ));
 
+    // The https store's client configuration, which a SIGHUP renews (`None`: no such store).
+    let mut delivery_tls = None;
     let target: Arc<dyn Deliver> = match cfg.delivery.clone().context("delivery is not set")? {
         DeliverySection::Dir { path } => Arc::new(DirDelivery::new(path)),
         DeliverySection::DicomWeb(StowSettings {
             url,
             batch_bytes,
             tls,
-        }) => Arc::new(
-            deliver::dicomweb::DicomWebDelivery::new(
+        }) => {
+            let stow = deliver::dicomweb::DicomWebDelivery::new(
                 &url,
                 tls.as_ref(),
                 {
@@ -110,8 +112,10 @@ async fn serve_gateway(
                 tokio::runtime::Handle::current(),
             )
             .context("delivery")?
-            .with_batch_bytes(batch_bytes),
-        ),
+            .with_batch_bytes(batch_bytes);
+            delivery_tls = stow.tls_config();
+            Arc::new(stow)
+        }
     };
     // Delivery notices owed to the edges: the durable queue is loaded, and a notice whose
     // store answer was recorded before a crash kept it from being signed is signed now.
@@ -189,6 +193,10 @@ async fn serve_gateway(
                     // A drain has closed the endpoint to new connections: it stays closed.
                     if !gw.draining.load(Ordering::SeqCst) {
                         endpoint.set_server_config(Some(config));
+                    }
+                    if let (Some(swap), Some(config)) = (&delivery_tls, &l.delivery) {
+                        swap.replace(config.clone());
+                        info!("delivery TLS reloaded: new connections to the store use delivery.ca, delivery.cert and delivery.key as read now");
                     }
                     Ok(())
                 })

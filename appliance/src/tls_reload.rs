@@ -1,4 +1,6 @@
-//! SIGHUP: `tls.cert`, `tls.key` and `tls.ca` read again, and new handshakes use them.
+//! SIGHUP: `tls.cert`, `tls.key` and `tls.ca` read again, and new handshakes use them; on a
+//! gateway delivering to an `https://` store, `delivery.ca`, `delivery.cert` and
+//! `delivery.key` too, for its next connections to the store.
 //!
 //! A reload reads and checks everything first (the certificate's key is the key `tls.key`
 //! names, the CA file parses); only then does each door swap its configuration. Handshakes
@@ -16,7 +18,8 @@ use baylink_net::transport::{self, TlsIdentity};
 use rustls_pki_types::CertificateDer;
 use tracing::{error, info};
 
-use crate::config::{Config, TlsKeySource};
+use crate::config::{Config, DeliverySection, Role, TlsKeySource};
+use crate::deliver::dicomweb::StowSettings;
 
 /// A value replaced whole while readers hold the one they took: each handshake reads the
 /// current configuration once ([`Swap::current`]); a reload replaces it ([`Swap::replace`]).
@@ -41,8 +44,8 @@ impl<T> Swap<T> {
     }
 
     /// Puts `value` in force for every later [`Swap::current`].
-    pub fn replace(&self, value: T) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
+    pub fn replace(&self, value: impl Into<Arc<T>>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = value.into();
     }
 }
 
@@ -53,6 +56,9 @@ pub struct Loaded {
     pub identity: TlsIdentity,
     /// `tls.ca`.
     pub ca: Vec<CertificateDer<'static>>,
+    /// The client configuration towards an `https://` record store, built from
+    /// `delivery.ca`, `delivery.cert` and `delivery.key` as read now (`None`: no such store).
+    pub delivery: Option<Arc<rustls::ClientConfig>>,
 }
 
 fn readable(key: &str, path: &Path) -> anyhow::Result<()> {
@@ -61,7 +67,8 @@ fn readable(key: &str, path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("{key}: cannot read {}", path.display()))
 }
 
-/// Reads `tls.cert`, `tls.key` (a PEM file or a key on `token`) and `tls.ca`, with the same
+/// Reads `tls.cert`, `tls.key` (a PEM file or a key on `token`) and `tls.ca`, and the
+/// `delivery.ca`, `delivery.cert` and `delivery.key` of an `https://` store, with the same
 /// checks as at start; each error names its config key.
 pub fn load(cfg: &Config, token: &Token) -> anyhow::Result<Loaded> {
     readable("tls.cert", &cfg.tls.cert)?;
@@ -74,7 +81,32 @@ pub fn load(cfg: &Config, token: &Token) -> anyhow::Result<Loaded> {
         .with_context(|| format!("tls.ca: {} refused", cfg.tls.ca.display()))?;
     transport::root_store(&ca)
         .with_context(|| format!("tls.ca: {} refused", cfg.tls.ca.display()))?;
-    Ok(Loaded { identity, ca })
+    Ok(Loaded {
+        identity,
+        ca,
+        delivery: load_delivery(cfg, token)?,
+    })
+}
+
+/// The client configuration towards an `https://` record store, if the config names one.
+fn load_delivery(cfg: &Config, token: &Token) -> anyhow::Result<Option<Arc<rustls::ClientConfig>>> {
+    let Some(DeliverySection::DicomWeb(StowSettings { tls: Some(tls), .. })) = &cfg.delivery else {
+        return Ok(None);
+    };
+    // Only a gateway delivers: an edge ignores a `[delivery]` section left in its config.
+    if cfg.role != Role::Gateway {
+        return Ok(None);
+    }
+    readable("delivery.ca", &tls.ca)?;
+    if let Some((cert, key)) = &tls.identity {
+        readable("delivery.cert", cert)?;
+        if let TlsKeySource::File(path) = key {
+            readable("delivery.key", path)?;
+        }
+    }
+    let identity = crate::keys::delivery_identity(cfg, token)?;
+    let config = crate::deliver::dicomweb::store_client_config(tls, identity.as_ref())?;
+    Ok(Some(Arc::new(config)))
 }
 
 /// One SIGHUP's TLS reload: [`load`] on a blocking thread, then `apply` (which builds every

@@ -61,6 +61,7 @@ use super::{Deliver, Delivered, Undeliverable};
 use crate::dicom::part10;
 use crate::key_source::TlsKeySource;
 use crate::setting::SettingError;
+use crate::tls_reload::Swap;
 use crate::transfer_dir::{TransferDir, write_atomic};
 use baylink_net::proto::{Manifest, RefusedInstance};
 use baylink_net::transport::{TlsIdentity, load_ca, root_store};
@@ -228,8 +229,9 @@ impl StowUrl {
 #[derive(Clone)]
 pub struct DicomWebDelivery {
     url: StowUrl,
-    /// Set for an `https://` store.
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    /// Set for an `https://` store: the client configuration in force (replaced by a
+    /// SIGHUP reload, [`DicomWebDelivery::tls_config`]) and the store's name.
+    tls: Option<(Swap<rustls::ClientConfig>, ServerName<'static>)>,
     /// Most file bytes per request (`delivery.batch_bytes`).
     batch_bytes: u64,
     /// Reads the files (pooled buffers, `O_DIRECT`).
@@ -271,8 +273,8 @@ impl DicomWebDelivery {
                 }
                 let name = ServerName::try_from(url.host.clone())
                     .with_context(|| format!("`{}` is not a valid TLS server name", url.host))?;
-                let config = client_config(tls, identity.as_ref())?;
-                Some((tokio_rustls::TlsConnector::from(config), name))
+                let config = store_client_config(tls, identity.as_ref())?;
+                Some((Swap::new(config), name))
             }
             (true, None) => bail!("an https:// store needs delivery.ca"),
             (false, Some(_)) => bail!("delivery.ca, cert and key apply to https:// URLs"),
@@ -285,6 +287,13 @@ impl DicomWebDelivery {
             spool,
             runtime,
         })
+    }
+
+    /// The TLS client configuration of an `https://` store, which each connection reads
+    /// when it starts: [`Swap::replace`] puts a renewed one in force
+    /// ([`store_client_config`] builds it) without touching a request in flight.
+    pub fn tls_config(&self) -> Option<Swap<rustls::ClientConfig>> {
+        self.tls.as_ref().map(|(config, _)| config.clone())
     }
 
     /// Sets the most file bytes per request.
@@ -465,7 +474,8 @@ impl DicomWebDelivery {
             let broken = |e: anyhow::Error| Transient::new(Cause::Connection, format!("{e:#}"));
             match &self.tls {
                 None => exchange(TokioIo::new(tcp), request).await.map_err(broken),
-                Some((connector, name)) => {
+                Some((config, name)) => {
+                    let connector = tokio_rustls::TlsConnector::from(config.current());
                     let tls =
                         tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
                             .await
@@ -534,14 +544,19 @@ where
     Ok((status, retry_after, body))
 }
 
-/// The rustls client configuration for the store: `tls.ca` only, TLS 1.3 or 1.2, ALPN
-/// `http/1.1`, presenting `identity` when there is one.
-fn client_config(
+/// The rustls client configuration for an `https://` store: `delivery.ca` only, TLS 1.3 or
+/// 1.2, ALPN `http/1.1`, presenting `identity` (`delivery.cert` with `delivery.key`) when
+/// there is one.
+pub fn store_client_config(
     tls: &DeliveryTls,
     identity: Option<&TlsIdentity>,
-) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let roots = root_store(&load_ca(&tls.ca).context("delivery.ca")?)
-        .with_context(|| format!("CA certificate in {} refused", tls.ca.display()))?;
+) -> anyhow::Result<rustls::ClientConfig> {
+    let roots = root_store(&load_ca(&tls.ca).context("delivery.ca")?).with_context(|| {
+        format!(
+            "delivery.ca: CA certificate in {} refused",
+            tls.ca.display()
+        )
+    })?;
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
@@ -552,7 +567,7 @@ fn client_config(
         Some(id) => builder.with_client_cert_resolver(id.resolver()),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// One file of a request.

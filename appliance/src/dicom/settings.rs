@@ -291,6 +291,18 @@ impl DicomPeerEntry {
                         format!("`{host}` is not a host name or IP address"),
                     ));
                 }
+                // Over TLS the host is the name the listener's certificate must carry.
+                if self.commitment_tls == Some(true)
+                    && rustls_pki_types::ServerName::try_from(host.as_str()).is_err()
+                {
+                    return Err(invalid(
+                        "ingest.dicom_peers.commitment_host",
+                        format!(
+                            "`{host}` is not a name a TLS certificate can carry \
+                             (commitment_tls = true)"
+                        ),
+                    ));
+                }
                 let ae_title = self
                     .commitment_ae_title
                     .clone()

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use baylink_tests::{
-    Deployment, EVENT_WAIT, Orthanc, Service, TlsProxy, orthanc_unavailable, skip_if,
+    Deployment, EVENT_WAIT, Orthanc, Service, TlsProxy, orthanc_unavailable, signal, skip_if,
     stunnel_unavailable,
 };
 
@@ -406,20 +406,23 @@ struct HttpsStore {
 }
 
 fn https_store(ca: &str) -> HttpsStore {
+    https_store_with(ca, &[])
+}
+
+/// [`https_store`] with more `[delivery]` keys.
+fn https_store_with(ca: &str, extra: &[(&str, &str)]) -> HttpsStore {
     let orthanc = Orthanc::start().unwrap();
     let d = Deployment::with_tls_key_files().unwrap();
     let proxy = tls_store(&d, &orthanc);
     let url = format!("https://127.0.0.1:{}/dicom-web", proxy.port);
     let ca = format!("\"{ca}\"");
-    let d = with_delivery(
-        d,
-        &url,
-        &[
-            ("ca", &ca),
-            ("cert", "\"pki/gateway.pem\""),
-            ("key", "\"pki/gateway.key\""),
-        ],
-    );
+    let mut keys = vec![
+        ("ca", ca.as_str()),
+        ("cert", "\"pki/gateway.pem\""),
+        ("key", "\"pki/gateway.key\""),
+    ];
+    keys.extend_from_slice(extra);
+    let d = with_delivery(d, &url, &keys);
     let gateway = d.serve(&d.gateway_config()).unwrap();
     HttpsStore {
         gateway,
@@ -640,6 +643,37 @@ fn a_store_whose_certificate_is_not_from_delivery_ca_gets_nothing() {
         "a TLS failure is retried, not set aside"
     );
     assert_eq!(orthanc.instance_count().unwrap(), 0);
+}
+
+/// SIGHUP renews `delivery.ca` (with `delivery.cert` and `delivery.key`) as it renews
+/// `tls.*`: a store the CA file does not vouch for gets nothing, and once the file holds the
+/// store's CA and the gateway is reloaded, the next attempt delivers, with no restart.
+#[test]
+fn a_delivery_ca_renewed_on_sighup_serves_the_next_attempt() {
+    if skip_tls() {
+        return;
+    }
+    let HttpsStore {
+        gateway,
+        d,
+        orthanc,
+        proxy: _proxy,
+    } = https_store_with(
+        "pki/rogue.pem",
+        &[("retry_base", "\"200ms\""), ("retry_max", "\"1s\"")],
+    );
+    let file = instance(&d.path("study"), 8, Some("P-0001"));
+    let id = send(&d, std::slice::from_ref(&file), &gateway);
+    let line = gateway.wait_for_log(&[&id, "delivery failed"], LOG_WAIT);
+    assert!(line.contains("TLS handshake with the store"), "{line}");
+    // The renewed file is put in place whole, as an operator's `mv` would.
+    let staged = d.path("pki/rogue.pem.new");
+    std::fs::copy(d.path("pki/ca.pem"), &staged).unwrap();
+    std::fs::rename(&staged, d.path("pki/rogue.pem")).unwrap();
+    signal(gateway.pid(), "HUP").unwrap();
+    gateway.wait_for_log(&["delivery TLS reloaded"], LOG_WAIT);
+    gateway.wait_for_log(&[&id, "delivered"], LOG_WAIT);
+    stored_identical(&orthanc, &sop_uid(8), &file);
 }
 
 /// A hospital upload over HTTPS, delivered by STOW-RS into a real Orthanc: the hospital's
