@@ -1333,7 +1333,17 @@ async fn send_on_new_association(
         .connection_timeout(REPORT_TIMEOUT)
         .read_timeout(REPORT_TIMEOUT)
         .write_timeout(REPORT_TIMEOUT);
-    let refused = |e: dicom_ul::association::Error| format!("association with {address}: {e}");
+    // dicom-ul's own words ("could not connect to server") hide the cause, a refused TLS
+    // certificate say: the log gets every error of the chain.
+    let refused = |e: dicom_ul::association::Error| {
+        let mut text = format!("association with {address}: {e}");
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            text.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        text
+    };
     match tls {
         None => {
             let assoc = options

@@ -490,26 +490,8 @@ fn a_request_made_over_tls_is_reported_over_tls() {
     }
     let orthanc = Orthanc::start().unwrap();
     let (tls_listen, plain_listen) = (free_port(), free_port());
-    // PEM keys: the listener serves with the gateway's certificate (127.0.0.1, dev-env CA).
-    let d = deployment_of(
-        Deployment::with_tls_key_files().unwrap(),
-        Some(orthanc.dicomweb_url()),
-        plain_listen,
-    );
-    let mut edge_toml = std::fs::read_to_string(d.edge_config()).unwrap();
-    // MODALITY's listener over TLS; the entry `deployment_of` wrote for it (in the clear)
-    // is renamed CLEARTEXT.
-    edge_toml = edge_toml.replace(
-        &format!("ae_title = \"{MODALITY}\"\naddress"),
-        "ae_title = \"CLEARTEXT\"\naddress",
-    );
-    edge_toml.push_str(&format!(
-        "\n[[ingest.dicom_peers]]\nae_title = \"{MODALITY}\"\naddress = \"127.0.0.1\"\n\
-         hospital = \"hospital-a\"\ncommitment_port = {tls_listen}\n\
-         commitment_host = \"127.0.0.1\"\ncommitment_ae_title = \"{MODALITY_LISTENER}\"\n\
-         commitment_tls = true\n"
-    ));
-    std::fs::write(d.edge_config(), edge_toml).unwrap();
+    let d = with_tls_peer(&orthanc, tls_listen, plain_listen);
+    // The listener serves with the gateway's certificate (127.0.0.1, dev-env CA).
     let tls_listener = Listener::start_as(
         &d,
         tls_listen,
@@ -561,6 +543,67 @@ fn a_request_made_over_tls_is_reported_over_tls() {
         "{:?}",
         plain_listener.reports()
     );
+    assert_eq!(pending_requests(&d), 1);
+    assert!(edge.terminate().unwrap().success());
+    assert!(gateway.terminate().unwrap().success());
+}
+
+/// A deployment (PEM keys) whose edge reports to MODALITY's listener on `tls_listen` over
+/// TLS (`commitment_tls`, `commitment_host = "127.0.0.1"`); the entry [`deployment_of`]
+/// wrote for it, reporting in the clear to `plain_listen`, is renamed CLEARTEXT.
+fn with_tls_peer(orthanc: &Orthanc, tls_listen: u16, plain_listen: u16) -> Deployment {
+    let d = deployment_of(
+        Deployment::with_tls_key_files().unwrap(),
+        Some(orthanc.dicomweb_url()),
+        plain_listen,
+    );
+    let mut edge_toml = std::fs::read_to_string(d.edge_config()).unwrap();
+    edge_toml = edge_toml.replace(
+        &format!("ae_title = \"{MODALITY}\"\naddress"),
+        "ae_title = \"CLEARTEXT\"\naddress",
+    );
+    edge_toml.push_str(&format!(
+        "\n[[ingest.dicom_peers]]\nae_title = \"{MODALITY}\"\naddress = \"127.0.0.1\"\n\
+         hospital = \"hospital-a\"\ncommitment_port = {tls_listen}\n\
+         commitment_host = \"127.0.0.1\"\ncommitment_ae_title = \"{MODALITY_LISTENER}\"\n\
+         commitment_tls = true\n"
+    ));
+    std::fs::write(d.edge_config(), edge_toml).unwrap();
+    d
+}
+
+/// The edge verifies the report listener as a client verifies a server: a listener whose
+/// certificate does not chain to `tls.ca` (the rogue CA's) gets no report, and the request
+/// stays pending with the handshake's failure logged.
+#[test]
+fn a_report_listener_not_vouched_for_by_tls_ca_gets_nothing() {
+    if skip(true) {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    let (tls_listen, plain_listen) = (free_port(), free_port());
+    let d = with_tls_peer(&orthanc, tls_listen, plain_listen);
+    let rogue = Listener::start_as(
+        &d,
+        tls_listen,
+        "rogue-listener",
+        Some(["rogue.key", "rogue.pem", "ca.pem"]),
+    );
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let src = d.path("study");
+    let file = instance(&src, 99, Some("P-0001"));
+    let out = run(tls_scu("storescu", &d, MODALITY, Some("hospital-a")).arg(&file));
+    assert!(out.status.success(), "storescu +tls: {out:?}");
+    let tx = "1.2.826.0.1.3680043.10.543.9008";
+    let answer = request_on(&d, true, tx, &[sop_uid(99)], None);
+    assert_eq!(answer["status"], 0, "{answer}\n{}", edge.log());
+    let line = edge.wait_for_log(&["storage commitment report not delivered", tx], EVENT_WAIT);
+    assert!(
+        line.contains("UnknownIssuer") || line.contains("certificate"),
+        "{line}"
+    );
+    assert!(rogue.reports().is_empty(), "{:?}", rogue.reports());
     assert_eq!(pending_requests(&d), 1);
     assert!(edge.terminate().unwrap().success());
     assert!(gateway.terminate().unwrap().success());
