@@ -615,9 +615,12 @@ fn a_delivery_key_missing_from_the_token_is_refused_by_name() {
     assert!(!check.status.success(), "{text}");
     assert!(text.contains("error: delivery.key:"), "{text}");
     assert!(text.contains("no-such-key"), "{text}");
+    let refused = format!("{:#}", d.serve(&d.gateway_config()).unwrap_err());
     assert!(
-        d.serve(&d.gateway_config()).is_err(),
-        "serve refuses it too"
+        refused.contains("exited")
+            && refused.contains("delivery.key")
+            && refused.contains("no-such-key"),
+        "serve refuses it too, naming it: {refused}"
     );
 }
 
@@ -666,6 +669,11 @@ fn a_delivery_ca_renewed_on_sighup_serves_the_next_attempt() {
     let id = send(&d, std::slice::from_ref(&file), &gateway);
     let line = gateway.wait_for_log(&[&id, "delivery failed"], LOG_WAIT);
     assert!(line.contains("TLS handshake with the store"), "{line}");
+    // A reload that cannot read delivery.ca changes nothing and says so, naming the key.
+    std::fs::rename(d.path("pki/rogue.pem"), d.path("pki/rogue.pem.old")).unwrap();
+    signal(gateway.pid(), "HUP").unwrap();
+    let line = gateway.wait_for_log(&["TLS not reloaded"], LOG_WAIT);
+    assert!(line.contains("delivery.ca: cannot read"), "{line}");
     // The renewed file is put in place whole, as an operator's `mv` would.
     let staged = d.path("pki/rogue.pem.new");
     std::fs::copy(d.path("pki/ca.pem"), &staged).unwrap();
