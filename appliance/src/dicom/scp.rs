@@ -235,6 +235,10 @@ impl<S: AssociationSink> StorageScp<S> {
             let door = if over_tls { DOOR_TLS } else { DOOR_PLAIN };
             match accepted {
                 Ok((socket, peer)) => {
+                    // Every answer is a small PDU the SCU waits for: with Nagle's algorithm
+                    // one written behind an unacknowledged segment would wait for the SCU's
+                    // delayed ACK (about 40 ms on Linux).
+                    let _ = socket.set_nodelay(true);
                     // No slot yet: a connection still negotiating counts only against its
                     // own address.
                     let Some(pending) = self.inner.sources.admit(peer.ip()) else {
@@ -674,7 +678,6 @@ impl<S: AssociationSink> Inner<S> {
         tls: tokio_rustls::TlsAcceptor,
         deadline: tokio::time::Instant,
     ) {
-        let _ = socket.set_nodelay(true);
         // Pinned here, not a temporary of the `timeout_at`: the socket it owns is closed when
         // this function returns, after a time-out is counted, so a client that sees the close
         // finds the count.
