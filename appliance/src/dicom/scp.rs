@@ -486,7 +486,7 @@ struct Incoming {
     context_id: u8,
     name: String,
     path: PathBuf,
-    file: Option<tokio::fs::File>,
+    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     failure: Option<(u16, String)>,
     /// The instance (the header written for it, then its data set) walked as it arrives, to
     /// its end.
@@ -1075,7 +1075,7 @@ impl<S: AssociationSink> Association<'_, S> {
         i: &Incoming,
         transfer_syntax: &str,
         cmd: &Command,
-    ) -> Result<(tokio::fs::File, Vec<u8>), String> {
+    ) -> Result<(tokio::io::BufWriter<tokio::fs::File>, Vec<u8>), String> {
         let header = part10::file_header(
             &cmd.affected_sop_class_uid,
             &cmd.affected_sop_instance_uid,
@@ -1084,9 +1084,14 @@ impl<S: AssociationSink> Association<'_, S> {
         )
         .map_err(|e| e.to_string())?;
         self.bytes += header.len() as u64;
-        let mut f = tokio::fs::File::create(&i.path)
-            .await
-            .map_err(|e| format!("scratch file: {e}"))?;
+        // The data arrive in PDUs of at most `ingest.dicom_max_pdu_bytes`: each write of
+        // `tokio::fs` is a trip to a blocking thread, so they are gathered first.
+        let mut f = tokio::io::BufWriter::with_capacity(
+            SCRATCH_BUFFER,
+            tokio::fs::File::create(&i.path)
+                .await
+                .map_err(|e| format!("scratch file: {e}"))?,
+        );
         f.write_all(&header)
             .await
             .map_err(|e| format!("scratch file: {e}"))?;
@@ -1257,6 +1262,9 @@ impl<S: AssociationSink> Association<'_, S> {
         Ok(())
     }
 }
+
+/// Bytes of an arriving instance gathered before they are written to its scratch file.
+const SCRATCH_BUFFER: usize = 1 << 20;
 
 /// The failure status of an instance whose bytes the reader refuses (cut in the middle of an
 /// element, or malformed).
