@@ -841,3 +841,45 @@ fn a_storescu_study_lands_once_across_an_orthanc_crash_mid_delivery() {
         "each instance stored once: {changes}"
     );
 }
+
+/// `baylink-bench orthanc` on a small study: both contestants store every slice in a real
+/// Orthanc, dcmtk runs with Nagle's algorithm off, and the report's stages add up.
+#[test]
+fn heavy_bench_orthanc_stores_a_small_study_both_ways() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("orthanc.json");
+    let out = Command::new(baylink_tests::bench_bin())
+        .args(["orthanc", "--study-size", "4MiB", "--runs", "1"])
+        .arg("--baylink")
+        .arg(baylink_tests::baylink_bin())
+        .arg("--json")
+        .arg(&json)
+        .arg("--work-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["dcmtk_tcp_nodelay"], true, "{r}");
+    assert_eq!(r["slices"], 8, "{r}");
+    assert_eq!(r["baseline_runs"].as_array().unwrap().len(), 1, "{r}");
+    let run = &r["baylink_runs"][0];
+    let at = |k: &str| run[k].as_f64().unwrap();
+    assert!(
+        0.0 < at("cstore")
+            && at("cstore") <= at("receipt")
+            && at("receipt") <= at("first_stored")
+            && at("first_stored") <= at("all_stored"),
+        "{run}"
+    );
+    assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+}
