@@ -627,6 +627,34 @@ pub fn bench_bin() -> PathBuf {
     bin
 }
 
+/// Runs `baylink-bench ARGS` against this build's `baylink`, with its JSON report and work
+/// directory in `dir`; fails the test unless the bench succeeds. Returns the report and what
+/// the bench printed on stdout.
+pub fn run_bench(args: &[&str], dir: &Path) -> (serde_json::Value, String) {
+    let json = dir.join("bench.json");
+    let out = Command::new(bench_bin())
+        .args(args)
+        .arg("--baylink")
+        .arg(baylink_bin())
+        .arg("--json")
+        .arg(&json)
+        .arg("--work-dir")
+        .arg(dir)
+        .output()
+        .expect("baylink-bench runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(&json).expect("the bench wrote its JSON report");
+    (
+        serde_json::from_str(&report).expect("the bench's JSON report parses"),
+        stdout,
+    )
+}
+
 /// How long a test waits for something it expects to happen: a log line, a readiness signal,
 /// an answer, a process exit. Generous on purpose: on a loaded machine events come late, and
 /// the bound is there to end a hang, never to time a success.

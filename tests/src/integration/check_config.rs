@@ -8,7 +8,8 @@ use std::process::Command;
 
 use baylink_tests::{Deployment, baylink_bin};
 
-fn check_config(config: &Path, json: bool) -> std::process::Output {
+/// `baylink check-config --config CONFIG [--json]`, run to its end.
+pub(crate) fn check_config(config: &Path, json: bool) -> std::process::Output {
     let mut cmd = Command::new(baylink_bin());
     cmd.arg("check-config").arg("--config").arg(config);
     if json {

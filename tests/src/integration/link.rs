@@ -343,9 +343,8 @@ fn heavy_bench_e2e_over_an_impaired_link() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = Command::new(baylink_tests::bench_bin())
-        .args([
+    let (r, stdout) = baylink_tests::run_bench(
+        &[
             "e2e",
             "--size",
             "16MiB",
@@ -353,25 +352,14 @@ fn heavy_bench_e2e_over_an_impaired_link() {
             "1",
             "--time-limit",
             "60",
-        ])
-        .args(["--rtt-ms", "20", "--rate-mbit", "100"])
-        .arg("--baylink")
-        .arg(baylink_bin())
-        .arg("--json")
-        .arg(&json)
-        .arg("--work-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+            "--rtt-ms",
+            "20",
+            "--rate-mbit",
+            "100",
+        ],
+        dir.path(),
     );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    println!("{}", String::from_utf8_lossy(&out.stdout));
+    println!("{stdout}");
     let fwd = &r["link"]["forwarder"];
     assert_eq!(fwd["settings"]["rate_mbit"], 100.0);
     assert!(fwd["a_to_b"]["forwarded_bytes"].as_u64().unwrap() > 2 * (16 << 20));

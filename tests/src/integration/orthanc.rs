@@ -11,6 +11,7 @@ use baylink_tests::{
     stunnel_unavailable,
 };
 
+use super::check_config::check_config;
 use super::compliance::audit_records;
 
 /// How long a test waits for the gateway to log a step.
@@ -569,11 +570,7 @@ fn an_https_store_gets_the_study_with_a_client_key_held_in_the_hsm() {
             ("key", "\"pkcs11:object=baylink-tls\""),
         ],
     );
-    let check = Command::new(baylink_tests::baylink_bin())
-        .args(["check-config", "--config"])
-        .arg(d.gateway_config())
-        .output()
-        .unwrap();
+    let check = check_config(&d.gateway_config(), false);
     assert!(check.status.success(), "{check:?}");
     let gateway = d.serve(&d.gateway_config()).unwrap();
     assert!(
@@ -606,11 +603,7 @@ fn a_delivery_key_missing_from_the_token_is_refused_by_name() {
             ("key", "\"pkcs11:object=no-such-key\""),
         ],
     );
-    let check = Command::new(baylink_tests::baylink_bin())
-        .args(["check-config", "--config"])
-        .arg(d.gateway_config())
-        .output()
-        .unwrap();
+    let check = check_config(&d.gateway_config(), false);
     let text = String::from_utf8_lossy(&check.stdout);
     assert!(!check.status.success(), "{text}");
     assert!(text.contains("error: delivery.key:"), "{text}");
@@ -850,25 +843,10 @@ fn heavy_bench_orthanc_stores_a_small_study_both_ways() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("orthanc.json");
-    let out = Command::new(baylink_tests::bench_bin())
-        .args(["orthanc", "--study-size", "4MiB", "--runs", "1"])
-        .arg("--baylink")
-        .arg(baylink_tests::baylink_bin())
-        .arg("--json")
-        .arg(&json)
-        .arg("--work-dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (r, _) = baylink_tests::run_bench(
+        &["orthanc", "--study-size", "4MiB", "--runs", "1"],
+        dir.path(),
     );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["dcmtk_tcp_nodelay"], true, "{r}");
     assert_eq!(r["slices"], 8, "{r}");
     assert_eq!(r["baseline_runs"].as_array().unwrap().len(), 1, "{r}");
