@@ -128,7 +128,7 @@ struct Orthanc {
     http: u16,
     dicom: u16,
     /// How its C-STORE SCP runs, and how storescu runs against it and the edge.
-    scu: Scu,
+    dcmtk: Dcmtk,
     _child: Child,
 }
 
@@ -139,7 +139,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Orthanc {
-    async fn start(dir: &Path, scu: Scu) -> anyhow::Result<Orthanc> {
+    async fn start(dir: &Path, dcmtk: Dcmtk) -> anyhow::Result<Orthanc> {
         std::fs::create_dir_all(dir.join("db"))?;
         let (http, dicom) = (free_port()?, free_port()?);
         let config = serde_json::json!({
@@ -161,7 +161,7 @@ impl Orthanc {
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
         let log = std::fs::File::create(dir.join("orthanc.log"))?;
         let mut child = Command::new("Orthanc")
-            .env("TCP_NODELAY", scu.env())
+            .env("TCP_NODELAY", dcmtk.env())
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -185,7 +185,7 @@ impl Orthanc {
                 orthanc = Some(Orthanc {
                     http,
                     dicom,
-                    scu,
+                    dcmtk,
                     _child: child,
                 });
                 break;
@@ -240,12 +240,12 @@ async fn curl(args: &[&str]) -> anyhow::Result<Vec<u8>> {
 
 /// How dcmtk's programs (storescu, and Orthanc's C-STORE SCP) are run.
 #[derive(Debug, Clone, Copy)]
-struct Scu {
+struct Dcmtk {
     /// `TCP_NODELAY=1` (dcmtk then turns Nagle's algorithm off); otherwise dcmtk's default.
     nodelay: bool,
 }
 
-impl Scu {
+impl Dcmtk {
     /// The value of `TCP_NODELAY` in the environment of a program using dcmtk.
     fn env(self) -> &'static str {
         if self.nodelay { "1" } else { "0" }
@@ -255,7 +255,7 @@ impl Scu {
 /// `storescu` of every file under `study` to `aec` at 127.0.0.1:`port` as `aet`; fails
 /// unless every instance was answered Success.
 async fn storescu(
-    scu: Scu,
+    dcmtk: Dcmtk,
     aet: &str,
     aec: &str,
     port: u16,
@@ -263,7 +263,7 @@ async fn storescu(
     n: u32,
 ) -> anyhow::Result<()> {
     let out = Command::new("storescu")
-        .env("TCP_NODELAY", scu.env())
+        .env("TCP_NODELAY", dcmtk.env())
         .args([
             "-v", "-aet", aet, "-aec", aec, "-to", "30", "-ta", "30", "-td", "300",
         ])
@@ -360,7 +360,7 @@ pub async fn run(args: OrthancArgs) -> anyhow::Result<()> {
         None => default_baylink()?,
     };
     let (work, _tmp) = work_dir(args.work_dir.as_deref(), "baylink-orthanc-")?;
-    let scu = Scu {
+    let dcmtk = Dcmtk {
         nodelay: !args.dcmtk_nagle,
     };
 
@@ -383,7 +383,7 @@ pub async fn run(args: OrthancArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let orthanc = Orthanc::start(&work.join("orthanc"), scu).await?;
+    let orthanc = Orthanc::start(&work.join("orthanc"), dcmtk).await?;
     let base_port = probe_base_port()?;
     let env = work.join("env");
     Deployment::create(&baylink, &env, base_port).await?;
@@ -434,7 +434,7 @@ pub async fn run(args: OrthancArgs) -> anyhow::Result<()> {
             } else {
                 let t = Instant::now();
                 storescu(
-                    scu,
+                    dcmtk,
                     "STORESCU",
                     "ORTHANC",
                     orthanc.dicom,
@@ -463,7 +463,7 @@ pub async fn run(args: OrthancArgs) -> anyhow::Result<()> {
         study_bytes,
         slices: study.slices,
         runs: args.runs,
-        dcmtk_tcp_nodelay: scu.nodelay,
+        dcmtk_tcp_nodelay: dcmtk.nodelay,
         machine: Machine::current(),
         baseline_seconds: baseline,
         baylink_seconds: channel,
@@ -505,10 +505,10 @@ async fn channel_run(
     slices: u32,
     base_port: u16,
 ) -> anyhow::Result<ChannelRun> {
-    let scu = orthanc.scu;
+    let dcmtk = orthanc.dcmtk;
     let before = edge_transfers(baylink, env).await?;
     let t0 = Instant::now();
-    storescu(scu, "STORESCU", "BAYLINK", base_port + 4, study, slices).await?;
+    storescu(dcmtk, "STORESCU", "BAYLINK", base_port + 4, study, slices).await?;
     let cstore = t0.elapsed().as_secs_f64();
     let new: Vec<String> = edge_transfers(baylink, env)
         .await?

@@ -115,9 +115,7 @@ const BUILD_NEEDS: u64 = 12 << 30;
 /// otherwise shows up 20 minutes later as a transfer test that waits, as designed, for a full
 /// spool to drain.
 fn enough_space(dir: &std::path::Path, need: u64) -> Result<()> {
-    let st =
-        nix::sys::statvfs::statvfs(dir).with_context(|| format!("statvfs {}", dir.display()))?;
-    let free = st.blocks_available().saturating_mul(st.fragment_size());
+    let free = cmd::free_bytes(dir).with_context(|| format!("statvfs {}", dir.display()))?;
     let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
     if free < need {
         return Err(anyhow!(

@@ -1,7 +1,7 @@
 //! Running other programs with errors that say which command failed and how.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
 use anyhow::{Context, Result, bail};
@@ -74,6 +74,12 @@ pub fn output(cmd: &mut Command) -> Result<String> {
         bail!("`{}` failed ({})", display(cmd), describe(out.status));
     }
     String::from_utf8(out.stdout).with_context(|| format!("`{}` printed non-UTF-8", display(cmd)))
+}
+
+/// Bytes an unprivileged writer may still use on `dir`'s file system.
+pub fn free_bytes(dir: &Path) -> nix::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 #[cfg(test)]

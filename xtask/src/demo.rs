@@ -735,10 +735,9 @@ fn print_summary(s: &Story, orthanc: &Orthanc, dir: &Path) {
 
 fn warn_if_short_of_space(dir: &Path, size: u64) {
     // The study, the edge spool, the gateway spool and Orthanc's copy: up to 4 copies.
-    let Ok(st) = nix::sys::statvfs::statvfs(dir) else {
+    let Ok(available) = cmd::free_bytes(dir) else {
         return;
     };
-    let available = st.blocks_available().saturating_mul(st.fragment_size());
     let needed = size.saturating_mul(4);
     if available < needed {
         println!(

@@ -1334,15 +1334,12 @@ async fn send_on_new_association(
         .read_timeout(REPORT_TIMEOUT)
         .write_timeout(REPORT_TIMEOUT);
     // dicom-ul's own words ("could not connect to server") hide the cause, a refused TLS
-    // certificate say: the log gets every error of the chain.
+    // certificate say: the log gets every error of the chain (anyhow's `{:#}`).
     let refused = |e: dicom_ul::association::Error| {
-        let mut text = format!("association with {address}: {e}");
-        let mut source = std::error::Error::source(&e);
-        while let Some(cause) = source {
-            text.push_str(&format!(": {cause}"));
-            source = cause.source();
-        }
-        text
+        format!(
+            "{:#}",
+            anyhow::Error::new(e).context(format!("association with {address}"))
+        )
     };
     match tls {
         None => {
