@@ -13,6 +13,7 @@
 //! record first if the crash came before it), so the log shows every sealed transfer before
 //! anything can send it.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -95,7 +96,7 @@ pub async fn seal_files(
         if !meta.is_file() {
             bail!("{} is not a regular file", path.display());
         }
-        planned.push((path.clone(), name.to_owned(), meta.len()));
+        planned.push((path.clone(), name.to_owned(), meta.len(), meta.dev()));
     }
 
     dir.create()
@@ -110,18 +111,31 @@ pub async fn seal_files(
         allowed_consent(declaration)?,
         chunk_size,
     );
-    for (src, name, expected) in &planned {
-        let (size, digests) = place_hashed(
-            spool,
-            src,
-            *expected,
-            &dir.data_file(name),
-            chunk_size,
-            progress,
-        )
-        .await
-        .with_context(|| format!("cannot copy {} into the spool", src.display()))?;
-        builder.add_file(name.clone(), size, digests)?;
+    // Several files at once: a study of a thousand instances is mostly per-file waits (open,
+    // create, fsync), which overlap; one large file is read ahead within itself. The pool's
+    // buffers bound the memory whatever the number.
+    let cloning = CloneRefusals::default();
+    for batch in planned.chunks(SEAL_FILES_IN_FLIGHT) {
+        let mut placed = Vec::with_capacity(batch.len());
+        for (src, name, expected, device) in batch {
+            placed.push(async {
+                place_hashed(
+                    spool,
+                    src,
+                    (*expected, *device),
+                    &dir.data_file(name),
+                    chunk_size,
+                    &cloning,
+                    progress,
+                )
+                .await
+                .with_context(|| format!("cannot copy {} into the spool", src.display()))
+            });
+        }
+        let placed = futures_util::future::try_join_all(placed).await?;
+        for ((_, name, _, _), (size, digests)) in batch.iter().zip(placed) {
+            builder.add_file(name.clone(), size, digests)?;
+        }
     }
     // Each file was fsynced by `place_hashed`; this makes their names in `data/` durable.
     let data = dir.data_dir();
@@ -394,23 +408,52 @@ const READ_AHEAD: usize = 8;
 /// change underneath: a later write to `src` (or to any other file sharing the blocks) gets
 /// blocks of its own, so `dst` keeps the bytes of the moment of the clone, and those are the
 /// bytes hashed, signed and sent. Elsewhere (ext4, another file system, any refusal) the
-/// bytes are copied while they are hashed.
+/// bytes are copied while they are hashed; a refusal is remembered for `src`'s device
+/// (`device`, with `size` in the second argument) for the rest of the seal.
 async fn place_hashed(
     spool: &Spool,
     src: &Path,
-    size: u64,
+    (size, device): (u64, u64),
     dst: &Path,
     chunk_size: u32,
+    cloning: &CloneRefusals,
     progress: &dyn SealProgress,
 ) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
-    let (s, d) = (src.to_owned(), dst.to_owned());
-    let cloned = tokio::task::spawn_blocking(move || clone_file(&s, &d)).await??;
-    if !cloned {
-        return read_hashed(spool, src, size, Some(dst), chunk_size, progress).await;
+    if !cloning.refused(device) {
+        let (s, d) = (src.to_owned(), dst.to_owned());
+        if tokio::task::spawn_blocking(move || clone_file(&s, &d)).await?? {
+            let (len, digests) = read_hashed(spool, dst, size, None, chunk_size, progress).await?;
+            progress.cloned(len);
+            return Ok((len, digests));
+        }
+        cloning.refuse(device);
     }
-    let (len, digests) = read_hashed(spool, dst, size, None, chunk_size, progress).await?;
-    progress.cloned(len);
-    Ok((len, digests))
+    read_hashed(spool, src, size, Some(dst), chunk_size, progress).await
+}
+
+/// Files sealed at once ([`seal_files`]).
+const SEAL_FILES_IN_FLIGHT: usize = 8;
+
+/// The source devices (`st_dev`) from which one seal could not clone into the spool: the
+/// rest of their files are copied without trying again (on ext4 each try creates and
+/// removes a file).
+#[derive(Debug, Default)]
+struct CloneRefusals(std::sync::Mutex<Vec<u64>>);
+
+impl CloneRefusals {
+    fn refused(&self, device: u64) -> bool {
+        self.0
+            .lock()
+            .expect("clone refusals lock poisoned")
+            .contains(&device)
+    }
+
+    fn refuse(&self, device: u64) {
+        let mut devices = self.0.lock().expect("clone refusals lock poisoned");
+        if !devices.contains(&device) {
+            devices.push(device);
+        }
+    }
 }
 
 /// Makes `dst` (created, or truncated) a copy-on-write clone of all of `src` with one

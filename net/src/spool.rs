@@ -540,8 +540,7 @@ enum Request {
         reply: Reply<()>,
     },
     Rename {
-        from: PathBuf,
-        to: PathBuf,
+        pairs: Vec<(PathBuf, PathBuf)>,
         reply: Reply<()>,
     },
     SyncDir {
@@ -979,11 +978,25 @@ impl Spool {
         from: impl AsRef<Path>,
         to: impl AsRef<Path>,
     ) -> SpoolResult<()> {
-        let from = from.as_ref().to_path_buf();
-        let to = to.as_ref().to_path_buf();
-        self.call(SpoolOp::Rename, &from.clone(), |reply| Request::Rename {
-            from,
-            to,
+        self.commit_renames(vec![(
+            from.as_ref().to_path_buf(),
+            to.as_ref().to_path_buf(),
+        )])
+        .await
+    }
+
+    /// [`Spool::commit_rename`] for many files at once: renames each pair in order, then
+    /// fsyncs every parent directory involved once, however many names changed in it. After
+    /// this returns, every new name survives a crash; a crash before leaves each file under
+    /// one of its two names. Stops at the first rename that fails, naming its path (the
+    /// renames before it are not undone, nor yet durable).
+    pub async fn commit_renames(&self, pairs: Vec<(PathBuf, PathBuf)>) -> SpoolResult<()> {
+        let Some((first, _)) = pairs.first() else {
+            return Ok(());
+        };
+        let first = first.clone();
+        self.call(SpoolOp::Rename, &first, |reply| Request::Rename {
+            pairs,
             reply,
         })
         .await
@@ -1137,8 +1150,8 @@ async fn handle(table: Rc<FileTable>, request: Request) {
             };
             let _ = reply.send(result.map_err(|e| SpoolError::new(SpoolOp::Close, &*path, e)));
         }
-        Request::Rename { from, to, reply } => {
-            let _ = reply.send(commit_rename(&from, &to).await);
+        Request::Rename { pairs, reply } => {
+            let _ = reply.send(commit_renames(&pairs).await);
         }
         Request::SyncDir { path, reply } => {
             let result = sync_dir(&path)
@@ -1236,19 +1249,30 @@ fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
-async fn commit_rename(from: &Path, to: &Path) -> SpoolResult<()> {
-    tokio_uring::fs::rename(from, to)
-        .await
-        .map_err(|e| SpoolError::new(SpoolOp::Rename, from, e))?;
-    let to_dir = parent_dir(to);
-    let from_dir = parent_dir(from);
-    sync_dir(&to_dir)
-        .await
-        .map_err(|e| SpoolError::new(SpoolOp::SyncDir, &to_dir, e))?;
-    if from_dir != to_dir {
-        sync_dir(&from_dir)
+/// The directories whose entries the renames of `pairs` change, each once: the
+/// destination's parent first.
+fn parent_dirs(pairs: &[(PathBuf, PathBuf)]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for (from, to) in pairs {
+        for dir in [parent_dir(to), parent_dir(from)] {
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
+            }
+        }
+    }
+    dirs
+}
+
+async fn commit_renames(pairs: &[(PathBuf, PathBuf)]) -> SpoolResult<()> {
+    for (from, to) in pairs {
+        tokio_uring::fs::rename(from, to)
             .await
-            .map_err(|e| SpoolError::new(SpoolOp::SyncDir, &from_dir, e))?;
+            .map_err(|e| SpoolError::new(SpoolOp::Rename, from, e))?;
+    }
+    for dir in parent_dirs(pairs) {
+        sync_dir(&dir)
+            .await
+            .map_err(|e| SpoolError::new(SpoolOp::SyncDir, &dir, e))?;
     }
     Ok(())
 }
@@ -1696,6 +1720,54 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.op, SpoolOp::Rename);
         assert_eq!(err.path, part);
+    }
+
+    #[tokio::test]
+    async fn commit_renames_publishes_every_file_and_names_the_first_it_cannot() {
+        let spool = spool(2, 4096);
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let pairs: Vec<(PathBuf, PathBuf)> = (0..5)
+            .map(|i| {
+                let part = data.join(format!("{i}.dcm.part"));
+                std::fs::write(&part, format!("instance {i}")).unwrap();
+                (part, data.join(format!("{i}.dcm")))
+            })
+            .collect();
+        timeout(LIMIT, spool.commit_renames(pairs.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        for (i, (part, done)) in pairs.iter().enumerate() {
+            assert!(!part.exists());
+            assert_eq!(
+                std::fs::read(done).unwrap(),
+                format!("instance {i}").as_bytes()
+            );
+        }
+        assert_eq!(
+            parent_dirs(&pairs),
+            vec![data.clone()],
+            "data/ is synced once"
+        );
+        timeout(LIMIT, spool.commit_renames(Vec::new()))
+            .await
+            .unwrap()
+            .unwrap();
+
+        // The second pair's source is gone: the first is renamed, the error names the second.
+        let again: Vec<(PathBuf, PathBuf)> = vec![
+            (pairs[0].1.clone(), data.join("kept.dcm")),
+            (pairs[1].0.clone(), data.join("never.dcm")),
+        ];
+        let err = timeout(LIMIT, spool.commit_renames(again))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.op, SpoolOp::Rename);
+        assert_eq!(err.path, pairs[1].0);
+        assert!(data.join("kept.dcm").exists());
     }
 
     #[tokio::test]

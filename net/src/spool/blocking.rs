@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokio::sync::mpsc;
 
-use super::{DIRECT_ALIGN, OpenMode, Request, SpoolError, SpoolOp, parent_dir};
+use super::{DIRECT_ALIGN, OpenMode, Request, SpoolError, SpoolOp, parent_dirs};
 
 /// Serves `requests` until every [`super::Spool`] handle is gone.
 pub(super) fn serve(
@@ -82,8 +82,8 @@ fn handle(files: &mut HashMap<u64, File>, next_id: &mut u64, request: Request) {
             let result = files.remove(&id).map(drop).ok_or_else(not_open);
             let _ = reply.send(result.map_err(|e| SpoolError::new(SpoolOp::Close, &*path, e)));
         }
-        Request::Rename { from, to, reply } => {
-            let _ = reply.send(commit_rename(&from, &to));
+        Request::Rename { pairs, reply } => {
+            let _ = reply.send(commit_renames(&pairs));
         }
         Request::SyncDir { path, reply } => {
             let result = sync_dir(&path).map_err(|e| SpoolError::new(SpoolOp::SyncDir, path, e));
@@ -147,12 +147,12 @@ fn sync_dir(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
 }
 
-fn commit_rename(from: &Path, to: &Path) -> Result<(), SpoolError> {
-    std::fs::rename(from, to).map_err(|e| SpoolError::new(SpoolOp::Rename, from, e))?;
-    let (to_dir, from_dir) = (parent_dir(to), parent_dir(from));
-    sync_dir(&to_dir).map_err(|e| SpoolError::new(SpoolOp::SyncDir, &to_dir, e))?;
-    if from_dir != to_dir {
-        sync_dir(&from_dir).map_err(|e| SpoolError::new(SpoolOp::SyncDir, &from_dir, e))?;
+fn commit_renames(pairs: &[(PathBuf, PathBuf)]) -> Result<(), SpoolError> {
+    for (from, to) in pairs {
+        std::fs::rename(from, to).map_err(|e| SpoolError::new(SpoolOp::Rename, from, e))?;
+    }
+    for dir in parent_dirs(pairs) {
+        sync_dir(&dir).map_err(|e| SpoolError::new(SpoolOp::SyncDir, &dir, e))?;
     }
     Ok(())
 }
