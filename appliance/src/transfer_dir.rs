@@ -349,18 +349,24 @@ pub fn list(spool: &Path, keep: impl Fn(&TransferDir) -> bool) -> Vec<TransferId
 
 /// Writes `bytes` to `path` so that a crash leaves the old content or the new, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = write_staged(path, bytes)?;
+    fs::rename(&tmp, path)?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The first half of [`write_atomic`]: writes `bytes` to a temporary name beside `path`
+/// (`.<name>.tmp`) and fsyncs it. Renaming it to `path` and fsyncing the directory is the
+/// caller's (several such renames can share one directory fsync).
+pub fn write_staged(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(tmp)
 }
 
 /// fsyncs a directory, making renames and creations in it durable.

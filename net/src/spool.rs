@@ -986,7 +986,8 @@ impl Spool {
     }
 
     /// [`Spool::commit_rename`] for many files at once: renames each pair in order, then
-    /// fsyncs every parent directory involved once, however many names changed in it. After
+    /// fsyncs every parent directory involved once (all at once), however many names changed
+    /// in it: a rename may be durable before an earlier one, until this returns. After
     /// this returns, every new name survives a crash; a crash before leaves each file under
     /// one of its two names. Stops at the first rename that fails, naming its path (the
     /// renames before it are not undone, nor yet durable).
@@ -1269,12 +1270,30 @@ async fn commit_renames(pairs: &[(PathBuf, PathBuf)]) -> SpoolResult<()> {
             .await
             .map_err(|e| SpoolError::new(SpoolOp::Rename, from, e))?;
     }
+    // The directories' fsyncs overlap: the renames are all done, and each is durable once
+    // both its directories are.
+    let mut syncs = tokio::task::JoinSet::new();
     for dir in parent_dirs(pairs) {
-        sync_dir(&dir)
-            .await
-            .map_err(|e| SpoolError::new(SpoolOp::SyncDir, &dir, e))?;
+        syncs.spawn_local(async move {
+            sync_dir(&dir)
+                .await
+                .map_err(|e| SpoolError::new(SpoolOp::SyncDir, &dir, e))
+        });
     }
-    Ok(())
+    let mut first_error = None;
+    while let Some(done) = syncs.join_next().await {
+        let res = done.unwrap_or_else(|e| {
+            Err(SpoolError::new(
+                SpoolOp::SyncDir,
+                Path::new("."),
+                io::Error::other(e),
+            ))
+        });
+        if let Err(e) = res {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// What the kernel's io_uring offers the spool thread: the ring's feature flags and, for each

@@ -575,10 +575,16 @@ pub(super) fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestErro
         }
     }
     let mut files = BTreeMap::new();
-    // A file counts once its record is written (after its payload is in `data/`): the
-    // record holds the name, `data/` holds the payload under the name's key.
+    // A file counts once its record and its payload are both in place: the record holds the
+    // name, `data/` holds the payload under the name's key. A record still under its
+    // temporary name (`.<key>.digests.tmp`, a crash before its rename) does not count: the
+    // file was never acknowledged.
     if let Ok(entries) = std::fs::read_dir(files_dir(dir)) {
         for e in entries.filter_map(Result::ok) {
+            if e.file_name().as_encoded_bytes().starts_with(b".") {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
             if let Ok(text) = std::fs::read(e.path())
                 && let Ok(FileRecord {
                     name: Some(name),

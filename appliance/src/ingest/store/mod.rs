@@ -11,9 +11,9 @@
 //! spool/<id>/association          a C-STORE association's transfer (the association id)
 //! ```
 //!
-//! A finished upload is fsynced, renamed to `data/<name>` (directory fsynced), and only then
-//! is its digest record written atomically: a file without a record is not part of the
-//! transfer. `commit` builds the manifest from the records alone, so the payload is read
+//! A finished upload and its digest record are fsynced (side by side), then renamed into
+//! place (`data/<key>`, `files/<key>.digests`) and both directories fsynced: a file counts
+//! only when its record and its payload are both there. `commit` builds the manifest from the records alone, so the payload is read
 //! exactly once, as it arrives.
 //!
 //! A C-STORE association's transfer is sealed and sent whatever ends the association (the

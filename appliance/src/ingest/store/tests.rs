@@ -297,10 +297,24 @@ async fn an_open_transfer_survives_a_restart_without_its_unfinished_upload() {
     // A crash in the middle of an upload leaves its part file behind.
     let d = dir(&f, &id);
     std::fs::write(d.parts_dir().join("99"), b"half an upload").unwrap();
+    // A crash after an upload's payload was renamed into `data/` but before its digest
+    // record was: the record is still under its temporary name, and the file was never
+    // acknowledged.
+    upload(&store, A, &id, "lost.bin", b"lost").await.unwrap();
+    let record = super::record_path(&d, "lost.bin");
+    let staged = record.with_file_name(format!(
+        ".{}.tmp",
+        record.file_name().unwrap().to_str().unwrap()
+    ));
+    std::fs::rename(&record, &staged).unwrap();
     drop(store);
 
     let store = IngestStore::open(f.edge.clone()).unwrap();
     assert_eq!(std::fs::read_dir(d.parts_dir()).unwrap().count(), 0);
+    assert!(
+        !staged.exists(),
+        "a temporary record is removed at recovery"
+    );
     let st = store.status(A, &id).await.unwrap();
     assert_eq!((st.files, st.bytes), (1, 4));
     store.commit(A, &id).await.unwrap();

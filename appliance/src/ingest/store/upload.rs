@@ -1,6 +1,6 @@
 //! One file streamed into an open transfer ([`FileUpload`]: gathered into spool buffers,
-//! hashed in order, written through the io_uring thread, fsynced, renamed, its digest record
-//! written), and the DICOM gate glue every door goes through: the transfer's
+//! hashed in order, written through the io_uring thread, fsynced and renamed beside its
+//! digest record), and the DICOM gate glue every door goes through: the transfer's
 //! [`GateRules`], stored instance names, per-file refusals and size checks.
 //!
 //! What this file must not do: seal, send or remove a transfer (that is
@@ -24,7 +24,7 @@ use super::{
 use crate::audit::{Event, Kind};
 use crate::dicom::deid::{DeidError, DicomGate, GateRules};
 use crate::policy::{Declaration, Refusal};
-use crate::transfer_dir::{TransferDir, write_atomic};
+use crate::transfer_dir::{TransferDir, write_staged};
 
 impl IngestStore {
     /// Starts the upload of file `name` into transfer `id`.
@@ -413,18 +413,11 @@ impl FileUpload {
         let file = self.file.take().expect("open until finished");
         let spool = self.spool().clone();
         let size = self.offset;
-        spool.sync_to_len(&file, size).await?;
-        if let Ok(file) = Arc::try_unwrap(file) {
-            spool.close(file).await?;
-        }
         let digests = self
             .hasher
             .take()
             .expect("back from the last write")
             .finish();
-        spool
-            .commit_rename(&self.part, self.dir.data_file(&self.name))
-            .await?;
         let record = FileRecord {
             name: Some(self.name.clone()),
             size,
@@ -432,12 +425,31 @@ impl FileUpload {
             digests: digests.iter().map(hex::encode).collect(),
         };
         let path = record_path(&self.dir, &self.name);
-        blocking(move || {
+        // The payload and its record are made durable side by side, then both renamed into
+        // place with one fsync of each directory: an instance is acknowledged after two
+        // fsyncs' wait, not five. A crash in between may leave a record whose payload's
+        // rename was lost; a record counts only beside its payload in `data/` (recovery,
+        // `lifecycle::recover_open`), so the file is then simply not part of the transfer,
+        // as before its acknowledgement.
+        let staged = blocking(move || {
             let json =
                 serde_json::to_vec(&record).map_err(|e| IngestError::Internal(e.to_string()))?;
-            write_atomic(&path, &json).map_err(internal("digest record"))
-        })
-        .await?;
+            write_staged(&path, &json)
+                .map(|tmp| (tmp, path))
+                .map_err(internal("digest record"))
+        });
+        let (synced, staged) = tokio::join!(spool.sync_to_len(&file, size), staged);
+        synced?;
+        let (tmp, path) = staged?;
+        if let Ok(file) = Arc::try_unwrap(file) {
+            spool.close(file).await?;
+        }
+        spool
+            .commit_renames(vec![
+                (self.part.clone(), self.dir.data_file(&self.name)),
+                (tmp, path),
+            ])
+            .await?;
         self.done = true;
         // The file's bytes stay counted against the transfer's limit.
         let mut st = lock(&self.transfer.state);
