@@ -1,7 +1,8 @@
 //! The Storage SCP: DICOM associations over TCP (dicom-ul, tokio), C-ECHO and C-STORE.
 //!
-//! One task per association. Each instance's P-DATA is written to a scratch file as it arrives
-//! (one PDU at a time: memory per association is bounded by the PDU length), behind a Part-10
+//! One task per association. Each instance's P-DATA is written to the association's scratch
+//! file as it arrives (gathered in a bounded buffer: memory per association does not grow with
+//! the instance; the one file is rewritten in place for each instance), behind a Part-10
 //! header the SCP builds from the C-STORE command. When the last fragment is in, the file is
 //! checked (dicom-rs reads the meta group and the data set up to the PatientID), the consent
 //! checkpoint runs, and the instance is handed to the [`AssociationSink`] or refused with a
@@ -487,6 +488,9 @@ struct Incoming {
     name: String,
     path: PathBuf,
     file: Option<tokio::io::BufWriter<tokio::fs::File>>,
+    /// Bytes of the instance written to `path` so far (the file may be longer: it is
+    /// rewritten in place for each instance).
+    len: u64,
     failure: Option<(u16, String)>,
     /// The instance (the header written for it, then its data set) walked as it arrives, to
     /// its end.
@@ -525,7 +529,6 @@ struct Association<'a, S: AssociationSink> {
     transfer: Option<S::Transfer>,
     names: HashSet<String>,
     bytes: u64,
-    serial: u64,
     accepted: usize,
     refused: usize,
     /// Storage Commitment on this association, if served.
@@ -788,7 +791,6 @@ impl<S: AssociationSink> Inner<S> {
             transfer: None,
             names: HashSet::new(),
             bytes: 0,
-            serial: 0,
             accepted: 0,
             refused: 0,
             commitment: self.cfg.commitment.clone().map(|c| {
@@ -997,19 +999,24 @@ impl<S: AssociationSink> Association<'_, S> {
                     self.refused += 1;
                     return send_response(assoc, pc.id, &cmd, code, Some(&why)).await;
                 }
-                self.serial += 1;
-                let path = self.scratch.join(format!("{}.part", self.serial));
+                // One scratch file per association, rewritten in place for each instance:
+                // a file created and removed per instance costs ext4 an inode allocation
+                // that scans past every recently removed one (measured: a sixth of the
+                // edge's CPU during a 1000-slice C-STORE).
+                let path = self.scratch.join(SCRATCH_FILE);
                 let mut i = Incoming {
                     name: format!("{}.dcm", cmd.affected_sop_instance_uid),
                     cmd,
                     context_id: pc.id,
                     path,
                     file: None,
+                    len: 0,
                     failure,
                     walker: Reader::new(None),
                 };
                 if i.failure.is_none() {
-                    match self.open_instance(&i, &pc.transfer_syntax, &i.cmd).await {
+                    let cmd = i.cmd.clone();
+                    match self.open_instance(&mut i, &pc.transfer_syntax, &cmd).await {
                         Ok((f, header)) => {
                             i.file = Some(f);
                             if let Err(e) = i.walker.feed(&header) {
@@ -1072,7 +1079,7 @@ impl<S: AssociationSink> Association<'_, S> {
 
     async fn open_instance(
         &mut self,
-        i: &Incoming,
+        i: &mut Incoming,
         transfer_syntax: &str,
         cmd: &Command,
     ) -> Result<(tokio::io::BufWriter<tokio::fs::File>, Vec<u8>), String> {
@@ -1086,15 +1093,22 @@ impl<S: AssociationSink> Association<'_, S> {
         self.bytes += header.len() as u64;
         // The data arrive in PDUs of at most `ingest.dicom_max_pdu_bytes`: each write of
         // `tokio::fs` is a trip to a blocking thread, so they are gathered first.
+        // Not truncated: the instance is written over the previous one from the start, and
+        // `Incoming::len` says where it ends.
         let mut f = tokio::io::BufWriter::with_capacity(
             SCRATCH_BUFFER,
-            tokio::fs::File::create(&i.path)
+            tokio::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&i.path)
                 .await
                 .map_err(|e| format!("scratch file: {e}"))?,
         );
         f.write_all(&header)
             .await
             .map_err(|e| format!("scratch file: {e}"))?;
+        i.len = header.len() as u64;
         Ok((f, header))
     }
 
@@ -1120,10 +1134,13 @@ impl<S: AssociationSink> Association<'_, S> {
                 ));
             } else if let Err(e) = i.walker.feed(&pv.data) {
                 i.failure = Some(not_well_formed(&e));
-            } else if let Some(f) = i.file.as_mut()
-                && let Err(e) = f.write_all(&pv.data).await
-            {
-                i.failure = Some((status::OUT_OF_RESOURCES, format!("scratch file: {e}")));
+            } else if let Some(f) = i.file.as_mut() {
+                match f.write_all(&pv.data).await {
+                    Ok(()) => i.len += pv.data.len() as u64,
+                    Err(e) => {
+                        i.failure = Some((status::OUT_OF_RESOURCES, format!("scratch file: {e}")));
+                    }
+                }
             }
             if i.failure.is_some() {
                 i.file = None;
@@ -1251,7 +1268,7 @@ impl<S: AssociationSink> Association<'_, S> {
         let t = self.transfer.as_mut().expect("set just above");
         self.inner
             .sink
-            .add_instance(t, &i.name, &i.path)
+            .add_instance(t, &i.name, &i.path, i.len)
             .await
             .map_err(|e| match e {
                 // A rule refused it (and it is audited): not a resource problem.
@@ -1262,6 +1279,9 @@ impl<S: AssociationSink> Association<'_, S> {
         Ok(())
     }
 }
+
+/// The scratch file of an association (in its own directory under [`scratch_dir`]).
+const SCRATCH_FILE: &str = "instance";
 
 /// Bytes of an arriving instance gathered before they are written to its scratch file.
 const SCRATCH_BUFFER: usize = 1 << 20;

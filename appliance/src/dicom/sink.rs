@@ -82,15 +82,16 @@ pub trait AssociationSink: Send + Sync + 'static {
         origin: Origin,
     ) -> impl Future<Output = Result<Self::Transfer, SinkError>> + Send;
 
-    /// Takes over `file`, a complete and checked Part-10 instance, under `name` (already
-    /// validated, unique within the transfer). `file` lies on the same file system as the
-    /// spool; after the call it belongs to the sink. `Ok` means the instance is durable and
-    /// will be sent: the SCP answers Success.
+    /// Takes a copy of the complete and checked Part-10 instance in the first `len` bytes of
+    /// `file` (what follows is stale) under `name` (already validated, unique within the
+    /// transfer). The SCP reuses `file` for its next instance once this returns. `Ok` means
+    /// the instance is durable and will be sent: the SCP answers Success.
     fn add_instance(
         &self,
         transfer: &mut Self::Transfer,
         name: &str,
         file: &Path,
+        len: u64,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
     /// The association ended as `end` (released, aborted, timed out, connection lost): the
@@ -143,8 +144,9 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
         transfer: &mut Self::Transfer,
         name: &str,
         file: &Path,
+        len: u64,
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
-        (**self).add_instance(transfer, name, file)
+        (**self).add_instance(transfer, name, file, len)
     }
 
     fn finish(
@@ -237,6 +239,7 @@ impl AssociationSink for StoreSink {
         transfer: &mut StoreTransfer,
         name: &str,
         file: &Path,
+        len: u64,
     ) -> Result<(), SinkError> {
         use tokio::io::AsyncReadExt;
         let hospital = transfer.origin.hospital.as_str();
@@ -250,10 +253,6 @@ impl AssociationSink for StoreSink {
         };
         // The policy's size limits are checked per instance, before its success status:
         // at A-RELEASE it would be too late to refuse what was acknowledged.
-        let len = tokio::fs::metadata(file)
-            .await
-            .map_err(|e| io("cannot stat", e))?
-            .len();
         self.store
             .check_room(hospital, &transfer.id, &name, len)
             .await
@@ -266,18 +265,28 @@ impl AssociationSink for StoreSink {
         // The SCP read this instance's PatientID with dicom-rs and matched it to the
         // association's transfer.
         upload.patient_checked();
+        // Exactly the instance's bytes: the file goes on with a previous, longer one's.
         let mut src = tokio::fs::File::open(file)
             .await
-            .map_err(|e| io("cannot open", e))?;
-        loop {
-            let mut piece = bytes::BytesMut::with_capacity(1 << 20);
+            .map_err(|e| io("cannot open", e))?
+            .take(len);
+        let mut left = len;
+        while left > 0 {
+            let mut piece = bytes::BytesMut::with_capacity(left.min(1 << 20) as usize);
             let n = src
                 .read_buf(&mut piece)
                 .await
                 .map_err(|e| io("cannot read", e))?;
             if n == 0 {
-                break;
+                return Err(io(
+                    "cannot read",
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the instance's {len} bytes are not all there"),
+                    ),
+                ));
             }
+            left -= n as u64;
             upload
                 .write(piece.freeze())
                 .await
@@ -291,9 +300,6 @@ impl AssociationSink for StoreSink {
             c.record_instance(hospital, &transfer.id, original, &name)
                 .await
                 .map_err(|e| io("cannot index for storage commitment", e))?;
-        }
-        if let Err(e) = tokio::fs::remove_file(file).await {
-            warn!(path = %file.display(), error = %e, "cannot remove the received instance");
         }
         Ok(())
     }

@@ -226,7 +226,18 @@ fn storescu_association_becomes_one_transfer_with_identical_data_sets() {
     let d = Deployment::new().unwrap();
     let (_gateway, edge) = start(&d);
     let src = d.path("instances");
-    let files: Vec<_> = (1..=3).map(|n| instance(&src, n, Some("P-0001"))).collect();
+    // The first instance is the longest: the SCP's scratch file, rewritten in place for each
+    // instance, still holds its tail while the next ones arrive.
+    let mut files = vec![instance_named(
+        &src,
+        1,
+        Some("P-0001"),
+        "Test^Patient1^With^A^Much^Longer^Name",
+    )];
+    files.extend((2..=3).map(|n| instance(&src, n, Some("P-0001"))));
+    assert!(
+        std::fs::metadata(&files[0]).unwrap().len() > std::fs::metadata(&files[1]).unwrap().len()
+    );
 
     let out = run(scu("storescu", &d, "STORESCU", "BAYLINK")
         .arg("-v")
