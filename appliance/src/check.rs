@@ -319,6 +319,7 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("delivery.path", Kind::Str),
     opt("delivery.url", Kind::Str),
     opt("delivery.batch_bytes", U64),
+    opt("delivery.requests_in_flight", U64),
     opt("delivery.ca", Kind::Str),
     opt("delivery.cert", Kind::Str),
     opt("delivery.key", Kind::Str),

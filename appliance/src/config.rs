@@ -1140,6 +1140,7 @@ struct RawDelivery {
     path: Option<PathBuf>,
     url: Option<String>,
     batch_bytes: Option<u64>,
+    requests_in_flight: Option<u64>,
     retry_base: Option<String>,
     retry_max: Option<String>,
     ca: Option<PathBuf>,
@@ -1173,7 +1174,7 @@ fn check_delivery(
         "dicomweb" => DeliverySection::DicomWeb(
             StowSettings::from_section(
                 d.url,
-                d.batch_bytes,
+                (d.batch_bytes, d.requests_in_flight),
                 d.ca.as_deref().map(|p| cx.resolve(p)),
                 d.cert.as_deref().map(|p| cx.resolve(p)),
                 d.key
@@ -1667,8 +1668,9 @@ path = "delivered"
         .unwrap();
         assert!(matches!(
             c.delivery,
-            Some(DeliverySection::DicomWeb(StowSettings { batch_bytes, .. }))
+            Some(DeliverySection::DicomWeb(StowSettings { batch_bytes, requests_in_flight, .. }))
                 if batch_bytes == crate::deliver::dicomweb::DEFAULT_BATCH_BYTES
+                    && requests_in_flight == crate::deliver::dicomweb::DEFAULT_REQUESTS_IN_FLIGHT
         ));
         let https = Config::parse(
             Path::new("/etc/baylink/g.toml"),
@@ -1740,6 +1742,14 @@ path = "delivered"
             (
                 "url = \"http://store\"\nbatch_bytes = 4294967296",
                 "delivery.batch_bytes",
+            ),
+            (
+                "url = \"http://store\"\nrequests_in_flight = 0",
+                "delivery.requests_in_flight",
+            ),
+            (
+                "url = \"http://store\"\nrequests_in_flight = 17",
+                "delivery.requests_in_flight",
             ),
         ] {
             let e = Config::parse(Path::new("g.toml"), &dicomweb(rest)).unwrap_err();

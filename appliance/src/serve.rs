@@ -96,6 +96,7 @@ async fn serve_gateway(
         DeliverySection::DicomWeb(StowSettings {
             url,
             batch_bytes,
+            requests_in_flight,
             tls,
         }) => {
             let stow = deliver::dicomweb::DicomWebDelivery::new(
@@ -112,7 +113,8 @@ async fn serve_gateway(
                 tokio::runtime::Handle::current(),
             )
             .context("delivery")?
-            .with_batch_bytes(batch_bytes);
+            .with_batch_bytes(batch_bytes)
+            .with_requests_in_flight(requests_in_flight);
             delivery_tls = stow.tls_config();
             Arc::new(stow)
         }

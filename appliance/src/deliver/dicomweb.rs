@@ -2,9 +2,10 @@
 //!
 //! A committed transfer is POSTed to `{url}/studies` as `multipart/related;
 //! type="application/dicom"`, one part per file, in requests of at most `delivery.batch_bytes`
-//! of files (a file larger than that goes alone). Each body streams from the spool (through
-//! the io_uring spool thread, `O_DIRECT`, pooled buffers handed to hyper without a copy)
-//! with an exact `Content-Length`.
+//! of files (a file larger than that goes alone), `delivery.requests_in_flight` of them at
+//! once: while the store files one request's instances, the next one's body is already
+//! arriving. Each body streams from the spool (through the io_uring spool thread, `O_DIRECT`,
+//! pooled buffers handed to hyper without a copy) with an exact `Content-Length`.
 //!
 //! The store's answer decides, request by request, instance by instance: HTTP 200 with every
 //! instance of the request in ReferencedSOPSequence (0008,1199) and none in FailedSOPSequence
@@ -24,8 +25,9 @@
 //! time-out, 5xx, 408, 425, 429 (after the store's `Retry-After`), or a 200 that does not
 //! confirm every instance.
 //!
-//! Each answer is recorded durably in the transfer's `stow.acked` before the next request is
-//! sent (written atomically: temporary file, fsync, rename, directory fsync): the files of
+//! Each answer is recorded durably in the transfer's `stow.acked` as it arrives, before
+//! another request takes its place (written atomically: temporary file, fsync, rename,
+//! directory fsync): the files of
 //! each confirmed request with the RetrieveURL it gave, and each refused instance with its
 //! reason. A retry after a later request failed, or a restart, sends only what the store has
 //! neither confirmed nor refused. Once the transfer's outcome is recorded (`ended`), a new
@@ -49,6 +51,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, bail};
 use baylink_net::spool::{Spool, SpoolFile};
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, HOST, RETRY_AFTER};
@@ -67,8 +70,15 @@ use baylink_net::proto::{Manifest, RefusedInstance};
 use baylink_net::transport::{TlsIdentity, load_ca, root_store};
 use rustls_pki_types::ServerName;
 
-/// Default most file bytes per STOW-RS request (`delivery.batch_bytes`).
-pub const DEFAULT_BATCH_BYTES: u64 = 1 << 30;
+/// Default most file bytes per STOW-RS request (`delivery.batch_bytes`). Small enough that
+/// the store starts filing a study's first instances while the rest are on their way: a
+/// 1000-slice CT study (501 MiB) in 32 MiB requests, two at a time, reached Orthanc whole
+/// faster than in one request (`docs/benchmarks.md`).
+pub const DEFAULT_BATCH_BYTES: u64 = 32 << 20;
+/// Default STOW-RS requests open at once (`delivery.requests_in_flight`).
+pub const DEFAULT_REQUESTS_IN_FLIGHT: u64 = 2;
+/// Most `delivery.requests_in_flight`.
+pub const MAX_REQUESTS_IN_FLIGHT: u64 = 16;
 /// Largest `delivery.batch_bytes`: Orthanc refuses request bodies of 4 GiB and more.
 pub const MAX_BATCH_BYTES: u64 = (4 << 30) - (16 << 20);
 /// Time to open the TCP connection to the store.
@@ -88,6 +98,8 @@ pub struct StowSettings {
     pub url: String,
     /// Most file bytes per STOW-RS request (`delivery.batch_bytes`).
     pub batch_bytes: u64,
+    /// STOW-RS requests open at once (`delivery.requests_in_flight`).
+    pub requests_in_flight: u64,
     /// TLS to the store, for an `https://` URL.
     pub tls: Option<DeliveryTls>,
 }
@@ -108,10 +120,12 @@ impl StowSettings {
     /// the config file's directory): `delivery.url` is given and a [`StowUrl`];
     /// `delivery.cert` and `delivery.key` come together; an `https://` URL names
     /// `delivery.ca`, a plain `http://` one none of the three; `delivery.batch_bytes`
-    /// (default [`DEFAULT_BATCH_BYTES`]) is in `1..=`[`MAX_BATCH_BYTES`].
+    /// (default [`DEFAULT_BATCH_BYTES`]) is in `1..=`[`MAX_BATCH_BYTES`];
+    /// `delivery.requests_in_flight` (default [`DEFAULT_REQUESTS_IN_FLIGHT`]) in
+    /// `1..=`[`MAX_REQUESTS_IN_FLIGHT`].
     pub fn from_section(
         url: Option<String>,
-        batch_bytes: Option<u64>,
+        (batch_bytes, requests_in_flight): (Option<u64>, Option<u64>),
         ca: Option<PathBuf>,
         cert: Option<PathBuf>,
         key: Option<TlsKeySource>,
@@ -156,9 +170,17 @@ impl StowSettings {
                 format!("{batch_bytes} is not in 1..={MAX_BATCH_BYTES}"),
             ));
         }
+        let requests_in_flight = requests_in_flight.unwrap_or(DEFAULT_REQUESTS_IN_FLIGHT);
+        if !(1..=MAX_REQUESTS_IN_FLIGHT).contains(&requests_in_flight) {
+            return Err(invalid(
+                "delivery.requests_in_flight",
+                format!("{requests_in_flight} is not in 1..={MAX_REQUESTS_IN_FLIGHT}"),
+            ));
+        }
         Ok(StowSettings {
             url,
             batch_bytes,
+            requests_in_flight,
             tls,
         })
     }
@@ -234,6 +256,8 @@ pub struct DicomWebDelivery {
     tls: Option<(Swap<rustls::ClientConfig>, ServerName<'static>)>,
     /// Most file bytes per request (`delivery.batch_bytes`).
     batch_bytes: u64,
+    /// Requests open at once (`delivery.requests_in_flight`).
+    requests_in_flight: usize,
     /// Reads the files (pooled buffers, `O_DIRECT`).
     spool: Spool,
     /// The runtime the blocking delivery worker drives its requests on.
@@ -246,6 +270,7 @@ impl std::fmt::Debug for DicomWebDelivery {
             .field("url", &self.url.studies_url())
             .field("tls", &self.tls.is_some())
             .field("batch_bytes", &self.batch_bytes)
+            .field("requests_in_flight", &self.requests_in_flight)
             .finish()
     }
 }
@@ -284,6 +309,7 @@ impl DicomWebDelivery {
             url,
             tls,
             batch_bytes: DEFAULT_BATCH_BYTES,
+            requests_in_flight: DEFAULT_REQUESTS_IN_FLIGHT as usize,
             spool,
             runtime,
         })
@@ -299,6 +325,12 @@ impl DicomWebDelivery {
     /// Sets the most file bytes per request.
     pub fn with_batch_bytes(mut self, bytes: u64) -> DicomWebDelivery {
         self.batch_bytes = bytes.max(1);
+        self
+    }
+
+    /// Sets how many requests may be open at once (at least one).
+    pub fn with_requests_in_flight(mut self, requests: u64) -> DicomWebDelivery {
+        self.requests_in_flight = usize::try_from(requests.max(1)).unwrap_or(usize::MAX);
         self
     }
 
@@ -372,8 +404,34 @@ impl DicomWebDelivery {
             .into_iter()
             .map(<[Part]>::to_vec)
             .collect();
-        while let Some(batch) = queue.pop_front() {
-            match self.post(&batch).await? {
+        // Up to `requests_in_flight` requests open; each answer is judged and recorded as it
+        // comes, and its place taken by the next batch. A request that fails (no answer, or
+        // one the delivery cannot go on after) fails the delivery: no request is started
+        // after it, the answers of those still open are recorded, then its error is
+        // returned.
+        let mut in_flight = FuturesUnordered::new();
+        let mut failed: Option<anyhow::Error> = None;
+        loop {
+            while failed.is_none() && in_flight.len() < self.requests_in_flight {
+                let Some(batch) = queue.pop_front() else {
+                    break;
+                };
+                in_flight.push(async move {
+                    let judged = self.post(&batch).await;
+                    (batch, judged)
+                });
+            }
+            let Some((batch, judged)) = futures_util::StreamExt::next(&mut in_flight).await else {
+                break;
+            };
+            let judged = match judged {
+                Ok(j) => j,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            match judged {
                 Judged::Confirmed(retrieve_url) => acked.batches.push(AckedBatch {
                     files: batch.iter().map(|p| p.name.clone()).collect(),
                     retrieve_url,
@@ -417,6 +475,9 @@ impl DicomWebDelivery {
                 }
             }
             record(&acked)?;
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         acked.ended = true;
         record(&acked)?;
@@ -773,7 +834,7 @@ impl Multipart {
 }
 
 /// What the store did with a transfer's instances so far (`stow.acked`): the requests it
-/// confirmed, in order, and the instances it refused.
+/// confirmed, in the order their answers came, and the instances it refused.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Acked {
     batches: Vec<AckedBatch>,

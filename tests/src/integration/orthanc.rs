@@ -114,6 +114,38 @@ fn a_study_lands_in_orthanc_byte_identical_in_batches_and_again_harmlessly() {
 }
 
 #[test]
+fn requests_in_flight_together_store_every_instance_and_record_each_answer() {
+    if skip() {
+        return;
+    }
+    let orthanc = Orthanc::start().unwrap();
+    // Eight instances of just over 1 KiB, one per request, three requests open at once.
+    let d = deployment(
+        &orthanc.dicomweb_url(),
+        &[("batch_bytes", "2048"), ("requests_in_flight", "3")],
+    );
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let src = d.path("study");
+    let files: Vec<PathBuf> = (1..=8).map(|n| instance(&src, n, Some("P-0001"))).collect();
+
+    let id = send(&d, &files, &gateway);
+    gateway.wait_for_log(&[&id, "delivered"], LOG_WAIT);
+    for (n, f) in (1..=8).zip(&files) {
+        stored_identical(&orthanc, &sop_uid(n), f);
+    }
+    assert_eq!(orthanc.instance_count().unwrap(), 8);
+    // Every answer is in `stow.acked`, one request each, whatever order they came in.
+    assert_eq!(confirmed_files(&d, &id), 8);
+    let acked: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(acked["batches"].as_array().unwrap().len(), 8, "{acked}");
+    assert_eq!(acked["ended"], true, "{acked}");
+    assert_eq!(gateway_audit(&d, "delivered", &id).len(), 1);
+}
+
+#[test]
 fn content_the_store_refuses_is_set_aside_and_the_queue_moves_on() {
     if skip() {
         return;
