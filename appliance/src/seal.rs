@@ -112,10 +112,13 @@ pub async fn seal_files(
         chunk_size,
     );
     // Several files at once: a study of a thousand instances is mostly per-file waits (open,
-    // create, fsync), which overlap; one large file is read ahead within itself. The pool's
-    // buffers bound the memory whatever the number.
+    // create, fsync), which overlap; one large file is read ahead within itself. Each file
+    // takes up to `READ_AHEAD` buffers before it gives one back, so no more files run than
+    // the pool can fill at once: files waiting for their last read buffer, each holding the
+    // others, would wait for ever.
+    let in_flight = (spool.buffer_count() / READ_AHEAD).clamp(1, SEAL_FILES_IN_FLIGHT);
     let cloning = CloneRefusals::default();
-    for batch in planned.chunks(SEAL_FILES_IN_FLIGHT) {
+    for batch in planned.chunks(in_flight) {
         let mut placed = Vec::with_capacity(batch.len());
         for (src, name, expected, device) in batch {
             placed.push(async {
@@ -431,7 +434,8 @@ async fn place_hashed(
     read_hashed(spool, src, size, Some(dst), chunk_size, progress).await
 }
 
-/// Files sealed at once ([`seal_files`]).
+/// Most files sealed at once ([`seal_files`]; fewer with a pool of fewer than
+/// `SEAL_FILES_IN_FLIGHT × READ_AHEAD` buffers).
 const SEAL_FILES_IN_FLIGHT: usize = 8;
 
 /// The source devices (`st_dev`) from which one seal could not clone into the spool: the

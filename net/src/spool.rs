@@ -706,6 +706,11 @@ impl Spool {
         self.buffer_size().is_multiple_of(DIRECT_ALIGN)
     }
 
+    /// Buffers in the pool ([`SpoolConfig::buffers`]), handed out or not.
+    pub fn buffer_count(&self) -> usize {
+        self.shared.pool.buffers
+    }
+
     /// Buffers not handed out right now.
     pub fn free_buffers(&self) -> usize {
         self.shared.pool.permits.available_permits()
@@ -986,8 +991,9 @@ impl Spool {
     }
 
     /// [`Spool::commit_rename`] for many files at once: renames each pair in order, then
-    /// fsyncs every parent directory involved once (all at once), however many names changed
-    /// in it: a rename may be durable before an earlier one, until this returns. After
+    /// fsyncs every parent directory involved once (on the io_uring spool all at once),
+    /// however many names changed in it: a rename may be durable before an earlier one,
+    /// until this returns. After
     /// this returns, every new name survives a crash; a crash before leaves each file under
     /// one of its two names. Stops at the first rename that fails, naming its path (the
     /// renames before it are not undone, nor yet durable).

@@ -73,7 +73,7 @@ use rustls_pki_types::ServerName;
 /// Default most file bytes per STOW-RS request (`delivery.batch_bytes`). Small enough that
 /// the store starts filing a study's first instances while the rest are on their way: a
 /// 1000-slice CT study (501 MiB) in 32 MiB requests, two at a time, reached Orthanc whole
-/// faster than in one request (`docs/benchmarks.md`).
+/// about a second sooner than in one request (`docs/benchmarks.md`, "Into Orthanc").
 pub const DEFAULT_BATCH_BYTES: u64 = 32 << 20;
 /// Default STOW-RS requests open at once (`delivery.requests_in_flight`).
 pub const DEFAULT_REQUESTS_IN_FLIGHT: u64 = 2;
@@ -83,7 +83,8 @@ pub const MAX_REQUESTS_IN_FLIGHT: u64 = 16;
 pub const MAX_BATCH_BYTES: u64 = (4 << 30) - (16 << 20);
 /// Time to open the TCP connection to the store.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A request may take this long plus one second per [`SLOWEST_BYTES_PER_SECOND`] of body.
+/// A request may take this long plus one second per [`SLOWEST_BYTES_PER_SECOND`] of body,
+/// times the requests open at once (they share the store's pace).
 const BASE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The slowest store throughput tolerated before a request counts as hung.
 const SLOWEST_BYTES_PER_SECOND: u64 = 10 * 1024 * 1024;
@@ -427,7 +428,21 @@ impl DicomWebDelivery {
             let judged = match judged {
                 Ok(j) => j,
                 Err(e) => {
-                    failed.get_or_insert(e);
+                    tracing::warn!(
+                        transfer = %manifest.transfer_id,
+                        instances = batch.len(),
+                        error = format!("{e:#}"),
+                        "STOW-RS: a request failed; no more are sent in this attempt, the open ones are answered first"
+                    );
+                    // A final answer outweighs one a retry might fix: the retry would get it
+                    // again.
+                    let keep = match &failed {
+                        None => true,
+                        Some(f) => !f.is::<Undeliverable>() && e.is::<Undeliverable>(),
+                    };
+                    if keep {
+                        failed = Some(e);
+                    }
                     continue;
                 }
             };
@@ -515,7 +530,9 @@ impl DicomWebDelivery {
             .body(StreamBody::new(body.stream()))
             .context("cannot build the STOW-RS request")?;
 
-        let limit = BASE_TIMEOUT + Duration::from_secs(length / SLOWEST_BYTES_PER_SECOND);
+        let shared = u64::try_from(self.requests_in_flight).unwrap_or(u64::MAX);
+        let limit = BASE_TIMEOUT
+            + Duration::from_secs((length / SLOWEST_BYTES_PER_SECOND).saturating_mul(shared));
         let studies = self.url.studies_url();
         let exchange = async {
             let tcp = tokio::time::timeout(

@@ -8,6 +8,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use baylink_net::proto::Receipt;
 use bytes::Bytes;
 use tracing::{info, warn};
@@ -113,7 +114,13 @@ pub(super) async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, B
         tokio::task::spawn_blocking(move || dir.store_state(&set)).await??;
         renames
     };
-    gw.spool.commit_renames(renames).await?;
+    if renames.is_empty() {
+        // Every file got its final name before this process started (a commit interrupted
+        // after its renames): those names are made durable before the receipt is signed.
+        gw.spool.sync_dir(a.dir.data_dir()).await?;
+    } else {
+        gw.spool.commit_renames(renames).await?;
+    }
     let committed_unix_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -175,7 +182,10 @@ async fn finish_file(
         );
         return Ok(None);
     };
-    let len = tokio::fs::metadata(&part).await?.len();
+    let len = tokio::fs::metadata(&part)
+        .await
+        .with_context(|| format!("cannot read the length of {}", part.display()))?
+        .len();
     anyhow::ensure!(
         len >= f.size,
         "{} is shorter than the manifest says",

@@ -428,7 +428,12 @@ fn deliver_sends_a_confirmed_batch_once_across_a_retry_and_a_restart() {
         .collect();
     let len = |f: &PathBuf| std::fs::metadata(f).unwrap().len();
     let batch_bytes = (len(&files[0]) + len(&files[1])).to_string();
-    let (d, gateway) = gateway_for(&store, "1s", &[("batch_bytes", &batch_bytes)]);
+    // One request at a time: the store sees batch 1 first.
+    let (d, gateway) = gateway_for(
+        &store,
+        "1s",
+        &[("batch_bytes", &batch_bytes), ("requests_in_flight", "1")],
+    );
     let id = send(&d, &files, &gateway);
 
     // Batch 2 refused twice: the second time is a retry, which sends only batch 2.

@@ -575,6 +575,15 @@ pub(super) fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestErro
         }
     }
     let mut files = BTreeMap::new();
+    // The names found below may be renames a killed process never made durable (the
+    // directories are fsynced after both renames of an upload): made durable now, before a
+    // seal can sign a manifest that lists them.
+    for d in [dir.data_dir(), files_dir(dir)] {
+        if d.exists() {
+            crate::transfer_dir::sync_dir(&d)
+                .map_err(internal("cannot fsync a spool directory"))?;
+        }
+    }
     // A file counts once its record and its payload are both in place: the record holds the
     // name, `data/` holds the payload under the name's key. A record still under its
     // temporary name (`.<key>.digests.tmp`, a crash before its rename) does not count: the

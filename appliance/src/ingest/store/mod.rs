@@ -12,8 +12,9 @@
 //! ```
 //!
 //! A finished upload and its digest record are fsynced (side by side), then renamed into
-//! place (`data/<key>`, `files/<key>.digests`) and both directories fsynced: a file counts
-//! only when its record and its payload are both there. `commit` builds the manifest from the records alone, so the payload is read
+//! place (`data/<key>`, `files/<key>.digests`) and the three directories involved (`parts/`,
+//! `data/`, `files/`) fsynced: a file counts only when its record and its payload are both
+//! there, and recovery fsyncs `data/` and `files/` before it trusts what it finds. `commit` builds the manifest from the records alone, so the payload is read
 //! exactly once, as it arrives.
 //!
 //! A C-STORE association's transfer is sealed and sent whatever ends the association (the

@@ -632,6 +632,10 @@ fn finished_files(dir: &TransferDir) -> (usize, u64) {
     let mut n = 0;
     let mut bytes = 0;
     for e in entries.filter_map(Result::ok) {
+        // A record still under its temporary name is not a finished file.
+        if e.file_name().as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
         if let Ok(text) = std::fs::read(e.path())
             && let Ok(r) = serde_json::from_slice::<FileRecord>(&text)
         {
