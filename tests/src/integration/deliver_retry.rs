@@ -410,6 +410,74 @@ fn deliver_sets_a_4xx_aside_at_once_with_the_stores_reason() {
 }
 
 #[test]
+fn after_a_failed_request_the_open_one_is_answered_and_recorded_before_the_retry() {
+    // Two instances, one per request, both open at once. The store serves one connection
+    // at a time and fails the first request it reads, whichever it is, after a pause in
+    // which the other request has reached it whole; that one is still open then, waiting
+    // for its turn, and is confirmed.
+    let store = StubStore::start(Box::new(move |n, seen| {
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+            answer(503, &["Retry-After: 0"], "busy")
+        } else {
+            confirm(n, seen)
+        }
+    }));
+    let src = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = (41..=42)
+        .map(|n| instance(src.path(), n, Some("P-0001")))
+        .collect();
+    let len = |f: &PathBuf| std::fs::metadata(f).unwrap().len();
+    let batch_bytes = len(&files[0]).max(len(&files[1])).to_string();
+    let (d, gateway) = gateway_for(
+        &store,
+        "1s",
+        &[("batch_bytes", &batch_bytes), ("requests_in_flight", "2")],
+    );
+    let id = send(&d, &files, &gateway);
+    gateway.wait_for_log(&[&id, "delivered"], EVENT_WAIT);
+    assert!(
+        gateway
+            .log()
+            .contains("STOW-RS: a request failed; no more are sent in this attempt"),
+        "{}",
+        gateway.log()
+    );
+    // The open request's answer was waited for and recorded in the attempt that failed:
+    // the retry knew it and sent only the failed one. Three requests in all, each instance
+    // confirmed once.
+    let log = gateway.log();
+    assert!(
+        log.lines().any(
+            |l| l.contains("already confirmed or refused are not sent again")
+                && l.contains(&id)
+                && l.contains("confirmed=1")
+        ),
+        "{log}"
+    );
+    let seen = store.seen();
+    let failed = if seen[0].carries(&sop_uid(41)) {
+        41
+    } else {
+        42
+    };
+    let other = 83 - failed;
+    let carried = |n: u32| seen.iter().filter(|s| s.carries(&sop_uid(n))).count();
+    assert_eq!(
+        (seen.len(), carried(failed), carried(other)),
+        (3, 2, 1),
+        "requests: {:?}",
+        seen.iter().map(|s| s.parts).collect::<Vec<_>>()
+    );
+    assert!(seen[1].carries(&sop_uid(other)) && seen[2].carries(&sop_uid(failed)));
+    let acked: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(acked["batches"].as_array().unwrap().len(), 2, "{acked}");
+}
+
+#[test]
 fn deliver_sends_a_confirmed_batch_once_across_a_retry_and_a_restart() {
     // Batch 2 fails with 503 until `healed`; batch 1 is confirmed at once.
     let healed = Arc::new(AtomicBool::new(false));
