@@ -411,8 +411,9 @@ const READ_AHEAD: usize = 8;
 /// change underneath: a later write to `src` (or to any other file sharing the blocks) gets
 /// blocks of its own, so `dst` keeps the bytes of the moment of the clone, and those are the
 /// bytes hashed, signed and sent. Elsewhere (ext4, another file system, any refusal) the
-/// bytes are copied while they are hashed; a refusal is remembered for `src`'s device
-/// (`device`, with `size` in the second argument) for the rest of the seal.
+/// bytes are copied while they are hashed; where the file systems cannot clone at all, that
+/// is remembered for `src`'s device (`device`, with `size` in the second argument) for the
+/// rest of the seal.
 async fn place_hashed(
     spool: &Spool,
     src: &Path,
@@ -424,12 +425,16 @@ async fn place_hashed(
 ) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
     if !cloning.refused(device) {
         let (s, d) = (src.to_owned(), dst.to_owned());
-        if tokio::task::spawn_blocking(move || clone_file(&s, &d)).await?? {
-            let (len, digests) = read_hashed(spool, dst, size, None, chunk_size, progress).await?;
-            progress.cloned(len);
-            return Ok((len, digests));
+        match tokio::task::spawn_blocking(move || clone_file(&s, &d)).await?? {
+            Cloned::Yes => {
+                let (len, digests) =
+                    read_hashed(spool, dst, size, None, chunk_size, progress).await?;
+                progress.cloned(len);
+                return Ok((len, digests));
+            }
+            Cloned::Unable => cloning.refuse(device),
+            Cloned::NotThisFile => {}
         }
-        cloning.refuse(device);
     }
     read_hashed(spool, src, size, Some(dst), chunk_size, progress).await
 }
@@ -438,9 +443,9 @@ async fn place_hashed(
 /// `SEAL_FILES_IN_FLIGHT × READ_AHEAD` buffers).
 const SEAL_FILES_IN_FLIGHT: usize = 8;
 
-/// The source devices (`st_dev`) from which one seal could not clone into the spool: the
-/// rest of their files are copied without trying again (on ext4 each try creates and
-/// removes a file).
+/// The source devices (`st_dev`) from which one seal found the spool cannot clone (the
+/// file systems cannot share blocks): the rest of their files are copied without trying
+/// again (on ext4 each try creates and removes a file).
 #[derive(Debug, Default)]
 struct CloneRefusals(std::sync::Mutex<Vec<u64>>);
 
@@ -465,7 +470,7 @@ impl CloneRefusals {
 /// cannot clone (`src` elsewhere than `dst`'s file system, or one without shared blocks such
 /// as ext4 or tmpfs). The clone is taken whole at one moment: the file system flushes and
 /// locks both files while it shares the blocks.
-fn clone_file(src: &Path, dst: &Path) -> anyhow::Result<bool> {
+fn clone_file(src: &Path, dst: &Path) -> anyhow::Result<Cloned> {
     let input =
         std::fs::File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
     let output =
@@ -474,12 +479,38 @@ fn clone_file(src: &Path, dst: &Path) -> anyhow::Result<bool> {
         drop(output);
         std::fs::remove_file(dst).with_context(|| format!("cannot remove {}", dst.display()))?;
         tracing::debug!(source = %src.display(), error = %e, "not cloned into the spool; copying");
-        return Ok(false);
+        // What says the two file systems cannot share blocks at all, as against a refusal
+        // of this one file (busy, a swap file, another file system's own reason).
+        use rustix::io::Errno;
+        let unable = [
+            Errno::OPNOTSUPP,
+            Errno::XDEV,
+            Errno::INVAL,
+            Errno::NOTTY,
+            Errno::NOSYS,
+        ];
+        return Ok(if unable.contains(&e) {
+            Cloned::Unable
+        } else {
+            Cloned::NotThisFile
+        });
     }
     output
         .sync_all()
         .with_context(|| format!("cannot fsync {}", dst.display()))?;
-    Ok(true)
+    Ok(Cloned::Yes)
+}
+
+/// What [`clone_file`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cloned {
+    /// `dst` is a clone of `src`, durable.
+    Yes,
+    /// The file systems cannot clone between them (`src`'s device will not be tried again
+    /// in this seal); no `dst`.
+    Unable,
+    /// This file could not be cloned; others may be. No `dst`.
+    NotThisFile,
 }
 
 /// Reads `src` (expected to hold `size` bytes, which only sizes the read-ahead: the read
