@@ -1015,10 +1015,10 @@ impl<S: AssociationSink> Association<'_, S> {
                     walker: Reader::new(None),
                 };
                 if i.failure.is_none() {
-                    let cmd = i.cmd.clone();
-                    match self.open_instance(&mut i, &pc.transfer_syntax, &cmd).await {
+                    match self.open_instance(&i, &pc.transfer_syntax, &i.cmd).await {
                         Ok((f, header)) => {
                             i.file = Some(f);
+                            i.len = header.len() as u64;
                             if let Err(e) = i.walker.feed(&header) {
                                 i.failure = Some(not_well_formed(&e));
                             }
@@ -1079,7 +1079,7 @@ impl<S: AssociationSink> Association<'_, S> {
 
     async fn open_instance(
         &mut self,
-        i: &mut Incoming,
+        i: &Incoming,
         transfer_syntax: &str,
         cmd: &Command,
     ) -> Result<(tokio::io::BufWriter<tokio::fs::File>, Vec<u8>), String> {
@@ -1094,7 +1094,7 @@ impl<S: AssociationSink> Association<'_, S> {
         // The data arrive in PDUs of at most `ingest.dicom_max_pdu_bytes`: each write of
         // `tokio::fs` is a trip to a blocking thread, so they are gathered first.
         // Not truncated: the instance is written over the previous one from the start, and
-        // `Incoming::len` says where it ends.
+        // `Incoming::len` (from the header on) says where it ends.
         let mut f = tokio::io::BufWriter::with_capacity(
             SCRATCH_BUFFER,
             tokio::fs::OpenOptions::new()
@@ -1108,7 +1108,6 @@ impl<S: AssociationSink> Association<'_, S> {
         f.write_all(&header)
             .await
             .map_err(|e| format!("scratch file: {e}"))?;
-        i.len = header.len() as u64;
         Ok((f, header))
     }
 

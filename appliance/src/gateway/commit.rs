@@ -60,6 +60,11 @@ async fn make_durable(
     for i in pending {
         durable.set.insert(i);
     }
+    store_state(a, durable).await
+}
+
+/// Writes `durable` as the transfer's `state` file.
+async fn store_state(a: &Active, durable: &Durable) -> anyhow::Result<()> {
     let dir = a.dir.clone();
     let set = durable.set.clone();
     tokio::task::spawn_blocking(move || dir.store_state(&set)).await??;
@@ -109,9 +114,7 @@ pub(super) async fn commit(gw: &Gateway, a: &Active) -> anyhow::Result<(Bytes, B
             );
         }
         durable.set = all;
-        let dir = a.dir.clone();
-        let set = durable.set.clone();
-        tokio::task::spawn_blocking(move || dir.store_state(&set)).await??;
+        store_state(a, &durable).await?;
         renames
     };
     if renames.is_empty() {

@@ -232,6 +232,14 @@ fn gateway_for(
     (d, gateway)
 }
 
+/// Transfer `id`'s `stow.acked` on the gateway of `d`: what the store answered so far.
+pub(super) fn stow_acked(d: &Deployment, id: &str) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
+    )
+    .unwrap()
+}
+
 /// Sends `files` as one transfer; its id.
 fn send(d: &Deployment, files: &[PathBuf], gateway: &Service) -> String {
     let files: Vec<&std::path::Path> = files.iter().map(PathBuf::as_path).collect();
@@ -470,10 +478,7 @@ fn after_a_failed_request_the_open_one_is_answered_and_recorded_before_the_retry
         seen.iter().map(|s| s.parts).collect::<Vec<_>>()
     );
     assert!(seen[1].carries(&sop_uid(other)) && seen[2].carries(&sop_uid(failed)));
-    let acked: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
-    )
-    .unwrap();
+    let acked = stow_acked(&d, &id);
     assert_eq!(acked["batches"].as_array().unwrap().len(), 2, "{acked}");
 }
 
@@ -828,10 +833,7 @@ fn deliver_keeps_a_refused_instance_across_a_restart_and_does_not_send_it_again(
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let acked: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
-    )
-    .unwrap();
+    let acked = stow_acked(&d, &id);
     assert_eq!(acked["refused"][0]["file"], "i81.dcm", "{acked}");
     assert_eq!(acked["refused"][0]["failure_reason"], 272, "{acked}");
     assert_eq!(

@@ -13,6 +13,7 @@ use baylink_tests::{
 
 use super::check_config::check_config;
 use super::compliance::audit_records;
+use super::deliver_retry::stow_acked;
 
 /// How long a test waits for the gateway to log a step.
 const LOG_WAIT: Duration = EVENT_WAIT;
@@ -136,10 +137,7 @@ fn requests_in_flight_together_store_every_instance_and_record_each_answer() {
     assert_eq!(orthanc.instance_count().unwrap(), 8);
     // Every answer is in `stow.acked`, one request each, whatever order they came in.
     assert_eq!(confirmed_files(&d, &id), 8);
-    let acked: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
-    )
-    .unwrap();
+    let acked = stow_acked(&d, &id);
     assert_eq!(acked["batches"].as_array().unwrap().len(), 8, "{acked}");
     assert_eq!(acked["ended"], true, "{acked}");
     assert_eq!(gateway_audit(&d, "delivered", &id).len(), 1);
@@ -364,10 +362,7 @@ orthanc:
         "{detail}"
     );
     assert!(gateway_audit(&d, "failed", &id).is_empty());
-    let acked: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(d.path(&format!("spool/gateway/{id}/stow.acked"))).unwrap(),
-    )
-    .unwrap();
+    let acked = stow_acked(&d, &id);
     assert_eq!(acked["ended"], true, "{acked}");
     assert_eq!(acked["refused"].as_array().unwrap().len(), 2, "{acked}");
 
