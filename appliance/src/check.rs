@@ -254,6 +254,7 @@ pub const SCHEMA: &[KeySpec] = &[
     opt("transport.max_in_flight", U64),
     opt("transport.max_transfers", U64),
     opt("transport.chunk_stall_timeout", Kind::Str),
+    opt("transport.stream_while_sealing", Kind::Bool),
     opt("link", Kind::Table),
     opt("link.rate_mbit", U64),
     opt("link.rtt_ms", U64),

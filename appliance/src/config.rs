@@ -242,6 +242,10 @@ pub struct TransportSection {
     /// Gateway: a chunk stream that brings no bytes for this long is reset
     /// (`transport.chunk_stall_timeout`, default 30 s); the edge sends the chunk again.
     pub chunk_stall_timeout: Duration,
+    /// Edge: `send` announces a new transfer and streams its chunks to the gateway while it
+    /// seals them (`transport.stream_while_sealing`, default true); false sends them only
+    /// once the manifest is signed.
+    pub stream_while_sealing: bool,
 }
 
 /// `[ingest]`
@@ -635,6 +639,7 @@ struct RawTransport {
     max_in_flight: Option<usize>,
     max_transfers: Option<usize>,
     chunk_stall_timeout: Option<String>,
+    stream_while_sealing: Option<bool>,
 }
 
 impl RawTransport {
@@ -663,6 +668,7 @@ impl RawTransport {
                 self.chunk_stall_timeout.as_deref(),
                 DEFAULT_CHUNK_STALL_TIMEOUT,
             )?,
+            stream_while_sealing: self.stream_while_sealing.unwrap_or(true),
         };
         if transport.chunk_stall_timeout.is_zero() {
             return Err(cx.invalid("transport.chunk_stall_timeout", "must be longer than zero"));

@@ -594,6 +594,7 @@ impl Edge {
             observer,
             cloned_bytes: AtomicU64::new(0),
         };
+        let mut early = None;
 
         let out = match &request {
             SendRequest::New { files, declaration } => {
@@ -605,17 +606,37 @@ impl Edge {
                     .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
                     .sum();
                 observer.stage("sealing", total);
+                // Chunks go to the gateway as the seal hashes them (`link::early`).
+                let announcer = self.announcer(id, files, stats);
                 let job = seal::SealJob {
                     id,
                     sender: &self.cfg.id,
                     declaration,
                     files,
                     chunk_size: self.cfg.transport.chunk_size,
+                    tap: announcer.as_ref().map(|a| a as &dyn seal::ChunkTap),
                 };
-                let sealed =
-                    seal::seal_files(&self.spool, &dir, &job, &*self.keys, &self.audit, &progress)
-                        .await
-                        .map_err(hsm_failure)?;
+                let sealing =
+                    seal::seal_files(&self.spool, &dir, &job, &*self.keys, &self.audit, &progress);
+                let sealed = match &announcer {
+                    Some(a) => {
+                        // Dialling never holds the seal up: a gateway that does not answer
+                        // before the seal ends is dialled again by the send.
+                        let announce = async {
+                            self.announce(a).await;
+                            std::future::pending::<()>().await;
+                        };
+                        tokio::select! {
+                            sealed = sealing => sealed,
+                            () = announce => unreachable!("announce never ends"),
+                        }
+                    }
+                    None => sealing.await,
+                }
+                .map_err(hsm_failure)?;
+                if let Some(a) = &announcer {
+                    early = a.finish().await;
+                }
                 (sealed, _lock)
             }
             SendRequest::Resume(_) | SendRequest::SealedHere(_) => {
@@ -662,7 +683,7 @@ impl Edge {
             // gateway verified it makes durable when the connection closes, so the next start
             // resumes from there.
             let d = tokio::select! {
-                d = self.transmit(&out, &progress, stats) => d?,
+                d = self.transmit(&out, &progress, stats, early) => d?,
                 () = self.stop.wait() => {
                     info!(transfer = %id, "send stopped by the drain; it resumes at the next start");
                     return Err(SendFailure::Stopped);
@@ -735,11 +756,65 @@ impl Edge {
 
     /// Connects and sends until the receipt arrives, retrying a lost link with backoff for
     /// `transport.retry_for`.
+    /// An announcer for a new transfer of `files`, when the edge has a gateway to dial and
+    /// the files fit the protocol's limits (the seal names what does not).
+    fn announcer(
+        &self,
+        id: TransferId,
+        files: &[std::path::PathBuf],
+        stats: &Arc<SendStats>,
+    ) -> Option<crate::link::early::Announcer> {
+        self.cfg.transport.connect?;
+        if !self.cfg.transport.stream_while_sealing {
+            return None;
+        }
+        let sizes = files
+            .iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let layout = baylink_net::proto::Layout::new(
+            self.cfg.transport.chunk_size,
+            sizes,
+            &baylink_net::proto::Limits::default(),
+        )
+        .ok()?;
+        Some(crate::link::early::Announcer::new(
+            id,
+            layout,
+            stats.clone(),
+        ))
+    }
+
+    /// Dials the gateway and announces `a`'s transfer; a failure only means nothing is
+    /// streamed (logged).
+    async fn announce(&self, a: &crate::link::early::Announcer) {
+        let Some(connect) = self.cfg.transport.connect else {
+            return;
+        };
+        let res = async {
+            let conn = self
+                .connect_link(connect)
+                .map_err(|e| crate::link::LinkError::Lost(e.to_string()))?
+                .await?;
+            crate::telemetry::watch_connection(
+                conn.clone(),
+                self.cfg.transport.server_name.clone(),
+            );
+            a.connect(conn, &self.cfg.id).await
+        }
+        .await;
+        if let Err(e) = res {
+            info!(error = %e, "cannot announce the transfer; its chunks are sent once it is sealed");
+        }
+    }
+
     async fn transmit(
         &self,
         out: &Outgoing,
         progress: &Observed<'_>,
         stats: &Arc<SendStats>,
+        mut early: Option<crate::link::early::EarlyLink>,
     ) -> Result<Delivered, SendFailure> {
         let connect = self
             .cfg
@@ -751,30 +826,44 @@ impl Edge {
         let mut lost_since: Option<Instant> = None;
         loop {
             let sent_before = stats.wire_bytes();
+            let announced = early.take();
             let attempt = async {
-                let conn = self
-                    .connect_link(connect)
-                    .map_err(|e| SendError::Link(crate::link::LinkError::Lost(e.to_string())))?
-                    .await
-                    .map_err(|e| SendError::Link(e.into()))?;
-                crate::telemetry::watch_connection(
-                    conn.clone(),
-                    self.cfg.transport.server_name.clone(),
-                );
-                progress.observer.attempt();
-                let res = send::run(
-                    &conn,
-                    &self.spool,
-                    out,
-                    SenderConfig {
-                        max_in_flight: self.cfg.transport.max_in_flight,
-                        ..SenderConfig::default()
-                    },
-                    &self.cfg.id,
-                    progress,
-                    stats,
-                )
-                .await;
+                let cfg = SenderConfig {
+                    max_in_flight: self.cfg.transport.max_in_flight,
+                    ..SenderConfig::default()
+                };
+                let (conn, res) = if let Some(e) = announced {
+                    // The first attempt goes on where the seal's announcement left off.
+                    progress.observer.attempt();
+                    let control = (e.writer, e.frames);
+                    let res = send::run_on(
+                        &e.conn,
+                        control,
+                        &e.streamed,
+                        &self.spool,
+                        out,
+                        cfg,
+                        progress,
+                        stats,
+                    )
+                    .await;
+                    (e.conn, res)
+                } else {
+                    let conn = self
+                        .connect_link(connect)
+                        .map_err(|e| SendError::Link(crate::link::LinkError::Lost(e.to_string())))?
+                        .await
+                        .map_err(|e| SendError::Link(e.into()))?;
+                    crate::telemetry::watch_connection(
+                        conn.clone(),
+                        self.cfg.transport.server_name.clone(),
+                    );
+                    progress.observer.attempt();
+                    let res =
+                        send::run(&conn, &self.spool, out, cfg, &self.cfg.id, progress, stats)
+                            .await;
+                    (conn, res)
+                };
                 stats.add_connection(&conn);
                 if let Err(SendError::Link(_)) = &res
                     && let Some(text) = conn.close_reason().as_ref().and_then(tls_refusal)

@@ -45,8 +45,15 @@ pub trait SealProgress: Send + Sync {
     }
 }
 
+/// Sees every byte a seal reads, as it is hashed: what streams chunks to the gateway while
+/// the seal goes on ([`crate::link::early`]).
+pub trait ChunkTap: Send + Sync {
+    /// `data` was read at `offset` of file number `file` (in the job's order). Each file's
+    /// bytes come in order, from offset 0; several files may be read at once.
+    fn read(&self, file: usize, offset: u64, data: &[u8]);
+}
+
 /// What to seal.
-#[derive(Debug)]
 pub struct SealJob<'a> {
     /// The new transfer's id.
     pub id: TransferId,
@@ -58,6 +65,20 @@ pub struct SealJob<'a> {
     pub files: &'a [PathBuf],
     /// Chunk size in bytes.
     pub chunk_size: u32,
+    /// Sees the bytes as they are hashed.
+    pub tap: Option<&'a dyn ChunkTap>,
+}
+
+impl std::fmt::Debug for SealJob<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealJob")
+            .field("id", &self.id)
+            .field("sender", &self.sender)
+            .field("files", &self.files)
+            .field("chunk_size", &self.chunk_size)
+            .field("tap", &self.tap.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Copies the job's files into the spool, hashing every byte once, then signs the manifest
@@ -76,6 +97,7 @@ pub async fn seal_files(
         declaration,
         files,
         chunk_size,
+        tap,
     } = *job;
     if files.is_empty() {
         bail!("nothing to send: give at least one file");
@@ -117,19 +139,20 @@ pub async fn seal_files(
     // the pool can fill at once: files waiting for their last read buffer, each holding the
     // others, would wait for ever.
     let in_flight = (spool.buffer_count() / READ_AHEAD).clamp(1, SEAL_FILES_IN_FLIGHT);
-    let cloning = CloneRefusals::default();
-    for batch in planned.chunks(in_flight) {
+    let cloning = &CloneRefusals::default();
+    for (b, batch) in planned.chunks(in_flight).enumerate() {
         let mut placed = Vec::with_capacity(batch.len());
-        for (src, name, expected, device) in batch {
-            placed.push(async {
+        for (i, (src, name, expected, device)) in batch.iter().enumerate() {
+            let file = b * in_flight + i;
+            placed.push(async move {
                 place_hashed(
                     spool,
                     src,
                     (*expected, *device),
                     &dir.data_file(name),
                     chunk_size,
-                    &cloning,
-                    progress,
+                    cloning,
+                    (progress, tap.map(|t| (t, file))),
                 )
                 .await
                 .with_context(|| format!("cannot copy {} into the spool", src.display()))
@@ -421,22 +444,21 @@ async fn place_hashed(
     dst: &Path,
     chunk_size: u32,
     cloning: &CloneRefusals,
-    progress: &dyn SealProgress,
+    seen: (&dyn SealProgress, Option<(&dyn ChunkTap, usize)>),
 ) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
     if !cloning.refused(device) {
         let (s, d) = (src.to_owned(), dst.to_owned());
         match tokio::task::spawn_blocking(move || clone_file(&s, &d)).await?? {
             Cloned::Yes => {
-                let (len, digests) =
-                    read_hashed(spool, dst, size, None, chunk_size, progress).await?;
-                progress.cloned(len);
+                let (len, digests) = read_hashed(spool, dst, size, None, chunk_size, seen).await?;
+                seen.0.cloned(len);
                 return Ok((len, digests));
             }
             Cloned::Unable => cloning.refuse(device),
             Cloned::NotThisFile => {}
         }
     }
-    read_hashed(spool, src, size, Some(dst), chunk_size, progress).await
+    read_hashed(spool, src, size, Some(dst), chunk_size, seen).await
 }
 
 /// Most files sealed at once ([`seal_files`]; fewer with a pool of fewer than
@@ -522,7 +544,7 @@ async fn read_hashed(
     size: u64,
     copy_to: Option<&Path>,
     chunk_size: u32,
-    progress: &dyn SealProgress,
+    (progress, tap): (&dyn SealProgress, Option<(&dyn ChunkTap, usize)>),
 ) -> anyhow::Result<(u64, Vec<baylink_net::proto::Digest>)> {
     // Both sides straight to the device (O_DIRECT) when the pool's buffers allow it. Every
     // read and write then starts at a multiple of the buffer size. Measured on the sealing
@@ -570,6 +592,9 @@ async fn read_hashed(
             break;
         }
         hasher.update(&buf);
+        if let Some((tap, file)) = tap {
+            tap.read(file, offset, &buf);
+        }
         let at = offset;
         offset += n as u64;
         if let Some(output) = &output {
@@ -649,7 +674,7 @@ mod tests {
             for guess in [size, 0] {
                 let _ = std::fs::remove_file(&dst);
                 let (copied, digests) =
-                    read_hashed(&spool, &src, guess, Some(&dst), CHUNK, &NoProgress)
+                    read_hashed(&spool, &src, guess, Some(&dst), CHUNK, (&NoProgress, None))
                         .await
                         .unwrap();
                 assert_eq!(copied, size);

@@ -264,7 +264,13 @@ impl Deployment {
     /// Starts `baylink send` of `file` in the background. With `keep_output`, stdout and
     /// stderr are piped (for `wait_with_output`); otherwise discarded (a sender that is
     /// going to be killed).
+    ///
+    /// The edge is set to send only once the transfer is sealed
+    /// (`transport.stream_while_sealing = false`, for this and later sends): the tests that
+    /// stop a send half-way need it half-way on the link, and chunks streamed while sealing
+    /// can all reach the gateway before its offer makes any of them durable.
     pub fn spawn_send(&self, file: &Path, keep_output: bool) -> anyhow::Result<Child> {
+        self.set("edge.toml", "transport", "stream_while_sealing", "false")?;
         let out = || {
             if keep_output {
                 Stdio::piped()

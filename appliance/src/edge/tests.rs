@@ -43,6 +43,7 @@ async fn sealed(f: &EdgeFixture) -> (TransferDir, Outgoing) {
         declaration: &declaration,
         files: &files,
         chunk_size: CHUNK,
+        tap: None,
     };
     let e = &f.edge;
     let out = seal_files(e.spool(), &dir, &job, e.keys(), e.audit(), &Quiet)

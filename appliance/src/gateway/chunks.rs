@@ -160,13 +160,22 @@ async fn receive_chunk(
     let mut raw = [0u8; ChunkHeader::LEN];
     within(gw.chunk_stall_timeout, recv.read_exact(&mut raw)).await?;
     let header = ChunkHeader::decode(&raw)?;
-    let Some(active) = gw
+    let active = gw
         .active
         .lock()
         .expect("registry lock poisoned")
         .get(&header.transfer_id)
-        .cloned()
-    else {
+        .cloned();
+    let Some(active) = active else {
+        let staged = gw
+            .staged
+            .lock()
+            .expect("registry lock poisoned")
+            .get(&header.transfer_id)
+            .cloned();
+        if let Some(staged) = staged {
+            return receive_staged(gw, conn_id, &staged, &header, recv).await;
+        }
         return Err(LinkError::Lost(format!("no active transfer {}", header.transfer_id)).into());
     };
     // Before the state machine sees the header: a stream from another connection must not
@@ -237,7 +246,61 @@ async fn receive_chunk(
     Ok(())
 }
 
-/// Reads the chunk's bytes from its stream into the spool file, hashing them on the way.
+/// A chunk stream of an announced transfer, before its offer: its bytes go into the staging
+/// file and its digest is noted there; the offer decides whether it counts
+/// ([`super::staging`]). A stream the announcement does not want is stopped.
+async fn receive_staged(
+    gw: &Arc<Gateway>,
+    conn_id: usize,
+    staged: &Arc<super::staging::Staged>,
+    header: &ChunkHeader,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), StreamEnd> {
+    if staged.conn_id() != conn_id {
+        return Err(StreamEnd::OtherConnection(header.transfer_id));
+    }
+    let (loc, file) = staged
+        .begin(header)
+        .map_err(|why| StreamEnd::Link(LinkError::Lost(why)))?;
+    let res = gather(gw, &file, &loc, header, &|| staged.closed(), recv).await;
+    match res {
+        Ok(digest) => {
+            staged.end(header.index, Some(digest));
+            metrics::counter!("baylink_bytes_total", "direction" => "received")
+                .increment(u64::from(loc.len));
+            Ok(())
+        }
+        Err(e) => {
+            staged.end(header.index, None);
+            Err(match e {
+                Gather::End(e) => e,
+                Gather::Write(e) => {
+                    debug!(transfer = %header.transfer_id, error = %e, cause = %e.source,
+                           "staging write failed; the chunk is sent after the offer");
+                    LinkError::Lost(format!("staging write failed: {e}: {}", e.source)).into()
+                }
+            })
+        }
+    }
+}
+
+/// Why [`gather`] stopped.
+enum Gather {
+    /// The stream ended, failed or broke the protocol.
+    End(StreamEnd),
+    /// A write into the spool failed.
+    Write(baylink_net::spool::SpoolError),
+}
+
+impl<E: Into<StreamEnd>> From<E> for Gather {
+    fn from(e: E) -> Self {
+        Gather::End(e.into())
+    }
+}
+
+/// Reads the chunk's bytes from its stream into the transfer's spool file, hashing them on
+/// the way; a failed write is answered as its cause says (a full spool pauses the transfer,
+/// a file this spool cannot hold refuses it).
 async fn gather_chunk(
     gw: &Arc<Gateway>,
     active: &Arc<Active>,
@@ -252,6 +315,50 @@ async fn gather_chunk(
         ))
         .into());
     };
+    let e = match gather(gw, file, loc, header, &|| active.cancelled(), recv).await {
+        Ok(digest) => return Ok(digest),
+        Err(Gather::End(e)) => return Err(e),
+        Err(Gather::Write(e)) => e,
+    };
+    match super::storage_code(&e.source) {
+        ErrorCode::NoSpace => {
+            active.no_space.store(true, Ordering::SeqCst);
+            metrics::counter!("baylink_spool_full_total").increment(1);
+        }
+        ErrorCode::Refused => {
+            // This transfer cannot be stored here, whatever is retried: refuse it now with
+            // the cause (the control stream records the refusal and sends it; the edge
+            // stops at once).
+            let f = &active.manifest.files[loc.file];
+            let text = format!(
+                "the gateway cannot store file {} of the transfer ({} bytes): {}",
+                loc.file + 1,
+                f.size,
+                e.source
+            );
+            warn!(transfer = %header.transfer_id, error = %e, cause = %e.source,
+                  "spool write refused: the transfer is refused");
+            active
+                .receiver
+                .lock()
+                .expect("receiver lock poisoned")
+                .abort(ErrorCode::Refused, text);
+        }
+        _ => warn!(error = %e, cause = %e.source, "spool write failed"),
+    }
+    Err(LinkError::Lost(format!("spool write failed: {e}: {}", e.source)).into())
+}
+
+/// Reads a chunk's `loc.len` bytes from its stream into `file` at `loc.offset`, hashing them
+/// on the way; stops when `cancelled` says so.
+async fn gather(
+    gw: &Arc<Gateway>,
+    file: &Arc<SpoolFile>,
+    loc: &baylink_net::proto::ChunkLocation,
+    header: &ChunkHeader,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    recv: &mut quinn::RecvStream,
+) -> Result<[u8; 32], Gather> {
     let stall = gw.chunk_stall_timeout;
     let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     let mut writes = tokio::task::JoinSet::new();
@@ -285,7 +392,7 @@ async fn gather_chunk(
                 if !b.is_full() && remaining > 0 {
                     continue;
                 }
-                if active.cancelled() {
+                if cancelled() {
                     return Err(LinkError::Lost("transfer taken over".into()).into());
                 }
                 let full = buf.take().expect("held");
@@ -312,37 +419,7 @@ async fn gather_chunk(
     while let Some(res) = writes.join_next().await {
         match res {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                match super::storage_code(&e.source) {
-                    ErrorCode::NoSpace => {
-                        active.no_space.store(true, Ordering::SeqCst);
-                        metrics::counter!("baylink_spool_full_total").increment(1);
-                    }
-                    ErrorCode::Refused => {
-                        // This transfer cannot be stored here, whatever is retried: refuse
-                        // it now with the cause (the control stream records the refusal
-                        // and sends it; the edge stops at once).
-                        let f = &active.manifest.files[loc.file];
-                        let text = format!(
-                            "the gateway cannot store file {} of the transfer ({} bytes): {}",
-                            loc.file + 1,
-                            f.size,
-                            e.source
-                        );
-                        warn!(transfer = %header.transfer_id, error = %e, cause = %e.source,
-                              "spool write refused: the transfer is refused");
-                        active
-                            .receiver
-                            .lock()
-                            .expect("receiver lock poisoned")
-                            .abort(ErrorCode::Refused, text);
-                    }
-                    _ => warn!(error = %e, cause = %e.source, "spool write failed"),
-                }
-                return Err(
-                    LinkError::Lost(format!("spool write failed: {e}: {}", e.source)).into(),
-                );
-            }
+            Ok(Err(e)) => return Err(Gather::Write(e)),
             Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}")).into()),
         }
     }

@@ -45,6 +45,8 @@ struct Control {
     receiver: Option<Receiver>,
     /// The transfer, once its offer is accepted.
     active: Option<Arc<Active>>,
+    /// The transfer this stream announced, its chunks staged until the offer.
+    staged: Option<Arc<super::staging::Staged>>,
     cancel_rx: Option<watch::Receiver<bool>>,
 }
 
@@ -82,6 +84,7 @@ pub(super) async fn control_stream(
         peer,
         writer: FrameWriter::new(send),
         active: None,
+        staged: None,
         cancel_rx: None,
     };
     let outcome = match control.on_frame(first).await {
@@ -138,6 +141,23 @@ impl Control {
         while let Some(action) = self.poll_action() {
             match action {
                 ReceiverAction::SendFrame(frame) => self.send_frame(&frame).await?,
+                ReceiverAction::Stage {
+                    transfer_id,
+                    layout,
+                } => {
+                    self.staged = super::staging::announce(
+                        &self.gw,
+                        self.conn.stable_id(),
+                        transfer_id,
+                        layout,
+                    )
+                    .await;
+                    // The edge streams nothing before this answer, so no chunk stream can
+                    // arrive before its staging is ready.
+                    let taken = self.staged.is_some();
+                    self.send_frame(&Frame::Announced { transfer_id, taken })
+                        .await?;
+                }
                 ReceiverAction::VerifyOffer {
                     manifest,
                     manifest_bytes,
@@ -189,7 +209,19 @@ impl Control {
             .expect("an offer comes before activation");
         let offered = Arc::clone(&manifest);
         let link = super::Link::Quic(self.conn.clone());
-        match accept_offer(&self.gw, link, &self.peer, manifest, bytes, signature).await {
+        let accepted = accept_offer(
+            &self.gw,
+            link,
+            &self.peer,
+            (manifest, bytes, signature),
+            &mut self.staged,
+        )
+        .await;
+        // Staged chunks the offer did not take are thrown away, whatever its verdict.
+        if let Some(staged) = self.staged.take() {
+            super::staging::discard(&self.gw, &staged).await;
+        }
+        match accepted {
             Ok((a, have)) => {
                 r.offer_accepted(have);
                 *a.receiver.lock().expect("receiver lock poisoned") = r;
@@ -349,6 +381,9 @@ impl Control {
             info!(error = %e, "control stream ended");
         }
         self.writer.finish();
+        if let Some(staged) = self.staged.take() {
+            super::staging::discard(&self.gw, &staged).await;
+        }
         if let Some(a) = self.active {
             // Make what was verified durable, so a resumed transfer does not resend it.
             if !a.dir.has_receipt()

@@ -22,6 +22,7 @@ mod chunks;
 mod commit;
 mod control;
 mod offer;
+mod staging;
 mod witness;
 
 use std::collections::{HashMap, HashSet};
@@ -66,6 +67,9 @@ pub struct Gateway {
     /// A chunk stream that brings no bytes for this long is reset.
     chunk_stall_timeout: Duration,
     active: Mutex<HashMap<TransferId, Arc<Active>>>,
+    /// Transfers announced and not yet offered, whose chunks are staged
+    /// ([`staging`]).
+    staged: Mutex<HashMap<TransferId, Arc<staging::Staged>>>,
     /// Transfers whose durable chunks were read back and checked since this process started.
     checked_at_rest: Mutex<HashSet<TransferId>>,
 }
@@ -83,6 +87,7 @@ impl Gateway {
         committed: DeliveryQueue,
         audit: crate::audit::Log,
     ) -> Gateway {
+        staging::clear_leftovers(&spool_dir);
         Gateway {
             notices: Arc::new(crate::notice::Notices::none(&spool_dir)),
             id,
@@ -96,6 +101,7 @@ impl Gateway {
             audit,
             chunk_stall_timeout: crate::config::DEFAULT_CHUNK_STALL_TIMEOUT,
             active: Mutex::new(HashMap::new()),
+            staged: Mutex::new(HashMap::new()),
             checked_at_rest: Mutex::new(HashSet::new()),
         }
     }

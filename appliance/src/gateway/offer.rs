@@ -14,6 +14,7 @@ use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tracing::{info, warn};
 
 use super::chunks::{check_at_rest, spool_refusal};
+use super::staging::{self, Staged};
 use super::{Active, Durable, Gateway, Link};
 use crate::signing::{MANIFEST_CONTEXT, verify_peer};
 use crate::transfer_dir::{TransferDir, write_atomic};
@@ -23,9 +24,8 @@ pub(super) async fn accept_offer(
     gw: &Arc<Gateway>,
     conn: Link,
     peer: &str,
-    manifest: Arc<Manifest>,
-    manifest_bytes: &[u8],
-    signature: &[u8],
+    (manifest, manifest_bytes, signature): (Arc<Manifest>, &[u8], &[u8]),
+    staged: &mut Option<Arc<Staged>>,
 ) -> Result<(Arc<Active>, ChunkSet), (ErrorCode, String)> {
     let id = manifest.transfer_id;
     if gw.draining.load(Ordering::Relaxed) {
@@ -94,6 +94,12 @@ pub(super) async fn accept_offer(
         .lock()
         .expect("registry lock poisoned")
         .insert(id);
+    // Chunks the edge streamed while it was sealing: those matching the manifest join what
+    // the `Have` reports; the next checkpoint makes them durable.
+    let adopted = match staged.take() {
+        Some(s) => staging::adopt(gw, &s, &dir, &manifest, &have).await,
+        None => None,
+    };
 
     // Open a `.part` for every file not yet renamed to its final name (all of them, unless
     // a commit was interrupted half-way); empty files get their (empty) `.part` here too.
@@ -125,7 +131,11 @@ pub(super) async fn accept_offer(
         wake: Notify::new(),
         files,
         progress: AsyncMutex::new(Durable { set: have.clone() }),
-        unsynced: Mutex::new((Vec::new(), 0)),
+        unsynced: Mutex::new(
+            adopted
+                .as_ref()
+                .map_or((Vec::new(), 0), |a| (a.good.clone(), a.bytes)),
+        ),
         conn,
         cancel,
         done,
@@ -135,8 +145,14 @@ pub(super) async fn accept_offer(
         .lock()
         .expect("registry lock poisoned")
         .insert(id, active.clone());
+    if let Some(a) = &adopted {
+        for &index in &a.good {
+            have.insert(index);
+        }
+    }
     info!(transfer = %id, files = manifest.files.len(), bytes = manifest.total_bytes(),
-          have = have.count(), chunks = manifest.chunk_count(), "offer accepted");
+          have = have.count(), staged = adopted.as_ref().map_or(0, |a| a.good.len()),
+          chunks = manifest.chunk_count(), "offer accepted");
     metrics::counter!("baylink_transfers_total", "stage" => "offer", "outcome" => "accepted")
         .increment(1);
     Ok((active, have))

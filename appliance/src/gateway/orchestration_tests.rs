@@ -106,9 +106,8 @@ async fn accept(
         gw,
         Link::Detached(conn),
         peer,
-        o.manifest.clone(),
-        &o.bytes,
-        sig,
+        (o.manifest.clone(), &o.bytes, sig),
+        &mut None,
     )
     .await
 }
@@ -309,4 +308,143 @@ async fn a_state_file_that_fails_its_check_is_discarded_not_trusted() {
     std::fs::write(d.state(), state).unwrap();
     let (_, have) = accept(&f.gateway(), 2, "edge", &o, &sig).await.unwrap();
     assert_eq!(have.count(), 0, "every chunk is received again");
+}
+
+/// Stages chunk `index` of `o` as a chunk stream of an announced transfer would: its bytes
+/// (`bytes`, or the real ones) written into the staging file, then its digest noted.
+async fn stage_chunk(
+    gw: &Gateway,
+    s: &super::staging::Staged,
+    o: &Offer,
+    index: u32,
+    bytes: Option<&[u8]>,
+) {
+    let header = baylink_net::proto::ChunkHeader {
+        transfer_id: o.manifest.transfer_id,
+        index,
+        len: o.manifest.chunk(index).unwrap().len,
+    };
+    let (loc, file) = s.begin(&header).unwrap();
+    let at = loc.offset as usize;
+    let real = &o.payload[loc.file][at..at + loc.len as usize];
+    let data = bytes.unwrap_or(real);
+    let mut buf = gw.spool.buffer().await;
+    buf.extend_from_slice(data).unwrap();
+    gw.spool.write_at(&file, loc.offset, buf).await.unwrap();
+    s.end(index, Some(baylink_net::proto::sha256(data)));
+}
+
+#[tokio::test]
+async fn chunks_staged_before_the_offer_count_only_where_they_match_the_signed_manifest() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let layout = baylink_net::proto::Layout::of(&o.manifest);
+    let s = super::staging::announce(&gw, 1, o.manifest.transfer_id, layout.clone())
+        .await
+        .expect("the announcement is taken");
+    // Another connection's streams cannot feed it; the same transfer cannot be announced
+    // twice.
+    assert_ne!(s.conn_id(), 2);
+    assert!(
+        super::staging::announce(&gw, 1, o.manifest.transfer_id, layout)
+            .await
+            .is_none()
+    );
+    // Chunks 0, 2 and 4 arrive whole; chunk 1 carries other bytes than the edge signed;
+    // chunk 3 never comes.
+    stage_chunk(&gw, &s, &o, 0, None).await;
+    stage_chunk(&gw, &s, &o, 1, Some(&[7u8; CHUNK as usize])).await;
+    stage_chunk(&gw, &s, &o, 2, None).await;
+    stage_chunk(&gw, &s, &o, 4, None).await;
+    // A repeat of a staged chunk is not taken.
+    let again = baylink_net::proto::ChunkHeader {
+        transfer_id: o.manifest.transfer_id,
+        index: 0,
+        len: CHUNK,
+    };
+    assert!(s.begin(&again).is_err());
+
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let (active, have) = accept_offer(
+        &gw,
+        Link::Detached(1),
+        "edge",
+        (o.manifest.clone(), &o.bytes, &sig),
+        &mut Some(s.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(have.iter().collect::<Vec<_>>(), vec![0, 2, 4]);
+    // Nothing staged is durable yet: the next checkpoint makes it so.
+    assert_eq!(active.progress.lock().await.set.count(), 0);
+    assert_eq!(active.unsynced.lock().unwrap().0, vec![0, 2, 4]);
+    assert!(s.closed());
+    assert!(
+        !f.dir
+            .path()
+            .join("spool/.staging")
+            .join(o.manifest.transfer_id.to_string())
+            .exists()
+    );
+    let d = f.transfer_dir(&o.manifest.transfer_id);
+    let part = std::fs::read(d.part_file("a.bin")).unwrap();
+    assert_eq!(&part[..CHUNK as usize], &o.payload[0][..CHUNK as usize]);
+    checkpoint(&gw, &active).await.unwrap();
+    assert_eq!(
+        d.load_state(5).unwrap().iter().collect::<Vec<_>>(),
+        vec![0, 2, 4]
+    );
+}
+
+#[tokio::test]
+async fn staged_chunks_of_another_layout_are_thrown_away_at_the_offer() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let sizes: Vec<u64> = o.manifest.files.iter().map(|f| f.size + 1).collect();
+    let layout = baylink_net::proto::Layout::new(CHUNK, sizes, &Limits::default()).unwrap();
+    let s = super::staging::announce(&gw, 1, o.manifest.transfer_id, layout)
+        .await
+        .unwrap();
+    stage_chunk(&gw, &s, &o, 0, None).await;
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let (_, have) = accept_offer(
+        &gw,
+        Link::Detached(1),
+        "edge",
+        (o.manifest.clone(), &o.bytes, &sig),
+        &mut Some(s.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(have.count(), 0);
+    assert!(
+        !f.dir
+            .path()
+            .join("spool/.staging")
+            .join(o.manifest.transfer_id.to_string())
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_gateway_removes_what_an_earlier_process_staged() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let s = super::staging::announce(
+        &gw,
+        1,
+        o.manifest.transfer_id,
+        baylink_net::proto::Layout::of(&o.manifest),
+    )
+    .await
+    .unwrap();
+    stage_chunk(&gw, &s, &o, 0, None).await;
+    let staging = f.dir.path().join("spool/.staging");
+    assert!(staging.exists());
+    drop(gw);
+    let _restarted = f.gateway();
+    assert!(!staging.exists());
 }

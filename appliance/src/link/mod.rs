@@ -9,6 +9,7 @@
 //! writer and reader, the check at rest). The gateway's receiving side is
 //! [`crate::gateway`].
 
+pub mod early;
 pub mod send;
 
 use std::time::Duration;

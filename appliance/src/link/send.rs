@@ -169,20 +169,48 @@ pub async fn run(
 ) -> Result<Delivered, SendError> {
     let (send, recv) = conn.open_bi().await.map_err(LinkError::from)?;
     let mut writer = FrameWriter::new(send);
-    let mut frames = spawn_frame_reader(recv, Limits::default());
+    let frames = spawn_frame_reader(recv, Limits::default());
     writer
         .send(&Frame::Hello {
             version: baylink_net::proto::PROTOCOL_VERSION,
             appliance_id: our_id.to_owned(),
         })
         .await?;
+    run_on(
+        conn,
+        (writer, frames),
+        &[],
+        spool,
+        out,
+        cfg,
+        progress,
+        stats,
+    )
+    .await
+}
 
-    let sender = Arc::new(Mutex::new(Sender::new(
+/// [`run`] on a control stream already open, `Hello` sent: the one an announcement opened
+/// ([`super::early`]), whose chunk streams brought `streamed` to the gateway before the
+/// offer.
+#[allow(clippy::too_many_arguments)] // `run`'s, plus the stream and what it streamed
+pub async fn run_on(
+    conn: &quinn::Connection,
+    (mut writer, mut frames): (FrameWriter, mpsc::Receiver<Result<Frame, LinkError>>),
+    streamed: &[u32],
+    spool: &Spool,
+    out: &Outgoing,
+    cfg: SenderConfig,
+    progress: &dyn Progress,
+    stats: &Arc<SendStats>,
+) -> Result<Delivered, SendError> {
+    let mut sender = Sender::new(
         out.manifest.clone(),
         out.manifest_bytes.clone(),
         out.signature.clone(),
         cfg,
-    )));
+    );
+    sender.streamed_before_offer(streamed.iter().copied());
+    let sender = Arc::new(Mutex::new(sender));
     let (events_tx, mut events) = mpsc::unbounded_channel::<ChunkEvent>();
     let chunk_len = |index: u32| out.manifest.chunk(index).map_or(0, |c| u64::from(c.len));
     let mut have_seen = false;

@@ -162,6 +162,14 @@ pub enum ProtoError {
         /// The limit.
         max: u64,
     },
+    /// A flag byte is neither 0 nor 1.
+    #[error("{what} is {value}, not 0 or 1")]
+    BadFlag {
+        /// The field.
+        what: &'static str,
+        /// The byte found.
+        value: u8,
+    },
     /// A text field is not UTF-8.
     #[error("{what} is not valid UTF-8")]
     BadUtf8 {
@@ -412,6 +420,7 @@ impl ProtoError {
             | ProtoError::TrailingBytes { .. }
             | ProtoError::TooLong { .. }
             | ProtoError::BadUtf8 { .. }
+            | ProtoError::BadFlag { .. }
             | ProtoError::BadMagic { .. }
             | ProtoError::UnknownErrorCode(_)
             | ProtoError::UnknownOutcome(_)

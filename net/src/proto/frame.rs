@@ -18,6 +18,8 @@
 //! 0x0A Notices   u8 version
 //! 0x0B Notice    u32 len, delivery notice | u16 len, signature
 //! 0x0C NoticeAck 16 transfer id
+//! 0x0D Announce  16 transfer id | u32 chunk size | u32 count, count × u64 file sizes
+//! 0x0E Announced 16 transfer id | u8 taken (0 or 1)
 //! ```
 //!
 //! `Witness` opens a control stream of its own (no `Hello`/`Offer`): the edge asks the
@@ -30,6 +32,12 @@
 //! each notice it has stored (or already had) with `NoticeAck`, after which the gateway
 //! forgets it.
 //!
+//! `Announce` may come before the `Offer` of a transfer that is still being sealed: it gives
+//! the transfer id and the [`Layout`] (chunk size, file sizes) so that the sender can stream
+//! chunks while it hashes them. The receiver answers `Announced`, saying whether it takes
+//! such chunks; the sender streams none before that answer. What such chunks must hold
+//! only the signed `Offer` says.
+//!
 //! Texts are UTF-8 of at most [`Limits::max_text_len`] bytes. A payload must
 //! be consumed exactly. An unknown type, an over-long length, or a malformed
 //! payload fails the decoder for good: the control stream has lost framing
@@ -38,7 +46,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::wire::{Reader, put_bytes16, put_bytes32, put_str16};
-use super::{ChunkSet, ErrorCode, Limits, ProtoError, TransferId};
+use super::{ChunkSet, ErrorCode, Layout, Limits, ProtoError, TransferId};
 
 /// Bytes before a frame's payload: the type byte and the `u32` length.
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -55,6 +63,8 @@ const COSIGNED: u8 = 0x09;
 const NOTICES: u8 = 0x0A;
 const NOTICE: u8 = 0x0B;
 const NOTICE_ACK: u8 = 0x0C;
+const ANNOUNCE: u8 = 0x0D;
+const ANNOUNCED: u8 = 0x0E;
 
 /// Version of the `Witness`/`Cosigned` payloads this build speaks.
 pub const WITNESS_VERSION: u8 = 1;
@@ -145,6 +155,24 @@ pub enum Frame {
         /// The transfer the notice was about.
         transfer_id: TransferId,
     },
+    /// Sender → receiver, before the `Offer` of a transfer still being sealed: its id and
+    /// layout, so that chunk streams may follow before the manifest exists. The receiver
+    /// holds such chunks aside; they count only where their digests equal the signed
+    /// manifest's, which the `Offer` brings last.
+    Announce {
+        /// The transfer the `Offer` will name.
+        transfer_id: TransferId,
+        /// Chunk size and file sizes.
+        layout: Layout,
+    },
+    /// Receiver → sender: the answer to `Announce`. With `taken`, chunk streams of the
+    /// transfer are held until the offer; without, the sender sends none before it.
+    Announced {
+        /// The transfer announced.
+        transfer_id: TransferId,
+        /// Whether chunks streamed before the offer are taken.
+        taken: bool,
+    },
     /// Either way: the transfer stops.
     Error {
         /// Why, as a stable code.
@@ -170,6 +198,8 @@ impl Frame {
             Frame::Notices { .. } => "Notices",
             Frame::Notice { .. } => "Notice",
             Frame::NoticeAck { .. } => "NoticeAck",
+            Frame::Announce { .. } => "Announce",
+            Frame::Announced { .. } => "Announced",
         }
     }
 
@@ -187,6 +217,8 @@ impl Frame {
             Frame::Notices { .. } => NOTICES,
             Frame::Notice { .. } => NOTICE,
             Frame::NoticeAck { .. } => NOTICE_ACK,
+            Frame::Announce { .. } => ANNOUNCE,
+            Frame::Announced { .. } => ANNOUNCED,
         }
     }
 
@@ -271,6 +303,22 @@ pub fn encode(frame: &Frame, buf: &mut BytesMut) {
             put_bytes16(buf, signature);
         }
         Frame::NoticeAck { transfer_id } => buf.put_slice(&transfer_id.0),
+        Frame::Announce {
+            transfer_id,
+            layout,
+        } => {
+            buf.put_slice(&transfer_id.0);
+            buf.put_u32(layout.chunk_size());
+            let sizes = layout.file_sizes();
+            buf.put_u32(u32::try_from(sizes.len()).unwrap_or(u32::MAX));
+            for &size in sizes {
+                buf.put_u64(size);
+            }
+        }
+        Frame::Announced { transfer_id, taken } => {
+            buf.put_slice(&transfer_id.0);
+            buf.put_u8(u8::from(*taken));
+        }
     }
     let len = u32::try_from(buf.len() - start - FRAME_HEADER_LEN).unwrap_or(u32::MAX);
     buf[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
@@ -337,7 +385,7 @@ impl FrameDecoder {
             return Ok(None);
         };
         let kind = header[0];
-        if !(HELLO..=NOTICE_ACK).contains(&kind) {
+        if !(HELLO..=ANNOUNCED).contains(&kind) {
             return Err(ProtoError::UnknownFrame(kind));
         }
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
@@ -441,6 +489,40 @@ fn decode_payload(kind: u8, payload: Bytes, limits: &Limits) -> Result<Frame, Pr
         }
         NOTICE_ACK => Frame::NoticeAck {
             transfer_id: TransferId(r.array()?),
+        },
+        ANNOUNCE => {
+            let transfer_id = TransferId(r.array()?);
+            let chunk_size = r.u32()?;
+            let count = r.u32()?;
+            if count > limits.max_files {
+                return Err(ProtoError::TooManyFiles {
+                    count: count.into(),
+                    max: limits.max_files,
+                });
+            }
+            if count as usize > r.remaining() / 8 {
+                return Err(ProtoError::Truncated {
+                    what: "Announce file sizes",
+                });
+            }
+            let sizes = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
+            Frame::Announce {
+                transfer_id,
+                layout: Layout::new(chunk_size, sizes, limits)?,
+            }
+        }
+        ANNOUNCED => Frame::Announced {
+            transfer_id: TransferId(r.array()?),
+            taken: match r.u8()? {
+                0 => false,
+                1 => true,
+                value => {
+                    return Err(ProtoError::BadFlag {
+                        what: "Announced taken flag",
+                        value,
+                    });
+                }
+            },
         },
         other => return Err(ProtoError::UnknownFrame(other)),
     };
@@ -573,6 +655,20 @@ mod tests {
             any::<[u8; 16]>().prop_map(|id| Frame::NoticeAck {
                 transfer_id: TransferId(id)
             }),
+            (
+                any::<[u8; 16]>(),
+                // Within the default limits: at most 5 × 2^16 chunks.
+                4096u32..=1 << 20,
+                proptest::collection::vec(0u64..1 << 28, 1..6)
+            )
+                .prop_map(|(id, chunk_size, sizes)| Frame::Announce {
+                    transfer_id: TransferId(id),
+                    layout: Layout::new(chunk_size, sizes, &Limits::default()).unwrap(),
+                }),
+            (any::<[u8; 16]>(), any::<bool>()).prop_map(|(id, taken)| Frame::Announced {
+                transfer_id: TransferId(id),
+                taken
+            }),
         ]
     }
 
@@ -631,6 +727,14 @@ mod tests {
             },
             Frame::NoticeAck {
                 transfer_id: TransferId([4; 16]),
+            },
+            Frame::Announce {
+                transfer_id: TransferId([5; 16]),
+                layout: Layout::new(1 << 20, vec![0, 3 << 20, 1], &Limits::default()).unwrap(),
+            },
+            Frame::Announced {
+                transfer_id: TransferId([5; 16]),
+                taken: true,
             },
         ];
         let mut wire = BytesMut::new();
@@ -701,8 +805,60 @@ mod tests {
             Err(ProtoError::Truncated { .. })
         ));
         let mut dec = FrameDecoder::new(Limits::default());
-        dec.push(&[0x0d, 0, 0, 0, 0]);
-        assert_eq!(dec.next_frame(), Err(ProtoError::UnknownFrame(0x0d)));
+        dec.push(&[0x0f, 0, 0, 0, 0]);
+        assert_eq!(dec.next_frame(), Err(ProtoError::UnknownFrame(0x0f)));
+    }
+
+    #[test]
+    fn announce_frames_are_checked_against_the_limits() {
+        let limits = Limits {
+            max_files: 2,
+            max_chunks: 4,
+            ..Limits::default()
+        };
+        let frame = |chunk_size: u32, sizes: &[u64]| {
+            let mut p = BytesMut::new();
+            p.put_u8(ANNOUNCE);
+            let mut payload = BytesMut::new();
+            payload.put_slice(&[1; 16]);
+            payload.put_u32(chunk_size);
+            payload.put_u32(sizes.len() as u32);
+            for &s in sizes {
+                payload.put_u64(s);
+            }
+            p.put_u32(payload.len() as u32);
+            p.put_slice(&payload);
+            let mut dec = FrameDecoder::new(limits);
+            dec.push(&p);
+            dec.next_frame()
+        };
+        assert!(matches!(frame(4, &[16]), Ok(Some(Frame::Announce { .. }))));
+        assert!(matches!(
+            frame(4, &[16, 1]),
+            Err(ProtoError::TooManyChunks { count: 5, .. })
+        ));
+        assert!(matches!(
+            frame(4, &[1, 1, 1]),
+            Err(ProtoError::TooManyFiles { count: 3, .. })
+        ));
+        assert!(matches!(
+            frame(0, &[1]),
+            Err(ProtoError::BadChunkSize { .. })
+        ));
+        assert!(matches!(frame(4, &[]), Err(ProtoError::NoFiles)));
+        // A count the payload cannot hold is refused before anything is allocated for it.
+        let mut dec = FrameDecoder::new(Limits::default());
+        let mut p = BytesMut::new();
+        p.put_u8(ANNOUNCE);
+        p.put_u32(24);
+        p.put_slice(&[1; 16]);
+        p.put_u32(4);
+        p.put_u32(50_000);
+        dec.push(&p);
+        assert!(matches!(
+            dec.next_frame(),
+            Err(ProtoError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -143,11 +143,11 @@ fn first_chunks(files: &[FileEntry], chunk_size: u32) -> Vec<u32> {
 }
 
 /// `ceil(size / chunk_size)`.
-fn chunks_for(size: u64, chunk_size: u32) -> u64 {
+pub(super) fn chunks_for(size: u64, chunk_size: u32) -> u64 {
     size.div_ceil(u64::from(chunk_size.max(1)))
 }
 
-fn check_chunk_size(chunk_size: u32, limits: &Limits) -> Result<(), ProtoError> {
+pub(super) fn check_chunk_size(chunk_size: u32, limits: &Limits) -> Result<(), ProtoError> {
     if chunk_size == 0 || chunk_size > limits.max_chunk_size {
         return Err(ProtoError::BadChunkSize {
             size: chunk_size,

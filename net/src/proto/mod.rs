@@ -59,6 +59,7 @@
 mod chunkset;
 mod error;
 mod frame;
+mod layout;
 mod manifest;
 mod name;
 mod notice;
@@ -79,6 +80,7 @@ pub use frame::{
     ChunkHeader, FRAME_HEADER_LEN, Frame, FrameDecoder, MAX_CONSISTENCY_HASHES,
     MAX_WITNESS_NOTE_LEN, NOTICES_VERSION, WITNESS_VERSION, encode,
 };
+pub use layout::Layout;
 pub use manifest::{
     ChunkHasher, ChunkLocation, FileEntry, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest,
     ManifestBuilder, check_process_id,

@@ -7,8 +7,8 @@ use bytes::Bytes;
 
 use super::wire::truncate_str;
 use super::{
-    ChunkHeader, ChunkLocation, ChunkSet, Digest, ErrorCode, Frame, Limits, MAX_SENT_TEXT_LEN,
-    Manifest, PROTOCOL_VERSION, ProtoError,
+    ChunkHeader, ChunkLocation, ChunkSet, Digest, ErrorCode, Frame, Layout, Limits,
+    MAX_SENT_TEXT_LEN, Manifest, PROTOCOL_VERSION, ProtoError, TransferId,
 };
 
 /// Tuning for a [`Receiver`].
@@ -41,6 +41,17 @@ pub enum ReceiverAction {
         manifest_bytes: Bytes,
         /// The sender's signature.
         signature: Bytes,
+    },
+    /// The sender announced a transfer it is still sealing (`Announce`): chunk streams for
+    /// it may come before the `Offer`. Hold them aside (the caller decides where, and how
+    /// much it takes); none counts until the offer is accepted and its digest equals the
+    /// manifest's. The caller may also ignore the announcement: its chunk streams are then
+    /// refused like any for an unknown transfer, and the sender sends them after the offer.
+    Stage {
+        /// The transfer the `Offer` will name.
+        transfer_id: TransferId,
+        /// Where its chunks go.
+        layout: Layout,
     },
     /// Write this frame to the control stream.
     SendFrame(Frame),
@@ -92,6 +103,8 @@ pub struct Receiver {
     cfg: ReceiverConfig,
     state: State,
     offer: Option<(Bytes, Bytes)>,
+    /// The `Announce` taken before the offer, if any.
+    announced: Option<(TransferId, Layout)>,
     manifest: Option<Arc<Manifest>>,
     good: ChunkSet,
     /// Chunks whose stream passed [`Receiver::chunk_header`] and has not
@@ -109,6 +122,7 @@ impl Receiver {
             cfg,
             state: State::AwaitOffer,
             offer: None,
+            announced: None,
             manifest: None,
             good: ChunkSet::new(0),
             arriving: ChunkSet::new(0),
@@ -165,6 +179,23 @@ impl Receiver {
                 manifest,
                 signature,
             } => self.offer(manifest, signature),
+            Frame::Announce {
+                transfer_id,
+                layout,
+            } if self.state == State::AwaitOffer => {
+                match &self.announced {
+                    Some((id, l)) if *id == transfer_id && *l == layout => {}
+                    Some(_) => return self.fail(ProtoError::Conflicting { what: "Announce" }),
+                    None => {
+                        self.announced = Some((transfer_id, layout.clone()));
+                        self.actions.push_back(ReceiverAction::Stage {
+                            transfer_id,
+                            layout,
+                        });
+                    }
+                }
+                Ok(())
+            }
             Frame::Error { code, text } => {
                 let err = ProtoError::Peer { code, text };
                 self.state = State::Failed;
@@ -470,6 +501,60 @@ mod tests {
             index,
             len: m.chunk(index).map_or(0, |c| c.len),
         }
+    }
+
+    #[test]
+    fn an_announcement_is_staged_once_before_the_offer_and_refused_after_it() {
+        let (m, _) = build(&[6, 0, 3], 4);
+        let layout = Layout::of(&m);
+        let announce = Frame::Announce {
+            transfer_id: m.transfer_id,
+            layout: layout.clone(),
+        };
+        let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
+        r.handle_frame(announce.clone()).unwrap();
+        // The same announcement again is a repeat, not a second one.
+        r.handle_frame(announce.clone()).unwrap();
+        assert_eq!(
+            drain(&mut r),
+            vec![ReceiverAction::Stage {
+                transfer_id: m.transfer_id,
+                layout: layout.clone()
+            }]
+        );
+        r.handle_frame(Frame::Offer {
+            manifest: m.to_bytes().into(),
+            signature: Bytes::from_static(b"sig"),
+        })
+        .unwrap();
+        assert!(matches!(
+            &drain(&mut r)[..],
+            [ReceiverAction::VerifyOffer { .. }]
+        ));
+        // Once the offer is in, an announcement is out of place.
+        assert!(matches!(
+            r.handle_frame(announce),
+            Err(ProtoError::UnexpectedFrame {
+                frame: "Announce",
+                ..
+            })
+        ));
+
+        // Two different announcements on one stream conflict.
+        let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
+        r.handle_frame(Frame::Announce {
+            transfer_id: m.transfer_id,
+            layout: layout.clone(),
+        })
+        .unwrap();
+        let err = r
+            .handle_frame(Frame::Announce {
+                transfer_id: TransferId([9; 16]),
+                layout,
+            })
+            .unwrap_err();
+        assert!(matches!(err, ProtoError::Conflicting { what: "Announce" }));
+        assert!(r.is_failed());
     }
 
     #[test]

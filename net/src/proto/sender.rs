@@ -156,6 +156,19 @@ impl Sender {
         }
     }
 
+    /// Chunks this side streamed on this connection before the `Offer`, under an
+    /// `Announce` (see [`Frame::Announce`]). The receiver may have taken them, or may still
+    /// be verifying one when its `Have` goes out: a `ChunkOk` or `ChunkBad` for them is
+    /// then expected even before they are sent again. Call before the first frame is
+    /// handled; indices past the manifest's chunks are ignored.
+    pub fn streamed_before_offer(&mut self, streamed: impl IntoIterator<Item = u32>) {
+        for index in streamed {
+            if index < self.manifest.chunk_count() {
+                self.sent.insert(index);
+            }
+        }
+    }
+
     /// The manifest being sent.
     pub fn manifest(&self) -> &Arc<Manifest> {
         &self.manifest
@@ -281,6 +294,8 @@ impl Sender {
             Frame::Notices { .. } => return self.unexpected("Notices"),
             Frame::Notice { .. } => return self.unexpected("Notice"),
             Frame::NoticeAck { .. } => return self.unexpected("NoticeAck"),
+            Frame::Announce { .. } => return self.unexpected("Announce"),
+            Frame::Announced { .. } => return self.unexpected("Announced"),
         }
         self.pump();
         Ok(())

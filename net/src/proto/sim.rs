@@ -365,6 +365,8 @@ impl Sim {
 
     fn on_receiver_action(&mut self, action: ReceiverAction) {
         match action {
+            // The simulated sender never announces.
+            ReceiverAction::Stage { .. } => unreachable!("no Announce in the simulation"),
             ReceiverAction::VerifyOffer {
                 manifest,
                 manifest_bytes,

@@ -249,3 +249,60 @@ fn send_copies_where_the_file_system_cannot_clone() {
     }
     assert_eq!(s["cloned_bytes"], 0, "{s}");
 }
+
+/// A new transfer's chunks go to the gateway while `send` is still sealing: the gateway
+/// stages them, takes those matching the signed manifest at the offer, and nothing is sent
+/// twice. The delivered file is byte-identical.
+#[test]
+fn chunks_streamed_while_sealing_are_taken_by_the_offer() {
+    const SIZE: u64 = 64 << 20;
+    let d = Deployment::new().expect("dev-env");
+    let s = roundtrip_logged(&d, SIZE, |log| {
+        assert!(
+            log.contains("announced: staging chunks until the offer"),
+            "the gateway did not stage the announced transfer:\n{log}"
+        );
+        assert!(
+            log.contains("staged chunks taken by the offer"),
+            "no staged chunk was taken at the offer:\n{log}"
+        );
+    });
+    assert_eq!(s["wire_bytes"], SIZE, "a chunk was sent twice");
+}
+
+/// With `transport.stream_while_sealing = false` nothing is announced: the chunks go once
+/// the manifest is signed.
+#[test]
+fn send_streams_nothing_while_sealing_when_told_not_to() {
+    let d = Deployment::new().expect("dev-env");
+    d.set("edge.toml", "transport", "stream_while_sealing", "false")
+        .unwrap();
+    roundtrip_logged(&d, 8 << 20, |log| {
+        assert!(!log.contains("announced"), "{log}");
+    });
+}
+
+/// Sends one file of `size` bytes, checks it arrives byte-identical, and hands the
+/// gateway's log to `check`.
+fn roundtrip_logged(d: &Deployment, size: u64, check: impl Fn(&str)) -> serde_json::Value {
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let src = payload(d.dir.path(), "series.bin", size, 5).unwrap();
+    let out = d
+        .send(&["--no-progress", src.to_str().unwrap()])
+        .expect("send runs");
+    assert!(
+        out.status.success(),
+        "send failed: {}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    let s = summary(&out).unwrap();
+    let id = s["transfer_id"].as_str().unwrap().to_owned();
+    // The offer was answered before `send` could finish, so its log lines are written.
+    check(&gateway.log());
+    let status = gateway.terminate().expect("gateway stops");
+    assert!(status.success(), "gateway exit: {status}");
+    let got = d.delivered(&id, "series.bin");
+    assert_eq!(sha256_file(&src).unwrap(), sha256_file(&got).unwrap());
+    s
+}
