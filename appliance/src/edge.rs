@@ -116,8 +116,11 @@ pub struct SendSummary {
     /// instead of copying them (0 where the spool's file system cannot clone, and on a
     /// resume).
     pub cloned_bytes: u64,
-    /// Seconds from the first connection attempt to the verified receipt.
+    /// Seconds from the end of the seal to the verified receipt.
     pub transmit_seconds: f64,
+    /// Payload bytes of the chunks streamed to the gateway while sealing (their streams
+    /// read to the end by the gateway); 0 when nothing was streamed.
+    pub streamed_bytes: u64,
     /// `--wait-delivered`: the verified delivery notice.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliverySummary>,
@@ -665,6 +668,13 @@ impl Edge {
         let seal_seconds = started.elapsed().as_secs_f64();
 
         let transmit_started = Instant::now();
+        let streamed_bytes: u64 = early.as_ref().map_or(0, |e| {
+            e.streamed
+                .iter()
+                .filter_map(|i| out.manifest.chunk(*i))
+                .map(|c| u64::from(c.len))
+                .sum()
+        });
         let (receipt, wire_bytes) = if dir.has_receipt() {
             // Already confirmed by an earlier run: verify what is stored and report.
             let receipt =
@@ -749,6 +759,7 @@ impl Edge {
             seal_seconds,
             cloned_bytes: progress.cloned_bytes.load(Ordering::Relaxed),
             transmit_seconds: transmit_started.elapsed().as_secs_f64(),
+            streamed_bytes,
             delivery: None,
             not_delivered: None,
         })

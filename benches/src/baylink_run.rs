@@ -209,8 +209,24 @@ pub struct SendSummary {
     /// Payload bytes the seal cloned instead of copying (absent before the field existed).
     #[serde(default)]
     pub cloned_bytes: Option<u64>,
-    /// Connect → verified receipt.
+    /// End of the seal → verified receipt.
     pub transmit_seconds: Option<f64>,
+    /// Payload bytes streamed to the gateway while sealing (absent before the field
+    /// existed).
+    #[serde(default)]
+    pub streamed_bytes: Option<u64>,
+}
+
+impl SendSummary {
+    /// The send's link phase: from the end of the seal (`transmit_seconds`), or the whole
+    /// send when it streamed chunks while sealing (the link was at work from the seal's
+    /// start).
+    pub fn link_seconds(&self) -> Option<f64> {
+        match self.streamed_bytes {
+            Some(streamed) if streamed > 0 => Some(self.seconds),
+            _ => self.transmit_seconds,
+        }
+    }
 }
 
 /// The file `baylink send --stats` writes.
@@ -534,6 +550,10 @@ mod tests {
         );
         let s: SendSummary = serde_json::from_str(&cloned).unwrap();
         assert_eq!(s.cloned_bytes, Some(10));
+        assert_eq!(s.streamed_bytes, None);
+        let streamed = line.replace("}", r#","streamed_bytes":8}"#);
+        let s: SendSummary = serde_json::from_str(&streamed).unwrap();
+        assert_eq!(s.streamed_bytes, Some(8));
         let old = r#"{"transfer_id":"x","files":1,"bytes":10,"wire_bytes":10,"seconds":1.5,"merkle_root":"ab","receipt":"verified"}"#;
         assert_eq!(
             serde_json::from_str::<SendSummary>(old)

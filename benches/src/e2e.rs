@@ -717,7 +717,8 @@ pub fn quinn_record(run: u32, outcome: &PairOutcome, congestion: &str) -> RunRec
 pub fn baylink_record(run: u32, outcome: &BaylinkRun) -> RunRecord {
     let s = &outcome.summary;
     let link = outcome.stats.as_ref().and_then(|st| st.link.as_ref());
-    let (gbit_per_s, error) = match s.transmit_seconds {
+    let link_seconds = s.link_seconds();
+    let (gbit_per_s, error) = match link_seconds {
         Some(t) => (report::gbit_per_s(s.bytes, t), None),
         None => (
             None,
@@ -727,7 +728,8 @@ pub fn baylink_record(run: u32, outcome: &BaylinkRun) -> RunRecord {
     RunRecord {
         run,
         gbit_per_s,
-        seconds: s.transmit_seconds,
+        seconds: link_seconds,
+        streamed_bytes: s.streamed_bytes,
         bytes: Some(s.bytes),
         chunks: outcome.stats.as_ref().map(|st| st.chunks),
         timed_out: false,

@@ -58,8 +58,11 @@ Figures (per contestant; the JSON also lists every run):
                  quinn_sha256: the same, but each chunk carries its SHA-256 and the sink
                           hashes every byte and acknowledges only a match: the most any
                           receiver that verifies each byte on arrival can reach here.
-                 baylink: `transmit_seconds` of `baylink send`, connect -> verified receipt,
-                          which includes the gateway's fsync, commit and HSM-signed receipt.
+                 baylink: `transmit_seconds` of `baylink send`, end of the seal -> verified
+                          receipt, which includes the gateway's fsync, commit and HSM-signed
+                          receipt; when the send streamed chunks while sealing
+                          (`streamed_bytes` > 0, the default) the link phase starts with the
+                          seal, and the figure is the whole send's, sealing included.
   Gbit/s incl. seal
                  baylink only (JSON `gbit_per_s_including_seal`): payload bits / `seconds`,
                  the whole send, including sealing (copy into the edge spool + hashing).

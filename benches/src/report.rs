@@ -114,6 +114,10 @@ pub struct RunRecord {
     /// directory on a file system that shares blocks: XFS with reflink, btrfs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cloned_bytes: Option<u64>,
+    /// baylink: payload bytes streamed to the gateway while sealing; when above 0 the
+    /// link phase is the whole send (`gbit_per_s` = `gbit_per_s_including_seal`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed_bytes: Option<u64>,
     /// baylink: the transfer id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub transfer_id: Option<String>,

@@ -5,9 +5,10 @@
 //! The TCP flow starts first (`--warmup` seconds ahead, so it has its share of the link when
 //! baylink comes), runs until baylink's send has exited, and is then stopped with SIGINT
 //! (iperf3 still writes its JSON). The overlap is baylink's link phase: from the send's exit
-//! back by its `transmit_seconds` (connect → verified receipt). TCP's rate over it is the sum
+//! back by its link phase (`transmit_seconds`, or the whole send when it streamed chunks
+//! while sealing). TCP's rate over it is the sum
 //! of iperf3's per-interval bytes over the intervals wholly inside it; baylink's is its
-//! payload over `transmit_seconds`.
+//! payload over that link phase.
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -492,13 +493,13 @@ async fn phases(
 }
 
 /// baylink's link phase relative to the TCP flow's start: from the send's exit back by its
-/// `transmit_seconds`.
+/// link phase ([`baylink_run::SendSummary::link_seconds`]).
 fn overlap(run: &BaylinkRun, tcp_started: Instant) -> Option<(f64, f64)> {
     let end = run
         .exited
         .checked_duration_since(tcp_started)?
         .as_secs_f64();
-    let transmit = run.summary.transmit_seconds?;
+    let transmit = run.summary.link_seconds()?;
     Some(((end - transmit).max(0.0), end))
 }
 

@@ -748,12 +748,13 @@ impl<S: AssociationSink> Inner<S> {
         deadline: tokio::time::Instant,
     ) {
         let door = caller.door();
-        let negotiated = match tokio::time::timeout_at(deadline, self.negotiate(socket, &caller))
-            .await
-        {
+        // Pinned here, so the socket it holds is closed when this function returns, after
+        // a time-out is counted: a client that sees the close finds the count.
+        let negotiate = self.negotiate(socket, &caller);
+        tokio::pin!(negotiate);
+        let negotiated = match tokio::time::timeout_at(deadline, negotiate.as_mut()).await {
             Ok(n) => n,
             Err(_) => {
-                // Counted before the socket is closed (at the end of this match).
                 info!(
                     "association negotiation timed out (ingest.handshake_timeout); connection closed"
                 );

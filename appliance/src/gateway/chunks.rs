@@ -262,7 +262,7 @@ async fn receive_staged(
     let (loc, file) = staged
         .begin(header)
         .map_err(|why| StreamEnd::Link(LinkError::Lost(why)))?;
-    let res = gather(gw, &file, &loc, header, &|| staged.closed(), recv).await;
+    let res = gather(gw, &file, &loc, header, &|| staged.discarded(), recv).await;
     match res {
         Ok(digest) => {
             staged.end(header.index, Some(digest));
@@ -350,7 +350,9 @@ async fn gather_chunk(
 }
 
 /// Reads a chunk's `loc.len` bytes from its stream into `file` at `loc.offset`, hashing them
-/// on the way; stops when `cancelled` says so.
+/// on the way; stops when `cancelled` says so. Returns only once every write it started has
+/// finished, whatever the outcome: a write still on its way after the chunk was given up
+/// could land over the bytes of a later, verified copy of the same chunk.
 async fn gather(
     gw: &Arc<Gateway>,
     file: &Arc<SpoolFile>,
@@ -359,9 +361,40 @@ async fn gather(
     cancelled: &(dyn Fn() -> bool + Sync),
     recv: &mut quinn::RecvStream,
 ) -> Result<[u8; 32], Gather> {
+    let mut writes = tokio::task::JoinSet::new();
+    let read = read_chunk(gw, file, loc, header, cancelled, recv, &mut writes).await;
+    let mut failed = None;
+    while let Some(res) = writes.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                failed.get_or_insert(Gather::Write(e));
+            }
+            Err(e) => {
+                failed.get_or_insert(LinkError::Lost(format!("spool write task: {e}")).into());
+            }
+        }
+    }
+    let digest = read?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(digest),
+    }
+}
+
+/// The reading half of [`gather`]: the stream's bytes, hashed, each full buffer's write
+/// started in `writes`.
+async fn read_chunk(
+    gw: &Arc<Gateway>,
+    file: &Arc<SpoolFile>,
+    loc: &baylink_net::proto::ChunkLocation,
+    header: &ChunkHeader,
+    cancelled: &(dyn Fn() -> bool + Sync),
+    recv: &mut quinn::RecvStream,
+    writes: &mut tokio::task::JoinSet<Result<(), baylink_net::spool::SpoolError>>,
+) -> Result<[u8; 32], Gather> {
     let stall = gw.chunk_stall_timeout;
     let mut hasher = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    let mut writes = tokio::task::JoinSet::new();
     let mut offset = loc.offset;
     let mut remaining = loc.len as usize;
     let mut buf = Some(gw.spool.buffer().await);
@@ -415,13 +448,6 @@ async fn gather(
             count: 1,
         }
         .into());
-    }
-    while let Some(res) = writes.join_next().await {
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(Gather::Write(e)),
-            Err(e) => return Err(LinkError::Lost(format!("spool write task: {e}")).into()),
-        }
     }
     Ok(hasher
         .finish()

@@ -2,8 +2,8 @@
 //! the transfer (`Announce`: its id and layout) and streams chunks as it hashes them; they
 //! are held aside here until the signed `Offer` says what they must be.
 //!
-//! Owns `spool/.staging/<id>/<n>` (file number `n` of the layout) and the registry of
-//! announced transfers. Nothing here counts as received: at the offer
+//! Owns `spool/.staging/<id>.<seq>/<n>` (file number `n` of the layout; `seq` numbers the
+//! announcements this process took) and the registry of announced transfers. Nothing here counts as received: at the offer
 //! ([`super::offer::accept_offer`]) the files are moved into the transfer's `data/` as its
 //! `.part` files and only chunks whose SHA-256 equals the manifest's digest join the set the
 //! `Have` frame reports; they are made durable by the next checkpoint like any other chunk.
@@ -32,9 +32,21 @@ use crate::transfer_dir::{TransferDir, sync_dir};
 /// The directory under the spool root that holds staged chunks.
 pub(crate) const STAGING_DIR: &str = ".staging";
 
-/// Most transfers one connection may have announced and not yet offered. The edge announces
-/// only transfers it is sealing, at most `transport.max_transfers` at a time.
-const MAX_PER_CONNECTION: usize = 8;
+/// Most transfers one connection may have announced and not yet offered: `send` dials a
+/// connection of its own for each transfer it announces.
+const MAX_PER_CONNECTION: usize = 1;
+
+/// Most transfers announced and not yet offered on the whole gateway, whatever the number of
+/// connections.
+const MAX_ANNOUNCED: usize = 16;
+
+/// Most files of one announced transfer that are staged (one open file each): a transfer of
+/// more files is not taken (its chunks are sent after the offer), so the announcements
+/// together never hold more than `MAX_ANNOUNCED × MAX_FILES` files open.
+const MAX_FILES: usize = 1024;
+
+/// Numbers the staging directories, so that two announcements of one id never share one.
+static STAGING_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// One announced transfer's staged chunks.
 #[derive(Debug)]
@@ -62,6 +74,8 @@ struct State {
     got: HashMap<u32, Digest>,
     /// Taken by an offer or discarded: no chunk is started any more.
     closed: bool,
+    /// Thrown away: chunks still arriving stop, and none is recorded.
+    discarded: bool,
 }
 
 impl Staged {
@@ -70,9 +84,15 @@ impl Staged {
         self.conn_id
     }
 
-    /// Whether the staged transfer was taken or discarded.
+    /// Whether the staged transfer was taken or thrown away: no chunk is started.
+    #[cfg(test)]
     pub(super) fn closed(&self) -> bool {
         self.state.lock().expect("staging lock poisoned").closed
+    }
+
+    /// Whether the staged chunks were thrown away: a chunk still arriving stops.
+    pub(super) fn discarded(&self) -> bool {
+        self.state.lock().expect("staging lock poisoned").discarded
     }
 
     /// Starts receiving the chunk of `header`: where its bytes go and the file to write them
@@ -105,12 +125,13 @@ impl Staged {
     }
 
     /// The stream of chunk `index` ended: with the digest of its bytes once all of them were
-    /// written here, `None` if it did not finish.
+    /// written here (every write finished), `None` if it did not finish. A chunk that began
+    /// before the offer closed the announcement still counts; one thrown away does not.
     pub(super) fn end(&self, index: u32, digest: Option<Digest>) {
         let mut state = self.state.lock().expect("staging lock poisoned");
         state.arriving.remove(index);
         if let Some(d) = digest
-            && !state.closed
+            && !state.discarded
         {
             state.got.insert(index, d);
         }
@@ -118,7 +139,8 @@ impl Staged {
         self.settled.notify_waiters();
     }
 
-    /// Closes the announcement and waits (at most `limit`) until no chunk is arriving.
+    /// Closes the announcement (no chunk starts) and waits, at most `limit`, until the
+    /// chunks arriving have ended: each is recorded, with its writes finished, or given up.
     async fn close_and_settle(&self, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -149,8 +171,10 @@ pub(super) fn clear_leftovers(spool_dir: &std::path::Path) {
 
 /// Takes an announcement of the connection `conn_id`: creates its staging directory and
 /// files and registers it. `None` (logged) where the gateway does not take it: draining, a
-/// transfer it already holds or has announced, a connection with many announcements open,
-/// or a spool that cannot create the files. The edge's chunk streams for it are then
+/// transfer it already holds or has announced, a connection with an announcement open
+/// already, [`MAX_ANNOUNCED`] open on the gateway, more than [`MAX_FILES`] files,
+/// announcements that would take over half the spool's free space together, or a spool
+/// that cannot create the files. The edge's chunk streams for it are then
 /// refused and it sends them after the offer.
 pub(super) async fn announce(
     gw: &Arc<Gateway>,
@@ -170,15 +194,34 @@ pub(super) async fn announce(
         debug!(transfer = %id, "announcement not taken: draining, or a transfer already here");
         return None;
     }
-    {
+    let (staged_bytes, announced) = {
         let staged = gw.staged.lock().expect("registry lock poisoned");
         let of_this_connection = staged.values().filter(|s| s.conn_id == conn_id).count();
         if staged.contains_key(&id) || of_this_connection >= MAX_PER_CONNECTION {
             debug!(transfer = %id, "announcement not taken: already announced, or too many");
             return None;
         }
+        let bytes = staged
+            .values()
+            .fold(0u64, |sum, s| sum.saturating_add(s.layout.total_bytes()));
+        (bytes, staged.len())
+    };
+    // Nothing signed stands behind staged bytes yet: all the announcements together may use
+    // at most half of the spool's free space, so they can never fill it for signed
+    // transfers.
+    let free = crate::retention::spool_space(&gw.spool_dir).map_or(0, |(_, free)| free);
+    if layout.file_sizes().len() > MAX_FILES || announced >= MAX_ANNOUNCED {
+        debug!(transfer = %id, files = layout.file_sizes().len(), announced,
+               "announcement not taken: too many files, or too many announcements open");
+        return None;
     }
-    let dir = gw.spool_dir.join(STAGING_DIR).join(id.to_string());
+    if staged_bytes.saturating_add(layout.total_bytes()) > free / 2 {
+        info!(transfer = %id, bytes = layout.total_bytes(), staged_bytes, free,
+              "announcement not taken: staging it would take over half the spool's free space");
+        return None;
+    }
+    let seq = STAGING_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = gw.spool_dir.join(STAGING_DIR).join(format!("{id}.{seq}"));
     let made = {
         let dir = dir.clone();
         tokio::task::spawn_blocking(move || std::fs::create_dir_all(&dir)).await
@@ -215,6 +258,7 @@ pub(super) async fn announce(
             arriving: ChunkSet::new(layout.chunk_count()),
             got: HashMap::new(),
             closed: false,
+            discarded: false,
         }),
         layout,
         settled: Notify::new(),
@@ -330,7 +374,11 @@ pub(super) async fn adopt(
 /// accepted offer, or the offer did not take them).
 pub(super) async fn discard(gw: &Gateway, staged: &Arc<Staged>) {
     unregister(gw, staged);
-    staged.state.lock().expect("staging lock poisoned").closed = true;
+    {
+        let mut state = staged.state.lock().expect("staging lock poisoned");
+        state.closed = true;
+        state.discarded = true;
+    }
     remove_dir(staged.dir.clone()).await;
 }
 

@@ -228,8 +228,12 @@ impl Connection {
     ) {
         let peer = self.peer;
         let _ = tcp.set_nodelay(true);
+        // Pinned here, so the socket it holds is closed when this function returns, after a
+        // time-out is counted: a client that sees the close finds the count.
+        let accept = tls.accept(tcp);
+        tokio::pin!(accept);
         let handshake = tokio::select! {
-            r = tokio::time::timeout(self.handshake_timeout, tls.accept(tcp)) => r,
+            r = tokio::time::timeout(self.handshake_timeout, accept.as_mut()) => r,
             // A connection that has not sent a request yet is not served once the drain started.
             () = drain.started.wait() => return,
         };

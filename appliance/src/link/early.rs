@@ -41,7 +41,8 @@ pub struct EarlyLink {
     pub writer: FrameWriter,
     /// Frames from the gateway on that stream.
     pub frames: mpsc::Receiver<Result<baylink_net::proto::Frame, LinkError>>,
-    /// Chunks whose streams the gateway read to the end.
+    /// Chunks whose streams the gateway's transport acknowledged whole (not necessarily
+    /// read by the gateway yet, nor taken: its `Have` says).
     pub streamed: Vec<u32>,
 }
 
@@ -300,7 +301,8 @@ impl ChunkTap for Announcer {
 
 /// Streams one chunk: its header, then its bytes as the seal hands them over. A chunk
 /// whose bytes stop coming before its length (streaming ended, the file was shorter than
-/// announced) is reset. Returns once the gateway has read the whole stream.
+/// announced) is reset. Returns once the gateway's transport has acknowledged the whole
+/// stream.
 async fn stream_chunk(
     conn: &quinn::Connection,
     header: ChunkHeader,

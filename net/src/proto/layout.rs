@@ -75,6 +75,13 @@ impl Layout {
         &self.file_sizes
     }
 
+    /// The sum of the file sizes.
+    pub fn total_bytes(&self) -> u64 {
+        self.file_sizes
+            .iter()
+            .fold(0u64, |sum, &size| sum.saturating_add(size))
+    }
+
     /// Total chunks.
     pub fn chunk_count(&self) -> u32 {
         *self.first_chunk.last().expect("a layout has a total")
@@ -139,6 +146,7 @@ mod tests {
         assert_eq!(layout, Layout::of(&manifest));
         assert!(layout.matches(&manifest));
         assert_eq!(layout.chunk_count(), manifest.chunk_count());
+        assert_eq!(layout.total_bytes(), manifest.total_bytes());
         for index in 0..=manifest.chunk_count() {
             assert_eq!(layout.chunk(index), manifest.chunk(index), "chunk {index}");
         }

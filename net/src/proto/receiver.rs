@@ -242,9 +242,12 @@ impl Receiver {
         Ok(())
     }
 
-    /// The caller accepted the offer and holds the chunks in `have` durably
-    /// (an empty set for a new transfer; `have.len()` must be the manifest's
-    /// chunk count). Sends `Have`; if nothing is missing, asks to commit.
+    /// The caller accepted the offer and holds the chunks in `have` (an empty
+    /// set for a new transfer; `have.len()` must be the manifest's chunk
+    /// count): those it holds durably, and any it verified against this
+    /// manifest on the way and will make durable before the commit (chunks
+    /// staged under an `Announce`). Sends `Have`; if nothing is missing, asks
+    /// to commit.
     pub fn offer_accepted(&mut self, have: ChunkSet) {
         match self.state {
             State::Verifying => {}
