@@ -522,6 +522,40 @@ mod tests {
     }
 
     #[test]
+    fn a_verdict_on_a_chunk_streamed_before_the_offer_is_expected() {
+        let cfg = SenderConfig {
+            max_in_flight: 1,
+            max_chunk_retries: 1,
+        };
+        // Chunks 0..3; 1 and 2 were streamed under an announcement, 0 was taken (in the
+        // Have), 1 and 2 were not yet verified when the Have went out.
+        let mut s = sender(&[16], 4, cfg);
+        s.streamed_before_offer([1, 2, 99]);
+        drain(&mut s);
+        let mut held = ChunkSet::new(4);
+        held.insert(0);
+        s.handle_frame(have(&s, &held)).unwrap();
+        assert_eq!(drain(&mut s), vec![SenderAction::SendChunk { index: 1 }]);
+        // The late verdict on the streamed copy of 2 arrives before 2 is sent again: taken.
+        s.handle_frame(Frame::ChunkOk { index: 2 }).unwrap();
+        s.handle_frame(Frame::ChunkOk { index: 1 }).unwrap();
+        assert_eq!(drain(&mut s), vec![SenderAction::SendChunk { index: 3 }]);
+        s.handle_frame(Frame::ChunkOk { index: 3 }).unwrap();
+        assert!(s.acked().is_full());
+        assert_eq!(s.wire_bytes(), 8);
+
+        // Without the streamed chunks named, the same verdict is a protocol error.
+        let mut s = sender(&[16], 4, cfg);
+        drain(&mut s);
+        s.handle_frame(have(&s, &held)).unwrap();
+        drain(&mut s);
+        assert!(matches!(
+            s.handle_frame(Frame::ChunkOk { index: 2 }),
+            Err(ProtoError::UnexpectedFrame { .. })
+        ));
+    }
+
+    #[test]
     fn bad_chunks_are_resent_then_fail_after_the_retry_limit() {
         let cfg = SenderConfig {
             max_in_flight: 8,
