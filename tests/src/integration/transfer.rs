@@ -268,6 +268,33 @@ fn chunks_streamed_while_sealing_are_taken_by_the_offer() {
         );
     });
     assert_eq!(s["wire_bytes"], SIZE, "a chunk was sent twice");
+    assert!(s["streamed_bytes"].as_u64().unwrap() > 0, "{s}");
+}
+
+/// A transfer of more files than the gateway stages for one announcement (1024) is not
+/// taken: nothing is streamed, and the send goes on as without streaming.
+#[test]
+fn an_announcement_the_gateway_does_not_take_streams_nothing() {
+    let d = Deployment::new().expect("dev-env");
+    let gateway = d.serve(&d.gateway_config()).expect("gateway starts");
+    let src = d.path("payload");
+    std::fs::create_dir_all(&src).unwrap();
+    let files: Vec<_> = (0..1025)
+        .map(|i| payload(&src, &format!("i-{i}.dcm"), 100, i).unwrap())
+        .collect();
+    let mut args: Vec<&str> = vec!["--no-progress"];
+    args.extend(files.iter().map(|p| p.to_str().unwrap()));
+    let out = d.send(&args).expect("send runs");
+    assert!(
+        out.status.success(),
+        "send failed: {}\ngateway log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    let s = summary(&out).unwrap();
+    assert_eq!(s["streamed_bytes"], 0, "{s}");
+    assert_eq!(s["wire_bytes"], 102_500);
+    assert!(!gateway.log().contains("staged chunks taken"));
 }
 
 /// With `transport.stream_while_sealing = false` nothing is announced: the chunks go once
@@ -277,9 +304,10 @@ fn send_streams_nothing_while_sealing_when_told_not_to() {
     let d = Deployment::new().expect("dev-env");
     d.set("edge.toml", "transport", "stream_while_sealing", "false")
         .unwrap();
-    roundtrip_logged(&d, 8 << 20, |log| {
+    let s = roundtrip_logged(&d, 8 << 20, |log| {
         assert!(!log.contains("announced"), "{log}");
     });
+    assert_eq!(s["streamed_bytes"], 0, "{s}");
 }
 
 /// Sends one file of `size` bytes, checks it arrives byte-identical, and hands the
