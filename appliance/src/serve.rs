@@ -159,8 +159,16 @@ async fn serve_gateway(
     // Only the configured edges get past the handshake: hospital certificates come from the
     // same CA but have no business on the link.
     let edges = transport::ClientNames::Only(cfg.peer_names.clone());
-    let endpoint = transport::server_endpoint(listen, &ca, &edges, &identity, &cfg.link)
-        .with_context(|| format!("cannot listen on {listen} (transport.listen)"))?;
+    let reset_secret = crate::gateway::quic_reset_secret(&cfg.spool_dir)?;
+    let endpoint = transport::server_endpoint_keyed(
+        listen,
+        &ca,
+        &edges,
+        &identity,
+        &cfg.link,
+        Some(&reset_secret),
+    )
+    .with_context(|| format!("cannot listen on {listen} (transport.listen)"))?;
     let probe = health::HealthProbe::new(spool.clone(), &cfg.spool_dir, keys.clone());
     let token = keys.token.clone();
     let gw = Arc::new(

@@ -750,6 +750,7 @@ fn endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
     tuning: &LinkTuning,
+    reset_secret: Option<&[u8]>,
 ) -> Result<quinn::Endpoint, TransportError> {
     let (socket, buffers) = bind_udp_socket(addr, tuning.socket_buffer_bytes)?;
     let need = tuning.receive_hold_buffer_need();
@@ -765,7 +766,28 @@ fn endpoint(
              link.rate_mbit: raise net.core.rmem_max or lower link.receive_hold_ms"
         );
     }
-    let mut config = quinn::EndpointConfig::default();
+    let mut config = match reset_secret {
+        Some(secret) => {
+            let mut config = quinn::EndpointConfig::new(Arc::new(aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                secret,
+            )));
+            // The connection ids must outlive the process too: an endpoint drops packets
+            // whose connection id its generator does not recognise, before any reset.
+            let cid_key = {
+                let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+                ctx.update(b"baylink connection id key\n");
+                ctx.update(secret);
+                let d = ctx.finish();
+                u64::from_be_bytes(d.as_ref()[..8].try_into().expect("SHA-256 has 8 bytes"))
+            };
+            config.cid_generator(move || {
+                Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+            });
+            config
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     config
         .max_udp_payload_size(tuning.max_udp_payload())
         .expect("MAX_MTU less headers is within QUIC's bounds");
@@ -791,8 +813,24 @@ pub fn server_endpoint(
     identity: &TlsIdentity,
     tuning: &LinkTuning,
 ) -> Result<quinn::Endpoint, TransportError> {
+    server_endpoint_keyed(listen, ca, clients, identity, tuning, None)
+}
+
+/// [`server_endpoint`] whose stateless-reset tokens and connection ids derive from
+/// `reset_secret` (at least 32 random bytes) instead of keys of this process alone. A server restarted with the same
+/// secret answers the packets of connections its earlier process had with a stateless
+/// reset, so their peers learn at once that the connection is gone and dial again, instead
+/// of waiting for the idle timeout ([`IDLE_TIMEOUT`]).
+pub fn server_endpoint_keyed(
+    listen: SocketAddr,
+    ca: &[CertificateDer<'static>],
+    clients: &ClientNames,
+    identity: &TlsIdentity,
+    tuning: &LinkTuning,
+    reset_secret: Option<&[u8]>,
+) -> Result<quinn::Endpoint, TransportError> {
     let config = server_config(ca, clients, identity, tuning)?;
-    let endpoint = endpoint(listen, Some(config), tuning)?;
+    let endpoint = endpoint(listen, Some(config), tuning, reset_secret)?;
     tracing::info!(
         local = ?endpoint.local_addr().ok(),
         stream_window = tuning.stream_window(),
@@ -814,7 +852,7 @@ pub fn client_endpoint(
     tuning: &LinkTuning,
 ) -> Result<quinn::Endpoint, TransportError> {
     let config = client_config(ca, identity, tuning)?;
-    let mut endpoint = endpoint(bind, None, tuning)?;
+    let mut endpoint = endpoint(bind, None, tuning, None)?;
     endpoint.set_default_client_config(config);
     tracing::info!(
         local = ?endpoint.local_addr().ok(),

@@ -341,7 +341,7 @@ impl Deployment {
 }
 
 /// The names in a spool directory, hidden ones aside (the health check's `.watchdog`, the
-/// DICOM door's `.incoming`): its transfers.
+/// DICOM door's `.incoming`, the gateway's `.staging`): its transfers.
 pub fn spool_entries(spool: &Path) -> Vec<String> {
     std::fs::read_dir(spool)
         .map(|r| {

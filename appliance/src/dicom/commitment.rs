@@ -1342,20 +1342,24 @@ async fn send_on_new_association(
         )
     };
     match tls {
+        // Nagle's algorithm off, as on the doors: the report's PDUs must not wait for the
+        // SCU's delayed acknowledgement of the one before (about 40 ms each).
         None => {
-            let assoc = options
+            let mut assoc = options
                 .establish_with_async(&address)
                 .await
                 .map_err(refused)?;
+            let _ = assoc.inner_stream().set_nodelay(true);
             report_on(assoc, &address, report, message_id).await
         }
         Some(config) => {
-            let assoc = options
+            let mut assoc = options
                 .tls_config(config)
                 .server_name(&route.host)
                 .establish_with_async_tls(&address)
                 .await
                 .map_err(refused)?;
+            let _ = assoc.inner_stream().get_ref().0.set_nodelay(true);
             report_on(assoc, &address, report, message_id).await
         }
     }

@@ -220,6 +220,47 @@ pub async fn serve_connection(gw: Arc<Gateway>, conn: quinn::Connection) {
     .await
 }
 
+/// The file in the spool that holds the gateway's QUIC stateless-reset secret.
+pub const RESET_SECRET_FILE: &str = ".quic-reset-secret";
+
+/// The gateway's QUIC stateless-reset secret ([`RESET_SECRET_FILE`] in the spool: 64 random
+/// bytes, mode 0600), made at the first start and kept across restarts, so a restarted
+/// gateway resets the connections of its earlier process at their next packet and the edges
+/// resume at once instead of after the idle timeout. A file of another length is replaced.
+pub fn quic_reset_secret(spool_dir: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    const LEN: usize = 64;
+    let path = spool_dir.join(RESET_SECRET_FILE);
+    match std::fs::read(&path) {
+        Ok(secret) if secret.len() == LEN => return Ok(secret),
+        Ok(other) => {
+            warn!(path = %path.display(), len = other.len(), "QUIC reset secret of the wrong length: replaced");
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut secret = vec![0u8; LEN];
+    aws_lc_rs::rand::fill(&mut secret)
+        .map_err(|_| anyhow::anyhow!("no random bytes for the QUIC reset secret"))?;
+    let tmp = spool_dir.join(format!("{RESET_SECRET_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(&secret)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .and_then(|()| crate::transfer_dir::sync_dir(spool_dir))
+        .with_context(|| format!("cannot store {}", path.display()))?;
+    Ok(secret)
+}
+
 /// How a failure to store a transfer on this gateway is answered, by its OS error:
 ///
 /// | cause | code | the edge |
@@ -331,6 +372,27 @@ fn release(gw: &Gateway, a: &Arc<Active>) {
 mod tests {
     use super::*;
     use nix::libc;
+
+    #[test]
+    fn the_reset_secret_is_made_once_kept_private_and_replaced_when_damaged() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let first = quic_reset_secret(dir.path()).unwrap();
+        assert_eq!(first.len(), 64);
+        assert_ne!(first, vec![0u8; 64]);
+        let path = dir.path().join(RESET_SECRET_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            quic_reset_secret(dir.path()).unwrap(),
+            first,
+            "kept across starts"
+        );
+        std::fs::write(&path, b"short").unwrap();
+        let replaced = quic_reset_secret(dir.path()).unwrap();
+        assert_eq!(replaced.len(), 64);
+        assert_ne!(replaced, first);
+    }
 
     #[test]
     fn only_what_is_about_the_transfer_is_refused_for_good() {

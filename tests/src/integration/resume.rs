@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use baylink_tests::{Deployment, payload, sha256_file, summary};
+use baylink_tests::{Deployment, EVENT_WAIT, baylink_bin, payload, sha256_file, summary};
 
 const SIZE: u64 = 512 << 20;
 
@@ -111,4 +111,68 @@ fn a_transfer_in_flight_during_the_upgrade_resumes_from_the_old_layout() {
     assert!(gw.terminate().unwrap().success());
     assert_delivered(&d, &id, &src);
     assert!(edge_data.join(&key).exists() && !edge_data.join("series.bin").exists());
+}
+
+/// A gateway killed while the edge is still sealing and streaming chunks to it: what it
+/// staged goes with it (a gateway that starts clears `.staging/`), the send offers on a new
+/// connection once the gateway is back and sends every chunk there, and the file arrives
+/// byte-identical.
+#[test]
+fn heavy_gateway_killed_while_chunks_stream_during_the_seal() {
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let d = Deployment::new().unwrap();
+    let src = payload(d.dir.path(), "series.bin", SIZE, 14).unwrap();
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    // `spawn_send` turns streaming off; this send keeps the default.
+    let sender = Command::new(baylink_bin())
+        .args(["send", "--no-progress", "--config"])
+        .arg(d.edge_config())
+        .arg(&src)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed once staged bytes are on its disk, while the seal goes on.
+    let staging = d.path("spool/gateway/.staging");
+    let deadline = Instant::now() + EVENT_WAIT;
+    let staged_bytes = || -> u64 { walk_sizes(&staging) };
+    while staged_bytes() == 0 {
+        assert!(Instant::now() < deadline, "nothing was staged");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    gw.kill().unwrap();
+    assert!(staged_bytes() > 0);
+    let gw = d.serve(&d.gateway_config()).unwrap();
+    assert_eq!(staged_bytes(), 0, "a gateway that starts clears .staging");
+    let out = sender.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    let s = summary(&out).unwrap();
+    // Streamed to the gateway that died, then all of it again.
+    assert!(s["wire_bytes"].as_u64().unwrap() >= SIZE, "{s}");
+    assert_eq!(s["streamed_bytes"], 0, "{s}");
+    assert!(gw.terminate().unwrap().success());
+    assert_delivered(&d, s["transfer_id"].as_str().unwrap(), &src);
+    assert_eq!(staged_bytes(), 0);
+}
+
+/// The bytes of every file under `dir` (0 when it does not exist).
+fn walk_sizes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => walk_sizes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
