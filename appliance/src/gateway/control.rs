@@ -365,9 +365,17 @@ impl Control {
                     // Tell the peer why, on this control stream only: other transfers on the
                     // same connection are not affected. (Closing the connection here would
                     // discard the error frame before it is sent.)
-                    warn!(error = %p, "protocol error from the edge");
-                    let manifest = self.active.as_ref().map(|a| &*a.manifest);
-                    audit_refusal(&self.gw, manifest, &self.peer, p.code(), &p.to_string()).await;
+                    if self.active.is_none() && over_limits_announcement(p) {
+                        // Only an `Announce` brings a layout before the offer: this one is
+                        // over this gateway's limits. Nothing is refused yet: the edge offers
+                        // on a new connection, and the offer is judged (and recorded) then.
+                        info!(error = %p, "announcement over this gateway's limits: nothing staged");
+                    } else {
+                        warn!(error = %p, "protocol error from the edge");
+                        let manifest = self.active.as_ref().map(|a| &*a.manifest);
+                        audit_refusal(&self.gw, manifest, &self.peer, p.code(), &p.to_string())
+                            .await;
+                    }
                     let _ = self
                         .writer
                         .send(&Frame::Error {
@@ -394,4 +402,16 @@ impl Control {
             release(&self.gw, &a);
         }
     }
+}
+
+/// Whether a frame decoding error is an `Announce` layout over the gateway's limits: before
+/// an offer, only that frame's decoding checks file and chunk counts and the chunk size.
+fn over_limits_announcement(e: &ProtoError) -> bool {
+    matches!(
+        e,
+        ProtoError::TooManyFiles { .. }
+            | ProtoError::TooManyChunks { .. }
+            | ProtoError::BadChunkSize { .. }
+            | ProtoError::NoFiles
+    )
 }
