@@ -604,13 +604,14 @@ impl Edge {
                 transfer_dir::create_dir_durably(dir.root())
                     .with_context(|| format!("cannot create {}", dir.root().display()))?;
                 let _lock = lock_transfer(&dir)?;
-                let total: u64 = files
+                // One stat per file serves the progress total and the announced layout.
+                let sizes: Vec<Option<u64>> = files
                     .iter()
-                    .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
-                    .sum();
-                observer.stage("sealing", total);
+                    .map(|f| std::fs::metadata(f).map(|m| m.len()).ok())
+                    .collect();
+                observer.stage("sealing", sizes.iter().flatten().sum());
                 // Chunks go to the gateway as the seal hashes them (`link::early`).
-                let announcer = self.announcer(id, files, stats);
+                let announcer = self.announcer(id, &sizes, stats);
                 let job = seal::SealJob {
                     id,
                     sender: &self.cfg.id,
@@ -767,23 +768,20 @@ impl Edge {
 
     /// Connects and sends until the receipt arrives, retrying a lost link with backoff for
     /// `transport.retry_for`.
-    /// An announcer for a new transfer of `files`, when the edge has a gateway to dial and
-    /// the files fit the protocol's limits (the seal names what does not).
+    /// An announcer for a new transfer of files of `sizes` (`None`: a file that cannot be
+    /// read), when the edge has a gateway to dial and every file is readable and fits the
+    /// protocol's limits (the seal names what does not).
     fn announcer(
         &self,
         id: TransferId,
-        files: &[std::path::PathBuf],
+        sizes: &[Option<u64>],
         stats: &Arc<SendStats>,
     ) -> Option<crate::link::early::Announcer> {
         self.cfg.transport.connect?;
         if !self.cfg.transport.stream_while_sealing {
             return None;
         }
-        let sizes = files
-            .iter()
-            .map(|f| std::fs::metadata(f).map(|m| m.len()))
-            .collect::<Result<Vec<_>, _>>()
-            .ok()?;
+        let sizes = sizes.iter().copied().collect::<Option<Vec<_>>>()?;
         let layout = baylink_net::proto::Layout::new(
             self.cfg.transport.chunk_size,
             sizes,

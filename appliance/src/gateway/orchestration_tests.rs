@@ -103,12 +103,24 @@ async fn accept(
     o: &Offer,
     sig: &[u8],
 ) -> Result<(Arc<Active>, ChunkSet), (ErrorCode, String)> {
+    accept_staged(gw, conn, peer, o, sig, None).await
+}
+
+/// [`accept`] of a transfer announced before its offer, whose chunks `staged` holds.
+async fn accept_staged(
+    gw: &Arc<Gateway>,
+    conn: usize,
+    peer: &str,
+    o: &Offer,
+    sig: &[u8],
+    mut staged: Option<Arc<super::staging::Staged>>,
+) -> Result<(Arc<Active>, ChunkSet), (ErrorCode, String)> {
     accept_offer(
         gw,
         Link::Detached(conn),
         peer,
         (o.manifest.clone(), &o.bytes, sig),
-        &mut None,
+        &mut staged,
     )
     .await
 }
@@ -373,15 +385,9 @@ async fn chunks_staged_before_the_offer_count_only_where_they_match_the_signed_m
     assert_eq!(staged_dirs(&f), 1);
 
     let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
-    let (active, have) = accept_offer(
-        &gw,
-        Link::Detached(1),
-        "edge",
-        (o.manifest.clone(), &o.bytes, &sig),
-        &mut Some(s.clone()),
-    )
-    .await
-    .unwrap();
+    let (active, have) = accept_staged(&gw, 1, "edge", &o, &sig, Some(s.clone()))
+        .await
+        .unwrap();
     assert_eq!(have.iter().collect::<Vec<_>>(), vec![0, 2, 4]);
     // Nothing staged is durable yet: the next checkpoint makes it so.
     assert_eq!(active.progress.lock().await.set.count(), 0);
@@ -410,15 +416,9 @@ async fn staged_chunks_of_another_layout_are_thrown_away_at_the_offer() {
         .unwrap();
     stage_chunk(&gw, &s, &o, 0, None).await;
     let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
-    let (_, have) = accept_offer(
-        &gw,
-        Link::Detached(1),
-        "edge",
-        (o.manifest.clone(), &o.bytes, &sig),
-        &mut Some(s.clone()),
-    )
-    .await
-    .unwrap();
+    let (_, have) = accept_staged(&gw, 1, "edge", &o, &sig, Some(s))
+        .await
+        .unwrap();
     assert_eq!(have.count(), 0);
     assert_eq!(staged_dirs(&f), 0, "the staging directory is left behind");
 }
