@@ -440,8 +440,14 @@ impl Edge {
         observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
     ) -> Result<SendSummary, SendFailure> {
-        self.send_until(request, observer, stats, &crate::drain::Flag::default())
-            .await
+        self.send_until(
+            request,
+            None,
+            observer,
+            stats,
+            &crate::drain::Flag::default(),
+        )
+        .await
     }
 
     /// [`Edge::send`] that also stops when `yield_slot` is set (the background sender asks a
@@ -449,9 +455,12 @@ impl Edge {
     /// returns [`SendFailure::Stopped`] with the transfer still sealed and the gateway
     /// holding what it verified, so sending it again resumes from there. Only this send
     /// stops; a send past its last chunk (verifying and storing the receipt) finishes.
+    /// `early`: the connection a sealed transfer's chunks were streamed on before its seal
+    /// (`crate::link::early`); its first attempt offers on it.
     pub async fn send_until(
         &self,
         request: SendRequest,
+        early: Option<crate::link::early::EarlyLink>,
         observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
         yield_slot: &crate::drain::Flag,
@@ -542,7 +551,9 @@ impl Edge {
         }
         eprintln!("transfer {id}");
         let result = self
-            .send_declared(id, request, observer, stats, started, &declared, yield_slot)
+            .send_declared(
+                id, request, early, observer, stats, started, &declared, yield_slot,
+            )
             .await;
         if result.is_err() {
             observer.finished(false);
@@ -581,11 +592,12 @@ impl Edge {
         decision
     }
 
-    #[allow(clippy::too_many_arguments)] // the request, its reporting and its two stops
+    #[allow(clippy::too_many_arguments)] // the request and its link, its reporting, two stops
     async fn send_declared(
         &self,
         id: TransferId,
         request: SendRequest,
+        mut early: Option<crate::link::early::EarlyLink>,
         observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
         started: Instant,
@@ -597,7 +609,6 @@ impl Edge {
             observer,
             cloned_bytes: AtomicU64::new(0),
         };
-        let mut early = None;
 
         let out = match &request {
             SendRequest::New { files, declaration } => {
@@ -627,7 +638,7 @@ impl Edge {
                         // Dialling never holds the seal up: a gateway that does not answer
                         // before the seal ends is dialled again by the send.
                         let announce = async {
-                            self.announce(a).await;
+                            let _ = self.announce(a).await;
                             std::future::pending::<()>().await;
                         };
                         tokio::select! {
@@ -796,10 +807,10 @@ impl Edge {
     }
 
     /// Dials the gateway and announces `a`'s transfer; a failure only means nothing is
-    /// streamed (logged).
-    async fn announce(&self, a: &crate::link::early::Announcer) {
+    /// streamed (logged, and `false`).
+    pub(crate) async fn announce(&self, a: &crate::link::early::Announcer) -> bool {
         let Some(connect) = self.cfg.transport.connect else {
-            return;
+            return false;
         };
         let res = async {
             let conn = self
@@ -813,8 +824,12 @@ impl Edge {
             a.connect(conn, &self.cfg.id).await
         }
         .await;
-        if let Err(e) = res {
-            info!(error = %e, "cannot announce the transfer; its chunks are sent once it is sealed");
+        match res {
+            Ok(()) => true,
+            Err(e) => {
+                info!(error = %e, "cannot announce the transfer; its chunks are sent once it is sealed");
+                false
+            }
         }
     }
 

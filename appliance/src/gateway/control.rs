@@ -144,17 +144,27 @@ impl Control {
                 ReceiverAction::Stage {
                     transfer_id,
                     layout,
+                    extends,
                 } => {
-                    self.staged = super::staging::announce(
-                        &self.gw,
-                        self.conn.stable_id(),
-                        transfer_id,
-                        layout,
-                    )
-                    .await;
-                    // The edge streams nothing before this answer, so no chunk stream can
-                    // arrive before its staging is ready.
-                    let taken = self.staged.is_some();
+                    let taken = match (&self.staged, extends) {
+                        (None, false) => {
+                            self.staged = super::staging::announce(
+                                &self.gw,
+                                self.conn.stable_id(),
+                                transfer_id,
+                                layout,
+                            )
+                            .await;
+                            self.staged.is_some()
+                        }
+                        (Some(staged), true) => {
+                            super::staging::extend(&self.gw, staged, layout).await
+                        }
+                        // More files of an announcement this gateway did not take.
+                        _ => false,
+                    };
+                    // The edge streams nothing of these files before this answer, so no
+                    // chunk stream can arrive before its staging is ready.
                     self.send_frame(&Frame::Announced { transfer_id, taken })
                         .await?;
                 }
@@ -365,17 +375,9 @@ impl Control {
                     // Tell the peer why, on this control stream only: other transfers on the
                     // same connection are not affected. (Closing the connection here would
                     // discard the error frame before it is sent.)
-                    if self.active.is_none() && over_limits_announcement(p) {
-                        // Only an `Announce` brings a layout before the offer: this one is
-                        // over this gateway's limits. Nothing is refused yet: the edge offers
-                        // on a new connection, and the offer is judged (and recorded) then.
-                        info!(error = %p, "announcement over this gateway's limits: nothing staged");
-                    } else {
-                        warn!(error = %p, "protocol error from the edge");
-                        let manifest = self.active.as_ref().map(|a| &*a.manifest);
-                        audit_refusal(&self.gw, manifest, &self.peer, p.code(), &p.to_string())
-                            .await;
-                    }
+                    warn!(error = %p, "protocol error from the edge");
+                    let manifest = self.active.as_ref().map(|a| &*a.manifest);
+                    audit_refusal(&self.gw, manifest, &self.peer, p.code(), &p.to_string()).await;
                     let _ = self
                         .writer
                         .send(&Frame::Error {
@@ -402,16 +404,4 @@ impl Control {
             release(&self.gw, &a);
         }
     }
-}
-
-/// Whether a frame decoding error is an `Announce` layout over the gateway's limits: before
-/// an offer, only that frame's decoding checks file and chunk counts and the chunk size.
-fn over_limits_announcement(e: &ProtoError) -> bool {
-    matches!(
-        e,
-        ProtoError::TooManyFiles { .. }
-            | ProtoError::TooManyChunks { .. }
-            | ProtoError::BadChunkSize { .. }
-            | ProtoError::NoFiles
-    )
 }

@@ -443,3 +443,78 @@ async fn a_restarted_gateway_removes_what_an_earlier_process_staged() {
     let _restarted = f.gateway();
     assert!(!staging.exists());
 }
+
+#[tokio::test]
+async fn an_announcement_grows_file_by_file_and_the_offer_takes_the_files_it_begins_with() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let id = o.manifest.transfer_id;
+    let sizes: Vec<u64> = o.manifest.files.iter().map(|f| f.size).collect();
+    // The first file is announced alone, as a hospital's first stored file is.
+    let first =
+        baylink_net::proto::Layout::new(CHUNK, sizes[..1].to_vec(), &Limits::default()).unwrap();
+    let s = super::staging::announce(&gw, 1, id, first.clone())
+        .await
+        .unwrap();
+    stage_chunk(&gw, &s, &o, 0, None).await;
+    stage_chunk(&gw, &s, &o, 3, None).await;
+    // Chunk 4 is the second file's: not announced yet, so not taken.
+    let later = baylink_net::proto::ChunkHeader {
+        transfer_id: id,
+        index: 4,
+        len: 10,
+    };
+    assert!(s.begin(&later).is_err());
+    // The offer's manifest has one file more than was announced: the announced file leads
+    // it, so its staged chunks count.
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let (_, have) = accept_staged(&gw, 1, "edge", &o, &sig, Some(s))
+        .await
+        .unwrap();
+    assert_eq!(have.iter().collect::<Vec<_>>(), vec![0, 3]);
+    let d = f.transfer_dir(&id);
+    assert!(
+        d.part_file("b.bin").exists(),
+        "the unannounced file gets its own .part"
+    );
+
+    // Grown to both files, the second file's chunk is taken too.
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let s = super::staging::announce(&gw, 1, id, first).await.unwrap();
+    let both = baylink_net::proto::Layout::of(&o.manifest);
+    assert!(super::staging::extend(&gw, &s, both).await);
+    stage_chunk(&gw, &s, &o, 4, None).await;
+    stage_chunk(&gw, &s, &o, 1, None).await;
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let (_, have) = accept_staged(&gw, 1, "edge", &o, &sig, Some(s.clone()))
+        .await
+        .unwrap();
+    assert_eq!(have.iter().collect::<Vec<_>>(), vec![1, 4]);
+    let b = std::fs::read(f.transfer_dir(&id).part_file("b.bin")).unwrap();
+    assert_eq!(&b[..10], &o.payload[1][..]);
+    // Closed by the offer: it grows no more.
+    let more = baylink_net::proto::Layout::new(CHUNK, vec![1, 1, 1], &Limits::default()).unwrap();
+    assert!(!super::staging::extend(&gw, &s, more).await);
+}
+
+#[tokio::test]
+async fn an_announcement_that_leads_the_offer_with_other_files_is_thrown_away() {
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    // The second file's size announced as the first: the manifest does not begin with it.
+    let layout =
+        baylink_net::proto::Layout::new(CHUNK, vec![o.manifest.files[1].size], &Limits::default())
+            .unwrap();
+    let s = super::staging::announce(&gw, 1, o.manifest.transfer_id, layout)
+        .await
+        .unwrap();
+    let sig = signed(&f.edge, MANIFEST_CONTEXT, &o).await;
+    let (_, have) = accept_staged(&gw, 1, "edge", &o, &sig, Some(s))
+        .await
+        .unwrap();
+    assert_eq!(have.count(), 0);
+    assert_eq!(staged_dirs(&f), 0);
+}

@@ -1,9 +1,11 @@
 //! Chunks streamed before their transfer's offer: an edge that is still sealing announces
-//! the transfer (`Announce`: its id and layout) and streams chunks as it hashes them; they
-//! are held aside here until the signed `Offer` says what they must be.
+//! the transfer (`Announce`: its id and layout) and streams chunks as it hashes them; an
+//! edge whose hospital is still uploading announces each file as it is stored, and streams
+//! it. They are held aside here until the signed `Offer` says what they must be.
 //!
-//! Owns `spool/.staging/<id>.<seq>/<n>` (file number `n` of the layout; `seq` numbers the
-//! announcements this process took) and the registry of announced transfers. Nothing here counts as received: at the offer
+//! Owns `spool/.staging/<id>.<seq>/<n>` (file number `n` of the layout, created when the
+//! file is announced; `seq` numbers the announcements this process took) and the registry
+//! of announced transfers. Nothing here counts as received: at the offer
 //! ([`super::offer::accept_offer`]) the files are moved into the transfer's `data/` as its
 //! `.part` files and only chunks whose SHA-256 equals the manifest's digest join the set the
 //! `Have` frame reports; they are made durable by the next checkpoint like any other chunk.
@@ -16,7 +18,7 @@
 //! removes whatever an earlier process left in `.staging/`. It must not verify anything
 //! against a manifest itself, nor answer the edge.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,9 +42,9 @@ const MAX_PER_CONNECTION: usize = 1;
 /// connections.
 const MAX_ANNOUNCED: usize = 16;
 
-/// Most files of one announced transfer that are staged (one open file each): a transfer of
-/// more files is not taken (its chunks are sent after the offer), so the announcements
-/// together never hold more than `MAX_ANNOUNCED × MAX_FILES` files open.
+/// Most files of one announced transfer that are staged (one open file each): files
+/// announced beyond them are not taken (their chunks are sent after the offer), so the
+/// announcements together never hold more than `MAX_ANNOUNCED × MAX_FILES` files open.
 const MAX_FILES: usize = 1024;
 
 /// Numbers the staging directories, so that two announcements of one id never share one.
@@ -53,14 +55,12 @@ static STAGING_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 pub(super) struct Staged {
     /// The transfer the edge announced.
     id: TransferId,
-    /// Where its chunks go.
-    layout: Layout,
     /// The connection that announced it: only its chunk streams feed it.
     conn_id: usize,
-    /// `spool/.staging/<id>/`.
+    /// `spool/.staging/<id>.<seq>/`.
     dir: PathBuf,
-    /// File number `n` of the layout, as `dir/<n>`.
-    files: Vec<Arc<SpoolFile>>,
+    /// Whether the files are written straight to the device (O_DIRECT).
+    direct: bool,
     state: Mutex<State>,
     /// Signalled whenever a chunk stops arriving.
     settled: Notify,
@@ -68,8 +68,12 @@ pub(super) struct Staged {
 
 #[derive(Debug)]
 struct State {
+    /// Where its chunks go: the files announced so far.
+    layout: Layout,
+    /// File number `n` of the layout, as `dir/<n>`.
+    files: Vec<Arc<SpoolFile>>,
     /// Chunks whose stream is being read.
-    arriving: ChunkSet,
+    arriving: HashSet<u32>,
     /// Chunks wholly written here, with the SHA-256 of their bytes.
     got: HashMap<u32, Digest>,
     /// Taken by an offer or discarded: no chunk is started any more.
@@ -90,6 +94,24 @@ impl Staged {
         self.state.lock().expect("staging lock poisoned").closed
     }
 
+    /// Files announced and staged.
+    fn file_count(&self) -> usize {
+        self.state
+            .lock()
+            .expect("staging lock poisoned")
+            .layout
+            .file_count()
+    }
+
+    /// Bytes of the files announced and staged.
+    fn total_bytes(&self) -> u64 {
+        self.state
+            .lock()
+            .expect("staging lock poisoned")
+            .layout
+            .total_bytes()
+    }
+
     /// Whether the staged chunks were thrown away: a chunk still arriving stops.
     pub(super) fn discarded(&self) -> bool {
         self.state.lock().expect("staging lock poisoned").discarded
@@ -102,7 +124,8 @@ impl Staged {
         &self,
         header: &ChunkHeader,
     ) -> Result<(ChunkLocation, Arc<SpoolFile>), String> {
-        let Some(loc) = self.layout.chunk(header.index) else {
+        let mut state = self.state.lock().expect("staging lock poisoned");
+        let Some(loc) = state.layout.chunk(header.index) else {
             return Err(format!(
                 "chunk {} is not in the announced layout",
                 header.index
@@ -114,14 +137,13 @@ impl Staged {
                 header.index, loc.len, header.len
             ));
         }
-        let mut state = self.state.lock().expect("staging lock poisoned");
         if state.closed {
             return Err("the announcement is closed".into());
         }
         if state.got.contains_key(&header.index) || !state.arriving.insert(header.index) {
             return Err(format!("chunk {} is already staged", header.index));
         }
-        Ok((loc, self.files[loc.file].clone()))
+        Ok((loc, state.files[loc.file].clone()))
     }
 
     /// The stream of chunk `index` ended: with the digest of its bytes once all of them were
@@ -129,7 +151,7 @@ impl Staged {
     /// before the offer closed the announcement still counts; one thrown away does not.
     pub(super) fn end(&self, index: u32, digest: Option<Digest>) {
         let mut state = self.state.lock().expect("staging lock poisoned");
-        state.arriving.remove(index);
+        state.arriving.remove(&index);
         if let Some(d) = digest
             && !state.discarded
         {
@@ -148,7 +170,7 @@ impl Staged {
             {
                 let mut state = self.state.lock().expect("staging lock poisoned");
                 state.closed = true;
-                if state.arriving.count() == 0 {
+                if state.arriving.is_empty() {
                     return;
                 }
             }
@@ -194,30 +216,20 @@ pub(super) async fn announce(
         debug!(transfer = %id, "announcement not taken: draining, or a transfer already here");
         return None;
     }
-    let (staged_bytes, announced) = {
+    let announced = {
         let staged = gw.staged.lock().expect("registry lock poisoned");
         let of_this_connection = staged.values().filter(|s| s.conn_id == conn_id).count();
         if staged.contains_key(&id) || of_this_connection >= MAX_PER_CONNECTION {
             debug!(transfer = %id, "announcement not taken: already announced, or too many");
             return None;
         }
-        let bytes = staged
-            .values()
-            .fold(0u64, |sum, s| sum.saturating_add(s.layout.total_bytes()));
-        (bytes, staged.len())
+        staged.len()
     };
-    // Nothing signed stands behind staged bytes yet: all the announcements together may use
-    // at most half of the spool's free space, so they can never fill it for signed
-    // transfers.
-    let free = crate::retention::spool_space(&gw.spool_dir).map_or(0, |(_, free)| free);
-    if layout.file_sizes().len() > MAX_FILES || announced >= MAX_ANNOUNCED {
-        debug!(transfer = %id, files = layout.file_sizes().len(), announced,
-               "announcement not taken: too many files, or too many announcements open");
+    if announced >= MAX_ANNOUNCED {
+        debug!(transfer = %id, announced, "announcement not taken: too many announcements open");
         return None;
     }
-    if staged_bytes.saturating_add(layout.total_bytes()) > free / 2 {
-        info!(transfer = %id, bytes = layout.total_bytes(), staged_bytes, free,
-              "announcement not taken: staging it would take over half the spool's free space");
+    if !within_limits(gw, None, &id, &layout) {
         return None;
     }
     let seq = STAGING_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -232,8 +244,114 @@ pub(super) async fn announce(
     }
     let direct = (layout.chunk_size() as usize).is_multiple_of(DIRECT_ALIGN)
         && gw.spool.buffers_allow_direct();
-    let mut files = Vec::with_capacity(layout.file_sizes().len());
-    for n in 0..layout.file_sizes().len() {
+    let Some(files) = create_files(gw, &id, &dir, direct, 0..layout.file_count()).await else {
+        remove_dir(dir).await;
+        return None;
+    };
+    let staged = Arc::new(Staged {
+        id,
+        conn_id,
+        dir,
+        direct,
+        state: Mutex::new(State {
+            layout,
+            files,
+            arriving: HashSet::new(),
+            got: HashMap::new(),
+            closed: false,
+            discarded: false,
+        }),
+        settled: Notify::new(),
+    });
+    let mut registry = gw.staged.lock().expect("registry lock poisoned");
+    if registry.contains_key(&id) {
+        return None;
+    }
+    registry.insert(id, staged.clone());
+    drop(registry);
+    info!(transfer = %id, files = staged.file_count(), "announced: staging chunks until the offer");
+    Some(staged)
+}
+
+/// Takes more files of an announcement: `layout` is every file announced so far, the
+/// staged ones first. Creates the new files' staging files. `false` (logged) where it does
+/// not take them: the announcement is closed, or would be over [`MAX_FILES`] or take, with
+/// the others, over half the spool's free space, or a file cannot be created. Chunks of the
+/// files it did not take are refused, and the edge sends them after the offer; what was
+/// staged before stays.
+pub(super) async fn extend(gw: &Arc<Gateway>, staged: &Arc<Staged>, layout: Layout) -> bool {
+    let had = {
+        let state = staged.state.lock().expect("staging lock poisoned");
+        if state.closed || layout.file_count() < state.layout.file_count() {
+            return false;
+        }
+        state.layout.file_count()
+    };
+    if !within_limits(gw, Some(staged), &staged.id, &layout) {
+        return false;
+    }
+    let Some(mut more) = create_files(
+        gw,
+        &staged.id,
+        &staged.dir,
+        staged.direct,
+        had..layout.file_count(),
+    )
+    .await
+    else {
+        return false;
+    };
+    let mut state = staged.state.lock().expect("staging lock poisoned");
+    if state.closed {
+        return false;
+    }
+    state.files.append(&mut more);
+    state.layout = layout;
+    debug!(transfer = %staged.id, files = state.layout.file_count(), "announcement grown");
+    true
+}
+
+/// Whether `layout` for transfer `id` stays within [`MAX_FILES`] and, with the other
+/// announcements (all but `this`), within half the spool's free space. Logs why not.
+fn within_limits(
+    gw: &Gateway,
+    this: Option<&Arc<Staged>>,
+    id: &TransferId,
+    layout: &Layout,
+) -> bool {
+    if layout.file_count() > MAX_FILES {
+        debug!(transfer = %id, files = layout.file_count(), "announcement not taken: too many files");
+        return false;
+    }
+    let others = gw
+        .staged
+        .lock()
+        .expect("registry lock poisoned")
+        .values()
+        .filter(|s| this.is_none_or(|t| !Arc::ptr_eq(s, t)))
+        .fold(0u64, |sum, s| sum.saturating_add(s.total_bytes()));
+    // Nothing signed stands behind staged bytes yet: all the announcements together may use
+    // at most half of the spool's free space, so they can never fill it for signed
+    // transfers.
+    let free = crate::retention::spool_space(&gw.spool_dir).map_or(0, |(_, free)| free);
+    if others.saturating_add(layout.total_bytes()) > free / 2 {
+        info!(transfer = %id, bytes = layout.total_bytes(), staged_bytes = others, free,
+              "announcement not taken: staging it would take over half the spool's free space");
+        return false;
+    }
+    true
+}
+
+/// Creates staging files `numbers` in `dir`; `None` (logged) if one cannot be.
+async fn create_files(
+    gw: &Gateway,
+    id: &TransferId,
+    dir: &std::path::Path,
+    direct: bool,
+    numbers: std::ops::Range<usize>,
+) -> Option<Vec<Arc<SpoolFile>>> {
+    let mut files = Vec::with_capacity(numbers.len());
+    for n in numbers {
         let path = dir.join(n.to_string());
         let opened = if direct {
             gw.spool.open_rw_direct(&path).await
@@ -244,33 +362,11 @@ pub(super) async fn announce(
             Ok(f) => files.push(Arc::new(f)),
             Err(e) => {
                 warn!(transfer = %id, error = %e, cause = %e.source, "cannot create a staging file");
-                remove_dir(dir).await;
                 return None;
             }
         }
     }
-    let staged = Arc::new(Staged {
-        id,
-        conn_id,
-        dir,
-        files,
-        state: Mutex::new(State {
-            arriving: ChunkSet::new(layout.chunk_count()),
-            got: HashMap::new(),
-            closed: false,
-            discarded: false,
-        }),
-        layout,
-        settled: Notify::new(),
-    });
-    let mut registry = gw.staged.lock().expect("registry lock poisoned");
-    if registry.contains_key(&id) {
-        return None;
-    }
-    registry.insert(id, staged.clone());
-    drop(registry);
-    info!(transfer = %id, chunks = staged.layout.chunk_count(), "announced: staging chunks until the offer");
-    Some(staged)
+    Some(files)
 }
 
 /// What an accepted offer takes from its announcement.
@@ -283,10 +379,11 @@ pub(super) struct Adopted {
     pub bytes: u64,
 }
 
-/// At the offer of `dir`'s transfer: moves the staged files into `data/` as its `.part`
-/// files and returns the staged chunks that match the manifest; `None` (everything staged
-/// thrown away) where the offer is not the one announced (another id or layout) or the
-/// transfer already has chunks of its own (`have`), a `.part` or a final file.
+/// At the offer of `dir`'s transfer: moves the staged files into `data/` as the `.part`
+/// files of the manifest's first files and returns the staged chunks that match the
+/// manifest; `None` (everything staged thrown away) where the offer is not the one
+/// announced (another id, or a manifest that does not begin with the announced files) or
+/// the transfer already has chunks of its own (`have`), a `.part` or a final file.
 pub(super) async fn adopt(
     gw: &Gateway,
     staged: &Arc<Staged>,
@@ -300,8 +397,14 @@ pub(super) async fn adopt(
         .files
         .iter()
         .all(|f| !dir.part_file(&f.name).exists() && !dir.data_file(&f.name).exists());
+    let layout = staged
+        .state
+        .lock()
+        .expect("staging lock poisoned")
+        .layout
+        .clone();
     if staged.id != manifest.transfer_id
-        || !staged.layout.matches(manifest)
+        || !layout.is_prefix_of(manifest)
         || have.count() > 0
         || dir.has_receipt()
         || !fresh
@@ -314,7 +417,7 @@ pub(super) async fn adopt(
         let state = staged.state.lock().expect("staging lock poisoned");
         // A stream that neither finished nor stalled within the limit: its writes may still
         // land, so nothing staged is trusted.
-        (state.arriving.count() == 0).then(|| {
+        state.arriving.is_empty().then(|| {
             let mut good: Vec<u32> = state
                 .got
                 .iter()
@@ -340,6 +443,7 @@ pub(super) async fn adopt(
     let moves: Vec<(PathBuf, PathBuf)> = manifest
         .files
         .iter()
+        .take(layout.file_count())
         .enumerate()
         .map(|(n, f)| (staged.dir.join(n.to_string()), dir.part_file(&f.name)))
         .collect();

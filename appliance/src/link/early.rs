@@ -1,4 +1,4 @@
-//! Edge side: streaming a transfer's chunks to the gateway while it is still being sealed.
+//! Edge side: streaming a transfer's chunks to the gateway before its manifest is signed.
 //!
 //! A new transfer's seal reads, hashes and copies every byte before the HSM signs the
 //! manifest, and only a signed manifest can be offered. Rather than leave the link idle
@@ -9,6 +9,13 @@
 //! same control stream carries the signed `Offer`; the gateway's `Have` then lists the
 //! streamed chunks whose digests match the manifest, and only the rest is sent, from the
 //! spool, as for any transfer ([`super::send`]).
+//!
+//! A transfer of the hospital doors streams the same way while its files are still
+//! arriving: each file, once stored (durable, acknowledged to the hospital, and past the
+//! transfer's DICOM gate), is announced after the ones before it ([`Announcer::announce_more`])
+//! and its chunks are read back from the spool and streamed
+//! ([`Announcer::stream_stored`]); the transfer's manifest lists its files in that order
+//! (`crate::ingest`'s `stream`).
 //!
 //! Streaming is an optimisation and never a condition: a chunk that finds the link slower
 //! than the seal (more than [`MAX_STREAMING_BYTES`] unacknowledged), a connection that is
@@ -21,8 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use baylink_net::proto::{ChunkHeader, Frame, Layout, Limits, TransferId};
+use baylink_net::spool::{DIRECT_ALIGN, Spool, SpoolFile};
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::debug;
 
 use super::{FrameWriter, LinkError, spawn_frame_reader};
@@ -46,17 +54,21 @@ pub struct EarlyLink {
     pub streamed: Vec<u32>,
 }
 
-/// Announces one transfer and streams its chunks as the seal reads them.
+/// Announces one transfer and streams its chunks: as the seal reads them
+/// ([`ChunkTap`]), or from the spool as its files are stored ([`Announcer::stream_stored`]).
 #[derive(Debug)]
 pub struct Announcer {
     id: TransferId,
-    layout: Layout,
+    /// The files announced so far (and those about to be, before [`Announcer::connect`]).
+    layout: Mutex<Layout>,
     /// The connection, once dialled and announced.
     link: Mutex<Option<Announced>>,
     /// Set when streaming stops: sealing is done, or the link failed.
     stopped: AtomicBool,
     /// Bytes of chunks being streamed and not yet acknowledged.
     in_flight: Arc<AtomicU64>,
+    /// Signalled when chunk bytes leave `in_flight`, and when streaming stops.
+    room: Arc<Notify>,
     /// The chunk each file is streaming now, if it is being streamed.
     current: Mutex<HashMap<usize, Current>>,
     /// The chunk streams' tasks.
@@ -86,10 +98,11 @@ impl Announcer {
     pub fn new(id: TransferId, layout: Layout, stats: Arc<super::send::SendStats>) -> Self {
         Announcer {
             id,
-            layout,
+            layout: Mutex::new(layout),
             link: Mutex::new(None),
             stopped: AtomicBool::new(false),
             in_flight: Arc::new(AtomicU64::new(0)),
+            room: Arc::new(Notify::new()),
             current: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             wire_bytes: stats,
@@ -107,19 +120,44 @@ impl Announcer {
                 appliance_id: our_id.to_owned(),
             })
             .await?;
-        writer
+        let layout = self.layout.lock().expect("announcer lock poisoned").clone();
+        let frames = spawn_frame_reader(recv, Limits::default());
+        let mut link = Announced {
+            conn,
+            writer,
+            frames,
+        };
+        let taken = self.announce(&mut link, 0, layout.file_sizes()).await?;
+        if !taken {
+            self.stop();
+        }
+        *self.link.lock().expect("announcer lock poisoned") = Some(link);
+        Ok(())
+    }
+
+    /// Announces `sizes`, files after the `first_file` announced before, and waits for the
+    /// gateway's answer: whether it takes their chunks. Nothing of them is streamed before
+    /// the gateway has its staging ready, or at all if it does not take them (the
+    /// connection still carries the offer).
+    async fn announce(
+        &self,
+        link: &mut Announced,
+        first_file: usize,
+        sizes: &[u64],
+    ) -> Result<bool, LinkError> {
+        link.writer
             .send(&Frame::Announce {
                 transfer_id: self.id,
-                layout: self.layout.clone(),
+                chunk_size: self.chunk_size(),
+                first_file: u32::try_from(first_file).unwrap_or(u32::MAX),
+                file_sizes: sizes.to_vec(),
             })
             .await?;
-        let mut frames = spawn_frame_reader(recv, Limits::default());
-        // Nothing is streamed before the gateway has its staging ready, or at all if it does
-        // not take the announcement (the connection still carries the offer).
-        let taken = match frames.recv().await {
+        let taken = match link.frames.recv().await {
             Some(Ok(Frame::Announced { transfer_id, taken })) if transfer_id == self.id => taken,
             Some(Ok(other)) => {
-                conn.close(super::CLOSE_PROTOCOL.into(), b"announcement refused");
+                link.conn
+                    .close(super::CLOSE_PROTOCOL.into(), b"announcement refused");
                 return Err(LinkError::Lost(format!(
                     "the gateway answered the announcement with {}",
                     other.kind()
@@ -129,15 +167,160 @@ impl Announcer {
             None => return Err(LinkError::Lost("control stream reader ended".into())),
         };
         if !taken {
-            debug!(transfer = %self.id, "the gateway does not take chunks before the offer");
-            self.stopped.store(true, Ordering::SeqCst);
+            debug!(transfer = %self.id, first_file, "the gateway does not take these chunks before the offer");
         }
-        *self.link.lock().expect("announcer lock poisoned") = Some(Announced {
-            conn,
-            writer,
-            frames,
-        });
-        Ok(())
+        Ok(taken)
+    }
+
+    /// Announces `sizes` more files after those announced, on the connection
+    /// [`Announcer::connect`] announced the first ones on, and waits for the answer. `false`
+    /// when they are not streamed: streaming has stopped, or the gateway does not take them
+    /// (streaming then stops; what was streamed stays). An error leaves the connection to
+    /// the offer no more: it goes on a new one.
+    pub async fn announce_more(&self, sizes: &[u64]) -> Result<bool, LinkError> {
+        if self.stopped.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let Some(mut link) = self.link.lock().expect("announcer lock poisoned").take() else {
+            return Ok(false);
+        };
+        let (first_file, grown) = {
+            let layout = self.layout.lock().expect("announcer lock poisoned");
+            (
+                layout.file_count(),
+                layout.extended(sizes, &Limits::default()),
+            )
+        };
+        let Ok(grown) = grown else {
+            // Over the protocol's limits: the gateway would not take it either.
+            self.stop();
+            *self.link.lock().expect("announcer lock poisoned") = Some(link);
+            return Ok(false);
+        };
+        let taken = self.announce(&mut link, first_file, sizes).await?;
+        if taken {
+            *self.layout.lock().expect("announcer lock poisoned") = grown;
+        } else {
+            self.stop();
+        }
+        *self.link.lock().expect("announcer lock poisoned") = Some(link);
+        Ok(taken)
+    }
+
+    /// The files announced (or to be announced first).
+    pub fn file_count(&self) -> usize {
+        self.layout
+            .lock()
+            .expect("announcer lock poisoned")
+            .file_count()
+    }
+
+    fn chunk_size(&self) -> u32 {
+        self.layout
+            .lock()
+            .expect("announcer lock poisoned")
+            .chunk_size()
+    }
+
+    /// Stops streaming: no chunk starts any more (those under way go on until
+    /// [`Announcer::finish`]).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.room.notify_waiters();
+    }
+
+    /// Streams the chunks of announced file number `file` from `path` in the spool (the
+    /// stored file, which nothing changes any more), each as soon as the unacknowledged
+    /// bytes leave room for it. Returns when every chunk has started, or streaming stopped,
+    /// or the file cannot be read (logged; its chunks are sent after the offer).
+    pub async fn stream_stored(&self, spool: &Spool, file: usize, path: &std::path::Path) {
+        let (chunks, chunk_size) = {
+            let layout = self.layout.lock().expect("announcer lock poisoned");
+            let Some(first) = layout.first_chunk(file) else {
+                return;
+            };
+            let end = layout.first_chunk(file + 1).unwrap_or(layout.chunk_count());
+            (first..end, layout.chunk_size())
+        };
+        let opened =
+            if spool.buffers_allow_direct() && (chunk_size as usize).is_multiple_of(DIRECT_ALIGN) {
+                spool.open_direct(path).await
+            } else {
+                spool.open(path).await
+            };
+        let stored = match opened {
+            Ok(f) => Arc::new(f),
+            Err(e) => {
+                debug!(transfer = %self.id, error = %e, "cannot read a stored file to stream it");
+                return;
+            }
+        };
+        for index in chunks {
+            let Some(loc) = self
+                .layout
+                .lock()
+                .expect("announcer lock poisoned")
+                .chunk(index)
+            else {
+                return;
+            };
+            let Some(reserved) = self.reserve(u64::from(loc.len)).await else {
+                return;
+            };
+            let Some(conn) = self.conn() else {
+                return;
+            };
+            let header = ChunkHeader {
+                transfer_id: self.id,
+                index,
+                len: loc.len,
+            };
+            let (spool, stored, stats) = (spool.clone(), stored.clone(), self.wire_bytes.clone());
+            let task = tokio::spawn(async move {
+                let _release = reserved;
+                match stream_stored_chunk(&conn, &spool, &stored, header, loc.offset, &stats).await
+                {
+                    Ok(()) => Some(index),
+                    Err(e) => {
+                        debug!(chunk = index, error = %e, "chunk not streamed; it is sent after the offer");
+                        None
+                    }
+                }
+            });
+            self.tasks
+                .lock()
+                .expect("announcer lock poisoned")
+                .push(task);
+        }
+    }
+
+    /// Waits until `len` more bytes fit the unacknowledged budget and reserves them; `None`
+    /// once streaming stops.
+    async fn reserve(&self, len: u64) -> Option<ReleaseOnDrop> {
+        loop {
+            let room = self.room.notified();
+            if self.stopped.load(Ordering::SeqCst) {
+                return None;
+            }
+            if let Some(r) = self.try_reserve(len) {
+                return Some(r);
+            }
+            room.await;
+        }
+    }
+
+    /// Reserves `len` bytes of the unacknowledged budget if they fit.
+    fn try_reserve(&self, len: u64) -> Option<ReleaseOnDrop> {
+        self.in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n + len <= MAX_STREAMING_BYTES).then_some(n + len)
+            })
+            .ok()?;
+        Some(ReleaseOnDrop {
+            counter: self.in_flight.clone(),
+            room: self.room.clone(),
+            bytes: len,
+        })
     }
 
     /// Ends streaming: no chunk starts any more; waits until every chunk stream has been
@@ -146,7 +329,7 @@ impl Announcer {
     /// the connection closed, or the gateway already answered the announcement (an error:
     /// a gateway that does not know `Announce`), so the offer goes on a fresh connection.
     pub async fn finish(&self) -> Option<EarlyLink> {
-        self.stopped.store(true, Ordering::SeqCst);
+        self.stop();
         // Chunks cut short by the end of streaming are reset by their tasks.
         self.current
             .lock()
@@ -196,13 +379,7 @@ impl Announcer {
     /// Starts streaming chunk `index` of `len` bytes, if the link is up and has room.
     fn start_chunk(&self, index: u32, len: u32) -> Option<mpsc::UnboundedSender<Bytes>> {
         let conn = self.conn()?;
-        let len64 = u64::from(len);
-        let reserved = self
-            .in_flight
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n + len64 <= MAX_STREAMING_BYTES).then_some(n + len64)
-            });
-        reserved.ok()?;
+        let release = self.try_reserve(u64::from(len))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let header = ChunkHeader {
             transfer_id: self.id,
@@ -210,10 +387,6 @@ impl Announcer {
             len,
         };
         let stats = self.wire_bytes.clone();
-        let release = ReleaseOnDrop {
-            counter: self.in_flight.clone(),
-            bytes: len64,
-        };
         let task = tokio::spawn(async move {
             let _release = release;
             match stream_chunk(&conn, header, rx, &stats).await {
@@ -233,21 +406,26 @@ impl Announcer {
 }
 
 /// Gives a streamed chunk's bytes back to the budget when its task ends.
+#[derive(Debug)]
 struct ReleaseOnDrop {
     counter: Arc<AtomicU64>,
+    room: Arc<Notify>,
     bytes: u64,
 }
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         self.counter.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.room.notify_waiters();
     }
 }
 
 impl ChunkTap for Announcer {
     fn read(&self, file: usize, offset: u64, data: &[u8]) {
-        let chunk_size = u64::from(self.layout.chunk_size());
-        let Some(first) = self.layout.first_chunk(file) else {
+        // The seal's layout is whole from the start: a copy to read it without a lock.
+        let layout = self.layout.lock().expect("announcer lock poisoned").clone();
+        let chunk_size = u64::from(layout.chunk_size());
+        let Some(first) = layout.first_chunk(file) else {
             return;
         };
         let mut current = self.current.lock().expect("announcer lock poisoned");
@@ -265,7 +443,7 @@ impl ChunkTap for Announcer {
                 // A chunk starts: stream it if the link can take it.
                 current.remove(&file);
                 if let Some(index) = index
-                    && let Some(loc) = self.layout.chunk(index).filter(|l| l.file == file)
+                    && let Some(loc) = layout.chunk(index).filter(|l| l.file == file)
                     && let Some(tx) = self.start_chunk(index, loc.len)
                 {
                     current.insert(
@@ -325,6 +503,39 @@ async fn stream_chunk(
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         stream.write_chunk(bytes).await?;
     }
+    stream.finish()?;
+    match stream.stopped().await {
+        Ok(None) => Ok(()),
+        Ok(Some(code)) => Err(LinkError::Lost(format!(
+            "the gateway stopped the stream (code {code})"
+        ))),
+        Err(e) => Err(LinkError::Lost(e.to_string())),
+    }
+}
+
+/// Streams one chunk of a stored file: its header, then its bytes read from the spool.
+/// Returns once the gateway's transport has acknowledged the whole stream.
+async fn stream_stored_chunk(
+    conn: &quinn::Connection,
+    spool: &Spool,
+    file: &SpoolFile,
+    header: ChunkHeader,
+    offset: u64,
+    stats: &super::send::SendStats,
+) -> Result<(), LinkError> {
+    let mut stream = conn.open_uni().await?;
+    stream.write_all(&header.encode()).await?;
+    super::send::write_from_spool(
+        conn,
+        &mut stream,
+        spool,
+        file,
+        offset,
+        header.len,
+        &stats.wire_bytes,
+    )
+    .await
+    .map_err(|e| LinkError::Lost(e.to_string()))?;
     stream.finish()?;
     match stream.stopped().await {
         Ok(None) => Ok(()),

@@ -326,10 +326,21 @@ fn refusal(e: ProtoError) -> SendError {
     }
 }
 
-enum ChunkError {
+/// Why a chunk stream ended early.
+#[derive(Debug)]
+pub(super) enum ChunkError {
     /// The gateway stopped the stream, with this application code.
     Stopped(u32),
     Failed(SendError),
+}
+
+impl std::fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkError::Stopped(code) => write!(f, "the gateway stopped the stream (code {code})"),
+            ChunkError::Failed(e) => e.fmt(f),
+        }
+    }
 }
 
 impl From<SendError> for ChunkError {
@@ -375,8 +386,42 @@ async fn send_chunk(
         .await
         .map_err(|e| SendError::Link(e.into()))?;
     stream.write_all(&header.encode()).await?;
-    let mut offset = loc.offset;
-    let end = loc.offset + u64::from(loc.len);
+    write_from_spool(
+        conn,
+        &mut stream,
+        spool,
+        file,
+        loc.offset,
+        loc.len,
+        wire_bytes,
+    )
+    .await
+    .map_err(|e| match e {
+        ChunkError::Failed(SendError::Spool(text)) => {
+            ChunkError::Failed(SendError::Spool(format!("chunk {index}: {text}")))
+        }
+        other => other,
+    })?;
+    stream
+        .finish()
+        .map_err(|e| SendError::Link(LinkError::from(e)))?;
+    Ok(())
+}
+
+/// Writes `len` bytes of `file` from `offset` on to `stream`, a buffer read from the spool
+/// at a time, counting them in `wire_bytes`. Waiting for a buffer gives up when `conn`
+/// closes.
+pub(super) async fn write_from_spool(
+    conn: &quinn::Connection,
+    stream: &mut quinn::SendStream,
+    spool: &Spool,
+    file: &SpoolFile,
+    offset: u64,
+    len: u32,
+    wire_bytes: &AtomicU64,
+) -> Result<(), ChunkError> {
+    let mut offset = offset;
+    let end = offset + u64::from(len);
     while offset < end {
         // Waiting for a buffer must not keep a dead connection alive: give up when it closes.
         let buf = tokio::select! {
@@ -388,10 +433,10 @@ async fn send_chunk(
         let buf = spool
             .read_at(file, offset, buf, want)
             .await
-            .map_err(|e| SendError::Spool(format!("cannot read chunk {index}: {e}")))?;
+            .map_err(|e| SendError::Spool(format!("cannot read {}: {e}", file.path().display())))?;
         if buf.len() != want {
             return Err(SendError::Spool(format!(
-                "{} is shorter than its manifest says (chunk {index})",
+                "{} is shorter than its manifest says",
                 file.path().display()
             ))
             .into());
@@ -403,9 +448,6 @@ async fn send_chunk(
         wire_bytes.fetch_add(want as u64, Ordering::Relaxed);
         offset += want as u64;
     }
-    stream
-        .finish()
-        .map_err(|e| SendError::Link(LinkError::from(e)))?;
     Ok(())
 }
 

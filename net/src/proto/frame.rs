@@ -18,7 +18,8 @@
 //! 0x0A Notices   u8 version
 //! 0x0B Notice    u32 len, delivery notice | u16 len, signature
 //! 0x0C NoticeAck 16 transfer id
-//! 0x0D Announce  16 transfer id | u32 chunk size | u32 count, count × u64 file sizes
+//! 0x0D Announce  16 transfer id | u32 chunk size | u32 first file
+//!                | u32 count, count × u64 file sizes
 //! 0x0E Announced 16 transfer id | u8 taken (0 or 1)
 //! ```
 //!
@@ -32,11 +33,14 @@
 //! each notice it has stored (or already had) with `NoticeAck`, after which the gateway
 //! forgets it.
 //!
-//! `Announce` may come before the `Offer` of a transfer that is still being sealed: it gives
-//! the transfer id and the [`Layout`] (chunk size, file sizes) so that the sender can stream
-//! chunks while it hashes them. The receiver answers `Announced`, saying whether it takes
-//! such chunks; the sender streams none before that answer. What such chunks must hold
-//! only the signed `Offer` says.
+//! `Announce` may come before the `Offer` of a transfer whose manifest is not signed yet: it
+//! gives the transfer id and the [`Layout`](super::Layout) (chunk size, file sizes) so that the sender can
+//! stream chunks while it is still sealing, or while the transfer's files are still
+//! arriving. The first names file 0 onwards; each later one adds files after the last
+//! announced (`first file` is the number announced so far), so the layout only grows at its
+//! end. The receiver answers each with `Announced`, saying whether it takes chunks of those
+//! files; the sender streams none of them before that answer, and announces nothing more
+//! after a refusal. What such chunks must hold only the signed `Offer` says.
 //!
 //! Texts are UTF-8 of at most [`Limits::max_text_len`] bytes. A payload must
 //! be consumed exactly. An unknown type, an over-long length, or a malformed
@@ -46,7 +50,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::wire::{Reader, put_bytes16, put_bytes32, put_str16};
-use super::{ChunkSet, ErrorCode, Layout, Limits, ProtoError, TransferId};
+use super::{ChunkSet, ErrorCode, Limits, ProtoError, TransferId};
 
 /// Bytes before a frame's payload: the type byte and the `u32` length.
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -162,8 +166,12 @@ pub enum Frame {
     Announce {
         /// The transfer the `Offer` will name.
         transfer_id: TransferId,
-        /// Chunk size and file sizes.
-        layout: Layout,
+        /// The chunk size, the same in every announcement of the transfer.
+        chunk_size: u32,
+        /// The number of files announced before: 0 for the first announcement.
+        first_file: u32,
+        /// The sizes of the files announced here, in manifest order.
+        file_sizes: Vec<u64>,
     },
     /// Receiver → sender: the answer to `Announce`. With `taken`, chunk streams of the
     /// transfer are held until the offer; without, the sender sends none before it.
@@ -305,13 +313,15 @@ pub fn encode(frame: &Frame, buf: &mut BytesMut) {
         Frame::NoticeAck { transfer_id } => buf.put_slice(&transfer_id.0),
         Frame::Announce {
             transfer_id,
-            layout,
+            chunk_size,
+            first_file,
+            file_sizes,
         } => {
             buf.put_slice(&transfer_id.0);
-            buf.put_u32(layout.chunk_size());
-            let sizes = layout.file_sizes();
-            buf.put_u32(u32::try_from(sizes.len()).unwrap_or(u32::MAX));
-            for &size in sizes {
+            buf.put_u32(*chunk_size);
+            buf.put_u32(*first_file);
+            buf.put_u32(u32::try_from(file_sizes.len()).unwrap_or(u32::MAX));
+            for &size in file_sizes {
                 buf.put_u64(size);
             }
         }
@@ -493,22 +503,21 @@ fn decode_payload(kind: u8, payload: Bytes, limits: &Limits) -> Result<Frame, Pr
         ANNOUNCE => {
             let transfer_id = TransferId(r.array()?);
             let chunk_size = r.u32()?;
+            let first_file = r.u32()?;
             let count = r.u32()?;
-            if count > limits.max_files {
-                return Err(ProtoError::TooManyFiles {
-                    count: count.into(),
-                    max: limits.max_files,
-                });
-            }
+            // Bounded by the frame's length; what the limits allow, the receiver decides
+            // (and answers: an announcement over them is not taken, not a broken stream).
             if count as usize > r.remaining() / 8 {
                 return Err(ProtoError::Truncated {
                     what: "Announce file sizes",
                 });
             }
-            let sizes = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
+            let file_sizes = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
             Frame::Announce {
                 transfer_id,
-                layout: Layout::new(chunk_size, sizes, limits)?,
+                chunk_size,
+                first_file,
+                file_sizes,
             }
         }
         ANNOUNCED => Frame::Announced {
@@ -657,13 +666,17 @@ mod tests {
             }),
             (
                 any::<[u8; 16]>(),
-                // Within the default limits: at most 5 × 2^16 chunks.
-                4096u32..=1 << 20,
-                proptest::collection::vec(0u64..1 << 28, 1..6)
+                any::<u32>(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u64>(), 0..6)
             )
-                .prop_map(|(id, chunk_size, sizes)| Frame::Announce {
-                    transfer_id: TransferId(id),
-                    layout: Layout::new(chunk_size, sizes, &Limits::default()).unwrap(),
+                .prop_map(|(id, chunk_size, first_file, file_sizes)| {
+                    Frame::Announce {
+                        transfer_id: TransferId(id),
+                        chunk_size,
+                        first_file,
+                        file_sizes,
+                    }
                 }),
             (any::<[u8; 16]>(), any::<bool>()).prop_map(|(id, taken)| Frame::Announced {
                 transfer_id: TransferId(id),
@@ -730,7 +743,9 @@ mod tests {
             },
             Frame::Announce {
                 transfer_id: TransferId([5; 16]),
-                layout: Layout::new(1 << 20, vec![0, 3 << 20, 1], &Limits::default()).unwrap(),
+                chunk_size: 1 << 20,
+                first_file: 2,
+                file_sizes: vec![0, 3 << 20, 1],
             },
             Frame::Announced {
                 transfer_id: TransferId([5; 16]),
@@ -810,49 +825,38 @@ mod tests {
     }
 
     #[test]
-    fn announce_frames_are_checked_against_the_limits() {
+    fn announce_frames_decode_whatever_their_layout_and_refuse_an_impossible_count() {
+        // The limits are the receiver's to apply: it answers that it does not take the
+        // announcement, which a broken stream would not let it do.
         let limits = Limits {
             max_files: 2,
             max_chunks: 4,
             ..Limits::default()
         };
-        let frame = |chunk_size: u32, sizes: &[u64]| {
-            let mut p = BytesMut::new();
-            p.put_u8(ANNOUNCE);
-            let mut payload = BytesMut::new();
-            payload.put_slice(&[1; 16]);
-            payload.put_u32(chunk_size);
-            payload.put_u32(sizes.len() as u32);
-            for &s in sizes {
-                payload.put_u64(s);
-            }
-            p.put_u32(payload.len() as u32);
-            p.put_slice(&payload);
-            let mut dec = FrameDecoder::new(limits);
-            dec.push(&p);
-            dec.next_frame()
-        };
-        assert!(matches!(frame(4, &[16]), Ok(Some(Frame::Announce { .. }))));
+        let mut dec = FrameDecoder::new(limits);
+        let mut wire = BytesMut::new();
+        encode(
+            &Frame::Announce {
+                transfer_id: TransferId([1; 16]),
+                chunk_size: 0,
+                first_file: 7,
+                file_sizes: vec![1, 1, 1],
+            },
+            &mut wire,
+        );
+        dec.push(&wire);
         assert!(matches!(
-            frame(4, &[16, 1]),
-            Err(ProtoError::TooManyChunks { count: 5, .. })
+            dec.next_frame(),
+            Ok(Some(Frame::Announce { first_file: 7, .. }))
         ));
-        assert!(matches!(
-            frame(4, &[1, 1, 1]),
-            Err(ProtoError::TooManyFiles { count: 3, .. })
-        ));
-        assert!(matches!(
-            frame(0, &[1]),
-            Err(ProtoError::BadChunkSize { .. })
-        ));
-        assert!(matches!(frame(4, &[]), Err(ProtoError::NoFiles)));
         // A count the payload cannot hold is refused before anything is allocated for it.
         let mut dec = FrameDecoder::new(Limits::default());
         let mut p = BytesMut::new();
         p.put_u8(ANNOUNCE);
-        p.put_u32(24);
+        p.put_u32(28);
         p.put_slice(&[1; 16]);
         p.put_u32(4);
+        p.put_u32(0);
         p.put_u32(50_000);
         dec.push(&p);
         assert!(matches!(

@@ -1,9 +1,14 @@
 //! The shape of a transfer before its manifest exists: chunk size and file sizes.
 //!
-//! A sender that streams chunks while it is still sealing (see [`super::Frame::Announce`])
+//! A sender that streams chunks before its manifest is signed (see [`super::Frame::Announce`])
 //! tells the receiver this much first, so the receiver knows where each chunk's bytes go.
 //! It says nothing about what the bytes must be: only the signed manifest does, and a chunk
 //! received under an announcement counts once its digest equals the manifest's.
+//!
+//! A layout may grow: a sender whose files are still arriving announces each one as it is
+//! complete ([`Layout::extended`]). Files are only ever added at the end, so a chunk keeps
+//! its index, and the manifest that ends the transfer begins with the announced files in
+//! the announced order ([`Layout::is_prefix_of`]).
 
 use super::manifest::{ChunkLocation, Manifest, check_chunk_size, chunks_for};
 use super::{Limits, ProtoError};
@@ -95,11 +100,25 @@ impl Layout {
             .copied()
     }
 
-    /// Whether `manifest` describes exactly this layout (same chunk size, same files in the
-    /// same order with the same sizes).
-    pub fn matches(&self, manifest: &Manifest) -> bool {
+    /// The number of files.
+    pub fn file_count(&self) -> usize {
+        self.file_sizes.len()
+    }
+
+    /// This layout with `more` files after its own, checked against `limits` as a whole.
+    pub fn extended(&self, more: &[u64], limits: &Limits) -> Result<Layout, ProtoError> {
+        let mut sizes = Vec::with_capacity(self.file_sizes.len() + more.len());
+        sizes.extend_from_slice(&self.file_sizes);
+        sizes.extend_from_slice(more);
+        Layout::new(self.chunk_size, sizes, limits)
+    }
+
+    /// Whether `manifest` begins with this layout: the same chunk size, and its first files
+    /// are these, in this order, with these sizes. Every chunk of the layout then has the
+    /// same index and place in the manifest.
+    pub fn is_prefix_of(&self, manifest: &Manifest) -> bool {
         manifest.chunk_size == self.chunk_size
-            && manifest.files.len() == self.file_sizes.len()
+            && manifest.files.len() >= self.file_sizes.len()
             && manifest
                 .files
                 .iter()
@@ -144,7 +163,7 @@ mod tests {
         let manifest = b.finish(1).unwrap();
         let layout = Layout::new(4, sizes.to_vec(), &Limits::default()).unwrap();
         assert_eq!(layout, Layout::of(&manifest));
-        assert!(layout.matches(&manifest));
+        assert!(layout.is_prefix_of(&manifest));
         assert_eq!(layout.chunk_count(), manifest.chunk_count());
         assert_eq!(layout.total_bytes(), manifest.total_bytes());
         for index in 0..=manifest.chunk_count() {
@@ -154,9 +173,50 @@ mod tests {
         assert_eq!(layout.first_chunk(5), None);
 
         let other = Layout::new(4, vec![10, 0, 4, 8, 0], &Limits::default()).unwrap();
-        assert!(!other.matches(&manifest));
+        assert!(!other.is_prefix_of(&manifest));
         let other = Layout::new(2, sizes.to_vec(), &Limits::default()).unwrap();
-        assert!(!other.matches(&manifest));
+        assert!(!other.is_prefix_of(&manifest));
+        let longer = layout.extended(&[1], &Limits::default()).unwrap();
+        assert!(!longer.is_prefix_of(&manifest));
+    }
+
+    #[test]
+    fn a_grown_layout_keeps_every_chunk_where_it_was() {
+        let sizes = [10u64, 0, 4, 9, 0];
+        let limits = Limits::default();
+        let mut layout = Layout::new(4, sizes[..1].to_vec(), &limits).unwrap();
+        for (n, &size) in sizes.iter().enumerate().skip(1) {
+            let before = layout.clone();
+            layout = layout.extended(&[size], &limits).unwrap();
+            assert_eq!(layout.file_count(), n + 1);
+            for index in 0..before.chunk_count() {
+                assert_eq!(before.chunk(index), layout.chunk(index), "chunk {index}");
+            }
+        }
+        assert_eq!(layout, Layout::new(4, sizes.to_vec(), &limits).unwrap());
+
+        let mut b = ManifestBuilder::new(TransferId([1; 16]), "e", [0; 32], "c", 4);
+        for (i, &size) in sizes.iter().chain(&[7]).enumerate() {
+            let n = size.div_ceil(4) as usize;
+            b.add_file(format!("f{i}"), size, vec![[0; 32]; n]).unwrap();
+        }
+        let manifest = b.finish(1).unwrap();
+        // The manifest has one file more than was announced: the announced ones lead it.
+        assert!(layout.is_prefix_of(&manifest));
+        let first = Layout::new(4, vec![10], &limits).unwrap();
+        assert!(first.is_prefix_of(&manifest));
+        let wrong = Layout::new(4, vec![0], &limits).unwrap();
+        assert!(!wrong.is_prefix_of(&manifest));
+
+        let tight = Limits {
+            max_files: 2,
+            ..Limits::default()
+        };
+        let two = Layout::new(4, vec![1, 1], &tight).unwrap();
+        assert!(matches!(
+            two.extended(&[1], &tight),
+            Err(ProtoError::TooManyFiles { count: 3, .. })
+        ));
     }
 
     #[test]

@@ -42,16 +42,19 @@ pub enum ReceiverAction {
         /// The sender's signature.
         signature: Bytes,
     },
-    /// The sender announced a transfer it is still sealing (`Announce`): chunk streams for
-    /// it may come before the `Offer`. Hold them aside (the caller decides where, and how
-    /// much it takes); none counts until the offer is accepted and its digest equals the
-    /// manifest's. The caller may also ignore the announcement: its chunk streams are then
-    /// refused like any for an unknown transfer, and the sender sends them after the offer.
+    /// The sender announced a transfer whose manifest is not signed yet (`Announce`), or
+    /// more of its files: chunk streams for it may come before the `Offer`. Hold them aside
+    /// (the caller decides where, and how much it takes) and answer `Announced`; none counts
+    /// until the offer is accepted and its digest equals the manifest's. The caller may also
+    /// not take the announcement: its chunk streams are then refused like any for an unknown
+    /// transfer, and the sender sends them after the offer.
     Stage {
         /// The transfer the `Offer` will name.
         transfer_id: TransferId,
-        /// Where its chunks go.
+        /// Where its chunks go: every file announced so far.
         layout: Layout,
+        /// Whether this grows an announcement already staged (else it is the first).
+        extends: bool,
     },
     /// Write this frame to the control stream.
     SendFrame(Frame),
@@ -181,18 +184,38 @@ impl Receiver {
             } => self.offer(manifest, signature),
             Frame::Announce {
                 transfer_id,
-                layout,
+                chunk_size,
+                first_file,
+                file_sizes,
             } if self.state == State::AwaitOffer => {
-                match &self.announced {
-                    Some((id, l)) if *id == transfer_id && *l == layout => {}
-                    Some(_) => return self.fail(ProtoError::Conflicting { what: "Announce" }),
-                    None => {
+                let grown = match &self.announced {
+                    None if first_file == 0 => Layout::new(chunk_size, file_sizes, &self.limits),
+                    Some((id, layout))
+                        if *id == transfer_id
+                            && layout.chunk_size() == chunk_size
+                            && layout.file_count() == first_file as usize =>
+                    {
+                        layout.extended(&file_sizes, &self.limits)
+                    }
+                    _ => return self.fail(ProtoError::Conflicting { what: "Announce" }),
+                };
+                match grown {
+                    Ok(layout) => {
                         self.announced = Some((transfer_id, layout.clone()));
                         self.actions.push_back(ReceiverAction::Stage {
                             transfer_id,
                             layout,
+                            extends: first_file > 0,
                         });
                     }
+                    // Over the limits (or no files): not taken, and the stream goes on to
+                    // the offer, which is judged on its own.
+                    Err(_) => self
+                        .actions
+                        .push_back(ReceiverAction::SendFrame(Frame::Announced {
+                            transfer_id,
+                            taken: false,
+                        })),
                 }
                 Ok(())
             }
@@ -506,24 +529,36 @@ mod tests {
         }
     }
 
+    fn announce(id: TransferId, chunk_size: u32, first_file: u32, sizes: &[u64]) -> Frame {
+        Frame::Announce {
+            transfer_id: id,
+            chunk_size,
+            first_file,
+            file_sizes: sizes.to_vec(),
+        }
+    }
+
     #[test]
-    fn an_announcement_is_staged_once_before_the_offer_and_refused_after_it() {
+    fn an_announcement_grows_at_its_end_before_the_offer_and_is_refused_after_it() {
         let (m, _) = build(&[6, 0, 3], 4);
-        let layout = Layout::of(&m);
-        let announce = Frame::Announce {
-            transfer_id: m.transfer_id,
-            layout: layout.clone(),
-        };
+        let id = m.transfer_id;
         let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
-        r.handle_frame(announce.clone()).unwrap();
-        // The same announcement again is a repeat, not a second one.
-        r.handle_frame(announce.clone()).unwrap();
+        r.handle_frame(announce(id, 4, 0, &[6])).unwrap();
+        r.handle_frame(announce(id, 4, 1, &[0, 3])).unwrap();
         assert_eq!(
             drain(&mut r),
-            vec![ReceiverAction::Stage {
-                transfer_id: m.transfer_id,
-                layout: layout.clone()
-            }]
+            vec![
+                ReceiverAction::Stage {
+                    transfer_id: id,
+                    layout: Layout::new(4, vec![6], &Limits::default()).unwrap(),
+                    extends: false,
+                },
+                ReceiverAction::Stage {
+                    transfer_id: id,
+                    layout: Layout::of(&m),
+                    extends: true,
+                }
+            ]
         );
         r.handle_frame(Frame::Offer {
             manifest: m.to_bytes().into(),
@@ -536,28 +571,70 @@ mod tests {
         ));
         // Once the offer is in, an announcement is out of place.
         assert!(matches!(
-            r.handle_frame(announce),
+            r.handle_frame(announce(id, 4, 3, &[1])),
             Err(ProtoError::UnexpectedFrame {
                 frame: "Announce",
                 ..
             })
         ));
 
-        // Two different announcements on one stream conflict.
+        // An announcement of another transfer, another chunk size, a repeat, or one that
+        // leaves a gap conflicts with the first; so does growing nothing.
+        for wrong in [
+            announce(TransferId([9; 16]), 4, 1, &[1]),
+            announce(id, 8, 1, &[1]),
+            announce(id, 4, 0, &[6]),
+            announce(id, 4, 2, &[1]),
+        ] {
+            let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
+            r.handle_frame(announce(id, 4, 0, &[6])).unwrap();
+            let err = r.handle_frame(wrong).unwrap_err();
+            assert!(matches!(err, ProtoError::Conflicting { what: "Announce" }));
+            assert!(r.is_failed());
+        }
         let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
-        r.handle_frame(Frame::Announce {
-            transfer_id: m.transfer_id,
-            layout: layout.clone(),
-        })
-        .unwrap();
-        let err = r
-            .handle_frame(Frame::Announce {
-                transfer_id: TransferId([9; 16]),
-                layout,
-            })
-            .unwrap_err();
+        let err = r.handle_frame(announce(id, 4, 1, &[6])).unwrap_err();
         assert!(matches!(err, ProtoError::Conflicting { what: "Announce" }));
-        assert!(r.is_failed());
+    }
+
+    #[test]
+    fn an_announcement_over_the_limits_is_answered_not_taken_and_the_stream_goes_on() {
+        let limits = Limits {
+            max_files: 2,
+            max_chunks: 4,
+            ..Limits::default()
+        };
+        let id = TransferId([3; 16]);
+        let not_taken = ReceiverAction::SendFrame(Frame::Announced {
+            transfer_id: id,
+            taken: false,
+        });
+        for over in [
+            announce(id, 4, 0, &[1, 1, 1]),
+            announce(id, 4, 0, &[17]),
+            announce(id, 0, 0, &[1]),
+            announce(id, 4, 0, &[]),
+        ] {
+            let mut r = Receiver::new(limits, ReceiverConfig::default());
+            r.handle_frame(over).unwrap();
+            assert_eq!(drain(&mut r), vec![not_taken.clone()]);
+            assert!(!r.is_failed());
+        }
+        // Growing past the limits is not taken either; what was taken stays.
+        let mut r = Receiver::new(limits, ReceiverConfig::default());
+        r.handle_frame(announce(id, 4, 0, &[8])).unwrap();
+        r.handle_frame(announce(id, 4, 1, &[9])).unwrap();
+        let actions = drain(&mut r);
+        assert!(matches!(
+            actions[0],
+            ReceiverAction::Stage { extends: false, .. }
+        ));
+        assert_eq!(actions[1], not_taken);
+        r.handle_frame(announce(id, 4, 1, &[8])).unwrap();
+        assert!(matches!(
+            &drain(&mut r)[..],
+            [ReceiverAction::Stage { extends: true, .. }]
+        ));
     }
 
     #[test]

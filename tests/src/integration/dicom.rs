@@ -838,3 +838,62 @@ fn instances_cut_short_or_without_study_uid_are_refused_and_the_rest_proceed() {
     assert_eq!(delivered_transfers(&d).len(), 2);
     assert!(edge_healthy(&d));
 }
+
+/// The size of staged file `n` of the one transfer the gateway has staged, if any.
+pub(super) fn staged_len(d: &Deployment, n: usize) -> Option<u64> {
+    let staging = d.path("spool/gateway/.staging");
+    let dir = std::fs::read_dir(staging)
+        .ok()?
+        .filter_map(Result::ok)
+        .next()?;
+    std::fs::metadata(dir.path().join(n.to_string()))
+        .ok()
+        .map(|m| m.len())
+}
+
+/// Instances stream to the gateway while the association is still open: the first one
+/// stored is announced and its bytes are staged at the gateway before the next arrives, and
+/// the offer after A-RELEASE takes them, so that only the rest is sent once it is sealed.
+#[test]
+fn instances_stream_to_the_gateway_before_the_association_ends() {
+    let d = Deployment::new().unwrap();
+    let (gateway, edge) = start(&d);
+    let src = d.path("instances");
+    let files: Vec<_> = (1..=3).map(|n| instance(&src, n, Some("P-0001"))).collect();
+    let ds: Vec<_> = files.iter().map(|f| data_set(f)).collect();
+
+    let mut scu = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(scu.store(1, &sop_uid(1), &ds[0]), 0x0000);
+    gateway.wait_for_log(&["announced: staging chunks until the offer"], EVENT_WAIT);
+    let deadline = Instant::now() + EVENT_WAIT;
+    while staged_len(&d, 0).unwrap_or(0) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance was not staged at the gateway:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(scu.store(2, &sop_uid(2), &ds[1]), 0x0000);
+    assert_eq!(scu.store(3, &sop_uid(3), &ds[2]), 0x0000);
+    scu.release();
+
+    let names: Vec<_> = (1..=3).map(|n| format!("{}.dcm", sop_uid(n))).collect();
+    let t = wait_for_delivery(&d, &names, &edge);
+    for (n, want) in (1..=3).zip(&ds) {
+        assert_eq!(
+            &data_set(&t.join(format!("{}.dcm", sop_uid(n)))),
+            want,
+            "{n}"
+        );
+    }
+    gateway.wait_for_log(&["staged chunks taken by the offer"], EVENT_WAIT);
+    let line = edge.wait_for_log(&["transfer receipted", "streamed_bytes="], EVENT_WAIT);
+    let streamed: u64 = line
+        .split("streamed_bytes=")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    assert!(streamed > 0, "nothing streamed before the offer: {line}");
+}

@@ -1249,3 +1249,102 @@ fn stow_rs_refuses_instances_cut_short_without_study_uid_or_of_another_class_nam
     assert_eq!(delivered.len(), 1, "only the good instance: {delivered:?}");
     api.healthy();
 }
+
+/// A number after `key=` in a log line.
+fn logged_number(line: &str, key: &str) -> u64 {
+    line.split(&format!(" {key}="))
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// Files stream to the gateway as they are stored, before the commit: the first is
+/// announced and staged whole while the hospital uploads the next, the ones after it are
+/// announced after it, and the commit's offer takes what was staged. Nothing goes twice,
+/// and the files arrive byte-identical.
+#[test]
+fn uploaded_files_stream_to_the_gateway_before_the_commit() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = edge(&d);
+    let api = Api { d: &d };
+    let src = d.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let sizes = [(1 << 20) + 17, 0, 300_000];
+    let files: Vec<(String, PathBuf)> = sizes
+        .iter()
+        .enumerate()
+        .map(|(n, &size)| {
+            let name = format!("f{n}.bin");
+            let path = payload(&src, &name, size, n as u64).unwrap();
+            (name, path)
+        })
+        .collect();
+
+    let id = api.open();
+    let r = api.put("hospital-a", &id, &files[0].0, &files[0].1, &[]);
+    assert_eq!(r.status, 201, "{r:?}");
+    gateway.wait_for_log(&["announced: staging chunks until the offer"], DEADLINE);
+    let deadline = Instant::now() + DEADLINE;
+    while super::dicom::staged_len(&d, 0).unwrap_or(0) < sizes[0] {
+        assert!(
+            Instant::now() < deadline,
+            "the first file was not staged whole at the gateway:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (name, path) in &files[1..] {
+        let r = api.put("hospital-a", &id, name, path, &[]);
+        assert_eq!(r.status, 201, "{r:?}");
+    }
+    let c = api.commit("hospital-a", &id);
+    assert_eq!(c.status, 202, "{c:?}");
+    api.wait_state(&id, "committed");
+    for (name, path) in &files {
+        let got = d.wait_delivered(&id, name, DEADLINE);
+        assert_eq!(
+            sha256_file(path).unwrap(),
+            sha256_file(&got).unwrap(),
+            "{name}"
+        );
+    }
+    gateway.wait_for_log(&["staged chunks taken by the offer"], DEADLINE);
+    let line = edge.wait_for_log(&["transfer receipted", &id], DEADLINE);
+    let streamed = logged_number(&line, "streamed_bytes");
+    let sent = logged_number(&line, "wire_bytes");
+    assert!(
+        streamed >= sizes[0],
+        "the first file was not taken whole: {line}"
+    );
+    assert_eq!(
+        streamed + sent,
+        sizes.iter().sum::<u64>(),
+        "a chunk went twice: {line}"
+    );
+}
+
+/// With `transport.stream_while_sealing = false` an upload streams nothing before its
+/// commit.
+#[test]
+fn uploads_stream_nothing_before_the_commit_when_told_not_to() {
+    let d = Deployment::new().unwrap();
+    small_chunks(&d);
+    d.set("edge.toml", "transport", "stream_while_sealing", "false")
+        .unwrap();
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = edge(&d);
+    let api = Api { d: &d };
+    let src = d.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let f = payload(&src, "a.bin", 200_000, 3).unwrap();
+    let id = api.open();
+    assert_eq!(api.put("hospital-a", &id, "a.bin", &f, &[]).status, 201);
+    assert_eq!(api.commit("hospital-a", &id).status, 202);
+    api.wait_state(&id, "committed");
+    let line = edge.wait_for_log(&["transfer receipted", &id], DEADLINE);
+    assert_eq!(logged_number(&line, "streamed_bytes"), 0, "{line}");
+    assert!(!gateway.log().contains("announced"), "{}", gateway.log());
+}

@@ -223,6 +223,7 @@ impl IngestStore {
             st.committed = true; // no further files
         }
         lock(&self.inner.open).remove(id);
+        self.drop_stream(id);
         let root = self.dir(id).root().to_path_buf();
         blocking(move || std::fs::remove_dir_all(&root).map_err(internal("cannot remove"))).await?;
         info!(transfer = %id, hospital, "open transfer abandoned");
@@ -251,7 +252,12 @@ impl IngestStore {
                 ));
             }
             st.committed = true;
-            st.files.iter().map(|(n, s)| (n.clone(), *s)).collect()
+            // In the order they were stored: the files streamed to the gateway lead the
+            // manifest in the order they were announced.
+            st.order
+                .iter()
+                .filter_map(|n| st.files.get(n).map(|s| (n.clone(), *s)))
+                .collect()
         };
         if let Err(e) = self.check_size(hospital, id, &files).await {
             lock(&transfer.state).committed = false;
@@ -549,6 +555,7 @@ impl IngestStore {
         // Closed from here on, whatever follows: the marker is what start-up goes by.
         self.add_stage(id, TransferState::Failed, Some(reason.to_owned()))
             .await;
+        self.drop_stream(id);
         let dir = self.dir(id);
         if let Err(e) =
             blocking(move || remove_uploads(&dir).map_err(internal("cannot remove"))).await
@@ -640,6 +647,7 @@ pub(super) fn recover_open(dir: &TransferDir) -> Result<OpenTransfer, IngestErro
         state: Mutex::new(OpenState {
             committed: false,
             uploading: HashSet::new(),
+            order: files.keys().cloned().collect(),
             files,
         }),
         // The idle clock starts again at a restart.

@@ -31,6 +31,8 @@
 //! - `status`: `status.json` and what the hospital reads (status, receipt, proof);
 //! - `send`: the background sender of sealed transfers, its slots shared between hospitals
 //!   as `sched` decides;
+//! - `stream`: open transfers' files streamed to the gateway as they are stored, before the
+//!   commit;
 //! - `quota`: `[quota]` and `spool.reserve_bytes`, counted from the open transfers.
 
 mod lifecycle;
@@ -38,6 +40,7 @@ mod quota;
 mod sched;
 mod send;
 mod status;
+mod stream;
 mod upload;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -172,6 +175,8 @@ struct Inner {
     /// Declarations in progress per hospital: they count against `quota.max_open_transfers`
     /// until their transfer is in `open`.
     declaring: Mutex<HashMap<String, usize>>,
+    /// Open transfers streaming their stored files to the gateway.
+    streams: stream::Streams,
 }
 
 /// A transfer that accepts files (declared, not yet committed).
@@ -203,6 +208,9 @@ struct OpenState {
     committed: bool,
     uploading: HashSet<String>,
     files: BTreeMap<String, u64>,
+    /// The names of `files` in the order they were stored: the manifest's order (the order
+    /// they stream to the gateway in). Recovered transfers list them by name.
+    order: Vec<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -290,6 +298,7 @@ impl IngestStore {
                 quota: cfg.quota.clone(),
                 reserve_bytes: cfg.spool_reserve_bytes,
                 declaring: Mutex::new(HashMap::new()),
+                streams: stream::Streams::default(),
             }),
         };
         crate::transfer_dir::create_dir_durably(&store.inner.spool_dir)

@@ -159,11 +159,15 @@ impl IngestStore {
                 go.notified().await;
                 let yield_slot = queue.yield_flag(&id);
                 store.add_stage(&id, TransferState::Sending, None).await;
+                // The connection its files streamed on while they arrived, if any: the
+                // first turn offers on it.
+                let early = store.take_stream(&id).await;
                 let res = store
                     .inner
                     .edge
                     .send_until(
                         request.clone(),
+                        early,
                         &crate::edge::NoObserver,
                         &Default::default(),
                         &yield_slot,
@@ -175,6 +179,7 @@ impl IngestStore {
                             transfer = %id,
                             wire_bytes = summary.wire_bytes,
                             transmit_seconds = summary.transmit_seconds,
+                            streamed_bytes = summary.streamed_bytes,
                             seconds = summary.seconds,
                             "transfer receipted"
                         );

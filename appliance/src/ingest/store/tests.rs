@@ -74,13 +74,15 @@ async fn declare_upload_commit_seals_a_manifest_of_the_uploaded_bytes() {
     let bytes = std::fs::read(d.manifest_bin()).unwrap();
     let manifest = Manifest::from_bytes(&bytes, &Limits::default()).unwrap();
     // The manifest is built from the digests taken as the bytes arrived: they must be those
-    // of the bytes stored, chunk by chunk, in file-name order.
+    // of the bytes stored, chunk by chunk, in the order the files were stored (the order
+    // they stream to the gateway in).
     let names: Vec<_> = manifest.files.iter().map(|f| f.name.as_str()).collect();
-    assert_eq!(names, ["notes.txt", "scan.bin"]);
-    let mut expected: Vec<[u8; 32]> = vec![digest(&SHA256, b"seen").as_ref().try_into().unwrap()];
-    for chunk in big.chunks(CHUNK as usize) {
-        expected.push(digest(&SHA256, chunk).as_ref().try_into().unwrap());
-    }
+    assert_eq!(names, ["scan.bin", "notes.txt"]);
+    let mut expected: Vec<[u8; 32]> = big
+        .chunks(CHUNK as usize)
+        .map(|chunk| digest(&SHA256, chunk).as_ref().try_into().unwrap())
+        .collect();
+    expected.push(digest(&SHA256, b"seen").as_ref().try_into().unwrap());
     assert_eq!(manifest.chunk_digests, expected);
     assert_eq!(std::fs::read(d.data_file("scan.bin")).unwrap(), big);
     assert_eq!(manifest.process_id, "CR-1", "the consent that allowed it");
