@@ -1110,7 +1110,11 @@ async fn handle(table: Rc<FileTable>, request: Request) {
                 .await
                 .map(|file| table.insert(file))
                 .map_err(|e| SpoolError::new(mode.op(), path.to_path_buf(), e));
-            let _ = reply.send(result);
+            // A caller that stopped waiting (its task was aborted) never gets its file: close
+            // it here, or nothing would.
+            if let Err(Ok(id)) = reply.send(result) {
+                drop(table.remove(id));
+            }
         }
         Request::Write {
             id,

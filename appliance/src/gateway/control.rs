@@ -31,6 +31,8 @@ enum Event {
     Wake,
     /// A newer connection took the transfer over.
     Cancelled,
+    /// The transfer announced on this stream has been idle too long before its offer.
+    StagingIdle,
 }
 
 /// The state of one control stream.
@@ -115,6 +117,12 @@ impl Control {
                     }
                 }
                 Event::Wake => {}
+                Event::StagingIdle => {
+                    if let Some(staged) = self.staged.take() {
+                        info!(idle = ?super::staging::IDLE_LIMIT, "announced transfer idle before its offer: staged chunks thrown away");
+                        super::staging::discard(&self.gw, &staged).await;
+                    }
+                }
                 Event::Cancelled => {
                     info!("taken over by a newer connection for the same transfer");
                     return Ok(());
@@ -160,9 +168,13 @@ impl Control {
                         (Some(staged), true) => {
                             super::staging::extend(&self.gw, staged, layout).await
                         }
-                        // More files of an announcement this gateway did not take.
+                        // More files of an announcement this gateway did not take, or
+                        // threw away since (idle).
                         _ => false,
                     };
+                    if !taken && let Some(r) = &mut self.receiver {
+                        r.announcement_not_taken(transfer_id);
+                    }
                     // The edge streams nothing of these files before this answer, so no
                     // chunk stream can arrive before its staging is ready.
                     self.send_frame(&Frame::Announced { transfer_id, taken })
@@ -318,10 +330,18 @@ impl Control {
                 None => std::future::pending().await,
             }
         };
+        let staged = self.staged.clone();
+        let idle = async {
+            match staged {
+                Some(s) => s.idle().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             frame = frames.recv() => Event::Frame(frame),
             () = wake => Event::Wake,
             () = cancelled => Event::Cancelled,
+            () = idle => Event::StagingIdle,
         }
     }
 

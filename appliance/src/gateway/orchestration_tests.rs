@@ -518,3 +518,42 @@ async fn an_announcement_that_leads_the_offer_with_other_files_is_thrown_away() 
     assert_eq!(have.count(), 0);
     assert_eq!(staged_dirs(&f), 0);
 }
+
+#[tokio::test]
+async fn an_announcement_left_idle_ends_but_not_while_a_chunk_arrives() {
+    use super::staging::IDLE_LIMIT;
+    use std::time::Duration;
+    let f = Fixture::new();
+    let gw = f.gateway();
+    let o = offer("edge");
+    let s = super::staging::announce(
+        &gw,
+        1,
+        o.manifest.transfer_id,
+        baylink_net::proto::Layout::of(&o.manifest),
+    )
+    .await
+    .unwrap();
+    tokio::time::pause();
+    // A chunk still arriving keeps the announcement, however long it takes.
+    let header = baylink_net::proto::ChunkHeader {
+        transfer_id: o.manifest.transfer_id,
+        index: 0,
+        len: CHUNK,
+    };
+    s.begin(&header).unwrap();
+    tokio::time::advance(IDLE_LIMIT * 3).await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), s.idle())
+            .await
+            .is_err()
+    );
+    // Once it ended, the announcement is idle after the limit, not before.
+    s.end(0, None);
+    assert!(
+        tokio::time::timeout(IDLE_LIMIT / 2, s.idle())
+            .await
+            .is_err()
+    );
+    assert!(tokio::time::timeout(IDLE_LIMIT * 2, s.idle()).await.is_ok());
+}

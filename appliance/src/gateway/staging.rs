@@ -45,7 +45,12 @@ const MAX_ANNOUNCED: usize = 16;
 /// Most files of one announced transfer that are staged (one open file each): files
 /// announced beyond them are not taken (their chunks are sent after the offer), so the
 /// announcements together never hold more than `MAX_ANNOUNCED × MAX_FILES` files open.
-const MAX_FILES: usize = 1024;
+const MAX_FILES: usize = baylink_net::proto::MAX_ANNOUNCED_FILES;
+
+/// How long an announcement may go without a chunk or more files before its offer: then
+/// its staged chunks are thrown away (the edge sends them after the offer). An edge that
+/// announces and goes quiet holds nothing for longer.
+pub(super) const IDLE_LIMIT: Duration = Duration::from_secs(300);
 
 /// Numbers the staging directories, so that two announcements of one id never share one.
 static STAGING_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -64,6 +69,8 @@ pub(super) struct Staged {
     state: Mutex<State>,
     /// Signalled whenever a chunk stops arriving.
     settled: Notify,
+    /// When a chunk last began or ended, or files were last announced.
+    active_at: Mutex<tokio::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -92,6 +99,32 @@ impl Staged {
     #[cfg(test)]
     pub(super) fn closed(&self) -> bool {
         self.state.lock().expect("staging lock poisoned").closed
+    }
+
+    fn touch(&self) {
+        *self.active_at.lock().expect("staging lock poisoned") = tokio::time::Instant::now();
+    }
+
+    /// Returns once the announcement has gone [`IDLE_LIMIT`] with no chunk arriving, none
+    /// beginning or ending, and no more files announced.
+    pub(super) async fn idle(&self) {
+        loop {
+            let since = *self.active_at.lock().expect("staging lock poisoned");
+            tokio::time::sleep_until(since + IDLE_LIMIT).await;
+            let quiet = self
+                .state
+                .lock()
+                .expect("staging lock poisoned")
+                .arriving
+                .is_empty();
+            let still = *self.active_at.lock().expect("staging lock poisoned") == since;
+            if quiet && still {
+                return;
+            }
+            if !quiet {
+                self.touch();
+            }
+        }
     }
 
     /// Files announced and staged.
@@ -143,7 +176,10 @@ impl Staged {
         if state.got.contains_key(&header.index) || !state.arriving.insert(header.index) {
             return Err(format!("chunk {} is already staged", header.index));
         }
-        Ok((loc, state.files[loc.file].clone()))
+        let file = state.files[loc.file].clone();
+        drop(state);
+        self.touch();
+        Ok((loc, file))
     }
 
     /// The stream of chunk `index` ended: with the digest of its bytes once all of them were
@@ -158,6 +194,7 @@ impl Staged {
             state.got.insert(index, d);
         }
         drop(state);
+        self.touch();
         self.settled.notify_waiters();
     }
 
@@ -262,6 +299,7 @@ pub(super) async fn announce(
             discarded: false,
         }),
         settled: Notify::new(),
+        active_at: Mutex::new(tokio::time::Instant::now()),
     });
     let mut registry = gw.staged.lock().expect("registry lock poisoned");
     if registry.contains_key(&id) {
@@ -307,7 +345,10 @@ pub(super) async fn extend(gw: &Arc<Gateway>, staged: &Arc<Staged>, layout: Layo
     }
     state.files.append(&mut more);
     state.layout = layout;
-    debug!(transfer = %staged.id, files = state.layout.file_count(), "announcement grown");
+    let files = state.layout.file_count();
+    drop(state);
+    staged.touch();
+    debug!(transfer = %staged.id, files, "announcement grown");
     true
 }
 

@@ -31,6 +31,7 @@ use baylink_net::proto::{ChunkHeader, Frame, Layout, Limits, TransferId};
 use baylink_net::spool::{DIRECT_ALIGN, Spool, SpoolFile};
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::{FrameWriter, LinkError, spawn_frame_reader};
@@ -59,8 +60,9 @@ pub struct EarlyLink {
 #[derive(Debug)]
 pub struct Announcer {
     id: TransferId,
-    /// The files announced so far (and those about to be, before [`Announcer::connect`]).
-    layout: Mutex<Layout>,
+    /// The files announced so far (and those about to be, before [`Announcer::connect`]);
+    /// replaced, never changed in place, so a reader copies only the `Arc`.
+    layout: Mutex<Arc<Layout>>,
     /// The connection, once dialled and announced.
     link: Mutex<Option<Announced>>,
     /// Set when streaming stops: sealing is done, or the link failed.
@@ -71,8 +73,10 @@ pub struct Announcer {
     room: Arc<Notify>,
     /// The chunk each file is streaming now, if it is being streamed.
     current: Mutex<HashMap<usize, Current>>,
-    /// The chunk streams' tasks.
-    tasks: Mutex<Vec<tokio::task::JoinHandle<Option<u32>>>>,
+    /// The chunk streams' tasks still running (or not yet reaped).
+    tasks: Mutex<JoinSet<Option<u32>>>,
+    /// Chunks whose streams the gateway's transport acknowledged whole, from reaped tasks.
+    streamed: Mutex<Vec<u32>>,
     /// Where streamed payload bytes are counted ([`super::send::SendStats::wire_bytes`]).
     wire_bytes: Arc<super::send::SendStats>,
 }
@@ -98,13 +102,14 @@ impl Announcer {
     pub fn new(id: TransferId, layout: Layout, stats: Arc<super::send::SendStats>) -> Self {
         Announcer {
             id,
-            layout: Mutex::new(layout),
+            layout: Mutex::new(Arc::new(layout)),
             link: Mutex::new(None),
             stopped: AtomicBool::new(false),
             in_flight: Arc::new(AtomicU64::new(0)),
             room: Arc::new(Notify::new()),
             current: Mutex::new(HashMap::new()),
-            tasks: Mutex::new(Vec::new()),
+            tasks: Mutex::new(JoinSet::new()),
+            streamed: Mutex::new(Vec::new()),
             wire_bytes: stats,
         }
     }
@@ -145,14 +150,20 @@ impl Announcer {
         first_file: usize,
         sizes: &[u64],
     ) -> Result<bool, LinkError> {
-        link.writer
-            .send(&Frame::Announce {
+        let frame = if first_file == 0 {
+            Frame::Announce {
                 transfer_id: self.id,
                 chunk_size: self.chunk_size(),
+                file_sizes: sizes.to_vec(),
+            }
+        } else {
+            Frame::AnnounceMore {
+                transfer_id: self.id,
                 first_file: u32::try_from(first_file).unwrap_or(u32::MAX),
                 file_sizes: sizes.to_vec(),
-            })
-            .await?;
+            }
+        };
+        link.writer.send(&frame).await?;
         let taken = match link.frames.recv().await {
             Some(Ok(Frame::Announced { transfer_id, taken })) if transfer_id == self.id => taken,
             Some(Ok(other)) => {
@@ -199,12 +210,22 @@ impl Announcer {
         };
         let taken = self.announce(&mut link, first_file, sizes).await?;
         if taken {
-            *self.layout.lock().expect("announcer lock poisoned") = grown;
+            *self.layout.lock().expect("announcer lock poisoned") = Arc::new(grown);
         } else {
             self.stop();
         }
         *self.link.lock().expect("announcer lock poisoned") = Some(link);
         Ok(taken)
+    }
+
+    /// Whether the connection is still up (dialled, announced, not closed), whether or not
+    /// streaming goes on.
+    pub fn has_link(&self) -> bool {
+        self.link
+            .lock()
+            .expect("announcer lock poisoned")
+            .as_ref()
+            .is_some_and(|l| l.conn.close_reason().is_none())
     }
 
     /// The files announced (or to be announced first).
@@ -235,7 +256,7 @@ impl Announcer {
     /// or the file cannot be read (logged; its chunks are sent after the offer).
     pub async fn stream_stored(&self, spool: &Spool, file: usize, path: &std::path::Path) {
         let (chunks, chunk_size) = {
-            let layout = self.layout.lock().expect("announcer lock poisoned");
+            let layout = self.layout.lock().expect("announcer lock poisoned").clone();
             let Some(first) = layout.first_chunk(file) else {
                 return;
             };
@@ -276,7 +297,7 @@ impl Announcer {
                 len: loc.len,
             };
             let (spool, stored, stats) = (spool.clone(), stored.clone(), self.wire_bytes.clone());
-            let task = tokio::spawn(async move {
+            self.spawn(async move {
                 let _release = reserved;
                 match stream_stored_chunk(&conn, &spool, &stored, header, loc.offset, &stats).await
                 {
@@ -287,10 +308,6 @@ impl Announcer {
                     }
                 }
             });
-            self.tasks
-                .lock()
-                .expect("announcer lock poisoned")
-                .push(task);
         }
     }
 
@@ -323,24 +340,58 @@ impl Announcer {
         })
     }
 
+    /// Runs a chunk stream's task, first collecting what the finished ones streamed.
+    fn spawn(&self, task: impl std::future::Future<Output = Option<u32>> + Send + 'static) {
+        let mut tasks = self.tasks.lock().expect("announcer lock poisoned");
+        let mut streamed = self.streamed.lock().expect("announcer lock poisoned");
+        while let Some(done) = tasks.try_join_next() {
+            if let Ok(Some(index)) = done {
+                streamed.push(index);
+            }
+        }
+        tasks.spawn(task);
+    }
+
     /// Ends streaming: no chunk starts any more; waits until every chunk stream has been
     /// read by the gateway or has failed, and hands over the connection and control stream
     /// the offer continues on. `None` when there is none to continue on: never connected,
     /// the connection closed, or the gateway already answered the announcement (an error:
     /// a gateway that does not know `Announce`), so the offer goes on a fresh connection.
     pub async fn finish(&self) -> Option<EarlyLink> {
+        self.end(true).await
+    }
+
+    /// [`Announcer::finish`] without waiting for the chunk streams still under way: they go
+    /// on, on the connection handed over, and count as streamed only if they ended before.
+    /// (The gateway waits for them at the offer, and takes those that match.) For a send
+    /// that must not wait on the link before it offers.
+    pub async fn hand_over(&self) -> Option<EarlyLink> {
+        self.end(false).await
+    }
+
+    async fn end(&self, wait: bool) -> Option<EarlyLink> {
         self.stop();
         // Chunks cut short by the end of streaming are reset by their tasks.
         self.current
             .lock()
             .expect("announcer lock poisoned")
             .clear();
-        let tasks = std::mem::take(&mut *self.tasks.lock().expect("announcer lock poisoned"));
-        let mut streamed = Vec::new();
-        for task in tasks {
-            if let Ok(Some(index)) = task.await {
-                streamed.push(index);
+        let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("announcer lock poisoned"));
+        let mut streamed =
+            std::mem::take(&mut *self.streamed.lock().expect("announcer lock poisoned"));
+        if wait {
+            while let Some(done) = tasks.join_next().await {
+                if let Ok(Some(index)) = done {
+                    streamed.push(index);
+                }
             }
+        } else {
+            while let Some(done) = tasks.try_join_next() {
+                if let Ok(Some(index)) = done {
+                    streamed.push(index);
+                }
+            }
+            tasks.detach_all();
         }
         let mut link = self.link.lock().expect("announcer lock poisoned").take()?;
         if link.conn.close_reason().is_some() {
@@ -387,7 +438,7 @@ impl Announcer {
             len,
         };
         let stats = self.wire_bytes.clone();
-        let task = tokio::spawn(async move {
+        self.spawn(async move {
             let _release = release;
             match stream_chunk(&conn, header, rx, &stats).await {
                 Ok(()) => Some(index),
@@ -397,10 +448,6 @@ impl Announcer {
                 }
             }
         });
-        self.tasks
-            .lock()
-            .expect("announcer lock poisoned")
-            .push(task);
         Some(tx)
     }
 }
@@ -422,7 +469,7 @@ impl Drop for ReleaseOnDrop {
 
 impl ChunkTap for Announcer {
     fn read(&self, file: usize, offset: u64, data: &[u8]) {
-        // The seal's layout is whole from the start: a copy to read it without a lock.
+        // The seal's layout is whole from the start.
         let layout = self.layout.lock().expect("announcer lock poisoned").clone();
         let chunk_size = u64::from(layout.chunk_size());
         let Some(first) = layout.first_chunk(file) else {

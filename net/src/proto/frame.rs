@@ -18,9 +18,9 @@
 //! 0x0A Notices   u8 version
 //! 0x0B Notice    u32 len, delivery notice | u16 len, signature
 //! 0x0C NoticeAck 16 transfer id
-//! 0x0D Announce  16 transfer id | u32 chunk size | u32 first file
-//!                | u32 count, count × u64 file sizes
+//! 0x0D Announce  16 transfer id | u32 chunk size | u32 count, count × u64 file sizes
 //! 0x0E Announced 16 transfer id | u8 taken (0 or 1)
+//! 0x0F AnnounceMore 16 transfer id | u32 first file | u32 count, count × u64 file sizes
 //! ```
 //!
 //! `Witness` opens a control stream of its own (no `Hello`/`Offer`): the edge asks the
@@ -36,11 +36,11 @@
 //! `Announce` may come before the `Offer` of a transfer whose manifest is not signed yet: it
 //! gives the transfer id and the [`Layout`](super::Layout) (chunk size, file sizes) so that the sender can
 //! stream chunks while it is still sealing, or while the transfer's files are still
-//! arriving. The first names file 0 onwards; each later one adds files after the last
-//! announced (`first file` is the number announced so far), so the layout only grows at its
-//! end. The receiver answers each with `Announced`, saying whether it takes chunks of those
-//! files; the sender streams none of them before that answer, and announces nothing more
-//! after a refusal. What such chunks must hold only the signed `Offer` says.
+//! arriving. `AnnounceMore` adds files after the last announced (`first file` is the number
+//! announced so far), so the layout only grows at its end. The receiver answers each with
+//! `Announced`, saying whether it takes chunks of those files; the sender streams none of
+//! them before that answer, and announces nothing more after a refusal. What such chunks
+//! must hold only the signed `Offer` says.
 //!
 //! Texts are UTF-8 of at most [`Limits::max_text_len`] bytes. A payload must
 //! be consumed exactly. An unknown type, an over-long length, or a malformed
@@ -69,6 +69,7 @@ const NOTICE: u8 = 0x0B;
 const NOTICE_ACK: u8 = 0x0C;
 const ANNOUNCE: u8 = 0x0D;
 const ANNOUNCED: u8 = 0x0E;
+const ANNOUNCE_MORE: u8 = 0x0F;
 
 /// Version of the `Witness`/`Cosigned` payloads this build speaks.
 pub const WITNESS_VERSION: u8 = 1;
@@ -166,9 +167,17 @@ pub enum Frame {
     Announce {
         /// The transfer the `Offer` will name.
         transfer_id: TransferId,
-        /// The chunk size, the same in every announcement of the transfer.
+        /// The chunk size.
         chunk_size: u32,
-        /// The number of files announced before: 0 for the first announcement.
+        /// The sizes of its first files, in manifest order.
+        file_sizes: Vec<u64>,
+    },
+    /// Sender → receiver, after `Announce` was taken and before the `Offer`: more files of
+    /// the announced transfer, after those announced before. Answered with `Announced`.
+    AnnounceMore {
+        /// The transfer announced.
+        transfer_id: TransferId,
+        /// The number of files announced before.
         first_file: u32,
         /// The sizes of the files announced here, in manifest order.
         file_sizes: Vec<u64>,
@@ -208,6 +217,7 @@ impl Frame {
             Frame::NoticeAck { .. } => "NoticeAck",
             Frame::Announce { .. } => "Announce",
             Frame::Announced { .. } => "Announced",
+            Frame::AnnounceMore { .. } => "AnnounceMore",
         }
     }
 
@@ -227,6 +237,7 @@ impl Frame {
             Frame::NoticeAck { .. } => NOTICE_ACK,
             Frame::Announce { .. } => ANNOUNCE,
             Frame::Announced { .. } => ANNOUNCED,
+            Frame::AnnounceMore { .. } => ANNOUNCE_MORE,
         }
     }
 
@@ -313,13 +324,16 @@ pub fn encode(frame: &Frame, buf: &mut BytesMut) {
         Frame::NoticeAck { transfer_id } => buf.put_slice(&transfer_id.0),
         Frame::Announce {
             transfer_id,
-            chunk_size,
-            first_file,
+            chunk_size: first,
+            file_sizes,
+        }
+        | Frame::AnnounceMore {
+            transfer_id,
+            first_file: first,
             file_sizes,
         } => {
             buf.put_slice(&transfer_id.0);
-            buf.put_u32(*chunk_size);
-            buf.put_u32(*first_file);
+            buf.put_u32(*first);
             buf.put_u32(u32::try_from(file_sizes.len()).unwrap_or(u32::MAX));
             for &size in file_sizes {
                 buf.put_u64(size);
@@ -395,7 +409,7 @@ impl FrameDecoder {
             return Ok(None);
         };
         let kind = header[0];
-        if !(HELLO..=ANNOUNCED).contains(&kind) {
+        if !(HELLO..=ANNOUNCE_MORE).contains(&kind) {
             return Err(ProtoError::UnknownFrame(kind));
         }
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
@@ -500,10 +514,10 @@ fn decode_payload(kind: u8, payload: Bytes, limits: &Limits) -> Result<Frame, Pr
         NOTICE_ACK => Frame::NoticeAck {
             transfer_id: TransferId(r.array()?),
         },
-        ANNOUNCE => {
+        ANNOUNCE | ANNOUNCE_MORE => {
             let transfer_id = TransferId(r.array()?);
-            let chunk_size = r.u32()?;
-            let first_file = r.u32()?;
+            // The chunk size, or the number of files announced before.
+            let first = r.u32()?;
             let count = r.u32()?;
             // Bounded by the frame's length; what the limits allow, the receiver decides
             // (and answers: an announcement over them is not taken, not a broken stream).
@@ -513,11 +527,18 @@ fn decode_payload(kind: u8, payload: Bytes, limits: &Limits) -> Result<Frame, Pr
                 });
             }
             let file_sizes = (0..count).map(|_| r.u64()).collect::<Result<_, _>>()?;
-            Frame::Announce {
-                transfer_id,
-                chunk_size,
-                first_file,
-                file_sizes,
+            if kind == ANNOUNCE {
+                Frame::Announce {
+                    transfer_id,
+                    chunk_size: first,
+                    file_sizes,
+                }
+            } else {
+                Frame::AnnounceMore {
+                    transfer_id,
+                    first_file: first,
+                    file_sizes,
+                }
             }
         }
         ANNOUNCED => Frame::Announced {
@@ -671,11 +692,18 @@ mod tests {
                 proptest::collection::vec(any::<u64>(), 0..6)
             )
                 .prop_map(|(id, chunk_size, first_file, file_sizes)| {
-                    Frame::Announce {
-                        transfer_id: TransferId(id),
-                        chunk_size,
-                        first_file,
-                        file_sizes,
+                    if first_file % 2 == 0 {
+                        Frame::Announce {
+                            transfer_id: TransferId(id),
+                            chunk_size,
+                            file_sizes,
+                        }
+                    } else {
+                        Frame::AnnounceMore {
+                            transfer_id: TransferId(id),
+                            first_file,
+                            file_sizes,
+                        }
                     }
                 }),
             (any::<[u8; 16]>(), any::<bool>()).prop_map(|(id, taken)| Frame::Announced {
@@ -744,8 +772,12 @@ mod tests {
             Frame::Announce {
                 transfer_id: TransferId([5; 16]),
                 chunk_size: 1 << 20,
-                first_file: 2,
                 file_sizes: vec![0, 3 << 20, 1],
+            },
+            Frame::AnnounceMore {
+                transfer_id: TransferId([5; 16]),
+                first_file: 3,
+                file_sizes: vec![7],
             },
             Frame::Announced {
                 transfer_id: TransferId([5; 16]),
@@ -820,8 +852,8 @@ mod tests {
             Err(ProtoError::Truncated { .. })
         ));
         let mut dec = FrameDecoder::new(Limits::default());
-        dec.push(&[0x0f, 0, 0, 0, 0]);
-        assert_eq!(dec.next_frame(), Err(ProtoError::UnknownFrame(0x0f)));
+        dec.push(&[0x10, 0, 0, 0, 0]);
+        assert_eq!(dec.next_frame(), Err(ProtoError::UnknownFrame(0x10)));
     }
 
     #[test]
@@ -839,7 +871,6 @@ mod tests {
             &Frame::Announce {
                 transfer_id: TransferId([1; 16]),
                 chunk_size: 0,
-                first_file: 7,
                 file_sizes: vec![1, 1, 1],
             },
             &mut wire,
@@ -847,16 +878,15 @@ mod tests {
         dec.push(&wire);
         assert!(matches!(
             dec.next_frame(),
-            Ok(Some(Frame::Announce { first_file: 7, .. }))
+            Ok(Some(Frame::Announce { chunk_size: 0, .. }))
         ));
         // A count the payload cannot hold is refused before anything is allocated for it.
         let mut dec = FrameDecoder::new(Limits::default());
         let mut p = BytesMut::new();
-        p.put_u8(ANNOUNCE);
-        p.put_u32(28);
+        p.put_u8(ANNOUNCE_MORE);
+        p.put_u32(24);
         p.put_slice(&[1; 16]);
         p.put_u32(4);
-        p.put_u32(0);
         p.put_u32(50_000);
         dec.push(&p);
         assert!(matches!(

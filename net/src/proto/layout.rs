@@ -11,6 +11,11 @@
 //! the announced order ([`Layout::is_prefix_of`]).
 
 use super::manifest::{ChunkLocation, Manifest, check_chunk_size, chunks_for};
+
+/// Most files one transfer may announce before its offer (all its announcements together): a
+/// receiver holds each one open until the offer, and a transfer of more files sends the
+/// rest after it. Bounds, too, what a sender can make a receiver redo per announcement.
+pub const MAX_ANNOUNCED_FILES: usize = 1024;
 use super::{Limits, ProtoError};
 
 /// Chunk size and file sizes, in manifest order, checked against [`Limits`].

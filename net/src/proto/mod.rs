@@ -80,7 +80,7 @@ pub use frame::{
     ChunkHeader, FRAME_HEADER_LEN, Frame, FrameDecoder, MAX_CONSISTENCY_HASHES,
     MAX_WITNESS_NOTE_LEN, NOTICES_VERSION, WITNESS_VERSION, encode,
 };
-pub use layout::Layout;
+pub use layout::{Layout, MAX_ANNOUNCED_FILES};
 pub use manifest::{
     ChunkHasher, ChunkLocation, FileEntry, MANIFEST_MAGIC, MANIFEST_VERSION, Manifest,
     ManifestBuilder, check_process_id,

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::wire::truncate_str;
 use super::{
     ChunkHeader, ChunkLocation, ChunkSet, Digest, ErrorCode, Frame, Layout, Limits,
-    MAX_SENT_TEXT_LEN, Manifest, PROTOCOL_VERSION, ProtoError, TransferId,
+    MAX_ANNOUNCED_FILES, MAX_SENT_TEXT_LEN, Manifest, PROTOCOL_VERSION, ProtoError, TransferId,
 };
 
 /// Tuning for a [`Receiver`].
@@ -106,8 +106,10 @@ pub struct Receiver {
     cfg: ReceiverConfig,
     state: State,
     offer: Option<(Bytes, Bytes)>,
-    /// The `Announce` taken before the offer, if any.
-    announced: Option<(TransferId, Layout)>,
+    /// What was announced before the offer, if anything: the transfer and every file
+    /// announced so far, or `None` in its place once an announcement was not taken (the
+    /// sender announces nothing more after that).
+    announced: Option<(TransferId, Option<Layout>)>,
     manifest: Option<Arc<Manifest>>,
     good: ChunkSet,
     /// Chunks whose stream passed [`Receiver::chunk_header`] and has not
@@ -185,38 +187,33 @@ impl Receiver {
             Frame::Announce {
                 transfer_id,
                 chunk_size,
+                file_sizes,
+            } if self.state == State::AwaitOffer => {
+                if self.announced.is_some() {
+                    return self.fail(ProtoError::Conflicting { what: "Announce" });
+                }
+                let layout = Layout::new(chunk_size, file_sizes, &self.limits);
+                self.stage(transfer_id, layout, false);
+                Ok(())
+            }
+            Frame::AnnounceMore {
+                transfer_id,
                 first_file,
                 file_sizes,
             } if self.state == State::AwaitOffer => {
                 let grown = match &self.announced {
-                    None if first_file == 0 => Layout::new(chunk_size, file_sizes, &self.limits),
-                    Some((id, layout))
-                        if *id == transfer_id
-                            && layout.chunk_size() == chunk_size
-                            && layout.file_count() == first_file as usize =>
+                    Some((id, Some(layout)))
+                        if *id == transfer_id && layout.file_count() == first_file as usize =>
                     {
                         layout.extended(&file_sizes, &self.limits)
                     }
-                    _ => return self.fail(ProtoError::Conflicting { what: "Announce" }),
-                };
-                match grown {
-                    Ok(layout) => {
-                        self.announced = Some((transfer_id, layout.clone()));
-                        self.actions.push_back(ReceiverAction::Stage {
-                            transfer_id,
-                            layout,
-                            extends: first_file > 0,
+                    _ => {
+                        return self.fail(ProtoError::Conflicting {
+                            what: "AnnounceMore",
                         });
                     }
-                    // Over the limits (or no files): not taken, and the stream goes on to
-                    // the offer, which is judged on its own.
-                    Err(_) => self
-                        .actions
-                        .push_back(ReceiverAction::SendFrame(Frame::Announced {
-                            transfer_id,
-                            taken: false,
-                        })),
-                }
+                };
+                self.stage(transfer_id, grown, true);
                 Ok(())
             }
             Frame::Error { code, text } => {
@@ -231,6 +228,42 @@ impl Receiver {
                 self.fail(ProtoError::UnexpectedFrame { frame, state })
             }
         }
+    }
+
+    /// An announcement's layout, every file announced so far: staged if it is within the
+    /// limits (and [`MAX_ANNOUNCED_FILES`]), else answered "not taken" here. The stream goes
+    /// on to the offer either way, which is judged on its own.
+    fn stage(
+        &mut self,
+        transfer_id: TransferId,
+        layout: Result<Layout, ProtoError>,
+        extends: bool,
+    ) {
+        match layout {
+            Ok(layout) if layout.file_count() <= MAX_ANNOUNCED_FILES => {
+                self.announced = Some((transfer_id, Some(layout.clone())));
+                self.actions.push_back(ReceiverAction::Stage {
+                    transfer_id,
+                    layout,
+                    extends,
+                });
+            }
+            _ => {
+                self.announcement_not_taken(transfer_id);
+                self.actions
+                    .push_back(ReceiverAction::SendFrame(Frame::Announced {
+                        transfer_id,
+                        taken: false,
+                    }));
+            }
+        }
+    }
+
+    /// The caller did not take the last announcement of `transfer_id` (after
+    /// [`ReceiverAction::Stage`]) and answered so: the sender announces nothing more, and a
+    /// further announcement is a protocol error.
+    pub fn announcement_not_taken(&mut self, transfer_id: TransferId) {
+        self.announced = Some((transfer_id, None));
     }
 
     fn offer(&mut self, manifest_bytes: Bytes, signature: Bytes) -> Result<(), ProtoError> {
@@ -529,10 +562,17 @@ mod tests {
         }
     }
 
-    fn announce(id: TransferId, chunk_size: u32, first_file: u32, sizes: &[u64]) -> Frame {
+    fn announce(id: TransferId, chunk_size: u32, sizes: &[u64]) -> Frame {
         Frame::Announce {
             transfer_id: id,
             chunk_size,
+            file_sizes: sizes.to_vec(),
+        }
+    }
+
+    fn more(id: TransferId, first_file: u32, sizes: &[u64]) -> Frame {
+        Frame::AnnounceMore {
+            transfer_id: id,
             first_file,
             file_sizes: sizes.to_vec(),
         }
@@ -543,8 +583,8 @@ mod tests {
         let (m, _) = build(&[6, 0, 3], 4);
         let id = m.transfer_id;
         let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
-        r.handle_frame(announce(id, 4, 0, &[6])).unwrap();
-        r.handle_frame(announce(id, 4, 1, &[0, 3])).unwrap();
+        r.handle_frame(announce(id, 4, &[6])).unwrap();
+        r.handle_frame(more(id, 1, &[0, 3])).unwrap();
         assert_eq!(
             drain(&mut r),
             vec![
@@ -571,34 +611,34 @@ mod tests {
         ));
         // Once the offer is in, an announcement is out of place.
         assert!(matches!(
-            r.handle_frame(announce(id, 4, 3, &[1])),
+            r.handle_frame(more(id, 3, &[1])),
             Err(ProtoError::UnexpectedFrame {
-                frame: "Announce",
+                frame: "AnnounceMore",
                 ..
             })
         ));
 
-        // An announcement of another transfer, another chunk size, a repeat, or one that
-        // leaves a gap conflicts with the first; so does growing nothing.
-        for wrong in [
-            announce(TransferId([9; 16]), 4, 1, &[1]),
-            announce(id, 8, 1, &[1]),
-            announce(id, 4, 0, &[6]),
-            announce(id, 4, 2, &[1]),
+        // A second announcement, more files of another transfer, or more files that leave a
+        // gap conflict with the first; so do more files of nothing announced.
+        for (wrong, what) in [
+            (announce(id, 4, &[6]), "Announce"),
+            (more(TransferId([9; 16]), 1, &[1]), "AnnounceMore"),
+            (more(id, 2, &[1]), "AnnounceMore"),
+            (more(id, 0, &[1]), "AnnounceMore"),
         ] {
             let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
-            r.handle_frame(announce(id, 4, 0, &[6])).unwrap();
+            r.handle_frame(announce(id, 4, &[6])).unwrap();
             let err = r.handle_frame(wrong).unwrap_err();
-            assert!(matches!(err, ProtoError::Conflicting { what: "Announce" }));
+            assert!(matches!(err, ProtoError::Conflicting { what: w } if w == what));
             assert!(r.is_failed());
         }
         let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
-        let err = r.handle_frame(announce(id, 4, 1, &[6])).unwrap_err();
-        assert!(matches!(err, ProtoError::Conflicting { what: "Announce" }));
+        let err = r.handle_frame(more(id, 0, &[6])).unwrap_err();
+        assert!(matches!(err, ProtoError::Conflicting { .. }));
     }
 
     #[test]
-    fn an_announcement_over_the_limits_is_answered_not_taken_and_the_stream_goes_on() {
+    fn an_announcement_over_the_limits_is_answered_not_taken_and_nothing_more_is_announced() {
         let limits = Limits {
             max_files: 2,
             max_chunks: 4,
@@ -610,31 +650,43 @@ mod tests {
             taken: false,
         });
         for over in [
-            announce(id, 4, 0, &[1, 1, 1]),
-            announce(id, 4, 0, &[17]),
-            announce(id, 0, 0, &[1]),
-            announce(id, 4, 0, &[]),
+            announce(id, 4, &[1, 1, 1]),
+            announce(id, 4, &[17]),
+            announce(id, 0, &[1]),
+            announce(id, 4, &[]),
         ] {
             let mut r = Receiver::new(limits, ReceiverConfig::default());
             r.handle_frame(over).unwrap();
             assert_eq!(drain(&mut r), vec![not_taken.clone()]);
             assert!(!r.is_failed());
+            // After a refusal the sender announces nothing more.
+            assert!(r.handle_frame(more(id, 1, &[1])).is_err());
         }
-        // Growing past the limits is not taken either; what was taken stays.
+        // Growing past the limits is not taken either, and ends the announcing.
         let mut r = Receiver::new(limits, ReceiverConfig::default());
-        r.handle_frame(announce(id, 4, 0, &[8])).unwrap();
-        r.handle_frame(announce(id, 4, 1, &[9])).unwrap();
+        r.handle_frame(announce(id, 4, &[8])).unwrap();
+        r.handle_frame(more(id, 1, &[9])).unwrap();
         let actions = drain(&mut r);
         assert!(matches!(
             actions[0],
             ReceiverAction::Stage { extends: false, .. }
         ));
         assert_eq!(actions[1], not_taken);
-        r.handle_frame(announce(id, 4, 1, &[8])).unwrap();
-        assert!(matches!(
-            &drain(&mut r)[..],
-            [ReceiverAction::Stage { extends: true, .. }]
-        ));
+        assert!(r.handle_frame(more(id, 1, &[8])).is_err());
+
+        // More files than a receiver holds open for one transfer are not taken either.
+        let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
+        r.handle_frame(announce(id, 4, &vec![1; MAX_ANNOUNCED_FILES]))
+            .unwrap();
+        r.handle_frame(more(id, MAX_ANNOUNCED_FILES as u32, &[1]))
+            .unwrap();
+        assert_eq!(drain(&mut r)[1], not_taken);
+
+        // The caller not taking an announcement ends it the same way.
+        let mut r = Receiver::new(Limits::default(), ReceiverConfig::default());
+        r.handle_frame(announce(id, 4, &[8])).unwrap();
+        r.announcement_not_taken(id);
+        assert!(r.handle_frame(more(id, 1, &[1])).is_err());
     }
 
     #[test]

@@ -296,6 +296,7 @@ impl Sender {
             Frame::NoticeAck { .. } => return self.unexpected("NoticeAck"),
             Frame::Announce { .. } => return self.unexpected("Announce"),
             Frame::Announced { .. } => return self.unexpected("Announced"),
+            Frame::AnnounceMore { .. } => return self.unexpected("AnnounceMore"),
         }
         self.pump();
         Ok(())

@@ -358,6 +358,10 @@ fn sigterm_mid_send_stops_it_and_the_restart_resumes_from_the_gateways_chunks() 
     let d = Deployment::new().unwrap();
     let drain = Duration::from_secs(2);
     d.set("edge.toml", "drain", "timeout", "\"2s\"").unwrap();
+    // Sent after the commit, so that the send is half-way on the link when the drain comes
+    // (streamed while it was uploaded, it could all be at the gateway before the commit).
+    d.set("edge.toml", "transport", "stream_while_sealing", "false")
+        .unwrap();
     let gateway = d.serve(&d.gateway_config()).unwrap();
     let edge = d.serve(&d.edge_config()).unwrap();
     let api = Api { d: &d };

@@ -261,6 +261,10 @@ impl IngestStore {
         };
         if let Err(e) = self.check_size(hospital, id, &files).await {
             lock(&transfer.state).committed = false;
+            if matches!(e, IngestError::Refused(_)) {
+                // It can only grow: nothing streamed of it will be offered.
+                self.drop_stream(id);
+            }
             return Err(e);
         }
         match self.seal(id, &files).await {
@@ -446,6 +450,7 @@ impl IngestStore {
                     Err(IngestError::Conflict(_)) => return, // sealed meanwhile
                     Err(e) => {
                         error!(transfer = %id, error = %e, "association transfer not sealed; it stays in the spool and the next start tries again");
+                        store.drop_stream(&id);
                         return;
                     }
                 }

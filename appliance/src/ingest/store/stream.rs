@@ -15,12 +15,14 @@
 //!
 //! Streaming is an optimisation, never a condition: a transfer whose streamer cannot dial,
 //! is not taken by the gateway, falls behind or is one more than `transport.max_transfers`
-//! streaming at once is simply sent after its commit, as before. `transport.stream_while_sealing
-//! = false` turns it off.
+//! streaming at once is simply sent after its commit, as before. A transfer that stores no
+//! file for [`IDLE_LIMIT`] stops streaming and gives up its connection (and what the gateway
+//! staged), so an open transfer a hospital leaves alone holds nothing on the link.
+//! `transport.stream_while_sealing = false` turns it off.
 //!
 //! What this file must not do: stream a byte that is not in a stored file, or make an
 //! upload, a commit or a send wait on the link (the hand-over waits at most
-//! [`HANDOVER_WAIT`]).
+//! [`HANDOVER_WAIT`] for the streamer to stop, and not for chunks under way).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,10 @@ use crate::transfer_dir::TransferDir;
 /// Longest a send waits for its transfer's streamer to stop before it offers on a new
 /// connection instead (a streamer still dialling a gateway that does not answer).
 pub(super) const HANDOVER_WAIT: Duration = Duration::from_secs(2);
+
+/// Longest a streamer waits for the next stored file: then it ends, and its connection
+/// closes.
+pub(super) const IDLE_LIMIT: Duration = Duration::from_secs(120);
 
 /// The streamers of open transfers.
 #[derive(Debug, Default)]
@@ -85,7 +91,7 @@ impl IngestStore {
         let stats = Arc::new(SendStats::default());
         let announcer = Arc::new(Announcer::new(*id, layout, stats.clone()));
         let (files, rx) = mpsc::unbounded_channel();
-        let pump = tokio::spawn(pump(
+        let pump = tokio::spawn(run(
             self.clone(),
             *id,
             name.to_owned(),
@@ -123,7 +129,9 @@ impl IngestStore {
             info!(transfer = %id, "the streamer did not stop in time; the offer goes on a new connection");
             pump.abort();
         }
-        let early = announcer.finish().await;
+        // Chunks still under way go on, on the connection handed over; the gateway waits for
+        // them at the offer.
+        let early = announcer.hand_over().await;
         let wire = stats.wire_bytes();
         info!(transfer = %id, streamed_wire_bytes = wire, chunks = early.as_ref().map_or(0, |e| e.streamed.len()),
               "streaming before the offer ended");
@@ -138,13 +146,56 @@ impl IngestStore {
         };
         s.announcer.stop();
         s.pump.abort();
-        tokio::spawn(async move {
-            if let Some(early) = s.announcer.finish().await {
-                early
-                    .conn
-                    .close(crate::link::CLOSE_SHUTDOWN.into(), b"transfer abandoned");
-            }
-        });
+        tokio::spawn(close(s.announcer));
+    }
+
+    /// Removes `announcer`'s streamer from the table, if it is still there.
+    fn forget_stream(&self, id: &TransferId, announcer: &Arc<Announcer>) {
+        let mut streams = lock(&self.inner.streams.by_transfer);
+        if streams
+            .get(id)
+            .is_some_and(|s| Arc::ptr_eq(&s.announcer, announcer))
+        {
+            streams.remove(id);
+        }
+    }
+}
+
+/// Closes a streamer's connection: the gateway throws away what it staged.
+async fn close(announcer: Arc<Announcer>) {
+    if let Some(early) = announcer.hand_over().await {
+        early
+            .conn
+            .close(crate::link::CLOSE_SHUTDOWN.into(), b"streaming ended");
+    }
+}
+
+/// How a streamer's pump ended.
+enum PumpEnd {
+    /// The files stopped coming (the send took the connection, or the transfer ended), or
+    /// streaming stopped: the connection, if up, waits for the hand-over.
+    Done,
+    /// No file was stored for [`IDLE_LIMIT`].
+    Idle,
+}
+
+/// Runs the pump, then lets go of a streamer whose connection is gone or idle, so that it
+/// holds no slot.
+async fn run(
+    store: IngestStore,
+    id: TransferId,
+    first: String,
+    announcer: Arc<Announcer>,
+    files: mpsc::UnboundedReceiver<(String, u64)>,
+) {
+    let end = pump(store.clone(), id, first, announcer.clone(), files).await;
+    let idle = matches!(end, PumpEnd::Idle);
+    if idle || !announcer.has_link() {
+        store.forget_stream(&id, &announcer);
+        if idle {
+            info!(transfer = %id, idle = ?IDLE_LIMIT, "no file stored for a while: streaming ended");
+            close(announcer).await;
+        }
     }
 }
 
@@ -157,12 +208,12 @@ async fn pump(
     first: String,
     announcer: Arc<Announcer>,
     mut files: mpsc::UnboundedReceiver<(String, u64)>,
-) {
+) -> PumpEnd {
     let edge = &store.inner.edge;
     let spool = edge.spool().clone();
     let dir = TransferDir::new(&store.inner.spool_dir, &id);
     if !edge.announce(&announcer).await {
-        return;
+        return PumpEnd::Done;
     }
     let mut number = 0;
     let mut batch = vec![first];
@@ -173,8 +224,10 @@ async fn pump(
                 .await;
             number += 1;
         }
-        let Some(next) = files.recv().await else {
-            return;
+        let next = match tokio::time::timeout(IDLE_LIMIT, files.recv()).await {
+            Ok(Some(next)) => next,
+            Ok(None) => return PumpEnd::Done,
+            Err(_) => return PumpEnd::Idle,
         };
         let mut sizes = vec![next.1];
         batch.push(next.0);
@@ -184,10 +237,18 @@ async fn pump(
         }
         match announcer.announce_more(&sizes).await {
             Ok(true) => {}
-            Ok(false) => return,
+            // Streaming stopped (not taken, or handed over): the connection waits for the
+            // offer, as long as files keep coming.
+            Ok(false) => loop {
+                match tokio::time::timeout(IDLE_LIMIT, files.recv()).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return PumpEnd::Done,
+                    Err(_) => return PumpEnd::Idle,
+                }
+            },
             Err(e) => {
                 debug!(transfer = %id, error = %e, "streaming stopped; the rest is sent after the commit");
-                return;
+                return PumpEnd::Done;
             }
         }
     }
