@@ -54,6 +54,8 @@ pub(super) struct Streams {
 /// One open transfer's streaming.
 #[derive(Debug)]
 struct Streamer {
+    /// The hospital whose transfer it is.
+    hospital: String,
     /// Files stored after the first, in order: `(name, size)`.
     files: mpsc::UnboundedSender<(String, u64)>,
     announcer: Arc<Announcer>,
@@ -64,11 +66,18 @@ struct Streamer {
 }
 
 impl IngestStore {
-    /// File `name` of `size` bytes, number `number` in transfer `id`'s stored order, was
-    /// stored: the first starts the transfer's streamer (when streaming is on and fewer than
-    /// `transport.max_transfers` stream), the others go to it. Called with the transfer's
-    /// state locked, so that files reach the streamer in their stored order.
-    pub(super) fn file_stored(&self, id: &TransferId, number: usize, name: &str, size: u64) {
+    /// File `name` of `size` bytes, number `number` in `hospital`'s transfer `id`'s stored
+    /// order, was stored: the first starts the transfer's streamer (when streaming is on and
+    /// [`may_stream`] allows it), the others go to it. Called with the transfer's state
+    /// locked, so that files reach the streamer in their stored order.
+    pub(super) fn file_stored(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        number: usize,
+        name: &str,
+        size: u64,
+    ) {
         let mut streams = lock(&self.inner.streams.by_transfer);
         if number > 0 {
             if let Some(s) = streams.get(id) {
@@ -79,7 +88,11 @@ impl IngestStore {
         let cfg = self.inner.edge.config();
         if !cfg.transport.stream_while_sealing
             || cfg.transport.connect.is_none()
-            || streams.len() >= cfg.transport.max_transfers
+            || !may_stream(
+                streams.values().map(|s| s.hospital.as_str()),
+                hospital,
+                cfg.transport.max_transfers,
+            )
             || streams.contains_key(id)
         {
             return;
@@ -101,6 +114,7 @@ impl IngestStore {
         streams.insert(
             *id,
             Streamer {
+                hospital: hospital.to_owned(),
                 files,
                 announcer,
                 pump,
@@ -119,6 +133,7 @@ impl IngestStore {
             announcer,
             mut pump,
             stats,
+            ..
         } = s;
         drop(files);
         announcer.stop();
@@ -159,6 +174,21 @@ impl IngestStore {
             streams.remove(id);
         }
     }
+}
+
+/// Whether `hospital` may start one more streamer beside those of `streaming` (their
+/// hospitals): at most `max` (`transport.max_transfers`) stream, and one hospital holds at
+/// most half of them, rounded up, so that another hospital's transfer can stream beside a
+/// hospital uploading many at once (when `max` is 2 or more).
+fn may_stream<'a>(streaming: impl Iterator<Item = &'a str>, hospital: &str, max: usize) -> bool {
+    let (mut all, mut theirs) = (0, 0);
+    for h in streaming {
+        all += 1;
+        if h == hospital {
+            theirs += 1;
+        }
+    }
+    all < max && theirs < max.div_ceil(2)
 }
 
 /// Closes a streamer's connection: the gateway throws away what it staged.
@@ -251,5 +281,27 @@ async fn pump(
                 return PumpEnd::Done;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::may_stream;
+
+    #[test]
+    fn one_hospital_takes_at_most_half_the_streaming_slots() {
+        let none: [&str; 0] = [];
+        assert!(may_stream(none.into_iter(), "a", 4));
+        assert!(may_stream(["a"].into_iter(), "a", 4));
+        assert!(!may_stream(["a", "a"].into_iter(), "a", 4));
+        // Another hospital still streams beside it, up to the slots.
+        assert!(may_stream(["a", "a"].into_iter(), "b", 4));
+        assert!(may_stream(["a", "a", "b"].into_iter(), "b", 4));
+        assert!(!may_stream(["a", "a", "b", "b"].into_iter(), "c", 4));
+        // Half rounded up: with 3 slots, 2; with 1, the one.
+        assert!(may_stream(["a"].into_iter(), "a", 3));
+        assert!(!may_stream(["a", "a"].into_iter(), "a", 3));
+        assert!(may_stream(none.into_iter(), "a", 1));
+        assert!(!may_stream(["b"].into_iter(), "a", 1));
     }
 }

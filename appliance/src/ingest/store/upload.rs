@@ -457,8 +457,13 @@ impl FileUpload {
         st.files.insert(self.name.clone(), size);
         st.order.push(self.name.clone());
         // Under the state's lock: files reach the streamer in the order they are listed.
-        self.store
-            .file_stored(&self.id, st.order.len() - 1, &self.name, size);
+        self.store.file_stored(
+            &self.hospital,
+            &self.id,
+            st.order.len() - 1,
+            &self.name,
+            size,
+        );
         drop(st);
         self.transfer.touch();
         info!(transfer = %self.id, file = %self.name, size, "file received");
