@@ -23,7 +23,7 @@
 //! those chunks are sent after the offer. The gateway counts nothing streamed until the
 //! signed manifest says what it must be ([`crate::gateway`]'s staging).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -50,9 +50,17 @@ pub struct EarlyLink {
     pub writer: FrameWriter,
     /// Frames from the gateway on that stream.
     pub frames: mpsc::Receiver<Result<baylink_net::proto::Frame, LinkError>>,
-    /// Chunks whose streams the gateway's transport acknowledged whole (not necessarily
-    /// read by the gateway yet, nor taken: its `Have` says).
+    /// Chunks whose streams the gateway's transport acknowledged whole, and after a
+    /// [`Announcer::hand_over`] those still under way (not necessarily read by the gateway
+    /// yet, nor taken: its `Have` says, and a verdict on them may come after it).
     pub streamed: Vec<u32>,
+}
+
+/// Which chunks were streamed, and which are being streamed.
+#[derive(Debug, Default)]
+struct Chunks {
+    under_way: HashSet<u32>,
+    streamed: Vec<u32>,
 }
 
 /// Announces one transfer and streams its chunks: as the seal reads them
@@ -74,9 +82,9 @@ pub struct Announcer {
     /// The chunk each file is streaming now, if it is being streamed.
     current: Mutex<HashMap<usize, Current>>,
     /// The chunk streams' tasks still running (or not yet reaped).
-    tasks: Mutex<JoinSet<Option<u32>>>,
-    /// Chunks whose streams the gateway's transport acknowledged whole, from reaped tasks.
-    streamed: Mutex<Vec<u32>>,
+    tasks: Mutex<JoinSet<()>>,
+    /// What they streamed; each task records its chunk as it ends.
+    chunks: Arc<Mutex<Chunks>>,
     /// Where streamed payload bytes are counted ([`super::send::SendStats::wire_bytes`]).
     wire_bytes: Arc<super::send::SendStats>,
 }
@@ -109,7 +117,7 @@ impl Announcer {
             room: Arc::new(Notify::new()),
             current: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
-            streamed: Mutex::new(Vec::new()),
+            chunks: Arc::default(),
             wire_bytes: stats,
         }
     }
@@ -297,16 +305,9 @@ impl Announcer {
                 len: loc.len,
             };
             let (spool, stored, stats) = (spool.clone(), stored.clone(), self.wire_bytes.clone());
-            self.spawn(async move {
+            self.spawn(index, async move {
                 let _release = reserved;
-                match stream_stored_chunk(&conn, &spool, &stored, header, loc.offset, &stats).await
-                {
-                    Ok(()) => Some(index),
-                    Err(e) => {
-                        debug!(chunk = index, error = %e, "chunk not streamed; it is sent after the offer");
-                        None
-                    }
-                }
+                stream_stored_chunk(&conn, &spool, &stored, header, loc.offset, &stats).await
             });
         }
     }
@@ -340,16 +341,32 @@ impl Announcer {
         })
     }
 
-    /// Runs a chunk stream's task, first collecting what the finished ones streamed.
-    fn spawn(&self, task: impl std::future::Future<Output = Option<u32>> + Send + 'static) {
+    /// Runs the task that streams chunk `index`; it records the chunk as streamed if it
+    /// ends well. (Finished tasks are reaped first.)
+    fn spawn(
+        &self,
+        index: u32,
+        task: impl std::future::Future<Output = Result<(), LinkError>> + Send + 'static,
+    ) {
+        let chunks = self.chunks.clone();
+        chunks
+            .lock()
+            .expect("announcer lock poisoned")
+            .under_way
+            .insert(index);
         let mut tasks = self.tasks.lock().expect("announcer lock poisoned");
-        let mut streamed = self.streamed.lock().expect("announcer lock poisoned");
-        while let Some(done) = tasks.try_join_next() {
-            if let Ok(Some(index)) = done {
-                streamed.push(index);
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(async move {
+            let result = task.await;
+            let mut chunks = chunks.lock().expect("announcer lock poisoned");
+            chunks.under_way.remove(&index);
+            match result {
+                Ok(()) => chunks.streamed.push(index),
+                Err(e) => {
+                    debug!(chunk = index, error = %e, "chunk not streamed; it is sent after the offer");
+                }
             }
-        }
-        tasks.spawn(task);
+        });
     }
 
     /// Ends streaming: no chunk starts any more; waits until every chunk stream has been
@@ -362,8 +379,9 @@ impl Announcer {
     }
 
     /// [`Announcer::finish`] without waiting for the chunk streams still under way: they go
-    /// on, on the connection handed over, and count as streamed only if they ended before.
-    /// (The gateway waits for them at the offer, and takes those that match.) For a send
+    /// on, on the connection handed over, and count as streamed (the gateway waits for them
+    /// at the offer and takes those that match; a verdict on one may follow its `Have`, and
+    /// one that fails is sent again like any chunk the `Have` does not list). For a send
     /// that must not wait on the link before it offers.
     pub async fn hand_over(&self) -> Option<EarlyLink> {
         self.end(false).await
@@ -377,22 +395,17 @@ impl Announcer {
             .expect("announcer lock poisoned")
             .clear();
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("announcer lock poisoned"));
-        let mut streamed =
-            std::mem::take(&mut *self.streamed.lock().expect("announcer lock poisoned"));
         if wait {
-            while let Some(done) = tasks.join_next().await {
-                if let Ok(Some(index)) = done {
-                    streamed.push(index);
-                }
-            }
+            while tasks.join_next().await.is_some() {}
         } else {
-            while let Some(done) = tasks.try_join_next() {
-                if let Ok(Some(index)) = done {
-                    streamed.push(index);
-                }
-            }
             tasks.detach_all();
         }
+        let mut streamed = {
+            let mut chunks = self.chunks.lock().expect("announcer lock poisoned");
+            let mut streamed = std::mem::take(&mut chunks.streamed);
+            streamed.extend(chunks.under_way.iter().copied());
+            streamed
+        };
         let mut link = self.link.lock().expect("announcer lock poisoned").take()?;
         if link.conn.close_reason().is_some() {
             return None;
@@ -438,15 +451,9 @@ impl Announcer {
             len,
         };
         let stats = self.wire_bytes.clone();
-        self.spawn(async move {
+        self.spawn(index, async move {
             let _release = release;
-            match stream_chunk(&conn, header, rx, &stats).await {
-                Ok(()) => Some(index),
-                Err(e) => {
-                    debug!(chunk = index, error = %e, "chunk not streamed; it is sent after the offer");
-                    None
-                }
-            }
+            stream_chunk(&conn, header, rx, &stats).await
         });
         Some(tx)
     }
