@@ -456,11 +456,13 @@ impl Edge {
     /// holding what it verified, so sending it again resumes from there. Only this send
     /// stops; a send past its last chunk (verifying and storing the receipt) finishes.
     /// `early`: the connection a sealed transfer's chunks were streamed on before its seal
-    /// (`crate::link::early`); its first attempt offers on it.
+    /// (`crate::link::early`), or its hand-over; the first attempt offers on it. The
+    /// hand-over (its chunk streams ending) is waited for like the link itself: the drain and
+    /// `yield_slot` stop it.
     pub async fn send_until(
         &self,
         request: SendRequest,
-        early: Option<crate::link::early::EarlyLink>,
+        early: Option<crate::link::early::Early>,
         observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
         yield_slot: &crate::drain::Flag,
@@ -597,7 +599,7 @@ impl Edge {
         &self,
         id: TransferId,
         request: SendRequest,
-        mut early: Option<crate::link::early::EarlyLink>,
+        mut early: Option<crate::link::early::Early>,
         observer: &dyn SendObserver,
         stats: &Arc<SendStats>,
         started: Instant,
@@ -650,7 +652,7 @@ impl Edge {
                 }
                 .map_err(hsm_failure)?;
                 if let Some(a) = &announcer {
-                    early = a.finish().await;
+                    early = a.finish().await.map(crate::link::early::Early::Link);
                 }
                 (sealed, _lock)
             }
@@ -680,13 +682,8 @@ impl Edge {
         let seal_seconds = started.elapsed().as_secs_f64();
 
         let transmit_started = Instant::now();
-        let streamed_bytes: u64 = early.as_ref().map_or(0, |e| {
-            e.streamed
-                .iter()
-                .filter_map(|i| out.manifest.chunk(*i))
-                .map(|c| u64::from(c.len))
-                .sum()
-        });
+        // What was streamed before the offer, once the early link is at hand (`transmit`).
+        let streamed_bytes = AtomicU64::new(0);
         let (receipt, wire_bytes) = if dir.has_receipt() {
             // Already confirmed by an earlier run: verify what is stored and report.
             let receipt =
@@ -705,7 +702,7 @@ impl Edge {
             // gateway verified it makes durable when the connection closes, so the next start
             // resumes from there.
             let d = tokio::select! {
-                d = self.transmit(&out, &progress, stats, early) => d?,
+                d = self.transmit(&out, &progress, stats, early, &streamed_bytes) => d?,
                 () = self.stop.wait() => {
                     info!(transfer = %id, "send stopped by the drain; it resumes at the next start");
                     return Err(SendFailure::Stopped);
@@ -771,7 +768,7 @@ impl Edge {
             seal_seconds,
             cloned_bytes: progress.cloned_bytes.load(Ordering::Relaxed),
             transmit_seconds: transmit_started.elapsed().as_secs_f64(),
-            streamed_bytes,
+            streamed_bytes: streamed_bytes.load(Ordering::Relaxed),
             delivery: None,
             not_delivered: None,
         })
@@ -838,7 +835,8 @@ impl Edge {
         out: &Outgoing,
         progress: &Observed<'_>,
         stats: &Arc<SendStats>,
-        mut early: Option<crate::link::early::EarlyLink>,
+        mut early: Option<crate::link::early::Early>,
+        streamed_bytes: &AtomicU64,
     ) -> Result<Delivered, SendFailure> {
         let connect = self
             .cfg
@@ -850,7 +848,19 @@ impl Edge {
         let mut lost_since: Option<Instant> = None;
         loop {
             let sent_before = stats.wire_bytes();
-            let announced = early.take();
+            let announced = match early.take() {
+                Some(e) => e.link().await,
+                None => None,
+            };
+            if let Some(e) = &announced {
+                let bytes = e
+                    .streamed
+                    .iter()
+                    .filter_map(|i| out.manifest.chunk(*i))
+                    .map(|c| u64::from(c.len))
+                    .sum();
+                streamed_bytes.store(bytes, Ordering::Relaxed);
+            }
             let attempt = async {
                 let cfg = SenderConfig {
                     max_in_flight: self.cfg.transport.max_in_flight,

@@ -556,4 +556,8 @@ async fn an_announcement_left_idle_ends_but_not_while_a_chunk_arrives() {
             .is_err()
     );
     assert!(tokio::time::timeout(IDLE_LIMIT * 2, s.idle()).await.is_ok());
+    // Idle, it is closed at once: no chunk begins between the verdict and its removal.
+    assert!(s.closed());
+    let late = baylink_net::proto::ChunkHeader { index: 1, ..header };
+    assert!(s.begin(&late).is_err());
 }

@@ -69,8 +69,6 @@ pub(super) struct Staged {
     state: Mutex<State>,
     /// Signalled whenever a chunk stops arriving.
     settled: Notify,
-    /// When a chunk last began or ended, or files were last announced.
-    active_at: Mutex<tokio::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -87,6 +85,8 @@ struct State {
     closed: bool,
     /// Thrown away: chunks still arriving stop, and none is recorded.
     discarded: bool,
+    /// When a chunk last began or ended, or files were last announced.
+    active_at: tokio::time::Instant,
 }
 
 impl Staged {
@@ -101,28 +101,20 @@ impl Staged {
         self.state.lock().expect("staging lock poisoned").closed
     }
 
-    fn touch(&self) {
-        *self.active_at.lock().expect("staging lock poisoned") = tokio::time::Instant::now();
-    }
-
     /// Returns once the announcement has gone [`IDLE_LIMIT`] with no chunk arriving, none
-    /// beginning or ending, and no more files announced.
+    /// beginning or ending, and no more files announced; it is then closed (no chunk begins
+    /// any more), for the caller to throw away.
     pub(super) async fn idle(&self) {
         loop {
-            let since = *self.active_at.lock().expect("staging lock poisoned");
+            let since = self.state.lock().expect("staging lock poisoned").active_at;
             tokio::time::sleep_until(since + IDLE_LIMIT).await;
-            let quiet = self
-                .state
-                .lock()
-                .expect("staging lock poisoned")
-                .arriving
-                .is_empty();
-            let still = *self.active_at.lock().expect("staging lock poisoned") == since;
-            if quiet && still {
+            let mut state = self.state.lock().expect("staging lock poisoned");
+            if !state.arriving.is_empty() {
+                // A chunk still arriving, however slowly, is activity.
+                state.active_at = tokio::time::Instant::now();
+            } else if state.active_at == since {
+                state.closed = true;
                 return;
-            }
-            if !quiet {
-                self.touch();
             }
         }
     }
@@ -176,10 +168,8 @@ impl Staged {
         if state.got.contains_key(&header.index) || !state.arriving.insert(header.index) {
             return Err(format!("chunk {} is already staged", header.index));
         }
-        let file = state.files[loc.file].clone();
-        drop(state);
-        self.touch();
-        Ok((loc, file))
+        state.active_at = tokio::time::Instant::now();
+        Ok((loc, state.files[loc.file].clone()))
     }
 
     /// The stream of chunk `index` ended: with the digest of its bytes once all of them were
@@ -193,8 +183,8 @@ impl Staged {
         {
             state.got.insert(index, d);
         }
+        state.active_at = tokio::time::Instant::now();
         drop(state);
-        self.touch();
         self.settled.notify_waiters();
     }
 
@@ -297,9 +287,9 @@ pub(super) async fn announce(
             got: HashMap::new(),
             closed: false,
             discarded: false,
+            active_at: tokio::time::Instant::now(),
         }),
         settled: Notify::new(),
-        active_at: Mutex::new(tokio::time::Instant::now()),
     });
     let mut registry = gw.staged.lock().expect("registry lock poisoned");
     if registry.contains_key(&id) {
@@ -345,9 +335,9 @@ pub(super) async fn extend(gw: &Arc<Gateway>, staged: &Arc<Staged>, layout: Layo
     }
     state.files.append(&mut more);
     state.layout = layout;
+    state.active_at = tokio::time::Instant::now();
     let files = state.layout.file_count();
     drop(state);
-    staged.touch();
     debug!(transfer = %staged.id, files, "announcement grown");
     true
 }

@@ -11,8 +11,8 @@
 //! spool, as for any transfer ([`super::send`]).
 //!
 //! A transfer of the hospital doors streams the same way while its files are still
-//! arriving: each file, once stored (durable, acknowledged to the hospital, and past the
-//! transfer's DICOM gate), is announced after the ones before it ([`Announcer::announce_more`])
+//! arriving: each file, once stored (durable with its digest record, past the transfer's
+//! DICOM gate; the hospital's answer follows), is announced after the ones before it ([`Announcer::announce_more`])
 //! and its chunks are read back from the spool and streamed
 //! ([`Announcer::stream_stored`]); the transfer's manifest lists its files in that order
 //! (`crate::ingest`'s `stream`).
@@ -23,7 +23,7 @@
 //! those chunks are sent after the offer. The gateway counts nothing streamed until the
 //! signed manifest says what it must be ([`crate::gateway`]'s staging).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -50,17 +50,39 @@ pub struct EarlyLink {
     pub writer: FrameWriter,
     /// Frames from the gateway on that stream.
     pub frames: mpsc::Receiver<Result<baylink_net::proto::Frame, LinkError>>,
-    /// Chunks whose streams the gateway's transport acknowledged whole, and after a
-    /// [`Announcer::hand_over`] those still under way (not necessarily read by the gateway
-    /// yet, nor taken: its `Have` says, and a verdict on them may come after it).
+    /// Chunks whose streams the gateway's transport acknowledged whole (not necessarily
+    /// read by the gateway yet, nor taken: its `Have` says).
     pub streamed: Vec<u32>,
 }
 
-/// Which chunks were streamed, and which are being streamed.
-#[derive(Debug, Default)]
-struct Chunks {
-    under_way: HashSet<u32>,
-    streamed: Vec<u32>,
+/// The connection a transfer's chunks were streamed on before its offer: at hand (the seal
+/// ended, [`Announcer::finish`] done), or still to be handed over (a hospital transfer's
+/// streamer stopping: its chunk streams end first, which a send waits for inside its own
+/// stops).
+pub enum Early {
+    /// At hand.
+    Link(EarlyLink),
+    /// Resolves to the link once the streamer has stopped and its chunk streams have ended.
+    HandOver(std::pin::Pin<Box<dyn std::future::Future<Output = Option<EarlyLink>> + Send>>),
+}
+
+impl std::fmt::Debug for Early {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Early::Link(l) => f.debug_tuple("Link").field(l).finish(),
+            Early::HandOver(_) => f.write_str("HandOver"),
+        }
+    }
+}
+
+impl Early {
+    /// The link, waiting for the hand-over if need be.
+    pub async fn link(self) -> Option<EarlyLink> {
+        match self {
+            Early::Link(l) => Some(l),
+            Early::HandOver(h) => h.await,
+        }
+    }
 }
 
 /// Announces one transfer and streams its chunks: as the seal reads them
@@ -73,6 +95,12 @@ pub struct Announcer {
     layout: Mutex<Arc<Layout>>,
     /// The connection, once dialled and announced.
     link: Mutex<Option<Announced>>,
+    /// The connection from the moment it is dialled, whoever holds `link`: closed when the
+    /// announcer goes without handing it over (an aborted streamer, a failed seal), so no
+    /// connection outlives its use.
+    conn: std::sync::OnceLock<quinn::Connection>,
+    /// Set once [`Announcer::finish`] handed the connection over.
+    handed_over: AtomicBool,
     /// Set when streaming stops: sealing is done, or the link failed.
     stopped: AtomicBool,
     /// Bytes of chunks being streamed and not yet acknowledged.
@@ -83,8 +111,9 @@ pub struct Announcer {
     current: Mutex<HashMap<usize, Current>>,
     /// The chunk streams' tasks still running (or not yet reaped).
     tasks: Mutex<JoinSet<()>>,
-    /// What they streamed; each task records its chunk as it ends.
-    chunks: Arc<Mutex<Chunks>>,
+    /// Chunks whose streams the gateway's transport acknowledged whole; each task records
+    /// its chunk as it ends.
+    streamed: Arc<Mutex<Vec<u32>>>,
     /// Where streamed payload bytes are counted ([`super::send::SendStats::wire_bytes`]).
     wire_bytes: Arc<super::send::SendStats>,
 }
@@ -112,12 +141,14 @@ impl Announcer {
             id,
             layout: Mutex::new(Arc::new(layout)),
             link: Mutex::new(None),
+            conn: std::sync::OnceLock::new(),
+            handed_over: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             in_flight: Arc::new(AtomicU64::new(0)),
             room: Arc::new(Notify::new()),
             current: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
-            chunks: Arc::default(),
+            streamed: Arc::default(),
             wire_bytes: stats,
         }
     }
@@ -125,6 +156,7 @@ impl Announcer {
     /// Announces the transfer on `conn`: opens the control stream, sends `Hello` and
     /// `Announce`. From then on chunks the seal reads are streamed.
     pub async fn connect(&self, conn: quinn::Connection, our_id: &str) -> Result<(), LinkError> {
+        let _ = self.conn.set(conn.clone());
         let (send, recv) = conn.open_bi().await?;
         let mut writer = FrameWriter::new(send);
         writer
@@ -224,6 +256,30 @@ impl Announcer {
         }
         *self.link.lock().expect("announcer lock poisoned") = Some(link);
         Ok(taken)
+    }
+
+    /// Whether no streamed chunk waits for the gateway's acknowledgement.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0
+    }
+
+    /// Returns once the connection has closed (never, before it is dialled).
+    pub async fn closed(&self) {
+        match self.conn.get() {
+            Some(conn) => {
+                conn.closed().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Closes the connection now (the transfer will not be offered on it): the gateway
+    /// throws away what it staged.
+    pub fn close(&self) {
+        self.stop();
+        if let Some(conn) = self.conn.get() {
+            conn.close(super::CLOSE_SHUTDOWN.into(), b"streaming ended");
+        }
     }
 
     /// Whether the connection is still up (dialled, announced, not closed), whether or not
@@ -348,20 +404,15 @@ impl Announcer {
         index: u32,
         task: impl std::future::Future<Output = Result<(), LinkError>> + Send + 'static,
     ) {
-        let chunks = self.chunks.clone();
-        chunks
-            .lock()
-            .expect("announcer lock poisoned")
-            .under_way
-            .insert(index);
+        let streamed = self.streamed.clone();
         let mut tasks = self.tasks.lock().expect("announcer lock poisoned");
         while tasks.try_join_next().is_some() {}
         tasks.spawn(async move {
-            let result = task.await;
-            let mut chunks = chunks.lock().expect("announcer lock poisoned");
-            chunks.under_way.remove(&index);
-            match result {
-                Ok(()) => chunks.streamed.push(index),
+            match task.await {
+                Ok(()) => streamed
+                    .lock()
+                    .expect("announcer lock poisoned")
+                    .push(index),
                 Err(e) => {
                     debug!(chunk = index, error = %e, "chunk not streamed; it is sent after the offer");
                 }
@@ -375,19 +426,6 @@ impl Announcer {
     /// the connection closed, or the gateway already answered the announcement (an error:
     /// a gateway that does not know `Announce`), so the offer goes on a fresh connection.
     pub async fn finish(&self) -> Option<EarlyLink> {
-        self.end(true).await
-    }
-
-    /// [`Announcer::finish`] without waiting for the chunk streams still under way: they go
-    /// on, on the connection handed over, and count as streamed (the gateway waits for them
-    /// at the offer and takes those that match; a verdict on one may follow its `Have`, and
-    /// one that fails is sent again like any chunk the `Have` does not list). For a send
-    /// that must not wait on the link before it offers.
-    pub async fn hand_over(&self) -> Option<EarlyLink> {
-        self.end(false).await
-    }
-
-    async fn end(&self, wait: bool) -> Option<EarlyLink> {
         self.stop();
         // Chunks cut short by the end of streaming are reset by their tasks.
         self.current
@@ -395,17 +433,9 @@ impl Announcer {
             .expect("announcer lock poisoned")
             .clear();
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("announcer lock poisoned"));
-        if wait {
-            while tasks.join_next().await.is_some() {}
-        } else {
-            tasks.detach_all();
-        }
-        let mut streamed = {
-            let mut chunks = self.chunks.lock().expect("announcer lock poisoned");
-            let mut streamed = std::mem::take(&mut chunks.streamed);
-            streamed.extend(chunks.under_way.iter().copied());
-            streamed
-        };
+        while tasks.join_next().await.is_some() {}
+        let mut streamed =
+            std::mem::take(&mut *self.streamed.lock().expect("announcer lock poisoned"));
         let mut link = self.link.lock().expect("announcer lock poisoned").take()?;
         if link.conn.close_reason().is_some() {
             return None;
@@ -422,6 +452,7 @@ impl Announcer {
             return None;
         }
         streamed.sort_unstable();
+        self.handed_over.store(true, Ordering::SeqCst);
         Some(EarlyLink {
             conn: link.conn,
             writer: link.writer,
@@ -456,6 +487,14 @@ impl Announcer {
             stream_chunk(&conn, header, rx, &stats).await
         });
         Some(tx)
+    }
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        if !self.handed_over.load(Ordering::SeqCst) {
+            self.close();
+        }
     }
 }
 

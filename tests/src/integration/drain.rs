@@ -411,6 +411,47 @@ fn sigterm_mid_send_stops_it_and_the_restart_resumes_from_the_gateways_chunks() 
     );
 }
 
+/// A hospital transfer that streamed while it was uploaded hands its connection to the send
+/// once its chunk streams have ended. With the gateway frozen they never end; the drain still
+/// stops that send (it waits within the send's stops), and a restart delivers the transfer.
+#[test]
+fn sigterm_stops_a_send_waiting_for_its_streamed_chunks_and_the_restart_delivers_it() {
+    let d = Deployment::new().unwrap();
+    let drain = Duration::from_secs(2);
+    d.set("edge.toml", "drain", "timeout", "\"2s\"").unwrap();
+    let gateway = d.serve(&d.gateway_config()).unwrap();
+    let edge = d.serve(&d.edge_config()).unwrap();
+    let api = Api { d: &d };
+    let big = payload(d.dir.path(), "big.bin", 192 << 20, 52).unwrap();
+    let id = open(&api);
+    assert_eq!(api.put("hospital-a", &id, "big.bin", &big, &[]).status, 201);
+    // Once the gateway has staged some of it, freeze the gateway: chunk streams stay under
+    // way, and the commit's send waits for them.
+    let start = Instant::now();
+    while super::dicom::staged_len(&d, 0).unwrap_or(0) < 16 << 20 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "nothing was staged:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(gateway.pid(), "STOP").unwrap();
+    assert_eq!(api.commit("hospital-a", &id).status, 202);
+    api.wait_state(&id, "sending");
+    let sent = sigterm(&edge);
+    edge.wait_for_log(&["send stopped by the drain"], Duration::from_secs(20));
+    let log = edge.log();
+    exited(edge, sent, drain);
+    signal(gateway.pid(), "CONT").unwrap();
+    assert!(!log.contains("transfer not sent"), "{log}");
+
+    let _edge = d.serve(&d.edge_config()).unwrap();
+    api.wait_state(&id, "committed");
+    let got = d.wait_delivered(&id, "big.bin", DEADLINE);
+    assert_eq!(sha256_file(&big).unwrap(), sha256_file(&got).unwrap());
+}
+
 #[test]
 fn sigterm_mid_association_lets_it_store_on_then_aborts_it_and_every_success_is_delivered() {
     let d = Deployment::new().unwrap();

@@ -161,7 +161,7 @@ impl IngestStore {
                 store.add_stage(&id, TransferState::Sending, None).await;
                 // The connection its files streamed on while they arrived, if any: the
                 // first turn offers on it.
-                let early = store.take_stream(&id).await;
+                let early = store.take_stream(&id);
                 let res = store
                     .inner
                     .edge

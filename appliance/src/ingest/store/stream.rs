@@ -6,8 +6,8 @@
 //! announces the transfer with that file (`link::early`); every file stored after it is
 //! announced after the ones before, in the order they were stored (which is the order the
 //! manifest lists them in), and its chunks are read back from `data/` and streamed. A file
-//! is stored only once it is durable, acknowledged to the hospital and past the transfer's
-//! DICOM gate (patient check, de-identification): only such bytes leave, and `data/` files
+//! is stored once it is durable with its digest record and past the transfer's DICOM gate
+//! (patient check, de-identification), which is what the hospital's answer waits for: only such bytes leave, and `data/` files
 //! never change afterwards. When the transfer's send gets its slot, the streamer stops and
 //! hands its connection to the send ([`IngestStore::take_stream`]), which offers the signed
 //! manifest on it; the gateway counts a streamed chunk only where the manifest's digest
@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use super::{IngestStore, lock};
-use crate::link::early::{Announcer, EarlyLink};
+use crate::link::early::{Announcer, Early};
 use crate::link::send::SendStats;
 use crate::transfer_dir::TransferDir;
 
@@ -123,10 +123,11 @@ impl IngestStore {
         );
     }
 
-    /// Stops transfer `id`'s streamer and hands over its connection, for the send to offer
-    /// on (`None`: it had none, or none that can carry the offer). Waits at most
-    /// [`HANDOVER_WAIT`] for the streamer to stop.
-    pub(super) async fn take_stream(&self, id: &TransferId) -> Option<EarlyLink> {
+    /// Stops transfer `id`'s streamer and gives its hand-over, for the send to offer on:
+    /// the streamer gets at most [`HANDOVER_WAIT`] to stop, then the chunk streams under way
+    /// end (the send waits for them within its own stops, the drain's and its slot's), and
+    /// the connection comes, or `None` if there is none that can carry the offer.
+    pub(super) fn take_stream(&self, id: &TransferId) -> Option<Early> {
         let s = lock(&self.inner.streams.by_transfer).remove(id)?;
         let Streamer {
             files,
@@ -137,31 +138,32 @@ impl IngestStore {
         } = s;
         drop(files);
         announcer.stop();
-        if tokio::time::timeout(HANDOVER_WAIT, &mut pump)
-            .await
-            .is_err()
-        {
-            info!(transfer = %id, "the streamer did not stop in time; the offer goes on a new connection");
-            pump.abort();
-        }
-        // Chunks still under way go on, on the connection handed over; the gateway waits for
-        // them at the offer.
-        let early = announcer.hand_over().await;
-        let wire = stats.wire_bytes();
-        info!(transfer = %id, streamed_wire_bytes = wire, chunks = early.as_ref().map_or(0, |e| e.streamed.len()),
-              "streaming before the offer ended");
-        early
+        let id = *id;
+        Some(Early::HandOver(Box::pin(async move {
+            if tokio::time::timeout(HANDOVER_WAIT, &mut pump)
+                .await
+                .is_err()
+            {
+                info!(transfer = %id, "the streamer did not stop in time; the offer goes on a new connection");
+                pump.abort();
+            }
+            let early = announcer.finish().await;
+            info!(transfer = %id, streamed_wire_bytes = stats.wire_bytes(),
+                  chunks = early.as_ref().map_or(0, |e| e.streamed.len()),
+                  "streaming before the offer ended");
+            early
+        })))
     }
 
     /// Ends transfer `id`'s streaming without a send (the transfer was abandoned or
-    /// expired): the connection closes, and the gateway throws away what it staged.
+    /// expired, or will not be offered): the connection closes, and the gateway throws away
+    /// what it staged.
     pub(super) fn drop_stream(&self, id: &TransferId) {
         let Some(s) = lock(&self.inner.streams.by_transfer).remove(id) else {
             return;
         };
-        s.announcer.stop();
         s.pump.abort();
-        tokio::spawn(close(s.announcer));
+        s.announcer.close();
     }
 
     /// Removes `announcer`'s streamer from the table, if it is still there.
@@ -191,21 +193,12 @@ fn may_stream<'a>(streaming: impl Iterator<Item = &'a str>, hospital: &str, max:
     all < max && theirs < max.div_ceil(2)
 }
 
-/// Closes a streamer's connection: the gateway throws away what it staged.
-async fn close(announcer: Arc<Announcer>) {
-    if let Some(early) = announcer.hand_over().await {
-        early
-            .conn
-            .close(crate::link::CLOSE_SHUTDOWN.into(), b"streaming ended");
-    }
-}
-
 /// How a streamer's pump ended.
 enum PumpEnd {
     /// The files stopped coming (the send took the connection, or the transfer ended), or
     /// streaming stopped: the connection, if up, waits for the hand-over.
     Done,
-    /// No file was stored for [`IDLE_LIMIT`].
+    /// No file was stored for [`IDLE_LIMIT`], and no streamed chunk waits for the gateway.
     Idle,
 }
 
@@ -224,7 +217,7 @@ async fn run(
         store.forget_stream(&id, &announcer);
         if idle {
             info!(transfer = %id, idle = ?IDLE_LIMIT, "no file stored for a while: streaming ended");
-            close(announcer).await;
+            announcer.close();
         }
     }
 }
@@ -254,10 +247,9 @@ async fn pump(
                 .await;
             number += 1;
         }
-        let next = match tokio::time::timeout(IDLE_LIMIT, files.recv()).await {
-            Ok(Some(next)) => next,
-            Ok(None) => return PumpEnd::Done,
-            Err(_) => return PumpEnd::Idle,
+        let next = match next_file(&announcer, &mut files).await {
+            Ok(next) => next,
+            Err(end) => return end,
         };
         let mut sizes = vec![next.1];
         batch.push(next.0);
@@ -268,17 +260,35 @@ async fn pump(
         match announcer.announce_more(&sizes).await {
             Ok(true) => {}
             // Streaming stopped (not taken, or handed over): the connection waits for the
-            // offer, as long as files keep coming.
+            // offer, as long as it is up and files keep coming.
             Ok(false) => loop {
-                match tokio::time::timeout(IDLE_LIMIT, files.recv()).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return PumpEnd::Done,
-                    Err(_) => return PumpEnd::Idle,
+                if let Err(end) = next_file(&announcer, &mut files).await {
+                    return end;
                 }
             },
             Err(e) => {
                 debug!(transfer = %id, error = %e, "streaming stopped; the rest is sent after the commit");
                 return PumpEnd::Done;
+            }
+        }
+    }
+}
+
+/// The next stored file; or how the pump ends: the files stop coming, the connection
+/// closed, or [`IDLE_LIMIT`] passed without a file and with every streamed chunk
+/// acknowledged (a slow link still carrying chunks is not idle).
+async fn next_file(
+    announcer: &Announcer,
+    files: &mut mpsc::UnboundedReceiver<(String, u64)>,
+) -> Result<(String, u64), PumpEnd> {
+    loop {
+        tokio::select! {
+            next = files.recv() => return next.ok_or(PumpEnd::Done),
+            () = announcer.closed() => return Err(PumpEnd::Done),
+            () = tokio::time::sleep(IDLE_LIMIT) => {
+                if announcer.is_idle() {
+                    return Err(PumpEnd::Idle);
+                }
             }
         }
     }
