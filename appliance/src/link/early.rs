@@ -105,6 +105,8 @@ pub struct Announcer {
     stopped: AtomicBool,
     /// Bytes of chunks being streamed and not yet acknowledged.
     in_flight: Arc<AtomicU64>,
+    /// Most bytes `in_flight` may hold ([`MAX_STREAMING_BYTES`] unless set lower).
+    budget: u64,
     /// Signalled when chunk bytes leave `in_flight`, and when streaming stops.
     room: Arc<Notify>,
     /// The chunk each file is streaming now, if it is being streamed.
@@ -145,12 +147,22 @@ impl Announcer {
             handed_over: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             in_flight: Arc::new(AtomicU64::new(0)),
+            budget: MAX_STREAMING_BYTES,
             room: Arc::new(Notify::new()),
             current: Mutex::new(HashMap::new()),
             tasks: Mutex::new(JoinSet::new()),
             streamed: Arc::default(),
             wire_bytes: stats,
         }
+    }
+
+    /// At most `bytes` unacknowledged instead of [`MAX_STREAMING_BYTES`] (at least one
+    /// chunk): for transfers that stream several at once, each holding its unacknowledged
+    /// chunks in memory.
+    pub fn with_budget(mut self, bytes: u64) -> Self {
+        let chunk = u64::from(self.chunk_size());
+        self.budget = bytes.max(chunk);
+        self
     }
 
     /// Announces the transfer on `conn`: opens the control stream, sends `Hello` and
@@ -387,7 +399,7 @@ impl Announcer {
     fn try_reserve(&self, len: u64) -> Option<ReleaseOnDrop> {
         self.in_flight
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n + len <= MAX_STREAMING_BYTES).then_some(n + len)
+                (n + len <= self.budget).then_some(n + len)
             })
             .ok()?;
         Some(ReleaseOnDrop {

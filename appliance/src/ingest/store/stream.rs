@@ -102,7 +102,11 @@ impl IngestStore {
             return;
         };
         let stats = Arc::new(SendStats::default());
-        let announcer = Arc::new(Announcer::new(*id, layout, stats.clone()));
+        // As many unacknowledged bytes as a send keeps in flight, not the seal's larger
+        // window: several open transfers stream at once, each from the spool's buffers.
+        let budget = (cfg.transport.max_in_flight as u64)
+            .saturating_mul(u64::from(cfg.transport.chunk_size));
+        let announcer = Arc::new(Announcer::new(*id, layout, stats.clone()).with_budget(budget));
         let (files, rx) = mpsc::unbounded_channel();
         let pump = tokio::spawn(run(
             self.clone(),
