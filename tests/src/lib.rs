@@ -541,6 +541,15 @@ impl Drop for Service {
     }
 }
 
+/// The number after `key=` in a log line (`key=123`); panics naming the key and the line
+/// when there is none.
+pub fn log_number(line: &str, key: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+}
+
 /// Sends signal `sig` (e.g. `"STOP"`, `"CONT"`, `"TERM"`) to process `pid` with `kill`.
 pub fn signal(pid: u32, sig: &str) -> anyhow::Result<()> {
     let st = Command::new("kill")

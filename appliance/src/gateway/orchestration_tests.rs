@@ -352,6 +352,18 @@ async fn stage_chunk(
     s.end(index, Some(baylink_net::proto::sha256(data)));
 }
 
+/// Announces all of `o` on connection 1, as `send` does before its seal; taken.
+async fn announce_whole(gw: &Arc<Gateway>, o: &Offer) -> Arc<super::staging::Staged> {
+    super::staging::announce(
+        gw,
+        1,
+        o.manifest.transfer_id,
+        baylink_net::proto::Layout::of(&o.manifest),
+    )
+    .await
+    .expect("the announcement is taken")
+}
+
 #[tokio::test]
 async fn chunks_staged_before_the_offer_count_only_where_they_match_the_signed_manifest() {
     let f = Fixture::new();
@@ -428,14 +440,7 @@ async fn a_restarted_gateway_removes_what_an_earlier_process_staged() {
     let f = Fixture::new();
     let gw = f.gateway();
     let o = offer("edge");
-    let s = super::staging::announce(
-        &gw,
-        1,
-        o.manifest.transfer_id,
-        baylink_net::proto::Layout::of(&o.manifest),
-    )
-    .await
-    .unwrap();
+    let s = announce_whole(&gw, &o).await;
     stage_chunk(&gw, &s, &o, 0, None).await;
     let staging = f.dir.path().join("spool/.staging");
     assert!(staging.exists());
@@ -526,14 +531,7 @@ async fn an_announcement_left_idle_ends_but_not_while_a_chunk_arrives() {
     let f = Fixture::new();
     let gw = f.gateway();
     let o = offer("edge");
-    let s = super::staging::announce(
-        &gw,
-        1,
-        o.manifest.transfer_id,
-        baylink_net::proto::Layout::of(&o.manifest),
-    )
-    .await
-    .unwrap();
+    let s = announce_whole(&gw, &o).await;
     tokio::time::pause();
     // A chunk still arriving keeps the announcement, however long it takes.
     let header = baylink_net::proto::ChunkHeader {

@@ -608,14 +608,7 @@ async fn stream_chunk(
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         stream.write_chunk(bytes).await?;
     }
-    stream.finish()?;
-    match stream.stopped().await {
-        Ok(None) => Ok(()),
-        Ok(Some(code)) => Err(LinkError::Lost(format!(
-            "the gateway stopped the stream (code {code})"
-        ))),
-        Err(e) => Err(LinkError::Lost(e.to_string())),
-    }
+    acknowledged(stream).await
 }
 
 /// Streams one chunk of a stored file: its header, then its bytes read from the spool.
@@ -641,6 +634,12 @@ async fn stream_stored_chunk(
     )
     .await
     .map_err(|e| LinkError::Lost(e.to_string()))?;
+    acknowledged(stream).await
+}
+
+/// Finishes a chunk stream and returns once the gateway's transport has acknowledged all of
+/// it; an error if the gateway stopped it or the connection failed.
+async fn acknowledged(mut stream: quinn::SendStream) -> Result<(), LinkError> {
     stream.finish()?;
     match stream.stopped().await {
         Ok(None) => Ok(()),

@@ -839,16 +839,30 @@ fn instances_cut_short_or_without_study_uid_are_refused_and_the_rest_proceed() {
     assert!(edge_healthy(&d));
 }
 
-/// The size of staged file `n` of the one transfer the gateway has staged, if any.
-pub(super) fn staged_len(d: &Deployment, n: usize) -> Option<u64> {
+/// The size of the first staged file of the one transfer the gateway has staged, if any.
+fn staged_len(d: &Deployment) -> Option<u64> {
     let staging = d.path("spool/gateway/.staging");
     let dir = std::fs::read_dir(staging)
         .ok()?
         .filter_map(Result::ok)
         .next()?;
-    std::fs::metadata(dir.path().join(n.to_string()))
+    std::fs::metadata(dir.path().join("0"))
         .ok()
         .map(|m| m.len())
+}
+
+/// Waits (at most `limit`) until the gateway has staged at least `bytes` (at least one if
+/// 0) of the first file of the one transfer announced to it; panics with its log.
+pub(super) fn wait_staged(d: &Deployment, gateway: &Service, bytes: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while staged_len(d).unwrap_or(0) < bytes.max(1) {
+        assert!(
+            Instant::now() < deadline,
+            "{bytes} bytes of the first file not staged at the gateway:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Instances stream to the gateway while the association is still open: the first one
@@ -865,15 +879,7 @@ fn instances_stream_to_the_gateway_before_the_association_ends() {
     let mut scu = RawScu::associate(&d, "HOSPITAL-A");
     assert_eq!(scu.store(1, &sop_uid(1), &ds[0]), 0x0000);
     gateway.wait_for_log(&["announced: staging chunks until the offer"], EVENT_WAIT);
-    let deadline = Instant::now() + EVENT_WAIT;
-    while staged_len(&d, 0).unwrap_or(0) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the first instance was not staged at the gateway:\n{}",
-            gateway.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_staged(&d, &gateway, 0, EVENT_WAIT);
     assert_eq!(scu.store(2, &sop_uid(2), &ds[1]), 0x0000);
     assert_eq!(scu.store(3, &sop_uid(3), &ds[2]), 0x0000);
     scu.release();
@@ -889,11 +895,6 @@ fn instances_stream_to_the_gateway_before_the_association_ends() {
     }
     gateway.wait_for_log(&["staged chunks taken by the offer"], EVENT_WAIT);
     let line = edge.wait_for_log(&["transfer receipted", "streamed_bytes="], EVENT_WAIT);
-    let streamed: u64 = line
-        .split("streamed_bytes=")
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{line}"));
+    let streamed = baylink_tests::log_number(&line, "streamed_bytes");
     assert!(streamed > 0, "nothing streamed before the offer: {line}");
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use baylink_tests::{Deployment, Service, payload, sha256_file, signal};
+use baylink_tests::{Deployment, Service, log_number, payload, sha256_file, signal};
 
 use super::dicom::{RawScu, data_set, instance, sop_uid, wait_for_delivery};
 use super::ingest::{Api, DEADLINE, dicom, files_under, multipart};
@@ -344,14 +344,6 @@ fn gateway_received(d: &Deployment) -> u64 {
         .unwrap_or(0)
 }
 
-/// The `key=` number of a log line.
-fn field(line: &str, key: &str) -> u64 {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{key}=")))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key}= in {line}"))
-}
-
 #[test]
 fn sigterm_mid_send_stops_it_and_the_restart_resumes_from_the_gateways_chunks() {
     const SIZE: u64 = 192 << 20;
@@ -401,10 +393,10 @@ fn sigterm_mid_send_stops_it_and_the_restart_resumes_from_the_gateways_chunks() 
         .filter(|l| l.contains("offer accepted") && l.contains(&id))
         .collect();
     assert!(offers.len() >= 2, "{glog}");
-    let have = field(offers.last().unwrap(), "have");
+    let have = log_number(offers.last().unwrap(), "have");
     assert!(have > 0, "the resumed offer started over: {glog}");
     let receipted = edge.wait_for_log(&["transfer receipted", &id], DEADLINE);
-    let wire = field(&receipted, "wire_bytes");
+    let wire = log_number(&receipted, "wire_bytes");
     assert!(
         wire < SIZE,
         "resume sent everything again: {wire} of {SIZE}"
@@ -427,15 +419,7 @@ fn sigterm_stops_a_send_waiting_for_its_streamed_chunks_and_the_restart_delivers
     assert_eq!(api.put("hospital-a", &id, "big.bin", &big, &[]).status, 201);
     // Once the gateway has staged some of it, freeze the gateway: chunk streams stay under
     // way, and the commit's send waits for them.
-    let start = Instant::now();
-    while super::dicom::staged_len(&d, 0).unwrap_or(0) < 16 << 20 {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "nothing was staged:\n{}",
-            gateway.log()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    super::dicom::wait_staged(&d, &gateway, 16 << 20, DEADLINE);
     signal(gateway.pid(), "STOP").unwrap();
     assert_eq!(api.commit("hospital-a", &id).status, 202);
     api.wait_state(&id, "sending");

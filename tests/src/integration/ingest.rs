@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use baylink_tests::{Deployment, Service, payload, sha256_file};
+use baylink_tests::{Deployment, Service, log_number, payload, sha256_file};
 use serde_json::Value;
 
 pub(super) const DEADLINE: Duration = Duration::from_secs(60);
@@ -1250,15 +1250,6 @@ fn stow_rs_refuses_instances_cut_short_without_study_uid_or_of_another_class_nam
     api.healthy();
 }
 
-/// A number after `key=` in a log line.
-fn logged_number(line: &str, key: &str) -> u64 {
-    line.split(&format!(" {key}="))
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-}
-
 /// Files stream to the gateway as they are stored, before the commit: the first is
 /// announced and staged whole while the hospital uploads the next, the ones after it are
 /// announced after it, and the commit's offer takes what was staged. Nothing goes twice,
@@ -1287,15 +1278,8 @@ fn uploaded_files_stream_to_the_gateway_before_the_commit() {
     let r = api.put("hospital-a", &id, &files[0].0, &files[0].1, &[]);
     assert_eq!(r.status, 201, "{r:?}");
     gateway.wait_for_log(&["announced: staging chunks until the offer"], DEADLINE);
-    let deadline = Instant::now() + DEADLINE;
-    while super::dicom::staged_len(&d, 0).unwrap_or(0) < sizes[0] {
-        assert!(
-            Instant::now() < deadline,
-            "the first file was not staged whole at the gateway:\n{}",
-            gateway.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Staged whole at the gateway before the next file is uploaded.
+    super::dicom::wait_staged(&d, &gateway, sizes[0], DEADLINE);
     for (name, path) in &files[1..] {
         let r = api.put("hospital-a", &id, name, path, &[]);
         assert_eq!(r.status, 201, "{r:?}");
@@ -1313,8 +1297,8 @@ fn uploaded_files_stream_to_the_gateway_before_the_commit() {
     }
     gateway.wait_for_log(&["staged chunks taken by the offer"], DEADLINE);
     let line = edge.wait_for_log(&["transfer receipted", &id], DEADLINE);
-    let streamed = logged_number(&line, "streamed_bytes");
-    let sent = logged_number(&line, "wire_bytes");
+    let streamed = log_number(&line, "streamed_bytes");
+    let sent = log_number(&line, "wire_bytes");
     assert!(
         streamed >= sizes[0],
         "the first file was not taken whole: {line}"
@@ -1345,6 +1329,6 @@ fn uploads_stream_nothing_before_the_commit_when_told_not_to() {
     assert_eq!(api.commit("hospital-a", &id).status, 202);
     api.wait_state(&id, "committed");
     let line = edge.wait_for_log(&["transfer receipted", &id], DEADLINE);
-    assert_eq!(logged_number(&line, "streamed_bytes"), 0, "{line}");
+    assert_eq!(log_number(&line, "streamed_bytes"), 0, "{line}");
     assert!(!gateway.log().contains("announced"), "{}", gateway.log());
 }
