@@ -170,19 +170,19 @@ pub const FAMILIES: &[Family] = &[
         "baylink_link_rtt_seconds",
         Gauge,
         Roles::Both,
-        "Smoothed QUIC round-trip time of the connection to a peer.",
+        "Smoothed QUIC round-trip time to a peer: the largest over its open connections.",
     ),
     family(
         "baylink_link_cwnd_bytes",
         Gauge,
         Roles::Both,
-        "Congestion window of the connection to a peer.",
+        "Congestion windows of the open connections to a peer, summed.",
     ),
     family(
         "baylink_link_send_rate_bits_per_second",
         Gauge,
         Roles::Both,
-        "UDP bits per second sent on the connection to a peer over the last sample.",
+        "UDP bits per second sent to a peer over the last sample, summed over its open connections.",
     ),
     family(
         "baylink_link_lost_packets_total",
@@ -374,10 +374,85 @@ pub fn refusal(rule: &str) {
 /// How often the QUIC path of a connection is sampled.
 const LINK_SAMPLE: Duration = Duration::from_secs(1);
 
-/// Samples the QUIC path of `conn` (to `peer`, a certificate name) every second into the
-/// `baylink_link_*` families until the connection closes.
+/// One connection's path at its latest sample.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PathSample {
+    /// Smoothed round-trip time, seconds.
+    rtt: f64,
+    /// Congestion window, bytes.
+    cwnd: u64,
+    /// UDP bits per second sent since the sample before.
+    rate: f64,
+}
+
+/// The latest sample of every open connection, per peer (keyed by quinn's stable id). The
+/// `baylink_link_*` gauges are figures over all of a peer's connections: an edge holds
+/// several at once (`transport.max_transfers` sends, and the streams of hospital transfers
+/// still arriving), and a gauge written by whichever connection sampled last would jump
+/// between them, and drop to 0 when one of them closed while the others went on.
+static LINKS: std::sync::LazyLock<
+    std::sync::Mutex<
+        std::collections::HashMap<String, std::collections::HashMap<usize, PathSample>>,
+    >,
+> = std::sync::LazyLock::new(Default::default);
+
+/// What the gauges show for a peer's open connections: the largest smoothed RTT (what the
+/// slowest of them sees), the sum of their congestion windows and of their send rates.
+/// `None` when none is open.
+fn over_connections<'a>(samples: impl IntoIterator<Item = &'a PathSample>) -> Option<PathSample> {
+    samples.into_iter().fold(None, |acc, s| {
+        Some(match acc {
+            None => *s,
+            Some(a) => PathSample {
+                rtt: a.rtt.max(s.rtt),
+                cwnd: a.cwnd.saturating_add(s.cwnd),
+                rate: a.rate + s.rate,
+            },
+        })
+    })
+}
+
+/// Records connection `id`'s latest sample (`None`: it closed) and sets `peer`'s gauges
+/// from every open connection to it. With none open, the send rate and the window are 0 and
+/// the RTT keeps its last figure.
+fn publish_path(peer: &str, id: usize, sample: Option<PathSample>) {
+    let mut links = LINKS.lock().expect("link samples lock poisoned");
+    let live = links.entry(peer.to_owned()).or_default();
+    match sample {
+        Some(s) => {
+            live.insert(id, s);
+        }
+        None => {
+            live.remove(&id);
+        }
+    }
+    let all = over_connections(live.values());
+    if live.is_empty() {
+        links.remove(peer);
+    }
+    // Set under the lock: two connections' publications cannot interleave.
+    match all {
+        Some(s) => {
+            metrics::gauge!("baylink_link_rtt_seconds", "peer" => peer.to_owned()).set(s.rtt);
+            metrics::gauge!("baylink_link_cwnd_bytes", "peer" => peer.to_owned())
+                .set(s.cwnd as f64);
+            metrics::gauge!("baylink_link_send_rate_bits_per_second", "peer" => peer.to_owned())
+                .set(s.rate);
+        }
+        None => {
+            metrics::gauge!("baylink_link_cwnd_bytes", "peer" => peer.to_owned()).set(0.0);
+            metrics::gauge!("baylink_link_send_rate_bits_per_second", "peer" => peer.to_owned())
+                .set(0.0);
+        }
+    }
+}
+
+/// Samples the QUIC path of `conn` (to `peer`, a certificate name) every second until the
+/// connection closes: the `baylink_link_*` gauges over all of the peer's open connections,
+/// and its losses and congestion events into the counters.
 pub fn watch_connection(conn: quinn::Connection, peer: String) {
     tokio::spawn(async move {
+        let id = conn.stable_id();
         let mut last = conn.stats();
         let mut tick = tokio::time::interval(LINK_SAMPLE);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -388,25 +463,24 @@ pub fn watch_connection(conn: quinn::Connection, peer: String) {
                 _ = tick.tick() => {}
             }
             let now = conn.stats();
-            let peer = peer.clone();
-            metrics::gauge!("baylink_link_rtt_seconds", "peer" => peer.clone())
-                .set(now.path.rtt.as_secs_f64());
-            metrics::gauge!("baylink_link_cwnd_bytes", "peer" => peer.clone())
-                .set(now.path.cwnd as f64);
             let sent = now.udp_tx.bytes.saturating_sub(last.udp_tx.bytes);
-            metrics::gauge!("baylink_link_send_rate_bits_per_second", "peer" => peer.clone())
-                .set(sent as f64 * 8.0 / LINK_SAMPLE.as_secs_f64());
+            let sample = PathSample {
+                rtt: now.path.rtt.as_secs_f64(),
+                cwnd: now.path.cwnd,
+                rate: sent as f64 * 8.0 / LINK_SAMPLE.as_secs_f64(),
+            };
+            publish_path(&peer, id, Some(sample));
             metrics::counter!("baylink_link_lost_packets_total", "peer" => peer.clone())
                 .increment(now.path.lost_packets.saturating_sub(last.path.lost_packets));
-            metrics::counter!("baylink_link_congestion_events_total", "peer" => peer).increment(
-                now.path
-                    .congestion_events
-                    .saturating_sub(last.path.congestion_events),
-            );
+            metrics::counter!("baylink_link_congestion_events_total", "peer" => peer.clone())
+                .increment(
+                    now.path
+                        .congestion_events
+                        .saturating_sub(last.path.congestion_events),
+                );
             last = now;
         }
-        // A closed connection sends nothing.
-        metrics::gauge!("baylink_link_send_rate_bits_per_second", "peer" => peer).set(0.0);
+        publish_path(&peer, id, None);
     });
 }
 

@@ -144,3 +144,46 @@ fn the_backlog_is_the_sealed_transfers_on_an_edge_and_its_age_the_oldest() {
         SpoolFigures::default()
     );
 }
+
+/// The value of `name{peer="<peer>"}` in a Prometheus text rendering.
+fn peer_gauge(text: &str, name: &str, peer: &str) -> Option<f64> {
+    let key = format!("{name}{{peer=\"{peer}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map(|v| v.trim().parse().expect("a number"))
+}
+
+#[test]
+fn link_gauges_cover_every_open_connection_to_the_peer() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    // A peer name no other test publishes under: the samples are process-wide.
+    let peer = "gauges-over-connections";
+    let sample = |rtt, cwnd, rate| Some(PathSample { rtt, cwnd, rate });
+    let read = |what| peer_gauge(&handle.render(), what, peer);
+    metrics::with_local_recorder(&recorder, || {
+        publish_path(peer, 1, sample(0.050, 1_000_000, 300e6));
+        publish_path(peer, 2, sample(0.070, 500_000, 100e6));
+        // A later sample of a connection replaces its earlier one.
+        publish_path(peer, 1, sample(0.040, 2_000_000, 200e6));
+    });
+    assert_eq!(read("baylink_link_send_rate_bits_per_second"), Some(300e6));
+    assert_eq!(read("baylink_link_cwnd_bytes"), Some(2_500_000.0));
+    assert_eq!(read("baylink_link_rtt_seconds"), Some(0.070));
+
+    // One connection closing leaves the other's figures, not 0.
+    metrics::with_local_recorder(&recorder, || publish_path(peer, 2, None));
+    assert_eq!(read("baylink_link_send_rate_bits_per_second"), Some(200e6));
+    assert_eq!(read("baylink_link_cwnd_bytes"), Some(2_000_000.0));
+    assert_eq!(read("baylink_link_rtt_seconds"), Some(0.040));
+
+    // The last one closing: nothing is sent, no window is open, the RTT stays as last seen.
+    metrics::with_local_recorder(&recorder, || publish_path(peer, 1, None));
+    assert_eq!(read("baylink_link_send_rate_bits_per_second"), Some(0.0));
+    assert_eq!(read("baylink_link_cwnd_bytes"), Some(0.0));
+    assert_eq!(read("baylink_link_rtt_seconds"), Some(0.040));
+    assert!(
+        !LINKS.lock().unwrap().contains_key(peer),
+        "a peer without connections is forgotten"
+    );
+}
