@@ -481,20 +481,47 @@ fn stop(what: &str, e: &dicom_ul::association::Error) -> Stop {
     }
 }
 
-/// An instance being received.
-struct Incoming {
+/// An instance being received; `I` is the sink's [`AssociationSink::Instance`].
+struct Incoming<I> {
     cmd: Command,
     context_id: u8,
     name: String,
     path: PathBuf,
-    file: Option<tokio::io::BufWriter<tokio::fs::File>>,
-    /// Bytes of the instance written to `path` so far (the file may be longer: it is
+    /// Where its bytes go; `None` once it failed (the rest of its bytes are only counted).
+    dest: Option<Dest<I>>,
+    /// Bytes of the instance written so far (the scratch file may be longer: it is
     /// rewritten in place for each instance).
     len: u64,
     failure: Option<(u16, String)>,
     /// The instance (the header written for it, then its data set) walked as it arrives, to
     /// its end.
     walker: Reader,
+}
+
+/// Where an arriving instance's bytes go.
+enum Dest<I> {
+    /// The association's scratch file: the first instance, whose PatientID and declaration
+    /// open the transfer once it is whole and checked.
+    Scratch(tokio::io::BufWriter<tokio::fs::File>),
+    /// Straight into the association's open transfer (every later instance, unless the sink
+    /// takes the transfer's instances only whole): hashed and written as it arrives, and part
+    /// of the transfer only once kept.
+    Transfer(I),
+    /// The sink failed or refused it while it arrived: what it took is discarded, the rest is
+    /// only walked, and the failure is answered once the SCP's own checks pass, as when the
+    /// instance was handed over whole after them (a data set of another patient is still
+    /// refused as such, and recorded).
+    Failed((u16, String)),
+}
+
+impl<I> Incoming<I> {
+    /// Gives the instance up: its scratch file is removed, or what the sink took of it is
+    /// discarded (by dropping it).
+    async fn discard(self) {
+        if let Some(Dest::Scratch(_)) = self.dest {
+            let _ = tokio::fs::remove_file(&self.path).await;
+        }
+    }
 }
 
 /// Why an instance is not stored: the status and error comment its SCU is answered, and
@@ -854,7 +881,7 @@ impl<S: AssociationSink> Association<'_, S> {
             .cloned()
             .collect();
         let mut command: Vec<u8> = Vec::new();
-        let mut incoming: Option<Incoming> = None;
+        let mut incoming: Option<Incoming<S::Instance>> = None;
         let drain_ended = self.stop.clone();
         loop {
             let received = tokio::select! {
@@ -863,7 +890,7 @@ impl<S: AssociationSink> Association<'_, S> {
                     // The drain ended: an instance still arriving is dropped (never answered);
                     // those answered Success are sealed by the caller, as for any end.
                     if let Some(i) = incoming.take() {
-                        let _ = tokio::fs::remove_file(&i.path).await;
+                        i.discard().await;
                     }
                     return End::Stopped(Stop {
                         end: AssociationEnd::EdgeShutdown,
@@ -891,7 +918,7 @@ impl<S: AssociationSink> Association<'_, S> {
                 Ok(p) => p,
                 Err(e) => {
                     if let Some(i) = incoming.take() {
-                        let _ = tokio::fs::remove_file(&i.path).await;
+                        i.discard().await;
                     }
                     return End::Stopped(stop("receive", &e));
                 }
@@ -924,7 +951,7 @@ impl<S: AssociationSink> Association<'_, S> {
                         };
                         if let Err(s) = result {
                             if let Some(i) = incoming.take() {
-                                let _ = tokio::fs::remove_file(&i.path).await;
+                                i.discard().await;
                             }
                             return End::Stopped(s);
                         }
@@ -932,14 +959,14 @@ impl<S: AssociationSink> Association<'_, S> {
                 }
                 Pdu::ReleaseRQ => {
                     if let Some(i) = incoming.take() {
-                        let _ = tokio::fs::remove_file(&i.path).await;
+                        i.discard().await;
                         return End::Stopped("A-RELEASE in the middle of an instance".into());
                     }
                     return End::Released;
                 }
                 Pdu::AbortRQ { source } => {
                     if let Some(i) = incoming.take() {
-                        let _ = tokio::fs::remove_file(&i.path).await;
+                        i.discard().await;
                     }
                     return End::Stopped(Stop {
                         end: AssociationEnd::AbortedByPeer,
@@ -958,7 +985,7 @@ impl<S: AssociationSink> Association<'_, S> {
         assoc: &mut AsyncServerAssociation<TcpStream>,
         contexts: &[dicom_ul::pdu::PresentationContextNegotiated],
         buf: &mut Vec<u8>,
-        incoming: &mut Option<Incoming>,
+        incoming: &mut Option<Incoming<S::Instance>>,
         pv: PDataValue,
     ) -> Result<(), Stop> {
         if incoming.is_some() || self.commitment.as_ref().is_some_and(|c| c.collecting()) {
@@ -1010,21 +1037,29 @@ impl<S: AssociationSink> Association<'_, S> {
                     cmd,
                     context_id: pc.id,
                     path,
-                    file: None,
+                    dest: None,
                     len: 0,
                     failure,
                     walker: Reader::new(None),
                 };
                 if i.failure.is_none() {
-                    match self.open_instance(&i, &pc.transfer_syntax, &i.cmd).await {
-                        Ok((f, header)) => {
-                            i.file = Some(f);
+                    match self
+                        .open_instance(&i.name, &i.cmd, &i.path, &pc.transfer_syntax)
+                        .await
+                    {
+                        Ok((dest, header)) => {
+                            i.dest = Some(dest);
                             i.len = header.len() as u64;
                             if let Err(e) = i.walker.feed(&header) {
                                 i.failure = Some(not_well_formed(&e));
                             }
                         }
-                        Err(e) => i.failure = Some((status::OUT_OF_RESOURCES, e)),
+                        Err(e) => i.failure = Some(e),
+                    }
+                    if i.failure.is_some() {
+                        // Nothing of an instance refused at its header is kept: what the
+                        // sink took is discarded (dropped), the scratch file when it is answered.
+                        i.dest = None;
                     }
                 }
                 *incoming = Some(i);
@@ -1078,20 +1113,42 @@ impl<S: AssociationSink> Association<'_, S> {
         None
     }
 
+    /// Starts instance `name` of command `cmd`: its Part-10 header (returned) goes into the
+    /// open transfer, or, for the association's first instance, into the `scratch` file.
     async fn open_instance(
         &mut self,
-        i: &Incoming,
-        transfer_syntax: &str,
+        name: &str,
         cmd: &Command,
-    ) -> Result<(tokio::io::BufWriter<tokio::fs::File>, Vec<u8>), String> {
+        scratch: &Path,
+        transfer_syntax: &str,
+    ) -> Result<(Dest<S::Instance>, Vec<u8>), (u16, String)> {
+        let oor = |e: String| (status::OUT_OF_RESOURCES, e);
         let header = part10::file_header(
             &cmd.affected_sop_class_uid,
             &cmd.affected_sop_instance_uid,
             transfer_syntax,
             "",
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| oor(e.to_string()))?;
         self.bytes += header.len() as u64;
+        if let Some(t) = self.transfer.as_mut() {
+            let sink = &self.inner.sink;
+            match sink.open_instance(t, name).await {
+                Ok(Some(mut instance)) => {
+                    let dest = match sink
+                        .write_instance(&mut instance, bytes::Bytes::from(header.clone()))
+                        .await
+                    {
+                        Ok(()) => Dest::Transfer(instance),
+                        Err(e) => Dest::Failed(sink_failure(e)),
+                    };
+                    return Ok((dest, header));
+                }
+                // Taken whole: through the scratch file, as the first instance.
+                Ok(None) => {}
+                Err(e) => return Ok((Dest::Failed(sink_failure(e)), header)),
+            }
+        }
         // The data arrive in PDUs of at most `ingest.dicom_max_pdu_bytes`: each write of
         // `tokio::fs` is a trip to a blocking thread, so they are gathered first.
         // Not truncated: the instance is written over the previous one from the start, and
@@ -1102,20 +1159,20 @@ impl<S: AssociationSink> Association<'_, S> {
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(&i.path)
+                .open(scratch)
                 .await
-                .map_err(|e| format!("scratch file: {e}"))?,
+                .map_err(|e| oor(format!("scratch file: {e}")))?,
         );
         f.write_all(&header)
             .await
-            .map_err(|e| format!("scratch file: {e}"))?;
-        Ok((f, header))
+            .map_err(|e| oor(format!("scratch file: {e}")))?;
+        Ok((Dest::Scratch(f), header))
     }
 
     async fn on_data(
         &mut self,
         assoc: &mut AsyncServerAssociation<TcpStream>,
-        incoming: &mut Option<Incoming>,
+        incoming: &mut Option<Incoming<S::Instance>>,
         pv: PDataValue,
     ) -> Result<(), Stop> {
         let Some(i) = incoming.as_mut() else {
@@ -1134,16 +1191,37 @@ impl<S: AssociationSink> Association<'_, S> {
                 ));
             } else if let Err(e) = i.walker.feed(&pv.data) {
                 i.failure = Some(not_well_formed(&e));
-            } else if let Some(f) = i.file.as_mut() {
-                match f.write_all(&pv.data).await {
-                    Ok(()) => i.len += pv.data.len() as u64,
-                    Err(e) => {
-                        i.failure = Some((status::OUT_OF_RESOURCES, format!("scratch file: {e}")));
+            } else {
+                let n = pv.data.len() as u64;
+                let written = match i.dest.as_mut() {
+                    Some(Dest::Scratch(f)) => f
+                        .write_all(&pv.data)
+                        .await
+                        .map_err(|e| (status::OUT_OF_RESOURCES, format!("scratch file: {e}"))),
+                    Some(Dest::Transfer(instance)) => {
+                        if let Err(e) = self
+                            .inner
+                            .sink
+                            .write_instance(instance, bytes::Bytes::from(pv.data))
+                            .await
+                        {
+                            // Dropping the instance discards what the sink took.
+                            i.dest = Some(Dest::Failed(sink_failure(e)));
+                        }
+                        Ok(())
                     }
+                    Some(Dest::Failed(_)) | None => Ok(()),
+                };
+                match written {
+                    Ok(()) => i.len += n,
+                    Err(f) => i.failure = Some(f),
                 }
             }
-            if i.failure.is_some() {
-                i.file = None;
+            // A failed instance's bytes go no further: the scratch file is removed, what the
+            // sink took is discarded (dropped).
+            if i.failure.is_some()
+                && let Some(Dest::Scratch(_)) = i.dest.take()
+            {
                 let _ = tokio::fs::remove_file(&i.path).await;
             }
         }
@@ -1178,9 +1256,10 @@ impl<S: AssociationSink> Association<'_, S> {
     }
 
     /// Checks a complete instance and hands it to the sink.
-    async fn complete(&mut self, i: &mut Incoming) -> Result<(), Failure> {
+    async fn complete(&mut self, i: &mut Incoming<S::Instance>) -> Result<(), Failure> {
         let oor = |e: String| (status::OUT_OF_RESOURCES, e);
-        if let Some(mut f) = i.file.take() {
+        let mut dest = i.dest.take();
+        if let Some(Dest::Scratch(f)) = dest.as_mut() {
             f.flush()
                 .await
                 .map_err(|e| oor(format!("scratch file: {e}")))?;
@@ -1266,17 +1345,25 @@ impl<S: AssociationSink> Association<'_, S> {
             self.patient = Some(info.patient_id.clone());
         }
         let t = self.transfer.as_mut().expect("set just above");
-        self.inner
-            .sink
-            .add_instance(t, &i.name, &i.path, i.len)
-            .await
-            .map_err(|e| match e {
-                // A rule refused it (and it is audited): not a resource problem.
-                SinkError::Refused(_) => (status::NOT_AUTHORIZED, e.to_string()),
-                _ => oor(e.to_string()),
-            })?;
+        let sink = &self.inner.sink;
+        match dest {
+            Some(Dest::Transfer(instance)) => sink.keep_instance(t, instance).await,
+            Some(Dest::Scratch(_)) => sink.add_instance(t, &i.name, &i.path, i.len).await,
+            Some(Dest::Failed(f)) => return Err(f.into()),
+            None => return Err(oor("the instance was not written".into()).into()),
+        }
+        .map_err(sink_failure)?;
         self.names.insert(i.name.clone());
         Ok(())
+    }
+}
+
+/// The failure status of an instance the sink would not take.
+fn sink_failure(e: SinkError) -> (u16, String) {
+    match e {
+        // A rule refused it (and it is audited): not a resource problem.
+        SinkError::Refused(_) => (status::NOT_AUTHORIZED, e.to_string()),
+        _ => (status::OUT_OF_RESOURCES, e.to_string()),
     }
 }
 

@@ -1,8 +1,10 @@
 //! Where the instances of an association go: the [`AssociationSink`] trait and the edge's
 //! implementation, [`StoreSink`] (the hospital ingest store, shared with the HTTPS API).
 //!
-//! The trait is deliberately narrow: the SCP hands over complete, checked instance files and
-//! says how the association ended; the sink owns everything after that. Whatever the end,
+//! The trait is deliberately narrow: the SCP hands over instances (the first of an
+//! association as a complete file, each later one as its bytes arrive), keeps or drops each
+//! once it has checked it whole, and says how the association ended; the sink owns
+//! everything after that. Whatever the end,
 //! every instance the sink took (each answered Success) is sent: that is the C-STORE
 //! guarantee (`docs/dicom.md`).
 
@@ -68,13 +70,22 @@ pub struct Origin {
 
 /// The destination of one association's accepted instances: one transfer per association.
 ///
-/// Call order: [`begin`](Self::begin) once (when the first instance is accepted), then
-/// [`add_instance`](Self::add_instance) per accepted instance, then [`finish`](Self::finish)
-/// once, however the association ended. An instance is answered Success only after
-/// `add_instance` returned: from then on the sink must deliver it.
+/// Call order: [`begin`](Self::begin) once (when the first instance is accepted) and
+/// [`add_instance`](Self::add_instance) with that instance; each later instance through
+/// [`open_instance`](Self::open_instance) when its command arrives,
+/// [`write_instance`](Self::write_instance) as its bytes arrive, and
+/// [`keep_instance`](Self::keep_instance) once the SCP has checked it whole (or dropped, which
+/// discards it); then [`finish`](Self::finish) once, however the association ended. An
+/// instance is answered Success only after `add_instance` or `keep_instance` returned: from
+/// then on the sink must deliver it.
 pub trait AssociationSink: Send + Sync + 'static {
     /// The open transfer.
     type Transfer: Send + 'static;
+
+    /// An instance of an open transfer being written as it arrives. Dropping it before
+    /// [`keep_instance`](Self::keep_instance) discards it: nothing of it is ever part of the
+    /// transfer.
+    type Instance: Send + 'static;
 
     /// Opens the transfer of an association.
     fn begin(
@@ -92,6 +103,32 @@ pub trait AssociationSink: Send + Sync + 'static {
         name: &str,
         file: &Path,
         len: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Starts instance `name` (validated, unique within the transfer) of the open
+    /// `transfer`, to take its bytes as they arrive: they are hashed and written while the
+    /// rest of the instance arrives, which saves copying the whole instance out of a scratch
+    /// file. `None`: the sink takes this transfer's instances only whole, through
+    /// [`add_instance`](Self::add_instance).
+    fn open_instance(
+        &self,
+        transfer: &mut Self::Transfer,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Self::Instance>, SinkError>> + Send;
+
+    /// Takes the next bytes of `instance` (the Part-10 header first, then its data set).
+    fn write_instance(
+        &self,
+        instance: &mut Self::Instance,
+        data: bytes::Bytes,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// `instance` is whole and the SCP checked it (well-formed, the transfer's patient, the
+    /// policy): `Ok` means it is durable and will be sent, and the SCP answers Success.
+    fn keep_instance(
+        &self,
+        transfer: &mut Self::Transfer,
+        instance: Self::Instance,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
 
     /// The association ended as `end` (released, aborted, timed out, connection lost): the
@@ -131,6 +168,7 @@ pub trait AssociationSink: Send + Sync + 'static {
 /// Lets a shared sink be used where a sink is expected.
 impl<S: AssociationSink> AssociationSink for Arc<S> {
     type Transfer = S::Transfer;
+    type Instance = S::Instance;
 
     fn begin(
         &self,
@@ -147,6 +185,30 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
         len: u64,
     ) -> impl Future<Output = Result<(), SinkError>> + Send {
         (**self).add_instance(transfer, name, file, len)
+    }
+
+    fn open_instance(
+        &self,
+        transfer: &mut Self::Transfer,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Self::Instance>, SinkError>> + Send {
+        (**self).open_instance(transfer, name)
+    }
+
+    fn write_instance(
+        &self,
+        instance: &mut Self::Instance,
+        data: bytes::Bytes,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).write_instance(instance, data)
+    }
+
+    fn keep_instance(
+        &self,
+        transfer: &mut Self::Transfer,
+        instance: Self::Instance,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).keep_instance(transfer, instance)
     }
 
     fn finish(
@@ -201,6 +263,16 @@ pub struct StoreTransfer {
     id: baylink_net::proto::TransferId,
 }
 
+/// An instance of a [`StoreTransfer`] being uploaded into it.
+#[derive(Debug)]
+pub struct StoreInstance {
+    upload: crate::ingest::FileUpload,
+    /// The name the SCP gave it (`<SOP Instance UID>.dcm`), which Storage Commitment asks for.
+    original: String,
+    /// The name it is stored under (a de-identified instance's new UID).
+    stored: String,
+}
+
 impl StoreSink {
     /// A sink that opens its transfers in `store`.
     pub fn new(store: crate::ingest::IngestStore) -> StoreSink {
@@ -215,10 +287,36 @@ impl StoreSink {
         self.commitment = Some(c);
         self
     }
+
+    /// Opens `name` in `transfer` as a spool upload (see
+    /// [`AssociationSink::open_instance`]).
+    async fn begin_instance(
+        &self,
+        transfer: &StoreTransfer,
+        name: &str,
+    ) -> Result<StoreInstance, SinkError> {
+        let hospital = transfer.origin.hospital.as_str();
+        // A de-identified instance is named by its new SOP Instance UID, not the original.
+        let stored = self.store.instance_file_name(&transfer.id, name);
+        let mut upload = self
+            .store
+            .begin_file(hospital, &transfer.id, &stored)
+            .await
+            .map_err(|e| SinkError::store("cannot add the instance", e))?;
+        // The SCP reads the instance's PatientID with dicom-rs and matches it to the
+        // association's transfer before the instance is kept.
+        upload.patient_checked();
+        Ok(StoreInstance {
+            upload,
+            original: name.to_owned(),
+            stored,
+        })
+    }
 }
 
 impl AssociationSink for StoreSink {
     type Transfer = StoreTransfer;
+    type Instance = StoreInstance;
 
     async fn begin(&self, origin: Origin) -> Result<StoreTransfer, SinkError> {
         let id = self
@@ -242,29 +340,12 @@ impl AssociationSink for StoreSink {
         len: u64,
     ) -> Result<(), SinkError> {
         use tokio::io::AsyncReadExt;
-        let hospital = transfer.origin.hospital.as_str();
-        // A de-identified instance is named by its new SOP Instance UID, not the original.
-        let original = name;
-        let name = self.store.instance_file_name(&transfer.id, name);
         let io = |what, source| SinkError::Io {
             what,
             path: file.to_path_buf(),
             source,
         };
-        // The policy's size limits are checked per instance, before its success status:
-        // at A-RELEASE it would be too late to refuse what was acknowledged.
-        self.store
-            .check_room(hospital, &transfer.id, &name, len)
-            .await
-            .map_err(|e| SinkError::store("cannot add the instance", e))?;
-        let mut upload = self
-            .store
-            .begin_file(hospital, &transfer.id, &name)
-            .await
-            .map_err(|e| SinkError::store("cannot add the instance", e))?;
-        // The SCP read this instance's PatientID with dicom-rs and matched it to the
-        // association's transfer.
-        upload.patient_checked();
+        let mut instance = self.begin_instance(transfer, name).await?;
         // Exactly the instance's bytes: the file goes on with a previous, longer one's.
         let mut src = tokio::fs::File::open(file)
             .await
@@ -287,19 +368,67 @@ impl AssociationSink for StoreSink {
                 ));
             }
             left -= n as u64;
-            upload
-                .write(piece.freeze())
-                .await
-                .map_err(|e| SinkError::store("cannot store the instance", e))?;
+            self.write_instance(&mut instance, piece.freeze()).await?;
         }
+        self.keep_instance(transfer, instance).await
+    }
+
+    async fn open_instance(
+        &self,
+        transfer: &mut StoreTransfer,
+        name: &str,
+    ) -> Result<Option<StoreInstance>, SinkError> {
+        // A de-identified instance is taken whole: the gate holds everything before the pixel
+        // data (up to 64 MiB) until it can rewrite it, and may refuse the instance on its
+        // own before the SCP has checked it (its PatientID, the policy). Out of a scratch file
+        // that takes as long as a copy; streamed, as long as the SCU takes to send it.
+        if self.store.deidentifies(&transfer.id) {
+            return Ok(None);
+        }
+        self.begin_instance(transfer, name).await.map(Some)
+    }
+
+    async fn write_instance(
+        &self,
+        instance: &mut StoreInstance,
+        data: bytes::Bytes,
+    ) -> Result<(), SinkError> {
+        instance
+            .upload
+            .write(data)
+            .await
+            .map_err(|e| SinkError::store("cannot store the instance", e))
+    }
+
+    async fn keep_instance(
+        &self,
+        transfer: &mut StoreTransfer,
+        instance: StoreInstance,
+    ) -> Result<(), SinkError> {
+        let StoreInstance {
+            upload,
+            original,
+            stored,
+        } = instance;
+        // The policy's size limits are checked per instance, before its success status:
+        // at A-RELEASE it would be too late to refuse what was acknowledged.
+        upload
+            .check_room()
+            .await
+            .map_err(|e| SinkError::store("cannot add the instance", e))?;
         upload
             .finish()
             .await
             .map_err(|e| SinkError::store("cannot store the instance", e))?;
         if let Some(c) = &self.commitment {
-            c.record_instance(hospital, &transfer.id, original, &name)
+            let hospital = transfer.origin.hospital.as_str();
+            c.record_instance(hospital, &transfer.id, &original, &stored)
                 .await
-                .map_err(|e| io("cannot index for storage commitment", e))?;
+                .map_err(|source| SinkError::Io {
+                    what: "cannot index for storage commitment",
+                    path: PathBuf::from(&stored),
+                    source,
+                })?;
         }
         Ok(())
     }

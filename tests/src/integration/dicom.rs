@@ -305,6 +305,9 @@ fn instances_over_the_policy_file_limit_fail_before_their_success_status() {
             .any(|l| l.contains("\"refused\"") && l.contains("size-limit")),
         "{records}"
     );
+    // The refused instance was written into the transfer as it arrived: nothing of it is
+    // left there.
+    wait_parts_empty(&d);
 }
 
 #[test]
@@ -541,6 +544,77 @@ pub(super) fn count_dir(p: &Path) -> usize {
     std::fs::read_dir(p).map(|r| r.count()).unwrap_or(0)
 }
 
+/// Waits until no part file is left in the edge's transfers.
+fn wait_parts_empty(d: &Deployment) {
+    let deadline = Instant::now() + EVENT_WAIT;
+    while left_in_parts(d) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} part files left in the edge's transfers",
+            left_in_parts(d)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every instance after an association's first is written into its transfer as it
+/// arrives: one cut off a few MiB in has a part file in the transfer while it arrives (not
+/// only a scratch copy), and once the connection drops nothing of it is left, stored or sent.
+#[test]
+fn an_instance_cut_off_while_it_is_written_into_the_transfer_leaves_nothing() {
+    let d = Deployment::new().unwrap();
+    let (_gateway, edge) = start(&d);
+    let src = d.path("instances");
+    let ds: Vec<_> = (1..=2)
+        .map(|n| data_set(&instance(&src, n, Some("P-0001"))))
+        .collect();
+    // Instance 2's data set up to its pixel data, which then declares 8 MiB.
+    let at = ds[1]
+        .windows(6)
+        .position(|w| w == [0xe0, 0x7f, 0x10, 0x00, b'O', b'W'])
+        .expect("pixel data");
+    let mut head = ds[1][..at].to_vec();
+    head.extend_from_slice(&[0xe0, 0x7f, 0x10, 0x00, b'O', b'W', 0, 0]);
+    head.extend_from_slice(&(8u32 << 20).to_le_bytes());
+
+    let mut scu = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(scu.store(1, &sop_uid(1), &ds[0]), 0x0000);
+    scu.store_command(2, &sop_uid(2));
+    scu.pdv(false, false, &head);
+    // 3 MiB of the pixel data: several spool buffers' writes started.
+    let piece = vec![0u8; 32 << 10];
+    for _ in 0..96 {
+        scu.pdv(false, false, &piece);
+    }
+    let deadline = Instant::now() + EVENT_WAIT;
+    while left_in_parts(&d) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no part file in the transfer while the instance arrives"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(scu);
+
+    let t = wait_for_delivery(&d, &[format!("{}.dcm", sop_uid(1))], &edge);
+    assert_eq!(data_set(&t.join(format!("{}.dcm", sop_uid(1)))), ds[0]);
+    wait_parts_empty(&d);
+    assert!(edge_healthy(&d));
+}
+
+/// Files in the `parts/` directories of the edge's transfers: instances being written, or
+/// left behind.
+fn left_in_parts(d: &Deployment) -> usize {
+    std::fs::read_dir(d.path("spool/edge"))
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .map(|e| count_dir(&e.path().join("parts")))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 #[test]
 fn malformed_data_set_fails_alone_and_abort_or_drop_still_sends_what_was_acknowledged() {
     let d = Deployment::new().unwrap();
@@ -626,15 +700,19 @@ fn malformed_data_set_fails_alone_and_abort_or_drop_still_sends_what_was_acknowl
         2,
         "{log}"
     );
-    // Scratch is empty and no association left an open transfer behind: the spool holds only
-    // the transfers that were delivered.
+    // Scratch is empty, no association left an open transfer behind (the spool holds only
+    // the transfers that were delivered), and nothing of an instance that failed or was cut
+    // off is left in its transfer: every instance after an association's first is written
+    // into the transfer as it arrives, and dropping it must remove its part file.
     let deadline = Instant::now() + EVENT_WAIT;
     while count_dir(&d.path("spool/edge/.incoming")) > 0
         || spool_transfers(&d) != delivered_transfers(&d).len()
+        || left_in_parts(&d) > 0
     {
         assert!(
             Instant::now() < deadline,
-            "scratch or abandoned transfers not cleaned up"
+            "scratch, abandoned transfers or partial instances not cleaned up ({} part files)",
+            left_in_parts(&d)
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -351,6 +351,59 @@ async fn the_policy_size_limit_refuses_a_commit_and_keeps_the_transfer_open() {
     assert!(!dir(&f, &id).root().exists());
 }
 
+/// The C-STORE door writes each instance into the transfer as it arrives and asks whether it
+/// fits the policy's limits once it is whole, counted with its bytes so far, before it is
+/// kept (and answered Success). One dropped no longer counts, and leaves nothing behind.
+#[tokio::test]
+async fn a_file_over_the_policy_limits_is_refused_before_it_is_kept_and_leaves_nothing() {
+    let (f, store) = store("max_files = 3\nmax_transfer_bytes = 8").await;
+    let id = store.declare(A, declaration()).await.unwrap();
+    upload(&store, A, &id, "a.bin", b"a").await.unwrap();
+    let mut b = store.begin_file(A, &id, "b.bin").await.unwrap();
+    b.write(Bytes::from_static(b"bb")).await.unwrap();
+    b.check_room().await.unwrap();
+    b.finish().await.unwrap();
+    // 3 + 6 bytes would pass policy.max_transfer_bytes: refused, and recorded, unkept.
+    let mut c = store.begin_file(A, &id, "c.bin").await.unwrap();
+    c.write(Bytes::from_static(b"cccccc")).await.unwrap();
+    let Err(IngestError::Refused(r)) = c.check_room().await else {
+        panic!("9 bytes over policy.max_transfer_bytes = 8");
+    };
+    assert_eq!(r.rule, "size-limit");
+    drop(c);
+    // Dropped: its name is free and its bytes no longer count (3 + 5 fits).
+    let mut c = store.begin_file(A, &id, "c.bin").await.unwrap();
+    c.write(Bytes::from_static(b"ccccc")).await.unwrap();
+    c.check_room().await.unwrap();
+    c.finish().await.unwrap();
+    // A fourth file passes policy.max_files, however small.
+    let d = store.begin_file(A, &id, "d.bin").await.unwrap();
+    let Err(IngestError::Refused(r)) = d.check_room().await else {
+        panic!("a fourth file over policy.max_files = 3");
+    };
+    assert_eq!(r.rule, "size-limit");
+    drop(d);
+    // The dropped uploads' part files go.
+    let parts = dir(&f, &id).parts_dir();
+    for _ in 0..100 {
+        if std::fs::read_dir(&parts).unwrap().count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        std::fs::read_dir(&parts).unwrap().count(),
+        0,
+        "part file left"
+    );
+    let st = store.status(A, &id).await.unwrap();
+    assert_eq!((st.files, st.bytes), (3, 8));
+    assert_eq!(
+        kinds_of(f.dir.path(), &id.to_string()),
+        [Kind::Declared, Kind::Refused, Kind::Refused]
+    );
+}
+
 /// The gateway's notice is stored before its stage is written (the step runs on its own
 /// task): a status read between the two already shows the stage the notice brings, with the
 /// time it was stored, and the step that follows writes the same stage at the same time.

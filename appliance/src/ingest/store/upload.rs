@@ -127,6 +127,16 @@ impl IngestStore {
         }
     }
 
+    /// Whether the files of open transfer `id` are de-identified on their way into the spool
+    /// (its purpose is in `policy.deidentify_purposes`).
+    pub fn deidentifies(&self, id: &TransferId) -> bool {
+        lock(&self.inner.open).get(id).is_some_and(|t| {
+            self.inner
+                .deidentify_purposes
+                .contains(&t.declaration.purpose)
+        })
+    }
+
     /// The stored name of instance file `name` (`<SOP Instance UID>.dcm`) in transfer `id`:
     /// in a de-identified transfer `<new SOP Instance UID>.dcm` (the UID the instance gets),
     /// so the original UID does not travel in the manifest either; otherwise `name`.
@@ -167,38 +177,6 @@ impl IngestStore {
             event.patient_id = Some(p.to_owned());
         }
         self.audit(event).await
-    }
-
-    /// Whether one more file `name` of `len` bytes keeps open transfer `id` within the
-    /// policy's size limits (`policy.max_files`, `policy.max_transfer_bytes`). A refusal is
-    /// recorded (`refused`, rule `size-limit`, naming the file) before it is returned. For
-    /// doors that answer per file before the commit: C-STORE acknowledges every instance, so
-    /// a limit found only at A-RELEASE would drop instances the modality was told are stored.
-    pub async fn check_room(
-        &self,
-        hospital: &str,
-        id: &TransferId,
-        name: &str,
-        len: u64,
-    ) -> Result<(), IngestError> {
-        let transfer = self.open_transfer(hospital, id)?;
-        let files = {
-            let st = lock(&transfer.state);
-            (st.files.len() + st.uploading.len()) as u64
-        };
-        let bytes = transfer.bytes.load(Ordering::Relaxed);
-        match self
-            .inner
-            .edge
-            .policy()
-            .check_size(files.saturating_add(1), bytes.saturating_add(len))
-        {
-            Ok(()) => Ok(()),
-            Err(r) => {
-                self.refuse_file(hospital, id, name, None, &r).await?;
-                Err(IngestError::Refused(r))
-            }
-        }
     }
 }
 
@@ -256,6 +234,29 @@ impl FileUpload {
     /// transfer's with a full parser (the C-STORE door): see [`DicomGate::patient_checked`].
     pub fn patient_checked(&mut self) {
         self.gate.patient_checked();
+    }
+
+    /// Whether the transfer, with this file at its size so far, stays within the policy's
+    /// size limits (`policy.max_files`, `policy.max_transfer_bytes`). A refusal is recorded
+    /// (`refused`, rule `size-limit`, naming the file) before it is returned. For doors that
+    /// answer per file before the commit: C-STORE acknowledges every instance, so a limit
+    /// found only at A-RELEASE would drop instances the modality was told are stored.
+    pub async fn check_room(&self) -> Result<(), IngestError> {
+        let files = {
+            let st = lock(&self.transfer.state);
+            // This file is among those being uploaded.
+            (st.files.len() + st.uploading.len()) as u64
+        };
+        let bytes = self.transfer.bytes.load(Ordering::Relaxed);
+        match self.store.inner.edge.policy().check_size(files, bytes) {
+            Ok(()) => Ok(()),
+            Err(r) => {
+                self.store
+                    .refuse_file(&self.hospital, &self.id, &self.name, None, &r)
+                    .await?;
+                Err(IngestError::Refused(r))
+            }
+        }
     }
 
     /// Takes the next bytes of the file. Waits when the spool is behind (back-pressure).
@@ -497,7 +498,10 @@ impl Drop for FileUpload {
                 if let Some(f) = file.and_then(|f| Arc::try_unwrap(f).ok()) {
                     let _ = spool.close(f).await;
                 }
-                if let Err(e) = spool.remove_file(&part).await {
+                // Gone already when an abandoned transfer's directories were removed first.
+                if let Err(e) = spool.remove_file(&part).await
+                    && e.source.kind() != std::io::ErrorKind::NotFound
+                {
                     warn!(transfer = %id, file = %name, error = %e, "cannot remove a partial upload");
                 }
                 info!(transfer = %id, file = %name, "partial upload discarded");
