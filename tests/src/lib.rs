@@ -630,6 +630,18 @@ pub fn summary(out: &Output) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_str(line)?)
 }
 
+/// The summary of a `send` that must have succeeded (`out`); when it did not, the failure
+/// shows its stderr and the log of the gateway `gw`.
+pub fn sent(out: &Output, gw: &Service) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "send failed: {}\ngateway:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log()
+    );
+    summary(out).expect("send's JSON summary")
+}
+
 /// The `baylink-bench` binary of the build that runs these tests (it holds the impairment
 /// forwarder, `baylink-bench impair`).
 pub fn bench_bin() -> PathBuf {

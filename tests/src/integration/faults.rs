@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use baylink::transfer_dir::payload_key;
-use baylink_tests::{Deployment, EVENT_WAIT, payload, summary};
+use baylink_tests::{Deployment, EVENT_WAIT, payload, sent};
 
 use crate::resume::{assert_delivered, only_transfer};
 
@@ -47,18 +47,12 @@ fn heavy_gateway_chunk_flipped_at_rest_is_fetched_again() {
 
     let gw = d.serve(&d.gateway_config()).unwrap();
     let out = sender.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
+    let s = sent(&out, &gw);
     assert!(
         gw.log().contains("no longer matches its digest at rest"),
         "the damaged chunk was not noticed:\n{}",
         gw.log()
     );
-    let s = summary(&out).unwrap();
     assert!(gw.terminate().unwrap().success());
     assert_delivered(&d, s["transfer_id"].as_str().unwrap(), &src);
 }
@@ -137,18 +131,12 @@ fn heavy_gateway_disk_full_pauses_then_resumes() {
     assert!(st.success(), "cannot grow the tmpfs");
 
     let out = sender.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
+    let s = sent(&out, &gw);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("spool is full"),
         "the edge did not say why it waited: {stderr}"
     );
-    let s = summary(&out).unwrap();
     assert!(gw.terminate().unwrap().success());
     assert_delivered(&d, s["transfer_id"].as_str().unwrap(), &src);
 }
@@ -178,19 +166,13 @@ fn heavy_gateway_power_cut_losing_unsynced_writes_recovers() {
 
     let gw = d.serve(&d.gateway_config()).unwrap();
     let out = sender.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
+    let s = sent(&out, &gw);
     // The first checkpoint covers 64 MiB, so chunks past the first 8 MiB were on record.
     assert!(
         gw.log().contains("no longer matches its digest at rest"),
         "{}",
         gw.log()
     );
-    let s = summary(&out).unwrap();
     assert!(gw.terminate().unwrap().success());
     assert_delivered(&d, s["transfer_id"].as_str().unwrap(), &src);
 }

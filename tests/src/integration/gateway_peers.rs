@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use baylink_net::proto::{ChunkHeader, TransferId};
 use baylink_net::transport::{self, LinkTuning, TlsIdentity};
-use baylink_tests::{Deployment, payload, signal, summary};
+use baylink_tests::{Deployment, payload, sent, signal};
 
 use crate::resume::assert_delivered;
 
@@ -133,13 +133,7 @@ fn heavy_chunk_for_another_connections_transfer_is_refused_and_the_transfer_comp
     );
 
     let out = sender.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the transfer was harmed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
-    let s = summary(&out).unwrap();
+    let s = sent(&out, &gw);
     assert_eq!(s["transfer_id"].as_str().unwrap(), id.to_string());
     d.wait_delivered(&id.to_string(), "series.bin", LIMIT);
     assert_delivered(&d, &id.to_string(), &src);
@@ -188,13 +182,7 @@ fn heavy_stalled_chunk_streams_are_reset_and_the_transfer_completes() {
 
     // The edge sends the reset chunks again.
     let out = sender.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
-    let s = summary(&out).unwrap();
+    let s = sent(&out, &gw);
     let id = s["transfer_id"].as_str().unwrap();
     d.wait_delivered(id, "series.bin", LIMIT);
     assert_delivered(&d, id, &src);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use baylink_tests::{Deployment, EVENT_WAIT, baylink_bin, payload, sha256_file, summary};
+use baylink_tests::{Deployment, EVENT_WAIT, baylink_bin, payload, sent, sha256_file};
 
 const SIZE: u64 = 512 << 20;
 
@@ -30,13 +30,7 @@ fn heavy_gateway_killed_mid_transfer_then_restarted_completes() {
     // The sender keeps retrying; a new gateway on the same spool picks the transfer up.
     let gw = d.serve(&d.gateway_config()).unwrap();
     let out = sender.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
-    let s = summary(&out).unwrap();
+    let s = sent(&out, &gw);
     let wire = s["wire_bytes"].as_u64().unwrap();
     assert!(wire < 2 * SIZE, "resent too much: {wire} of {SIZE}");
     assert!(gw.terminate().unwrap().success());
@@ -55,13 +49,7 @@ fn heavy_sender_killed_then_resume_finishes_from_the_spool() {
     let id = only_transfer(&d.path("spool/edge"));
 
     let out = d.send(&["--resume", &id]).unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
-    let s = summary(&out).unwrap();
+    let s = sent(&out, &gw);
     assert_eq!(s["transfer_id"], id.as_str());
     assert_eq!(s["bytes"], SIZE);
     let wire = s["wire_bytes"].as_u64().unwrap();
@@ -99,13 +87,7 @@ fn a_transfer_in_flight_during_the_upgrade_resumes_from_the_old_layout() {
 
     let gw = d.serve(&d.gateway_config()).unwrap();
     let out = d.send(&["--resume", &id]).unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
-    let s = summary(&out).unwrap();
+    let s = sent(&out, &gw);
     let wire = s["wire_bytes"].as_u64().unwrap();
     assert!(wire < SIZE, "the gateway's chunks were not adopted: {wire}");
     assert!(gw.terminate().unwrap().success());
@@ -147,13 +129,7 @@ fn heavy_gateway_killed_while_chunks_stream_during_the_seal() {
     let gw = d.serve(&d.gateway_config()).unwrap();
     assert_eq!(staged_bytes(), 0, "a gateway that starts clears .staging");
     let out = sender.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        gw.log()
-    );
-    let s = summary(&out).unwrap();
+    let s = sent(&out, &gw);
     // Streamed to the gateway that died, then all of it again.
     assert!(s["wire_bytes"].as_u64().unwrap() >= SIZE, "{s}");
     assert_eq!(s["streamed_bytes"], 0, "{s}");
