@@ -1048,6 +1048,10 @@ impl<S: AssociationSink> Association<'_, S> {
                         .await
                     {
                         Ok((dest, header)) => {
+                            if let Dest::Failed((_, why)) = &dest {
+                                warn!(sop_instance = %i.cmd.affected_sop_instance_uid, error = %why,
+                                      "the store failed the instance as it began; answered once it is whole");
+                            }
                             i.dest = Some(dest);
                             i.len = header.len() as u64;
                             if let Err(e) = i.walker.feed(&header) {
@@ -1205,6 +1209,8 @@ impl<S: AssociationSink> Association<'_, S> {
                             .write_instance(instance, bytes::Bytes::from(pv.data))
                             .await
                         {
+                            warn!(sop_instance = %i.cmd.affected_sop_instance_uid, error = %e,
+                                  "the store failed the instance while it arrived; answered once it is whole");
                             // Dropping the instance discards what the sink took.
                             i.dest = Some(Dest::Failed(sink_failure(e)));
                         }
@@ -1349,7 +1355,13 @@ impl<S: AssociationSink> Association<'_, S> {
         match dest {
             Some(Dest::Transfer(instance)) => sink.keep_instance(t, instance).await,
             Some(Dest::Scratch(_)) => sink.add_instance(t, &i.name, &i.path, i.len).await,
-            Some(Dest::Failed(f)) => return Err(f.into()),
+            Some(Dest::Failed(f)) => {
+                // A size limit the instance breaks is answered (and recorded) first.
+                sink.check_room(t, &i.name, i.len)
+                    .await
+                    .map_err(sink_failure)?;
+                return Err(f.into());
+            }
             None => return Err(oor("the instance was not written".into()).into()),
         }
         .map_err(sink_failure)?;

@@ -116,6 +116,17 @@ pub trait AssociationSink: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<Option<Self::Instance>, SinkError>> + Send;
 
+    /// Whether one more instance `name` of `len` bytes keeps `transfer` within the policy's
+    /// size limits; a refusal is recorded before it is returned ([`SinkError::Refused`]).
+    /// For an instance written as it arrived whose store failed meanwhile: the size limit
+    /// is answered before such a failure, as when the instance was handed over whole.
+    fn check_room(
+        &self,
+        transfer: &Self::Transfer,
+        name: &str,
+        len: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
     /// Takes the next bytes of `instance` (the Part-10 header first, then its data set).
     fn write_instance(
         &self,
@@ -193,6 +204,15 @@ impl<S: AssociationSink> AssociationSink for Arc<S> {
         name: &str,
     ) -> impl Future<Output = Result<Option<Self::Instance>, SinkError>> + Send {
         (**self).open_instance(transfer, name)
+    }
+
+    fn check_room(
+        &self,
+        transfer: &Self::Transfer,
+        name: &str,
+        len: u64,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        (**self).check_room(transfer, name, len)
     }
 
     fn write_instance(
@@ -345,6 +365,8 @@ impl AssociationSink for StoreSink {
             path: file.to_path_buf(),
             source,
         };
+        // The policy's size limits first, as for an instance written as it arrives.
+        self.check_room(transfer, name, len).await?;
         let mut instance = self.begin_instance(transfer, name).await?;
         // Exactly the instance's bytes: the file goes on with a previous, longer one's.
         let mut src = tokio::fs::File::open(file)
@@ -386,6 +408,19 @@ impl AssociationSink for StoreSink {
             return Ok(None);
         }
         self.begin_instance(transfer, name).await.map(Some)
+    }
+
+    async fn check_room(
+        &self,
+        transfer: &StoreTransfer,
+        name: &str,
+        len: u64,
+    ) -> Result<(), SinkError> {
+        let stored = self.store.instance_file_name(&transfer.id, name);
+        self.store
+            .check_room(&transfer.origin.hospital, &transfer.id, &stored, len)
+            .await
+            .map_err(|e| SinkError::store("cannot add the instance", e))
     }
 
     async fn write_instance(

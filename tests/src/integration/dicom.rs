@@ -602,6 +602,45 @@ fn an_instance_cut_off_while_it_is_written_into_the_transfer_leaves_nothing() {
     assert!(edge_healthy(&d));
 }
 
+/// A limit the store meets while an instance is written into its transfer is answered only
+/// once the instance has passed the SCP's own checks, as when instances were handed over
+/// whole after them: one of another patient is refused as such (0x0124, recorded), one of
+/// the right patient gets Out of Resources (0xA700); neither is stored or sent.
+#[test]
+fn a_store_limit_met_while_an_instance_arrives_is_answered_after_its_checks() {
+    let d = Deployment::new().unwrap();
+    // Room for one small instance and part of another.
+    d.set("edge.toml", "quota", "max_spool_bytes", "2000")
+        .unwrap();
+    let (_gateway, edge) = start(&d);
+    let src = d.path("instances");
+    let ds: Vec<_> = [(1, "P-0001"), (2, "P-0002"), (3, "P-0001")]
+        .into_iter()
+        .map(|(n, p)| data_set(&instance(&src, n, Some(p))))
+        .collect();
+    let mut scu = RawScu::associate(&d, "HOSPITAL-A");
+    assert_eq!(scu.store(1, &sop_uid(1), &ds[0]), 0x0000);
+    assert_eq!(scu.store(2, &sop_uid(2), &ds[1]), 0x0124, "{}", edge.log());
+    assert_eq!(scu.store(3, &sop_uid(3), &ds[2]), 0xA700, "{}", edge.log());
+    scu.release();
+
+    wait_for_delivery(&d, &[format!("{}.dcm", sop_uid(1))], &edge);
+    let records = std::fs::read_to_string(d.path("audit/edge/records.log")).unwrap();
+    assert!(
+        records
+            .lines()
+            .any(|l| l.contains("\"refused\"") && l.contains("patient-mismatch")),
+        "{records}"
+    );
+    assert!(
+        edge.log()
+            .contains("the store failed the instance while it arrived"),
+        "{}",
+        edge.log()
+    );
+    wait_parts_empty(&d);
+}
+
 /// Files in the `parts/` directories of the edge's transfers: instances being written, or
 /// left behind.
 fn left_in_parts(d: &Deployment) -> usize {

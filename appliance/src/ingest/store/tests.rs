@@ -404,6 +404,43 @@ async fn a_file_over_the_policy_limits_is_refused_before_it_is_kept_and_leaves_n
     );
 }
 
+/// An upload whose client pauses holds only the buffer it is filling: each write gives its
+/// buffer back to the pool when done, or a few slow C-STORE SCUs could take the whole pool
+/// from every other upload, seal and send.
+#[tokio::test]
+async fn a_paused_upload_holds_one_pool_buffer() {
+    let (f, store) = store("").await;
+    let spool = f.edge.spool().clone();
+    let free = || {
+        let held: Vec<_> = std::iter::from_fn(|| spool.try_buffer()).collect();
+        held.len()
+    };
+    let all = free();
+    let id = store.declare(A, declaration()).await.unwrap();
+    let mut up = store.begin_file(A, &id, "slow.bin").await.unwrap();
+    // Three buffers' writes, then a little: the client pauses there.
+    let size = spool.buffer_size();
+    up.write(Bytes::from(payload(3 * size + 10, 7)))
+        .await
+        .unwrap();
+    let mut left = 0;
+    for _ in 0..200 {
+        left = free();
+        if left == all - 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        left,
+        all - 1,
+        "a paused upload holds {} buffers",
+        all - left
+    );
+    up.finish().await.unwrap();
+    assert_eq!(free(), all);
+}
+
 /// The gateway's notice is stored before its stage is written (the step runs on its own
 /// task): a status read between the two already shows the stage the notice brings, with the
 /// time it was stored, and the step that follows writes the same stage at the same time.

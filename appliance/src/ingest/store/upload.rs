@@ -127,6 +127,39 @@ impl IngestStore {
         }
     }
 
+    /// Whether one more file `name` of `len` bytes keeps open transfer `id` within the
+    /// policy's size limits (`policy.max_files`, `policy.max_transfer_bytes`). A refusal is
+    /// recorded (`refused`, rule `size-limit`, naming the file) before it is returned. For
+    /// doors that answer per file before the commit: C-STORE acknowledges every instance, so
+    /// a limit found only at A-RELEASE would drop instances the modality was told are stored.
+    /// A file being uploaded counts itself: see [`FileUpload::check_room`].
+    pub async fn check_room(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        name: &str,
+        len: u64,
+    ) -> Result<(), IngestError> {
+        let transfer = self.open_transfer(hospital, id)?;
+        let files = {
+            let st = lock(&transfer.state);
+            (st.files.len() + st.uploading.len()) as u64
+        };
+        let bytes = transfer.bytes.load(Ordering::Relaxed);
+        match self
+            .inner
+            .edge
+            .policy()
+            .check_size(files.saturating_add(1), bytes.saturating_add(len))
+        {
+            Ok(()) => Ok(()),
+            Err(r) => {
+                self.refuse_file(hospital, id, name, None, &r).await?;
+                Err(IngestError::Refused(r))
+            }
+        }
+    }
+
     /// Whether the files of open transfer `id` are de-identified on their way into the spool
     /// (its purpose is in `policy.deidentify_purposes`).
     pub fn deidentifies(&self, id: &TransferId) -> bool {
@@ -186,7 +219,8 @@ const WRITES_IN_FLIGHT: usize = 4;
 
 /// One file being uploaded. Bytes are gathered into whole spool buffers, hashed in order
 /// beside the connection's task, and written through the io_uring thread (up to four
-/// writes at once while the next buffer fills). Dropping it before
+/// writes at once while the next buffer fills; each buffer goes back to the pool once
+/// written). Dropping it before
 /// [`FileUpload::finish`] discards the partial file; the transfer stays open for a retry of
 /// that file.
 #[derive(Debug)]
@@ -200,8 +234,8 @@ pub struct FileUpload {
     file: Option<Arc<SpoolFile>>,
     buf: Option<SpoolBuf>,
     /// Writes in flight; each hashes its buffer first (see `hashed`), then writes it and
-    /// gives it back.
-    writes: JoinSet<Result<SpoolBuf, SpoolError>>,
+    /// returns it to the pool.
+    writes: JoinSet<Result<(), SpoolError>>,
     /// The hasher, travelling with the newest write until that write has hashed its buffer.
     hashed: Option<tokio::sync::oneshot::Receiver<ChunkHasher>>,
     offset: u64,
@@ -327,26 +361,20 @@ impl FileUpload {
         Ok(())
     }
 
-    /// A buffer for the next bytes: a fresh one from the pool while there is one and fewer
-    /// than [`WRITES_IN_FLIGHT`] writes are out, else the buffer of the oldest write once it
-    /// is done. (Waiting on the pool while holding finished writes' buffers could wait
-    /// forever when every upload did the same.)
+    /// A buffer for the next bytes, from the pool, once fewer than [`WRITES_IN_FLIGHT`]
+    /// writes are out. Each write gives its buffer back to the pool as soon as it is done:
+    /// an upload whose client pauses (a C-STORE SCU may send a PDU a minute) holds only the
+    /// buffer it is filling, not those of the writes before, which the pool's other users
+    /// (other uploads, seals, the link) would otherwise wait for.
     async fn next_buffer(&mut self) -> Result<SpoolBuf, IngestError> {
-        if self.writes.len() < WRITES_IN_FLIGHT
-            && let Some(buf) = self.spool().try_buffer()
-        {
-            return Ok(buf);
+        while self.writes.len() >= WRITES_IN_FLIGHT {
+            self.join_write().await?;
         }
-        if self.writes.is_empty() {
-            return Ok(self.spool().buffer().await);
-        }
-        let mut buf = self.join_write().await?;
-        buf.clear();
-        Ok(buf)
+        Ok(self.spool().buffer().await)
     }
 
-    /// The next write to finish: its buffer, or its error.
-    async fn join_write(&mut self) -> Result<SpoolBuf, IngestError> {
+    /// The next write to finish, or its error.
+    async fn join_write(&mut self) -> Result<(), IngestError> {
         let done = self
             .writes
             .join_next()
@@ -381,7 +409,7 @@ impl FileUpload {
         }
         let mut hasher = self.take_hasher().await?;
         while self.writes.len() >= WRITES_IN_FLIGHT {
-            drop(self.join_write().await?);
+            self.join_write().await?;
         }
         let file = self.file.clone().expect("open until finished");
         let spool = self.spool().clone();
@@ -393,7 +421,7 @@ impl FileUpload {
         self.writes.spawn(async move {
             hasher.update(&buf);
             let _ = tx.send(hasher);
-            spool.write_at(&file, at, buf).await
+            spool.write_at(&file, at, buf).await.map(drop)
         });
         Ok(())
     }
@@ -408,7 +436,7 @@ impl FileUpload {
         self.flush().await?;
         self.hasher = Some(self.take_hasher().await?);
         while !self.writes.is_empty() {
-            drop(self.join_write().await?);
+            self.join_write().await?;
         }
         self.buf = None;
         let file = self.file.take().expect("open until finished");
