@@ -332,6 +332,35 @@ impl StoreSink {
             stored,
         })
     }
+
+    /// Makes `instance`, checked whole and against the size limits, durable in `transfer`
+    /// and indexes it for Storage Commitment.
+    async fn keep(
+        &self,
+        transfer: &StoreTransfer,
+        instance: StoreInstance,
+    ) -> Result<(), SinkError> {
+        let StoreInstance {
+            upload,
+            original,
+            stored,
+        } = instance;
+        upload
+            .finish()
+            .await
+            .map_err(|e| SinkError::store("cannot store the instance", e))?;
+        if let Some(c) = &self.commitment {
+            let hospital = transfer.origin.hospital.as_str();
+            c.record_instance(hospital, &transfer.id, &original, &stored)
+                .await
+                .map_err(|source| SinkError::Io {
+                    what: "cannot index for storage commitment",
+                    path: PathBuf::from(&stored),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
 }
 
 impl AssociationSink for StoreSink {
@@ -392,7 +421,8 @@ impl AssociationSink for StoreSink {
             left -= n as u64;
             self.write_instance(&mut instance, piece.freeze()).await?;
         }
-        self.keep_instance(transfer, instance).await
+        // Checked against the size limits above, before its first byte.
+        self.keep(transfer, instance).await
     }
 
     async fn open_instance(
@@ -440,32 +470,14 @@ impl AssociationSink for StoreSink {
         transfer: &mut StoreTransfer,
         instance: StoreInstance,
     ) -> Result<(), SinkError> {
-        let StoreInstance {
-            upload,
-            original,
-            stored,
-        } = instance;
         // The policy's size limits are checked per instance, before its success status:
         // at A-RELEASE it would be too late to refuse what was acknowledged.
-        upload
+        instance
+            .upload
             .check_room()
             .await
             .map_err(|e| SinkError::store("cannot add the instance", e))?;
-        upload
-            .finish()
-            .await
-            .map_err(|e| SinkError::store("cannot store the instance", e))?;
-        if let Some(c) = &self.commitment {
-            let hospital = transfer.origin.hospital.as_str();
-            c.record_instance(hospital, &transfer.id, &original, &stored)
-                .await
-                .map_err(|source| SinkError::Io {
-                    what: "cannot index for storage commitment",
-                    path: PathBuf::from(&stored),
-                    source,
-                })?;
-        }
-        Ok(())
+        self.keep(transfer, instance).await
     }
 
     async fn finish(&self, transfer: StoreTransfer, end: AssociationEnd) -> Result<(), SinkError> {

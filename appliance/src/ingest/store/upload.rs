@@ -141,16 +141,32 @@ impl IngestStore {
         len: u64,
     ) -> Result<(), IngestError> {
         let transfer = self.open_transfer(hospital, id)?;
-        let files = {
+        self.check_size_with(hospital, id, &transfer, name, 1, len)
+            .await
+    }
+
+    /// The policy's size limits for open transfer `id` (`transfer`) with `files` more files
+    /// and `bytes` more bytes than it counts now (its stored files and those being
+    /// uploaded); a refusal naming file `name` is recorded before it is returned.
+    async fn check_size_with(
+        &self,
+        hospital: &str,
+        id: &TransferId,
+        transfer: &OpenTransfer,
+        name: &str,
+        files: u64,
+        bytes: u64,
+    ) -> Result<(), IngestError> {
+        let counted = {
             let st = lock(&transfer.state);
             (st.files.len() + st.uploading.len()) as u64
         };
-        let bytes = transfer.bytes.load(Ordering::Relaxed);
+        let held = transfer.bytes.load(Ordering::Relaxed);
         match self
             .inner
             .edge
             .policy()
-            .check_size(files.saturating_add(1), bytes.saturating_add(len))
+            .check_size(counted.saturating_add(files), held.saturating_add(bytes))
         {
             Ok(()) => Ok(()),
             Err(r) => {
@@ -276,21 +292,10 @@ impl FileUpload {
     /// answer per file before the commit: C-STORE acknowledges every instance, so a limit
     /// found only at A-RELEASE would drop instances the modality was told are stored.
     pub async fn check_room(&self) -> Result<(), IngestError> {
-        let files = {
-            let st = lock(&self.transfer.state);
-            // This file is among those being uploaded.
-            (st.files.len() + st.uploading.len()) as u64
-        };
-        let bytes = self.transfer.bytes.load(Ordering::Relaxed);
-        match self.store.inner.edge.policy().check_size(files, bytes) {
-            Ok(()) => Ok(()),
-            Err(r) => {
-                self.store
-                    .refuse_file(&self.hospital, &self.id, &self.name, None, &r)
-                    .await?;
-                Err(IngestError::Refused(r))
-            }
-        }
+        // This file and its bytes so far are already counted among those being uploaded.
+        self.store
+            .check_size_with(&self.hospital, &self.id, &self.transfer, &self.name, 0, 0)
+            .await
     }
 
     /// Takes the next bytes of the file. Waits when the spool is behind (back-pressure).
