@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::ingest::transfers;
 use baylink_tests::{Deployment, EVENT_WAIT, Service};
 
 /// The SOP Instance UID of test instance `n`.
@@ -98,13 +99,7 @@ pub(super) fn start(d: &Deployment) -> (Service, Service) {
 /// The transfer directories under `delivered/`.
 /// Transfers in the edge spool (hidden scratch directories aside).
 pub(super) fn spool_transfers(d: &Deployment) -> usize {
-    std::fs::read_dir(d.path("spool/edge"))
-        .map(|r| {
-            r.filter_map(Result::ok)
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .count()
-        })
-        .unwrap_or(0)
+    transfers(d).len()
 }
 
 pub(super) fn delivered_transfers(d: &Deployment) -> Vec<PathBuf> {
@@ -379,12 +374,7 @@ fn refused_and_malformed_instances_get_failure_statuses_and_the_rest_proceeds() 
     // Exactly one transfer in the spool and at the destination: the refused-only association
     // sent nothing, and nothing of the refused instances went anywhere.
     assert_eq!(delivered_transfers(&d).len(), 1);
-    let spool_transfers = std::fs::read_dir(d.path("spool/edge"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .count();
-    assert_eq!(spool_transfers, 1);
+    assert_eq!(spool_transfers(&d), 1);
     // The log names the rule, never the patient.
     let log = edge.log();
     assert!(log.contains("rule consent-missing"), "{log}");
@@ -644,14 +634,10 @@ fn a_store_limit_met_while_an_instance_arrives_is_answered_after_its_checks() {
 /// Files in the `parts/` directories of the edge's transfers: instances being written, or
 /// left behind.
 fn left_in_parts(d: &Deployment) -> usize {
-    std::fs::read_dir(d.path("spool/edge"))
-        .map(|r| {
-            r.filter_map(Result::ok)
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .map(|e| count_dir(&e.path().join("parts")))
-                .sum()
-        })
-        .unwrap_or(0)
+    transfers(d)
+        .iter()
+        .map(|t| count_dir(&t.join("parts")))
+        .sum()
 }
 
 #[test]

@@ -198,12 +198,7 @@ fn a_seal_that_fails_at_release_is_retried_and_nothing_is_dropped() {
     store_acknowledged(&mut a, &ds, 1, 4);
     // The association's transfer is open in the spool; a directory where the manifest's
     // signature goes makes sealing fail (as a full or failing disk would).
-    let open: Vec<_> = std::fs::read_dir(d.path("spool/edge"))
-        .unwrap()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
-        .collect();
+    let open = super::ingest::transfers(&d);
     assert_eq!(open.len(), 1, "{open:?}");
     let blocker = open[0].join("manifest.sig");
     std::fs::create_dir_all(blocker.join("x")).unwrap();
